@@ -1,0 +1,171 @@
+"""THE shared Transformer backbone of all three paradigms.
+
+Pre-norm blocks of: self-attention (full or causal, SDPA), cross-attention to text token states,
+and an MLP. Self-attention and MLP are modulated by adaLN-Zero from the conditioning vector ``c``
+(DiT); the cross-attention output projection is zero-initialised too, so every block starts as the
+identity. Autoregressive decoding uses :class:`KVCache` (self-attention keys/values per layer, and
+the text keys/values computed once).
+
+Shapes: B batch, L image tokens, Lt text tokens, D width, H heads, hd head dim (64).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x (B, L, D) * (1 + scale) + shift, with shift/scale (B, D)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class KVCache:
+    """Per-layer self-attention keys/values for incremental decoding, plus the text keys/values.
+
+    ``k[i]``/``v[i]``: (B, H, max_len, hd) preallocated; ``length`` tokens are filled.
+    ``text_kv[i]``: (k, v) of the cross-attention of layer i, each (B, H, Lt, hd), set on first use.
+    """
+
+    def __init__(self, depth: int, batch: int, heads: int, max_len: int, head_dim: int, device, dtype):
+        shape = (batch, heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
+        self.text_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * depth
+        self.text_states: torch.Tensor | None = None  # projected text states, (B, Lt, D)
+        self.length = 0
+        self.max_len = max_len
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, causal: bool, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x (B, L, D) -> (B, L, D). With a cache, x holds the L new tokens after cache.length old ones."""
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
+        mask = None
+        if cache is not None:
+            start = cache.length
+            if start + L > cache.max_len:
+                raise RuntimeError(f"KV cache overflow: {start + L} > {cache.max_len}")
+            cache.k[layer][:, :, start : start + L] = k.to(cache.k[layer].dtype)
+            cache.v[layer][:, :, start : start + L] = v.to(cache.v[layer].dtype)
+            k = cache.k[layer][:, :, : start + L].to(q.dtype)  # (B, H, start+L, hd)
+            v = cache.v[layer][:, :, : start + L].to(q.dtype)
+            if causal and L > 1:
+                if start == 0:
+                    causal_flag = True
+                else:  # new block attends to the whole prefix and causally within itself
+                    pos_q = torch.arange(start, start + L, device=x.device)[:, None]
+                    mask = torch.arange(start + L, device=x.device)[None, :] <= pos_q  # (L, start+L), True = attend
+                    causal_flag = False
+            else:
+                causal_flag = False  # a single new token may see every cached one
+        else:
+            causal_flag = causal
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal_flag)  # (B, H, L, hd)
+        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def text_kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """text (B, Lt, D) -> keys, values each (B, H, Lt, hd)."""
+        B, Lt, D = text.shape
+        k, v = self.kv(text).view(B, Lt, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x, text, text_pad, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x (B, L, D) attends to text (B, Lt, D); text_pad (B, Lt) True = padding."""
+        B, L, D = x.shape
+        if cache is not None and cache.text_kv[layer] is not None:
+            k, v = cache.text_kv[layer]
+        else:
+            k, v = self.text_kv(text)
+            if cache is not None:
+                cache.text_kv[layer] = (k, v)
+        q = self.q(x).view(B, L, self.heads, D // self.heads).transpose(1, 2)  # (B, H, L, hd)
+        # An all-padding row (the empty caption) would give NaN softmax; let it attend to slot 0
+        # (a padding state: zeros for the hash encoder, the [CLS]/[SEP] state for MiniLM).
+        keep = ~text_pad  # (B, Lt), True = attend
+        keep[:, 0] = True
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=keep[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, ratio: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, ratio * dim)
+        self.fc2 = nn.Linear(ratio * dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """adaLN-Zero block: x += g1*attn(mod(norm(x))); x += cross(norm(x), text); x += g2*mlp(mod(norm(x)))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.cross = CrossAttention(dim, heads)
+        self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(dim, mlp_ratio)
+        self.ada = nn.Linear(dim, 6 * dim)  # c -> shift/scale/gate for attention and MLP
+
+    def forward(self, x, c, text, text_pad, causal: bool, cache: KVCache | None = None, layer: int = 0):
+        s1, sc1, g1, s2, sc2, g2 = self.ada(F.silu(c)).chunk(6, dim=-1)  # 6 x (B, D)
+        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), s1, sc1), causal, cache, layer)
+        x = x + self.cross(self.norm2(x), text, text_pad, cache, layer)
+        x = x + g2[:, None] * self.mlp(modulate(self.norm3(x), s2, sc2))
+        return x
+
+
+class Backbone(nn.Module):
+    """A stack of ``depth`` blocks of width ``64 * depth`` (one scaling knob)."""
+
+    def __init__(self, depth: int, width: int, heads: int, mlp_ratio: int = 4, causal: bool = False):
+        super().__init__()
+        self.depth, self.width, self.heads, self.causal = depth, width, heads, causal
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio) for _ in range(depth)])
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for b in self.blocks:  # adaLN-Zero: gates start at 0, cross-attention adds 0: every block is the identity
+            nn.init.zeros_(b.ada.weight)
+            nn.init.zeros_(b.ada.bias)
+            nn.init.zeros_(b.cross.proj.weight)
+
+    def new_cache(self, batch: int, max_len: int, device, dtype=torch.float32) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens."""
+        return KVCache(self.depth, batch, self.heads, max_len, self.width // self.heads, device, dtype)
+
+    def forward(self, x, c, text, text_pad, cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, L, D), c (B, D), text (B, Lt, D), text_pad (B, Lt) -> (B, L, D).
+
+        With ``cache``, x holds new tokens at positions cache.length.. and the cache advances by L.
+        """
+        for i, block in enumerate(self.blocks):
+            x = block(x, c, text, text_pad, self.causal, cache, i)
+        if cache is not None:
+            cache.length += x.shape[1]
+        return x

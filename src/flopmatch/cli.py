@@ -1,0 +1,167 @@
+"""The ``flopmatch`` command: parsing only; each subcommand calls one library function.
+
+User errors (:class:`~flopmatch.errors.UserError`) print one line ``flopmatch: error: ...`` and exit
+with status 2; Ctrl-C exits 130 after the running stage has saved what it can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from flopmatch import PARADIGMS, __version__
+from flopmatch.errors import UserError
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be a number of FLOPs like 3e12, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"budget must be positive, got {text}")
+    return value
+
+
+def _run_config(args):
+    """RunConfig from --config JSON (optional), the common flags, then --set overrides."""
+    from flopmatch.checkpoint import read_json
+    from flopmatch.config import RunConfig, apply_overrides, from_dict
+
+    cfg = from_dict(RunConfig, read_json(args.config)) if getattr(args, "config", None) else RunConfig()
+    if getattr(args, "objective", None):
+        cfg.objective = args.objective
+    if getattr(args, "depth", None) is not None:
+        cfg.model.depth = args.depth
+    if getattr(args, "budget", None) is not None:
+        cfg.train.budget = args.budget
+    if getattr(args, "tokenizer", None):
+        cfg.tokenizer.path = args.tokenizer
+    if getattr(args, "seed", None) is not None:
+        cfg.train.seed = args.seed
+    for name in ("steps", "cfg"):
+        if getattr(args, name, None) is not None:
+            setattr(cfg.sample, name, getattr(args, name))
+    apply_overrides(cfg, args.set)
+    return cfg.validate()
+
+
+def _add_common(p, *, budget: bool) -> None:
+    p.add_argument("--objective", choices=PARADIGMS, required=True, help="paradigm")
+    p.add_argument("--depth", type=int, help="backbone depth (width = 64 * depth); default 4")
+    if budget:
+        p.add_argument("--budget", type=_budget, help="training FLOPs, e.g. 3e12")
+    p.add_argument("--tokenizer", help="a tokenizer directory from `flopmatch tokenizer train` (default: weight-free)")
+    p.add_argument("--config", help="a config.json to start from")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config field, e.g. --set train.batch_size=32 (repeatable)")
+
+
+def cmd_train(args) -> int:
+    from flopmatch.train import train
+
+    cfg = _run_config(args)
+    train(cfg, args.out, progress=not args.quiet)
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from dataclasses import replace
+
+    from flopmatch.sample import generate, grid_image, load_generator, save_png
+
+    gen = load_generator(args.run, weights="model" if args.raw else "ema", device=args.device)
+    sample = gen.cfg.sample
+    overrides = {k: getattr(args, k) for k in ("steps", "cfg", "temperature", "top_k") if getattr(args, k) is not None}
+    if args.no_kv_cache:
+        overrides["kv_cache"] = False
+    sample = replace(sample, **overrides)
+    prompts = args.prompt or []
+    if not prompts:
+        raise UserError("give at least one --prompt")
+    prompts = [prompts[i % len(prompts)] for i in range(args.num)] if args.num else prompts
+    images = generate(gen, prompts, sample, seed=args.seed, progress=True)
+    out = args.out or "samples.png"
+    nrow = args.nrow or (len(images) if len(set(prompts)) == len(prompts) and len(prompts) <= 8 else None)
+    save_png(grid_image(images, nrow=nrow, scale=args.scale), out)
+    print(f"wrote {len(images)} images to {out} (steps={gen.objective.resolve_steps(sample, gen.spec)}, cfg={sample.cfg}, seed={args.seed}, {gen.weights} weights)")
+    return 0
+
+
+def cmd_flops(args) -> int:
+    from flopmatch.plan import flops_summary
+
+    cfg = _run_config(args)
+    info = flops_summary(cfg)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(len(k) for k in info)
+        for k, v in info.items():
+            print(f"{k:<{width}}  {v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) >= 1e5 else f"{k:<{width}}  {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flopmatch", description="Compute-matched comparison of image-synthesis paradigms.")
+    parser.add_argument("--version", action="version", version=f"flopmatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a generator for a FLOP budget (resumes if interrupted)")
+    _add_common(p, budget=True)
+    p.add_argument("--seed", type=int, help="training seed (default 0)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample a PNG grid from a trained run")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--prompt", action="append", help="text prompt (repeatable)")
+    p.add_argument("--num", type=int, default=0, help="number of images (prompts are cycled); default one per prompt")
+    p.add_argument("--steps", type=int, help="sampling steps (diffusion, masked); 0 = default")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (token paradigms)")
+    p.add_argument("--top-k", dest="top_k", type=int, help="top-k filtering (token paradigms); 0 = off")
+    p.add_argument("--no-kv-cache", action="store_true", help="autoregressive: recompute the prefix each step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--nrow", type=int, help="images per grid row")
+    p.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG (nearest neighbour)")
+    p.add_argument("--out", help="PNG path (default samples.png)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("flops", help="analytic parameters and FLOPs of a configuration")
+    _add_common(p, budget=False)
+    p.add_argument("--steps", type=int, help="sampling steps; 0 = paradigm default")
+    p.add_argument("--cfg", type=float, help="guidance scale (1 = no extra pass)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_flops)
+
+    for module in ("flopmatch.tokenizers.cli", "flopmatch.evaluation.cli", "flopmatch.study_cli"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as e:
+        print(f"flopmatch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flopmatch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Typed dataclass configs, their JSON round trip, and ``--set section.key=value`` overrides.
+
+A run is fully described by one :class:`RunConfig`, written to ``<run>/config.json`` before step 0.
+Overrides are type-checked against the dataclass field types; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+from flopmatch import PARADIGMS
+from flopmatch.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """Training data. ``name`` is "shapes" (built-in procedural set)."""
+
+    name: str = "shapes"
+    seed: int = 0
+    image_size: int = 32
+    num_train: int = 20000
+    num_eval: int = 2000
+    two_object_prob: float = 0.5
+    holdout: list[str] = field(default_factory=list)  # e.g. ["red triangle"]: never seen in training
+    caption_dropout: float = 0.1  # fraction of training captions replaced by the empty caption (for CFG)
+
+
+@dataclass
+class TextConfig:
+    """Frozen text encoder: "minilm" (pretrained all-MiniLM-L6-v2) or "hash" (weight-free, for tests)."""
+
+    kind: str = "minilm"
+    max_len: int = 24  # token states are padded/truncated to this length (fixed, so FLOPs are exact)
+    dim: int = 64  # only for "hash"
+
+
+@dataclass
+class TokenizerConfig:
+    """Images <-> token grid. kind "auto" picks patch (diffusion) or kmeans (token paradigms).
+
+    ``path`` (a directory written by ``flopmatch tokenizer train``) overrides ``kind``.
+    """
+
+    kind: str = "auto"  # auto | patch | kmeans
+    path: str = ""
+    patch: int = 4
+    codebook_size: int = 512
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """The shared backbone. Size comes from one knob: width = 64 * depth, head dim 64."""
+
+    depth: int = 4
+    mlp_ratio: int = 4
+    head_dim: int = 64
+
+    @property
+    def width(self) -> int:
+        return self.head_dim * self.depth
+
+    @property
+    def heads(self) -> int:
+        return self.depth
+
+
+@dataclass
+class ObjectiveConfig:
+    """Method hyper-parameters (each paradigm reads its own)."""
+
+    # diffusion: logit-normal timestep density (SD3): t = sigmoid(N(mean, std))
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    # masked: mask ratio r = cos(pi/2 * u), u ~ U(0, 1) (MaskGIT)
+    min_mask: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. Training length is a FLOP budget; steps are derived from it."""
+
+    budget: float = 3e12  # training FLOPs (network forward+backward only)
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.01
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    precision: str = "auto"  # auto | bf16 | fp32; auto = bf16 autocast where the device runs it fast
+    log_every: int = 10
+    checkpoint_every: int = 200
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False
+
+
+@dataclass
+class SampleConfig:
+    """Sampling settings. ``steps`` is the inference-cost knob; 0 = paradigm default."""
+
+    steps: int = 0  # diffusion: Euler steps (default 25); masked: decoding steps (default 12); autoregressive: fixed L
+    cfg: float = 3.0  # classifier-free guidance scale; 1 = no guidance (no extra forward pass)
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = no top-k filtering (token paradigms)
+    choice_temperature: float = 4.5  # masked only: Gumbel noise on confidences, annealed to 0 (MaskGIT)
+    kv_cache: bool = True  # autoregressive only
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; ``config.json`` in a run directory is this, serialised."""
+
+    objective: str = "masked"
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> "RunConfig":
+        """Raise UserError on values that cannot work; returns self."""
+        if self.objective not in PARADIGMS:
+            raise UserError(f"unknown objective {self.objective!r}; choose one of {', '.join(PARADIGMS)}")
+        if self.model.depth < 1:
+            raise UserError(f"model.depth must be >= 1, got {self.model.depth}")
+        if self.train.budget <= 0:
+            raise UserError(f"train.budget must be positive FLOPs, got {self.train.budget:g}")
+        if self.train.batch_size < 1:
+            raise UserError(f"train.batch_size must be >= 1, got {self.train.batch_size}")
+        if not 0.0 <= self.data.caption_dropout < 1.0:
+            raise UserError(f"data.caption_dropout must be in [0, 1), got {self.data.caption_dropout}")
+        if self.train.precision not in ("auto", "bf16", "fp32"):
+            raise UserError(f"train.precision must be auto, bf16 or fp32, got {self.train.precision!r}")
+        if self.tokenizer.kind not in ("auto", "patch", "kmeans"):
+            raise UserError(f"tokenizer.kind must be auto, patch or kmeans (or set tokenizer.path), got {self.tokenizer.kind!r}")
+        if self.data.image_size % self.tokenizer.patch:
+            raise UserError(f"data.image_size {self.data.image_size} is not a multiple of tokenizer.patch {self.tokenizer.patch}")
+        if not 0.0 <= self.train.warmup_frac < 1.0:
+            raise UserError(f"train.warmup_frac must be in [0, 1), got {self.train.warmup_frac}")
+        validate_sample(self.sample)
+        return self
+
+
+def validate_sample(s: SampleConfig) -> None:
+    """Raise UserError on impossible sampling settings."""
+    if s.steps < 0:
+        raise UserError(f"steps must be >= 0 (0 = default), got {s.steps}")
+    if s.cfg < 0:
+        raise UserError(f"cfg must be >= 0, got {s.cfg}")
+    if s.temperature <= 0:
+        raise UserError(f"temperature must be > 0, got {s.temperature}")
+    if s.top_k < 0:
+        raise UserError(f"top_k must be >= 0, got {s.top_k}")
+
+
+# --------------------------------------------------------------------------- JSON round trip
+
+
+def to_dict(cfg) -> dict:
+    """A dataclass tree as plain JSON-able dicts."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise UserError."""
+    if not isinstance(data, dict):
+        raise UserError(f"config section {where or cls.__name__} must be an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise UserError(f"unknown config key {where + '.' if where else ''}{sorted(unknown)[0]}; valid keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, key)
+        else:
+            kwargs[name] = _coerce(tp, value, key)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, key: str):
+    """Check/convert a JSON value to the field type ``tp`` (int, float, bool, str, list[str])."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"config key {key} must be a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(inner, v, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"config key {key} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def parse_value(tp, text: str, key: str):
+    """Parse command-line text for a field of type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        items = [s.strip() for s in text.split(",") if s.strip()] if text.strip() else []
+        return [parse_value(inner, s, key) for s in items]
+    try:
+        if tp is bool:
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            f = float(text)  # accept 1e3
+            if not f.is_integer():
+                raise ValueError
+            return int(f)
+        if tp is float:
+            return float(text)
+        if tp is str:
+            return text
+    except ValueError:
+        pass
+    raise UserError(f"--set {key}={text}: expected {getattr(tp, '__name__', tp)}")
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """Apply ``section.key=value`` strings to a dataclass tree in place; returns cfg."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"--set expects section.key=value, got {item!r}")
+        path, text = item.split("=", 1)
+        parts = path.strip().split(".")
+        obj = cfg
+        for i, part in enumerate(parts):
+            if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+                valid = ", ".join(f.name for f in dataclasses.fields(obj)) if dataclasses.is_dataclass(obj) else ""
+                raise UserError(f"unknown config key {'.'.join(parts[: i + 1])!r}" + (f"; valid here: {valid}" if valid else ""))
+            if i == len(parts) - 1:
+                tp = typing.get_type_hints(type(obj))[part]
+                if dataclasses.is_dataclass(tp):
+                    raise UserError(f"{path} is a section; set one of its keys, e.g. {path}.{dataclasses.fields(tp)[0].name}=...")
+                setattr(obj, part, parse_value(tp, text, path))
+            else:
+                obj = getattr(obj, part)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path) -> None:
+    """Write config.json atomically."""
+    from flopmatch.checkpoint import atomic_write_json
+
+    atomic_write_json(path, to_dict(cfg))
+
+
+def load_config(path) -> RunConfig:
+    """Read config.json; corrupt or unknown content raises UserError."""
+    from flopmatch.checkpoint import read_json
+
+    return from_dict(RunConfig, read_json(path)).validate()
+
+
+def config_digest(cfg) -> str:
+    """Stable short digest of a dataclass tree (for cache keys)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,99 @@
+"""Analytic FLOPs of the generator networks, from a :class:`~flopmatch.nets.NetSpec` alone.
+
+Conventions (tested against ``torch.utils.flop_counter.FlopCounterMode`` in tests/test_flops.py):
+
+* 2 FLOPs per multiply-accumulate. Only matmuls are counted: every linear layer (block linears,
+  adaLN modulation, stems, text projections, time MLP, head) and attention scores and values
+  (``2*n_q*n_kv*D`` each, at full length: causal attention is NOT halved, because SDPA kernels
+  compute the full rectangle and the convention in the literature counts it). Norms, softmax,
+  activations, embedding lookups (an index, not a matmul) and other elementwise ops are ignored.
+* Training = forward + backward. Backward costs 2x forward for a matmul whose input needs a
+  gradient (grad of input + grad of weight) and 1x forward for one whose input is data that needs
+  none: the continuous stem (fed noised latents), the text projections (fed frozen text states),
+  the pooled projection and the first time-MLP layer (fed fixed features). So training is
+  ``3*F - F_data_fed``, slightly under the usual ``3*F`` rule; we count what autograd runs.
+  Attention backward is counted as 2x its forward (grads of q, k, v from the 4 required
+  matmuls); a flash kernel's recomputation of the scores is an implementation detail, not counted.
+* ``masked`` runs the network on every position, masked or not: the whole sequence is counted.
+* Guidance (cfg != 1) doubles the network passes it applies to (conditional + unconditional).
+* Autoregressive sampling with a KV cache runs one token per step attending to the prefix
+  (step i attends to i+1 keys) and projects the text once; without a cache, step i recomputes
+  the full prefix of i+1 tokens. Both are available.
+* The frozen text encoder and the tokenizer (encoder at data-prep time, decoder at sampling time)
+  are separate line items, reported next to these numbers and never folded into them.
+"""
+
+from __future__ import annotations
+
+from flopmatch.nets import TIME_FREQS, NetSpec
+
+
+def _linear(n: int, fan_in: int, fan_out: int) -> int:
+    return 2 * n * fan_in * fan_out
+
+
+def forward_flops(spec: NetSpec, n_new: int, n_ctx: int | None = None, *, text_fresh: bool = True) -> dict[str, int]:
+    """Forward FLOPs for one example: ``n_new`` query tokens attending to ``n_ctx`` keys.
+
+    Returns a breakdown: ``total``, and ``data_fed`` (matmuls whose input needs no gradient).
+    ``text_fresh`` False means text projections/keys/values come from a cache (decode steps).
+    """
+    n_ctx = n_new if n_ctx is None else n_ctx
+    D, Lt, Dt = spec.width, spec.text_len, spec.text_dim
+    data_fed = _linear(1, Dt, D)  # pooled -> c
+    if spec.tokens == "continuous":
+        data_fed += _linear(n_new, spec.channels, D)  # stem
+    if spec.time:
+        data_fed += _linear(1, TIME_FREQS, D)
+    rest = _linear(1, D, D) if spec.time else 0  # second time-MLP layer
+    if text_fresh:
+        data_fed += _linear(Lt, Dt, D)  # text states -> width
+    per_block = (
+        _linear(1, D, 6 * D)  # adaLN modulation
+        + _linear(n_new, D, 3 * D) + 2 * (2 * n_new * n_ctx * D) + _linear(n_new, D, D)  # self-attention
+        + _linear(n_new, D, D) + 2 * (2 * n_new * Lt * D) + _linear(n_new, D, D)  # cross-attention q, scores/values, out
+        + (_linear(Lt, D, 2 * D) if text_fresh else 0)  # cross-attention text keys/values
+        + 2 * _linear(n_new, D, spec.mlp_ratio * D)  # MLP
+    )
+    rest += spec.depth * per_block + _linear(1, D, 2 * D) + _linear(n_new, D, spec.out_dim)
+    return {"total": data_fed + rest, "data_fed": data_fed}
+
+
+def train_flops(spec: NetSpec) -> int:
+    """Training FLOPs per example (forward + backward over the full sequence)."""
+    f = forward_flops(spec, spec.seq_len)
+    return 3 * f["total"] - f["data_fed"]
+
+
+def guidance_factor(cfg: float) -> int:
+    """Network passes per sampling step: 2 with classifier-free guidance, 1 without (cfg == 1)."""
+    return 1 if cfg == 1.0 else 2
+
+
+def parallel_sample_flops(spec: NetSpec, steps: int, cfg: float) -> int:
+    """Sampling FLOPs per image for samplers that run the full sequence each step (diffusion, masked)."""
+    return steps * guidance_factor(cfg) * forward_flops(spec, spec.seq_len)["total"]
+
+
+def autoregressive_sample_flops(spec: NetSpec, cfg: float, kv_cache: bool = True) -> int:
+    """Sampling FLOPs per image for raster-order decoding of all L tokens, with or without a KV cache."""
+    L = spec.seq_len
+    if kv_cache:
+        total = forward_flops(spec, 1, 1, text_fresh=True)["total"]
+        total += sum(forward_flops(spec, 1, i + 1, text_fresh=False)["total"] for i in range(1, L))
+    else:
+        total = sum(forward_flops(spec, i + 1, i + 1)["total"] for i in range(L))
+    return guidance_factor(cfg) * total
+
+
+def num_params(spec: NetSpec) -> int:
+    """Analytic trainable parameter count of :class:`~flopmatch.nets.Network` (weights + biases)."""
+    D, Dt, r = spec.width, spec.text_dim, spec.mlp_ratio
+
+    def lin(i, o):
+        return i * o + o
+
+    stem = lin(spec.channels, D) if spec.tokens == "continuous" else (spec.vocab + 1) * D
+    time = lin(TIME_FREQS, D) + lin(D, D) if spec.time else 0
+    block = lin(D, 3 * D) + lin(D, D) + 2 * D + lin(D, D) + lin(D, 2 * D) + lin(D, D) + lin(D, r * D) + lin(r * D, D) + lin(D, 6 * D)
+    return stem + time + 2 * lin(Dt, D) + spec.depth * block + lin(D, 2 * D) + lin(D, spec.out_dim)

@@ -1,0 +1,170 @@
+"""The thin paradigm-specific stems and heads around the shared backbone.
+
+A :class:`Network` holds every trainable parameter of a generator: input stem (a linear map of
+continuous latents, or an embedding of discrete tokens plus one special id), fixed 2D sin-cos
+positions, text projections (token states for cross-attention, pooled state into the adaLN
+vector ``c``), an optional time embedding (diffusion), the :class:`~flopmatch.backbone.Backbone`
+and an adaLN-modulated output head. Which stem/head it has is decided by a :class:`NetSpec` that
+an objective provides; the network knows nothing about losses or samplers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flopmatch.backbone import Backbone, KVCache, modulate
+from flopmatch.config import ModelConfig
+from flopmatch.tokenizers.base import TokenizerSpec
+
+TIME_FREQS = 256  # sinusoidal features of t fed to the time MLP (DiT)
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """Everything that shapes a network: the backbone size and the paradigm's stem/head.
+
+    tokens: "continuous" (in/out ``channels`` per position) or "discrete" (vocab ``vocab`` plus one
+    special id ``vocab`` used as [MASK] or [BOS]; out ``vocab`` logits).
+    """
+
+    depth: int
+    width: int
+    heads: int
+    mlp_ratio: int
+    tokens: str
+    grid: int
+    channels: int
+    vocab: int
+    text_dim: int
+    text_len: int
+    causal: bool
+    time: bool
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def out_dim(self) -> int:
+        return self.channels if self.tokens == "continuous" else self.vocab
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_net_spec(model: ModelConfig, tok: TokenizerSpec, text_dim: int, text_len: int, *, causal: bool, time: bool) -> NetSpec:
+    """Combine backbone size, tokenizer and text encoder into a NetSpec."""
+    return NetSpec(
+        depth=model.depth, width=model.width, heads=model.heads, mlp_ratio=model.mlp_ratio,
+        tokens=tok.kind, grid=tok.grid, channels=tok.channels, vocab=tok.vocab_size,
+        text_dim=text_dim, text_len=text_len, causal=causal, time=time,
+    )
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2D sin-cos position table (grid*grid, dim): half the channels for rows, half for columns."""
+    quarter = dim // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    parts = []
+    for coord in (ys.reshape(-1), xs.reshape(-1)):
+        ang = coord[:, None] * freqs[None]  # (L, dim/4)
+        parts += [ang.sin(), ang.cos()]
+    table = torch.cat(parts, dim=1)  # (L, 4 * quarter)
+    return F.pad(table, (0, dim - table.shape[1])).float()
+
+
+def time_features(t: torch.Tensor, dim: int = TIME_FREQS) -> torch.Tensor:
+    """Sinusoidal features of t in [0, 1] (scaled by 1000 as in DiT): (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    ang = 1000 * t.float()[:, None] * freqs[None]
+    return torch.cat([ang.cos(), ang.sin()], dim=1)
+
+
+class Network(nn.Module):
+    """Stem -> backbone -> head. Continuous: (B, C, g, g) -> (B, C, g, g); discrete: (B, L) -> (B, L, V)."""
+
+    def __init__(self, spec: NetSpec):
+        super().__init__()
+        self.spec = spec
+        D = spec.width
+        if spec.tokens == "continuous":
+            self.stem = nn.Linear(spec.channels, D)
+        else:
+            self.stem = nn.Embedding(spec.vocab + 1, D)  # id ``vocab`` = [MASK] (masked) or [BOS] (autoregressive)
+        self.register_buffer("pos", sincos_2d(spec.grid, D), persistent=False)  # (L, D)
+        self.text_proj = nn.Linear(spec.text_dim, D)
+        self.pooled_proj = nn.Linear(spec.text_dim, D)
+        if spec.time:
+            self.time_mlp = nn.Sequential(nn.Linear(TIME_FREQS, D), nn.SiLU(), nn.Linear(D, D))
+        self.backbone = Backbone(spec.depth, D, spec.heads, spec.mlp_ratio, causal=spec.causal)
+        self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Linear(D, 2 * D)
+        self.head = nn.Linear(D, spec.out_dim)
+        self._init_stems()
+
+    def _init_stems(self) -> None:
+        for m in (self.text_proj, self.pooled_proj, self.stem):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        if isinstance(self.stem, nn.Embedding):
+            nn.init.normal_(self.stem.weight, std=0.02)
+        if self.spec.time:
+            for m in self.time_mlp:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.ada_out.weight)
+        nn.init.zeros_(self.ada_out.bias)
+        nn.init.zeros_(self.head.weight)  # adaLN-Zero: the network starts by predicting 0 / uniform logits
+        nn.init.zeros_(self.head.bias)
+
+    def num_params(self) -> int:
+        """Trainable parameter count (positions are a fixed buffer)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch: int, device, dtype=torch.float32) -> KVCache:
+        """An empty KV cache for one full sequence per row (autoregressive decoding)."""
+        return self.backbone.new_cache(batch, self.spec.seq_len, device, dtype)
+
+    def forward(self, x, text, text_pad, pooled, t=None, cache: KVCache | None = None) -> torch.Tensor:
+        """Run the network.
+
+        x: latents (B, C, g, g) float, or tokens (B, l) long (l <= L; with a cache, the l new tokens
+           at positions cache.length..); text: (B, Lt, Dt); text_pad: (B, Lt) bool; pooled: (B, Dt);
+           t: (B,) in [0, 1] when the spec has a time input.
+        Returns (B, C, g, g) for continuous specs, logits (B, l, V) for discrete ones.
+        """
+        spec = self.spec
+        if spec.tokens == "continuous":
+            B, C, g, _ = x.shape
+            h = self.stem(x.flatten(2).transpose(1, 2))  # (B, C, g, g) -> (B, L, C) -> (B, L, D)
+            start = 0
+        else:
+            B, length = x.shape
+            h = self.stem(x)  # (B, l, D)
+            start = cache.length if cache is not None else 0
+        h = h + self.pos[start : start + h.shape[1]].to(h.dtype)
+
+        c = self.pooled_proj(pooled)  # (B, D)
+        if spec.time:
+            c = c + self.time_mlp(time_features(t))
+        if cache is not None and cache.text_states is not None:
+            text_h = cache.text_states  # text projected once per sequence
+        else:
+            text_h = self.text_proj(text)  # (B, Lt, D)
+            if cache is not None:
+                cache.text_states = text_h
+        h = self.backbone(h, c, text_h, text_pad, cache)
+        shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=-1)
+        out = self.head(modulate(self.norm_out(h), shift, scale))  # (B, l, out_dim)
+        if spec.tokens == "continuous":
+            return out.transpose(1, 2).reshape(B, C, g, g)  # (B, L, C) -> (B, C, g, g)
+        return out

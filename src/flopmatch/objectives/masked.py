@@ -1,0 +1,94 @@
+"""``masked``: MaskGIT/MUSE masked-token prediction with confidence-ordered parallel decoding.
+
+Training masks a fraction r = cos(pi/2 * u), u ~ U(0, 1), of the L positions (at least
+``min_mask``), replaces them by the [MASK] id (= vocab size) and takes cross-entropy on masked
+positions only. The network sees, and is charged FLOPs for, every position.
+
+Sampling starts fully masked; at step s = 1..N it samples every masked position, keeps the most
+confident ones and re-masks the rest so that n_s = floor(L * cos(pi/2 * s/N)) stay masked (strictly
+decreasing, 0 after the last step). Confidence is the log-probability of the drawn token plus
+Gumbel noise scaled by ``choice_temperature * (1 - s/N)`` (MaskGIT's annealed randomness).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from flopmatch.errors import UserError
+from flopmatch.objectives import Objective, spec_of
+from flopmatch.objectives.guidance import guided
+from flopmatch.objectives.logits import sample_logits
+
+
+def mask_ratio(u: torch.Tensor) -> torch.Tensor:
+    """Cosine schedule: fraction masked for u in [0, 1] (u=0 -> 1, u=1 -> 0)."""
+    return torch.cos(0.5 * math.pi * u)
+
+
+def masked_counts(seq_len: int, steps: int) -> list[int]:
+    """Positions still masked after each of the ``steps`` decoding steps (strictly decreasing to 0)."""
+    counts, prev = [], seq_len
+    for s in range(1, steps + 1):
+        n = min(prev - 1, math.floor(seq_len * math.cos(0.5 * math.pi * s / steps)))
+        counts.append(max(n, 0))
+        prev = counts[-1]
+    counts[-1] = 0
+    return counts
+
+
+def random_mask(batch: int, seq_len: int, min_mask: int, device, generator) -> torch.Tensor:
+    """Bool mask (B, L), True = hidden, with a cosine-scheduled count per row."""
+    u = torch.rand(batch, device=device, generator=generator)
+    n = torch.ceil(mask_ratio(u) * seq_len).long().clamp(min_mask, seq_len)  # (B,)
+    scores = torch.rand(batch, seq_len, device=device, generator=generator)
+    rank = scores.argsort(dim=1).argsort(dim=1)  # rank of each position in a random order
+    return rank < n[:, None]
+
+
+class Masked(Objective):
+    name = "masked"
+    tokens = "discrete"
+    default_steps = 12
+
+    def resolve_steps(self, sample, spec):
+        steps = super().resolve_steps(sample, spec)
+        if steps > spec.seq_len:
+            raise UserError(f"masked decoding takes at most {spec.seq_len} steps (one token per step), got {steps}")
+        return steps
+
+    def loss(self, net, x, text, generator=None):
+        """Cross-entropy on the masked positions of tokens x (B, L)."""
+        B, L = x.shape
+        mask = random_mask(B, L, self.cfg.min_mask, x.device, generator)
+        inp = x.masked_fill(mask, spec_of(net).vocab)  # [MASK] id
+        logits = net(inp, text.states, text.pad, text.pooled)  # (B, L, V)
+        return F.cross_entropy(logits[mask].float(), x[mask])
+
+    @torch.no_grad()
+    def sample(self, net, cond, uncond, sample, generator=None):
+        """Tokens (B, L) by confidence-ordered parallel decoding."""
+        spec = spec_of(net)
+        B, L, V = cond.pooled.shape[0], spec.seq_len, spec.vocab
+        device = cond.pooled.device
+        steps = self.resolve_steps(sample, spec)
+        tokens = torch.full((B, L), V, dtype=torch.long, device=device)
+        mask = torch.ones(B, L, dtype=torch.bool, device=device)
+        for s, n_keep_masked in enumerate(masked_counts(L, steps), start=1):
+            logits = guided(net, tokens, cond, uncond, sample.cfg)  # (B, L, V)
+            drawn, logp = sample_logits(logits, sample.temperature, sample.top_k, generator)
+            tokens = torch.where(mask, drawn, tokens)
+            noise_scale = sample.choice_temperature * (1 - s / steps)
+            if noise_scale > 0:
+                u = torch.rand(B, L, device=device, generator=generator).clamp_(1e-20, 1 - 1e-7)
+                logp = logp + noise_scale * -torch.log(-torch.log(u))  # Gumbel
+            conf = logp.masked_fill(~mask, float("inf"))  # decided tokens are never re-masked
+            remask = torch.zeros_like(mask)
+            if n_keep_masked > 0:
+                lowest = conf.topk(n_keep_masked, dim=1, largest=False).indices  # (B, n)
+                remask.scatter_(1, lowest, True)
+            tokens = tokens.masked_fill(remask, V)
+            mask = remask
+        return tokens

@@ -1,0 +1,117 @@
+"""Generation: a run directory + prompts -> images (uint8) and PNG grids.
+
+Loads the EMA weights (or raw ones), encodes prompts with the run's frozen text encoder, runs the
+objective's sampler with classifier-free guidance and decodes through the run's own tokenizer.
+The same seed, prompts and settings give the same images.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flopmatch.config import RunConfig, SampleConfig, validate_sample
+from flopmatch.device import autocast, resolve_device, use_bf16
+from flopmatch.errors import UserError
+from flopmatch.objectives import make_objective
+
+
+@dataclass
+class Generator:
+    """Everything needed to sample from a trained run."""
+
+    cfg: RunConfig
+    net: torch.nn.Module
+    objective: object
+    tokenizer: object
+    encoder: object
+    device: torch.device
+    weights: str  # "ema" | "model"
+
+    @property
+    def spec(self):
+        return self.net.spec
+
+
+def load_generator(run: str | Path, weights: str = "ema", device: str = "auto") -> Generator:
+    """Load a trained run for sampling (EMA weights by default)."""
+    from flopmatch.data.prepare import make_text_encoder, tokenizer_dir
+    from flopmatch.tokenizers import load_tokenizer
+    from flopmatch.train import load_weights
+
+    if weights not in ("ema", "model"):
+        raise UserError(f"weights must be ema or model, got {weights!r}")
+    dev = resolve_device(device)
+    cfg, net = load_weights(run, weights, dev)
+    tok = load_tokenizer(tokenizer_dir(run)).to(dev).eval()
+    return Generator(cfg, net, make_objective(cfg.objective, cfg.method), tok, make_text_encoder(cfg), dev, weights)
+
+
+def check_prompts(prompts: list[str]) -> list[str]:
+    """Strip prompts; an empty or whitespace-only prompt is a UserError (use cfg=0 for unconditional)."""
+    out = []
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise UserError("empty prompt; give a text prompt such as --prompt \"a red circle above a blue square\"")
+        out.append(" ".join(p.split()))
+    return out
+
+
+@torch.no_grad()
+def generate(gen: Generator, prompts: list[str], sample: SampleConfig, seed: int = 0, batch_size: int = 64,
+             progress: bool = False, return_tokens: bool = False):
+    """Images uint8 (N, 3, H, W) for N prompts; batch b is drawn from a generator seeded (seed, b).
+
+    With ``return_tokens`` also returns the raw sampler outputs (latents or codes) before decoding.
+    """
+    validate_sample(sample)
+    prompts = check_prompts(prompts)
+    bf16 = use_bf16(gen.cfg.train.precision, gen.device)
+    images, raw = [], []
+    from tqdm import tqdm
+
+    batches = range(0, len(prompts), batch_size)
+    for b, start in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
+        chunk = prompts[start : start + batch_size]
+        cond = gen.encoder.encode(chunk).to(gen.device)
+        uncond = gen.encoder.encode([""] * len(chunk)).to(gen.device)
+        g = torch.Generator(device=gen.device).manual_seed(seed * 1_000_003 + b)
+        with autocast(gen.device, bf16):
+            z = gen.objective.sample(gen.net, cond, uncond, sample, g)
+        x = gen.tokenizer.decode(z.float() if z.is_floating_point() else z)
+        images.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+        raw.append(z.cpu())
+    out = torch.cat(images)
+    return (out, torch.cat(raw)) if return_tokens else out
+
+
+def grid_image(images: torch.Tensor, nrow: int | None = None, pad: int = 2, scale: int = 1):
+    """uint8 (N, 3, H, W) -> PIL image of a grid (nrow per row, ``pad`` px white border, upscaled x``scale``)."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    canvas = torch.full((3, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        canvas[:, y : y + h, x : x + w] = images[i]
+    img = Image.fromarray(canvas.permute(1, 2, 0).numpy())
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img
+
+
+def save_png(img, path: str | Path) -> None:
+    """Write a PIL image as PNG atomically."""
+    import io
+
+    from flopmatch.checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
