@@ -103,10 +103,17 @@ def cmd_flops(args) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (``flopmatch: error: ...``) and exit status 2, like UserError."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flopmatch", description="Compute-matched comparison of image-synthesis paradigms.")
+    parser = OneLineParser(prog="flopmatch", description="Compute-matched comparison of image-synthesis paradigms.")
     parser.add_argument("--version", action="version", version=f"flopmatch {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
 
     p = sub.add_parser("train", help="train a generator for a FLOP budget (resumes if interrupted)")
     _add_common(p, budget=True)

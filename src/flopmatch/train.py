@@ -175,6 +175,44 @@ def load_weights(run: str | Path, which: str = "ema", device="cpu") -> tuple[Run
 # ----------------------------------------------------------------------------- the loop
 
 
+class InterruptFlag:
+    """Within ``with``, SIGINT (Ctrl-C) sets a flag instead of raising; a second Ctrl-C raises at once.
+
+    Only installed on the main thread (signal handlers cannot be set elsewhere). ``any()`` is
+    all-reduced across ranks so every process stops at the same step.
+    """
+
+    def __init__(self, device: torch.device):
+        self.flag = False
+        self._old = None
+        self.device = device
+
+    def _handler(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+    def any(self) -> bool:
+        if not dist.world_size() > 1:
+            return self.flag
+        return bool(dist.all_reduce_mean(torch.tensor(float(self.flag), device=self.device)).item() > 0)
+
+
 def _append_metrics(path: Path, rows: list[dict]) -> None:
     with open(path, "a") as f:
         for r in rows:
@@ -289,7 +327,10 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
     pending: list[dict] = []
     t0 = time.perf_counter() - elapsed
     steps_this_call = 0
-    try:
+    # Ctrl-C only raises a flag; the step in flight finishes and is checkpointed, so the saved
+    # weights, step count and RNG state agree and resuming is exact.
+    interrupted = InterruptFlag(device)
+    with interrupted:
         net.train()
         while step < plan.steps:
             lr = lr_at(step, plan.steps, cfg.train)
@@ -319,21 +360,20 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
                                 "grad_norm": float(gnorm), "flops_per_s": flops / max(elapsed, 1e-9)})
                 bar.set_postfix_str(f"loss {loss_v:.4f} | {flops:.2e}/{cfg.train.budget:.0e} FLOPs")
             bar.update(1)
-            if step % cfg.train.checkpoint_every == 0 or step == plan.steps or steps_this_call == stop_after:
+            stop = steps_this_call == stop_after or interrupted.any()
+            if step % cfg.train.checkpoint_every == 0 or step == plan.steps or stop:
                 if dist.is_main():
                     _append_metrics(run / "metrics.jsonl", pending)
                     save_checkpoint(run, net, ema, opt, gen, make_state(step == plan.steps))
                 pending = []
                 dist.barrier()
-                if steps_this_call == stop_after and step < plan.steps:
-                    break
-    except KeyboardInterrupt:
+            if stop:
+                break
+    if interrupted.any() and step < plan.steps:
         bar.close()
         if dist.is_main():
-            print(f"\ninterrupted at step {step}; saving a checkpoint (re-run the same command to resume)")
-            _append_metrics(run / "metrics.jsonl", pending)
-            save_checkpoint(run, net, ema, opt, gen, make_state(False))
-        raise
+            print(f"\ninterrupted at step {step}/{plan.steps}; checkpoint saved, re-run the same command to resume")
+        raise KeyboardInterrupt
     bar.close()
     final = make_state(step == plan.steps)
     if dist.is_main() and final["done"]:

@@ -1,0 +1,49 @@
+"""Shared fixtures: an isolated cache directory, tiny configs and tiny networks (see tests/tiny.py),
+and the FlopCounterMode mapping for CPU flash attention (see tests/flop_counting.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+from flop_counting import CUSTOM_MAPPING
+
+# The tensors in these tests are tiny: intra-op threads only add synchronisation, which on a
+# loaded 2-core machine made a width-16 training step ~30x slower. One thread is also what makes
+# float results independent of the machine's core count.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def flopmatch_cache(tmp_path_factory):
+    """FLOPMATCH_CACHE -> a fresh session-wide directory, so tests never touch ~/.cache/flopmatch."""
+    mp = pytest.MonkeyPatch()
+    path = tmp_path_factory.mktemp("flopmatch-cache")
+    mp.setenv("FLOPMATCH_CACHE", str(path))
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """Factory ``(objective="masked", budget_steps=6.0, sets=None) -> RunConfig`` of a sub-second run."""
+    return tiny.tiny_run_config
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """Factory ``(objective, depth=1, head_dim=16, grid=4, seed=0, perturb=0.0) -> Tiny(objective, net, spec)``."""
+    return tiny.make_tiny
+
+
+@pytest.fixture(scope="session")
+def flop_mapping():
+    """``custom_mapping`` for FlopCounterMode that counts CPU flash-attention forward and backward."""
+    return CUSTOM_MAPPING
+
+
+@pytest.fixture
+def gen():
+    """A CPU torch.Generator seeded with 0."""
+    return torch.Generator().manual_seed(0)
