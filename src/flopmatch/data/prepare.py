@@ -20,17 +20,23 @@ from flopmatch.errors import UserError
 from flopmatch.paths import cache_dir
 
 
+def shapes_config(cfg: DataConfig):
+    """The ShapesConfig a DataConfig describes."""
+    from flopmatch.data.shapes import ShapesConfig
+
+    return ShapesConfig(
+        seed=cfg.seed, image_size=cfg.image_size, num_train=cfg.num_train, num_eval=cfg.num_eval,
+        two_object_prob=cfg.two_object_prob, holdout=tuple(cfg.holdout),
+    )
+
+
 def make_dataset(cfg: DataConfig, split: str):
     """The dataset split named by a DataConfig (only the built-in "shapes" for now)."""
     if cfg.name != "shapes":
         raise UserError(f"unknown dataset {cfg.name!r}; available: shapes")
-    from flopmatch.data.shapes import ShapesConfig, ShapesDataset
+    from flopmatch.data.shapes import ShapesDataset
 
-    shapes = ShapesConfig(
-        seed=cfg.seed, image_size=cfg.image_size, num_train=cfg.num_train, num_eval=cfg.num_eval,
-        two_object_prob=cfg.two_object_prob, holdout=tuple(cfg.holdout),
-    )
-    return ShapesDataset(shapes, split)
+    return ShapesDataset(shapes_config(cfg), split)
 
 
 def tokenizer_kind(cfg: RunConfig, objective) -> str:

@@ -1,0 +1,71 @@
+"""``flopmatch eval``: parsing only (the work is in flopmatch.evaluation.run)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+from flopmatch.errors import UserError
+
+SWEEPABLE = {"steps": int, "cfg": float, "temperature": float, "top_k": int}
+
+
+def parse_sweeps(items: list[str]) -> dict[str, list]:
+    """['steps=4,8', 'cfg=1,2'] -> {'steps': [4, 8], 'cfg': [1.0, 2.0]} (typed; unknown names are errors)."""
+    out = {}
+    for item in items or []:
+        name, _, values = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if name not in SWEEPABLE or not values.strip():
+            raise UserError(f"--sweep expects NAME=v1,v2,... with NAME in {', '.join(SWEEPABLE)}; got {item!r}")
+        try:
+            out[name] = [SWEEPABLE[name](float(v)) if SWEEPABLE[name] is int else float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--sweep {item!r}: values must be numbers") from None
+    return out
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from flopmatch.config import load_config, validate_sample
+    from flopmatch.evaluation.report_lines import summary_lines
+    from flopmatch.evaluation.run import EvalConfig, evaluate
+
+    run = Path(args.run)
+    if not (run / "config.json").exists():
+        raise UserError(f"{run} is not a run directory (no config.json)")
+    base = load_config(run / "config.json").sample
+    fixed = {k: getattr(args, k) for k in SWEEPABLE if getattr(args, k, None) is not None}
+    base = replace(base, **fixed)
+    sweeps = parse_sweeps(args.sweep)
+    names = list(sweeps)
+    settings = [replace(base, **dict(zip(names, combo))) for combo in itertools.product(*sweeps.values())] if names else [base]
+    for s in settings:
+        validate_sample(s)
+    features = [f.strip() for f in args.features.split(",") if f.strip()]
+    ecfg = EvalConfig(num_samples=args.num_samples, seed=args.seed, weights="model" if args.raw else "ema",
+                      features=features, inference=not args.no_timing, batch_size=args.batch_size)
+    doc = evaluate(run, settings, ecfg)
+    for line in summary_lines(doc, only=None):
+        print(line)
+    print(f"wrote {run / 'eval.json'}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="measure image quality, prompt following and inference cost of a run")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--num-samples", type=int, default=1000, help="generated images per setting (default 1000)")
+    p.add_argument("--steps", type=int, help="sampling steps (0 = paradigm default)")
+    p.add_argument("--cfg", type=float, help="guidance scale")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", dest="top_k", type=int)
+    p.add_argument("--sweep", action="append", default=[], metavar="NAME=v1,v2",
+                   help="evaluate every combination, e.g. --sweep steps=4,8,16 --sweep cfg=1,2,4")
+    p.add_argument("--features", default="effnet", help="feature extractors: effnet (fast proxy), inception (standard FID)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
+    p.add_argument("--no-timing", action="store_true", help="skip latency/throughput measurement")
+    p.set_defaults(func=cmd_eval)

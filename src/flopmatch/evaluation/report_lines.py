@@ -1,0 +1,28 @@
+"""One-line summaries of eval.json entries for the terminal."""
+
+from __future__ import annotations
+
+
+def _fmt(v, spec=".3g"):
+    return "-" if v is None else format(v, spec)
+
+
+def summary_lines(doc: dict, only: list[str] | None = None) -> list[str]:
+    """One line per eval entry: FID per extractor, prompt following, FLOPs and latency."""
+    lines = []
+    for key, e in doc.get("entries", {}).items():
+        if only is not None and key not in only:
+            continue
+        m = e["metrics"]
+        parts = [key]
+        for name in ("effnet", "inception"):
+            if name in m:
+                parts.append(f"FID[{name}] {_fmt(m[name]['fid'], '.2f')}")
+        if "prompt_following" in m:
+            parts.append(f"prompt match {_fmt(m['prompt_following']['full_match'], '.3f')}")
+        inf = e.get("inference")
+        if inf:
+            parts.append(f"{inf['sample_flops_per_image']:.3g} FLOPs/img, {inf['latency_s'] * 1e3:.0f} ms, "
+                         f"{inf['throughput_images_per_s']:.1f} img/s")
+        lines.append(" | ".join(parts))
+    return lines

@@ -1,0 +1,222 @@
+"""``flopmatch eval``: sample a run under each sampling setting and measure quality, prompt following
+and inference cost; write ``<run>/eval.json`` with a manifest that makes every number reproducible.
+
+Prompts are the captions of the first ``num_samples`` images of the evaluation split (cycled if
+more are asked for); the reference set for FID/KID/precision/recall is the whole evaluation split,
+whose features are extracted once and cached. Images for a setting are generated in batches whose
+random streams depend only on (seed, batch index), so sharding batches across ranks gives the same
+images as one process. Generated images are saved under ``<run>/samples/<setting>/``.
+
+Timing figures (latency, throughput) are measurements and vary with load; every other number is a
+deterministic function of the run directory, the settings and the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from flopmatch import dist
+from flopmatch.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
+from flopmatch.config import SampleConfig
+from flopmatch.errors import UserError
+
+EVAL_VERSION = 1
+
+
+@dataclass
+class EvalConfig:
+    """How a run is evaluated (everything here goes into the manifest)."""
+
+    num_samples: int = 1000
+    seed: int = 0
+    batch_size: int = 100
+    weights: str = "ema"  # ema | model
+    features: list[str] = field(default_factory=lambda: ["effnet"])  # effnet (fast proxy) and/or inception
+    kid_subset: int = 500
+    kid_subsets: int = 50
+    pr_k: int = 3
+    prompt_following: bool = True
+    inference: bool = True
+    save_images: bool = True
+
+
+def setting_key(sample: SampleConfig, steps: int) -> str:
+    """A readable, unique key for a sampling setting (with steps resolved), e.g. 'steps=12,cfg=3,temp=1,topk=0'."""
+    key = f"steps={steps},cfg={sample.cfg:g},temp={sample.temperature:g},topk={sample.top_k}"
+    if sample.choice_temperature != SampleConfig.choice_temperature:
+        key += f",choice={sample.choice_temperature:g}"
+    return key
+
+
+def package_versions() -> dict:
+    import numpy
+    import scipy
+    import torchmetrics
+
+    import flopmatch
+
+    return {"flopmatch": flopmatch.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "scipy": scipy.__version__, "torchmetrics": torchmetrics.__version__, "python": platform.python_version()}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def eval_prompts(dataset, n: int) -> list[str]:
+    """The first n captions of the evaluation split, cycled when n exceeds its size."""
+    caps = dataset.captions()
+    if not caps:
+        raise UserError("the evaluation split is empty; raise data.num_eval")
+    return [caps[i % len(caps)] for i in range(n)]
+
+
+def generate_sharded(gen, prompts: list[str], sample: SampleConfig, seed: int, batch_size: int, out_dir: Path,
+                     progress: bool) -> torch.Tensor:
+    """Generate images for ``prompts``; with several ranks each takes every world-th batch.
+
+    Shards meet through files in ``out_dir`` (rank r writes shard-r); the main rank assembles them.
+    Because batch b always uses the generator seeded (seed, b), the result does not depend on the
+    number of ranks.
+    """
+    from flopmatch.sample import generate
+
+    rank, world = dist.rank(), dist.world_size()
+    batches = [(b, prompts[s : s + batch_size]) for b, s in enumerate(range(0, len(prompts), batch_size))]
+    mine = {}
+    for b, chunk in batches[rank::world]:
+        # generate() seeds batch j of its call with (seed, j); we call it per batch with seed offset so
+        # that batch b gets the same stream in every sharding.
+        mine[b] = generate(gen, chunk, sample, seed=seed * 1_000_003 + b, batch_size=batch_size)
+    if world == 1:
+        return torch.cat([mine[b] for b, _ in batches])
+    shard = out_dir / f"shard-{rank}.safetensors"
+    save_tensors(shard, {f"b{b}": v for b, v in mine.items()})
+    dist.barrier()
+    images = None
+    if dist.is_main():
+        parts = {}
+        for r in range(world):
+            parts |= {int(k[1:]): v for k, v in load_tensors(out_dir / f"shard-{r}.safetensors").items()}
+        images = torch.cat([parts[b] for b, _ in batches])
+        for r in range(world):
+            (out_dir / f"shard-{r}.safetensors").unlink(missing_ok=True)
+    dist.barrier()
+    return images
+
+
+def quality_metrics(extractor, real_feats: torch.Tensor, images: torch.Tensor, ecfg: EvalConfig) -> dict:
+    """FID, KID (mean, std), precision and recall of generated uint8 images against cached real features."""
+    from flopmatch.evaluation.features import extract_features
+    from flopmatch.evaluation.quality import fid_from_features, kid_from_features, precision_recall
+
+    fake = extract_features(extractor, images, progress=False)
+    subset = min(ecfg.kid_subset, len(fake), len(real_feats))
+    kid_mean, kid_std = kid_from_features(real_feats, fake, subset_size=subset, subsets=ecfg.kid_subsets,
+                                          generator=torch.Generator().manual_seed(ecfg.seed))
+    precision, recall = precision_recall(real_feats, fake, k=ecfg.pr_k)
+    return {"fid": fid_from_features(real_feats, fake), "kid": kid_mean, "kid_std": kid_std,
+            "precision": precision, "recall": recall, "num_real": len(real_feats), "num_fake": len(fake)}
+
+
+def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | None = None, progress: bool = True) -> dict:
+    """Evaluate ``run`` under each sampling setting; merge the entries into ``<run>/eval.json``."""
+    from flopmatch.data.prepare import make_dataset, shapes_config
+    from flopmatch.device import resolve_device
+    from flopmatch.evaluation.features import make_feature_extractor, reference_features
+    from flopmatch.sample import grid_image, load_generator, save_png
+    from flopmatch.train import CHECKPOINT, read_state
+
+    ecfg = ecfg or EvalConfig()
+    if ecfg.num_samples < max(ecfg.pr_k + 1, 2):
+        raise UserError(f"--num-samples must be at least {max(ecfg.pr_k + 1, 2)}, got {ecfg.num_samples}")
+    run = Path(run)
+    dist.init(resolve_device("auto"))
+    gen = load_generator(run, weights=ecfg.weights)
+    state = read_state(run)
+    if not state.get("done"):
+        print(f"warning: {run} is not finished ({state['step']}/{state['total_steps']} steps); evaluating its latest checkpoint")
+    cfg = gen.cfg
+    ref = make_dataset(cfg.data, "eval")
+    prompts = eval_prompts(ref, ecfg.num_samples)
+    ref_images = ref.images_uint8()
+    extractors = {name: make_feature_extractor(name) for name in ecfg.features}
+    real = {name: reference_features(ex, "shapes", ref_images, key=f"{ref.fingerprint()}-{len(ref)}", progress=progress)
+            for name, ex in extractors.items()} if dist.is_main() else {}
+    classifier = None
+    if ecfg.prompt_following and cfg.data.name == "shapes" and dist.is_main():
+        from flopmatch.evaluation.attributes import load_or_train_attribute_classifier
+
+        classifier = load_or_train_attribute_classifier(shapes_config(cfg.data), progress=progress)
+
+    path = run / "eval.json"
+    doc = read_json(path) if path.exists() else {"version": EVAL_VERSION, "entries": {}}
+    ckpt_sha = file_sha256(run / CHECKPOINT)
+    for sample in settings:
+        steps = gen.objective.resolve_steps(sample, gen.spec)
+        key = setting_key(sample, steps) + f",weights={ecfg.weights},n={ecfg.num_samples},seed={ecfg.seed}"
+        sample_dir = run / "samples" / key.replace(",", "_").replace("=", "-")
+        if progress and dist.is_main():
+            print(f"[eval] {run.name}: {key}")
+        images = generate_sharded(gen, prompts, sample, ecfg.seed, ecfg.batch_size, sample_dir, progress)
+        if not dist.is_main():
+            continue
+        entry = {"settings": {**asdict(sample), "steps": steps}, "metrics": {}}
+        for name, ex in extractors.items():
+            entry["metrics"][name] = quality_metrics(ex, real[name], images, ecfg)
+        if classifier is not None:
+            pf = score_prompts(classifier, images, prompts)
+            entry["metrics"]["prompt_following"] = pf
+        if ecfg.inference:
+            from flopmatch.evaluation.inference import measure_inference
+
+            entry["inference"] = measure_inference(gen, sample)
+            if cfg.objective == "autoregressive":
+                other = measure_inference(gen, replace(sample, kv_cache=not sample.kv_cache))
+                entry["inference"]["without_kv_cache" if sample.kv_cache else "with_kv_cache"] = other
+        if ecfg.save_images:
+            save_tensors(sample_dir / "images.safetensors", {"images": images})
+            atomic_write_json(sample_dir / "prompts.json", prompts)
+            save_png(grid_image(images[:64], nrow=8, scale=2), sample_dir / "grid.png")
+        entry["manifest"] = {
+            "eval_version": EVAL_VERSION, "num_samples": ecfg.num_samples, "seed": ecfg.seed,
+            "batch_size": ecfg.batch_size, "seeding": "batch b uses torch.Generator seeded seed*1000003+b",
+            "weights": ecfg.weights, "checkpoint_step": state["step"], "checkpoint_sha256": ckpt_sha,
+            "sampler": {**asdict(sample), "steps": steps, "objective": cfg.objective},
+            "prompts": {"source": "eval split captions, first num_samples (cycled)",
+                        "sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()},
+            "reference": {"dataset": cfg.data.name, "split": "eval", "fingerprint": ref.fingerprint(),
+                          "size": len(ref), "images_sha256": _images_sha(ref_images)},
+            "feature_extractors": {name: ex.describe() for name, ex in extractors.items()},
+            "prompt_evaluator": classifier.describe() if classifier is not None else None,
+            "tokenizer": {"fingerprint": gen.tokenizer.fingerprint(), "spec": gen.tokenizer.spec.to_dict()},
+            "packages": package_versions(), "eval_config": asdict(ecfg),
+            "generated_images_sha256": _images_sha(images),
+        }
+        doc["entries"][key] = entry
+        atomic_write_json(path, doc)  # after every setting: an interrupted sweep keeps what it finished
+    return doc
+
+
+def _images_sha(images: torch.Tensor) -> str:
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+
+
+def score_prompts(classifier, images: torch.Tensor, prompts: list[str]) -> dict:
+    """Prompt-following metrics without the per-image list (kept in a count instead)."""
+    from flopmatch.evaluation.attributes import score_prompt_following
+
+    pf = score_prompt_following(classifier, images, prompts)
+    matches = pf.pop("per_image_match")
+    pf["num_full_match"] = int(sum(matches))
+    return pf

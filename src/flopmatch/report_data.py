@@ -1,0 +1,282 @@
+"""Study directory -> plain rows: one per (run, eval setting), read from run directories alone.
+
+A study directory holds ``runs/<name>/`` run directories (the contract in DESIGN.md §3). For every
+run we read ``config.json``, the checkpoint's scalar state (``flopmatch.train.read_state``),
+``metrics.jsonl`` and ``eval.json``; nothing is recomputed and no log is scraped.
+
+The **main setting** of a run (the one its metric-vs-FLOPs points come from) is chosen as follows:
+among the EMA-weight eval entries, the one whose sampler settings equal the run config's default
+``sample`` section with steps resolved by the paradigm (``objective.resolve_steps``); if several
+entries match (e.g. evaluated twice with different sample counts or seeds) or none does, the one
+with the lowest FID (effnet) among the matching ones, or among all EMA entries if none matches.
+The reason is recorded per run (``main_reason``). Inference plots use every setting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flopmatch import PARADIGMS
+from flopmatch.errors import UserError
+
+PROMPT_ATTRIBUTES = ("color", "shape", "size", "position", "relation", "count")
+LOSS_TAIL = 0.1  # final loss = mean of the last 10 % of logged losses (at least one row)
+
+# results.csv columns, in order; every row has every key (None when not measured)
+COLUMNS = [
+    "run", "run_dir", "objective", "depth", "width", "params", "budget", "seed", "train_flops", "steps",
+    "total_steps", "done", "final_loss", "evaluated", "setting", "main", "main_reason", "weights",
+    "sample_steps", "cfg", "temperature", "top_k", "num_samples",
+    "fid_effnet", "kid_effnet", "kid_std_effnet", "precision", "recall", "fid_inception", "kid_inception",
+    "prompt_full_match", *[f"prompt_{a}" for a in PROMPT_ATTRIBUTES],
+    "sample_flops_per_image", "decode_flops_per_image", "latency_s", "throughput_images_per_s", "throughput_batch",
+    "device", "threads", "bf16",
+    "nokv_sample_flops_per_image", "nokv_latency_s", "nokv_throughput_images_per_s", "samples_dir",
+]  # fmt: skip
+
+
+@dataclass
+class RunInfo:
+    """One run directory: its identity, training status and loss curve."""
+
+    name: str
+    rel: str  # run dir relative to the study dir
+    objective: str
+    depth: int
+    seed: int
+    budget: float
+    state: dict | None  # checkpoint state, None before the first checkpoint
+    curve: list[tuple[float, float]]  # (cumulative FLOPs, loss) per logged step
+    evaluated: bool
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.state and self.state.get("done"))
+
+
+@dataclass
+class Study:
+    """Everything the report needs, read from a study directory."""
+
+    root: Path
+    rows: list[dict]
+    runs: list[RunInfo]
+    problems: list[str]  # run directories that could not be read at all, with the reason
+
+
+def _paradigm_order(name: str) -> int:
+    return PARADIGMS.index(name) if name in PARADIGMS else len(PARADIGMS)
+
+
+def _read_curve(path: Path) -> list[tuple[float, float]]:
+    """(flops, loss) of each logged step; unparsable lines (an interrupted append) are skipped."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+            out.append((float(r["flops"]), float(r["loss"])))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+def final_loss(curve: list[tuple[float, float]]) -> float | None:
+    """Mean of the last ``LOSS_TAIL`` fraction of logged losses (at least one); None if nothing logged."""
+    if not curve:
+        return None
+    k = max(1, math.ceil(LOSS_TAIL * len(curve)))
+    tail = [loss for _, loss in curve[-k:]]
+    return sum(tail) / len(tail)
+
+
+def _resolved_steps(cfg, state: dict | None) -> int | None:
+    """Sampling steps of the run's default settings, resolved by its paradigm (None if unknown)."""
+    from flopmatch.nets import NetSpec
+    from flopmatch.objectives import make_objective
+
+    try:
+        if state and "net_spec" in state:
+            spec = NetSpec(**state["net_spec"])
+        else:
+            from flopmatch.plan import net_spec_for
+
+            spec = net_spec_for(cfg)
+        return int(make_objective(cfg.objective, cfg.method).resolve_steps(cfg.sample, spec))
+    except (UserError, TypeError, KeyError, OSError):
+        return None
+
+
+def _weights(key: str, entry: dict) -> str:
+    w = (entry.get("manifest") or {}).get("weights")
+    if w:
+        return w
+    return "model" if "weights=model" in key else "ema"
+
+
+def _fid(entry: dict) -> float:
+    v = ((entry.get("metrics") or {}).get("effnet") or {}).get("fid")
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.inf
+
+
+def _matches(settings: dict, sample, steps: int | None) -> bool:
+    def close(a, b):
+        return isinstance(a, (int, float)) and math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+
+    if steps is not None and settings.get("steps") != steps:
+        return False
+    if steps is None and sample.steps and settings.get("steps") != sample.steps:
+        return False
+    for name in ("cfg", "temperature", "top_k", "choice_temperature", "kv_cache"):
+        if name in settings and not (settings[name] == getattr(sample, name) or close(settings[name], getattr(sample, name))):
+            return False
+    return True
+
+
+def main_setting(entries: dict, sample, steps: int | None) -> tuple[str | None, str]:
+    """(key, reason) of the run's main eval setting among ``entries`` (see the module docstring)."""
+    if not entries:
+        return None, "no eval entries"
+    ema = {k: e for k, e in entries.items() if _weights(k, e) == "ema"} or entries
+    match = sorted(k for k, e in ema.items() if _matches(e.get("settings") or {}, sample, steps))
+    if len(match) == 1:
+        return match[0], "matches the run's default sample settings"
+    pool = match or sorted(ema)
+    best = min(pool, key=lambda k: (_fid(ema[k]), k))
+    why = "several entries match the default settings" if match else "no entry matches the default settings"
+    return best, f"{why}: lowest FID (effnet) chosen"
+
+
+def _num(x):
+    return x if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def sample_dir_name(key: str) -> str:
+    """The samples/ subdirectory ``flopmatch eval`` writes for an eval key (same transform as evaluation.run)."""
+    return key.replace(",", "_").replace("=", "-")
+
+
+def _entry_fields(key: str, entry: dict) -> dict:
+    s, m, inf = entry.get("settings") or {}, entry.get("metrics") or {}, entry.get("inference") or {}
+    eff, inc, pf = m.get("effnet") or {}, m.get("inception") or {}, m.get("prompt_following") or {}
+    nokv = inf.get("without_kv_cache") or {}
+    out = {
+        "setting": key, "weights": _weights(key, entry), "sample_steps": s.get("steps"), "cfg": _num(s.get("cfg")),
+        "temperature": _num(s.get("temperature")), "top_k": s.get("top_k"),
+        "num_samples": (entry.get("manifest") or {}).get("num_samples"),
+        "fid_effnet": _num(eff.get("fid")), "kid_effnet": _num(eff.get("kid")), "kid_std_effnet": _num(eff.get("kid_std")),
+        "precision": _num(eff.get("precision")), "recall": _num(eff.get("recall")),
+        "fid_inception": _num(inc.get("fid")), "kid_inception": _num(inc.get("kid")),
+        "prompt_full_match": _num(pf.get("full_match")),
+        "sample_flops_per_image": _num(inf.get("sample_flops_per_image")),
+        "decode_flops_per_image": _num(inf.get("decode_flops_per_image")), "latency_s": _num(inf.get("latency_s")),
+        "throughput_images_per_s": _num(inf.get("throughput_images_per_s")), "throughput_batch": inf.get("throughput_batch"),
+        "device": inf.get("device"), "threads": inf.get("threads"), "bf16": inf.get("bf16"),
+        "nokv_sample_flops_per_image": _num(nokv.get("sample_flops_per_image")), "nokv_latency_s": _num(nokv.get("latency_s")),
+        "nokv_throughput_images_per_s": _num(nokv.get("throughput_images_per_s")),
+        "latency_s_all": [x for x in inf.get("latency_s_all") or [] if _num(x) is not None],  # not a CSV column
+    }  # fmt: skip
+    for a in PROMPT_ATTRIBUTES:
+        out[f"prompt_{a}"] = _num(pf.get(a))
+    return out
+
+
+def _read_run(root: Path, run: Path) -> tuple[RunInfo, list[dict]]:
+    from flopmatch.checkpoint import read_json
+    from flopmatch.config import load_config
+    from flopmatch.train import read_state
+
+    cfg = load_config(run / "config.json")  # a UserError here makes the run unreadable (caller lists it)
+    problems = []
+    try:
+        state = read_state(run)
+    except UserError as e:
+        state, problems = None, [str(e)]
+    entries = {}
+    if (run / "eval.json").exists():
+        try:
+            entries = read_json(run / "eval.json").get("entries") or {}
+        except (UserError, AttributeError) as e:
+            problems.append(f"unreadable eval.json ({e})")
+    curve = _read_curve(run / "metrics.jsonl")
+    rel = run.relative_to(root).as_posix()
+    info = RunInfo(run.name, rel, cfg.objective, cfg.model.depth, cfg.train.seed, float(cfg.train.budget), state,
+                   curve, bool(entries), problems)  # fmt: skip
+    spec = (state or {}).get("net_spec") or {}
+    base = {
+        "run": run.name, "run_dir": rel, "objective": cfg.objective, "depth": cfg.model.depth,
+        "width": spec.get("width", cfg.model.width), "params": (state or {}).get("params"),
+        "budget": float(cfg.train.budget), "seed": cfg.train.seed, "train_flops": (state or {}).get("flops"),
+        "steps": (state or {}).get("step"), "total_steps": (state or {}).get("total_steps"), "done": info.done,
+        "final_loss": final_loss(curve), "evaluated": bool(entries),
+    }  # fmt: skip
+    main_key, reason = main_setting(entries, cfg.sample, _resolved_steps(cfg, state))
+    rows = []
+    for key in sorted(entries, key=lambda k: (_setting_order(entries[k]), k)):
+        row = {c: None for c in COLUMNS} | base | _entry_fields(key, entries[key])
+        row["main"] = key == main_key
+        row["main_reason"] = reason if key == main_key else None
+        sd = run / "samples" / sample_dir_name(key)
+        row["samples_dir"] = sd.relative_to(root).as_posix() if sd.is_dir() else None
+        rows.append(row)
+    if not rows:  # one row per run even when it was never evaluated, so the table lists every run
+        rows.append({c: None for c in COLUMNS} | base | {"main": False, "latency_s_all": []})
+    return info, rows
+
+
+def _setting_order(entry: dict) -> tuple:
+    s = entry.get("settings") or {}
+    return tuple(float(s[k]) if isinstance(s.get(k), (int, float)) else math.inf for k in ("steps", "cfg", "temperature", "top_k"))
+
+
+def _run_order(info: RunInfo) -> tuple:
+    return (_paradigm_order(info.objective), info.objective, info.depth, info.budget, info.seed, info.name)
+
+
+def load_study(study_dir: str | Path) -> Study:
+    """Read every run under ``study_dir/runs/*/`` (those with a config.json), in a deterministic order."""
+    root = Path(study_dir)
+    runs_dir = root / "runs"
+    if not runs_dir.is_dir():
+        raise UserError(f"{root} is not a study directory (no runs/ inside); point `flopmatch report` at the study root")
+    found = sorted(p for p in runs_dir.iterdir() if p.is_dir() and (p / "config.json").exists())
+    if not found:
+        raise UserError(f"no run directories with a config.json under {runs_dir}")
+    read, problems = [], []
+    for run in found:
+        try:
+            read.append(_read_run(root, run))
+        except UserError as e:
+            problems.append(f"{run.relative_to(root).as_posix()}: {e}")
+    read.sort(key=lambda ir: _run_order(ir[0]))
+    return Study(root, [r for _, rows in read for r in rows], [i for i, _ in read], problems)
+
+
+def collect(study_dir: str | Path) -> list[dict]:
+    """One row per (run, eval setting), deterministically sorted (paradigm, depth, budget, seed, run, setting).
+
+    Keys are :data:`COLUMNS` (plus ``latency_s_all``, the raw latency repeats in seconds). Units:
+    budget and train_flops in FLOPs, latency in seconds, throughput in images/s, FIDs as measured.
+    A run without eval entries gets one row with the setting fields None and ``evaluated`` False.
+    """
+    return load_study(study_dir).rows
+
+
+def first_images(root: Path, row: dict, n: int = 8):
+    """(uint8 images (n', 3, H, W), prompts) of a row's saved samples, or (None, []) if not saved."""
+    from flopmatch.checkpoint import load_tensors, read_json
+
+    if not row.get("samples_dir"):
+        return None, []
+    d = root / row["samples_dir"]
+    try:
+        images = load_tensors(d / "images.safetensors")["images"][:n]
+        prompts = read_json(d / "prompts.json")[:n] if (d / "prompts.json").exists() else []
+    except (UserError, KeyError, TypeError):
+        return None, []
+    return images, [str(p) for p in prompts]

@@ -1,0 +1,316 @@
+"""Figures of the study report, each returned as PNG bytes (matplotlib, Agg canvas, no pyplot state).
+
+Bytes are reproducible: no software/date metadata is written (``metadata={"Software": None}``),
+figures are built on a private ``Figure`` + ``FigureCanvasAgg`` inside an rc context, and every
+input is already deterministic. A figure with nothing to show returns None (the report says so).
+
+Training losses of different paradigms are never drawn on one axis (their objectives differ):
+loss figures get one panel per paradigm.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+from flopmatch.report_analysis import METRIC, Analysis
+from flopmatch.report_data import Study
+from flopmatch.scaling import iso_flop, pareto_front
+
+DPI = 100
+COLORS = {"diffusion": "#1f77b4", "masked": "#2ca02c", "autoregressive": "#d62728"}
+TREND_REACH = 100.0  # fitted trends are drawn (dashed) up to 100x the largest budget
+RC = {"font.size": 9, "axes.titlesize": 10, "legend.fontsize": 8, "axes.grid": True, "grid.alpha": 0.3,
+      "svg.hashsalt": "flopmatch", "path.simplify": False}  # fmt: skip
+
+
+def _color(p: str) -> str:
+    return COLORS.get(p, "#7f7f7f")
+
+
+def _figure(ncols: int = 1, nrows: int = 1, w: float = 5.2, h: float = 3.8):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w * ncols, h * nrows), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _render(fn, *args) -> bytes | None:
+    import matplotlib
+
+    with matplotlib.rc_context(RC):
+        fig = fn(*args)
+        return None if fig is None else _png(fig)
+
+
+def _logy_if_positive(ax, values) -> None:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if v and min(v) > 0:
+        ax.set_yscale("log")
+
+
+def _draw_trend(ax, fit, color: str, label: str) -> list[float]:
+    """Faint points of every run, frontier means with seed std, fitted trend and its bootstrap band."""
+    ys = []
+    xs = [r["budget"] for r in fit.records]
+    ys += [r["value"] for r in fit.records]
+    ax.scatter(xs, [r["value"] for r in fit.records], s=10, color=color, alpha=0.25, linewidths=0)
+    fb = [p.budget for p in fit.frontier]
+    fm = [p.mean for p in fit.frontier]
+    err = [0.0 if not math.isfinite(p.std) else p.std for p in fit.frontier]
+    if fit.boot is not None:
+        pt, iv = fit.boot.point, fit.boot.intervals["alpha"]
+        ivtxt = "" if not all(map(math.isfinite, iv)) else f" [{iv[0]:.2f}, {iv[1]:.2f}]"
+        label += f": α={pt.alpha:.2f}{ivtxt}" + (f", E={pt.E:.3g}" if pt.kind == "saturating" else " (plain power law)")
+    ax.errorbar(fb, fm, yerr=err, fmt="o", ms=5, color=color, capsize=2, label=label)
+    if fit.boot is not None:
+        lo, hi = min(fb), max(fb)
+        inside = np.geomspace(lo, hi, 64)
+        beyond = np.geomspace(hi, hi * TREND_REACH, 64)
+        ax.plot(inside, fit.boot.point.predict(inside), color=color, lw=1.5)
+        ax.plot(beyond, fit.boot.point.predict(beyond), color=color, lw=1.2, ls="--")
+        grid = np.concatenate([inside, beyond[1:]])
+        if fit.boot.fits:
+            blo, bhi = fit.boot.predict_interval(grid)
+            ax.fill_between(grid, blo, bhi, color=color, alpha=0.15, linewidth=0)
+            ys += list(blo) + list(bhi)
+    return ys
+
+
+def metric_vs_flops(an: Analysis, metric: str):
+    """One axis, every paradigm: a cross-paradigm metric against training FLOPs with fits and bands."""
+    fits = [(p, an.fits[(metric, p)]) for p in an.paradigms if (metric, p) in an.fits]
+    if not fits:
+        return None
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    ys = []
+    for p, fit in fits:
+        ys += _draw_trend(ax, fit, _color(p), p)
+    ax.set_xscale("log")
+    _logy_if_positive(ax, ys)
+    ax.set_xlabel("training FLOPs (budget)")
+    ax.set_ylabel(METRIC[metric].label)
+    ax.set_title(f"{METRIC[metric].label} vs training FLOPs (frontier over depths; band: 90% bootstrap)")
+    ax.legend(loc="best")
+    return fig
+
+
+def loss_vs_flops(an: Analysis):
+    """Final training loss frontier and fit, one panel per paradigm (never across paradigms)."""
+    fits = [(p, an.fits[("loss", p)]) for p in an.paradigms if ("loss", p) in an.fits]
+    if not fits:
+        return None
+    fig, axes = _figure(ncols=len(fits), w=4.2)
+    for ax, (p, fit) in zip(axes[0], fits):
+        ys = _draw_trend(ax, fit, _color(p), p)
+        ax.set_xscale("log")
+        _logy_if_positive(ax, ys)
+        ax.set_title(f"{p}: final loss")
+        ax.set_xlabel("training FLOPs (budget)")
+        ax.legend(loc="best")
+    axes[0, 0].set_ylabel("final training loss (own objective)")
+    return fig
+
+
+def loss_curves(study: Study, paradigms: list[str]):
+    """Training loss against cumulative FLOPs, one panel per paradigm, colour = depth."""
+    runs = [r for r in study.runs if r.curve]
+    ps = [p for p in paradigms if any(r.objective == p for r in runs)]
+    if not ps:
+        return None
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"]
+    depths = sorted({r.depth for r in runs})
+    fig, axes = _figure(ncols=len(ps), w=4.2)
+    for ax, p in zip(axes[0], ps):
+        shown = set()
+        for r in runs:
+            if r.objective != p:
+                continue
+            x, y = zip(*r.curve)
+            c = cmap(depths.index(r.depth) / max(1, len(depths) - 1) * 0.85)
+            lab = None if r.depth in shown else f"depth {r.depth}"
+            shown.add(r.depth)
+            ax.plot(x, y, color=c, lw=1, alpha=0.8, label=lab)
+        ax.set_xscale("log")
+        ax.set_title(f"{p}: training loss")
+        ax.set_xlabel("training FLOPs so far")
+        ax.legend(loc="best")
+    axes[0, 0].set_ylabel("loss (own objective; not comparable across panels)")
+    return fig
+
+
+def iso_flops(an: Analysis, study: Study, metric: str):
+    """Metric vs parameters at each fixed budget, one panel per paradigm."""
+    fits = [(p, an.fits[(metric, p)]) for p in an.paradigms if (metric, p) in an.fits]
+    if not fits:
+        return None
+    import matplotlib
+
+    cmap = matplotlib.colormaps["plasma"]
+    params = {(r["objective"], r["depth"]): r["params"] for r in study.rows if r["params"]}
+    fig, axes = _figure(ncols=len(fits), w=4.2)
+    for ax, (p, fit) in zip(axes[0], fits):
+        budgets = [fp.budget for fp in fit.frontier]
+        ys = []
+        for i, b in enumerate(budgets):
+            pts = iso_flop(fit.records, b, nan_policy="omit")
+            x = [params.get((p, d), d) for d, _, _ in pts]
+            y = [m for _, m, _ in pts]
+            e = [0.0 if not math.isfinite(s) else s for _, _, s in pts]
+            ys += y
+            ax.errorbar(x, y, yerr=e, marker="o", ms=4, capsize=2, color=cmap(i / max(1, len(budgets) - 1) * 0.85),
+                        label=f"{b:.3g} FLOPs")  # fmt: skip
+        ax.set_xscale("log")
+        _logy_if_positive(ax, ys)
+        ax.set_title(f"{p}: iso-FLOP")
+        ax.set_xlabel("parameters" if params else "depth")
+        ax.legend(loc="best")
+    axes[0, 0].set_ylabel(METRIC[metric].label)
+    return fig
+
+
+def _pareto_rows(study: Study) -> tuple[list[dict], str]:
+    """Evaluated EMA entries of finished runs at the largest budget every paradigm reached."""
+    rows = [r for r in study.rows if r["done"] and r["setting"] and r["weights"] != "model" and r["sample_flops_per_image"]]
+    if not rows:
+        return [], ""
+    per = {}
+    for r in rows:
+        per.setdefault(r["objective"], set()).add(r["budget"])
+    common = set.intersection(*per.values())
+    if common:
+        top = max(common)
+        return [r for r in rows if r["budget"] == top], f"at {top:.3g} training FLOPs"
+    tops = {p: max(b) for p, b in per.items()}
+    return [r for r in rows if r["budget"] == tops[r["objective"]]], "at each paradigm's largest budget"
+
+
+def _quality(row: dict, col: str) -> float:
+    """A row's quality as an error: FID as is, prompt following as 1 - full match."""
+    return 1 - row[col] if col == "prompt_full_match" else row[col]
+
+
+def pareto(study: Study, paradigms: list[str], cost: str, nokv_cost: str, xlabel: str):
+    """Quality (FID, prompt error) against an inference cost, every setting, with each paradigm's Pareto front."""
+    rows, where = _pareto_rows(study)
+    rows = [r for r in rows if r[cost] is not None]
+    if not rows:
+        return None
+    fig, axes = _figure(ncols=2, w=4.6)
+    for ax, (col, label) in zip(axes[0], (("fid_effnet", "FID (effnet)"), ("prompt_full_match", "prompt-following error"))):
+        ys = []
+        for p in paradigms:
+            sel = [r for r in rows if r["objective"] == p and r[col] is not None]
+            if not sel:
+                continue
+            pts = [(r[cost], _quality(r, col)) for r in sel]
+            ys += [v for _, v in pts]
+            ax.scatter(*zip(*pts), s=14, color=_color(p), alpha=0.35, linewidths=0)
+            front = pareto_front(pts)
+            ax.plot(*zip(*front), marker="o", ms=4, color=_color(p), label=p)
+            nk = [(r[nokv_cost], _quality(r, col)) for r in sel if r[nokv_cost] is not None]
+            if nk:
+                ax.scatter(*zip(*nk), s=18, facecolors="none", edgecolors=_color(p), label=f"{p} without KV cache")
+        if not ys:
+            continue
+        ax.set_xscale("log")
+        _logy_if_positive(ax, ys)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} vs {xlabel.split(' (')[0]} {where}")
+        ax.legend(loc="best")
+    return fig
+
+
+def throughput_bars(an: Analysis):
+    """Median throughput at the main setting per depth and paradigm (range over runs as error bars)."""
+    keys = sorted({d for (_, d), v in an.inference.items() if v["throughput"]})
+    if not keys:
+        return None
+    series = [(p, "throughput", p) for p in an.paradigms]
+    if any(v["nokv_throughput"] for v in an.inference.values()):
+        series.append(("autoregressive", "nokv_throughput", "autoregressive (no KV cache)"))
+    fig, axes = _figure(w=6.0)
+    ax = axes[0, 0]
+    width = 0.8 / len(series)
+    for i, (p, key, label) in enumerate(series):
+        xs, hs, lo, hi = [], [], [], []
+        for j, d in enumerate(keys):
+            v = an.inference.get((p, d), {}).get(key) or []
+            if v:
+                m = float(np.median(v))
+                xs.append(j + (i - (len(series) - 1) / 2) * width)
+                hs.append(m)
+                lo.append(m - min(v))
+                hi.append(max(v) - m)
+        if xs:
+            ax.bar(xs, hs, width=width, color=_color(p), hatch="//" if key.startswith("nokv") else None,
+                   alpha=0.6 if key.startswith("nokv") else 0.9, yerr=[lo, hi], capsize=2, label=label)  # fmt: skip
+    ax.set_xticks(range(len(keys)), [f"depth {d}" for d in keys])
+    ax.set_ylabel("images / s (best batch size)")
+    ax.set_yscale("log")
+    ax.set_title("Throughput at the main sampling settings")
+    ax.legend(loc="best")
+    return fig
+
+
+def step_sweep(study: Study, paradigms: list[str]):
+    """Latency, throughput and FID against sampling steps, per paradigm and depth, at the Pareto budget."""
+    rows, where = _pareto_rows(study)
+    rows = [r for r in rows if r["sample_steps"]]
+    if not rows:
+        return None
+    fig, axes = _figure(ncols=3, w=3.8)
+    for ax, (col, label) in zip(axes[0], (("latency_s", "latency, batch 1 (s)"),
+                                          ("throughput_images_per_s", "throughput (images/s)"),
+                                          ("fid_effnet", "FID (effnet)"))):  # fmt: skip
+        ys = []
+        for p in paradigms:
+            for d in sorted({r["depth"] for r in rows if r["objective"] == p}):
+                by_steps: dict[int, list] = {}
+                for r in rows:
+                    if r["objective"] == p and r["depth"] == d and r[col] is not None:
+                        by_steps.setdefault(r["sample_steps"], []).append(r[col])
+                if by_steps:
+                    xs = sorted(by_steps)
+                    y = [float(np.median(by_steps[s])) for s in xs]
+                    ys += y
+                    ax.plot(xs, y, marker="o", ms=4, color=_color(p), alpha=0.5 + 0.5 * (d == max(r["depth"] for r in rows)),
+                            label=f"{p} d{d}")  # fmt: skip
+        ax.set_xscale("log")
+        _logy_if_positive(ax, ys)
+        ax.set_xlabel("sampling steps")
+        ax.set_title(f"{label.split(' (')[0].split(',')[0]} {where}")
+        ax.set_ylabel(label)
+    axes[0, 0].legend(loc="best")
+    return fig
+
+
+def all_figures(an: Analysis, study: Study) -> dict[str, bytes | None]:
+    """Every report figure by name -> PNG bytes (None if it has no data). Order is the report's order."""
+    figs = {}
+    for m in ("fid", "fid_inception", "prompt"):
+        figs[f"{m}_vs_flops"] = _render(metric_vs_flops, an, m)
+    figs["loss_vs_flops"] = _render(loss_vs_flops, an)
+    for m in ("fid", "prompt", "loss"):
+        figs[f"iso_flop_{m}"] = _render(iso_flops, an, study, m)
+    figs["pareto_flops"] = _render(pareto, study, an.paradigms, "sample_flops_per_image", "nokv_sample_flops_per_image",
+                                   "sampling FLOPs per image")  # fmt: skip
+    figs["pareto_latency"] = _render(pareto, study, an.paradigms, "latency_s", "nokv_latency_s", "latency (s, batch 1)")
+    figs["throughput"] = _render(throughput_bars, an)
+    figs["step_sweep"] = _render(step_sweep, study, an.paradigms)
+    figs["loss_curves"] = _render(loss_curves, study, an.paradigms)
+    return figs

@@ -1,0 +1,86 @@
+"""``flopmatch tokenizer train|eval``: parsing only; the work is in train_ae.py and evaluate.py.
+
+    flopmatch tokenizer train --kind kl  --data shapes --out tok/kl
+    flopmatch tokenizer train --kind lfq --data shapes --out tok/lfq --set bits=9
+    flopmatch tokenizer eval tok/lfq          # writes tok/lfq/eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flopmatch.errors import UserError
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    """Train a KL or LFQ autoencoder into args.out (refuses to overwrite an existing tokenizer)."""
+    from flopmatch.tokenizers.train_ae import apply_overrides, load_images, preset, train_autoencoder
+
+    out = Path(args.out)
+    if (out / "tokenizer.json").exists():
+        raise UserError(f"{out} already holds a tokenizer; choose another --out or delete it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    config = preset(args.preset, args.kind)
+    config.data = args.data
+    if args.seed is not None:
+        config.seed = args.seed
+    if args.steps is not None:
+        config.steps = args.steps
+    config = apply_overrides(config, args.set)
+    if config.kind != args.kind:
+        raise UserError(f"--set kind={config.kind} contradicts --kind {args.kind}; use --kind")
+    images, info = load_images(config, "train")
+    out.mkdir(parents=True, exist_ok=True)
+    _, summary = train_autoencoder(config, images, out, info, progress=not args.quiet)
+    print(f"trained {config.kind} tokenizer -> {out} in {summary['train_seconds']:.0f} s "
+          f"({summary['steps']} steps, train PSNR {summary['final_train_psnr']:.2f} dB); "
+          f"evaluate with: flopmatch tokenizer eval {out}")
+    return 0
+
+
+def cmd_tokenizer_eval(args: argparse.Namespace) -> int:
+    """Evaluate a tokenizer directory on the eval split; writes DIR/eval.json and prints a summary."""
+    from flopmatch.tokenizers.evaluate import run_eval
+
+    m = run_eval(args.dir, num=args.num, rfid_features=args.rfid, progress=not args.quiet)
+    parts = [f"PSNR {m['psnr']:.2f} dB", f"SSIM {m['ssim']:.4f}"]
+    if m["kind"] == "lfq":
+        parts += [f"usage {m['codebook_usage']:.3f}", f"perplexity {m['perplexity']:.1f}"]
+    else:
+        parts += [f"latent mean {m['latent_mean']:+.3f} std {m['latent_std']:.3f}"]
+    parts.append(f"rFID({m['rfid_features']}) {m['rfid']:.3f}" if m["rfid"] is not None else "rFID n/a")
+    parts.append(f"enc {m['encode_flops'] / 1e6:.1f} MFLOP, dec {m['decode_flops'] / 1e6:.1f} MFLOP per image")
+    print(f"{args.dir}: " + ", ".join(parts) + f" -> {Path(args.dir) / 'eval.json'}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``tokenizer train`` and ``tokenizer eval`` to the top-level subparsers."""
+    from flopmatch.tokenizers.evaluate import RFID_FEATURES
+    from flopmatch.tokenizers.train_ae import PRESETS
+
+    p = subparsers.add_parser("tokenizer", help="train or evaluate a learned autoencoder (KL or LFQ)")
+    sub = p.add_subparsers(dest="tokenizer_command", required=True)
+
+    t = sub.add_parser("train", help="train a KL (continuous) or LFQ (discrete) autoencoder")
+    t.add_argument("--kind", choices=("kl", "lfq"), required=True,
+                   help="kl: latents for diffusion; lfq: codes for masked/autoregressive")
+    t.add_argument("--data", default="shapes", help="training data (default: shapes)")
+    t.add_argument("--out", required=True, help="output directory (tokenizer.json, tensors.safetensors, train_log.jsonl)")
+    t.add_argument("--preset", choices=PRESETS, default="cpu", help="cpu: ~5 min on 2 cores (default); gpu: larger")
+    t.add_argument("--seed", type=int, help="training seed (init and batch order)")
+    t.add_argument("--steps", type=int, help="optimizer steps (overrides the preset)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an AutoencoderConfig field, e.g. --set bits=9 (repeatable)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    e = sub.add_parser("eval", help="reconstruction metrics on the eval split -> DIR/eval.json")
+    e.add_argument("dir", help="a tokenizer directory")
+    e.add_argument("--num", type=int, default=2000, help="eval images (default 2000)")
+    e.add_argument("--rfid", choices=RFID_FEATURES, default="effnet",
+                   help="features for reconstruction FID: effnet (fast proxy, default), inception (standard, slow), none")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_tokenizer_eval)

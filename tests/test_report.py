@@ -1,0 +1,327 @@
+"""The study report: a pure function of run directories (rows, fits, findings, recommendations, files).
+
+The synthetic studies below contain exactly the files the report reads (config.json, a checkpoint
+whose metadata is the training state ``read_state`` returns, metrics.jsonl, eval.json in the schema
+of ``flopmatch.evaluation.run``, saved sample images), with metrics that follow known laws
+``E + A (C / C0)^-alpha`` (C0 = geometric mean of the budgets, as in flopmatch.scaling), times a
+15 % penalty off the best depth, times multiplicative seed noise. No training happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import re
+import shutil
+import zlib
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flopmatch.checkpoint import atomic_write_json, atomic_write_text, save_tensors
+from flopmatch.config import ModelConfig, RunConfig, SampleConfig, TextConfig, TrainConfig, save_config
+from flopmatch.evaluation.run import setting_key
+from flopmatch.report import build_report, register, results_csv
+from flopmatch.report_analysis import analyse, combine, status_from
+from flopmatch.report_data import COLUMNS, collect, load_study, main_setting
+from flopmatch.train import CHECKPOINT
+
+PARADIGMS = ("diffusion", "masked", "autoregressive")
+# (E, A, alpha) per paradigm: next-token starts best on FID, diffusion has the steepest trend
+FID_LAW = {"diffusion": (5.0, 60.0, 0.5), "masked": (8.0, 30.0, 0.3), "autoregressive": (10.0, 20.0, 0.25)}
+PROMPT_ERR_LAW = {"diffusion": (0.10, 0.40, 0.3), "masked": (0.08, 0.20, 0.3), "autoregressive": (0.05, 0.10, 0.3)}
+LOSS_LAW = {"diffusion": (0.3, 0.5, 0.2), "masked": (2.0, 1.5, 0.15), "autoregressive": (3.0, 2.0, 0.1)}
+DEFAULT_STEPS = {"diffusion": 25, "masked": 12, "autoregressive": 64}  # AR: one step per token of an 8x8 grid
+SWEEP = {"diffusion": (10, 25, 50), "masked": (6, 12, 24), "autoregressive": (64,)}
+# inference (x depth^2): next-token fewest FLOPs and best throughput, diffusion lowest latency
+FLOPS_PER_STEP = {"diffusion": 4e6, "masked": 4e6, "autoregressive": 0.3e6}
+LATENCY_PER_STEP = {"diffusion": 1e-3, "masked": 2e-3, "autoregressive": 1.5e-3}
+THROUGHPUT = {"diffusion": 50.0, "masked": 80.0, "autoregressive": 400.0}
+EMA_GAIN = {"diffusion": 0.3, "masked": 0.05, "autoregressive": 0.05}  # relative FID reduction by EMA
+PROMPTS = [f"a {c} {s}" for c, s in zip(["red", "green", "blue", "yellow"] * 2, ["circle", "square", "triangle"] * 3)]
+BUDGETS = (1e12, 1e13, 1e14)
+N_BOOT = 100
+
+
+def _law(C: float, params: tuple, C0: float) -> float:
+    E, A, alpha = params
+    return E + A * (C / C0) ** (-alpha)
+
+
+def _net_spec(p: str, depth: int) -> dict:
+    return {"depth": depth, "width": 64 * depth, "heads": depth, "mlp_ratio": 4,
+            "tokens": "continuous" if p == "diffusion" else "discrete", "grid": 8,
+            "channels": 48 if p == "diffusion" else 0, "vocab": 0 if p == "diffusion" else 512,
+            "text_dim": 64, "text_len": 24, "causal": p == "autoregressive", "time": p == "diffusion"}  # fmt: skip
+
+
+def make_run(root: Path, p: str, depth: int, budget: float, seed: int, *, fid: float, prompt_err: float, loss: float,
+             rng: np.random.Generator, evaluate: bool = True, done: bool = True, raw: bool = False) -> Path:
+    """One fake run directory whose main (default-steps, EMA) setting has the given metrics."""
+    run = root / "runs" / f"{p}-d{depth}-{budget:.0e}-s{seed}"
+    cfg = RunConfig(objective=p, text=TextConfig(kind="hash"), model=ModelConfig(depth=depth),
+                    train=TrainConfig(budget=budget, seed=seed))  # fmt: skip
+    save_config(cfg, run / "config.json")
+    per_step, total = budget / 40, 41
+    step = total if done else 20
+    state = {"step": step, "total_steps": total, "flops": step * per_step, "budget": budget, "flops_per_step": per_step,
+             "params": 12 * (64 * depth) ** 2 * depth, "done": done, "objective": p, "net_spec": _net_spec(p, depth)}
+    save_tensors(run / CHECKPOINT, {"model.w": torch.zeros(1)}, metadata={"state": json.dumps(state), "param_groups": "[]"})
+    logged = [{"step": 2 * (i + 1), "loss": loss * (1 + 2.0 / (i + 1)) if i < 15 else loss, "lr": 1e-3,
+               "flops": 2 * (i + 1) * per_step, "elapsed_s": float(i)} for i in range(step // 2)]  # fmt: skip
+    atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in logged))
+    if not evaluate:
+        return run
+    entries, default = {}, DEFAULT_STEPS[p]
+    for steps in SWEEP[p]:
+        for weights in ("ema", "model") if raw else ("ema",):
+            if weights == "model" and steps != default:
+                continue
+            sample = replace(SampleConfig(), steps=0 if p == "autoregressive" else steps)
+            key = setting_key(sample, steps) + f",weights={weights},n=64,seed=0"
+            # more steps -> better FID, so "lowest FID" would NOT pick the default setting: tests the main rule
+            f = fid * (default / steps) ** 0.15 / (1 - EMA_GAIN[p] if weights == "model" else 1.0)
+            lat = LATENCY_PER_STEP[p] * steps * depth**2
+            lats = [lat * (1 + 0.03 * rng.standard_normal()) for _ in range(3)]
+            inf = {"sample_flops_per_image": int(FLOPS_PER_STEP[p] * steps * depth**2), "decode_flops_per_image": 1000,
+                   "latency_s": float(np.median(lats)), "latency_s_all": lats,
+                   "throughput_images_per_s": THROUGHPUT[p] / depth**2 * (1 + 0.03 * rng.standard_normal()),
+                   "throughput_batch": 16, "device": "cpu", "threads": 2, "bf16": False}  # fmt: skip
+            if p == "autoregressive":
+                inf["without_kv_cache"] = {**inf, "sample_flops_per_image": inf["sample_flops_per_image"] * 20,
+                                           "latency_s": lat * 5, "throughput_images_per_s": inf["throughput_images_per_s"] / 8}
+            pf = {a: 1 - prompt_err / 2 for a in ("color", "shape", "size", "position", "relation", "count")}
+            entries[key] = {"settings": {**asdict(sample), "steps": steps},
+                            "metrics": {"effnet": {"fid": f, "kid": f / 1e3, "kid_std": 1e-4, "precision": 0.5, "recall": 0.5},
+                                        "prompt_following": {**pf, "full_match": 1 - prompt_err}},
+                            "inference": inf, "manifest": {"weights": weights, "num_samples": 64}}  # fmt: skip
+            if weights == "ema" and steps == default:
+                sd = run / "samples" / key.replace(",", "_").replace("=", "-")
+                g = torch.Generator().manual_seed(zlib.crc32(run.name.encode()))
+                imgs = torch.randint(0, 256, (8, 3, 8, 8), generator=g, dtype=torch.uint8)
+                save_tensors(sd / "images.safetensors", {"images": imgs.repeat_interleave(2, 2).repeat_interleave(2, 3)})
+                atomic_write_json(sd / "prompts.json", PROMPTS)
+    atomic_write_json(run / "eval.json", {"version": 1, "entries": entries})
+    return run
+
+
+def make_study(root: Path, paradigms=PARADIGMS, depths=(2, 4), budgets=BUDGETS, seeds=(0, 1), noise: float = 0.01,
+               raw: bool = False, skip_eval=(), unfinished=(), laws: dict | None = None, rng_seed: int = 0) -> Path:
+    """A study directory of fake runs following the laws (``skip_eval`` / ``unfinished``: run names)."""
+    rng = np.random.default_rng(rng_seed)
+    laws = laws or {"fid": FID_LAW, "prompt": PROMPT_ERR_LAW, "loss": LOSS_LAW}
+    C0 = math.exp(np.mean(np.log(budgets)))
+    for p in paradigms:
+        for d in depths:
+            for b in budgets:
+                best = min(depths) if b == min(budgets) else max(depths)  # small model wins the smallest budget
+                for s in seeds:
+                    y = {k: _law(b, laws[k][p], C0) * (1.0 if d == best else 1.15) * math.exp(noise * rng.standard_normal())
+                         for k in laws}  # fmt: skip
+                    name = f"{p}-d{d}-{b:.0e}-s{s}"
+                    make_run(root, p, d, b, s, fid=y["fid"], prompt_err=min(y["prompt"], 1.0), loss=y["loss"], rng=rng,
+                             evaluate=name not in skip_eval, done=name not in unfinished, raw=raw)  # fmt: skip
+    return root
+
+
+def _read(paths: dict) -> dict[str, bytes]:
+    return {k: Path(paths[k]).read_bytes() for k in ("html", "md", "csv")}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """3 paradigms x 2 depths x 3 budgets x 2 seeds, with raw-weight entries, and its report."""
+    root = make_study(tmp_path_factory.mktemp("study"), raw=True)
+    return root, build_report(root, n_boot=N_BOOT, seed=0)
+
+
+# ------------------------------------------------------------------------------------------ rows
+
+
+def test_collect_one_row_per_run_and_setting(study):
+    """collect: one row per (run, eval entry), every column present, one main row per run at the default steps."""
+    root, _ = study
+    rows = collect(root)
+    runs = sorted((root / "runs").iterdir())
+    n_entries = sum(len(json.loads((r / "eval.json").read_text())["entries"]) for r in runs)
+    assert len(rows) == n_entries and all(set(COLUMNS) <= set(r) for r in rows)
+    mains = [r for r in rows if r["main"]]
+    assert len(mains) == len(runs) and len({r["run"] for r in mains}) == len(runs)
+    assert all(r["sample_steps"] == DEFAULT_STEPS[r["objective"]] and r["weights"] == "ema" for r in mains)
+    assert all(r["train_flops"] == pytest.approx(r["budget"] * 41 / 40) and r["steps"] == 41 for r in rows)
+    assert rows == collect(root)  # deterministic order
+
+
+def test_final_loss_is_mean_of_last_tenth(study):
+    """final_loss is the mean of the last 10 % of the logged losses (at least one row)."""
+    root, _ = study
+    row = collect(root)[0]
+    losses = [json.loads(ln)["loss"] for ln in (root / row["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    k = math.ceil(0.1 * len(losses))
+    assert row["final_loss"] == pytest.approx(sum(losses[-k:]) / k)
+
+
+def test_main_setting_falls_back_to_lowest_fid():
+    """With no entry matching the default settings the main setting is the lowest-FID one, and says so."""
+    entries = {k: {"settings": {**asdict(SampleConfig()), "steps": s}, "metrics": {"effnet": {"fid": fid}},
+                   "manifest": {"weights": "ema"}} for k, s, fid in (("a", 5, 30.0), ("b", 50, 20.0))}  # fmt: skip
+    assert main_setting(entries, SampleConfig(), 25) == ("b", "no entry matches the default settings: lowest FID (effnet) chosen")
+    key, why = main_setting(entries, SampleConfig(), 5)
+    assert key == "a" and why.startswith("matches")
+
+
+# ------------------------------------------------------------------------------------------ purity
+
+
+@pytest.mark.slow
+def test_report_is_a_pure_function_of_the_run_directories(study, tmp_path):
+    """Rebuilding, and building a copy of the runs elsewhere, give byte-identical html, md and csv."""
+    root, first = study
+    before = _read(first["paths"])
+    again = build_report(root, n_boot=N_BOOT, seed=0)
+    assert _read(again["paths"]) == before
+    shutil.copytree(root / "runs", tmp_path / "runs")
+    assert _read(build_report(tmp_path, n_boot=N_BOOT, seed=0)["paths"]) == before
+    assert again["findings"] == first["findings"] and again["recommendations"] == first["recommendations"]
+
+
+def test_results_csv_round_trips_rows(study):
+    """results.csv has the COLUMNS header and one line per (run, setting), values as in collect()."""
+    root, out = study
+    rows = collect(root)
+    table = list(csv.DictReader(io.StringIO(Path(out["paths"]["csv"]).read_text())))
+    assert list(table[0]) == COLUMNS and len(table) == len(rows)
+    for r, t in zip(rows, table):
+        assert (t["run"], t["setting"]) == (r["run"], r["setting"])
+        assert float(t["fid_effnet"]) == r["fid_effnet"]  # repr floats: exact
+    assert results_csv(rows) == Path(out["paths"]["csv"]).read_text()
+
+
+# ------------------------------------------------------------------------------------------ content
+
+
+def test_fits_recover_synthetic_exponents(study):
+    """The FID and prompt-error trends fitted in the report recover the synthetic alphas within 25 %."""
+    _, out = study
+    fits = {(f["metric"], f["paradigm"]): f for f in out["fits"]}
+    for metric, laws in (("fid", FID_LAW), ("prompt", PROMPT_ERR_LAW)):
+        for p in PARADIGMS:
+            f = fits[(metric, p)]
+            assert f["budgets"] == 3 and f["alpha"] == pytest.approx(laws[p][2], rel=0.25), (metric, p, f)
+    assert all(f["kind"] in ("saturating", "power") for f in fits.values())
+
+
+def test_findings_follow_the_synthetic_truth(study):
+    """The synthetic data were made to agree with the paper: every finding's verdict is 'held'."""
+    _, out = study
+    assert [f["id"] for f in out["findings"]] == [1, 2, 3, 4]
+    assert [f["verdict"] for f in out["findings"]] == ["held"] * 4, [(f["id"], f["parts"]) for f in out["findings"]]
+    ema_part = out["findings"][3]["parts"][-1]
+    assert ema_part["status"] == "not measured"  # autoencoder quality is not varied
+
+
+def test_report_shows_recommendations_findings_and_figures(study):
+    """report.md carries the recommendations, four verdicts and every figure; report.html embeds all images."""
+    root, out = study
+    md = Path(out["paths"]["md"]).read_text()
+    html = Path(out["paths"]["html"]).read_text()
+    recs = out["recommendations"]
+    assert [r["topic"] for r in recs] == ["Image quality", "Prompt following", "Low latency", "Throughput"]
+    assert recs[1]["choice"] == "autoregressive" and recs[2]["choice"] == "diffusion" and recs[3]["choice"] == "autoregressive"
+    for r in recs:
+        assert r["text"] in md
+    assert md.count("| HELD |") == 4
+    for name in ("fid_vs_flops", "prompt_vs_flops", "loss_vs_flops", "iso_flop_fid", "pareto_flops", "pareto_latency",
+                 "throughput", "step_sweep", "loss_curves"):  # fmt: skip
+        assert f"report_figures/{name}.png" in md and (root / "report_figures" / f"{name}.png").exists()
+    # self-contained: no external resources, every image a data URI (9 figures + 3 paradigms x 3 budgets strips)
+    srcs = re.findall(r'src="([^"]*)"', html)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs) and len(srcs) == 11 + 9
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]*", "", html)  # base64 may contain any letters
+    assert "href=" not in text and "http" not in text and "url(" not in text
+    assert all(p in html for p in PROMPTS[:8])
+
+
+def test_loss_never_plotted_or_compared_across_paradigms(study):
+    """No comparison or crossover uses the training loss (objectives' losses are not commensurable)."""
+    root, _ = study
+    an = analyse(load_study(root), n_boot=20, seed=0)
+    assert all(k[0] != "loss" for k in an.comparisons) and all(c["metric"] != "loss" for c in an.crossovers)
+
+
+# ------------------------------------------------------------------------------------------ verdict logic
+
+
+def test_status_rules():
+    """A claim holds when P >= 0.95 at most budgets and never reverses; mixed orders are inconclusive."""
+    assert status_from([0.99, 0.97, 0.5]) == "held"
+    assert status_from([0.01, 0.02]) == "did not hold"
+    assert status_from([0.99, 0.01]) == "inconclusive"
+    assert status_from([None, None]) == "inconclusive" and status_from([]) == "not measured"
+    parts = [{"status": s} for s in ("held", "not measured")]
+    assert combine(parts) == "held" and combine(parts + [{"status": "did not hold"}]) == "did not hold"
+
+
+def test_verdict_reverses_when_the_data_do(tmp_path):
+    """If diffusion follows prompts best, finding 1 'did not hold' (the verdict is computed, not fixed)."""
+    flipped = {"diffusion": PROMPT_ERR_LAW["autoregressive"], "masked": PROMPT_ERR_LAW["masked"],
+               "autoregressive": PROMPT_ERR_LAW["diffusion"]}  # fmt: skip
+    root = make_study(tmp_path, depths=(2,), laws={"fid": FID_LAW, "prompt": flipped, "loss": LOSS_LAW})
+    an = analyse(load_study(root), n_boot=50, seed=0)
+    assert an.findings[0]["verdict"] == "did not hold"
+    assert an.findings[3]["verdict"] == "not measured"  # no raw-weight entries
+
+
+# ------------------------------------------------------------------------------------------ degenerate studies
+
+
+@pytest.mark.slow
+def test_one_budget_one_seed_reports_without_fits(tmp_path):
+    """One budget: no fits ('needs >= 3 budgets'), no P without seeds, verdicts inconclusive, no crash."""
+    root = make_study(tmp_path, depths=(2,), budgets=(1e12,), seeds=(0,))
+    out = build_report(root, n_boot=20)
+    md = Path(out["paths"]["md"]).read_text()
+    assert "needs >= 3 budgets for a fit (has 1)" in md
+    assert {f["verdict"] for f in out["findings"][:2]} == {"inconclusive"}
+    assert out["findings"][2]["verdict"] == "held"  # inference: FLOPs are analytic, timings have 3 repeats
+
+
+@pytest.mark.slow
+def test_missing_eval_and_unfinished_runs_are_listed(tmp_path):
+    """Runs without eval.json and unfinished runs are listed; the unfinished one is left out of fits; one paradigm works."""
+    skip, unfinished = "masked-d2-1e+12-s0", "masked-d2-1e+13-s0"
+    root = make_study(tmp_path, paradigms=("masked",), depths=(2,), seeds=(0,), skip_eval={skip}, unfinished={unfinished})
+    out = build_report(root, n_boot=20)
+    md = Path(out["paths"]["md"]).read_text()
+    assert f"{skip}: not evaluated" in md and f"{unfinished}: not finished (20/41 steps)" in md
+    rows = collect(root)
+    assert [r["setting"] for r in rows if r["run"] == skip] == [None]  # still one csv row
+    fit = next(f for f in out["fits"] if (f["metric"], f["paradigm"]) == ("fid", "masked"))
+    assert fit["budgets"] == 1  # 1e12 not evaluated, 1e13 unfinished
+    assert {f["verdict"] for f in out["findings"]} == {"not measured"}
+    assert all("not measured" in r["text"] for r in out["recommendations"])
+
+
+def test_not_a_study_is_a_user_error(tmp_path):
+    """A directory without runs/ is a one-line UserError, not a traceback."""
+    from flopmatch.errors import UserError
+
+    with pytest.raises(UserError, match="no runs/"):
+        collect(tmp_path)
+
+
+def test_cli_subcommand(study, capsys, tmp_path):
+    """`flopmatch report STUDY --n-boot N` parses and rebuilds the report through register()."""
+    shutil.copytree(study[0] / "runs", tmp_path / "runs")
+    root = tmp_path
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["report", str(root), "--n-boot", "10", "--seed", "1"])
+    assert args.func(args) == 0
+    assert "finding 1:" in capsys.readouterr().out and (root / "report.html").exists()
