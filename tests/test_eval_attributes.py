@@ -1,10 +1,13 @@
 """Prompt following on shapes: the attribute classifier's held-out accuracy and prompt-scoring properties.
 
-The classifier is trained once (about a minute on 2 cores) into the default cache and reused by every
-later run, so only the first run of this file is slow.
+The classifier is trained once (about a minute on 2 cores) into the persistent cache and reused by every
+later run, so only the first run of this file on a machine is slow.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +20,25 @@ from flopmatch.evaluation.attributes import (
     score_prompt_following,
 )
 
+# Trained evaluators are expensive (minutes) and keyed by data fingerprint + code version with a sha256,
+# so they are loaded from the persistent cache (FLOPMATCH_CACHE as set before conftest isolates each test
+# session in a temporary cache, else ~/.cache/flopmatch): CI trains them once per machine, not per run.
+PERSISTENT_CACHE = os.environ.get("FLOPMATCH_CACHE") or str(Path.home() / ".cache" / "flopmatch")
+
+
+def _in_persistent_cache(load):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLOPMATCH_CACHE", PERSISTENT_CACHE)
+        return load()
+
+
 CONVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
             "below": "above"}
 
 
 @pytest.fixture(scope="session")
 def classifier():
-    return load_or_train_attribute_classifier(ShapesConfig(), progress=False)
+    return _in_persistent_cache(lambda: load_or_train_attribute_classifier(ShapesConfig(), progress=False))
 
 
 @pytest.fixture(scope="session")

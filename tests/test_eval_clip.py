@@ -1,10 +1,13 @@
 """Domain CLIP (contrastive image-text model trained in-domain) and the local-CLIP path.
 
 The domain CLIP is trained once (a few minutes on 2 cores, most of it encoding 20k captions with MiniLM)
-into the default cache and reused by later runs.
+into the persistent cache and reused by later runs on the same machine.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,18 @@ from flopmatch.errors import UserError
 from flopmatch.evaluation import clipscore
 
 
+# Trained evaluators are expensive (minutes) and keyed by data fingerprint + code version with a sha256,
+# so they are loaded from the persistent cache (FLOPMATCH_CACHE as set before conftest isolates each test
+# session in a temporary cache, else ~/.cache/flopmatch): CI trains them once per machine, not per run.
+PERSISTENT_CACHE = os.environ.get("FLOPMATCH_CACHE") or str(Path.home() / ".cache" / "flopmatch")
+
+
+def _in_persistent_cache(load):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLOPMATCH_CACHE", PERSISTENT_CACHE)
+        return load()
+
+
 @pytest.fixture(scope="session")
 def splits():
     return ShapesDataset(ShapesConfig(), "train"), ShapesDataset(ShapesConfig(), "eval")
@@ -21,7 +36,7 @@ def splits():
 
 @pytest.fixture(scope="session")
 def domain_clip(splits):
-    return clipscore.load_or_train_domain_clip(*splits, progress=False)
+    return _in_persistent_cache(lambda: clipscore.load_or_train_domain_clip(*splits, progress=False))
 
 
 @pytest.mark.slow
@@ -50,7 +65,7 @@ def test_cached_model_is_reused_not_retrained(domain_clip, splits, monkeypatch):
         raise AssertionError("retrained")
 
     monkeypatch.setattr(clipscore, "train_domain_clip", boom)
-    again = clipscore.load_or_train_domain_clip(*splits, progress=False)
+    again = _in_persistent_cache(lambda: clipscore.load_or_train_domain_clip(*splits, progress=False))
     assert again.checksum == domain_clip.checksum
 
 
@@ -58,3 +73,39 @@ def test_local_clip_rejects_a_directory_without_a_model(tmp_path):
     """LocalCLIP on a directory that is not a HF CLIP checkpoint is a UserError naming the directory."""
     with pytest.raises(UserError, match=str(tmp_path)):
         clipscore.LocalCLIP(tmp_path)
+
+
+def _tiny_clip_dir(path: Path) -> Path:
+    """A randomly initialised, tiny Hugging Face CLIP (byte-level vocabulary, no merges) saved to ``path``."""
+    import json
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
+    n = len(vocab)
+    text = dict(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
+    return path
+
+
+def test_local_clip_scores_pairs_independently_of_batching(tmp_path):
+    """LocalCLIP: score in [0, 100] is mean 100*max(cos, 0); a pair scores the same alone or batched."""
+    clip = clipscore.LocalCLIP(_tiny_clip_dir(tmp_path))
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    captions = ["a red circle", "a big blue square at the top", "x", "a green cross left of a cyan disk", "a disk"]
+    batched = clip.similarity(images, captions, batch_size=5)
+    alone = torch.cat([clip.similarity(images[i : i + 1], captions[i : i + 1]) for i in range(5)])
+    assert torch.allclose(batched, alone, atol=1e-5)
+    assert clip.score(images, captions) == pytest.approx(float((100 * batched.clamp_min(0)).mean()), rel=1e-5)
+    assert 0.0 <= clip.score(images, captions) <= 100.0

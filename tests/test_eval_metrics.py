@@ -58,7 +58,8 @@ def corrupted_features(real_images, real_features, effnet) -> dict:
         sets[("blur", sigma)] = _blur(real_images, sigma)
     for std in (8.0, 24.0, 64.0):
         sets[("noise", std)] = _noise(real_images, std)
-    return {("clean", 0): real_features} | {k: feats.extract_features(effnet, v, progress=False) for k, v in sets.items()}
+    out = {k: feats.extract_features(effnet, v, progress=False) for k, v in sets.items()}
+    return {("clean", 0): real_features} | out
 
 
 @pytest.mark.slow
@@ -115,7 +116,8 @@ def test_fid_and_kid_match_torchmetrics_on_the_same_images(real_images, effnet):
     ff = feats.extract_features(effnet, fake, progress=False)
     assert fid_from_features(fr, ff) == pytest.approx(float(fid_tm.compute()), rel=1e-3)
     # A subset of all rows is a permutation, and the MMD estimate is permutation invariant.
-    assert kid_from_features(fr, ff, subset_size=128, subsets=1)[0] == pytest.approx(float(kid_tm.compute()[0]), rel=1e-3)
+    kid = kid_from_features(fr, ff, subset_size=128, subsets=1)[0]
+    assert kid == pytest.approx(float(kid_tm.compute()[0]), rel=1e-3)
 
 
 def test_fid_matches_scipy_sqrtm():
@@ -124,7 +126,8 @@ def test_fid_matches_scipy_sqrtm():
     import scipy.linalg
 
     g = torch.Generator().manual_seed(0)
-    real = torch.randn(400, 32, generator=g, dtype=torch.float64) @ torch.randn(32, 32, generator=g, dtype=torch.float64)
+    mix = torch.randn(32, 32, generator=g, dtype=torch.float64)
+    real = torch.randn(400, 32, generator=g, dtype=torch.float64) @ mix
     fake = torch.randn(300, 32, generator=g, dtype=torch.float64) * 1.3 + 0.2
     mu1, mu2 = real.mean(0).numpy(), fake.mean(0).numpy()
     s1, s2 = np.cov(real.numpy(), rowvar=False), np.cov(fake.numpy(), rowvar=False)

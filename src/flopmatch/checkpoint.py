@@ -19,6 +19,13 @@ from safetensors.torch import load_file, save_file
 from flopmatch.errors import UserError
 
 
+def _umask_mode() -> int:
+    """Mode for new files under the current umask (mkstemp would leave them owner-only, 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file + rename (atomic on POSIX)."""
     path = Path(path)
@@ -29,6 +36,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -64,6 +72,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     os.close(fd)
     try:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

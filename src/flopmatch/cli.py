@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_flops)
 
-    for module in ("flopmatch.tokenizers.cli", "flopmatch.evaluation.cli", "flopmatch.study_cli"):
+    for module in ("flopmatch.tokenizers.cli", "flopmatch.evaluation.cli", "flopmatch.study_cli", "flopmatch.report"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as e:

@@ -12,9 +12,7 @@ host names or timings of the report itself go into the files, so the same study 
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import io
 import math
 from pathlib import Path
@@ -22,19 +20,10 @@ from pathlib import Path
 from flopmatch.checkpoint import atomic_write_bytes, atomic_write_text
 from flopmatch.report_analysis import EXTRAPOLATE, LEVEL, METRIC, P_SURE, Analysis, analyse
 from flopmatch.report_data import COLUMNS, Study, first_images, load_study
+from flopmatch.report_render import fmt, render_html, render_md
 
 N_SAMPLES = 8  # images per paradigm x budget cell of the sample table
 SAMPLE_SCALE = 2
-
-
-def _fmt(v, spec: str = ".4g") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return format(v, spec)
-    return str(v)
 
 
 def _csv_value(v) -> str:
@@ -101,9 +90,7 @@ def sample_table(study: Study, an: Analysis) -> dict | None:
     return {"budgets": budgets, "paradigms": an.paradigms, "cells": cells, "prompts": prompts or [], "mismatch": mismatch}
 
 
-# ------------------------------------------------------------------------ content model
-# A report is a list of blocks rendered twice (HTML, Markdown): ("h", level, text), ("p", text),
-# ("ul", [text]), ("table", header, rows), ("fig", name, caption), ("samples", table).
+# ------------------------------------------------------------------------ content (blocks: see report_render)
 
 
 def _runs_table(study: Study) -> tuple[list, list]:
@@ -116,11 +103,11 @@ def _runs_table(study: Study) -> tuple[list, list]:
         status = "done" if info.done else ("not started" if info.state is None else "NOT FINISHED")
         status += "" if info.evaluated else ", not evaluated"
         lat = None if main["latency_s"] is None else 1e3 * main["latency_s"]
-        rows.append([info.name, info.objective, info.depth, main["params"], _fmt(info.budget, ".3g"),
-                     _fmt(main["train_flops"] and float(main["train_flops"]), ".4g"), _fmt(main["steps"]), status,
-                     _fmt(main["final_loss"]), main["setting"] or "–", _fmt(main["fid_effnet"]),
-                     _fmt(main["prompt_full_match"], ".3f"), _fmt(main["sample_flops_per_image"] and float(main["sample_flops_per_image"]), ".3g"),
-                     _fmt(lat, ".3g"), _fmt(main["throughput_images_per_s"], ".3g")])  # fmt: skip
+        rows.append([info.name, info.objective, info.depth, main["params"], fmt(info.budget, ".3g"),
+                     fmt(main["train_flops"] and float(main["train_flops"]), ".4g"), fmt(main["steps"]), status,
+                     fmt(main["final_loss"]), main["setting"] or "–", fmt(main["fid_effnet"]),
+                     fmt(main["prompt_full_match"], ".3f"), fmt(main["sample_flops_per_image"] and float(main["sample_flops_per_image"]), ".3g"),
+                     fmt(lat, ".3g"), fmt(main["throughput_images_per_s"], ".3g")])  # fmt: skip
     return header, rows
 
 
@@ -140,7 +127,7 @@ def _fits_table(an: Analysis) -> tuple[list, list]:
             continue
         pt, b = f.boot.point, f.boot
         boot = f"{b.method}, {len(b.fits)}/{b.n_boot} refits" + (f", {b.fallback_fraction:.0%} fell back" if b.fits else "")
-        rows.append([METRIC[m].label, p, len(f.frontier), front, _fmt(pt.E, ".4g"), _fmt(pt.A, ".4g"), _fmt(pt.alpha, ".3f"),
+        rows.append([METRIC[m].label, p, len(f.frontier), front, fmt(pt.E, ".4g"), fmt(pt.A, ".4g"), fmt(pt.alpha, ".3f"),
                      _iv(b.interval("alpha")), pt.kind, boot, f.note or "–"])  # fmt: skip
     return header, rows
 
@@ -151,7 +138,7 @@ def _comparisons_table(an: Analysis) -> tuple[list, list]:
     for (m, a, b, c), r in sorted(an.comparisons.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][1], kv[0][2])):
         ci = "–" if r["interval"] is None else _iv(r["interval"])
         rows.append([METRIC[m].label, f"{c:.3g}", a, b, f"d{r['a']['depth']}: {r['a']['value']:.4g}",
-                     f"d{r['b']['depth']}: {r['b']['value']:.4g}", f"{r['diff']:+.3g} {ci}", _fmt(r["p_a_better"], ".2f"),
+                     f"d{r['b']['depth']}: {r['b']['value']:.4g}", f"{r['diff']:+.3g} {ci}", fmt(r["p_a_better"], ".2f"),
                      r["source"] or "no noise estimate"])  # fmt: skip
     return header, rows
 
@@ -161,7 +148,7 @@ def _crossover_table(an: Analysis) -> tuple[list, list]:
               "bootstrap pairs crossing", "lower at low C", "lower at high C"]  # fmt: skip
     rows = []
     for c in an.crossovers:
-        rows.append([METRIC[c["metric"]].label, f"{c['a']} vs {c['b']}", f"{c['C_range'][1]:.3g}", _fmt(c["point"], ".3g"),
+        rows.append([METRIC[c["metric"]].label, f"{c['a']} vs {c['b']}", f"{c['C_range'][1]:.3g}", fmt(c["point"], ".3g"),
                      "–" if c["interval"] is None else _iv(c["interval"]),
                      "–" if not c["n_pairs"] else f"{c['fraction_crossing']:.0%} of {c['n_pairs']}",
                      c["lower_at_low_C"], c["lower_at_high_C"]])  # fmt: skip
@@ -172,7 +159,7 @@ def _inference_table(an: Analysis) -> tuple[list, list]:
     import numpy as np
 
     def med(v, scale=1.0):
-        return _fmt(float(np.median(v)) * scale, ".3g") if v else "–"
+        return fmt(float(np.median(v)) * scale, ".3g") if v else "–"
 
     header = ["paradigm", "depth", "runs", "FLOPs/img", "latency (ms)", "img/s", "no-KV FLOPs/img", "no-KV latency (ms)", "no-KV img/s"]
     rows = [[p, d, len(v["flops"]), med(v["flops"]), med(v["latency"], 1e3), med(v["throughput"]), med(v["nokv_flops"]),
@@ -198,7 +185,7 @@ FIG_CAPTIONS = {
 }  # fmt: skip
 
 
-def _blocks(study: Study, an: Analysis, figs: dict, samples: dict | None) -> list[tuple]:
+def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
     B: list[tuple] = []
     n_eval = sum(r.evaluated for r in study.runs)
     budgets = sorted({r.budget for r in study.runs})
@@ -212,6 +199,8 @@ def _blocks(study: Study, an: Analysis, figs: dict, samples: dict | None) -> lis
     B.append(("h", 2, "The paper's findings, checked here"))
     B.append(("table", ["#", "paper (Kilian et al. 2024)", "here"],
               [[f["id"], f["paper"], f["verdict"].upper()] for f in an.findings]))
+    by = {v: [str(f["id"]) for f in an.findings if f["verdict"] == v] for v in ("held", "did not hold", "inconclusive", "not measured")}
+    B.append(("p", "In this study: " + "; ".join(f"**{v}**: {', '.join(ids)}" for v, ids in by.items() if ids) + "."))
     for f in an.findings:
         items = [f"{p['claim']}: **{p['status']}** — {p['text']}" for p in f["parts"]]
         B.append(("p", f"Finding {f['id']}: {f['verdict']}." + (f" {f['note']}" if f["note"] else "")))
@@ -264,105 +253,6 @@ def _blocks(study: Study, an: Analysis, figs: dict, samples: dict | None) -> lis
     return B
 
 
-# ------------------------------------------------------------------------ renderers
-
-
-def _md_cell(v) -> str:
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def render_md(blocks: list[tuple], fig_files: dict[str, str], sample_files: dict) -> str:
-    """Markdown; figures and sample strips are linked (files under report_figures/)."""
-    out = []
-    for b in blocks:
-        kind = b[0]
-        if kind == "h":
-            out.append("#" * b[1] + " " + b[2])
-        elif kind == "p":
-            out.append(b[1])
-        elif kind == "ul":
-            out.append("\n".join(f"- {x}" for x in b[1]))
-        elif kind == "table":
-            out.append("\n".join(["| " + " | ".join(map(_md_cell, b[1])) + " |", "|" + "---|" * len(b[1])]
-                                 + ["| " + " | ".join(map(_md_cell, r)) + " |" for r in b[2]]))
-        elif kind == "fig":
-            out.append(f"![{b[1]}]({fig_files[b[1]]})\n\n*{b[2]}*" if b[1] in fig_files else f"*{b[1]}: no data.*")
-        elif kind == "samples":
-            t = b[1]
-            if t is None:
-                out.append("No saved samples.")
-                continue
-            out.append("Prompts, left to right: " + "; ".join(f"({i + 1}) {p}" for i, p in enumerate(t["prompts"])))
-            rows = [[f"{c:.3g} FLOPs"] + [f"![{p} {c:.3g}]({sample_files[(p, c)]})<br>{_cell_caption(t['cells'][(p, c)])}"
-                                          if (p, c) in t["cells"] else "–" for p in t["paradigms"]] for c in t["budgets"]]
-            out.append(render_md([("table", ["budget", *t["paradigms"]], rows)], {}, {}).strip())
-            if t["mismatch"]:
-                out.append(f"Warning: these runs were sampled on different prompts: {', '.join(t['mismatch'])}.")
-    return "\n\n".join(out) + "\n"
-
-
-def _cell_caption(cell: dict) -> str:
-    return f"{cell['run']} (d{cell['depth']}, FID {_fmt(cell['fid'], '.3g')}, match {_fmt(cell['full_match'], '.2f')})"
-
-
-def _b64(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-       "table{border-collapse:collapse;margin:1em 0;font-size:.85em}td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}"
-       "th{background:#f3f3f3}img{max-width:100%}figure{margin:1.5em 0}figcaption{font-size:.85em;color:#555}"
-       ".samples td{text-align:center}.samples img{image-rendering:pixelated}")  # fmt: skip
-
-
-def _inline_md(text: str) -> str:
-    """Escape, then the one bit of markdown we use in text: **bold**."""
-    parts = html.escape(str(text)).split("**")
-    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
-
-
-def render_html(blocks: list[tuple], figs: dict[str, bytes | None]) -> str:
-    """One self-contained HTML page: every image is an embedded base64 PNG, no external resources."""
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', "<title>flopmatch study report</title>",
-           f"<style>{CSS}</style></head><body>"]  # fmt: skip
-    for b in blocks:
-        kind = b[0]
-        if kind == "h":
-            out.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
-        elif kind == "p":
-            out.append(f"<p>{_inline_md(b[1])}</p>")
-        elif kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{_inline_md(x)}</li>" for x in b[1]) + "</ul>")
-        elif kind == "table":
-            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in b[1])
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in b[2])
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif kind == "fig":
-            png = figs.get(b[1])
-            out.append(f'<figure><img alt="{b[1]}" src="{_b64(png)}"><figcaption>{html.escape(b[2])}</figcaption></figure>'
-                       if png else f"<p><i>{html.escape(b[1])}: no data.</i></p>")
-        elif kind == "samples":
-            t = b[1]
-            if t is None:
-                out.append("<p>No saved samples.</p>")
-                continue
-            out.append("<ol>" + "".join(f"<li>{html.escape(p)}</li>" for p in t["prompts"]) + "</ol>")
-            head = "<th>budget</th>" + "".join(f"<th>{html.escape(p)}</th>" for p in t["paradigms"])
-            rows = []
-            for c in t["budgets"]:
-                tds = []
-                for p in t["paradigms"]:
-                    cell = t["cells"].get((p, c))
-                    tds.append(f'<td><img alt="{p} {c:.3g}" src="{_b64(cell["png"])}"><br>{html.escape(_cell_caption(cell))}</td>'
-                               if cell else "<td>–</td>")
-                rows.append(f"<tr><th>{c:.3g} FLOPs</th>{''.join(tds)}</tr>")
-            out.append(f'<table class="samples"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
-            if t["mismatch"]:
-                out.append(f"<p>Warning: sampled on different prompts: {html.escape(', '.join(t['mismatch']))}</p>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
-
-
 # ------------------------------------------------------------------------ entry points
 
 
@@ -389,7 +279,7 @@ def build_report(study_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) ->
 
     figs = all_figures(an, study)
     samples = sample_table(study, an)
-    blocks = _blocks(study, an, figs, samples)
+    blocks = _blocks(study, an, samples)
 
     fig_dir = root / "report_figures"
     fig_files, sample_files, written = {}, {}, set()

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -92,7 +93,6 @@ class Analysis:
     findings: list[dict]
     recommendations: list[dict]
     excluded: list[str]  # runs left out of fits, with why
-    notes: list[str] = field(default_factory=list)
 
 
 def confidence(p: float | None) -> str:
@@ -139,7 +139,7 @@ def _fit(records: list[dict], n_boot: int, seed: int) -> tuple[list, BootstrapFi
     return front, boot, "; ".join(notes)
 
 
-def _p_lower(a: list[float], b: list[float], n_boot: int, rng: np.random.Generator) -> float | None:
+def p_lower(a: list[float], b: list[float], n_boot: int, rng: np.random.Generator) -> float | None:
     """Bootstrap P(mean of a < mean of b) over the given repeats (ties half); None if neither side repeats."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     if a.size == 0 or b.size == 0 or (a.size < 2 and b.size < 2):
@@ -149,8 +149,26 @@ def _p_lower(a: list[float], b: list[float], n_boot: int, rng: np.random.Generat
     return float(np.mean(ma < mb) + 0.5 * np.mean(ma == mb))
 
 
-def _median(v):
+def median(v) -> float | None:
+    """Median of a list, None if empty."""
     return float(np.median(v)) if len(v) else None
+
+
+def setting_medians(rows: list[dict], cost: str, value) -> list[tuple]:
+    """Median (cost, value) per (paradigm, depth, setting) over seeds: ``[(cost, value, paradigm, depth, steps)]``.
+
+    ``value(row)`` gives the quality error of a row; rows missing either number are skipped. Seeds of
+    one configuration are repeats, so a Pareto front is taken over these medians, not over repeats.
+    """
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        v = value(r)
+        if r[cost] is None or v is None:
+            continue
+        groups.setdefault((r["objective"], r["depth"], r["setting"], r["sample_steps"]), []).append((r[cost], v))
+    out = [(float(np.median([c for c, _ in cv])), float(np.median([v for _, v in cv])), p, d, steps)
+           for (p, d, _, steps), cv in groups.items()]
+    return sorted(out, key=lambda t: (t[0], t[1], t[2], t[3]))
 
 
 def _inference(study: Study) -> dict[tuple[str, int], dict]:
@@ -171,7 +189,9 @@ def _inference(study: Study) -> dict[tuple[str, int], dict]:
     return out
 
 
-class _Analyser:
+class Analyser:
+    """Fits every (metric, paradigm) once, then answers comparisons and claims on demand (cached)."""
+
     def __init__(self, study: Study, n_boot: int, seed: int):
         self.study, self.n_boot, self.seed = study, n_boot, seed
         present = {r["objective"] for r in study.rows}
@@ -202,7 +222,7 @@ class _Analyser:
         if key in self.comparisons:
             return self.comparisons[key]
         fa, fb = self.fits[(metric, a)], self.fits[(metric, b)]
-        seed = self.seed * 7919 + 31 * len(self.comparisons) + 5000
+        seed = self.seed * 7919 + zlib.crc32(repr(key).encode())  # a comparison's stream depends on what it compares
         res = compare_at_budget(fa.records, fb.records, budget, n_boot=self.n_boot, seed=seed, level=LEVEL,
                                 nan_policy="omit")  # fmt: skip
         res["source"] = "seeds" if res["p_a_better"] is not None else None
@@ -302,7 +322,7 @@ def analyse(study: Study, n_boot: int = 1000, seed: int = 0) -> Analysis:
 
     if n_boot < 1:
         raise UserError(f"--n-boot must be >= 1, got {n_boot}")
-    an = _Analyser(study, n_boot, seed)
+    an = Analyser(study, n_boot, seed)
     an.crossover_list = an.crossovers()
     found = findings(an)
     recs = recommendations(an)

@@ -14,7 +14,17 @@ import math
 
 import numpy as np
 
-from flopmatch.report_analysis import EXTRAPOLATE, METRIC, _Analyser, _median, _p_lower, combine, confidence, status_from
+from flopmatch.report_analysis import (
+    EXTRAPOLATE,
+    METRIC,
+    Analyser,
+    median,
+    p_lower,
+    combine,
+    confidence,
+    setting_medians,
+    status_from,
+)
 from flopmatch.scaling import pareto_front
 
 PAPER = {
@@ -31,13 +41,13 @@ def _finding(i: int, parts: list[dict], extra: str = "") -> dict:
     return {"id": i, "paper": PAPER[i], "verdict": combine(parts), "parts": parts, "note": extra}
 
 
-def finding_prompt(an: _Analyser) -> dict:
+def finding_prompt(an: Analyser) -> dict:
     """(1) token methods beat diffusion on prompt following; next-token ahead of masked."""
     parts = [an.claim("prompt", AR, DIFF), an.claim("prompt", MASKED, DIFF), an.claim("prompt", AR, MASKED)]
     return _finding(1, parts)
 
 
-def finding_quality(an: _Analyser) -> dict:
+def finding_quality(an: Analyser) -> dict:
     """(2) AR has the better FID at the smallest budget; diffusion's trend gets below AR's within EXTRAPOLATE x."""
     common = an.budgets("fid", [AR, DIFF])
     start = an.claim("fid", AR, DIFF, budgets=common[:1])
@@ -55,7 +65,7 @@ def finding_quality(an: _Analyser) -> dict:
     return _finding(2, parts, cross[0]["summary"] if cross else "")
 
 
-def _per_depth(an: _Analyser, key: str, who: str, better_low: bool, n_boot: int, rng) -> tuple[list, list[str], list[int]]:
+def _per_depth(an: Analyser, key: str, who: str, better_low: bool, n_boot: int, rng) -> tuple[list, list[str], list[int]]:
     """Per depth shared by ``who`` and another paradigm: P(who beats every other on ``key``) and text."""
     depths = sorted({d for (p, d), v in an.inference.items() if p == who and v[key]})
     ps, texts, used = [], [], []
@@ -65,16 +75,16 @@ def _per_depth(an: _Analyser, key: str, who: str, better_low: bool, n_boot: int,
             continue
         mine = an.inference[(who, d)][key]
         sign = 1.0 if better_low else -1.0
-        pp = [_p_lower([sign * x for x in mine], [sign * x for x in v], n_boot, rng) for v in others.values()]
+        pp = [p_lower([sign * x for x in mine], [sign * x for x in v], n_boot, rng) for v in others.values()]
         p = None if any(x is None for x in pp) else min(pp)
         ps.append(p)
         used.append(d)
-        meds = ", ".join(f"{q} {_median(v):.3g}" for q, v in sorted({who: mine, **others}.items()))
+        meds = ", ".join(f"{q} {median(v):.3g}" for q, v in sorted({who: mine, **others}.items()))
         texts.append(f"depth {d}: {meds}" + ("" if p is None else f" (P={p:.2f})"))
     return ps, texts, used
 
 
-def finding_inference(an: _Analyser) -> dict:
+def finding_inference(an: Analyser) -> dict:
     """(3) AR lowest FLOPs/image and highest throughput; diffusion lowest latency (per shared depth)."""
     rng = np.random.default_rng(an.seed + 12345)
     parts = []
@@ -89,10 +99,10 @@ def finding_inference(an: _Analyser) -> dict:
         if key == "flops":  # analytic: an exact comparison, so P is 1 or 0
             ps, texts, _ = [], [], []
             for d in sorted({d for p, d in an.inference if p == who}):
-                others = {p: _median(v["flops"]) for (p, dd), v in an.inference.items() if dd == d and p != who}
+                others = {p: median(v["flops"]) for (p, dd), v in an.inference.items() if dd == d and p != who}
                 if not others:
                     continue
-                mine = _median(an.inference[(who, d)]["flops"])
+                mine = median(an.inference[(who, d)]["flops"])
                 ps.append(1.0 if mine < min(others.values()) else 0.0 if mine > min(others.values()) else 0.5)
                 texts.append(f"depth {d}: " + ", ".join(f"{q} {v:.3g}" for q, v in sorted({who: mine, **others}.items())))
         else:
@@ -104,7 +114,7 @@ def finding_inference(an: _Analyser) -> dict:
     return _finding(3, parts, note)
 
 
-def finding_ema(an: _Analyser) -> dict:
+def finding_ema(an: Analyser) -> dict:
     """(4) relative FID reduction from EMA (raw vs EMA, same run and settings), diffusion vs token methods."""
     gains: dict[str, list[float]] = {}
     by_key = {(r["run"], r["setting"]): r for r in an.study.rows if r["setting"]}
@@ -126,14 +136,14 @@ def finding_ema(an: _Analyser) -> dict:
         if DIFF not in gains or tok not in gains:
             parts.append({"claim": label, "status": "not measured", "text": "needs raw-weight entries of both"})
             continue
-        p = _p_lower([-g for g in gains[DIFF]], [-g for g in gains[tok]], an.n_boot, rng)
+        p = p_lower([-g for g in gains[DIFF]], [-g for g in gains[tok]], an.n_boot, rng)
         text = (f"mean relative FID reduction: diffusion {np.mean(gains[DIFF]):+.3f} ({len(gains[DIFF])} pairs), "
                 f"{tok} {np.mean(gains[tok]):+.3f} ({len(gains[tok])} pairs)" + ("" if p is None else f"; P={p:.2f}"))
         parts.append({"claim": label, "status": status_from([p]), "text": text, "ps": [p]})
     return _finding(4, parts + [ae])
 
 
-def findings(an: _Analyser) -> list[dict]:
+def findings(an: Analyser) -> list[dict]:
     """The four findings, each with parts and a verdict."""
     return [finding_prompt(an), finding_quality(an), finding_inference(an), finding_ema(an)]
 
@@ -153,7 +163,7 @@ def _show_iv(metric: str, iv) -> str:
     return f" [{1 - hi:.3g}, {1 - lo:.3g}]" if METRIC[metric].score else f" [{lo:.3g}, {hi:.3g}]"
 
 
-def _quality_rec(an: _Analyser, metric: str, topic: str) -> dict:
+def _quality_rec(an: Analyser, metric: str, topic: str) -> dict:
     per_budget: dict[float, list] = {}
     for p in an.paradigms:
         fit = an.fits.get((metric, p))
@@ -189,7 +199,7 @@ def _quality_rec(an: _Analyser, metric: str, topic: str) -> dict:
     return {"topic": topic, "choice": choice, "confidence": conf, "text": text}
 
 
-def _inference_rec(an: _Analyser, key: str, topic: str, low: bool, unit: str) -> dict:
+def _inference_rec(an: Analyser, key: str, topic: str, low: bool, unit: str) -> dict:
     rng = np.random.default_rng(an.seed + (777 if low else 888))
     depths = sorted({d for (p, d), v in an.inference.items() if v[key]})
     shared = [d for d in depths if sum(1 for (p, dd), v in an.inference.items() if dd == d and v[key]) >= 2]
@@ -199,16 +209,16 @@ def _inference_rec(an: _Analyser, key: str, topic: str, low: bool, unit: str) ->
     lines, choice, conf = [], None, None
     for d in shared:
         vals = {p: v[key] for (p, dd), v in an.inference.items() if dd == d and v[key]}
-        ranked = sorted(vals, key=lambda p: (_median(vals[p]) if low else -_median(vals[p]), p))
+        ranked = sorted(vals, key=lambda p: (median(vals[p]) if low else -median(vals[p]), p))
         b1, b2 = ranked[0], ranked[1]
         sign = 1.0 if low else -1.0
-        prob = _p_lower([sign * x for x in vals[b1]], [sign * x for x in vals[b2]], an.n_boot, rng)
+        prob = p_lower([sign * x for x in vals[b1]], [sign * x for x in vals[b2]], an.n_boot, rng)
         choice, conf = b1, confidence(prob)
         ptxt = "" if prob is None else f", P={prob:.2f}"
-        lines.append(f"depth {d}: {b1} ({_median(vals[b1]):.3g} {unit}) over {b2} ({_median(vals[b2]):.3g} {unit}{ptxt}: {conf})")
+        lines.append(f"depth {d}: {b1} ({median(vals[b1]):.3g} {unit}) over {b2} ({median(vals[b2]):.3g} {unit}{ptxt}: {conf})")
     text = f"{topic} at the main settings: " + "; ".join(lines) + "."
     if key == "throughput":
-        nokv = [(d, _median(v["nokv_throughput"])) for (p, d), v in an.inference.items() if p == "autoregressive" and v["nokv_throughput"]]
+        nokv = [(d, median(v["nokv_throughput"])) for (p, d), v in an.inference.items() if p == "autoregressive" and v["nokv_throughput"]]
         if nokv:
             text += " Next-token without its KV cache: " + ", ".join(f"depth {d} {t:.3g} {unit}" for d, t in sorted(nokv)) + "."
     if key == "latency":
@@ -216,20 +226,19 @@ def _inference_rec(an: _Analyser, key: str, topic: str, low: bool, unit: str) ->
     return {"topic": topic, "choice": choice, "confidence": conf, "text": text}
 
 
-def _latency_pareto(an: _Analyser) -> str:
+def _latency_pareto(an: Analyser) -> str:
     """Which paradigms (and steps) lie on the FID-vs-latency Pareto front at the largest budget (all settings)."""
     rows = [r for r in an.study.rows if r["done"] and r["latency_s"] is not None and r["fid_effnet"] is not None
             and r["weights"] != "model"]
     if not rows:
         return ""
     top = max(r["budget"] for r in rows)
-    pts = [(r["latency_s"], r["fid_effnet"], r["objective"], r["depth"], r["sample_steps"]) for r in rows if r["budget"] == top]
-    front = pareto_front(pts)
+    front = pareto_front(setting_medians([r for r in rows if r["budget"] == top], "latency_s", lambda r: r["fid_effnet"]))
     desc = ", ".join(f"{p} d{d} {s} steps ({lat * 1e3:.3g} ms, FID {f:.3g})" for lat, f, p, d, s in front)
-    return f" FID-vs-latency Pareto front over every evaluated setting at {top:.3g} FLOPs: {desc}."
+    return f" FID-vs-latency Pareto front (seed medians of every evaluated setting) at {top:.3g} FLOPs: {desc}."
 
 
-def recommendations(an: _Analyser) -> list[dict]:
+def recommendations(an: Analyser) -> list[dict]:
     """Which paradigm for image quality, prompt following, latency and throughput, with how sure."""
     return [
         _quality_rec(an, "fid", "Image quality"),

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from flopmatch.report_analysis import METRIC, Analysis
+from flopmatch.report_analysis import METRIC, Analysis, setting_medians
 from flopmatch.report_data import Study
 from flopmatch.scaling import iso_flop, pareto_front
 
@@ -53,10 +53,23 @@ def _render(fn, *args) -> bytes | None:
         return None if fig is None else _png(fig)
 
 
+def _plain_log(axis) -> None:
+    """Log axis labelled with plain numbers (20, 30, 0.2), minor labels only where matplotlib would put them."""
+    from matplotlib.ticker import FuncFormatter, LogFormatter
+
+    class PlainLog(LogFormatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(PlainLog(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
+
+
 def _logy_if_positive(ax, values) -> None:
     v = [x for x in values if x is not None and math.isfinite(x)]
     if v and min(v) > 0:
         ax.set_yscale("log")
+        _plain_log(ax.yaxis)
 
 
 def _draw_trend(ax, fit, color: str, label: str) -> list[float]:
@@ -92,7 +105,7 @@ def metric_vs_flops(an: Analysis, metric: str):
     fits = [(p, an.fits[(metric, p)]) for p in an.paradigms if (metric, p) in an.fits]
     if not fits:
         return None
-    fig, axes = _figure()
+    fig, axes = _figure(w=6.4, h=4.4)
     ax = axes[0, 0]
     ys = []
     for p, fit in fits:
@@ -101,7 +114,7 @@ def metric_vs_flops(an: Analysis, metric: str):
     _logy_if_positive(ax, ys)
     ax.set_xlabel("training FLOPs (budget)")
     ax.set_ylabel(METRIC[metric].label)
-    ax.set_title(f"{METRIC[metric].label} vs training FLOPs (frontier over depths; band: 90% bootstrap)")
+    ax.set_title(f"{METRIC[metric].label} vs training FLOPs")
     ax.legend(loc="best")
     return fig
 
@@ -219,19 +232,21 @@ def pareto(study: Study, paradigms: list[str], cost: str, nokv_cost: str, xlabel
             pts = [(r[cost], _quality(r, col)) for r in sel]
             ys += [v for _, v in pts]
             ax.scatter(*zip(*pts), s=14, color=_color(p), alpha=0.35, linewidths=0)
-            front = pareto_front(pts)
-            ax.plot(*zip(*front), marker="o", ms=4, color=_color(p), label=p)
+            front = pareto_front(setting_medians(sel, cost, lambda r, col=col: _quality(r, col)))
+            ax.plot([f[0] for f in front], [f[1] for f in front], marker="o", ms=4, color=_color(p), label=p)
             nk = [(r[nokv_cost], _quality(r, col)) for r in sel if r[nokv_cost] is not None]
             if nk:
                 ax.scatter(*zip(*nk), s=18, facecolors="none", edgecolors=_color(p), label=f"{p} without KV cache")
         if not ys:
             continue
         ax.set_xscale("log")
+        _plain_log(ax.xaxis)
         _logy_if_positive(ax, ys)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
-        ax.set_title(f"{label} vs {xlabel.split(' (')[0]} {where}")
+        ax.set_title(label)
         ax.legend(loc="best")
+    fig.suptitle(f"Quality vs {xlabel.split(' (')[0]}, every evaluated setting, {where}")
     return fig
 
 
@@ -291,6 +306,7 @@ def step_sweep(study: Study, paradigms: list[str]):
                     ax.plot(xs, y, marker="o", ms=4, color=_color(p), alpha=0.5 + 0.5 * (d == max(r["depth"] for r in rows)),
                             label=f"{p} d{d}")  # fmt: skip
         ax.set_xscale("log")
+        _plain_log(ax.xaxis)
         _logy_if_positive(ax, ys)
         ax.set_xlabel("sampling steps")
         ax.set_title(f"{label.split(' (')[0].split(',')[0]} {where}")

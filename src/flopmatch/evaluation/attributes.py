@@ -136,7 +136,9 @@ class AttributeClassifier:
         for start in range(0, images_uint8.shape[0], batch_size):
             x = _to_input(images_uint8[start : start + batch_size].to(device), self.net.image_size)
             parts.append({k: v.argmax(1).cpu() for k, v in self.net.split(self.net(x)).items()})
-        return {k: torch.cat([p[k] for p in parts]) if parts else torch.zeros(0, dtype=torch.long) for k in self.net.heads}
+        if not parts:
+            return {k: torch.zeros(0, dtype=torch.long) for k in self.net.heads}
+        return {k: torch.cat([p[k] for p in parts]) for k in self.net.heads}
 
     def describe(self) -> dict:
         """For eval manifests: identity of the evaluator and its held-out accuracy."""
@@ -150,7 +152,8 @@ class AttributeClassifier:
 
 def _slot_matches(pred: dict[str, int], slot: int, obj: dict, vocab: dict) -> dict[str, bool]:
     """{attribute: match} for the attributes ``obj`` names, against predicted slot ``slot``."""
-    return {key: vocab[key][pred[f"{key}{slot}"]] == obj[key] for key in ("color", "shape", "size") if obj[key] is not None}
+    return {key: vocab[key][pred[f"{key}{slot}"]] == obj[key]
+            for key in ("color", "shape", "size") if obj[key] is not None}
 
 
 def score_prompt_following(classifier: AttributeClassifier, images_uint8: torch.Tensor, captions: list[str]) -> dict:
@@ -229,7 +232,8 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return x + sigma * torch.randn(x.shape, generator=generator)
 
 
-def train_attribute_classifier(shapes_cfg, progress: bool = True, steps: int | None = None) -> tuple[AttributeNet, dict]:
+def train_attribute_classifier(shapes_cfg, progress: bool = True, steps: int | None = None
+                               ) -> tuple[AttributeNet, dict]:
     """Train an AttributeNet on fresh procedural scenes; returns (net, info). Deterministic given the code.
 
     CPU, bf16 autocast for the convolutions, AdamW with a cosine schedule, ``steps`` x BATCH_SIZE images.
@@ -269,11 +273,13 @@ def train_attribute_classifier(shapes_cfg, progress: bool = True, steps: int | N
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     net.eval()
-    info = {"code_version": ATTRIBUTE_CODE_VERSION, "train_data": {"seed": train_cfg.seed, "image_size": train_cfg.image_size,
-            "num_scenes": train_cfg.num_train, "two_object_prob": train_cfg.two_object_prob},
+    train_data = {"seed": train_cfg.seed, "image_size": train_cfg.image_size, "num_scenes": train_cfg.num_train,
+                  "two_object_prob": train_cfg.two_object_prob}
+    info = {"code_version": ATTRIBUTE_CODE_VERSION, "train_data": train_data,
             "train_data_fingerprint": train_cfg.fingerprint(), "steps": steps, "batch_size": BATCH_SIZE,
             "lr": LEARNING_RATE, "final_loss": float(loss.detach()), "render_seconds": round(render_s, 1),
-            "train_seconds": round(time.time() - t0, 1), "torch": torch.__version__}
+            "train_seconds": round(time.time() - t0 - render_s, 1), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
     return net, info
 
 
@@ -285,7 +291,8 @@ def _sha256(path: Path) -> str:
 def _evaluator_dir(shapes_cfg) -> Path:
     from flopmatch.paths import cache_dir
 
-    return cache_dir() / "evaluators" / f"attributes-{_train_config(shapes_cfg).fingerprint()}-v{ATTRIBUTE_CODE_VERSION}"
+    name = f"attributes-{_train_config(shapes_cfg).fingerprint()}-v{ATTRIBUTE_CODE_VERSION}"
+    return cache_dir() / "evaluators" / name
 
 
 def _heldout_accuracy(classifier: AttributeClassifier, shapes_cfg) -> dict:

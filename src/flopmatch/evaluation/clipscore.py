@@ -16,7 +16,7 @@ different captions in retrieval, so top-1 is a lower bound on how well it ranks 
 
 ``LocalCLIP``: for users who have a Hugging Face CLIP checkpoint on disk (e.g. a downloaded
 openai/clip-vit-base-patch32 directory), ``LocalCLIP(dir).score(images, captions)`` is the standard CLIP
-score via torchmetrics' ``CLIPScore``, loaded with ``local_files_only=True`` (never downloads).
+score, loaded with ``local_files_only=True`` (never downloads).
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def train_domain_clip(train_images: torch.Tensor, train_captions: list[str], pro
     steps = TRAIN_STEPS if steps is None else steps
     t0 = time.time()
     pooled = _encode_pooled(train_captions)  # (N, 384), frozen: computed once
-    encode_s = time.time() - t0
+    t1 = time.time()
     torch.manual_seed(0)  # parameter init; batches come from `g`
     model = DomainCLIP(text_dim=pooled.shape[1])
     opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
@@ -191,9 +191,11 @@ def train_domain_clip(train_images: torch.Tensor, train_captions: list[str], pro
         opt.step()
         sched.step()
     model.eval()
+    temperature = float(1 / model.logit_scale.detach().exp().clamp(max=100))
     info = {"code_version": CLIP_CODE_VERSION, "steps": steps, "batch_size": batch, "lr": LEARNING_RATE,
-            "num_train_pairs": n, "final_loss": float(loss.detach()), "temperature": float(1 / model.logit_scale.detach().exp().clamp(max=100)),
-            "encode_seconds": round(encode_s, 1), "train_seconds": round(time.time() - t0, 1), "torch": torch.__version__}
+            "num_train_pairs": n, "final_loss": float(loss.detach()), "temperature": temperature,
+            "encode_seconds": round(t1 - t0, 1), "train_seconds": round(time.time() - t1, 1),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
     return model, info
 
 
@@ -242,8 +244,12 @@ def load_or_train_domain_clip(train_set: CaptionedImages, heldout_set: Captioned
 class LocalCLIP:
     """Real CLIP score from a Hugging Face CLIP model directory on disk (weights never downloaded).
 
-    ``LocalCLIP("/models/clip-vit-base-patch32").score(images_uint8, captions)`` -> torchmetrics CLIPScore:
-    mean 100 * max(cos, 0). Untested here: no CLIP weights can be installed on this project's machines.
+    ``LocalCLIP("/models/clip-vit-base-patch32").score(images, captions)``: the model's own processor
+    (resize, crop, normalise; captions truncated to the text model's length), then
+    ``mean(100 * max(cos(image_embeds, text_embeds), 0))`` as in CLIPScore (Hessel et al. 2021). Written
+    against ``CLIPModel.forward``'s ``image_embeds``/``text_embeds`` rather than torchmetrics' ``CLIPScore``,
+    which breaks with transformers 5 (``get_image_features`` now returns an output object). No CLIP weights
+    can be installed here, so the tests run it on a tiny randomly initialised CLIP saved to disk.
     """
 
     def __init__(self, model_dir: str | Path):
@@ -252,22 +258,29 @@ class LocalCLIP:
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").exists():
             raise UserError(f"{self.model_dir} is not a Hugging Face CLIP model directory (no config.json)")
-
-    def _load(self):
         from transformers import CLIPModel, CLIPProcessor
 
-        return (CLIPModel.from_pretrained(str(self.model_dir), local_files_only=True),
-                CLIPProcessor.from_pretrained(str(self.model_dir), local_files_only=True))
+        self.model = CLIPModel.from_pretrained(str(self.model_dir), local_files_only=True).eval()
+        self.processor = CLIPProcessor.from_pretrained(str(self.model_dir), local_files_only=True)
 
     @torch.inference_mode()
-    def score(self, images_uint8: torch.Tensor, captions: list[str], batch_size: int = 64) -> float:
-        """Standard CLIP score of uint8 images (N, 3, H, W) against their captions, in [0, 100]."""
-        from torchmetrics.multimodal.clip_score import CLIPScore
-
-        metric = CLIPScore(model_name_or_path=self._load)
+    def similarity(self, images_uint8: torch.Tensor, captions: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Cosine similarity (N,) between each uint8 image (N, 3, H, W) and its caption."""
+        if images_uint8.shape[0] != len(captions):
+            raise ValueError(f"{images_uint8.shape[0]} images but {len(captions)} captions")
+        device = self.model.logit_scale.device
+        out = []
         for i in range(0, len(captions), batch_size):
-            metric.update(images_uint8[i : i + batch_size], captions[i : i + batch_size])
-        return float(metric.compute())
+            inputs = self.processor(text=list(captions[i : i + batch_size]),
+                                    images=list(images_uint8[i : i + batch_size]),
+                                    return_tensors="pt", padding=True, truncation=True)
+            o = self.model(**{k: v.to(device) for k, v in inputs.items()})
+            out.append(F.cosine_similarity(o.image_embeds.float(), o.text_embeds.float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def score(self, images_uint8: torch.Tensor, captions: list[str]) -> float:
+        """Standard CLIP score of uint8 images (N, 3, H, W) against their captions, in [0, 100]."""
+        return float((100 * self.similarity(images_uint8, captions).clamp_min(0)).mean())
 
     def describe(self) -> dict:
         """For eval manifests."""

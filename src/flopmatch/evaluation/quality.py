@@ -28,9 +28,11 @@ import torch
 
 def _check(real: torch.Tensor, fake: torch.Tensor, min_rows: int = 2) -> None:
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"features must be (N, F) and (M, F) with the same F, got {tuple(real.shape)} {tuple(fake.shape)}")
+        raise ValueError(f"features must be (N, F) and (M, F) with the same F, "
+                         f"got {tuple(real.shape)} {tuple(fake.shape)}")
     if real.shape[0] < min_rows or fake.shape[0] < min_rows:
-        raise ValueError(f"need at least {min_rows} real and fake feature rows, got {real.shape[0]} and {fake.shape[0]}")
+        raise ValueError(f"need at least {min_rows} real and fake feature rows, "
+                         f"got {real.shape[0]} and {fake.shape[0]}")
 
 
 def _mean_cov(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

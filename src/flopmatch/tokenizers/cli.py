@@ -44,13 +44,17 @@ def cmd_tokenizer_eval(args: argparse.Namespace) -> int:
     """Evaluate a tokenizer directory on the eval split; writes DIR/eval.json and prints a summary."""
     from flopmatch.tokenizers.evaluate import run_eval
 
-    m = run_eval(args.dir, num=args.num, rfid_features=args.rfid, progress=not args.quiet)
+    m = run_eval(args.dir, num=args.num, rfid_features=args.rfid, attributes=args.attributes, progress=not args.quiet)
     parts = [f"PSNR {m['psnr']:.2f} dB", f"SSIM {m['ssim']:.4f}"]
     if m["kind"] == "lfq":
         parts += [f"usage {m['codebook_usage']:.3f}", f"perplexity {m['perplexity']:.1f}"]
     else:
         parts += [f"latent mean {m['latent_mean']:+.3f} std {m['latent_std']:.3f}"]
     parts.append(f"rFID({m['rfid_features']}) {m['rfid']:.3f}" if m["rfid"] is not None else "rFID n/a")
+    if m["attribute_accuracy"]:
+        real, recon = m["attribute_accuracy"]["real"], m["attribute_accuracy"]["recon"]
+        parts.append("attribute accuracy real/recon " + " ".join(
+            f"{k} {real[k]:.3f}/{recon[k]:.3f}" for k in ("color0", "shape0", "size0", "shape1") if real.get(k) is not None))
     parts.append(f"enc {m['encode_flops'] / 1e6:.1f} MFLOP, dec {m['decode_flops'] / 1e6:.1f} MFLOP per image")
     print(f"{args.dir}: " + ", ".join(parts) + f" -> {Path(args.dir) / 'eval.json'}")
     return 0
@@ -82,5 +86,7 @@ def register(subparsers) -> None:
     e.add_argument("--num", type=int, default=2000, help="eval images (default 2000)")
     e.add_argument("--rfid", choices=RFID_FEATURES, default="effnet",
                    help="features for reconstruction FID: effnet (fast proxy, default), inception (standard, slow), none")
+    e.add_argument("--attributes", action=argparse.BooleanOptionalAction, default=True,
+                   help="attribute-classifier accuracy on reconstructions (trains the classifier once if not cached)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_tokenizer_eval)

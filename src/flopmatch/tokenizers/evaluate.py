@@ -11,6 +11,10 @@ Reported (images compared in [0, 1], reconstructions clamped, not quantised to u
   (exp of the entropy of the empirical code distribution, in codes), ``bit_balance`` (P(bit = 1));
 - KL: statistics of the normalised latents encode() returns (mean, std, per-channel mean/std) and the
   average posterior standard deviation (how much noise the KL term left, in normalised units);
+- ``attribute_accuracy``: per-attribute accuracy (colour, shape, size, position, relation, count) of
+  flopmatch.evaluation's shapes attribute classifier on the originals ("real") and on the
+  reconstructions ("recon"). Prompt following is scored with that classifier, so what a tokenizer
+  loses here caps every generator built on it; ``null`` if evaluation is unavailable or disabled;
 - ``encode_flops`` / ``decode_flops`` per image (analytic) and measured encode/decode images per second.
 """
 
@@ -59,6 +63,22 @@ def reconstruction_fid(real_uint8: torch.Tensor, recon_uint8: torch.Tensor, feat
     return fid_from_features(real, fake)
 
 
+def reconstruction_attributes(real_uint8: torch.Tensor, recon_uint8: torch.Tensor, attrs: list[dict],
+                              shapes_cfg, progress: bool = False) -> dict | None:
+    """Attribute-classifier accuracy per head on real and reconstructed uint8 images (N, 3, H, W).
+
+    ``attrs``: the scenes' ground truth (``Scene.attrs()``); ``shapes_cfg``: their ShapesConfig (the
+    classifier is loaded from the cache, or trained once, for it). None if evaluation is unavailable.
+    """
+    try:
+        from flopmatch.evaluation.attributes import head_accuracy, load_or_train_attribute_classifier
+    except ImportError:
+        return None
+    classifier = load_or_train_attribute_classifier(shapes_cfg, progress=progress)
+    return {"real": head_accuracy(classifier, real_uint8, attrs), "recon": head_accuracy(classifier, recon_uint8, attrs),
+            "classifier_sha256": classifier.checksum}
+
+
 @torch.no_grad()
 def reconstruct(tok: LearnedAutoencoder, images_uint8: torch.Tensor, batch_size: int = 250
                 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -81,10 +101,11 @@ def reconstruct(tok: LearnedAutoencoder, images_uint8: torch.Tensor, batch_size:
 
 def image_metrics(real: torch.Tensor, recon: torch.Tensor) -> dict:
     """PSNR (dB, mean per image), SSIM (mean per image), MSE (pooled) of float images in [-1, 1]."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
     a, b = (real.float() + 1) / 2, (recon.float().clamp(-1, 1) + 1) / 2  # [0, 1]
-    psnr = peak_signal_noise_ratio(b, a, data_range=1.0, reduction="none", dim=(1, 2, 3))  # (N,)
+    per_image_mse = (a - b).pow(2).flatten(1).mean(1)  # (N,)
+    psnr = 10 * torch.log10(1.0 / per_image_mse.clamp_min(1e-10))  # capped at 100 dB for exact copies
     ssim = structural_similarity_index_measure(b, a, data_range=1.0, reduction="none")  # (N,)
     return {"psnr": float(psnr.mean()), "psnr_std": float(psnr.std()) if len(psnr) > 1 else 0.0,
             "ssim": float(ssim.mean()), "mse": float((a - b).pow(2).mean())}
@@ -118,8 +139,12 @@ def latent_metrics(tok: LearnedAutoencoder, latents: torch.Tensor, images_uint8:
 
 
 def evaluate_tokenizer(tok: LearnedAutoencoder, images_uint8: torch.Tensor, rfid_features: str = "effnet",
-                       reference_key: str | None = None, progress: bool = False) -> dict:
-    """All reconstruction metrics of ``tok`` on uint8 images (N, 3, S, S); see the module docstring."""
+                       reference_key: str | None = None, attrs: list[dict] | None = None, shapes_cfg=None,
+                       progress: bool = False) -> dict:
+    """All reconstruction metrics of ``tok`` on uint8 images (N, 3, S, S); see the module docstring.
+
+    Attribute accuracy is computed only when the scenes' ``attrs`` and their ``shapes_cfg`` are given.
+    """
     if rfid_features not in RFID_FEATURES:
         raise UserError(f"rfid features must be one of {RFID_FEATURES}, got {rfid_features!r}")
     tok = tok.eval()
@@ -131,8 +156,13 @@ def evaluate_tokenizer(tok: LearnedAutoencoder, images_uint8: torch.Tensor, rfid
         out.update(code_metrics(codes, tok.spec.vocab_size, tok.config.bits))
     else:
         out.update(latent_metrics(tok, codes, images_uint8))
-    rfid = reconstruction_fid(images_uint8, to_uint8(recon), rfid_features, reference_key, progress)
+    recon_uint8 = to_uint8(recon)
+    rfid = reconstruction_fid(images_uint8, recon_uint8, rfid_features, reference_key, progress)
+    attributes = None
+    if attrs is not None and shapes_cfg is not None:
+        attributes = reconstruction_attributes(images_uint8, recon_uint8, attrs, shapes_cfg, progress)
     out.update({"rfid": rfid, "rfid_features": rfid_features if rfid is not None else None,
+                "attribute_accuracy": attributes,
                 "encode_flops": tok.encode_flops(), "decode_flops": tok.decode_flops(),
                 "encoder_params": sum(p.numel() for p in tok.encoder.parameters()),
                 "decoder_params": sum(p.numel() for p in tok.decoder.parameters()),
@@ -141,18 +171,25 @@ def evaluate_tokenizer(tok: LearnedAutoencoder, images_uint8: torch.Tensor, rfid
     return out
 
 
-def run_eval(directory: str | Path, num: int = 2000, rfid_features: str = "effnet", progress: bool = True) -> dict:
+def run_eval(directory: str | Path, num: int = 2000, rfid_features: str = "effnet", attributes: bool = True,
+             progress: bool = True) -> dict:
     """Load the tokenizer in ``directory``, evaluate it on ``num`` eval-split images, write eval.json."""
-    from flopmatch.tokenizers.train_ae import load_images
+    from flopmatch.data.shapes import ShapesDataset
+    from flopmatch.tokenizers.train_ae import load_images, shapes_config
 
     if num < 2:
         raise UserError(f"--num must be >= 2 eval images, got {num}")
     directory = Path(directory)
     tok = load_learned(directory)
     images, info = load_images(tok.config, "eval", num_eval=num)
-    images = images[:num]
     key = f"{info['name']}-{info['fingerprint']}-eval-{num}"
-    metrics = evaluate_tokenizer(tok, images, rfid_features, reference_key=key, progress=progress)
+    attrs = cfg = None
+    if attributes:
+        cfg = shapes_config(tok.config, num)
+        ds = ShapesDataset(cfg, "eval")
+        attrs = [ds.scene(i).attrs() for i in range(num)]
+    metrics = evaluate_tokenizer(tok, images, rfid_features, reference_key=key, attrs=attrs, shapes_cfg=cfg,
+                                 progress=progress)
     metrics["manifest"] = {"tokenizer_fingerprint": tok.fingerprint(), "data": info, "split": "eval",
                            "num_images": num}
     atomic_write_json(directory / "eval.json", metrics)

@@ -159,16 +159,23 @@ def apply_overrides(config: AutoencoderConfig, overrides: list[str]) -> Autoenco
     return apply(config, overrides).validate()
 
 
+def shapes_config(config: AutoencoderConfig, num_eval: int = 2000):
+    """The ShapesConfig a tokenizer trains on (its eval split has ``num_eval`` images)."""
+    from flopmatch.data.shapes import ShapesConfig
+
+    return ShapesConfig(seed=config.data_seed, image_size=config.image_size, num_train=config.num_train,
+                        num_eval=num_eval)
+
+
 def load_images(config: AutoencoderConfig, split: str, num_eval: int = 2000) -> tuple[torch.Tensor, dict]:
     """(uint8 images (N, 3, S, S), data info dict for tokenizer.json) for ``split`` of ``config.data``.
 
     The train split has ``config.num_train`` images, the eval split ``num_eval`` (scenes are a pure
     function of their index, so the first 2000 eval images are the same for any num_eval).
     """
-    from flopmatch.data.shapes import ShapesConfig, ShapesDataset
+    from flopmatch.data.shapes import ShapesDataset
 
-    cfg = ShapesConfig(seed=config.data_seed, image_size=config.image_size, num_train=config.num_train,
-                       num_eval=num_eval)
+    cfg = shapes_config(config, num_eval)
     ds = ShapesDataset(cfg, split)
     info = {"name": config.data, "seed": config.data_seed, "image_size": config.image_size,
             "num_train": config.num_train, "fingerprint": cfg.fingerprint()}

@@ -1,0 +1,98 @@
+"""The study runner end to end on the `tiny` preset: plan, train, evaluate, report, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+import flopmatch.train
+from flopmatch.presets import study_preset
+from flopmatch.sweep import make_plan, run_name, study
+
+
+def tiny_study(objectives=("masked",), budgets=(2e9, 4e9, 8e9)):
+    scfg = study_preset("tiny")
+    scfg.objectives = list(objectives)
+    scfg.budgets = list(budgets)
+    scfg.features = ["effnet"]
+    return scfg
+
+
+def test_plan_is_analytic_and_spends_each_budget(tmp_path):
+    """Planning builds no model and gives every run steps whose FLOPs reach its budget within one step."""
+    scfg = study_preset("cpu")
+    plans = make_plan(scfg, tmp_path / "s")
+    assert len(plans) == len(scfg.objectives) * len(scfg.depths) * len(scfg.budgets) * scfg.seeds
+    for p in plans:
+        per_step = p.train_flops_per_example * json.loads(json.dumps(p.config))["train"]["batch_size"]
+        assert p.budget <= p.train_flops < p.budget + per_step
+    assert not (tmp_path / "s").exists()  # planning writes nothing
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end(tmp_path):
+    """A tiny 3-paradigm study writes plan, runs, eval.json per run and the report files."""
+    out = tmp_path / "study"
+    scfg = tiny_study(objectives=("diffusion", "masked", "autoregressive"))
+    study(out, scfg, progress=False)
+    for name in ("plan.json", "study.json", "report.html", "report.md", "results.csv"):
+        assert (out / name).is_file(), name
+    plans = json.loads((out / "plan.json").read_text())
+    assert len(plans) == 9
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    # one row per (run, evaluated setting): diffusion and masked have a default and one extra step setting
+    expected = sum(1 + len([s for s in scfg.eval_steps[p["objective"]]]) for p in plans)
+    assert len(rows) == expected
+    for p in plans:
+        doc = json.loads((out / "runs" / p["name"] / "eval.json").read_text())
+        for entry in doc["entries"].values():
+            m = entry["manifest"]
+            assert m["num_samples"] == scfg.eval_samples and m["feature_extractors"]["effnet"]["weights_sha256"]
+            assert entry["inference"]["sample_flops_per_image"] > 0
+    html = (out / "report.html").read_text()
+    assert "<img" in html and "src=\"http" not in html  # self-contained
+
+
+@pytest.mark.slow
+def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, monkeypatch):
+    """After an interruption, re-running trains only unfinished runs and evaluates only missing settings."""
+    out = tmp_path / "study"
+    scfg = tiny_study(objectives=("masked",))
+    names = [run_name("masked", 1, b, 0) for b in scfg.budgets]
+    # Interrupt the first attempt while the second run trains (after 3 of its steps).
+    real_train = flopmatch.train.train
+    calls = []
+
+    def interrupted_train(cfg, run, progress=True, stop_after=None):
+        calls.append(run.name)
+        if run.name == names[1] and len(calls) == 2:
+            real_train(cfg, run, progress=False, stop_after=3)
+            raise KeyboardInterrupt
+        return real_train(cfg, run, progress=False, stop_after=stop_after)
+
+    monkeypatch.setattr(flopmatch.train, "train", interrupted_train)
+    with pytest.raises(KeyboardInterrupt):
+        study(out, scfg, progress=False)
+    first_eval = (out / "runs" / names[0] / "eval.json").read_bytes()
+    state = flopmatch.train.read_state(out / "runs" / names[1])
+    assert state["step"] == 3 and not state["done"]
+
+    calls.clear()
+    study(out, scfg, progress=False)
+    assert calls == names[1:]  # the finished run is not trained again
+    assert (out / "runs" / names[0] / "eval.json").read_bytes() == first_eval  # nor re-evaluated
+    assert flopmatch.train.read_state(out / "runs" / names[1])["done"]
+
+
+def test_study_refuses_changed_settings(tmp_path):
+    """A study directory belongs to one StudyConfig; different settings are a clear error."""
+    from flopmatch.checkpoint import atomic_write_json
+    from flopmatch.errors import UserError
+
+    out = tmp_path / "s"
+    atomic_write_json(out / "study.json", {"preset": "other"})
+    with pytest.raises(UserError, match="different settings"):
+        study(out, tiny_study(), progress=False)
