@@ -253,12 +253,12 @@ def test_cli_train_then_eval_writes_outputs(tmp_path):
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 1] and all("psnr" in r and "loss" in r for r in log)
 
-    args = _parser().parse_args(["tokenizer", "eval", str(out), "--num", "8", "--rfid", "none", "--quiet"])
+    args = _parser().parse_args(["tokenizer", "eval", str(out), "--num", "8", "--rfid", "none", "--no-attributes", "--quiet"])
     assert args.func(args) == 0
     ev = json.loads((out / "eval.json").read_text())
     for key in ("psnr", "ssim", "mse", "codebook_usage", "perplexity", "encode_flops", "decode_flops"):
         assert isinstance(ev[key], (int, float)), key
-    assert ev["rfid"] is None and 0 < ev["codebook_usage"] <= 1 and 1 <= ev["perplexity"] <= 64
+    assert ev["rfid"] is None and ev["attribute_accuracy"] is None and 0 < ev["codebook_usage"] <= 1 and 1 <= ev["perplexity"] <= 64
     assert ev["manifest"]["tokenizer_fingerprint"] == load_learned(out).fingerprint()
 
     with pytest.raises(UserError, match="already holds a tokenizer"):

@@ -30,6 +30,7 @@ class StudyConfig:
     # extra sampling-step settings per paradigm for the inference sweep (the run's default is always evaluated)
     eval_steps: dict[str, list[int]] = field(default_factory=lambda: {"diffusion": [10], "masked": [6], "autoregressive": []})
     features: list[str] = field(default_factory=lambda: ["effnet"])
+    timing_budget_s: float = 10.0  # per setting, for the throughput search
     n_boot: int = 1000
     assumed_flops_per_s: float = 6e10  # for time estimates before any run has been measured
 
@@ -101,6 +102,7 @@ def tiny() -> StudyConfig:
         tokenizer="weight-free",
         eval_samples=32,
         eval_steps={"diffusion": [2], "masked": [2], "autoregressive": []},
+        timing_budget_s=1.0,
         n_boot=50,
     )
 

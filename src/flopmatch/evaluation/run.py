@@ -43,6 +43,7 @@ class EvalConfig:
     pr_k: int = 3
     prompt_following: bool = True
     inference: bool = True
+    timing_budget_s: float = 10.0  # wall-time cap of the throughput search per setting
     save_images: bool = True
 
 
@@ -180,9 +181,9 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
         if ecfg.inference:
             from flopmatch.evaluation.inference import measure_inference
 
-            entry["inference"] = measure_inference(gen, sample)
+            entry["inference"] = measure_inference(gen, sample, time_budget_s=ecfg.timing_budget_s)
             if cfg.objective == "autoregressive":
-                other = measure_inference(gen, replace(sample, kv_cache=not sample.kv_cache))
+                other = measure_inference(gen, replace(sample, kv_cache=not sample.kv_cache), time_budget_s=ecfg.timing_budget_s)
                 entry["inference"]["without_kv_cache" if sample.kv_cache else "with_kv_cache"] = other
         if ecfg.save_images:
             save_tensors(sample_dir / "images.safetensors", {"images": images})

@@ -1,12 +1,14 @@
 """Training the learned autoencoders: :class:`AutoencoderConfig`, presets, and the training loop.
 
-Losses. Reconstruction is L1 by default (``recon_loss``: "l1" | "l2" | "l1+l2"), as in the
-VQGAN/MAGVIT/Stable Diffusion autoencoders: L2 lets the few large errors at object edges dominate the
-gradient and favours blur. No perceptual term: no perceptual network's weights ship offline (LPIPS/VGG
-cannot be fetched). An optional PatchGAN hinge loss (``adv_weight`` > 0, from step ``adv_start``) is
-on in the GPU preset; off by default, because it adds a discriminator pass per step to a 5-minute CPU
-budget and GAN training is fragile over so few steps. The
-bottleneck adds its own loss: KL (``kl_weight``) or LFQ commitment + entropy (see kl.py, lfq.py).
+Losses. Reconstruction defaults to L2 (``recon_loss``: "l1" | "l2" | "l1+l2"). We first defaulted to
+L1, as VQGAN/MAGVIT/Stable Diffusion autoencoders do, and measured (KL, defaults, 2000 steps, 2000
+eval images): L1 31.4 dB PSNR and 85% shape accuracy of the attribute classifier on reconstructions,
+L2 37.3 dB and 99.5%. (Presumably L2 weighs the few large errors at object edges more, and the edges
+of 8-pixel objects are what tells a cross from a diamond.) No perceptual term: no perceptual network's
+weights ship offline (LPIPS/VGG cannot be fetched). An optional PatchGAN hinge loss (``adv_weight`` >
+0, from step ``adv_start``) is on in the GPU preset; off by default, because it adds a discriminator
+pass per step to a 5-minute CPU budget and GAN training is fragile over so few steps. The bottleneck
+adds its own loss: KL (``kl_weight``) or LFQ commitment + entropy (see kl.py, lfq.py).
 
 Outputs. The tokenizer (tokenizer.json + tensors.safetensors) is written atomically once, at the
 end; training is *not* resumable (a CPU run is ~5 minutes; rerun instead). ``train_log.jsonl``
@@ -65,7 +67,7 @@ class AutoencoderConfig:
     diversity_weight: float = 1.0  # gamma on the codebook entropy inside the entropy loss
     entropy_temperature: float = 0.01
     # losses
-    recon_loss: str = "l1"
+    recon_loss: str = "l2"  # see the module docstring: measured far better than l1 on shapes
     adv_weight: float = 0.0  # PatchGAN hinge loss weight; 0 = off
     adv_start: int = 0  # step at which the adversarial loss switches on
     # optimisation
