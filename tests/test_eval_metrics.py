@@ -110,6 +110,7 @@ def test_kid_is_reproducible_and_gram_path_equals_direct(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
 def test_fid_and_kid_match_torchmetrics_on_the_same_images(real_images, effnet):
     """Our FID/KID from cached features equal torchmetrics' image-fed metrics (same extractor) to 1e-3 relative."""
     from torchmetrics.image.fid import FrechetInceptionDistance

@@ -186,6 +186,17 @@ def test_bad_tokenizer_directories_raise_user_error(tmp_path):
         load_kl(good)
 
 
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_presets_match_kl_and_lfq(name):
+    """In each preset KL and LFQ share the 8x8 grid and every encoder/decoder tensor shape except the bottleneck convs."""
+    kl, lfq = (make_autoencoder(preset(name, kind)) for kind in ("kl", "lfq"))
+    assert kl.spec.grid == lfq.spec.grid == 8 and kl.spec.seq_len == lfq.spec.seq_len == 64
+    bottleneck = {"encoder.conv_out.weight", "encoder.conv_out.bias", "decoder.conv_in.weight"}
+    shapes = [{k: v.shape for k, v in m.state_dict().items() if k.split(".")[0] in ("encoder", "decoder")} for m in (kl, lfq)]
+    assert shapes[0].keys() == shapes[1].keys()
+    assert {k for k in shapes[0] if shapes[0][k] != shapes[1][k]} == bottleneck
+
+
 def test_config_overrides_are_typed_and_checked():
     """--set values are parsed to the field's type; unknown keys, sections and impossible values are UserErrors."""
     cfg = apply_overrides(preset("cpu", "lfq"), ["bits=9", "channels=16,32", "lr=1e-3", "recon_loss=l2"])
@@ -226,6 +237,22 @@ def test_tiny_tokenizer_overfits_a_handful_of_images(kind, shapes_uint8):
     tok, _ = train_autoencoder(cfg, images, progress=False)
     after = float((tok.decode(tok.encode(x)) - x).square().mean())
     assert before > 0.1 and after < 0.025, (before, after)
+
+
+def test_eval_metrics_endpoints(shapes_uint8):
+    """Identical images give PSNR 100 (cap), SSIM 1, MSE 0; uniform tokens give perplexity = vocab, one token gives 1."""
+    from flopmatch.tokenizers.evaluate import code_metrics, image_metrics
+
+    x = _images(shapes_uint8, 8)
+    same = image_metrics(x, x)
+    assert same["psnr"] == pytest.approx(100.0) and same["ssim"] == pytest.approx(1.0, abs=1e-3) and same["mse"] == 0
+    noisy = image_metrics(x, x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
+    assert noisy["psnr"] < 40 and noisy["ssim"] < same["ssim"]
+    uniform = code_metrics(torch.arange(16).repeat(4, 1), vocab_size=16, bits=4)
+    assert uniform["perplexity"] == pytest.approx(16) and uniform["codebook_usage"] == 1.0
+    assert uniform["bit_balance"] == [0.5] * 4
+    single = code_metrics(torch.full((4, 16), 5), vocab_size=16, bits=4)
+    assert single["perplexity"] == pytest.approx(1) and single["codebook_usage"] == 1 / 16
 
 
 def _parser() -> argparse.ArgumentParser:

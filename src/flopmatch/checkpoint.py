@@ -26,6 +26,17 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB chunks (identifies weights and checkpoints in manifests)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file + rename (atomic on POSIX)."""
     path = Path(path)

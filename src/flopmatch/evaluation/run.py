@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from flopmatch import dist
-from flopmatch.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
+from flopmatch.checkpoint import atomic_write_json, file_sha256, load_tensors, read_json, save_tensors
 from flopmatch.config import SampleConfig
 from flopmatch.errors import UserError
 
@@ -64,14 +64,6 @@ def package_versions() -> dict:
 
     return {"flopmatch": flopmatch.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "scipy": scipy.__version__, "torchmetrics": torchmetrics.__version__, "python": platform.python_version()}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def eval_prompts(dataset, n: int) -> list[str]:

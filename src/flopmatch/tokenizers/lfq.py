@@ -14,6 +14,12 @@ Training losses (all fields of AutoencoderConfig):
   computed exactly over all 2^bits codes when bits <= 12, and otherwise by the sum of per-bit
   marginal entropies (an upper bound).
 
+Loss weights. MAGVIT-v2's commitment 0.25 and entropy 0.1 overwhelm a per-pixel-mean reconstruction
+loss on this data: measured (2000 steps, 2000 eval images, PSNR / shape accuracy of the attribute
+classifier on reconstructions), L1 with 0.25/0.1: 25.9 dB / 46%; L1 with 0.05/0.02: 28.3 dB / 72%;
+L1 with 0.005/0.001: 29.7 dB / 81%; L2 with 0.005/0.001 (the default): 33.1 dB / 95%, all 1024 codes
+used, perplexity 844. L2 with 0.001/0.0002 gave the same PSNR with lower perplexity (636).
+
 Bits default to 10 (vocabulary 1024, 640 bits per image): enough to use the whole codebook on shapes
 (see eval.json's codebook_usage) while the generators' output head stays small (1024 x width); 12+
 bits would spend most of a small transformer's parameters on the head and its softmax.
