@@ -17,9 +17,19 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session", autouse=True)
 def flopmatch_cache(tmp_path_factory):
-    """FLOPMATCH_CACHE -> a fresh session-wide directory, so tests never touch ~/.cache/flopmatch."""
+    """FLOPMATCH_CACHE -> a fresh session-wide directory, so tests never touch ~/.cache/flopmatch.
+
+    Except trained evaluators: ``evaluators/`` links to the persistent cache, so the attribute
+    classifier and domain CLIP (minutes to train, keyed and checksummed) train once per machine.
+    """
+    import os
+    from pathlib import Path
+
+    persistent = Path(os.environ.get("FLOPMATCH_CACHE") or Path.home() / ".cache" / "flopmatch") / "evaluators"
+    persistent.mkdir(parents=True, exist_ok=True)
     mp = pytest.MonkeyPatch()
     path = tmp_path_factory.mktemp("flopmatch-cache")
+    (path / "evaluators").symlink_to(persistent, target_is_directory=True)
     mp.setenv("FLOPMATCH_CACHE", str(path))
     yield path
     mp.undo()

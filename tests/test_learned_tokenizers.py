@@ -43,6 +43,7 @@ def test_encode_decode_shapes_and_dtypes(kind, shapes_uint8):
     """encode gives (B, C, 8, 8) float latents or (B, 64) long tokens in range; decode gives (B, 3, 32, 32) in [-1, 1]."""
     torch.manual_seed(0)
     tok = make_autoencoder(tiny_config(kind)).eval()
+    assert isinstance(tok, KLAutoencoder if kind == "kl" else LFQAutoencoder)
     x = _images(shapes_uint8, 3)
     z = tok.encode(x)
     if kind == "kl":
@@ -253,6 +254,19 @@ def test_eval_metrics_endpoints(shapes_uint8):
     assert uniform["bit_balance"] == [0.5] * 4
     single = code_metrics(torch.full((4, 16), 5), vocab_size=16, bits=4)
     assert single["perplexity"] == pytest.approx(1) and single["codebook_usage"] == 1 / 16
+
+
+@pytest.mark.slow
+def test_ssim_equals_torchmetrics(shapes_uint8):
+    """Our SSIM equals torchmetrics' structural_similarity_index_measure per image (slow: torchmetrics' import)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    from flopmatch.tokenizers.evaluate import ssim
+
+    a = (_images(shapes_uint8, 6) + 1) / 2
+    b = (a + 0.05 * torch.randn(a.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    ref = structural_similarity_index_measure(b, a, data_range=1.0, reduction="none")
+    assert torch.allclose(ssim(b, a), ref, atol=1e-5)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,7 +2,9 @@
 
 Reported (images compared in [0, 1], reconstructions clamped, not quantised to uint8):
 - ``psnr``: mean over images of per-image PSNR in dB (data range 1); ``mse`` pooled over all pixels;
-- ``ssim``: mean per-image SSIM (torchmetrics, Gaussian window 11, sigma 1.5, data range 1);
+- ``ssim``: mean per-image SSIM (Gaussian window 11, sigma 1.5, reflect padding, data range 1): the
+  same computation as torchmetrics' ``structural_similarity_index_measure`` (a test checks they agree),
+  written here because importing torchmetrics costs 5-10 s on this CPU;
 - ``rfid``: reconstruction FID (eval images vs their reconstructions) through
   :func:`reconstruction_fid`, using flopmatch.evaluation's feature extractors; ``rfid_features`` names
   the extractor ("effnet" = fast EfficientNet-Lite0 proxy; "inception" = standard FID, ~12 img/s on
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as nn_f
 
 from flopmatch.checkpoint import atomic_write_json
 from flopmatch.errors import UserError
@@ -99,16 +102,40 @@ def reconstruct(tok: LearnedAutoencoder, images_uint8: torch.Tensor, batch_size:
     return torch.cat(recons), torch.cat(codes), {"encode_s": t_enc, "decode_s": t_dec}
 
 
+def ssim(preds: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, sigma: float = 1.5,
+         k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+    """Per-image SSIM (N,) of images (N, C, H, W) with values in a range of width ``data_range``.
+
+    Gaussian window of side int(3.5 sigma + 0.5) * 2 + 1 (11 for sigma 1.5), inputs reflect-padded so
+    every pixel gets a window, SSIM map averaged over channels and pixels (torchmetrics' convention).
+    """
+    side = int(3.5 * sigma + 0.5) * 2 + 1
+    pad = (side - 1) // 2
+    d = torch.arange(side, dtype=torch.float64) - pad
+    g = torch.exp(-0.5 * (d / sigma) ** 2)
+    g = g / g.sum()
+    c = preds.shape[1]
+    kernel = (g[:, None] * g[None, :]).to(preds).expand(c, 1, side, side)  # (C, 1, k, k), depthwise
+    x = nn_f.pad(preds, (pad,) * 4, mode="reflect")
+    y = nn_f.pad(target, (pad,) * 4, mode="reflect")
+    stats = nn_f.conv2d(torch.cat([x, y, x * x, y * y, x * y]), kernel, groups=c).split(preds.shape[0])
+    mu_x, mu_y = stats[0], stats[1]
+    var_x = (stats[2] - mu_x ** 2).clamp_min(0)
+    var_y = (stats[3] - mu_y ** 2).clamp_min(0)
+    cov = stats[4] - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(1)
+
+
 def image_metrics(real: torch.Tensor, recon: torch.Tensor) -> dict:
     """PSNR (dB, mean per image), SSIM (mean per image), MSE (pooled) of float images in [-1, 1]."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
     a, b = (real.float() + 1) / 2, (recon.float().clamp(-1, 1) + 1) / 2  # [0, 1]
     per_image_mse = (a - b).pow(2).flatten(1).mean(1)  # (N,)
     psnr = 10 * torch.log10(1.0 / per_image_mse.clamp_min(1e-10))  # capped at 100 dB for exact copies
-    ssim = structural_similarity_index_measure(b, a, data_range=1.0, reduction="none")  # (N,)
+    per_image_ssim = ssim(b, a, data_range=1.0)  # (N,)
     return {"psnr": float(psnr.mean()), "psnr_std": float(psnr.std()) if len(psnr) > 1 else 0.0,
-            "ssim": float(ssim.mean()), "mse": float((a - b).pow(2).mean())}
+            "ssim": float(per_image_ssim.mean()), "mse": float((a - b).pow(2).mean())}
 
 
 def code_metrics(tokens: torch.Tensor, vocab_size: int, bits: int) -> dict:
