@@ -1,101 +1,236 @@
-"""The built-in procedural `shapes` data: determinism, splits, holdout, captions, geometry."""
+"""Tests for the procedural shapes dataset: determinism, holdout, captions, geometry, rendering, caching."""
 
-from __future__ import annotations
+import dataclasses
+import random
+import re
+import time
 
+import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
+from flopmatch.data import shapes
 from flopmatch.data.shapes import (
-    COLORS, POSITIONS, RELATIONS, SHAPES, SIZES, ShapesConfig, ShapesDataset, make_scene, parse_caption, render,
+    COLORS, ONE_OBJECT_TEMPLATES, POSITION_CENTRES, SHAPES, SIZES, TWO_OBJECT_TEMPLATES, ShapesConfig,
+    ShapesDataset, caption_for, make_scene, parse_caption, render,
 )
 from flopmatch.errors import UserError
 
-CFG = ShapesConfig(seed=0, num_train=300, num_eval=100)
+CFG = ShapesConfig(num_train=400, num_eval=300)
 
 
-def test_vocabulary_is_large_enough():
-    """At least 6 colours and 4 shapes, two sizes, several positions and four relations."""
-    assert len(COLORS) >= 6 and len(SHAPES) >= 4 and len(SIZES) == 2 and len(POSITIONS) >= 3 and len(RELATIONS) == 4
+def _scenes(cfg=CFG, split="train", n=300):
+    return [make_scene(cfg, split, i) for i in range(n)]
 
 
-def test_scene_is_a_pure_function_of_seed_split_index():
-    """Same (cfg, split, index) gives the same caption and pixels; another seed gives other scenes."""
-    for i in range(20):
-        a, b = make_scene(CFG, "train", i), make_scene(CFG, "train", i)
-        assert a == b and torch.equal(render(a), render(b))
-    other = ShapesConfig(seed=1, num_train=300, num_eval=100)
-    assert [make_scene(CFG, "train", i).caption for i in range(20)] != [make_scene(other, "train", i).caption for i in range(20)]
+def _mask(scene, obj):
+    """Boolean (H, W) mask of pixels that obj alone changes from the background."""
+    alone = render(dataclasses.replace(scene, objects=(obj,)))
+    empty = render(dataclasses.replace(scene, objects=()))
+    return (alone != empty).any(0).numpy()
 
 
-def test_train_and_eval_splits_differ():
-    """The evaluation split is a different stream from the training split."""
-    train = [make_scene(CFG, "train", i).caption for i in range(50)]
-    evals = [make_scene(CFG, "eval", i).caption for i in range(50)]
-    assert train != evals
+def _centroid(mask):
+    ys, xs = np.nonzero(mask)
+    return xs.mean() + 0.5, ys.mean() + 0.5  # pixel i covers [i, i+1)
 
 
-def test_holdout_combos_never_in_train_but_in_eval():
-    """Held-out colour+shape combos are absent from training scenes and present in evaluation scenes."""
-    cfg = ShapesConfig(seed=0, num_train=400, num_eval=400, holdout=("red triangle",))
-    has = lambda s: any(o.color == "red" and o.shape == "triangle" for o in s.objects)  # noqa: E731
-    assert not any(has(make_scene(cfg, "train", i)) for i in range(400))
-    assert any(has(make_scene(cfg, "eval", i)) for i in range(400))
+def _strip_background(attrs):
+    return {k: v for k, v in attrs.items() if k != "background"}
 
 
-def test_bad_holdout_and_split_are_user_errors():
-    """Malformed holdout entries and unknown splits raise UserError."""
+def test_scene_and_image_deterministic():
+    """Same (cfg, split, index) gives the identical scene, caption and image, also across dataset instances."""
+    a, b = ShapesDataset(CFG, "train", disk_cache=False), ShapesDataset(CFG, "train", disk_cache=False)
+    for i in (0, 7, 123):
+        assert make_scene(CFG, "train", i) == make_scene(CFG, "train", i)
+        assert a[i]["caption"] == b[i]["caption"]
+        assert torch.equal(a[i]["image"], b[i]["image"])
+
+
+def test_seeds_and_splits_differ():
+    """Different seeds, and train vs eval, give different scene streams."""
+    base = [s.caption for s in _scenes(n=50)]
+    other_seed = [s.caption for s in _scenes(dataclasses.replace(CFG, seed=1), n=50)]
+    eval_split = [s.caption for s in _scenes(split="eval", n=50)]
+    assert sum(x != y for x, y in zip(base, other_seed)) > 40
+    assert sum(x != y for x, y in zip(base, eval_split)) > 40
+
+
+def test_holdout_absent_from_train_present_in_eval():
+    """Held-out colour+shape combos never appear in train scenes but do appear in eval scenes."""
+    held = ("red triangle", "blue circle")
+    cfg = dataclasses.replace(CFG, holdout=held)
+    train = _scenes(cfg, "train", 1500)
+    assert not any(f"{o.color} {o.shape}" in held for s in train for o in s.objects)
+    evals = _scenes(cfg, "eval", 1500)
+    seen = {f"{o.color} {o.shape}" for s in evals for o in s.objects}
+    assert set(held) <= seen
+
+
+def test_holdout_keeps_unaffected_scenes():
+    """A train scene without a held-out combo is the same scene with or without the holdout (pure resampling)."""
+    cfg = dataclasses.replace(CFG, holdout=("red triangle",))
+    for i, plain in enumerate(_scenes(n=200)):
+        if not any(o.color == "red" and o.shape == "triangle" for o in plain.objects):
+            assert make_scene(cfg, "train", i) == plain
+
+
+def test_bad_config_and_split_rejected():
+    """Unknown holdout combos, bad splits and out-of-range probabilities raise UserError."""
     with pytest.raises(UserError):
-        ShapesConfig(holdout=("red",))
+        ShapesConfig(holdout=("pink hexagon",))
+    with pytest.raises(UserError):
+        ShapesConfig(two_object_prob=1.5)
     with pytest.raises(UserError):
         ShapesDataset(CFG, "test")
+    with pytest.raises(UserError):
+        make_scene(CFG, "valid", 0)
 
 
-def test_caption_parses_back_to_ground_truth():
-    """parse_caption inverts every caption template: same count, objects, axis, position and relation."""
-    for split in ("train", "eval"):
-        for i in range(300):
-            scene = make_scene(CFG, split, i)
-            truth, parsed = scene.attrs(), parse_caption(scene.caption)
-            for key in ("count", "objects", "axis", "position", "relation"):
-                assert parsed[key] == truth[key], (scene.caption, key)
-            assert len(scene.caption.split()) <= 16
+def test_parse_caption_inverts_dataset_captions():
+    """parse_caption(scene.caption) recovers scene.attrs() (all but background) for hundreds of scenes."""
+    for s in _scenes(n=300) + _scenes(split="eval", n=100):
+        assert parse_caption(s.caption) == _strip_background(s.attrs()), s.caption
 
 
-def test_relation_is_geometrically_true_and_objects_do_not_overlap():
-    """For pairs, object centres satisfy the stated relation and the object masks do not intersect."""
-    checked = 0
-    for i in range(200):
-        scene = make_scene(CFG, "train", i)
-        if len(scene.objects) != 2:
-            continue
-        a, b = scene.objects
-        rel = scene.relation
-        assert {"to the left of": a.cx < b.cx, "to the right of": a.cx > b.cx,
-                "above": a.cy < b.cy, "below": a.cy > b.cy}[rel], scene.caption
-        # render each object alone on the same background: their foreground masks must be disjoint
-        masks = []
-        bg = render(scene.__class__((), None, None, scene.background, "", scene.image_size)).int()
-        for o in (a, b):
-            solo = scene.__class__((o,), None, "center", scene.background, "", scene.image_size)
-            masks.append((render(solo).int() - bg).abs().sum(0) > 30)
-        assert not (masks[0] & masks[1]).any(), scene.caption
-        checked += 1
-    assert checked > 50
+@pytest.mark.parametrize("template", range(len(TWO_OBJECT_TEMPLATES)))
+def test_parse_caption_inverts_every_template(template):
+    """Every template with random synonyms parses back to the scene's attributes."""
+    assert len(ONE_OBJECT_TEMPLATES) == len(TWO_OBJECT_TEMPLATES)
+    rng = random.Random(template)
+    for s in _scenes(n=200):
+        cap = caption_for(s.objects, s.relation, s.position, template=template, rng=rng)
+        assert parse_caption(cap) == _strip_background(s.attrs()), cap
 
 
-def test_dataset_items_and_images():
-    """Items are float images in [-1, 1] of shape (3, 32, 32) with captions; images_uint8 matches them."""
-    ds = ShapesDataset(CFG, "eval")
-    assert len(ds) == CFG.num_eval
-    item = ds[3]
-    assert item["image"].shape == (3, 32, 32) and item["image"].min() >= -1 and item["image"].max() <= 1
-    images = ds.images_uint8()
-    assert images.dtype == torch.uint8 and images.shape == (CFG.num_eval, 3, 32, 32)
-    assert torch.allclose(images[3].float() / 127.5 - 1, item["image"], atol=1e-6)
-    assert ds.captions()[3] == item["caption"]
+def test_caption_words_name_exactly_the_attributes():
+    """Each caption contains a synonym of every object attribute and of the position/relation, and no other colour."""
+    for s in _scenes(n=300):
+        cap = f" {re.sub(r'[^a-z ]', ' ', s.caption)} "
+        words = set(cap.split())
+        for o in s.objects:
+            assert words & set(shapes.COLOR_WORDS[o.color]), cap
+            assert words & set(shapes.SHAPE_WORDS[o.shape]), cap
+            assert words & set(shapes.SIZE_WORDS[o.size]), cap
+        named = {c for c, ws in shapes.COLOR_WORDS.items() if words & set(ws)}
+        assert named == {o.color for o in s.objects}, cap
+        if s.relation is None:
+            assert any(f" {p} " in f" {' '.join(cap.split())} " for p in shapes.POSITION_WORDS[s.position]), cap
+        else:
+            assert any(f" {p} " in f" {' '.join(cap.split())} " for p in shapes.RELATION_WORDS[s.relation]), cap
+        assert len(s.caption.split()) <= 16
 
 
-def test_fingerprint_tracks_config():
-    """The data fingerprint changes with any config field and with the split."""
-    assert CFG.fingerprint() != ShapesConfig(seed=0, num_train=301, num_eval=100).fingerprint()
-    assert ShapesDataset(CFG, "train").fingerprint() != ShapesDataset(CFG, "eval").fingerprint()
+def test_canonical_words_caption():
+    """Without rng, caption_for uses template 0 and canonical words."""
+    s = make_scene(CFG, "train", 1)
+    obj = shapes.Obj("red", "triangle", "small", 10, 16)
+    assert caption_for([obj], None, "left") == "a small red triangle on the left"
+    assert caption_for([obj, dataclasses.replace(obj, color="blue", shape="circle", size="large")],
+                       "above") == "a small red triangle above a large blue circle"
+    assert parse_caption(caption_for(s.objects, s.relation, s.position)) == _strip_background(s.attrs())
+
+
+def test_parse_caption_partial_prompts():
+    """User prompts that omit attributes parse with None; prompts naming nothing raise UserError."""
+    p = parse_caption("A red circle.")
+    assert p["count"] == 1 and p["objects"] == [{"color": "red", "shape": "circle", "size": None}]
+    assert p["position"] is None
+    p = parse_caption("big blue square below a triangle")
+    assert p["relation"] == "below" and p["axis"] == "vertical"
+    assert p["objects"][0] == {"color": None, "shape": "triangle", "size": None}  # canonical: top first
+    with pytest.raises(UserError):
+        parse_caption("a photo of a dog")
+
+
+def test_two_object_relation_holds_and_no_overlap():
+    """In rendered two-object scenes the relation holds between mask centroids, clearly, and masks are disjoint."""
+    two = [s for s in _scenes(n=300) if len(s.objects) == 2]
+    assert len(two) > 100
+    for s in two:
+        m0, m1 = (_mask(s, o) for o in s.objects)
+        assert not (m0 & m1).any(), s.caption
+        # the objects are visibly separate: two connected components of non-background pixels
+        fg = (render(s) != render(dataclasses.replace(s, objects=()))).any(0).numpy()
+        assert ndimage.label(fg)[1] == 2, s.caption
+        (x0, y0), (x1, y1) = _centroid(m0), _centroid(m1)
+        along, across = {"to the left of": (x1 - x0, y1 - y0), "to the right of": (x0 - x1, y0 - y1),
+                         "above": (y1 - y0, x1 - x0), "below": (y0 - y1, x0 - x1)}[s.relation]
+        assert along > 2 * abs(across), (s.caption, along, across)
+        a = s.attrs()
+        assert a["axis"] == ("horizontal" if "left" in s.relation or "right" in s.relation else "vertical")
+        assert s.objects[0].names() != s.objects[1].names(), s.caption
+
+
+def test_lone_object_position_colour_size():
+    """A lone object's centroid is nearest its position's centre; its centre pixel has its exact colour; sizes differ."""
+    extents = {"small": [], "large": []}
+    lone = [s for s in _scenes(n=300) if len(s.objects) == 1]
+    assert len(lone) > 100
+    for s in lone:
+        (o,) = s.objects
+        m = _mask(s, o)
+        cx, cy = _centroid(m)
+        dists = {p: np.hypot(cx - fx * 32, cy - fy * 32) for p, (fx, fy) in POSITION_CENTRES.items()}
+        assert min(dists, key=dists.get) == s.position and dists[s.position] < 3.5, (s.caption, cx, cy)
+        img = render(s)
+        assert tuple(img[:, int(o.cy), int(o.cx)].tolist()) == COLORS[o.color], s.caption
+        ys, xs = np.nonzero(m)
+        extents[o.size].append(max(xs.max() - xs.min(), ys.max() - ys.min()) + 1)
+    assert max(extents["small"]) <= 9 and min(extents["large"]) >= 13
+    assert set(s.objects[0].shape for s in lone) == set(SHAPES) and SIZES == ("small", "large")
+
+
+def test_dataset_items_shapes_and_ranges():
+    """Items are float (3, H, W) images in [-1, 1] with caption and attrs; lengths follow the config."""
+    ds = ShapesDataset(CFG, "eval", disk_cache=False)
+    assert len(ds) == 300 and len(ShapesDataset(CFG, "train", disk_cache=False)) == 400
+    item = ds[5]
+    assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 32, 32)
+    assert item["image"].min() >= -1 and item["image"].max() <= 1
+    assert item["caption"] == ds.scene(5).caption and item["attrs"] == ds.scene(5).attrs()
+    assert len(ds.captions()) == 300
+    with pytest.raises(IndexError):
+        ds[300]
+    batch = shapes.collate([ds[0], ds[1]])
+    assert batch["image"].shape == (2, 3, 32, 32) and len(batch["attrs"]) == 2
+    big = render(ds.scene(0), 64)
+    assert big.dtype == torch.uint8 and big.shape == (3, 64, 64)
+
+
+def test_images_uint8_matches_items_and_disk_cache(tmp_path, monkeypatch):
+    """images_uint8 equals per-item rendering, is written to the cache and read back; a corrupt file is rebuilt."""
+    monkeypatch.setenv("FLOPMATCH_CACHE", str(tmp_path))
+    cfg = ShapesConfig(num_train=50, num_eval=20)
+    ds = ShapesDataset(cfg, "train")
+    imgs = ds.images_uint8()
+    assert imgs.dtype == torch.uint8 and imgs.shape == (50, 3, 32, 32)
+    assert torch.equal(imgs[17], render(ds.scene(17)))
+    assert torch.equal(ds[3]["image"], imgs[3].float() / 127.5 - 1)
+    path = tmp_path / "shapes" / f"{ds.fingerprint()}.safetensors"
+    assert path.exists()
+    assert torch.equal(ShapesDataset(cfg, "train").images_uint8(), imgs)
+    path.write_bytes(b"garbage")
+    assert torch.equal(ShapesDataset(cfg, "train").images_uint8(), imgs)
+
+
+def test_fingerprint_covers_every_field_and_split():
+    """Changing any config field or the split changes the fingerprint; equal configs agree."""
+    base = ShapesConfig()
+    changed = [dict(seed=1), dict(image_size=64), dict(num_train=10), dict(num_eval=10),
+               dict(two_object_prob=0.3), dict(holdout=("red triangle",))]
+    prints = {base.fingerprint()} | {dataclasses.replace(base, **c).fingerprint() for c in changed}
+    assert len(prints) == len(changed) + 1
+    assert ShapesConfig().fingerprint() == base.fingerprint()
+    assert ShapesDataset(base, "train").fingerprint() != ShapesDataset(base, "eval").fingerprint()
+
+
+@pytest.mark.slow
+def test_full_train_split_renders_fast():
+    """The default 20000-image training split builds and renders in well under 30 s."""
+    t0 = time.perf_counter()
+    imgs = ShapesDataset(ShapesConfig(), "train", disk_cache=False).images_uint8()
+    assert imgs.shape == (20000, 3, 32, 32)
+    assert time.perf_counter() - t0 < 30
