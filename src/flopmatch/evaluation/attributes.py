@@ -25,7 +25,6 @@ beside them (so a new eval config costs one forward pass over its eval split, no
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from flopmatch.checkpoint import file_sha256
 
 ATTRIBUTE_CODE_VERSION = 1  # bump when the network, labels or training recipe change: keys the cache
 ACCURACY_BOUND = 0.95  # every attribute's held-out accuracy must reach this (asserted by the tests)
@@ -283,11 +284,6 @@ def train_attribute_classifier(shapes_cfg, progress: bool = True, steps: int | N
     return net, info
 
 
-def _sha256(path: Path) -> str:
-    """sha256 of a (small) file, read fresh: the file may have just been rewritten."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _evaluator_dir(shapes_cfg) -> Path:
     from flopmatch.paths import cache_dir
 
@@ -326,7 +322,7 @@ def load_or_train_attribute_classifier(shapes_cfg, progress: bool = True) -> Att
     if weights.exists() and info_path.exists():
         try:
             info = read_json(info_path)
-            if info.get("sha256") == _sha256(weights):
+            if info.get("sha256") == file_sha256(weights):
                 net = AttributeNet(shapes_cfg.image_size)
                 net.load_state_dict(load_tensors(weights), strict=True)
         except (UserError, RuntimeError, KeyError):
@@ -334,7 +330,7 @@ def load_or_train_attribute_classifier(shapes_cfg, progress: bool = True) -> Att
     if net is None:
         net, info = train_attribute_classifier(shapes_cfg, progress=progress)
         save_tensors(weights, net.state_dict(), metadata={"code_version": str(ATTRIBUTE_CODE_VERSION)})
-        info["sha256"] = _sha256(weights)
+        info["sha256"] = file_sha256(weights)
         atomic_write_json(info_path, info)
     net.eval()
     classifier = AttributeClassifier(net, info["sha256"], info, {}, weights)

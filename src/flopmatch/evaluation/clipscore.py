@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from flopmatch.checkpoint import file_sha256
+
 CLIP_CODE_VERSION = 1  # bump when the model or training recipe changes: keys the cache
 EMBED_DIM = 256
 IMAGE_SIZE = 32
@@ -199,10 +201,6 @@ def train_domain_clip(train_images: torch.Tensor, train_captions: list[str], pro
     return model, info
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def load_or_train_domain_clip(train_set: CaptionedImages, heldout_set: CaptionedImages, progress: bool = True
                               ) -> DomainCLIPModel:
     """The cached domain CLIP for a dataset (trained once, a few minutes on CPU), with retrieval accuracy.
@@ -225,7 +223,7 @@ def load_or_train_domain_clip(train_set: CaptionedImages, heldout_set: Captioned
     if weights.exists() and info_path.exists():
         try:
             info = read_json(info_path)
-            if info.get("sha256") == _sha256(weights):
+            if info.get("sha256") == file_sha256(weights):
                 model = DomainCLIP(text_dim=encoder.dim)
                 model.load_state_dict(load_tensors(weights), strict=True)
                 return DomainCLIPModel(model.eval(), info["sha256"], info, weights, encoder)
@@ -233,7 +231,7 @@ def load_or_train_domain_clip(train_set: CaptionedImages, heldout_set: Captioned
             pass  # damaged or stale: retrain below
     model, info = train_domain_clip(train_set.images_uint8(), train_set.captions(), progress=progress)
     save_tensors(weights, model.state_dict(), metadata={"code_version": str(CLIP_CODE_VERSION)})
-    info |= {"sha256": _sha256(weights), "data_key": data_key, "text_encoder": encoder.name}
+    info |= {"sha256": file_sha256(weights), "data_key": data_key, "text_encoder": encoder.name}
     trained = DomainCLIPModel(model, info["sha256"], info, weights, encoder)
     n = min(HELDOUT_PAIRS, len(heldout_set.captions()))
     info["retrieval"] = retrieval_accuracy(trained, heldout_set.images_uint8()[:n], heldout_set.captions()[:n])
