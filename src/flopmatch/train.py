@@ -358,7 +358,7 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
                     raise UserError(f"loss became {loss_v} at step {step}; lower train.lr or use --set train.precision=fp32")
                 pending.append({"step": step, "loss": loss_v, "lr": lr, "flops": flops, "elapsed_s": round(elapsed, 3),
                                 "grad_norm": float(gnorm), "flops_per_s": flops / max(elapsed, 1e-9)})
-                bar.set_postfix_str(f"loss {loss_v:.4f} | {flops:.2e}/{cfg.train.budget:.0e} FLOPs")
+                bar.set_postfix_str(f"loss {loss_v:.4f} | {flops:.3g}/{cfg.train.budget:.3g} FLOPs")
             bar.update(1)
             stop = steps_this_call == stop_after or interrupted.any()
             if step % cfg.train.checkpoint_every == 0 or step == plan.steps or stop:
