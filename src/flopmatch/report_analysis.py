@@ -15,7 +15,10 @@ Conventions
 * A fit needs >= 3 budgets; the trend is ``E + A (C/C0)^-alpha`` with 90 % bootstrap intervals.
 * "P(a better)" at a budget is ``compare_at_budget``'s seed bootstrap. With one seed per cell it
   cannot be computed; then, if both paradigms have bootstrapped fits, the fraction of paired fits
-  whose trend is lower at that budget is used instead (source "fitted trends", noted as weaker).
+  whose trend is lower at that budget is used instead (source "fitted trends", noted as weaker);
+  failing that, for scores that are fractions of generated images (prompt following), each side is
+  redrawn as Binomial(n images, score) (source "evaluation-sample bootstrap": evaluation noise only,
+  not seed variance).
 * A claim "a beats b" is **held** at a budget if P >= 0.95, **reversed** if P <= 0.05, unclear
   otherwise. Over budgets: held if at least half are held and none reversed; did not hold if at
   least half are reversed and none held; inconclusive otherwise (including mixed orders).
@@ -232,8 +235,33 @@ class Analyser:
             pb = np.array([f.predict(budget) for f in fb.boot.fits[:n]])
             res["p_a_better"] = float(np.mean(pa < pb) + 0.5 * np.mean(pa == pb))
             res["source"] = "fitted trends"
+        if res["p_a_better"] is None and METRIC[metric].score:
+            res.update(self._sample_bootstrap(metric, a, b, budget, res, seed))
         self.comparisons[key] = res
         return res
+
+    def _num_samples(self, paradigm: str, budget: float, depth: int) -> int | None:
+        """Generated images behind the main-setting score of the (single-seed) frontier run."""
+        ns = {r["num_samples"] for r in self.study.rows if r["objective"] == paradigm and r["budget"] == budget
+              and r["depth"] == depth and r["main"] and r["num_samples"]}
+        return int(min(ns)) if ns else None
+
+    def _sample_bootstrap(self, metric: str, a: str, b: str, budget: float, res: dict, seed: int) -> dict:
+        """P(a better) from the evaluation's own sampling noise, for a score that is a fraction of images.
+
+        With one seed per cell there is no seed variance to resample; a score such as the full-match
+        rate is still a mean over n generated images, so each side is redrawn as Binomial(n, p)/n.
+        This captures evaluation noise only, not training-seed variance (labelled so in the report).
+        """
+        na = self._num_samples(a, budget, res["a"]["depth"])
+        nb = self._num_samples(b, budget, res["b"]["depth"])
+        if not (na and nb):
+            return {}
+        rng = np.random.default_rng(seed)
+        err_a = 1 - rng.binomial(na, 1 - res["a"]["value"], self.n_boot) / na  # values are errors (1 - score)
+        err_b = 1 - rng.binomial(nb, 1 - res["b"]["value"], self.n_boot) / nb
+        p = float(np.mean(err_a < err_b) + 0.5 * np.mean(err_a == err_b))
+        return {"p_a_better": p, "source": "evaluation-sample bootstrap, seed variance not included"}
 
     def crossovers(self) -> list[dict]:
         out = []
