@@ -24,6 +24,7 @@ import torch
 from flopmatch import dist
 from flopmatch.checkpoint import atomic_write_text, load_tensors, save_tensors
 from flopmatch.config import RunConfig, load_config, save_config, to_dict
+from flopmatch.data.prepare import prepare
 from flopmatch.device import autocast, resolve_device, use_bf16
 from flopmatch.errors import UserError
 from flopmatch.nets import Network
@@ -379,10 +380,3 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
     if dist.is_main() and final["done"]:
         print(f"{run}: done, {step} steps, {flops:.3g} FLOPs (budget {cfg.train.budget:.3g}), {elapsed:.0f}s")
     return final
-
-
-def prepare(cfg, objective, progress=True):
-    """Indirection so tests can monkeypatch data preparation."""
-    from flopmatch.data.prepare import prepare as _prepare
-
-    return _prepare(cfg, objective, progress=progress)
