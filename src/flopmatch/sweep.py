@@ -147,8 +147,9 @@ def _fmt_s(s: float) -> str:
 
 def run_job(job: dict, progress: bool = True) -> None:
     """Train (or resume, or skip) one run, then evaluate every setting it still lacks."""
-    from flopmatch.evaluation.run import EvalConfig, evaluate, setting_key
+    from flopmatch.evaluation.run import EvalConfig, entry_key, evaluate
     from flopmatch.objectives import make_objective
+    from flopmatch.plan import net_spec_for
     from flopmatch.train import read_state, train
 
     cfg = from_dict(RunConfig, job["config"]).validate()
@@ -159,12 +160,8 @@ def run_job(job: dict, progress: bool = True) -> None:
     ecfg = from_dict(EvalConfig, job["eval"])
     settings = [from_dict(SampleConfig, s) for s in job["settings"]]
     done = read_json(run / "eval.json")["entries"] if (run / "eval.json").exists() else {}
-    objective = make_objective(cfg.objective, cfg.method)
-    from flopmatch.plan import net_spec_for
-
-    spec = net_spec_for(cfg)
-    todo = [s for s in settings
-            if setting_key(s, objective.resolve_steps(s, spec)) + f",weights={ecfg.weights},n={ecfg.num_samples},seed={ecfg.seed}" not in done]
+    objective, spec = make_objective(cfg.objective, cfg.method), net_spec_for(cfg)
+    todo = [s for s in settings if entry_key(s, objective.resolve_steps(s, spec), ecfg) not in done]
     if todo:
         evaluate(run, todo, ecfg, progress=progress)
 

@@ -55,6 +55,11 @@ def setting_key(sample: SampleConfig, steps: int) -> str:
     return key
 
 
+def entry_key(sample: SampleConfig, steps: int, ecfg: "EvalConfig") -> str:
+    """The eval.json key of one evaluated setting: sampler settings plus weights, sample count and seed."""
+    return setting_key(sample, steps) + f",weights={ecfg.weights},n={ecfg.num_samples},seed={ecfg.seed}"
+
+
 def package_versions() -> dict:
     import numpy
     import scipy
@@ -157,7 +162,7 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
     ckpt_sha = file_sha256(run / CHECKPOINT)
     for sample in settings:
         steps = gen.objective.resolve_steps(sample, gen.spec)
-        key = setting_key(sample, steps) + f",weights={ecfg.weights},n={ecfg.num_samples},seed={ecfg.seed}"
+        key = entry_key(sample, steps, ecfg)
         sample_dir = run / "samples" / key.replace(",", "_").replace("=", "-")
         if progress and dist.is_main():
             print(f"[eval] {run.name}: {key}")

@@ -37,7 +37,7 @@ from torch import nn
 
 from flopmatch.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
 from flopmatch.errors import UserError
-from flopmatch.tokenizers.base import Tokenizer, TokenizerSpec
+from flopmatch.tokenizers.base import Tokenizer
 
 if TYPE_CHECKING:  # train_ae imports kl/lfq, which import this module: no runtime import here
     from flopmatch.tokenizers.train_ae import AutoencoderConfig
