@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from flopmatch.errors import UserError
 from flopmatch.evaluation import features as feats
-from flopmatch.evaluation.quality import fid_from_features, kid_from_features, precision_recall
+from flopmatch.evaluation.quality import fid_bootstrap, fid_from_features, fid_resampled, kid_from_features, precision_recall
 
 NUM_IMAGES = 200
 BLUR = (0.6, 1.2, 2.4)  # std in pixels
@@ -144,6 +144,33 @@ def test_fid_matches_scipy_sqrtm():
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
     assert fid_from_features(real, fake) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("m,f", [(40, 64), (200, 16)])  # M < F (M x M route) and M >= F (F x F route)
+def test_fid_resampled_equals_fid_of_the_resampled_rows(m, f):
+    """The fast bootstrap FID of index list i equals fid_from_features(real, fake[i]), repeats included."""
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn(500, f, generator=g) * torch.linspace(0.2, 2.0, f)
+    fake = torch.randn(m, f, generator=g) * 1.2 + 0.3
+    idx = [torch.randint(0, m, (m,), generator=g) for _ in range(4)] + [torch.arange(m), torch.arange(m // 2)]
+    fast = fid_resampled(real, fake, idx)
+    assert fast == pytest.approx([fid_from_features(real, fake[i]) for i in idx], rel=1e-6)
+
+
+def test_fid_bootstrap_is_seeded_and_its_spread_shrinks_with_more_images():
+    """Same generator seed, same replicates. The spread falls with M: as 1/sqrt(M) when the mean gap dominates
+    FID (4x images -> half), faster (towards 1/M) when the sets nearly agree and second-order terms dominate."""
+    g = torch.Generator().manual_seed(2)
+    real = torch.randn(2000, 32, generator=g)
+    fake = torch.randn(1600, 32, generator=g) + 1.0
+
+    def sd(m):
+        reps = fid_bootstrap(real, fake[:m], 200, generator=torch.Generator().manual_seed(0))
+        assert reps == fid_bootstrap(real, fake[:m], 200, generator=torch.Generator().manual_seed(0))
+        return float(torch.tensor(reps).std())
+
+    small, large = sd(100), sd(400)
+    assert 0.4 < large / small < 0.6, (small, large)
 
 
 def test_precision_recall_self_is_one_and_recall_falls_on_mode_collapse(real_features):

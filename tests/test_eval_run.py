@@ -51,6 +51,8 @@ def test_eval_twice_with_same_seed_gives_identical_numbers(tiny_run, tmp_path):
     assert m["feature_extractors"]["effnet"]["resize"]
     assert 0.0 <= entry["metrics"]["prompt_following"]["full_match"] <= 1.0
     assert entry["metrics"]["effnet"]["fid"] >= 0
+    boot = entry["metrics"]["effnet"]["fid_boot"]  # evaluation-noise replicates, also reproduced exactly above
+    assert boot["n"] == len(boot["replicates"]) == ecfg.fid_boot and boot["std"] > 0
 
 
 def test_sharded_generation_equals_single_process(tiny_run, tmp_path, monkeypatch):
@@ -78,5 +80,6 @@ def test_eval_cli_bad_input_is_one_line_error(tiny_run, capsys):
 
     assert main(["eval", str(tiny_run), "--sweep", "bogus=1,2"]) == 2
     assert main(["eval", str(tiny_run.parent / "nope")]) == 2
+    assert main(["eval", str(tiny_run), "--fid-boot", "-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("flopmatch: error:") for line in err)
+    assert len(err) == 3 and all(line.startswith("flopmatch: error:") for line in err)

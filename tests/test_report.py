@@ -28,7 +28,7 @@ from flopmatch.checkpoint import atomic_write_json, atomic_write_text, save_tens
 from flopmatch.config import ModelConfig, RunConfig, SampleConfig, TextConfig, TrainConfig, save_config
 from flopmatch.evaluation.run import setting_key
 from flopmatch.report import build_report, register, results_csv
-from flopmatch.report_analysis import analyse, combine, status_from
+from flopmatch.report_analysis import Analyser, analyse, combine, status_from
 from flopmatch.report_data import COLUMNS, collect, load_study, main_setting
 from flopmatch.train import CHECKPOINT
 
@@ -62,8 +62,11 @@ def _net_spec(p: str, depth: int) -> dict:
 
 
 def make_run(root: Path, p: str, depth: int, budget: float, seed: int, *, fid: float, prompt_err: float, loss: float,
-             rng: np.random.Generator, evaluate: bool = True, done: bool = True, raw: bool = False) -> Path:
-    """One fake run directory whose main (default-steps, EMA) setting has the given metrics."""
+             rng: np.random.Generator, evaluate: bool = True, done: bool = True, raw: bool = False,
+             fid_sd: float = 0.0) -> Path:
+    """One fake run directory whose main (default-steps, EMA) setting has the given metrics.
+
+    ``fid_sd`` > 0 adds FID bootstrap replicates (100, normal with that relative sd, shifted up as real ones are)."""
     run = root / "runs" / f"{p}-d{depth}-{budget:.0e}-s{seed}"
     cfg = RunConfig(objective=p, text=TextConfig(kind="hash"), model=ModelConfig(depth=depth),
                     train=TrainConfig(budget=budget, seed=seed))  # fmt: skip
@@ -101,6 +104,9 @@ def make_run(root: Path, p: str, depth: int, budget: float, seed: int, *, fid: f
                             "metrics": {"effnet": {"fid": f, "kid": f / 1e3, "kid_std": 1e-4, "precision": 0.5, "recall": 0.5},
                                         "prompt_following": {**pf, "full_match": 1 - prompt_err}},
                             "inference": inf, "manifest": {"weights": weights, "num_samples": 64}}  # fmt: skip
+            if fid_sd:
+                reps = (f * (1.1 + fid_sd * rng.standard_normal(100))).tolist()
+                entries[key]["metrics"]["effnet"]["fid_boot"] = {"n": 100, "std": float(np.std(reps, ddof=1)), "replicates": reps}
             if weights == "ema" and steps == default:
                 sd = run / "samples" / key.replace(",", "_").replace("=", "-")
                 g = torch.Generator().manual_seed(zlib.crc32(run.name.encode()))
@@ -112,7 +118,8 @@ def make_run(root: Path, p: str, depth: int, budget: float, seed: int, *, fid: f
 
 
 def make_study(root: Path, paradigms=PARADIGMS, depths=(2, 4), budgets=BUDGETS, seeds=(0, 1), noise: float = 0.01,
-               raw: bool = False, skip_eval=(), unfinished=(), laws: dict | None = None, rng_seed: int = 0) -> Path:
+               raw: bool = False, skip_eval=(), unfinished=(), laws: dict | None = None, rng_seed: int = 0,
+               fid_sd: float = 0.0) -> Path:
     """A study directory of fake runs following the laws (``skip_eval`` / ``unfinished``: run names)."""
     rng = np.random.default_rng(rng_seed)
     laws = laws or {"fid": FID_LAW, "prompt": PROMPT_ERR_LAW, "loss": LOSS_LAW}
@@ -126,7 +133,7 @@ def make_study(root: Path, paradigms=PARADIGMS, depths=(2, 4), budgets=BUDGETS, 
                          for k in laws}  # fmt: skip
                     name = f"{p}-d{d}-{b:.0e}-s{s}"
                     make_run(root, p, d, b, s, fid=y["fid"], prompt_err=min(y["prompt"], 1.0), loss=y["loss"], rng=rng,
-                             evaluate=name not in skip_eval, done=name not in unfinished, raw=raw)  # fmt: skip
+                             evaluate=name not in skip_eval, done=name not in unfinished, raw=raw, fid_sd=fid_sd)  # fmt: skip
     return root
 
 
@@ -297,16 +304,36 @@ def test_verdict_reverses_when_the_data_do(tmp_path):
 @pytest.mark.slow
 def test_one_budget_one_seed_reports_without_fits(tmp_path):
     """One budget, one seed: no fits ('needs >= 3 budgets'); FID has no P without repeats (inconclusive),
-    prompt following gets P only from the evaluation-sample bootstrap, labelled as such; no crash."""
+    prompt following gets P from its evaluation noise (binomial), labelled as such; no crash."""
     root = make_study(tmp_path, depths=(2,), budgets=(1e12,), seeds=(0,))
     out = build_report(root, n_boot=20)
     md = Path(out["paths"]["md"]).read_text()
     assert "needs >= 3 budgets for a fit (has 1)" in md
     assert out["findings"][1]["verdict"] == "inconclusive"
-    assert all("evaluation-sample bootstrap, seed variance not included" in p["text"] for p in out["findings"][0]["parts"])
+    assert all("evaluation noise only" in p["text"] for p in out["findings"][0]["parts"])
     # inference: FLOPs are analytic (exact), latency has 3 repeats per run, throughput one number (no P)
     assert [p["status"] for p in out["findings"][2]["parts"]] == ["held", "inconclusive", "held"]
     assert out["findings"][2]["verdict"] == "inconclusive"
+
+
+@pytest.mark.slow
+def test_one_seed_fid_noise_comes_from_its_bootstrap_replicates(tmp_path):
+    """One seed with FID bootstrap replicates: FID fits get intervals and comparisons a P, both labelled as
+    evaluation noise only; the P follows the noise (sure when it is small against the gaps, not when huge)."""
+    def fid_parts(sd):
+        root = make_study(tmp_path / f"sd{sd}", depths=(2,), seeds=(0,), noise=0.0, fid_sd=sd)
+        an = Analyser(load_study(root), n_boot=100, seed=0)
+        fit = an.fits[("fid", "diffusion")].boot
+        assert fit.method == "evaluation" and "seed variance not included" in fit.note and fit.fits
+        parts = [an.claim("fid", a, b) for a, b in (("autoregressive", "diffusion"), ("masked", "diffusion"))]
+        assert all("evaluation noise only" in p["text"] and None not in p["ps"] for p in parts)
+        rows = collect(root)
+        assert all(r["fid_se_effnet"] > 0 and len(r["fid_boot_effnet"]) == 100 for r in rows if r["main"])
+        return [p for part in parts for p in part["ps"]]
+
+    small, huge = fid_parts(0.001), fid_parts(3.0)
+    assert all(p in (0.0, 1.0) for p in small)  # the laws differ by >= 4 % at every budget: certain at 0.1 % noise
+    assert all(0.2 < p < 0.8 for p in huge)  # 300 % noise drowns every gap
 
 
 @pytest.mark.slow

@@ -369,6 +369,28 @@ def test_compare_at_budget_sign_and_confidence():
     assert compare_at_budget(a, b, C, n_boot=300, seed=0) == res  # deterministic
 
 
+def test_single_seed_records_with_evaluation_noise_are_resampled_by_it():
+    """One seed per cell plus noise draws: comparisons and fits bootstrap the noise (method 'evaluation');
+    P(a better) is the chance the noisy values keep their order, sure or not as the noise is small or large."""
+    rng = np.random.default_rng(0)
+
+    def recs(value, sd, budgets=(1e12,)):
+        return [Record(b, 2, 0, value * (b / 1e12) ** -0.3, tuple(sd * rng.standard_normal(400))) for b in budgets]
+
+    sure = compare_at_budget(recs(1.0, 0.01), recs(1.2, 0.01), 1e12, n_boot=500, seed=0)
+    assert sure["p_a_better"] == 1.0 and sure["noise"] == "evaluation" and "seed variance" in sure["note"]
+    even = compare_at_budget(recs(1.0, 0.2), recs(1.0, 0.2), 1e12, n_boot=500, seed=0)
+    assert 0.4 < even["p_a_better"] < 0.6 and even["interval"][0] < 0 < even["interval"][1]
+    # with sd 0.1 each side, the difference is N(-0.2, 0.1*sqrt2): P(a better) = Phi(1.41) = 0.92
+    assert compare_at_budget(recs(1.0, 0.1), recs(1.2, 0.1), 1e12, n_boot=2000, seed=0)["p_a_better"] == pytest.approx(0.92, abs=0.03)
+    budgets = tuple(_budgets(4))
+    narrow = bootstrap_fit(recs(1.0, 0.01, budgets), n_boot=100, seed=0)
+    wide = bootstrap_fit(recs(1.0, 0.1, budgets), n_boot=100, seed=0)
+    assert narrow.method == wide.method == "evaluation" and "seed variance not included" in narrow.note
+    width = lambda f: np.subtract(*f.predict_interval(budgets[-1])[::-1])  # noqa: E731
+    assert 0 < width(narrow) < width(wide)
+
+
 def test_compare_at_budget_single_seed_has_no_interval():
     """With one seed per cell on both sides the comparison reports the difference but no interval."""
     a = [Record(1e12, 2, 0, 1.0)]

@@ -87,6 +87,32 @@ def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, monke
     assert flopmatch.train.read_state(out / "runs" / names[1])["done"]
 
 
+def _outcome(out, names):
+    """What a study computed, without timings: checkpoint tensors (the file's metadata holds wall times),
+    generated-image hashes and metrics per setting."""
+    from flopmatch.checkpoint import load_tensors
+    from flopmatch.train import CHECKPOINT
+
+    res = {}
+    for n in names:
+        doc = json.loads((out / "runs" / n / "eval.json").read_text())
+        tensors = {k: v.numpy().tobytes() for k, v in load_tensors(out / "runs" / n / CHECKPOINT).items()}
+        res[n] = (tensors, {k: (e["manifest"]["generated_images_sha256"], e["metrics"]) for k, e in doc["entries"].items()})
+    return res
+
+
+@pytest.mark.slow
+def test_local_worker_processes_give_the_same_runs_as_in_process(tmp_path, monkeypatch):
+    """--workers 2 (two worker processes) trains and evaluates exactly what the in-process launcher does."""
+    monkeypatch.setenv("FLOPMATCH_THREADS", "1")  # same thread count as this process (conftest), so same float sums
+    scfg = tiny_study(objectives=("masked",), budgets=(2e9, 4e9))
+    names = [run_name("masked", 1, b, 0) for b in scfg.budgets]
+    study(tmp_path / "one", scfg, workers=1, progress=False)
+    study(tmp_path / "two", scfg, workers=2, progress=False)
+    assert sorted(p.name for p in (tmp_path / "two" / "logs").iterdir()) == sorted(f"{n}.log" for n in names)
+    assert _outcome(tmp_path / "two", names) == _outcome(tmp_path / "one", names)
+
+
 def test_study_refuses_changed_settings(tmp_path):
     """A study directory belongs to one StudyConfig; different settings are a clear error."""
     from flopmatch.checkpoint import atomic_write_json

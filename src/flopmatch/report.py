@@ -95,7 +95,7 @@ def sample_table(study: Study, an: Analysis) -> dict | None:
 
 def _runs_table(study: Study) -> tuple[list, list]:
     header = ["run", "paradigm", "depth", "params", "budget", "FLOPs spent", "steps", "status", "final loss",
-              "main setting", "FID (effnet)", "prompt full match", "FLOPs/img", "latency (ms)", "img/s"]  # fmt: skip
+              "main setting", "FID (effnet) ± bootstrap sd", "prompt full match", "FLOPs/img", "latency (ms)", "img/s"]  # fmt: skip
     rows = []
     for info in study.runs:
         main = next((r for r in study.rows if r["run"] == info.name and (r["main"] or r["setting"] is None)), None)
@@ -105,10 +105,15 @@ def _runs_table(study: Study) -> tuple[list, list]:
         lat = None if main["latency_s"] is None else 1e3 * main["latency_s"]
         rows.append([info.name, info.objective, info.depth, main["params"], fmt(info.budget, ".3g"),
                      fmt(main["train_flops"] and float(main["train_flops"]), ".4g"), fmt(main["steps"]), status,
-                     fmt(main["final_loss"]), main["setting"] or "–", fmt(main["fid_effnet"]),
+                     fmt(main["final_loss"]), main["setting"] or "–", _with_se(main["fid_effnet"], main["fid_se_effnet"]),
                      fmt(main["prompt_full_match"], ".3f"), fmt(main["sample_flops_per_image"] and float(main["sample_flops_per_image"]), ".3g"),
                      fmt(lat, ".3g"), fmt(main["throughput_images_per_s"], ".3g")])  # fmt: skip
     return header, rows
+
+
+def _with_se(v, se) -> str:
+    """``v ± se`` (se: the evaluation bootstrap's sd), or just ``v`` when no bootstrap was recorded."""
+    return fmt(v) if se is None or v is None else f"{fmt(v)} ± {se:.2g}"
 
 
 def _iv(iv) -> str:

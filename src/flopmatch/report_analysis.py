@@ -13,12 +13,16 @@ Conventions
   grouped by their nominal budget (``train.budget``; the FLOPs actually spent are at most one
   step over, listed in the tables). Unfinished runs are flagged and left out.
 * A fit needs >= 3 budgets; the trend is ``E + A (C/C0)^-alpha`` with 90 % bootstrap intervals.
-* "P(a better)" at a budget is ``compare_at_budget``'s seed bootstrap. With one seed per cell it
-  cannot be computed; then, if both paradigms have bootstrapped fits, the fraction of paired fits
-  whose trend is lower at that budget is used instead (source "fitted trends", noted as weaker);
-  failing that, for scores that are fractions of generated images (prompt following), each side is
-  redrawn as Binomial(n images, score) (source "evaluation-sample bootstrap": evaluation noise only,
-  not seed variance).
+* Every record carries its **evaluation noise** (``scaling.Record.noise``): for FID, the deviations
+  of the evaluation's FID bootstrap replicates (generated images resampled, reference fixed) from
+  their mean; for prompt following, a fraction of n generated images, ``Binomial(n, score)/n - score``
+  draws. Cells with >= 2 seeds are resampled over seeds (which contains evaluation noise); one-seed
+  cells are perturbed by their evaluation noise. So with one seed per cell, fits, crossovers and
+  "P(a better)" still have a noise estimate, labelled "evaluation noise only" because retraining
+  with another seed would add variance this does not see. Final loss has no noise draws.
+* "P(a better)" at a budget is ``compare_at_budget``'s bootstrap (seeds and/or evaluation noise).
+  If nothing can be resampled and both paradigms have bootstrapped fits, the fraction of paired
+  fits whose trend is lower at that budget is used instead (source "fitted trends", weaker).
 * A claim "a beats b" is **held** at a budget if P >= 0.95, **reversed** if P <= 0.05, unclear
   otherwise. Over budgets: held if at least half are held and none reversed; did not hold if at
   least half are reversed and none held; inconclusive otherwise (including mixed orders).
@@ -50,22 +54,27 @@ P_SURE = 0.95  # one-sided: matches a 90 % two-sided interval that excludes zero
 P_LIKELY = 0.8
 EXTRAPOLATE = 1e3  # crossovers and "where the trends point" look up to 1000x the largest budget measured
 LEVEL = 0.9
+NOISE_DRAWS = 400  # binomial draws per prompt-following record
 
 
 @dataclass(frozen=True)
 class Metric:
-    """A fitted metric: its row column, label, whether it is a [0,1] score, and if paradigms may be compared."""
+    """A fitted metric: its row column, label, whether it is a [0,1] score, and if paradigms may be compared.
+
+    ``boot``: the row key holding the value's bootstrap replicates (FID), if any.
+    """
 
     name: str
     column: str
     label: str
     score: bool = False
     cross: bool = True
+    boot: str | None = None
 
 
 METRICS = (
-    Metric("fid", "fid_effnet", "FID (EfficientNet-Lite0 proxy)"),
-    Metric("fid_inception", "fid_inception", "FID (Inception)"),
+    Metric("fid", "fid_effnet", "FID (EfficientNet-Lite0 proxy)", boot="fid_boot_effnet"),
+    Metric("fid_inception", "fid_inception", "FID (Inception)", boot="fid_boot_inception"),
     Metric("prompt", "prompt_full_match", "prompt-following error (1 - full match)", score=True),
     Metric("loss", "final_loss", "final training loss", cross=False),
 )
@@ -105,7 +114,25 @@ def confidence(p: float | None) -> str:
     return "confident" if p >= P_SURE else "likely" if p >= P_LIKELY else "uncertain"
 
 
-def _records(study: Study, metric: Metric, paradigm: str) -> tuple[list[dict], list[str]]:
+def evaluation_noise(metric: Metric, row: dict, seed: int) -> tuple[float, ...]:
+    """Centred draws of a row's evaluation-sample error in ``metric`` (error units; () if unknown).
+
+    FID: its bootstrap replicates minus their mean (the replicates' level is biased upward, their
+    spread is the estimate). Prompt following: the full-match rate is a mean over n images, so
+    ``-(Binomial(n, score)/n - score)`` (the error is 1 - score), drawn with a stream seeded by the
+    run name so rebuilding the report gives the same draws.
+    """
+    if metric.boot:
+        reps = np.asarray(row.get(metric.boot) or [], float)
+        return tuple(reps - reps.mean()) if reps.size >= 2 else ()
+    if metric.score and row.get("num_samples"):
+        n, p = int(row["num_samples"]), float(row[metric.column])
+        rng = np.random.default_rng([seed, zlib.crc32(f"{row['run']}|{metric.name}".encode())])
+        return tuple(-(rng.binomial(n, p, NOISE_DRAWS) / n - p))
+    return ()
+
+
+def _records(study: Study, metric: Metric, paradigm: str, seed: int = 0) -> tuple[list[dict], list[str]]:
     """Fit records of finished runs (main setting; loss: one per run) and why others were left out."""
     recs, seen, dropped = [], set(), []
     for r in study.rows:
@@ -124,7 +151,8 @@ def _records(study: Study, metric: Metric, paradigm: str) -> tuple[list[dict], l
             continue
         seen.add(key)
         recs.append({"budget": r["budget"], "depth": r["depth"], "seed": r["seed"], "run": r["run"],
-                     "value": float(to_error(v)) if metric.score else float(v)})  # fmt: skip
+                     "value": float(to_error(v)) if metric.score else float(v),
+                     "noise": evaluation_noise(metric, r, seed)})  # fmt: skip
     return recs, dropped
 
 
@@ -203,7 +231,7 @@ class Analyser:
         self.excluded: set[str] = set()
         for mi, m in enumerate(METRICS):
             for pi, p in enumerate(self.paradigms):
-                recs, dropped = _records(study, m, p)
+                recs, dropped = _records(study, m, p, seed)
                 self.excluded.update(dropped)
                 if not recs:
                     continue
@@ -228,40 +256,16 @@ class Analyser:
         seed = self.seed * 7919 + zlib.crc32(repr(key).encode())  # a comparison's stream depends on what it compares
         res = compare_at_budget(fa.records, fb.records, budget, n_boot=self.n_boot, seed=seed, level=LEVEL,
                                 nan_policy="omit")  # fmt: skip
-        res["source"] = "seeds" if res["p_a_better"] is not None else None
+        res["source"] = {None: None, "seeds": "seeds", "evaluation": "evaluation noise only",
+                         "seeds+evaluation": "seeds, and evaluation noise for one-seed cells"}[res["noise"]]
         if res["p_a_better"] is None and fa.boot and fb.boot and fa.boot.fits and fb.boot.fits:
             n = min(len(fa.boot.fits), len(fb.boot.fits))
             pa = np.array([f.predict(budget) for f in fa.boot.fits[:n]])
             pb = np.array([f.predict(budget) for f in fb.boot.fits[:n]])
             res["p_a_better"] = float(np.mean(pa < pb) + 0.5 * np.mean(pa == pb))
             res["source"] = "fitted trends"
-        if res["p_a_better"] is None and METRIC[metric].score:
-            res.update(self._sample_bootstrap(metric, a, b, budget, res, seed))
         self.comparisons[key] = res
         return res
-
-    def _num_samples(self, paradigm: str, budget: float, depth: int) -> int | None:
-        """Generated images behind the main-setting score of the (single-seed) frontier run."""
-        ns = {r["num_samples"] for r in self.study.rows if r["objective"] == paradigm and r["budget"] == budget
-              and r["depth"] == depth and r["main"] and r["num_samples"]}
-        return int(min(ns)) if ns else None
-
-    def _sample_bootstrap(self, metric: str, a: str, b: str, budget: float, res: dict, seed: int) -> dict:
-        """P(a better) from the evaluation's own sampling noise, for a score that is a fraction of images.
-
-        With one seed per cell there is no seed variance to resample; a score such as the full-match
-        rate is still a mean over n generated images, so each side is redrawn as Binomial(n, p)/n.
-        This captures evaluation noise only, not training-seed variance (labelled so in the report).
-        """
-        na = self._num_samples(a, budget, res["a"]["depth"])
-        nb = self._num_samples(b, budget, res["b"]["depth"])
-        if not (na and nb):
-            return {}
-        rng = np.random.default_rng(seed)
-        err_a = 1 - rng.binomial(na, 1 - res["a"]["value"], self.n_boot) / na  # values are errors (1 - score)
-        err_b = 1 - rng.binomial(nb, 1 - res["b"]["value"], self.n_boot) / nb
-        p = float(np.mean(err_a < err_b) + 0.5 * np.mean(err_a == err_b))
-        return {"p_a_better": p, "source": "evaluation-sample bootstrap, seed variance not included"}
 
     def crossovers(self) -> list[dict]:
         out = []

@@ -30,7 +30,8 @@ COLUMNS = [
     "run", "run_dir", "objective", "depth", "width", "params", "budget", "seed", "train_flops", "steps",
     "total_steps", "done", "final_loss", "evaluated", "setting", "main", "main_reason", "weights",
     "sample_steps", "cfg", "temperature", "top_k", "num_samples",
-    "fid_effnet", "kid_effnet", "kid_std_effnet", "precision", "recall", "fid_inception", "kid_inception",
+    "fid_effnet", "fid_se_effnet", "kid_effnet", "kid_std_effnet", "precision", "recall", "fid_inception",
+    "fid_se_inception", "kid_inception",
     "prompt_full_match", *[f"prompt_{a}" for a in PROMPT_ATTRIBUTES],
     "sample_flops_per_image", "decode_flops_per_image", "latency_s", "throughput_images_per_s", "throughput_batch",
     "device", "threads", "bf16",
@@ -181,6 +182,12 @@ def _entry_fields(key: str, entry: dict) -> dict:
         "nokv_throughput_images_per_s": _num(nokv.get("throughput_images_per_s")),
         "latency_s_all": [x for x in inf.get("latency_s_all") or [] if _num(x) is not None],  # not a CSV column
     }  # fmt: skip
+    for name, feats in (("effnet", eff), ("inception", inc)):
+        # FID bootstrap over generated images (evaluation noise): the std is a column, the replicates are not
+        boot = feats.get("fid_boot") or {}
+        reps = [x for x in boot.get("replicates") or [] if _num(x) is not None]
+        out[f"fid_se_{name}"] = _num(boot.get("std"))
+        out[f"fid_boot_{name}"] = reps
     for a in PROMPT_ATTRIBUTES:
         out[f"prompt_{a}"] = _num(pf.get(a))
     return out
@@ -225,7 +232,8 @@ def _read_run(root: Path, run: Path) -> tuple[RunInfo, list[dict]]:
         row["samples_dir"] = sd.relative_to(root).as_posix() if sd.is_dir() else None
         rows.append(row)
     if not rows:  # one row per run even when it was never evaluated, so the table lists every run
-        rows.append({c: None for c in COLUMNS} | base | {"main": False, "latency_s_all": []})
+        rows.append({c: None for c in COLUMNS} | base | {"main": False, "latency_s_all": [], "fid_boot_effnet": [],
+                                                          "fid_boot_inception": []})  # fmt: skip
     return info, rows
 
 
@@ -260,7 +268,8 @@ def load_study(study_dir: str | Path) -> Study:
 def collect(study_dir: str | Path) -> list[dict]:
     """One row per (run, eval setting), deterministically sorted (paradigm, depth, budget, seed, run, setting).
 
-    Keys are :data:`COLUMNS` (plus ``latency_s_all``, the raw latency repeats in seconds). Units:
+    Keys are :data:`COLUMNS` (plus ``latency_s_all``, the raw latency repeats in seconds, and
+    ``fid_boot_<extractor>``, the FID bootstrap replicates over generated images). Units:
     budget and train_flops in FLOPs, latency in seconds, throughput in images/s, FIDs as measured.
     A run without eval entries gets one row with the setting fields None and ``evaluated`` False.
     """

@@ -18,7 +18,11 @@ Conventions
   (``log y - log model``): errors are positive and their noise is roughly multiplicative, and a
   log residual is a relative error, so a point at ``FID 200`` does not outweigh one at ``FID 20``.
 * Bootstrap intervals are **percentile** intervals (default 90 %). Resampling is over seeds within
-  each (budget, depth) cell when cells have >= 2 seeds ("seeds"); when every cell has one seed,
+  each (budget, depth) cell when cells have >= 2 seeds ("seeds"). A record may carry ``noise``:
+  draws of its own evaluation-sample error (e.g. FID over resampled generated images), centred on
+  zero; a one-seed cell with noise is perturbed by a random draw in each resample ("evaluation").
+  That measures how much the *evaluation* could move the number, not how much retraining with
+  another seed would: a lower bound on the real noise. When every cell has one seed and no noise,
   log residuals of the point fit are resampled ("residuals", rescaled by ``sqrt(n / (n - p))``).
   See :func:`bootstrap_fit`.
 * Degenerate inputs raise :class:`~flopmatch.errors.UserError` with the reason, or take a
@@ -55,6 +59,7 @@ class Record:
     depth: int
     seed: int
     value: float
+    noise: tuple[float, ...] = ()  # centred draws of the value's evaluation-sample error (same units); () = none
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,8 @@ def as_records(points: Iterable[Any]) -> list[Record]:
     for i, p in enumerate(points):
         try:
             get = p.__getitem__ if isinstance(p, Mapping) else (lambda k, p=p: getattr(p, k))
-            rec = Record(float(get("budget")), int(get("depth")), int(get("seed")), float(get("value")))
+            rec = Record(float(get("budget")), int(get("depth")), int(get("seed")), float(get("value")),
+                         tuple(float(x) for x in _optional(p, "noise")))
         except (KeyError, AttributeError, TypeError, ValueError) as e:
             raise UserError(f"record {i} needs numeric budget, depth, seed, value: {p!r} ({e})") from None
         if not (math.isfinite(rec.budget) and rec.budget > 0):
@@ -94,14 +100,29 @@ def as_records(points: Iterable[Any]) -> list[Record]:
     return out
 
 
+def _optional(p: Any, key: str) -> Any:
+    """An optional field of a record given as a dict or an object (empty tuple when absent or None)."""
+    v = p.get(key) if isinstance(p, Mapping) else getattr(p, key, None)
+    return () if v is None else v
+
+
+Noise = dict[float, dict[int, list[np.ndarray]]]  # {budget: {depth: per-seed noise draws (ordered by seed)}}
+
+
 def _cells(points: Iterable[Any], nan_policy: str = "raise") -> dict[float, dict[int, np.ndarray]]:
     """Group records as ``{budget: {depth: per-seed values (ordered by seed)}}``, validated."""
+    return _cells_noise(points, nan_policy)[0]
+
+
+def _cells_noise(points: Iterable[Any], nan_policy: str = "raise") -> tuple[dict[float, dict[int, np.ndarray]], Noise]:
+    """:func:`_cells` plus the records' evaluation-noise draws in the same layout (empty arrays: none)."""
     if nan_policy not in ("raise", "omit"):
         raise UserError(f"nan_policy must be 'raise' or 'omit', got {nan_policy!r}")
     recs = as_records(points)
     if not recs:
         raise UserError("no records to analyse")
     seen: dict[tuple[float, int, int], float] = {}
+    draws: dict[tuple[float, int, int], np.ndarray] = {}
     for r in recs:
         key = (r.budget, r.depth, r.seed)
         if key in seen:
@@ -114,15 +135,24 @@ def _cells(points: Iterable[Any], nan_policy: str = "raise") -> dict[float, dict
                 )
             continue
         seen[key] = r.value
+        draws[key] = np.asarray(r.noise, dtype=float)
+        if draws[key].size and not np.all(np.isfinite(draws[key])):
+            raise UserError(f"non-finite noise draw at budget={r.budget:g} depth={r.depth} seed={r.seed}")
     grouped: dict[float, dict[int, list[tuple[int, float]]]] = {}
     for (b, d, s), v in seen.items():
         grouped.setdefault(b, {}).setdefault(d, []).append((s, v))
     if not grouped:
         raise UserError("every record has a non-finite value")
-    return {
+    cells = {
         b: {d: np.array([v for _, v in sorted(sv)]) for d, sv in sorted(by_d.items())}
         for b, by_d in sorted(grouped.items())
     }
+    noise = {b: {d: [draws[(b, d, s)] for s, _ in sorted(sv)] for d, sv in by_d.items()} for b, by_d in grouped.items()}
+    return cells, noise
+
+
+def _has_noise(noise: Noise) -> bool:
+    return any(n.size for bd in noise.values() for ns in bd.values() for n in ns)
 
 
 def _std(v: np.ndarray) -> float:
@@ -470,14 +500,21 @@ class BootstrapFit:
         return (float(lo[0]), float(hi[0])) if c.ndim == 0 else (lo.reshape(c.shape), hi.reshape(c.shape))
 
 
-def _resample_cells(cells, rng: np.random.Generator, inflate: bool) -> dict[float, dict[int, np.ndarray]]:
+def _resample_cells(cells, rng: np.random.Generator, inflate: bool, noise: Noise | None = None) -> dict[float, dict[int, np.ndarray]]:
+    """One bootstrap draw of every cell: seeds resampled where a cell has >= 2, else its evaluation noise.
+
+    A cell with one seed and noise draws gets ``value + draw`` (floored at a tiny positive error, as
+    errors are fitted in log space); seed resampling already contains evaluation noise, so a cell
+    with >= 2 seeds never gets both.
+    """
     out = {}
     for b, by_d in cells.items():
         nb = {}
         for d, v in by_d.items():
             k = v.size
             if k < 2:
-                nb[d] = v
+                dr = noise[b][d][0] if noise is not None and k == 1 else np.empty(0)
+                nb[d] = np.maximum(v + dr[rng.integers(0, dr.size)], 1e-12 * abs(v) + 1e-300) if dr.size else v
                 continue
             s = v[rng.integers(0, k, size=k)]
             if inflate:
@@ -511,10 +548,14 @@ def bootstrap_fit(
       change) and refitted. With ``inflate`` (default) deviations from the cell mean are scaled by
       ``sqrt(k/(k-1))`` so the resampled mean has the unbiased variance: with 3 seeds the plain
       bootstrap understates it by a third.
+    * "evaluation": every cell has one seed and some carry ``noise`` draws: each resample perturbs
+      those cells by a random draw (cells without draws stay fixed), re-picks the frontier and refits.
+      Intervals then reflect evaluation-sample noise only, not seed variance (said in ``note``).
     * "residuals": the frontier is fixed, ``y* = yhat * exp(r*)`` with ``r*`` drawn from the point
       fit's log residuals scaled by ``sqrt(n/(n-p))`` (p = number of fitted parameters). Needs n > p,
       otherwise ``method`` is "none" with NaN intervals.
-    * "auto": "seeds" if any cell has >= 2 seeds, else "residuals".
+    * "auto": "seeds" if any cell has >= 2 seeds, else "evaluation" if any record has noise, else
+      "residuals". With "seeds", one-seed cells with noise draws are perturbed by them (as above).
 
     Refits start from the point estimate (a failed or fallen-back refit is retried from all starts).
 
@@ -526,7 +567,7 @@ def bootstrap_fit(
     if n_boot < 1:
         raise UserError(f"n_boot must be >= 1, got {n_boot}")
     _check_level(level)
-    cells = _cells(records, nan_policy)
+    cells, noise = _cells_noise(records, nan_policy)
     front = [
         FrontierPoint(b, d, m, _std(bd[d]), int(bd[d].size), tuple(map(float, bd[d])))
         for b, bd in cells.items()
@@ -536,15 +577,21 @@ def bootstrap_fit(
     y0 = np.array([p.mean for p in front])
     point = _fit(kind, budgets, y0)
     multi = any(v.size >= 2 for bd in cells.values() for v in bd.values())
+    noisy = _has_noise(noise)
     if method == "auto":
-        method = "seeds" if multi else "residuals"
-    if method not in ("seeds", "residuals"):
-        raise UserError(f"bootstrap method must be 'auto', 'seeds' or 'residuals', got {method!r}")
+        method = "seeds" if multi else "evaluation" if noisy else "residuals"
+    if method not in ("seeds", "evaluation", "residuals"):
+        raise UserError(f"bootstrap method must be 'auto', 'seeds', 'evaluation' or 'residuals', got {method!r}")
     note = ""
     if method == "seeds" and not multi:
         raise UserError("bootstrap method 'seeds' needs >= 2 seeds in some (budget, depth) cell")
+    if method == "evaluation" and (multi or not noisy):
+        raise UserError("bootstrap method 'evaluation' needs one seed per cell and records with noise draws")
     if method == "seeds" and any(v.size < 2 for bd in cells.values() for v in bd.values()):
-        note = "some cells have one seed and were held fixed: intervals understate their noise"
+        note = ("some cells have one seed: their evaluation noise was used where recorded, else they were held "
+                "fixed; intervals understate their seed variance")
+    if method == "evaluation":
+        note = "one seed per cell: evaluation-sample noise only, seed variance not included"
     n_par = 3 if point.kind == "saturating" else 2
     rng = np.random.default_rng(seed)
     if method == "residuals":
@@ -563,8 +610,8 @@ def bootstrap_fit(
     fits, failed, fallback, same_depth = [], 0, 0, 0
     depths0 = [p.depth for p in front]
     for _ in range(n_boot):
-        if method == "seeds":
-            rc = _resample_cells(cells, rng, inflate)
+        if method in ("seeds", "evaluation"):
+            rc = _resample_cells(cells, rng, inflate, noise)
             picks = [_best_depth(bd) for bd in rc.values()]
             y = np.array([m for _, m in picks])
             same_depth += [d for d, _ in picks] == depths0
@@ -692,31 +739,42 @@ def compare_at_budget(
     resampled within each cell of both paradigms (as in :func:`bootstrap_fit`, best depth re-picked
     every time). Returns a dict: ``a`` / ``b`` ({"depth", "value"}), ``diff`` (a - b; negative means
     a is better), ``interval`` (percentile interval of the diff), ``p_a_better`` (fraction of
-    resamples with a < b, ties count half), ``n_boot``, ``level``, ``note``. With one seed per cell
-    on both sides nothing can be resampled: ``interval`` and ``p_a_better`` are None.
+    resamples with a < b, ties count half), ``n_boot``, ``level``, ``note``, ``noise`` (what was
+    resampled: "seeds", "evaluation" (one-seed cells perturbed by their records' ``noise`` draws:
+    evaluation-sample noise only) or "seeds+evaluation"). With one seed per cell and no noise draws
+    on either side nothing can be resampled: ``interval``, ``p_a_better`` and ``noise`` are None.
     """
     if n_boot < 1:
         raise UserError(f"n_boot must be >= 1, got {n_boot}")
     _check_level(level)
-    ca, cb = _cells(records_a, nan_policy), _cells(records_b, nan_policy)
-    cells_a = {0: ca[_select_budget(ca, budget)]}
-    cells_b = {0: cb[_select_budget(cb, budget)]}
+    (ca, na), (cb, nb) = _cells_noise(records_a, nan_policy), _cells_noise(records_b, nan_policy)
+    ba, bb = _select_budget(ca, budget), _select_budget(cb, budget)
+    cells_a, noise_a = {0: ca[ba]}, {0: na[ba]}
+    cells_b, noise_b = {0: cb[bb]}, {0: nb[bb]}
     (da, va), (db, vb) = _best_depth(cells_a[0]), _best_depth(cells_b[0])
     out = {
         "budget": float(budget), "a": {"depth": da, "value": va}, "b": {"depth": db, "value": vb},
         "diff": va - vb, "interval": None, "p_a_better": None, "n_boot": n_boot, "level": level, "note": "",
+        "noise": None,
     }  # fmt: skip
+    # per side: does some cell resample seeds / does some one-seed cell have evaluation noise draws
     n_multi = [any(v.size >= 2 for v in c[0].values()) for c in (cells_a, cells_b)]
-    if not any(n_multi):
-        out["note"] = "one seed per cell on both sides: no bootstrap possible"
+    n_eval = [any(v.size == 1 and ns[0].size for v, ns in zip(c[0].values(), n[0].values()))
+              for c, n in ((cells_a, noise_a), (cells_b, noise_b))]
+    if not any(n_multi) and not any(n_eval):
+        out["note"] = "one seed per cell on both sides and no evaluation noise: no bootstrap possible"
         return out
-    if not all(n_multi):
-        out["note"] = "one side has one seed per cell and is held fixed: the interval understates its noise"
+    out["noise"] = "+".join(k for k, on in (("seeds", any(n_multi)), ("evaluation", any(n_eval))) if on)
+    fixed = [not (m or e) for m, e in zip(n_multi, n_eval)]
+    if any(fixed):
+        out["note"] = "one side has one seed per cell and no noise draws and is held fixed: the interval understates its noise"
+    elif any(n_eval):
+        out["note"] = "one-seed cells vary by evaluation-sample noise only: seed variance is not included there"
     rng = np.random.default_rng(seed)
     diffs = np.empty(n_boot)
     for i in range(n_boot):
-        ma = _best_depth(_resample_cells(cells_a, rng, inflate)[0])[1]
-        mb = _best_depth(_resample_cells(cells_b, rng, inflate)[0])[1]
+        ma = _best_depth(_resample_cells(cells_a, rng, inflate, noise_a)[0])[1]
+        mb = _best_depth(_resample_cells(cells_b, rng, inflate, noise_b)[0])[1]
         diffs[i] = ma - mb
     out["interval"] = _quantiles(diffs, level)
     out["p_a_better"] = float(np.mean(diffs < 0) + 0.5 * np.mean(diffs == 0))

@@ -182,6 +182,8 @@ class InProcessLauncher:
 class LocalWorkersLauncher:
     """Runs jobs in N local worker processes (``python -m flopmatch.sweep JOBFILE``), threads split evenly.
 
+    Each worker gets ``cpu_count // N`` torch threads (at least 1), or ``FLOPMATCH_THREADS`` if that is
+    set: oversubscribing cores (N workers x all threads) made training many times slower here.
     A failed job is reported with its log file and does not stop the others.
     """
 
@@ -191,7 +193,7 @@ class LocalWorkersLauncher:
         self.workers, self.study = workers, study
 
     def run(self, jobs: list[dict], on_done) -> list[str]:
-        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        threads = int(os.environ.get("FLOPMATCH_THREADS") or max(1, (os.cpu_count() or 1) // self.workers))
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), FLOPMATCH_THREADS=str(threads))
         pending, running, failed = list(jobs), [], []
         (self.study / "logs").mkdir(parents=True, exist_ok=True)

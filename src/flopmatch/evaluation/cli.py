@@ -45,7 +45,8 @@ def cmd_eval(args) -> int:
         validate_sample(s)
     features = [f.strip() for f in args.features.split(",") if f.strip()]
     ecfg = EvalConfig(num_samples=args.num_samples, seed=args.seed, weights="model" if args.raw else "ema",
-                      features=features, inference=not args.no_timing, batch_size=args.batch_size)
+                      features=features, inference=not args.no_timing, batch_size=args.batch_size,
+                      **({} if args.fid_boot is None else {"fid_boot": args.fid_boot}))
     doc = evaluate(run, settings, ecfg)
     for line in summary_lines(doc, only=None):
         print(line)
@@ -67,5 +68,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
+    p.add_argument("--fid-boot", type=int, metavar="N",
+                   help="FID bootstrap replicates over the generated images, for noise estimates (default 200; 0 = off)")
     p.add_argument("--no-timing", action="store_true", help="skip latency/throughput measurement")
     p.set_defaults(func=cmd_eval)

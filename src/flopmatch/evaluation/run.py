@@ -41,6 +41,7 @@ class EvalConfig:
     kid_subset: int = 500
     kid_subsets: int = 50
     pr_k: int = 3
+    fid_boot: int = 200  # FID replicates over resampled generated images (evaluation-noise estimate); 0 = off
     prompt_following: bool = True
     inference: bool = True
     timing_budget_s: float = 10.0  # wall-time cap of the throughput search per setting
@@ -114,17 +115,23 @@ def generate_sharded(gen, prompts: list[str], sample: SampleConfig, seed: int, b
 
 
 def quality_metrics(extractor, real_feats: torch.Tensor, images: torch.Tensor, ecfg: EvalConfig) -> dict:
-    """FID, KID (mean, std), precision and recall of generated uint8 images against cached real features."""
+    """FID (+ bootstrap replicates, ``fid_boot``), KID (mean, std), precision and recall of generated uint8
+    images (M, 3, H, W) against cached real features."""
     from flopmatch.evaluation.features import extract_features
-    from flopmatch.evaluation.quality import fid_from_features, kid_from_features, precision_recall
+    from flopmatch.evaluation.quality import fid_bootstrap, fid_from_features, kid_from_features, precision_recall
 
     fake = extract_features(extractor, images, progress=False)
     subset = min(ecfg.kid_subset, len(fake), len(real_feats))
     kid_mean, kid_std = kid_from_features(real_feats, fake, subset_size=subset, subsets=ecfg.kid_subsets,
                                           generator=torch.Generator().manual_seed(ecfg.seed))
     precision, recall = precision_recall(real_feats, fake, k=ecfg.pr_k)
-    return {"fid": fid_from_features(real_feats, fake), "kid": kid_mean, "kid_std": kid_std,
-            "precision": precision, "recall": recall, "num_real": len(real_feats), "num_fake": len(fake)}
+    out = {"fid": fid_from_features(real_feats, fake), "kid": kid_mean, "kid_std": kid_std,
+           "precision": precision, "recall": recall, "num_real": len(real_feats), "num_fake": len(fake)}
+    if ecfg.fid_boot > 0:
+        reps = fid_bootstrap(real_feats, fake, ecfg.fid_boot, generator=torch.Generator().manual_seed(ecfg.seed))
+        out["fid_boot"] = {"method": "generated images resampled with replacement, reference fixed",
+                           "n": len(reps), "std": float(torch.tensor(reps).std()), "replicates": reps}
+    return out
 
 
 def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | None = None, progress: bool = True) -> dict:
@@ -138,6 +145,8 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
     ecfg = ecfg or EvalConfig()
     if ecfg.num_samples < max(ecfg.pr_k + 1, 2):
         raise UserError(f"--num-samples must be at least {max(ecfg.pr_k + 1, 2)}, got {ecfg.num_samples}")
+    if ecfg.fid_boot < 0:
+        raise UserError(f"--fid-boot must be >= 0, got {ecfg.fid_boot}")
     run = Path(run)
     dist.init(resolve_device("auto"))
     gen = load_generator(run, weights=ecfg.weights)
