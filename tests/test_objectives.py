@@ -115,3 +115,4 @@ def test_sampler_guidance_passes(name, gen):
     rec = Recorder(t.net)
     t.objective.sample(rec, cond, empty_text(B), SampleConfig(steps=STEPS[name], cfg=3.0), torch.Generator().manual_seed(3))
     assert rec.rows == [2 * B] * per_image
+

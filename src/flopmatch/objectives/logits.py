@@ -18,6 +18,25 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_k: int, generato
     """Draw one token per row. logits (..., V) -> (tokens (...) long, log-probability of each draw (...))."""
     logp = torch.log_softmax(filter_logits(logits, temperature, top_k), dim=-1)
     flat = logp.reshape(-1, logp.shape[-1])  # (N, V)
-    tokens = torch.multinomial(flat.exp(), 1, generator=generator).squeeze(1)  # (N,)
+    tokens = categorical(flat.exp(), generator)  # (N,)
     chosen = flat.gather(1, tokens[:, None]).squeeze(1)
     return tokens.view(logp.shape[:-1]), chosen.view(logp.shape[:-1])
+
+
+def categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row of ``probs`` (N, V) (rows need not be normalised) -> indices (N,) long.
+
+    Inverse-CDF sampling: the first index whose cumulative mass exceeds ``u * total``, u ~ U[0, 1).
+    A zero-probability entry (e.g. outside top-k) is never drawn: its cumulative mass equals its
+    predecessor's. Why not torch.multinomial: with num_samples=1 it took ~140 ms for a (6400, 1024)
+    batch on the 2-core CPU here against ~4 ms for this, and was over half of masked sampling time
+    (`flopmatch.evaluation.inference` timings); the distribution is the same.
+    """
+    cdf = probs.float().cumsum(dim=-1)  # (N, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u, right=True).squeeze(1)  # (N,)
+    over = idx == probs.shape[-1]  # u rounded up to the total (float32, ~1e-7 per draw): take the last entry with mass
+    if over.any():
+        last = torch.arange(probs.shape[-1], device=probs.device).expand_as(probs).masked_fill(probs <= 0, -1).amax(-1)
+        idx = torch.where(over, last, idx)
+    return idx
