@@ -36,6 +36,7 @@ def test_tiny_study_end_to_end(tmp_path):
     """A tiny 3-paradigm study writes plan, runs, eval.json per run and the report files."""
     out = tmp_path / "study"
     scfg = tiny_study(objectives=("diffusion", "masked", "autoregressive"))
+    scfg.eval_raw = True
     study(out, scfg, progress=False)
     for name in ("plan.json", "study.json", "report.html", "report.md", "results.csv"):
         assert (out / name).is_file(), name
@@ -43,15 +44,20 @@ def test_tiny_study_end_to_end(tmp_path):
     assert len(plans) == 9
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    # one row per (run, evaluated setting): diffusion and masked have a default and one extra step setting
-    expected = sum(1 + len([s for s in scfg.eval_steps[p["objective"]]]) for p in plans)
+    # one row per (run, evaluated setting): diffusion and masked have a default and one extra step setting,
+    # and every run its default setting with raw weights (eval_raw)
+    expected = sum(2 + len([s for s in scfg.eval_steps[p["objective"]]]) for p in plans)
     assert len(rows) == expected
+    raw = [r for r in rows if r["weights"] == "model"]
+    assert len(raw) == len(plans) and all(r["main"] == "false" and r["latency_s"] == "" for r in raw)
+    assert "EMA lowers diffusion's FID more than masked's" in (out / "report.md").read_text()
     for p in plans:
         doc = json.loads((out / "runs" / p["name"] / "eval.json").read_text())
         for entry in doc["entries"].values():
             m = entry["manifest"]
             assert m["num_samples"] == scfg.eval_samples and m["feature_extractors"]["effnet"]["weights_sha256"]
-            assert entry["inference"]["sample_flops_per_image"] > 0
+            if m["weights"] == "ema":  # raw-weight entries skip timing (same architecture)
+                assert entry["inference"]["sample_flops_per_image"] > 0
     html = (out / "report.html").read_text()
     assert "<img" in html and "src=\"http" not in html  # self-contained
 

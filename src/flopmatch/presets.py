@@ -30,6 +30,7 @@ class StudyConfig:
     # extra sampling-step settings per paradigm for the inference sweep (the run's default is always evaluated)
     eval_steps: dict[str, list[int]] = field(default_factory=lambda: {"diffusion": [10], "masked": [6], "autoregressive": []})
     features: list[str] = field(default_factory=lambda: ["effnet"])
+    eval_raw: bool = False  # also evaluate each run's main setting with raw (non-EMA) weights: the paper's EMA finding
     timing_budget_s: float = 10.0  # per setting, for the throughput search
     n_boot: int = 1000
     assumed_flops_per_s: float = 6e10  # for time estimates before any run has been measured
@@ -86,6 +87,7 @@ def cpu_long() -> StudyConfig:
         overrides=["data.num_train=20000", "data.num_eval=1000", "train.batch_size=32", "train.lr=2e-3"],
         tokenizer_overrides=["steps=1200"],
         eval_samples=500,
+        eval_raw=True,
         timing_budget_s=3.0,
     )
 
@@ -102,6 +104,7 @@ def gpu() -> StudyConfig:
         eval_samples=5000,
         eval_steps={"diffusion": [10, 50], "masked": [6, 24], "autoregressive": []},
         features=["effnet", "inception"],
+        eval_raw=True,
         assumed_flops_per_s=5e13,
     )
 

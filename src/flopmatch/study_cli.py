@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from flopmatch.errors import UserError
 
 
@@ -34,6 +36,8 @@ def cmd_study(args) -> int:
         scfg.seeds = args.seeds
     if args.eval_samples is not None:
         scfg.eval_samples = args.eval_samples
+    if args.eval_raw is not None:
+        scfg.eval_raw = args.eval_raw
     scfg.overrides = scfg.overrides + list(args.set)
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
@@ -57,6 +61,9 @@ def register(sub) -> None:
     p.add_argument("--budgets", help="comma-separated training FLOP budgets, e.g. 1e12,3e12,1e13")
     p.add_argument("--seeds", type=int, help="seeds per grid cell")
     p.add_argument("--eval-samples", type=int, help="generated images per evaluated setting")
+    p.add_argument("--eval-raw", action=argparse.BooleanOptionalAction, default=None,
+                   help="also evaluate each run's main setting with raw (non-EMA) weights, for the EMA finding "
+                        "(default: on for cpu-long and gpu)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override for every run")
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1: in-process)")
     p.add_argument("--launcher", default="local", help="local (default)")

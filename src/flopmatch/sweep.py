@@ -146,7 +146,11 @@ def _fmt_s(s: float) -> str:
 
 
 def run_job(job: dict, progress: bool = True) -> None:
-    """Train (or resume, or skip) one run, then evaluate every setting it still lacks."""
+    """Train (or resume, or skip) one run, then evaluate every setting it still lacks.
+
+    With ``job["raw"]`` the main (first) setting is also evaluated with the raw weights, without
+    timing (same architecture, same cost as the EMA entry).
+    """
     from flopmatch.evaluation.run import EvalConfig, entry_key, evaluate
     from flopmatch.objectives import make_objective
     from flopmatch.plan import net_spec_for
@@ -161,9 +165,13 @@ def run_job(job: dict, progress: bool = True) -> None:
     settings = [from_dict(SampleConfig, s) for s in job["settings"]]
     done = read_json(run / "eval.json")["entries"] if (run / "eval.json").exists() else {}
     objective, spec = make_objective(cfg.objective, cfg.method), net_spec_for(cfg)
-    todo = [s for s in settings if entry_key(s, objective.resolve_steps(s, spec), ecfg) not in done]
-    if todo:
-        evaluate(run, todo, ecfg, progress=progress)
+    passes = [(ecfg, settings)]
+    if job.get("raw"):
+        passes.append((replace(ecfg, weights="model", inference=False), settings[:1]))
+    for ec, wanted in passes:
+        todo = [s for s in wanted if entry_key(s, objective.resolve_steps(s, spec), ec) not in done]
+        if todo:
+            evaluate(run, todo, ec, progress=progress)
 
 
 class InProcessLauncher:
@@ -288,7 +296,7 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
     for p in plans:
         cfg = from_dict(RunConfig, p.config)
         jobs.append({"name": p.name, "run_dir": str(out / "runs" / p.name), "config": p.config, "eval": asdict(ecfg),
-                     "settings": [asdict(s) for s in eval_settings(scfg, cfg)]})
+                     "settings": [asdict(s) for s in eval_settings(scfg, cfg)], "raw": scfg.eval_raw})
     finished = [0]
 
     def on_done(job):
