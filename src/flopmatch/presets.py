@@ -53,13 +53,14 @@ class StudyConfig:
 
 
 def cpu() -> StudyConfig:
-    """Default: a 2-core CPU in about 14 minutes from an empty cache (3 paradigms x 2 depths x 3 budgets).
+    """Default: a 2-core CPU in about 13 minutes from an empty cache (3 paradigms x 2 depths x 3 budgets).
 
-    Measured here (idle machine, empty cache, before the sampler speed-up): 14.3 min, of which ~2.9 min
-    set-up (caption encoding, the two tokenizers, the attribute classifier once per machine, reference
-    features), 4.7 min training 2.35e13 FLOPs (~60 GFLOP/s at depth 1, ~125 at depth 2), ~5.7 min
-    evaluating 30 settings of 250 samples, ~1 min report. Small batches buy more updates per FLOP
-    at these budgets. One seed: the report's noise estimates are evaluation noise only (labelled).
+    Measured here (idle machine, empty FLOPMATCH_CACHE): 12.8 min wall, of which ~2.6 min set-up
+    (caption encoding, the two tokenizers, the attribute classifier once per machine, reference
+    features), 4.6 min training 2.35e13 FLOPs (~60 GFLOP/s at depth 1, ~125 at depth 2), ~4.5 min
+    evaluating 30 settings of 250 samples (with FID bootstrap and timing), ~1 min report. Small
+    batches buy more updates per FLOP at these budgets. One seed: the report's noise estimates are
+    evaluation noise only (labelled so).
     """
     return StudyConfig(
         preset="cpu",

@@ -54,7 +54,7 @@ def cmd_study(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("study", help="run the compute-matched comparison end to end and write the report")
-    p.add_argument("--preset", default="cpu", help="cpu (default, ~15 min on 2 cores), cpu-long (~1 h), gpu, tiny")
+    p.add_argument("--preset", default="cpu", help="cpu (default, ~13 min on 2 idle cores), cpu-long (~1 h), gpu, tiny")
     p.add_argument("--out", default="study", help="study directory (default: study/)")
     p.add_argument("--objectives", help="comma-separated subset of diffusion,masked,autoregressive")
     p.add_argument("--depths", help="comma-separated depths, e.g. 1,2,3")
