@@ -175,7 +175,7 @@ def _inference_table(an: Analysis) -> tuple[list, list]:
 
 FIG_CAPTIONS = {
     "fid_vs_flops": "FID (effnet proxy) against training FLOPs: faint dots are every run, big dots the best depth per budget "
-                    "(error bars: seed std), lines the saturating power-law fit (dashed: extrapolation), band its 90% bootstrap interval.",
+                    "(error bars: seed std; with one seed, the evaluation-noise sd), lines the saturating power-law fit (dashed: extrapolation), band its 90% bootstrap interval.",
     "fid_inception_vs_flops": "FID (Inception) against training FLOPs, as above (measured on fewer runs if only some were evaluated with it).",
     "prompt_vs_flops": "Prompt-following error (1 - full match) against training FLOPs, as above.",
     "loss_vs_flops": "Final training loss against FLOPs, one panel per paradigm: losses of different objectives are not comparable.",

@@ -72,15 +72,22 @@ def _logy_if_positive(ax, values) -> None:
         _plain_log(ax.yaxis)
 
 
+def _noise_sd(records: list[dict], point) -> float:
+    """Sd of the evaluation-noise draws of a one-seed frontier point's record (0 when it has none)."""
+    noise = next((r.get("noise") for r in records if r["budget"] == point.budget and r["depth"] == point.depth), None)
+    return float(np.std(noise)) if noise else 0.0
+
+
 def _draw_trend(ax, fit, color: str, label: str) -> list[float]:
-    """Faint points of every run, frontier means with seed std, fitted trend and its bootstrap band."""
+    """Faint points of every run, frontier means with seed std (one seed: evaluation-noise sd), fitted trend
+    and its bootstrap band."""
     ys = []
     xs = [r["budget"] for r in fit.records]
     ys += [r["value"] for r in fit.records]
     ax.scatter(xs, [r["value"] for r in fit.records], s=10, color=color, alpha=0.25, linewidths=0)
     fb = [p.budget for p in fit.frontier]
     fm = [p.mean for p in fit.frontier]
-    err = [0.0 if not math.isfinite(p.std) else p.std for p in fit.frontier]
+    err = [p.std if math.isfinite(p.std) else _noise_sd(fit.records, p) for p in fit.frontier]
     if fit.boot is not None:
         pt, iv = fit.boot.point, fit.boot.intervals["alpha"]
         ivtxt = "" if not all(map(math.isfinite, iv)) else f" [{iv[0]:.2f}, {iv[1]:.2f}]"
