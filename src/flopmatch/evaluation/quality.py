@@ -56,10 +56,18 @@ def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
     _check(real, fake)
     mu1, s1 = _mean_cov(real)
     mu2, s2 = _mean_cov(fake)
-    root1 = _sqrt_psd(s1)
-    cross = torch.linalg.eigvalsh(root1 @ s2 @ root1).clamp_min(0).sqrt().sum()  # tr((S1 S2)^(1/2))
-    fid = (mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * cross
-    return max(float(fid), 0.0)  # roundoff can give -1e-12 for identical sets; a distance is never negative
+    return _frechet(mu1, s1.trace(), mu2, s2.trace(), _root_cross(_sqrt_psd(s1), s2))
+
+
+def _root_cross(root1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """``tr((S1 S2)^(1/2)) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))`` from ``root1 = S1^(1/2)`` (F, F)."""
+    return torch.linalg.eigvalsh(root1 @ s2 @ root1).clamp_min(0).sqrt().sum()
+
+
+def _frechet(mu1: torch.Tensor, tr1: torch.Tensor, mu2: torch.Tensor, tr2: torch.Tensor, cross: torch.Tensor) -> float:
+    """``|mu1-mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))``, floored at 0 (roundoff gives -1e-12 for
+    identical sets; a distance is never negative)."""
+    return max(float((mu1 - mu2).square().sum() + tr1 + tr2 - 2 * cross), 0.0)
 
 
 def fid_bootstrap(real: torch.Tensor, fake: torch.Tensor, n_boot: int = 200,
@@ -105,15 +113,12 @@ def fid_resampled(real: torch.Tensor, fake: torch.Tensor, indices: list[torch.Te
             kc = _double_centre(k[i][:, i]) / (n - 1)
             tr2 = _double_centre(gram[i][:, i]).trace() / (n - 1)  # tr(S_fake*)
             cross = torch.linalg.eigvalsh(kc).clamp_min(0).sqrt().sum()
-            mu2 = g[i].mean(dim=0)
-            fid = (mu1 - mu2).square().sum() + s1.trace() + tr2 - 2 * cross
-            out.append(max(float(fid), 0.0))
+            out.append(_frechet(mu1, s1.trace(), g[i].mean(dim=0), tr2, cross))
         return out
     root1 = _sqrt_psd(s1)
     for i in indices:
         mu2, s2 = _mean_cov(g[i])
-        cross = torch.linalg.eigvalsh(root1 @ s2 @ root1).clamp_min(0).sqrt().sum()
-        out.append(max(float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * cross), 0.0))
+        out.append(_frechet(mu1, s1.trace(), mu2, s2.trace(), _root_cross(root1, s2)))
     return out
 
 
