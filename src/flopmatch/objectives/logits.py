@@ -30,7 +30,7 @@ def categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch
     A zero-probability entry (e.g. outside top-k) is never drawn: its cumulative mass equals its
     predecessor's. Why not torch.multinomial: with num_samples=1 it took ~140 ms for a (6400, 1024)
     batch on the 2-core CPU here against ~4 ms for this, and was over half of masked sampling time
-    (`flopmatch.evaluation.inference` timings); the distribution is the same.
+    (cProfile of one evaluation; `benchmarks/sampling.py` measures both); the distribution is the same.
     """
     cdf = probs.float().cumsum(dim=-1)  # (N, V)
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
