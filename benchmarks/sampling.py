@@ -65,7 +65,7 @@ def bench_masked_sampler(repeats: int) -> None:
     no_pad = torch.zeros(batch, 24, dtype=torch.bool)
     cond = TextBatch(states, no_pad, states.mean(1))
     uncond = TextBatch(torch.zeros_like(states), no_pad, torch.zeros(batch, 384))
-    sample = SampleConfig(steps=12, cfg=3.0)
+    sample = SampleConfig(steps=12, guidance=3.0)
 
     def run():
         with torch.no_grad():

@@ -24,7 +24,7 @@ def test_causal_attention_hides_the_future(gen, j):
     text = fake_text(B, gen)
     x = fake_data(t.spec, B, gen)
     y = x.clone()
-    y[:, j] = (x[:, j] + 1) % t.spec.vocab
+    y[:, j] = (x[:, j] + 1) % t.spec.vocab_size
     a, b = _logits(t, x, text), _logits(t, y, text)  # (B, L, V)
     diff = (a - b).abs().amax(dim=(0, 2))  # (L,)
     assert torch.allclose(a[:, :j], b[:, :j], atol=1e-6, rtol=0)
@@ -37,7 +37,7 @@ def test_full_attention_sees_the_future(gen):
     text = fake_text(B, gen)
     x = fake_data(t.spec, B, gen)
     y = x.clone()
-    y[:, -1] = (x[:, -1] + 1) % t.spec.vocab
+    y[:, -1] = (x[:, -1] + 1) % t.spec.vocab_size
     diff = (_logits(t, x, text) - _logits(t, y, text)).abs().amax(dim=(0, 2))
     assert (diff[:-1] > 1e-4).all(), diff
 
@@ -66,7 +66,7 @@ def test_autoregressive_sampler_kv_cache_matches_recompute(gen, cfg):
     cond, uncond = fake_text(B, gen), empty_text(B)
     out = {}
     for kv in (True, False):
-        sc = SampleConfig(cfg=cfg, kv_cache=kv)
+        sc = SampleConfig(guidance=cfg, kv_cache=kv)
         out[kv] = t.objective.sample(t.net, cond, uncond, sc, torch.Generator().manual_seed(11))
     assert torch.equal(out[True], out[False])
     assert len(out[True].unique()) > 1  # a non-degenerate draw

@@ -20,7 +20,7 @@ def _custom() -> RunConfig:
     cfg = RunConfig(objective="autoregressive")
     cfg.data.holdout = ["red triangle", "blue square"]
     cfg.model.depth, cfg.train.budget, cfg.train.compile = 3, 3e12, True
-    cfg.sample.cfg, cfg.text.kind = 1.5, "hash"
+    cfg.sample.guidance, cfg.text.kind = 1.5, "hash"
     return cfg
 
 
@@ -44,7 +44,7 @@ def test_set_overrides_are_typed():
     assert cfg.train.budget == 3e12 and type(cfg.train.budget) is float
     assert cfg.train.lr == 5e-4 and cfg.train.compile is True and cfg.train.seed == 7
     assert cfg.data.holdout == ["red triangle", "blue square"]
-    assert cfg.text.kind == "hash" and cfg.objective == "diffusion"
+    assert cfg.text.kind == "hash" and cfg.objective.name == "diffusion"
     for text, value in [("false", False), ("0", False), ("no", False), ("off", False), ("yes", True), ("1", True)]:
         assert apply_overrides(RunConfig(), [f"train.compile={text}"]).train.compile is value
     assert apply_overrides(_custom(), ["data.holdout="]).data.holdout == []

@@ -16,7 +16,6 @@ from flopmatch.data.shapes import ShapesConfig, ShapesDataset
 from flopmatch.errors import UserError
 from flopmatch.evaluation import clipscore
 
-
 # Trained evaluators are expensive (minutes) and keyed by data fingerprint + code version with a sha256,
 # so they are loaded from the persistent cache (FLOPMATCH_CACHE as set before conftest isolates each test
 # session in a temporary cache, else ~/.cache/flopmatch): CI trains them once per machine, not per run.

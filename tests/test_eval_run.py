@@ -15,7 +15,6 @@ from flopmatch.evaluation.run import EvalConfig, evaluate, generate_sharded
 def tiny_run(tmp_path_factory):
     """A finished tiny masked run (hash text, 32 px so the attribute evaluator applies)."""
     import tiny
-
     from flopmatch.train import train
 
     cfg = tiny.tiny_run_config("masked", budget_steps=4, sets=["data.image_size=32", "data.num_eval=24"])
@@ -35,9 +34,9 @@ def _strip_timing(doc: dict) -> dict:
 @pytest.mark.slow
 def test_eval_twice_with_same_seed_gives_identical_numbers(tiny_run, tmp_path):
     """Every non-timing number in eval.json is reproduced exactly by a second evaluation."""
-    from flopmatch.sample import load_generator
+    from flopmatch.sample import load_sampler
 
-    settings = [load_generator(tiny_run).cfg.sample]
+    settings = [load_sampler(tiny_run).cfg.sample]
     ecfg = EvalConfig(num_samples=12, batch_size=5, timing_budget_s=0.1, kid_subset=6, kid_subsets=5)
     first = _strip_timing(evaluate(tiny_run, settings, ecfg, progress=False))
     (tiny_run / "eval.json").unlink()
@@ -57,18 +56,18 @@ def test_eval_twice_with_same_seed_gives_identical_numbers(tiny_run, tmp_path):
 
 def test_sharded_generation_equals_single_process(tiny_run, tmp_path, monkeypatch):
     """Generating with 2 ranks (each taking every other batch) gives the same images as 1 rank."""
-    from flopmatch.sample import load_generator
+    from flopmatch.sample import load_sampler
 
-    gen = load_generator(tiny_run)
+    sampler = load_sampler(tiny_run)
     prompts = [f"a {c} circle" for c in ("red", "blue", "green", "yellow", "white", "cyan", "purple")]
-    single = generate_sharded(gen, prompts, gen.cfg.sample, seed=3, batch_size=3, out_dir=tmp_path, progress=False)
+    single = generate_sharded(sampler, prompts, sampler.cfg.sample, seed=3, batch_size=3, out_dir=tmp_path, progress=False)
     monkeypatch.setattr(dist, "world_size", lambda: 2)
     monkeypatch.setattr(dist, "barrier", lambda: None)
     results = {}
     for r in (1, 0):  # rank 1 writes its shard first; rank 0 then assembles both
         monkeypatch.setattr(dist, "rank", lambda r=r: r)
         monkeypatch.setattr(dist, "is_main", lambda r=r: r == 0)
-        results[r] = generate_sharded(gen, prompts, gen.cfg.sample, seed=3, batch_size=3, out_dir=tmp_path, progress=False)
+        results[r] = generate_sharded(sampler, prompts, sampler.cfg.sample, seed=3, batch_size=3, out_dir=tmp_path, progress=False)
     assert results[1] is None
     assert torch.equal(results[0], single)
     assert not list(tmp_path.glob("shard-*"))  # shards cleaned up

@@ -8,11 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from flop_counting import count_flops, rel_err
 from flopmatch import PARADIGMS, cli, flops
 from flopmatch.config import RunConfig, SampleConfig, apply_overrides
 from flopmatch.nets import Network
 from flopmatch.plan import flops_summary
-from flop_counting import count_flops, rel_err
 from tiny import empty_text, fake_data, fake_text, make_tiny
 
 B = 2
@@ -38,7 +38,7 @@ SAMPLE_CASES = [(n, cfg, kv) for n in PARADIGMS for cfg in (1.0, 3.0) for kv in 
 def test_sample_flops_match_counter(name, cfg, kv, depth, gen):
     """Sampling FLOPs per image equal the counted FLOPs of sample(), with and without guidance (and KV cache)."""
     t = make_tiny(name, depth=depth)
-    sc = SampleConfig(steps=3, cfg=cfg, kv_cache=kv)
+    sc = SampleConfig(steps=3, guidance=cfg, kv_cache=kv)
     cond, uncond = fake_text(B, gen), empty_text(B)
     counted = count_flops(lambda: t.objective.sample(t.net, cond, uncond, sc, gen)) / B
     analytic = t.objective.sample_flops(t.spec, sc)
@@ -51,10 +51,10 @@ def test_masked_counts_the_whole_sequence(gen):
     L = t.spec.seq_len
     full_fwd = flops.forward_flops(t.spec, L)
     assert t.objective.train_flops(t.spec) == 3 * full_fwd["total"] - full_fwd["data_fed"]
-    assert t.objective.sample_flops(t.spec, SampleConfig(steps=5, cfg=1.0)) == 5 * full_fwd["total"]
+    assert t.objective.sample_flops(t.spec, SampleConfig(steps=5, guidance=1.0)) == 5 * full_fwd["total"]
     # the counter agrees for an input with a single [MASK]: hidden positions are not skipped
     x, text = fake_data(t.spec, B, gen), fake_text(B, gen)
-    counted = count_flops(lambda: t.net(x.masked_fill(torch.arange(L) == 0, t.spec.vocab), text.states, text.pad, text.pooled)) / B
+    counted = count_flops(lambda: t.net(x.masked_fill(torch.arange(L) == 0, t.spec.vocab_size), text.states, text.pad, text.pooled)) / B
     assert counted == full_fwd["total"]
 
 
@@ -62,17 +62,17 @@ def test_masked_counts_the_whole_sequence(gen):
 def test_guidance_doubles_sampling_flops(name, kv):
     """Any guidance scale other than 1 costs exactly twice the FLOPs of cfg=1."""
     t = make_tiny(name, depth=2)
-    one = t.objective.sample_flops(t.spec, SampleConfig(steps=4, cfg=1.0, kv_cache=kv))
+    one = t.objective.sample_flops(t.spec, SampleConfig(steps=4, guidance=1.0, kv_cache=kv))
     for s in (0.0, 1.5, 3.0):
-        assert t.objective.sample_flops(t.spec, SampleConfig(steps=4, cfg=s, kv_cache=kv)) == 2 * one
+        assert t.objective.sample_flops(t.spec, SampleConfig(steps=4, guidance=s, kv_cache=kv)) == 2 * one
 
 
 def test_kv_cache_is_cheaper_than_recompute():
     """Autoregressive sampling with a KV cache costs less than recomputing every prefix, and less than L full passes."""
     t = make_tiny("autoregressive", depth=2)
     L = t.spec.seq_len
-    with_cache = t.objective.sample_flops(t.spec, SampleConfig(cfg=1.0, kv_cache=True))
-    without = t.objective.sample_flops(t.spec, SampleConfig(cfg=1.0, kv_cache=False))
+    with_cache = t.objective.sample_flops(t.spec, SampleConfig(guidance=1.0, kv_cache=True))
+    without = t.objective.sample_flops(t.spec, SampleConfig(guidance=1.0, kv_cache=False))
     assert with_cache < without < L * flops.forward_flops(t.spec, L)["total"]
 
 
@@ -91,7 +91,7 @@ def test_cli_flops_json_matches_plan(name, capsys):
     assert cli.main(["flops", "--objective", name, "--depth", "2", "--cfg", "2.5", "--json", *sum((["--set", s] for s in sets), [])]) == 0
     printed = json.loads(capsys.readouterr().out)
     cfg = apply_overrides(RunConfig(objective=name), sets)
-    cfg.model.depth, cfg.sample.cfg = 2, 2.5
+    cfg.model.depth, cfg.sample.guidance = 2, 2.5
     expected = flops_summary(cfg)
     for key in ("params", "train_flops_per_example", "sample_flops_per_image"):
         assert printed[key] == expected[key], key

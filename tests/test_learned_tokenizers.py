@@ -11,10 +11,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from flopmatch.errors import UserError
+from flopmatch.tokenizers.autoencoder import AutoencoderConfig, apply_overrides, preset
 from flopmatch.tokenizers.kl import KLAutoencoder
-from flopmatch.tokenizers.learned import load_learned, make_autoencoder
 from flopmatch.tokenizers.lfq import LFQAutoencoder, LFQuantizer
-from flopmatch.tokenizers.train_ae import AutoencoderConfig, apply_overrides, preset, train_autoencoder
+from flopmatch.tokenizers.registry import load_learned, make_autoencoder
+from flopmatch.tokenizers.train_ae import train_autoencoder
 
 
 def tiny_config(kind: str, **kw) -> AutoencoderConfig:
@@ -47,10 +48,10 @@ def test_encode_decode_shapes_and_dtypes(kind, shapes_uint8):
     x = _images(shapes_uint8, 3)
     z = tok.encode(x)
     if kind == "kl":
-        assert tok.spec.kind == "continuous" and tok.spec.grid == 8 and tok.spec.channels == 4
+        assert tok.spec.tokens == "continuous" and tok.spec.grid == 8 and tok.spec.channels == 4
         assert z.shape == (3, 4, 8, 8) and z.dtype == torch.float32
     else:
-        assert tok.spec.kind == "discrete" and tok.spec.vocab_size == 64 and tok.spec.seq_len == 64
+        assert tok.spec.tokens == "discrete" and tok.spec.vocab_size == 64 and tok.spec.seq_len == 64
         assert z.shape == (3, 64) and z.dtype == torch.long
         assert int(z.min()) >= 0 and int(z.max()) < tok.spec.vocab_size
     y = tok.decode(z)
@@ -129,7 +130,7 @@ def test_analytic_flops_match_counter(kind, patch, channels):
 @pytest.mark.parametrize("kind", ["kl", "lfq"])
 def test_save_load_round_trip_and_registry(kind, tmp_path, shapes_uint8):
     """A saved tokenizer loads (directly and via load_tokenizer) with the same fingerprint and encodings, RNG untouched."""
-    from flopmatch.tokenizers import load_tokenizer
+    from flopmatch.tokenizers.registry import load_tokenizer
 
     torch.manual_seed(0)
     tok = make_autoencoder(tiny_config(kind)).eval()
@@ -150,8 +151,7 @@ def test_save_load_round_trip_and_registry(kind, tmp_path, shapes_uint8):
 
 def test_bad_tokenizer_directories_raise_user_error(tmp_path):
     """Missing, corrupt, wrong-kind, wrong-version and config/tensor-mismatched directories raise one-line UserErrors."""
-    from flopmatch.tokenizers import load_tokenizer
-    from flopmatch.tokenizers.learned import load_kl
+    from flopmatch.tokenizers.registry import load_kl, load_tokenizer
 
     good = tmp_path / "good"
     make_autoencoder(tiny_config("lfq")).save(good)
@@ -242,7 +242,7 @@ def test_tiny_tokenizer_overfits_a_handful_of_images(kind, shapes_uint8):
 
 def test_eval_metrics_endpoints(shapes_uint8):
     """Identical images give PSNR 100 (cap), SSIM 1, MSE 0; uniform tokens give perplexity = vocab, one token gives 1."""
-    from flopmatch.tokenizers.evaluate import code_metrics, image_metrics
+    from flopmatch.evaluation.tokenizer import code_metrics, image_metrics
 
     x = _images(shapes_uint8, 8)
     same = image_metrics(x, x)
@@ -261,7 +261,7 @@ def test_ssim_equals_torchmetrics(shapes_uint8):
     """Our SSIM equals torchmetrics' structural_similarity_index_measure per image (slow: torchmetrics' import)."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    from flopmatch.tokenizers.evaluate import ssim
+    from flopmatch.evaluation.tokenizer import ssim
 
     a = (_images(shapes_uint8, 6) + 1) / 2
     b = (a + 0.05 * torch.randn(a.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
@@ -270,7 +270,7 @@ def test_ssim_equals_torchmetrics(shapes_uint8):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from flopmatch.tokenizers.cli import register
+    from flopmatch.cli.tokenizer import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command", required=True))

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.parametrize("name", PARADIGMS)
 
 
 def _sample(t, cond, uncond, seed: int, cfg: float = 3.0, **kw) -> torch.Tensor:
-    sc = SampleConfig(steps=STEPS[t.objective.name], cfg=cfg, **kw)
+    sc = SampleConfig(steps=STEPS[t.objective.name], guidance=cfg, **kw)
     return t.objective.sample(t.net, cond, uncond, sc, torch.Generator().manual_seed(seed))
 
 
@@ -52,7 +52,7 @@ def test_sample_shape_dtype_range(name, gen):
         assert out.is_floating_point() and torch.isfinite(out).all()
     else:
         assert out.shape == (B, t.spec.seq_len) and out.dtype == torch.long
-        assert out.min() >= 0 and out.max() < t.spec.vocab
+        assert out.min() >= 0 and out.max() < t.spec.vocab_size
 
 
 def test_same_seed_same_samples_different_seed_different(name, gen):
@@ -104,7 +104,7 @@ def test_sampler_guidance_passes(name, gen):
     cond = fake_text(B, gen)
     per_image = STEPS[name] or t.spec.seq_len
     rec = Recorder(t.net)
-    sc1 = SampleConfig(steps=STEPS[name], cfg=1.0)
+    sc1 = SampleConfig(steps=STEPS[name], guidance=1.0)
     out = t.objective.sample(rec, cond, empty_text(B), sc1, torch.Generator().manual_seed(3))
     assert rec.rows == [B] * per_image
     poisoned = empty_text(B)
@@ -113,6 +113,6 @@ def test_sampler_guidance_passes(name, gen):
     assert torch.equal(t.objective.sample(t.net, cond, poisoned, sc1, torch.Generator().manual_seed(3)), out)
 
     rec = Recorder(t.net)
-    t.objective.sample(rec, cond, empty_text(B), SampleConfig(steps=STEPS[name], cfg=3.0), torch.Generator().manual_seed(3))
+    t.objective.sample(rec, cond, empty_text(B), SampleConfig(steps=STEPS[name], guidance=3.0), torch.Generator().manual_seed(3))
     assert rec.rows == [2 * B] * per_image
 

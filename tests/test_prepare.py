@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flopmatch.data.prepare import encode_dataset, make_dataset
+from flopmatch.data.datasets import make_dataset
 from flopmatch.errors import UserError
-from flopmatch.paths import cache_dir
-from flopmatch.tokenizers.train_ae import AutoencoderConfig, train_autoencoder
+from flopmatch.files import cache_dir
+from flopmatch.prepare import encode_dataset
+from flopmatch.tokenizers.autoencoder import AutoencoderConfig
+from flopmatch.tokenizers.train_ae import train_autoencoder
 
 
 def tiny_ae(kind: str, out, seed: int = 0, steps: int = 3):
@@ -46,16 +48,16 @@ def test_encoded_cache_reused_when_valid_and_rebuilt_when_tokenizer_changes(tmp_
 @pytest.mark.parametrize("objective,kind", [("diffusion", "kl"), ("masked", "lfq"), ("autoregressive", "lfq")])
 def test_run_on_learned_tokenizer_trains_and_samples(tmp_path, tiny_config, objective, kind):
     """A generator trained with --tokenizer DIR keeps its own copy of the tokenizer and samples through it."""
-    from flopmatch.sample import generate, load_generator
+    from flopmatch.sample import generate, load_sampler
     from flopmatch.train import train
 
     tiny_ae(kind, tmp_path / "tok")
     cfg = tiny_config(objective, sets=["data.image_size=32", f"tokenizer.path={tmp_path / 'tok'}"])
     state = train(cfg, tmp_path / "run", progress=False)
-    assert state["done"] and state["tokenizer"]["kind"] == ("continuous" if kind == "kl" else "discrete")
-    gen = load_generator(tmp_path / "run")
-    assert gen.tokenizer.fingerprint() == tiny_ae(kind, tmp_path / "tok2").fingerprint()  # same seed, same tokenizer
-    images = generate(gen, ["a red circle", "a small blue square on the left"], gen.cfg.sample, seed=0)
+    assert state["done"] and state["tokenizer"]["tokens"] == ("continuous" if kind == "kl" else "discrete")
+    sampler = load_sampler(tmp_path / "run")
+    assert sampler.tokenizer.fingerprint() == tiny_ae(kind, tmp_path / "tok2").fingerprint()  # same seed, same tokenizer
+    images = generate(sampler, ["a red circle", "a small blue square on the left"], sampler.cfg.sample, seed=0)
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
 
 

@@ -3,7 +3,7 @@
 The synthetic studies below contain exactly the files the report reads (config.json, a checkpoint
 whose metadata is the training state ``read_state`` returns, metrics.jsonl, eval.json in the schema
 of ``flopmatch.evaluation.run``, saved sample images), with metrics that follow known laws
-``E + A (C / C0)^-alpha`` (C0 = geometric mean of the budgets, as in flopmatch.scaling), times a
+``E + A (C / C0)^-alpha`` (C0 = geometric mean of the budgets, as in flopmatch.report.scaling), times a
 15 % penalty off the best depth, times multiplicative seed noise. No training happens.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import math
 import re
@@ -24,13 +25,15 @@ import numpy as np
 import pytest
 import torch
 
-from flopmatch.checkpoint import atomic_write_json, atomic_write_text, save_tensors
+from flopmatch.cli.report import register
 from flopmatch.config import ModelConfig, RunConfig, SampleConfig, TextConfig, TrainConfig, save_config
 from flopmatch.evaluation.run import setting_key
-from flopmatch.report import build_report, register, results_csv
-from flopmatch.report_analysis import Analyser, analyse, combine, status_from
-from flopmatch.report_data import COLUMNS, collect, load_study, main_setting
-from flopmatch.train import CHECKPOINT
+from flopmatch.files import atomic_write_json, atomic_write_text, save_tensors
+from flopmatch.report.analysis import Analyser, combine, status_from
+from flopmatch.report.build import build_report, results_csv
+from flopmatch.report.data import COLUMNS, collect, load_study, main_setting
+from flopmatch.report.findings import analyse
+from flopmatch.rundir import CHECKPOINT
 
 PARADIGMS = ("diffusion", "masked", "autoregressive")
 # (E, A, alpha) per paradigm: next-token starts best on FID, diffusion has the steepest trend
@@ -268,11 +271,24 @@ def test_report_shows_recommendations_findings_and_figures(study):
     assert all(p in html for p in PROMPTS[:8])
 
 
-def test_loss_never_plotted_or_compared_across_paradigms(study_dir):
-    """No comparison or crossover uses the training loss (objectives' losses are not commensurable)."""
-    root = study_dir
-    an = analyse(load_study(root), n_boot=20, seed=0)
-    assert all(k[0] != "loss" for k in an.comparisons) and all(c["metric"] != "loss" for c in an.crossovers)
+def test_loss_never_compared_across_paradigms(tmp_path):
+    """Swapping training losses between paradigms changes their loss fits but no comparison, crossover, finding or advice."""
+    swapped = {"diffusion": LOSS_LAW["autoregressive"], "masked": LOSS_LAW["masked"],
+               "autoregressive": LOSS_LAW["diffusion"]}  # fmt: skip
+    # same rng_seed: every file is identical except the losses (the noise draws do not depend on the laws)
+    an, sw = (analyse(load_study(make_study(tmp_path / name, depths=(2,), laws={"fid": FID_LAW, "prompt": PROMPT_ERR_LAW,
+                                                                                  "loss": loss})), n_boot=20, seed=0)
+              for name, loss in (("as_made", LOSS_LAW), ("swapped", swapped)))  # fmt: skip
+    for p in PARADIGMS:  # loss is fitted per paradigm, and the swap did reach it
+        assert an.fits[("loss", p)].boot and sw.fits[("loss", p)].boot
+    assert an.fits[("loss", "diffusion")].boot.point.E < 1 and sw.fits[("loss", "diffusion")].boot.point.E > 2
+    # cross-paradigm results exist (not vacuous) and none involves loss ...
+    assert {(c["metric"], frozenset((c["a"], c["b"]))) for c in an.crossovers} == {
+        (m, frozenset(pair)) for m in ("fid", "prompt") for pair in itertools.combinations(PARADIGMS, 2)}
+    assert {k[0] for k in an.comparisons} == {"fid", "prompt"}
+    # ... and none moves when the losses are swapped
+    assert repr(sw.comparisons) == repr(an.comparisons) and repr(sw.crossovers) == repr(an.crossovers)
+    assert sw.findings == an.findings and sw.recommendations == an.recommendations
 
 
 # ------------------------------------------------------------------------------------------ verdict logic

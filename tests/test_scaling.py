@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flopmatch.errors import UserError
-from flopmatch.scaling import (
+from flopmatch.report.scaling import (
     PowerLawFit,
     Record,
     bootstrap_crossover,

@@ -46,7 +46,7 @@ def test_euler_sampler_integrates_from_noise_to_data(gen, steps):
     t = make_tiny("diffusion")
     x0 = torch.randn(B, t.spec.channels, t.spec.grid, t.spec.grid, generator=gen)
     oracle = _OracleVelocity(t.net, x0)
-    out = t.objective.sample(oracle, fake_text(B, gen), empty_text(B), SampleConfig(steps=steps, cfg=1.0), gen)
+    out = t.objective.sample(oracle, fake_text(B, gen), empty_text(B), SampleConfig(steps=steps, guidance=1.0), gen)
     assert torch.allclose(out, x0, atol=1e-5)
 
 
@@ -83,8 +83,8 @@ def test_masked_sampler_follows_the_counts(gen, steps):
     """After decoding step s exactly masked_counts[s] positions are [MASK]; decided tokens never change."""
     t = make_tiny("masked", perturb=0.2)
     rec = Recorder(t.net)
-    out = t.objective.sample(rec, fake_text(B, gen), empty_text(B), SampleConfig(steps=steps, cfg=3.0), gen)
-    V = t.spec.vocab
+    out = t.objective.sample(rec, fake_text(B, gen), empty_text(B), SampleConfig(steps=steps, guidance=3.0), gen)
+    V = t.spec.vocab_size
     inputs = [x[:B] for x in rec.inputs] + [out]  # the conditional half of each step's input, then the result
     assert len(inputs) == steps + 1
     assert (inputs[0] == V).all()

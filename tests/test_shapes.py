@@ -3,7 +3,6 @@
 import dataclasses
 import random
 import re
-import time
 
 import numpy as np
 import pytest
@@ -12,8 +11,18 @@ from scipy import ndimage
 
 from flopmatch.data import shapes
 from flopmatch.data.shapes import (
-    COLORS, ONE_OBJECT_TEMPLATES, POSITION_CENTRES, SHAPES, SIZES, TWO_OBJECT_TEMPLATES, ShapesConfig,
-    ShapesDataset, caption_for, make_scene, parse_caption, render,
+    COLORS,
+    ONE_OBJECT_TEMPLATES,
+    POSITION_CENTRES,
+    SHAPES,
+    SIZES,
+    TWO_OBJECT_TEMPLATES,
+    ShapesConfig,
+    ShapesDataset,
+    caption_for,
+    make_scene,
+    parse_caption,
+    render,
 )
 from flopmatch.errors import UserError
 
@@ -227,10 +236,23 @@ def test_fingerprint_covers_every_field_and_split():
     assert ShapesDataset(base, "train").fingerprint() != ShapesDataset(base, "eval").fingerprint()
 
 
-@pytest.mark.slow
-def test_full_train_split_renders_fast():
-    """The default 20000-image training split builds and renders in well under 30 s."""
-    t0 = time.perf_counter()
-    imgs = ShapesDataset(ShapesConfig(), "train", disk_cache=False).images_uint8()
-    assert imgs.shape == (20000, 3, 32, 32)
-    assert time.perf_counter() - t0 < 30
+def test_images_rendered_once_then_served_from_memory_and_disk(tmp_path, monkeypatch):
+    """Each image is rendered once: repeat calls reuse the in-memory tensor, a new dataset reads the disk cache."""
+    monkeypatch.setenv("FLOPMATCH_CACHE", str(tmp_path))
+    cfg = ShapesConfig(num_train=40, num_eval=10)
+    real, calls = shapes._render_hwc, []
+    monkeypatch.setattr(shapes, "_render_hwc", lambda *a: calls.append(a) or real(*a))
+    ds = ShapesDataset(cfg, "train")
+    imgs = ds.images_uint8()
+    assert len(calls) == 40  # one render per image, on the first call
+    assert ds.images_uint8() is imgs and torch.equal(ds[5]["image"], imgs[5].float() / 127.5 - 1)
+    assert len(calls) == 40  # the second call and item access render nothing
+
+    def no_render(*args):
+        raise AssertionError("re-rendered an image that was cached")
+
+    monkeypatch.setattr(shapes, "_render_hwc", no_render)
+    again = ShapesDataset(cfg, "train").images_uint8()  # fresh instance: nothing in memory, file on disk
+    assert again is not imgs and torch.equal(again, imgs)
+    with pytest.raises(AssertionError, match="re-rendered"):  # control: without the disk cache it must render
+        ShapesDataset(cfg, "train", disk_cache=False).images_uint8()

@@ -7,9 +7,11 @@ import json
 
 import pytest
 
-import flopmatch.train
-from flopmatch.presets import study_preset
-from flopmatch.sweep import make_plan, run_name, study
+import flopmatch.study.job
+from flopmatch.rundir import CHECKPOINT, read_state
+from flopmatch.study.plan import make_plan, run_name
+from flopmatch.study.presets import study_preset
+from flopmatch.study.runner import study
 
 
 def tiny_study(objectives=("masked",), budgets=(2e9, 4e9, 8e9)):
@@ -69,7 +71,7 @@ def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, monke
     scfg = tiny_study(objectives=("masked",))
     names = [run_name("masked", 1, b, 0) for b in scfg.budgets]
     # Interrupt the first attempt while the second run trains (after 3 of its steps).
-    real_train = flopmatch.train.train
+    real_train = flopmatch.study.job.train
     calls = []
 
     def interrupted_train(cfg, run, progress=True, stop_after=None):
@@ -79,25 +81,24 @@ def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, monke
             raise KeyboardInterrupt
         return real_train(cfg, run, progress=False, stop_after=stop_after)
 
-    monkeypatch.setattr(flopmatch.train, "train", interrupted_train)
+    monkeypatch.setattr(flopmatch.study.job, "train", interrupted_train)
     with pytest.raises(KeyboardInterrupt):
         study(out, scfg, progress=False)
     first_eval = (out / "runs" / names[0] / "eval.json").read_bytes()
-    state = flopmatch.train.read_state(out / "runs" / names[1])
+    state = read_state(out / "runs" / names[1])
     assert state["step"] == 3 and not state["done"]
 
     calls.clear()
     study(out, scfg, progress=False)
     assert calls == names[1:]  # the finished run is not trained again
     assert (out / "runs" / names[0] / "eval.json").read_bytes() == first_eval  # nor re-evaluated
-    assert flopmatch.train.read_state(out / "runs" / names[1])["done"]
+    assert read_state(out / "runs" / names[1])["done"]
 
 
 def _outcome(out, names):
     """What a study computed, without timings: checkpoint tensors (the file's metadata holds wall times),
     generated-image hashes and metrics per setting."""
-    from flopmatch.checkpoint import load_tensors
-    from flopmatch.train import CHECKPOINT
+    from flopmatch.files import load_tensors
 
     res = {}
     for n in names:
@@ -121,8 +122,8 @@ def test_local_worker_processes_give_the_same_runs_as_in_process(tmp_path, monke
 
 def test_study_refuses_changed_settings(tmp_path):
     """A study directory belongs to one StudyConfig; different settings are a clear error."""
-    from flopmatch.checkpoint import atomic_write_json
     from flopmatch.errors import UserError
+    from flopmatch.files import atomic_write_json
 
     out = tmp_path / "s"
     atomic_write_json(out / "study.json", {"preset": "other"})

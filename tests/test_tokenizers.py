@@ -8,16 +8,9 @@ import pytest
 import torch
 
 from flopmatch.errors import UserError
-from flopmatch.tokenizers import (
-    LOADERS,
-    KMeansTokenizer,
-    PatchTokenizer,
-    fit_weight_free,
-    load_tokenizer,
-    register_loader,
-    uint8_to_float,
-)
-from flopmatch.tokenizers.kmeans import lloyd
+from flopmatch.tokenizers.kmeans import KMeansTokenizer, lloyd
+from flopmatch.tokenizers.patch import PatchTokenizer, uint8_to_float
+from flopmatch.tokenizers.registry import LOADERS, fit_weight_free, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +31,7 @@ def test_patch_decode_inverts_encode():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
     tok = PatchTokenizer()
-    assert tok.spec.kind == "continuous" and tok.spec.grid == 8 and tok.spec.channels == 48
+    assert tok.spec.tokens == "continuous" and tok.spec.grid == 8 and tok.spec.channels == 48
     assert tok.encode(x).shape == (4, 48, 8, 8)
     assert torch.allclose(tok.decode(tok.encode(x)), x, atol=1e-6)
     tok.fit(((x[:2] + 1) * 127.5).round().to(torch.uint8))
@@ -66,7 +59,7 @@ def test_patch_position_layout():
 def test_kmeans_codes_and_decode_contract(shapes_uint8):
     """Codes are long (B, 64) in [0, K), the nearest centroid; decode is (B, 3, 32, 32) in [-1, 1]."""
     tok = KMeansTokenizer(codebook_size=16).fit(shapes_uint8[:64], iters=5, generator=torch.Generator().manual_seed(0))
-    assert tok.spec.kind == "discrete" and tok.spec.grid == 8 and tok.spec.vocab_size == 16
+    assert tok.spec.tokens == "discrete" and tok.spec.grid == 8 and tok.spec.vocab_size == 16
     x = uint8_to_float(shapes_uint8[64:72])
     codes = tok.encode(x)
     assert codes.dtype == torch.long and codes.shape == (8, 64)
@@ -155,8 +148,8 @@ def test_load_tokenizer_errors_are_user_errors(tmp_path):
         load_tokenizer(variant("spec", text=json.dumps({**meta, "spec": {**meta["spec"], "channels": 12}})))
 
 
-def test_register_loader_dispatches_on_kind(tmp_path):
-    """A registered kind is loaded by its loader."""
+def test_loader_registry_dispatches_on_kind(tmp_path, monkeypatch):
+    """A kind added to the registry is loaded by its loader."""
     d = tmp_path / "custom"
     PatchTokenizer().save(d)
     meta = json.loads((d / "tokenizer.json").read_text())
@@ -167,11 +160,8 @@ def test_register_loader_dispatches_on_kind(tmp_path):
         calls.append(path)
         return PatchTokenizer()
 
-    register_loader("unit-test-kind", loader)
-    try:
-        assert isinstance(load_tokenizer(d), PatchTokenizer) and calls == [d]
-    finally:
-        LOADERS.pop("unit-test-kind")
+    monkeypatch.setitem(LOADERS, "unit-test-kind", loader)
+    assert isinstance(load_tokenizer(d), PatchTokenizer) and calls == [d]
 
 
 def test_fit_rejects_wrong_images():

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from flopmatch import PARADIGMS, cli
-from flopmatch.checkpoint import load_tensors
 from flopmatch.config import SampleConfig, load_config
 from flopmatch.errors import UserError
+from flopmatch.files import load_tensors
 from flopmatch.plan import flops_summary
-from flopmatch.train import CHECKPOINT, train
+from flopmatch.rundir import CHECKPOINT
+from flopmatch.train import train
 from tiny import tiny_run_config
 
 BUDGET_STEPS = 5.5  # not a whole number of steps: training must take ceil() = 6 steps
@@ -162,16 +163,16 @@ def test_resume_with_different_config_is_user_error(finished_run):
 
 @pytest.mark.parametrize("name", PARADIGMS)
 def test_generate_from_trained_run(name, finished_run):
-    """load_generator/generate give uint8 (N, 3, H, W) images; the same seed gives identical images."""
-    from flopmatch.sample import generate, load_generator
+    """load_sampler/generate give uint8 (N, 3, H, W) images; the same seed gives identical images."""
+    from flopmatch.sample import generate, load_sampler
 
-    gen = load_generator(finished_run(name), device="cpu")
+    sampler = load_sampler(finished_run(name), device="cpu")
     prompts = ["a red circle", "a small blue square to the left of a green triangle", "a cross"]
-    sc = SampleConfig(steps=2, cfg=3.0)
-    a = generate(gen, prompts, sc, seed=0)
+    sc = SampleConfig(steps=2, guidance=3.0)
+    a = generate(sampler, prompts, sc, seed=0)
     assert a.dtype == torch.uint8 and a.shape == (3, 3, 16, 16)
-    assert torch.equal(a, generate(gen, prompts, sc, seed=0))
-    assert not torch.equal(a, generate(gen, prompts, sc, seed=1))
+    assert torch.equal(a, generate(sampler, prompts, sc, seed=0))
+    assert not torch.equal(a, generate(sampler, prompts, sc, seed=1))
 
 
 def test_cli_sample_writes_png(finished_run, tmp_path):

@@ -78,7 +78,7 @@ def fake_data(spec: NetSpec, batch: int, generator: torch.Generator) -> torch.Te
     """Training inputs for ``spec``: latents (B, C, g, g) float or tokens (B, L) long in [0, V)."""
     if spec.tokens == "continuous":
         return torch.randn(batch, spec.channels, spec.grid, spec.grid, generator=generator)
-    return torch.randint(0, spec.vocab, (batch, spec.seq_len), generator=generator)
+    return torch.randint(0, spec.vocab_size, (batch, spec.seq_len), generator=generator)
 
 
 def tiny_run_config(objective: str = "masked", budget_steps: float = 6.0, sets: list[str] | None = None) -> RunConfig:

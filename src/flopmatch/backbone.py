@@ -7,6 +7,10 @@ identity. Autoregressive decoding uses :class:`KVCache` (self-attention keys/val
 the text keys/values computed once).
 
 Shapes: B batch, L image tokens, Lt text tokens, D width, H heads, hd head dim (64).
+
+References: Vaswani et al. 2017 (attention); Peebles & Xie 2023, "Scalable Diffusion Models with
+Transformers" (DiT: adaLN-Zero, init); Xiong et al. 2020, "On Layer Normalization in the
+Transformer Architecture" (pre-norm); Radford et al. 2019 (GPT-2) and nanoGPT (causal blocks).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from torch import nn
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: x (B, L, D) * (1 + scale) + shift, with shift/scale (B, D)."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+    # "1 + scale" so that a zero-initialised modulation (adaLN-Zero) leaves x unchanged.
+    return x * (1 + scale[:, None]) + shift[:, None]  # (B, L, D); (B, 1, D) broadcasts over L
 
 
 class KVCache:
@@ -26,15 +31,21 @@ class KVCache:
 
     ``k[i]``/``v[i]``: (B, H, max_len, hd) preallocated; ``length`` tokens are filled.
     ``text_kv[i]``: (k, v) of the cross-attention of layer i, each (B, H, Lt, hd), set on first use.
+
+    Why: with causal attention, the keys/values of past tokens never change, so a decode step only
+    projects the new token(s) and attends to the stored prefix (O(L) per step instead of O(L^2)).
+    Every layer has its own keys/values, hence one buffer per layer. The caption is the same at every
+    step, so its cross-attention keys/values (and the projected text states) are computed once.
+    Buffers are preallocated to ``max_len`` so each step writes in place instead of concatenating.
     """
 
     def __init__(self, depth: int, batch: int, heads: int, max_len: int, head_dim: int, device, dtype):
-        shape = (batch, heads, max_len, head_dim)
+        shape = (batch, heads, max_len, head_dim)  # (B, H, max_len, hd)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
         self.text_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * depth
         self.text_states: torch.Tensor | None = None  # projected text states, (B, Lt, D)
-        self.length = 0
+        self.length = 0  # tokens already written; the next call's tokens start at this position
         self.max_len = max_len
 
 
@@ -42,27 +53,31 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim)  # fused q, k, v projection: one matmul (D -> 3D)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, causal: bool, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         """x (B, L, D) -> (B, L, D). With a cache, x holds the L new tokens after cache.length old ones."""
         B, L, D = x.shape
+        # (B, L, 3D) -> (B, L, 3, H, hd) -> (3, B, H, L, hd), unpacked into q, k, v
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
         mask = None
         if cache is not None:
             start = cache.length
             if start + L > cache.max_len:
                 raise RuntimeError(f"KV cache overflow: {start + L} > {cache.max_len}")
-            cache.k[layer][:, :, start : start + L] = k.to(cache.k[layer].dtype)
-            cache.v[layer][:, :, start : start + L] = v.to(cache.v[layer].dtype)
+            # The cache may be kept in another dtype than the (possibly bf16 autocast) activations.
+            cache.k[layer][:, :, start : start + L] = k.to(cache.k[layer].dtype)  # slot (B, H, L, hd)
+            cache.v[layer][:, :, start : start + L] = v.to(cache.v[layer].dtype)  # slot (B, H, L, hd)
             k = cache.k[layer][:, :, : start + L].to(q.dtype)  # (B, H, start+L, hd)
-            v = cache.v[layer][:, :, : start + L].to(q.dtype)
+            v = cache.v[layer][:, :, : start + L].to(q.dtype)  # (B, H, start+L, hd)
             if causal and L > 1:
                 if start == 0:
                     causal_flag = True
                 else:  # new block attends to the whole prefix and causally within itself
-                    pos_q = torch.arange(start, start + L, device=x.device)[:, None]
+                    # SDPA's is_causal aligns the triangle top-left (query i sees keys 0..i), which is
+                    # wrong for L queries at positions start..start+L-1; build the mask explicitly.
+                    pos_q = torch.arange(start, start + L, device=x.device)[:, None]  # (L, 1) query positions
                     mask = torch.arange(start + L, device=x.device)[None, :] <= pos_q  # (L, start+L), True = attend
                     causal_flag = False
             else:
@@ -70,30 +85,33 @@ class SelfAttention(nn.Module):
         else:
             causal_flag = causal
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal_flag)  # (B, H, L, hd)
-        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+        return self.proj(out.transpose(1, 2).reshape(B, L, D))  # (B, L, H, hd) -> (B, L, D)
 
 
 class CrossAttention(nn.Module):
+    """Image tokens (queries) attend to the text token states (keys/values), as in Imagen / PixArt-alpha."""
+
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
         self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)  # fused k, v projection of the text states (D -> 2D)
+        self.proj = nn.Linear(dim, dim)  # zero-initialised in Backbone.reset_parameters
 
     def text_kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """text (B, Lt, D) -> keys, values each (B, H, Lt, hd)."""
         B, Lt, D = text.shape
-        k, v = self.kv(text).view(B, Lt, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        # (B, Lt, 2D) -> (B, Lt, 2, H, hd) -> (2, B, H, Lt, hd)
+        k, v = self.kv(text).view(B, Lt, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 2 x (B, H, Lt, hd)
         return k, v
 
     def forward(self, x, text, text_pad, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         """x (B, L, D) attends to text (B, Lt, D); text_pad (B, Lt) True = padding."""
         B, L, D = x.shape
         if cache is not None and cache.text_kv[layer] is not None:
-            k, v = cache.text_kv[layer]
+            k, v = cache.text_kv[layer]  # computed on the first decode step; the caption does not change
         else:
-            k, v = self.text_kv(text)
+            k, v = self.text_kv(text)  # 2 x (B, H, Lt, hd)
             if cache is not None:
                 cache.text_kv[layer] = (k, v)
         q = self.q(x).view(B, L, self.heads, D // self.heads).transpose(1, 2)  # (B, H, L, hd)
@@ -101,28 +119,38 @@ class CrossAttention(nn.Module):
         # (a padding state: zeros for the hash encoder, the [CLS]/[SEP] state for MiniLM).
         keep = ~text_pad  # (B, Lt), True = attend
         keep[:, 0] = True
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=keep[:, None, None, :])
-        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+        # keep[:, None, None, :] is (B, 1, 1, Lt): broadcast over heads and queries.
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=keep[:, None, None, :])  # (B, H, L, hd)
+        return self.proj(out.transpose(1, 2).reshape(B, L, D))  # (B, L, H, hd) -> (B, L, D)
 
 
 class MLP(nn.Module):
+    """Position-wise feed-forward D -> ratio*D -> D with tanh-approximated GELU (GPT-2, DiT)."""
+
     def __init__(self, dim: int, ratio: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, ratio * dim)
         self.fc2 = nn.Linear(ratio * dim, dim)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # (B, L, D) -> (B, L, ratio*D) -> (B, L, D)
 
 
 class Block(nn.Module):
-    """adaLN-Zero block: x += g1*attn(mod(norm(x))); x += cross(norm(x), text); x += g2*mlp(mod(norm(x)))."""
+    """adaLN-Zero block: x += g1*attn(mod(norm(x))); x += cross(norm(x), text); x += g2*mlp(mod(norm(x))).
+
+    Pre-norm (normalise each branch's input, not the residual stream) keeps an unnormalised identity
+    path through the whole stack, which trains stably without post-norm's warm-up sensitivity (Xiong
+    et al. 2020; GPT-2). The conditioning ``c`` (pooled text + time) enters through adaptive LayerNorm
+    shift/scale and per-branch gates (DiT's adaLN-Zero, its best-FID conditioning variant).
+    """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: int):
         super().__init__()
+        # Norms in front of adaLN have no affine parameters: the modulation supplies shift and scale.
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)  # cross-attention is not modulated: ordinary affine LayerNorm
         self.cross = CrossAttention(dim, heads)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(dim, mlp_ratio)
@@ -130,9 +158,9 @@ class Block(nn.Module):
 
     def forward(self, x, c, text, text_pad, causal: bool, cache: KVCache | None = None, layer: int = 0):
         s1, sc1, g1, s2, sc2, g2 = self.ada(F.silu(c)).chunk(6, dim=-1)  # 6 x (B, D)
-        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), s1, sc1), causal, cache, layer)
-        x = x + self.cross(self.norm2(x), text, text_pad, cache, layer)
-        x = x + g2[:, None] * self.mlp(modulate(self.norm3(x), s2, sc2))
+        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), s1, sc1), causal, cache, layer)  # (B, L, D)
+        x = x + self.cross(self.norm2(x), text, text_pad, cache, layer)  # (B, L, D)
+        x = x + g2[:, None] * self.mlp(modulate(self.norm3(x), s2, sc2))  # (B, L, D)
         return x
 
 
@@ -147,9 +175,13 @@ class Backbone(nn.Module):
 
     def reset_parameters(self) -> None:
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear):  # Xavier-uniform weights, zero biases (DiT's basic init)
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+        # Zero-init (DiT's adaLN-Zero): with gates g1 = g2 = 0 and a zero cross-attention output projection,
+        # every residual branch adds 0, so the untrained stack is the identity (like zero-initialising the
+        # last BatchNorm gamma of each ResNet block, Goyal et al. 2017); DiT found this trains best.
+        # The cross-attention has no gate, so its output projection is zeroed instead (bias is already 0).
         for b in self.blocks:  # adaLN-Zero: gates start at 0, cross-attention adds 0: every block is the identity
             nn.init.zeros_(b.ada.weight)
             nn.init.zeros_(b.ada.bias)
@@ -165,7 +197,7 @@ class Backbone(nn.Module):
         With ``cache``, x holds new tokens at positions cache.length.. and the cache advances by L.
         """
         for i, block in enumerate(self.blocks):
-            x = block(x, c, text, text_pad, self.causal, cache, i)
-        if cache is not None:
+            x = block(x, c, text, text_pad, self.causal, cache, i)  # (B, L, D)
+        if cache is not None:  # advanced once, after every layer has written the same positions
             cache.length += x.shape[1]
         return x

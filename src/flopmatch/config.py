@@ -7,12 +7,12 @@ Overrides are type-checked against the dataclass field types; unknown keys are e
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 
 from flopmatch import PARADIGMS
 from flopmatch.errors import UserError
+from flopmatch.files import atomic_write_json, read_json
 
 
 @dataclass
@@ -71,8 +71,9 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Method hyper-parameters (each paradigm reads its own)."""
+    """The paradigm (``name``) and its method's hyper-parameters (each paradigm reads its own)."""
 
+    name: str = "masked"  # diffusion | masked | autoregressive
     # diffusion: logit-normal timestep density (SD3): t = sigmoid(N(mean, std))
     t_mean: float = 0.0
     t_std: float = 1.0
@@ -106,7 +107,7 @@ class SampleConfig:
     """Sampling settings. ``steps`` is the inference-cost knob; 0 = paradigm default."""
 
     steps: int = 0  # diffusion: Euler steps (default 25); masked: decoding steps (default 12); autoregressive: fixed L
-    cfg: float = 3.0  # classifier-free guidance scale; 1 = no guidance (no extra forward pass)
+    guidance: float = 3.0  # classifier-free guidance scale; 1 = no guidance (no extra forward pass)
     temperature: float = 1.0
     top_k: int = 0  # 0 = no top-k filtering (token paradigms)
     choice_temperature: float = 4.5  # masked only: Gumbel noise on confidences, annealed to 0 (MaskGIT)
@@ -117,19 +118,23 @@ class SampleConfig:
 class RunConfig:
     """Everything a run needs; ``config.json`` in a run directory is this, serialised."""
 
-    objective: str = "masked"
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
+    def __post_init__(self):
+        # RunConfig(objective="masked") is shorthand for the paradigm with default hyper-parameters.
+        if isinstance(self.objective, str):
+            self.objective = ObjectiveConfig(name=self.objective)
+
     def validate(self) -> "RunConfig":
         """Raise UserError on values that cannot work; returns self."""
-        if self.objective not in PARADIGMS:
-            raise UserError(f"unknown objective {self.objective!r}; choose one of {', '.join(PARADIGMS)}")
+        if self.objective.name not in PARADIGMS:
+            raise UserError(f"unknown objective {self.objective.name!r}; choose one of {', '.join(PARADIGMS)}")
         if self.model.depth < 1:
             raise UserError(f"model.depth must be >= 1, got {self.model.depth}")
         if self.train.budget <= 0:
@@ -154,8 +159,8 @@ def validate_sample(s: SampleConfig) -> None:
     """Raise UserError on impossible sampling settings."""
     if s.steps < 0:
         raise UserError(f"steps must be >= 0 (0 = default), got {s.steps}")
-    if s.cfg < 0:
-        raise UserError(f"cfg must be >= 0, got {s.cfg}")
+    if s.guidance < 0:
+        raise UserError(f"guidance must be >= 0, got {s.guidance}")
     if s.temperature <= 0:
         raise UserError(f"temperature must be > 0, got {s.temperature}")
     if s.top_k < 0:
@@ -170,10 +175,30 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Keys renamed since configs were first written, (dataclass, old key) -> new key. Files written by
+# earlier versions (run directories, --config files) are read through these; new files use the new names.
+RENAMED = {("SampleConfig", "cfg"): "guidance"}
+# --set paths renamed the same way (a key ending in "." renames a prefix, others a whole path).
+RENAMED_PATHS = {"sample.cfg": "sample.guidance", "method.": "objective.", "objective": "objective.name"}
+
+
+def _migrate(cls, data: dict) -> dict:
+    """``data`` with keys written by earlier versions renamed to today's (see RENAMED)."""
+    data = {RENAMED.get((cls.__name__, k), k): v for k, v in data.items()}
+    if cls.__name__ == "RunConfig" and isinstance(data.get("objective"), str):
+        # v0.1 kept the paradigm name at the top ("objective": "masked") and its hyper-parameters in "method".
+        data["objective"] = {"name": data["objective"], **(data.pop("method", None) or {})}
+    return data
+
+
 def from_dict(cls, data: dict, where: str = ""):
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise UserError."""
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise UserError.
+
+    Keys written by earlier versions are migrated first, so old run directories stay readable.
+    """
     if not isinstance(data, dict):
         raise UserError(f"config section {where or cls.__name__} must be an object, got {type(data).__name__}")
+    data = _migrate(cls, data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
@@ -250,6 +275,12 @@ def apply_overrides(cfg, overrides: list[str]):
         if "=" not in item:
             raise UserError(f"--set expects section.key=value, got {item!r}")
         path, text = item.split("=", 1)
+        path = path.strip()
+        if isinstance(cfg, RunConfig):
+            for old, new in RENAMED_PATHS.items():
+                if path == old or (old.endswith(".") and path.startswith(old)):
+                    path = new + path[len(old):]
+                    break
         parts = path.strip().split(".")
         obj = cfg
         for i, part in enumerate(parts):
@@ -268,20 +299,9 @@ def apply_overrides(cfg, overrides: list[str]):
 
 def save_config(cfg: RunConfig, path) -> None:
     """Write config.json atomically."""
-    from flopmatch.checkpoint import atomic_write_json
-
     atomic_write_json(path, to_dict(cfg))
 
 
 def load_config(path) -> RunConfig:
     """Read config.json; corrupt or unknown content raises UserError."""
-    from flopmatch.checkpoint import read_json
-
     return from_dict(RunConfig, read_json(path)).validate()
-
-
-def config_digest(cfg) -> str:
-    """Stable short digest of a dataclass tree (for cache keys)."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]

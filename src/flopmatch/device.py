@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from flopmatch.dist import local_rank
 from flopmatch.errors import UserError
 
 
@@ -15,8 +16,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     """"auto" -> this rank's CUDA device if available else CPU; otherwise the named device."""
     if name == "auto":
         if torch.cuda.is_available():
-            from flopmatch.dist import local_rank
-
             return torch.device("cuda", local_rank())
         return torch.device("cpu")
     try:

@@ -11,6 +11,7 @@ import os
 
 import torch
 import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 def is_launched() -> bool:
@@ -49,7 +50,6 @@ def wrap(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DDP-wrap ``net`` when running distributed; otherwise return it unchanged."""
     if not torch_dist.is_initialized():
         return net
-    from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -6,6 +6,12 @@ positions, text projections (token states for cross-attention, pooled state into
 vector ``c``), an optional time embedding (diffusion), the :class:`~flopmatch.backbone.Backbone`
 and an adaLN-modulated output head. Which stem/head it has is decided by a :class:`NetSpec` that
 an objective provides; the network knows nothing about losses or samplers.
+
+Shapes: B batch, L = g*g image tokens, l <= L tokens in one call, g grid side, C latent channels,
+V vocab, D width, Lt text tokens, Dt text width.
+
+References: Peebles & Xie 2023 (DiT: time embedding, adaLN-Zero output layer, init); He et al. 2022
+(MAE: fixed 2D sin-cos positions, also used by DiT); Dhariwal & Nichol 2021 (ADM: t in 0..999).
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ TIME_FREQS = 256  # sinusoidal features of t fed to the time MLP (DiT)
 class NetSpec:
     """Everything that shapes a network: the backbone size and the paradigm's stem/head.
 
-    tokens: "continuous" (in/out ``channels`` per position) or "discrete" (vocab ``vocab`` plus one
-    special id ``vocab`` used as [MASK] or [BOS]; out ``vocab`` logits).
+    tokens: "continuous" (in/out ``channels`` per position) or "discrete" (``vocab_size`` codes plus one
+    special id ``vocab_size`` used as [MASK] or [BOS]; out ``vocab_size`` logits).
     """
 
     depth: int
@@ -39,7 +45,7 @@ class NetSpec:
     tokens: str
     grid: int
     channels: int
-    vocab: int
+    vocab_size: int
     text_dim: int
     text_len: int
     causal: bool
@@ -47,44 +53,65 @@ class NetSpec:
 
     @property
     def seq_len(self) -> int:
-        return self.grid * self.grid
+        return self.grid * self.grid  # L: one token per latent position (patch size 1)
 
     @property
     def out_dim(self) -> int:
-        return self.channels if self.tokens == "continuous" else self.vocab
+        return self.channels if self.tokens == "continuous" else self.vocab_size
 
     def to_dict(self) -> dict:
+        """Plain JSON-able fields (stored in checkpoints as ``net_spec``)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> NetSpec:
+        """Inverse of :meth:`to_dict`; also reads specs of v0.1 checkpoints (``vocab`` for ``vocab_size``)."""
+        data = dict(data)
+        if "vocab" in data:
+            data["vocab_size"] = data.pop("vocab")
+        return cls(**data)
 
 
 def make_net_spec(model: ModelConfig, tok: TokenizerSpec, text_dim: int, text_len: int, *, causal: bool, time: bool) -> NetSpec:
     """Combine backbone size, tokenizer and text encoder into a NetSpec."""
     return NetSpec(
         depth=model.depth, width=model.width, heads=model.heads, mlp_ratio=model.mlp_ratio,
-        tokens=tok.kind, grid=tok.grid, channels=tok.channels, vocab=tok.vocab_size,
+        tokens=tok.tokens, grid=tok.grid, channels=tok.channels, vocab_size=tok.vocab_size,
         text_dim=text_dim, text_len=text_len, causal=causal, time=time,
     )
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
-    """Fixed 2D sin-cos position table (grid*grid, dim): half the channels for rows, half for columns."""
+    """Fixed 2D sin-cos position table (grid*grid, dim): half the channels for rows, half for columns.
+
+    Why fixed and 2D (MAE, DiT): no parameters to train or to count, identical for all three
+    paradigms, and the row/column split tells the network which tokens are vertical neighbours,
+    which a 1D raster index does not. Channels: [sin(y f), cos(y f), sin(x f), cos(x f)] with
+    frequencies f = 10000^(-k/(dim/4)), zero-padded when dim is not a multiple of 4.
+    """
     quarter = dim // 4
-    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))  # (dim/4,)
+    # ys, xs (g, g): row and column index of every grid cell
     ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
     parts = []
-    for coord in (ys.reshape(-1), xs.reshape(-1)):
+    for coord in (ys.reshape(-1), xs.reshape(-1)):  # row, then column index of each raster position: (L,)
         ang = coord[:, None] * freqs[None]  # (L, dim/4)
         parts += [ang.sin(), ang.cos()]
     table = torch.cat(parts, dim=1)  # (L, 4 * quarter)
-    return F.pad(table, (0, dim - table.shape[1])).float()
+    return F.pad(table, (0, dim - table.shape[1])).float()  # (L, dim)
 
 
 def time_features(t: torch.Tensor, dim: int = TIME_FREQS) -> torch.Tensor:
-    """Sinusoidal features of t in [0, 1] (scaled by 1000 as in DiT): (B,) -> (B, dim)."""
+    """Sinusoidal features of t in [0, 1] (scaled by 1000 as in DiT): (B,) -> (B, dim).
+
+    Why x1000: DiT (after ADM) embeds integer timesteps 0..999 with these frequencies; scaling
+    continuous t the same way keeps the features in that regime (with t in [0, 1] the low
+    frequencies would barely change across the whole range of t).
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    ang = 1000 * t.float()[:, None] * freqs[None]
-    return torch.cat([ang.cos(), ang.sin()], dim=1)
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)  # (half,)
+    ang = 1000 * t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([ang.cos(), ang.sin()], dim=1)  # (B, dim); [cos, sin] order as in DiT
 
 
 class Network(nn.Module):
@@ -95,17 +122,18 @@ class Network(nn.Module):
         self.spec = spec
         D = spec.width
         if spec.tokens == "continuous":
-            self.stem = nn.Linear(spec.channels, D)
+            self.stem = nn.Linear(spec.channels, D)  # per-position linear patch embedding (patch size 1)
         else:
-            self.stem = nn.Embedding(spec.vocab + 1, D)  # id ``vocab`` = [MASK] (masked) or [BOS] (autoregressive)
+            self.stem = nn.Embedding(spec.vocab_size + 1, D)  # id ``vocab_size`` = [MASK] (masked) or [BOS] (autoregressive)
+        # Not persistent: recomputed from the spec, so checkpoints do not store it.
         self.register_buffer("pos", sincos_2d(spec.grid, D), persistent=False)  # (L, D)
-        self.text_proj = nn.Linear(spec.text_dim, D)
-        self.pooled_proj = nn.Linear(spec.text_dim, D)
-        if spec.time:
+        self.text_proj = nn.Linear(spec.text_dim, D)  # text token states Dt -> D, for cross-attention
+        self.pooled_proj = nn.Linear(spec.text_dim, D)  # pooled caption -> c (like DiT's class embedding)
+        if spec.time:  # DiT's TimestepEmbedder: sinusoidal features -> MLP, added to c
             self.time_mlp = nn.Sequential(nn.Linear(TIME_FREQS, D), nn.SiLU(), nn.Linear(D, D))
         self.backbone = Backbone(spec.depth, D, spec.heads, spec.mlp_ratio, causal=spec.causal)
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.ada_out = nn.Linear(D, 2 * D)
+        self.ada_out = nn.Linear(D, 2 * D)  # c -> shift, scale of the final norm (DiT's final layer, no gate)
         self.head = nn.Linear(D, spec.out_dim)
         self._init_stems()
 
@@ -115,12 +143,14 @@ class Network(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         if isinstance(self.stem, nn.Embedding):
-            nn.init.normal_(self.stem.weight, std=0.02)
-        if self.spec.time:
+            nn.init.normal_(self.stem.weight, std=0.02)  # GPT-2 / DiT embedding init
+        if self.spec.time:  # N(0, 0.02) as DiT initialises its timestep MLP
             for m in self.time_mlp:
                 if isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, std=0.02)
                     nn.init.zeros_(m.bias)
+        # DiT zero-initialises the final modulation and output layer as well, so with the zero-init blocks
+        # the untrained network outputs exactly 0 (velocity) or uniform logits (tokens).
         nn.init.zeros_(self.ada_out.weight)
         nn.init.zeros_(self.ada_out.bias)
         nn.init.zeros_(self.head.weight)  # adaLN-Zero: the network starts by predicting 0 / uniform logits
@@ -145,25 +175,26 @@ class Network(nn.Module):
         spec = self.spec
         if spec.tokens == "continuous":
             B, C, g, _ = x.shape
-            h = self.stem(x.flatten(2).transpose(1, 2))  # (B, C, g, g) -> (B, L, C) -> (B, L, D)
+            h = self.stem(x.flatten(2).transpose(1, 2))  # (B, C, g, g) -> (B, L, C) -> (B, L, D), raster order
             start = 0
         else:
-            B, length = x.shape
+            B, length = x.shape  # length = l
             h = self.stem(x)  # (B, l, D)
-            start = cache.length if cache is not None else 0
-        h = h + self.pos[start : start + h.shape[1]].to(h.dtype)
+            start = cache.length if cache is not None else 0  # new tokens continue where the cache ends
+        h = h + self.pos[start : start + h.shape[1]].to(h.dtype)  # (B, l, D) + (l, D) broadcast over B
 
+        # c: the adaLN conditioning vector, pooled caption (+ time embedding for diffusion).
         c = self.pooled_proj(pooled)  # (B, D)
         if spec.time:
-            c = c + self.time_mlp(time_features(t))
+            c = c + self.time_mlp(time_features(t))  # (B, D)
         if cache is not None and cache.text_states is not None:
             text_h = cache.text_states  # text projected once per sequence
         else:
             text_h = self.text_proj(text)  # (B, Lt, D)
             if cache is not None:
                 cache.text_states = text_h
-        h = self.backbone(h, c, text_h, text_pad, cache)
-        shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=-1)
+        h = self.backbone(h, c, text_h, text_pad, cache)  # (B, l, D)
+        shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=-1)  # 2 x (B, D)
         out = self.head(modulate(self.norm_out(h), shift, scale))  # (B, l, out_dim)
         if spec.tokens == "continuous":
             return out.transpose(1, 2).reshape(B, C, g, g)  # (B, L, C) -> (B, C, g, g)

@@ -1,76 +1,103 @@
-"""Analytic planning: a run config -> NetSpec, parameter count and FLOPs, without building anything.
+"""Analytic planning: a run config -> NetSpec, parameter count, FLOPs and steps, without building anything.
 
-Used by ``flopmatch flops`` and by study planning, so plans are instant. The numbers agree with
-what training and sampling report (tests check both against counted FLOPs).
+Used by ``flopmatch flops``, by training (the step count of a budget) and by study planning, so plans
+are instant. The numbers agree with what training and sampling report (tests check both against
+counted FLOPs).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flopmatch.config import RunConfig
 from flopmatch.errors import UserError
+from flopmatch.files import read_json
 from flopmatch.flops import num_params
 from flopmatch.nets import NetSpec
-from flopmatch.objectives import make_objective
-from flopmatch.tokenizers.base import TokenizerSpec
+from flopmatch.objectives import Objective, make_objective
+from flopmatch.text import text_dim
+from flopmatch.tokenizers.base import WEIGHT_FREE_KIND, TokenizerSpec
 
-MINILM_DIM = 384  # all-MiniLM-L6-v2 hidden size
+
+@dataclass
+class Plan:
+    """What a budget buys: steps and FLOPs, from the analytic count (no model built)."""
+
+    flops_per_example: int
+    flops_per_step: int
+    steps: int
+
+    @property
+    def total_flops(self) -> int:
+        """FLOPs of all planned steps: at least the budget, less than one step over it."""
+        return self.steps * self.flops_per_step
 
 
-def tokenizer_spec_for(cfg: RunConfig, objective) -> TokenizerSpec:
+def plan_steps(budget: float, flops_per_example: int, batch_size: int) -> Plan:
+    """Steps = ceil(budget / FLOPs per step), FLOPs per step = FLOPs per example x global batch.
+
+    Training stops at the first step where the cumulative FLOPs reach the budget (at most one step
+    over). A budget below one step is a UserError.
+    """
+    per_step = flops_per_example * batch_size
+    if budget < per_step:
+        raise UserError(
+            f"budget {budget:.3g} FLOPs is smaller than one training step ({per_step:.3g} FLOPs at batch "
+            f"{batch_size}); raise --budget or lower train.batch_size"
+        )
+    # The 1e-9 keeps a budget that is an exact multiple of a step (up to float rounding) from buying one more.
+    return Plan(flops_per_example, per_step, math.ceil(budget / per_step - 1e-9))
+
+
+def weight_free_kind(cfg: RunConfig, objective: Objective) -> str:
+    """The weight-free tokenizer kind a run uses: ``tokenizer.kind``, or for "auto" the one its tokens need."""
+    return WEIGHT_FREE_KIND[objective.tokens] if cfg.tokenizer.kind == "auto" else cfg.tokenizer.kind
+
+
+def tokenizer_spec_for(cfg: RunConfig, objective: Objective) -> TokenizerSpec:
     """The tokenizer spec a run will use: read from ``tokenizer.path`` or derived from the settings."""
     if cfg.tokenizer.path:
-        from flopmatch.checkpoint import read_json
-
         meta = read_json(Path(cfg.tokenizer.path) / "tokenizer.json")
         try:
-            return TokenizerSpec(**meta["spec"])
+            return TokenizerSpec.from_dict(meta["spec"])
         except (KeyError, TypeError):
             raise UserError(f"{cfg.tokenizer.path}/tokenizer.json has no valid spec; re-train the tokenizer") from None
-    from flopmatch.data.prepare import tokenizer_kind
-
-    kind = tokenizer_kind(cfg, objective)
     p, size = cfg.tokenizer.patch, cfg.data.image_size
-    if kind == "patch":
+    if weight_free_kind(cfg, objective) == "patch":
         return TokenizerSpec("continuous", size // p, channels=3 * p * p, image_size=size)
     return TokenizerSpec("discrete", size // p, vocab_size=cfg.tokenizer.codebook_size, image_size=size)
 
 
-def text_dim_for(cfg: RunConfig) -> int:
-    """Width of the text encoder's token states."""
-    if cfg.text.kind == "minilm":
-        return MINILM_DIM
-    if cfg.text.kind == "hash":
-        return cfg.text.dim
-    raise UserError(f"unknown text encoder {cfg.text.kind!r}; choose minilm or hash")
+def net_spec_for(cfg: RunConfig, tokenizer: TokenizerSpec | None = None) -> NetSpec:
+    """The NetSpec a run config trains (validated; no data, tokenizer fit or model needed).
 
-
-def net_spec_for(cfg: RunConfig) -> NetSpec:
-    """The NetSpec a run config trains (validated; no data, tokenizer fit or model needed)."""
+    ``tokenizer`` replaces the spec derived from the config (a study plans runs before their
+    learned tokenizers exist, from the autoencoder configs).
+    """
     cfg.validate()
-    objective = make_objective(cfg.objective, cfg.method)
-    return objective.net_spec(cfg.model, tokenizer_spec_for(cfg, objective), text_dim_for(cfg), cfg.text.max_len)
+    objective = make_objective(cfg.objective)
+    tok = tokenizer or tokenizer_spec_for(cfg, objective)
+    return objective.net_spec(cfg.model, tok, text_dim(cfg.text), cfg.text.max_len)
 
 
-def flops_summary(cfg: RunConfig) -> dict:
+def flops_summary(cfg: RunConfig, tokenizer: TokenizerSpec | None = None) -> dict:
     """Parameter count, training FLOPs per example and sampling FLOPs per image for a config."""
-    objective = make_objective(cfg.objective, cfg.method)
-    spec = net_spec_for(cfg)
+    objective = make_objective(cfg.objective)
+    spec = net_spec_for(cfg, tokenizer)
     out = {
-        "objective": cfg.objective,
+        "objective": cfg.objective.name,
         "depth": spec.depth,
         "width": spec.width,
         "params": num_params(spec),
         "train_flops_per_example": objective.train_flops(spec),
         "sample_flops_per_image": objective.sample_flops(spec, cfg.sample),
         "sample_steps": objective.resolve_steps(cfg.sample, spec),
-        "cfg": cfg.sample.cfg,
+        "cfg": cfg.sample.guidance,  # the guidance scale; output key kept from v0.1 (scripts read it)
         "seq_len": spec.seq_len,
     }
-    if cfg.objective == "autoregressive":
-        from dataclasses import replace
-
+    if cfg.objective.name == "autoregressive":
         other = replace(cfg.sample, kv_cache=not cfg.sample.kv_cache)
         out["kv_cache"] = cfg.sample.kv_cache
         out["sample_flops_per_image_" + ("without" if cfg.sample.kv_cache else "with") + "_kv_cache"] = objective.sample_flops(spec, other)

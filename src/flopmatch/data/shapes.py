@@ -30,6 +30,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from flopmatch.errors import UserError
+from flopmatch.files import cache_dir, load_tensors, save_tensors
 
 # Bump when rendering or scene sampling changes: it keys every on-disk cache of these images.
 CODE_VERSION = 1
@@ -189,10 +190,6 @@ def _pick(rng: random.Random | None, seq):
     if rng is None:
         return seq[0]
     return seq[min(int(rng.random() * len(seq)), len(seq) - 1)]
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
 
 
 def caption_for(objects, relation: str | None = None, position: str | None = None, *,
@@ -410,8 +407,6 @@ class ShapesDataset(torch.utils.data.Dataset):
             return self._images
         path = None
         if self.disk_cache and self._n > 0:
-            from flopmatch.checkpoint import load_tensors, save_tensors
-            from flopmatch.paths import cache_dir
 
             path = cache_dir() / "shapes" / f"{self.fingerprint()}.safetensors"
             if path.exists():

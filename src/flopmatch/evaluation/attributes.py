@@ -32,8 +32,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from flopmatch.checkpoint import file_sha256
+from flopmatch.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, ShapesConfig, ShapesDataset, parse_caption
+from flopmatch.errors import UserError
+from flopmatch.files import atomic_write_json, cache_dir, file_sha256, load_tensors, read_json, save_tensors
 
 ATTRIBUTE_CODE_VERSION = 1  # bump when the network, labels or training recipe change: keys the cache
 ACCURACY_BOUND = 0.95  # every attribute's held-out accuracy must reach this (asserted by the tests)
@@ -49,7 +52,6 @@ ATTRIBUTES = ("color", "shape", "size", "position", "relation", "count")
 
 def head_sizes() -> dict[str, int]:
     """Output classes per head, in the order of the logit vector."""
-    from flopmatch.data.shapes import COLORS, POSITIONS, SHAPES, SIZES
 
     sizes = {"count": 2, "position": len(POSITIONS), "axis": 2}
     for slot in (0, 1):
@@ -58,7 +60,6 @@ def head_sizes() -> dict[str, int]:
 
 
 def _vocab() -> dict[str, tuple[str, ...]]:
-    from flopmatch.data.shapes import COLORS, POSITIONS, SHAPES, SIZES
 
     return {"color": tuple(COLORS), "shape": tuple(SHAPES), "size": tuple(SIZES), "position": tuple(POSITIONS),
             "axis": ("horizontal", "vertical")}
@@ -165,7 +166,6 @@ def score_prompt_following(classifier: AttributeClassifier, images_uint8: torch.
     "per_image_match": [bool] * N, "num_checks": {attribute: number of checks}, "num_images": N}.
     Colour/shape/size are checked per named object, so a pair prompt contributes two checks each.
     """
-    from flopmatch.data.shapes import parse_caption
 
     if images_uint8.shape[0] != len(captions):
         raise ValueError(f"{images_uint8.shape[0]} images but {len(captions)} captions")
@@ -219,7 +219,6 @@ def head_accuracy(classifier: AttributeClassifier, images_uint8: torch.Tensor, a
 
 def _train_config(shapes_cfg):
     """The classifier's training data: fresh scenes at the user's image size, dedicated seed, no holdout."""
-    from flopmatch.data.shapes import ShapesConfig
 
     return ShapesConfig(seed=TRAIN_SEED, image_size=shapes_cfg.image_size, num_train=NUM_TRAIN_SCENES, num_eval=0,
                         two_object_prob=0.5, holdout=())
@@ -239,9 +238,7 @@ def train_attribute_classifier(shapes_cfg, progress: bool = True, steps: int | N
 
     CPU, bf16 autocast for the convolutions, AdamW with a cosine schedule, ``steps`` x BATCH_SIZE images.
     """
-    from tqdm.auto import tqdm
 
-    from flopmatch.data.shapes import ShapesDataset
 
     steps = TRAIN_STEPS if steps is None else steps
     t0 = time.time()
@@ -285,7 +282,6 @@ def train_attribute_classifier(shapes_cfg, progress: bool = True, steps: int | N
 
 
 def _evaluator_dir(shapes_cfg) -> Path:
-    from flopmatch.paths import cache_dir
 
     name = f"attributes-{_train_config(shapes_cfg).fingerprint()}-v{ATTRIBUTE_CODE_VERSION}"
     return cache_dir() / "evaluators" / name
@@ -293,7 +289,6 @@ def _evaluator_dir(shapes_cfg) -> Path:
 
 def _heldout_accuracy(classifier: AttributeClassifier, shapes_cfg) -> dict:
     """Accuracies on the real eval split of ``shapes_cfg``: per head vs ground truth, and prompt scoring."""
-    from flopmatch.data.shapes import ShapesDataset
 
     ds = ShapesDataset(shapes_cfg, "eval")
     if len(ds) == 0:
@@ -313,8 +308,6 @@ def load_or_train_attribute_classifier(shapes_cfg, progress: bool = True) -> Att
     Its ``heldout`` dict holds the accuracies on ``shapes_cfg``'s real eval split (cached per eval config).
     A cache entry whose weights do not match their recorded sha256 is retrained, never trusted.
     """
-    from flopmatch.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
-    from flopmatch.errors import UserError
 
     folder = _evaluator_dir(shapes_cfg)
     weights, info_path = folder / "classifier.safetensors", folder / "info.json"

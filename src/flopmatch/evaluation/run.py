@@ -14,6 +14,7 @@ deterministic function of the run directory, the settings and the manifest.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import platform
 from dataclasses import asdict, dataclass, field, replace
@@ -21,10 +22,18 @@ from pathlib import Path
 
 import torch
 
-from flopmatch import dist
-from flopmatch.checkpoint import atomic_write_json, file_sha256, load_tensors, read_json, save_tensors
+from flopmatch import __version__, dist
 from flopmatch.config import SampleConfig
+from flopmatch.data.datasets import make_dataset, shapes_config
+from flopmatch.device import resolve_device
 from flopmatch.errors import UserError
+from flopmatch.evaluation.attributes import load_or_train_attribute_classifier, score_prompt_following
+from flopmatch.evaluation.features import extract_features, make_feature_extractor, reference_features
+from flopmatch.evaluation.inference import measure_inference
+from flopmatch.evaluation.quality import fid_bootstrap, fid_from_features, kid_from_features, precision_recall
+from flopmatch.files import atomic_write_json, file_sha256, load_tensors, read_json, save_tensors, tensor_sha256
+from flopmatch.rundir import CHECKPOINT, EVAL, read_state, sample_dir
+from flopmatch.sample import generate, grid_image, load_sampler, save_png
 
 EVAL_VERSION = 1
 
@@ -49,8 +58,12 @@ class EvalConfig:
 
 
 def setting_key(sample: SampleConfig, steps: int) -> str:
-    """A readable, unique key for a sampling setting (with steps resolved), e.g. 'steps=12,cfg=3,temp=1,topk=0'."""
-    key = f"steps={steps},cfg={sample.cfg:g},temp={sample.temperature:g},topk={sample.top_k}"
+    """A readable, unique key for a sampling setting (with steps resolved), e.g. 'steps=12,cfg=3,temp=1,topk=0'.
+
+    The key is an on-disk format (eval.json entries, samples/ folders, the study's skip check), so it
+    keeps the v0.1 spelling ``cfg=`` for the guidance scale: existing evaluations stay recognised.
+    """
+    key = f"steps={steps},cfg={sample.guidance:g},temp={sample.temperature:g},topk={sample.top_k}"
     if sample.choice_temperature != SampleConfig.choice_temperature:
         key += f",choice={sample.choice_temperature:g}"
     return key
@@ -62,14 +75,13 @@ def entry_key(sample: SampleConfig, steps: int, ecfg: "EvalConfig") -> str:
 
 
 def package_versions() -> dict:
-    import numpy
-    import scipy
-    import torchmetrics
+    """Versions of the packages every number in an entry depends on (for the manifest).
 
-    import flopmatch
-
-    return {"flopmatch": flopmatch.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "scipy": scipy.__version__, "torchmetrics": torchmetrics.__version__, "python": platform.python_version()}
+    Read from package metadata rather than by importing: torchmetrics alone takes seconds to import.
+    """
+    versions = {name: importlib.metadata.version(name) for name in ("numpy", "scipy", "torchmetrics")}
+    return {"flopmatch": __version__, "torch": torch.__version__, "numpy": versions["numpy"],
+            "scipy": versions["scipy"], "torchmetrics": versions["torchmetrics"], "python": platform.python_version()}
 
 
 def eval_prompts(dataset, n: int) -> list[str]:
@@ -80,7 +92,7 @@ def eval_prompts(dataset, n: int) -> list[str]:
     return [caps[i % len(caps)] for i in range(n)]
 
 
-def generate_sharded(gen, prompts: list[str], sample: SampleConfig, seed: int, batch_size: int, out_dir: Path,
+def generate_sharded(sampler, prompts: list[str], sample: SampleConfig, seed: int, batch_size: int, out_dir: Path,
                      progress: bool) -> torch.Tensor:
     """Generate images for ``prompts``; with several ranks each takes every world-th batch.
 
@@ -88,15 +100,13 @@ def generate_sharded(gen, prompts: list[str], sample: SampleConfig, seed: int, b
     Because batch b always uses the generator seeded (seed, b), the result does not depend on the
     number of ranks.
     """
-    from flopmatch.sample import generate
-
     rank, world = dist.rank(), dist.world_size()
     batches = [(b, prompts[s : s + batch_size]) for b, s in enumerate(range(0, len(prompts), batch_size))]
     mine = {}
     for b, chunk in batches[rank::world]:
         # generate() seeds batch j of its call with (seed, j); we call it per batch with seed offset so
         # that batch b gets the same stream in every sharding.
-        mine[b] = generate(gen, chunk, sample, seed=seed * 1_000_003 + b, batch_size=batch_size)
+        mine[b] = generate(sampler, chunk, sample, seed=seed * 1_000_003 + b, batch_size=batch_size)
     if world == 1:
         return torch.cat([mine[b] for b, _ in batches])
     shard = out_dir / f"shard-{rank}.safetensors"
@@ -117,9 +127,6 @@ def generate_sharded(gen, prompts: list[str], sample: SampleConfig, seed: int, b
 def quality_metrics(extractor, real_feats: torch.Tensor, images: torch.Tensor, ecfg: EvalConfig) -> dict:
     """FID (+ bootstrap replicates, ``fid_boot``), KID (mean, std), precision and recall of generated uint8
     images (M, 3, H, W) against cached real features."""
-    from flopmatch.evaluation.features import extract_features
-    from flopmatch.evaluation.quality import fid_bootstrap, fid_from_features, kid_from_features, precision_recall
-
     fake = extract_features(extractor, images, progress=False)
     subset = min(ecfg.kid_subset, len(fake), len(real_feats))
     kid_mean, kid_std = kid_from_features(real_feats, fake, subset_size=subset, subsets=ecfg.kid_subsets,
@@ -136,12 +143,6 @@ def quality_metrics(extractor, real_feats: torch.Tensor, images: torch.Tensor, e
 
 def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | None = None, progress: bool = True) -> dict:
     """Evaluate ``run`` under each sampling setting; merge the entries into ``<run>/eval.json``."""
-    from flopmatch.data.prepare import make_dataset, shapes_config
-    from flopmatch.device import resolve_device
-    from flopmatch.evaluation.features import make_feature_extractor, reference_features
-    from flopmatch.sample import grid_image, load_generator, save_png
-    from flopmatch.train import CHECKPOINT, read_state
-
     ecfg = ecfg or EvalConfig()
     if ecfg.num_samples < max(ecfg.pr_k + 1, 2):
         raise UserError(f"--num-samples must be at least {max(ecfg.pr_k + 1, 2)}, got {ecfg.num_samples}")
@@ -149,11 +150,11 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
         raise UserError(f"--fid-boot must be >= 0, got {ecfg.fid_boot}")
     run = Path(run)
     dist.init(resolve_device("auto"))
-    gen = load_generator(run, weights=ecfg.weights)
+    sampler = load_sampler(run, weights=ecfg.weights)
     state = read_state(run)
     if not state.get("done"):
         print(f"warning: {run} is not finished ({state['step']}/{state['total_steps']} steps); evaluating its latest checkpoint")
-    cfg = gen.cfg
+    cfg = sampler.cfg
     ref = make_dataset(cfg.data, "eval")
     prompts = eval_prompts(ref, ecfg.num_samples)
     ref_images = ref.images_uint8()
@@ -162,20 +163,18 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
             for name, ex in extractors.items()} if dist.is_main() else {}
     classifier = None
     if ecfg.prompt_following and cfg.data.name == "shapes" and dist.is_main():
-        from flopmatch.evaluation.attributes import load_or_train_attribute_classifier
-
         classifier = load_or_train_attribute_classifier(shapes_config(cfg.data), progress=progress)
 
-    path = run / "eval.json"
+    path = run / EVAL
     doc = read_json(path) if path.exists() else {"version": EVAL_VERSION, "entries": {}}
     ckpt_sha = file_sha256(run / CHECKPOINT)
     for sample in settings:
-        steps = gen.objective.resolve_steps(sample, gen.spec)
+        steps = sampler.objective.resolve_steps(sample, sampler.spec)
         key = entry_key(sample, steps, ecfg)
-        sample_dir = run / "samples" / key.replace(",", "_").replace("=", "-")
+        images_dir = sample_dir(run, key)
         if progress and dist.is_main():
             print(f"[eval] {run.name}: {key}")
-        images = generate_sharded(gen, prompts, sample, ecfg.seed, ecfg.batch_size, sample_dir, progress)
+        images = generate_sharded(sampler, prompts, sample, ecfg.seed, ecfg.batch_size, images_dir, progress)
         if not dist.is_main():
             continue
         entry = {"settings": {**asdict(sample), "steps": steps}, "metrics": {}}
@@ -185,44 +184,36 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
             pf = score_prompts(classifier, images, prompts)
             entry["metrics"]["prompt_following"] = pf
         if ecfg.inference:
-            from flopmatch.evaluation.inference import measure_inference
-
-            entry["inference"] = measure_inference(gen, sample, time_budget_s=ecfg.timing_budget_s)
-            if cfg.objective == "autoregressive":
-                other = measure_inference(gen, replace(sample, kv_cache=not sample.kv_cache), time_budget_s=ecfg.timing_budget_s)
+            entry["inference"] = measure_inference(sampler, sample, time_budget_s=ecfg.timing_budget_s)
+            if cfg.objective.name == "autoregressive":
+                other = measure_inference(sampler, replace(sample, kv_cache=not sample.kv_cache), time_budget_s=ecfg.timing_budget_s)
                 entry["inference"]["without_kv_cache" if sample.kv_cache else "with_kv_cache"] = other
         if ecfg.save_images:
-            save_tensors(sample_dir / "images.safetensors", {"images": images})
-            atomic_write_json(sample_dir / "prompts.json", prompts)
-            save_png(grid_image(images[:64], nrow=8, scale=2), sample_dir / "grid.png")
+            save_tensors(images_dir / "images.safetensors", {"images": images})
+            atomic_write_json(images_dir / "prompts.json", prompts)
+            save_png(grid_image(images[:64], nrow=8, scale=2), images_dir / "grid.png")
         entry["manifest"] = {
             "eval_version": EVAL_VERSION, "num_samples": ecfg.num_samples, "seed": ecfg.seed,
             "batch_size": ecfg.batch_size, "seeding": "batch b uses torch.Generator seeded seed*1000003+b",
             "weights": ecfg.weights, "checkpoint_step": state["step"], "checkpoint_sha256": ckpt_sha,
-            "sampler": {**asdict(sample), "steps": steps, "objective": cfg.objective},
+            "sampler": {**asdict(sample), "steps": steps, "objective": cfg.objective.name},
             "prompts": {"source": "eval split captions, first num_samples (cycled)",
                         "sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()},
             "reference": {"dataset": cfg.data.name, "split": "eval", "fingerprint": ref.fingerprint(),
-                          "size": len(ref), "images_sha256": _images_sha(ref_images)},
+                          "size": len(ref), "images_sha256": tensor_sha256(ref_images)},
             "feature_extractors": {name: ex.describe() for name, ex in extractors.items()},
             "prompt_evaluator": classifier.describe() if classifier is not None else None,
-            "tokenizer": {"fingerprint": gen.tokenizer.fingerprint(), "spec": gen.tokenizer.spec.to_dict()},
+            "tokenizer": {"fingerprint": sampler.tokenizer.fingerprint(), "spec": sampler.tokenizer.spec.to_dict()},
             "packages": package_versions(), "eval_config": asdict(ecfg),
-            "generated_images_sha256": _images_sha(images),
+            "generated_images_sha256": tensor_sha256(images),
         }
         doc["entries"][key] = entry
         atomic_write_json(path, doc)  # after every setting: an interrupted sweep keeps what it finished
     return doc
 
 
-def _images_sha(images: torch.Tensor) -> str:
-    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
-
-
 def score_prompts(classifier, images: torch.Tensor, prompts: list[str]) -> dict:
     """Prompt-following metrics without the per-image list (kept in a count instead)."""
-    from flopmatch.evaluation.attributes import score_prompt_following
-
     pf = score_prompt_following(classifier, images, prompts)
     matches = pf.pop("per_image_match")
     pf["num_full_match"] = int(sum(matches))

@@ -3,6 +3,16 @@
 The input is [BOS, x_0, ..., x_{L-2}] (BOS = vocab id), output i predicts x_i; position i carries
 the 2D position of the token it predicts. Sampling decodes one token per step, with a KV cache
 (default) or by recomputing the whole prefix (for checking and for the FLOP comparison).
+
+Why: this is the language-model recipe applied to image codes (VQGAN's transformer, Parti,
+LlamaGen): one causal pass trains all L next-token predictions at once (teacher forcing), and
+[BOS] gives the first token something to be predicted from, the caption entering by cross-attention
+and through c. Sampling needs L sequential steps, which the KV cache makes cheap per step.
+
+References: Esser et al. 2021, "Taming Transformers for High-Resolution Image Synthesis" (VQGAN);
+Yu et al. 2022, "Scaling Autoregressive Models for Content-Rich Text-to-Image Generation" (Parti);
+Sun et al. 2024, "Autoregressive Model Beats Diffusion: Llama for Scalable Image Generation"
+(LlamaGen: raster order, classifier-free guidance on logits); Ho & Salimans 2022 (guidance).
 """
 
 from __future__ import annotations
@@ -11,14 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from flopmatch.dist import unwrap
-from flopmatch.objectives import Objective, spec_of
+from flopmatch.flops import autoregressive_sample_flops
+from flopmatch.objectives.base import Objective, spec_of
 from flopmatch.objectives.guidance import guidance_rows, guided
 from flopmatch.objectives.logits import sample_logits
 
 
 def shift_right(x: torch.Tensor, bos: int) -> torch.Tensor:
     """tokens (B, L) -> inputs (B, L): [BOS, x_0, ..., x_{L-2}]."""
-    return torch.cat([torch.full_like(x[:, :1], bos), x[:, :-1]], dim=1)
+    return torch.cat([torch.full_like(x[:, :1], bos), x[:, :-1]], dim=1)  # (B, 1) + (B, L-1) -> (B, L)
 
 
 class Autoregressive(Objective):
@@ -31,14 +42,13 @@ class Autoregressive(Objective):
         return spec.seq_len
 
     def sample_flops(self, spec, sample):
-        from flopmatch.flops import autoregressive_sample_flops
-
-        return autoregressive_sample_flops(spec, sample.cfg, sample.kv_cache)
+        return autoregressive_sample_flops(spec, sample.guidance, sample.kv_cache)
 
     def loss(self, net, x, text, generator=None):
         """Next-token cross-entropy over all L positions of tokens x (B, L)."""
-        logits = net(shift_right(x, spec_of(net).vocab), text.states, text.pad, text.pooled)  # (B, L, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), x.flatten())
+        logits = net(shift_right(x, spec_of(net).vocab_size), text.states, text.pad, text.pooled)  # (B, L, V)
+        # fp32: a bf16 log-softmax over V codes loses precision (~3 significant digits).
+        return F.cross_entropy(logits.flatten(0, 1).float(), x.flatten())  # (B*L, V) vs (B*L,)
 
     @torch.no_grad()
     def sample(self, net, cond, uncond, sample, generator=None):
@@ -46,14 +56,16 @@ class Autoregressive(Objective):
         spec = spec_of(net)
         B, L = cond.pooled.shape[0], spec.seq_len
         device = cond.pooled.device
-        out = torch.full((B, L), spec.vocab, dtype=torch.long, device=device)
-        cache = unwrap(net).new_cache(guidance_rows(B, sample.cfg), device) if sample.kv_cache else None
+        # (B, L), prefilled with the [BOS] id: out[:, :1] doubles as the [BOS] input of step 0.
+        out = torch.full((B, L), spec.vocab_size, dtype=torch.long, device=device)
+        # One cache row per network row: 2B with guidance (conditional and unconditional halves).
+        cache = unwrap(net).new_cache(guidance_rows(B, sample.guidance), device) if sample.kv_cache else None
         for i in range(L):
             if cache is not None:
                 inp = out[:, i - 1 : i] if i > 0 else out[:, :1]  # (B, 1): BOS first, then the last token
-                logits = guided(net, inp, cond, uncond, sample.cfg, cache=cache)[:, -1]
+                logits = guided(net, inp, cond, uncond, sample.guidance, cache=cache)[:, -1]  # (B, V)
             else:
-                prefix = shift_right(out, spec.vocab)[:, : i + 1]  # (B, i+1)
-                logits = guided(net, prefix, cond, uncond, sample.cfg)[:, -1]
-            out[:, i], _ = sample_logits(logits, sample.temperature, sample.top_k, generator)
+                prefix = shift_right(out, spec.vocab_size)[:, : i + 1]  # (B, i+1)
+                logits = guided(net, prefix, cond, uncond, sample.guidance)[:, -1]  # (B, V): last position only
+            out[:, i], _ = sample_logits(logits, sample.temperature, sample.top_k, generator)  # (B,)
         return out

@@ -1,38 +1,41 @@
 """Classifier-free guidance, written once for all three paradigms.
 
 The conditional and unconditional passes run as one doubled batch; the guided output is
-``u + scale * (c - u)`` on whatever the network predicts (velocity for diffusion, logits for the
-token paradigms), over ALL channels. With ``scale == 1`` the unconditional pass is skipped.
+``u + guidance * (c - u)`` on whatever the network predicts (velocity for diffusion, logits for the
+token paradigms), over ALL channels. With ``guidance == 1`` the unconditional pass is skipped.
+
+Why it works: caption dropout in training (flopmatch.train) makes the one network both a
+conditional and an unconditional model; extrapolating from the unconditional toward the conditional
+prediction (guidance > 1) trades diversity for caption fidelity without a separate classifier.
+The token paradigms apply the same rule to logits, as MUSE and LlamaGen do.
+
+References: Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"; Chang et al. 2023 (MUSE);
+Sun et al. 2024 (LlamaGen).
 """
 
 from __future__ import annotations
 
 import torch
 
-
-def double_batch(cond, uncond):
-    """Stack conditional and unconditional text batches: rows [cond; uncond]."""
-    return type(cond)(
-        states=torch.cat([cond.states, uncond.states]),
-        pad=torch.cat([cond.pad, uncond.pad]),
-        pooled=torch.cat([cond.pooled, uncond.pooled]),
-    )
+from flopmatch.text import TextBatch
 
 
-def guided(net, x: torch.Tensor, cond, uncond, scale: float, t: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+def guided(net, x: torch.Tensor, cond, uncond, guidance: float, t: torch.Tensor | None = None, cache=None) -> torch.Tensor:
     """Guided network output for inputs x (B, ...), conditioning text batches of B rows each.
 
-    With a KV cache, the cache must have been created for 2B rows when ``scale != 1``.
+    With a KV cache, the cache must have been created for 2B rows when ``guidance != 1``.
     """
-    if scale == 1.0:
+    if guidance == 1.0:
         return net(x, cond.states, cond.pad, cond.pooled, t=t, cache=cache)
-    both = double_batch(cond, uncond)
-    t2 = None if t is None else torch.cat([t, t])
-    out = net(torch.cat([x, x]), both.states, both.pad, both.pooled, t=t2, cache=cache)
-    c, u = out.float().chunk(2)
-    return u + scale * (c - u)
+    # One doubled batch instead of two passes: one launch per layer, and with a KV cache both halves
+    # share one cache of 2B rows.
+    both = TextBatch.cat([cond, uncond])  # rows [cond; uncond]: states (2B, Lt, Dt), pad (2B, Lt), pooled (2B, Dt)
+    t2 = None if t is None else torch.cat([t, t])  # (2B,)
+    out = net(torch.cat([x, x]), both.states, both.pad, both.pooled, t=t2, cache=cache)  # (2B, ...)
+    c, u = out.float().chunk(2)  # 2 x (B, ...); fp32 so the (c - u) extrapolation is not done in bf16
+    return u + guidance * (c - u)  # (B, ...); guidance 0 = unconditional, 1 = conditional
 
 
-def guidance_rows(batch: int, scale: float) -> int:
+def guidance_rows(batch: int, guidance: float) -> int:
     """Rows the network sees per step: 2B with guidance, B without."""
-    return batch if scale == 1.0 else 2 * batch
+    return batch if guidance == 1.0 else 2 * batch

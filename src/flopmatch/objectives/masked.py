@@ -8,6 +8,16 @@ Sampling starts fully masked; at step s = 1..N it samples every masked position,
 confident ones and re-masks the rest so that n_s = floor(L * cos(pi/2 * s/N)) stay masked (strictly
 decreasing, 0 after the last step). Confidence is the log-probability of the drawn token plus
 Gumbel noise scaled by ``choice_temperature * (1 - s/N)`` (MaskGIT's annealed randomness).
+
+Why: decoding many tokens per step takes N << L network passes (vs. L for raster order); the
+cosine schedule decides few tokens early, when the image is still mostly unknown, and more later,
+and training draws the mask ratio from the same schedule so the network sees the ratios decoding
+visits (MaskGIT found cosine best). Text conditioning by cross-attention and classifier-free
+guidance on logits follow MUSE.
+
+References: Chang et al. 2022, "MaskGIT: Masked Generative Image Transformer"; Chang et al. 2023,
+"Muse: Text-To-Image Generation via Masked Generative Transformers"; Devlin et al. 2019 (BERT,
+masked-token loss); Ho & Salimans 2022 (guidance).
 """
 
 from __future__ import annotations
@@ -18,40 +28,45 @@ import torch
 import torch.nn.functional as F
 
 from flopmatch.errors import UserError
-from flopmatch.objectives import Objective, spec_of
+from flopmatch.objectives.base import Objective, spec_of
 from flopmatch.objectives.guidance import guided
 from flopmatch.objectives.logits import sample_logits
 
 
 def mask_ratio(u: torch.Tensor) -> torch.Tensor:
     """Cosine schedule: fraction masked for u in [0, 1] (u=0 -> 1, u=1 -> 0)."""
-    return torch.cos(0.5 * math.pi * u)
+    return torch.cos(0.5 * math.pi * u)  # same shape as u
 
 
 def masked_counts(seq_len: int, steps: int) -> list[int]:
     """Positions still masked after each of the ``steps`` decoding steps (strictly decreasing to 0)."""
     counts, prev = [], seq_len
     for s in range(1, steps + 1):
+        # prev - 1: at least one token is decided per step, so decoding always ends after ``steps`` steps
         n = min(prev - 1, math.floor(seq_len * math.cos(0.5 * math.pi * s / steps)))
         counts.append(max(n, 0))
         prev = counts[-1]
-    counts[-1] = 0
+    counts[-1] = 0  # the last step decides everything left
     return counts
 
 
 def random_mask(batch: int, seq_len: int, min_mask: int, device, generator) -> torch.Tensor:
     """Bool mask (B, L), True = hidden, with a cosine-scheduled count per row."""
-    u = torch.rand(batch, device=device, generator=generator)
+    u = torch.rand(batch, device=device, generator=generator)  # (B,)
+    # clamp: at least ``min_mask`` hidden per row (ceil alone already gives >= 1, as u < 1)
     n = torch.ceil(mask_ratio(u) * seq_len).long().clamp(min_mask, seq_len)  # (B,)
-    scores = torch.rand(batch, seq_len, device=device, generator=generator)
-    rank = scores.argsort(dim=1).argsort(dim=1)  # rank of each position in a random order
-    return rank < n[:, None]
+    scores = torch.rand(batch, seq_len, device=device, generator=generator)  # (B, L)
+    rank = scores.argsort(dim=1).argsort(dim=1)  # (B, L): rank of each position in a random order
+    return rank < n[:, None]  # (B, L): exactly n[b] random positions of row b are True
 
 
 class Masked(Objective):
     name = "masked"
     tokens = "discrete"
-    default_steps = 12
+    default_steps = 12  # N decoding passes (at most L, see resolve_steps)
+    # train_flops is the base class's: all L positions. The network processes every position (the
+    # unmasked ones are the context it predicts from), so they all cost compute even though the loss
+    # reads only the masked ones; charging only masked positions would undercount the method.
 
     def resolve_steps(self, sample, spec):
         steps = super().resolve_steps(sample, spec)
@@ -63,32 +78,36 @@ class Masked(Objective):
         """Cross-entropy on the masked positions of tokens x (B, L)."""
         B, L = x.shape
         mask = random_mask(B, L, self.cfg.min_mask, x.device, generator)
-        inp = x.masked_fill(mask, spec_of(net).vocab)  # [MASK] id
+        inp = x.masked_fill(mask, spec_of(net).vocab_size)  # (B, L) with [MASK] id at hidden positions
         logits = net(inp, text.states, text.pad, text.pooled)  # (B, L, V)
-        return F.cross_entropy(logits[mask].float(), x[mask])
+        # Loss on masked positions only (BERT, MaskGIT): visible ones are given and would be a trivial copy.
+        # fp32: a bf16 log-softmax over V codes loses precision (~3 significant digits).
+        return F.cross_entropy(logits[mask].float(), x[mask])  # logits (M, V) vs targets (M,), M masked in total
 
     @torch.no_grad()
     def sample(self, net, cond, uncond, sample, generator=None):
         """Tokens (B, L) by confidence-ordered parallel decoding."""
         spec = spec_of(net)
-        B, L, V = cond.pooled.shape[0], spec.seq_len, spec.vocab
+        B, L, V = cond.pooled.shape[0], spec.seq_len, spec.vocab_size
         device = cond.pooled.device
         steps = self.resolve_steps(sample, spec)
-        tokens = torch.full((B, L), V, dtype=torch.long, device=device)
-        mask = torch.ones(B, L, dtype=torch.bool, device=device)
+        tokens = torch.full((B, L), V, dtype=torch.long, device=device)  # (B, L), all [MASK]
+        mask = torch.ones(B, L, dtype=torch.bool, device=device)  # (B, L), True = still masked
         for s, n_keep_masked in enumerate(masked_counts(L, steps), start=1):
-            logits = guided(net, tokens, cond, uncond, sample.cfg)  # (B, L, V)
-            drawn, logp = sample_logits(logits, sample.temperature, sample.top_k, generator)
-            tokens = torch.where(mask, drawn, tokens)
+            logits = guided(net, tokens, cond, uncond, sample.guidance)  # (B, L, V)
+            drawn, logp = sample_logits(logits, sample.temperature, sample.top_k, generator)  # 2 x (B, L)
+            tokens = torch.where(mask, drawn, tokens)  # (B, L): fill masked slots, keep decided tokens
+            # Gumbel noise on the confidences randomises which tokens are kept, so early steps do not
+            # always commit to the same "easy" tokens (more diverse samples); annealed to 0 at the end.
             noise_scale = sample.choice_temperature * (1 - s / steps)
             if noise_scale > 0:
-                u = torch.rand(B, L, device=device, generator=generator).clamp_(1e-20, 1 - 1e-7)
+                u = torch.rand(B, L, device=device, generator=generator).clamp_(1e-20, 1 - 1e-7)  # (B, L)
                 logp = logp + noise_scale * -torch.log(-torch.log(u))  # Gumbel
             conf = logp.masked_fill(~mask, float("inf"))  # decided tokens are never re-masked
-            remask = torch.zeros_like(mask)
+            remask = torch.zeros_like(mask)  # (B, L)
             if n_keep_masked > 0:
                 lowest = conf.topk(n_keep_masked, dim=1, largest=False).indices  # (B, n)
                 remask.scatter_(1, lowest, True)
-            tokens = tokens.masked_fill(remask, V)
+            tokens = tokens.masked_fill(remask, V)  # least confident new tokens go back to [MASK]
             mask = remask
         return tokens

@@ -1,8 +1,8 @@
 """The tokenizer interface every paradigm sees: images <-> a grid of latents or codes.
 
 Objectives never look inside a tokenizer; they only read its :class:`TokenizerSpec`. A learned
-autoencoder slots in by implementing :class:`Tokenizer` and registering a loader in
-``flopmatch.tokenizers.__init__``.
+autoencoder slots in by implementing :class:`Tokenizer` and adding a loader to
+``flopmatch.tokenizers.registry.LOADERS``.
 """
 
 from __future__ import annotations
@@ -12,12 +12,16 @@ from pathlib import Path
 
 import torch
 
+# Which tokenizer kind makes each token type an objective asks for (Objective.tokens), written once.
+WEIGHT_FREE_KIND = {"continuous": "patch", "discrete": "kmeans"}
+LEARNED_KIND = {"continuous": "kl", "discrete": "lfq"}
+
 
 @dataclass(frozen=True)
 class TokenizerSpec:
     """What a generator needs to know about a tokenizer.
 
-    kind: "continuous" (latents, float, shape (B, channels, grid, grid)) or
+    tokens: "continuous" (latents, float, shape (B, channels, grid, grid)) or
           "discrete" (tokens, long in [0, vocab_size), shape (B, grid*grid), raster order).
     grid: side of the token grid (8 for 32x32 images with 4x downsampling).
     channels: latent channels (continuous only; 0 for discrete).
@@ -25,7 +29,7 @@ class TokenizerSpec:
     image_size: side of the images it encodes, in pixels.
     """
 
-    kind: str
+    tokens: str
     grid: int
     channels: int = 0
     vocab_size: int = 0
@@ -37,7 +41,16 @@ class TokenizerSpec:
         return self.grid * self.grid
 
     def to_dict(self) -> dict:
+        """Plain JSON-able fields (tokenizer.json's "spec", a checkpoint's "tokenizer")."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TokenizerSpec:
+        """Inverse of :meth:`to_dict`; also reads specs written by v0.1 (``kind`` for ``tokens``)."""
+        data = dict(data)
+        if "kind" in data:
+            data["tokens"] = data.pop("kind")
+        return cls(**data)
 
 
 class Tokenizer(torch.nn.Module):

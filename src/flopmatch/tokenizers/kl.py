@@ -17,15 +17,10 @@ at small scale). ``latent_channels=8`` is one --set away.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from flopmatch.tokenizers.base import TokenizerSpec
+from flopmatch.tokenizers.autoencoder import AutoencoderConfig
 from flopmatch.tokenizers.learned import LearnedAutoencoder
-
-if TYPE_CHECKING:
-    from flopmatch.tokenizers.train_ae import AutoencoderConfig
 
 
 class KLAutoencoder(LearnedAutoencoder):
@@ -34,13 +29,13 @@ class KLAutoencoder(LearnedAutoencoder):
     kind = "kl"
     name = "kl"
 
-    def __init__(self, config: "AutoencoderConfig"):
+    def __init__(self, config: AutoencoderConfig):
         c = config.latent_channels
         super().__init__(config, encoder_out=2 * c, z_channels=c)
         # Per-channel statistics of posterior means over training data; identity until fitted.
         self.register_buffer("latent_mean", torch.zeros(c))
         self.register_buffer("latent_std", torch.ones(c))
-        self.spec = TokenizerSpec(kind="continuous", grid=self.grid, channels=c, image_size=config.image_size)
+        self.spec = config.spec()
 
     def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) -> (mean, logvar), each (B, C, g, g), un-normalised, logvar clamped to [-30, 20]."""

@@ -112,7 +112,7 @@ class KMeansTokenizer(Tokenizer):
         self.image_size = image_size
         self.codebook_size = codebook_size
         self.spec = TokenizerSpec(
-            kind="discrete", grid=image_size // patch, vocab_size=codebook_size, image_size=image_size
+            tokens="discrete", grid=image_size // patch, vocab_size=codebook_size, image_size=image_size
         )
         # Unfitted: evenly spaced grey patches, so encode/decode work (badly) before fit().
         grey = torch.linspace(-1.0, 1.0, codebook_size).unsqueeze(1)  # (K, 1)

@@ -30,20 +30,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from flopmatch.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
-from flopmatch.errors import UserError
+from flopmatch.files import atomic_write_json, save_tensors
+from flopmatch.tokenizers.autoencoder import AutoencoderConfig
 from flopmatch.tokenizers.base import Tokenizer
 
-if TYPE_CHECKING:  # train_ae imports kl/lfq, which import this module: no runtime import here
-    from flopmatch.tokenizers.train_ae import AutoencoderConfig
-
 FORMAT_VERSION = 1
-KINDS = ("kl", "lfq")
 
 
 def _groups(channels: int) -> int:
@@ -155,7 +150,7 @@ class LearnedAutoencoder(Tokenizer):
 
     kind: str = ""
 
-    def __init__(self, config: "AutoencoderConfig", encoder_out: int, z_channels: int):
+    def __init__(self, config: AutoencoderConfig, encoder_out: int, z_channels: int):
         super().__init__()
         self.config = config
         self.z_channels = z_channels
@@ -168,7 +163,7 @@ class LearnedAutoencoder(Tokenizer):
     @property
     def grid(self) -> int:
         """Side of the latent grid: image_size / (patch * 2^(levels - 1))."""
-        return self.config.image_size // (self.config.patch * 2 ** (len(self.config.channels) - 1))
+        return self.config.grid
 
     def _flops(self) -> tuple[int, int]:
         return conv_ae_flops(tuple(self.config.channels), self.config.num_res_blocks, self.config.image_size,
@@ -205,84 +200,3 @@ class LearnedAutoencoder(Tokenizer):
             "train": self.train_info,
             "fingerprint": self.fingerprint(),
         })
-
-
-def make_autoencoder(config: "AutoencoderConfig") -> LearnedAutoencoder:
-    """Build an untrained KL or LFQ autoencoder from its config (``config.kind`` picks)."""
-    from flopmatch.tokenizers.kl import KLAutoencoder
-    from flopmatch.tokenizers.lfq import LFQAutoencoder
-
-    config.validate()
-    return KLAutoencoder(config) if config.kind == "kl" else LFQAutoencoder(config)
-
-
-def load_learned(directory: str | Path, expect_kind: str | None = None) -> LearnedAutoencoder:
-    """Load a KL or LFQ tokenizer directory; every inconsistency is a one-line UserError.
-
-    Checks: tokenizer.json readable, version, kind (and ``expect_kind`` if given), config valid and
-    of that kind, stored spec equal to the rebuilt model's, tensor names and shapes equal.
-    """
-    from flopmatch.tokenizers.train_ae import AutoencoderConfig
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"tokenizer directory {directory} does not exist")
-    meta = read_json(directory / "tokenizer.json")
-    if not isinstance(meta, dict):
-        raise UserError(f"{directory / 'tokenizer.json'} is not a JSON object; the tokenizer directory is corrupt")
-    kind = meta.get("kind")
-    if kind not in KINDS:
-        raise UserError(f"{directory}: tokenizer kind {kind!r} is not a learned autoencoder (expected one of {KINDS})")
-    if expect_kind is not None and kind != expect_kind:
-        raise UserError(f"{directory}: expected a {expect_kind!r} tokenizer, found {kind!r}")
-    if meta.get("version") != FORMAT_VERSION:
-        raise UserError(f"{directory}: tokenizer format version {meta.get('version')!r}, this code reads {FORMAT_VERSION}")
-    if not isinstance(meta.get("config"), dict):
-        raise UserError(f"{directory}: tokenizer.json has no 'config' object")
-    config = AutoencoderConfig.from_dict(meta["config"], where=str(directory / "tokenizer.json"))
-    if config.kind != kind:
-        raise UserError(f"{directory}: tokenizer.json kind {kind!r} but config.kind {config.kind!r}")
-    with torch.random.fork_rng(devices=[]):  # weight init is overwritten: leave the caller's RNG untouched
-        model = make_autoencoder(config)
-    if meta.get("spec") != model.spec.to_dict():
-        raise UserError(f"{directory}: stored spec {meta.get('spec')} does not match config (gives {model.spec.to_dict()})")
-    tensors = load_tensors(directory / "tensors.safetensors")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise UserError(f"{directory}: tensors.safetensors does not match config "
-                        f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                        f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''})")
-    for name, t in expected.items():
-        if tensors[name].shape != t.shape:
-            raise UserError(f"{directory}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                            f"config implies {tuple(t.shape)}")
-    model.load_state_dict(tensors)
-    model.data_info = meta.get("data") or {}
-    model.train_info = meta.get("train") or {}
-    model.eval()
-    return model
-
-
-def load_kl(directory: str | Path) -> LearnedAutoencoder:
-    """Loader registered for kind "kl"."""
-    return load_learned(directory, expect_kind="kl")
-
-
-def load_lfq(directory: str | Path) -> LearnedAutoencoder:
-    """Loader registered for kind "lfq"."""
-    return load_learned(directory, expect_kind="lfq")
-
-
-def _register() -> None:
-    """Register the loaders with flopmatch.tokenizers (no-op if that registry is not there yet)."""
-    try:
-        from flopmatch.tokenizers import register_loader
-    except ImportError:
-        return
-    register_loader("kl", load_kl)
-    register_loader("lfq", load_lfq)
-
-
-_register()

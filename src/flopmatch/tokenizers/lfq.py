@@ -27,16 +27,11 @@ bits would spend most of a small transformer's parameters on the head and its so
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-from flopmatch.tokenizers.base import TokenizerSpec
+from flopmatch.tokenizers.autoencoder import AutoencoderConfig
 from flopmatch.tokenizers.learned import LearnedAutoencoder
-
-if TYPE_CHECKING:
-    from flopmatch.tokenizers.train_ae import AutoencoderConfig
 
 EXACT_ENTROPY_MAX_BITS = 12
 
@@ -117,11 +112,10 @@ class LFQAutoencoder(LearnedAutoencoder):
     kind = "lfq"
     name = "lfq"
 
-    def __init__(self, config: "AutoencoderConfig"):
+    def __init__(self, config: AutoencoderConfig):
         super().__init__(config, encoder_out=config.bits, z_channels=config.bits)
         self.quantizer = LFQuantizer(config.bits, config.entropy_temperature, config.diversity_weight)
-        self.spec = TokenizerSpec(kind="discrete", grid=self.grid, vocab_size=2**config.bits,
-                                  image_size=config.image_size)
+        self.spec = config.spec()
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

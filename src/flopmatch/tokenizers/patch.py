@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flopmatch.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
 from flopmatch.errors import UserError
+from flopmatch.files import atomic_write_json, load_tensors, read_json, save_tensors
 from flopmatch.tokenizers.base import Tokenizer, TokenizerSpec
 
 FORMAT_VERSION = 1
@@ -93,7 +93,7 @@ class PatchTokenizer(Tokenizer):
         self.patch = patch
         self.image_size = image_size
         channels = 3 * patch * patch
-        self.spec = TokenizerSpec(kind="continuous", grid=image_size // patch, channels=channels, image_size=image_size)
+        self.spec = TokenizerSpec(tokens="continuous", grid=image_size // patch, channels=channels, image_size=image_size)
         # Before fit(): pixels in [-1, 1] have std ~0.5, so this is a neutral default scale.
         self.register_buffer("mean", torch.zeros(channels))
         self.register_buffer("std", torch.full((channels,), 0.5))

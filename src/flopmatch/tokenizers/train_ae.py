@@ -1,4 +1,4 @@
-"""Training the learned autoencoders: :class:`AutoencoderConfig`, presets, and the training loop.
+"""Training the learned autoencoders (config and presets: ``autoencoder.py``): the loop and its losses.
 
 Losses. Reconstruction defaults to L2 (``recon_loss``: "l1" | "l2" | "l1+l2"). We first defaulted to
 L1, as VQGAN/MAGVIT/Stable Diffusion autoencoders do, and measured (KL, defaults, 2000 steps, 2000
@@ -25,167 +25,23 @@ slower per step than the default space-to-depth stem (``patch=2``) followed by 6
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from flopmatch.checkpoint import atomic_write_text
+from flopmatch.data.datasets import make_dataset
+from flopmatch.device import autocast, resolve_device, use_bf16
 from flopmatch.errors import UserError
-from flopmatch.tokenizers.learned import KINDS, LearnedAutoencoder, make_autoencoder
-
-RECON_LOSSES = ("l1", "l2", "l1+l2")
-PRESETS = ("cpu", "gpu")
-
-
-@dataclass
-class AutoencoderConfig:
-    """Everything that defines a learned tokenizer and how it was trained (flat, for --set key=value).
-
-    Architecture and bottleneck fields change the model; training fields only how it was fit. Both are
-    saved in tokenizer.json (and so in the fingerprint).
-    """
-
-    kind: str = "kl"  # "kl" (continuous, diffusion) | "lfq" (discrete, masked/autoregressive)
-    # architecture (shared by both kinds)
-    image_size: int = 32
-    patch: int = 2  # space-to-depth stem: the first patch x patch downsampling is a pixel_unshuffle
-    channels: list[int] = field(default_factory=lambda: [64, 128])  # per level; len-1 stride-2 downsamplings
-    num_res_blocks: int = 1
-    # KL bottleneck
-    latent_channels: int = 4
-    kl_weight: float = 1e-6  # x KL summed per image / pixel values per image (SD convention)
-    # LFQ bottleneck
-    bits: int = 10  # vocab = 2^bits
-    commitment_weight: float = 0.005  # MAGVIT-v2 uses 0.25 / 0.1; see lfq.py for why ours are smaller
-    entropy_weight: float = 0.001
-    diversity_weight: float = 1.0  # gamma on the codebook entropy inside the entropy loss
-    entropy_temperature: float = 0.01
-    # losses
-    recon_loss: str = "l2"  # see the module docstring: measured far better than l1 on shapes
-    adv_weight: float = 0.0  # PatchGAN hinge loss weight; 0 = off
-    adv_start: int = 0  # step at which the adversarial loss switches on
-    # optimisation
-    steps: int = 2000  # ~170 s of CPU time at batch 32 on this 2-core CPU (see the report)
-    batch_size: int = 32
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.05
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    seed: int = 0
-    precision: str = "auto"  # auto | bf16 | fp32 (auto = bf16 autocast where the device runs it fast)
-    device: str = "auto"
-    # data
-    data: str = "shapes"
-    data_seed: int = 0
-    num_train: int = 20000
-    stats_images: int = 4096  # KL: training images used to fit the latent mean/std
-    log_every: int = 25
-
-    @property
-    def z_channels(self) -> int:
-        """Channels between encoder and decoder: latent_channels (KL) or bits (LFQ)."""
-        return self.latent_channels if self.kind == "kl" else self.bits
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict, where: str = "") -> "AutoencoderConfig":
-        """Typed construction from JSON; unknown keys or wrong types raise UserError."""
-        from flopmatch.config import from_dict
-
-        try:
-            return from_dict(cls, data).validate()
-        except UserError as e:
-            raise UserError(f"{where}: {e}" if where else str(e)) from None
-
-    def validate(self) -> "AutoencoderConfig":
-        """Raise UserError on values that cannot work; returns self."""
-        if self.kind not in KINDS:
-            raise UserError(f"autoencoder kind must be one of {KINDS}, got {self.kind!r}")
-        if not self.channels or any(c < 4 for c in self.channels):
-            raise UserError(f"channels must be a non-empty list of widths >= 4, got {self.channels}")
-        if self.patch < 1:
-            raise UserError(f"patch must be >= 1, got {self.patch}")
-        down = self.patch * 2 ** (len(self.channels) - 1)
-        if self.image_size % down:
-            raise UserError(f"image_size {self.image_size} is not divisible by the total downsampling "
-                            f"patch * 2^(len(channels) - 1) = {down}")
-        if self.num_res_blocks < 0:
-            raise UserError(f"num_res_blocks must be >= 0, got {self.num_res_blocks}")
-        if self.kind == "kl" and self.latent_channels < 1:
-            raise UserError(f"latent_channels must be >= 1, got {self.latent_channels}")
-        if self.kind == "lfq" and not 1 <= self.bits <= 20:
-            raise UserError(f"bits must be in [1, 20] (vocab 2^bits), got {self.bits}")
-        if self.recon_loss not in RECON_LOSSES:
-            raise UserError(f"recon_loss must be one of {RECON_LOSSES}, got {self.recon_loss!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise UserError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise UserError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
-        if self.lr <= 0 or self.entropy_temperature <= 0:
-            raise UserError("lr and entropy_temperature must be > 0")
-        if min(self.kl_weight, self.commitment_weight, self.entropy_weight, self.adv_weight) < 0:
-            raise UserError("loss weights must be >= 0")
-        if self.data != "shapes":
-            raise UserError(f"unknown data {self.data!r}; learned tokenizers train on: shapes")
-        return self
-
-
-def preset(name: str, kind: str) -> AutoencoderConfig:
-    """Named configs. "cpu": trains in ~5 minutes on 2 cores. "gpu": wider, deeper, longer, with a GAN term.
-
-    Both keep the 8x8 grid at 32x32 (patch 2, one stride-2 level), so a KL and an LFQ tokenizer of the
-    same preset differ only in their bottleneck. The gpu preset is untested at full length here (no GPU).
-    """
-    if name == "cpu":
-        return AutoencoderConfig(kind=kind).validate()
-    if name == "gpu":
-        return AutoencoderConfig(kind=kind, channels=[128, 256], num_res_blocks=2, steps=50_000,
-                                 batch_size=128, lr=1e-3, warmup_steps=1000, adv_weight=0.1,
-                                 adv_start=20_000, stats_images=20_000).validate()
-    raise UserError(f"unknown preset {name!r}; choose one of {PRESETS}")
-
-
-def apply_overrides(config: AutoencoderConfig, overrides: list[str]) -> AutoencoderConfig:
-    """Apply ``key=value`` strings (typed by the field; unknown keys raise UserError); returns config."""
-    from flopmatch.config import apply_overrides as apply
-
-    for item in overrides or []:
-        if "." in item.split("=", 1)[0]:
-            raise UserError(f"--set {item}: autoencoder config keys are flat (e.g. bits=9), no sections")
-    return apply(config, overrides).validate()
-
-
-def shapes_config(config: AutoencoderConfig, num_eval: int = 2000):
-    """The ShapesConfig a tokenizer trains on (its eval split has ``num_eval`` images)."""
-    from flopmatch.data.shapes import ShapesConfig
-
-    return ShapesConfig(seed=config.data_seed, image_size=config.image_size, num_train=config.num_train,
-                        num_eval=num_eval)
-
-
-def load_images(config: AutoencoderConfig, split: str, num_eval: int = 2000) -> tuple[torch.Tensor, dict]:
-    """(uint8 images (N, 3, S, S), data info dict for tokenizer.json) for ``split`` of ``config.data``.
-
-    The train split has ``config.num_train`` images, the eval split ``num_eval`` (scenes are a pure
-    function of their index, so the first 2000 eval images are the same for any num_eval).
-    """
-    from flopmatch.data.shapes import ShapesDataset
-
-    cfg = shapes_config(config, num_eval)
-    ds = ShapesDataset(cfg, split)
-    info = {"name": config.data, "seed": config.data_seed, "image_size": config.image_size,
-            "num_train": config.num_train, "fingerprint": cfg.fingerprint()}
-    return ds.images_uint8(), info
+from flopmatch.files import atomic_write_text
+from flopmatch.schedule import warmup_cosine
+from flopmatch.tokenizers.autoencoder import AutoencoderConfig
+from flopmatch.tokenizers.learned import LearnedAutoencoder
+from flopmatch.tokenizers.registry import make_autoencoder
 
 
 class PatchDiscriminator(nn.Module):
@@ -218,12 +74,16 @@ def psnr_from_mse(mse: float) -> float:
     return 10.0 * math.log10(4.0 / max(mse, 1e-12))
 
 
-def lr_at(step: int, config: AutoencoderConfig) -> float:
-    """Linear warmup over warmup_steps, then cosine from lr down to lr * min_lr_ratio at the last step."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+def load_images(config: AutoencoderConfig, split: str, num_eval: int = 2000) -> tuple[torch.Tensor, dict]:
+    """(uint8 images (N, 3, S, S), data info dict for tokenizer.json) for ``split`` of ``config.data``.
+
+    The train split has ``config.num_train`` images, the eval split ``num_eval`` (scenes are a pure
+    function of their index, so the first 2000 eval images are the same for any num_eval).
+    """
+    ds = make_dataset(config.data_config(num_eval), split)
+    info = {"name": config.data, "seed": config.data_seed, "image_size": config.image_size,
+            "num_train": config.num_train, "fingerprint": ds.cfg.fingerprint()}
+    return ds.images_uint8(), info
 
 
 def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out_dir: str | Path | None = None,
@@ -234,10 +94,6 @@ def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out
     summary: {"steps", "train_seconds" (wall), "cpu_seconds" (process CPU time, all threads),
     "final_train_psnr" (dB, mean over the last 10% of training batches), ...}.
     """
-    from tqdm import tqdm
-
-    from flopmatch.device import autocast, resolve_device, use_bf16
-
     config.validate()
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or images_uint8.shape[1] != 3 \
             or images_uint8.shape[-1] != config.image_size:
@@ -269,7 +125,7 @@ def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out
         idx = order[cursor:cursor + min(config.batch_size, n)]
         cursor += config.batch_size
         x = images_uint8[idx].to(device).float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
-        lr = lr_at(step, config)
+        lr = warmup_cosine(step, config.steps, config.lr, config.warmup_steps, config.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
 

@@ -1,8 +1,8 @@
 """``flopmatch report STUDY``: run directories -> report.html, report.md and results.csv.
 
-A pure function of the run directories: rows are read by :mod:`flopmatch.report_data`, analysed by
-:mod:`flopmatch.report_analysis` / :mod:`flopmatch.report_findings` (seeded bootstrap), drawn by
-:mod:`flopmatch.report_plots` (reproducible PNG bytes) and written here, atomically. No dates,
+A pure function of the run directories: rows are read by :mod:`flopmatch.report.data`, analysed by
+:mod:`flopmatch.report.analysis` and :mod:`flopmatch.report.findings` (seeded bootstrap), drawn by
+:mod:`flopmatch.report.plots` (reproducible PNG bytes) and written here, atomically. No dates,
 host names or timings of the report itself go into the files, so the same study gives the same bytes.
 
 ``report.html`` is one self-contained file (figures and sample strips embedded as base64 PNG);
@@ -17,10 +17,15 @@ import io
 import math
 from pathlib import Path
 
-from flopmatch.checkpoint import atomic_write_bytes, atomic_write_text
-from flopmatch.report_analysis import EXTRAPOLATE, LEVEL, METRIC, P_SURE, Analysis, analyse
-from flopmatch.report_data import COLUMNS, Study, first_images, load_study
-from flopmatch.report_render import fmt, render_html, render_md
+import numpy as np
+
+from flopmatch.files import atomic_write_bytes, atomic_write_text
+from flopmatch.report.analysis import EXTRAPOLATE, LEVEL, METRIC, P_SURE, Analysis
+from flopmatch.report.data import COLUMNS, Study, first_images, load_study
+from flopmatch.report.findings import analyse
+from flopmatch.report.plots import all_figures
+from flopmatch.report.render import fmt, render_html, render_md
+from flopmatch.sample import grid_image
 
 N_SAMPLES = 8  # images per paradigm x budget cell of the sample table
 SAMPLE_SCALE = 2
@@ -60,8 +65,6 @@ def sample_table(study: Study, an: Analysis) -> dict | None:
     with saved samples), lowest seed. All runs are sampled on the same prompt list (the first eval
     captions), so the prompts are given once; a mismatch is reported.
     """
-    from flopmatch.sample import grid_image
-
     mains = [r for r in study.rows if r["main"] and r["samples_dir"]]
     if not mains:
         return None
@@ -161,8 +164,6 @@ def _crossover_table(an: Analysis) -> tuple[list, list]:
 
 
 def _inference_table(an: Analysis) -> tuple[list, list]:
-    import numpy as np
-
     def med(v, scale=1.0):
         return fmt(float(np.median(v)) * scale, ".3g") if v else "–"
 
@@ -280,8 +281,6 @@ def build_report(study_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) ->
     root = Path(study_dir)
     study = load_study(root)
     an = analyse(study, n_boot=n_boot, seed=seed)
-    from flopmatch.report_plots import all_figures
-
     figs = all_figures(an, study)
     samples = sample_table(study, an)
     blocks = _blocks(study, an, samples)
@@ -308,23 +307,3 @@ def build_report(study_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) ->
     atomic_write_text(paths["md"], render_md(blocks, fig_files, sample_files))
     atomic_write_text(paths["html"], render_html(blocks, figs))
     return {"paths": paths, "recommendations": an.recommendations, "findings": an.findings, "fits": _fits_summary(an)}
-
-
-def cmd_report(args) -> int:
-    """CLI: build the report and print where it went, the verdicts and the recommendations."""
-    out = build_report(args.study, n_boot=args.n_boot, seed=args.seed)
-    for f in out["findings"]:
-        print(f"finding {f['id']}: {f['verdict']}")
-    for r in out["recommendations"]:
-        print(f"- {r['text']}")
-    print(f"wrote {out['paths']['html']}, {out['paths']['md']} and {out['paths']['csv']}")
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add ``flopmatch report STUDY_DIR [--n-boot N] [--seed S]``."""
-    p = subparsers.add_parser("report", help="rebuild the study report (HTML, Markdown, CSV) from the run directories")
-    p.add_argument("study", help="study directory (the one holding runs/)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    p.set_defaults(func=cmd_report)

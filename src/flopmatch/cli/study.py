@@ -1,8 +1,9 @@
-"""``flopmatch study``: parsing only (the work is in flopmatch.sweep)."""
+"""``flopmatch study``: parsing only (the work is in flopmatch.study)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from flopmatch.errors import UserError
 
@@ -22,8 +23,12 @@ def _ints(text: str) -> list[int]:
 
 
 def cmd_study(args) -> int:
-    from flopmatch.presets import study_preset
-    from flopmatch.sweep import study
+    """Plan (or, with --plan-only, just print) and run a study."""
+    # Imported when the command runs, not at the top: the CLI modules load no torch, so that
+    # `flopmatch --help` and argument errors answer at once.
+    from flopmatch.study.plan import format_plan, make_plan
+    from flopmatch.study.presets import study_preset
+    from flopmatch.study.runner import study
 
     scfg = study_preset(args.preset)
     if args.objectives:
@@ -42,10 +47,6 @@ def cmd_study(args) -> int:
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     if args.plan_only:
-        from pathlib import Path
-
-        from flopmatch.sweep import format_plan, make_plan
-
         print(format_plan(make_plan(scfg.validate(), Path(args.out))))
         return 0
     study(args.out, scfg, workers=args.workers, launcher=args.launcher)
@@ -53,6 +54,7 @@ def cmd_study(args) -> int:
 
 
 def register(sub) -> None:
+    """Add ``study`` to the top-level subparsers."""
     p = sub.add_parser("study", help="run the compute-matched comparison end to end and write the report")
     p.add_argument("--preset", default="cpu", help="cpu (default, ~13 min on 2 idle cores), cpu-long (~1 h), gpu, tiny")
     p.add_argument("--out", default="study", help="study directory (default: study/)")

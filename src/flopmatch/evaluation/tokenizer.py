@@ -29,9 +29,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as nn_f
 
-from flopmatch.checkpoint import atomic_write_json
+from flopmatch.data.datasets import make_dataset
 from flopmatch.errors import UserError
-from flopmatch.tokenizers.learned import LearnedAutoencoder, load_learned
+from flopmatch.evaluation.attributes import head_accuracy, load_or_train_attribute_classifier
+from flopmatch.evaluation.features import extract_features, make_feature_extractor, reference_features
+from flopmatch.evaluation.quality import fid_from_features
+from flopmatch.files import atomic_write_json
+from flopmatch.tokenizers.learned import LearnedAutoencoder
+from flopmatch.tokenizers.registry import load_learned
+from flopmatch.tokenizers.train_ae import load_images
 
 RFID_FEATURES = ("effnet", "inception", "none")
 
@@ -47,15 +53,10 @@ def reconstruction_fid(real_uint8: torch.Tensor, recon_uint8: torch.Tensor, feat
 
     The hook into flopmatch.evaluation: features from ``make_feature_extractor(features)``, the real
     set's features cached under ``reference_key`` (if given) via ``reference_features``, distance from
-    ``fid_from_features``. Returns None when features == "none" or the evaluation package (or its
-    weight packages) cannot be imported, so eval.json says null instead of a fake number.
+    ``fid_from_features``. Returns None when features == "none", so eval.json says null instead of a
+    made-up number; a missing weight package is a UserError naming what to install.
     """
     if features == "none":
-        return None
-    try:
-        from flopmatch.evaluation.features import extract_features, make_feature_extractor, reference_features
-        from flopmatch.evaluation.quality import fid_from_features
-    except ImportError:
         return None
     extractor = make_feature_extractor(features)
     if reference_key is not None:
@@ -71,12 +72,8 @@ def reconstruction_attributes(real_uint8: torch.Tensor, recon_uint8: torch.Tenso
     """Attribute-classifier accuracy per head on real and reconstructed uint8 images (N, 3, H, W).
 
     ``attrs``: the scenes' ground truth (``Scene.attrs()``); ``shapes_cfg``: their ShapesConfig (the
-    classifier is loaded from the cache, or trained once, for it). None if evaluation is unavailable.
+    classifier is loaded from the cache, or trained once, for it).
     """
-    try:
-        from flopmatch.evaluation.attributes import head_accuracy, load_or_train_attribute_classifier
-    except ImportError:
-        return None
     classifier = load_or_train_attribute_classifier(shapes_cfg, progress=progress)
     return {"real": head_accuracy(classifier, real_uint8, attrs), "recon": head_accuracy(classifier, recon_uint8, attrs),
             "classifier_sha256": classifier.checksum}
@@ -201,9 +198,6 @@ def evaluate_tokenizer(tok: LearnedAutoencoder, images_uint8: torch.Tensor, rfid
 def run_eval(directory: str | Path, num: int = 2000, rfid_features: str = "effnet", attributes: bool = True,
              progress: bool = True) -> dict:
     """Load the tokenizer in ``directory``, evaluate it on ``num`` eval-split images, write eval.json."""
-    from flopmatch.data.shapes import ShapesDataset
-    from flopmatch.tokenizers.train_ae import load_images, shapes_config
-
     if num < 2:
         raise UserError(f"--num must be >= 2 eval images, got {num}")
     directory = Path(directory)
@@ -212,8 +206,8 @@ def run_eval(directory: str | Path, num: int = 2000, rfid_features: str = "effne
     key = f"{info['name']}-{info['fingerprint']}-eval-{num}"
     attrs = cfg = None
     if attributes:
-        cfg = shapes_config(tok.config, num)
-        ds = ShapesDataset(cfg, "eval")
+        ds = make_dataset(tok.config.data_config(num), "eval")
+        cfg = ds.cfg
         attrs = [ds.scene(i).attrs() for i in range(num)]
     metrics = evaluate_tokenizer(tok, images, rfid_features, reference_key=key, attrs=attrs, shapes_cfg=cfg,
                                  progress=progress)

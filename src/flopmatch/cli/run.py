@@ -1,16 +1,12 @@
-"""The ``flopmatch`` command: parsing only; each subcommand calls one library function.
-
-User errors (:class:`~flopmatch.errors.UserError`) print one line ``flopmatch: error: ...`` and exit
-with status 2; Ctrl-C exits 130 after the running stage has saved what it can.
-"""
+"""``flopmatch train``, ``sample`` and ``flops``: parsing only; each command calls one library function."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+from dataclasses import replace
 
-from flopmatch import PARADIGMS, __version__
+from flopmatch import PARADIGMS
 from flopmatch.errors import UserError
 
 
@@ -26,12 +22,12 @@ def _budget(text: str) -> float:
 
 def _run_config(args):
     """RunConfig from --config JSON (optional), the common flags, then --set overrides."""
-    from flopmatch.checkpoint import read_json
     from flopmatch.config import RunConfig, apply_overrides, from_dict
+    from flopmatch.files import read_json
 
     cfg = from_dict(RunConfig, read_json(args.config)) if getattr(args, "config", None) else RunConfig()
     if getattr(args, "objective", None):
-        cfg.objective = args.objective
+        cfg.objective.name = args.objective
     if getattr(args, "depth", None) is not None:
         cfg.model.depth = args.depth
     if getattr(args, "budget", None) is not None:
@@ -40,7 +36,7 @@ def _run_config(args):
         cfg.tokenizer.path = args.tokenizer
     if getattr(args, "seed", None) is not None:
         cfg.train.seed = args.seed
-    for name in ("steps", "cfg"):
+    for name in ("steps", "guidance"):
         if getattr(args, name, None) is not None:
             setattr(cfg.sample, name, getattr(args, name))
     apply_overrides(cfg, args.set)
@@ -59,6 +55,9 @@ def _add_common(p, *, budget: bool) -> None:
 
 
 def cmd_train(args) -> int:
+    """Train (or resume) one run."""
+    # Imported when the command runs, not at the top: the CLI modules load no torch, so that
+    # `flopmatch --help` and argument errors answer at once.
     from flopmatch.train import train
 
     cfg = _run_config(args)
@@ -67,13 +66,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from dataclasses import replace
+    """Sample a PNG grid from a trained run."""
+    # Imported when the command runs, not at the top: the CLI modules load no torch, so that
+    # `flopmatch --help` and argument errors answer at once.
+    from flopmatch.sample import generate, grid_image, load_sampler, save_png
 
-    from flopmatch.sample import generate, grid_image, load_generator, save_png
-
-    gen = load_generator(args.run, weights="model" if args.raw else "ema", device=args.device)
-    sample = gen.cfg.sample
-    overrides = {k: getattr(args, k) for k in ("steps", "cfg", "temperature", "top_k") if getattr(args, k) is not None}
+    sampler = load_sampler(args.run, weights="model" if args.raw else "ema", device=args.device)
+    sample = sampler.cfg.sample
+    overrides = {k: getattr(args, k) for k in ("steps", "guidance", "temperature", "top_k") if getattr(args, k) is not None}
     if args.no_kv_cache:
         overrides["kv_cache"] = False
     sample = replace(sample, **overrides)
@@ -81,15 +81,18 @@ def cmd_sample(args) -> int:
     if not prompts:
         raise UserError("give at least one --prompt")
     prompts = [prompts[i % len(prompts)] for i in range(args.num)] if args.num else prompts
-    images = generate(gen, prompts, sample, seed=args.seed, progress=True)
+    images = generate(sampler, prompts, sample, seed=args.seed, progress=True)
     out = args.out or "samples.png"
     nrow = args.nrow or (len(images) if len(set(prompts)) == len(prompts) and len(prompts) <= 8 else None)
     save_png(grid_image(images, nrow=nrow, scale=args.scale), out)
-    print(f"wrote {len(images)} images to {out} (steps={gen.objective.resolve_steps(sample, gen.spec)}, cfg={sample.cfg}, seed={args.seed}, {gen.weights} weights)")
+    print(f"wrote {len(images)} images to {out} (steps={sampler.objective.resolve_steps(sample, sampler.spec)}, guidance={sample.guidance}, seed={args.seed}, {sampler.weights} weights)")
     return 0
 
 
 def cmd_flops(args) -> int:
+    """Print the analytic parameters and FLOPs of a configuration."""
+    # Imported when the command runs, not at the top: the CLI modules load no torch, so that
+    # `flopmatch --help` and argument errors answer at once.
     from flopmatch.plan import flops_summary
 
     cfg = _run_config(args)
@@ -103,18 +106,8 @@ def cmd_flops(args) -> int:
     return 0
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line (``flopmatch: error: ...``) and exit status 2, like UserError."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="flopmatch", description="Compute-matched comparison of image-synthesis paradigms.")
-    parser.add_argument("--version", action="version", version=f"flopmatch {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
-
+def register(sub) -> None:
+    """Add ``train``, ``sample`` and ``flops`` to the top-level subparsers."""
     p = sub.add_parser("train", help="train a generator for a FLOP budget (resumes if interrupted)")
     _add_common(p, budget=True)
     p.add_argument("--seed", type=int, help="training seed (default 0)")
@@ -127,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="text prompt (repeatable)")
     p.add_argument("--num", type=int, default=0, help="number of images (prompts are cycled); default one per prompt")
     p.add_argument("--steps", type=int, help="sampling steps (diffusion, masked); 0 = default")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance", "--cfg", dest="guidance", type=float, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--temperature", type=float, help="sampling temperature (token paradigms)")
     p.add_argument("--top-k", dest="top_k", type=int, help="top-k filtering (token paradigms); 0 = off")
     p.add_argument("--no-kv-cache", action="store_true", help="autoregressive: recompute the prefix each step")
@@ -142,33 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("flops", help="analytic parameters and FLOPs of a configuration")
     _add_common(p, budget=False)
     p.add_argument("--steps", type=int, help="sampling steps; 0 = paradigm default")
-    p.add_argument("--cfg", type=float, help="guidance scale (1 = no extra pass)")
+    p.add_argument("--guidance", "--cfg", dest="guidance", type=float, help="guidance scale (1 = no extra pass)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_flops)
-
-    for module in ("flopmatch.tokenizers.cli", "flopmatch.evaluation.cli", "flopmatch.study_cli", "flopmatch.report"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        mod.register(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except UserError as e:
-        print(f"flopmatch: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("flopmatch: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

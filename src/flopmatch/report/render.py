@@ -2,7 +2,7 @@
 
 The report is a list of blocks, rendered twice: ``("h", level, text)``, ``("p", text)``,
 ``("ul", [text])``, ``("table", header, rows)``, ``("fig", name, caption)`` and
-``("samples", table)`` (the paradigm x budget sample strips, see ``flopmatch.report.sample_table``).
+``("samples", table)`` (the paradigm x budget sample strips, see ``flopmatch.report.build.sample_table``).
 Text may use ``**bold**``; everything else is escaped. HTML embeds every image as a base64 PNG.
 """
 

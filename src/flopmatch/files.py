@@ -1,12 +1,15 @@
-"""Atomic file writes and tensor files: safetensors for tensors, JSON for everything else.
+"""File I/O, owned in one place: atomic writes, safetensors, JSON, the one sha256 helper, the cache root.
 
-Every file the project writes goes through here, so an interrupted process never leaves a
+Every whole file the project writes goes through here, so an interrupted process never leaves a
 half-written output: we write to a temporary file in the same directory and ``os.replace`` it.
-Checkpoints never use pickle (no ``torch.load`` of untrusted data).
+(Append-only logs, ``metrics.jsonl`` and worker logs, are appended in place; a resumed run trims
+``metrics.jsonl`` back to its checkpoint.)
+Tensors are stored as safetensors, never pickled (no ``torch.load`` of untrusted data).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -26,15 +29,41 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 4 MiB chunks (identifies weights and checkpoints in manifests)."""
-    import hashlib
+_SHA256: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) -> digest, per process
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB chunks (identifies weights and checkpoints in manifests).
+
+    Remembered per process while the file's size and modification time are unchanged: evaluator
+    weights (up to ~90 MB, ~0.3 s to hash) are checked once per process, not once per use.
+    """
+    resolved = Path(path).resolve()
+    st = resolved.stat()
+    key = (str(resolved), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(resolved, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """Hex sha256 of a tensor's raw bytes (C order, on CPU): identifies an image set in manifests and caches."""
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def cache_dir() -> Path:
+    """The cache root: $FLOPMATCH_CACHE if set, else ~/.cache/flopmatch (created on demand).
+
+    Holds what is computed once and keyed by content: fitted codebooks, encoded datasets, text
+    states, reference features and trained evaluators.
+    """
+    root = Path(os.environ.get("FLOPMATCH_CACHE") or Path.home() / ".cache" / "flopmatch")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
+from pathlib import Path
 
 from flopmatch.errors import UserError
 
-SWEEPABLE = {"steps": int, "cfg": float, "temperature": float, "top_k": int}
+SWEEPABLE = {"steps": int, "guidance": float, "temperature": float, "top_k": int}
+ALIASES = {"cfg": "guidance"}  # sweep names accepted for compatibility
 
 
 def parse_sweeps(items: list[str]) -> dict[str, list]:
-    """['steps=4,8', 'cfg=1,2'] -> {'steps': [4, 8], 'cfg': [1.0, 2.0]} (typed; unknown names are errors)."""
+    """['steps=4,8', 'guidance=1,2'] -> {'steps': [4, 8], 'guidance': [1.0, 2.0]} (typed; unknown names are errors; 'cfg' = 'guidance')."""
     out = {}
     for item in items or []:
         name, _, values = item.partition("=")
         name = name.strip().replace("-", "_")
+        name = ALIASES.get(name, name)
         if name not in SWEEPABLE or not values.strip():
             raise UserError(f"--sweep expects NAME=v1,v2,... with NAME in {', '.join(SWEEPABLE)}; got {item!r}")
         try:
@@ -26,16 +29,16 @@ def parse_sweeps(items: list[str]) -> dict[str, list]:
 
 
 def cmd_eval(args) -> int:
-    from pathlib import Path
-
-    from flopmatch.config import load_config, validate_sample
+    """Evaluate a run under one or more sampling settings and print a summary per setting."""
+    # Imported when the command runs, not at the top: the CLI modules load no torch, so that
+    # `flopmatch --help` and argument errors answer at once.
+    from flopmatch.config import validate_sample
     from flopmatch.evaluation.report_lines import summary_lines
     from flopmatch.evaluation.run import EvalConfig, evaluate
+    from flopmatch.rundir import read_config
 
     run = Path(args.run)
-    if not (run / "config.json").exists():
-        raise UserError(f"{run} is not a run directory (no config.json)")
-    base = load_config(run / "config.json").sample
+    base = read_config(run).sample
     fixed = {k: getattr(args, k) for k in SWEEPABLE if getattr(args, k, None) is not None}
     base = replace(base, **fixed)
     sweeps = parse_sweeps(args.sweep)
@@ -55,15 +58,16 @@ def cmd_eval(args) -> int:
 
 
 def register(sub) -> None:
+    """Add ``eval`` to the top-level subparsers."""
     p = sub.add_parser("eval", help="measure image quality, prompt following and inference cost of a run")
     p.add_argument("run", help="run directory")
     p.add_argument("--num-samples", type=int, default=1000, help="generated images per setting (default 1000)")
     p.add_argument("--steps", type=int, help="sampling steps (0 = paradigm default)")
-    p.add_argument("--cfg", type=float, help="guidance scale")
+    p.add_argument("--guidance", "--cfg", dest="guidance", type=float, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-k", dest="top_k", type=int)
     p.add_argument("--sweep", action="append", default=[], metavar="NAME=v1,v2",
-                   help="evaluate every combination, e.g. --sweep steps=4,8,16 --sweep cfg=1,2,4")
+                   help="evaluate every combination, e.g. --sweep steps=4,8,16 --sweep guidance=1,2,4")
     p.add_argument("--features", default="effnet", help="feature extractors: effnet (fast proxy), inception (standard FID)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=100)

@@ -26,7 +26,7 @@ class StudyConfig:
     tokenizer_preset: str = "cpu"
     tokenizer_overrides: list[str] = field(default_factory=list)  # key=value for the autoencoder config
     eval_samples: int = 500
-    eval_cfg: float = 3.0
+    eval_guidance: float = 3.0  # classifier-free guidance scale of every run's main setting
     # extra sampling-step settings per paradigm for the inference sweep (the run's default is always evaluated)
     eval_steps: dict[str, list[int]] = field(default_factory=lambda: {"diffusion": [10], "masked": [6], "autoregressive": []})
     features: list[str] = field(default_factory=lambda: ["effnet"])

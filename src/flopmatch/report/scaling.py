@@ -419,13 +419,6 @@ def _fit(kind: str, C, y, weights=None, starts=None) -> PowerLawFit:
     raise UserError(f"fit kind must be 'saturating' or 'power', got {kind!r}")
 
 
-def fit_frontier(front: Sequence[FrontierPoint], kind: str = "saturating") -> PowerLawFit:
-    """Fit a trend (``kind`` "saturating" with fallback, or "power") through frontier means vs budget."""
-    if not front:
-        raise UserError("empty frontier")
-    return _fit(kind, [p.budget for p in front], [p.mean for p in front])
-
-
 # --------------------------------------------------------------------------------------------
 # bootstrap
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Study directory -> plain rows: one per (run, eval setting), read from run directories alone.
 
-A study directory holds ``runs/<name>/`` run directories (the contract in DESIGN.md §3). For every
-run we read ``config.json``, the checkpoint's scalar state (``flopmatch.train.read_state``),
+A study directory holds ``runs/<name>/`` run directories (the contract in docs/architecture.md and flopmatch.rundir). For every
+run we read ``config.json``, the checkpoint's scalar state (``flopmatch.rundir.read_state``),
 ``metrics.jsonl`` and ``eval.json``; nothing is recomputed and no log is scraped.
 
 The **main setting** of a run (the one its metric-vs-FLOPs points come from) is chosen as follows:
@@ -21,6 +21,11 @@ from pathlib import Path
 
 from flopmatch import PARADIGMS
 from flopmatch.errors import UserError
+from flopmatch.files import load_tensors, read_json
+from flopmatch.nets import NetSpec
+from flopmatch.objectives import make_objective
+from flopmatch.plan import net_spec_for
+from flopmatch.rundir import CONFIG, METRICS, read_config, read_eval_entries, read_state, sample_dir
 
 PROMPT_ATTRIBUTES = ("color", "shape", "size", "position", "relation", "count")
 LOSS_TAIL = 0.1  # final loss = mean of the last 10 % of logged losses (at least one row)
@@ -29,7 +34,7 @@ LOSS_TAIL = 0.1  # final loss = mean of the last 10 % of logged losses (at least
 COLUMNS = [
     "run", "run_dir", "objective", "depth", "width", "params", "budget", "seed", "train_flops", "steps",
     "total_steps", "done", "final_loss", "evaluated", "setting", "main", "main_reason", "weights",
-    "sample_steps", "cfg", "temperature", "top_k", "num_samples",
+    "sample_steps", "cfg", "temperature", "top_k", "num_samples",  # "cfg": the guidance scale (column name of v0.1)
     "fid_effnet", "fid_se_effnet", "kid_effnet", "kid_std_effnet", "precision", "recall", "fid_inception",
     "fid_se_inception", "kid_inception",
     "prompt_full_match", *[f"prompt_{a}" for a in PROMPT_ATTRIBUTES],
@@ -98,17 +103,12 @@ def final_loss(curve: list[tuple[float, float]]) -> float | None:
 
 def _resolved_steps(cfg, state: dict | None) -> int | None:
     """Sampling steps of the run's default settings, resolved by its paradigm (None if unknown)."""
-    from flopmatch.nets import NetSpec
-    from flopmatch.objectives import make_objective
-
     try:
         if state and "net_spec" in state:
-            spec = NetSpec(**state["net_spec"])
+            spec = NetSpec.from_dict(state["net_spec"])
         else:
-            from flopmatch.plan import net_spec_for
-
             spec = net_spec_for(cfg)
-        return int(make_objective(cfg.objective, cfg.method).resolve_steps(cfg.sample, spec))
+        return int(make_objective(cfg.objective).resolve_steps(cfg.sample, spec))
     except (UserError, TypeError, KeyError, OSError):
         return None
 
@@ -133,10 +133,18 @@ def _matches(settings: dict, sample, steps: int | None) -> bool:
         return False
     if steps is None and sample.steps and settings.get("steps") != sample.steps:
         return False
-    for name in ("cfg", "temperature", "top_k", "choice_temperature", "kv_cache"):
+    for name in ("guidance", "temperature", "top_k", "choice_temperature", "kv_cache"):
         if name in settings and not (settings[name] == getattr(sample, name) or close(settings[name], getattr(sample, name))):
             return False
     return True
+
+
+def _settings(entry: dict) -> dict:
+    """An entry's sampler settings with today's key names (v0.1 entries say "cfg" for the guidance scale)."""
+    s = dict(entry.get("settings") or {})
+    if "cfg" in s and "guidance" not in s:
+        s["guidance"] = s.pop("cfg")
+    return s
 
 
 def main_setting(entries: dict, sample, steps: int | None) -> tuple[str | None, str]:
@@ -144,7 +152,7 @@ def main_setting(entries: dict, sample, steps: int | None) -> tuple[str | None, 
     if not entries:
         return None, "no eval entries"
     ema = {k: e for k, e in entries.items() if _weights(k, e) == "ema"} or entries
-    match = sorted(k for k, e in ema.items() if _matches(e.get("settings") or {}, sample, steps))
+    match = sorted(k for k, e in ema.items() if _matches(_settings(e), sample, steps))
     if len(match) == 1:
         return match[0], "matches the run's default sample settings"
     pool = match or sorted(ema)
@@ -157,17 +165,12 @@ def _num(x):
     return x if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
-def sample_dir_name(key: str) -> str:
-    """The samples/ subdirectory ``flopmatch eval`` writes for an eval key (same transform as evaluation.run)."""
-    return key.replace(",", "_").replace("=", "-")
-
-
 def _entry_fields(key: str, entry: dict) -> dict:
-    s, m, inf = entry.get("settings") or {}, entry.get("metrics") or {}, entry.get("inference") or {}
+    s, m, inf = _settings(entry), entry.get("metrics") or {}, entry.get("inference") or {}
     eff, inc, pf = m.get("effnet") or {}, m.get("inception") or {}, m.get("prompt_following") or {}
     nokv = inf.get("without_kv_cache") or {}
     out = {
-        "setting": key, "weights": _weights(key, entry), "sample_steps": s.get("steps"), "cfg": _num(s.get("cfg")),
+        "setting": key, "weights": _weights(key, entry), "sample_steps": s.get("steps"), "cfg": _num(s.get("guidance")),
         "temperature": _num(s.get("temperature")), "top_k": s.get("top_k"),
         "num_samples": (entry.get("manifest") or {}).get("num_samples"),
         "fid_effnet": _num(eff.get("fid")), "kid_effnet": _num(eff.get("kid")), "kid_std_effnet": _num(eff.get("kid_std")),
@@ -194,29 +197,24 @@ def _entry_fields(key: str, entry: dict) -> dict:
 
 
 def _read_run(root: Path, run: Path) -> tuple[RunInfo, list[dict]]:
-    from flopmatch.checkpoint import read_json
-    from flopmatch.config import load_config
-    from flopmatch.train import read_state
-
-    cfg = load_config(run / "config.json")  # a UserError here makes the run unreadable (caller lists it)
+    cfg = read_config(run)  # a UserError here makes the run unreadable (caller lists it)
     problems = []
     try:
         state = read_state(run)
     except UserError as e:
         state, problems = None, [str(e)]
     entries = {}
-    if (run / "eval.json").exists():
-        try:
-            entries = read_json(run / "eval.json").get("entries") or {}
-        except (UserError, AttributeError) as e:
-            problems.append(f"unreadable eval.json ({e})")
-    curve = _read_curve(run / "metrics.jsonl")
+    try:
+        entries = read_eval_entries(run)
+    except (UserError, AttributeError) as e:
+        problems.append(f"unreadable eval.json ({e})")
+    curve = _read_curve(run / METRICS)
     rel = run.relative_to(root).as_posix()
-    info = RunInfo(run.name, rel, cfg.objective, cfg.model.depth, cfg.train.seed, float(cfg.train.budget), state,
+    info = RunInfo(run.name, rel, cfg.objective.name, cfg.model.depth, cfg.train.seed, float(cfg.train.budget), state,
                    curve, bool(entries), problems)  # fmt: skip
     spec = (state or {}).get("net_spec") or {}
     base = {
-        "run": run.name, "run_dir": rel, "objective": cfg.objective, "depth": cfg.model.depth,
+        "run": run.name, "run_dir": rel, "objective": cfg.objective.name, "depth": cfg.model.depth,
         "width": spec.get("width", cfg.model.width), "params": (state or {}).get("params"),
         "budget": float(cfg.train.budget), "seed": cfg.train.seed, "train_flops": (state or {}).get("flops"),
         "steps": (state or {}).get("step"), "total_steps": (state or {}).get("total_steps"), "done": info.done,
@@ -228,7 +226,7 @@ def _read_run(root: Path, run: Path) -> tuple[RunInfo, list[dict]]:
         row = {c: None for c in COLUMNS} | base | _entry_fields(key, entries[key])
         row["main"] = key == main_key
         row["main_reason"] = reason if key == main_key else None
-        sd = run / "samples" / sample_dir_name(key)
+        sd = sample_dir(run, key)
         row["samples_dir"] = sd.relative_to(root).as_posix() if sd.is_dir() else None
         rows.append(row)
     if not rows:  # one row per run even when it was never evaluated, so the table lists every run
@@ -238,8 +236,8 @@ def _read_run(root: Path, run: Path) -> tuple[RunInfo, list[dict]]:
 
 
 def _setting_order(entry: dict) -> tuple:
-    s = entry.get("settings") or {}
-    return tuple(float(s[k]) if isinstance(s.get(k), (int, float)) else math.inf for k in ("steps", "cfg", "temperature", "top_k"))
+    s = _settings(entry)
+    return tuple(float(s[k]) if isinstance(s.get(k), (int, float)) else math.inf for k in ("steps", "guidance", "temperature", "top_k"))
 
 
 def _run_order(info: RunInfo) -> tuple:
@@ -252,7 +250,7 @@ def load_study(study_dir: str | Path) -> Study:
     runs_dir = root / "runs"
     if not runs_dir.is_dir():
         raise UserError(f"{root} is not a study directory (no runs/ inside); point `flopmatch report` at the study root")
-    found = sorted(p for p in runs_dir.iterdir() if p.is_dir() and (p / "config.json").exists())
+    found = sorted(p for p in runs_dir.iterdir() if p.is_dir() and (p / CONFIG).exists())
     if not found:
         raise UserError(f"no run directories with a config.json under {runs_dir}")
     read, problems = [], []
@@ -278,8 +276,6 @@ def collect(study_dir: str | Path) -> list[dict]:
 
 def first_images(root: Path, row: dict, n: int = 8):
     """(uint8 images (n', 3, H, W), prompts) of a row's saved samples, or (None, []) if not saved."""
-    from flopmatch.checkpoint import load_tensors, read_json
-
     if not row.get("samples_dir"):
         return None, []
     d = root / row["samples_dir"]

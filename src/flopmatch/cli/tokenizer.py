@@ -1,4 +1,5 @@
-"""``flopmatch tokenizer train|eval``: parsing only; the work is in train_ae.py and evaluate.py.
+"""``flopmatch tokenizer train|eval``: parsing only; the work is in flopmatch.tokenizers.train_ae and
+flopmatch.evaluation.tokenizer.
 
     flopmatch tokenizer train --kind kl  --data shapes --out tok/kl
     flopmatch tokenizer train --kind lfq --data shapes --out tok/lfq --set bits=9
@@ -15,7 +16,10 @@ from flopmatch.errors import UserError
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     """Train a KL or LFQ autoencoder into args.out (refuses to overwrite an existing tokenizer)."""
-    from flopmatch.tokenizers.train_ae import apply_overrides, load_images, preset, train_autoencoder
+    # Imported when the command runs, not at the top: the CLI modules load no torch, so that
+    # `flopmatch --help` and argument errors answer at once.
+    from flopmatch.tokenizers.autoencoder import apply_overrides, preset
+    from flopmatch.tokenizers.train_ae import load_images, train_autoencoder
 
     out = Path(args.out)
     if (out / "tokenizer.json").exists():
@@ -42,7 +46,9 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def cmd_tokenizer_eval(args: argparse.Namespace) -> int:
     """Evaluate a tokenizer directory on the eval split; writes DIR/eval.json and prints a summary."""
-    from flopmatch.tokenizers.evaluate import run_eval
+    # Imported when the command runs, not at the top: the CLI modules load no torch, so that
+    # `flopmatch --help` and argument errors answer at once.
+    from flopmatch.evaluation.tokenizer import run_eval
 
     m = run_eval(args.dir, num=args.num, rfid_features=args.rfid, attributes=args.attributes, progress=not args.quiet)
     parts = [f"PSNR {m['psnr']:.2f} dB", f"SSIM {m['ssim']:.4f}"]
@@ -61,10 +67,11 @@ def cmd_tokenizer_eval(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    """Add ``tokenizer train`` and ``tokenizer eval`` to the top-level subparsers."""
-    from flopmatch.tokenizers.evaluate import RFID_FEATURES
-    from flopmatch.tokenizers.train_ae import PRESETS
+    """Add ``tokenizer train`` and ``tokenizer eval`` to the top-level subparsers.
 
+    Names like presets and feature extractors are checked where they are used (one line, exit 2),
+    not with argparse choices, so that building the parser imports nothing heavy.
+    """
     p = subparsers.add_parser("tokenizer", help="train or evaluate a learned autoencoder (KL or LFQ)")
     sub = p.add_subparsers(dest="tokenizer_command", required=True)
 
@@ -73,7 +80,7 @@ def register(subparsers) -> None:
                    help="kl: latents for diffusion; lfq: codes for masked/autoregressive")
     t.add_argument("--data", default="shapes", help="training data (default: shapes)")
     t.add_argument("--out", required=True, help="output directory (tokenizer.json, tensors.safetensors, train_log.jsonl)")
-    t.add_argument("--preset", choices=PRESETS, default="cpu", help="cpu: ~5 min on 2 cores (default); gpu: larger")
+    t.add_argument("--preset", default="cpu", help="cpu: ~5 min on 2 cores (default); gpu: larger")
     t.add_argument("--seed", type=int, help="training seed (init and batch order)")
     t.add_argument("--steps", type=int, help="optimizer steps (overrides the preset)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -84,7 +91,7 @@ def register(subparsers) -> None:
     e = sub.add_parser("eval", help="reconstruction metrics on the eval split -> DIR/eval.json")
     e.add_argument("dir", help="a tokenizer directory")
     e.add_argument("--num", type=int, default=2000, help="eval images (default 2000)")
-    e.add_argument("--rfid", choices=RFID_FEATURES, default="effnet",
+    e.add_argument("--rfid", default="effnet",
                    help="features for reconstruction FID: effnet (fast proxy, default), inception (standard, slow), none")
     e.add_argument("--attributes", action=argparse.BooleanOptionalAction, default=True,
                    help="attribute-classifier accuracy on reconstructions (trains the classifier once if not cached)")

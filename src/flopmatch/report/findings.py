@@ -1,7 +1,7 @@
-"""The paper's four findings (DESIGN.md §1) checked against a study, and recommendations from its data.
+"""The paper's four findings checked against a study, recommendations from its data, and :func:`analyse`.
 
 Each finding is split into parts, each a claim with a status ("held", "did not hold",
-"inconclusive", "not measured") computed by :mod:`flopmatch.report_analysis` from bootstrap
+"inconclusive", "not measured") computed by :mod:`flopmatch.report.analysis` from bootstrap
 probabilities; the finding's verdict combines them (any part reversed -> did not hold; all held ->
 held; otherwise inconclusive). Timing claims use the repeats that exist: latency repeats of every
 run of a depth (same architecture), one throughput figure per run. FLOPs per image are analytic,
@@ -14,18 +14,21 @@ import math
 
 import numpy as np
 
-from flopmatch.report_analysis import (
+from flopmatch.errors import UserError
+from flopmatch.report.analysis import (
     EXTRAPOLATE,
     METRIC,
     Analyser,
-    median,
-    p_lower,
+    Analysis,
     combine,
     confidence,
+    median,
+    p_lower,
     setting_medians,
     status_from,
 )
-from flopmatch.scaling import pareto_front
+from flopmatch.report.data import Study
+from flopmatch.report.scaling import pareto_front
 
 PAPER = {
     1: "Token methods, next-token first, follow prompts better than diffusion at equal training FLOPs.",
@@ -246,3 +249,15 @@ def recommendations(an: Analyser) -> list[dict]:
         _inference_rec(an, "latency", "Low latency", True, "s"),
         _inference_rec(an, "throughput", "Throughput", False, "images/s"),
     ]
+
+
+def analyse(study: Study, n_boot: int = 1000, seed: int = 0) -> Analysis:
+    """Fits, comparisons, crossovers, the paper's findings and recommendations of a study (deterministic)."""
+    if n_boot < 1:
+        raise UserError(f"--n-boot must be >= 1, got {n_boot}")
+    an = Analyser(study, n_boot, seed)
+    an.crossover_list = an.crossovers()
+    found = findings(an)
+    recs = recommendations(an)
+    return Analysis(an.paradigms, an.fits, an.comparisons, an.crossover_list, an.inference, found, recs,
+                    sorted(an.excluded))

@@ -13,11 +13,15 @@ from __future__ import annotations
 import io
 import math
 
+import matplotlib
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogFormatter
 
-from flopmatch.report_analysis import METRIC, Analysis, setting_medians
-from flopmatch.report_data import Study
-from flopmatch.scaling import iso_flop, pareto_front
+from flopmatch.report.analysis import METRIC, Analysis, setting_medians
+from flopmatch.report.data import Study
+from flopmatch.report.scaling import iso_flop, pareto_front
 
 DPI = 100
 COLORS = {"diffusion": "#1f77b4", "masked": "#2ca02c", "autoregressive": "#d62728"}
@@ -31,9 +35,7 @@ def _color(p: str) -> str:
 
 
 def _figure(ncols: int = 1, nrows: int = 1, w: float = 5.2, h: float = 3.8):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    """An Agg-backed figure (no global pyplot state, so figures are reproducible bytes) and its axes grid."""
     fig = Figure(figsize=(w * ncols, h * nrows), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.subplots(nrows, ncols, squeeze=False)
@@ -46,8 +48,6 @@ def _png(fig) -> bytes:
 
 
 def _render(fn, *args) -> bytes | None:
-    import matplotlib
-
     with matplotlib.rc_context(RC):
         fig = fn(*args)
         return None if fig is None else _png(fig)
@@ -55,8 +55,6 @@ def _render(fn, *args) -> bytes | None:
 
 def _plain_log(axis) -> None:
     """Log axis labelled with plain numbers (20, 30, 0.2), minor labels only where matplotlib would put them."""
-    from matplotlib.ticker import FuncFormatter, LogFormatter
-
     class PlainLog(LogFormatter):
         def __call__(self, x, pos=None):
             return f"{x:g}" if super().__call__(x, pos) else ""
@@ -149,8 +147,6 @@ def loss_curves(study: Study, paradigms: list[str]):
     ps = [p for p in paradigms if any(r.objective == p for r in runs)]
     if not ps:
         return None
-    import matplotlib
-
     cmap = matplotlib.colormaps["viridis"]
     depths = sorted({r.depth for r in runs})
     fig, axes = _figure(ncols=len(ps), w=4.2)
@@ -177,8 +173,6 @@ def iso_flops(an: Analysis, study: Study, metric: str):
     fits = [(p, an.fits[(metric, p)]) for p in an.paradigms if (metric, p) in an.fits]
     if not fits:
         return None
-    import matplotlib
-
     cmap = matplotlib.colormaps["plasma"]
     params = {(r["objective"], r["depth"]): r["params"] for r in study.rows if r["params"]}
     fig, axes = _figure(ncols=len(fits), w=4.2)

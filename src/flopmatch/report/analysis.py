@@ -1,6 +1,6 @@
 """Rows of a study -> fits, head-to-head comparisons, crossovers, the paper's findings and recommendations.
 
-Everything statistical comes from :mod:`flopmatch.scaling` (frontier, bootstrap fits, crossovers,
+Everything statistical comes from :mod:`flopmatch.report.scaling` (frontier, bootstrap fits, crossovers,
 ``compare_at_budget``, ``iso_flop``, ``pareto_front``); this module only decides *what* to compare
 and turns probabilities into words. Deterministic given ``seed``.
 
@@ -9,7 +9,7 @@ Conventions
 * Metrics are errors (lower is better): FID (effnet proxy; Inception if measured), prompt-following
   error ``1 - full_match`` (``scaling.to_error``), final training loss. Loss is fitted per paradigm
   and never compared across paradigms (the objectives' losses are not commensurable).
-* Points of a fit are finished runs at their main setting (see :mod:`flopmatch.report_data`),
+* Points of a fit are finished runs at their main setting (see :mod:`flopmatch.report.data`),
   grouped by their nominal budget (``train.budget``; the FLOPs actually spent are at most one
   step over, listed in the tables). Unfinished runs are flagged and left out.
 * A fit needs >= 3 budgets; the trend is ``E + A (C/C0)^-alpha`` with 90 % bootstrap intervals.
@@ -40,8 +40,8 @@ import numpy as np
 
 from flopmatch import PARADIGMS
 from flopmatch.errors import UserError
-from flopmatch.report_data import Study
-from flopmatch.scaling import (
+from flopmatch.report.data import Study
+from flopmatch.report.scaling import (
     BootstrapFit,
     bootstrap_crossover,
     bootstrap_fit,
@@ -346,17 +346,3 @@ def combine(parts: list[dict]) -> str:
     if "did not hold" in st:
         return "did not hold"
     return "held" if all(s == "held" for s in st) else "inconclusive"
-
-
-def analyse(study: Study, n_boot: int = 1000, seed: int = 0) -> Analysis:
-    """Fits, comparisons, crossovers, the paper's findings and recommendations of a study (deterministic)."""
-    from flopmatch.report_findings import findings, recommendations
-
-    if n_boot < 1:
-        raise UserError(f"--n-boot must be >= 1, got {n_boot}")
-    an = Analyser(study, n_boot, seed)
-    an.crossover_list = an.crossovers()
-    found = findings(an)
-    recs = recommendations(an)
-    return Analysis(an.paradigms, an.fits, an.comparisons, an.crossover_list, an.inference, found, recs,
-                    sorted(an.excluded))

@@ -1,6 +1,6 @@
 """Turn a run config into training tensors: dataset -> tokenizer -> cached latents/codes + text rows.
 
-Everything expensive happens once and is cached under ``flopmatch.paths.cache_dir()``:
+Everything expensive happens once and is cached under :func:`flopmatch.files.cache_dir`:
 fitted weight-free tokenizers (keyed by data and tokenizer settings), the encoded training set
 (keyed by the tokenizer's fingerprint and the data's, so a changed tokenizer never reuses a stale
 cache) and the text encoder's states per unique caption. Generators never re-run the
@@ -10,50 +10,27 @@ tokenizer's encoder per step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from flopmatch.checkpoint import load_tensors, save_tensors
-from flopmatch.config import DataConfig, RunConfig
+from flopmatch.config import RunConfig
+from flopmatch.data.datasets import make_dataset
 from flopmatch.errors import UserError
-from flopmatch.paths import cache_dir
+from flopmatch.files import cache_dir, load_tensors, save_tensors
+from flopmatch.objectives import Objective
+from flopmatch.plan import weight_free_kind
+from flopmatch.text import TextCache, TextEncoder, text_encoder_for
+from flopmatch.tokenizers.base import LEARNED_KIND, WEIGHT_FREE_KIND, Tokenizer
+from flopmatch.tokenizers.registry import fit_weight_free, load_tokenizer
 
 
-def shapes_config(cfg: DataConfig):
-    """The ShapesConfig a DataConfig describes."""
-    from flopmatch.data.shapes import ShapesConfig
-
-    return ShapesConfig(
-        seed=cfg.seed, image_size=cfg.image_size, num_train=cfg.num_train, num_eval=cfg.num_eval,
-        two_object_prob=cfg.two_object_prob, holdout=tuple(cfg.holdout),
-    )
-
-
-def make_dataset(cfg: DataConfig, split: str):
-    """The dataset split named by a DataConfig (only the built-in "shapes" for now)."""
-    if cfg.name != "shapes":
-        raise UserError(f"unknown dataset {cfg.name!r}; available: shapes")
-    from flopmatch.data.shapes import ShapesDataset
-
-    return ShapesDataset(shapes_config(cfg), split)
-
-
-def tokenizer_kind(cfg: RunConfig, objective) -> str:
-    """Resolve ``tokenizer.kind = auto``: patch for continuous objectives, kmeans for discrete ones."""
-    if cfg.tokenizer.kind != "auto":
-        return cfg.tokenizer.kind
-    return "patch" if objective.tokens == "continuous" else "kmeans"
-
-
-def build_tokenizer(cfg: RunConfig, objective, dataset):
+def build_tokenizer(cfg: RunConfig, objective: Objective, dataset) -> Tokenizer:
     """Load ``tokenizer.path`` or fit (once, cached) the weight-free tokenizer the config asks for."""
-    from flopmatch.tokenizers import fit_weight_free, load_tokenizer
-
     if cfg.tokenizer.path:
         tok = load_tokenizer(cfg.tokenizer.path)
     else:
-        kind = tokenizer_kind(cfg, objective)
+        kind = weight_free_kind(cfg, objective)
         t = cfg.tokenizer
         key = f"{kind}-p{t.patch}" + (f"-k{t.codebook_size}-s{t.seed}" if kind == "kmeans" else "")
         directory = cache_dir() / "tokenizers" / f"{key}-{dataset.fingerprint()}"
@@ -66,10 +43,10 @@ def build_tokenizer(cfg: RunConfig, objective, dataset):
         if tok is None:
             tok = fit_weight_free(kind, dataset.images_uint8(), patch=t.patch, codebook_size=t.codebook_size, seed=t.seed)
             tok.save(directory)
-    if tok.spec.kind != objective.tokens:
+    if tok.spec.tokens != objective.tokens:
         raise UserError(
             f"objective {objective.name} needs a {objective.tokens} tokenizer but {cfg.tokenizer.path or tok.name} is "
-            f"{tok.spec.kind}; use a {'kl or patch' if objective.tokens == 'continuous' else 'lfq or kmeans'} tokenizer"
+            f"{tok.spec.tokens}; use a {LEARNED_KIND[objective.tokens]} or {WEIGHT_FREE_KIND[objective.tokens]} tokenizer"
         )
     if tok.spec.image_size != cfg.data.image_size:
         raise UserError(f"tokenizer expects {tok.spec.image_size}px images but data.image_size is {cfg.data.image_size}")
@@ -85,8 +62,6 @@ def encode_dataset(tokenizer, dataset, batch_size: int = 512, progress: bool = T
             return load_tensors(path)["x"]
         except (UserError, KeyError):
             pass  # damaged cache: re-encode
-    from tqdm import tqdm
-
     images = dataset.images_uint8()
     parts = []
     tokenizer.eval()
@@ -104,32 +79,19 @@ class PreparedData:
 
     x: torch.Tensor  # (N, C, g, g) float latents or (N, L) long codes
     rows: torch.Tensor  # (N,) long: row of each example's caption in ``text``
-    text: object  # flopmatch.text.TextCache
-    encoder: object  # flopmatch.text.TextEncoder
-    tokenizer: object  # flopmatch.tokenizers.base.Tokenizer
+    text: TextCache
+    encoder: TextEncoder
+    tokenizer: Tokenizer
     dataset: object
 
 
-def make_text_encoder(cfg: RunConfig):
-    """The run's frozen text encoder (the text encoder always runs on CPU; its states are cached)."""
-    from flopmatch.text import make_text_encoder as make
-
-    return make(cfg.text.kind, max_len=cfg.text.max_len, dim=cfg.text.dim)
-
-
-def prepare(cfg: RunConfig, objective, progress: bool = True) -> PreparedData:
+def prepare(cfg: RunConfig, objective: Objective, progress: bool = True) -> PreparedData:
     """Dataset, tokenizer, encoded training set and text cache for a run config."""
-    from flopmatch.text import TextCache
-
     dataset = make_dataset(cfg.data, "train")
     tok = build_tokenizer(cfg, objective, dataset)
     x = encode_dataset(tok, dataset, progress=progress)
-    encoder = make_text_encoder(cfg)
+    encoder = text_encoder_for(cfg.text)
     captions = dataset.captions()
     text = TextCache(encoder, captions)
     return PreparedData(x=x, rows=text.indices(captions), text=text, encoder=encoder, tokenizer=tok, dataset=dataset)
 
-
-def tokenizer_dir(run_dir: str | Path) -> Path:
-    """Where a run keeps its own copy of the tokenizer (so sampling needs nothing else)."""
-    return Path(run_dir) / "tokenizer"

@@ -1,0 +1,50 @@
+"""The ``flopmatch`` command: parsing only; each subcommand calls one library function.
+
+One module per group of subcommands (``run``: train, sample, flops; ``tokenizer``; ``eval``; ``study``;
+``report``), each with a ``register(subparsers)``. They import nothing heavy at the top: a command
+imports its implementation when it runs, so ``flopmatch --help`` never loads torch.
+
+User errors (:class:`~flopmatch.errors.UserError`) print one line ``flopmatch: error: ...`` and exit
+with status 2; Ctrl-C exits 130 after the running stage has saved what it can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from flopmatch import __version__
+from flopmatch.cli import eval as eval_cli
+from flopmatch.cli import report, run, study, tokenizer
+from flopmatch.errors import UserError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (``flopmatch: error: ...``) and exit status 2, like UserError."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``flopmatch`` argument parser."""
+    parser = OneLineParser(prog="flopmatch", description="Compute-matched comparison of image-synthesis paradigms.")
+    parser.add_argument("--version", action="version", version=f"flopmatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
+    for module in (run, tokenizer, eval_cli, study, report):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``flopmatch`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as e:
+        print(f"flopmatch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flopmatch: interrupted", file=sys.stderr)
+        return 130

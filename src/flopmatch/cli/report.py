@@ -1,0 +1,27 @@
+"""``flopmatch report STUDY``: parsing only (the work is in flopmatch.report.build)."""
+
+from __future__ import annotations
+
+
+def cmd_report(args) -> int:
+    """Build the report and print where it went, the verdicts and the recommendations."""
+    # Imported when the command runs, not at the top: the CLI modules load no torch, so that
+    # `flopmatch --help` and argument errors answer at once.
+    from flopmatch.report.build import build_report
+
+    out = build_report(args.study, n_boot=args.n_boot, seed=args.seed)
+    for f in out["findings"]:
+        print(f"finding {f['id']}: {f['verdict']}")
+    for r in out["recommendations"]:
+        print(f"- {r['text']}")
+    print(f"wrote {out['paths']['html']}, {out['paths']['md']} and {out['paths']['csv']}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``flopmatch report STUDY_DIR [--n-boot N] [--seed S]``."""
+    p = subparsers.add_parser("report", help="rebuild the study report (HTML, Markdown, CSV) from the run directories")
+    p.add_argument("study", help="study directory (the one holding runs/)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.set_defaults(func=cmd_report)

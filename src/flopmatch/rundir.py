@@ -1,0 +1,191 @@
+"""The run directory: the contract between stages, its layout, reading and writing in one module.
+
+A run directory is everything a later stage (sampling, evaluation, the report) needs, and the only
+thing it may read::
+
+    runs/<name>/
+      config.json                       the resolved RunConfig, written before step 0
+      metrics.jsonl                     one JSON object per logged step (step, loss, lr, cumulative flops, ...)
+      checkpoint/checkpoint.safetensors model, EMA, optimizer and RNG tensors; scalar state in its metadata
+      checkpoint/state.json             a human-readable copy of that scalar state
+      tokenizer/                        the run's own tokenizer, so sampling needs nothing else
+      eval.json                         metrics keyed by sampling settings, each with a manifest
+      samples/<entry>/                  generated images (safetensors + grid.png) and their prompts
+
+Training writes the first five through this module; ``flopmatch eval`` writes the last two. Old run
+directories stay readable: configs, network specs and tokenizer specs written by v0.1 are migrated
+on read (:func:`flopmatch.config.from_dict`, :meth:`flopmatch.nets.NetSpec.from_dict`,
+:meth:`flopmatch.tokenizers.base.TokenizerSpec.from_dict`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from flopmatch.config import RunConfig, load_config, save_config, to_dict
+from flopmatch.errors import UserError
+from flopmatch.files import atomic_write_text, load_tensors, read_json, save_tensors
+from flopmatch.nets import NetSpec, Network
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint/checkpoint.safetensors"
+STATE = "checkpoint/state.json"
+TOKENIZER = "tokenizer"
+EVAL = "eval.json"
+SAMPLES = "samples"
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def write_config(run: Path, cfg: RunConfig) -> None:
+    """Write ``config.json`` (atomically); done once, before step 0."""
+    save_config(cfg, Path(run) / CONFIG)
+
+
+def read_config(run: str | Path) -> RunConfig:
+    """The run's config; a missing directory or config.json is a UserError saying what to do."""
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"run directory {run} does not exist")
+    if not (run / CONFIG).exists():
+        raise UserError(f"{run} is not a run directory (no config.json); train one with `flopmatch train --out {run}`")
+    return load_config(run / CONFIG)
+
+
+def check_same_config(run: Path, cfg: RunConfig) -> None:
+    """A run directory belongs to one config; refuse to resume it with a different one.
+
+    The stored config is read through :func:`read_config`, so a config.json written by an earlier
+    version (old key names) compares equal to the same config written today.
+    """
+    old = to_dict(read_config(run))
+    new = to_dict(cfg)
+    if old != new:
+        diffs = [f"{s}.{k}" for s in new if isinstance(new[s], dict) for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+        diffs += [s for s in new if not isinstance(new[s], dict) and old.get(s) != new[s]]
+        raise UserError(
+            f"{run} holds a run with a different config ({', '.join(diffs[:4])} differ); use a new --out directory"
+        )
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def append_metrics(run: Path, rows: list[dict]) -> None:
+    """Append logged rows to ``metrics.jsonl`` (one JSON object per line)."""
+    with open(Path(run) / METRICS, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def truncate_metrics(run: Path, step: int) -> None:
+    """Drop logged rows after ``step``, so a resumed log equals an uninterrupted one."""
+    path = Path(run) / METRICS
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """Flatten AdamW state to safetensors-able tensors plus JSON param groups (no pickle)."""
+    sd = opt.state_dict()
+    tensors = {f"optim.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for i, st in sd["state"].items() for k, v in st.items()}
+    return tensors, sd["param_groups"]
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
+    """Inverse of :func:`optimizer_tensors`."""
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(run: Path, net, ema, opt, rng: torch.Generator, state: dict) -> None:
+    """One atomic file with model, EMA, optimizer and RNG tensors; scalar state in its metadata."""
+    tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
+    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    opt_t, groups = optimizer_tensors(opt)
+    tensors |= opt_t
+    tensors["rng.generator"] = rng.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"state": json.dumps(state), "param_groups": json.dumps(groups)}
+    save_tensors(Path(run) / CHECKPOINT, tensors, metadata=meta)
+    atomic_write_text(Path(run) / STATE, json.dumps(state, indent=2) + "\n")  # human-readable copy
+
+
+def restore_checkpoint(run: Path, net, ema, opt, rng: torch.Generator, device) -> None:
+    """Load model, EMA, optimizer and RNG states saved by :func:`save_checkpoint` into live objects."""
+    path = Path(run) / CHECKPOINT
+    tensors = load_tensors(path, device=device)
+    meta = read_checkpoint_meta(path)
+    net.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")})
+    load_optimizer(opt, tensors, json.loads(meta["param_groups"]))
+    rng.set_state(tensors["rng.generator"].cpu())
+    torch.set_rng_state(tensors["rng.torch"].cpu())
+
+
+def read_checkpoint_meta(path: Path) -> dict:
+    """The metadata (JSON strings) of a checkpoint file, without loading tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise UserError(f"corrupt checkpoint {path} ({e}); delete the run directory's checkpoint/ to restart") from None
+
+
+def read_state(run: str | Path) -> dict | None:
+    """Scalar training state (step, flops, done, ...) of a run, or None before the first checkpoint."""
+    path = Path(run) / CHECKPOINT
+    if not path.exists():
+        return None
+    return json.loads(read_checkpoint_meta(path)["state"])
+
+
+def load_weights(run: str | Path, which: str = "ema", device="cpu") -> tuple[RunConfig, Network]:
+    """Config and network of a run with its EMA (default) or raw (``which="model"``) weights, in eval mode."""
+    run = Path(run)
+    cfg = read_config(run)
+    if not (run / CHECKPOINT).exists():
+        raise UserError(f"{run} has no checkpoint yet; (re)run `flopmatch train` on it first")
+    spec = NetSpec.from_dict(json.loads(read_checkpoint_meta(run / CHECKPOINT)["state"])["net_spec"])
+    net = Network(spec)
+    tensors = load_tensors(run / CHECKPOINT)
+    prefix = f"{which}."
+    sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    try:
+        net.load_state_dict(sd)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint in {run} does not match its config ({str(e).splitlines()[0]})") from None
+    return cfg, net.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- tokenizer, evaluation, samples
+
+
+def tokenizer_dir(run: str | Path) -> Path:
+    """Where a run keeps its own copy of the tokenizer (so sampling needs nothing else)."""
+    return Path(run) / TOKENIZER
+
+
+def read_eval_entries(run: str | Path) -> dict:
+    """The entries of ``eval.json`` (key -> entry), or {} when the run was never evaluated."""
+    path = Path(run) / EVAL
+    return (read_json(path).get("entries") or {}) if path.exists() else {}
+
+
+def sample_dir(run: str | Path, entry_key: str) -> Path:
+    """The ``samples/`` subdirectory holding the images of one eval entry (``,`` -> ``_``, ``=`` -> ``-``)."""
+    return Path(run) / SAMPLES / entry_key.replace(",", "_").replace("=", "-")

@@ -1,0 +1,83 @@
+"""Launchers: how a study's jobs run. Each takes the job list and calls ``on_done(job)`` per finished job.
+
+- :class:`InProcessLauncher`: one after another in this process (the default);
+- :class:`LocalWorkersLauncher`: N worker processes on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from flopmatch.errors import UserError
+from flopmatch.files import atomic_write_json
+from flopmatch.study.job import run_job
+
+
+class InProcessLauncher:
+    """Runs jobs one after another in this process (the default; Ctrl-C checkpoints the current run)."""
+
+    name = "in-process"
+
+    def run(self, jobs: list[dict], on_done: Callable[[dict], None]) -> list[str]:
+        failed = []
+        for job in jobs:
+            run_job(job)
+            on_done(job)
+        return failed
+
+
+class LocalWorkersLauncher:
+    """Runs jobs in N local worker processes (``python -m flopmatch.study.worker JOBFILE``), threads split evenly.
+
+    Each worker gets ``cpu_count // N`` torch threads (at least 1), or ``FLOPMATCH_THREADS`` if that is
+    set: oversubscribing cores (N workers x all threads) made training many times slower here.
+    A failed job is reported with its log file and does not stop the others.
+    """
+
+    name = "local-workers"
+
+    def __init__(self, workers: int, study: Path):
+        self.workers, self.study = workers, study
+
+    def run(self, jobs: list[dict], on_done: Callable[[dict], None]) -> list[str]:
+        threads = int(os.environ.get("FLOPMATCH_THREADS") or max(1, (os.cpu_count() or 1) // self.workers))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), FLOPMATCH_THREADS=str(threads))
+        pending, running, failed = list(jobs), [], []
+        (self.study / "logs").mkdir(parents=True, exist_ok=True)
+        try:
+            while pending or running:
+                while pending and len(running) < self.workers:
+                    job = pending.pop(0)
+                    path = self.study / "jobs" / f"{job['name']}.json"
+                    atomic_write_json(path, job)
+                    log = open(self.study / "logs" / f"{job['name']}.log", "a")
+                    proc = subprocess.Popen([sys.executable, "-m", "flopmatch.study.worker", str(path)], stdout=log,
+                                            stderr=subprocess.STDOUT, env=env)
+                    running.append((proc, job, log))
+                time.sleep(0.5)
+                for item in list(running):
+                    proc, job, log = item
+                    if proc.poll() is not None:
+                        running.remove(item)
+                        log.close()
+                        if proc.returncode == 0:
+                            on_done(job)
+                        else:
+                            failed.append(f"{job['name']} (exit {proc.returncode}; see {self.study / 'logs' / (job['name'] + '.log')})")
+        except KeyboardInterrupt:
+            for proc, _, _ in running:  # workers got the same SIGINT and checkpoint; wait for them
+                proc.wait()
+            raise
+        return failed
+
+
+def make_launcher(name: str, workers: int, study: Path):
+    """Launcher by name: "local" (in-process when workers == 1, worker processes otherwise)."""
+    if name == "local":
+        return InProcessLauncher() if workers <= 1 else LocalWorkersLauncher(workers, study)
+    raise UserError(f"unknown launcher {name!r}; available: local (SLURM comes with a later release)")

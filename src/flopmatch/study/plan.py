@@ -1,0 +1,117 @@
+"""Planning a study: the grid of runs (paradigm x depth x budget x seed) with analytic FLOPs and steps.
+
+Nothing here builds a model or touches data, so ``flopmatch study --plan-only`` is instant and the plan
+(``plan.json``) is written before any training starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from flopmatch.config import RunConfig, SampleConfig, apply_overrides, to_dict
+from flopmatch.objectives import make_objective
+from flopmatch.plan import flops_summary, plan_steps
+from flopmatch.study.presets import StudyConfig
+from flopmatch.tokenizers.autoencoder import AutoencoderConfig
+from flopmatch.tokenizers.autoencoder import apply_overrides as ae_overrides
+from flopmatch.tokenizers.autoencoder import preset as ae_preset
+from flopmatch.tokenizers.base import LEARNED_KIND
+
+
+@dataclass
+class RunPlan:
+    """One cell of the grid."""
+
+    name: str
+    objective: str
+    depth: int
+    budget: float
+    seed: int
+    params: int
+    train_flops_per_example: int
+    steps: int
+    train_flops: int
+    sample_flops_per_image: int
+    est_seconds: float
+    config: dict  # the RunConfig as JSON
+
+
+def run_name(objective: str, depth: int, budget: float, seed: int) -> str:
+    """Directory name of a grid cell, e.g. masked-d2-b2.5e12-s0 (budget to 3 significant digits)."""
+    return f"{objective}-d{depth}-b{budget:.3g}-s{seed}".replace("+", "")
+
+
+def tokenizer_dirs(study: Path) -> dict[str, Path]:
+    """Where a study keeps its matched learned tokenizers, by token type: tokenizers/kl and tokenizers/lfq."""
+    return {tokens: study / "tokenizers" / kind for tokens, kind in LEARNED_KIND.items()}
+
+
+def autoencoder_config(scfg: StudyConfig, tokens: str) -> AutoencoderConfig:
+    """The config of the study's learned tokenizer for a token type: the preset, then the study's overrides."""
+    return ae_overrides(ae_preset(scfg.tokenizer_preset, LEARNED_KIND[tokens]), list(scfg.tokenizer_overrides))
+
+
+def base_config(scfg: StudyConfig, objective: str, depth: int, budget: float, seed: int, study: Path) -> RunConfig:
+    """The RunConfig of one grid cell: shared overrides, then the cell's own axes."""
+    cfg = RunConfig(objective=objective)
+    apply_overrides(cfg, scfg.overrides)
+    cfg.model.depth, cfg.train.budget, cfg.train.seed = depth, budget, seed
+    cfg.sample.guidance = scfg.eval_guidance
+    if scfg.tokenizer == "learned":
+        tokens = make_objective(objective).tokens
+        cfg.tokenizer.path = str(tokenizer_dirs(study)[tokens].resolve())
+    return cfg.validate()
+
+
+def make_plan(scfg: StudyConfig, study: Path) -> list[RunPlan]:
+    """Every run of the grid with analytic FLOPs (no model built, no data touched)."""
+    scfg.validate()
+    plans = []
+    for objective in scfg.objectives:
+        for depth in scfg.depths:
+            for budget in scfg.budgets:
+                for seed in range(scfg.seeds):
+                    cfg = base_config(scfg, objective, depth, budget, seed, study)
+                    info = _analytic(cfg, scfg)
+                    step_plan = plan_steps(budget, info["train_flops_per_example"], cfg.train.batch_size)
+                    plans.append(RunPlan(
+                        name=run_name(objective, depth, budget, seed), objective=objective, depth=depth, budget=budget,
+                        seed=seed, params=info["params"], train_flops_per_example=info["train_flops_per_example"],
+                        steps=step_plan.steps, train_flops=step_plan.total_flops,
+                        sample_flops_per_image=info["sample_flops_per_image"],
+                        est_seconds=step_plan.total_flops / scfg.assumed_flops_per_s, config=to_dict(cfg),
+                    ))
+    return plans
+
+
+def _analytic(cfg: RunConfig, scfg: StudyConfig) -> dict:
+    """Params and FLOPs of a config; before the learned tokenizers exist, from their autoencoder configs."""
+    tok = None
+    if cfg.tokenizer.path and not Path(cfg.tokenizer.path, "tokenizer.json").exists():
+        tok = autoencoder_config(scfg, make_objective(cfg.objective).tokens).spec()
+    info = flops_summary(cfg, tok)
+    return {k: info[k] for k in ("params", "train_flops_per_example", "sample_flops_per_image")}
+
+
+def eval_settings(scfg: StudyConfig, cfg: RunConfig) -> list[SampleConfig]:
+    """The run's default sampling setting first, then the preset's extra step counts for the sweep."""
+    main = cfg.sample
+    extra = [replace(main, steps=s) for s in scfg.eval_steps.get(cfg.objective.name, []) if s != main.steps]
+    return [main] + extra
+
+
+def format_plan(plans: list[RunPlan]) -> str:
+    """A fixed-width table of the plan."""
+    lines = [f"{'run':<34} {'params':>9} {'steps':>6} {'train FLOPs':>11} {'FLOPs/img':>10} {'est. time':>9}"]
+    for p in plans:
+        lines.append(f"{p.name:<34} {p.params:>9,} {p.steps:>6} {p.train_flops:>11.3g} {p.sample_flops_per_image:>10.3g} "
+                     f"{fmt_duration(p.est_seconds):>9}")
+    total = sum(p.est_seconds for p in plans)
+    lines.append(f"{len(plans)} runs, {sum(p.train_flops for p in plans):.3g} training FLOPs, about {fmt_duration(total)} of training")
+    return "\n".join(lines)
+
+
+def fmt_duration(s: float) -> str:
+    """Seconds as a short human duration: 45s, 3.5min, 2.1h."""
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.1f}min" if s < 7200 else f"{s / 3600:.1f}h"

@@ -1,0 +1,104 @@
+"""Run a study end to end: plan, matched tokenizers, every run's training and evaluation, the report.
+
+Planning is in ``plan.py``, one grid cell's work in ``job.py``, where jobs run in ``launchers.py``.
+
+Layout of a study directory::
+
+    study/
+      study.json          the StudyConfig
+      plan.json           every run with its analytic FLOPs and estimated time (written first)
+      tokenizers/kl, lfq  the matched learned tokenizers (trained once)
+      jobs/<run>.json     what a worker process runs
+      logs/<run>.log      a worker's output
+      runs/<run>/         ordinary run directories (config.json, metrics.jsonl, checkpoint/, eval.json, samples/)
+
+Every stage skips finished work (a finished run, an evaluated setting, a trained tokenizer) and
+resumes interrupted work, so re-running ``flopmatch study`` after a crash or Ctrl-C continues.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from flopmatch.config import RunConfig, from_dict
+from flopmatch.data.datasets import make_dataset
+from flopmatch.errors import UserError
+from flopmatch.evaluation.run import EvalConfig
+from flopmatch.files import atomic_write_json, read_json
+from flopmatch.objectives import make_objective
+from flopmatch.report.build import build_report
+from flopmatch.study.launchers import make_launcher
+from flopmatch.study.plan import (
+    autoencoder_config,
+    base_config,
+    eval_settings,
+    fmt_duration,
+    format_plan,
+    make_plan,
+    tokenizer_dirs,
+)
+from flopmatch.study.presets import StudyConfig
+from flopmatch.tokenizers.registry import load_tokenizer
+from flopmatch.tokenizers.train_ae import train_autoencoder
+
+
+def ensure_tokenizers(study: Path, scfg: StudyConfig, progress: bool = True) -> None:
+    """Train the matched KL and LFQ tokenizers once (a complete, loadable directory is reused)."""
+    if scfg.tokenizer != "learned":
+        return
+    probe = base_config(scfg, scfg.objectives[0], scfg.depths[0], scfg.budgets[0], 0, study)
+    dataset = make_dataset(probe.data, "train")
+    needed = {make_objective(o).tokens for o in scfg.objectives}
+    for tokens, directory in tokenizer_dirs(study).items():
+        if tokens not in needed:
+            continue
+        if (directory / "tokenizer.json").exists():
+            try:
+                load_tokenizer(directory)
+                continue
+            except UserError:
+                pass  # damaged: retrain
+        cfg = autoencoder_config(scfg, tokens)
+        cfg.num_train, cfg.data_seed = probe.data.num_train, probe.data.seed
+        print(f"[study] training the {cfg.kind} tokenizer ({cfg.steps} steps) -> {directory}")
+        train_autoencoder(cfg, dataset.images_uint8(), out_dir=directory,
+                          data_info={"dataset": "shapes", "fingerprint": dataset.fingerprint()}, progress=progress)
+
+
+def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = "local", progress: bool = True) -> dict:
+    """Plan, train, evaluate and report a whole study in ``out``; re-running continues where it stopped."""
+    out = Path(out)
+    scfg.validate()
+    if (out / "study.json").exists():
+        old = {"eval_guidance" if k == "eval_cfg" else k: v for k, v in read_json(out / "study.json").items()}  # v0.1 key
+        if old != asdict(scfg):
+            raise UserError(f"{out} holds a study with different settings; use another --out or the same options "
+                            f"(saved in {out / 'study.json'})")
+    elif out.exists() and any(p for p in out.iterdir() if p.name not in ("study.json", "plan.json")):
+        raise UserError(f"{out} exists and is not a flopmatch study directory; choose another --out")
+    plans = make_plan(scfg, out)
+    atomic_write_json(out / "study.json", asdict(scfg))
+    atomic_write_json(out / "plan.json", [asdict(p) for p in plans])
+    print(format_plan(plans))
+    t0 = time.perf_counter()
+    ensure_tokenizers(out, scfg, progress)
+    ecfg = EvalConfig(num_samples=scfg.eval_samples, features=list(scfg.features), timing_budget_s=scfg.timing_budget_s)
+    jobs = []
+    for p in plans:
+        cfg = from_dict(RunConfig, p.config)
+        jobs.append({"name": p.name, "run_dir": str(out / "runs" / p.name), "config": p.config, "eval": asdict(ecfg),
+                     "settings": [asdict(s) for s in eval_settings(scfg, cfg)], "raw": scfg.eval_raw})
+    finished = [0]
+
+    def on_done(job):
+        finished[0] += 1
+        print(f"[study] {finished[0]}/{len(jobs)} done: {job['name']} ({fmt_duration(time.perf_counter() - t0)} elapsed)")
+
+    failed = make_launcher(launcher, workers, out).run(jobs, on_done)
+    if failed:
+        raise UserError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; fix and re-run to continue")
+    result = build_report(out, n_boot=scfg.n_boot)
+    print(f"[study] report: {out / 'report.html'} ({fmt_duration(time.perf_counter() - t0)})")
+    return result
