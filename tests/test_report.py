@@ -3,7 +3,7 @@
 The synthetic studies below contain exactly the files the report reads (config.json, a checkpoint
 whose metadata is the training state ``read_state`` returns, metrics.jsonl, eval.json in the schema
 of ``flopmatch.evaluation.run``, saved sample images), with metrics that follow known laws
-``E + A (C / C0)^-alpha`` (C0 = geometric mean of the budgets, as in flopmatch.report.scaling), times a
+``E + A (C / C0)^-alpha`` (C0 = geometric mean of the budgets, as in flopmatch.report.powerlaw), times a
 15 % penalty off the best depth, times multiplicative seed noise. No training happens.
 """
 
@@ -31,7 +31,7 @@ from flopmatch.evaluation.run import setting_key
 from flopmatch.files import atomic_write_json, atomic_write_text, save_tensors
 from flopmatch.report.analysis import Analyser, combine, status_from
 from flopmatch.report.build import build_report, results_csv
-from flopmatch.report.data import COLUMNS, collect, load_study, main_setting
+from flopmatch.report.data import COLUMNS, load_study, main_setting
 from flopmatch.report.findings import analyse
 from flopmatch.rundir import CHECKPOINT
 
@@ -159,10 +159,10 @@ def study(study_dir):
 # ------------------------------------------------------------------------------------------ rows
 
 
-def test_collect_one_row_per_run_and_setting(study_dir):
-    """collect: one row per (run, eval entry), every column present, one main row per run at the default steps."""
+def test_one_row_per_run_and_setting(study_dir):
+    """Study rows: one row per (run, eval entry), every column present, one main row per run at the default steps."""
     root = study_dir
-    rows = collect(root)
+    rows = load_study(root).rows
     runs = sorted((root / "runs").iterdir())
     n_entries = sum(len(json.loads((r / "eval.json").read_text())["entries"]) for r in runs)
     assert len(rows) == n_entries and all(set(COLUMNS) <= set(r) for r in rows)
@@ -170,13 +170,13 @@ def test_collect_one_row_per_run_and_setting(study_dir):
     assert len(mains) == len(runs) and len({r["run"] for r in mains}) == len(runs)
     assert all(r["sample_steps"] == DEFAULT_STEPS[r["objective"]] and r["weights"] == "ema" for r in mains)
     assert all(r["train_flops"] == pytest.approx(r["budget"] * 41 / 40) and r["steps"] == 41 for r in rows)
-    assert rows == collect(root)  # deterministic order
+    assert rows == load_study(root).rows  # deterministic order
 
 
 def test_final_loss_is_mean_of_last_tenth(study_dir):
     """final_loss is the mean of the last 10 % of the logged losses (at least one row)."""
     root = study_dir
-    row = collect(root)[0]
+    row = load_study(root).rows[0]
     losses = [json.loads(ln)["loss"] for ln in (root / row["run_dir"] / "metrics.jsonl").read_text().splitlines()]
     k = math.ceil(0.1 * len(losses))
     assert row["final_loss"] == pytest.approx(sum(losses[-k:]) / k)
@@ -212,9 +212,9 @@ def test_report_is_a_pure_function_of_the_run_directories(study, tmp_path, capsy
 
 @pytest.mark.slow
 def test_results_csv_round_trips_rows(study):
-    """results.csv has the COLUMNS header and one line per (run, setting), values as in collect()."""
+    """results.csv has the COLUMNS header and one line per (run, setting), values as in load_study().rows."""
     root, out = study
-    rows = collect(root)
+    rows = load_study(root).rows
     table = list(csv.DictReader(io.StringIO(Path(out["paths"]["csv"]).read_text())))
     assert list(table[0]) == COLUMNS and len(table) == len(rows)
     for r, t in zip(rows, table):
@@ -343,7 +343,7 @@ def test_one_seed_fid_noise_comes_from_its_bootstrap_replicates(tmp_path):
         assert fit.method == "evaluation" and "seed variance not included" in fit.note and fit.fits
         parts = [an.claim("fid", a, b) for a, b in (("autoregressive", "diffusion"), ("masked", "diffusion"))]
         assert all("evaluation noise only" in p["text"] and None not in p["ps"] for p in parts)
-        rows = collect(root)
+        rows = load_study(root).rows
         assert all(r["fid_se_effnet"] > 0 and len(r["fid_boot_effnet"]) == 100 for r in rows if r["main"])
         return [p for part in parts for p in part["ps"]]
 
@@ -360,7 +360,7 @@ def test_missing_eval_and_unfinished_runs_are_listed(tmp_path):
     out = build_report(root, n_boot=20)
     md = Path(out["paths"]["md"]).read_text()
     assert f"{skip}: not evaluated" in md and f"{unfinished}: not finished (20/41 steps)" in md
-    rows = collect(root)
+    rows = load_study(root).rows
     assert [r["setting"] for r in rows if r["run"] == skip] == [None]  # still one csv row
     fit = next(f for f in out["fits"] if (f["metric"], f["paradigm"]) == ("fid", "masked"))
     assert fit["budgets"] == 1  # 1e12 not evaluated, 1e13 unfinished
@@ -373,4 +373,4 @@ def test_not_a_study_is_a_user_error(tmp_path):
     from flopmatch.errors import UserError
 
     with pytest.raises(UserError, match="no runs/"):
-        collect(tmp_path)
+        load_study(tmp_path).rows

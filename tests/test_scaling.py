@@ -8,20 +8,9 @@ import numpy as np
 import pytest
 
 from flopmatch.errors import UserError
-from flopmatch.report.scaling import (
-    PowerLawFit,
-    Record,
-    bootstrap_crossover,
-    bootstrap_fit,
-    compare_at_budget,
-    crossover,
-    fit_power_law,
-    fit_saturating_power_law,
-    frontier,
-    iso_flop,
-    pareto_front,
-    to_error,
-)
+from flopmatch.report.bootstrap import bootstrap_crossover, bootstrap_fit, compare_at_budget, crossover
+from flopmatch.report.powerlaw import PowerLawFit, fit_power_law, fit_saturating_power_law
+from flopmatch.report.records import Record, frontier, iso_flop, pareto_front, to_error
 
 E_TRUE, A_TRUE, NOISE = 1.0, 2.0, 0.03  # reducible error 2x the floor at C0; 3 % multiplicative noise per seed
 

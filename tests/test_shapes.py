@@ -203,8 +203,6 @@ def test_dataset_items_shapes_and_ranges():
     assert len(ds.captions()) == 300
     with pytest.raises(IndexError):
         ds[300]
-    batch = shapes.collate([ds[0], ds[1]])
-    assert batch["image"].shape == (2, 3, 32, 32) and len(batch["attrs"]) == 2
     big = render(ds.scene(0), 64)
     assert big.dtype == torch.uint8 and big.shape == (3, 64, 64)
 

@@ -426,12 +426,3 @@ class ShapesDataset(torch.utils.data.Dataset):
         if path is not None:
             save_tensors(path, {"images": self._images}, metadata={"fingerprint": self.fingerprint()})
         return self._images
-
-
-def collate(batch: list[dict]) -> dict:
-    """DataLoader collate for ShapesDataset items: images stacked (B, 3, H, W); captions and attrs as lists.
-
-    (torch's default_collate cannot batch the None values in attrs.)
-    """
-    return {"image": torch.stack([b["image"] for b in batch]), "caption": [b["caption"] for b in batch],
-            "attrs": [b["attrs"] for b in batch]}

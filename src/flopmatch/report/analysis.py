@@ -1,8 +1,8 @@
 """Rows of a study -> fits, head-to-head comparisons, crossovers, the paper's findings and recommendations.
 
-Everything statistical comes from :mod:`flopmatch.report.scaling` (frontier, bootstrap fits, crossovers,
-``compare_at_budget``, ``iso_flop``, ``pareto_front``); this module only decides *what* to compare
-and turns probabilities into words. Deterministic given ``seed``.
+Everything statistical comes from :mod:`flopmatch.report.records`, :mod:`flopmatch.report.powerlaw`
+and :mod:`flopmatch.report.bootstrap` (frontier, bootstrap fits, crossovers, ``compare_at_budget``);
+this module only decides *what* to compare and turns probabilities into words. Deterministic given ``seed``.
 
 Conventions
 -----------
@@ -40,15 +40,9 @@ import numpy as np
 
 from flopmatch import PARADIGMS
 from flopmatch.errors import UserError
+from flopmatch.report.bootstrap import BootstrapFit, bootstrap_crossover, bootstrap_fit, compare_at_budget
 from flopmatch.report.data import Study
-from flopmatch.report.scaling import (
-    BootstrapFit,
-    bootstrap_crossover,
-    bootstrap_fit,
-    compare_at_budget,
-    frontier,
-    to_error,
-)
+from flopmatch.report.records import frontier, to_error
 
 P_SURE = 0.95  # one-sided: matches a 90 % two-sided interval that excludes zero
 P_LIKELY = 0.8

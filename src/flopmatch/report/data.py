@@ -69,6 +69,10 @@ class Study:
     """Everything the report needs, read from a study directory."""
 
     root: Path
+    # One row per (run, eval setting), sorted by (paradigm, depth, budget, seed, run, setting). Keys are
+    # COLUMNS (plus ``latency_s_all``, the raw latency repeats in seconds, and ``fid_boot_<extractor>``,
+    # the FID bootstrap replicates over generated images). Units: budget and train_flops in FLOPs, latency
+    # in seconds, throughput in images/s. A run without eval entries gets one row with ``evaluated`` False.
     rows: list[dict]
     runs: list[RunInfo]
     problems: list[str]  # run directories that could not be read at all, with the reason
@@ -261,17 +265,6 @@ def load_study(study_dir: str | Path) -> Study:
             problems.append(f"{run.relative_to(root).as_posix()}: {e}")
     read.sort(key=lambda ir: _run_order(ir[0]))
     return Study(root, [r for _, rows in read for r in rows], [i for i, _ in read], problems)
-
-
-def collect(study_dir: str | Path) -> list[dict]:
-    """One row per (run, eval setting), deterministically sorted (paradigm, depth, budget, seed, run, setting).
-
-    Keys are :data:`COLUMNS` (plus ``latency_s_all``, the raw latency repeats in seconds, and
-    ``fid_boot_<extractor>``, the FID bootstrap replicates over generated images). Units:
-    budget and train_flops in FLOPs, latency in seconds, throughput in images/s, FIDs as measured.
-    A run without eval entries gets one row with the setting fields None and ``evaluated`` False.
-    """
-    return load_study(study_dir).rows
 
 
 def first_images(root: Path, row: dict, n: int = 8):

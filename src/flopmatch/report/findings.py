@@ -28,7 +28,7 @@ from flopmatch.report.analysis import (
     status_from,
 )
 from flopmatch.report.data import Study
-from flopmatch.report.scaling import pareto_front
+from flopmatch.report.records import pareto_front
 
 PAPER = {
     1: "Token methods, next-token first, follow prompts better than diffusion at equal training FLOPs.",

@@ -21,7 +21,7 @@ from matplotlib.ticker import FuncFormatter, LogFormatter
 
 from flopmatch.report.analysis import METRIC, Analysis, setting_medians
 from flopmatch.report.data import Study
-from flopmatch.report.scaling import iso_flop, pareto_front
+from flopmatch.report.records import iso_flop, pareto_front
 
 DPI = 100
 COLORS = {"diffusion": "#1f77b4", "masked": "#2ca02c", "autoregressive": "#d62728"}
