@@ -26,14 +26,14 @@ import pytest
 import torch
 
 from flopmatch.cli.report import register
-from flopmatch.config import ModelConfig, RunConfig, SampleConfig, TextConfig, TrainConfig, save_config
+from flopmatch.config import ModelConfig, RunConfig, SampleConfig, TextConfig, TrainConfig
 from flopmatch.evaluation.run import setting_key
 from flopmatch.files import atomic_write_json, atomic_write_text, save_tensors
 from flopmatch.report.analysis import Analyser, combine, status_from
 from flopmatch.report.build import build_report, results_csv
 from flopmatch.report.data import COLUMNS, load_study, main_setting
 from flopmatch.report.findings import analyse
-from flopmatch.rundir import CHECKPOINT
+from flopmatch.rundir import CHECKPOINT, write_config
 
 PARADIGMS = ("diffusion", "masked", "autoregressive")
 # (E, A, alpha) per paradigm: next-token starts best on FID, diffusion has the steepest trend
@@ -73,7 +73,7 @@ def make_run(root: Path, p: str, depth: int, budget: float, seed: int, *, fid: f
     run = root / "runs" / f"{p}-d{depth}-{budget:.0e}-s{seed}"
     cfg = RunConfig(objective=p, text=TextConfig(kind="hash"), model=ModelConfig(depth=depth),
                     train=TrainConfig(budget=budget, seed=seed))  # fmt: skip
-    save_config(cfg, run / "config.json")
+    write_config(run, cfg)
     per_step, total = budget / 40, 41
     step = total if done else 20
     state = {"step": step, "total_steps": total, "flops": step * per_step, "budget": budget, "flops_per_step": per_step,

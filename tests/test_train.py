@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from flopmatch import PARADIGMS, cli
-from flopmatch.config import SampleConfig, load_config
+from flopmatch.config import SampleConfig
 from flopmatch.errors import UserError
 from flopmatch.files import load_tensors
 from flopmatch.plan import flops_summary
-from flopmatch.rundir import CHECKPOINT
+from flopmatch.rundir import CHECKPOINT, read_config
 from flopmatch.train import train
 from tiny import tiny_run_config
 
@@ -60,7 +60,7 @@ def test_budget_is_spent_within_one_step(name, finished_run):
         assert r["flops"] == r["step"] * per_step and math.isfinite(r["loss"]) and r["lr"] > 0
     assert rows[-1]["flops"] == state["flops"]
     assert all(b["elapsed_s"] >= a["elapsed_s"] for a, b in zip(rows, rows[1:]))
-    assert load_config(run / "config.json") == cfg
+    assert read_config(run) == cfg
 
 
 def test_budget_below_one_step_is_user_error(tmp_path):

@@ -7,12 +7,12 @@ Overrides are type-checked against the dataclass field types; unknown keys are e
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 
 from flopmatch import PARADIGMS
 from flopmatch.errors import UserError
-from flopmatch.files import atomic_write_json, read_json
 
 
 @dataclass
@@ -132,39 +132,88 @@ class RunConfig:
             self.objective = ObjectiveConfig(name=self.objective)
 
     def validate(self) -> "RunConfig":
-        """Raise UserError on values that cannot work; returns self."""
+        """Raise UserError on values that cannot work (types, finite numbers, ranges, choices); returns self."""
         if self.objective.name not in PARADIGMS:
             raise UserError(f"unknown objective {self.objective.name!r}; choose one of {', '.join(PARADIGMS)}")
-        if self.model.depth < 1:
-            raise UserError(f"model.depth must be >= 1, got {self.model.depth}")
-        if self.train.budget <= 0:
-            raise UserError(f"train.budget must be positive FLOPs, got {self.train.budget:g}")
-        if self.train.batch_size < 1:
-            raise UserError(f"train.batch_size must be >= 1, got {self.train.batch_size}")
-        if not 0.0 <= self.data.caption_dropout < 1.0:
-            raise UserError(f"data.caption_dropout must be in [0, 1), got {self.data.caption_dropout}")
-        if self.train.precision not in ("auto", "bf16", "fp32"):
-            raise UserError(f"train.precision must be auto, bf16 or fp32, got {self.train.precision!r}")
-        if self.tokenizer.kind not in ("auto", "patch", "kmeans"):
-            raise UserError(f"tokenizer.kind must be auto, patch or kmeans (or set tokenizer.path), got {self.tokenizer.kind!r}")
+        check_fields(self)
         if self.data.image_size % self.tokenizer.patch:
             raise UserError(f"data.image_size {self.data.image_size} is not a multiple of tokenizer.patch {self.tokenizer.patch}")
-        if not 0.0 <= self.train.warmup_frac < 1.0:
-            raise UserError(f"train.warmup_frac must be in [0, 1), got {self.train.warmup_frac}")
-        validate_sample(self.sample)
         return self
 
 
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric field: ``lo``/``hi`` bounds (None = unbounded), open or closed."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, v) -> bool:
+        return ((self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
+                and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+POSITIVE, AT_LEAST_1, NON_NEGATIVE = Range(0, lo_open=True), Range(1), Range(0)
+FRACTION, PROBABILITY = Range(0, 1, hi_open=True), Range(0, 1)
+# Every number a run is configured with, by dataclass and field: the one place inputs are range-checked
+# (every command builds a RunConfig or SampleConfig and validates it). Floats must also be finite.
+RANGES: dict[tuple[str, str], Range] = {
+    ("DataConfig", "image_size"): Range(16, 1024), ("DataConfig", "num_train"): AT_LEAST_1,
+    ("DataConfig", "num_eval"): NON_NEGATIVE, ("DataConfig", "two_object_prob"): PROBABILITY,
+    ("DataConfig", "caption_dropout"): FRACTION,
+    ("TextConfig", "max_len"): Range(2, 512), ("TextConfig", "dim"): Range(1, 4096),
+    ("TokenizerConfig", "patch"): AT_LEAST_1, ("TokenizerConfig", "codebook_size"): Range(2, 2**20),
+    ("ModelConfig", "depth"): Range(1, 256), ("ModelConfig", "mlp_ratio"): AT_LEAST_1,
+    ("ModelConfig", "head_dim"): Range(4, 1024),
+    ("ObjectiveConfig", "t_std"): POSITIVE, ("ObjectiveConfig", "min_mask"): AT_LEAST_1,
+    ("TrainConfig", "budget"): POSITIVE, ("TrainConfig", "batch_size"): AT_LEAST_1, ("TrainConfig", "lr"): POSITIVE,
+    ("TrainConfig", "min_lr_ratio"): PROBABILITY, ("TrainConfig", "warmup_frac"): FRACTION,
+    ("TrainConfig", "weight_decay"): NON_NEGATIVE, ("TrainConfig", "beta2"): FRACTION,
+    ("TrainConfig", "grad_clip"): POSITIVE, ("TrainConfig", "ema_decay"): FRACTION,
+    ("TrainConfig", "log_every"): AT_LEAST_1, ("TrainConfig", "checkpoint_every"): AT_LEAST_1,
+    ("SampleConfig", "steps"): NON_NEGATIVE, ("SampleConfig", "guidance"): NON_NEGATIVE,
+    ("SampleConfig", "temperature"): POSITIVE, ("SampleConfig", "top_k"): NON_NEGATIVE,
+    ("SampleConfig", "choice_temperature"): NON_NEGATIVE,
+}
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("TextConfig", "kind"): ("minilm", "hash"), ("TokenizerConfig", "kind"): ("auto", "patch", "kmeans"),
+    ("TrainConfig", "precision"): ("auto", "bf16", "fp32"), ("ObjectiveConfig", "name"): PARADIGMS,
+}
+
+
+# Where each section lives in a RunConfig (for messages and --set keys).
+SECTION_KEYS = {"DataConfig": "data", "TextConfig": "text", "TokenizerConfig": "tokenizer", "ModelConfig": "model",
+                "ObjectiveConfig": "objective", "TrainConfig": "train", "SampleConfig": "sample"}
+
+
+def check_fields(cfg, where: str = "") -> None:
+    """Check every field of a dataclass tree against RANGES and CHOICES; floats must be finite. UserError names the key."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            check_fields(value, f.name if not where else key)
+            continue
+        rule = (type(cfg).__name__, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number, got {value}")
+        if rule in RANGES and value not in RANGES[rule]:
+            raise UserError(f"{key} must be {RANGES[rule]}, got {value:g}")
+        if rule in CHOICES and value not in CHOICES[rule]:
+            raise UserError(f"{key} must be one of {', '.join(CHOICES[rule])}, got {value!r}")
+
+
 def validate_sample(s: SampleConfig) -> None:
-    """Raise UserError on impossible sampling settings."""
-    if s.steps < 0:
-        raise UserError(f"steps must be >= 0 (0 = default), got {s.steps}")
-    if s.guidance < 0:
-        raise UserError(f"guidance must be >= 0, got {s.guidance}")
-    if s.temperature <= 0:
-        raise UserError(f"temperature must be > 0, got {s.temperature}")
-    if s.top_k < 0:
-        raise UserError(f"top_k must be >= 0, got {s.top_k}")
+    """Raise UserError on impossible sampling settings (finite numbers in range; see RANGES)."""
+    check_fields(s, "sample")
 
 
 # --------------------------------------------------------------------------- JSON round trip
@@ -295,13 +344,3 @@ def apply_overrides(cfg, overrides: list[str]):
             else:
                 obj = getattr(obj, part)
     return cfg
-
-
-def save_config(cfg: RunConfig, path) -> None:
-    """Write config.json atomically."""
-    atomic_write_json(path, to_dict(cfg))
-
-
-def load_config(path) -> RunConfig:
-    """Read config.json; corrupt or unknown content raises UserError."""
-    return from_dict(RunConfig, read_json(path)).validate()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 
 import torch
@@ -49,6 +50,13 @@ def bf16_is_faster(device_type: str) -> bool:
         return time.perf_counter() - t0
 
     return timeit(torch.bfloat16) < 0.6 * timeit(torch.float32)
+
+
+def memory_bytes(device: torch.device) -> int:
+    """Total memory of ``device`` in bytes: the GPU's, or the machine's physical RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

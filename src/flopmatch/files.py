@@ -9,6 +9,7 @@ Tensors are stored as safetensors, never pickled (no ``torch.load`` of untrusted
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -55,6 +56,34 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """Hex sha256 over a dict of tensors: each name, dtype, shape and raw bytes, in sorted name order.
+
+    Stored in a checkpoint's metadata and checked on every load, so corrupted tensor data (which
+    safetensors itself does not detect) is refused instead of silently sampled from.
+    """
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete temporary files left in ``directory`` by atomic writes that a killed process never finished.
+
+    Only names this module creates (``.<name>.<random>.tmp``) are touched; returns what was removed.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def cache_dir() -> Path:
     """The cache root: $FLOPMATCH_CACHE if set, else ~/.cache/flopmatch (created on demand).
 
@@ -66,11 +95,32 @@ def cache_dir() -> Path:
     return root
 
 
+# Write failures that are the machine's state, not a bug: reported as one line; what was written before stays.
+_DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
+def _raise_user_error_if_disk(e: BaseException, path: Path) -> None:
+    """Turn a full disk, quota, read-only or permission error while writing ``path`` into a UserError."""
+    if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+        raise UserError(f"cannot write {path}: {_DISK_ERRORS[e.errno]}; free space or fix permissions, then re-run "
+                        f"(finished work is kept and an interrupted run resumes)") from None
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """Create the directory of ``path`` and a temporary file in it, named ``.<name>.<random>.tmp``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        _raise_user_error_if_disk(e, path)
+        raise
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file + rename (atomic on POSIX)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -78,8 +128,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        _raise_user_error_if_disk(e, path)
         raise
 
 
@@ -107,15 +158,15 @@ def read_json(path: str | Path) -> dict:
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Atomically write a flat dict of tensors as safetensors (tensors made contiguous, on CPU)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(path)
     os.close(fd)
     try:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        _raise_user_error_if_disk(e, path)
         raise
 
 

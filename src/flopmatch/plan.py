@@ -20,6 +20,9 @@ from flopmatch.objectives import Objective, make_objective
 from flopmatch.text import text_dim
 from flopmatch.tokenizers.base import WEIGHT_FREE_KIND, TokenizerSpec
 
+MAX_STEPS = 10**8  # more steps than any study here needs: a budget asking for more is a typo (1e40 for 1e14)
+FAST_FLOPS_PER_S = 1e14  # a fast accelerator's sustained rate, for saying how absurd a budget is
+
 
 @dataclass
 class Plan:
@@ -48,7 +51,23 @@ def plan_steps(budget: float, flops_per_example: int, batch_size: int) -> Plan:
             f"{batch_size}); raise --budget or lower train.batch_size"
         )
     # The 1e-9 keeps a budget that is an exact multiple of a step (up to float rounding) from buying one more.
-    return Plan(flops_per_example, per_step, math.ceil(budget / per_step - 1e-9))
+    steps = math.ceil(budget / per_step - 1e-9)
+    if steps > MAX_STEPS:
+        days = budget / FAST_FLOPS_PER_S / 86400
+        raise UserError(f"budget {budget:.3g} FLOPs means {steps:.3g} training steps of {per_step:.3g} FLOPs, about "
+                        f"{days:.3g} days even at {FAST_FLOPS_PER_S:.0e} FLOP/s; at most {MAX_STEPS:.0e} steps are allowed: "
+                        f"lower --budget or raise train.batch_size")
+    return Plan(flops_per_example, per_step, steps)
+
+
+def training_memory_bytes(spec: NetSpec, batch_size: int) -> int:
+    """A lower bound on the memory training needs: fp32 weights, EMA, gradients and two AdamW moments
+    (20 bytes per parameter) plus the activations of one batch kept for backward (~34 values of width
+    D per token per block, fp32; Korthikanti et al. 2022 count 34 bytes per token and width in half
+    precision for a GPT block without recomputation).
+    """
+    activations = 34 * 4 * batch_size * spec.seq_len * spec.width * spec.depth
+    return 20 * num_params(spec) + activations
 
 
 def weight_free_kind(cfg: RunConfig, objective: Objective) -> str:

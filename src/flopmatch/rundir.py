@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from flopmatch.config import RunConfig, load_config, save_config, to_dict
+from flopmatch.config import RunConfig, from_dict, to_dict
 from flopmatch.errors import UserError
-from flopmatch.files import atomic_write_text, load_tensors, read_json, save_tensors
+from flopmatch.files import atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors, tensors_sha256
 from flopmatch.nets import NetSpec, Network
 
 CONFIG = "config.json"
@@ -38,6 +38,8 @@ STATE = "checkpoint/state.json"
 TOKENIZER = "tokenizer"
 EVAL = "eval.json"
 SAMPLES = "samples"
+# Keys every checkpoint state has (resume and the report rely on them).
+STATE_KEYS = ("step", "total_steps", "flops", "done", "net_spec")
 
 
 # ----------------------------------------------------------------------------- config
@@ -45,17 +47,17 @@ SAMPLES = "samples"
 
 def write_config(run: Path, cfg: RunConfig) -> None:
     """Write ``config.json`` (atomically); done once, before step 0."""
-    save_config(cfg, Path(run) / CONFIG)
+    atomic_write_json(Path(run) / CONFIG, to_dict(cfg))
 
 
 def read_config(run: str | Path) -> RunConfig:
-    """The run's config; a missing directory or config.json is a UserError saying what to do."""
+    """The run's config (keys of earlier versions migrated); missing, corrupt or invalid is a UserError."""
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"run directory {run} does not exist")
     if not (run / CONFIG).exists():
         raise UserError(f"{run} is not a run directory (no config.json); train one with `flopmatch train --out {run}`")
-    return load_config(run / CONFIG)
+    return from_dict(RunConfig, read_json(run / CONFIG)).validate()
 
 
 def check_same_config(run: Path, cfg: RunConfig) -> None:
@@ -120,7 +122,7 @@ def save_checkpoint(run: Path, net, ema, opt, rng: torch.Generator, state: dict)
     tensors |= opt_t
     tensors["rng.generator"] = rng.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"state": json.dumps(state), "param_groups": json.dumps(groups)}
+    meta = {"state": json.dumps(state), "param_groups": json.dumps(groups), "tensors_sha256": tensors_sha256(tensors)}
     save_tensors(Path(run) / CHECKPOINT, tensors, metadata=meta)
     atomic_write_text(Path(run) / STATE, json.dumps(state, indent=2) + "\n")  # human-readable copy
 
@@ -128,13 +130,23 @@ def save_checkpoint(run: Path, net, ema, opt, rng: torch.Generator, state: dict)
 def restore_checkpoint(run: Path, net, ema, opt, rng: torch.Generator, device) -> None:
     """Load model, EMA, optimizer and RNG states saved by :func:`save_checkpoint` into live objects."""
     path = Path(run) / CHECKPOINT
-    tensors = load_tensors(path, device=device)
+    tensors = load_checkpoint_tensors(path, device=device)
     meta = read_checkpoint_meta(path)
     net.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.load_state_dict({k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")})
     load_optimizer(opt, tensors, json.loads(meta["param_groups"]))
     rng.set_state(tensors["rng.generator"].cpu())
     torch.set_rng_state(tensors["rng.torch"].cpu())
+
+
+def load_checkpoint_tensors(path: Path, device="cpu") -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors, checked against the sha256 stored at save time (v0.1 files have none)."""
+    tensors = load_tensors(path, device=device)
+    expected = read_checkpoint_meta(path).get("tensors_sha256")
+    if expected is not None and tensors_sha256(tensors) != expected:
+        raise UserError(f"corrupt checkpoint {path}: its tensor data does not match the checksum saved with it; "
+                        f"restore the file, or delete {Path(path).parent} to train the run again from step 0")
+    return tensors
 
 
 def read_checkpoint_meta(path: Path) -> dict:
@@ -151,7 +163,19 @@ def read_state(run: str | Path) -> dict | None:
     path = Path(run) / CHECKPOINT
     if not path.exists():
         return None
-    return json.loads(read_checkpoint_meta(path)["state"])
+    return _state(path)
+
+
+def _state(path: Path) -> dict:
+    """The scalar state in a checkpoint's metadata; unreadable or incomplete metadata is a UserError."""
+    try:
+        state = json.loads(read_checkpoint_meta(path)["state"])
+        for key in STATE_KEYS:
+            state[key]
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise UserError(f"corrupt checkpoint {path}: its metadata has no valid training state ({type(e).__name__}: {e}); "
+                        f"delete {Path(path).parent} to train the run again from step 0") from None
+    return state
 
 
 def load_weights(run: str | Path, which: str = "ema", device="cpu") -> tuple[RunConfig, Network]:
@@ -160,9 +184,9 @@ def load_weights(run: str | Path, which: str = "ema", device="cpu") -> tuple[Run
     cfg = read_config(run)
     if not (run / CHECKPOINT).exists():
         raise UserError(f"{run} has no checkpoint yet; (re)run `flopmatch train` on it first")
-    spec = NetSpec.from_dict(json.loads(read_checkpoint_meta(run / CHECKPOINT)["state"])["net_spec"])
+    spec = NetSpec.from_dict(_state(run / CHECKPOINT)["net_spec"])
     net = Network(spec)
-    tensors = load_tensors(run / CHECKPOINT)
+    tensors = load_checkpoint_tensors(run / CHECKPOINT)
     prefix = f"{which}."
     sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:

@@ -21,7 +21,7 @@ from flopmatch.device import autocast, resolve_device, use_bf16
 from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_bytes
 from flopmatch.objectives import Objective, make_objective
-from flopmatch.rundir import load_weights, tokenizer_dir
+from flopmatch.rundir import load_weights, read_state, tokenizer_dir
 from flopmatch.text import TextEncoder, text_encoder_for
 from flopmatch.tokenizers.base import Tokenizer
 from flopmatch.tokenizers.registry import load_tokenizer
@@ -38,6 +38,7 @@ class Sampler:
     encoder: TextEncoder
     device: torch.device
     weights: str  # "ema" | "model"
+    bf16: bool  # autocast precision, decided once per run (see load_sampler)
 
     @property
     def spec(self):
@@ -51,11 +52,18 @@ def load_sampler(run: str | Path, weights: str = "ema", device: str = "auto") ->
     dev = resolve_device(device)
     cfg, net = load_weights(run, weights, dev)
     tok = load_tokenizer(tokenizer_dir(run)).to(dev).eval()
-    return Sampler(cfg, net, make_objective(cfg.objective), tok, text_encoder_for(cfg.text), dev, weights)
+    # With precision "auto", sample at the precision training recorded (decided once, by timing, on its
+    # first start) when on the same kind of device, so repeated evaluations never flip precision.
+    state = read_state(run) or {}
+    recorded = state.get("bf16") if state.get("device_type", dev.type) == dev.type else None
+    bf16 = bool(recorded) if cfg.train.precision == "auto" and recorded is not None else use_bf16(cfg.train.precision, dev)
+    return Sampler(cfg, net, make_objective(cfg.objective), tok, text_encoder_for(cfg.text), dev, weights, bf16)
 
 
 def check_prompts(prompts: list[str]) -> list[str]:
-    """Strip prompts; an empty or whitespace-only prompt is a UserError (use guidance=0 for unconditional)."""
+    """Strip prompts; none at all, or an empty or whitespace-only one, is a UserError (guidance=0 is unconditional)."""
+    if not prompts:
+        raise UserError("give at least one --prompt, e.g. --prompt \"a red circle above a blue square\"")
     out = []
     for p in prompts:
         if not isinstance(p, str) or not p.strip():
@@ -72,8 +80,9 @@ def generate(sampler: Sampler, prompts: list[str], sample: SampleConfig, seed: i
     With ``return_tokens`` also returns the raw sampler outputs (latents or codes) before decoding.
     """
     validate_sample(sample)
+    sampler.objective.resolve_steps(sample, sampler.spec)  # an impossible step count fails before any work
     prompts = check_prompts(prompts)
-    bf16 = use_bf16(sampler.cfg.train.precision, sampler.device)
+    bf16 = sampler.bf16
     images, raw = [], []
     batches = range(0, len(prompts), batch_size)
     for b, start in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):

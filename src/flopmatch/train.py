@@ -29,11 +29,13 @@ from tqdm import tqdm
 
 from flopmatch import dist
 from flopmatch.config import RunConfig, TrainConfig
-from flopmatch.device import autocast, resolve_device, use_bf16
+from flopmatch.device import autocast, memory_bytes, resolve_device, use_bf16
 from flopmatch.errors import UserError
+from flopmatch.files import remove_stale_temps
+from flopmatch.flops import num_params
 from flopmatch.nets import Network
 from flopmatch.objectives import make_objective
-from flopmatch.plan import net_spec_for, plan_steps
+from flopmatch.plan import net_spec_for, plan_steps, training_memory_bytes
 from flopmatch.prepare import prepare
 from flopmatch.rundir import (
     CONFIG,
@@ -136,11 +138,16 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
     state = None
     if (run / CONFIG).exists():
         check_same_config(run, cfg)
+        if dist.is_main():  # temp files of checkpoint writes a killed process never finished
+            for directory in (run, run / "checkpoint"):
+                remove_stale_temps(directory)
         state = read_state(run)
         if state and state.get("done"):
             if dist.is_main():
                 print(f"{run}: finished ({state['step']} steps, {state['flops']:.3g} FLOPs); nothing to do")
             return state
+    elif run.exists() and not run.is_dir():
+        raise UserError(f"--out {run} is a file, not a directory; choose another --out")
     elif run.exists() and any(run.iterdir()):
         raise UserError(f"{run} exists and is not a flopmatch run directory; choose another --out")
 
@@ -155,6 +162,11 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
     world = dist.world_size()
     if cfg.train.batch_size % world:
         raise UserError(f"train.batch_size {cfg.train.batch_size} must be divisible by the {world} processes")
+    need, have = training_memory_bytes(spec, cfg.train.batch_size // world), memory_bytes(device)
+    if need > have:  # refuse before allocating: the allocation would fail or swap after minutes of set-up
+        raise UserError(f"training this network needs at least {need / 2**30:.3g} GiB ({num_params(spec):,} parameters, "
+                        f"batch {cfg.train.batch_size // world} per process) but {device} has {have / 2**30:.3g} GiB; "
+                        f"lower --depth or train.batch_size")
     data = prepare(cfg, objective, progress=progress and dist.is_main())
     if objective.net_spec(cfg.model, data.tokenizer.spec, data.encoder.dim, data.encoder.max_len) != spec:
         raise UserError(f"tokenizer/text encoder do not match the planned network for {cfg.tokenizer.path or 'the config'}")
@@ -163,6 +175,7 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
         run.mkdir(parents=True, exist_ok=True)
         write_config(run, cfg)  # before step 0
         data.tokenizer.save(tokenizer_dir(run))
+        truncate_metrics(run, 0)  # rows logged by an attempt killed before its first checkpoint
     dist.barrier()
 
     torch.manual_seed(cfg.train.seed)
@@ -188,7 +201,7 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
     step, flops, elapsed = 0, 0, 0.0
     if state is not None:
         restore_checkpoint(run, net, ema, opt, rng, device)
-        step, flops, elapsed = state["step"], state["flops"], state["elapsed_s"]
+        step, flops, elapsed = state["step"], state["flops"], state.get("elapsed_s", 0.0)
         if dist.is_main():
             truncate_metrics(run, step)
             print(f"{run}: resuming at step {step}/{plan.steps} ({flops:.3g} FLOPs spent)")
@@ -198,7 +211,9 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
     model = dist.wrap(net, device)
     if cfg.train.compile:
         model = torch.compile(model)
-    bf16 = use_bf16(cfg.train.precision, device)
+    # "auto" precision is decided once per run, by timing on the first start, and recorded in the
+    # checkpoint state: a resumed run keeps the precision it started with even if the timing would flip.
+    bf16 = bool(state["bf16"]) if state is not None and "bf16" in state else use_bf16(cfg.train.precision, device)
     text, rows, x_all = data.text, data.rows, data.x  # x_all: latents (N, C, g, g) or tokens (N, L)
     empty = data.text.empty_row()  # row id of the empty caption "", the unconditional input
     local = cfg.train.batch_size // world  # per-rank batch
@@ -207,7 +222,7 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
         return {
             "step": step, "total_steps": plan.steps, "flops": flops, "budget": cfg.train.budget,
             "flops_per_step": plan.flops_per_step, "train_flops_per_example": plan.flops_per_example,
-            "params": net.num_params(), "elapsed_s": round(elapsed, 3), "done": done, "bf16": bf16,
+            "params": net.num_params(), "elapsed_s": round(elapsed, 3), "done": done, "bf16": bf16, "device_type": device.type,
             "world_size": world, "data_position": {"step": step, "epoch": step * cfg.train.batch_size // len(x_all)},
             "net_spec": spec.to_dict(), "tokenizer": data.tokenizer.spec.to_dict(),
             "text_encoder": data.encoder.name, "objective": cfg.objective.name,

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import replace
+from pathlib import Path
 
 from flopmatch import PARADIGMS
-from flopmatch.errors import UserError
-
-
-def _budget(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be a number of FLOPs like 3e12, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"budget must be positive, got {text}")
-    return value
+from flopmatch.cli.args import config_value, count, output_dir, output_file
+from flopmatch.config import ModelConfig, SampleConfig, TrainConfig
 
 
 def _run_config(args):
     """RunConfig from --config JSON (optional), the common flags, then --set overrides."""
     from flopmatch.config import RunConfig, apply_overrides, from_dict
-    from flopmatch.files import read_json
+    from flopmatch.files import read_json  # JSON reading lives with the tensor I/O (torch): load it only now
 
     cfg = from_dict(RunConfig, read_json(args.config)) if getattr(args, "config", None) else RunConfig()
     if getattr(args, "objective", None):
@@ -45,9 +36,9 @@ def _run_config(args):
 
 def _add_common(p, *, budget: bool) -> None:
     p.add_argument("--objective", choices=PARADIGMS, required=True, help="paradigm")
-    p.add_argument("--depth", type=int, help="backbone depth (width = 64 * depth); default 4")
+    p.add_argument("--depth", type=config_value(ModelConfig, "depth"), help="backbone depth (width = 64 * depth); default 4")
     if budget:
-        p.add_argument("--budget", type=_budget, help="training FLOPs, e.g. 3e12")
+        p.add_argument("--budget", type=config_value(TrainConfig, "budget"), help="training FLOPs, e.g. 3e12")
     p.add_argument("--tokenizer", help="a tokenizer directory from `flopmatch tokenizer train` (default: weight-free)")
     p.add_argument("--config", help="a config.json to start from")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -69,23 +60,20 @@ def cmd_sample(args) -> int:
     """Sample a PNG grid from a trained run."""
     # Imported when the command runs, not at the top: the CLI modules load no torch, so that
     # `flopmatch --help` and argument errors answer at once.
-    from flopmatch.sample import generate, grid_image, load_sampler, save_png
+    from flopmatch.sample import check_prompts, generate, grid_image, load_sampler, save_png
 
+    prompts = check_prompts(args.prompt or [])  # before loading anything
+    prompts = [prompts[i % len(prompts)] for i in range(args.num)] if args.num else prompts
     sampler = load_sampler(args.run, weights="model" if args.raw else "ema", device=args.device)
-    sample = sampler.cfg.sample
     overrides = {k: getattr(args, k) for k in ("steps", "guidance", "temperature", "top_k") if getattr(args, k) is not None}
     if args.no_kv_cache:
         overrides["kv_cache"] = False
-    sample = replace(sample, **overrides)
-    prompts = args.prompt or []
-    if not prompts:
-        raise UserError("give at least one --prompt")
-    prompts = [prompts[i % len(prompts)] for i in range(args.num)] if args.num else prompts
+    sample = replace(sampler.cfg.sample, **overrides)
     images = generate(sampler, prompts, sample, seed=args.seed, progress=True)
-    out = args.out or "samples.png"
+    out = args.out or str(Path(args.run) / "samples.png")
     nrow = args.nrow or (len(images) if len(set(prompts)) == len(prompts) and len(prompts) <= 8 else None)
     save_png(grid_image(images, nrow=nrow, scale=args.scale), out)
-    print(f"wrote {len(images)} images to {out} (steps={sampler.objective.resolve_steps(sample, sampler.spec)}, guidance={sample.guidance}, seed={args.seed}, {sampler.weights} weights)")
+    print(f"wrote {len(images)} image{'s' if len(images) != 1 else ''} to {out} (steps={sampler.objective.resolve_steps(sample, sampler.spec)}, guidance={sample.guidance}, seed={args.seed}, {sampler.weights} weights)")
     return 0
 
 
@@ -111,30 +99,32 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train a generator for a FLOP budget (resumes if interrupted)")
     _add_common(p, budget=True)
     p.add_argument("--seed", type=int, help="training seed (default 0)")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", required=True, type=output_dir, help="run directory (created; an existing run is resumed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample a PNG grid from a trained run")
     p.add_argument("run", help="run directory")
     p.add_argument("--prompt", action="append", help="text prompt (repeatable)")
-    p.add_argument("--num", type=int, default=0, help="number of images (prompts are cycled); default one per prompt")
-    p.add_argument("--steps", type=int, help="sampling steps (diffusion, masked); 0 = default")
-    p.add_argument("--guidance", "--cfg", dest="guidance", type=float, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--temperature", type=float, help="sampling temperature (token paradigms)")
-    p.add_argument("--top-k", dest="top_k", type=int, help="top-k filtering (token paradigms); 0 = off")
+    p.add_argument("--num", type=count(1), help="number of images (prompts are cycled); default one per prompt")
+    p.add_argument("--steps", type=config_value(SampleConfig, "steps"), help="sampling steps (diffusion, masked); 0 = paradigm default")
+    p.add_argument("--guidance", "--cfg", dest="guidance", type=config_value(SampleConfig, "guidance"),
+                   help="classifier-free guidance scale (1 = off); default: the run's")
+    p.add_argument("--temperature", type=config_value(SampleConfig, "temperature"), help="sampling temperature (token paradigms)")
+    p.add_argument("--top-k", dest="top_k", type=config_value(SampleConfig, "top_k"), help="top-k filtering (token paradigms); 0 = off")
     p.add_argument("--no-kv-cache", action="store_true", help="autoregressive: recompute the prefix each step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default="auto")
-    p.add_argument("--nrow", type=int, help="images per grid row")
-    p.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG (nearest neighbour)")
-    p.add_argument("--out", help="PNG path (default samples.png)")
+    p.add_argument("--nrow", type=count(1), help="images per grid row")
+    p.add_argument("--scale", type=count(1), default=4, help="upscale factor of the PNG, nearest neighbour (default 4)")
+    p.add_argument("--out", type=output_file, help="PNG path (default: RUN/samples.png)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("flops", help="analytic parameters and FLOPs of a configuration")
     _add_common(p, budget=False)
-    p.add_argument("--steps", type=int, help="sampling steps; 0 = paradigm default")
-    p.add_argument("--guidance", "--cfg", dest="guidance", type=float, help="guidance scale (1 = no extra pass)")
+    p.add_argument("--steps", type=config_value(SampleConfig, "steps"), help="sampling steps; 0 = paradigm default")
+    p.add_argument("--guidance", "--cfg", dest="guidance", type=config_value(SampleConfig, "guidance"),
+                   help="guidance scale (1 = no extra pass; default 3)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_flops)

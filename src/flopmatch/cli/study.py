@@ -5,21 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flopmatch.errors import UserError
+from flopmatch import PARADIGMS
+from flopmatch.cli.args import count, number_list, output_dir
+from flopmatch.study.presets import STUDY_PRESETS
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _ints(text: str) -> list[int]:
-    vals = _floats(text)
-    if any(not v.is_integer() for v in vals):
-        raise UserError(f"expected comma-separated integers, got {text!r}")
-    return [int(v) for v in vals]
+def _objectives(text: str) -> list[str]:
+    """A non-empty comma-separated subset of the paradigms."""
+    names = [o.strip() for o in text.split(",") if o.strip()]
+    bad = [o for o in names if o not in PARADIGMS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(PARADIGMS)}, got {text!r}")
+    return names
 
 
 def cmd_study(args) -> int:
@@ -31,12 +28,12 @@ def cmd_study(args) -> int:
     from flopmatch.study.runner import study
 
     scfg = study_preset(args.preset)
-    if args.objectives:
-        scfg.objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
-    if args.depths:
-        scfg.depths = _ints(args.depths)
-    if args.budgets:
-        scfg.budgets = _floats(args.budgets)
+    if args.objectives is not None:
+        scfg.objectives = args.objectives
+    if args.depths is not None:
+        scfg.depths = args.depths
+    if args.budgets is not None:
+        scfg.budgets = args.budgets
     if args.seeds is not None:
         scfg.seeds = args.seeds
     if args.eval_samples is not None:
@@ -44,8 +41,6 @@ def cmd_study(args) -> int:
     if args.eval_raw is not None:
         scfg.eval_raw = args.eval_raw
     scfg.overrides = scfg.overrides + list(args.set)
-    if args.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {args.workers}")
     if args.plan_only:
         print(format_plan(make_plan(scfg.validate(), Path(args.out))))
         return 0
@@ -56,18 +51,20 @@ def cmd_study(args) -> int:
 def register(sub) -> None:
     """Add ``study`` to the top-level subparsers."""
     p = sub.add_parser("study", help="run the compute-matched comparison end to end and write the report")
-    p.add_argument("--preset", default="cpu", help="cpu (default, ~13 min on 2 idle cores), cpu-long (~1 h), gpu, tiny")
-    p.add_argument("--out", default="study", help="study directory (default: study/)")
-    p.add_argument("--objectives", help="comma-separated subset of diffusion,masked,autoregressive")
-    p.add_argument("--depths", help="comma-separated depths, e.g. 1,2,3")
-    p.add_argument("--budgets", help="comma-separated training FLOP budgets, e.g. 1e12,3e12,1e13")
-    p.add_argument("--seeds", type=int, help="seeds per grid cell")
-    p.add_argument("--eval-samples", type=int, help="generated images per evaluated setting")
+    p.add_argument("--preset", default="cpu", choices=STUDY_PRESETS,
+                   help="cpu (default, ~13 min on 2 idle cores), cpu-long (~1 h), gpu, tiny (seconds of training; for smoke tests)")
+    p.add_argument("--out", default="study", type=output_dir, help="study directory (default: study/)")
+    p.add_argument("--objectives", type=_objectives, help="comma-separated subset of diffusion,masked,autoregressive (default: all)")
+    p.add_argument("--depths", type=number_list(int, 1), help="comma-separated depths, e.g. 1,2,3 (default: the preset's)")
+    p.add_argument("--budgets", type=number_list(float, 0, exclusive=True),
+                   help="comma-separated training FLOP budgets, e.g. 1e12,3e12,1e13 (default: the preset's)")
+    p.add_argument("--seeds", type=count(1), help="seeds per grid cell (default: the preset's)")
+    p.add_argument("--eval-samples", type=count(10), help="generated images per evaluated setting (default: the preset's)")
     p.add_argument("--eval-raw", action=argparse.BooleanOptionalAction, default=None,
                    help="also evaluate each run's main setting with raw (non-EMA) weights, for the EMA finding "
                         "(default: on for cpu-long and gpu)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override for every run")
-    p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1: in-process)")
-    p.add_argument("--launcher", default="local", help="local (default)")
+    p.add_argument("--workers", type=count(1), default=1, help="local worker processes (default 1: in-process)")
+    p.add_argument("--launcher", default="local", choices=("local",), help="where runs execute (default: local)")
     p.add_argument("--plan-only", action="store_true", help="print the plan and exit")
     p.set_defaults(func=cmd_study)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flopmatch.cli.args import count, output_dir
 from flopmatch.errors import UserError
 
 
@@ -79,10 +80,10 @@ def register(subparsers) -> None:
     t.add_argument("--kind", choices=("kl", "lfq"), required=True,
                    help="kl: latents for diffusion; lfq: codes for masked/autoregressive")
     t.add_argument("--data", default="shapes", help="training data (default: shapes)")
-    t.add_argument("--out", required=True, help="output directory (tokenizer.json, tensors.safetensors, train_log.jsonl)")
+    t.add_argument("--out", required=True, type=output_dir, help="output directory (tokenizer.json, tensors.safetensors, train_log.jsonl)")
     t.add_argument("--preset", default="cpu", help="cpu: ~5 min on 2 cores (default); gpu: larger")
     t.add_argument("--seed", type=int, help="training seed (init and batch order)")
-    t.add_argument("--steps", type=int, help="optimizer steps (overrides the preset)")
+    t.add_argument("--steps", type=count(1), help="optimizer steps (default: the preset's)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override an AutoencoderConfig field, e.g. --set bits=9 (repeatable)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -90,7 +91,7 @@ def register(subparsers) -> None:
 
     e = sub.add_parser("eval", help="reconstruction metrics on the eval split -> DIR/eval.json")
     e.add_argument("dir", help="a tokenizer directory")
-    e.add_argument("--num", type=int, default=2000, help="eval images (default 2000)")
+    e.add_argument("--num", type=count(2), default=2000, help="eval images (default 2000)")
     e.add_argument("--rfid", default="effnet",
                    help="features for reconstruction FID: effnet (fast proxy, default), inception (standard, slow), none")
     e.add_argument("--attributes", action=argparse.BooleanOptionalAction, default=True,

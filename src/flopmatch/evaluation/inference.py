@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from flopmatch.device import autocast, use_bf16
+from flopmatch.device import autocast
 
 
 def _sync(device: torch.device) -> None:
@@ -23,7 +23,7 @@ def _sync(device: torch.device) -> None:
 
 def _time_sample(sampler, cond, uncond, sample, seed: int, decode: bool) -> float:
     """Seconds for one sampler call (+ tokenizer decode) on prepared text batches."""
-    bf16 = use_bf16(sampler.cfg.train.precision, sampler.device)
+    bf16 = sampler.bf16
     g = torch.Generator(device=sampler.device).manual_seed(seed)
     _sync(sampler.device)
     t0 = time.perf_counter()
@@ -71,5 +71,5 @@ def measure_inference(sampler, sample, prompt: str = "a red circle", repeats: in
         "throughput_batch": best["batch"],
         "device": str(sampler.device),
         "threads": torch.get_num_threads(),
-        "bf16": use_bf16(sampler.cfg.train.precision, sampler.device),
+        "bf16": sampler.bf16,
     }

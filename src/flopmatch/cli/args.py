@@ -1,0 +1,112 @@
+"""Argument types of the CLI: every number and path a command takes is checked when it is parsed.
+
+One validation layer for all commands: numbers that configure a run are parsed and range-checked
+against :data:`flopmatch.config.RANGES` (the same table ``--set`` values and config files go through,
+so a flag and its config key accept exactly the same values), other counts by the small types below,
+and output paths must be creatable and writable before any work starts. A bad value is an argparse
+error: one line naming the flag, exit status 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import typing
+from pathlib import Path
+
+from flopmatch import config
+from flopmatch.errors import UserError
+
+
+def config_value(section: type, name: str):
+    """An argparse type for the config field ``section.name``: parsed as its type, checked against RANGES."""
+    tp = typing.get_type_hints(section)[name]
+
+    def parse(text: str):
+        key = f"{config.SECTION_KEYS.get(section.__name__, section.__name__)}.{name}"
+        try:
+            value = config.parse_value(tp, text, key)
+            tree = section(**{name: value})
+            config.check_fields(tree, config.SECTION_KEYS.get(section.__name__, ""))
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix("--set ")) from None
+        return value
+
+    parse.__name__ = tp.__name__  # argparse names the type in its messages
+    return parse
+
+
+def count(minimum: int = 1):
+    """An argparse type for an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value.is_integer() and value >= minimum):
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return int(value)
+
+    parse.__name__ = "int"
+    return parse
+
+
+def number_list(kind: type, minimum: float, exclusive: bool = False):
+    """An argparse type for a non-empty comma-separated list of finite numbers above ``minimum``."""
+
+    def parse(text: str) -> list:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+        out = []
+        for p in parts:
+            try:
+                v = float(p)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{p!r} is not a number (in {text!r})") from None
+            low = v <= minimum if exclusive else v < minimum
+            if not math.isfinite(v) or low or (kind is int and not v.is_integer()):
+                what = "whole numbers" if kind is int else "finite numbers"
+                raise argparse.ArgumentTypeError(f"expected {what} {'>' if exclusive else '>='} {minimum:g}, got {p!r}")
+            out.append(kind(v))
+        return out
+
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
+
+
+def _writable_parent(path: Path) -> None:
+    """Raise ArgumentTypeError unless ``path`` could be created: its nearest existing ancestor is a writable directory."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{parent} is a file, so {path} cannot be created")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in {parent} (read-only or no permission); choose another path")
+
+
+def output_dir(text: str) -> str:
+    """An argparse type for a directory a command will write into: not a file, creatable, writable."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} exists and is a file, not a directory")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"cannot write in {path} (read-only or no permission)")
+    else:
+        _writable_parent(path)
+    return text
+
+
+def output_file(text: str) -> str:
+    """An argparse type for a file a command will write: not a directory, in a writable place."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a directory; give a file name such as {path / 'samples.png'}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot overwrite {path} (read-only)")
+    _writable_parent(path)
+    return text
