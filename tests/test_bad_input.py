@@ -95,6 +95,7 @@ CASES = {
     "tokenizer eval missing": ["tokenizer", "eval", "{tmp}/nope"],
     "report missing": ["report", "{tmp}/nope"],
     "report not a study": ["report", "{tmp}"],
+    "config preset unknown": ["config", "--preset", "huge"],
     "unknown command": ["fly"],
 }
 
@@ -144,5 +145,5 @@ def test_study_depths_given_empty_is_not_silently_the_preset(tmp_path, capsys):
 def test_cases_cover_every_subcommand():
     """The table exercises every subcommand the parser has."""
     commands = {argv[0] for argv in CASES.values()}
-    assert {"train", "sample", "flops", "eval", "study", "tokenizer", "report"} <= commands
+    assert {"train", "sample", "flops", "eval", "study", "tokenizer", "report", "config"} <= commands
     assert json.dumps(CASES)  # plain data: the table can be shown and extended

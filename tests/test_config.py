@@ -167,3 +167,26 @@ def test_cli_subprocess_user_error_has_no_traceback(tmp_path, flopmatch_cache):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "train.nope" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("preset", [None, "cpu", "tiny"])
+def test_config_command_lists_every_settable_key(preset, capsys):
+    """`flopmatch config --json` lists every leaf field with a meaning, and each key set to its shown value round-trips."""
+    assert cli.main(["config", "--json"] + (["--preset", preset] if preset else [])) == 0
+    rows = json.loads(capsys.readouterr().out)
+    leaves = [k for k in _leaf_keys(to_dict(RunConfig()))]
+    assert [r["key"] for r in rows] == leaves
+    assert all(r["help"] for r in rows), [r["key"] for r in rows if not r["help"]]
+    for r in rows:
+        text = ",".join(r["value"]) if isinstance(r["value"], list) else str(r["value"])
+        cfg = apply_overrides(RunConfig(), [f"{r['key']}={text}"])
+        section, name = r["key"].split(".")
+        assert getattr(getattr(cfg, section), name) == r["value"]
+
+
+def _leaf_keys(d: dict, where: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        key = f"{where}.{k}" if where else k
+        out += _leaf_keys(v, key) if isinstance(v, dict) else [key]
+    return out

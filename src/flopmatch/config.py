@@ -7,7 +7,10 @@ Overrides are type-checked against the dataclass field types; unknown keys are e
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import re
+import sys
 import typing
 from dataclasses import dataclass, field
 
@@ -19,12 +22,12 @@ from flopmatch.errors import UserError
 class DataConfig:
     """Training data. ``name`` is "shapes" (built-in procedural set)."""
 
-    name: str = "shapes"
-    seed: int = 0
-    image_size: int = 32
-    num_train: int = 20000
-    num_eval: int = 2000
-    two_object_prob: float = 0.5
+    name: str = "shapes"  # dataset source
+    seed: int = 0  # seed of the procedural scenes
+    image_size: int = 32  # image side in pixels
+    num_train: int = 20000  # training images
+    num_eval: int = 2000  # evaluation images (the FID reference set and the prompts)
+    two_object_prob: float = 0.5  # shapes: fraction of scenes with two objects and a relation
     holdout: list[str] = field(default_factory=list)  # e.g. ["red triangle"]: never seen in training
     caption_dropout: float = 0.1  # fraction of training captions replaced by the empty caption (for CFG)
 
@@ -33,9 +36,9 @@ class DataConfig:
 class TextConfig:
     """Frozen text encoder: "minilm" (pretrained all-MiniLM-L6-v2) or "hash" (weight-free, for tests)."""
 
-    kind: str = "minilm"
+    kind: str = "minilm"  # minilm | hash
     max_len: int = 24  # token states are padded/truncated to this length (fixed, so FLOPs are exact)
-    dim: int = 64  # only for "hash"
+    dim: int = 64  # token-state width of the "hash" encoder (MiniLM's is 384)
 
 
 @dataclass
@@ -46,19 +49,19 @@ class TokenizerConfig:
     """
 
     kind: str = "auto"  # auto | patch | kmeans
-    path: str = ""
-    patch: int = 4
-    codebook_size: int = 512
-    seed: int = 0
+    path: str = ""  # a tokenizer directory (from `flopmatch tokenizer train`); overrides kind
+    patch: int = 4  # pixels per token side (weight-free tokenizers)
+    codebook_size: int = 512  # k-means codebook size (discrete weight-free tokenizer)
+    seed: int = 0  # k-means initialisation seed
 
 
 @dataclass
 class ModelConfig:
     """The shared backbone. Size comes from one knob: width = 64 * depth, head dim 64."""
 
-    depth: int = 4
-    mlp_ratio: int = 4
-    head_dim: int = 64
+    depth: int = 4  # blocks; also the number of heads (the one model-size knob)
+    mlp_ratio: int = 4  # MLP hidden width / width
+    head_dim: int = 64  # width = head_dim * depth
 
     @property
     def width(self) -> int:
@@ -75,10 +78,10 @@ class ObjectiveConfig:
 
     name: str = "masked"  # diffusion | masked | autoregressive
     # diffusion: logit-normal timestep density (SD3): t = sigmoid(N(mean, std))
-    t_mean: float = 0.0
-    t_std: float = 1.0
+    t_mean: float = 0.0  # diffusion: mean of the logit-normal time density
+    t_std: float = 1.0  # diffusion: std of the logit-normal time density
     # masked: mask ratio r = cos(pi/2 * u), u ~ U(0, 1) (MaskGIT)
-    min_mask: int = 1
+    min_mask: int = 1  # masked: at least this many positions masked per training example
 
 
 @dataclass
@@ -86,20 +89,20 @@ class TrainConfig:
     """Optimisation. Training length is a FLOP budget; steps are derived from it."""
 
     budget: float = 3e12  # training FLOPs (network forward+backward only)
-    batch_size: int = 64
-    lr: float = 1e-3
+    batch_size: int = 64  # global batch (split across processes)
+    lr: float = 1e-3  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
-    warmup_frac: float = 0.05
-    weight_decay: float = 0.01
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    seed: int = 0
+    warmup_frac: float = 0.05  # linear warmup over this fraction of the steps
+    weight_decay: float = 0.01  # AdamW decay of weight matrices (not biases, norms or stems)
+    beta2: float = 0.99  # AdamW second-moment decay
+    grad_clip: float = 1.0  # gradient-norm clipping threshold
+    ema_decay: float = 0.999  # EMA of the weights (warmed up as (1+s)/(10+s)); sampling uses the EMA
+    seed: int = 0  # initialisation, data order and training randomness
     precision: str = "auto"  # auto | bf16 | fp32; auto = bf16 autocast where the device runs it fast
-    log_every: int = 10
-    checkpoint_every: int = 200
+    log_every: int = 10  # steps between metrics.jsonl rows
+    checkpoint_every: int = 200  # steps between checkpoints (also saved at the end and on Ctrl-C)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    compile: bool = False
+    compile: bool = False  # torch.compile the network
 
 
 @dataclass
@@ -108,7 +111,7 @@ class SampleConfig:
 
     steps: int = 0  # diffusion: Euler steps (default 25); masked: decoding steps (default 12); autoregressive: fixed L
     guidance: float = 3.0  # classifier-free guidance scale; 1 = no guidance (no extra forward pass)
-    temperature: float = 1.0
+    temperature: float = 1.0  # token paradigms: softmax temperature
     top_k: int = 0  # 0 = no top-k filtering (token paradigms)
     choice_temperature: float = 4.5  # masked only: Gumbel noise on confidences, annealed to 0 (MaskGIT)
     kv_cache: bool = True  # autoregressive only
@@ -155,11 +158,14 @@ class Range:
                 and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
 
     def __str__(self) -> str:
+        def num(v: float) -> str:
+            return str(int(v)) if float(v).is_integer() and abs(v) < 1e9 else f"{v:g}"
+
         if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+            return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
         if self.lo is None:
-            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
-        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+            return f"{'<' if self.hi_open else '<='} {num(self.hi)}"
+        return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
 
 
 POSITIVE, AT_LEAST_1, NON_NEGATIVE = Range(0, lo_open=True), Range(1), Range(0)
@@ -193,6 +199,39 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 # Where each section lives in a RunConfig (for messages and --set keys).
 SECTION_KEYS = {"DataConfig": "data", "TextConfig": "text", "TokenizerConfig": "tokenizer", "ModelConfig": "model",
                 "ObjectiveConfig": "objective", "TrainConfig": "train", "SampleConfig": "sample"}
+
+
+def field_help() -> dict[tuple[str, str], str]:
+    """(dataclass name, field) -> the comment on its line in this module's source: each field's meaning,
+    written once, where the field is defined. Empty if the source is not available."""
+    try:
+        lines = inspect.getsource(sys.modules[__name__]).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out, cls = {}, None
+    for line in lines:
+        if m := re.match(r"class (\w+)", line):
+            cls = m.group(1)
+        elif cls and (m := re.match(r"    (\w+): [^=]+=.*?  # (.*)$", line)):
+            out[(cls, m.group(1))] = m.group(2)
+    return out
+
+
+def describe(cfg, where: str = "") -> list[dict]:
+    """Every --set key of a dataclass tree: key, type, current value, allowed values and meaning."""
+    docs, rows = field_help(), []
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            rows += describe(value, key)
+            continue
+        rule = (type(cfg).__name__, f.name)
+        allowed = str(RANGES[rule]) if rule in RANGES else " | ".join(CHOICES[rule]) if rule in CHOICES else ""
+        tp = hints[f.name]
+        rows.append({"key": key, "type": getattr(tp, "__name__", str(tp)), "value": value, "allowed": allowed,
+                     "help": docs.get(rule, "")})
+    return rows
 
 
 def check_fields(cfg, where: str = "") -> None:

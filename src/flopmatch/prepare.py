@@ -41,7 +41,11 @@ def build_tokenizer(cfg: RunConfig, objective: Objective, dataset) -> Tokenizer:
             except UserError:
                 tok = None  # damaged cache entry: refit
         if tok is None:
-            tok = fit_weight_free(kind, dataset.images_uint8(), patch=t.patch, codebook_size=t.codebook_size, seed=t.seed)
+            images = dataset.images_uint8()
+            if kind == "kmeans":  # seconds to a minute: say what is happening
+                print(f"fitting the {t.codebook_size}-code k-means tokenizer on {len(images)} images (cached for next time)",
+                      flush=True)
+            tok = fit_weight_free(kind, images, patch=t.patch, codebook_size=t.codebook_size, seed=t.seed)
             tok.save(directory)
     if tok.spec.tokens != objective.tokens:
         raise UserError(
@@ -65,7 +69,7 @@ def encode_dataset(tokenizer, dataset, batch_size: int = 512, progress: bool = T
     images = dataset.images_uint8()
     parts = []
     tokenizer.eval()
-    for start in tqdm(range(0, len(images), batch_size), desc="encoding images", unit="batch", disable=not progress, leave=False):
+    for start in tqdm(range(0, len(images), batch_size), desc="encoding images with the tokenizer (cached for next time)", unit="batch", disable=not progress, leave=False):
         chunk = images[start : start + batch_size].float() / 127.5 - 1.0  # uint8 -> [-1, 1]
         parts.append(tokenizer.encode(chunk).cpu())
     x = torch.cat(parts)

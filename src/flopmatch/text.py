@@ -95,6 +95,10 @@ class TextEncoder:
         """Analytic forward FLOPs for one caption (2 per multiply-accumulate, matmuls only)."""
         raise NotImplementedError
 
+    def num_tokens(self, caption: str) -> int:
+        """Tokens the caption has before truncation to ``max_len`` (more than max_len: the rest is not read)."""
+        raise NotImplementedError
+
 
 # ----------------------------------------------------------------------------------------------
 # Weight-free hash encoder (tests and quick experiments)
@@ -147,6 +151,10 @@ class HashTextEncoder(TextEncoder):
         states = self.table[buckets] + self.positions  # (B, Lt, D)
         states = states.masked_fill(pad.unsqueeze(-1), 0.0)
         return TextBatch(states, pad, _masked_mean(states, pad))
+
+    def num_tokens(self, caption: str) -> int:
+        """Words in the caption (each is one token)."""
+        return len(self.words(caption))
 
     def fingerprint(self) -> str:
         return hashlib.sha256(f"hash-v1|{self.dim}|{self.max_len}|{HASH_BUCKETS}|{HASH_SEED}".encode()).hexdigest()[:16]
@@ -232,6 +240,10 @@ class MiniLMEncoder(TextEncoder):
                 pad[idx, :length] = ~keep
         states, pad = states.to(self.device), pad.to(self.device)
         return TextBatch(states, pad, _masked_mean(states, pad))
+
+    def num_tokens(self, caption: str) -> int:
+        """WordPiece tokens of the caption including [CLS] and [SEP]."""
+        return len(self.tokenizer(caption)["input_ids"])
 
     def fingerprint(self) -> str:
         loaded = _load_minilm()
@@ -323,7 +335,7 @@ class TextCache:
         n = len(self.captions)
         chunk = 4096  # bounds the float32 working set; the encoder batches further inside
         parts = []
-        with tqdm(total=n, desc=f"encoding captions ({self.encoder.name})", unit="cap", disable=n <= 1000) as bar:
+        with tqdm(total=n, desc=f"encoding captions with {self.encoder.name} (cached for next time)", unit="cap", disable=n <= 1000) as bar:
             for start in range(0, n, chunk):
                 tb = self.encoder.encode(self.captions[start : start + chunk]).to("cpu")
                 parts.append(TextBatch(tb.states.to(torch.bfloat16), tb.pad, tb.pooled.float()))

@@ -1,7 +1,7 @@
 """The ``flopmatch`` command: parsing only; each subcommand calls one library function.
 
 One module per group of subcommands (``run``: train, sample, flops; ``tokenizer``; ``eval``; ``study``;
-``report``), each with a ``register(subparsers)``. They import nothing heavy at the top: a command
+``report``; ``config``), each with a ``register(subparsers)``. They import nothing heavy at the top: a command
 imports its implementation when it runs, so ``flopmatch --help`` never loads torch.
 
 User errors (:class:`~flopmatch.errors.UserError`) print one line ``flopmatch: error: ...`` and exit
@@ -11,11 +11,12 @@ with status 2; Ctrl-C exits 130 after the running stage has saved what it can.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from flopmatch import __version__
+from flopmatch.cli import config, report, run, study, tokenizer
 from flopmatch.cli import eval as eval_cli
-from flopmatch.cli import report, run, study, tokenizer
 from flopmatch.errors import UserError
 
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="flopmatch", description="Compute-matched comparison of image-synthesis paradigms.")
     parser.add_argument("--version", action="version", version=f"flopmatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
-    for module in (run, tokenizer, eval_cli, study, report):
+    for module in (run, tokenizer, eval_cli, study, report, config):
         module.register(sub)
     return parser
 
@@ -51,3 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flopmatch: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed it: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -69,6 +70,11 @@ def cmd_sample(args) -> int:
     if args.no_kv_cache:
         overrides["kv_cache"] = False
     sample = replace(sampler.cfg.sample, **overrides)
+    for i, p in enumerate(dict.fromkeys(prompts)):
+        n, limit = sampler.encoder.num_tokens(p), sampler.encoder.max_len
+        if n > limit:
+            print(f"flopmatch: warning: prompt {i + 1} has {n} tokens; the text encoder reads only the first {limit} "
+                  f"(the run's text.max_len)", file=sys.stderr)
     images = generate(sampler, prompts, sample, seed=args.seed, progress=True)
     out = args.out or str(Path(args.run) / "samples.png")
     nrow = args.nrow or (len(images) if len(set(prompts)) == len(prompts) and len(prompts) <= 8 else None)

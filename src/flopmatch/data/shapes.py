@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from flopmatch.errors import UserError
 from flopmatch.files import cache_dir, load_tensors, save_tensors
@@ -407,7 +408,6 @@ class ShapesDataset(torch.utils.data.Dataset):
             return self._images
         path = None
         if self.disk_cache and self._n > 0:
-
             path = cache_dir() / "shapes" / f"{self.fingerprint()}.safetensors"
             if path.exists():
                 try:
@@ -420,7 +420,8 @@ class ShapesDataset(torch.utils.data.Dataset):
                     pass  # corrupt or foreign file: re-render and overwrite it
         S = self.cfg.image_size
         out = np.empty((self._n, S, S, 3), dtype=np.uint8)
-        for i in range(self._n):
+        desc = f"drawing {self._n} shapes images ({self.split} split{', cached for next time' if path else ''})"
+        for i in tqdm(range(self._n), desc=desc, unit="img", disable=self._n < 2000, leave=False):
             out[i] = _render_hwc(self.scene(i), S)
         self._images = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
         if path is not None:

@@ -60,7 +60,6 @@ def head_sizes() -> dict[str, int]:
 
 
 def _vocab() -> dict[str, tuple[str, ...]]:
-
     return {"color": tuple(COLORS), "shape": tuple(SHAPES), "size": tuple(SIZES), "position": tuple(POSITIONS),
             "axis": ("horizontal", "vertical")}
 
@@ -254,7 +253,7 @@ def train_attribute_classifier(shapes_cfg, progress: bool = True, steps: int | N
     g = torch.Generator().manual_seed(TRAIN_SEED)
     perm, pos = torch.randperm(len(ds), generator=g), 0
     net.train()
-    bar = tqdm(range(steps), desc="training attribute classifier", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc="training the attribute classifier (once per machine, cached)", disable=not progress, leave=False)
     for step in bar:
         if pos + BATCH_SIZE > len(perm):
             perm, pos = torch.randperm(len(ds), generator=g), 0
@@ -282,7 +281,6 @@ def train_attribute_classifier(shapes_cfg, progress: bool = True, steps: int | N
 
 
 def _evaluator_dir(shapes_cfg) -> Path:
-
     name = f"attributes-{_train_config(shapes_cfg).fingerprint()}-v{ATTRIBUTE_CODE_VERSION}"
     return cache_dir() / "evaluators" / name
 

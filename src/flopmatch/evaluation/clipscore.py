@@ -119,7 +119,6 @@ class DomainCLIPModel:
     _encoder: object = None
 
     def text_encoder(self):
-
         if self._encoder is None:
             self._encoder = make_text_encoder(TEXT_ENCODER)
         return self._encoder
@@ -180,7 +179,7 @@ def train_domain_clip(train_images: torch.Tensor, train_captions: list[str], pro
     batch = min(BATCH_SIZE, n)
     targets = torch.arange(batch)
     model.train()
-    for step in tqdm(range(steps), desc="training domain CLIP", disable=not progress, leave=False):
+    for step in tqdm(range(steps), desc="training the domain CLIP (once per machine, cached)", disable=not progress, leave=False):
         idx = torch.randperm(n, generator=g)[:batch]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             img = model.image(train_images[idx])
@@ -247,7 +246,6 @@ class LocalCLIP:
     """
 
     def __init__(self, model_dir: str | Path):
-
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").exists():
             raise UserError(f"{self.model_dir} is not a Hugging Face CLIP model directory (no config.json)")

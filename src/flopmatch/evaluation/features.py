@@ -312,7 +312,6 @@ def reference_features(
     path = reference_features_path(extractor, key)
     digest = tensor_sha256(images_uint8)
     if path.exists():
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         # Same images through the same preprocessing, else recompute (e.g. a changed resize default).

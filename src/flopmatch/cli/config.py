@@ -1,0 +1,43 @@
+"""``flopmatch config``: every ``--set`` key with its type, default, allowed values and meaning.
+
+    flopmatch config                      # the defaults of `flopmatch train`
+    flopmatch config --preset cpu         # what each run of `flopmatch study --preset cpu` starts from
+    flopmatch config --objective diffusion --json
+"""
+
+from __future__ import annotations
+
+import json
+
+from flopmatch import PARADIGMS
+from flopmatch.config import RunConfig, apply_overrides, describe
+from flopmatch.study.presets import STUDY_PRESETS
+
+
+def cmd_config(args) -> int:
+    """Print the config keys (a table, or JSON with --json)."""
+    cfg = RunConfig(objective=args.objective)
+    if args.preset:
+        apply_overrides(cfg, STUDY_PRESETS[args.preset]().overrides)
+    rows = describe(cfg)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["key"]) for r in rows)
+    title = f"--set keys of a run (defaults{f' of study preset {args.preset!r}' if args.preset else ''}):"
+    print(title)
+    for r in rows:
+        value = json.dumps(r["value"])
+        allowed = f" [{r['allowed']}]" if r["allowed"] else ""
+        print(f"  {r['key']:<{width}}  {r['type']:<5} = {value:<8}{allowed}  {r['help']}")
+    print("Set any of them with --set KEY=VALUE (train, flops, study); values are checked against the ranges shown.")
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``config`` to the top-level subparsers."""
+    p = sub.add_parser("config", help="list every --set key with its type, default, allowed values and meaning")
+    p.add_argument("--preset", choices=STUDY_PRESETS, help="show the defaults a study preset's runs start from")
+    p.add_argument("--objective", choices=PARADIGMS, default="masked", help="paradigm (default: masked)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_config)
