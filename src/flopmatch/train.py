@@ -17,8 +17,10 @@ Karpathy, nanoGPT (decay groups, gradient clipping).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import shutil
 import signal
 import threading
 import time
@@ -33,6 +35,7 @@ from flopmatch.device import autocast, memory_bytes, resolve_device, use_bf16
 from flopmatch.errors import UserError
 from flopmatch.files import remove_stale_temps
 from flopmatch.flops import num_params
+from flopmatch.lock import LOCK_NAME, DirectoryLock
 from flopmatch.nets import Network
 from flopmatch.objectives import make_objective
 from flopmatch.plan import net_spec_for, plan_steps, training_memory_bytes
@@ -135,12 +138,8 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
     dist.init(device)
     objective = make_objective(cfg.objective)
 
-    state = None
     if (run / CONFIG).exists():
         check_same_config(run, cfg)
-        if dist.is_main():  # temp files of checkpoint writes a killed process never finished
-            for directory in (run, run / "checkpoint"):
-                remove_stale_temps(directory)
         state = read_state(run)
         if state and state.get("done"):
             if dist.is_main():
@@ -148,7 +147,7 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
             return state
     elif run.exists() and not run.is_dir():
         raise UserError(f"--out {run} is a file, not a directory; choose another --out")
-    elif run.exists() and any(run.iterdir()):
+    elif run.exists() and any(p.name != LOCK_NAME for p in run.iterdir()):
         raise UserError(f"{run} exists and is not a flopmatch run directory; choose another --out")
 
     # Check the budget from the analytic plan before any expensive data preparation.
@@ -167,6 +166,32 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
         raise UserError(f"training this network needs at least {need / 2**30:.3g} GiB ({num_params(spec):,} parameters, "
                         f"batch {cfg.train.batch_size // world} per process) but {device} has {have / 2**30:.3g} GiB; "
                         f"lower --depth or train.batch_size")
+    created = not run.exists()
+    try:
+        # One writer per run directory (a second `train` on it, or a requeued job whose predecessor is
+        # still being torn down, gets a one-line error naming the holder). Only the main rank writes.
+        with DirectoryLock(run, "run") if dist.is_main() else contextlib.nullcontext():
+            if dist.is_main():  # temp files of checkpoint writes a killed process never finished
+                for directory in (run, run / "checkpoint"):
+                    remove_stale_temps(directory)
+            state = read_state(run) if (run / CONFIG).exists() else None  # again: the run is ours only now
+            if state and state.get("done"):
+                if dist.is_main():
+                    print(f"{run}: finished ({state['step']} steps, {state['flops']:.3g} FLOPs); nothing to do")
+                return state
+            return _train_locked(cfg, run, state, objective, spec, plan, device, progress, stop_after)
+    except BaseException:
+        if dist.is_main() and not (run / CONFIG).exists():  # nothing of a run was written: leave nothing
+            (run / LOCK_NAME).unlink(missing_ok=True)
+            if created:
+                shutil.rmtree(run, ignore_errors=True)
+        raise
+
+
+def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec, plan, device: torch.device,
+                  progress: bool, stop_after: int | None) -> dict:
+    """The training loop proper, run while this process holds the run directory's lock (see :func:`train`)."""
+    world = dist.world_size()
     data = prepare(cfg, objective, progress=progress and dist.is_main())
     if objective.net_spec(cfg.model, data.tokenizer.spec, data.encoder.dim, data.encoder.max_len) != spec:
         raise UserError(f"tokenizer/text encoder do not match the planned network for {cfg.tokenizer.path or 'the config'}")

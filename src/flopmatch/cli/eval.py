@@ -67,14 +67,15 @@ def register(sub) -> None:
     p.add_argument("--steps", type=config_value(SampleConfig, "steps"), help="sampling steps (0 = paradigm default)")
     p.add_argument("--guidance", "--cfg", dest="guidance", type=config_value(SampleConfig, "guidance"),
                    help="classifier-free guidance scale (1 = off); default: the run's")
-    p.add_argument("--temperature", type=config_value(SampleConfig, "temperature"), help="sampling temperature (token paradigms)")
-    p.add_argument("--top-k", dest="top_k", type=config_value(SampleConfig, "top_k"), help="top-k filtering (token paradigms); 0 = off")
+    p.add_argument("--temperature", type=config_value(SampleConfig, "temperature"), help="sampling temperature (token paradigms); default: the run's")
+    p.add_argument("--top-k", dest="top_k", type=config_value(SampleConfig, "top_k"), help="top-k filtering (token paradigms); 0 = off; default: the run's")
     p.add_argument("--sweep", action="append", default=[], metavar="NAME=v1,v2",
                    help="evaluate every combination, e.g. --sweep steps=4,8,16 --sweep guidance=1,2,4")
-    p.add_argument("--features", default="effnet", help="feature extractors: effnet (fast proxy), inception (standard FID)")
+    p.add_argument("--features", default="effnet",
+                   help="comma-separated feature extractors: effnet (fast proxy; the default), inception (standard FID, slow)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--batch-size", type=count(1), default=100, help="images per sampling batch (default 100)")
-    p.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
+    p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA (default: EMA)")
     p.add_argument("--fid-boot", type=count(0), metavar="N",
                    help="FID bootstrap replicates over the generated images, for noise estimates (default 200; 0 = off)")
     p.add_argument("--no-timing", action="store_true", help="skip latency/throughput measurement")

@@ -39,7 +39,7 @@ def _add_common(p, *, budget: bool) -> None:
     p.add_argument("--objective", choices=PARADIGMS, required=True, help="paradigm")
     p.add_argument("--depth", type=config_value(ModelConfig, "depth"), help="backbone depth (width = 64 * depth); default 4")
     if budget:
-        p.add_argument("--budget", type=config_value(TrainConfig, "budget"), help="training FLOPs, e.g. 3e12")
+        p.add_argument("--budget", type=config_value(TrainConfig, "budget"), help="training FLOPs, e.g. 3e12 (default 3e12); steps = ceil(budget / FLOPs per step)")
     p.add_argument("--tokenizer", help="a tokenizer directory from `flopmatch tokenizer train` (default: weight-free)")
     p.add_argument("--config", help="a config.json to start from")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -116,13 +116,15 @@ def register(sub) -> None:
     p.add_argument("--steps", type=config_value(SampleConfig, "steps"), help="sampling steps (diffusion, masked); 0 = paradigm default")
     p.add_argument("--guidance", "--cfg", dest="guidance", type=config_value(SampleConfig, "guidance"),
                    help="classifier-free guidance scale (1 = off); default: the run's")
-    p.add_argument("--temperature", type=config_value(SampleConfig, "temperature"), help="sampling temperature (token paradigms)")
-    p.add_argument("--top-k", dest="top_k", type=config_value(SampleConfig, "top_k"), help="top-k filtering (token paradigms); 0 = off")
+    p.add_argument("--temperature", type=config_value(SampleConfig, "temperature"),
+                   help="sampling temperature (token paradigms); default: the run's (1)")
+    p.add_argument("--top-k", dest="top_k", type=config_value(SampleConfig, "top_k"),
+                   help="top-k filtering (token paradigms); 0 = off; default: the run's (0)")
     p.add_argument("--no-kv-cache", action="store_true", help="autoregressive: recompute the prefix each step")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0): same seed, same images")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--nrow", type=count(1), help="images per grid row")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA if available, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--nrow", type=count(1), help="images per grid row (default: one row for up to 8 distinct prompts, else square)")
     p.add_argument("--scale", type=count(1), default=4, help="upscale factor of the PNG, nearest neighbour (default 4)")
     p.add_argument("--out", type=output_file, help="PNG path (default: RUN/samples.png)")
     p.set_defaults(func=cmd_sample)

@@ -63,7 +63,7 @@ def register(sub) -> None:
     p.add_argument("--eval-raw", action=argparse.BooleanOptionalAction, default=None,
                    help="also evaluate each run's main setting with raw (non-EMA) weights, for the EMA finding "
                         "(default: on for cpu-long and gpu)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override for every run")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key for every run (repeatable; see `flopmatch config --preset P`)")
     p.add_argument("--workers", type=count(1), default=1, help="local worker processes (default 1: in-process)")
     p.add_argument("--launcher", default="local", choices=("local",), help="where runs execute (default: local)")
     p.add_argument("--plan-only", action="store_true", help="print the plan and exit")

@@ -46,7 +46,8 @@ class LocalWorkersLauncher:
 
     def run(self, jobs: list[dict], on_done: Callable[[dict], None]) -> list[str]:
         threads = int(os.environ.get("FLOPMATCH_THREADS") or max(1, (os.cpu_count() or 1) // self.workers))
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), FLOPMATCH_THREADS=str(threads))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), FLOPMATCH_THREADS=str(threads),
+                   FLOPMATCH_PARENT_PID=str(os.getpid()))  # workers stop when this process dies
         pending, running, failed = list(jobs), [], []
         (self.study / "logs").mkdir(parents=True, exist_ok=True)
         try:

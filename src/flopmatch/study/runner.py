@@ -27,6 +27,7 @@ from flopmatch.data.datasets import make_dataset
 from flopmatch.errors import UserError
 from flopmatch.evaluation.run import EvalConfig
 from flopmatch.files import atomic_write_json, read_json
+from flopmatch.lock import LOCK_NAME, DirectoryLock, describe, holder, is_locked
 from flopmatch.objectives import make_objective
 from flopmatch.report.build import build_report
 from flopmatch.study.launchers import make_launcher
@@ -67,6 +68,18 @@ def ensure_tokenizers(study: Path, scfg: StudyConfig, progress: bool = True) -> 
                           data_info={"dataset": "shapes", "fingerprint": dataset.fingerprint()}, progress=progress)
 
 
+def wait_for_writer(run: Path, timeout_s: float = 30.0) -> None:
+    """Wait until no process holds ``run``'s lock (a stopping worker of an earlier study), or fail naming it."""
+    deadline = time.monotonic() + timeout_s
+    if not is_locked(run):
+        return
+    print(f"[study] waiting for {describe(holder(run))} to stop writing {run}")
+    while is_locked(run):
+        if time.monotonic() > deadline:
+            raise UserError(f"{run} is still being written by {describe(holder(run))}; stop it, then re-run the study")
+        time.sleep(0.5)
+
+
 def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = "local", progress: bool = True) -> dict:
     """Plan, train, evaluate and report a whole study in ``out``; re-running continues where it stopped."""
     out = Path(out)
@@ -76,9 +89,15 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
         if old != asdict(scfg):
             raise UserError(f"{out} holds a study with different settings; use another --out or the same options "
                             f"(saved in {out / 'study.json'})")
-    elif out.exists() and any(p for p in out.iterdir() if p.name not in ("study.json", "plan.json")):
+    elif out.exists() and any(p for p in out.iterdir() if p.name not in ("study.json", "plan.json", LOCK_NAME)):
         raise UserError(f"{out} exists and is not a flopmatch study directory; choose another --out")
-    plans = make_plan(scfg, out)
+    plans = make_plan(scfg, out)  # validates the grid before anything is written
+    with DirectoryLock(out, "study"):  # one study process per directory
+        return _study_locked(out, scfg, plans, workers, launcher, progress)
+
+
+def _study_locked(out: Path, scfg: StudyConfig, plans: list, workers: int, launcher: str, progress: bool) -> dict:
+    """The study proper, run while this process holds the study directory's lock (see :func:`study`)."""
     atomic_write_json(out / "study.json", asdict(scfg))
     atomic_write_json(out / "plan.json", [asdict(p) for p in plans])
     print(format_plan(plans))
@@ -96,6 +115,8 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
         finished[0] += 1
         print(f"[study] {finished[0]}/{len(jobs)} done: {job['name']} ({fmt_duration(time.perf_counter() - t0)} elapsed)")
 
+    for job in jobs:  # a worker of an earlier, killed study may still be stopping: let it finish its checkpoint
+        wait_for_writer(Path(job["run_dir"]))
     failed = make_launcher(launcher, workers, out).run(jobs, on_done)
     if failed:
         raise UserError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; fix and re-run to continue")

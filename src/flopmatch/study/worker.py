@@ -6,15 +6,44 @@ Started by :class:`~flopmatch.study.launchers.LocalWorkersLauncher`, one per con
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
 
 from flopmatch.errors import UserError
 from flopmatch.study.job import run_job
+
+PARENT_ENV = "FLOPMATCH_PARENT_PID"  # set by the launcher: the study process this worker belongs to
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """Stop this worker (as Ctrl-C would: checkpoint, then exit) when the study process ``parent`` dies.
+
+    Linux delivers SIGINT on the parent's death through prctl(PR_SET_PDEATHSIG); everywhere, a daemon
+    thread also watches for the worker being re-parented. Either way a killed study leaves no worker
+    writing into its directory for more than a second or two.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+    except (OSError, AttributeError):
+        pass  # not Linux: the watchdog below does it
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    if os.getppid() != parent:  # the parent died before we got here
+        raise KeyboardInterrupt
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if threads:
         torch.set_num_threads(int(threads))
     try:
+        if os.environ.get(PARENT_ENV):
+            die_with_parent(int(os.environ[PARENT_ENV]))
         run_job(json.loads(Path(argv[0]).read_text()), progress=False)
     except UserError as e:
         print(f"flopmatch: error: {e}", file=sys.stderr)

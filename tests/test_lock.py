@@ -1,0 +1,117 @@
+"""One writer per run and per study: a busy directory is refused with its holder named, a dead holder's
+lock is taken over, and the workers of a killed study stop with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from flopmatch.errors import UserError
+from flopmatch.lock import LOCK_NAME, DirectoryLock, holder, is_locked
+from flopmatch.rundir import METRICS, read_state
+from flopmatch.study.presets import study_preset
+from flopmatch.study.runner import study
+from flopmatch.train import train
+from tiny import tiny_run_config
+
+TESTS = Path(__file__).resolve().parent
+LONG = 150  # steps of the run that holds the lock in a subprocess (a few seconds)
+
+TRAINER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    torch.set_num_threads(1)
+    from flopmatch.train import train
+    from tiny import tiny_run_config
+    train(tiny_run_config("masked", {steps}, sets=["train.log_every=1", "train.checkpoint_every=50"]), {out!r}, progress=False)
+""")
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_second_writer_is_refused_naming_the_holder_and_the_first_finishes(tmp_path):
+    """While one process trains a run, a second `train` on it fails at once naming the first; the first is unharmed."""
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-c", TRAINER.format(tests=str(TESTS), steps=LONG, out=str(out))],
+                             stderr=subprocess.PIPE, text=True)
+    _wait(lambda: is_locked(out) or first.poll() is not None, 60, "the first trainer to take the lock")
+    assert first.poll() is None, first.stderr.read()
+    with pytest.raises(UserError, match=rf"in use: pid {first.pid} on .*writing this run"):
+        train(tiny_run_config("masked", LONG, sets=["train.log_every=1", "train.checkpoint_every=50"]), out, progress=False)
+    assert first.wait(timeout=120) == 0, first.stderr.read()
+    steps = [json.loads(line)["step"] for line in (out / METRICS).read_text().splitlines()]
+    assert steps == list(range(1, LONG + 1)) and read_state(out)["done"]
+    assert not is_locked(out) and holder(out) is None  # released cleanly: no holder left behind
+
+
+def test_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
+    """A lock file left by a process that no longer runs does not block; the new writer says whose it was."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(json.dumps({"host": "here", "pid": dead.pid, "command": "flopmatch train", "since": 0}))
+    assert train(tiny_run_config("masked", 2), out, progress=False)["done"]
+    assert f"taking over the lock of pid {dead.pid}" in capsys.readouterr().err
+
+
+def test_lock_is_exclusive_within_and_across_processes(tmp_path):
+    """A held lock refuses a second holder in another process; released, it can be taken again."""
+    probe = f"from flopmatch.lock import DirectoryLock\nwith DirectoryLock({str(tmp_path)!r}, 'run'): pass"
+    with DirectoryLock(tmp_path, "run"):
+        assert is_locked(tmp_path) and holder(tmp_path)["pid"] == os.getpid()
+        other = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        assert other.returncode == 1 and f"pid {os.getpid()}" in other.stderr
+    assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
+
+
+def _workers_of(out: Path) -> list[int]:
+    """Pids of study worker processes whose job file is under ``out``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"flopmatch.study.worker" in cmd and any(str(out).encode() in part for part in cmd):
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds worker processes through /proc")
+def test_killed_study_parent_leaves_no_worker_running(tmp_path):
+    """SIGKILL of a `study --workers 2` parent stops its workers within seconds; re-running the study finishes."""
+    out = tmp_path / "study"
+    parent = subprocess.Popen([sys.executable, "-m", "flopmatch", "study", "--preset", "tiny", "--workers", "2",
+                               "--objectives", "masked", "--out", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait(lambda: _workers_of(out) or parent.poll() is not None, 120, "the study's workers to start")
+    assert parent.poll() is None
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    _wait(lambda: not _workers_of(out), 15, "the orphaned workers to stop")
+    result = study(out, _tiny_masked(), workers=1, progress=False)  # nothing left writing: the re-run completes
+    assert result["paths"]["html"].exists()
+
+
+def _tiny_masked():
+    scfg = study_preset("tiny")
+    scfg.objectives = ["masked"]
+    return scfg
