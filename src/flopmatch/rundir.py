@@ -11,6 +11,7 @@ thing it may read::
       tokenizer/                        the run's own tokenizer, so sampling needs nothing else
       eval.json                         metrics keyed by sampling settings, each with a manifest
       samples/<entry>/                  generated images (safetensors + grid.png) and their prompts
+      .lock                             held by the one process training the run (flopmatch.lock)
 
 Training writes the first five through this module; ``flopmatch eval`` writes the last two. Old run
 directories stay readable: configs, network specs and tokenizer specs written by v0.1 are migrated
