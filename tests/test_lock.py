@@ -17,8 +17,6 @@ import pytest
 from flopmatch.errors import UserError
 from flopmatch.lock import LOCK_NAME, DirectoryLock, holder, is_locked
 from flopmatch.rundir import METRICS, read_state
-from flopmatch.study.presets import study_preset
-from flopmatch.study.runner import study
 from flopmatch.train import train
 from tiny import tiny_run_config
 
@@ -97,7 +95,7 @@ def _workers_of(out: Path) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds worker processes through /proc")
 def test_killed_study_parent_leaves_no_worker_running(tmp_path):
-    """SIGKILL of a `study --workers 2` parent stops its workers within seconds; re-running the study finishes."""
+    """SIGKILL of a `study --workers 2` parent stops its workers within seconds and frees every run's lock."""
     out = tmp_path / "study"
     parent = subprocess.Popen([sys.executable, "-m", "flopmatch", "study", "--preset", "tiny", "--workers", "2",
                                "--objectives", "masked", "--out", str(out)],
@@ -107,11 +105,5 @@ def test_killed_study_parent_leaves_no_worker_running(tmp_path):
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     _wait(lambda: not _workers_of(out), 15, "the orphaned workers to stop")
-    result = study(out, _tiny_masked(), workers=1, progress=False)  # nothing left writing: the re-run completes
-    assert result["paths"]["html"].exists()
-
-
-def _tiny_masked():
-    scfg = study_preset("tiny")
-    scfg.objectives = ["masked"]
-    return scfg
+    runs = [p for p in (out / "runs").iterdir() if p.is_dir()]
+    assert runs and not any(is_locked(r) for r in runs)  # nothing still writes: a re-run can take every run
