@@ -52,7 +52,6 @@ ATTRIBUTES = ("color", "shape", "size", "position", "relation", "count")
 
 def head_sizes() -> dict[str, int]:
     """Output classes per head, in the order of the logit vector."""
-
     sizes = {"count": 2, "position": len(POSITIONS), "axis": 2}
     for slot in (0, 1):
         sizes |= {f"color{slot}": len(COLORS), f"shape{slot}": len(SHAPES), f"size{slot}": len(SIZES)}
@@ -165,7 +164,6 @@ def score_prompt_following(classifier: AttributeClassifier, images_uint8: torch.
     "per_image_match": [bool] * N, "num_checks": {attribute: number of checks}, "num_images": N}.
     Colour/shape/size are checked per named object, so a pair prompt contributes two checks each.
     """
-
     if images_uint8.shape[0] != len(captions):
         raise ValueError(f"{images_uint8.shape[0]} images but {len(captions)} captions")
     vocab = _vocab()
@@ -218,7 +216,6 @@ def head_accuracy(classifier: AttributeClassifier, images_uint8: torch.Tensor, a
 
 def _train_config(shapes_cfg):
     """The classifier's training data: fresh scenes at the user's image size, dedicated seed, no holdout."""
-
     return ShapesConfig(seed=TRAIN_SEED, image_size=shapes_cfg.image_size, num_train=NUM_TRAIN_SCENES, num_eval=0,
                         two_object_prob=0.5, holdout=())
 
@@ -237,8 +234,6 @@ def train_attribute_classifier(shapes_cfg, progress: bool = True, steps: int | N
 
     CPU, bf16 autocast for the convolutions, AdamW with a cosine schedule, ``steps`` x BATCH_SIZE images.
     """
-
-
     steps = TRAIN_STEPS if steps is None else steps
     t0 = time.time()
     train_cfg = _train_config(shapes_cfg)
@@ -287,7 +282,6 @@ def _evaluator_dir(shapes_cfg) -> Path:
 
 def _heldout_accuracy(classifier: AttributeClassifier, shapes_cfg) -> dict:
     """Accuracies on the real eval split of ``shapes_cfg``: per head vs ground truth, and prompt scoring."""
-
     ds = ShapesDataset(shapes_cfg, "eval")
     if len(ds) == 0:
         return {"eval_data_fingerprint": shapes_cfg.fingerprint(), "num_images": 0}
@@ -300,13 +294,18 @@ def _heldout_accuracy(classifier: AttributeClassifier, shapes_cfg) -> dict:
             "meets_bound": all(prompt[a] >= ACCURACY_BOUND for a in ATTRIBUTES if prompt[a] is not None)}
 
 
+def attribute_classifier_cached(shapes_cfg) -> bool:
+    """Whether the attribute classifier for ``shapes_cfg`` is already trained and cached on this machine."""
+    folder = _evaluator_dir(shapes_cfg)
+    return (folder / "classifier.safetensors").exists() and (folder / "info.json").exists()
+
+
 def load_or_train_attribute_classifier(shapes_cfg, progress: bool = True) -> AttributeClassifier:
     """The cached attribute classifier for shapes at ``shapes_cfg.image_size`` (trained once, ~minutes on CPU).
 
     Its ``heldout`` dict holds the accuracies on ``shapes_cfg``'s real eval split (cached per eval config).
     A cache entry whose weights do not match their recorded sha256 is retrained, never trusted.
     """
-
     folder = _evaluator_dir(shapes_cfg)
     weights, info_path = folder / "classifier.safetensors", folder / "info.json"
     net = info = None

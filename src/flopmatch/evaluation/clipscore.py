@@ -100,7 +100,6 @@ class DomainCLIP(nn.Module):
 
 def _encode_pooled(captions: list[str], encoder=None) -> torch.Tensor:
     """MiniLM pooled states (N, 384) float32 for captions, each unique caption encoded once."""
-
     encoder = encoder or make_text_encoder(TEXT_ENCODER)
     unique = sorted(set(captions))
     row = {c: i for i, c in enumerate(unique)}
@@ -165,7 +164,6 @@ def retrieval_accuracy(model: DomainCLIPModel, images_uint8: torch.Tensor, capti
 def train_domain_clip(train_images: torch.Tensor, train_captions: list[str], progress: bool = True,
                       steps: int | None = None) -> tuple[DomainCLIP, dict]:
     """Contrastive training (symmetric InfoNCE) on (N, 3, H, W) uint8 images and their captions."""
-
     steps = TRAIN_STEPS if steps is None else steps
     t0 = time.time()
     pooled = _encode_pooled(train_captions)  # (N, 384), frozen: computed once
@@ -209,7 +207,6 @@ def load_or_train_domain_clip(train_set: CaptionedImages, heldout_set: Captioned
     key digests both sets' fingerprints, the text encoder's fingerprint and CLIP_CODE_VERSION; weights whose
     sha256 does not match the recorded one are retrained.
     """
-
     encoder = make_text_encoder(TEXT_ENCODER)
     data_key = f"{train_set.fingerprint()}+{heldout_set.fingerprint()}"
     key = hashlib.sha256(f"{data_key}|{encoder.fingerprint()}|v{CLIP_CODE_VERSION}".encode()).hexdigest()[:16]

@@ -281,7 +281,6 @@ def extract_features(
     extractor: nn.Module, images_uint8: torch.Tensor, batch_size: int = 64, progress: bool = True
 ) -> torch.Tensor:
     """Features of uint8 images (N, 3, H, W) -> (N, F) float64 on CPU, in batches of ``batch_size``."""
-
     _check_uint8(images_uint8)
     out = []
     starts = range(0, images_uint8.shape[0], batch_size)
@@ -295,7 +294,6 @@ def extract_features(
 
 def reference_features_path(extractor: FeatureExtractor, key: str) -> Path:
     """Cache file of a reference set's features for this extractor (weights checksum in the name)."""
-
     return cache_dir() / "features" / f"{extractor.name}-{extractor.checksum()[:12]}-{key}.safetensors"
 
 
@@ -308,7 +306,6 @@ def reference_features(
     the images' sha256 and the resize path, and an entry whose images or resize differ is recomputed, so a
     stale key can never silently give another set's (or another preprocessing's) features.
     """
-
     path = reference_features_path(extractor, key)
     digest = tensor_sha256(images_uint8)
     if path.exists():

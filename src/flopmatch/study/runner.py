@@ -30,6 +30,7 @@ from flopmatch.files import atomic_write_json, read_json
 from flopmatch.lock import LOCK_NAME, DirectoryLock, describe, holder, is_locked
 from flopmatch.objectives import make_objective
 from flopmatch.report.build import build_report
+from flopmatch.study.estimate import estimate, rates_dict
 from flopmatch.study.launchers import make_launcher
 from flopmatch.study.plan import (
     autoencoder_config,
@@ -101,8 +102,11 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, workers: int, launc
     atomic_write_json(out / "study.json", asdict(scfg))
     atomic_write_json(out / "plan.json", [asdict(p) for p in plans])
     print(format_plan(plans))
+    est = estimate(scfg, plans, out)
+    print("[study] estimated wall time: " + ", ".join(f"{k} {fmt_duration(v)}" for k, v in est.items()))
     t0 = time.perf_counter()
     ensure_tokenizers(out, scfg, progress)
+    t_tokenizers = time.perf_counter()
     ecfg = EvalConfig(num_samples=scfg.eval_samples, features=list(scfg.features), timing_budget_s=scfg.timing_budget_s)
     jobs = []
     for p in plans:
@@ -120,6 +124,16 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, workers: int, launc
     failed = make_launcher(launcher, workers, out).run(jobs, on_done)
     if failed:
         raise UserError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; fix and re-run to continue")
+    t_runs = time.perf_counter()
     result = build_report(out, n_boot=scfg.n_boot)
-    print(f"[study] report: {out / 'report.html'} ({fmt_duration(time.perf_counter() - t0)})")
+    t_end = time.perf_counter()
+    measured = {"tokenizers": t_tokenizers - t0, "runs": t_runs - t_tokenizers, "report": t_end - t_runs, "total": t_end - t0}
+    atomic_write_json(out / "timings.json", {
+        "estimated_s": est, "measured_s": measured, "rates": rates_dict(),
+        "note": "measured: this invocation only (a resumed study skips finished work); set-up other than the "
+                "tokenizers (captions, evaluators, reference features) happens inside the first runs",
+    })
+    print(f"[study] report: {out / 'report.html'}; took {fmt_duration(measured['total'])} (tokenizers "
+          f"{fmt_duration(measured['tokenizers'])}, runs {fmt_duration(measured['runs'])}, report "
+          f"{fmt_duration(measured['report'])}); estimated {fmt_duration(est['total'])}")
     return result

@@ -1,0 +1,71 @@
+"""How long a study will take, by stage, before it runs, and how that compares with what it took.
+
+The plan knows every run's FLOPs exactly; wall time needs rates. Training and sampling are converted
+with ``StudyConfig.assumed_flops_per_s`` (the preset's figure for its machine); the fixed costs below
+were measured on the 2-core CPU this project is developed on (bf16 AMX), see :class:`Rates`. Stages
+whose results are already cached (trained tokenizers, the attribute classifier, encoded captions)
+cost nothing. ``runner.study`` prints the estimate after the plan and writes ``timings.json`` with
+estimate and measurement side by side, so the rates can be checked on any machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from flopmatch.config import RunConfig, from_dict
+from flopmatch.data.datasets import shapes_config
+from flopmatch.evaluation.attributes import attribute_classifier_cached
+from flopmatch.objectives import make_objective
+from flopmatch.study.plan import RunPlan, autoencoder_config, tokenizer_dirs
+from flopmatch.study.presets import StudyConfig
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Fixed rates of the set-up and evaluation stages (2 CPU cores, measured here; seconds or items/s)."""
+
+    render_images_per_s: float = 2500.0  # drawing shapes images
+    captions_per_s: float = 400.0  # MiniLM caption encoding
+    autoencoder_step_s: float = 0.09  # one learned-tokenizer step, cpu preset (batch 32, bf16)
+    kmeans_s: float = 15.0  # fitting a weight-free k-means tokenizer
+    attribute_classifier_s: float = 150.0  # training the prompt-following classifier, once per machine
+    feature_images_per_s: float = 300.0  # EfficientNet-Lite0 features (Inception: ~12)
+    sampling_efficiency: float = 0.35  # sampling FLOP rate / training FLOP rate (small batches, per-step overhead)
+    run_overhead_s: float = 3.0  # per run: loading data, building the network, checkpoints
+    report_s: float = 40.0  # fits, bootstrap and figures of a study of ~20 runs
+
+
+def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates = Rates()) -> dict[str, float]:
+    """Seconds per stage: "set-up", "training", "evaluation", "report" (and their "total")."""
+    cfg = from_dict(RunConfig, plans[0].config) if plans else RunConfig()
+    setup = 0.0
+    if scfg.tokenizer == "learned":
+        needed = {make_objective(o).tokens for o in scfg.objectives}
+        for tokens, directory in tokenizer_dirs(study).items():
+            if tokens in needed and not (directory / "tokenizer.json").exists():
+                setup += autoencoder_config(scfg, tokens).steps * rates.autoencoder_step_s
+    else:
+        setup += rates.kmeans_s  # the continuous patch tokenizer is a mean and a std: free
+    setup += cfg.data.num_train / rates.render_images_per_s
+    if cfg.text.kind == "minilm":
+        setup += cfg.data.num_train / rates.captions_per_s  # an upper bound: unique captions are fewer
+    if not attribute_classifier_cached(shapes_config(cfg.data)):
+        setup += rates.attribute_classifier_s
+    setup += cfg.data.num_eval / rates.feature_images_per_s  # reference features
+    training = sum(p.est_seconds + rates.run_overhead_s for p in plans)
+    evaluation = 0.0
+    sample_rate = scfg.assumed_flops_per_s * rates.sampling_efficiency
+    for p in plans:
+        settings = 1 + len(scfg.eval_steps.get(p.objective, [])) + (1 if scfg.eval_raw else 0)
+        per_setting = (scfg.eval_samples * p.sample_flops_per_image / sample_rate
+                       + scfg.eval_samples / rates.feature_images_per_s + scfg.timing_budget_s)
+        evaluation += settings * per_setting
+    out = {"set-up": setup, "training": training, "evaluation": evaluation, "report": rates.report_s}
+    out["total"] = sum(out.values())
+    return out
+
+
+def rates_dict(rates: Rates = Rates()) -> dict:
+    """The rates an estimate used, for timings.json."""
+    return asdict(rates)
