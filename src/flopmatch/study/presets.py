@@ -53,9 +53,12 @@ class StudyConfig:
 
 
 def cpu() -> StudyConfig:
-    """Default: a 2-core CPU in about 13 minutes from an empty cache (3 paradigms x 2 depths x 3 budgets).
+    """Default: a 2-core CPU in 13 to 20 minutes from an empty cache (3 paradigms x 2 depths x 3 budgets).
 
-    Measured here (idle machine, empty FLOPMATCH_CACHE): 12.8 min wall, of which ~2.6 min set-up
+    Measured on a slower 2-core machine (2026-12-03, idle, empty cache): 19.2 min, of which 2.2 min the
+    two tokenizers, 14.4 min runs (6.9 min training at ~40-80 GFLOP/s) and 2.6 min report; the same
+    code trains at the same speed as v0.1 there (A/B, same command). Measured earlier on a faster one
+    (idle machine, empty FLOPMATCH_CACHE): 12.8 min wall, of which ~2.6 min set-up
     (caption encoding, the two tokenizers, the attribute classifier once per machine, reference
     features), 4.6 min training 2.35e13 FLOPs (~60 GFLOP/s at depth 1, ~125 at depth 2), ~4.5 min
     evaluating 30 settings of 250 samples (with FID bootstrap and timing), ~1 min report. Small

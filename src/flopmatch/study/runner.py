@@ -11,6 +11,8 @@ Layout of a study directory::
       jobs/<run>.json     what a worker process runs
       logs/<run>.log      a worker's output
       runs/<run>/         ordinary run directories (config.json, metrics.jsonl, checkpoint/, eval.json, samples/)
+      timings.json        estimated and measured wall time by stage
+      .lock               held by the study process (flopmatch.lock)
 
 Every stage skips finished work (a finished run, an evaluated setting, a trained tokenizer) and
 resumes interrupted work, so re-running ``flopmatch study`` after a crash or Ctrl-C continues.
