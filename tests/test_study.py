@@ -35,13 +35,17 @@ def test_plan_is_analytic_and_spends_each_budget(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path):
-    """A tiny 3-paradigm study writes plan, runs, eval.json per run and the report files."""
+    """A tiny 3-paradigm study writes plan, runs, eval.json per run, the report files and its stage timings."""
     out = tmp_path / "study"
     scfg = tiny_study(objectives=("diffusion", "masked", "autoregressive"))
     scfg.eval_raw = True
     study(out, scfg, progress=False)
-    for name in ("plan.json", "study.json", "report.html", "report.md", "results.csv"):
+    for name in ("plan.json", "study.json", "report.html", "report.md", "results.csv", "timings.json"):
         assert (out / name).is_file(), name
+    timings = json.loads((out / "timings.json").read_text())  # the plan's estimate beside what each stage took
+    assert set(timings["estimated_s"]) == {"set-up", "training", "evaluation", "report", "total"}
+    assert set(timings["measured_s"]) == {"tokenizers", "runs", "report", "total"}
+    assert timings["measured_s"]["total"] >= timings["measured_s"]["runs"] > 0 and timings["estimated_s"]["total"] > 0
     plans = json.loads((out / "plan.json").read_text())
     assert len(plans) == 9
     with open(out / "results.csv") as f:
