@@ -9,6 +9,7 @@ Tensors are stored as safetensors, never pickled (no ``torch.load`` of untrusted
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -107,31 +108,36 @@ def _raise_user_error_if_disk(e: BaseException, path: Path) -> None:
                         f"(finished work is kept and an interrupted run resumes)") from None
 
 
-def _temp_beside(path: Path) -> tuple[int, str]:
-    """Create the directory of ``path`` and a temporary file in it, named ``.<name>.<random>.tmp``."""
+@contextlib.contextmanager
+def _atomic(path: Path):
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on any failure it is removed.
+
+    The temporary file is ``.<name>.<random>.tmp`` in the same directory (same file system, so the final
+    ``os.replace`` is atomic); a full disk or a read-only directory becomes a one-line UserError.
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         _raise_user_error_if_disk(e, path)
         raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + rename (atomic on POSIX)."""
-    path = Path(path)
-    fd, tmp = _temp_beside(path)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         _raise_user_error_if_disk(e, path)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file + rename (atomic on POSIX), synced to disk first."""
+    with _atomic(Path(path)) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -157,17 +163,8 @@ def read_json(path: str | Path) -> dict:
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Atomically write a flat dict of tensors as safetensors (tensors made contiguous, on CPU)."""
-    path = Path(path)
-    fd, tmp = _temp_beside(path)
-    os.close(fd)
-    try:
+    with _atomic(Path(path)) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        _raise_user_error_if_disk(e, path)
-        raise
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
