@@ -52,6 +52,7 @@ def test_second_writer_is_refused_naming_the_holder_and_the_first_finishes(tmp_p
     assert first.poll() is None, first.stderr.read()
     with pytest.raises(UserError, match=rf"in use: pid {first.pid} on .*writing this run"):
         train(tiny_run_config("masked", LONG, sets=["train.log_every=1", "train.checkpoint_every=50"]), out, progress=False)
+    assert first.poll() is not None or is_locked(out)  # the refused writer left the holder's lock alone
     assert first.wait(timeout=120) == 0, first.stderr.read()
     steps = [json.loads(line)["step"] for line in (out / METRICS).read_text().splitlines()]
     assert steps == list(range(1, LONG + 1)) and read_state(out)["done"]

@@ -76,6 +76,26 @@ def test_v01_keys_migrate_in_files_and_set_paths():
     assert TokenizerSpec.from_dict({"kind": "discrete", "grid": 8, "vocab_size": 1024, "channels": 0}) == tok
 
 
+def test_v01_config_with_only_a_method_section_loads():
+    """A v0.1 config.json that set method hyper-parameters but left the objective at its default still loads."""
+    cfg = from_dict(RunConfig, {"method": {"t_mean": 0.5}, "sample": {"cfg": 2.0}})
+    assert cfg.objective.name == "masked" and cfg.objective.t_mean == 0.5 and cfg.sample.guidance == 2.0
+
+
+def test_torn_last_metrics_line_does_not_block_resume(tmp_path):
+    """A kill in the middle of appending metrics leaves a partial line; resuming drops it and logs the same rows."""
+    cfg = tiny_run_config("masked", 6, sets=["train.log_every=1", "train.checkpoint_every=2"])
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    train(cfg, ref, progress=False)
+    train(cfg, run, progress=False, stop_after=3)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 1.2')  # torn: no closing brace, no newline
+    assert train(cfg, run, progress=False)["done"]
+    strip = lambda p: [{k: v for k, v in json.loads(ln).items() if k not in ("elapsed_s", "flops_per_s")}  # noqa: E731
+                       for ln in (p / "metrics.jsonl").read_text().splitlines()]
+    assert strip(run) == strip(ref)
+
+
 def test_report_matches_v01_eval_settings_to_the_run_default():
     """An eval.json entry that names the guidance scale "cfg" (v0.1) is still recognised as the run's main setting."""
     sample = RunConfig().sample

@@ -139,6 +139,8 @@ class RunConfig:
         if self.objective.name not in PARADIGMS:
             raise UserError(f"unknown objective {self.objective.name!r}; choose one of {', '.join(PARADIGMS)}")
         check_fields(self)
+        if not re.fullmatch(DEVICE_PATTERN, self.train.device):
+            raise UserError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.train.device!r}")
         if self.data.image_size % self.tokenizer.patch:
             raise UserError(f"data.image_size {self.data.image_size} is not a multiple of tokenizer.patch {self.tokenizer.patch}")
         return self
@@ -189,11 +191,29 @@ RANGES: dict[tuple[str, str], Range] = {
     ("SampleConfig", "steps"): NON_NEGATIVE, ("SampleConfig", "guidance"): NON_NEGATIVE,
     ("SampleConfig", "temperature"): POSITIVE, ("SampleConfig", "top_k"): NON_NEGATIVE,
     ("SampleConfig", "choice_temperature"): NON_NEGATIVE,
+    # the learned tokenizers' config (flopmatch.tokenizers.autoencoder), validated through the same table
+    ("AutoencoderConfig", "image_size"): Range(16, 1024), ("AutoencoderConfig", "patch"): AT_LEAST_1,
+    ("AutoencoderConfig", "num_res_blocks"): NON_NEGATIVE, ("AutoencoderConfig", "latent_channels"): AT_LEAST_1,
+    ("AutoencoderConfig", "kl_weight"): NON_NEGATIVE, ("AutoencoderConfig", "bits"): Range(1, 20),
+    ("AutoencoderConfig", "commitment_weight"): NON_NEGATIVE, ("AutoencoderConfig", "entropy_weight"): NON_NEGATIVE,
+    ("AutoencoderConfig", "diversity_weight"): NON_NEGATIVE, ("AutoencoderConfig", "entropy_temperature"): POSITIVE,
+    ("AutoencoderConfig", "adv_weight"): NON_NEGATIVE, ("AutoencoderConfig", "adv_start"): NON_NEGATIVE,
+    ("AutoencoderConfig", "steps"): AT_LEAST_1, ("AutoencoderConfig", "batch_size"): AT_LEAST_1,
+    ("AutoencoderConfig", "lr"): POSITIVE, ("AutoencoderConfig", "min_lr_ratio"): PROBABILITY,
+    ("AutoencoderConfig", "warmup_steps"): NON_NEGATIVE, ("AutoencoderConfig", "weight_decay"): NON_NEGATIVE,
+    ("AutoencoderConfig", "beta2"): FRACTION, ("AutoencoderConfig", "grad_clip"): POSITIVE,
+    ("AutoencoderConfig", "num_train"): AT_LEAST_1, ("AutoencoderConfig", "stats_images"): AT_LEAST_1,
+    ("AutoencoderConfig", "log_every"): AT_LEAST_1,
 }
+PRECISIONS = ("auto", "bf16", "fp32")
+DATASETS = ("shapes",)  # the sources flopmatch.data.datasets.make_dataset knows
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("TextConfig", "kind"): ("minilm", "hash"), ("TokenizerConfig", "kind"): ("auto", "patch", "kmeans"),
-    ("TrainConfig", "precision"): ("auto", "bf16", "fp32"), ("ObjectiveConfig", "name"): PARADIGMS,
+    ("TrainConfig", "precision"): PRECISIONS, ("ObjectiveConfig", "name"): PARADIGMS, ("DataConfig", "name"): DATASETS,
+    ("AutoencoderConfig", "kind"): ("kl", "lfq"), ("AutoencoderConfig", "recon_loss"): ("l1", "l2", "l1+l2"),
+    ("AutoencoderConfig", "precision"): PRECISIONS, ("AutoencoderConfig", "data"): DATASETS,
 }
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"  # what train.device may name (flopmatch.device.resolve_device)
 
 
 # Where each section lives in a RunConfig (for messages and --set keys).
@@ -265,7 +285,7 @@ def to_dict(cfg) -> dict:
 
 # Keys renamed since configs were first written, (dataclass, old key) -> new key. Files written by
 # earlier versions (run directories, --config files) are read through these; new files use the new names.
-RENAMED = {("SampleConfig", "cfg"): "guidance"}
+RENAMED = {("SampleConfig", "cfg"): "guidance", ("StudyConfig", "eval_cfg"): "eval_guidance"}
 # --set paths renamed the same way (a key ending in "." renames a prefix, others a whole path).
 RENAMED_PATHS = {"sample.cfg": "sample.guidance", "method.": "objective.", "objective": "objective.name"}
 
@@ -273,9 +293,11 @@ RENAMED_PATHS = {"sample.cfg": "sample.guidance", "method.": "objective.", "obje
 def _migrate(cls, data: dict) -> dict:
     """``data`` with keys written by earlier versions renamed to today's (see RENAMED)."""
     data = {RENAMED.get((cls.__name__, k), k): v for k, v in data.items()}
-    if cls.__name__ == "RunConfig" and isinstance(data.get("objective"), str):
-        # v0.1 kept the paradigm name at the top ("objective": "masked") and its hyper-parameters in "method".
-        data["objective"] = {"name": data["objective"], **(data.pop("method", None) or {})}
+    if cls.__name__ == "RunConfig" and (isinstance(data.get("objective"), str) or "method" in data):
+        # v0.1 kept the paradigm name at the top ("objective": "masked") and its hyper-parameters in
+        # "method"; either could be absent (then the defaults applied).
+        name = data.get("objective") if isinstance(data.get("objective"), str) else ObjectiveConfig.name
+        data["objective"] = {"name": name, **(data.pop("method", None) or {})}
     return data
 
 

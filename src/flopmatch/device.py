@@ -59,6 +59,15 @@ def memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def run_bf16(precision: str, device: torch.device, state: dict | None) -> bool:
+    """Autocast precision for a run: "auto" reuses what the run recorded (its checkpoint ``state``) when on
+    the same kind of device, so a run never changes precision between resume, sampling and evaluation;
+    otherwise :func:`use_bf16` decides (and the result gets recorded by training)."""
+    if precision == "auto" and state and "bf16" in state and state.get("device_type", device.type) == device.type:
+        return bool(state["bf16"])
+    return use_bf16(precision, device)
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
     """Resolve a precision setting ("auto" | "bf16" | "fp32") for a device."""
     if precision == "bf16":

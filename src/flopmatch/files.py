@@ -24,11 +24,19 @@ from safetensors.torch import load_file, save_file
 from flopmatch.errors import UserError
 
 
-def _umask_mode() -> int:
-    """Mode for new files under the current umask (mkstemp would leave them owner-only, 0600)."""
+def _read_umask() -> int:
+    """The process umask (read once, at import: os.umask can only be read by setting it)."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _umask_mode() -> int:
+    """Mode for new files under the umask (mkstemp would leave them owner-only, 0600)."""
+    return 0o666 & ~_UMASK
 
 
 _SHA256: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) -> digest, per process
@@ -71,15 +79,18 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def remove_stale_temps(directory: str | Path) -> list[Path]:
+def remove_stale_temps(directory: str | Path, names: tuple[str, ...] | None = None) -> list[Path]:
     """Delete temporary files left in ``directory`` by atomic writes that a killed process never finished.
 
-    Only names this module creates (``.<name>.<random>.tmp``) are touched; returns what was removed.
+    Only names this module creates (``.<name>.<random>.tmp``) are touched, and with ``names`` only the
+    temporaries of those files (so another process's write in progress there is left alone).
+    Returns what was removed.
     """
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    stale = [p for p in directory.glob(".*.tmp") if p.is_file()]
+    patterns = [f".{n}.*.tmp" for n in names] if names else [".*.tmp"]
+    stale = [p for pattern in patterns for p in directory.glob(pattern) if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

@@ -74,8 +74,13 @@ class DirectoryLock:
             os.close(fd)
             raise UserError(f"{self.directory} is in use: {describe(holder(self.directory))} is writing this {self.what}; "
                             f"wait for it to finish or stop it, then re-run") from None
-        previous = holder(self.directory)
-        if previous and previous.get("pid") != os.getpid():
+        # Read the previous holder through this descriptor: on NFS, where flock is emulated with POSIX
+        # locks, opening and closing the file again would drop the lock just taken.
+        try:
+            previous = json.loads(os.pread(fd, 4096, 0).decode() or "null")
+        except ValueError:
+            previous = None
+        if isinstance(previous, dict) and previous.get("pid") != os.getpid():
             print(f"{self.directory}: taking over the lock of {describe(previous)}, which is no longer running",
                   file=sys.stderr)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "command": " ".join(sys.argv)[:200], "since": time.time()}

@@ -13,7 +13,8 @@ thing it may read::
       samples/<entry>/                  generated images (safetensors + grid.png) and their prompts
       .lock                             held by the one process training the run (flopmatch.lock)
 
-Training writes the first five through this module; ``flopmatch eval`` writes the last two. Old run
+Training writes config, metrics, checkpoint and tokenizer through this module and holds ``.lock``;
+``flopmatch eval`` writes ``eval.json`` and ``samples/``. Old run
 directories stay readable: configs, network specs and tokenizer specs written by v0.1 are migrated
 on read (:func:`flopmatch.config.from_dict`, :meth:`flopmatch.nets.NetSpec.from_dict`,
 :meth:`flopmatch.tokenizers.base.TokenizerSpec.from_dict`).
@@ -87,11 +88,19 @@ def append_metrics(run: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
+def _row_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line, or None for a blank or torn line (a kill mid-append)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def truncate_metrics(run: Path, step: int) -> None:
     """Drop logged rows after ``step``, so a resumed log equals an uninterrupted one."""
     path = Path(run) / METRICS
     if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        keep = [ln for ln in path.read_text().splitlines() if _row_step(ln) is not None and _row_step(ln) <= step]
         atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 

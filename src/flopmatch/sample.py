@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from flopmatch.config import RunConfig, SampleConfig, validate_sample
-from flopmatch.device import autocast, resolve_device, use_bf16
+from flopmatch.device import autocast, resolve_device, run_bf16
 from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_bytes
 from flopmatch.objectives import Objective, make_objective
@@ -54,9 +54,7 @@ def load_sampler(run: str | Path, weights: str = "ema", device: str = "auto") ->
     tok = load_tokenizer(tokenizer_dir(run)).to(dev).eval()
     # With precision "auto", sample at the precision training recorded (decided once, by timing, on its
     # first start) when on the same kind of device, so repeated evaluations never flip precision.
-    state = read_state(run) or {}
-    recorded = state.get("bf16") if state.get("device_type", dev.type) == dev.type else None
-    bf16 = bool(recorded) if cfg.train.precision == "auto" and recorded is not None else use_bf16(cfg.train.precision, dev)
+    bf16 = run_bf16(cfg.train.precision, dev, read_state(run))
     return Sampler(cfg, net, make_objective(cfg.objective), tok, text_encoder_for(cfg.text), dev, weights, bf16)
 
 

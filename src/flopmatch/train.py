@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from flopmatch import dist
 from flopmatch.config import RunConfig, TrainConfig
-from flopmatch.device import autocast, memory_bytes, resolve_device, use_bf16
+from flopmatch.device import autocast, memory_bytes, resolve_device, run_bf16
 from flopmatch.errors import UserError
 from flopmatch.files import remove_stale_temps
 from flopmatch.flops import num_params
@@ -42,6 +42,7 @@ from flopmatch.plan import net_spec_for, plan_steps, training_memory_bytes
 from flopmatch.prepare import prepare
 from flopmatch.rundir import (
     CONFIG,
+    METRICS,
     append_metrics,
     check_same_config,
     read_state,
@@ -167,25 +168,27 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
                         f"batch {cfg.train.batch_size // world} per process) but {device} has {have / 2**30:.3g} GiB; "
                         f"lower --depth or train.batch_size")
     created = not run.exists()
-    try:
-        # One writer per run directory (a second `train` on it, or a requeued job whose predecessor is
-        # still being torn down, gets a one-line error naming the holder). Only the main rank writes.
-        with DirectoryLock(run, "run") if dist.is_main() else contextlib.nullcontext():
-            if dist.is_main():  # temp files of checkpoint writes a killed process never finished
-                for directory in (run, run / "checkpoint"):
-                    remove_stale_temps(directory)
+    # One writer per run directory (a second `train` on it, or a requeued job whose predecessor is still
+    # being torn down, gets a one-line error naming the holder). Only the main rank writes.
+    with DirectoryLock(run, "run") if dist.is_main() else contextlib.nullcontext():
+        try:
+            if dist.is_main():  # temp files of writes a killed training process never finished
+                remove_stale_temps(run, names=(CONFIG, METRICS))
+                remove_stale_temps(run / "checkpoint")
             state = read_state(run) if (run / CONFIG).exists() else None  # again: the run is ours only now
             if state and state.get("done"):
                 if dist.is_main():
                     print(f"{run}: finished ({state['step']} steps, {state['flops']:.3g} FLOPs); nothing to do")
                 return state
             return _train_locked(cfg, run, state, objective, spec, plan, device, progress, stop_after)
-    except BaseException:
-        if dist.is_main() and not (run / CONFIG).exists():  # nothing of a run was written: leave nothing
-            (run / LOCK_NAME).unlink(missing_ok=True)
-            if created:
-                shutil.rmtree(run, ignore_errors=True)
-        raise
+        except BaseException:
+            # Still holding the lock: if nothing of a run was written, leave nothing behind.
+            if dist.is_main() and not (run / CONFIG).exists():
+                if created:
+                    shutil.rmtree(run, ignore_errors=True)
+                else:
+                    (run / LOCK_NAME).unlink(missing_ok=True)
+            raise
 
 
 def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec, plan, device: torch.device,
@@ -238,7 +241,7 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
         model = torch.compile(model)
     # "auto" precision is decided once per run, by timing on the first start, and recorded in the
     # checkpoint state: a resumed run keeps the precision it started with even if the timing would flip.
-    bf16 = bool(state["bf16"]) if state is not None and "bf16" in state else use_bf16(cfg.train.precision, device)
+    bf16 = run_bf16(cfg.train.precision, device, state)
     text, rows, x_all = data.text, data.rows, data.x  # x_all: latents (N, C, g, g) or tokens (N, L)
     empty = data.text.empty_row()  # row id of the empty caption "", the unconditional input
     local = cfg.train.batch_size // world  # per-rank batch

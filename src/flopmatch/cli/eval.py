@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 from dataclasses import replace
 from pathlib import Path
@@ -10,7 +11,7 @@ from flopmatch.cli.args import config_value, count
 from flopmatch.config import SampleConfig
 from flopmatch.errors import UserError
 
-SWEEPABLE = {"steps": int, "guidance": float, "temperature": float, "top_k": int}
+SWEEPABLE = ("steps", "guidance", "temperature", "top_k")  # SampleConfig fields
 ALIASES = {"cfg": "guidance"}  # sweep names accepted for compatibility
 
 
@@ -23,10 +24,11 @@ def parse_sweeps(items: list[str]) -> dict[str, list]:
         name = ALIASES.get(name, name)
         if name not in SWEEPABLE or not values.strip():
             raise UserError(f"--sweep expects NAME=v1,v2,... with NAME in {', '.join(SWEEPABLE)}; got {item!r}")
+        parse = config_value(SampleConfig, name)  # the same parsing and range check as --set sample.NAME
         try:
-            out[name] = [SWEEPABLE[name](float(v)) if SWEEPABLE[name] is int else float(v) for v in values.split(",") if v.strip()]
-        except ValueError:
-            raise UserError(f"--sweep {item!r}: values must be numbers") from None
+            out[name] = [parse(v.strip()) for v in values.split(",") if v.strip()]
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"--sweep {item!r}: {e}") from None
     return out
 
 

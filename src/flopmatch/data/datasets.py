@@ -7,11 +7,9 @@ built-in procedural ``shapes`` set.
 
 from __future__ import annotations
 
-from flopmatch.config import DataConfig
+from flopmatch.config import DATASETS, DataConfig
 from flopmatch.data.shapes import ShapesConfig, ShapesDataset
 from flopmatch.errors import UserError
-
-DATASETS = ("shapes",)
 
 
 def shapes_config(cfg: DataConfig) -> ShapesConfig:

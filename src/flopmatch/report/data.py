@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flopmatch import PARADIGMS
+from flopmatch.config import RENAMED
 from flopmatch.errors import UserError
 from flopmatch.files import load_tensors, read_json
 from flopmatch.nets import NetSpec
@@ -146,8 +147,9 @@ def _matches(settings: dict, sample, steps: int | None) -> bool:
 def _settings(entry: dict) -> dict:
     """An entry's sampler settings with today's key names (v0.1 entries say "cfg" for the guidance scale)."""
     s = dict(entry.get("settings") or {})
-    if "cfg" in s and "guidance" not in s:
-        s["guidance"] = s.pop("cfg")
+    for (section, old), new in RENAMED.items():
+        if section == "SampleConfig" and old in s and new not in s:
+            s[new] = s.pop(old)
     return s
 
 

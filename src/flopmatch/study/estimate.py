@@ -4,8 +4,8 @@ The plan knows every run's FLOPs exactly; wall time needs rates. Training and sa
 with ``StudyConfig.assumed_flops_per_s`` (the preset's figure for its machine); the fixed costs below
 were measured on the 2-core CPU this project is developed on (bf16 AMX; the cpu preset from an empty
 cache took 19.2 min against 19.8 estimated with these rates), see :class:`Rates`. Stages
-whose results are already cached (trained tokenizers, the attribute classifier, encoded captions)
-cost nothing. ``runner.study`` prints the estimate after the plan and writes ``timings.json`` with
+whose results are already cached (the study's trained tokenizers, the attribute classifier) cost
+nothing; caption encoding and reference features are always counted (an upper bound). ``runner.study`` prints the estimate after the plan and writes ``timings.json`` with
 estimate and measurement side by side, so the rates can be checked on any machine.
 """
 
@@ -18,8 +18,10 @@ from flopmatch.config import RunConfig, from_dict
 from flopmatch.data.datasets import shapes_config
 from flopmatch.evaluation.attributes import attribute_classifier_cached
 from flopmatch.objectives import make_objective
-from flopmatch.study.plan import RunPlan, autoencoder_config, tokenizer_dirs
+from flopmatch.study.plan import RunPlan, autoencoder_config, eval_settings, tokenizer_dirs
 from flopmatch.study.presets import StudyConfig
+
+REFERENCE_FLOPS_PER_S = 6e10  # the cpu presets' assumed training rate: the machine the Rates were measured on
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,8 @@ class Rates:
     autoencoder_step_s: float = 0.105  # one learned-tokenizer step, cpu preset (batch 32, bf16)
     kmeans_s: float = 15.0  # fitting a weight-free k-means tokenizer
     attribute_classifier_s: float = 60.0  # training the prompt-following classifier, once per machine
-    feature_images_per_s: float = 300.0  # EfficientNet-Lite0 features (Inception: ~12)
+    feature_images_per_s: float = 300.0  # EfficientNet-Lite0 features
+    inception_images_per_s: float = 12.0  # the standard FID Inception features
     sampling_efficiency: float = 0.6  # sampling FLOP rate / training FLOP rate (small batches, per-step overhead)
     run_overhead_s: float = 3.0  # per run: loading data, building the network, checkpoints
     report_fixed_s: float = 20.0  # loading runs, figures, rendering
@@ -41,27 +44,32 @@ class Rates:
 def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates = Rates()) -> dict[str, float]:
     """Seconds per stage: "set-up", "training", "evaluation", "report" (and their "total")."""
     cfg = from_dict(RunConfig, plans[0].config) if plans else RunConfig()
+    # The fixed rates were measured on the reference CPU; a preset for faster hardware (a larger
+    # assumed_flops_per_s) runs the network-bound ones (autoencoder, classifier, features) that much faster.
+    speed = max(1.0, scfg.assumed_flops_per_s / REFERENCE_FLOPS_PER_S)
     setup = 0.0
     if scfg.tokenizer == "learned":
         needed = {make_objective(o).tokens for o in scfg.objectives}
         for tokens, directory in tokenizer_dirs(study).items():
             if tokens in needed and not (directory / "tokenizer.json").exists():
-                setup += autoencoder_config(scfg, tokens).steps * rates.autoencoder_step_s
-    else:
-        setup += rates.kmeans_s  # the continuous patch tokenizer is a mean and a std: free
+                setup += autoencoder_config(scfg, tokens).steps * rates.autoencoder_step_s / speed
+    elif any(make_objective(o).tokens == "discrete" for o in scfg.objectives):
+        setup += rates.kmeans_s / speed  # the continuous patch tokenizer is a mean and a std: free
     setup += cfg.data.num_train / rates.render_images_per_s
     if cfg.text.kind == "minilm":
         setup += cfg.data.num_train / rates.captions_per_s  # an upper bound: unique captions are fewer
     if not attribute_classifier_cached(shapes_config(cfg.data)):
-        setup += rates.attribute_classifier_s
-    setup += cfg.data.num_eval / rates.feature_images_per_s  # reference features
+        setup += rates.attribute_classifier_s / speed
+    per_image = sum(1 / (rates.inception_images_per_s if f == "inception" else rates.feature_images_per_s)
+                    for f in scfg.features) / speed  # seconds of feature extraction per image
+    setup += cfg.data.num_eval * per_image  # reference features
     training = sum(p.est_seconds + rates.run_overhead_s for p in plans)
     evaluation = 0.0
     sample_rate = scfg.assumed_flops_per_s * rates.sampling_efficiency
     for p in plans:
-        settings = 1 + len(scfg.eval_steps.get(p.objective, [])) + (1 if scfg.eval_raw else 0)
+        settings = len(eval_settings(scfg, from_dict(RunConfig, p.config))) + (1 if scfg.eval_raw else 0)
         per_setting = (scfg.eval_samples * p.sample_flops_per_image / sample_rate
-                       + scfg.eval_samples / rates.feature_images_per_s + scfg.timing_budget_s)
+                       + scfg.eval_samples * per_image + scfg.timing_budget_s)
         evaluation += settings * per_setting
     out = {"set-up": setup, "training": training, "evaluation": evaluation,
            "report": rates.report_fixed_s + rates.report_s_per_boot * scfg.n_boot}

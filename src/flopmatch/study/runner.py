@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from flopmatch.config import RunConfig, from_dict
+from flopmatch.config import RENAMED, RunConfig, from_dict
 from flopmatch.data.datasets import make_dataset
 from flopmatch.errors import UserError
 from flopmatch.evaluation.run import EvalConfig
@@ -88,7 +88,7 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
     out = Path(out)
     scfg.validate()
     if (out / "study.json").exists():
-        old = {"eval_guidance" if k == "eval_cfg" else k: v for k, v in read_json(out / "study.json").items()}  # v0.1 key
+        old = {RENAMED.get(("StudyConfig", k), k): v for k, v in read_json(out / "study.json").items()}  # v0.1 keys
         if old != asdict(scfg):
             raise UserError(f"{out} holds a study with different settings; use another --out or the same options "
                             f"(saved in {out / 'study.json'})")

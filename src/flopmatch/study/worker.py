@@ -27,12 +27,15 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 def die_with_parent(parent: int) -> None:
     """Stop this worker (as Ctrl-C would: checkpoint, then exit) when the study process ``parent`` dies.
 
-    Linux delivers SIGINT on the parent's death through prctl(PR_SET_PDEATHSIG); everywhere, a daemon
-    thread also watches for the worker being re-parented. Either way a killed study leaves no worker
+    Linux delivers SIGINT on the parent's death through prctl(PR_SET_PDEATHSIG); where that is not
+    available, a daemon thread watches for the worker being re-parented and sends it. Either way a killed study leaves no worker
     writing into its directory for more than a second or two.
     """
+    if os.getppid() != parent:  # the parent died before we got here
+        raise KeyboardInterrupt
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT) == 0:
+            return  # the kernel will send one SIGINT; a second would abort the checkpoint of the first
     except (OSError, AttributeError):
         pass  # not Linux: the watchdog below does it
 
@@ -41,8 +44,6 @@ def die_with_parent(parent: int) -> None:
             time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGINT)
 
-    if os.getppid() != parent:  # the parent died before we got here
-        raise KeyboardInterrupt
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 

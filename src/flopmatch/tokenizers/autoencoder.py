@@ -12,14 +12,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from flopmatch.config import DataConfig, from_dict
+from flopmatch.config import CHOICES, DataConfig, check_fields, from_dict
 from flopmatch.config import apply_overrides as apply_config_overrides
 from flopmatch.errors import UserError
 from flopmatch.tokenizers.base import TokenizerSpec
 
-KINDS = ("kl", "lfq")
+KINDS = CHOICES[("AutoencoderConfig", "kind")]  # ("kl", "lfq")
 
-RECON_LOSSES = ("l1", "l2", "l1+l2")
+RECON_LOSSES = CHOICES[("AutoencoderConfig", "recon_loss")]
 PRESETS = ("cpu", "gpu")
 
 
@@ -107,35 +107,14 @@ class AutoencoderConfig:
             raise UserError(f"{where}: {e}" if where else str(e)) from None
 
     def validate(self) -> "AutoencoderConfig":
-        """Raise UserError on values that cannot work; returns self."""
-        if self.kind not in KINDS:
-            raise UserError(f"autoencoder kind must be one of {KINDS}, got {self.kind!r}")
+        """Raise UserError on values that cannot work (ranges and choices from config.RANGES/CHOICES); returns self."""
+        check_fields(self)
         if not self.channels or any(c < 4 for c in self.channels):
             raise UserError(f"channels must be a non-empty list of widths >= 4, got {self.channels}")
-        if self.patch < 1:
-            raise UserError(f"patch must be >= 1, got {self.patch}")
         down = self.downsampling
         if self.image_size % down:
             raise UserError(f"image_size {self.image_size} is not divisible by the total downsampling "
                             f"patch * 2^(len(channels) - 1) = {down}")
-        if self.num_res_blocks < 0:
-            raise UserError(f"num_res_blocks must be >= 0, got {self.num_res_blocks}")
-        if self.kind == "kl" and self.latent_channels < 1:
-            raise UserError(f"latent_channels must be >= 1, got {self.latent_channels}")
-        if self.kind == "lfq" and not 1 <= self.bits <= 20:
-            raise UserError(f"bits must be in [1, 20] (vocab 2^bits), got {self.bits}")
-        if self.recon_loss not in RECON_LOSSES:
-            raise UserError(f"recon_loss must be one of {RECON_LOSSES}, got {self.recon_loss!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise UserError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise UserError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
-        if self.lr <= 0 or self.entropy_temperature <= 0:
-            raise UserError("lr and entropy_temperature must be > 0")
-        if min(self.kl_weight, self.commitment_weight, self.entropy_weight, self.adv_weight) < 0:
-            raise UserError("loss weights must be >= 0")
-        if self.data != "shapes":
-            raise UserError(f"unknown data {self.data!r}; learned tokenizers train on: shapes")
         return self
 
 
