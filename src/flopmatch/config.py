@@ -285,14 +285,20 @@ def to_dict(cfg) -> dict:
 
 # Keys renamed since configs were first written, (dataclass, old key) -> new key. Files written by
 # earlier versions (run directories, --config files) are read through these; new files use the new names.
-RENAMED = {("SampleConfig", "cfg"): "guidance", ("StudyConfig", "eval_cfg"): "eval_guidance"}
+RENAMED = {("SampleConfig", "cfg"): "guidance", ("StudyConfig", "eval_cfg"): "eval_guidance",
+           ("NetSpec", "vocab"): "vocab_size", ("TokenizerSpec", "kind"): "tokens"}
 # --set paths renamed the same way (a key ending in "." renames a prefix, others a whole path).
 RENAMED_PATHS = {"sample.cfg": "sample.guidance", "method.": "objective.", "objective": "objective.name"}
 
 
+def renamed_keys(cls_name: str, data: dict) -> dict:
+    """A copy of ``data`` (the fields of dataclass ``cls_name``) with keys of earlier versions renamed (RENAMED)."""
+    return {RENAMED.get((cls_name, k), k): v for k, v in data.items()}
+
+
 def _migrate(cls, data: dict) -> dict:
     """``data`` with keys written by earlier versions renamed to today's (see RENAMED)."""
-    data = {RENAMED.get((cls.__name__, k), k): v for k, v in data.items()}
+    data = renamed_keys(cls.__name__, data)
     if cls.__name__ == "RunConfig" and (isinstance(data.get("objective"), str) or "method" in data):
         # v0.1 kept the paradigm name at the top ("objective": "masked") and its hyper-parameters in
         # "method"; either could be absent (then the defaults applied).

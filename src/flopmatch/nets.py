@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flopmatch.backbone import Backbone, KVCache, modulate
-from flopmatch.config import ModelConfig
+from flopmatch.config import ModelConfig, renamed_keys
 from flopmatch.tokenizers.base import TokenizerSpec
 
 TIME_FREQS = 256  # sinusoidal features of t fed to the time MLP (DiT)
@@ -66,10 +66,7 @@ class NetSpec:
     @classmethod
     def from_dict(cls, data: dict) -> NetSpec:
         """Inverse of :meth:`to_dict`; also reads specs of v0.1 checkpoints (``vocab`` for ``vocab_size``)."""
-        data = dict(data)
-        if "vocab" in data:
-            data["vocab_size"] = data.pop("vocab")
-        return cls(**data)
+        return cls(**renamed_keys("NetSpec", data))
 
 
 def make_net_spec(model: ModelConfig, tok: TokenizerSpec, text_dim: int, text_len: int, *, causal: bool, time: bool) -> NetSpec:

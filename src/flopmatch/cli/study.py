@@ -29,18 +29,9 @@ def cmd_study(args) -> int:
     from flopmatch.study.runner import study
 
     scfg = study_preset(args.preset)
-    if args.objectives is not None:
-        scfg.objectives = args.objectives
-    if args.depths is not None:
-        scfg.depths = args.depths
-    if args.budgets is not None:
-        scfg.budgets = args.budgets
-    if args.seeds is not None:
-        scfg.seeds = args.seeds
-    if args.eval_samples is not None:
-        scfg.eval_samples = args.eval_samples
-    if args.eval_raw is not None:
-        scfg.eval_raw = args.eval_raw
+    for name in ("objectives", "depths", "budgets", "seeds", "eval_samples", "eval_raw"):  # given flags replace the preset's
+        if getattr(args, name) is not None:
+            setattr(scfg, name, getattr(args, name))
     scfg.overrides = scfg.overrides + list(args.set)
     if args.plan_only:
         plans = make_plan(scfg.validate(), Path(args.out))

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from flopmatch.config import renamed_keys
+
 # Which tokenizer kind makes each token type an objective asks for (Objective.tokens), written once.
 WEIGHT_FREE_KIND = {"continuous": "patch", "discrete": "kmeans"}
 LEARNED_KIND = {"continuous": "kl", "discrete": "lfq"}
@@ -47,10 +49,7 @@ class TokenizerSpec:
     @classmethod
     def from_dict(cls, data: dict) -> TokenizerSpec:
         """Inverse of :meth:`to_dict`; also reads specs written by v0.1 (``kind`` for ``tokens``)."""
-        data = dict(data)
-        if "kind" in data:
-            data["tokens"] = data.pop("kind")
-        return cls(**data)
+        return cls(**renamed_keys("TokenizerSpec", data))
 
 
 class Tokenizer(torch.nn.Module):
