@@ -144,6 +144,9 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
         state = read_state(run)
         if state and state.get("done"):
             if dist.is_main():
+                # A kill while the final state.json copy was written leaves its temp file: only train writes
+                # checkpoint/, so removing what is there is safe without the lock.
+                remove_stale_temps(run / "checkpoint")
                 print(f"{run}: finished ({state['step']} steps, {state['flops']:.3g} FLOPs); nothing to do")
             return state
     elif run.exists() and not run.is_dir():
