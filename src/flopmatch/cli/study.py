@@ -23,8 +23,8 @@ def cmd_study(args) -> int:
     """Plan (or, with --plan-only, just print) and run a study."""
     # Imported when the command runs, not at the top: the CLI modules load no torch, so that
     # `flopmatch --help` and argument errors answer at once.
-    from flopmatch.study.estimate import estimate
-    from flopmatch.study.plan import fmt_duration, format_plan, make_plan
+    from flopmatch.study.estimate import estimate, format_estimate
+    from flopmatch.study.plan import format_plan, make_plan
     from flopmatch.study.presets import study_preset
     from flopmatch.study.runner import study
 
@@ -37,7 +37,7 @@ def cmd_study(args) -> int:
         plans = make_plan(scfg.validate(), Path(args.out))
         print(format_plan(plans))
         est = estimate(scfg, plans, Path(args.out))
-        print("estimated wall time: " + ", ".join(f"{k} {fmt_duration(v)}" for k, v in est.items()))
+        print(format_estimate(est))
         return 0
     study(args.out, scfg, workers=args.workers, launcher=args.launcher)
     return 0

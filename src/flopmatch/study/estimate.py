@@ -11,14 +11,13 @@ estimate and measurement side by side, so the rates can be checked on any machin
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from flopmatch.config import RunConfig, from_dict
 from flopmatch.data.datasets import shapes_config
 from flopmatch.evaluation.attributes import attribute_classifier_cached
-from flopmatch.objectives import make_objective
-from flopmatch.study.plan import RunPlan, autoencoder_config, eval_settings, tokenizer_dirs
+from flopmatch.study.plan import RunPlan, autoencoder_config, eval_settings, fmt_duration, token_types, tokenizer_dirs
 from flopmatch.study.presets import StudyConfig
 
 REFERENCE_FLOPS_PER_S = 6e10  # the cpu presets' assumed training rate: the machine the Rates were measured on
@@ -49,11 +48,10 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
     speed = max(1.0, scfg.assumed_flops_per_s / REFERENCE_FLOPS_PER_S)
     setup = 0.0
     if scfg.tokenizer == "learned":
-        needed = {make_objective(o).tokens for o in scfg.objectives}
         for tokens, directory in tokenizer_dirs(study).items():
-            if tokens in needed and not (directory / "tokenizer.json").exists():
+            if tokens in token_types(scfg) and not (directory / "tokenizer.json").exists():
                 setup += autoencoder_config(scfg, tokens).steps * rates.autoencoder_step_s / speed
-    elif any(make_objective(o).tokens == "discrete" for o in scfg.objectives):
+    elif "discrete" in token_types(scfg):
         setup += rates.kmeans_s / speed  # the continuous patch tokenizer is a mean and a std: free
     setup += cfg.data.num_train / rates.render_images_per_s
     if cfg.text.kind == "minilm":
@@ -77,6 +75,6 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
     return out
 
 
-def rates_dict(rates: Rates = Rates()) -> dict:
-    """The rates an estimate used, for timings.json."""
-    return asdict(rates)
+def format_estimate(est: dict[str, float]) -> str:
+    """One line: 'estimated wall time: set-up 2.6min, training 7.4min, ...'."""
+    return "estimated wall time: " + ", ".join(f"{k} {fmt_duration(v)}" for k, v in est.items())

@@ -47,6 +47,11 @@ def tokenizer_dirs(study: Path) -> dict[str, Path]:
     return {tokens: study / "tokenizers" / kind for tokens, kind in LEARNED_KIND.items()}
 
 
+def token_types(scfg: StudyConfig) -> set[str]:
+    """The token types ("continuous", "discrete") the study's paradigms consume."""
+    return {make_objective(o).tokens for o in scfg.objectives}
+
+
 def autoencoder_config(scfg: StudyConfig, tokens: str) -> AutoencoderConfig:
     """The config of the study's learned tokenizer for a token type: the preset, then the study's overrides."""
     return ae_overrides(ae_preset(scfg.tokenizer_preset, LEARNED_KIND[tokens]), list(scfg.tokenizer_overrides))

@@ -30,9 +30,8 @@ from flopmatch.errors import UserError
 from flopmatch.evaluation.run import EvalConfig
 from flopmatch.files import atomic_write_json, read_json
 from flopmatch.lock import LOCK_NAME, DirectoryLock, describe, holder, is_locked
-from flopmatch.objectives import make_objective
 from flopmatch.report.build import build_report
-from flopmatch.study.estimate import estimate, rates_dict
+from flopmatch.study.estimate import Rates, estimate, format_estimate
 from flopmatch.study.launchers import make_launcher
 from flopmatch.study.plan import (
     autoencoder_config,
@@ -41,6 +40,7 @@ from flopmatch.study.plan import (
     fmt_duration,
     format_plan,
     make_plan,
+    token_types,
     tokenizer_dirs,
 )
 from flopmatch.study.presets import StudyConfig
@@ -54,7 +54,7 @@ def ensure_tokenizers(study: Path, scfg: StudyConfig, progress: bool = True) -> 
         return
     probe = base_config(scfg, scfg.objectives[0], scfg.depths[0], scfg.budgets[0], 0, study)
     dataset = make_dataset(probe.data, "train")
-    needed = {make_objective(o).tokens for o in scfg.objectives}
+    needed = token_types(scfg)
     for tokens, directory in tokenizer_dirs(study).items():
         if tokens not in needed:
             continue
@@ -105,7 +105,7 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, workers: int, launc
     atomic_write_json(out / "plan.json", [asdict(p) for p in plans])
     print(format_plan(plans))
     est = estimate(scfg, plans, out)
-    print("[study] estimated wall time: " + ", ".join(f"{k} {fmt_duration(v)}" for k, v in est.items()))
+    print(f"[study] {format_estimate(est)}")
     t0 = time.perf_counter()
     ensure_tokenizers(out, scfg, progress)
     t_tokenizers = time.perf_counter()
@@ -131,7 +131,7 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, workers: int, launc
     t_end = time.perf_counter()
     measured = {"tokenizers": t_tokenizers - t0, "runs": t_runs - t_tokenizers, "report": t_end - t_runs, "total": t_end - t0}
     atomic_write_json(out / "timings.json", {
-        "estimated_s": est, "measured_s": measured, "rates": rates_dict(),
+        "estimated_s": est, "measured_s": measured, "rates": asdict(Rates()),
         "note": "measured: this invocation only (a resumed study skips finished work); set-up other than the "
                 "tokenizers (captions, evaluators, reference features) happens inside the first runs",
     })
