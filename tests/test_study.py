@@ -43,8 +43,8 @@ def test_tiny_study_end_to_end(tmp_path):
     for name in ("plan.json", "study.json", "report.html", "report.md", "results.csv", "timings.json"):
         assert (out / name).is_file(), name
     timings = json.loads((out / "timings.json").read_text())  # the plan's estimate beside what each stage took
-    assert set(timings["estimated_s"]) == {"set-up", "training", "evaluation", "report", "total"}
-    assert set(timings["measured_s"]) == {"tokenizers", "runs", "report", "total"}
+    assert set(timings["estimated_s"]) == {"set-up", "training", "evaluation", "timing", "report", "total"}
+    assert set(timings["measured_s"]) == {"tokenizers", "runs", "timing", "report", "total"}
     assert timings["measured_s"]["total"] >= timings["measured_s"]["runs"] > 0 and timings["estimated_s"]["total"] > 0
     plans = json.loads((out / "plan.json").read_text())
     assert len(plans) == 9
@@ -62,8 +62,19 @@ def test_tiny_study_end_to_end(tmp_path):
         for entry in doc["entries"].values():
             m = entry["manifest"]
             assert m["num_samples"] == scfg.eval_samples and m["feature_extractors"]["effnet"]["weights_sha256"]
-            if m["weights"] == "ema":  # raw-weight entries skip timing (same architecture)
-                assert entry["inference"]["sample_flops_per_image"] > 0
+            assert entry["inference"]["sample_flops_per_image"] > 0
+            assert "latency_s" not in entry["inference"]  # a study's evaluations do not time: its timing phase does
+    # the timing phase: every evaluated EMA setting of each (paradigm, depth), timed in the same rounds
+    timing = json.loads((out / "inference_timing.json").read_text())
+    timed = {(i["objective"], i["setting"]) for i in timing["items"]}
+    ema = {(r["objective"], r["setting"].split(",weights=")[0]) for r in rows if r["weights"] == "ema"}
+    assert timed == ema and all(len(i["latency_rounds"]) == scfg.timing_rounds for i in timing["items"])
+    ar = [i for i in timing["items"] if i["objective"] == "autoregressive"]
+    assert ar and all(i["without_kv_cache"]["latency_s"] > 0 for i in ar)
+    for r in rows:  # every run of a setting shows the phase's figures
+        if r["weights"] == "ema":
+            item = next(i for i in timing["items"] if (i["objective"], i["setting"]) == (r["objective"], r["setting"].split(",weights=")[0]))
+            assert float(r["latency_s"]) == item["latency_s"] and r["timing_source"] == "study"
     html = (out / "report.html").read_text()
     assert "<img" in html and "src=\"http" not in html  # self-contained
 
@@ -92,11 +103,28 @@ def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, monke
     state = read_state(out / "runs" / names[1])
     assert state["step"] == 3 and not state["done"]
 
+    assert not (out / "inference_timing.json").exists()  # the interrupted study never reached its timing phase
+
     calls.clear()
     study(out, scfg, progress=False)
     assert calls == names[1:]  # the finished run is not trained again
     assert (out / "runs" / names[0] / "eval.json").read_bytes() == first_eval  # nor re-evaluated
     assert read_state(out / "runs" / names[1])["done"]
+
+    # Timings are never a mix of two phases: a study that needs one setting re-timed re-times them all.
+    path = out / "inference_timing.json"
+    first = json.loads(path.read_text())
+    study(out, scfg, progress=False)
+    assert json.loads(path.read_text()) == first  # nothing changed: the measurements are reused
+    partial = dict(first, items=first["items"][1:], signature=first["signature"][1:])  # as if a setting were new
+    path.write_text(json.dumps(partial))
+    study(out, scfg, progress=False)
+    again = json.loads(path.read_text())
+    assert again["signature"] == first["signature"] and len(again["items"]) == len(first["items"])
+    old = {i["setting"]: i["latency_rounds"] for i in first["items"]}
+    assert all(i["latency_rounds"] != old[i["setting"]] for i in again["items"])  # every item measured anew
+    study(out, scfg, progress=False, retime=True)  # --retime: all of them again
+    assert all(a["latency_rounds"] != b["latency_rounds"] for a, b in zip(json.loads(path.read_text())["items"], again["items"]))
 
 
 def _outcome(out, names):

@@ -39,7 +39,7 @@ def cmd_study(args) -> int:
         est = estimate(scfg, plans, Path(args.out))
         print(format_estimate(est))
         return 0
-    study(args.out, scfg, workers=args.workers, launcher=args.launcher)
+    study(args.out, scfg, workers=args.workers, launcher=args.launcher, retime=args.retime)
     return 0
 
 
@@ -61,5 +61,7 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key for every run (repeatable; see `flopmatch config --preset P`)")
     p.add_argument("--workers", type=count(1), default=1, help="local worker processes (default 1: in-process)")
     p.add_argument("--launcher", default="local", choices=("local",), help="where runs execute (default: local)")
+    p.add_argument("--retime", action="store_true",
+                   help="measure inference latency/throughput again, every paradigm together (default: reuse the study's)")
     p.add_argument("--plan-only", action="store_true", help="print the plan and exit")
     p.set_defaults(func=cmd_study)

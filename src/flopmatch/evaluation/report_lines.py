@@ -22,7 +22,10 @@ def summary_lines(doc: dict, only: list[str] | None = None) -> list[str]:
             parts.append(f"prompt match {_fmt(m['prompt_following']['full_match'], '.3f')}")
         inf = e.get("inference")
         if inf:
-            parts.append(f"{inf['sample_flops_per_image']:.3g} FLOPs/img, {inf['latency_s'] * 1e3:.0f} ms, "
-                         f"{inf['throughput_images_per_s']:.1f} img/s")
+            parts.append(f"{inf['sample_flops_per_image']:.3g} FLOPs/img")
+        if inf and inf.get("latency_s") is not None:
+            parts.append(f"{inf['latency_s'] * 1e3:.0f} ms, {inf['throughput_images_per_s']:.1f} img/s "
+                         f"(batch {inf['throughput_batch']}, spread {100 * inf['latency_spread']:.0f}% over "
+                         f"{len(inf['latency_rounds'])} rounds)")
         lines.append(" | ".join(parts))
     return lines

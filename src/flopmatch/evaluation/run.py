@@ -7,8 +7,10 @@ whose features are extracted once and cached. Images for a setting are generated
 random streams depend only on (seed, batch index), so sharding batches across ranks gives the same
 images as one process. Generated images are saved under ``<run>/samples/<setting>/``.
 
-Timing figures (latency, throughput) are measurements and vary with load; every other number is a
-deterministic function of the run directory, the settings and the manifest.
+Timing figures (latency, throughput) are measurements and vary with load, so all settings of one call
+are timed together at the end, interleaved (:mod:`flopmatch.evaluation.timing`); every other number is
+a deterministic function of the run directory, the settings and the manifest. A study turns timing
+off here and times every paradigm together in its own quiet phase instead.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from flopmatch.device import resolve_device
 from flopmatch.errors import UserError
 from flopmatch.evaluation.attributes import load_or_train_attribute_classifier, score_prompt_following
 from flopmatch.evaluation.features import extract_features, make_feature_extractor, reference_features
-from flopmatch.evaluation.inference import measure_inference
+from flopmatch.evaluation.inference import inference_cost
 from flopmatch.evaluation.quality import fid_bootstrap, fid_from_features, kid_from_features, precision_recall
+from flopmatch.evaluation.timing import TimingItem, machine, time_items
 from flopmatch.files import atomic_write_json, file_sha256, load_tensors, read_json, save_tensors, tensor_sha256
 from flopmatch.rundir import CHECKPOINT, EVAL, read_state, sample_dir
 from flopmatch.sample import generate, grid_image, load_sampler, save_png
@@ -52,8 +55,10 @@ class EvalConfig:
     pr_k: int = 3
     fid_boot: int = 200  # FID replicates over resampled generated images (evaluation-noise estimate); 0 = off
     prompt_following: bool = True
-    inference: bool = True
-    timing_budget_s: float = 10.0  # wall-time cap of the throughput search per setting
+    inference: bool = True  # analytic sampling and decode FLOPs per image
+    timing: bool = True  # latency and throughput, all settings of the call timed together at the end
+    timing_rounds: int = 5  # interleaved rounds (figures are medians over rounds)
+    timing_budget_s: float = 10.0  # wall-time cap of the best-batch search per setting
     save_images: bool = True
 
 
@@ -168,6 +173,7 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
     path = run / EVAL
     doc = read_json(path) if path.exists() else {"version": EVAL_VERSION, "entries": {}}
     ckpt_sha = file_sha256(run / CHECKPOINT)
+    timed = []  # (entry key, setting) to time together once every setting is sampled and scored
     for sample in settings:
         steps = sampler.objective.resolve_steps(sample, sampler.spec)
         key = entry_key(sample, steps, ecfg)
@@ -184,10 +190,8 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
             pf = score_prompts(classifier, images, prompts)
             entry["metrics"]["prompt_following"] = pf
         if ecfg.inference:
-            entry["inference"] = measure_inference(sampler, sample, time_budget_s=ecfg.timing_budget_s)
-            if cfg.objective.name == "autoregressive":
-                other = measure_inference(sampler, replace(sample, kv_cache=not sample.kv_cache), time_budget_s=ecfg.timing_budget_s)
-                entry["inference"]["without_kv_cache" if sample.kv_cache else "with_kv_cache"] = other
+            entry["inference"] = inference_cost(sampler, sample)
+            timed.append((key, sample))
         if ecfg.save_images:
             save_tensors(images_dir / "images.safetensors", {"images": images})
             atomic_write_json(images_dir / "prompts.json", prompts)
@@ -209,7 +213,45 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
         }
         doc["entries"][key] = entry
         atomic_write_json(path, doc)  # after every setting: an interrupted sweep keeps what it finished
+    if ecfg.timing and timed and dist.is_main():
+        add_timings(doc, sampler, timed, ecfg, progress)
+        atomic_write_json(path, doc)
     return doc
+
+
+OTHER_KV = "|other-kv-cache"  # timing-item suffix: next-token's setting with the KV cache flipped
+
+
+def timing_items(sampler, settings: list[tuple[str, SampleConfig]]) -> list[TimingItem]:
+    """Items to time for (key, setting) pairs of one sampler; next-token also with its KV cache flipped."""
+    items = []
+    for key, sample in settings:
+        items.append(TimingItem(key, sampler, sample))
+        if sampler.cfg.objective.name == "autoregressive":
+            items.append(TimingItem(key + OTHER_KV, sampler, replace(sample, kv_cache=not sample.kv_cache)))
+    return items
+
+
+def timing_fields(timed: dict, key: str, kv_cache: bool) -> dict:
+    """An eval entry's ``inference`` fields from :func:`time_items` results: the setting's figures and
+    (next-token) the flipped-KV-cache figures under ``without_kv_cache`` / ``with_kv_cache``."""
+    out = dict(timed[key])
+    if key + OTHER_KV in timed:
+        out["without_kv_cache" if kv_cache else "with_kv_cache"] = dict(timed[key + OTHER_KV])
+    return out
+
+
+def add_timings(doc: dict, sampler, timed: list[tuple[str, SampleConfig]], ecfg: EvalConfig, progress: bool) -> None:
+    """Time every (key, setting) of this call together (interleaved rounds) and merge into ``doc``'s entries."""
+    results = time_items(timing_items(sampler, timed), rounds=ecfg.timing_rounds, search_budget_s=ecfg.timing_budget_s,
+                         progress=progress)
+    info = {**machine(), "device": str(sampler.device), "bf16": sampler.bf16, "rounds": ecfg.timing_rounds,
+            "timed_together": [k for k, _ in timed]}
+    for key, sample in timed:
+        inf = doc["entries"][key]["inference"]
+        for name, fields in timing_fields(results, key, sample.kv_cache).items():
+            inf[name] = {**inf.get(name, {}), **fields} if isinstance(fields, dict) else fields
+        inf.update(device=info["device"], threads=info["threads"], bf16=sampler.bf16, timing=info)
 
 
 def score_prompts(classifier, images: torch.Tensor, prompts: list[str]) -> dict:

@@ -197,18 +197,29 @@ def setting_medians(rows: list[dict], cost: str, value) -> list[tuple]:
 
 
 def _inference(study: Study) -> dict[tuple[str, int], dict]:
-    """Per (paradigm, depth), main-setting inference numbers pooled over runs (architecture is the same)."""
+    """Per (paradigm, depth), main-setting inference numbers pooled over runs (architecture is the same).
+
+    Timings of the study's timing phase are shared by every run of a (paradigm, depth) and setting, so
+    they enter once (the rounds); per-run eval timings (older studies) are pooled over runs.
+    """
     out: dict[tuple[str, int], dict] = {}
+    seen: set[tuple] = set()
     for r in study.rows:
         if not r["main"] or r["sample_flops_per_image"] is None:
             continue
         d = out.setdefault((r["objective"], r["depth"]), {"flops": [], "latency": [], "throughput": [],
                                                           "nokv_latency": [], "nokv_throughput": [], "nokv_flops": []})
         d["flops"].append(r["sample_flops_per_image"])
-        if r["latency_s"] is not None:
-            d["latency"] += r.get("latency_s_all") or [r["latency_s"]]
-        for k, col in (("throughput", "throughput_images_per_s"), ("nokv_latency", "nokv_latency_s"),
-                       ("nokv_throughput", "nokv_throughput_images_per_s"), ("nokv_flops", "nokv_sample_flops_per_image")):
+        if r["nokv_sample_flops_per_image"] is not None:
+            d["nokv_flops"].append(r["nokv_sample_flops_per_image"])
+        source = ("study", r["setting"].split(",weights=")[0]) if r.get("timing_source") == "study" else ("run", r["run"])
+        if (r["objective"], r["depth"], source) in seen or r["latency_s"] is None:
+            continue
+        seen.add((r["objective"], r["depth"], source))
+        d["latency"] += r.get("latency_s_all") or [r["latency_s"]]
+        if r["throughput_images_per_s"] is not None:
+            d["throughput"] += r.get("throughput_all") or [r["throughput_images_per_s"]]
+        for k, col in (("nokv_latency", "nokv_latency_s"), ("nokv_throughput", "nokv_throughput_images_per_s")):
             if r[col] is not None:
                 d[k].append(r[col])
     return out

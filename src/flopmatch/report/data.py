@@ -22,6 +22,7 @@ from pathlib import Path
 from flopmatch import PARADIGMS
 from flopmatch.config import RENAMED
 from flopmatch.errors import UserError
+from flopmatch.evaluation.timing import read_timing
 from flopmatch.files import load_tensors, read_json
 from flopmatch.nets import NetSpec
 from flopmatch.objectives import make_objective
@@ -40,7 +41,7 @@ COLUMNS = [
     "fid_se_inception", "kid_inception",
     "prompt_full_match", *[f"prompt_{a}" for a in PROMPT_ATTRIBUTES],
     "sample_flops_per_image", "decode_flops_per_image", "latency_s", "throughput_images_per_s", "throughput_batch",
-    "device", "threads", "bf16",
+    "device", "threads", "bf16", "timing_source",
     "nokv_sample_flops_per_image", "nokv_latency_s", "nokv_throughput_images_per_s", "samples_dir",
 ]  # fmt: skip
 
@@ -71,12 +72,16 @@ class Study:
 
     root: Path
     # One row per (run, eval setting), sorted by (paradigm, depth, budget, seed, run, setting). Keys are
-    # COLUMNS (plus ``latency_s_all``, the raw latency repeats in seconds, and ``fid_boot_<extractor>``,
-    # the FID bootstrap replicates over generated images). Units: budget and train_flops in FLOPs, latency
+    # COLUMNS (plus ``latency_s_all`` and ``throughput_all``, the latency (s) and throughput (images/s)
+    # of every timing round, and ``fid_boot_<extractor>``, the FID bootstrap replicates over generated
+    # images). Timings come from the study's timing phase (``inference_timing.json``, the same figures
+    # for every run of a (paradigm, depth) and setting; ``timing_source`` "study") where it has them,
+    # else from the run's own eval entry ("eval"). Units: budget and train_flops in FLOPs, latency
     # in seconds, throughput in images/s. A run without eval entries gets one row with ``evaluated`` False.
     rows: list[dict]
     runs: list[RunInfo]
     problems: list[str]  # run directories that could not be read at all, with the reason
+    timing: dict | None = None  # inference_timing.json of the study's timing phase, if any
 
 
 def _paradigm_order(name: str) -> int:
@@ -189,7 +194,10 @@ def _entry_fields(key: str, entry: dict) -> dict:
         "device": inf.get("device"), "threads": inf.get("threads"), "bf16": inf.get("bf16"),
         "nokv_sample_flops_per_image": _num(nokv.get("sample_flops_per_image")), "nokv_latency_s": _num(nokv.get("latency_s")),
         "nokv_throughput_images_per_s": _num(nokv.get("throughput_images_per_s")),
-        "latency_s_all": [x for x in inf.get("latency_s_all") or [] if _num(x) is not None],  # not a CSV column
+        # not a CSV column: the latency of every timing round (v0.2 entries: of every repeat)
+        "latency_s_all": [x for x in inf.get("latency_rounds") or inf.get("latency_s_all") or [] if _num(x) is not None],
+        "throughput_all": [x for x in inf.get("throughput_rounds") or [] if _num(x) is not None],
+        "timing_source": "eval" if _num(inf.get("latency_s")) is not None else None,
     }  # fmt: skip
     for name, feats in (("effnet", eff), ("inception", inc)):
         # FID bootstrap over generated images (evaluation noise): the std is a column, the replicates are not
@@ -202,7 +210,28 @@ def _entry_fields(key: str, entry: dict) -> dict:
     return out
 
 
-def _read_run(root: Path, run: Path) -> tuple[RunInfo, list[dict]]:
+def _timing_fields(item: dict) -> dict:
+    """Row fields from one item of the study's timing phase (see :mod:`flopmatch.evaluation.timing`)."""
+    nokv = item.get("without_kv_cache") or {}
+    return {
+        "latency_s": _num(item.get("latency_s")), "throughput_images_per_s": _num(item.get("throughput_images_per_s")),
+        "throughput_batch": item.get("throughput_batch"), "timing_source": "study",
+        "latency_s_all": [x for x in item.get("latency_rounds") or [] if _num(x) is not None],
+        "throughput_all": [x for x in item.get("throughput_rounds") or [] if _num(x) is not None],
+        "nokv_latency_s": _num(nokv.get("latency_s")), "nokv_throughput_images_per_s": _num(nokv.get("throughput_images_per_s")),
+    }  # fmt: skip
+
+
+def _timed(timing: dict | None) -> dict[tuple[str, int, str], dict]:
+    """The timing phase's items by (paradigm, depth, setting key without weights/n/seed)."""
+    items = (timing or {}).get("items") or []
+    machine = (timing or {}).get("machine") or {}
+    extra = {"device": machine.get("device"), "threads": machine.get("threads"), "bf16": machine.get("bf16")}
+    return {(i["objective"], int(i["depth"]), i["setting"]): _timing_fields(i) | extra for i in items
+            if isinstance(i, dict) and {"objective", "depth", "setting"} <= set(i)}
+
+
+def _read_run(root: Path, run: Path, timed: dict | None = None) -> tuple[RunInfo, list[dict]]:
     cfg = read_config(run)  # a UserError here makes the run unreadable (caller lists it)
     problems = []
     try:
@@ -230,14 +259,16 @@ def _read_run(root: Path, run: Path) -> tuple[RunInfo, list[dict]]:
     rows = []
     for key in sorted(entries, key=lambda k: (_setting_order(entries[k]), k)):
         row = {c: None for c in COLUMNS} | base | _entry_fields(key, entries[key])
+        if row["weights"] == "ema":  # the timing phase timed the EMA settings (raw weights: same architecture, not timed)
+            row |= (timed or {}).get((row["objective"], row["depth"], key.split(",weights=")[0]), {})
         row["main"] = key == main_key
         row["main_reason"] = reason if key == main_key else None
         sd = sample_dir(run, key)
         row["samples_dir"] = sd.relative_to(root).as_posix() if sd.is_dir() else None
         rows.append(row)
     if not rows:  # one row per run even when it was never evaluated, so the table lists every run
-        rows.append({c: None for c in COLUMNS} | base | {"main": False, "latency_s_all": [], "fid_boot_effnet": [],
-                                                          "fid_boot_inception": []})  # fmt: skip
+        rows.append({c: None for c in COLUMNS} | base | {"main": False, "latency_s_all": [], "throughput_all": [],
+                                                          "fid_boot_effnet": [], "fid_boot_inception": []})  # fmt: skip
     return info, rows
 
 
@@ -260,13 +291,19 @@ def load_study(study_dir: str | Path) -> Study:
     if not found:
         raise UserError(f"no run directories with a config.json under {runs_dir}")
     read, problems = [], []
+    try:
+        timing = read_timing(root)
+    except UserError as e:
+        timing = None
+        problems.append(str(e))
+    timed = _timed(timing)
     for run in found:
         try:
-            read.append(_read_run(root, run))
+            read.append(_read_run(root, run, timed))
         except UserError as e:
             problems.append(f"{run.relative_to(root).as_posix()}: {e}")
     read.sort(key=lambda ir: _run_order(ir[0]))
-    return Study(root, [r for _, rows in read for r in rows], [i for i, _ in read], problems)
+    return Study(root, [r for _, rows in read for r in rows], [i for i, _ in read], problems, timing)
 
 
 def first_images(root: Path, row: dict, n: int = 8):

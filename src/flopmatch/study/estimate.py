@@ -36,12 +36,14 @@ class Rates:
     inception_images_per_s: float = 12.0  # the standard FID Inception features
     sampling_efficiency: float = 0.6  # sampling FLOP rate / training FLOP rate (small batches, per-step overhead)
     run_overhead_s: float = 3.0  # per run: loading data, building the network, checkpoints
+    batch1_efficiency: float = 0.1  # sampling FLOP rate at batch 1 / at large batches (timing phase latency calls)
+    timing_batch: int = 64  # typical best batch of the timing phase's throughput calls
     report_fixed_s: float = 20.0  # loading runs, figures, rendering
     report_s_per_boot: float = 0.45  # bootstrap fits and comparisons, per resample (~20 runs)
 
 
 def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates = Rates()) -> dict[str, float]:
-    """Seconds per stage: "set-up", "training", "evaluation", "report" (and their "total")."""
+    """Seconds per stage: "set-up", "training", "evaluation", "timing", "report" (and their "total")."""
     cfg = from_dict(RunConfig, plans[0].config) if plans else RunConfig()
     # The fixed rates were measured on the reference CPU; a preset for faster hardware (a larger
     # assumed_flops_per_s) runs the network-bound ones (autoencoder, classifier, features) that much faster.
@@ -62,14 +64,20 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
                     for f in scfg.features) / speed  # seconds of feature extraction per image
     setup += cfg.data.num_eval * per_image  # reference features
     training = sum(p.est_seconds + rates.run_overhead_s for p in plans)
-    evaluation = 0.0
+    evaluation = timing = 0.0
     sample_rate = scfg.assumed_flops_per_s * rates.sampling_efficiency
+    timed = set()
     for p in plans:
         settings = len(eval_settings(scfg, from_dict(RunConfig, p.config))) + (1 if scfg.eval_raw else 0)
-        per_setting = (scfg.eval_samples * p.sample_flops_per_image / sample_rate
-                       + scfg.eval_samples * per_image + scfg.timing_budget_s)
+        per_setting = scfg.eval_samples * p.sample_flops_per_image / sample_rate + scfg.eval_samples * per_image
         evaluation += settings * per_setting
-    out = {"set-up": setup, "training": training, "evaluation": evaluation,
+        if (p.objective, p.depth) in timed:
+            continue  # the timing phase times one run per architecture (study.timing_phase)
+        timed.add((p.objective, p.depth))
+        items = (settings - (1 if scfg.eval_raw else 0)) * (2 if p.objective == "autoregressive" else 1)
+        per_round = p.sample_flops_per_image / sample_rate * (3 / rates.batch1_efficiency + rates.timing_batch)
+        timing += items * (scfg.timing_budget_s + scfg.timing_rounds * per_round)
+    out = {"set-up": setup, "training": training, "evaluation": evaluation, "timing": timing,
            "report": rates.report_fixed_s + rates.report_s_per_boot * scfg.n_boot}
     out["total"] = sum(out.values())
     return out

@@ -19,8 +19,8 @@ from flopmatch.train import train
 def run_job(job: dict, progress: bool = True) -> None:
     """Train (or resume, or skip) one run, then evaluate every setting it still lacks.
 
-    With ``job["raw"]`` the main (first) setting is also evaluated with the raw weights, without
-    timing (same architecture, same cost as the EMA entry).
+    With ``job["raw"]`` the main (first) setting is also evaluated with the raw weights. A study's
+    jobs do not time (``eval.timing`` False): its timing phase times every paradigm together at the end.
     """
     cfg = from_dict(RunConfig, job["config"]).validate()
     run = Path(job["run_dir"])
@@ -33,7 +33,7 @@ def run_job(job: dict, progress: bool = True) -> None:
     objective, spec = make_objective(cfg.objective), net_spec_for(cfg)
     passes = [(ecfg, settings)]
     if job.get("raw"):
-        passes.append((replace(ecfg, weights="model", inference=False), settings[:1]))
+        passes.append((replace(ecfg, weights="model", timing=False), settings[:1]))
     for ec, wanted in passes:
         todo = [s for s in wanted if entry_key(s, objective.resolve_steps(s, spec), ec) not in done]
         if todo:

@@ -31,7 +31,8 @@ class StudyConfig:
     eval_steps: dict[str, list[int]] = field(default_factory=lambda: {"diffusion": [10], "masked": [6], "autoregressive": []})
     features: list[str] = field(default_factory=lambda: ["effnet"])
     eval_raw: bool = False  # also evaluate each run's main setting with raw (non-EMA) weights: the paper's EMA finding
-    timing_budget_s: float = 10.0  # per setting, for the throughput search
+    timing_budget_s: float = 10.0  # per setting, the best-batch search of the timing phase
+    timing_rounds: int = 5  # interleaved rounds of the timing phase (every paradigm timed together)
     n_boot: int = 1000
     assumed_flops_per_s: float = 6e10  # for time estimates before any run has been measured
 
@@ -47,6 +48,8 @@ class StudyConfig:
             raise UserError(f"seeds must be >= 1, got {self.seeds}")
         if self.tokenizer not in ("learned", "weight-free"):
             raise UserError(f"tokenizer must be learned or weight-free, got {self.tokenizer!r}")
+        if self.timing_rounds < 3:
+            raise UserError(f"timing_rounds must be >= 3 (the report compares timings across rounds), got {self.timing_rounds}")
         if self.eval_samples < 10:
             raise UserError(f"eval_samples must be >= 10, got {self.eval_samples}")
         return self
@@ -124,7 +127,8 @@ def tiny() -> StudyConfig:
         tokenizer="weight-free",
         eval_samples=32,
         eval_steps={"diffusion": [2], "masked": [2], "autoregressive": []},
-        timing_budget_s=1.0,
+        timing_budget_s=0.3,
+        timing_rounds=3,
         n_boot=50,
     )
 

@@ -11,6 +11,7 @@ Layout of a study directory::
       jobs/<run>.json     what a worker process runs
       logs/<run>.log      a worker's output
       runs/<run>/         ordinary run directories (config.json, metrics.jsonl, checkpoint/, eval.json, samples/)
+      inference_timing.json  latency and throughput of every paradigm, timed together at the end
       timings.json        estimated and measured wall time by stage
       .lock               held by the study process (flopmatch.lock)
 
@@ -44,6 +45,7 @@ from flopmatch.study.plan import (
     tokenizer_dirs,
 )
 from flopmatch.study.presets import StudyConfig
+from flopmatch.study.timing_phase import ensure_timing
 from flopmatch.tokenizers.registry import load_tokenizer
 from flopmatch.tokenizers.train_ae import train_autoencoder
 
@@ -83,12 +85,17 @@ def wait_for_writer(run: Path, timeout_s: float = 30.0) -> None:
         time.sleep(0.5)
 
 
-def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = "local", progress: bool = True) -> dict:
-    """Plan, train, evaluate and report a whole study in ``out``; re-running continues where it stopped."""
+def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = "local", progress: bool = True,
+          retime: bool = False) -> dict:
+    """Plan, train, evaluate, time and report a whole study in ``out``; re-running continues where it stopped.
+
+    ``retime``: measure the inference timings again even if the study has them (all paradigms together).
+    """
     out = Path(out)
     scfg.validate()
     if (out / "study.json").exists():
         old = {RENAMED.get(("StudyConfig", k), k): v for k, v in read_json(out / "study.json").items()}  # v0.1 keys
+        old = asdict(scfg) | old  # a setting added in a later version does not make an older study different
         if old != asdict(scfg):
             raise UserError(f"{out} holds a study with different settings; use another --out or the same options "
                             f"(saved in {out / 'study.json'})")
@@ -96,10 +103,11 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
         raise UserError(f"{out} exists and is not a flopmatch study directory; choose another --out")
     plans = make_plan(scfg, out)  # validates the grid before anything is written
     with DirectoryLock(out, "study"):  # one study process per directory
-        return _study_locked(out, scfg, plans, workers, launcher, progress)
+        return _study_locked(out, scfg, plans, workers, launcher, progress, retime)
 
 
-def _study_locked(out: Path, scfg: StudyConfig, plans: list, workers: int, launcher: str, progress: bool) -> dict:
+def _study_locked(out: Path, scfg: StudyConfig, plans: list, workers: int, launcher: str, progress: bool,
+                  retime: bool) -> dict:
     """The study proper, run while this process holds the study directory's lock (see :func:`study`)."""
     atomic_write_json(out / "study.json", asdict(scfg))
     atomic_write_json(out / "plan.json", [asdict(p) for p in plans])
@@ -109,7 +117,7 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, workers: int, launc
     t0 = time.perf_counter()
     ensure_tokenizers(out, scfg, progress)
     t_tokenizers = time.perf_counter()
-    ecfg = EvalConfig(num_samples=scfg.eval_samples, features=list(scfg.features), timing_budget_s=scfg.timing_budget_s)
+    ecfg = EvalConfig(num_samples=scfg.eval_samples, features=list(scfg.features), timing=False)  # timed below, together
     jobs = []
     for p in plans:
         cfg = from_dict(RunConfig, p.config)
@@ -127,15 +135,19 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, workers: int, launc
     if failed:
         raise UserError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; fix and re-run to continue")
     t_runs = time.perf_counter()
+    ensure_timing(out, scfg, plans, retime=retime, progress=progress)  # a quiet phase: no worker runs now
+    t_timing = time.perf_counter()
     result = build_report(out, n_boot=scfg.n_boot)
     t_end = time.perf_counter()
-    measured = {"tokenizers": t_tokenizers - t0, "runs": t_runs - t_tokenizers, "report": t_end - t_runs, "total": t_end - t0}
+    measured = {"tokenizers": t_tokenizers - t0, "runs": t_runs - t_tokenizers, "timing": t_timing - t_runs,
+                "report": t_end - t_timing, "total": t_end - t0}
     atomic_write_json(out / "timings.json", {
         "estimated_s": est, "measured_s": measured, "rates": asdict(Rates()),
         "note": "measured: this invocation only (a resumed study skips finished work); set-up other than the "
                 "tokenizers (captions, evaluators, reference features) happens inside the first runs",
     })
     print(f"[study] report: {out / 'report.html'}; took {fmt_duration(measured['total'])} (tokenizers "
-          f"{fmt_duration(measured['tokenizers'])}, runs {fmt_duration(measured['runs'])}, report "
+          f"{fmt_duration(measured['tokenizers'])}, runs {fmt_duration(measured['runs'])}, timing "
+          f"{fmt_duration(measured['timing'])}, report "
           f"{fmt_duration(measured['report'])}); estimated {fmt_duration(est['total'])}")
     return result

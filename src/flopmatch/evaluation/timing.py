@@ -1,0 +1,164 @@
+"""Latency and throughput of several sampling settings, measured together so they can be compared.
+
+A timing means something only next to timings taken under the same load. So every setting whose
+numbers will be compared is measured in one phase, interleaved (the candidates alternate, so a change
+of machine load during the phase hits all of them rather than whichever was timed last):
+
+1. **warm-up**: one call per item (allocations, kernel selection);
+2. **best batch**: per item, a doubling ladder 1, 2, 4, ... up to ``max_batch``; each rung is the
+   faster of two calls; the search goes on while throughput improves by more than ``MIN_GAIN`` and
+   stops after ``PATIENCE`` rungs without such a gain, at out-of-memory, or when the item has used
+   its ``search_budget_s``;
+3. **rounds**: ``rounds`` times, every item once, in an order rotated by one each round (so no item is
+   always first after another one's memory traffic); per item and round: latency = median of
+   ``calls`` batch-1 calls, throughput = images/s of one call at its best batch.
+
+An item's figures are medians over rounds, with every round kept (``latency_rounds``,
+``throughput_rounds``) and the spread ``max / min - 1`` across rounds. Latency is text-to-pixels:
+the sampler and the tokenizer's decode, with prompts already encoded (the frozen text encoder is a
+separate line item, like its FLOPs). On CUDA, CUDA events time the calls; elsewhere
+``time.perf_counter``. Results go to a JSON file (``TIMING``) with the machine they were taken on.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from flopmatch.device import autocast
+from flopmatch.errors import UserError
+from flopmatch.files import read_json
+
+TIMING = "inference_timing.json"  # a study's timing phase writes <study>/inference_timing.json
+TIMING_VERSION = 1
+MIN_GAIN = 0.05  # a larger batch counts as better only if it raises throughput by more than 5 %
+PATIENCE = 2  # rungs without such a gain before the batch search stops
+
+
+@dataclass
+class TimingItem:
+    """One thing to time: a loaded sampler under one sampling setting. ``key`` names it in the results."""
+
+    key: str
+    sampler: object  # flopmatch.sample.Sampler
+    sample: object  # flopmatch.config.SampleConfig
+
+
+class _Clock:
+    """Wall time of a callable: CUDA events on a GPU (no host sync inside the timed region), else perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def _runner(item: TimingItem, prompt: str):
+    """A function of (batch, seed) that samples and decodes one batch of ``prompt``, text encoded once per batch size."""
+    s = item.sampler
+    texts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def run(batch: int, seed: int) -> None:
+        if batch not in texts:
+            texts[batch] = (s.encoder.encode([prompt] * batch).to(s.device), s.encoder.encode([""] * batch).to(s.device))
+        cond, uncond = texts[batch]
+        g = torch.Generator(device=s.device).manual_seed(seed)
+        with torch.no_grad(), autocast(s.device, s.bf16):
+            z = s.objective.sample(s.net, cond, uncond, item.sample, g)
+            s.tokenizer.decode(z.float() if z.is_floating_point() else z)
+
+    return run
+
+
+def _best_batch(run, clock: _Clock, max_batch: int, budget_s: float) -> tuple[int, float]:
+    """(batch, images/s) at the best rung of a doubling ladder (see the module docstring)."""
+    start = time.perf_counter()
+    best_b, best_ips, misses, b = 1, 1.0 / min(clock(lambda: run(1, i)) for i in range(2)), 0, 2
+    while b <= max_batch and misses < PATIENCE and time.perf_counter() - start < budget_s:
+        try:
+            ips = b / min(clock(lambda: run(b, i)) for i in range(2))
+        except torch.OutOfMemoryError:
+            break
+        if ips > best_ips * (1 + MIN_GAIN):
+            best_b, best_ips, misses = b, ips, 0
+        else:
+            misses += 1
+        b *= 2
+    return best_b, best_ips
+
+
+def time_items(items: list[TimingItem], rounds: int = 5, calls: int = 3, max_batch: int = 256,
+               search_budget_s: float = 10.0, prompt: str = "a red circle", progress: bool = True) -> dict:
+    """Interleaved timing of ``items``: ``{key: {latency_s, latency_rounds, throughput_images_per_s, ...}}``.
+
+    Latency in seconds per image at batch 1, throughput in images/s at the item's best batch; both
+    medians over ``rounds`` rounds, with the rounds and their spread (see the module docstring).
+    """
+    if rounds < 1 or calls < 1 or max_batch < 1:
+        raise UserError(f"timing needs rounds, calls and max_batch >= 1, got {rounds}, {calls}, {max_batch}")
+    if len({it.key for it in items}) != len(items):
+        raise UserError("timing items must have distinct keys")
+    clocks = [_Clock(it.sampler.device) for it in items]
+    runs = [_runner(it, prompt) for it in items]
+    for run in runs:  # warm-up
+        run(1, 0)
+    best = []
+    for it, run, clock in zip(items, runs, clocks):
+        best.append(_best_batch(run, clock, max_batch, search_budget_s))
+        if progress:
+            print(f"[timing] best batch of {it.key}: {best[-1][0]} ({best[-1][1]:.3g} images/s)", flush=True)
+    lat: list[list[float]] = [[] for _ in items]
+    thr: list[list[float]] = [[] for _ in items]
+    for r in range(rounds):
+        for j in range(len(items)):
+            i = (j + r) % len(items)  # rotated order
+            run, clock, batch = runs[i], clocks[i], best[i][0]
+            lat[i].append(statistics.median(clock(lambda: run(1, 1 + c)) for c in range(calls)))
+            thr[i].append(batch / clock(lambda: run(batch, 100 + r)))
+        if progress:
+            print(f"[timing] round {r + 1}/{rounds} done", flush=True)
+    out = {}
+    for i, it in enumerate(items):
+        out[it.key] = {
+            "latency_s": statistics.median(lat[i]), "latency_rounds": lat[i],
+            "latency_spread": max(lat[i]) / min(lat[i]) - 1,
+            "throughput_images_per_s": statistics.median(thr[i]), "throughput_rounds": thr[i],
+            "throughput_spread": max(thr[i]) / min(thr[i]) - 1, "throughput_batch": best[i][0],
+        }  # fmt: skip
+    return out
+
+
+def machine() -> dict:
+    """What timings depend on besides the code: device, threads, CPU count and the load average."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    info = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_avg_1min": load[0],
+            "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+    return info
+
+
+def read_timing(study: str | os.PathLike) -> dict | None:
+    """A study's timing phase results (``<study>/inference_timing.json``), or None if it has none."""
+    path = os.path.join(study, TIMING)
+    if not os.path.exists(path):
+        return None
+    doc = read_json(path)
+    if not isinstance(doc, dict) or doc.get("version") != TIMING_VERSION or not isinstance(doc.get("items"), list):
+        raise UserError(f"{path} is not a timing file of this flopmatch version; delete it and re-run the study to re-time")
+    return doc

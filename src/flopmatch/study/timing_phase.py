@@ -1,0 +1,135 @@
+"""The study's timing phase: every paradigm's latency and throughput measured together, once, at the end.
+
+Timings taken while other workers train, or in another session under another load, cannot be
+compared (a resumed study once flipped its latency verdict with full confidence that way). So study
+evaluations record analytic FLOPs only, and this phase, which runs after every run is trained and
+evaluated (no worker is running then), times every evaluated setting of every paradigm in interleaved
+rounds (:mod:`flopmatch.evaluation.timing`) and writes ``<study>/inference_timing.json``.
+
+*What is timed.* Sampling cost depends on the architecture and the setting, not on the weights, so one
+run stands for each (paradigm, depth): its finished run with the largest budget, lowest seed. Every
+EMA setting the study evaluates (the main one and the step sweep) is an item; next-token also with its
+KV cache flipped.
+
+*Never a mix.* The file lists the items it timed. A re-run study reuses it only if it needs exactly
+those items and ``--retime`` was not given; otherwise every item is timed again, together, and the
+file is replaced whole (atomically), so it never holds timings from two phases.
+
+*Quiet.* Before and after the phase the CPU time used by other processes is sampled (Linux
+``/proc/stat``); it is recorded, and a busy machine is warned about, since it inflates the spread.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from flopmatch.config import RunConfig, SampleConfig, from_dict
+from flopmatch.evaluation.inference import inference_cost
+from flopmatch.evaluation.run import setting_key, timing_fields, timing_items
+from flopmatch.evaluation.timing import TIMING, TIMING_VERSION, machine, read_timing, time_items
+from flopmatch.files import atomic_write_json
+from flopmatch.objectives import make_objective
+from flopmatch.plan import net_spec_for
+from flopmatch.rundir import read_state
+from flopmatch.sample import load_sampler
+from flopmatch.study.plan import RunPlan, eval_settings, fmt_duration
+from flopmatch.study.presets import StudyConfig
+
+BUSY_CORES = 0.5  # warn when other processes keep more than half a core busy during the phase
+
+
+def other_busy_cores(interval_s: float = 1.0) -> float | None:
+    """Cores kept busy by processes other than this one over ``interval_s`` (Linux; None elsewhere).
+
+    Read from ``/proc/stat`` (all CPUs) minus this process's own CPU time: psutil would do it too,
+    but is not a dependency for one number.
+    """
+    def busy() -> tuple[float, float]:
+        with open("/proc/stat") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+        return sum(fields) - idle, time.process_time()
+
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        (b0, own0), t0 = busy(), time.monotonic()
+        time.sleep(interval_s)
+        (b1, own1), t1 = busy(), time.monotonic()
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, ((b1 - b0) / ticks - (own1 - own0)) / (t1 - t0))
+
+
+def timing_plan(out: Path, scfg: StudyConfig, plans: list[RunPlan]) -> list[dict]:
+    """The items the study needs timed: per (paradigm, depth), its representative run and every EMA setting."""
+    reps: dict[tuple[str, int], RunPlan] = {}
+    for p in plans:
+        run = out / "runs" / p.name
+        if not (run / "config.json").exists() or not read_state(run).get("done"):
+            continue
+        cur = reps.get((p.objective, p.depth))
+        if cur is None or (p.budget, -p.seed) > (cur.budget, -cur.seed):
+            reps[(p.objective, p.depth)] = p
+    items = []
+    for (objective, depth), p in sorted(reps.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        cfg = from_dict(RunConfig, p.config)
+        obj, spec = make_objective(cfg.objective), net_spec_for(cfg)
+        for s in eval_settings(scfg, cfg):
+            items.append({"objective": objective, "depth": depth, "run": p.name,
+                          "setting": setting_key(s, obj.resolve_steps(s, spec)), "sample": asdict(s)})
+    return items
+
+
+def _signature(items: list[dict]) -> list[str]:
+    return sorted(f"{it['objective']}|{it['depth']}|{it['setting']}|{it['sample'].get('kv_cache')}" for it in items)
+
+
+def ensure_timing(out: Path, scfg: StudyConfig, plans: list[RunPlan], retime: bool = False, progress: bool = True) -> dict | None:
+    """Time every item of :func:`timing_plan` together unless ``inference_timing.json`` already holds exactly them."""
+    wanted = timing_plan(out, scfg, plans)
+    if not wanted:
+        return None
+    old = read_timing(out)
+    if old is not None and not retime and old.get("signature") == _signature(wanted) and old.get("rounds") == scfg.timing_rounds:
+        print(f"[study] inference timing: reusing {out / TIMING} ({len(wanted)} settings timed together; "
+              "--retime to measure again)")
+        return old
+    why = "--retime" if old is not None and retime else "the study's settings changed" if old is not None else "first time"
+    print(f"[study] inference timing: {len(wanted)} settings of {len({(i['objective'], i['depth']) for i in wanted})} "
+          f"architectures, {scfg.timing_rounds} interleaved rounds ({why})", flush=True)
+    samplers = {name: load_sampler(out / "runs" / name, weights="ema") for name in sorted({i["run"] for i in wanted})}
+    pairs = [(f"{i['objective']} d{i['depth']} {i['setting']}", i) for i in wanted]
+    tim = []
+    for key, i in pairs:
+        tim += timing_items(samplers[i["run"]], [(key, from_dict(SampleConfig, i["sample"]))])
+    load_before = other_busy_cores()
+    t0 = time.perf_counter()
+    results = time_items(tim, rounds=scfg.timing_rounds, search_budget_s=scfg.timing_budget_s, progress=progress)
+    seconds = time.perf_counter() - t0
+    load_after = other_busy_cores()
+    items = []
+    for key, i in pairs:
+        sampler, sample = samplers[i["run"]], from_dict(SampleConfig, i["sample"])
+        cost = inference_cost(sampler, sample)
+        fields = timing_fields(results, key, sample.kv_cache)
+        for name in ("with_kv_cache", "without_kv_cache"):
+            if name in fields:
+                fields[name] = {**cost.get(name, {}), **fields[name]}
+        items.append({**i, **{k: v for k, v in cost.items() if not isinstance(v, dict)}, **fields})
+    first = next(iter(samplers.values()))
+    doc = {
+        "version": TIMING_VERSION, "signature": _signature(wanted), "rounds": scfg.timing_rounds,
+        "machine": {**machine(), "device": str(first.device), "bf16": first.bf16},
+        "other_busy_cores": {"before": load_before, "after": load_after}, "seconds": seconds, "items": items,
+        "note": "every item timed in the same phase, interleaved; medians over rounds, every round kept",
+    }  # fmt: skip
+    busy = [x for x in (load_before, load_after) if x is not None]
+    if busy and max(busy) > BUSY_CORES:
+        print(f"[study] warning: other processes kept {max(busy):.1f} cores busy during timing; the spread between "
+              "rounds will show it (re-run with --retime on a quiet machine)")
+    atomic_write_json(out / TIMING, doc)
+    print(f"[study] inference timing took {fmt_duration(seconds)}; wrote {out / TIMING}")
+    return doc
