@@ -10,10 +10,12 @@ def cmd_report(args) -> int:
     from flopmatch.report.build import build_report
 
     out = build_report(args.study, n_boot=args.n_boot, seed=args.seed)
-    for f in out["findings"]:
-        print(f"finding {f['id']}: {f['verdict']}")
-    for r in out["recommendations"]:
-        print(f"- {r['text']}")
+    for c in out["claims"]:
+        print(f"claim {c['id']}: {c['status'].upper()} -- {c['paper']}")
+    for cell in out["table"]:
+        if cell["label"] != "not measured":
+            pick = cell["choice"] or " ~ ".join(cell["tied"])
+            print(f"- {cell['need']} at {cell['budget']:.3g} FLOPs: {pick} ({cell['label']})")
     print(f"wrote {out['paths']['html']}, {out['paths']['md']} and {out['paths']['csv']}")
     return 0
 

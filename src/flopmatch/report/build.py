@@ -19,12 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from flopmatch.files import atomic_write_bytes, atomic_write_text
-from flopmatch.report.analysis import EXTRAPOLATE, LEVEL, METRIC, P_SURE, Analysis
+from flopmatch.files import atomic_write_bytes, atomic_write_text, read_json
+from flopmatch.report.analysis import EXTRAPOLATE, LEVEL, METRIC, MIN_FIT_BUDGETS, MIN_FIT_DECADES, Analysis
 from flopmatch.report.data import COLUMNS, Study, first_images, load_study
-from flopmatch.report.findings import analyse
+from flopmatch.report.findings import EMA_LEVEL, analyse
 from flopmatch.report.plots import all_figures
 from flopmatch.report.render import fmt, render_html, render_md
+from flopmatch.report.verdicts import ALPHA, CONFIDENT, FRONTIER_SIZES, NEEDS, NO_DIFF, SUGGESTIVE
+from flopmatch.rundir import read_config
 from flopmatch.sample import grid_image
 
 N_SAMPLES = 8  # images per paradigm x budget cell of the sample table
@@ -140,14 +142,24 @@ def _fits_table(an: Analysis) -> tuple[list, list]:
     return header, rows
 
 
-def _comparisons_table(an: Analysis) -> tuple[list, list]:
-    header = ["metric", "budget", "a", "b", "a (depth: error)", "b (depth: error)", f"a - b, {LEVEL:.0%} CI", "P(a better)", "from"]
+def _tests_table(an: Analysis) -> tuple[list, list]:
+    header = ["family", "metric", "a vs b", "where", "a / b", "p (two-sided)", "Holm-adjusted p", "label",
+              "detectable difference", "noise"]  # fmt: skip
     rows = []
-    for (m, a, b, c), r in sorted(an.comparisons.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][1], kv[0][2])):
-        ci = "–" if r["interval"] is None else _iv(r["interval"])
-        rows.append([METRIC[m].label, f"{c:.3g}", a, b, f"d{r['a']['depth']}: {r['a']['value']:.4g}",
-                     f"d{r['b']['depth']}: {r['b']['value']:.4g}", f"{r['diff']:+.3g} {ci}", fmt(r["p_a_better"], ".2f"),
-                     r["source"] or "no noise estimate"])  # fmt: skip
+    for fam, comps in an.verdicts.families.items():
+        for c in comps:
+            mdd = c.mdd_percent()
+            rows.append([fam, c.metric, f"{c.a} vs {c.b}", c.where, fmt(c.ratio(), ".3g") if c.test.method != "none" else "–",
+                         fmt(c.p2, ".2g"), fmt(c.p_adj, ".2g"), c.label if c.test.method != "none" else "not testable",
+                         "–" if mdd is None else f"{mdd:.0f}%", c.noise + (f"; {c.capped}" if c.capped else "")])  # fmt: skip
+    return header, rows
+
+
+def _ema_table(an: Analysis) -> tuple[list, list]:
+    header = ["paradigm", "runs", "FID change from EMA (EMA / raw - 1)", f"{EMA_LEVEL:.0%} interval", "vs diffusion (p, Welch)"]
+    rows = [[e["paradigm"], e["n"], f"{100 * e['mean_change']:+.1f}%",
+             "–" if e["interval"] is None else f"[{100 * e['interval'][0]:+.1f}%, {100 * e['interval'][1]:+.1f}%]",
+             fmt(e["vs_diffusion_p"], ".2g")] for e in an.ema]  # fmt: skip
     return header, rows
 
 
@@ -191,28 +203,93 @@ FIG_CAPTIONS = {
 }  # fmt: skip
 
 
+def _banners(study: Study, an: Analysis) -> list[str]:
+    """Caveats that apply to the whole page, shown above the decision."""
+    out = []
+    preset = None
+    if (study.root / "study.json").exists():
+        try:
+            preset = read_json(study.root / "study.json").get("preset")
+        except (OSError, ValueError, AttributeError):
+            preset = None
+    if preset == "tiny":
+        out.append("Smoke preset (tiny): these runs are seconds long and the results are not meaningful.")
+    if study.runs:
+        data = read_config(study.root / study.runs[0].rel).data
+        budgets = sorted({r.budget for r in study.runs})
+        out.append(f"The answer is about this data and these budgets: dataset {data.name}, {data.image_size}x{data.image_size} "
+                   f"px, training budgets {budgets[0]:.3g} to {budgets[-1]:.3g} FLOPs.")
+    v = an.verdicts
+    if any(n.source == "evaluation" for n in v.noise.values()):
+        out.append("One seed per cell: image quality and prompt following rest on evaluation noise only (how much "
+                   "retraining with another seed would move them is not measured), so no verdict on them is stronger "
+                   "than **suggestive**. Train >= 2 seeds in some cells (e.g. `--seeds 3`) for verdicts.")
+    if v.depths >= 2 and v.depths < FRONTIER_SIZES:
+        out.append(f"Model size: the better of {v.depths} depths at each budget (chosen on one seed, judged on the others "
+                   f"where there are others), not a compute-optimal frontier (that needs >= {FRONTIER_SIZES} sizes).")
+    if any(f.boot for f in an.fits.values()):
+        out.append(f"Dashed trend lines are extrapolations, drawn at most {EXTRAPOLATE:g}x beyond the largest budget.")
+    else:
+        out.append(f"No scaling law is fitted: that needs >= {MIN_FIT_BUDGETS} budgets over >= {MIN_FIT_DECADES:g} "
+                   "decades; the figures show the measured points only.")
+    if study.timing:
+        spread = [i.get("latency_spread") for i in study.timing.get("items", []) if i.get("latency_spread") is not None]
+        m = study.timing.get("machine", {})
+        out.append(f"Timings: every paradigm timed together in one phase of {study.timing.get('rounds')} interleaved rounds "
+                   f"on {m.get('device')} ({m.get('threads')} threads); latency spread between rounds up to "
+                   f"{100 * max(spread, default=0):.0f}%. They hold for this machine.")
+    elif any(r["latency_s"] is not None for r in study.rows):
+        out.append("Timings come from each run's own evaluation (no study timing phase), possibly under different loads.")
+    return out
+
+
+def _decision_rows(an: Analysis) -> list[list]:
+    rows = []
+    for budget in sorted({c["budget"] for c in an.verdicts.table}):
+        row = [f"{budget:.3g}"]
+        for need, _ in NEEDS:
+            cell = next(c for c in an.verdicts.table if c["budget"] == budget and c["need"] == need)
+            if cell["label"] == "not measured":
+                row.append("–")
+            elif cell["choice"] is None:
+                row.append(f"no difference detected ({' ≈ '.join(cell['tied'])})")
+            else:
+                row.append(f"{cell['choice']} ({cell['label']})")
+        rows.append(row)
+    return rows
+
+
 def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
     B: list[tuple] = []
-    n_eval = sum(r.evaluated for r in study.runs)
-    budgets = sorted({r.budget for r in study.runs})
-    depths = sorted({r.depth for r in study.runs})
+    v = an.verdicts
     B.append(("h", 1, "flopmatch study report"))
-    B.append(("p", f"{len(study.runs)} runs ({n_eval} evaluated) of {', '.join(an.paradigms)}; depths "
-                   f"{', '.join(map(str, depths))}; budgets {', '.join(f'{b:.3g}' for b in budgets)} FLOPs; "
-                   f"{len(study.rows)} rows in results.csv. Rebuilt from the run directories alone by `flopmatch report`."))
-    B.append(("h", 2, "Recommendations"))
-    B.append(("ul", [r["text"] for r in an.recommendations]))
-    B.append(("h", 2, "The paper's findings, checked here"))
-    B.append(("table", ["#", "paper (Kilian et al. 2024)", "here"],
-              [[f["id"], f["paper"], f["verdict"].upper()] for f in an.findings]))
-    by = {v: [str(f["id"]) for f in an.findings if f["verdict"] == v] for v in ("held", "did not hold", "inconclusive", "not measured")}
-    B.append(("p", "In this study: " + "; ".join(f"**{v}**: {', '.join(ids)}" for v, ids in by.items() if ids) + "."))
-    for f in an.findings:
-        items = [f"{p['claim']}: **{p['status']}** — {p['text']}" for p in f["parts"]]
-        B.append(("p", f"Finding {f['id']}: {f['verdict']}." + (f" {f['note']}" if f["note"] else "")))
+    B += [("banner", t) for t in _banners(study, an)]
+    B.append(("h", 2, "Which paradigm, for what"))
+    B.append(("table", ["budget (FLOPs)", *[n for n, _ in NEEDS]], _decision_rows(an)))
+    n_table = sum(c.p2 is not None for c in v.families["table"])
+    B.append(("p", f"**{CONFIDENT}**: better than every other paradigm after Holm's correction over the table's "
+                   f"{n_table} tests (family-wise level {ALPHA}), with noise that includes retraining (or timing rounds); "
+                   f"**{SUGGESTIVE}**: better before the correction, or on evaluation noise only; **{NO_DIFF}**: the best "
+                   "could not be separated from the paradigms named. Quality at the size chosen per budget; latency and "
+                   "throughput of that size at its main sampling settings."))
+    B.append(("h", 2, "The paper's claims, checked here"))
+    B.append(("ul", [f"**{c['status'].upper()}**: ({c['id']}) {c['paper']} *Why:* {c['reason']}." for c in v.claims]))
+    n_claims = sum(c.p2 is not None for c in v.families["claims"])
+    noise = "; ".join(f"{m}: {n.describe()}" for m, n in v.noise.items())
+    B.append(("p", f"{n_claims} tests decide these claims; Holm's procedure keeps the chance of any false verdict among "
+                   f"them at or below {ALPHA}. Noise: {noise}. A claim **held** when every part was separated with "
+                   "confidence, **did not hold** when a part was reversed with confidence, is **suggestive** when every "
+                   "part points its way without a verdict, and **inconclusive** otherwise."))
+    for name in ("fid_vs_flops", "prompt_vs_flops"):
+        B.append(("fig", name, FIG_CAPTIONS[name]))
+    B.append(("h", 2, "Each claim, part by part"))
+    for c in v.claims:
+        B.append(("p", f"Claim {c['id']}: **{c['status']}**. {c['paper']}"))
+        items = []
+        for part in c["parts"]:
+            comps = "; ".join(comp.summary() for comp, _ in part["comparisons"]) or "not measured"
+            items.append(f"{part['text']}: **{part['status']}** ({comps})")
         B.append(("ul", items))
-    B.append(("p", f"A part holds at a budget when the bootstrap gives P >= {P_SURE} that it is true, is reversed when "
-                   f"P <= {1 - P_SURE:.2f}; with few seeds and budgets most parts are inconclusive, and this report says so."))
     problems = [f"{r.name}: not finished ({(r.state or {}).get('step', 0)}/{(r.state or {}).get('total_steps', '?')} steps)"
                 for r in study.runs if not r.done]
     problems += [f"{r.name}: not evaluated (no eval.json entries)" for r in study.runs if not r.evaluated]
@@ -223,15 +300,14 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
         B.append(("ul", problems))
     B.append(("table", *_runs_table(study)))
     B.append(("h", 2, "Scaling with training FLOPs"))
-    for name in ("fid_vs_flops", "fid_inception_vs_flops", "prompt_vs_flops", "loss_vs_flops"):
+    for name in ("fid_inception_vs_flops", "loss_vs_flops"):
         B.append(("fig", name, FIG_CAPTIONS[name]))
     B.append(("table", *_fits_table(an)))
     B.append(("h", 3, "Crossovers of fitted trends"))
     hdr, rows = _crossover_table(an)
-    B.append(("table", hdr, rows) if rows else ("p", "No crossover computed: needs fitted trends (>= 3 budgets) of two paradigms."))
-    B.append(("h", 3, "Head-to-head at equal training FLOPs"))
-    hdr, rows = _comparisons_table(an)
-    B.append(("table", hdr, rows) if rows else ("p", "No budget was measured for two paradigms."))
+    B.append(("table", hdr, rows) if rows else ("p", "No crossover computed: needs fitted laws of two paradigms."))
+    B.append(("h", 3, "Every test behind the verdicts"))
+    B.append(("table", *_tests_table(an)))
     B.append(("h", 2, "Iso-FLOP curves"))
     for name in ("iso_flop_fid", "iso_flop_prompt", "iso_flop_loss"):
         B.append(("fig", name, FIG_CAPTIONS[name]))
@@ -240,6 +316,9 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
         B.append(("fig", name, FIG_CAPTIONS[name]))
     hdr, rows = _inference_table(an)
     B.append(("table", hdr, rows) if rows else ("p", "No inference measurements."))
+    B.append(("h", 2, "EMA (a separate analysis, not part of the claims)"))
+    hdr, rows = _ema_table(an)
+    B.append(("table", hdr, rows) if rows else ("p", "Not measured: no run was evaluated with raw weights too (`--eval-raw`)."))
     B.append(("h", 2, "Samples: the same prompts, every paradigm, every budget"))
     B.append(("samples", samples))
     B.append(("h", 2, "Training loss"))
@@ -249,10 +328,14 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
         "Main setting of a run: the EMA eval entry whose sampler settings equal the run's default sample config (steps "
         "resolved by the paradigm); if several or none match, the one with the lowest FID (effnet). Inference figures use every setting.",
         "Fits: per paradigm, the best depth at each budget (seed mean), then E + A (C/C0)^-alpha fitted in log space; "
-        f"{LEVEL:.0%} percentile bootstrap intervals (resampling seeds, or residuals with one seed); a fit needs >= 3 budgets.",
+        f"{LEVEL:.0%} percentile bootstrap intervals (resampling seeds, or evaluation noise with one seed); a law needs "
+        f">= {MIN_FIT_BUDGETS} budgets over >= {MIN_FIT_DECADES:g} decades.",
+        "Verdicts: log errors compared with t-tests on the seed variance pooled over cells (or evaluation noise with one "
+        "seed), timings with Welch's t-test over interleaved rounds, sampling FLOPs exactly; two-sided, Holm-corrected "
+        f"within each family at {ALPHA}. See flopmatch.report.verdicts.",
         "Points are finished runs at their nominal budget; unfinished runs are listed above and left out.",
         "Prompt following is fitted as the error 1 - full match. FID is the EfficientNet-Lite0 proxy; FID (Inception) is shown separately when measured.",
-        f"Crossovers are searched up to {EXTRAPOLATE:.0e}x the largest budget: extrapolations, to be read as where the trends point.",
+        f"Crossovers are searched up to {EXTRAPOLATE:g}x the largest budget: extrapolations, to be read as where the trends point.",
         "Training losses of different paradigms are never compared or drawn on one axis.",
         "Latency and throughput are measurements on the evaluating machine (device and threads in results.csv).",
     ]))  # fmt: skip
@@ -275,7 +358,7 @@ def _fits_summary(an: Analysis) -> list[dict]:
 def build_report(study_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) -> dict:
     """Write ``report.html``, ``report.md``, ``results.csv`` and ``report_figures/`` into ``study_dir``.
 
-    Returns {"paths": {name: Path}, "recommendations": [dict], "findings": [dict], "fits": [dict]}.
+    Returns {"paths": {name: Path}, "table": [dict], "claims": [dict], "fits": [dict]}.
     Deterministic: the same run directories, ``n_boot`` and ``seed`` give the same bytes.
     """
     root = Path(study_dir)
@@ -306,4 +389,4 @@ def build_report(study_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) ->
     atomic_write_text(paths["csv"], results_csv(study.rows))
     atomic_write_text(paths["md"], render_md(blocks, fig_files, sample_files))
     atomic_write_text(paths["html"], render_html(blocks, figs))
-    return {"paths": paths, "recommendations": an.recommendations, "findings": an.findings, "fits": _fits_summary(an)}
+    return {"paths": paths, "table": an.verdicts.table, "claims": an.verdicts.claims, "fits": _fits_summary(an)}

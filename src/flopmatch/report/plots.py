@@ -19,13 +19,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogFormatter
 
-from flopmatch.report.analysis import METRIC, Analysis, setting_medians
+from flopmatch.report.analysis import EXTRAPOLATE, METRIC, Analysis, setting_medians
 from flopmatch.report.data import Study
 from flopmatch.report.records import iso_flop, pareto_front
 
 DPI = 100
 COLORS = {"diffusion": "#1f77b4", "masked": "#2ca02c", "autoregressive": "#d62728"}
-TREND_REACH = 100.0  # fitted trends are drawn (dashed) up to 100x the largest budget
+
 RC = {"font.size": 9, "axes.titlesize": 10, "legend.fontsize": 8, "axes.grid": True, "grid.alpha": 0.3,
       "svg.hashsalt": "flopmatch", "path.simplify": False}  # fmt: skip
 
@@ -94,7 +94,7 @@ def _draw_trend(ax, fit, color: str, label: str) -> list[float]:
     if fit.boot is not None:
         lo, hi = min(fb), max(fb)
         inside = np.geomspace(lo, hi, 64)
-        beyond = np.geomspace(hi, hi * TREND_REACH, 64)
+        beyond = np.geomspace(hi, hi * EXTRAPOLATE, 64)  # extrapolation: bounded, dashed and shaded
         ax.plot(inside, fit.boot.point.predict(inside), color=color, lw=1.5)
         ax.plot(beyond, fit.boot.point.predict(beyond), color=color, lw=1.2, ls="--")
         grid = np.concatenate([inside, beyond[1:]])
@@ -102,6 +102,9 @@ def _draw_trend(ax, fit, color: str, label: str) -> list[float]:
             blo, bhi = fit.boot.predict_interval(grid)
             ax.fill_between(grid, blo, bhi, color=color, alpha=0.15, linewidth=0)
             ys += list(blo) + list(bhi)
+        ax.axvspan(hi, hi * EXTRAPOLATE, color="0.9", zorder=0)
+        ax.text(hi * math.sqrt(EXTRAPOLATE), 0.98, f"extrapolated\n(<= {EXTRAPOLATE:g}x)", transform=ax.get_xaxis_transform(),
+                ha="center", va="top", fontsize=7, color="0.4")
     return ys
 
 

@@ -2,6 +2,7 @@
 
 The report is a list of blocks, rendered twice: ``("h", level, text)``, ``("p", text)``,
 ``("ul", [text])``, ``("table", header, rows)``, ``("fig", name, caption)`` and
+``("banner", text)`` (a caveat that applies to the whole page) and
 ``("samples", table)`` (the paradigm x budget sample strips, see ``flopmatch.report.build.sample_table``).
 Text may use ``**bold**``; everything else is escaped. HTML embeds every image as a base64 PNG.
 """
@@ -37,6 +38,8 @@ def render_md(blocks: list[tuple], fig_files: dict[str, str], sample_files: dict
             out.append("#" * b[1] + " " + b[2])
         elif kind == "p":
             out.append(b[1])
+        elif kind == "banner":
+            out.append(f"> **Note.** {b[1]}")
         elif kind == "ul":
             out.append("\n".join(f"- {x}" for x in b[1]))
         elif kind == "table":
@@ -69,7 +72,8 @@ def _b64(png: bytes) -> str:
 CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
        "table{border-collapse:collapse;margin:1em 0;font-size:.85em}td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}"
        "th{background:#f3f3f3}img{max-width:100%}figure{margin:1.5em 0}figcaption{font-size:.85em;color:#555}"
-       ".samples td{text-align:center}.samples img{image-rendering:pixelated}")  # fmt: skip
+       ".samples td{text-align:center}.samples img{image-rendering:pixelated}"
+       ".banner{background:#fff6d5;border-left:4px solid #e0b000;padding:.4em .8em;margin:.4em 0}")  # fmt: skip
 
 
 def _inline_md(text: str) -> str:
@@ -88,6 +92,8 @@ def render_html(blocks: list[tuple], figs: dict[str, bytes | None]) -> str:
             out.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
         elif kind == "p":
             out.append(f"<p>{_inline_md(b[1])}</p>")
+        elif kind == "banner":
+            out.append(f'<p class="banner">{_inline_md(b[1])}</p>')
         elif kind == "ul":
             out.append("<ul>" + "".join(f"<li>{_inline_md(x)}</li>" for x in b[1]) + "</ul>")
         elif kind == "table":

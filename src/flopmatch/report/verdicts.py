@@ -1,0 +1,567 @@
+"""The tests that decide the paper's claims and the recommendation table: noise that includes
+retraining, family-wise control, ties reported as ties, and the power of every comparison.
+
+*Scale.* Everything is compared as a log error, lower is better: log FID, log prompt-following error
+(1 - full match, floored at ``FLOOR`` so a perfect score stays finite), log latency, -log throughput.
+Seed-to-seed variation of these is roughly multiplicative, so one variance per metric serves every
+budget and paradigm, and a difference reads as a ratio (``exp(estimate)``).
+
+*Cells.* A cell is one (paradigm, budget) at one depth. With one depth, that depth and all its seeds.
+With several, the depth with the lowest error on the lowest seed (the selection seed), judged on the
+other seeds, so the choice is not scored on the numbers it was made from; a cell without another seed
+is chosen and judged on the same seed, which flatters the winner, and its comparisons are at most
+"suggestive". With fewer than ``FRONTIER_SIZES`` depths this is the better of the sizes tried, not a
+compute-optimal frontier, and the report says so.
+
+*Noise*, per metric: "seeds" when some cell has >= 2 seeds: the within-cell variance of log error,
+pooled over every (paradigm, depth, budget) cell with >= 2 seeds, with its degrees of freedom;
+comparisons are t-tests with it (:func:`flopmatch.report.stats.pooled_test`); it holds retraining and
+evaluation noise. Otherwise "evaluation": each record's own evaluation noise (FID bootstrap over
+generated images; binomial for a full-match rate) on the log scale, normal reference. That misses
+retraining noise, so nothing resting on it is stronger than "suggestive". Timing comparisons use the
+timing phase's interleaved rounds; timing does not depend on training, so no seed is needed: Welch's t-test of log timings over rounds (rounds interleave the
+paradigms, so a load change hits all of them). Sampling FLOPs are analytic: compared exactly, no test.
+
+*Decisions.* Each comparison is two-sided (p = 2 min(p_lower, p_higher)); Holm's step-down procedure
+(:func:`flopmatch.report.stats.holm_adjusted`) controls the family-wise error at ``ALPHA`` within each
+family: "claims" (every test that decides a paper claim) and "table" (the recommendation table).
+Labels: **confident** (Holm-significant, with seed noise or timing rounds, depth chosen on another
+seed), **suggestive** (significant before the correction, or resting on evaluation noise only, or on
+a depth chosen on the judged seed), **no difference detected** (otherwise; with the smallest relative
+difference the comparison could have detected: 80 % power at the Bonferroni level ALPHA / m, a
+bound on Holm's first step).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats as sps
+
+from flopmatch import PARADIGMS
+from flopmatch.report.data import Study
+from flopmatch.report.stats import TestResult, holm_adjusted, pooled_test, pooled_variance, welch_test
+
+ALPHA = 0.05  # family-wise level of each family
+POWER = 0.8  # for the minimum detectable difference
+FLOOR = 1e-3  # smallest error on the log scale (a full-match rate of 1 would be log 0)
+FRONTIER_SIZES = 4  # depths per budget before "best size" may be called a compute-optimal frontier
+NORMAL_DF = 1e6  # degrees of freedom standing in for a normal reference (evaluation noise)
+QUALITY = {"fid": ("fid_effnet", "FID (effnet proxy)", "fid_boot_effnet"),
+           "prompt": ("prompt_full_match", "prompt-following error (1 - full match)", None)}  # fmt: skip
+CONFIDENT, SUGGESTIVE, NO_DIFF = "confident", "suggestive", "no difference detected"
+
+
+@dataclass
+class Cell:
+    """One (paradigm, budget) at its compared depth: judged log errors and their evaluation variances."""
+
+    paradigm: str
+    budget: float
+    depth: int
+    values: np.ndarray  # log error of each judged seed
+    eval_var: np.ndarray  # evaluation-noise variance of each judged value (log scale; NaN unknown)
+    biased: bool  # depth chosen on the seed it is judged on
+    depths: int  # depths the choice was among
+
+    @property
+    def mean(self) -> float:
+        return float(self.values.mean())
+
+
+@dataclass
+class Noise:
+    """The noise a metric's comparisons rest on (see the module docstring)."""
+
+    source: str  # "seeds" | "evaluation" | "none"
+    var: float | None = None
+    df: float | None = None
+    cells: int = 0  # cells with >= 2 seeds behind a "seeds" variance
+
+    def describe(self) -> str:
+        if self.source == "seeds":
+            return (f"seed variance pooled over {self.cells} cells with >= 2 seeds ({self.df:g} df; sd "
+                    f"{100 * (math.exp(math.sqrt(self.var)) - 1):.1f}% of the value)")
+        if self.source == "evaluation":
+            return "evaluation noise only (one seed per cell): retraining variance not measured"
+        return "no noise estimate"
+
+
+@dataclass
+class Comparison:
+    """a vs b on one metric (log scale, lower better): the test, its family and the decision."""
+
+    family: str
+    metric: str
+    a: str
+    b: str
+    where: str  # "at 1e12 FLOPs", "over 3 budgets", "depth 2", ...
+    test: TestResult
+    noise: str  # "seeds" | "evaluation" | "timing rounds" | "exact"
+    capped: str = ""  # why the label can be at most "suggestive"
+    p_adj: float | None = None
+    m: int = 1  # tests in the family
+
+    @property
+    def p2(self) -> float | None:
+        """Two-sided p-value."""
+        p = self.test.p
+        return None if p is None else min(1.0, 2 * min(p, 1 - p))
+
+    @property
+    def better(self) -> str | None:
+        """The paradigm with the lower error (None for an exact tie or no estimate)."""
+        e = self.test.estimate
+        return None if not math.isfinite(e) or e == 0 else self.a if e < 0 else self.b
+
+    @property
+    def label(self) -> str:
+        if self.noise == "exact":
+            return CONFIDENT if self.better else NO_DIFF
+        if self.p2 is None or self.p2 > ALPHA or self.better is None:
+            return NO_DIFF
+        strong = self.noise in ("seeds", "timing rounds") and not self.capped
+        return CONFIDENT if strong and self.p_adj is not None and self.p_adj <= ALPHA else SUGGESTIVE
+
+    def ratio(self) -> float:
+        """exp(estimate): a's error (or latency, or 1/throughput) as a multiple of b's."""
+        return math.exp(self.test.estimate)
+
+    def mdd_percent(self) -> float | None:
+        """Smallest relative difference (%) detectable with POWER at the Bonferroni level ALPHA / m."""
+        d = self.test.mdd(ALPHA / max(self.m, 1) / 2, POWER)  # two-sided: alpha/2 per tail
+        return None if d is None else 100 * (math.exp(d) - 1)
+
+    def summary(self) -> str:
+        """One line: who is lower, by how much, p, adjusted p, label, detectable difference."""
+        if self.test.method == "none":
+            return f"{self.a} vs {self.b} {self.where}: not testable ({self.noise} noise, too few values)"
+        r = self.ratio()
+        if self.metric.endswith("_trend"):
+            txt = f"{self.a} vs {self.b}, {self.where}: the gap changes by x{r:.3g} per decade"
+        elif self.metric == "throughput":
+            txt = f"{self.a} vs {self.b} {self.where}: throughput ratio {self.a} / {self.b} = {1 / r:.3g}"
+        else:
+            what = {"fid": "FID", "prompt": "prompt-following error", "latency": "latency", "flops": "sampling FLOPs"}
+            txt = f"{self.a} vs {self.b} {self.where}: {what.get(self.metric, self.metric)} ratio {self.a} / {self.b} = {r:.3g}"
+        if self.noise == "exact":
+            return txt + " (analytic, exact)"
+        txt += f", p{_p(self.p2)}" + ("" if self.p_adj is None else f" (Holm-adjusted p{_p(self.p_adj)}, {self.m} tests)")
+        txt += f" -> {self.label}"
+        if self.label == NO_DIFF and self.mdd_percent() is not None:
+            txt += f"; could detect a difference of {self.mdd_percent():.0f}% or more"
+        if self.noise == "evaluation":
+            txt += "; evaluation noise only"
+        if self.capped:
+            txt += f"; {self.capped}"
+        return txt
+
+
+def _p(p: float) -> str:
+    return "<1e-6" if p < 1e-6 else f"={p:.2g}"
+
+
+@dataclass
+class Verdicts:
+    """Every comparison by family, the recommendation table, the claims and the noise per metric."""
+
+    noise: dict[str, Noise]
+    cells: dict[str, dict[tuple[str, float], Cell]]
+    families: dict[str, list[Comparison]] = field(default_factory=dict)
+    table: list[dict] = field(default_factory=list)
+    claims: list[dict] = field(default_factory=list)
+    depths: int = 1
+
+
+# ---------------------------------------------------------------------------------- cells and noise
+
+
+def _log_error(metric: str, row: dict) -> float | None:
+    v = row[QUALITY[metric][0]]
+    if v is None:
+        return None
+    err = 1.0 - v if metric == "prompt" else v
+    return math.log(max(float(err), FLOOR))
+
+
+def _eval_var(metric: str, row: dict) -> float:
+    """Evaluation-noise variance of a row's log error (delta method for a binomial rate); NaN if unknown."""
+    if metric == "fid":
+        reps = np.asarray(row.get(QUALITY[metric][2]) or [], float)
+        reps = reps[reps > 0]
+        return float(np.log(reps).var(ddof=1)) if reps.size >= 2 else math.nan
+    n = row.get("num_samples")
+    if not n or row["prompt_full_match"] is None:
+        return math.nan
+    k = float(row["prompt_full_match"]) * n
+    m = (k + 0.5) / (n + 1)  # shrunk so a rate of 0 or 1 still has a variance
+    err = max(1 - m, FLOOR)
+    return m * (1 - m) / n / err**2
+
+
+def _records(study: Study, metric: str) -> dict[tuple[str, int, float], dict[int, tuple[float, float]]]:
+    """(paradigm, depth, budget) -> {seed: (log error, evaluation variance)} of finished runs' main EMA settings."""
+    out: dict = {}
+    for r in study.rows:
+        if not (r["main"] and r["done"] and r["weights"] == "ema"):
+            continue
+        y = _log_error(metric, r)
+        if y is not None:
+            out.setdefault((r["objective"], r["depth"], r["budget"]), {})[r["seed"]] = (y, _eval_var(metric, r))
+    return out
+
+
+def _cells(records: dict) -> dict[tuple[str, float], Cell]:
+    """Pick each (paradigm, budget)'s depth on its selection seed and judge it on the rest (module docstring)."""
+    by_pb: dict[tuple[str, float], dict[int, dict]] = {}
+    for (p, d, b), seeds in records.items():
+        by_pb.setdefault((p, b), {})[d] = seeds
+    cells = {}
+    for (p, b), depths in by_pb.items():
+        if len(depths) == 1:
+            d, seeds = next(iter(depths.items()))
+            judged, biased = seeds, False
+        else:
+            sel = min(s for seeds in depths.values() for s in seeds)
+            cand = {d: seeds[sel][0] for d, seeds in depths.items() if sel in seeds}
+            d = min(cand, key=lambda k: (cand[k], k)) if cand else min(depths)
+            rest = {s: v for s, v in depths[d].items() if s != sel}
+            judged, biased = (rest, False) if rest else (depths[d], True)
+        ys = np.array([v[0] for _, v in sorted(judged.items())])
+        vs = np.array([v[1] for _, v in sorted(judged.items())])
+        cells[(p, b)] = Cell(p, b, d, ys, vs, biased, len(depths))
+    return cells
+
+
+def _noise(records: dict) -> Noise:
+    groups = [np.array([v[0] for v in seeds.values()]) for seeds in records.values()]
+    var, df = pooled_variance(groups)
+    if var is not None:
+        return Noise("seeds", var, float(df), sum(len(g) >= 2 for g in groups))
+    if any(math.isfinite(v[1]) for seeds in records.values() for v in seeds.values()):
+        return Noise("evaluation")
+    return Noise("none")
+
+
+# ---------------------------------------------------------------------------------- tests
+
+
+def _z(estimate: float, var: float, n_a: int, n_b: int) -> TestResult:
+    """A normal-reference test of ``estimate`` with variance ``var`` (evaluation noise)."""
+    if not math.isfinite(var):
+        return TestResult(estimate, None, None, None, n_a, n_b, "none")
+    se = math.sqrt(var)
+    p = float(sps.norm.cdf(estimate / se)) if se > 0 else 0.0 if estimate < 0 else 1.0 if estimate > 0 else 0.5
+    return TestResult(estimate, se, NORMAL_DF, p, n_a, n_b, "evaluation")
+
+
+def _contrast(pairs: list[tuple[Cell, Cell]], noise: Noise, weights: list[float] | None = None) -> TestResult:
+    """Test of sum_i w_i (mean a_i - mean b_i) < 0 over cell pairs (default: the mean over pairs)."""
+    w = np.full(len(pairs), 1.0 / len(pairs)) if weights is None else np.asarray(weights, float)
+    est = float(sum(wi * (a.mean - b.mean) for wi, (a, b) in zip(w, pairs)))
+    n_a, n_b = sum(a.values.size for a, _ in pairs), sum(b.values.size for _, b in pairs)
+    if noise.source == "seeds":
+        var = noise.var * float(sum(wi**2 * (1 / a.values.size + 1 / b.values.size) for wi, (a, b) in zip(w, pairs)))
+        se = math.sqrt(var)
+        p = float(sps.t.cdf(est / se, noise.df)) if se > 0 else 0.0 if est < 0 else 1.0 if est > 0 else 0.5
+        return TestResult(est, se, noise.df, p, n_a, n_b, "pooled")
+    if noise.source == "evaluation":
+        var = sum(wi**2 * (a.eval_var.mean() / a.values.size + b.eval_var.mean() / b.values.size)
+                  for wi, (a, b) in zip(w, pairs))  # fmt: skip
+        return _z(est, float(var), n_a, n_b)
+    return TestResult(est, None, None, None, n_a, n_b, "none")
+
+
+def _pair(a: Cell, b: Cell, noise: Noise) -> TestResult:
+    if noise.source == "seeds":
+        return pooled_test(a.values, b.values, noise.var, noise.df)
+    return _contrast([(a, b)], noise)
+
+
+def _cap(*cells: Cell) -> str:
+    return "model size chosen on the seed it is judged on (optimistic)" if any(c.biased for c in cells) else ""
+
+
+class _Builder:
+    def __init__(self, study: Study):
+        self.study = study
+        recs = {m: _records(study, m) for m in QUALITY}
+        self.noise = {m: _noise(recs[m]) for m in QUALITY}
+        self.cells = {m: _cells(recs[m]) for m in QUALITY}
+        self.families: dict[str, list[Comparison]] = {"claims": [], "table": []}
+        self.timing = _timing(study)
+        present = {p for (p, _) in self.cells["fid"]} | {p for (p, _) in self.cells["prompt"]} | {p for p, _ in self.timing}
+        self.paradigms = [p for p in PARADIGMS if p in present] + sorted(present - set(PARADIGMS))
+
+    def add(self, family: str, c: Comparison) -> Comparison:
+        for old in self.families[family]:  # one test counted once, however many parts use it
+            if (old.metric, old.a, old.b, old.where) == (c.metric, c.a, c.b, c.where):
+                return old
+        self.families[family].append(c)
+        return c
+
+    def budgets(self, metric: str, paradigms) -> list[float]:
+        sets = [{b for (p, b) in self.cells[metric] if p == q} for q in paradigms]
+        return sorted(set.intersection(*sets)) if sets else []
+
+    def quality(self, family: str, metric: str, a: str, b: str, budget: float) -> Comparison:
+        ca, cb = self.cells[metric][(a, budget)], self.cells[metric][(b, budget)]
+        noise = self.noise[metric]
+        return self.add(family, Comparison(family, metric, a, b, f"at {budget:.3g} FLOPs", _pair(ca, cb, noise),
+                                           noise.source, _cap(ca, cb)))
+
+    def quality_over_budgets(self, metric: str, a: str, b: str) -> Comparison | None:
+        budgets = self.budgets(metric, [a, b])
+        if not budgets:
+            return None
+        pairs = [(self.cells[metric][(a, c)], self.cells[metric][(b, c)]) for c in budgets]
+        noise = self.noise[metric]
+        where = f"at {budgets[0]:.3g} FLOPs" if len(budgets) == 1 else f"averaged over {len(budgets)} budgets"
+        return self.add("claims", Comparison("claims", metric, a, b, where, _contrast(pairs, noise), noise.source,
+                                             _cap(*[c for pr in pairs for c in pr])))
+
+    def gap_trend(self, metric: str, a: str, b: str) -> Comparison | None:
+        """Slope of the log-error gap (a - b) against log10 budget, H1: negative (a catches up)."""
+        budgets = self.budgets(metric, [a, b])
+        if len(budgets) < 3:
+            return None
+        x = np.log10(budgets)
+        w = (x - x.mean()) / ((x - x.mean()) ** 2).sum()  # OLS slope = sum_i w_i gap_i
+        pairs = [(self.cells[metric][(a, c)], self.cells[metric][(b, c)]) for c in budgets]
+        noise = self.noise[metric]
+        test = _contrast(pairs, noise, list(w))
+        where = f"trend of the gap per decade over {len(budgets)} budgets ({budgets[0]:.3g}-{budgets[-1]:.3g})"
+        return self.add("claims", Comparison("claims", metric + "_trend", a, b, where, test, noise.source,
+                                             _cap(*[c for pr in pairs for c in pr])))
+
+    def timed(self, family: str, metric: str, a: tuple[str, int], b: tuple[str, int]) -> Comparison | None:
+        va, vb = self.timing.get(a, {}).get(metric), self.timing.get(b, {}).get(metric)
+        if not va or not vb:
+            return None
+        sign = -1.0 if metric == "throughput" else 1.0  # throughput: higher is better
+        la, lb = sign * np.log(va), sign * np.log(vb)
+        where = f"depth {a[1]}" if a[1] == b[1] else f"depths {a[1]} and {b[1]}"
+        return self.add(family, Comparison(family, metric, a[0], b[0], where, welch_test(la, lb), "timing rounds"))
+
+    def flops(self, a: tuple[str, int], b: tuple[str, int]) -> Comparison | None:
+        fa, fb = self.timing.get(a, {}).get("flops"), self.timing.get(b, {}).get("flops")
+        if not fa or not fb:
+            return None
+        est = math.log(fa[0]) - math.log(fb[0])
+        test = TestResult(est, 0.0, None, 0.0 if est < 0 else 1.0 if est > 0 else 0.5, 1, 1, "exact")
+        where = f"depth {a[1]}" if a[1] == b[1] else f"depths {a[1]} and {b[1]}"
+        return Comparison("exact", "flops", a[0], b[0], where, test, "exact")
+
+
+def _timing(study: Study) -> dict[tuple[str, int], dict[str, list[float]]]:
+    """(paradigm, depth) -> latency rounds (s), throughput rounds (images/s) and sampling FLOPs per image.
+
+    The timing phase's rounds enter once per (paradigm, depth) at the main setting; older studies
+    without a timing phase pool their runs' own repeats.
+    """
+    out: dict = {}
+    seen = set()
+    for r in study.rows:
+        if not r["main"] or r["weights"] != "ema":
+            continue
+        d = out.setdefault((r["objective"], r["depth"]), {"latency": [], "throughput": [], "flops": []})
+        if r["sample_flops_per_image"] is not None and not d["flops"]:
+            d["flops"].append(float(r["sample_flops_per_image"]))
+        source = ("study", r["setting"].split(",weights=")[0]) if r.get("timing_source") == "study" else ("run", r["run"])
+        if (r["objective"], r["depth"], source) in seen or r["latency_s"] is None:
+            continue
+        seen.add((r["objective"], r["depth"], source))
+        d["latency"] += [x for x in (r.get("latency_s_all") or [r["latency_s"]]) if x > 0]
+        if r["throughput_images_per_s"] is not None:
+            d["throughput"] += [x for x in (r.get("throughput_all") or [r["throughput_images_per_s"]]) if x > 0]
+    return out
+
+
+def _finalize(families: dict[str, list[Comparison]]) -> None:
+    for comps in families.values():
+        adj = holm_adjusted([c.p2 for c in comps])
+        m = sum(c.p2 is not None for c in comps)
+        for c, q in zip(comps, adj):
+            c.p_adj, c.m = q, m
+
+
+# ---------------------------------------------------------------------------------- claims and table
+
+AR, DIFF, MASKED = "autoregressive", "diffusion", "masked"
+# The paper's claims as its abstract words them (Kilian, Jampani, Zettlemoyer 2024)
+CLAIMS = {
+    1: "Token methods, led by next-token, beat diffusion on prompt following.",
+    2: "On image quality, next-token leads at small compute and diffusion catches up as compute grows.",
+    3: "Next-token is by far the most inference-efficient.",
+    4: "Recommendation: diffusion for image quality and low latency, next-token for prompt following and throughput.",
+}
+NEEDS = (("image quality", "fid"), ("prompt following", "prompt"), ("latency", "latency"), ("throughput", "throughput"))
+
+
+def _state(c: Comparison, want: str) -> str:
+    if c.test.method == "none":
+        return "untestable"
+    label = c.label
+    if label == NO_DIFF or c.better is None:
+        return "tie"
+    side = "for" if c.better == want else "against"
+    return side + ("+" if label == CONFIDENT else "")
+
+
+def part_status(comps: list[tuple[Comparison, str]]) -> str:
+    """held / did not hold / suggestive / inconclusive / not measured from (comparison, expected winner) pairs."""
+    states = [_state(c, want) for c, want in comps]
+    if not states:
+        return "not measured"
+    if "against+" in states:
+        return "did not hold"
+    if all(s == "for+" for s in states):
+        return "held"
+    if all(s in ("for+", "for") for s in states):
+        return "suggestive"
+    return "inconclusive"
+
+
+def claim_status(parts: list[dict]) -> str:
+    """A claim from its parts: any part reversed with confidence -> did not hold; all held -> held; all
+    at least suggestive -> suggestive; nothing measured -> not measured; otherwise inconclusive."""
+    st = [p["status"] for p in parts if p["status"] != "not measured"]
+    if not st:
+        return "not measured"
+    if "did not hold" in st:
+        return "did not hold"
+    if all(s == "held" for s in st) and len(st) == len(parts):
+        return "held"
+    if all(s in ("held", "suggestive") for s in st):
+        return "suggestive"
+    return "inconclusive"
+
+
+def _reason(status: str, parts: list[dict], noise: dict[str, Noise]) -> str:
+    """Why a claim has its status, in plain words."""
+    if status == "not measured":
+        return "the study has no runs that measure it"
+    weak = [p for p in parts if p["status"] not in ("held", "not measured")]
+    if status == "held":
+        return "every part separated with confidence (Holm-corrected, noise including retraining or timing rounds)"
+    if status == "did not hold":
+        bad = [p["text"] for p in parts if p["status"] == "did not hold"]
+        return "reversed with confidence: " + "; ".join(bad)
+    evaluation = [m for m, n in noise.items() if n.source == "evaluation"]
+    why = []
+    if evaluation:
+        why.append("one seed per cell, so the noise is evaluation noise only (train >= 2 seeds in some cells, "
+                   "e.g. --seeds 3, for a verdict)")
+    ties = [p["text"] for p in weak if p["status"] == "inconclusive"]
+    if ties:
+        why.append("not separated: " + "; ".join(ties))
+    capped = {c.capped for p in parts for c, _ in p["comparisons"] if c.capped}
+    why += sorted(capped)
+    return "; ".join(why) or "some parts are only significant before the multiplicity correction"
+
+
+def _claims(b: _Builder) -> list[tuple[int, list[dict]]]:
+    """The parts of each claim, with their comparisons (statuses are set after the families are corrected)."""
+    def part(text, comps):
+        return {"text": text, "comparisons": [(c, w) for c, w in comps if c is not None]}
+
+    out = []
+    p1 = [part("next-token beats diffusion on prompt following", [(b.quality_over_budgets("prompt", AR, DIFF), AR)]),
+          part("masked beats diffusion on prompt following", [(b.quality_over_budgets("prompt", MASKED, DIFF), MASKED)]),
+          part("next-token leads masked on prompt following", [(b.quality_over_budgets("prompt", AR, MASKED), AR)])]
+    out.append((1, p1))
+    common = b.budgets("fid", [AR, DIFF])
+    small = b.quality("claims", "fid", AR, DIFF, common[0]) if common else None
+    p2 = [part(f"next-token has the better FID at the smallest budget{f' ({common[0]:.3g} FLOPs)' if common else ''}",
+               [(small, AR)]),
+          part("diffusion's FID gap to next-token shrinks as compute grows (slope < 0)",
+               [(b.gap_trend("fid", DIFF, AR), DIFF)])]
+    out.append((2, p2))
+    shared = sorted({d for (p, d) in b.timing if p == AR} & {d for (p, d) in b.timing if p != AR})
+    others = [p for p in b.paradigms if p != AR]
+    flops = [(b.flops((AR, d), (q, d)), AR) for d in shared for q in others if (q, d) in b.timing]
+    thr = [(b.timed("claims", "throughput", (AR, d), (q, d)), AR) for d in shared for q in others if (q, d) in b.timing]
+    out.append((3, [part("next-token needs the fewest sampling FLOPs per image", flops),
+                    part("next-token has the highest throughput", thr)]))
+    def largest(metric, who):  # the largest budget every paradigm was measured at, if ``who`` and another were
+        have = [p for p in b.paradigms if any(q == p for q, _ in b.cells[metric])]
+        return b.budgets(metric, have) if who in have and len(have) >= 2 else []
+
+    top, topp = largest("fid", DIFF), largest("prompt", AR)
+    dshared = sorted({d for (p, d) in b.timing if p == DIFF} & {d for (p, d) in b.timing if p != DIFF})
+    p4 = [part(f"diffusion has the best image quality at the largest budget{f' ({top[-1]:.3g})' if top else ''}",
+               [(b.quality("claims", "fid", DIFF, q, top[-1]), DIFF) for q in b.paradigms
+                if q != DIFF and (q, top[-1]) in b.cells["fid"]] if top else []),
+          part("diffusion has the lowest latency (batch 1, main settings)",
+               [(b.timed("claims", "latency", (DIFF, d), (q, d)), DIFF) for d in dshared for q in b.paradigms
+                if q != DIFF and (q, d) in b.timing]),
+          part(f"next-token follows prompts best at the largest budget{f' ({topp[-1]:.3g})' if topp else ''}",
+               [(b.quality("claims", "prompt", AR, q, topp[-1]), AR) for q in b.paradigms
+                if q != AR and (q, topp[-1]) in b.cells["prompt"]] if topp else []),
+          part("next-token has the highest throughput", thr)]
+    out.append((4, p4))
+    return out
+
+
+def _table_cell(b: _Builder, budget: float, need: str, metric: str) -> dict:
+    """One cell of the recommendation table: which paradigm for ``need`` at ``budget``, and how sure."""
+    cell = {"budget": budget, "need": need, "choice": None, "label": "not measured", "tied": [], "comparisons": []}
+    if metric in QUALITY:
+        have = {p: b.cells[metric][(p, budget)] for p in b.paradigms if (p, budget) in b.cells[metric]}
+        if len(have) < 2:
+            return cell
+        ranked = sorted(have, key=lambda p: (have[p].mean, p))
+        comps = [b.quality("table", metric, ranked[0], q, budget) for q in ranked[1:]]
+    else:
+        depth = {}
+        for p in b.paradigms:
+            c = b.cells["fid"].get((p, budget)) or b.cells["prompt"].get((p, budget))
+            ds = [d for (q, d) in b.timing if q == p and b.timing[(q, d)][metric]]
+            d = c.depth if c is not None and c.depth in ds else (ds[0] if len(ds) == 1 else None)
+            if d is not None:
+                depth[p] = d
+        if len(depth) < 2:
+            return cell
+        med = {p: float(np.median(b.timing[(p, d)][metric])) for p, d in depth.items()}
+        ranked = sorted(med, key=lambda p: (med[p] if metric == "latency" else -med[p], p))
+        comps = [b.timed("table", metric, (ranked[0], depth[ranked[0]]), (q, depth[q])) for q in ranked[1:]]
+    cell["comparisons"] = [c for c in comps if c is not None]
+    cell["ranked"] = ranked
+    return cell
+
+
+def _label_cell(cell: dict) -> None:
+    """Set a table cell's choice and label once its family is corrected: ties are never a pick."""
+    comps = cell["comparisons"]
+    if not comps:
+        return
+    best = cell["ranked"][0]
+    separated = [c.better == best and c.label != NO_DIFF for c in comps]
+    tied = [best] + [c.b for c, s in zip(comps, separated) if not s]
+    cell["tied"] = tied if len(tied) > 1 else []
+    if len(tied) > 1:
+        cell["choice"], cell["label"] = None, NO_DIFF
+    else:
+        cell["choice"] = best
+        cell["label"] = CONFIDENT if all(c.label == CONFIDENT for c in comps) else SUGGESTIVE
+
+
+def decide(study: Study) -> Verdicts:
+    """Claims and recommendation table of a study, every test in a Holm-corrected family (deterministic)."""
+    b = _Builder(study)
+    claims = _claims(b)
+    budgets = sorted({bb for m in QUALITY for (_, bb) in b.cells[m]})
+    table = [_table_cell(b, c, need, metric) for c in budgets for need, metric in NEEDS]
+    _finalize(b.families)
+    for cell in table:
+        _label_cell(cell)
+    out = []
+    for i, parts in claims:
+        for p in parts:
+            p["status"] = part_status(p["comparisons"])
+        status = claim_status(parts)
+        out.append({"id": i, "paper": CLAIMS[i], "status": status, "parts": parts, "reason": _reason(status, parts, b.noise)})
+    depths = max((c.depths for m in QUALITY for c in b.cells[m].values()), default=1)
+    return Verdicts(b.noise, b.cells, b.families, table, out, depths)
