@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flopmatch.errors import UserError
-from flopmatch.report.bootstrap import bootstrap_crossover, bootstrap_fit, compare_at_budget, crossover
+from flopmatch.report.bootstrap import bootstrap_crossover, bootstrap_fit, crossover
 from flopmatch.report.powerlaw import PowerLawFit, fit_power_law, fit_saturating_power_law
 from flopmatch.report.records import Record, frontier, iso_flop, pareto_front, to_error
 
@@ -340,50 +340,17 @@ def test_bootstrap_crossover_brackets_true_point_and_reports_absence():
     assert far["fraction_crossing"] < 0.1
 
 
-# ------------------------------------------------------------------------------------ compare
-
-
-def test_compare_at_budget_sign_and_confidence():
-    """A clearly better paradigm gets p_a_better ~ 1 and an interval below 0; equal ones straddle 0."""
-    rng = np.random.default_rng(5)
-    a = _records(0.5, 3, rng, seeds=4)
-    b = _records(0.5, 3, rng, seeds=4, scale=1.3)  # 30 % worse everywhere
-    C = _budgets(3)[1]
-    res = compare_at_budget(a, b, C, n_boot=300, seed=0)
-    assert res["diff"] < 0 and res["interval"][1] < 0 and res["p_a_better"] > 0.99
-    flipped = compare_at_budget(b, a, C, n_boot=300, seed=0)
-    assert flipped["p_a_better"] < 0.01 and flipped["diff"] == pytest.approx(-res["diff"])
-    same = compare_at_budget(a, _records(0.5, 3, rng, seeds=4), C, n_boot=300, seed=0)
-    assert same["interval"][0] < 0 < same["interval"][1]
-    assert compare_at_budget(a, b, C, n_boot=300, seed=0) == res  # deterministic
-
-
 def test_single_seed_records_with_evaluation_noise_are_resampled_by_it():
-    """One seed per cell plus noise draws: comparisons and fits bootstrap the noise (method 'evaluation');
-    P(a better) is the chance the noisy values keep their order, sure or not as the noise is small or large."""
+    """One seed per cell plus noise draws: fits bootstrap the noise (method 'evaluation', labelled), with
+    intervals that widen with it."""
     rng = np.random.default_rng(0)
 
     def recs(value, sd, budgets=(1e12,)):
         return [Record(b, 2, 0, value * (b / 1e12) ** -0.3, tuple(sd * rng.standard_normal(400))) for b in budgets]
 
-    sure = compare_at_budget(recs(1.0, 0.01), recs(1.2, 0.01), 1e12, n_boot=500, seed=0)
-    assert sure["p_a_better"] == 1.0 and sure["noise"] == "evaluation" and "seed variance" in sure["note"]
-    even = compare_at_budget(recs(1.0, 0.2), recs(1.0, 0.2), 1e12, n_boot=500, seed=0)
-    assert 0.4 < even["p_a_better"] < 0.6 and even["interval"][0] < 0 < even["interval"][1]
-    # with sd 0.1 each side, the difference is N(-0.2, 0.1*sqrt2): P(a better) = Phi(1.41) = 0.92
-    assert compare_at_budget(recs(1.0, 0.1), recs(1.2, 0.1), 1e12, n_boot=2000, seed=0)["p_a_better"] == pytest.approx(0.92, abs=0.03)
     budgets = tuple(_budgets(4))
     narrow = bootstrap_fit(recs(1.0, 0.01, budgets), n_boot=100, seed=0)
     wide = bootstrap_fit(recs(1.0, 0.1, budgets), n_boot=100, seed=0)
     assert narrow.method == wide.method == "evaluation" and "seed variance not included" in narrow.note
     width = lambda f: np.subtract(*f.predict_interval(budgets[-1])[::-1])  # noqa: E731
     assert 0 < width(narrow) < width(wide)
-
-
-def test_compare_at_budget_single_seed_has_no_interval():
-    """With one seed per cell on both sides the comparison reports the difference but no interval."""
-    a = [Record(1e12, 2, 0, 1.0)]
-    b = [Record(1e12, 2, 0, 1.5), Record(1e12, 4, 0, 1.2)]
-    res = compare_at_budget(a, b, 1e12, n_boot=50)
-    assert res["diff"] == pytest.approx(-0.2) and res["b"]["depth"] == 4
-    assert res["interval"] is None and res["p_a_better"] is None and "no bootstrap" in res["note"]

@@ -56,7 +56,10 @@ def test_tiny_study_end_to_end(tmp_path):
     assert len(rows) == expected
     raw = [r for r in rows if r["weights"] == "model"]
     assert len(raw) == len(plans) and all(r["main"] == "false" and r["latency_s"] == "" for r in raw)
-    assert "EMA lowers diffusion's FID more than masked's" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "## Which paradigm, for what" in md and "Smoke preset (tiny)" in md  # the decision first, with its caveats
+    ema = md[md.index("## EMA"):]
+    assert all(f"| {p} | 3 |" in ema for p in ("diffusion", "masked", "autoregressive"))  # raw vs EMA, paired per run
     for p in plans:
         doc = json.loads((out / "runs" / p["name"] / "eval.json").read_text())
         for entry in doc["entries"].values():

@@ -1,5 +1,6 @@
-"""Uncertainty of a scaling study: bootstrap intervals of fitted trends, crossovers of two trends and
-head-to-head comparisons at a budget.
+"""Uncertainty of a scaling study: bootstrap intervals of fitted trends and crossovers of two trends.
+(Head-to-head comparisons are t-tests in :mod:`flopmatch.report.verdicts`, not bootstraps: a bootstrap
+over 2-3 seeds has too few distinct values to say anything.)
 
 Bootstrap intervals are **percentile** intervals (default 90 %). Resampling is over seeds within each
 (budget, depth) cell when cells have >= 2 seeds ("seeds"). A record may carry ``noise``: draws of its
@@ -28,7 +29,6 @@ from flopmatch.report.records import (
     cells_with_noise,
     has_noise,
     seed_std,
-    select_budget,
 )
 
 
@@ -316,62 +316,3 @@ def bootstrap_crossover(
         "C_range": (lo, hi), "lower_at_low_C": _lower(boot_a.point, boot_b.point, lo),
         "lower_at_high_C": _lower(boot_a.point, boot_b.point, hi), "summary": summary,
     }  # fmt: skip
-
-
-def compare_at_budget(
-    records_a: Iterable[Any],
-    records_b: Iterable[Any],
-    budget: float,
-    n_boot: int = 1000,
-    seed: int = 0,
-    *,
-    level: float = 0.9,
-    inflate: bool = True,
-    nan_policy: str = "raise",
-) -> dict:
-    """Which paradigm has the lower frontier error at one budget, and how sure.
-
-    Frontier value = best-depth seed mean at ``budget`` (matched to 1e-6 relative). Seeds are
-    resampled within each cell of both paradigms (as in :func:`bootstrap_fit`, best depth re-picked
-    every time). Returns a dict: ``a`` / ``b`` ({"depth", "value"}), ``diff`` (a - b; negative means
-    a is better), ``interval`` (percentile interval of the diff), ``p_a_better`` (fraction of
-    resamples with a < b, ties count half), ``n_boot``, ``level``, ``note``, ``noise`` (what was
-    resampled: "seeds", "evaluation" (one-seed cells perturbed by their records' ``noise`` draws:
-    evaluation-sample noise only) or "seeds+evaluation"). With one seed per cell and no noise draws
-    on either side nothing can be resampled: ``interval``, ``p_a_better`` and ``noise`` are None.
-    """
-    if n_boot < 1:
-        raise UserError(f"n_boot must be >= 1, got {n_boot}")
-    _check_level(level)
-    (ca, na), (cb, nb) = cells_with_noise(records_a, nan_policy), cells_with_noise(records_b, nan_policy)
-    ba, bb = select_budget(ca, budget), select_budget(cb, budget)
-    cells_a, noise_a = {0: ca[ba]}, {0: na[ba]}
-    cells_b, noise_b = {0: cb[bb]}, {0: nb[bb]}
-    (da, va), (db, vb) = best_depth(cells_a[0]), best_depth(cells_b[0])
-    out = {
-        "budget": float(budget), "a": {"depth": da, "value": va}, "b": {"depth": db, "value": vb},
-        "diff": va - vb, "interval": None, "p_a_better": None, "n_boot": n_boot, "level": level, "note": "",
-        "noise": None,
-    }  # fmt: skip
-    # per side: does some cell resample seeds / does some one-seed cell have evaluation noise draws
-    n_multi = [any(v.size >= 2 for v in c[0].values()) for c in (cells_a, cells_b)]
-    n_eval = [any(v.size == 1 and ns[0].size for v, ns in zip(c[0].values(), n[0].values()))
-              for c, n in ((cells_a, noise_a), (cells_b, noise_b))]
-    if not any(n_multi) and not any(n_eval):
-        out["note"] = "one seed per cell on both sides and no evaluation noise: no bootstrap possible"
-        return out
-    out["noise"] = "+".join(k for k, on in (("seeds", any(n_multi)), ("evaluation", any(n_eval))) if on)
-    fixed = [not (m or e) for m, e in zip(n_multi, n_eval)]
-    if any(fixed):
-        out["note"] = "one side has one seed per cell and no noise draws and is held fixed: the interval understates its noise"
-    elif any(n_eval):
-        out["note"] = "one-seed cells vary by evaluation-sample noise only: seed variance is not included there"
-    rng = np.random.default_rng(seed)
-    diffs = np.empty(n_boot)
-    for i in range(n_boot):
-        ma = best_depth(_resample_cells(cells_a, rng, inflate, noise_a)[0])[1]
-        mb = best_depth(_resample_cells(cells_b, rng, inflate, noise_b)[0])[1]
-        diffs[i] = ma - mb
-    out["interval"] = _quantiles(diffs, level)
-    out["p_a_better"] = float(np.mean(diffs < 0) + 0.5 * np.mean(diffs == 0))
-    return out

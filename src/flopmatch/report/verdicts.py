@@ -42,7 +42,7 @@ from scipy import stats as sps
 
 from flopmatch import PARADIGMS
 from flopmatch.report.data import Study
-from flopmatch.report.stats import TestResult, holm_adjusted, pooled_test, pooled_variance, welch_test
+from flopmatch.report.stats import TestResult, holm_adjusted, pooled_test, pooled_variance, slope_test, welch_test
 
 ALPHA = 0.05  # family-wise level of each family
 POWER = 0.8  # for the minimum detectable difference
@@ -331,9 +331,13 @@ class _Builder:
         w = (x - x.mean()) / ((x - x.mean()) ** 2).sum()  # OLS slope = sum_i w_i gap_i
         pairs = [(self.cells[metric][(a, c)], self.cells[metric][(b, c)]) for c in budgets]
         noise = self.noise[metric]
-        test = _contrast(pairs, noise, list(w))
+        source = noise.source
+        if source == "none":  # no seeds, no evaluation noise: the gaps' scatter about a line (df = n - 2)
+            test, source = slope_test(x, [ca.mean - cb.mean for ca, cb in pairs]), "scatter about a line"
+        else:
+            test = _contrast(pairs, noise, list(w))
         where = f"trend of the gap per decade over {len(budgets)} budgets ({budgets[0]:.3g}-{budgets[-1]:.3g})"
-        return self.add("claims", Comparison("claims", metric + "_trend", a, b, where, test, noise.source,
+        return self.add("claims", Comparison("claims", metric + "_trend", a, b, where, test, source,
                                              _cap(*[c for pr in pairs for c in pr])))
 
     def timed(self, family: str, metric: str, a: tuple[str, int], b: tuple[str, int]) -> Comparison | None:
