@@ -29,7 +29,7 @@ def cmd_study(args) -> int:
     from flopmatch.study.runner import study
 
     scfg = study_preset(args.preset)
-    for name in ("objectives", "depths", "budgets", "seeds", "eval_samples", "eval_raw"):  # given flags replace the preset's
+    for name in ("objectives", "depths", "budgets", "seeds", "floor_seeds", "base_seed", "eval_samples", "eval_raw"):  # given flags replace the preset's
         if getattr(args, name) is not None:
             setattr(scfg, name, getattr(args, name))
     scfg.overrides = scfg.overrides + list(args.set)
@@ -54,6 +54,10 @@ def register(sub) -> None:
     p.add_argument("--budgets", type=number_list(float, 0, exclusive=True),
                    help="comma-separated training FLOP budgets, e.g. 1e12,3e12,1e13 (default: the preset's)")
     p.add_argument("--seeds", type=count(1), help="seeds per grid cell (default: the preset's)")
+    p.add_argument("--floor-seeds", type=count(0), help="extra seeds at the middle budget that measure seed variance "
+                   "for the whole study (default: the preset's)")
+    p.add_argument("--base-seed", type=count(0), help="first training seed (default 0); another base repeats the study "
+                   "with new seeds")
     p.add_argument("--eval-samples", type=count(10), help="generated images per evaluated setting (default: the preset's)")
     p.add_argument("--eval-raw", action=argparse.BooleanOptionalAction, default=None,
                    help="also evaluate each run's main setting with raw (non-EMA) weights, for the EMA finding "

@@ -102,7 +102,7 @@ def _best_batch(run, clock: _Clock, max_batch: int, budget_s: float) -> tuple[in
     return best_b, best_ips
 
 
-def time_items(items: list[TimingItem], rounds: int = 5, calls: int = 3, max_batch: int = 256,
+def time_items(items: list[TimingItem], rounds: int = 5, calls: int = 5, max_batch: int = 256,
                search_budget_s: float = 10.0, prompt: str = "a red circle", progress: bool = True) -> dict:
     """Interleaved timing of ``items``: ``{key: {latency_s, latency_rounds, throughput_images_per_s, ...}}``.
 

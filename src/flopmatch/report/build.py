@@ -273,7 +273,7 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
                    "could not be separated from the paradigms named. Quality at the size chosen per budget; latency and "
                    "throughput of that size at its main sampling settings."))
     B.append(("h", 2, "The paper's claims, checked here"))
-    B.append(("ul", [f"**{c['status'].upper()}**: ({c['id']}) {c['paper']} *Why:* {c['reason']}." for c in v.claims]))
+    B.append(("ul", [f"**{c['status'].upper()}**: ({c['id']}) {c['paper']} Why: {c['reason']}." for c in v.claims]))
     n_claims = sum(c.p2 is not None for c in v.families["claims"])
     noise = "; ".join(f"{m}: {n.describe()}" for m, n in v.noise.items())
     B.append(("p", f"{n_claims} tests decide these claims; Holm's procedure keeps the chance of any false verdict among "

@@ -69,6 +69,12 @@ def base_config(scfg: StudyConfig, objective: str, depth: int, budget: float, se
     return cfg.validate()
 
 
+def cell_seeds(scfg: StudyConfig, budget: float) -> list[int]:
+    """Training seeds of a cell: ``seeds`` from ``base_seed``; the middle budget also gets the ``floor_seeds``."""
+    n = scfg.seeds + (scfg.floor_seeds if budget == sorted(scfg.budgets)[len(scfg.budgets) // 2] else 0)
+    return list(range(scfg.base_seed, scfg.base_seed + n))
+
+
 def make_plan(scfg: StudyConfig, study: Path) -> list[RunPlan]:
     """Every run of the grid with analytic FLOPs (no model built, no data touched)."""
     scfg.validate()
@@ -76,7 +82,7 @@ def make_plan(scfg: StudyConfig, study: Path) -> list[RunPlan]:
     for objective in scfg.objectives:
         for depth in scfg.depths:
             for budget in scfg.budgets:
-                for seed in range(scfg.seeds):
+                for seed in cell_seeds(scfg, budget):
                     cfg = base_config(scfg, objective, depth, budget, seed, study)
                     info = _analytic(cfg, scfg)
                     step_plan = plan_steps(budget, info["train_flops_per_example"], cfg.train.batch_size)
@@ -100,8 +106,10 @@ def _analytic(cfg: RunConfig, scfg: StudyConfig) -> dict:
 
 
 def eval_settings(scfg: StudyConfig, cfg: RunConfig) -> list[SampleConfig]:
-    """The run's default sampling setting first, then the preset's extra step counts for the sweep."""
+    """The run's default sampling setting first, then (runs at the largest budget) the preset's extra step counts."""
     main = cfg.sample
+    if cfg.train.budget != max(scfg.budgets):
+        return [main]
     extra = [replace(main, steps=s) for s in scfg.eval_steps.get(cfg.objective.name, []) if s != main.steps]
     return [main] + extra
 

@@ -20,14 +20,19 @@ class StudyConfig:
     objectives: list[str] = field(default_factory=lambda: list(PARADIGMS))
     depths: list[int] = field(default_factory=lambda: [1, 2])
     budgets: list[float] = field(default_factory=lambda: [1e12, 2e12, 4e12])
-    seeds: int = 1
+    seeds: int = 1  # training seeds of every grid cell
+    base_seed: int = 0  # seeds are base_seed, base_seed + 1, ...: a second study with another base repeats the first
+    # extra seeds at the middle budget (every paradigm and depth): they measure the seed variance that the
+    # report's tests use for every cell (pooled on a log scale), so one-seed cells elsewhere still get verdicts
+    floor_seeds: int = 0
     overrides: list[str] = field(default_factory=list)  # --set section.key=value applied to every run
     tokenizer: str = "learned"  # learned (matched KL + LFQ autoencoders) | weight-free (patch + k-means)
     tokenizer_preset: str = "cpu"
     tokenizer_overrides: list[str] = field(default_factory=list)  # key=value for the autoencoder config
     eval_samples: int = 500
     eval_guidance: float = 3.0  # classifier-free guidance scale of every run's main setting
-    # extra sampling-step settings per paradigm for the inference sweep (the run's default is always evaluated)
+    # extra sampling-step settings per paradigm for the inference sweep, evaluated on the runs at the largest
+    # budget (where the report's quality-vs-cost fronts are drawn); every run's default setting is always evaluated
     eval_steps: dict[str, list[int]] = field(default_factory=lambda: {"diffusion": [10], "masked": [6], "autoregressive": []})
     features: list[str] = field(default_factory=lambda: ["effnet"])
     eval_raw: bool = False  # also evaluate each run's main setting with raw (non-EMA) weights: the paper's EMA finding
@@ -46,6 +51,8 @@ class StudyConfig:
             raise UserError(f"budgets must be positive FLOP counts, got {self.budgets}")
         if self.seeds < 1:
             raise UserError(f"seeds must be >= 1, got {self.seeds}")
+        if self.floor_seeds < 0 or self.base_seed < 0:
+            raise UserError(f"floor_seeds and base_seed must be >= 0, got {self.floor_seeds} and {self.base_seed}")
         if self.tokenizer not in ("learned", "weight-free"):
             raise UserError(f"tokenizer must be learned or weight-free, got {self.tokenizer!r}")
         if self.timing_rounds < 3:
@@ -56,51 +63,53 @@ class StudyConfig:
 
 
 def cpu() -> StudyConfig:
-    """Default: a 2-core CPU in 13 to 20 minutes from an empty cache (3 paradigms x 2 depths x 3 budgets).
+    """Default: a 2-core CPU in about a quarter of an hour from an empty cache.
 
-    Measured on a slower 2-core machine (2026-12-03, idle, empty cache): 19.2 min, of which 2.2 min the
-    two tokenizers, 14.4 min runs (6.9 min training at ~40-80 GFLOP/s) and 2.6 min report; the same
-    code trains at the same speed as v0.1 there (A/B, same command). Measured earlier on a faster one
-    (idle machine, empty FLOPMATCH_CACHE): 12.8 min wall, of which ~2.6 min set-up
-    (caption encoding, the two tokenizers, the attribute classifier once per machine, reference
-    features), 4.6 min training 2.35e13 FLOPs (~60 GFLOP/s at depth 1, ~125 at depth 2), ~4.5 min
-    evaluating 30 settings of 250 samples (with FID bootstrap and timing), ~1 min report. Small
-    batches buy more updates per FLOP at these budgets. One seed: the report's noise estimates are
-    evaluation noise only (labelled so).
+    Sized for what it can decide: one model size (depth 1, so no size is picked on the numbers it is
+    judged by), 5 budgets over 1.55 decades (7e10 to 2.5e12 FLOPs: enough for a fitted law), one seed
+    per budget plus 2 extra seeds at the middle budget for every paradigm, which measure the seed
+    variance (6 degrees of freedom) the report's tests apply to every cell; 7 timing rounds. 21 runs,
+    1.5e13 training FLOPs. Small batches buy more updates per FLOP at these budgets.
     """
     return StudyConfig(
         preset="cpu",
-        depths=[1, 2],
-        budgets=[4e11, 1e12, 2.5e12],
+        depths=[1],
+        budgets=[7e10, 1.7e11, 4.2e11, 1e12, 2.5e12],
+        floor_seeds=2,
         overrides=["data.num_train=10000", "data.num_eval=1000", "train.batch_size=32", "train.lr=2e-3"],
         tokenizer_overrides=["steps=600"],
         eval_samples=250,
         timing_budget_s=2.0,
-        n_boot=300,  # the report's bootstrap: 1000 resamples took 2.3 of 14.5 minutes here
+        timing_rounds=7,  # CPU batch-1 latencies vary 20-70 % between rounds here: more rounds, not longer ones
+        n_boot=100,  # fit bands only (verdicts are t-tests); 1000 resamples cost minutes here
     )
 
 
 def cpu_long() -> StudyConfig:
-    """About an hour on a 2-core CPU: 2 seeds per cell (seed-resampled intervals), budgets up to 8e12.
-
-    1.45e14 training FLOPs (~30 min here), 36 runs evaluated on 500 samples (~18 min), longer-trained
-    tokenizers. Depth 3 is left out: at these budgets it gets under 100 steps and never wins.
+    """About an hour on a 2-core CPU (estimated from the plan; not yet measured end to end): depth 1,
+    5 budgets over 1.8 decades (1e11 to 6.3e12), 3 seeds in every cell (seed variance per cell, 30
+    degrees of freedom pooled), 500 samples per evaluation, raw weights too for the EMA analysis, and
+    longer-trained tokenizers. One model size: a compute-optimal frontier needs >= 4 sizes per budget,
+    which does not fit in an hour here.
     """
     return StudyConfig(
         preset="cpu-long",
-        depths=[1, 2],
-        budgets=[1e12, 3e12, 8e12],
-        seeds=2,
+        depths=[1],
+        budgets=[1e11, 2.8e11, 7.9e11, 2.2e12, 6.3e12],
+        seeds=3,
         overrides=["data.num_train=20000", "data.num_eval=1000", "train.batch_size=32", "train.lr=2e-3"],
         tokenizer_overrides=["steps=1200"],
         eval_samples=500,
         eval_raw=True,
         timing_budget_s=3.0,
+        n_boot=300,
     )
 
 
 def gpu() -> StudyConfig:
-    """One GPU, several hours: depths 2-8 (width 128-512), budgets 1e15-1e17, 3 seeds, Inception FID too."""
+    """One GPU, several hours (estimated; not run on a GPU yet): 4 depths 2-8 (width 128-512) so the best size per
+    budget is a compute-optimal frontier (chosen on seed 0, judged on seeds 1-2), 5 budgets over 2 decades
+    (1e15-1e17) for fitted laws, 3 seeds, Inception FID too."""
     return StudyConfig(
         preset="gpu",
         depths=[2, 4, 6, 8],
