@@ -54,6 +54,28 @@ def test_eval_twice_with_same_seed_gives_identical_numbers(tiny_run, tmp_path):
     assert boot["n"] == len(boot["replicates"]) == ecfg.fid_boot and boot["std"] > 0
 
 
+@pytest.mark.slow
+def test_eval_times_its_settings_together(tiny_run):
+    """`flopmatch eval` of two settings times both in the same interleaved rounds, after sampling and scoring."""
+    from dataclasses import replace
+
+    from flopmatch.sample import load_sampler
+
+    base = load_sampler(tiny_run).cfg.sample
+    settings = [replace(base, steps=2), replace(base, steps=4)]
+    ecfg = EvalConfig(num_samples=6, batch_size=6, timing_budget_s=0.05, timing_rounds=3, kid_subset=4, kid_subsets=2,
+                      fid_boot=0, seed=7)  # fmt: skip
+    doc = evaluate(tiny_run, settings, ecfg, progress=False)
+    entries = [e for k, e in doc["entries"].items() if k.endswith("seed=7")]
+    assert len(entries) == 2
+    keys = sorted(k for k in doc["entries"] if k.endswith("seed=7"))
+    for e in entries:
+        inf = e["inference"]
+        assert len(inf["latency_rounds"]) == len(inf["throughput_rounds"]) == 3 and inf["latency_s"] > 0
+        assert sorted(inf["timing"]["timed_together"]) == keys and inf["sample_flops_per_image"] > 0
+    assert entries[0]["inference"]["sample_flops_per_image"] < entries[1]["inference"]["sample_flops_per_image"]
+
+
 def test_sharded_generation_equals_single_process(tiny_run, tmp_path, monkeypatch):
     """Generating with 2 ranks (each taking every other batch) gives the same images as 1 rank."""
     from flopmatch.sample import load_sampler

@@ -1,4 +1,4 @@
-"""The study report: a pure function of run directories (rows, fits, findings, recommendations, files).
+"""The study report: a pure function of run directories (rows, fits, verdicts on the claims, the decision table, files).
 
 The synthetic studies below contain exactly the files the report reads (config.json, a checkpoint
 whose metadata is the training state ``read_state`` returns, metrics.jsonl, eval.json in the schema
@@ -436,12 +436,57 @@ def test_one_seed_never_gives_a_verdict_on_quality():
         assert all(c["status"] not in ("held", "did not hold") for c in v.claims[:2])
 
 
-def test_scores_at_the_floor_are_a_tie():
-    """Every paradigm with prompt full match 0: the table says 'no difference detected' and picks nobody."""
+@pytest.mark.parametrize("error", [1.0, 0.0])
+def test_scores_at_the_floor_are_a_tie(error):
+    """Every paradigm with prompt full match 0 (or 1, error at the log floor): 'no difference detected', no pick."""
     rng = np.random.default_rng(3)
-    v = decide(_sim_study(rng, lambda p, b: 1.0, lambda p, b: 50.0, sd=0.0))
+    v = decide(_sim_study(rng, lambda p, b: error, lambda p, b: 50.0, sd=0.0))
     cells = [c for c in v.table if c["need"] == "prompt following"]
     assert cells and all(c["choice"] is None and c["label"] == "no difference detected" for c in cells)
+    assert all("could detect" not in c.summary() for cell in cells for c in cell["comparisons"])  # no power from 0 noise
+
+
+def test_untestable_comparisons_are_not_called_ties():
+    """One seed and no FID bootstrap: FID cannot be tested, and the table says 'not testable', not 'no difference'."""
+    rng = np.random.default_rng(4)
+    v = decide(_sim_study(rng, lambda p, b: 0.3, lambda p, b: {"diffusion": 90.0}.get(p, 30.0), seeds=(0,)))
+    cells = [c for c in v.table if c["need"] == "image quality"]
+    assert v.noise["fid"].source == "none" and cells and all(c["label"] == "not testable" for c in cells)
+
+
+def test_a_test_shared_by_two_claims_is_counted_once():
+    """Claim 2 (next-token vs diffusion at the smallest budget) and claim 4 (diffusion vs next-token at the largest)
+    are one test when there is one budget: counted once in Holm's family, mirrored with the same correction."""
+    rng = np.random.default_rng(5)
+    v = decide(_sim_study(rng, lambda p, b: 0.3, lambda p, b: 50.0, budgets=(1e12,)))
+    fid = [c for c in v.families["claims"] if c.metric == "fid" and {c.a, c.b} == {"autoregressive", "diffusion"}]
+    assert len(fid) == 1
+    (c2,) = v.claims[1]["parts"][0]["comparisons"]
+    c4 = next(c for c, _ in v.claims[3]["parts"][0]["comparisons"] if c.b == "autoregressive")
+    assert (c2[0].a, c4.a) == ("autoregressive", "diffusion") and c4.p_adj == c2[0].p_adj and c4.p2 == pytest.approx(c2[0].p2)
+    assert c4.test.estimate == -c2[0].test.estimate
+
+
+def test_a_claim_with_an_unmeasured_part_says_so():
+    """Without masked runs, claim 1 cannot hold (two of its parts are not measured) and its reason names them."""
+    from flopmatch.report.data import Study
+
+    rng = np.random.default_rng(6)
+    full = _sim_study(rng, lambda p, b: {"autoregressive": 0.1, "diffusion": 0.5}.get(p, 0.3), lambda p, b: 50.0)
+    v = decide(Study(full.root, [r for r in full.rows if r["objective"] != "masked"], [], []))
+    c1 = v.claims[0]
+    assert c1["status"] == "suggestive" and "not measured: masked beats diffusion" in c1["reason"]
+
+
+def test_eval_summary_reads_entries_of_earlier_versions():
+    """`flopmatch eval`'s summary lines work for v0.2 entries (timing without rounds) and untimed ones."""
+    from flopmatch.evaluation.report_lines import summary_lines
+
+    old = {"metrics": {}, "inference": {"sample_flops_per_image": 1e9, "latency_s": 0.01, "throughput_images_per_s": 50.0,
+                                        "latency_s_all": [0.01, 0.011]}}  # fmt: skip
+    untimed = {"metrics": {}, "inference": {"sample_flops_per_image": 1e9}}
+    lines = summary_lines({"entries": {"a": old, "b": untimed}})
+    assert "10 ms" in lines[0] and "rounds" not in lines[0] and lines[1].endswith("1e+09 FLOPs/img")
 
 
 @pytest.mark.slow

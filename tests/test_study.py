@@ -155,6 +155,33 @@ def test_local_worker_processes_give_the_same_runs_as_in_process(tmp_path, monke
     assert _outcome(tmp_path / "two", names) == _outcome(tmp_path / "one", names)
 
 
+def test_saved_study_settings_compare_by_what_defines_the_runs():
+    """A study.json written before floor_seeds/base_seed/timing_rounds existed still matches its settings; a
+    different grid does not; timing and report settings never make another study."""
+    from dataclasses import asdict, replace
+
+    from flopmatch.study.runner import same_study
+
+    scfg = tiny_study()
+    saved = {k: v for k, v in asdict(scfg).items() if k not in ("floor_seeds", "base_seed", "timing_rounds")}
+    assert same_study(saved, scfg)
+    assert same_study(saved, replace(scfg, timing_rounds=9, n_boot=7))
+    assert not same_study(saved, replace(scfg, floor_seeds=2)) and not same_study(saved, replace(scfg, budgets=[1e9]))
+
+
+def test_base_seeds_share_no_run():
+    """Studies with base seeds 0 and 1 train disjoint seeds, the floor seeds at the middle budget included."""
+    from dataclasses import replace
+
+    from flopmatch.study.plan import cell_seeds
+
+    scfg = replace(tiny_study(), seeds=1, floor_seeds=2)
+    mid = sorted(scfg.budgets)[1]
+    assert cell_seeds(scfg, mid) == [0, 1, 2] and cell_seeds(scfg, scfg.budgets[0]) == [0]
+    other = replace(scfg, base_seed=1)
+    assert not set(cell_seeds(other, mid)) & set(cell_seeds(scfg, mid))
+
+
 def test_study_refuses_changed_settings(tmp_path):
     """A study directory belongs to one StudyConfig; different settings are a clear error."""
     from flopmatch.errors import UserError

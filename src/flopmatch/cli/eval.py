@@ -52,7 +52,7 @@ def cmd_eval(args) -> int:
         validate_sample(s)
     features = [f.strip() for f in args.features.split(",") if f.strip()]
     ecfg = EvalConfig(num_samples=args.num_samples, seed=args.seed, weights="model" if args.raw else "ema",
-                      features=features, inference=not args.no_timing, batch_size=args.batch_size,
+                      features=features, timing=not args.no_timing, batch_size=args.batch_size,
                       **({} if args.fid_boot is None else {"fid_boot": args.fid_boot}))
     doc = evaluate(run, settings, ecfg)
     for line in summary_lines(doc, only=None):

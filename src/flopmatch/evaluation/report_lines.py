@@ -24,8 +24,10 @@ def summary_lines(doc: dict, only: list[str] | None = None) -> list[str]:
         if inf:
             parts.append(f"{inf['sample_flops_per_image']:.3g} FLOPs/img")
         if inf and inf.get("latency_s") is not None:
-            parts.append(f"{inf['latency_s'] * 1e3:.0f} ms, {inf['throughput_images_per_s']:.1f} img/s "
-                         f"(batch {inf['throughput_batch']}, spread {100 * inf['latency_spread']:.0f}% over "
-                         f"{len(inf['latency_rounds'])} rounds)")
+            txt = f"{inf['latency_s'] * 1e3:.0f} ms, {inf.get('throughput_images_per_s', float('nan')):.1f} img/s"
+            if inf.get("latency_rounds"):  # v0.2 entries have neither rounds nor spread
+                txt += (f" (batch {inf.get('throughput_batch')}, spread {100 * inf.get('latency_spread', 0.0):.0f}% over "
+                        f"{len(inf['latency_rounds'])} rounds)")
+            parts.append(txt)
         lines.append(" | ".join(parts))
     return lines

@@ -191,7 +191,8 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
             entry["metrics"]["prompt_following"] = pf
         if ecfg.inference:
             entry["inference"] = inference_cost(sampler, sample)
-            timed.append((key, sample))
+            if key not in dict(timed):  # e.g. --sweep steps=0,25 on diffusion: one setting, timed once
+                timed.append((key, sample))
         if ecfg.save_images:
             save_tensors(images_dir / "images.safetensors", {"images": images})
             atomic_write_json(images_dir / "prompts.json", prompts)

@@ -9,8 +9,9 @@ of machine load during the phase hits all of them rather than whichever was time
    faster of two calls; the search goes on while throughput improves by more than ``MIN_GAIN`` and
    stops after ``PATIENCE`` rungs without such a gain, at out-of-memory, or when the item has used
    its ``search_budget_s``;
-3. **rounds**: ``rounds`` times, every item once, in an order rotated by one each round (so no item is
-   always first after another one's memory traffic); per item and round: latency = median of
+3. **rounds**: ``rounds`` times, every item once, in an order rotated by one each round and reversed
+   every other round (so no item is always first, or always timed right after the same other item);
+   per item and round: latency = median of
    ``calls`` batch-1 calls, throughput = images/s of one call at its best batch.
 
 An item's figures are medians over rounds, with every round kept (``latency_rounds``,
@@ -92,7 +93,7 @@ def _best_batch(run, clock: _Clock, max_batch: int, budget_s: float) -> tuple[in
     while b <= max_batch and misses < PATIENCE and time.perf_counter() - start < budget_s:
         try:
             ips = b / min(clock(lambda: run(b, i)) for i in range(2))
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             break
         if ips > best_ips * (1 + MIN_GAIN):
             best_b, best_ips, misses = b, ips, 0
@@ -126,7 +127,8 @@ def time_items(items: list[TimingItem], rounds: int = 5, calls: int = 5, max_bat
     thr: list[list[float]] = [[] for _ in items]
     for r in range(rounds):
         for j in range(len(items)):
-            i = (j + r) % len(items)  # rotated order
+            i = (j + r) % len(items)  # rotated order ...
+            i = i if r % 2 == 0 else len(items) - 1 - i  # ... reversed every other round
             run, clock, batch = runs[i], clocks[i], best[i][0]
             lat[i].append(statistics.median(clock(lambda: run(1, 1 + c)) for c in range(calls)))
             thr[i].append(batch / clock(lambda: run(batch, 100 + r)))

@@ -210,7 +210,7 @@ def _inference(study: Study) -> dict[tuple[str, int], dict]:
 
 
 class Analyser:
-    """Fits every (metric, paradigm) once, then answers comparisons and claims on demand (cached)."""
+    """Fits every (metric, paradigm) once (laws only where ``fit_allowed``), and crossovers of fitted laws."""
 
     def __init__(self, study: Study, n_boot: int, seed: int):
         self.study, self.n_boot, self.seed = study, n_boot, seed

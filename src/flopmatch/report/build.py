@@ -1,7 +1,8 @@
 """``flopmatch report STUDY``: run directories -> report.html, report.md and results.csv.
 
-A pure function of the run directories: rows are read by :mod:`flopmatch.report.data`, analysed by
-:mod:`flopmatch.report.analysis` and :mod:`flopmatch.report.findings` (seeded bootstrap), drawn by
+A pure function of the study directory's files (run directories, ``inference_timing.json``,
+``study.json``): rows are read by :mod:`flopmatch.report.data`, fitted by :mod:`flopmatch.report.analysis`
+(seeded bootstrap), decided by :mod:`flopmatch.report.verdicts`, drawn by
 :mod:`flopmatch.report.plots` (reproducible PNG bytes) and written here, atomically. No dates,
 host names or timings of the report itself go into the files, so the same study gives the same bytes.
 
@@ -224,6 +225,10 @@ def _banners(study: Study, an: Analysis) -> list[str]:
         out.append("One seed per cell: image quality and prompt following rest on evaluation noise only (how much "
                    "retraining with another seed would move them is not measured), so no verdict on them is stronger "
                    "than **suggestive**. Train >= 2 seeds in some cells (e.g. `--seeds 3`) for verdicts.")
+    single = sum(c.values.size == 1 for m, cells in v.cells.items() if v.noise[m].source == "seeds" for c in cells.values())
+    if single:
+        out.append(f"{single} (paradigm, budget) cells have one seed: their comparisons use the seed variance measured "
+                   "where there are several seeds, assumed the same at every budget on a log scale.")
     if v.depths >= 2 and v.depths < FRONTIER_SIZES:
         out.append(f"Model size: the better of {v.depths} depths at each budget (chosen on one seed, judged on the others "
                    f"where there are others), not a compute-optimal frontier (that needs >= {FRONTIER_SIZES} sizes).")

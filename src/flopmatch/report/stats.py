@@ -65,8 +65,8 @@ class TestResult:
     p: float | None
     n_a: int
     n_b: int
-    # "welch", "pooled", "permutation", "slope", "none", or "exact" (built by callers for noise-free
-    # analytic numbers: no test here returns it)
+    # "welch", "paired", "pooled", "permutation", "slope", "none"; callers also build "exact" (noise-free
+    # analytic numbers) and "evaluation" (a normal reference on evaluation noise)
     method: str
 
     def mdd(self, alpha: float, power: float = 0.8) -> float | None:
@@ -113,6 +113,19 @@ def welch_test(a: ArrayLike, b: ArrayLike) -> TestResult:
     se2 = va + vb
     df = se2**2 / (va**2 / (n_a - 1) + vb**2 / (n_b - 1)) if se2 > 0 else min(n_a, n_b) - 1
     return _t_result(_difference(a, b), math.sqrt(se2), df, n_a, n_b, "welch")
+
+
+def paired_test(a: ArrayLike, b: ArrayLike) -> TestResult:
+    """Paired t-test (Student 1908), one-sided H1: mean(a - b) < 0, for values measured in pairs (a[i] with b[i]).
+
+    se = sd(a - b) / sqrt(n), df = n - 1; needs >= 2 pairs of equal-length samples, else ``method="none"``.
+    Pairing removes what the two share within a pair (e.g. the machine load during one timing round).
+    """
+    a, b = _sample(a, "a"), _sample(b, "b")
+    if len(a) != len(b) or len(a) < 2:
+        return _none(_difference(a, b), len(a), len(b))
+    d = a - b
+    return _t_result(float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size)), d.size - 1, len(a), len(b), "paired")
 
 
 def pooled_test(a: ArrayLike, b: ArrayLike, var: float | None, df: float | None) -> TestResult:

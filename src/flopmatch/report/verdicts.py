@@ -19,8 +19,9 @@ comparisons are t-tests with it (:func:`flopmatch.report.stats.pooled_test`); it
 evaluation noise. Otherwise "evaluation": each record's own evaluation noise (FID bootstrap over
 generated images; binomial for a full-match rate) on the log scale, normal reference. That misses
 retraining noise, so nothing resting on it is stronger than "suggestive". Timing comparisons use the
-timing phase's interleaved rounds; timing does not depend on training, so no seed is needed: Welch's t-test of log timings over rounds (rounds interleave the
-paradigms, so a load change hits all of them). Sampling FLOPs are analytic: compared exactly, no test.
+timing phase's interleaved rounds; timing does not depend on training, so no seed is needed: a paired t-test of log timings over rounds (rounds interleave the
+paradigms, so a load change within a round hits all of them and cancels in the pair). Timings from
+separate evaluations (studies without a timing phase) get Welch's test and at most "suggestive". Sampling FLOPs are analytic: compared exactly, no test.
 
 *Decisions.* Each comparison is two-sided (p = 2 min(p_lower, p_higher)); Holm's step-down procedure
 (:func:`flopmatch.report.stats.holm_adjusted`) controls the family-wise error at ``ALPHA`` within each
@@ -42,7 +43,7 @@ from scipy import stats as sps
 
 from flopmatch import PARADIGMS
 from flopmatch.report.data import Study
-from flopmatch.report.stats import TestResult, holm_adjusted, pooled_test, pooled_variance, slope_test, welch_test
+from flopmatch.report.stats import TestResult, holm_adjusted, paired_test, pooled_test, pooled_variance, slope_test, welch_test
 
 ALPHA = 0.05  # family-wise level of each family
 POWER = 0.8  # for the minimum detectable difference
@@ -51,7 +52,7 @@ FRONTIER_SIZES = 4  # depths per budget before "best size" may be called a compu
 NORMAL_DF = 1e6  # degrees of freedom standing in for a normal reference (evaluation noise)
 QUALITY = {"fid": ("fid_effnet", "FID (effnet proxy)", "fid_boot_effnet"),
            "prompt": ("prompt_full_match", "prompt-following error (1 - full match)", None)}  # fmt: skip
-CONFIDENT, SUGGESTIVE, NO_DIFF = "confident", "suggestive", "no difference detected"
+CONFIDENT, SUGGESTIVE, NO_DIFF, UNTESTABLE = "confident", "suggestive", "no difference detected", "not testable"
 
 
 @dataclass
@@ -118,11 +119,13 @@ class Comparison:
 
     @property
     def label(self) -> str:
+        if self.test.method == "none":
+            return UNTESTABLE
         if self.noise == "exact":
             return CONFIDENT if self.better else NO_DIFF
         if self.p2 is None or self.p2 > ALPHA or self.better is None:
             return NO_DIFF
-        strong = self.noise in ("seeds", "timing rounds") and not self.capped
+        strong = self.noise in ("seeds", "timing rounds") and not self.capped  # "per-run timings": sessions differ
         return CONFIDENT if strong and self.p_adj is not None and self.p_adj <= ALPHA else SUGGESTIVE
 
     def ratio(self) -> float:
@@ -131,6 +134,8 @@ class Comparison:
 
     def mdd_percent(self) -> float | None:
         """Smallest relative difference (%) detectable with POWER at the Bonferroni level ALPHA / m."""
+        if not self.test.se:  # no noise estimate, or a zero one: nothing to say about power
+            return None
         d = self.test.mdd(ALPHA / max(self.m, 1) / 2, POWER)  # two-sided: alpha/2 per tail
         return None if d is None else 100 * (math.exp(d) - 1)
 
@@ -291,14 +296,25 @@ class _Builder:
         self.noise = {m: _noise(recs[m]) for m in QUALITY}
         self.cells = {m: _cells(recs[m]) for m in QUALITY}
         self.families: dict[str, list[Comparison]] = {"claims": [], "table": []}
+        self.mirrors: list[tuple[Comparison, Comparison]] = []  # (b vs a, the a vs b test in the family)
         self.timing = _timing(study)
         present = {p for (p, _) in self.cells["fid"]} | {p for (p, _) in self.cells["prompt"]} | {p for p, _ in self.timing}
         self.paradigms = [p for p in PARADIGMS if p in present] + sorted(present - set(PARADIGMS))
 
     def add(self, family: str, c: Comparison) -> Comparison:
-        for old in self.families[family]:  # one test counted once, however many parts use it
-            if (old.metric, old.a, old.b, old.where) == (c.metric, c.a, c.b, c.where):
+        """Put ``c`` in its family, or return the test already there (one test counted once, however many
+        parts use it; a vs b and b vs a are the same test, returned as a mirror that shares its correction)."""
+        for old in self.families[family]:
+            if (old.metric, old.where) != (c.metric, c.where):
+                continue
+            if (old.a, old.b) == (c.a, c.b):
                 return old
+            if (old.a, old.b) == (c.b, c.a):
+                t = old.test
+                flipped = TestResult(-t.estimate, t.se, t.df, None if t.p is None else 1 - t.p, t.n_b, t.n_a, t.method)
+                mirror = Comparison(family, c.metric, c.a, c.b, c.where, flipped, old.noise, old.capped)
+                self.mirrors.append((mirror, old))
+                return mirror
         self.families[family].append(c)
         return c
 
@@ -347,7 +363,11 @@ class _Builder:
         sign = -1.0 if metric == "throughput" else 1.0  # throughput: higher is better
         la, lb = sign * np.log(va), sign * np.log(vb)
         where = f"depth {a[1]}" if a[1] == b[1] else f"depths {a[1]} and {b[1]}"
-        return self.add(family, Comparison(family, metric, a[0], b[0], where, welch_test(la, lb), "timing rounds"))
+        if self.timing[a]["phase"] and self.timing[b]["phase"] and la.size == lb.size:
+            # rounds interleave the paradigms: round r of a and of b share the machine's state, so pair them
+            return self.add(family, Comparison(family, metric, a[0], b[0], where, paired_test(la, lb), "timing rounds"))
+        return self.add(family, Comparison(family, metric, a[0], b[0], where, welch_test(la, lb), "per-run timings",
+                                           "timings from separate evaluations, possibly under different loads"))
 
     def flops(self, a: tuple[str, int], b: tuple[str, int]) -> Comparison | None:
         fa, fb = self.timing.get(a, {}).get("flops"), self.timing.get(b, {}).get("flops")
@@ -368,15 +388,16 @@ def _timing(study: Study) -> dict[tuple[str, int], dict[str, list[float]]]:
     out: dict = {}
     seen = set()
     for r in study.rows:
-        if not r["main"] or r["weights"] != "ema":
+        if not (r["main"] and r["done"] and r["weights"] == "ema"):
             continue
-        d = out.setdefault((r["objective"], r["depth"]), {"latency": [], "throughput": [], "flops": []})
+        d = out.setdefault((r["objective"], r["depth"]), {"latency": [], "throughput": [], "flops": [], "phase": True})
         if r["sample_flops_per_image"] is not None and not d["flops"]:
             d["flops"].append(float(r["sample_flops_per_image"]))
         source = ("study", r["setting"].split(",weights=")[0]) if r.get("timing_source") == "study" else ("run", r["run"])
         if (r["objective"], r["depth"], source) in seen or r["latency_s"] is None:
             continue
         seen.add((r["objective"], r["depth"], source))
+        d["phase"] = d["phase"] and source[0] == "study"
         d["latency"] += [x for x in (r.get("latency_s_all") or [r["latency_s"]]) if x > 0]
         if r["throughput_images_per_s"] is not None:
             d["throughput"] += [x for x in (r.get("throughput_all") or [r["throughput_images_per_s"]]) if x > 0]
@@ -463,6 +484,9 @@ def _reason(status: str, parts: list[dict], noise: dict[str, Noise]) -> str:
         why.append("not separated: " + "; ".join(ties))
     capped = {c.capped for p in parts for c, _ in p["comparisons"] if c.capped}
     why += sorted(capped)
+    missing = [p["text"] for p in parts if p["status"] == "not measured"]
+    if missing:
+        why.append("not measured: " + "; ".join(missing))
     return "; ".join(why) or "some parts are only significant before the multiplicity correction"
 
 
@@ -528,8 +552,9 @@ def _table_cell(b: _Builder, budget: float, need: str, metric: str) -> dict:
                 depth[p] = d
         if len(depth) < 2:
             return cell
-        med = {p: float(np.median(b.timing[(p, d)][metric])) for p, d in depth.items()}
-        ranked = sorted(med, key=lambda p: (med[p] if metric == "latency" else -med[p], p))
+        # ranked by the mean log timing, the quantity the tests compare
+        mlog = {p: float(np.mean(np.log(b.timing[(p, d)][metric]))) for p, d in depth.items()}
+        ranked = sorted(mlog, key=lambda p: (mlog[p] if metric == "latency" else -mlog[p], p))
         comps = [b.timed("table", metric, (ranked[0], depth[ranked[0]]), (q, depth[q])) for q in ranked[1:]]
     cell["comparisons"] = [c for c in comps if c is not None]
     cell["ranked"] = ranked
@@ -542,11 +567,12 @@ def _label_cell(cell: dict) -> None:
     if not comps:
         return
     best = cell["ranked"][0]
-    separated = [c.better == best and c.label != NO_DIFF for c in comps]
+    separated = [c.better == best and c.label in (CONFIDENT, SUGGESTIVE) for c in comps]
     tied = [best] + [c.b for c, s in zip(comps, separated) if not s]
     cell["tied"] = tied if len(tied) > 1 else []
     if len(tied) > 1:
-        cell["choice"], cell["label"] = None, NO_DIFF
+        untestable = all(c.label == UNTESTABLE for c, s in zip(comps, separated) if not s)
+        cell["choice"], cell["label"] = None, UNTESTABLE if untestable else NO_DIFF
     else:
         cell["choice"] = best
         cell["label"] = CONFIDENT if all(c.label == CONFIDENT for c in comps) else SUGGESTIVE
@@ -559,6 +585,8 @@ def decide(study: Study) -> Verdicts:
     budgets = sorted({bb for m in QUALITY for (_, bb) in b.cells[m]})
     table = [_table_cell(b, c, need, metric) for c in budgets for need, metric in NEEDS]
     _finalize(b.families)
+    for mirror, original in b.mirrors:
+        mirror.p_adj, mirror.m = original.p_adj, original.m
     for cell in table:
         _label_cell(cell)
     out = []

@@ -2,8 +2,8 @@
 
 The plan knows every run's FLOPs exactly; wall time needs rates. Training and sampling are converted
 with ``StudyConfig.assumed_flops_per_s`` (the preset's figure for its machine); the fixed costs below
-were measured on the 2-core CPU this project is developed on (bf16 AMX; the cpu preset from an empty
-cache took 19.2 min against 19.8 estimated with these rates), see :class:`Rates`. Stages
+were measured on the 2-core CPU this project is developed on (bf16 AMX; the cpu preset of v0.2 from an
+empty cache took 14.3 min against 11.7 estimated before ``eval_setting_s`` was added), see :class:`Rates`. Stages
 whose results are already cached (the study's trained tokenizers, the attribute classifier) cost
 nothing; caption encoding and reference features are always counted (an upper bound). ``runner.study`` prints the estimate after the plan and writes ``timings.json`` with
 estimate and measurement side by side, so the rates can be checked on any machine.
@@ -35,6 +35,7 @@ class Rates:
     feature_images_per_s: float = 300.0  # EfficientNet-Lite0 features
     inception_images_per_s: float = 12.0  # the standard FID Inception features
     sampling_efficiency: float = 0.6  # sampling FLOP rate / training FLOP rate (small batches, per-step overhead)
+    eval_setting_s: float = 6.0  # per evaluated setting: FID bootstrap, KID, precision/recall, prompt scoring, saving
     run_overhead_s: float = 3.0  # per run: loading data, building the network, checkpoints
     batch1_efficiency: float = 0.1  # sampling FLOP rate at batch 1 / at large batches (timing phase latency calls)
     timing_batch: int = 64  # typical best batch of the timing phase's throughput calls
@@ -69,13 +70,14 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
     timed = set()
     for p in plans:
         settings = len(eval_settings(scfg, from_dict(RunConfig, p.config))) + (1 if scfg.eval_raw else 0)
-        per_setting = scfg.eval_samples * p.sample_flops_per_image / sample_rate + scfg.eval_samples * per_image
+        per_setting = (scfg.eval_samples * p.sample_flops_per_image / sample_rate + scfg.eval_samples * per_image
+                       + rates.eval_setting_s)
         evaluation += settings * per_setting
-        if (p.objective, p.depth) in timed:
-            continue  # the timing phase times one run per architecture (study.timing_phase)
+        if (p.objective, p.depth) in timed or p.budget != max(scfg.budgets):
+            continue  # the timing phase times one run per architecture, at the largest budget (study.timing_phase)
         timed.add((p.objective, p.depth))
         items = (settings - (1 if scfg.eval_raw else 0)) * (2 if p.objective == "autoregressive" else 1)
-        per_round = p.sample_flops_per_image / sample_rate * (3 / rates.batch1_efficiency + rates.timing_batch)
+        per_round = p.sample_flops_per_image / sample_rate * (5 / rates.batch1_efficiency + rates.timing_batch)
         timing += items * (scfg.timing_budget_s + scfg.timing_rounds * per_round)
     out = {"set-up": setup, "training": training, "evaluation": evaluation, "timing": timing,
            "report": rates.report_fixed_s + rates.report_s_per_boot * scfg.n_boot}

@@ -70,9 +70,11 @@ def base_config(scfg: StudyConfig, objective: str, depth: int, budget: float, se
 
 
 def cell_seeds(scfg: StudyConfig, budget: float) -> list[int]:
-    """Training seeds of a cell: ``seeds`` from ``base_seed``; the middle budget also gets the ``floor_seeds``."""
+    """Training seeds of a cell: ``seeds`` of them (the middle budget also the ``floor_seeds``), starting at
+    ``base_seed * (seeds + floor_seeds)``, so studies with different base seeds share no run."""
     n = scfg.seeds + (scfg.floor_seeds if budget == sorted(scfg.budgets)[len(scfg.budgets) // 2] else 0)
-    return list(range(scfg.base_seed, scfg.base_seed + n))
+    first = scfg.base_seed * (scfg.seeds + scfg.floor_seeds)
+    return list(range(first, first + n))
 
 
 def make_plan(scfg: StudyConfig, study: Path) -> list[RunPlan]:

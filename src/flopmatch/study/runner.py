@@ -85,6 +85,17 @@ def wait_for_writer(run: Path, timeout_s: float = 30.0) -> None:
         time.sleep(0.5)
 
 
+def same_study(saved: dict, scfg: StudyConfig) -> bool:
+    """Whether a saved ``study.json`` describes the same runs as ``scfg``.
+
+    Old key names are migrated (v0.1); a key added in a later version takes its default (the value every
+    older study had); settings of the timing phase and report only (``NOT_IDENTITY``) do not count.
+    """
+    old = asdict(StudyConfig()) | {RENAMED.get(("StudyConfig", k), k): v for k, v in saved.items()}
+    new = asdict(scfg)
+    return all(old.get(k) == v for k, v in new.items() if k not in StudyConfig.NOT_IDENTITY)
+
+
 def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = "local", progress: bool = True,
           retime: bool = False) -> dict:
     """Plan, train, evaluate, time and report a whole study in ``out``; re-running continues where it stopped.
@@ -94,9 +105,7 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
     out = Path(out)
     scfg.validate()
     if (out / "study.json").exists():
-        old = {RENAMED.get(("StudyConfig", k), k): v for k, v in read_json(out / "study.json").items()}  # v0.1 keys
-        old = asdict(scfg) | old  # a setting added in a later version does not make an older study different
-        if old != asdict(scfg):
+        if not same_study(read_json(out / "study.json"), scfg):
             raise UserError(f"{out} holds a study with different settings; use another --out or the same options "
                             f"(saved in {out / 'study.json'})")
     elif out.exists() and any(p for p in out.iterdir() if p.name not in ("study.json", "plan.json", LOCK_NAME)):

@@ -77,9 +77,12 @@ def timing_plan(out: Path, scfg: StudyConfig, plans: list[RunPlan]) -> list[dict
     for (objective, depth), p in sorted(reps.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         cfg = from_dict(RunConfig, p.config)
         obj, spec = make_objective(cfg.objective), net_spec_for(cfg)
+        keys = set()
         for s in eval_settings(scfg, cfg):
-            items.append({"objective": objective, "depth": depth, "run": p.name,
-                          "setting": setting_key(s, obj.resolve_steps(s, spec)), "sample": asdict(s)})
+            key = setting_key(s, obj.resolve_steps(s, spec))
+            if key not in keys:  # e.g. eval_steps listing the default step count: one setting, timed once
+                keys.add(key)
+                items.append({"objective": objective, "depth": depth, "run": p.name, "setting": key, "sample": asdict(s)})
     return items
 
 
@@ -128,7 +131,7 @@ def ensure_timing(out: Path, scfg: StudyConfig, plans: list[RunPlan], retime: bo
     }  # fmt: skip
     busy = [x for x in (load_before, load_after) if x is not None]
     if busy and max(busy) > BUSY_CORES:
-        print(f"[study] warning: other processes kept {max(busy):.1f} cores busy during timing; the spread between "
+        print(f"[study] warning: other processes kept {max(busy):.1f} cores busy just before or after timing; the spread between "
               "rounds will show it (re-run with --retime on a quiet machine)")
     atomic_write_json(out / TIMING, doc)
     print(f"[study] inference timing took {fmt_duration(seconds)}; wrote {out / TIMING}")
