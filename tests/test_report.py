@@ -121,10 +121,33 @@ def make_run(root: Path, p: str, depth: int, budget: float, seed: int, *, fid: f
     return run
 
 
+def write_timing_phase(root: Path, paradigms, depths, rng: np.random.Generator, rounds: int = 5) -> None:
+    """An inference_timing.json as the study's timing phase writes it: every setting of SWEEP per (paradigm, depth),
+    rounds with 3 % noise around the same laws as make_run's per-run timings."""
+    items = []
+    for p in paradigms:
+        for d in depths:
+            for steps in SWEEP[p]:
+                sample = replace(SampleConfig(), steps=0 if p == "autoregressive" else steps)
+                lat = LATENCY_PER_STEP[p] * steps * d**2 * (1 + 0.03 * rng.standard_normal(rounds))
+                thr = THROUGHPUT[p] / d**2 * (1 + 0.03 * rng.standard_normal(rounds))
+                item = {"objective": p, "depth": d, "run": f"{p}-d{d}", "setting": setting_key(sample, steps),
+                        "sample": asdict(sample), "latency_s": float(np.median(lat)), "latency_rounds": lat.tolist(),
+                        "latency_spread": float(lat.max() / lat.min() - 1), "throughput_images_per_s": float(np.median(thr)),
+                        "throughput_rounds": thr.tolist(), "throughput_batch": 16}  # fmt: skip
+                if p == "autoregressive":
+                    item["without_kv_cache"] = {"latency_s": float(np.median(lat)) * 5, "latency_rounds": (lat * 5).tolist(),
+                                                "throughput_images_per_s": float(np.median(thr)) / 8}
+                items.append(item)
+    atomic_write_json(root / "inference_timing.json", {"version": 1, "signature": [], "rounds": rounds, "items": items,
+                                                        "machine": {"device": "cpu", "threads": 2, "bf16": False}})
+
+
 def make_study(root: Path, paradigms=PARADIGMS, depths=(2, 4), budgets=BUDGETS, seeds=(0, 1), noise: float = 0.01,
                raw: bool = False, skip_eval=(), unfinished=(), laws: dict | None = None, rng_seed: int = 0,
-               fid_sd: float = 0.0) -> Path:
-    """A study directory of fake runs following the laws (``skip_eval`` / ``unfinished``: run names)."""
+               fid_sd: float = 0.0, timing_phase: bool = True) -> Path:
+    """A study directory of fake runs following the laws (``skip_eval`` / ``unfinished``: run names), with the
+    timing phase's file unless ``timing_phase`` is False (then only the runs' own eval timings exist)."""
     rng = np.random.default_rng(rng_seed)
     laws = laws or {"fid": FID_LAW, "prompt": PROMPT_ERR_LAW, "loss": LOSS_LAW}
     C0 = math.exp(np.mean(np.log(budgets)))
@@ -138,6 +161,8 @@ def make_study(root: Path, paradigms=PARADIGMS, depths=(2, 4), budgets=BUDGETS, 
                     name = f"{p}-d{d}-{b:.2e}-s{s}"
                     make_run(root, p, d, b, s, fid=y["fid"], prompt_err=min(y["prompt"], 1.0), loss=y["loss"], rng=rng,
                              evaluate=name not in skip_eval, done=name not in unfinished, raw=raw, fid_sd=fid_sd)  # fmt: skip
+    if timing_phase:
+        write_timing_phase(root, paradigms, depths, rng)
     return root
 
 
@@ -197,9 +222,10 @@ def test_main_setting_falls_back_to_lowest_fid():
 
 @pytest.mark.slow
 def test_report_is_a_pure_function_of_the_run_directories(study, tmp_path, capsys):
-    """`flopmatch report` on a copy of the runs elsewhere writes byte-identical html, md and csv."""
+    """`flopmatch report` on a copy of the runs and the timing file elsewhere writes byte-identical html, md and csv."""
     root, first = study
-    shutil.copytree(root / "runs", tmp_path / "runs")
+    shutil.copytree(root / "runs", tmp_path / "runs")  # the report's inputs: run directories and the timing phase
+    shutil.copy(root / "inference_timing.json", tmp_path / "inference_timing.json")
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args = parser.parse_args(["report", str(tmp_path), "--n-boot", str(N_BOOT), "--seed", "0"])
@@ -511,3 +537,13 @@ def test_not_a_study_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="no runs/"):
         load_study(tmp_path).rows
+
+
+def test_per_run_timings_are_at_most_suggestive(tmp_path):
+    """Without a timing phase, timings come from separate evaluations (other loads, other sessions): a timing
+    order may be 'suggestive' but never decides a claim."""
+    root = make_study(tmp_path, depths=(2,), seeds=(0, 1, 2), timing_phase=False)
+    v = decide(load_study(root))
+    timed = [c for c in v.families["claims"] if c.metric in ("latency", "throughput")]
+    assert timed and all(c.noise == "per-run timings" and c.label != "confident" for c in timed)
+    assert v.claims[2]["status"] == "suggestive"  # FLOPs exact (held), throughput only suggestive

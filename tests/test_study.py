@@ -26,7 +26,10 @@ def test_plan_is_analytic_and_spends_each_budget(tmp_path):
     """Planning builds no model and gives every run steps whose FLOPs reach its budget within one step."""
     scfg = study_preset("cpu")
     plans = make_plan(scfg, tmp_path / "s")
-    assert len(plans) == len(scfg.objectives) * len(scfg.depths) * len(scfg.budgets) * scfg.seeds
+    from flopmatch.study.plan import cell_seeds
+
+    assert len(plans) == len(scfg.objectives) * len(scfg.depths) * sum(len(cell_seeds(scfg, b)) for b in scfg.budgets)
+    assert scfg.floor_seeds and len(plans) > len(scfg.objectives) * len(scfg.depths) * len(scfg.budgets)
     for p in plans:
         per_step = p.train_flops_per_example * json.loads(json.dumps(p.config))["train"]["batch_size"]
         assert p.budget <= p.train_flops < p.budget + per_step
