@@ -12,6 +12,7 @@ from flopmatch.rundir import CHECKPOINT, read_state
 from flopmatch.study.plan import make_plan, run_name
 from flopmatch.study.presets import study_preset
 from flopmatch.study.runner import study
+from flopmatch.study.timing_phase import ensure_timing
 
 
 def tiny_study(objectives=("masked",), budgets=(2e9, 4e9, 8e9)):
@@ -117,19 +118,21 @@ def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, monke
     assert (out / "runs" / names[0] / "eval.json").read_bytes() == first_eval  # nor re-evaluated
     assert read_state(out / "runs" / names[1])["done"]
 
-    # Timings are never a mix of two phases: a study that needs one setting re-timed re-times them all.
+    # Timings are never a mix of two phases: a study that needs one setting re-timed re-times them all
+    # (the study's timing stage, called as study() calls it after its runs).
     path = out / "inference_timing.json"
     first = json.loads(path.read_text())
-    study(out, scfg, progress=False)
+    plans = make_plan(scfg, out)
+    ensure_timing(out, scfg, plans, progress=False)
     assert json.loads(path.read_text()) == first  # nothing changed: the measurements are reused
     partial = dict(first, items=first["items"][1:], signature=first["signature"][1:])  # as if a setting were new
     path.write_text(json.dumps(partial))
-    study(out, scfg, progress=False)
+    ensure_timing(out, scfg, plans, progress=False)
     again = json.loads(path.read_text())
     assert again["signature"] == first["signature"] and len(again["items"]) == len(first["items"])
-    old = {i["setting"]: i["latency_rounds"] for i in first["items"]}
-    assert all(i["latency_rounds"] != old[i["setting"]] for i in again["items"])  # every item measured anew
-    study(out, scfg, progress=False, retime=True)  # --retime: all of them again
+    old = {(i["objective"], i["depth"], i["setting"]): i["latency_rounds"] for i in first["items"]}
+    assert all(i["latency_rounds"] != old[(i["objective"], i["depth"], i["setting"])] for i in again["items"])  # all anew
+    ensure_timing(out, scfg, plans, retime=True, progress=False)  # --retime: all of them again
     assert all(a["latency_rounds"] != b["latency_rounds"] for a, b in zip(json.loads(path.read_text())["items"], again["items"]))
 
 
