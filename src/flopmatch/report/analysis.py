@@ -180,31 +180,34 @@ def setting_medians(rows: list[dict], cost: str, value) -> list[tuple]:
     return sorted(out, key=lambda t: (t[0], t[1], t[2], t[3]))
 
 
-def _inference(study: Study) -> dict[tuple[str, int], dict]:
-    """Per (paradigm, depth), main-setting inference numbers pooled over runs (architecture is the same).
+def inference_summary(study: Study) -> dict[tuple[str, int], dict]:
+    """Per (paradigm, depth), main-setting inference numbers of finished runs pooled over runs (the
+    architecture is the same): lists of FLOPs per image, latency (s) and throughput (images/s), and
+    ``phase``: whether every timing came from the study's timing phase.
 
-    Timings of the study's timing phase are shared by every run of a (paradigm, depth) and setting, so
-    they enter once (the rounds); per-run eval timings (older studies) are pooled over runs.
+    Timings of the timing phase are shared by every run of a (paradigm, depth) and setting, so they
+    enter once (its rounds); per-run eval timings (older studies) are pooled over runs.
     """
     out: dict[tuple[str, int], dict] = {}
     seen: set[tuple] = set()
     for r in study.rows:
-        if not r["main"] or r["sample_flops_per_image"] is None:
+        if not (r["main"] and r["done"] and r["weights"] == "ema") or r["sample_flops_per_image"] is None:
             continue
-        d = out.setdefault((r["objective"], r["depth"]), {"flops": [], "latency": [], "throughput": [],
+        d = out.setdefault((r["objective"], r["depth"]), {"flops": [], "latency": [], "throughput": [], "phase": True,
                                                           "nokv_latency": [], "nokv_throughput": [], "nokv_flops": []})
         d["flops"].append(r["sample_flops_per_image"])
-        if r["nokv_sample_flops_per_image"] is not None:
+        if r.get("nokv_sample_flops_per_image") is not None:
             d["nokv_flops"].append(r["nokv_sample_flops_per_image"])
         source = ("study", r["setting"].split(",weights=")[0]) if r.get("timing_source") == "study" else ("run", r["run"])
         if (r["objective"], r["depth"], source) in seen or r["latency_s"] is None:
             continue
         seen.add((r["objective"], r["depth"], source))
-        d["latency"] += r.get("latency_s_all") or [r["latency_s"]]
+        d["phase"] = d["phase"] and source[0] == "study"
+        d["latency"] += [x for x in r.get("latency_s_all") or [r["latency_s"]] if x > 0]
         if r["throughput_images_per_s"] is not None:
-            d["throughput"] += r.get("throughput_all") or [r["throughput_images_per_s"]]
+            d["throughput"] += [x for x in r.get("throughput_all") or [r["throughput_images_per_s"]] if x > 0]
         for k, col in (("nokv_latency", "nokv_latency_s"), ("nokv_throughput", "nokv_throughput_images_per_s")):
-            if r[col] is not None:
+            if r.get(col) is not None:
                 d[k].append(r[col])
     return out
 
@@ -226,7 +229,7 @@ class Analyser:
                     continue
                 front, boot, note = _fit(recs, n_boot, seed * 7919 + 97 * mi + pi)  # distinct streams: pairs are independent
                 self.fits[(m.name, p)] = MetricFit(m.name, p, recs, front, boot, note)
-        self.inference = _inference(study)
+        self.inference = inference_summary(study)
 
     def crossovers(self) -> list[dict]:
         out = []

@@ -42,6 +42,7 @@ import numpy as np
 from scipy import stats as sps
 
 from flopmatch import PARADIGMS
+from flopmatch.report.analysis import inference_summary
 from flopmatch.report.data import Study
 from flopmatch.report.stats import TestResult, holm_adjusted, paired_test, pooled_test, pooled_variance, slope_test, welch_test
 
@@ -297,7 +298,7 @@ class _Builder:
         self.cells = {m: _cells(recs[m]) for m in QUALITY}
         self.families: dict[str, list[Comparison]] = {"claims": [], "table": []}
         self.mirrors: list[tuple[Comparison, Comparison]] = []  # (b vs a, the a vs b test in the family)
-        self.timing = _timing(study)
+        self.timing = inference_summary(study)
         present = {p for (p, _) in self.cells["fid"]} | {p for (p, _) in self.cells["prompt"]} | {p for p, _ in self.timing}
         self.paradigms = [p for p in PARADIGMS if p in present] + sorted(present - set(PARADIGMS))
 
@@ -377,31 +378,6 @@ class _Builder:
         test = TestResult(est, 0.0, None, 0.0 if est < 0 else 1.0 if est > 0 else 0.5, 1, 1, "exact")
         where = f"depth {a[1]}" if a[1] == b[1] else f"depths {a[1]} and {b[1]}"
         return Comparison("exact", "flops", a[0], b[0], where, test, "exact")
-
-
-def _timing(study: Study) -> dict[tuple[str, int], dict[str, list[float]]]:
-    """(paradigm, depth) -> latency rounds (s), throughput rounds (images/s) and sampling FLOPs per image.
-
-    The timing phase's rounds enter once per (paradigm, depth) at the main setting; older studies
-    without a timing phase pool their runs' own repeats.
-    """
-    out: dict = {}
-    seen = set()
-    for r in study.rows:
-        if not (r["main"] and r["done"] and r["weights"] == "ema"):
-            continue
-        d = out.setdefault((r["objective"], r["depth"]), {"latency": [], "throughput": [], "flops": [], "phase": True})
-        if r["sample_flops_per_image"] is not None and not d["flops"]:
-            d["flops"].append(float(r["sample_flops_per_image"]))
-        source = ("study", r["setting"].split(",weights=")[0]) if r.get("timing_source") == "study" else ("run", r["run"])
-        if (r["objective"], r["depth"], source) in seen or r["latency_s"] is None:
-            continue
-        seen.add((r["objective"], r["depth"], source))
-        d["phase"] = d["phase"] and source[0] == "study"
-        d["latency"] += [x for x in (r.get("latency_s_all") or [r["latency_s"]]) if x > 0]
-        if r["throughput_images_per_s"] is not None:
-            d["throughput"] += [x for x in (r.get("throughput_all") or [r["throughput_images_per_s"]]) if x > 0]
-    return out
 
 
 def _finalize(families: dict[str, list[Comparison]]) -> None:
