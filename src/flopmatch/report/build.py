@@ -225,7 +225,8 @@ def _banners(study: Study, an: Analysis) -> list[str]:
         out.append("One seed per cell: image quality and prompt following rest on evaluation noise only (how much "
                    "retraining with another seed would move them is not measured), so no verdict on them is stronger "
                    "than **suggestive**. Train >= 2 seeds in some cells (e.g. `--seeds 3`) for verdicts.")
-    single = sum(c.values.size == 1 for m, cells in v.cells.items() if v.noise[m].source == "seeds" for c in cells.values())
+    single = len({key for m, cells in v.cells.items() if v.noise[m].source == "seeds"
+                  for key, c in cells.items() if c.values.size == 1})  # (paradigm, budget) cells, over both metrics
     if single:
         out.append(f"{single} (paradigm, budget) cells have one seed: their comparisons use the seed variance measured "
                    "where there are several seeds, assumed the same at every budget on a log scale.")
