@@ -158,11 +158,6 @@ def _fit(records: list[dict], n_boot: int, seed: int) -> tuple[list, BootstrapFi
     return front, boot, "; ".join(notes)
 
 
-def median(v) -> float | None:
-    """Median of a list, None if empty."""
-    return float(np.median(v)) if len(v) else None
-
-
 def setting_medians(rows: list[dict], cost: str, value) -> list[tuple]:
     """Median (cost, value) per (paradigm, depth, setting) over seeds: ``[(cost, value, paradigm, depth, steps)]``.
 
