@@ -109,3 +109,14 @@ def test_killed_study_parent_leaves_no_worker_running(tmp_path):
     _wait(lambda: not _workers_of(out), 15, "the orphaned workers to stop")
     runs = [p for p in (out / "runs").iterdir() if p.is_dir()]
     assert not any(is_locked(r) for r in runs)  # nothing still writes (a run stopped before its config is removed)
+
+
+def test_run_being_created_is_reported_in_use_not_foreign(tmp_path):
+    """A run whose writer holds the lock but has not written its config yet is 'in use', not 'not a run'."""
+    out = tmp_path / "run"
+    with DirectoryLock(out, "run"):
+        (out / "config.json.tmp").write_text("")  # what the creating writer has put there so far
+        with pytest.raises(UserError, match=rf"in use: pid {os.getpid()} on .*writing this run"):
+            train(tiny_run_config("masked", 2), out, progress=False)
+    with pytest.raises(UserError, match="not a flopmatch run directory"):  # unlocked debris is still refused
+        train(tiny_run_config("masked", 2), out, progress=False)

@@ -57,6 +57,12 @@ def describe(info: dict | None) -> str:
     return f"pid {info.get('pid')} on {info.get('host')} (`{info.get('command', '?')}`, since {since})"
 
 
+def in_use(directory: str | Path, what: str = "directory") -> UserError:
+    """The one-line error for a second writer of ``directory``, naming the process that holds its lock."""
+    return UserError(f"{directory} is in use: {describe(holder(directory))} is writing this {what}; "
+                     f"wait for it to finish or stop it, then re-run")
+
+
 class DirectoryLock:
     """Exclusive, non-blocking lock on ``directory`` (created if missing) for the ``with`` block."""
 
@@ -72,8 +78,7 @@ class DirectoryLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UserError(f"{self.directory} is in use: {describe(holder(self.directory))} is writing this {self.what}; "
-                            f"wait for it to finish or stop it, then re-run") from None
+            raise in_use(self.directory, self.what) from None
         # Read the previous holder through this descriptor: on NFS, where flock is emulated with POSIX
         # locks, opening and closing the file again would drop the lock just taken.
         try:

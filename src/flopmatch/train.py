@@ -35,7 +35,7 @@ from flopmatch.device import autocast, memory_bytes, resolve_device, run_bf16
 from flopmatch.errors import UserError
 from flopmatch.files import remove_stale_temps
 from flopmatch.flops import num_params
-from flopmatch.lock import LOCK_NAME, DirectoryLock
+from flopmatch.lock import LOCK_NAME, DirectoryLock, in_use, is_locked
 from flopmatch.nets import Network
 from flopmatch.objectives import make_objective
 from flopmatch.plan import net_spec_for, plan_steps, training_memory_bytes
@@ -152,6 +152,8 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
     elif run.exists() and not run.is_dir():
         raise UserError(f"--out {run} is a file, not a directory; choose another --out")
     elif run.exists() and any(p.name != LOCK_NAME for p in run.iterdir()):
+        if is_locked(run):  # a run another process is creating right now (its config is not written yet)
+            raise in_use(run, "run")
         raise UserError(f"{run} exists and is not a flopmatch run directory; choose another --out")
 
     # Check the budget from the analytic plan before any expensive data preparation.
