@@ -30,7 +30,7 @@ from flopmatch.data.datasets import make_dataset
 from flopmatch.errors import UserError
 from flopmatch.evaluation.run import EvalConfig
 from flopmatch.files import atomic_write_json, read_json
-from flopmatch.lock import LOCK_NAME, DirectoryLock, describe, holder, is_locked
+from flopmatch.lock import LOCK_NAME, DirectoryLock, describe, holder, in_use, is_locked
 from flopmatch.report.build import build_report
 from flopmatch.study.estimate import Rates, estimate, format_estimate
 from flopmatch.study.launchers import make_launcher
@@ -109,6 +109,8 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
             raise UserError(f"{out} holds a study with different settings; use another --out or the same options "
                             f"(saved in {out / 'study.json'})")
     elif out.exists() and any(p for p in out.iterdir() if p.name not in ("study.json", "plan.json", LOCK_NAME)):
+        if is_locked(out):  # a study another process is creating right now
+            raise in_use(out, "study")
         raise UserError(f"{out} exists and is not a flopmatch study directory; choose another --out")
     plans = make_plan(scfg, out)  # validates the grid before anything is written
     with DirectoryLock(out, "study"):  # one study process per directory
