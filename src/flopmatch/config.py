@@ -206,12 +206,15 @@ RANGES: dict[tuple[str, str], Range] = {
     ("AutoencoderConfig", "log_every"): AT_LEAST_1,
 }
 PRECISIONS = ("auto", "bf16", "fp32")
-DATASETS = ("shapes",)  # the sources flopmatch.data.datasets.make_dataset knows
+# The sources flopmatch.data.datasets.make_dataset knows: a name, or a kind with an argument ("folder:PATH").
+DATASETS = ("shapes",)
+SOURCE_KINDS = ("folder",)
+SOURCE_FIELDS = {("DataConfig", "name"), ("AutoencoderConfig", "data")}
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("TextConfig", "kind"): ("minilm", "hash"), ("TokenizerConfig", "kind"): ("auto", "patch", "kmeans"),
-    ("TrainConfig", "precision"): PRECISIONS, ("ObjectiveConfig", "name"): PARADIGMS, ("DataConfig", "name"): DATASETS,
+    ("TrainConfig", "precision"): PRECISIONS, ("ObjectiveConfig", "name"): PARADIGMS,
     ("AutoencoderConfig", "kind"): ("kl", "lfq"), ("AutoencoderConfig", "recon_loss"): ("l1", "l2", "l1+l2"),
-    ("AutoencoderConfig", "precision"): PRECISIONS, ("AutoencoderConfig", "data"): DATASETS,
+    ("AutoencoderConfig", "precision"): PRECISIONS,
 }
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"  # what train.device may name (flopmatch.device.resolve_device)
 
@@ -268,6 +271,19 @@ def check_fields(cfg, where: str = "") -> None:
             raise UserError(f"{key} must be {RANGES[rule]}, got {value:g}")
         if rule in CHOICES and value not in CHOICES[rule]:
             raise UserError(f"{key} must be one of {', '.join(CHOICES[rule])}, got {value!r}")
+        if rule in SOURCE_FIELDS:
+            parse_source(value, key)
+
+
+def parse_source(name: str, key: str = "--data") -> tuple[str, str]:
+    """A data source name -> (kind, argument): "shapes" -> ("shapes", ""), "folder:imgs" -> ("folder", "imgs")."""
+    if name in DATASETS:
+        return name, ""
+    kind, sep, arg = str(name).partition(":")
+    if sep and kind in SOURCE_KINDS and arg:
+        return kind, arg
+    forms = ", ".join([*DATASETS, *(f"{k}:PATH" for k in SOURCE_KINDS)])
+    raise UserError(f"{key}: unknown dataset {name!r}; use one of {forms}")
 
 
 def validate_sample(s: SampleConfig) -> None:

@@ -39,6 +39,7 @@ CHECKPOINT = "checkpoint/checkpoint.safetensors"
 STATE = "checkpoint/state.json"
 TOKENIZER = "tokenizer"
 EVAL = "eval.json"
+DATA = "data.json"  # the training split: source, size, images skipped and converted by cause
 SAMPLES = "samples"
 # Keys every checkpoint state has (resume and the report rely on them).
 STATE_KEYS = ("step", "total_steps", "flops", "done", "net_spec")

@@ -33,7 +33,7 @@ from flopmatch import dist
 from flopmatch.config import RunConfig, TrainConfig
 from flopmatch.device import autocast, memory_bytes, resolve_device, run_bf16
 from flopmatch.errors import UserError
-from flopmatch.files import remove_stale_temps
+from flopmatch.files import atomic_write_json, remove_stale_temps
 from flopmatch.flops import num_params
 from flopmatch.lock import LOCK_NAME, DirectoryLock, in_use, is_locked
 from flopmatch.nets import Network
@@ -42,6 +42,7 @@ from flopmatch.plan import net_spec_for, plan_steps, training_memory_bytes
 from flopmatch.prepare import prepare
 from flopmatch.rundir import (
     CONFIG,
+    DATA,
     METRICS,
     append_metrics,
     check_same_config,
@@ -207,6 +208,7 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
     if dist.is_main() and state is None:
         run.mkdir(parents=True, exist_ok=True)
         write_config(run, cfg)  # before step 0
+        atomic_write_json(run / DATA, data.dataset.info)
         data.tokenizer.save(tokenizer_dir(run))
         truncate_metrics(run, 0)  # rows logged by an attempt killed before its first checkpoint
     dist.barrier()

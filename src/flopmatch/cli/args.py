@@ -18,6 +18,18 @@ from pathlib import Path
 from flopmatch import config
 from flopmatch.errors import UserError
 
+DATA_HELP = ("training data: shapes (built-in), or folder:PATH (images with metadata.jsonl or metadata.csv, "
+             "columns file_name,text; optional train/ and test/ sub-folders)")
+
+
+def data_source(text: str) -> str:
+    """A ``--data`` value: a known source; a relative PATH in ``kind:PATH`` is made absolute (runs resume from anywhere)."""
+    try:
+        kind, arg = config.parse_source(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+    return f"{kind}:{os.path.abspath(arg)}" if arg else kind
+
 
 def config_value(section: type, name: str):
     """An argparse type for the config field ``section.name``: parsed as its type, checked against RANGES."""

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from flopmatch import PARADIGMS
-from flopmatch.cli.args import config_value, count, output_dir, output_file
+from flopmatch.cli.args import DATA_HELP, config_value, count, data_source, output_dir, output_file
 from flopmatch.config import ModelConfig, SampleConfig, TrainConfig
 
 
@@ -24,6 +24,8 @@ def _run_config(args):
         cfg.model.depth = args.depth
     if getattr(args, "budget", None) is not None:
         cfg.train.budget = args.budget
+    if getattr(args, "data", None):
+        cfg.data.name = args.data
     if getattr(args, "tokenizer", None):
         cfg.tokenizer.path = args.tokenizer
     if getattr(args, "seed", None) is not None:
@@ -40,6 +42,8 @@ def _add_common(p, *, budget: bool) -> None:
     p.add_argument("--depth", type=config_value(ModelConfig, "depth"), help="backbone depth (width = 64 * depth); default 4")
     if budget:
         p.add_argument("--budget", type=config_value(TrainConfig, "budget"), help="training FLOPs, e.g. 3e12 (default 3e12); steps = ceil(budget / FLOPs per step)")
+    if budget:
+        p.add_argument("--data", type=data_source, help=DATA_HELP + " (default: shapes)")
     p.add_argument("--tokenizer", help="a tokenizer directory from `flopmatch tokenizer train` (default: weight-free)")
     p.add_argument("--config", help="a config.json to start from")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from flopmatch import PARADIGMS
-from flopmatch.cli.args import count, number_list, output_dir
+from flopmatch.cli.args import DATA_HELP, count, data_source, number_list, output_dir
 from flopmatch.study.presets import STUDY_PRESETS
 
 
@@ -32,7 +32,7 @@ def cmd_study(args) -> int:
     for name in ("objectives", "depths", "budgets", "seeds", "floor_seeds", "base_seed", "eval_samples", "eval_raw"):  # given flags replace the preset's
         if getattr(args, name) is not None:
             setattr(scfg, name, getattr(args, name))
-    scfg.overrides = scfg.overrides + list(args.set)
+    scfg.overrides = scfg.overrides + ([f"data.name={args.data}"] if args.data else []) + list(args.set)
     if args.plan_only:
         plans = make_plan(scfg.validate(), Path(args.out))
         print(format_plan(plans))
@@ -63,6 +63,7 @@ def register(sub) -> None:
                    help="also evaluate each run's main setting with raw (non-EMA) weights, for the EMA finding "
                         "(default: on for cpu-long and gpu)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key for every run (repeatable; see `flopmatch config --preset P`)")
+    p.add_argument("--data", type=data_source, help=DATA_HELP + " (default: the preset's, shapes)")
     p.add_argument("--workers", type=count(1), default=1, help="local worker processes (default 1: in-process)")
     p.add_argument("--launcher", default="local", choices=("local",), help="where runs execute (default: local)")
     p.add_argument("--retime", action="store_true",

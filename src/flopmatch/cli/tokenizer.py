@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flopmatch.cli.args import count, output_dir
+from flopmatch.cli.args import DATA_HELP, count, data_source, output_dir
 from flopmatch.errors import UserError
 
 
@@ -79,7 +79,7 @@ def register(subparsers) -> None:
     t = sub.add_parser("train", help="train a KL (continuous) or LFQ (discrete) autoencoder")
     t.add_argument("--kind", choices=("kl", "lfq"), required=True,
                    help="kl: latents for diffusion; lfq: codes for masked/autoregressive")
-    t.add_argument("--data", default="shapes", help="training data (default: shapes)")
+    t.add_argument("--data", default="shapes", type=data_source, help=DATA_HELP + " (default: shapes)")
     t.add_argument("--out", required=True, type=output_dir, help="output directory (tokenizer.json, tensors.safetensors, train_log.jsonl)")
     t.add_argument("--preset", default="cpu", help="cpu: ~5 min on 2 cores (default); gpu: larger")
     t.add_argument("--seed", type=int, help="training seed (init and batch order)")

@@ -1,15 +1,28 @@
 """Dataset sources by name: a :class:`~flopmatch.config.DataConfig` -> a split of images and captions.
 
 Every stage that needs data (training, the tokenizers, evaluation) asks :func:`make_dataset`; a new
-source is one more branch here plus its own module in this package. Today the only source is the
-built-in procedural ``shapes`` set.
+source is one more branch here plus its own module in this package. ``data.name`` names the source:
+
+- ``shapes``: the built-in procedural set (:mod:`flopmatch.data.shapes`), with exact ground truth;
+- ``folder:PATH``: an image folder with ``metadata.jsonl``/``metadata.csv`` (:mod:`flopmatch.data.folder`).
+
+Real sources are decoded once into a cached pool (:mod:`flopmatch.data.pool`) and served as an
+:class:`ImageTextSet` with the same interface as :class:`~flopmatch.data.shapes.ShapesDataset`.
 """
 
 from __future__ import annotations
 
-from flopmatch.config import DATASETS, DataConfig
+import hashlib
+
+import torch
+
+from flopmatch.config import DataConfig, parse_source
+from flopmatch.data.folder import folder_items
+from flopmatch.data.pool import Pool, load_or_build, split_indices
 from flopmatch.data.shapes import ShapesConfig, ShapesDataset
 from flopmatch.errors import UserError
+
+SPLITS = ("train", "eval")
 
 
 def shapes_config(cfg: DataConfig) -> ShapesConfig:
@@ -20,8 +33,53 @@ def shapes_config(cfg: DataConfig) -> ShapesConfig:
     )
 
 
-def make_dataset(cfg: DataConfig, split: str) -> ShapesDataset:
+class ImageTextSet(torch.utils.data.Dataset):
+    """A split of a real source: items are {"image": float (3, S, S) in [-1, 1], "caption"}.
+
+    ``info``: the source, its usable/skipped/converted counts and this split's size (written to a run's
+    ``data.json``).
+    """
+
+    def __init__(self, pool: Pool, split: str, num_train: int, num_eval: int):
+        if split not in SPLITS:
+            raise UserError(f"split must be one of {SPLITS}, got {split!r}")
+        idx = split_indices(pool, split, num_train, num_eval)
+        self.split = split
+        self._images = pool.images[idx]  # (n, 3, S, S) uint8
+        self._captions = [pool.captions[i] for i in idx]
+        self.names = [pool.names[i] for i in idx]
+        self._fingerprint = hashlib.sha256(f"{pool.key}-{split}-{num_train}-{num_eval}".encode()).hexdigest()[:20]
+        self.info = {**pool.info, "split": split, "size": len(idx),
+                     "split_rule": "given by the source" if any(pool.splits) else "hash of the item name"}
+
+    def __len__(self) -> int:
+        return len(self._captions)
+
+    def __getitem__(self, i: int) -> dict:
+        """Item i: image float (3, S, S) in [-1, 1] and its caption."""
+        return {"image": self._images[i].float() / 127.5 - 1.0, "caption": self._captions[i]}
+
+    def captions(self) -> list[str]:
+        """All captions in index order."""
+        return list(self._captions)
+
+    def fingerprint(self) -> str:
+        """Digest of the decoded source, the preprocessing and this split's selection."""
+        return self._fingerprint
+
+    def images_uint8(self) -> torch.Tensor:
+        """All images as uint8 (N, 3, S, S)."""
+        return self._images
+
+
+def make_dataset(cfg: DataConfig, split: str, progress: bool = True) -> ShapesDataset | ImageTextSet:
     """The ``split`` ("train" | "eval") of the dataset a DataConfig names."""
-    if cfg.name not in DATASETS:
-        raise UserError(f"unknown dataset {cfg.name!r}; available: {', '.join(DATASETS)}")
-    return ShapesDataset(shapes_config(cfg), split)
+    kind, arg = parse_source(cfg.name)
+    if kind == "shapes":
+        return ShapesDataset(shapes_config(cfg), split)
+    if kind == "folder":
+        items, content_key = folder_items(arg)
+        pool = load_or_build(cfg.name, kind, content_key, cfg.image_size, lambda: items, total=len(items),
+                             progress=progress)
+        return ImageTextSet(pool, split, cfg.num_train, cfg.num_eval)
+    raise UserError(f"unknown dataset {cfg.name!r}")  # parse_source admits only known kinds

@@ -402,6 +402,12 @@ class ShapesDataset(torch.utils.data.Dataset):
         """Digest of cfg (incl. CODE_VERSION) and split: names this split's cached images."""
         return f"{self.cfg.fingerprint()}-{self.split}"
 
+    @property
+    def info(self) -> dict:
+        """What a run's ``data.json`` records about this split (the same keys real sources give)."""
+        return {"source": "shapes", "image_size": self.cfg.image_size, "split": self.split, "size": self._n,
+                "skipped": {}, "converted": {}, "split_rule": "procedural (seeded per split)"}
+
     def images_uint8(self) -> torch.Tensor:
         """All images as uint8 (N, 3, H, W), rendered once, kept in memory and (optionally) on disk."""
         if self._images is not None:

@@ -160,11 +160,14 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
     if not state.get("done"):
         print(f"warning: {run} is not finished ({state['step']}/{state['total_steps']} steps); evaluating its latest checkpoint")
     cfg = sampler.cfg
-    ref = make_dataset(cfg.data, "eval")
+    ref = make_dataset(cfg.data, "eval", progress=progress)
+    if len(ref) < max(ecfg.pr_k + 1, 2):
+        raise UserError(f"the evaluation split of {cfg.data.name} has {len(ref)} images; FID and precision/recall "
+                        f"need at least {max(ecfg.pr_k + 1, 2)} (raise data.num_eval or add images)")
     prompts = eval_prompts(ref, ecfg.num_samples)
     ref_images = ref.images_uint8()
     extractors = {name: make_feature_extractor(name) for name in ecfg.features}
-    real = {name: reference_features(ex, "shapes", ref_images, key=f"{ref.fingerprint()}-{len(ref)}", progress=progress)
+    real = {name: reference_features(ex, cfg.data.name, ref_images, key=f"{ref.fingerprint()}-{len(ref)}", progress=progress)
             for name, ex in extractors.items()} if dist.is_main() else {}
     classifier = None
     if ecfg.prompt_following and cfg.data.name == "shapes" and dist.is_main():

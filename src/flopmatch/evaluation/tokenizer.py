@@ -205,7 +205,7 @@ def run_eval(directory: str | Path, num: int = 2000, rfid_features: str = "effne
     images, info = load_images(tok.config, "eval", num_eval=num)
     key = f"{info['name']}-{info['fingerprint']}-eval-{num}"
     attrs = cfg = None
-    if attributes:
+    if attributes and tok.config.data == "shapes":  # exact attribute scoring needs the scenes' ground truth
         ds = make_dataset(tok.config.data_config(num), "eval")
         cfg = ds.cfg
         attrs = [ds.scene(i).attrs() for i in range(num)]

@@ -70,7 +70,7 @@ def ensure_tokenizers(study: Path, scfg: StudyConfig, progress: bool = True) -> 
         cfg.num_train, cfg.data_seed = probe.data.num_train, probe.data.seed
         print(f"[study] training the {cfg.kind} tokenizer ({cfg.steps} steps) -> {directory}")
         train_autoencoder(cfg, dataset.images_uint8(), out_dir=directory,
-                          data_info={"dataset": "shapes", "fingerprint": dataset.fingerprint()}, progress=progress)
+                          data_info={"dataset": probe.data.name, "fingerprint": dataset.fingerprint()}, progress=progress)
 
 
 def wait_for_writer(run: Path, timeout_s: float = 30.0) -> None:

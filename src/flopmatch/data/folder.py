@@ -1,0 +1,131 @@
+"""``folder:PATH``: a directory of images with captions, in the Hugging Face image-folder layout.
+
+Layout (https://huggingface.co/docs/datasets/image_dataset#imagefolder):
+
+- ``PATH/metadata.jsonl`` (one JSON object per line with ``file_name`` and ``text``) or
+  ``PATH/metadata.csv`` (a header with those two columns); ``file_name`` is relative to the metadata
+  file and may name nested folders (``cats/001.jpg``);
+- optionally ``PATH/train/`` and ``PATH/test/``, each with its own metadata file: the split is then
+  the folders' (``test`` is the evaluation split), otherwise a hash split (see
+  :func:`flopmatch.data.pool.split_indices`).
+
+A malformed metadata line (with its line number) or a missing column is a :class:`UserError`; a
+missing image, an empty or non-UTF-8 caption, or an undecodable image is skipped and counted.
+
+Cache key: the metadata files' bytes, and each listed image's name, size and modification time
+(``st_mtime_ns``), so an edited caption, a replaced or touched image, or a new file invalidates the
+cache, without re-reading every image on each start (the rule make and ccache use for files).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+from flopmatch.data.images import BadImage
+from flopmatch.data.pool import Item
+from flopmatch.errors import UserError
+
+COLUMNS = ("file_name", "text")
+SPLIT_DIRS = {"train": "train", "test": "eval"}  # sub-folder -> flopmatch split
+
+
+def _metadata_file(directory: Path) -> Path | None:
+    found = [directory / n for n in ("metadata.jsonl", "metadata.csv") if (directory / n).is_file()]
+    if len(found) > 1:
+        raise UserError(f"{directory} has both metadata.jsonl and metadata.csv; keep one")
+    return found[0] if found else None
+
+
+def _rows_jsonl(path: Path, raw: bytes) -> list[tuple[str, object]]:
+    rows = []
+    for number, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            # Invalid UTF-8 inside a caption survives as surrogates and is skipped per image, not per file.
+            row = json.loads(line.decode("utf-8", errors="surrogateescape"))
+        except ValueError as e:
+            raise UserError(f"{path}:{number}: not a JSON object ({e.msg}); fix or remove the line") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{number}: not a JSON object; each line must be {{\"file_name\": ..., \"text\": ...}}")
+        missing = [c for c in COLUMNS if c not in row]
+        if missing:
+            raise UserError(f"{path}:{number}: missing {' and '.join(repr(c) for c in missing)}; "
+                            f"each line needs \"file_name\" and \"text\"")
+        rows.append((str(row["file_name"]), row["text"]))
+    return rows
+
+
+def _rows_csv(path: Path, raw: bytes) -> list[tuple[str, object]]:
+    text = raw.decode("utf-8-sig", errors="surrogateescape")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise UserError(f"{path} is empty; it needs a header with file_name,text") from None
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise UserError(f"{path}: no {' or '.join(repr(c) for c in missing)} column in the header {header}; "
+                        f"the header must name file_name and text")
+    i_name, i_text = header.index("file_name"), header.index("text")
+    rows = []
+    try:
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise UserError(f"{path}:{reader.line_num}: {len(row)} fields, the header has {len(header)}; "
+                                f"quote captions that contain commas")
+            rows.append((row[i_name], row[i_text]))
+    except csv.Error as e:
+        raise UserError(f"{path}:{reader.line_num}: {e}") from None
+    return rows
+
+
+def _read_file(path: Path):
+    return lambda: str(path)  # Pillow opens the path itself (and can then use JPEG draft decoding)
+
+
+def folder_items(root: str | Path) -> tuple[list[Item], str]:
+    """The items of an image folder and its content key (see the module docstring). UserError on bad layout."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"folder:{root} is not a directory; give a folder with metadata.jsonl or metadata.csv")
+    parts = [(root / d, split) for d, split in SPLIT_DIRS.items() if (root / d).is_dir() and _metadata_file(root / d)]
+    if not parts:
+        parts = [(root, "")]
+    digest = hashlib.sha256()
+    items: list[Item] = []
+    top = root.resolve()
+    for directory, split in parts:
+        meta = _metadata_file(directory)
+        if meta is None:
+            raise UserError(f"{directory} has no metadata.jsonl or metadata.csv; add one with file_name and text "
+                            f"columns (the Hugging Face image-folder layout)")
+        raw = meta.read_bytes()
+        digest.update(f"{meta.relative_to(root)}\0{len(raw)}\0".encode() + raw)
+        rows = (_rows_jsonl if meta.suffix == ".jsonl" else _rows_csv)(meta, raw)
+        for file_name, caption in rows:
+            path = (directory / file_name)
+            name = os.path.relpath(path, root)
+            try:
+                inside = path.resolve().is_relative_to(top)
+                st = path.stat() if inside else None
+            except OSError:
+                st = None
+            digest.update(f"{name}\0{st.st_size if st else -1}\0{st.st_mtime_ns if st else -1}\0".encode())
+            if not inside:
+                items.append(Item(name, caption, _refuse_outside, split))
+            else:
+                items.append(Item(name, caption, _read_file(path), split))
+    return items, digest.hexdigest()
+
+
+def _refuse_outside():
+    # A metadata line naming a file outside the folder (../x.png, /etc/...) is skipped, never read.
+    raise BadImage("outside the folder")
