@@ -13,16 +13,21 @@ Real sources are decoded once into a cached pool (:mod:`flopmatch.data.pool`) an
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import torch
 
 from flopmatch.config import DataConfig, parse_source
-from flopmatch.data.folder import folder_items
-from flopmatch.data.pool import Pool, load_or_build, split_indices
+from flopmatch.data.folder import folder_pool
+from flopmatch.data.pool import Pool, split_indices
 from flopmatch.data.shapes import ShapesConfig, ShapesDataset
 from flopmatch.errors import UserError
 
 SPLITS = ("train", "eval")
+# Real sources: kind (config.DATASETS name or config.SOURCE_KINDS prefix) -> (cfg, argument, progress) -> Pool.
+REAL_SOURCES: dict[str, Callable[[DataConfig, str, bool], Pool]] = {
+    "folder": folder_pool,
+}
 
 
 def shapes_config(cfg: DataConfig) -> ShapesConfig:
@@ -77,9 +82,6 @@ def make_dataset(cfg: DataConfig, split: str, progress: bool = True) -> ShapesDa
     kind, arg = parse_source(cfg.name)
     if kind == "shapes":
         return ShapesDataset(shapes_config(cfg), split)
-    if kind == "folder":
-        items, content_key = folder_items(arg)
-        pool = load_or_build(cfg.name, kind, content_key, cfg.image_size, lambda: items, total=len(items),
-                             progress=progress)
-        return ImageTextSet(pool, split, cfg.num_train, cfg.num_eval)
-    raise UserError(f"unknown dataset {cfg.name!r}")  # parse_source admits only known kinds
+    if kind not in REAL_SOURCES:  # parse_source admits only known kinds
+        raise UserError(f"unknown dataset {cfg.name!r}")
+    return ImageTextSet(REAL_SOURCES[kind](cfg, arg, progress), split, cfg.num_train, cfg.num_eval)

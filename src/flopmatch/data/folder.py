@@ -26,8 +26,9 @@ import json
 import os
 from pathlib import Path
 
+from flopmatch.config import DataConfig
 from flopmatch.data.images import BadImage
-from flopmatch.data.pool import Item
+from flopmatch.data.pool import Item, Pool, load_or_build
 from flopmatch.errors import UserError
 
 COLUMNS = ("file_name", "text")
@@ -124,6 +125,13 @@ def folder_items(root: str | Path) -> tuple[list[Item], str]:
             else:
                 items.append(Item(name, caption, _read_file(path), split))
     return items, digest.hexdigest()
+
+
+def folder_pool(cfg: DataConfig, path: str, progress: bool = True) -> Pool:
+    """The decoded (cached) pool of the image folder at ``path``, at ``cfg.image_size``."""
+    items, content_key = folder_items(path)
+    return load_or_build(cfg.name, "folder", content_key, cfg.image_size, lambda: items, total=len(items),
+                         progress=progress)
 
 
 def _refuse_outside():
