@@ -161,6 +161,37 @@ def retrieval_accuracy(model: DomainCLIPModel, images_uint8: torch.Tensor, capti
             "num_pairs": len(hits), "chance_top1": 1 / len(hits)}
 
 
+@torch.inference_mode()
+def r_precision(model: DomainCLIPModel, images_uint8: torch.Tensor, prompts: list[str], candidates: list[str],
+                r: int = 100, seed: int = 0) -> dict:
+    """R-precision (Xu et al. 2018, AttnGAN §5): does each image rank its own prompt first among R captions?
+
+    For image i the candidates are its prompt and R - 1 other distinct captions drawn (seeded) from
+    ``candidates``; R is capped by the number of distinct captions. Returns {"r_precision": fraction in
+    [0, 1], "r": R, "chance": 1 / R}. Images (N, 3, H, W) uint8, one prompt each.
+    """
+    if images_uint8.shape[0] != len(prompts):
+        raise ValueError(f"{images_uint8.shape[0]} images but {len(prompts)} prompts")
+    distinct = sorted(set(candidates) | set(prompts))
+    r = min(r, len(distinct))
+    if r < 2:
+        raise UserError("R-precision needs at least 2 distinct captions in the evaluation split")
+    model.model.eval()
+    row = {c: j for j, c in enumerate(distinct)}
+    txt = model.model.embed_text(_encode_pooled(distinct, model.text_encoder()))  # (M, D)
+    g = torch.Generator().manual_seed(seed)
+    hits = 0
+    for start in range(0, len(prompts), 500):
+        img = model.model.embed_images(images_uint8[start : start + 500])  # (B, D)
+        sims = img @ txt.T  # (B, M)
+        for b in range(img.shape[0]):
+            own = row[prompts[start + b]]
+            others = torch.randperm(len(distinct) - 1, generator=g)[: r - 1]
+            others = others + (others >= own).long()  # skip the prompt's own index
+            hits += bool(sims[b, own] > sims[b, others].max())
+    return {"r_precision": hits / len(prompts), "r": r, "chance": 1 / r}
+
+
 def train_domain_clip(train_images: torch.Tensor, train_captions: list[str], progress: bool = True,
                       steps: int | None = None) -> tuple[DomainCLIP, dict]:
     """Contrastive training (symmetric InfoNCE) on (N, 3, H, W) uint8 images and their captions."""

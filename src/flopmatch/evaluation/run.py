@@ -26,12 +26,12 @@ import torch
 
 from flopmatch import __version__, dist
 from flopmatch.config import SampleConfig
-from flopmatch.data.datasets import make_dataset, shapes_config
+from flopmatch.data.datasets import make_dataset
 from flopmatch.device import resolve_device
 from flopmatch.errors import UserError
-from flopmatch.evaluation.attributes import load_or_train_attribute_classifier, score_prompt_following
 from flopmatch.evaluation.features import extract_features, make_feature_extractor, reference_features
 from flopmatch.evaluation.inference import inference_cost
+from flopmatch.evaluation.prompt_scoring import prompt_scorer
 from flopmatch.evaluation.quality import fid_bootstrap, fid_from_features, kid_from_features, precision_recall
 from flopmatch.evaluation.timing import TimingItem, machine, time_items
 from flopmatch.files import atomic_write_json, file_sha256, load_tensors, read_json, save_tensors, tensor_sha256
@@ -169,9 +169,7 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
     extractors = {name: make_feature_extractor(name) for name in ecfg.features}
     real = {name: reference_features(ex, cfg.data.name, ref_images, key=f"{ref.fingerprint()}-{len(ref)}", progress=progress)
             for name, ex in extractors.items()} if dist.is_main() else {}
-    classifier = None
-    if ecfg.prompt_following and cfg.data.name == "shapes" and dist.is_main():
-        classifier = load_or_train_attribute_classifier(shapes_config(cfg.data), progress=progress)
+    scorer = prompt_scorer(cfg.data, progress=progress) if ecfg.prompt_following and dist.is_main() else None
 
     path = run / EVAL
     doc = read_json(path) if path.exists() else {"version": EVAL_VERSION, "entries": {}}
@@ -189,9 +187,8 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
         entry = {"settings": {**asdict(sample), "steps": steps}, "metrics": {}}
         for name, ex in extractors.items():
             entry["metrics"][name] = quality_metrics(ex, real[name], images, ecfg)
-        if classifier is not None:
-            pf = score_prompts(classifier, images, prompts)
-            entry["metrics"]["prompt_following"] = pf
+        if scorer is not None:
+            entry["metrics"]["prompt_following"] = scorer.score(images, prompts)
         if ecfg.inference:
             entry["inference"] = inference_cost(sampler, sample)
             if key not in dict(timed):  # e.g. --sweep steps=0,25 on diffusion: one setting, timed once
@@ -210,7 +207,7 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
             "reference": {"dataset": cfg.data.name, "split": "eval", "fingerprint": ref.fingerprint(),
                           "size": len(ref), "images_sha256": tensor_sha256(ref_images)},
             "feature_extractors": {name: ex.describe() for name, ex in extractors.items()},
-            "prompt_evaluator": classifier.describe() if classifier is not None else None,
+            "prompt_evaluator": scorer.describe() if scorer is not None else None,
             "tokenizer": {"fingerprint": sampler.tokenizer.fingerprint(), "spec": sampler.tokenizer.spec.to_dict()},
             "packages": package_versions(), "eval_config": asdict(ecfg),
             "generated_images_sha256": tensor_sha256(images),
@@ -256,11 +253,3 @@ def add_timings(doc: dict, sampler, timed: list[tuple[str, SampleConfig]], ecfg:
         for name, fields in timing_fields(results, key, sample.kv_cache).items():
             inf[name] = {**inf.get(name, {}), **fields} if isinstance(fields, dict) else fields
         inf.update(device=info["device"], threads=info["threads"], bf16=sampler.bf16, timing=info)
-
-
-def score_prompts(classifier, images: torch.Tensor, prompts: list[str]) -> dict:
-    """Prompt-following metrics without the per-image list (kept in a count instead)."""
-    pf = score_prompt_following(classifier, images, prompts)
-    matches = pf.pop("per_image_match")
-    pf["num_full_match"] = int(sum(matches))
-    return pf

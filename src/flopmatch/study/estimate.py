@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from flopmatch.config import RunConfig, from_dict
+from flopmatch.config import RunConfig, from_dict, parse_source
 from flopmatch.data.datasets import shapes_config
 from flopmatch.evaluation.attributes import attribute_classifier_cached
 from flopmatch.study.plan import RunPlan, autoencoder_config, eval_settings, fmt_duration, token_types, tokenizer_dirs
@@ -59,7 +59,9 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
     setup += cfg.data.num_train / rates.render_images_per_s
     if cfg.text.kind == "minilm":
         setup += cfg.data.num_train / rates.captions_per_s  # an upper bound: unique captions are fewer
-    if not attribute_classifier_cached(shapes_config(cfg.data)):
+    if parse_source(cfg.data.name)[0] != "shapes":  # the domain CLIP: a small CNN trained like the classifier
+        setup += rates.attribute_classifier_s / speed
+    elif not attribute_classifier_cached(shapes_config(cfg.data)):
         setup += rates.attribute_classifier_s / speed
     per_image = sum(1 / (rates.inception_images_per_s if f == "inception" else rates.feature_images_per_s)
                     for f in scfg.features) / speed  # seconds of feature extraction per image
