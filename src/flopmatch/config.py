@@ -30,6 +30,8 @@ class DataConfig:
     two_object_prob: float = 0.5  # shapes: fraction of scenes with two objects and a relation
     holdout: list[str] = field(default_factory=list)  # e.g. ["red triangle"]: never seen in training
     caption_dropout: float = 0.1  # fraction of training captions replaced by the empty caption (for CFG)
+    image_column: str = "image"  # hf:PATH sources: the column holding the images
+    text_column: str = "text"  # hf:PATH sources: the column holding the captions
 
 
 @dataclass
@@ -207,8 +209,8 @@ RANGES: dict[tuple[str, str], Range] = {
 }
 PRECISIONS = ("auto", "bf16", "fp32")
 # The sources flopmatch.data.datasets.make_dataset knows: a name, or a kind with an argument ("folder:PATH").
-DATASETS = ("shapes",)
-SOURCE_KINDS = ("folder",)
+DATASETS = ("shapes", "fashion-mnist", "emoji")
+SOURCE_KINDS = ("folder", "wds", "hf")
 SOURCE_FIELDS = {("DataConfig", "name"), ("AutoencoderConfig", "data")}
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("TextConfig", "kind"): ("minilm", "hash"), ("TokenizerConfig", "kind"): ("auto", "patch", "kmeans"),

@@ -18,8 +18,12 @@ from pathlib import Path
 from flopmatch import config
 from flopmatch.errors import UserError
 
-DATA_HELP = ("training data: shapes (built-in), or folder:PATH (images with metadata.jsonl or metadata.csv, "
-             "columns file_name,text; optional train/ and test/ sub-folders)")
+DATA_HELP = ("training data: shapes (built-in), fashion-mnist (apt-get install dataset-fashion-mnist), "
+             "emoji (apt-get install fonts-noto-color-emoji), folder:PATH (images with metadata.jsonl or "
+             "metadata.csv, columns file_name,text; optional train/ and test/ sub-folders), wds:PATTERN "
+             "(WebDataset tar shards of KEY.jpg/.png/.webp with KEY.txt, e.g. shards/{00000..00099}.tar), or "
+             "hf:PATH (a Hugging Face dataset saved with save_to_disk, or parquet files; columns set by "
+             "data.image_column and data.text_column)")
 
 
 def data_source(text: str) -> str:

@@ -4,7 +4,14 @@ Every stage that needs data (training, the tokenizers, evaluation) asks :func:`m
 source is one more branch here plus its own module in this package. ``data.name`` names the source:
 
 - ``shapes``: the built-in procedural set (:mod:`flopmatch.data.shapes`), with exact ground truth;
-- ``folder:PATH``: an image folder with ``metadata.jsonl``/``metadata.csv`` (:mod:`flopmatch.data.folder`).
+- ``folder:PATH``: an image folder with ``metadata.jsonl``/``metadata.csv`` (:mod:`flopmatch.data.folder`);
+- ``fashion-mnist``: Fashion-MNIST from the Debian package, class-templated captions and labels
+  (:mod:`flopmatch.data.fashion_mnist`);
+- ``emoji``: every emoji rendered with Noto Color Emoji, captioned by its name, split by base emoji
+  (:mod:`flopmatch.data.emoji_set`);
+- ``wds:PATTERN``: WebDataset tar shards of image + ``.txt`` caption pairs, e.g. img2dataset's output
+  (:mod:`flopmatch.data.wds`);
+- ``hf:PATH``: a Hugging Face dataset saved to disk or parquet files, read offline (:mod:`flopmatch.data.hf`).
 
 Real sources are decoded once into a cached pool (:mod:`flopmatch.data.pool`) and served as an
 :class:`ImageTextSet` with the same interface as :class:`~flopmatch.data.shapes.ShapesDataset`.
@@ -18,15 +25,23 @@ from collections.abc import Callable
 import torch
 
 from flopmatch.config import DataConfig, parse_source
+from flopmatch.data.emoji_set import emoji_pool
+from flopmatch.data.fashion_mnist import fashion_mnist_pool
 from flopmatch.data.folder import folder_pool
+from flopmatch.data.hf import hf_pool
 from flopmatch.data.pool import Pool, split_indices
 from flopmatch.data.shapes import ShapesConfig, ShapesDataset
+from flopmatch.data.wds import wds_pool
 from flopmatch.errors import UserError
 
 SPLITS = ("train", "eval")
 # Real sources: kind (config.DATASETS name or config.SOURCE_KINDS prefix) -> (cfg, argument, progress) -> Pool.
 REAL_SOURCES: dict[str, Callable[[DataConfig, str, bool], Pool]] = {
     "folder": folder_pool,
+    "fashion-mnist": fashion_mnist_pool,
+    "emoji": emoji_pool,
+    "wds": wds_pool,
+    "hf": hf_pool,
 }
 
 
@@ -52,6 +67,7 @@ class ImageTextSet(torch.utils.data.Dataset):
         self.split = split
         self._images = pool.images[idx]  # (n, 3, S, S) uint8
         self._captions = [pool.captions[i] for i in idx]
+        self._labels = [pool.labels[i] for i in idx] if pool.labels is not None else None
         self.names = [pool.names[i] for i in idx]
         self._fingerprint = hashlib.sha256(f"{pool.key}-{split}-{num_train}-{num_eval}".encode()).hexdigest()[:20]
         self.info = {**pool.info, "split": split, "size": len(idx),
@@ -67,6 +83,10 @@ class ImageTextSet(torch.utils.data.Dataset):
     def captions(self) -> list[str]:
         """All captions in index order."""
         return list(self._captions)
+
+    def labels(self) -> list[int] | None:
+        """Class index of every item in index order (fashion-mnist), or None for a source without classes."""
+        return None if self._labels is None else list(self._labels)
 
     def fingerprint(self) -> str:
         """Digest of the decoded source, the preprocessing and this split's selection."""
@@ -84,4 +104,9 @@ def make_dataset(cfg: DataConfig, split: str, progress: bool = True) -> ShapesDa
         return ShapesDataset(shapes_config(cfg), split)
     if kind not in REAL_SOURCES:  # parse_source admits only known kinds
         raise UserError(f"unknown dataset {cfg.name!r}")
-    return ImageTextSet(REAL_SOURCES[kind](cfg, arg, progress), split, cfg.num_train, cfg.num_eval)
+    ds = ImageTextSet(REAL_SOURCES[kind](cfg, arg, progress), split, cfg.num_train, cfg.num_eval)
+    ds.info["source"] = cfg.name  # the cache is shared by copies of a source: name the one asked for
+    if split == "train" and not len(ds):
+        raise UserError(f"{cfg.name} has no training images (only a test/ split?); add a train/ folder or "
+                        f"remove the split folders to split by hash")
+    return ds

@@ -89,7 +89,16 @@ def _rows_csv(path: Path, raw: bytes) -> list[tuple[str, object]]:
 
 
 def _read_file(path: Path):
-    return lambda: str(path)  # Pillow opens the path itself (and can then use JPEG draft decoding)
+    def load() -> str:
+        try:
+            path.stat()
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, RuntimeError):  # NUL in the name, a symlink loop, a name too long
+            raise BadImage("bad file name") from None
+        return str(path)  # Pillow opens the path itself (and can then use JPEG draft decoding)
+
+    return load
 
 
 def folder_items(root: str | Path) -> tuple[list[Item], str]:
@@ -108,18 +117,25 @@ def folder_items(root: str | Path) -> tuple[list[Item], str]:
         if meta is None:
             raise UserError(f"{directory} has no metadata.jsonl or metadata.csv; add one with file_name and text "
                             f"columns (the Hugging Face image-folder layout)")
-        raw = meta.read_bytes()
+        raw = meta.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows editors)
         digest.update(f"{meta.relative_to(root)}\0{len(raw)}\0".encode() + raw)
         rows = (_rows_jsonl if meta.suffix == ".jsonl" else _rows_csv)(meta, raw)
         for file_name, caption in rows:
             path = (directory / file_name)
             name = os.path.relpath(path, root)
+            # ValueError: a NUL in the name; RuntimeError: a symlink loop (Python < 3.13). Such a path cannot be
+            # opened either: it is kept as an item and load() counts it under "bad file name".
             try:
                 inside = path.resolve().is_relative_to(top)
+            except (OSError, ValueError, RuntimeError):
+                inside = True
+            try:
                 st = path.stat() if inside else None
-            except OSError:
+            except (OSError, ValueError, RuntimeError):
                 st = None
-            digest.update(f"{name}\0{st.st_size if st else -1}\0{st.st_mtime_ns if st else -1}\0".encode())
+            # surrogateescape: a non-UTF-8 byte in a file name is hashed as that byte, not an error
+            digest.update(f"{name}\0{st.st_size if st else -1}\0{st.st_mtime_ns if st else -1}\0"
+                          .encode("utf-8", "surrogateescape"))
             if not inside:
                 items.append(Item(name, caption, _refuse_outside, split))
             else:

@@ -109,6 +109,8 @@ def load_image(data: bytes | str | Path, size: int, tally: Tally | None = None) 
                     raise BadImage("unreadable")
                 img.draft(img.mode, (size, size))  # JPEG: decode at a reduced scale that still covers `size`
                 img.load()
+                # Phone photos are stored sideways with an EXIF Orientation tag; apply it as viewers do.
+                img = ImageOps.exif_transpose(img)
                 rgb, conversion = _to_rgb(img)
     except BadImage:
         raise
@@ -128,6 +130,8 @@ def clean_caption(raw: bytes | str | None) -> str | None:
     """A caption as one line of text, or None if it is empty; raises BadImage("non-UTF-8 caption")."""
     if raw is None:
         return None
+    if not isinstance(raw, (str, bytes, bytearray)):  # a number, boolean, list... in the metadata
+        raise BadImage("caption not text")
     if isinstance(raw, (bytes, bytearray)):
         try:
             raw = raw.decode("utf-8")

@@ -8,6 +8,10 @@ preprocessing). A changed source or preprocessing gets a new key; an unchanged o
 second. The cache is written to a temporary directory and renamed, so a killed preparation leaves
 nothing that looks complete.
 
+A source whose decoding divides into independent shares (WebDataset shards) uses
+:func:`load_or_build_in_parts` instead: under torchrun each rank decodes its share into a part file,
+the main rank merges the parts in source order into the same cached pool, and every rank loads it.
+
 Splits (:func:`split_indices`): a source that names its split (``train/`` and ``test/`` folders)
 keeps it; otherwise items are ordered by a hash of their name and the first ``num_eval`` (at most a
 tenth of the set) are the evaluation split, so the split is stable when items are added or removed
@@ -47,11 +51,26 @@ class Item:
     caption: bytes | str | None
     load: Callable[[], bytes | str | Path]
     split: str = ""  # "train" | "eval" when the source gives it, else "" (hash split)
+    label: int | None = None  # class index when the source has classes (fashion-mnist), else None
+
+
+@dataclass
+class Decoded:
+    """One item after decoding: its image and caption, or the cause it is skipped under."""
+
+    name: str
+    split: str = ""
+    label: int | None = None
+    order: tuple[int, ...] = ()  # the item's place in the source: shares decoded apart are merged in this order
+    image: np.ndarray | None = None  # (S, S, 3) uint8; None when skipped
+    caption: str = ""
+    skipped: str = ""  # the cause it is skipped under; "" when usable
+    converted: str = ""  # the conversion to RGB made ("grey", "alpha", ...); "" when none
 
 
 @dataclass
 class Pool:
-    """Decoded items: ``images`` uint8 (N, 3, S, S), and per item its caption, name and given split."""
+    """Decoded items: ``images`` uint8 (N, 3, S, S), and per item its caption, name, given split and class label."""
 
     images: torch.Tensor
     captions: list[str]
@@ -59,6 +78,7 @@ class Pool:
     splits: list[str]
     info: dict  # source, counts, skipped/converted by cause
     key: str
+    labels: list[int] | None = None  # per item, for sources whose every item has a class; else None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -80,25 +100,48 @@ def split_indices(pool: Pool, split: str, num_train: int, num_eval: int) -> list
     return order[:n_eval] if split == "eval" else order[n_eval:][:num_train]
 
 
-def _decode(items: Iterable[Item], size: int, tally: Tally, progress: bool, total: int | None, desc: str) -> dict:
-    images, captions, names, splits = [], [], [], []
-    for item in tqdm(items, total=total, desc=desc, unit="img", disable=not progress, leave=False, mininterval=1.0):
+def decode_item(item: Item, size: int, order: tuple[int, ...] = ()) -> Decoded:
+    """Decode one item at ``size`` px: its image and cleaned caption, or the cause it is skipped under.
+
+    Safe to call in DataLoader workers (it touches no shared state); ``order`` is passed through.
+    """
+    tally = Tally()
+    try:
+        caption = clean_caption(item.caption)
+        if caption is None:
+            raise BadImage("empty caption")
         try:
-            caption = clean_caption(item.caption)
-            if caption is None:
-                raise BadImage("empty caption")
-            try:
-                data = item.load()
-            except FileNotFoundError:
-                raise BadImage("missing file") from None
-            images.append(load_image(data, size, tally))
-        except BadImage as e:
-            tally.skip(e.cause, item.name)
+            data = item.load()
+        except FileNotFoundError:
+            raise BadImage("missing file") from None
+        image = load_image(data, size, tally)
+    except BadImage as e:
+        return Decoded(item.name, item.split, item.label, order, skipped=e.cause)
+    converted = next(iter(tally.converted), "")
+    return Decoded(item.name, item.split, item.label, order, image, caption, converted=converted)
+
+
+def _gather(decoded: Iterable[Decoded], tally: Tally) -> dict:
+    """Decoded items -> the lists a pool is made of (usable items, in the given order); skips counted in ``tally``."""
+    images, captions, names, splits, labels = [], [], [], [], []
+    for d in decoded:
+        if d.skipped:
+            tally.skip(d.skipped, d.name)
             continue
-        captions.append(caption)
-        names.append(item.name)
-        splits.append(item.split)
-    return {"images": images, "captions": captions, "names": names, "splits": splits}
+        if d.converted:
+            tally.converted[d.converted] += 1
+        images.append(d.image)
+        captions.append(d.caption)
+        names.append(d.name)
+        splits.append(d.split)
+        labels.append(d.label)
+    return {"images": images, "captions": captions, "names": names, "splits": splits,
+            "labels": labels if labels and all(label is not None for label in labels) else None}
+
+
+def _decode(items: Iterable[Item], size: int, tally: Tally, progress: bool, total: int | None, desc: str) -> dict:
+    bar = tqdm(items, total=total, desc=desc, unit="img", disable=not progress, leave=False, mininterval=1.0)
+    return _gather((decode_item(item, size) for item in bar), tally)
 
 
 def _pool_dir(kind: str, content_key: str, size: int) -> tuple[Path, str]:
@@ -112,9 +155,12 @@ def _load(directory: Path, key: str) -> Pool | None:
         images = load_tensors(directory / "images.safetensors")["images"]
     except (UserError, KeyError, OSError):
         return None
+    labels = meta.get("labels")  # absent in pools of sources without classes
     if meta.get("key") != key or images.shape[0] != len(meta["captions"]):
         return None
-    return Pool(images, meta["captions"], meta["names"], meta["splits"], meta["info"], key)
+    if labels is not None and len(labels) != len(meta["captions"]):
+        return None
+    return Pool(images, meta["captions"], meta["names"], meta["splits"], meta["info"], key, labels)
 
 
 def load_or_build(source: str, kind: str, content_key: str, size: int, items: Callable[[], Iterable[Item]],
@@ -136,10 +182,92 @@ def load_or_build(source: str, kind: str, content_key: str, size: int, items: Ca
     return pool
 
 
+def load_or_build_in_parts(source: str, kind: str, content_key: str, size: int,
+                           decode_share: Callable[[int, int], Iterable[Decoded]], progress: bool = True) -> Pool:
+    """The decoded pool of a source whose decoding divides into shares (cached), e.g. WebDataset shards.
+
+    ``decode_share(rank, world_size)`` decodes one rank's share, in any order, each item with its
+    ``order`` (its place in the source); it is called only when the cache misses. With one process it
+    is called with (0, 1). Under torchrun the main rank decides (cache hit or miss, so all ranks take
+    the same barriers), every rank writes its share to a part file in ``.<pool dir>.parts/`` beside
+    the cache, the main rank merges the parts in ``order`` into the cache :func:`load_or_build` writes,
+    and every rank loads it: the pool does not depend on the number of ranks. Raises UserError when no
+    item is usable, naming the causes.
+    """
+    directory, key = _pool_dir(kind, content_key, size)
+    desc = f"decoding {source} at {size}px (cached for next time)"
+    rank, world = dist.rank(), dist.world_size()
+    if world == 1:
+        pool = _load(directory, key) if directory.exists() else None
+        if pool is None:
+            pool = _merge(source, directory, key, size, [_decode_share(decode_share, 0, 1, progress, desc)])
+        return pool
+    parts = directory.with_name(f".{directory.name}.parts")
+    pool, mine = None, []
+    if dist.is_main():
+        pool = _load(directory, key) if directory.exists() else None
+        shutil.rmtree(parts, ignore_errors=True)  # a killed preparation's parts
+        if pool is None:
+            parts.mkdir(parents=True)
+    dist.barrier()
+    if parts.is_dir():  # the main rank found no cached copy: every rank decodes its share
+        mine = _decode_share(decode_share, rank, world, progress, desc)
+        _save_part(parts / f"{rank}-of-{world}", size, mine)
+    dist.barrier()
+    try:
+        if dist.is_main() and pool is None:
+            shares = [mine if r == rank else _load_part(parts / f"{r}-of-{world}") for r in range(world)]
+            pool = _merge(source, directory, key, size, shares)
+    finally:
+        if dist.is_main():
+            shutil.rmtree(parts, ignore_errors=True)
+        dist.barrier()  # also when the main rank raises: the others then fail to load below instead of waiting
+    if pool is None:
+        pool = _load(directory, key)
+        if pool is None:
+            raise UserError(f"the main process did not leave a prepared copy of {source} in {directory}")
+    return pool
+
+
+def _decode_share(decode_share: Callable[[int, int], Iterable[Decoded]], rank: int, world: int, progress: bool,
+                  desc: str) -> list[Decoded]:
+    share = decode_share(rank, world)
+    return list(tqdm(share, desc=desc, unit="img", disable=not (progress and rank == 0), leave=False, mininterval=1.0))
+
+
+def _save_part(path: Path, size: int, decoded: list[Decoded]) -> None:
+    """One rank's decoded share: its images (n, S, S, 3) uint8 as safetensors, the rest as JSON."""
+    images = [d.image for d in decoded if not d.skipped]
+    stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    save_tensors(path.with_suffix(".safetensors"), {"images": torch.from_numpy(stacked)})
+    fields = ("name", "split", "label", "order", "caption", "skipped", "converted")
+    atomic_write_json(path.with_suffix(".json"), [{f: getattr(d, f) for f in fields} for d in decoded])
+
+
+def _load_part(path: Path) -> list[Decoded]:
+    images = iter(load_tensors(path.with_suffix(".safetensors"))["images"].numpy())
+    decoded = [Decoded(**{**row, "order": tuple(row["order"])}) for row in read_json(path.with_suffix(".json"))]
+    for d in decoded:
+        if not d.skipped:
+            d.image = next(images)
+    return decoded
+
+
+def _merge(source: str, directory: Path, key: str, size: int, shares: list[list[Decoded]]) -> Pool:
+    tally = Tally()
+    decoded = sorted((d for share in shares for d in share), key=lambda d: d.order)
+    return _save(source, directory, key, size, _gather(decoded, tally), tally)
+
+
 def _build(source: str, directory: Path, key: str, size: int, items: Callable[[], Iterable[Item]],
            total: int | None, progress: bool) -> Pool:
     tally = Tally()
     got = _decode(items(), size, tally, progress, total, f"decoding {source} at {size}px (cached for next time)")
+    return _save(source, directory, key, size, got, tally)
+
+
+def _save(source: str, directory: Path, key: str, size: int, got: dict, tally: Tally) -> Pool:
+    """The pool of decoded items (``_gather``'s lists), written to the cache ``directory``; UserError if none is usable."""
     if not got["captions"]:
         causes = "; ".join(tally.lines()) or "the source lists no images"
         raise UserError(f"{source} has no usable image ({causes}); check the path and the metadata")
@@ -152,7 +280,7 @@ def _build(source: str, directory: Path, key: str, size: int, items: Callable[[]
         tmp.mkdir(parents=True)
         save_tensors(tmp / "images.safetensors", {"images": images})
         atomic_write_json(tmp / "pool.json", {"key": key, "captions": got["captions"], "names": got["names"],
-                                              "splits": got["splits"], "info": info})
+                                              "splits": got["splits"], "labels": got["labels"], "info": info})
         if directory.exists():  # a damaged copy: replace it
             shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
@@ -160,4 +288,4 @@ def _build(source: str, directory: Path, key: str, size: int, items: Callable[[]
         pass  # another process renamed first, or the cache is not writable: use what was decoded in memory
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Pool(images, got["captions"], got["names"], got["splits"], info, key)
+    return Pool(images, got["captions"], got["names"], got["splits"], info, key, got["labels"])

@@ -53,8 +53,12 @@ def token_types(scfg: StudyConfig) -> set[str]:
 
 
 def autoencoder_config(scfg: StudyConfig, tokens: str) -> AutoencoderConfig:
-    """The config of the study's learned tokenizer for a token type: the preset, then the study's overrides."""
-    return ae_overrides(ae_preset(scfg.tokenizer_preset, LEARNED_KIND[tokens]), list(scfg.tokenizer_overrides))
+    """The config of the study's learned tokenizer for a token type: the preset, then the study's overrides;
+    its data (source, image side, seed, size) is always the study's own, so the tokenizer fits the runs."""
+    cfg = ae_overrides(ae_preset(scfg.tokenizer_preset, LEARNED_KIND[tokens]), list(scfg.tokenizer_overrides))
+    data = apply_overrides(RunConfig(), scfg.overrides).data
+    cfg.data, cfg.image_size, cfg.data_seed, cfg.num_train = data.name, data.image_size, data.seed, data.num_train
+    return cfg
 
 
 def base_config(scfg: StudyConfig, objective: str, depth: int, budget: float, seed: int, study: Path) -> RunConfig:

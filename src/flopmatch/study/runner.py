@@ -67,7 +67,6 @@ def ensure_tokenizers(study: Path, scfg: StudyConfig, progress: bool = True) -> 
             except UserError:
                 pass  # damaged: retrain
         cfg = autoencoder_config(scfg, tokens)
-        cfg.num_train, cfg.data_seed = probe.data.num_train, probe.data.seed
         print(f"[study] training the {cfg.kind} tokenizer ({cfg.steps} steps) -> {directory}")
         train_autoencoder(cfg, dataset.images_uint8(), out_dir=directory,
                           data_info={"dataset": probe.data.name, "fingerprint": dataset.fingerprint()}, progress=progress)
