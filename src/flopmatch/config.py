@@ -20,9 +20,9 @@ from flopmatch.errors import UserError
 
 @dataclass
 class DataConfig:
-    """Training data. ``name`` is "shapes" (built-in procedural set)."""
+    """Training data: ``name`` is the source (see :mod:`flopmatch.data.datasets`); "shapes" is built in."""
 
-    name: str = "shapes"  # dataset source
+    name: str = "shapes"  # dataset source: shapes, or folder:PATH, wds:PATTERN, hf:PATH, ...
     seed: int = 0  # seed of the procedural scenes
     image_size: int = 32  # image side in pixels
     num_train: int = 20000  # training images

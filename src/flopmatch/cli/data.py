@@ -22,7 +22,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from flopmatch.files import atomic_write_bytes
     from flopmatch.text import make_text_encoder
 
-    cfg = DataConfig(name=args.data, image_size=args.image_size)
+    cfg = DataConfig(name=args.data, image_size=args.image_size, image_column=args.image_column,
+                     text_column=args.text_column)
     splits = {name: make_dataset(cfg, name, progress=not args.json) for name in ("train", "eval")}
     count_tokens = None
     if args.text == "minilm":
@@ -55,6 +56,10 @@ def register(sub) -> None:
     i.add_argument("data", type=data_source, metavar="SOURCE", help=DATA_HELP)
     i.add_argument("--image-size", type=config_value(DataConfig, "image_size"), default=DataConfig.image_size,
                    help=f"side the images are prepared at (default {DataConfig.image_size})")
+    i.add_argument("--image-column", default=DataConfig.image_column,
+                   help=f"hf:PATH sources: the image column (default {DataConfig.image_column})")
+    i.add_argument("--text-column", default=DataConfig.text_column,
+                   help=f"hf:PATH sources: the caption column (default {DataConfig.text_column})")
     i.add_argument("--split", choices=("train", "eval"), default="train", help="split shown in the grid (default train)")
     i.add_argument("--num", type=count(1), default=32, help="images in the grid (default 32)")
     i.add_argument("--out", type=output_file, default="data-inspect.png", help="grid PNG (default data-inspect.png)")

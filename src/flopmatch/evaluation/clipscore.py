@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -157,8 +158,11 @@ def retrieval_accuracy(model: DomainCLIPModel, images_uint8: torch.Tensor, capti
     # A caption string repeated in the set counts as correct wherever it ranks: compare strings, not indices.
     ranked = (img @ txt.T).argsort(dim=1, descending=True)[:, :5]  # (N, 5)
     hits = [[captions[j] == captions[i] for j in ranked[i].tolist()] for i in range(len(captions))]
+    # Chance: a random ranking puts a caption string that occurs k times among N at the top with probability k/N.
+    counts = Counter(captions)
+    chance = sum(counts[c] for c in captions) / len(captions) ** 2
     return {"top1": sum(h[0] for h in hits) / len(hits), "top5": sum(any(h) for h in hits) / len(hits),
-            "num_pairs": len(hits), "chance_top1": 1 / len(hits)}
+            "num_pairs": len(hits), "chance_top1": chance}
 
 
 @torch.inference_mode()

@@ -204,6 +204,33 @@ FIG_CAPTIONS = {
 }  # fmt: skip
 
 
+def _scorer_banner(study: Study) -> list[str]:
+    """Which prompt-following scorer the runs used and how well it was validated (one line per scorer)."""
+    seen, out = set(), []
+    for r in study.rows:
+        ev = r.get("prompt_evaluator") or {}
+        if not ev or ev.get("sha256") in seen:
+            continue
+        seen.add(ev.get("sha256"))
+        if ev.get("name") == "domain-clip":
+            ret, chance = ev.get("retrieval") or {}, r.get("prompt_chance")
+            r_text = f" among R = {round(1 / chance)} captions (chance {100 * chance:.0f}%)" if chance else ""
+            out.append(f"Prompt following is scored without labels, by a domain CLIP trained on this dataset's training "
+                       f"split: R-precision{r_text} is the prompt-following score. Its validation, image-to-text "
+                       f"retrieval on {ret.get('num_pairs')} held-out real pairs: top-1 {100 * ret.get('top1', 0):.0f}% "
+                       f"(chance {100 * ret.get('chance_top1', 0):.1f}%). A weak scorer makes differences between "
+                       f"paradigms harder to detect.")
+        elif ev.get("name") == "shapes-attribute-classifier":
+            held = (ev.get("heldout") or {}).get("prompt_following") or {}
+            full = held.get("full_match")
+            out.append("Prompt following is scored exactly, by an attribute classifier checking every colour, shape, size, "
+                       "position and relation a prompt names" + (f"; on real held-out images it gives {100 * full:.1f}% full "
+                                                               f"match, the ceiling of this score." if full else "."))
+        else:
+            out.append(f"Prompt following is scored by {ev.get('name')}.")
+    return out
+
+
 def _banners(study: Study, an: Analysis) -> list[str]:
     """Caveats that apply to the whole page, shown above the decision."""
     out = []
@@ -220,6 +247,7 @@ def _banners(study: Study, an: Analysis) -> list[str]:
         budgets = sorted({r.budget for r in study.runs})
         out.append(f"The answer is about this data and these budgets: dataset {data.name}, {data.image_size}x{data.image_size} "
                    f"px, training budgets {budgets[0]:.3g} to {budgets[-1]:.3g} FLOPs.")
+    out += _scorer_banner(study)
     v = an.verdicts
     if any(n.source == "evaluation" for n in v.noise.values()):
         out.append("One seed per cell: image quality and prompt following rest on evaluation noise only (how much "

@@ -198,6 +198,8 @@ def _entry_fields(key: str, entry: dict) -> dict:
         "latency_s_all": [x for x in inf.get("latency_rounds") or inf.get("latency_s_all") or [] if _num(x) is not None],
         "throughput_all": [x for x in inf.get("throughput_rounds") or [] if _num(x) is not None],
         "timing_source": "eval" if _num(inf.get("latency_s")) is not None else None,
+        # not CSV columns: who scored prompt following, and its chance level (R-precision: 1 / R)
+        "prompt_evaluator": (entry.get("manifest") or {}).get("prompt_evaluator"), "prompt_chance": _num(pf.get("chance")),
     }  # fmt: skip
     for name, feats in (("effnet", eff), ("inception", inc)):
         # FID bootstrap over generated images (evaluation noise): the std is a column, the replicates are not

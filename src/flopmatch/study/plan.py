@@ -58,6 +58,7 @@ def autoencoder_config(scfg: StudyConfig, tokens: str) -> AutoencoderConfig:
     cfg = ae_overrides(ae_preset(scfg.tokenizer_preset, LEARNED_KIND[tokens]), list(scfg.tokenizer_overrides))
     data = apply_overrides(RunConfig(), scfg.overrides).data
     cfg.data, cfg.image_size, cfg.data_seed, cfg.num_train = data.name, data.image_size, data.seed, data.num_train
+    cfg.image_column, cfg.text_column = data.image_column, data.text_column
     return cfg
 
 

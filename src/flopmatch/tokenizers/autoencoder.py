@@ -65,6 +65,8 @@ class AutoencoderConfig:
     # data
     data: str = "shapes"
     data_seed: int = 0
+    image_column: str = "image"  # hf:PATH data: the image column
+    text_column: str = "text"  # hf:PATH data: the caption column
     num_train: int = 20000
     stats_images: int = 4096  # KL: training images used to fit the latent mean/std
     log_every: int = 25
@@ -87,7 +89,8 @@ class AutoencoderConfig:
     def data_config(self, num_eval: int = 2000) -> DataConfig:
         """The data the tokenizer trains on, as a DataConfig (its eval split has ``num_eval`` images)."""
         return DataConfig(name=self.data, seed=self.data_seed, image_size=self.image_size,
-                          num_train=self.num_train, num_eval=num_eval)
+                          num_train=self.num_train, num_eval=num_eval, image_column=self.image_column,
+                          text_column=self.text_column)
 
     def spec(self) -> TokenizerSpec:
         """The TokenizerSpec a tokenizer of this config has: KL latents or LFQ codes on the same grid."""
