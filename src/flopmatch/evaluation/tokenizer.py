@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as nn_f
 
+from flopmatch.config import parse_source
 from flopmatch.data.datasets import make_dataset
 from flopmatch.errors import UserError
 from flopmatch.evaluation.attributes import head_accuracy, load_or_train_attribute_classifier
@@ -203,7 +204,7 @@ def run_eval(directory: str | Path, num: int = 2000, rfid_features: str = "effne
     directory = Path(directory)
     tok = load_learned(directory)
     images, info = load_images(tok.config, "eval", num_eval=num)
-    key = f"{info['name']}-{info['fingerprint']}-eval-{num}"
+    key = f"{parse_source(info['name'])[0]}-{info['fingerprint']}-eval-{num}"  # a file name: no path in it
     attrs = cfg = None
     if attributes and tok.config.data == "shapes":  # exact attribute scoring needs the scenes' ground truth
         ds = make_dataset(tok.config.data_config(num), "eval")

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from flopmatch.data.datasets import make_dataset
+from flopmatch.data.shapes import ShapesDataset
 from flopmatch.device import autocast, resolve_device, use_bf16
 from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_text
@@ -82,7 +83,9 @@ def load_images(config: AutoencoderConfig, split: str, num_eval: int = 2000) -> 
     """
     ds = make_dataset(config.data_config(num_eval), split)
     info = {"name": config.data, "seed": config.data_seed, "image_size": config.image_size,
-            "num_train": config.num_train, "fingerprint": ds.cfg.fingerprint()}
+            "num_train": config.num_train,
+            # shapes: the scene config's digest (both splits); real sources: this split's digest
+            "fingerprint": ds.cfg.fingerprint() if isinstance(ds, ShapesDataset) else ds.fingerprint()}
     return ds.images_uint8(), info
 
 
