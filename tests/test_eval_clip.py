@@ -108,3 +108,46 @@ def test_local_clip_scores_pairs_independently_of_batching(tmp_path):
     assert torch.allclose(batched, alone, atol=1e-5)
     assert clip.score(images, captions) == pytest.approx(float((100 * batched.clamp_min(0)).mean()), rel=1e-5)
     assert 0.0 <= clip.score(images, captions) <= 100.0
+
+
+@pytest.mark.slow
+def test_r_precision_is_high_for_true_pairs_and_at_chance_for_shuffled(domain_clip, splits):
+    """R-precision (R = 100) of real held-out images: their own captions rank first far above chance; with
+    shuffled captions the hit rate is at chance, 1/R, within a binomial bound (calibration on known truth)."""
+    images, captions = splits[1].images_uint8()[:400], splits[1].captions()[:400]
+    pool = splits[1].captions()
+    true = clipscore.r_precision(domain_clip, images, captions, pool, r=100)
+    assert true["r"] == 100 and true["chance"] == 0.01
+    assert true["r_precision"] >= 0.3
+    perm = torch.randperm(400, generator=torch.Generator().manual_seed(1)).tolist()
+    shuffled = clipscore.r_precision(domain_clip, images, [captions[i] for i in perm], pool, r=100)
+    # Binomial(400, 0.01): mean 4 hits, P(>= 13 hits) < 1e-3. Paraphrases of an image's own scene can
+    # still rank first, so the bound allows a little more than pure chance.
+    assert shuffled["r_precision"] * 400 < 13
+
+
+def test_retrieval_chance_counts_repeated_captions(monkeypatch):
+    """Top-1 chance of image->text retrieval is sum_i k(c_i)/N^2: 1/N for distinct captions, higher with repeats."""
+
+    class Fixed:  # embeds image i and caption "c<j>" as one-hot vectors: retrieval is exact
+        def __init__(self):
+            self.model = self
+
+        def eval(self):
+            return self
+
+        def embed_images(self, images):
+            return torch.nn.functional.one_hot(images[:, 0, 0, 0].long(), 4).float()
+
+        def embed_text(self, pooled):
+            return pooled
+
+        def text_encoder(self):
+            return None
+
+    captions = ["c0", "c0", "c1", "c2"]
+    images = torch.tensor([0, 0, 1, 2], dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 3, 2, 2).contiguous()
+    monkeypatch.setattr(clipscore, "_encode_pooled", lambda caps, enc=None: torch.nn.functional.one_hot(
+        torch.tensor([int(c[1]) for c in caps]), 4).float())
+    r = clipscore.retrieval_accuracy(Fixed(), images, captions)
+    assert r["top1"] == 1.0 and r["chance_top1"] == (2 + 2 + 1 + 1) / 16
