@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import time
 
 import torch
@@ -29,6 +30,21 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 @functools.lru_cache(maxsize=None)
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16), from /proc/cpuinfo.
+
+    A fixed property of the machine, unlike :func:`bf16_is_faster`'s timing: used where the choice keys a
+    cache that every process must agree on (the text encoder's caption states). False where unknown.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
 def bf16_is_faster(device_type: str) -> bool:
     """Measure once per process: does a bf16 matmul beat fp32 clearly on this device?
 

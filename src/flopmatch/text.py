@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from flopmatch.config import TextConfig
+from flopmatch.device import cpu_has_native_bf16
 from flopmatch.errors import UserError
 from flopmatch.files import cache_dir, file_sha256, load_tensors, save_tensors
 
@@ -214,6 +215,10 @@ class MiniLMEncoder(TextEncoder):
         cfg = self.model.config
         self.dim = int(cfg.hidden_size)
         self.max_len = max_len
+        # bf16 autocast where the hardware has bf16 dot products (1.6x more captions/s on an AVX512-BF16
+        # CPU, measured by benchmarks/text_encoding.py; states agree with fp32 to a cosine of 0.9999, and the
+        # cache stores them as bf16 anyway). A machine property, not a timing, so every process agrees.
+        self.bf16 = torch.cuda.is_bf16_supported() if self.device.type == "cuda" else cpu_has_native_bf16()
         self.name = f"minilm-l{max_len}"
 
     def encode(self, captions: list[str]) -> TextBatch:
@@ -227,7 +232,7 @@ class MiniLMEncoder(TextEncoder):
         # Batch captions of similar length together: padding to the batch's longest costs far less
         # than padding everything to max_len, and masked keys leave the real tokens' states unchanged.
         order = sorted(range(n), key=lambda i: len(ids[i]))
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             for start in range(0, n, ENCODE_BATCH):
                 rows = order[start : start + ENCODE_BATCH]
                 enc = self.tokenizer.pad({"input_ids": [ids[i] for i in rows]}, padding="longest", return_tensors="pt")
@@ -250,7 +255,8 @@ class MiniLMEncoder(TextEncoder):
         if "weights_digest" not in loaded:
             path = loaded["path"]
             loaded["weights_digest"] = file_sha256(path / "model.safetensors") + file_sha256(path / "vocab.txt")
-        return hashlib.sha256(f"minilm-v1|{self.max_len}|{loaded['weights_digest']}".encode()).hexdigest()[:16]
+        precision = "|bf16" if self.bf16 else ""  # states differ in the last bits: separate caches
+        return hashlib.sha256(f"minilm-v1|{self.max_len}|{loaded['weights_digest']}{precision}".encode()).hexdigest()[:16]
 
     def flops_per_caption(self) -> int:
         """Forward FLOPs at the full padded length Lt = max_len (the worst case; shorter captions cost less).
