@@ -96,3 +96,20 @@ def test_cli_flops_json_matches_plan(name, capsys):
     for key in ("params", "train_flops_per_example", "sample_flops_per_image"):
         assert printed[key] == expected[key], key
     assert printed == expected
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("name", PARADIGMS)
+def test_backbone_only_flops_match_the_counted_backbone(name, depth, gen):
+    """The backbone-only convention (Kaplan's non-embedding compute) equals the counted FLOPs of forward +
+    backward through the Transformer blocks alone, and is below the all-FLOPs count (stems, heads excluded)."""
+    t = make_tiny(name, depth=depth, perturb=0.1)
+    D, L = t.spec.width, t.spec.seq_len
+    h = torch.randn(B, L, D, generator=gen, requires_grad=True)  # every block input comes from trainable layers
+    c = torch.randn(B, D, generator=gen, requires_grad=True)
+    text = torch.randn(B, t.spec.text_len, D, generator=gen, requires_grad=True)
+    pad = torch.zeros(B, t.spec.text_len, dtype=torch.bool)
+    counted = count_flops(lambda: t.net.backbone(h, c, text, pad).square().sum().backward()) / B
+    analytic = flops.backbone_train_flops(t.spec)
+    assert rel_err(counted, analytic) < TOL, (counted, analytic)
+    assert analytic < t.objective.train_flops(t.spec)

@@ -16,6 +16,8 @@ Conventions (tested against ``torch.utils.flop_counter.FlopCounterMode`` in test
   matmuls); a flash kernel's recomputation of the scores is an implementation detail, not counted.
 * ``masked`` runs the network on every position, masked or not: the whole sequence is counted.
 * Guidance (guidance != 1) doubles the network passes it applies to (conditional + unconditional).
+* Diffusion is charged per velocity evaluation, not per solver step: Heun's method evaluates the
+  network twice per step except on the last (heun-N: 2N - 1 calls; flopmatch.objectives.ode).
 * Autoregressive sampling with a KV cache runs one token per step attending to the prefix
   (step i attends to i+1 keys) and projects the text once; without a cache, step i recomputes
   the full prefix of i+1 tokens. Both are available.
@@ -42,6 +44,19 @@ def _linear(n: int, fan_in: int, fan_out: int) -> int:
     return 2 * n * fan_in * fan_out
 
 
+def block_flops(spec: NetSpec, n_new: int, n_ctx: int, *, text_fresh: bool = True) -> int:
+    """Forward FLOPs of one backbone block for one example (``n_new`` queries, ``n_ctx`` keys)."""
+    D, Lt = spec.width, spec.text_len
+    # Attention: scores q k^T and the weighted sum of values are each 2 * n_q * n_kv * D (all heads together).
+    return (
+        _linear(1, D, 6 * D)  # adaLN modulation
+        + _linear(n_new, D, 3 * D) + 2 * (2 * n_new * n_ctx * D) + _linear(n_new, D, D)  # self-attention
+        + _linear(n_new, D, D) + 2 * (2 * n_new * Lt * D) + _linear(n_new, D, D)  # cross-attention q, scores/values, out
+        + (_linear(Lt, D, 2 * D) if text_fresh else 0)  # cross-attention text keys/values
+        + 2 * _linear(n_new, D, spec.mlp_ratio * D)  # MLP
+    )
+
+
 def forward_flops(spec: NetSpec, n_new: int, n_ctx: int | None = None, *, text_fresh: bool = True) -> dict[str, int]:
     """Forward FLOPs for one example: ``n_new`` query tokens attending to ``n_ctx`` keys.
 
@@ -59,14 +74,7 @@ def forward_flops(spec: NetSpec, n_new: int, n_ctx: int | None = None, *, text_f
     rest = _linear(1, D, D) if spec.time else 0  # second time-MLP layer
     if text_fresh:
         data_fed += _linear(Lt, Dt, D)  # text states -> width
-    # Attention: scores q k^T and the weighted sum of values are each 2 * n_q * n_kv * D (all heads together).
-    per_block = (
-        _linear(1, D, 6 * D)  # adaLN modulation
-        + _linear(n_new, D, 3 * D) + 2 * (2 * n_new * n_ctx * D) + _linear(n_new, D, D)  # self-attention
-        + _linear(n_new, D, D) + 2 * (2 * n_new * Lt * D) + _linear(n_new, D, D)  # cross-attention q, scores/values, out
-        + (_linear(Lt, D, 2 * D) if text_fresh else 0)  # cross-attention text keys/values
-        + 2 * _linear(n_new, D, spec.mlp_ratio * D)  # MLP
-    )
+    per_block = block_flops(spec, n_new, n_ctx, text_fresh=text_fresh)
     rest += spec.depth * per_block + _linear(1, D, 2 * D) + _linear(n_new, D, spec.out_dim)  # + final adaLN, head
     return {"total": data_fed + rest, "data_fed": data_fed}
 
@@ -78,14 +86,27 @@ def train_flops(spec: NetSpec) -> int:
     return 3 * f["total"] - f["data_fed"]
 
 
+def backbone_train_flops(spec: NetSpec) -> int:
+    """Training FLOPs per example of the Transformer blocks alone: the "backbone only" convention.
+
+    Kaplan et al. (2020, Sec. 2.1) count non-embedding compute; Chinchilla (Hoffmann et al. 2022) counts
+    everything. Without stems, text projections, time MLP, final modulation and the output head, a token
+    model's 1,024-way head (a large share of a narrow net's FLOPs) no longer counts, while diffusion's
+    head is tiny, so the convention can move the budget each paradigm is said to have. Every block input
+    (tokens, c, projected text) comes from trainable layers, so backward is 2x forward throughout.
+    """
+    return 3 * spec.depth * block_flops(spec, spec.seq_len, spec.seq_len)
+
+
 def guidance_factor(guidance: float) -> int:
     """Network passes per sampling step: 2 with classifier-free guidance, 1 without (guidance == 1)."""
     return 1 if guidance == 1.0 else 2
 
 
-def parallel_sample_flops(spec: NetSpec, steps: int, guidance: float) -> int:
-    """Sampling FLOPs per image for samplers that run the full sequence each step (diffusion, masked)."""
-    return steps * guidance_factor(guidance) * forward_flops(spec, spec.seq_len)["total"]
+def parallel_sample_flops(spec: NetSpec, calls: int, guidance: float) -> int:
+    """Sampling FLOPs per image for samplers that run the full sequence on each of ``calls`` network calls:
+    masked (one per decoding step) and diffusion (one per velocity evaluation: N for euler-N, 2N - 1 for heun-N)."""
+    return calls * guidance_factor(guidance) * forward_flops(spec, spec.seq_len)["total"]
 
 
 def autoregressive_sample_flops(spec: NetSpec, guidance: float, kv_cache: bool = True) -> int:
