@@ -2,6 +2,8 @@
 
 - ``shapes``: exact attribute checks by the attribute classifier (:mod:`flopmatch.evaluation.attributes`);
   ``full_match`` is the fraction of images that pass every check of their prompt.
+- ``fashion-mnist``: exact class checks by a classifier trained on its training split
+  (:mod:`flopmatch.evaluation.classes`); ``full_match`` is the fraction classified as the prompt's class.
 - every other source (free-text captions): the domain CLIP (:mod:`flopmatch.evaluation.clipscore`),
   trained on the dataset's training split and validated by retrieval on its evaluation split. It gives
   a CLIP-style score and R-precision (AttnGAN, Xu et al. 2018): the fraction of generated images whose
@@ -21,6 +23,7 @@ import torch
 from flopmatch.config import DataConfig, parse_source
 from flopmatch.data.datasets import make_dataset, shapes_config
 from flopmatch.evaluation.attributes import load_or_train_attribute_classifier, score_prompt_following
+from flopmatch.evaluation.classes import load_or_train_class_classifier, score_class_prompts
 from flopmatch.evaluation.clipscore import DomainCLIPModel, domain_clip_score, load_or_train_domain_clip, r_precision
 
 R_CANDIDATES = 100  # R of R-precision: the prompt and 99 other captions, as in AttnGAN / DALL-E's evaluations
@@ -48,6 +51,22 @@ class AttributeScorer:
         return self.classifier.describe()
 
 
+class ClassScorer:
+    """Exact scoring of Fashion-MNIST prompts: is the image classified as the class its prompt names?"""
+
+    def __init__(self, classifier):
+        self.classifier = classifier
+
+    def score(self, images_uint8: torch.Tensor, prompts: list[str]) -> dict:
+        pf = score_class_prompts(self.classifier, images_uint8, prompts)
+        matches = pf.pop("per_image_match")
+        pf["num_full_match"] = int(sum(bool(m) for m in matches))
+        return {"scorer": "class-classifier", "full_match": pf["class_accuracy"], **pf}
+
+    def describe(self) -> dict:
+        return self.classifier.describe()
+
+
 class ClipScorer:
     """Domain-CLIP score and R-precision for free-text captions; ``captions`` are the candidates' pool."""
 
@@ -68,5 +87,7 @@ def prompt_scorer(data: DataConfig, progress: bool = True) -> PromptScorer:
     kind, _ = parse_source(data.name)
     if kind == "shapes":
         return AttributeScorer(load_or_train_attribute_classifier(shapes_config(data), progress=progress))
+    if kind == "fashion-mnist":
+        return ClassScorer(load_or_train_class_classifier(data, progress=progress))
     train, heldout = make_dataset(data, "train", progress=progress), make_dataset(data, "eval", progress=progress)
     return ClipScorer(load_or_train_domain_clip(train, heldout, progress=progress), heldout.captions())

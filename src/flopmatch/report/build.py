@@ -230,6 +230,12 @@ def _scorer_banner(study: Study) -> list[str]:
             out.append("Prompt following is scored exactly, by an attribute classifier checking every colour, shape, size, "
                        "position and relation a prompt names" + (f"; on real held-out images it gives {100 * full:.1f}% full "
                                                                f"match, the ceiling of this score." if full else "."))
+        elif ev.get("name") == "fashion-mnist-class-classifier":
+            acc = ev.get("test_accuracy")
+            out.append("Prompt following is scored exactly, by a classifier trained on the Fashion-MNIST training split: "
+                       "the fraction of images classified as the class their prompt names" +
+                       (f"; on the {ev.get('num_test')} real test images it is right {100 * acc:.1f}% of the time, the "
+                        f"ceiling of this score." if acc is not None else "."))
         else:
             out.append(f"Prompt following is scored by {ev.get('name')}.")
     return out
