@@ -111,12 +111,14 @@ class TrainConfig:
 class SampleConfig:
     """Sampling settings. ``steps`` is the inference-cost knob; 0 = paradigm default."""
 
-    steps: int = 0  # diffusion: Euler steps (default 25); masked: decoding steps (default 12); autoregressive: fixed L
+    steps: int = 0  # diffusion: ODE solver steps (default 25; heun-N costs 2N-1 network calls); masked: decoding steps (default 12); autoregressive: fixed L
     guidance: float = 3.0  # classifier-free guidance scale; 1 = no guidance (no extra forward pass)
     temperature: float = 1.0  # token paradigms: softmax temperature
     top_k: int = 0  # 0 = no top-k filtering (token paradigms)
     choice_temperature: float = 4.5  # masked only: Gumbel noise on confidences, annealed to 0 (MaskGIT)
     kv_cache: bool = True  # autoregressive only
+    solver: str = "euler"  # diffusion only: ODE solver, euler (1 network call per step) or heun (2nd order, EDM: 2 per step, 1 on the last)
+    shift: float = 1.0  # diffusion only: SD3 time shift t' = shift*t / (1 + (shift-1)*t) of the sampling grid; 1 = uniform, > 1 = more steps at high noise
 
 
 @dataclass
@@ -192,7 +194,7 @@ RANGES: dict[tuple[str, str], Range] = {
     ("TrainConfig", "log_every"): AT_LEAST_1, ("TrainConfig", "checkpoint_every"): AT_LEAST_1,
     ("SampleConfig", "steps"): NON_NEGATIVE, ("SampleConfig", "guidance"): NON_NEGATIVE,
     ("SampleConfig", "temperature"): POSITIVE, ("SampleConfig", "top_k"): NON_NEGATIVE,
-    ("SampleConfig", "choice_temperature"): NON_NEGATIVE,
+    ("SampleConfig", "choice_temperature"): NON_NEGATIVE, ("SampleConfig", "shift"): POSITIVE,
     # the learned tokenizers' config (flopmatch.tokenizers.autoencoder), validated through the same table
     ("AutoencoderConfig", "image_size"): Range(16, 1024), ("AutoencoderConfig", "patch"): AT_LEAST_1,
     ("AutoencoderConfig", "num_res_blocks"): NON_NEGATIVE, ("AutoencoderConfig", "latent_channels"): AT_LEAST_1,
@@ -208,6 +210,7 @@ RANGES: dict[tuple[str, str], Range] = {
     ("AutoencoderConfig", "log_every"): AT_LEAST_1,
 }
 PRECISIONS = ("auto", "bf16", "fp32")
+SOLVERS = ("euler", "heun")  # the flow ODE solvers of flopmatch.objectives.ode
 # The sources flopmatch.data.datasets.make_dataset knows: a name, or a kind with an argument ("folder:PATH").
 DATASETS = ("shapes", "fashion-mnist", "emoji")
 SOURCE_KINDS = ("folder", "wds", "hf")
@@ -216,7 +219,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("TextConfig", "kind"): ("minilm", "hash"), ("TokenizerConfig", "kind"): ("auto", "patch", "kmeans"),
     ("TrainConfig", "precision"): PRECISIONS, ("ObjectiveConfig", "name"): PARADIGMS,
     ("AutoencoderConfig", "kind"): ("kl", "lfq"), ("AutoencoderConfig", "recon_loss"): ("l1", "l2", "l1+l2"),
-    ("AutoencoderConfig", "precision"): PRECISIONS,
+    ("AutoencoderConfig", "precision"): PRECISIONS, ("SampleConfig", "solver"): SOLVERS,
 }
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"  # what train.device may name (flopmatch.device.resolve_device)
 

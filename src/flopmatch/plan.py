@@ -116,6 +116,8 @@ def flops_summary(cfg: RunConfig, tokenizer: TokenizerSpec | None = None) -> dic
         "cfg": cfg.sample.guidance,  # the guidance scale; output key kept from v0.1 (scripts read it)
         "seq_len": spec.seq_len,
     }
+    if cfg.objective.name == "diffusion":  # the sampling FLOPs above follow the solver (heun-N: 2N - 1 network calls)
+        out["solver"], out["shift"] = cfg.sample.solver, cfg.sample.shift
     if cfg.objective.name == "autoregressive":
         other = replace(cfg.sample, kv_cache=not cfg.sample.kv_cache)
         out["kv_cache"] = cfg.sample.kv_cache

@@ -53,6 +53,14 @@ def config_value(section: type, name: str):
     return parse
 
 
+def add_solver_args(p: argparse.ArgumentParser, default: str) -> None:
+    """``--solver`` and ``--shift``: diffusion's ODE solver and SD3 time shift (flopmatch.objectives.ode)."""
+    p.add_argument("--solver", type=config_value(config.SampleConfig, "solver"), metavar="{" + ",".join(config.SOLVERS) + "}",
+                   help=f"diffusion: ODE solver; heun is 2nd order and costs 2*steps-1 network calls (default: {default})")
+    p.add_argument("--shift", type=config_value(config.SampleConfig, "shift"),
+                   help=f"diffusion: SD3 time shift of the sampling grid; 1 = uniform, > 1 = more steps at high noise (default: {default})")
+
+
 def count(minimum: int = 1):
     """An argparse type for an integer >= ``minimum``."""
 

@@ -7,11 +7,11 @@ import itertools
 from dataclasses import replace
 from pathlib import Path
 
-from flopmatch.cli.args import config_value, count
+from flopmatch.cli.args import add_solver_args, config_value, count
 from flopmatch.config import SampleConfig
 from flopmatch.errors import UserError
 
-SWEEPABLE = ("steps", "guidance", "temperature", "top_k")  # SampleConfig fields
+SWEEPABLE = ("steps", "guidance", "temperature", "top_k", "solver", "shift")  # SampleConfig fields
 ALIASES = {"cfg": "guidance"}  # sweep names accepted for compatibility
 
 
@@ -71,8 +71,9 @@ def register(sub) -> None:
                    help="classifier-free guidance scale (1 = off); default: the run's")
     p.add_argument("--temperature", type=config_value(SampleConfig, "temperature"), help="sampling temperature (token paradigms); default: the run's")
     p.add_argument("--top-k", dest="top_k", type=config_value(SampleConfig, "top_k"), help="top-k filtering (token paradigms); 0 = off; default: the run's")
+    add_solver_args(p, "the run's")
     p.add_argument("--sweep", action="append", default=[], metavar="NAME=v1,v2",
-                   help="evaluate every combination, e.g. --sweep steps=4,8,16 --sweep guidance=1,2,4")
+                   help=f"evaluate every combination, e.g. --sweep steps=4,8,16 --sweep guidance=1,2,4 (NAME: {', '.join(SWEEPABLE)})")
     p.add_argument("--features", default="effnet",
                    help="comma-separated feature extractors: effnet (fast proxy; the default), inception (standard FID, slow)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")

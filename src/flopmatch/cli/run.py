@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from flopmatch import PARADIGMS
-from flopmatch.cli.args import DATA_HELP, config_value, count, data_source, output_dir, output_file
+from flopmatch.cli.args import DATA_HELP, add_solver_args, config_value, count, data_source, output_dir, output_file
 from flopmatch.config import ModelConfig, SampleConfig, TrainConfig
 
 
@@ -30,7 +30,7 @@ def _run_config(args):
         cfg.tokenizer.path = args.tokenizer
     if getattr(args, "seed", None) is not None:
         cfg.train.seed = args.seed
-    for name in ("steps", "guidance"):
+    for name in ("steps", "guidance", "solver", "shift"):
         if getattr(args, name, None) is not None:
             setattr(cfg.sample, name, getattr(args, name))
     apply_overrides(cfg, args.set)
@@ -70,7 +70,7 @@ def cmd_sample(args) -> int:
     prompts = check_prompts(args.prompt or [])  # before loading anything
     prompts = [prompts[i % len(prompts)] for i in range(args.num)] if args.num else prompts
     sampler = load_sampler(args.run, weights="model" if args.raw else "ema", device=args.device)
-    overrides = {k: getattr(args, k) for k in ("steps", "guidance", "temperature", "top_k") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("steps", "guidance", "temperature", "top_k", "solver", "shift") if getattr(args, k) is not None}
     if args.no_kv_cache:
         overrides["kv_cache"] = False
     sample = replace(sampler.cfg.sample, **overrides)
@@ -83,7 +83,9 @@ def cmd_sample(args) -> int:
     out = args.out or str(Path(args.run) / "samples.png")
     nrow = args.nrow or (len(images) if len(set(prompts)) == len(prompts) and len(prompts) <= 8 else None)
     save_png(grid_image(images, nrow=nrow, scale=args.scale), out)
-    print(f"wrote {len(images)} image{'s' if len(images) != 1 else ''} to {out} (steps={sampler.objective.resolve_steps(sample, sampler.spec)}, guidance={sample.guidance}, seed={args.seed}, {sampler.weights} weights)")
+    solver = f", solver={sample.solver}, shift={sample.shift:g}" if sampler.cfg.objective.name == "diffusion" else ""
+    print(f"wrote {len(images)} image{'s' if len(images) != 1 else ''} to {out} (steps={sampler.objective.resolve_steps(sample, sampler.spec)}, "
+          f"guidance={sample.guidance}{solver}, seed={args.seed}, {sampler.weights} weights)")
     return 0
 
 
@@ -124,6 +126,7 @@ def register(sub) -> None:
                    help="sampling temperature (token paradigms); default: the run's (1)")
     p.add_argument("--top-k", dest="top_k", type=config_value(SampleConfig, "top_k"),
                    help="top-k filtering (token paradigms); 0 = off; default: the run's (0)")
+    add_solver_args(p, "the run's")
     p.add_argument("--no-kv-cache", action="store_true", help="autoregressive: recompute the prefix each step")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0): same seed, same images")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
@@ -138,5 +141,6 @@ def register(sub) -> None:
     p.add_argument("--steps", type=config_value(SampleConfig, "steps"), help="sampling steps; 0 = paradigm default")
     p.add_argument("--guidance", "--cfg", dest="guidance", type=config_value(SampleConfig, "guidance"),
                    help="guidance scale (1 = no extra pass; default 3)")
+    add_solver_args(p, "the config's: euler, shift 1")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_flops)

@@ -66,11 +66,17 @@ def setting_key(sample: SampleConfig, steps: int) -> str:
     """A readable, unique key for a sampling setting (with steps resolved), e.g. 'steps=12,cfg=3,temp=1,topk=0'.
 
     The key is an on-disk format (eval.json entries, samples/ folders, the study's skip check), so it
-    keeps the v0.1 spelling ``cfg=`` for the guidance scale: existing evaluations stay recognised.
+    keeps the v0.1 spelling ``cfg=`` for the guidance scale, and names settings added since (masked's
+    choice temperature, diffusion's solver and shift) only when they differ from their defaults:
+    existing evaluations keep their keys and stay recognised.
     """
     key = f"steps={steps},cfg={sample.guidance:g},temp={sample.temperature:g},topk={sample.top_k}"
     if sample.choice_temperature != SampleConfig.choice_temperature:
         key += f",choice={sample.choice_temperature:g}"
+    if sample.solver != SampleConfig.solver:
+        key += f",solver={sample.solver}"
+    if sample.shift != SampleConfig.shift:
+        key += f",shift={sample.shift:g}"
     return key
 
 

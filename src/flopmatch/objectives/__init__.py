@@ -2,7 +2,7 @@
 
 ``base`` holds the protocol every paradigm implements; ``diffusion``, ``masked`` and ``autoregressive``
 the three methods; ``guidance`` (classifier-free guidance, written once) and ``logits`` (token
-sampling) what they share. This module is the registry: a new paradigm is one module and one entry
+sampling) what they share; ``ode`` diffusion's ODE solvers (Euler, Heun, SD3's time shift). This module is the registry: a new paradigm is one module and one entry
 in :data:`OBJECTIVES`.
 """
 

@@ -1,8 +1,10 @@
-"""``diffusion``: flow matching (rectified flow) on continuous latents, Euler ODE sampler.
+"""``diffusion``: flow matching (rectified flow) on continuous latents, Euler or Heun ODE sampler.
 
 Path x_t = (1 - t) x0 + t eps, t in [0, 1] (t=0 data, t=1 noise); the network predicts the
 velocity v = eps - x0; t ~ logit-normal(mean, std) (SD3). Sampling integrates dx/dt = v from
-t=1 to t=0 in ``steps`` uniform Euler steps.
+t=1 to t=0 in ``steps`` solver steps (flopmatch.objectives.ode): ``euler`` (default; one network
+call per step) or ``heun`` (EDM's second-order method: 2N - 1 calls for N steps), on a uniform
+grid of times or one shifted toward noise by SD3's ``shift``. Guidance applies to every call.
 
 Why this parameterisation: each (data, noise) pair is joined by a straight line travelled at
 constant velocity, which keeps the learned ODE comparatively straight, so few Euler steps suffice;
@@ -20,8 +22,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flopmatch.flops import parallel_sample_flops
 from flopmatch.objectives.base import Objective, spec_of
 from flopmatch.objectives.guidance import guided
+from flopmatch.objectives.ode import integrate, num_velocity_calls, time_grid
 
 
 def flow_path(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,17 +55,22 @@ class Diffusion(Objective):
         # fp32 loss: bf16 (~3 significant digits) would round the small residuals and their mean; v is fp32.
         return F.mse_loss(pred.float(), v)
 
+    def sample_flops(self, spec, sample):
+        """Network FLOPs per image: one full-sequence pass per velocity call (heun-N: 2N - 1 calls), x2 with guidance."""
+        calls = num_velocity_calls(self.resolve_steps(sample, spec), sample.solver)
+        return parallel_sample_flops(spec, calls, sample.guidance)
+
     @torch.no_grad()
     def sample(self, net, cond, uncond, sample, generator=None):
-        """Latents (B, C, g, g) by Euler integration from noise at t=1 to data at t=0."""
+        """Latents (B, C, g, g) by integrating the flow ODE from noise at t=1 to data at t=0 (``sample.solver``)."""
         spec = spec_of(net)
         B = cond.pooled.shape[0]
         device = cond.pooled.device
         x = torch.randn((B, spec.channels, spec.grid, spec.grid), device=device, generator=generator)  # (B, C, g, g)
-        steps = self.resolve_steps(sample, spec)
-        ts = torch.linspace(1.0, 0.0, steps + 1, device=device)  # (steps+1,) from noise to data
-        for i in range(steps):
-            t = ts[i].expand(B)  # (B,)
-            v = guided(net, x, cond, uncond, sample.guidance, t=t)  # (B, C, g, g)
-            x = x + (ts[i + 1] - ts[i]) * v.float()  # Euler step; dt < 0 (moving toward data)
-        return x
+        ts = time_grid(self.resolve_steps(sample, spec), sample.shift, device=device)  # (steps+1,) from noise to data
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            # guided on every call, the solver's corrector calls included; fp32 so steps accumulate in fp32
+            return guided(net, x, cond, uncond, sample.guidance, t=t.expand(B)).float()  # (B, C, g, g)
+
+        return integrate(velocity, x, ts, sample.solver)

@@ -143,7 +143,7 @@ def _matches(settings: dict, sample, steps: int | None) -> bool:
         return False
     if steps is None and sample.steps and settings.get("steps") != sample.steps:
         return False
-    for name in ("guidance", "temperature", "top_k", "choice_temperature", "kv_cache"):
+    for name in ("guidance", "temperature", "top_k", "choice_temperature", "kv_cache", "solver", "shift"):
         if name in settings and not (settings[name] == getattr(sample, name) or close(settings[name], getattr(sample, name))):
             return False
     return True
