@@ -26,7 +26,7 @@ from tiny import tiny_run_config
 TESTS = Path(__file__).resolve().parent
 SETS = ["train.log_every=1", "train.checkpoint_every=2"]
 STEPS = 7
-VOLATILE = {"elapsed_s", "flops_per_s"}
+VOLATILE = {"elapsed_s", "flops_per_s", "mfu"}
 
 # Runs training in a fresh process and SIGKILLs it at a chosen moment: during step N of training
 # (before any checkpoint when N < 2), or half-way through writing checkpoint number N (the temporary

@@ -40,5 +40,5 @@ def test_help_lists_every_subcommand():
     """`flopmatch --help` exits 0 and names each subcommand."""
     out = subprocess.run([sys.executable, "-m", "flopmatch", "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    for command in ("train", "sample", "flops", "tokenizer", "eval", "study", "report", "config"):
+    for command in ("train", "sample", "flops", "tokenizer", "eval", "study", "report", "config", "bench"):
         assert command in out.stdout

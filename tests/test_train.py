@@ -20,7 +20,7 @@ from flopmatch.train import train
 from tiny import tiny_run_config
 
 BUDGET_STEPS = 5.5  # not a whole number of steps: training must take ceil() = 6 steps
-VOLATILE = {"elapsed_s", "flops_per_s"}  # wall-clock fields of a metrics row
+VOLATILE = {"elapsed_s", "flops_per_s", "mfu"}  # wall-clock fields of a metrics row
 
 
 def _rows(run: Path) -> list[dict]:
@@ -58,6 +58,7 @@ def test_budget_is_spent_within_one_step(name, finished_run):
     for r in rows:
         assert {"step", "loss", "lr", "flops", "elapsed_s"} <= set(r)
         assert r["flops"] == r["step"] * per_step and math.isfinite(r["loss"]) and r["lr"] > 0
+        assert math.isfinite(r["mfu"]) and r["mfu"] > 0  # against the measured matmul peak (flopmatch.device)
     assert rows[-1]["flops"] == state["flops"]
     assert all(b["elapsed_s"] >= a["elapsed_s"] for a, b in zip(rows, rows[1:]))
     assert read_config(run) == cfg

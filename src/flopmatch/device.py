@@ -29,7 +29,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
-@functools.lru_cache(maxsize=None)
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16), from /proc/cpuinfo.
@@ -45,6 +44,7 @@ def cpu_has_native_bf16() -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
+@functools.cache
 def bf16_is_faster(device_type: str) -> bool:
     """Measure once per process: does a bf16 matmul beat fp32 clearly on this device?
 
@@ -66,6 +66,67 @@ def bf16_is_faster(device_type: str) -> bool:
         return time.perf_counter() - t0
 
     return timeit(torch.bfloat16) < 0.6 * timeit(torch.float32)
+
+
+MATMUL_MIN_S = 0.01  # a timed peak matmul lasts at least this long (10 ms): launch and timer overheads vanish
+MATMUL_MAX_S = 0.15  # ... and grows past that while the FLOP rate still grows with size, up to a call this long
+MATMUL_MAX_N = 16384  # the largest side tried (three bf16 matrices: 1.5 GiB; fp32: 3 GiB)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA kernels run asynchronously; a no-op elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_times(device: torch.device, dtype: torch.dtype, n: int, calls: int = 3) -> list[float]:
+    """Seconds of each of ``calls`` (n, n) @ (n, n) matmuls in ``dtype`` on ``device`` (2 n^3 FLOPs each), after
+    one untimed warm-up call. Random operands from a private generator: the global RNG is untouched."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=g).to(dtype)  # (n, n)
+    b = torch.randn(n, n, device=device, generator=g).to(dtype)  # (n, n)
+    a @ b  # warm-up: kernel choice, allocation, clocks
+    times = []
+    for _ in range(calls):
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, min_s: float = MATMUL_MIN_S,
+                max_n: int = MATMUL_MAX_N) -> tuple[int, float]:
+    """(n, FLOP/s): the fastest square matmul over sides doubling from 128 (at most ``max_n``) while a call
+    takes under ``min_s``, or while doubling still raises the FLOP rate by > 10 % and a call takes under
+    ``MATMUL_MAX_S``. Each side's rate is its fastest of 3 calls.
+
+    Why not time alone: on a loaded CPU a multi-threaded fp32 matmul can have a floor of a scheduler tick
+    (16 ms measured with 2 threads at load 3 on 2 cores) whatever its size, so a 256 x 256 matmul already
+    lasts 10 ms at a hundredth of the peak.
+    """
+    n, best_n, best = 128, 128, 0.0
+    while True:
+        t = min(matmul_times(device, dtype, n))
+        rate = 2 * n**3 / t
+        grew = rate > 1.1 * best
+        if rate > best:
+            best_n, best = n, rate
+        if n >= max_n or (t >= min_s and not (grew and t < MATMUL_MAX_S)):
+            return best_n, best
+        n *= 2
+
+
+@functools.cache
+def peak_matmul_flops(device: torch.device, bf16: bool) -> float:
+    """Measured once per process: :func:`matmul_peak` in bf16 (or fp32), the denominator of MFU (model FLOPs
+    utilisation) in training's metrics rows. ~0.3 s where the peak is reached at ~10 ms per call; up to ~5 s on a
+    loaded CPU whose fp32 peak needs a 4096-wide matmul."""
+    n, rate = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # give the operands' memory back before training allocates
+    return rate
 
 
 def memory_bytes(device: torch.device) -> int:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from flopmatch import dist
 from flopmatch.config import RunConfig, TrainConfig
-from flopmatch.device import autocast, memory_bytes, resolve_device, run_bf16
+from flopmatch.device import autocast, memory_bytes, peak_matmul_flops, resolve_device, run_bf16
 from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_json, remove_stale_temps
 from flopmatch.flops import num_params
@@ -90,6 +90,46 @@ def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None
     """
     for e, p in zip(ema.parameters(), net.parameters()):
         e.lerp_(p.detach(), 1 - decay)  # e += (1 - decay) * (p - e)
+
+
+def make_optimizer(net: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``net``'s parameters, weight decay on weight matrices only (see the comment inside)."""
+    # AdamW (decoupled weight decay, Loshchilov & Hutter 2019) with decay only on weight matrices.
+    # Biases and LayerNorm gains (1-D) get none, as in nanoGPT: they are few parameters setting offsets
+    # and scales, and pulling a gain toward 0 shrinks its output rather than regularising. The input
+    # stems get none either: decaying an embedding table pulls rarely drawn codes (and [MASK]/[BOS])
+    # toward 0 between their sparse updates (minGPT excludes embeddings); the continuous linear stem is
+    # treated like the discrete one.
+    decay, no_decay = [], []
+    for name, p in net.named_parameters():
+        (decay if p.dim() >= 2 and "stem" not in name else no_decay).append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, cfg.beta2), fused=device.type == "cuda" or None,  # fused: one kernel
+    )
+
+
+def train_step(model, net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, objective, x: torch.Tensor,
+               text, rng: torch.Generator, *, bf16: bool, grad_clip: float, ema_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch: loss, backward, gradient clipping, AdamW, EMA update.
+
+    ``model`` (DDP-wrapped / compiled) runs forward and backward, ``net`` is the plain module the optimizer,
+    clipping and EMA see. x: latents (B, C, g, g) or tokens (B, L); text: a TextBatch on x's device.
+    Returns the loss and the pre-clip gradient norm as device tensors (no host sync). ``flopmatch bench``
+    times this same function.
+    """
+    # bf16 autocast: matmuls run in bf16, weights and optimizer state stay fp32; bf16 has fp32's
+    # exponent range, so no loss scaling is needed (unlike fp16). Objectives compute the loss in fp32.
+    with autocast(x.device, bf16):
+        loss = objective.loss(model, x, text, rng)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP, gradients are all-reduced here, so every rank clips the same norm
+    # Clipping the global gradient norm caps the update on rare spiky batches, which can otherwise
+    # destabilise a whole run (1.0 by default, as in nanoGPT); returns the pre-clip norm, which is logged.
+    gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    opt.step()
+    ema_update(ema, net, ema_decay)
+    return loss, gnorm
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -216,19 +256,7 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
     torch.manual_seed(cfg.train.seed)
     net = Network(spec).to(device)  # same init on every rank (seeded)
     ema = copy.deepcopy(net).requires_grad_(False)  # starts equal to the initial weights
-    # AdamW (decoupled weight decay, Loshchilov & Hutter 2019) with decay only on weight matrices.
-    # Biases and LayerNorm gains (1-D) get none, as in nanoGPT: they are few parameters setting offsets
-    # and scales, and pulling a gain toward 0 shrinks its output rather than regularising. The input
-    # stems get none either: decaying an embedding table pulls rarely drawn codes (and [MASK]/[BOS])
-    # toward 0 between their sparse updates (minGPT excludes embeddings); the continuous linear stem is
-    # treated like the discrete one.
-    decay, no_decay = [], []
-    for name, p in net.named_parameters():
-        (decay if p.dim() >= 2 and "stem" not in name else no_decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.train.lr, betas=(0.9, cfg.train.beta2), fused=device.type == "cuda" or None,  # fused: one kernel
-    )
+    opt = make_optimizer(net, cfg.train, device)
     # Draws every random choice of a batch (times, noise, masks, caption dropout); saved in checkpoints.
     # Exact resume needs its state: a fresh seed would give the resumed steps different noise/masks than
     # an uninterrupted run. Seeded per rank so ranks draw different randomness for their slices.
@@ -266,6 +294,9 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
     bar = tqdm(total=plan.steps, initial=step, desc=f"{cfg.objective.name} d{cfg.model.depth}", unit="step",
                disable=not (progress and dist.is_main()), dynamic_ncols=True)
     pending: list[dict] = []
+    # MFU's denominator: this device's measured matmul FLOP/s in the run's precision, once per process and
+    # before the clock starts (a few matmuls, ~0.1-0.5 s; private RNG, no host sync inside the loop).
+    peak = peak_matmul_flops(device, bf16) * world
     t0 = time.perf_counter() - elapsed
     steps_this_call = 0
     # Ctrl-C only raises a flag; the step in flight finishes and is checkpointed, so the saved
@@ -286,18 +317,9 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
             # tb: TextBatch of states (local, Lt, Dt), pad (local, Lt), pooled (local, Dt)
             tb = text.batch(torch.where(drop, torch.full_like(idx, empty), rows[idx])).to(device)
             x = x_all[idx].to(device, non_blocking=True)  # (local, C, g, g) latents or (local, L) tokens
-            # bf16 autocast: matmuls run in bf16, weights and optimizer state stay fp32; bf16 has fp32's
-            # exponent range, so no loss scaling is needed (unlike fp16). Objectives compute the loss in fp32.
-            with autocast(device, bf16):
-                loss = objective.loss(model, x, tb, rng)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # under DDP, gradients are all-reduced here, so every rank clips the same norm
-            # Clipping the global gradient norm caps the update on rare spiky batches, which can otherwise
-            # destabilise a whole run (1.0 by default, as in nanoGPT); returns the pre-clip norm, which is logged.
-            gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.grad_clip)
-            opt.step()
             # EMA decay warms up (schedule.ema_decay_at): short runs would otherwise average mostly the init.
-            ema_update(ema, net, ema_decay_at(step, cfg.train.ema_decay))
+            loss, gnorm = train_step(model, net, ema, opt, objective, x, tb, rng, bf16=bf16, grad_clip=cfg.train.grad_clip,
+                                     ema_decay=ema_decay_at(step, cfg.train.ema_decay))
             step += 1
             steps_this_call += 1
             flops += plan.flops_per_step  # analytic, identical every step: the budget is spent in whole steps
@@ -307,7 +329,8 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
                 if not math.isfinite(loss_v):
                     raise UserError(f"loss became {loss_v} at step {step}; lower train.lr or use --set train.precision=fp32")
                 pending.append({"step": step, "loss": loss_v, "lr": lr, "flops": flops, "elapsed_s": round(elapsed, 3),
-                                "grad_norm": float(gnorm), "flops_per_s": flops / max(elapsed, 1e-9)})
+                                "grad_norm": float(gnorm), "flops_per_s": flops / max(elapsed, 1e-9),
+                                "mfu": flops / max(elapsed, 1e-9) / peak})
                 bar.set_postfix_str(f"loss {loss_v:.4f} | {flops:.3g}/{cfg.train.budget:.3g} FLOPs")
             bar.update(1)
             stop = steps_this_call == stop_after or interrupted.any()  # any() is all-reduced: ranks stop together

@@ -1,0 +1,39 @@
+"""``flopmatch bench``: parsing only (the measurements are in flopmatch.bench)."""
+
+from __future__ import annotations
+
+import json
+
+from flopmatch.cli.args import count, number_list
+from flopmatch.cli.study import _objectives
+
+
+def cmd_bench(args) -> int:
+    """Measure this machine's matmul peak, training and sampling throughput, text encoding and memory; print them."""
+    from flopmatch.bench import BenchOptions, format_bench, run_bench
+
+    opts = BenchOptions(device=args.device, threads=args.threads, rounds=args.rounds, batch=args.batch, quick=args.quick,
+                        compile=args.compile, progress=True)
+    if args.depths:
+        opts.depths = args.depths
+    if args.objectives:
+        opts.objectives = args.objectives
+    result = run_bench(opts)
+    print(json.dumps(result, indent=1) if args.json else format_bench(result))
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``bench`` to the top-level subparsers."""
+    p = sub.add_parser("bench", help="measure this machine: matmul peak, training and sampling throughput, MFU, memory")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA if available, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=count(1), help="torch intra-op threads (default: torch's)")
+    p.add_argument("--rounds", type=count(1), default=3, help="interleaved timing rounds; each figure is the best round (default 3)")
+    p.add_argument("--depths", type=number_list(int, 1), help="comma-separated depths (default 1,2)")
+    p.add_argument("--objectives", type=_objectives, help="comma-separated subset of diffusion,masked,autoregressive (default: all)")
+    p.add_argument("--batch", type=count(1), help="training batch (default: the cpu study preset's, 32)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and the hash text encoder (seconds; for tests)")
+    p.add_argument("--compile", action="store_true", help="also time the training step with torch.compile'd networks "
+                   "(a failure is reported, not fatal)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (machine, settings and every figure)")
+    p.set_defaults(func=cmd_bench)
