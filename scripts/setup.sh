@@ -5,12 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp=.venv/.flopmatch-setup
-# System data the real built-in datasets use (Fashion-MNIST files, the Noto Color Emoji font). Installed
-# when missing and this runs as root (CI does); otherwise the commands that need them name the apt-get
-# command, and their tests skip with that reason.
-if { [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]; } \
+# System data the real built-in datasets use (Fashion-MNIST files, the Noto Color Emoji font, and FriBiDi,
+# which Pillow's text layout loads at run time to draw emoji sequences as one glyph). Installed when missing
+# and this runs as root (CI does); otherwise the commands that need them name the apt-get command, and
+# their tests skip with that reason.
+if { [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] \
+     || ! { ldconfig -p 2>/dev/null | grep libfribidi.so.0 >/dev/null; }; } \
    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  pkgs="dataset-fashion-mnist fonts-noto-color-emoji"
+  pkgs="dataset-fashion-mnist fonts-noto-color-emoji libfribidi0"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q $pkgs >/dev/null 2>&1 \
     || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $pkgs >/dev/null 2>&1; } \
     || echo "setup: could not apt-get install $pkgs; the fashion-mnist and emoji datasets will be unavailable" >&2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import PIL.features
 import pytest
 import torch
 
@@ -27,8 +28,9 @@ from flopmatch.errors import UserError
 needs_fashion = pytest.mark.skipif(not all((fashion_mnist.DATA_DIR / f).is_file() for pair in fashion_mnist.FILES.values()
                                            for f in pair),
                                    reason="needs the Fashion-MNIST files: apt-get install dataset-fashion-mnist")
-needs_font = pytest.mark.skipif(not emoji_set.FONT_PATH.is_file(),
-                                reason="needs the emoji font: apt-get install fonts-noto-color-emoji")
+needs_font = pytest.mark.skipif(not emoji_set.FONT_PATH.is_file() or not PIL.features.check("raqm"),
+                                reason="needs the emoji font and Pillow's text layout (raqm, with FriBiDi): "
+                                       "apt-get install fonts-noto-color-emoji libfribidi0")
 LIMIT = 300  # fashion-mnist items per split in the pool tests
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import multiprocessing
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +25,7 @@ import torch
 from PIL import Image
 
 import flopmatch.data.pool as pool_mod
-from flopmatch import cli
+from flopmatch import cli, dist
 from flopmatch.cli.args import data_source
 from flopmatch.config import DataConfig, parse_source, to_dict
 from flopmatch.data.datasets import ImageTextSet, make_dataset
@@ -815,3 +817,74 @@ def test_train_and_evaluate_on_a_folder(tmp_path, tiny_config):
     assert ref["dataset"] == source and ref["split"] == "eval" and ref["size"] == 6
     assert ref["fingerprint"] == reference.fingerprint()
     assert entry["metrics"]["effnet"]["fid"] >= 0 and entry["metrics"]["effnet"]["num_real"] == 6
+
+
+# ------------------------------------------------------------------------------- review fixes
+
+
+def test_a_given_split_needs_both_sides_and_validation_counts_as_eval(tmp_path):
+    """train/ alone is split by hash (not an empty eval split); train/ + validation/ is the given split."""
+    only = tmp_path / "only"
+    write_jsonl(only / "train", make_folder(only / "train", 30))
+    ds_train, ds_eval = dataset(only, "train", num_eval=3), dataset(only, "eval", num_eval=3)
+    assert len(ds_eval) == 3 and len(ds_train) == 27 and ds_eval.info["split_rule"] == "hash of the item name"
+    both = tmp_path / "both"
+    write_jsonl(both / "train", make_folder(both / "train", 6))
+    write_jsonl(both / "validation", make_folder(both / "validation", 4, prefix="val"))
+    assert sorted(dataset(both, "eval").names) == [f"validation/val{i:03d}.png" for i in range(4)]
+    assert len(dataset(both, "train")) == 6 and dataset(both, "train").info["split_rule"] == "given by the source"
+
+
+def test_a_second_builder_keeps_the_published_copy(tmp_path, own_cache):
+    """Two processes missing the cache at once: the one that finishes second keeps the first one's copy."""
+    write_jsonl(tmp_path, make_folder(tmp_path, 5))
+    first = everything(tmp_path)
+    directory = next(p for p in (own_cache / "data").iterdir() if not p.name.startswith("."))
+    before = (directory / "pool.json").stat().st_mtime_ns
+    got = pool_mod._decode(folder_items(tmp_path)[0], 32, pool_mod.Tally(), False, None, "")
+    again = pool_mod._save(first.info["source"], directory, json.loads((directory / "pool.json").read_text())["key"],
+                           32, got, pool_mod.Tally())
+    assert (directory / "pool.json").stat().st_mtime_ns == before  # not replaced
+    assert sorted(again.names) == sorted(first.names) and len(again) == 5
+    assert [p for p in (own_cache / "data").iterdir() if p.name.startswith(".")] == []  # no temporaries left
+
+
+def _main_only_rank(rank: int, port: int, cache: str, root: str, results) -> None:
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                          LOCAL_RANK=str(rank), FLOPMATCH_CACHE=cache)
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+        cfg = data_cfg(Path(root), num_eval=2)
+        make_dataset(cfg, "train", progress=False)  # collective: both ranks meet its barrier
+        n = None
+        if rank == 0:
+            with dist.main_only():  # what evaluate does for the prompt scorer: barriers inside are skipped
+                n = len(make_dataset(cfg, "eval", progress=False))
+        dist.barrier()  # would pair with rank 0's inner barrier (and then hang) without main_only
+        torch.distributed.destroy_process_group()
+        results.put((rank, n))
+    except BaseException as e:  # report instead of hanging the parent
+        results.put((rank, repr(e)))
+
+
+def test_main_only_block_does_not_desynchronise_ranks(tmp_path):
+    """Under 2 gloo ranks, rank 0 alone reading a real source inside dist.main_only() leaves the ranks' barriers
+    paired (the evaluation's prompt scorer runs on the main rank only)."""
+    write_jsonl(tmp_path / "imgs", make_folder(tmp_path / "imgs", 20))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_main_only_rank, args=(r, port, str(tmp_path / "c"), str(tmp_path / "imgs"), results))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(results.get(timeout=60) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    assert got == {0: 2, 1: None}, got

@@ -7,7 +7,9 @@ optimisation trajectory do not depend on the number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 import torch.distributed as torch_dist
@@ -41,8 +43,22 @@ def is_main() -> bool:
     return rank() == 0
 
 
+_MAIN_ONLY = threading.local()
+
+
+@contextlib.contextmanager
+def main_only():
+    """A block that only the main rank runs: :func:`barrier` inside it does nothing (no other rank is there
+    to meet it). Whatever the block reads collectively must already have been built by every rank."""
+    _MAIN_ONLY.active = True
+    try:
+        yield
+    finally:
+        _MAIN_ONLY.active = False
+
+
 def barrier() -> None:
-    if torch_dist.is_initialized():
+    if torch_dist.is_initialized() and not getattr(_MAIN_ONLY, "active", False):
         torch_dist.barrier()
 
 

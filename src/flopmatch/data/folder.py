@@ -32,7 +32,8 @@ from flopmatch.data.pool import Item, Pool, load_or_build
 from flopmatch.errors import UserError
 
 COLUMNS = ("file_name", "text")
-SPLIT_DIRS = {"train": "train", "test": "eval"}  # sub-folder -> flopmatch split
+# Sub-folder -> flopmatch split, as Hugging Face's image-folder loader names them; "test" wins over "validation".
+SPLIT_DIRS = {"train": "train", "test": "eval", "validation": "eval"}
 
 
 def _metadata_file(directory: Path) -> Path | None:
@@ -106,8 +107,14 @@ def folder_items(root: str | Path) -> tuple[list[Item], str]:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"folder:{root} is not a directory; give a folder with metadata.jsonl or metadata.csv")
-    parts = [(root / d, split) for d, split in SPLIT_DIRS.items() if (root / d).is_dir() and _metadata_file(root / d)]
-    if not parts:
+    found = [(root / d, split) for d, split in SPLIT_DIRS.items() if (root / d).is_dir() and _metadata_file(root / d)]
+    train = [p for p in found if p[1] == "train"]
+    held = [p for p in found if p[1] == "eval"][:1]
+    if train and held:  # a given split needs both sides
+        parts = train + held
+    elif found:  # one side only (e.g. train/ alone): its items, split by hash
+        parts = [(found[0][0], "")]
+    else:
         parts = [(root, "")]
     digest = hashlib.sha256()
     items: list[Item] = []

@@ -178,9 +178,19 @@ class _Rows:
 
     def __iter__(self) -> Iterator[Item]:
         for prefix, split, ds in self.parts:
-            for row, values in enumerate(ds):
+            rows = iter(ds)
+            row = 0
+            while True:
+                try:
+                    values = next(rows)
+                except StopIteration:
+                    break
+                except Exception as e:  # noqa: BLE001 - pyarrow/datasets raise many types for a damaged file
+                    raise UserError(f"{self.root}: cannot read row {row} of the dataset ({type(e).__name__}: {e}); "
+                                    f"check the files") from None
                 yield Item(f"{prefix}{row}", _caption(values[self.text_column]),
                            partial(_encoded, values[self.image_column], self.root), split)
+                row += 1
 
 
 def hf_pool(cfg: DataConfig, path: str, progress: bool = True) -> Pool:
@@ -189,7 +199,12 @@ def hf_pool(cfg: DataConfig, path: str, progress: bool = True) -> Pool:
     key = content_key(files, root, cfg.image_column, cfg.text_column)
 
     def rows() -> _Rows:
-        return _Rows(_open(kind, path, files, cfg.image_column, cfg.text_column), root, cfg.image_column,
-                     cfg.text_column)
+        try:
+            parts = _open(kind, path, files, cfg.image_column, cfg.text_column)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - pyarrow/datasets raise many types for a file that is not a dataset
+            raise UserError(f"hf:{path}: cannot open it as a dataset ({type(e).__name__}: {e})") from None
+        return _Rows(parts, root, cfg.image_column, cfg.text_column)
 
     return load_or_build(cfg.name, "hf", key, cfg.image_size, rows, progress=progress)

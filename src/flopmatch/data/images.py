@@ -27,6 +27,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Pillow's decompression-bomb guard: a 20k x 20k image is 400 M pixels; anything larger is refused as
 # unreadable (it would take GiBs to decode for a 64 px training image).
 MAX_PIXELS = 400_000_000
+# Pillow warns above MAX_IMAGE_PIXELS (89.5 M by default) and refuses above twice that; raise its guard to ours so
+# a 108 MP phone photo decodes (process-wide, but every image flopmatch opens goes through here).
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 class BadImage(Exception):

@@ -281,8 +281,12 @@ def _save(source: str, directory: Path, key: str, size: int, got: dict, tally: T
         save_tensors(tmp / "images.safetensors", {"images": images})
         atomic_write_json(tmp / "pool.json", {"key": key, "captions": got["captions"], "names": got["names"],
                                               "splits": got["splits"], "labels": got["labels"], "info": info})
-        if directory.exists():  # a damaged copy: replace it
-            shutil.rmtree(directory, ignore_errors=True)
+        if directory.exists():
+            if _load(directory, key) is not None:  # another process published it meanwhile: keep theirs
+                return _load(directory, key)
+            aside = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.damaged")
+            os.replace(directory, aside)  # a damaged copy: moved aside in one step, then removed
+            shutil.rmtree(aside, ignore_errors=True)
         os.replace(tmp, directory)
     except OSError:
         pass  # another process renamed first, or the cache is not writable: use what was decoded in memory

@@ -158,11 +158,15 @@ def retrieval_accuracy(model: DomainCLIPModel, images_uint8: torch.Tensor, capti
     # A caption string repeated in the set counts as correct wherever it ranks: compare strings, not indices.
     ranked = (img @ txt.T).argsort(dim=1, descending=True)[:, :5]  # (N, 5)
     hits = [[captions[j] == captions[i] for j in ranked[i].tolist()] for i in range(len(captions))]
-    # Chance: a random ranking puts a caption string that occurs k times among N at the top with probability k/N.
-    counts = Counter(captions)
-    chance = sum(counts[c] for c in captions) / len(captions) ** 2
     return {"top1": sum(h[0] for h in hits) / len(hits), "top5": sum(any(h) for h in hits) / len(hits),
-            "num_pairs": len(hits), "chance_top1": chance}
+            "num_pairs": len(hits), "chance_top1": retrieval_chance(captions)}
+
+
+def retrieval_chance(captions: list[str]) -> float:
+    """Top-1 retrieval accuracy of a random ranking: a caption string that occurs k times among N comes first
+    with probability k/N, so chance is sum_i k(c_i) / N^2 (1/N when every caption is distinct)."""
+    counts = Counter(captions)
+    return sum(counts[c] for c in captions) / len(captions) ** 2
 
 
 @torch.inference_mode()
@@ -253,6 +257,8 @@ def load_or_train_domain_clip(train_set: CaptionedImages, heldout_set: Captioned
             if info.get("sha256") == file_sha256(weights):
                 model = DomainCLIP(text_dim=encoder.dim)
                 model.load_state_dict(load_tensors(weights), strict=True)
+                n = info["retrieval"]["num_pairs"]  # chance recomputed: models cached before it counted repeats
+                info["retrieval"]["chance_top1"] = retrieval_chance(heldout_set.captions()[:n])
                 return DomainCLIPModel(model.eval(), info["sha256"], info, weights, encoder)
         except (UserError, RuntimeError, KeyError):
             pass  # damaged or stale: retrain below

@@ -175,7 +175,14 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
     extractors = {name: make_feature_extractor(name) for name in ecfg.features}
     real = {name: reference_features(ex, cfg.data.name, ref_images, key=f"{ref.fingerprint()}-{len(ref)}", progress=progress)
             for name, ex in extractors.items()} if dist.is_main() else {}
-    scorer = prompt_scorer(cfg.data, progress=progress) if ecfg.prompt_following and dist.is_main() else None
+    scorer = None
+    if ecfg.prompt_following:
+        # Real sources' pools are built collectively (every rank meets the same barriers); the scorer, which
+        # only the main rank trains and runs, then finds them cached.
+        make_dataset(cfg.data, "train", progress=progress)
+        if dist.is_main():
+            with dist.main_only():
+                scorer = prompt_scorer(cfg.data, progress=progress)
 
     path = run / EVAL
     doc = read_json(path) if path.exists() else {"version": EVAL_VERSION, "entries": {}}
