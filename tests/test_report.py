@@ -29,9 +29,10 @@ from flopmatch.cli.report import register
 from flopmatch.config import ModelConfig, RunConfig, SampleConfig, TextConfig, TrainConfig
 from flopmatch.evaluation.run import setting_key
 from flopmatch.files import atomic_write_json, atomic_write_text, save_tensors
+from flopmatch.report import convention
 from flopmatch.report.analysis import EXTRAPOLATE, Analyser
 from flopmatch.report.build import build_report, results_csv
-from flopmatch.report.data import COLUMNS, load_study, main_setting
+from flopmatch.report.data import COLUMNS, RunInfo, Study, load_study, main_setting
 from flopmatch.report.findings import analyse
 from flopmatch.report.verdicts import claim_status, decide, part_status
 from flopmatch.rundir import CHECKPOINT, write_config
@@ -547,3 +548,53 @@ def test_per_run_timings_are_at_most_suggestive(tmp_path):
     timed = [c for c in v.families["claims"] if c.metric in ("latency", "throughput")]
     assert timed and all(c.noise == "per-run timings" and c.label != "confident" for c in timed)
     assert v.claims[2]["status"] == "suggestive"  # FLOPs exact (held), throughput only suggestive
+
+
+# ------------------------------------------------------------------------------- FLOP convention
+
+
+def _convention_study(root: Path, rng: np.random.Generator, seed_sd: float) -> None:
+    """3 paradigms x 5 budgets x 3 seeds whose FID follows ONE power law in backbone-only compute:
+    FID = 40 * (backbone compute / 1e11)^-0.3, times lognormal seed noise."""
+    shares = {p: convention.backbone_shares(_spec_only_study(p))[(p, 1)] for p in ("diffusion", "masked", "autoregressive")}
+    for p, share in shares.items():
+        for budget in (1e11, 2e11, 4e11, 8e11, 1.6e12):
+            for seed in range(3):
+                fid = 40 * (budget * share / 1e11) ** -0.3 * math.exp(seed_sd * rng.standard_normal())
+                make_run(root, p, 1, budget, seed, fid=fid, prompt_err=0.3, loss=1.0, rng=rng)
+
+
+def _spec_only_study(p: str):
+    run = RunInfo(name=p, rel=p, objective=p, depth=1, seed=0, budget=1.0, state={"net_spec": _net_spec(p, 1)},
+                  curve=[], evaluated=False)
+    return Study(root=Path("."), rows=[], runs=[run], problems=[])
+
+
+def test_moved_rows_follow_a_power_law_exactly(tmp_path):
+    """Log-log interpolation is exact for a power law: every moved row has the FID the law gives at the target's
+    backbone compute; targets outside a paradigm's measured range are dropped, never extrapolated."""
+    _convention_study(tmp_path, np.random.default_rng(0), seed_sd=0.0)
+    study = load_study(tmp_path)
+    shares = convention.backbone_shares(study)
+    top = max(shares.values())
+    moved = convention.backbone_study(study, shares)
+    assert moved.rows
+    for r in moved.rows:
+        assert r["fid_effnet"] == pytest.approx(40 * (r["budget"] * top / 1e11) ** -0.3, rel=1e-9)
+        assert r["budget"] * top / shares[(r["objective"], 1)] <= 1.6e12 * (1 + 1e-9)  # inside the measured range
+    assert {r["budget"] for r in moved.rows if r["objective"] == "diffusion"} == {1e11, 2e11, 4e11, 8e11, 1.6e12}
+
+
+def test_a_difference_made_by_the_convention_is_reported(tmp_path):
+    """Known truth: every paradigm has the same law in backbone compute. Counted with all FLOPs, diffusion (the
+    largest backbone share) wins image quality; at equal backbone compute no cell is confident, and the
+    check lists the cells whose answer changed."""
+    _convention_study(tmp_path, np.random.default_rng(1), seed_sd=0.02)
+    study = load_study(tmp_path)
+    v = decide(study)
+    fid_cells = [c for c in v.table if c["need"] == "image quality"]
+    assert any(c["choice"] == "diffusion" for c in fid_cells)
+    check = convention.convention_check(study, v)
+    alt = decide(convention.backbone_study(study, check["shares"]))
+    assert all(c["label"] != "confident" for c in alt.table if c["need"] == "image quality")
+    assert check["compared"] >= 2 and any(ch.startswith("image quality") for ch in check["changes"])

@@ -22,10 +22,8 @@ import numpy as np
 
 from flopmatch import PARADIGMS
 from flopmatch.files import atomic_write_bytes, atomic_write_text, read_json
-from flopmatch.flops import backbone_train_flops
-from flopmatch.nets import NetSpec
-from flopmatch.objectives import make_objective
 from flopmatch.report.analysis import EXTRAPOLATE, LEVEL, METRIC, MIN_FIT_BUDGETS, MIN_FIT_DECADES, Analysis
+from flopmatch.report.convention import convention_check
 from flopmatch.report.data import COLUMNS, Study, first_images, load_study
 from flopmatch.report.findings import EMA_LEVEL, analyse
 from flopmatch.report.plots import all_figures
@@ -241,25 +239,31 @@ def _scorer_banner(study: Study) -> list[str]:
     return out
 
 
-def _convention_banner(study: Study) -> list[str]:
-    """How much of each paradigm's budget is backbone compute, i.e. what the FLOP convention decides."""
-    share = {}
-    for r in study.runs:
-        spec = (r.state or {}).get("net_spec")
-        if not spec or (r.objective, r.depth) in share:
-            continue
-        spec = NetSpec.from_dict(spec)
-        share[(r.objective, r.depth)] = backbone_train_flops(spec) / make_objective(r.objective).train_flops(spec)
-    if not share:
+def _convention_banner(study: Study, an: Analysis) -> list[str]:
+    """What the FLOP convention decides: each paradigm's backbone share of its budget, and whether the verdicts
+    change at equal backbone-only compute (flopmatch.report.convention)."""
+    check = convention_check(study, an.verdicts)
+    if not check:
         return []
+    share = check["shares"]
     depths = sorted({d for _, d in share})
-    parts = "; ".join(f"depth {d}: " + ", ".join(f"{p} {100 * share[(p, d)]:.0f}%"
-                                                 for p in PARADIGMS if (p, d) in share) for d in depths)
+    parts = "; ".join(f"depth {d}: " + ", ".join(f"{p} {100 * share[(p, d)]:.0f}%" for p in PARADIGMS if (p, d) in share)
+                      for d in depths)
     spread = max(share.values()) / min(share.values())
-    return [f"FLOP convention: budgets count every matmul (Chinchilla's convention). The Transformer blocks alone "
-            f"(Kaplan's non-embedding convention) are {parts} of it, so counted that way the paradigms' budgets differ by "
-            f"up to {spread:.2f}x. The verdicts here are under the all-FLOPs convention; they are not yet recomputed "
-            f"under the other one."] if spread > 1.05 else []
+    if spread <= 1.05:
+        return []
+    head = (f"FLOP convention: budgets count every matmul (Chinchilla's convention). The Transformer blocks alone "
+            f"(Kaplan's non-embedding convention) are {parts} of it, so counted that way the budgets differ by up to "
+            f"{spread:.2f}x. ")
+    if not check["compared"]:
+        return [head + "Too few budgets overlap at equal backbone compute to re-check the verdicts."]
+    if check["changes"]:
+        return [head + "Re-judged at equal backbone compute (each seed interpolated between measured budgets, never "
+                "extrapolated), the answer changes: " + "; ".join(check["changes"]) + ". Part of a change can come "
+                "from having less data there: budgets outside a paradigm's range and seeds not measured at both ends "
+                "drop out."]
+    return [head + f"Re-judged at equal backbone compute (each seed interpolated between measured budgets, never "
+            f"extrapolated; {check['compared']} quality cells and the claims), the answer is the same."]
 
 
 def _banners(study: Study, an: Analysis) -> list[str]:
@@ -279,7 +283,7 @@ def _banners(study: Study, an: Analysis) -> list[str]:
         out.append(f"The answer is about this data and these budgets: dataset {data.name}, {data.image_size}x{data.image_size} "
                    f"px, training budgets {budgets[0]:.3g} to {budgets[-1]:.3g} FLOPs.")
     out += _scorer_banner(study)
-    out += _convention_banner(study)
+    out += _convention_banner(study, an)
     v = an.verdicts
     if any(n.source == "evaluation" for n in v.noise.values()):
         out.append("One seed per cell: image quality and prompt following rest on evaluation noise only (how much "
