@@ -53,6 +53,7 @@ from flopmatch.config import DataConfig, ModelConfig, RunConfig, SampleConfig, T
 from flopmatch.data.datasets import make_dataset
 from flopmatch.device import autocast, matmul_peak, matmul_times, resolve_device, use_bf16
 from flopmatch.errors import UserError
+from flopmatch.evaluation.timing import Clock
 from flopmatch.nets import NetSpec, Network
 from flopmatch.objectives import make_objective
 from flopmatch.schedule import ema_decay_at
@@ -197,21 +198,6 @@ class TrainingBench:
 # ----------------------------------------------------------------------------- timing
 
 
-def _clock(device: torch.device, fn: Callable[[], object]) -> float:
-    """Seconds of ``fn()``: CUDA events (no host sync inside) on a GPU, else perf_counter."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def error_text(e: BaseException) -> str:
     """An exception as one short line: its type and the first line of its message."""
     lines = str(e).strip().splitlines()
@@ -226,7 +212,7 @@ def interleaved(items: dict[str, Callable[[], object]], device: torch.device, ro
     for key, fn in items.items():  # warm-up (compilation, allocation), then calls per round from a timed call
         try:
             fn()
-            t = _clock(device, fn)
+            t = Clock(device)(fn)
         except Exception as e:  # any failure of one item (compile, out of memory) is reported, not raised
             errors[key] = error_text(e)
             log(f"{key}: failed ({errors[key]})")
@@ -238,7 +224,7 @@ def interleaved(items: dict[str, Callable[[], object]], device: torch.device, ro
         order = keys[r % len(keys):] + keys[: r % len(keys)] if keys else []
         for key in order[::-1] if r % 2 else order:
             fn, n = items[key], calls[key]
-            best[key] = min(best[key], _clock(device, lambda: [fn() for _ in range(n)]) / n)
+            best[key] = min(best[key], Clock(device)(lambda: [fn() for _ in range(n)]) / n)
     return best, errors
 
 

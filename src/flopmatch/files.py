@@ -187,3 +187,21 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"corrupt tensor file {path} ({e}); delete it and re-run") from None
+
+
+def load_verified(weights: str | Path, info_path: str | Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """A cached model's tensors and its info JSON, if the weights' sha256 is the one the info records.
+
+    None when either file is missing, unreadable or does not match: the caller then trains again (the
+    trained evaluators, classifiers and CLIPs, are cached this way).
+    """
+    weights, info_path = Path(weights), Path(info_path)
+    if not (weights.exists() and info_path.exists()):
+        return None
+    try:
+        info = read_json(info_path)
+        if info.get("sha256") != file_sha256(weights):
+            return None
+        return load_tensors(weights), info
+    except (UserError, OSError, AttributeError):
+        return None

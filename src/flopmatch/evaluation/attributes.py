@@ -35,8 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from flopmatch.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, ShapesConfig, ShapesDataset, parse_caption
-from flopmatch.errors import UserError
-from flopmatch.files import atomic_write_json, cache_dir, file_sha256, load_tensors, read_json, save_tensors
+from flopmatch.files import atomic_write_json, cache_dir, file_sha256, load_verified, read_json, save_tensors
 
 ATTRIBUTE_CODE_VERSION = 1  # bump when the network, labels or training recipe change: keys the cache
 ACCURACY_BOUND = 0.95  # every attribute's held-out accuracy must reach this (asserted by the tests)
@@ -309,13 +308,11 @@ def load_or_train_attribute_classifier(shapes_cfg, progress: bool = True) -> Att
     folder = _evaluator_dir(shapes_cfg)
     weights, info_path = folder / "classifier.safetensors", folder / "info.json"
     net = info = None
-    if weights.exists() and info_path.exists():
+    if cached := load_verified(weights, info_path):
         try:
-            info = read_json(info_path)
-            if info.get("sha256") == file_sha256(weights):
-                net = AttributeNet(shapes_cfg.image_size)
-                net.load_state_dict(load_tensors(weights), strict=True)
-        except (UserError, RuntimeError, KeyError):
+            net, info = AttributeNet(shapes_cfg.image_size), cached[1]
+            net.load_state_dict(cached[0], strict=True)
+        except RuntimeError:  # weights of another architecture: retrain
             net = None
     if net is None:
         net, info = train_attribute_classifier(shapes_cfg, progress=progress)

@@ -33,7 +33,7 @@ from flopmatch.data.datasets import ImageTextSet
 from flopmatch.data.fashion_mnist import CLASSES, caption_class, fashion_mnist_pool
 from flopmatch.errors import UserError
 from flopmatch.evaluation.attributes import _augment, _to_input
-from flopmatch.files import atomic_write_json, cache_dir, file_sha256, load_tensors, read_json, save_tensors
+from flopmatch.files import atomic_write_json, cache_dir, file_sha256, load_verified, save_tensors
 
 CLASS_CODE_VERSION = 1  # bump when the network, preprocessing or training recipe change: keys the cache
 ACCURACY_BOUND = 0.85  # test accuracy the fully trained classifier should reach; info["meets_bound"] records it
@@ -195,13 +195,11 @@ def load_or_train_class_classifier(data: DataConfig, progress: bool = True, step
     folder = _evaluator_dir(train.fingerprint(), steps)
     weights, info_path = folder / "classifier.safetensors", folder / "info.json"
     net = info = None
-    if weights.exists() and info_path.exists():
+    if cached := load_verified(weights, info_path):
         try:
-            info = read_json(info_path)
-            if info.get("sha256") == file_sha256(weights):
-                net = ClassNet(data.image_size)
-                net.load_state_dict(load_tensors(weights), strict=True)
-        except (UserError, RuntimeError, KeyError):
+            net, info = ClassNet(data.image_size), cached[1]
+            net.load_state_dict(cached[0], strict=True)
+        except RuntimeError:  # weights of another architecture: retrain
             net = None
     if net is None:
         net, info = train_class_classifier(train.images_uint8(), train.labels(), data.image_size, steps, progress)

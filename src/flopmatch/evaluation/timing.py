@@ -49,7 +49,7 @@ class TimingItem:
     sample: object  # flopmatch.config.SampleConfig
 
 
-class _Clock:
+class Clock:
     """Wall time of a callable: CUDA events on a GPU (no host sync inside the timed region), else perf_counter."""
 
     def __init__(self, device: torch.device):
@@ -86,7 +86,7 @@ def _runner(item: TimingItem, prompt: str):
     return run
 
 
-def _best_batch(run, clock: _Clock, max_batch: int, budget_s: float) -> tuple[int, float]:
+def _best_batch(run, clock: Clock, max_batch: int, budget_s: float) -> tuple[int, float]:
     """(batch, images/s) at the best rung of a doubling ladder (see the module docstring)."""
     start = time.perf_counter()
     best_b, best_ips, misses, b = 1, 1.0 / min(clock(lambda: run(1, i)) for i in range(2)), 0, 2
@@ -114,7 +114,7 @@ def time_items(items: list[TimingItem], rounds: int = 5, calls: int = 5, max_bat
         raise UserError(f"timing needs rounds, calls and max_batch >= 1, got {rounds}, {calls}, {max_batch}")
     if len({it.key for it in items}) != len(items):
         raise UserError("timing items must have distinct keys")
-    clocks = [_Clock(it.sampler.device) for it in items]
+    clocks = [Clock(it.sampler.device) for it in items]
     runs = [_runner(it, prompt) for it in items]
     for run in runs:  # warm-up
         run(1, 0)
