@@ -7,7 +7,7 @@ import itertools
 from dataclasses import replace
 from pathlib import Path
 
-from flopmatch.cli.args import add_solver_args, config_value, count
+from flopmatch.cli.args import add_solver_args, config_value, count, output_dir
 from flopmatch.config import SampleConfig
 from flopmatch.errors import UserError
 
@@ -53,6 +53,7 @@ def cmd_eval(args) -> int:
     features = [f.strip() for f in args.features.split(",") if f.strip()]
     ecfg = EvalConfig(num_samples=args.num_samples, seed=args.seed, weights="model" if args.raw else "ema",
                       features=features, timing=not args.no_timing, batch_size=args.batch_size,
+                      export=str(Path(args.export).resolve()) if args.export else "",
                       **({} if args.fid_boot is None else {"fid_boot": args.fid_boot}))
     doc = evaluate(run, settings, ecfg)
     for line in summary_lines(doc, only=None):
@@ -81,5 +82,8 @@ def register(sub) -> None:
     p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA (default: EMA)")
     p.add_argument("--fid-boot", type=count(0), metavar="N",
                    help="FID bootstrap replicates over the generated images, for noise estimates (default 200; 0 = off)")
+    p.add_argument("--export", type=output_dir, metavar="DIR",
+                   help="also write each setting's images to DIR/<setting>/ as PNGs and samples.npz (arr_0: N,H,W,3 "
+                        "uint8), for clean-fid, torch-fidelity or the ADM evaluator")
     p.add_argument("--no-timing", action="store_true", help="skip latency/throughput measurement")
     p.set_defaults(func=cmd_eval)

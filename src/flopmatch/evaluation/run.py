@@ -29,6 +29,7 @@ from flopmatch.config import SampleConfig
 from flopmatch.data.datasets import make_dataset
 from flopmatch.device import resolve_device
 from flopmatch.errors import UserError
+from flopmatch.evaluation.export import export_images
 from flopmatch.evaluation.features import extract_features, make_feature_extractor, reference_features
 from flopmatch.evaluation.inference import inference_cost
 from flopmatch.evaluation.prompt_scoring import prompt_scorer
@@ -60,6 +61,7 @@ class EvalConfig:
     timing_rounds: int = 5  # interleaved rounds (figures are medians over rounds)
     timing_budget_s: float = 10.0  # wall-time cap of the best-batch search per setting
     save_images: bool = True
+    export: str = ""  # a directory: also write each setting's images as PNGs + samples.npz (evaluation.export)
 
 
 def setting_key(sample: SampleConfig, steps: int) -> str:
@@ -206,6 +208,8 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
             entry["inference"] = inference_cost(sampler, sample)
             if key not in dict(timed):  # e.g. --sweep steps=0,25 on diffusion: one setting, timed once
                 timed.append((key, sample))
+        if ecfg.export:
+            export_images(images, prompts, Path(ecfg.export) / key)
         if ecfg.save_images:
             save_tensors(images_dir / "images.safetensors", {"images": images})
             atomic_write_json(images_dir / "prompts.json", prompts)
