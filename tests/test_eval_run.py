@@ -118,10 +118,10 @@ def test_export_round_trips_to_the_generated_images(tiny_run, tmp_path):
     ecfg = EvalConfig(num_samples=6, batch_size=6, kid_subset=4, kid_subsets=2, fid_boot=0, prompt_following=False,
                       timing=False, export=str(tmp_path / "export"))
     doc = evaluate(tiny_run, settings, ecfg, progress=False)
-    (key,) = doc["entries"]
+    (key,) = [p.name for p in (tmp_path / "export").iterdir()]  # eval.json also holds other tests' entries
+    assert key in doc["entries"] and doc["entries"][key]["manifest"]["num_samples"] == 6
     from_png, from_npz, prompts = read_export(tmp_path / "export" / key)
     stored = load_tensors(sample_dir(tiny_run, key) / "images.safetensors")["images"]
     assert from_png.dtype == from_npz.dtype == torch.uint8 and from_png.shape == (6, 3, 32, 32)
     assert torch.equal(from_png, from_npz) and torch.equal(from_png, stored)
     assert prompts == json.loads((sample_dir(tiny_run, key) / "prompts.json").read_text())
-    assert [p.name for p in (tmp_path / "export").iterdir()] == [key]
