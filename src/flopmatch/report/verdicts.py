@@ -448,8 +448,8 @@ def _reason(status: str, parts: list[dict], noise: dict[str, Noise]) -> str:
     if status == "held":
         return "every part separated with confidence (Holm-corrected, noise including retraining or timing rounds)"
     if status == "did not hold":
-        bad = [p["text"] for p in parts if p["status"] == "did not hold"]
-        return "reversed with confidence: " + "; ".join(bad)
+        bad = [f"\"{p['text']}\"" for p in parts if p["status"] == "did not hold"]
+        return "reversed with confidence (the opposite was found) for " + "; ".join(bad)
     evaluation = [m for m, n in noise.items() if n.source == "evaluation"]
     why = []
     if evaluation:
