@@ -74,9 +74,9 @@ def cpu() -> StudyConfig:
     variance (6 degrees of freedom) the report's tests apply to every cell; 7 timing rounds. 21 runs,
     1.5e13 training FLOPs. Small batches buy more updates per FLOP at these budgets.
 
-    Measured here (2026-12-03, 2 idle cores, empty cache): 14.3 min, of which tokenizers 2.2 min, runs
-    10.6 min (5.9 min training), timing phase 44 s, report 51 s. What it can decide, measured on that run:
-    seed sd 4.5 % of FID and 0.8 % of the prompt error (6 df); an FID comparison at one budget detects
+    Measured here (2 idle cores, empty cache; `flopmatch study --out /tmp/studyS5`): 13.6 min, of which
+    tokenizers 2.1 min, runs 10.1 min, timing phase 44 s, report 33 s. What it can decide, measured on that
+    run: seed sd 3.9 % of FID and 0.8 % of the prompt error (6 df); an FID comparison at one budget detects
     ~40 % differences, a prompt-error average over budgets ~3 %; timing orders with >= ~1.4x gaps (7
     rounds). So it separates inference costs and large quality gaps, but gives "no difference detected"
     for the FID orders of these tiny, short-trained models; `cpu-long` (3 seeds per cell) has more power.
