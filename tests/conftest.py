@@ -3,6 +3,9 @@ and the FlopCounterMode mapping for CPU flash attention (see tests/flop_counting
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,9 +25,6 @@ def flopmatch_cache(tmp_path_factory):
     Except trained evaluators: ``evaluators/`` links to the persistent cache, so the attribute
     classifier and domain CLIP (minutes to train, keyed and checksummed) train once per machine.
     """
-    import os
-    from pathlib import Path
-
     persistent = Path(os.environ.get("FLOPMATCH_CACHE") or Path.home() / ".cache" / "flopmatch") / "evaluators"
     persistent.mkdir(parents=True, exist_ok=True)
     mp = pytest.MonkeyPatch()
@@ -57,3 +57,11 @@ def flop_mapping():
 def gen():
     """A CPU torch.Generator seeded with 0."""
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch) -> Path:
+    """A fresh FLOPMATCH_CACHE per test (the data-source tests): cache hits and misses are then this test's own."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("FLOPMATCH_CACHE", str(path))
+    return path

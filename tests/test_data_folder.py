@@ -33,26 +33,17 @@ from flopmatch.data.folder import folder_items
 from flopmatch.data.images import BadImage, load_image
 from flopmatch.data.pool import MAX_EVAL_FRACTION, Pool, split_indices
 from flopmatch.errors import UserError
+from tiny import color
 
 # Sizes with different aspect ratios (wide, tall, square, smaller and larger than the training side).
 SIZES = [(40, 40), (64, 24), (20, 50), (90, 60), (12, 12), (33, 71)]
 RED, GREEN, BLUE, WHITE = (220, 20, 20), (20, 200, 40), (30, 40, 210), (255, 255, 255)
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch) -> Path:
-    """A fresh FLOPMATCH_CACHE per test: cache hits and misses are then this test's own."""
-    path = tmp_path / "cache"
-    monkeypatch.setenv("FLOPMATCH_CACHE", str(path))
-    return path
+pytestmark = pytest.mark.usefixtures("own_cache")  # tests/conftest.py: a fresh cache per test
 
 
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def color(i: int) -> tuple[int, int, int]:
-    """A distinct solid colour per index."""
-    return ((37 * i) % 256, (91 * i + 60) % 256, (151 * i + 120) % 256)
 
 
 def write_image(path: Path, size=(40, 30), fill=RED, mode: str = "RGB", fmt: str | None = None) -> Path:

@@ -31,24 +31,15 @@ from flopmatch.data.images import load_image
 from flopmatch.data.pool import Pool
 from flopmatch.data.wds import wds_pool
 from flopmatch.errors import UserError
+from tiny import color
 
 SIZE = 8  # training side of every pool here
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch) -> Path:
-    """A fresh FLOPMATCH_CACHE per test: cache hits and misses are then this test's own."""
-    path = tmp_path / "cache"
-    monkeypatch.setenv("FLOPMATCH_CACHE", str(path))
-    return path
+pytestmark = pytest.mark.usefixtures("own_cache")  # tests/conftest.py: a fresh cache per test
 
 
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def color(i: int) -> tuple[int, int, int]:
-    """A distinct solid colour per index."""
-    return ((37 * i) % 256, (91 * i + 60) % 256, (151 * i + 120) % 256)
 
 
 def encoded(i: int, fmt: str = "PNG", mode: str = "RGB", size=(12, 10)) -> bytes:

@@ -121,3 +121,8 @@ class Recorder(torch.nn.Module):
     def forward(self, x, text, text_pad, pooled, t=None, cache=None):
         self.inputs.append(x.detach().clone())
         return self.module(x, text, text_pad, pooled, t=t, cache=cache)
+
+
+def color(i: int) -> tuple[int, int, int]:
+    """A distinct solid colour per index (image fixtures of the data-source tests)."""
+    return ((37 * i) % 256, (91 * i + 60) % 256, (151 * i + 120) % 256)

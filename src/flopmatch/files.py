@@ -189,11 +189,11 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
         raise UserError(f"corrupt tensor file {path} ({e}); delete it and re-run") from None
 
 
-def load_verified(weights: str | Path, info_path: str | Path) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """A cached model's tensors and its info JSON, if the weights' sha256 is the one the info records.
 
-    None when either file is missing, unreadable or does not match: the caller then trains again (the
-    trained evaluators, classifiers and CLIPs, are cached this way).
+def load_verified(net: torch.nn.Module, weights: str | Path, info_path: str | Path) -> dict | None:
+    """Load a cached model into ``net`` and return its info JSON, if the weights' sha256 is the one the info
+    records and they fit ``net``; None otherwise (missing, unreadable, mismatched): the caller trains again.
+    The trained evaluators (classifiers) are cached this way, written by :func:`save_verified`.
     """
     weights, info_path = Path(weights), Path(info_path)
     if not (weights.exists() and info_path.exists()):
@@ -202,6 +202,16 @@ def load_verified(weights: str | Path, info_path: str | Path) -> tuple[dict[str,
         info = read_json(info_path)
         if info.get("sha256") != file_sha256(weights):
             return None
-        return load_tensors(weights), info
-    except (UserError, OSError, AttributeError):
+        net.load_state_dict(load_tensors(weights), strict=True)
+        return info
+    except (UserError, OSError, AttributeError, RuntimeError):  # RuntimeError: weights of another architecture
         return None
+
+
+def save_verified(net: torch.nn.Module, weights: str | Path, info_path: str | Path, info: dict,
+                  metadata: dict[str, str] | None = None) -> dict:
+    """Write ``net``'s weights, then ``info`` with their sha256 (the pair :func:`load_verified` trusts); returns info."""
+    save_tensors(weights, net.state_dict(), metadata=metadata)
+    info["sha256"] = file_sha256(weights)
+    atomic_write_json(info_path, info)
+    return info

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from flopmatch.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, ShapesConfig, ShapesDataset, parse_caption
-from flopmatch.files import atomic_write_json, cache_dir, file_sha256, load_verified, read_json, save_tensors
+from flopmatch.files import atomic_write_json, cache_dir, load_verified, read_json, save_verified
 
 ATTRIBUTE_CODE_VERSION = 1  # bump when the network, labels or training recipe change: keys the cache
 ACCURACY_BOUND = 0.95  # every attribute's held-out accuracy must reach this (asserted by the tests)
@@ -307,18 +307,11 @@ def load_or_train_attribute_classifier(shapes_cfg, progress: bool = True) -> Att
     """
     folder = _evaluator_dir(shapes_cfg)
     weights, info_path = folder / "classifier.safetensors", folder / "info.json"
-    net = info = None
-    if cached := load_verified(weights, info_path):
-        try:
-            net, info = AttributeNet(shapes_cfg.image_size), cached[1]
-            net.load_state_dict(cached[0], strict=True)
-        except RuntimeError:  # weights of another architecture: retrain
-            net = None
-    if net is None:
+    net = AttributeNet(shapes_cfg.image_size)
+    info = load_verified(net, weights, info_path)
+    if info is None:
         net, info = train_attribute_classifier(shapes_cfg, progress=progress)
-        save_tensors(weights, net.state_dict(), metadata={"code_version": str(ATTRIBUTE_CODE_VERSION)})
-        info["sha256"] = file_sha256(weights)
-        atomic_write_json(info_path, info)
+        save_verified(net, weights, info_path, info, metadata={"code_version": str(ATTRIBUTE_CODE_VERSION)})
     net.eval()
     classifier = AttributeClassifier(net, info["sha256"], info, {}, weights)
     acc_path = folder / f"accuracy-{shapes_cfg.fingerprint()}.json"

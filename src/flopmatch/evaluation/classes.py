@@ -33,7 +33,7 @@ from flopmatch.data.datasets import ImageTextSet
 from flopmatch.data.fashion_mnist import CLASSES, caption_class, fashion_mnist_pool
 from flopmatch.errors import UserError
 from flopmatch.evaluation.attributes import _augment, _to_input
-from flopmatch.files import atomic_write_json, cache_dir, file_sha256, load_verified, save_tensors
+from flopmatch.files import cache_dir, load_verified, save_verified
 
 CLASS_CODE_VERSION = 1  # bump when the network, preprocessing or training recipe change: keys the cache
 ACCURACY_BOUND = 0.85  # test accuracy the fully trained classifier should reach; info["meets_bound"] records it
@@ -194,21 +194,14 @@ def load_or_train_class_classifier(data: DataConfig, progress: bool = True, step
     train, test = _splits(data, progress)
     folder = _evaluator_dir(train.fingerprint(), steps)
     weights, info_path = folder / "classifier.safetensors", folder / "info.json"
-    net = info = None
-    if cached := load_verified(weights, info_path):
-        try:
-            net, info = ClassNet(data.image_size), cached[1]
-            net.load_state_dict(cached[0], strict=True)
-        except RuntimeError:  # weights of another architecture: retrain
-            net = None
-    if net is None:
+    net = ClassNet(data.image_size)
+    info = load_verified(net, weights, info_path)
+    if info is None:
         net, info = train_class_classifier(train.images_uint8(), train.labels(), data.image_size, steps, progress)
         info |= {"train_data_fingerprint": train.fingerprint(), "test_data_fingerprint": test.fingerprint(),
                  "num_test": len(test)}
         info["test_accuracy"] = accuracy(ClassClassifier(net, "", info, None), test.images_uint8(), test.labels())
         info["meets_bound"] = info["test_accuracy"] >= ACCURACY_BOUND
-        save_tensors(weights, net.state_dict(), metadata={"code_version": str(CLASS_CODE_VERSION)})
-        info["sha256"] = file_sha256(weights)
-        atomic_write_json(info_path, info)
+        save_verified(net, weights, info_path, info, metadata={"code_version": str(CLASS_CODE_VERSION)})
     net.eval()
     return ClassClassifier(net, info["sha256"], info, weights)
