@@ -1,4 +1,4 @@
-"""Schedules: the flow-matching path, the masked cosine schedule and its sampler, the learning-rate schedule."""
+"""Schedules: the flow-matching path, the masked cosine schedule and its sampler, the learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from flopmatch.config import SampleConfig, TrainConfig
 from flopmatch.objectives.diffusion import flow_path
 from flopmatch.objectives.masked import mask_ratio, masked_counts, random_mask
+from flopmatch.schedule import decay_steps, stable_steps, warmup_cosine
 from flopmatch.train import lr_at
 from tiny import Recorder, empty_text, fake_text, make_tiny
 
@@ -110,3 +111,42 @@ def test_lr_warmup_then_cosine_to_min(total, warmup_frac):
     mid = warmup + (total - 1 - warmup) // 2  # half way through the cosine: about the mean of lr and min
     assert lrs[mid] == pytest.approx(cfg.lr * (1 + cfg.min_lr_ratio) / 2, rel=0.1)
     assert not math.isnan(sum(lrs))
+
+
+@pytest.mark.parametrize("schedule", ["wsd", "constant"])
+def test_lr_before_the_cooldown_does_not_depend_on_the_budget(schedule):
+    """wsd/constant: every step before the cooldown gets the same LR whatever the total; the stable steps never shrink."""
+    cfg = TrainConfig(lr=2e-3, min_lr_ratio=0.1, schedule=schedule, warmup_steps=7, decay_frac=0.2)
+    longest = [lr_at(s, 500, cfg) for s in range(500)]
+    previous = 0
+    for total in range(1, 500):
+        stable = stable_steps(total, cfg)
+        assert previous <= stable <= total
+        assert [lr_at(s, total, cfg) for s in range(stable)] == longest[:stable]
+        previous = stable
+    assert longest[6] == cfg.lr and longest[0] == cfg.lr / 7  # linear warmup over warmup_steps
+    if schedule == "constant":
+        assert longest[7:] == [cfg.lr] * 493
+
+
+@pytest.mark.parametrize("total,decay_frac", [(10, 0.2), (100, 0.2), (1000, 0.1), (37, 0.5), (5, 1.0)])
+def test_wsd_cools_down_with_1_sqrt_to_min(total, decay_frac):
+    """wsd: peak LR until the last decay_frac of the steps, then lr * (m + (1 - m)(1 - sqrt(p))) down to lr*min_lr_ratio."""
+    cfg = TrainConfig(lr=2e-3, min_lr_ratio=0.1, schedule="wsd", warmup_steps=0, decay_frac=decay_frac)
+    decay = decay_steps(total, decay_frac)
+    assert decay == max(1, round(decay_frac * total))
+    lrs = [lr_at(s, total, cfg) for s in range(total)]
+    start = total - decay
+    assert stable_steps(total, cfg) == start and lrs[:start] == [cfg.lr] * start
+    for s in range(start, total):
+        p = (s - start + 1) / decay
+        assert lrs[s] == pytest.approx(cfg.lr * (0.1 + 0.9 * (1 - math.sqrt(p))))
+    assert all(b < a for a, b in zip(lrs[start - 1 :], lrs[start:])) if start else True
+    assert lrs[-1] == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+
+
+def test_cosine_has_no_budget_independent_steps():
+    """The cosine (the default) fits every step to the total: stable_steps is None and its LR is unchanged."""
+    cfg = TrainConfig(lr=1e-3, warmup_frac=0.05, min_lr_ratio=0.1)
+    assert cfg.schedule == "cosine" and stable_steps(100, cfg) is None
+    assert [lr_at(s, 100, cfg) for s in range(100)] == [warmup_cosine(s, 100, 1e-3, 5, 0.1) for s in range(100)]

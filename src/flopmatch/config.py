@@ -11,6 +11,7 @@ import inspect
 import math
 import re
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -93,8 +94,13 @@ class TrainConfig:
     budget: float = 3e12  # training FLOPs (network forward+backward only)
     batch_size: int = 64  # global batch (split across processes)
     lr: float = 1e-3  # peak learning rate (AdamW)
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
-    warmup_frac: float = 0.05  # linear warmup over this fraction of the steps
+    min_lr_ratio: float = 0.1  # the LR decays to lr * min_lr_ratio at the last step (cosine, wsd)
+    warmup_frac: float = 0.05  # cosine: linear warmup over this fraction of the steps
+    # wsd and constant warm up over a fixed number of steps: a fraction of the steps would tie every LR to the
+    # budget, and a run could not be continued to a larger one (flopmatch.schedule).
+    schedule: str = "cosine"  # LR schedule: cosine | wsd (warmup-stable-decay; a run can continue to a larger --budget) | constant (no decay)
+    warmup_steps: int = 100  # wsd, constant: linear warmup over this many steps, whatever the budget (0 = none)
+    decay_frac: float = 0.2  # wsd: the final fraction of the steps that cools the LR down to lr * min_lr_ratio (1-sqrt shape)
     weight_decay: float = 0.01  # AdamW decay of weight matrices (not biases, norms or stems)
     beta2: float = 0.99  # AdamW second-moment decay
     grad_clip: float = 1.0  # gradient-norm clipping threshold
@@ -105,6 +111,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints (also saved at the end and on Ctrl-C)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the network
+    trackers: list[str] = field(default_factory=list)  # live views of metrics.jsonl: tensorboard, wandb (offline unless WANDB_MODE is set); not part of the run's identity
 
 
 @dataclass
@@ -189,6 +196,7 @@ RANGES: dict[tuple[str, str], Range] = {
     ("ObjectiveConfig", "t_std"): POSITIVE, ("ObjectiveConfig", "min_mask"): AT_LEAST_1,
     ("TrainConfig", "budget"): POSITIVE, ("TrainConfig", "batch_size"): AT_LEAST_1, ("TrainConfig", "lr"): POSITIVE,
     ("TrainConfig", "min_lr_ratio"): PROBABILITY, ("TrainConfig", "warmup_frac"): FRACTION,
+    ("TrainConfig", "warmup_steps"): NON_NEGATIVE, ("TrainConfig", "decay_frac"): Range(0, 1, lo_open=True),
     ("TrainConfig", "weight_decay"): NON_NEGATIVE, ("TrainConfig", "beta2"): FRACTION,
     ("TrainConfig", "grad_clip"): POSITIVE, ("TrainConfig", "ema_decay"): FRACTION,
     ("TrainConfig", "log_every"): AT_LEAST_1, ("TrainConfig", "checkpoint_every"): AT_LEAST_1,
@@ -210,16 +218,20 @@ RANGES: dict[tuple[str, str], Range] = {
     ("AutoencoderConfig", "log_every"): AT_LEAST_1,
 }
 PRECISIONS = ("auto", "bf16", "fp32")
+# The learning-rate schedules of flopmatch.schedule.lr_at; only wsd and constant runs can grow to a larger budget.
+SCHEDULES = ("cosine", "wsd", "constant")
 SOLVERS = ("euler", "heun")  # the flow ODE solvers of flopmatch.objectives.ode
+TRACKERS = ("tensorboard", "wandb")  # the experiment trackers of flopmatch.tracking
 # The sources flopmatch.data.datasets.make_dataset knows: a name, or a kind with an argument ("folder:PATH").
 DATASETS = ("shapes", "fashion-mnist", "emoji")
 SOURCE_KINDS = ("folder", "wds", "hf")
 SOURCE_FIELDS = {("DataConfig", "name"), ("AutoencoderConfig", "data")}
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("TextConfig", "kind"): ("minilm", "hash"), ("TokenizerConfig", "kind"): ("auto", "patch", "kmeans"),
-    ("TrainConfig", "precision"): PRECISIONS, ("ObjectiveConfig", "name"): PARADIGMS,
+    ("TrainConfig", "precision"): PRECISIONS, ("TrainConfig", "schedule"): SCHEDULES, ("ObjectiveConfig", "name"): PARADIGMS,
     ("AutoencoderConfig", "kind"): ("kl", "lfq"), ("AutoencoderConfig", "recon_loss"): ("l1", "l2", "l1+l2"),
     ("AutoencoderConfig", "precision"): PRECISIONS, ("SampleConfig", "solver"): SOLVERS,
+    ("TrainConfig", "trackers"): TRACKERS,  # a list field: each item must be one of them
 }
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"  # what train.device may name (flopmatch.device.resolve_device)
 
@@ -274,7 +286,10 @@ def check_fields(cfg, where: str = "") -> None:
             raise UserError(f"{key} must be a finite number, got {value}")
         if rule in RANGES and value not in RANGES[rule]:
             raise UserError(f"{key} must be {RANGES[rule]}, got {value:g}")
-        if rule in CHOICES and value not in CHOICES[rule]:
+        if rule in CHOICES and isinstance(value, list):  # a list field: each item is one of the choices
+            if bad := [v for v in value if v not in CHOICES[rule]]:
+                raise UserError(f"{key}: unknown item {bad[0]!r}; each must be one of {', '.join(CHOICES[rule])}")
+        elif rule in CHOICES and value not in CHOICES[rule]:
             raise UserError(f"{key} must be one of {', '.join(CHOICES[rule])}, got {value!r}")
         if rule in SOURCE_FIELDS:
             parse_source(value, key)
@@ -353,8 +368,16 @@ def from_dict(cls, data: dict, where: str = ""):
 
 
 def _coerce(tp, value, key: str):
-    """Check/convert a JSON value to the field type ``tp`` (int, float, bool, str, list[str])."""
+    """Check/convert a JSON value to the field type ``tp`` (int, float, bool, str, list[T], dict[str, T], T | None)."""
     origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config key {key} must be an object, got {value!r}")
+        _, inner = typing.get_args(tp)
+        return {str(k): _coerce(inner, v, f"{key}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp):
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(inner, value, key)
     if origin is list:
         if not isinstance(value, list):
             raise UserError(f"config key {key} must be a list, got {value!r}")
@@ -362,6 +385,9 @@ def _coerce(tp, value, key: str):
         return [_coerce(inner, v, key) for v in value]
     if tp is bool:
         if isinstance(value, bool):
+            return value
+    elif tp is dict:  # a free-form JSON object (e.g. a plan's whole run config, checked where it is used)
+        if isinstance(value, dict):
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

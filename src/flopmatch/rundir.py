@@ -8,9 +8,14 @@ thing it may read::
       metrics.jsonl                     one JSON object per logged step (step, loss, lr, cumulative flops, ...)
       checkpoint/checkpoint.safetensors model, EMA, optimizer and RNG tensors; scalar state in its metadata
       checkpoint/state.json             a human-readable copy of that scalar state
+      checkpoint-stable/                train.schedule=wsd: the same, saved where the cooldown starts
+                                        (the state a larger budget continues from; flopmatch.growth)
+      budgets/<budget>/                 a finished budget's result, kept when the run was continued to a
+                                        larger one: checkpoint/, config.json, metrics.jsonl, eval.json, samples/
       tokenizer/                        the run's own tokenizer, so sampling needs nothing else
       eval.json                         metrics keyed by sampling settings, each with a manifest
       samples/<entry>/                  generated images (safetensors + grid.png) and their prompts
+      tensorboard/, wandb/              optional views of metrics.jsonl (train.trackers; flopmatch.tracking)
       .lock                             held by the one process training the run (flopmatch.lock)
 
 Training writes config, metrics, checkpoint and tokenizer through this module and holds ``.lock``;
@@ -37,12 +42,16 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint/checkpoint.safetensors"
 STATE = "checkpoint/state.json"
+STABLE_CHECKPOINT = "checkpoint-stable/checkpoint.safetensors"  # wsd runs: the state where the cooldown starts
+BUDGETS = "budgets"  # finished budgets of a run that was continued to a larger one, by budget_tag()
 TOKENIZER = "tokenizer"
 EVAL = "eval.json"
 DATA = "data.json"  # the training split: source, size, images skipped and converted by cause
 SAMPLES = "samples"
 # Keys every checkpoint state has (resume and the report rely on them).
 STATE_KEYS = ("step", "total_steps", "flops", "done", "net_spec")
+# Config keys that change how a run is watched, not what it computes: a resume may change them (config_diffs skips them).
+NOT_IDENTITY = ("train.trackers",)
 
 
 # ----------------------------------------------------------------------------- config
@@ -63,17 +72,23 @@ def read_config(run: str | Path) -> RunConfig:
     return from_dict(RunConfig, read_json(run / CONFIG)).validate()
 
 
-def check_same_config(run: Path, cfg: RunConfig) -> None:
-    """A run directory belongs to one config; refuse to resume it with a different one.
+def config_diffs(run: Path, cfg: RunConfig) -> list[str]:
+    """The keys (``section.key``) whose values in ``cfg`` differ from the run's stored config; [] if equal.
 
     The stored config is read through :func:`read_config`, so a config.json written by an earlier
-    version (old key names) compares equal to the same config written today.
+    version (old key names, keys added since with their defaults) compares equal to the same config written today.
     """
     old = to_dict(read_config(run))
     new = to_dict(cfg)
-    if old != new:
-        diffs = [f"{s}.{k}" for s in new if isinstance(new[s], dict) for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
-        diffs += [s for s in new if not isinstance(new[s], dict) and old.get(s) != new[s]]
+    diffs = [f"{s}.{k}" for s in new if isinstance(new[s], dict) for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+    diffs += [s for s in new if not isinstance(new[s], dict) and old.get(s) != new[s]]
+    return [d for d in diffs if d not in NOT_IDENTITY]
+
+
+def check_same_config(run: Path, cfg: RunConfig) -> None:
+    """A run directory belongs to one config; refuse to resume it with a different one."""
+    diffs = config_diffs(run, cfg)
+    if diffs:
         raise UserError(
             f"{run} holds a run with a different config ({', '.join(diffs[:4])} differ); use a new --out directory"
         )
@@ -125,8 +140,12 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(run: Path, net, ema, opt, rng: torch.Generator, state: dict) -> None:
-    """One atomic file with model, EMA, optimizer and RNG tensors; scalar state in its metadata."""
+def save_checkpoint(run: Path, net, ema, opt, rng: torch.Generator, state: dict, name: str = CHECKPOINT) -> None:
+    """One atomic file with model, EMA, optimizer and RNG tensors; scalar state in its metadata.
+
+    ``name``: the file inside the run (:data:`CHECKPOINT`, or :data:`STABLE_CHECKPOINT`); a
+    human-readable ``state.json`` is written beside it.
+    """
     tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
     opt_t, groups = optimizer_tensors(opt)
@@ -134,8 +153,20 @@ def save_checkpoint(run: Path, net, ema, opt, rng: torch.Generator, state: dict)
     tensors["rng.generator"] = rng.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"state": json.dumps(state), "param_groups": json.dumps(groups), "tensors_sha256": tensors_sha256(tensors)}
-    save_tensors(Path(run) / CHECKPOINT, tensors, metadata=meta)
-    atomic_write_text(Path(run) / STATE, json.dumps(state, indent=2) + "\n")  # human-readable copy
+    save_tensors(Path(run) / name, tensors, metadata=meta)
+    atomic_write_text((Path(run) / name).with_name("state.json"), json.dumps(state, indent=2) + "\n")  # human-readable copy
+
+
+def copy_checkpoint(src: Path, dst: Path, state: dict) -> None:
+    """Write checkpoint file ``src``'s tensors (checksum verified) to ``dst`` with scalar state ``state``.
+
+    Atomic like :func:`save_checkpoint`, with the human-readable ``state.json`` beside ``dst``.
+    Continuing a run installs its stable (or final) checkpoint this way, with ``done`` false.
+    """
+    tensors = load_checkpoint_tensors(src)
+    meta = read_checkpoint_meta(src) | {"state": json.dumps(state)}
+    save_tensors(dst, tensors, metadata=meta)
+    atomic_write_text(Path(dst).with_name("state.json"), json.dumps(state, indent=2) + "\n")
 
 
 def restore_checkpoint(run: Path, net, ema, opt, rng: torch.Generator, device) -> None:
@@ -169,9 +200,12 @@ def read_checkpoint_meta(path: Path) -> dict:
         raise UserError(f"corrupt checkpoint {path} ({e}); delete the run directory's checkpoint/ to restart") from None
 
 
-def read_state(run: str | Path) -> dict | None:
-    """Scalar training state (step, flops, done, ...) of a run, or None before the first checkpoint."""
-    path = Path(run) / CHECKPOINT
+def read_state(run: str | Path, name: str = CHECKPOINT) -> dict | None:
+    """Scalar training state (step, flops, done, ...) of a run, or None before the first checkpoint.
+
+    ``name``: which checkpoint file of the run (:data:`STABLE_CHECKPOINT` for a wsd run's stable one).
+    """
+    path = Path(run) / name
     if not path.exists():
         return None
     return _state(path)
@@ -208,6 +242,20 @@ def load_weights(run: str | Path, which: str = "ema", device="cpu") -> tuple[Run
 
 
 # ----------------------------------------------------------------------------- tokenizer, evaluation, samples
+
+
+def budget_tag(budget: float) -> str:
+    """A budget in FLOPs as a directory name: the shortest exact decimal, ``3e12``, ``2.5e12``, ``1234567``."""
+    for digits in range(1, 18):
+        text = f"{budget:.{digits}g}"
+        if float(text) == budget:
+            break
+    return text.replace("e+", "e")
+
+
+def budget_dir(run: str | Path, budget: float) -> Path:
+    """Where a finished budget's result is kept once its run was continued to a larger budget."""
+    return Path(run) / BUDGETS / budget_tag(budget)
 
 
 def tokenizer_dir(run: str | Path) -> Path:

@@ -1,5 +1,5 @@
-"""The training loop, written once for all paradigms: budget -> steps, AdamW, warmup + cosine,
-EMA, bf16 autocast, atomic checkpoints and exact resume.
+"""The training loop, written once for all paradigms: budget -> steps, AdamW, a learning-rate schedule
+(warmup + cosine by default, or warmup-stable-decay), EMA, bf16 autocast, atomic checkpoints and exact resume.
 
 Setup, loop, save, in that order (DiT). The number of steps is ``ceil(budget / FLOPs per step)``
 with FLOPs per step = analytic training FLOPs per example x global batch, so training stops at the
@@ -8,6 +8,12 @@ first step where the cumulative FLOPs reach the budget (at most one step over).
 Resume is exact: the checkpoint holds model, EMA, optimizer, step, FLOPs so far and the RNG state
 of the generator that draws batches' randomness (timesteps, noise, masks, caption dropout). The
 data order is a pure function of (seed, epoch), so the data position is the step itself.
+
+Runs that grow: under ``train.schedule=wsd`` a run also saves its full state where the cooldown starts
+(``checkpoint-stable/``). Nothing before that step depends on the budget, so ``train`` with a config
+that differs only in ``train.budget`` continues the run from there (:mod:`flopmatch.growth`) to
+exactly the weights a run trained for the new budget from the start would have, keeping the old
+budget's result under ``budgets/<budget>/``. Cosine runs refuse; ``constant`` runs continue from their end.
 
 References: Kaplan et al. 2020 and Hoffmann et al. 2022 (FLOP accounting, see flopmatch.flops);
 Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization" (AdamW); Ho & Salimans 2022,
@@ -22,6 +28,7 @@ import copy
 import math
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -35,6 +42,7 @@ from flopmatch.device import autocast, memory_bytes, peak_matmul_flops, resolve_
 from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_json, remove_stale_temps
 from flopmatch.flops import num_params
+from flopmatch.growth import continue_run, plan_continuation
 from flopmatch.lock import LOCK_NAME, DirectoryLock, in_use, is_locked
 from flopmatch.nets import Network
 from flopmatch.objectives import make_objective
@@ -44,8 +52,10 @@ from flopmatch.rundir import (
     CONFIG,
     DATA,
     METRICS,
+    STABLE_CHECKPOINT,
     append_metrics,
     check_same_config,
+    config_diffs,
     read_state,
     restore_checkpoint,
     save_checkpoint,
@@ -53,12 +63,8 @@ from flopmatch.rundir import (
     truncate_metrics,
     write_config,
 )
-from flopmatch.schedule import ema_decay_at, warmup_cosine
-
-
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """The generators' learning rate: warmup over ``warmup_frac`` of the steps, cosine to ``lr * min_lr_ratio``."""
-    return warmup_cosine(step, total, cfg.lr, round(cfg.warmup_frac * total), cfg.min_lr_ratio)
+from flopmatch.schedule import ema_decay_at, lr_at, stable_steps
+from flopmatch.tracking import Trackers, check_trackers
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -171,25 +177,32 @@ class InterruptFlag:
 def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train (or resume, or report finished) the run in ``out``. Returns the final state dict.
 
+    A run whose config differs from ``cfg`` in ``train.budget`` only is continued to the new budget
+    where its schedule allows (wsd, constant; see :mod:`flopmatch.growth`), else refused.
     ``stop_after``: stop (with a checkpoint) after this many steps in this call, as if interrupted;
     used by tests of exact resume.
     """
     cfg.validate()
+    check_trackers(cfg.train.trackers)  # a missing tracker package is reported before minutes of data preparation
     run = Path(out)
     device = resolve_device(cfg.train.device)
     dist.init(device)
     objective = make_objective(cfg.objective)
 
+    growing = False
     if (run / CONFIG).exists():
-        check_same_config(run, cfg)
-        state = read_state(run)
-        if state and state.get("done"):
-            if dist.is_main():
-                # A kill while the final state.json copy was written leaves its temp file: only train writes
-                # checkpoint/, so removing what is there is safe without the lock.
-                remove_stale_temps(run / "checkpoint")
-                print(f"{run}: finished ({state['step']} steps, {state['flops']:.3g} FLOPs); nothing to do")
-            return state
+        # Only the budget differs: continue the run to the new budget (checked below, carried out under the lock).
+        growing = config_diffs(run, cfg) == ["train.budget"]
+        if not growing:
+            check_same_config(run, cfg)
+            state = read_state(run)
+            if state and state.get("done"):
+                if dist.is_main():
+                    # A kill while the final state.json copy was written leaves its temp file: only train writes
+                    # checkpoint/, so removing what is there is safe without the lock.
+                    remove_stale_temps(run / "checkpoint")
+                    print(f"{run}: finished ({state['step']} steps, {state['flops']:.3g} FLOPs); nothing to do")
+                return state
     elif run.exists() and not run.is_dir():
         raise UserError(f"--out {run} is a file, not a directory; choose another --out")
     elif run.exists() and any(p.name != LOCK_NAME for p in run.iterdir()):
@@ -213,6 +226,13 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
         raise UserError(f"training this network needs at least {need / 2**30:.3g} GiB ({num_params(spec):,} parameters, "
                         f"batch {cfg.train.batch_size // world} per process) but {device} has {have / 2**30:.3g} GiB; "
                         f"lower --depth or train.batch_size")
+    if growing:  # a cosine run, or a state past the new budget's stable phase, is refused before data preparation
+        plan_continuation(run, cfg, plan.steps)
+    warm = stable_steps(plan.steps, cfg.train)  # wsd, constant: the steps the warmup has (cosine: None)
+    if warm is not None and cfg.train.warmup_steps > warm and dist.is_main():
+        print(f"flopmatch: warning: train.warmup_steps={cfg.train.warmup_steps} is more than the {warm} steps "
+              f"{'before the cooldown' if cfg.train.schedule == 'wsd' else 'of this budget'}, so the LR never reaches "
+              f"train.lr; lower train.warmup_steps", file=sys.stderr)
     created = not run.exists()
     # One writer per run directory (a second `train` on it, or a requeued job whose predecessor is still
     # being torn down, gets a one-line error naming the holder). Only the main rank writes.
@@ -221,6 +241,11 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
             if dist.is_main():  # temp files of writes a killed training process never finished
                 remove_stale_temps(run, names=(CONFIG, METRICS))
                 remove_stale_temps(run / "checkpoint")
+                remove_stale_temps((run / STABLE_CHECKPOINT).parent)
+            if growing:
+                if dist.is_main():  # planned again: the run is ours only now
+                    print(continue_run(run, cfg, plan_continuation(run, cfg, plan.steps)))
+                dist.barrier()
             state = read_state(run) if (run / CONFIG).exists() else None  # again: the run is ours only now
             if state and state.get("done"):
                 if dist.is_main():
@@ -280,6 +305,11 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
     text, rows, x_all = data.text, data.rows, data.x  # x_all: latents (N, C, g, g) or tokens (N, L)
     empty = data.text.empty_row()  # row id of the empty caption "", the unconditional input
     local = cfg.train.batch_size // world  # per-rank batch
+    # Budgets this run was trained for before (flopmatch.growth), carried from checkpoint to checkpoint.
+    history = (state or {}).get("budget_history") or []
+    # wsd: the step where the cooldown starts. The full state there lies on the path of every larger budget;
+    # it is saved (before the regular checkpoint at the same step, so a checkpoint there implies it exists).
+    stable_at = stable_steps(plan.steps, cfg.train) if cfg.train.schedule == "wsd" else None
 
     def make_state(done: bool) -> dict:
         return {
@@ -289,8 +319,12 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
             "world_size": world, "data_position": {"step": step, "epoch": step * cfg.train.batch_size // len(x_all)},
             "net_spec": spec.to_dict(), "tokenizer": data.tokenizer.spec.to_dict(),
             "text_encoder": data.encoder.name, "objective": cfg.objective.name,
+            "schedule": cfg.train.schedule, "budget_history": history,
         }
 
+    # TensorBoard / W&B views of metrics.jsonl (main rank only). Opened before the progress bar and the clock:
+    # starting W&B takes seconds and prints a few lines.
+    trackers = Trackers(run, cfg, step)
     bar = tqdm(total=plan.steps, initial=step, desc=f"{cfg.objective.name} d{cfg.model.depth}", unit="step",
                disable=not (progress and dist.is_main()), dynamic_ncols=True)
     pending: list[dict] = []
@@ -302,8 +336,10 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
     # Ctrl-C only raises a flag; the step in flight finishes and is checkpointed, so the saved
     # weights, step count and RNG state agree and resuming is exact.
     interrupted = InterruptFlag(device)
-    with interrupted:
+    with interrupted, trackers:
         net.train()
+        if step == stable_at == 0 and dist.is_main():  # a cooldown over every step: the stable state is the initial one
+            save_checkpoint(run, net, ema, opt, rng, make_state(False), name=STABLE_CHECKPOINT)
         while step < plan.steps:
             lr = lr_at(step, plan.steps, cfg.train)
             for group in opt.param_groups:
@@ -334,10 +370,15 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
                 bar.set_postfix_str(f"loss {loss_v:.4f} | {flops:.3g}/{cfg.train.budget:.3g} FLOPs")
             bar.update(1)
             stop = steps_this_call == stop_after or interrupted.any()  # any() is all-reduced: ranks stop together
-            if step % cfg.train.checkpoint_every == 0 or step == plan.steps or stop:
+            if step % cfg.train.checkpoint_every == 0 or step == plan.steps or stop or step == stable_at:
                 if dist.is_main():
                     append_metrics(run, pending)
+                    if step == stable_at:
+                        save_checkpoint(run, net, ema, opt, rng, make_state(False), name=STABLE_CHECKPOINT)
                     save_checkpoint(run, net, ema, opt, rng, make_state(step == plan.steps))  # incl. RNG state
+                    for row in pending:  # after the checkpoint: no tracker holds a step that a resume would redo
+                        trackers.log(row)
+                    trackers.flush()
                 pending = []
                 dist.barrier()  # other ranks wait until the checkpoint is written
             if stop:

@@ -77,6 +77,17 @@ def count(minimum: int = 1):
     return parse
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse type for a finite duration in seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
 def number_list(kind: type, minimum: float, exclusive: bool = False):
     """An argparse type for a non-empty comma-separated list of finite numbers above ``minimum``."""
 

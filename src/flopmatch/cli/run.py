@@ -30,6 +30,8 @@ def _run_config(args):
         cfg.tokenizer.path = args.tokenizer
     if getattr(args, "seed", None) is not None:
         cfg.train.seed = args.seed
+    if getattr(args, "track", None) is not None:
+        cfg.train.trackers = args.track
     for name in ("steps", "guidance", "solver", "shift"):
         if getattr(args, name, None) is not None:
             setattr(cfg.sample, name, getattr(args, name))
@@ -41,7 +43,8 @@ def _add_common(p, *, budget: bool) -> None:
     p.add_argument("--objective", choices=PARADIGMS, required=True, help="paradigm")
     p.add_argument("--depth", type=config_value(ModelConfig, "depth"), help="backbone depth (width = 64 * depth); default 4")
     if budget:
-        p.add_argument("--budget", type=config_value(TrainConfig, "budget"), help="training FLOPs, e.g. 3e12 (default 3e12); steps = ceil(budget / FLOPs per step)")
+        p.add_argument("--budget", type=config_value(TrainConfig, "budget"), help="training FLOPs, e.g. 3e12 (default 3e12); steps = ceil(budget / FLOPs per step). "
+                       "A new budget for an existing train.schedule=wsd run continues it")
     if budget:
         p.add_argument("--data", type=data_source, help=DATA_HELP + " (default: shapes)")
     p.add_argument("--tokenizer", help="a tokenizer directory from `flopmatch tokenizer train` (default: weight-free)")
@@ -113,6 +116,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, help="training seed (default 0)")
     p.add_argument("--out", required=True, type=output_dir, help="run directory (created; an existing run is resumed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--track", type=config_value(TrainConfig, "trackers"), metavar="tensorboard,wandb",
+                   help="also log metrics.jsonl's rows to TensorBoard (RUN/tensorboard/) and/or W&B (RUN/wandb/, offline "
+                        "unless WANDB_MODE is set); = --set train.trackers=...; may change when a run resumes")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample a PNG grid from a trained run")

@@ -6,7 +6,10 @@ import argparse
 from pathlib import Path
 
 from flopmatch import PARADIGMS
-from flopmatch.cli.args import DATA_HELP, count, data_source, number_list, output_dir
+from flopmatch.cli.args import DATA_HELP, count, data_source, number_list, output_dir, positive_seconds
+from flopmatch.errors import UserError
+
+SLURM_FLAGS = ("partition", "gpus_per_run", "cpus_per_run", "slurm_time", "slurm_account", "slurm_mem_gb", "slurm_poll")
 from flopmatch.study.presets import STUDY_PRESETS
 
 
@@ -21,12 +24,18 @@ def _objectives(text: str) -> list[str]:
 
 def cmd_study(args) -> int:
     """Plan (or, with --plan-only, just print) and run a study."""
+    given = [f"--{k.replace('_', '-')}" for k in SLURM_FLAGS if getattr(args, k) is not None]
+    if given and args.launcher != "slurm":
+        raise UserError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only with --launcher slurm")
+    if args.launcher == "slurm" and args.workers > 1:
+        raise UserError("--workers applies only with --launcher local (on SLURM every run is its own job)")
     # Imported when the command runs, not at the top: the CLI modules load no torch, so that
     # `flopmatch --help` and argument errors answer at once.
     from flopmatch.study.estimate import estimate, format_estimate
     from flopmatch.study.plan import format_plan, make_plan
     from flopmatch.study.presets import study_preset
     from flopmatch.study.runner import study
+    from flopmatch.study.slurm import SlurmConfig, parse_slurm_time
 
     scfg = study_preset(args.preset)
     for name in ("objectives", "depths", "budgets", "seeds", "floor_seeds", "base_seed", "eval_samples", "eval_raw"):  # given flags replace the preset's
@@ -39,7 +48,13 @@ def cmd_study(args) -> int:
         est = estimate(scfg, plans, Path(args.out))
         print(format_estimate(est))
         return 0
-    study(args.out, scfg, workers=args.workers, launcher=args.launcher, retime=args.retime)
+    slurm = None
+    if args.launcher == "slurm":
+        given = {"partition": args.partition, "gpus_per_run": args.gpus_per_run, "cpus_per_run": args.cpus_per_run,
+                 "time_min": parse_slurm_time(args.slurm_time) if args.slurm_time else None,
+                 "account": args.slurm_account, "mem_gb": args.slurm_mem_gb, "poll_s": args.slurm_poll}
+        slurm = SlurmConfig(**{k: v for k, v in given.items() if v is not None})  # unset: SlurmConfig's defaults
+    study(args.out, scfg, workers=args.workers, launcher=args.launcher, retime=args.retime, slurm=slurm)
     return 0
 
 
@@ -65,7 +80,19 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key for every run (repeatable; see `flopmatch config --preset P`)")
     p.add_argument("--data", type=data_source, help=DATA_HELP + " (default: the preset's, shapes)")
     p.add_argument("--workers", type=count(1), default=1, help="local worker processes (default 1: in-process)")
-    p.add_argument("--launcher", default="local", choices=("local",), help="where runs execute (default: local)")
+    p.add_argument("--launcher", default="local", choices=("local", "slurm"),
+                   help="where runs execute: local (this machine, --workers processes) or slurm (one SLURM job per run "
+                        "through submitit; re-running the study finds queued and running jobs) (default: local)")
+    g = p.add_argument_group("SLURM (with --launcher slurm)")
+    g.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
+    g.add_argument("--gpus-per-run", type=count(0), help="GPUs per run; > 1 starts torchrun inside the job, 0 = CPU "
+                   "only (default 1)")
+    g.add_argument("--cpus-per-run", type=count(1), help="CPU cores per run (default 8)")
+    g.add_argument("--slurm-time", help="time limit per job: minutes, HH:MM:SS or D-HH:MM:SS; a run that reaches it "
+                   "checkpoints and is requeued (default 4:00:00)")
+    g.add_argument("--slurm-account", help="SLURM account to charge (default: yours)")
+    g.add_argument("--slurm-mem-gb", type=count(1), help="memory per job in GB (default: the partition's)")
+    g.add_argument("--slurm-poll", type=positive_seconds, help="seconds between squeue polls (default 10)")
     p.add_argument("--retime", action="store_true",
                    help="measure inference latency/throughput again, every paradigm together (default: reuse the study's)")
     p.add_argument("--plan-only", action="store_true", help="print the plan and exit")

@@ -34,7 +34,7 @@ LOSS_TAIL = 0.1  # final loss = mean of the last 10 % of logged losses (at least
 
 # results.csv columns, in order; every row has every key (None when not measured)
 COLUMNS = [
-    "run", "run_dir", "objective", "depth", "width", "params", "budget", "seed", "train_flops", "steps",
+    "run", "run_dir", "objective", "depth", "width", "params", "budget", "schedule", "seed", "train_flops", "steps",
     "total_steps", "done", "final_loss", "evaluated", "setting", "main", "main_reason", "weights",
     "sample_steps", "cfg", "temperature", "top_k", "num_samples",  # "cfg": the guidance scale (column name of v0.1)
     "fid_effnet", "fid_se_effnet", "kid_effnet", "kid_std_effnet", "precision", "recall", "fid_inception",
@@ -253,7 +253,8 @@ def _read_run(root: Path, run: Path, timed: dict | None = None) -> tuple[RunInfo
     base = {
         "run": run.name, "run_dir": rel, "objective": cfg.objective.name, "depth": cfg.model.depth,
         "width": spec.get("width", cfg.model.width), "params": (state or {}).get("params"),
-        "budget": float(cfg.train.budget), "seed": cfg.train.seed, "train_flops": (state or {}).get("flops"),
+        "budget": float(cfg.train.budget), "schedule": cfg.train.schedule,  # cosine | wsd | constant (flopmatch.schedule)
+        "seed": cfg.train.seed, "train_flops": (state or {}).get("flops"),
         "steps": (state or {}).get("step"), "total_steps": (state or {}).get("total_steps"), "done": info.done,
         "final_loss": final_loss(curve), "evaluated": bool(entries),
     }  # fmt: skip

@@ -1,6 +1,7 @@
 """One study job: train a grid cell's run (or resume it, or skip it when finished), then evaluate the
 sampling settings it still lacks. Every launcher runs jobs through :func:`run_job`, in-process or in
-a worker process (``python -m flopmatch.study.worker JOBFILE``).
+a worker process (``python -m flopmatch.study.worker JOBFILE``); :func:`job_finished` tells a launcher
+from the run directory alone whether a job has anything left to do.
 """
 
 from __future__ import annotations
@@ -10,23 +11,28 @@ from pathlib import Path
 
 from flopmatch.config import RunConfig, SampleConfig, from_dict
 from flopmatch.evaluation.run import EvalConfig, entry_key, evaluate
+from flopmatch.files import read_json
 from flopmatch.objectives import make_objective
 from flopmatch.plan import net_spec_for
 from flopmatch.rundir import CONFIG, read_eval_entries, read_state
+from flopmatch.study.plan import RunPlan
+from flopmatch.study.presets import StudyConfig
+from flopmatch.study.timing_phase import ensure_timing
 from flopmatch.train import train
 
+TIMING_JOB = "timing-phase"  # the name of the timing phase's job, when a launcher runs it as a job
 
-def run_job(job: dict, progress: bool = True) -> None:
-    """Train (or resume, or skip) one run, then evaluate every setting it still lacks.
 
-    With ``job["raw"]`` the main (first) setting is also evaluated with the raw weights. A study's
-    jobs do not time (``eval.timing`` False): its timing phase times every paradigm together at the end.
+def _trained(run: Path) -> bool:
+    """Whether ``run`` holds a finished training run."""
+    return (run / CONFIG).exists() and bool(read_state(run).get("done"))
+
+
+def _eval_todo(job: dict, cfg: RunConfig, run: Path) -> list[tuple[EvalConfig, list[SampleConfig]]]:
+    """The evaluation passes ``job`` still needs: (eval config, settings not yet in ``eval.json``), non-empty only.
+
+    With ``job["raw"]`` the main (first) setting is also evaluated with the raw weights.
     """
-    cfg = from_dict(RunConfig, job["config"]).validate()
-    run = Path(job["run_dir"])
-    state = read_state(run) if (run / CONFIG).exists() else None
-    if not (state and state.get("done")):
-        train(cfg, run, progress=progress)
     ecfg = from_dict(EvalConfig, job["eval"])
     settings = [from_dict(SampleConfig, s) for s in job["settings"]]
     done = read_eval_entries(run)
@@ -34,7 +40,45 @@ def run_job(job: dict, progress: bool = True) -> None:
     passes = [(ecfg, settings)]
     if job.get("raw"):
         passes.append((replace(ecfg, weights="model", timing=False), settings[:1]))
+    todo = []
     for ec, wanted in passes:
-        todo = [s for s in wanted if entry_key(s, objective.resolve_steps(s, spec), ec) not in done]
-        if todo:
-            evaluate(run, todo, ec, progress=progress)
+        missing = [s for s in wanted if entry_key(s, objective.resolve_steps(s, spec), ec) not in done]
+        if missing:
+            todo.append((ec, missing))
+    return todo
+
+
+def job_finished(job: dict) -> bool:
+    """Whether ``job``'s run is trained and every setting it asks for is evaluated (read from the run directory)."""
+    cfg = from_dict(RunConfig, job["config"]).validate()
+    run = Path(job["run_dir"])
+    return _trained(run) and not _eval_todo(job, cfg, run)
+
+
+def timing_job(study: Path, retime: bool) -> dict:
+    """The job that runs a study's timing phase (``kind`` "timing"): every paradigm timed together, see timing_phase."""
+    return {"name": TIMING_JOB, "kind": "timing", "study": str(study), "retime": retime}
+
+
+def run_timing_job(job: dict, progress: bool = True) -> None:
+    """Run the timing phase of the study ``job["study"]``, reading its settings from study.json and plan.json."""
+    out = Path(job["study"])
+    scfg = from_dict(StudyConfig, read_json(out / "study.json"))
+    plans = [from_dict(RunPlan, p) for p in read_json(out / "plan.json")]
+    ensure_timing(out, scfg, plans, retime=job.get("retime", False), progress=progress)
+
+
+def run_job(job: dict, progress: bool = True) -> None:
+    """Train (or resume, or skip) one run, then evaluate every setting it still lacks.
+
+    A study's jobs do not time (``eval.timing`` False): its timing phase times every paradigm together at the
+    end (a job of ``kind`` "timing", :func:`run_timing_job`).
+    """
+    if job.get("kind") == "timing":
+        return run_timing_job(job, progress)
+    cfg = from_dict(RunConfig, job["config"]).validate()
+    run = Path(job["run_dir"])
+    if not _trained(run):
+        train(cfg, run, progress=progress)
+    for ec, todo in _eval_todo(job, cfg, run):
+        evaluate(run, todo, ec, progress=progress)

@@ -1,7 +1,11 @@
 """Launchers: how a study's jobs run. Each takes the job list and calls ``on_done(job)`` per finished job.
 
 - :class:`InProcessLauncher`: one after another in this process (the default);
-- :class:`LocalWorkersLauncher`: N worker processes on this machine.
+- :class:`LocalWorkersLauncher`: N worker processes on this machine;
+- :class:`~flopmatch.study.slurm.SlurmLauncher`: one SLURM job per run, through submitit.
+
+Each also runs the study's timing phase (``run_timing``): in this process for the local launchers
+(after every worker has stopped, so the machine is quiet), as one more job on SLURM.
 """
 
 from __future__ import annotations
@@ -16,12 +20,19 @@ from pathlib import Path
 from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_json
 from flopmatch.study.job import run_job
+from flopmatch.study.slurm import SlurmConfig, SlurmLauncher
+
+
+def run_timing_here(job: dict, done: Callable[[], bool]) -> None:
+    """The local launchers' timing phase: run the timing job in this process (no worker runs now)."""
+    run_job(job)
 
 
 class InProcessLauncher:
     """Runs jobs one after another in this process (the default; Ctrl-C checkpoints the current run)."""
 
     name = "in-process"
+    run_timing = staticmethod(run_timing_here)
 
     def run(self, jobs: list[dict], on_done: Callable[[dict], None]) -> list[str]:
         failed = []
@@ -40,6 +51,7 @@ class LocalWorkersLauncher:
     """
 
     name = "local-workers"
+    run_timing = staticmethod(run_timing_here)
 
     def __init__(self, workers: int, study: Path):
         self.workers, self.study = workers, study
@@ -77,8 +89,10 @@ class LocalWorkersLauncher:
         return failed
 
 
-def make_launcher(name: str, workers: int, study: Path):
-    """Launcher by name: "local" (in-process when workers == 1, worker processes otherwise)."""
+def make_launcher(name: str, workers: int, study: Path, slurm: SlurmConfig | None = None):
+    """Launcher by name: "local" (in-process when workers == 1, worker processes otherwise) or "slurm"."""
     if name == "local":
         return InProcessLauncher() if workers <= 1 else LocalWorkersLauncher(workers, study)
-    raise UserError(f"unknown launcher {name!r}; available: local (SLURM comes with a later release)")
+    if name == "slurm":
+        return SlurmLauncher(study, slurm or SlurmConfig())
+    raise UserError(f"unknown launcher {name!r}; available: local, slurm")

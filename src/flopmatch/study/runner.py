@@ -33,6 +33,7 @@ from flopmatch.files import atomic_write_json, read_json
 from flopmatch.lock import LOCK_NAME, DirectoryLock, describe, holder, in_use, is_locked
 from flopmatch.report.build import build_report
 from flopmatch.study.estimate import Rates, estimate, format_estimate
+from flopmatch.study.job import timing_job
 from flopmatch.study.launchers import make_launcher
 from flopmatch.study.plan import (
     autoencoder_config,
@@ -45,7 +46,8 @@ from flopmatch.study.plan import (
     tokenizer_dirs,
 )
 from flopmatch.study.presets import StudyConfig
-from flopmatch.study.timing_phase import ensure_timing
+from flopmatch.study.slurm import SlurmConfig
+from flopmatch.study.timing_phase import timing_needed
 from flopmatch.tokenizers.registry import load_tokenizer
 from flopmatch.tokenizers.train_ae import train_autoencoder
 
@@ -96,9 +98,10 @@ def same_study(saved: dict, scfg: StudyConfig) -> bool:
 
 
 def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = "local", progress: bool = True,
-          retime: bool = False) -> dict:
+          retime: bool = False, slurm: SlurmConfig | None = None) -> dict:
     """Plan, train, evaluate, time and report a whole study in ``out``; re-running continues where it stopped.
 
+    ``launcher``: "local" (``workers`` processes) or "slurm" (one job per run; ``slurm`` says where).
     ``retime``: measure the inference timings again even if the study has them (all paradigms together).
     """
     out = Path(out)
@@ -113,11 +116,10 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
         raise UserError(f"{out} exists and is not a flopmatch study directory; choose another --out")
     plans = make_plan(scfg, out)  # validates the grid before anything is written
     with DirectoryLock(out, "study"):  # one study process per directory
-        return _study_locked(out, scfg, plans, workers, launcher, progress, retime)
+        return _study_locked(out, scfg, plans, make_launcher(launcher, workers, out, slurm), progress, retime)
 
 
-def _study_locked(out: Path, scfg: StudyConfig, plans: list, workers: int, launcher: str, progress: bool,
-                  retime: bool) -> dict:
+def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: bool, retime: bool) -> dict:
     """The study proper, run while this process holds the study directory's lock (see :func:`study`)."""
     atomic_write_json(out / "study.json", asdict(scfg))
     atomic_write_json(out / "plan.json", [asdict(p) for p in plans])
@@ -141,11 +143,12 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, workers: int, launc
 
     for job in jobs:  # a worker of an earlier, killed study may still be stopping: let it finish its checkpoint
         wait_for_writer(Path(job["run_dir"]))
-    failed = make_launcher(launcher, workers, out).run(jobs, on_done)
+    failed = launch.run(jobs, on_done)
     if failed:
         raise UserError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; fix and re-run to continue")
     t_runs = time.perf_counter()
-    ensure_timing(out, scfg, plans, retime=retime, progress=progress)  # a quiet phase: no worker runs now
+    if timing_needed(out, scfg, plans, retime):  # a quiet phase: no run is training now
+        launch.run_timing(timing_job(out, retime), lambda: not timing_needed(out, scfg, plans))
     t_timing = time.perf_counter()
     result = build_report(out, n_boot=scfg.n_boot)
     t_end = time.perf_counter()

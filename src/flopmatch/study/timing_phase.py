@@ -90,13 +90,24 @@ def _signature(items: list[dict]) -> list[str]:
     return sorted(f"{it['objective']}|{it['depth']}|{it['setting']}|{it['sample'].get('kv_cache')}" for it in items)
 
 
+def _reusable(old: dict | None, wanted: list[dict], scfg: StudyConfig) -> bool:
+    """Whether the saved timing ``old`` holds exactly the ``wanted`` items, timed with the study's rounds."""
+    return old is not None and old.get("signature") == _signature(wanted) and old.get("rounds") == scfg.timing_rounds
+
+
+def timing_needed(out: Path, scfg: StudyConfig, plans: list[RunPlan], retime: bool = False) -> bool:
+    """Whether :func:`ensure_timing` would time anything (a launcher that runs it elsewhere asks first)."""
+    wanted = timing_plan(out, scfg, plans)
+    return bool(wanted) and (retime or not _reusable(read_timing(out), wanted, scfg))
+
+
 def ensure_timing(out: Path, scfg: StudyConfig, plans: list[RunPlan], retime: bool = False, progress: bool = True) -> dict | None:
     """Time every item of :func:`timing_plan` together unless ``inference_timing.json`` already holds exactly them."""
     wanted = timing_plan(out, scfg, plans)
     if not wanted:
         return None
     old = read_timing(out)
-    if old is not None and not retime and old.get("signature") == _signature(wanted) and old.get("rounds") == scfg.timing_rounds:
+    if not retime and _reusable(old, wanted, scfg):
         print(f"[study] inference timing: reusing {out / TIMING} ({len(wanted)} settings timed together; "
               "--retime to measure again)")
         return old

@@ -1,7 +1,7 @@
 """A study worker process: ``python -m flopmatch.study.worker JOBFILE`` runs one job file.
 
-Started by :class:`~flopmatch.study.launchers.LocalWorkersLauncher`, one per concurrent job, with
-``FLOPMATCH_THREADS`` torch threads.
+Started by :class:`~flopmatch.study.launchers.LocalWorkersLauncher`, one per concurrent job, and inside
+each SLURM job by :class:`~flopmatch.study.slurm.WorkerJob`, with ``FLOPMATCH_THREADS`` torch threads.
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     threads = os.environ.get("FLOPMATCH_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
+    # SIGTERM (scancel, a cluster stopping the job, kill) checkpoints like Ctrl-C: it is re-raised as SIGINT,
+    # which the training loop turns into "checkpoint at the end of this step, then stop".
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
     try:
         if os.environ.get(PARENT_ENV):
             die_with_parent(int(os.environ[PARENT_ENV]))

@@ -1,0 +1,175 @@
+"""Continuing a run to another budget, where its learning-rate schedule allows ("studies that grow").
+
+Under ``train.schedule=wsd`` the learning rate before the cooldown does not depend on the budget
+(:mod:`flopmatch.schedule`; Hägele et al. 2024), and neither does anything else a step does: the
+data order, the training randomness and the EMA decay are functions of the step and the seed. So the
+state saved where a wsd run's cooldown starts (``checkpoint-stable/``) is the state, at that step, of
+a run with the same config and any budget whose cooldown starts no earlier, and continuing from it
+gives bit for bit the weights that run would have. Under ``constant`` every step is budget-independent
+and the latest checkpoint serves. The cosine fits every step to the budget: its runs are refused.
+
+``flopmatch train --budget B2 --out RUN`` on a run trained for B1 (nothing else in the config may
+differ) does, in this order, each step atomic and the whole idempotent (a continuation killed half-way
+is completed by the same command):
+
+1. keeps the run's B1 result (finished or not): ``checkpoint/`` (hard-linked), ``config.json``, ``metrics.jsonl``,
+   ``eval.json``, ``samples/`` and ``samples.png`` go to ``budgets/<B1>/`` (:func:`flopmatch.rundir.budget_dir`),
+   assembled under a temporary name and renamed into place;
+2. removes ``eval.json``, ``samples/`` and ``samples.png`` from the run, which describes the B2 model only from now on;
+3. installs the state to continue from as ``checkpoint/``, ``done`` false, its ``budget_history``
+   extended by B1 (budget, steps, FLOPs, whether it finished, where it was kept, the step continued from);
+4. cuts ``metrics.jsonl`` back to that step;
+5. writes ``config.json`` with B2: the commit point (until then the run directory still says B1).
+
+Training then resumes from the installed checkpoint as after any interruption.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from flopmatch.config import RunConfig
+from flopmatch.errors import UserError
+from flopmatch.files import atomic_write_text
+from flopmatch.rundir import (
+    CHECKPOINT,
+    CONFIG,
+    EVAL,
+    METRICS,
+    SAMPLES,
+    STABLE_CHECKPOINT,
+    STATE,
+    budget_dir,
+    copy_checkpoint,
+    read_config,
+    read_state,
+    truncate_metrics,
+    write_config,
+)
+from flopmatch.schedule import stable_steps
+
+SAMPLE_PNG = "samples.png"  # `flopmatch sample RUN`'s default output: it shows the old model too
+KEPT = (EVAL, SAMPLES, SAMPLE_PNG)  # what describes the old budget's model and leaves the run directory
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """A checked plan to continue a run: its stored config, its latest state and the state to continue from.
+
+    ``source`` is the checkpoint file (inside the run) to continue from, None when the run has no
+    checkpoint yet (it then restarts from step 0); ``state`` and ``source_state`` are their scalar states.
+    """
+
+    old: RunConfig
+    state: dict | None
+    source: str | None
+    source_state: dict | None
+
+
+def plan_continuation(run: Path, cfg: RunConfig, total_steps: int) -> Continuation:
+    """Check that ``run`` can continue to ``cfg.train.budget`` (``total_steps`` steps); reads only.
+
+    ``cfg`` differs from the run's config in ``train.budget`` only. Raises a one-line UserError for a
+    cosine run and for a budget whose run would have left the stable phase before the run's state.
+    """
+    old = read_config(run)
+    b1, b2 = old.train.budget, cfg.train.budget
+    if cfg.train.schedule == "cosine":
+        raise UserError(f"{run} was trained for budget {b1:.3g} with the cosine schedule, whose every step is fitted to "
+                        f"that budget, so it cannot continue to {b2:.3g}; train runs that can grow with "
+                        f"--set train.schedule=wsd, or use another --out")
+    state = read_state(run)
+    if state is None:
+        return Continuation(old, None, None, None)
+    source, source_state = CHECKPOINT, state
+    if cfg.train.schedule == "wsd" and state["step"] > stable_steps(state["total_steps"], old.train):
+        source, source_state = STABLE_CHECKPOINT, read_state(run, STABLE_CHECKPOINT)  # in (or past) the cooldown
+        if source_state is None:
+            raise UserError(f"{run} has no {STABLE_CHECKPOINT}, the state a wsd run continues from; "
+                            f"train budget {b2:.3g} in another --out")
+    limit = stable_steps(total_steps, cfg.train)
+    if source_state["step"] > limit:  # a smaller budget whose cooldown (or end) comes before the state
+        where = "starts its cooldown" if cfg.train.schedule == "wsd" else "ends"
+        raise UserError(f"cannot continue {run} from budget {b1:.3g} to {b2:.3g}: the state to continue from is at step "
+                        f"{source_state['step']}, after step {limit} where budget {b2:.3g} {where}; "
+                        f"train budget {b2:.3g} in another --out")
+    return Continuation(old, state, source, source_state)
+
+
+def continue_run(run: Path, cfg: RunConfig, plan: Continuation) -> str:
+    """Carry out ``plan`` (from :func:`plan_continuation`) on the run directory, steps 1-5 of the module docstring.
+
+    Call on the main rank only, holding the run's lock. Afterwards the run's config is ``cfg`` and its
+    checkpoint (if any) the state to continue from, not done. Returns a line saying what was done.
+    """
+    run = Path(run)
+    b1, b2 = plan.old.train.budget, cfg.train.budget
+    # "continuing" marks a checkpoint installed by a continuation that was killed before its commit: the
+    # old result is kept already (training drops the mark with its first checkpoint).
+    if plan.state is not None and not plan.state.get("continuing"):
+        kept = _keep(run, plan.state, b1)
+        history = [*(plan.state.get("budget_history") or []), {
+            "budget": b1, "total_steps": plan.state["total_steps"], "step": plan.state["step"], "flops": plan.state["flops"],
+            "done": plan.state["done"], "kept_in": kept.relative_to(run).as_posix(),
+            "continued_from_step": plan.source_state["step"]}]
+        for name in KEPT:  # kept under budgets/ now: the run directory describes the new budget's model only
+            path = run / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        copy_checkpoint(run / plan.source, run / CHECKPOINT,
+                        plan.source_state | {"done": False, "budget_history": history, "continuing": True})
+    truncate_metrics(run, plan.source_state["step"] if plan.source_state else 0)
+    write_config(run, cfg)  # the commit point
+    if plan.state is None:
+        return f"{run}: budget {b1:.3g} -> {b2:.3g} (no checkpoint yet)"
+    entry = read_state(run)["budget_history"][-1]
+    where = "where the cooldown started" if plan.source == STABLE_CHECKPOINT else "its latest checkpoint"
+    return (f"{run}: continuing from budget {b1:.3g} to {b2:.3g} at step {plan.source_state['step']} ({where}); "
+            f"the {b1:.3g} result ({'finished' if entry['done'] else 'unfinished'}) is kept in {run / entry['kept_in']}")
+
+
+def _keep(run: Path, state: dict, budget: float) -> Path:
+    """Hard-link (or copy) the run's current result into ``budgets/<budget>/``; returns that directory.
+
+    Assembled in a temporary directory and renamed into place, so it exists complete or not at all.
+    If it exists already and holds this very state (a continuation killed after keeping it), it is
+    reused; if it holds another result, the next free name ``<budget>-2``, ``-3``, ... is used.
+    """
+    base = budget_dir(run, budget)
+    base.parent.mkdir(exist_ok=True)
+    for stale in base.parent.glob(".*.tmp"):  # assemblies a killed continuation never renamed into place
+        shutil.rmtree(stale, ignore_errors=True)
+    same = ("step", "flops", "budget", "done")
+    for i in range(1, 1000):
+        dest = base if i == 1 else base.with_name(f"{base.name}-{i}")
+        if not dest.exists():
+            break
+        kept = read_state(dest)
+        if kept is not None and all(kept.get(k) == state.get(k) for k in same):
+            return dest
+    tmp = base.parent / f".{dest.name}.tmp"  # we hold the run's lock: no other process assembles here
+    (tmp / CHECKPOINT).parent.mkdir(parents=True)
+    for name in (CHECKPOINT, STATE, SAMPLE_PNG):
+        if (run / name).exists():
+            _link_or_copy(run / name, tmp / name)
+    if (run / SAMPLES).is_dir():
+        shutil.copytree(run / SAMPLES, tmp / SAMPLES, copy_function=_link_or_copy)
+    for name in (CONFIG, METRICS, EVAL):  # small, and rewritten or appended in place: copies, not links
+        if (run / name).exists():
+            atomic_write_text(tmp / name, (run / name).read_text())
+    os.replace(tmp, dest)
+    return dest
+
+
+def _link_or_copy(src, dst) -> None:
+    """Hard-link ``src`` at ``dst`` (no bytes copied; the run replaces its files, never rewrites them in
+    place), or copy it where the file system has no hard links."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

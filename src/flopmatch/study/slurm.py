@@ -1,0 +1,255 @@
+"""The SLURM launcher: each job of a study (one grid cell's run, and the timing phase) is one SLURM job.
+
+Jobs are submitted through ``submitit`` (it writes the sbatch script, runs the job under srun, and on
+preemption or time-out calls :meth:`WorkerJob.checkpoint` and requeues the job). Inside a job the run
+itself is an ordinary study worker (``python -m flopmatch.study.worker JOBFILE``; under torchrun, one
+process per GPU, when a run has several), so it trains, checkpoints and resumes exactly as it does
+locally, and its output goes to ``<study>/logs/<run>.log`` as with ``--workers``.
+
+*State lives in files, not in this process.* The study records every submitted job id in
+``<study>/slurm/jobs.json`` and reads a job's outcome from its run directory (trained and every setting
+evaluated: :func:`~flopmatch.study.job.job_finished`), never from SLURM's accounting. So re-running
+``flopmatch study`` after the study process died (or after Ctrl-C) finds jobs still queued or
+running and waits for them instead of submitting them twice, skips finished runs, and resubmits runs
+whose job ended without finishing them (failed, cancelled, timed out); a resubmitted run resumes
+from its checkpoint.
+
+*squeue, not sacct.* Which jobs are still alive is asked of ``squeue`` (submitit asks ``sacct``,
+which needs the accounting daemon that small clusters, and ``scripts/slurm-local.sh``, do not run).
+A job that ``squeue`` no longer lists, or lists in a final state, has ended.
+
+Security note: submitit pickles the submitted callable (a :class:`WorkerJob`: paths and counts only)
+into ``<study>/slurm/`` and the job unpickles it; that is submitit's mechanism and the file is written
+by this process. Nothing else from the study directory is executed; job files are JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+
+from flopmatch.errors import UserError
+from flopmatch.files import atomic_write_json, read_json
+from flopmatch.study.job import job_finished
+
+# squeue states of a job that has not ended (a preempted job may still be requeued, so it counts as alive)
+ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
+         "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "PREEMPTED"}
+JOBS_FILE = "jobs.json"  # in <study>/slurm/: run name -> SLURM job id of its latest submission
+CHECKPOINT_WAIT_S = 60  # how long a job given SLURM's time-out/preemption signal waits for the run's checkpoint
+
+
+@dataclass
+class SlurmConfig:
+    """Where and how a study's jobs run on SLURM (``flopmatch study --launcher slurm``)."""
+
+    partition: str | None = None  # None: the cluster's default partition
+    gpus_per_run: int = 1  # GPUs per job; > 1 runs the worker under torchrun, one process per GPU; 0 = CPU only
+    cpus_per_run: int = 8  # CPU cores per job (the worker's torch threads, split over its processes)
+    time_min: int = 240  # job time limit in minutes; on reaching it the run checkpoints and the job is requeued
+    account: str | None = None
+    mem_gb: int | None = None  # None: the partition's default
+    poll_s: float = 10.0  # seconds between squeue polls
+
+
+def parse_slurm_time(text: str) -> int:
+    """Minutes in a SLURM time string: ``MM``, ``HH:MM:SS``, ``MM:SS``, ``D-HH``, ``D-HH:MM`` or ``D-HH:MM:SS``."""
+    try:
+        days, dash, rest = text.strip().rpartition("-")
+        parts = [int(p) for p in rest.split(":")]
+        d = int(days) if dash else 0
+        if any(p < 0 for p in parts) or d < 0 or not 1 <= len(parts) <= 3:
+            raise ValueError
+        if dash:  # D-HH[:MM[:SS]]
+            h, m, s = (parts + [0, 0])[:3]
+        else:  # MM, MM:SS, HH:MM:SS
+            h, m, s = ([0] * (3 - len(parts)) + parts) if len(parts) == 3 else (0, parts[0], parts[1] if len(parts) > 1 else 0)
+    except ValueError:
+        raise UserError(f"--slurm-time {text!r} is not a SLURM time: use minutes, HH:MM:SS or D-HH:MM:SS") from None
+    minutes = d * 1440 + h * 60 + m + (1 if s else 0)
+    if minutes < 1:
+        raise UserError(f"--slurm-time {text!r} is shorter than a minute")
+    return minutes
+
+
+class WorkerJob:
+    """What a SLURM job runs: the study worker for one job file, as a subprocess (under torchrun for > 1 GPU).
+
+    A subprocess, not a call in the job's own process, so that :meth:`checkpoint` (which submitit calls
+    in this process on SLURM's time-out/preemption signal) can ask the run to checkpoint (SIGINT, like
+    Ctrl-C) and wait for it before the job is requeued.
+    """
+
+    def __init__(self, job_file: str, log_file: str, procs: int, threads: int):
+        self.job_file, self.log_file, self.procs, self.threads = job_file, log_file, procs, threads
+        self._proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        """The worker's command line: plain Python for one process, torchrun for several."""
+        worker = ["-m", "flopmatch.study.worker", self.job_file]
+        if self.procs <= 1:
+            return [sys.executable, *worker]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.procs}", *worker]
+
+    def __call__(self) -> None:
+        threads = os.environ.get("FLOPMATCH_THREADS") or str(max(1, self.threads // max(1, self.procs)))
+        env = dict(os.environ, OMP_NUM_THREADS=threads, FLOPMATCH_THREADS=threads)
+        with open(self.log_file, "a") as log:
+            log.write(f"[slurm] job {os.environ.get('SLURM_JOB_ID', '?')} on {os.uname().nodename}: {' '.join(self.command())}\n")
+            log.flush()
+            self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
+            rc = self._proc.wait()
+        self._proc = None
+        if rc != 0:
+            raise RuntimeError(f"the worker exited with status {rc}; see {self.log_file}")
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        """On time-out or preemption: let the run checkpoint (SIGINT), then requeue this same job (it resumes)."""
+        proc, self._proc = self._proc, None  # a Popen cannot be pickled into the requeued submission
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=CHECKPOINT_WAIT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # the run resumes from its previous checkpoint instead
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def squeue_states(job_ids: list[str]) -> dict[str, str]:
+    """SLURM state of each of ``job_ids`` that squeue still lists (ended jobs drop out after MinJobAge)."""
+    if not job_ids:
+        return {}
+    try:
+        out = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i|%T", "--user", str(os.getuid())],
+                             capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise UserError("squeue not found: the slurm launcher needs the SLURM client commands on this machine "
+                        "(or use --launcher local)") from None
+    except subprocess.TimeoutExpired:
+        return {j: "PENDING" for j in job_ids}  # the controller is busy: assume nothing ended; ask again later
+    if out.returncode != 0:
+        raise UserError(f"squeue failed: {(out.stderr or out.stdout).strip().splitlines()[-1] if (out.stderr or out.stdout).strip() else 'exit ' + str(out.returncode)}")
+    wanted, states = set(job_ids), {}
+    for line in out.stdout.splitlines():
+        jid, _, state = line.strip().partition("|")
+        if jid in wanted:
+            states[jid] = state.split()[0] if state else "UNKNOWN"
+    return states
+
+
+class SlurmLauncher:
+    """Runs each job as a SLURM job through submitit; survives the study process's restart (see the module doc)."""
+
+    name = "slurm"
+
+    def __init__(self, study: Path, cfg: SlurmConfig):
+        self.study, self.cfg = study, cfg
+        self.folder = study / "slurm"
+
+    def _executor(self) -> submitit.SlurmExecutor:
+        ex = submitit.SlurmExecutor(folder=self.folder / "%j", max_num_timeout=100)
+        params = {"time": self.cfg.time_min, "nodes": 1, "ntasks_per_node": 1, "cpus_per_task": self.cfg.cpus_per_run}
+        if self.cfg.gpus_per_run:
+            params["gpus_per_node"] = self.cfg.gpus_per_run
+        if self.cfg.partition:
+            params["partition"] = self.cfg.partition
+        if self.cfg.account:
+            params["account"] = self.cfg.account
+        if self.cfg.mem_gb:
+            params["mem"] = f"{self.cfg.mem_gb}GB"
+        ex.update_parameters(**params)
+        return ex
+
+    def _submit(self, ex: submitit.SlurmExecutor, job: dict) -> str:
+        path = self.study / "jobs" / f"{job['name']}.json"
+        atomic_write_json(path, job)
+        log = self.study / "logs" / f"{job['name']}.log"
+        ex.update_parameters(job_name=f"flopmatch-{job['name']}")
+        try:
+            sub = ex.submit(WorkerJob(str(path), str(log), max(1, self.cfg.gpus_per_run), self.cfg.cpus_per_run))
+        except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, FileNotFoundError) as e:
+            raise UserError(f"sbatch refused the job for {job['name']}: {str(e).strip().splitlines()[-1]}") from None
+        return str(sub.job_id)
+
+    def run(self, jobs: list[dict], on_done: Callable[[dict], None], finished: Callable[[dict], bool] = job_finished,
+            fresh: bool = False) -> list[str]:
+        """Submit (or find) every job, wait until each has ended, and return the failed ones with their logs.
+
+        ``finished`` tells from the run directory whether a job is done (a job's exit status is not trusted:
+        a requeued job's first run exits non-zero and the requeued one finishes it). ``fresh``: the caller
+        knows the jobs have work to do; do not ask ``finished`` before submitting. Ctrl-C stops waiting
+        but not the jobs: they keep running, and re-running the study collects them.
+        """
+        try:
+            return self._run(jobs, on_done, finished, fresh)
+        except KeyboardInterrupt:
+            print(f"\n[study] stopped waiting; the SLURM jobs keep running (ids in {self.folder / JOBS_FILE}); "
+                  "re-run the same command to collect them, or scancel them", flush=True)
+            raise
+
+    def run_timing(self, job: dict, done: Callable[[], bool]) -> None:
+        """Run the timing phase as one SLURM job on a compute node (the machine the runs trained on), and wait."""
+        failed = self.run([job], lambda j: None, finished=lambda j: done(), fresh=True)
+        if failed:
+            raise UserError(f"the timing phase failed: {failed[0]}; fix and re-run to continue")
+
+    def _run(self, jobs: list[dict], on_done: Callable[[dict], None], finished: Callable[[dict], bool],
+             fresh: bool) -> list[str]:
+        (self.study / "logs").mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        ids: dict[str, str] = read_json(self.folder / JOBS_FILE) if (self.folder / JOBS_FILE).exists() else {}
+        by_name = {j["name"]: j for j in jobs}
+        todo = []
+        for job in jobs:
+            if not fresh and finished(job):
+                on_done(job)
+            else:
+                todo.append(job)
+        alive = squeue_states([ids[j["name"]] for j in todo if j["name"] in ids])
+        ex = self._executor()
+        watching: dict[str, str] = {}
+        found = 0
+        for job in todo:
+            jid = ids.get(job["name"])
+            if jid is not None and alive.get(jid) in ALIVE:
+                found += 1  # queued or running from an earlier study process: wait for it, do not submit again
+            else:
+                jid = ids[job["name"]] = self._submit(ex, job)
+                atomic_write_json(self.folder / JOBS_FILE, ids)  # after every submission: a crash loses no job id
+            watching[job["name"]] = jid
+        if todo:
+            print(f"[study] slurm: {len(watching) - found} job(s) submitted, {found} found queued or running "
+                  f"from an earlier study process, {len(jobs) - len(todo)} already finished; job ids in "
+                  f"{self.folder / JOBS_FILE}", flush=True)
+        failed, last = [], None
+        while watching:
+            states = squeue_states(list(watching.values()))
+            for name, jid in list(watching.items()):
+                if states.get(jid) in ALIVE:
+                    continue
+                del watching[name]
+                job = by_name[name]
+                if finished(job):
+                    on_done(job)
+                else:
+                    failed.append(f"{name} (slurm job {jid} ended {states.get(jid, 'and left the queue').lower()} "
+                                  f"without finishing; see {self.study / 'logs' / (name + '.log')} and "
+                                  f"{self.folder / jid}/)")
+            counts = {}
+            for jid in watching.values():
+                counts[states.get(jid, "?").lower()] = counts.get(states.get(jid, "?").lower(), 0) + 1
+            line = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            if watching and line != last:
+                print(f"[study] slurm: {line}", flush=True)
+                last = line
+            if watching:
+                time.sleep(self.cfg.poll_s)
+        return failed

@@ -1,0 +1,174 @@
+"""The SLURM launcher against a real SLURM: a one-node cluster started by scripts/slurm-local.sh.
+
+The end-to-end test runs a tiny study through it, cancels one run's job with ``scancel`` mid-training,
+re-runs the study (which resubmits it; the run resumes from its checkpoint), kills the study process
+while that job runs, re-runs it again (which must find the job instead of submitting it twice), and
+checks that every run ends with the same weights and the same evaluation as a local study.
+Skipped, with the reason, where SLURM cannot run (not root, or slurm-wlm/munge not installed:
+``scripts/setup.sh`` installs them when it runs as root, as in CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from flopmatch.errors import UserError
+from flopmatch.study.slurm import ALIVE, parse_slurm_time, squeue_states
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "slurm-local.sh"
+STUDY = ["study", "--preset", "tiny", "--objectives", "diffusion,masked", "--budgets", "1.5e10", "--eval-samples", "10",
+         "--set", "train.checkpoint_every=10"]
+VICTIM = "diffusion-d1-b1.5e10-s0"  # the run whose job is cancelled and whose study process is killed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "a local SLURM cluster needs root (slurmd); CI runs as root"
+    for tool in ("slurmctld", "slurmd", "munged", "sbatch", "squeue", "runuser"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            return f"{tool} not installed (apt-get install -y slurm-wlm munge; scripts/setup.sh does it as root)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """A running one-node cluster; yields the environment that points SLURM commands at it."""
+    why = _slurm_missing()
+    if why:
+        pytest.skip(why)
+    d = tmp_path_factory.mktemp("slurm")
+    d.chmod(0o755)  # munged insists that every directory above its socket is searchable
+    env = dict(os.environ, SLURMCTLD_PORT=str(_free_port()), SLURMD_PORT=str(_free_port()))
+    out = subprocess.run([str(SCRIPT), "start", str(d)], capture_output=True, text=True, env=env, timeout=120)
+    if out.returncode != 0:
+        subprocess.run([str(SCRIPT), "stop", str(d)], capture_output=True, timeout=120)
+        pytest.fail(f"scripts/slurm-local.sh start failed: {out.stderr.strip() or out.stdout.strip()}")
+    try:
+        yield dict(os.environ, SLURM_CONF=str(d / "slurm.conf"))
+    finally:
+        subprocess.run([str(SCRIPT), "stop", str(d)], capture_output=True, timeout=120)
+
+
+def _flopmatch(args: list[str], env: dict, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "flopmatch", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _step(run: Path) -> int:
+    """The last step logged in ``run``'s metrics.jsonl (0 before the first row)."""
+    try:
+        rows = (run / "metrics.jsonl").read_text().splitlines()
+        return json.loads(rows[-1])["step"] if rows else 0
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def _wait(cond, what: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if proc.poll() is not None:
+            pytest.fail(f"the study exited ({proc.returncode}) before {what}:\n{proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _results(study: Path) -> dict:
+    """Per run: every tensor of the final checkpoint (weights, EMA, optimizer) and every metric of every setting.
+
+    Tensors, not the checkpoint file's sha256: the file also records wall-clock fields.
+    """
+    out = {}
+    for run in sorted((study / "runs").iterdir()):
+        entries = json.loads((run / "eval.json").read_text())["entries"]
+        tensors = load_file(run / "checkpoint" / "checkpoint.safetensors")
+        out[run.name] = {"tensors": {k: v.numpy().tobytes() for k, v in tensors.items()},
+                         "metrics": {k: e["metrics"] for k, e in entries.items()}}
+    return out
+
+
+@pytest.mark.slow
+def test_study_through_real_slurm_survives_scancel_and_its_own_restart(slurm_cluster, tmp_path, monkeypatch):
+    env = dict(slurm_cluster, FLOPMATCH_THREADS="1")  # one thread per run everywhere: bit-identical floats
+    monkeypatch.setenv("SLURM_CONF", env["SLURM_CONF"])  # for squeue_states in this process
+    slurm = ["--launcher", "slurm", "--gpus-per-run", "0", "--cpus-per-run", "1", "--slurm-poll", "0.5"]
+    ref, out = tmp_path / "local", tmp_path / "slurm"
+    local = _flopmatch([*STUDY, "--out", str(ref), "--workers", "2"], env)
+    assert local.wait(timeout=300) == 0, local.stdout.read()
+
+    # 1. cancel the victim's job mid-training: the study waits for the other run, then fails naming the victim
+    first = _flopmatch([*STUDY, "--out", str(out), *slurm], env)
+    jobs = out / "slurm" / "jobs.json"
+    _wait(lambda: _step(out / "runs" / VICTIM) >= 60, "the victim to pass step 60", first)  # checkpoints every 10
+    cancelled = json.loads(jobs.read_text())[VICTIM]
+    subprocess.run(["scancel", cancelled], env=env, check=True)
+    log = first.communicate(timeout=300)[0]
+    assert first.returncode == 2, log
+    assert f"{VICTIM} (slurm job {cancelled}" in log and "re-run to continue" in log
+    assert "Traceback" not in log
+    assert 0 < _step(out / "runs" / VICTIM) < 590  # interrupted, not finished
+
+    # 2. re-run: the cancelled run is resubmitted; kill this study process while its job runs
+    second = _flopmatch([*STUDY, "--out", str(out), *slurm], env)
+    _wait(lambda: json.loads(jobs.read_text())[VICTIM] != cancelled, "the resubmission", second)
+    resubmitted = json.loads(jobs.read_text())[VICTIM]
+    _wait(lambda: squeue_states([resubmitted]).get(resubmitted) == "RUNNING", "the resubmitted job to run", second)
+    second.send_signal(signal.SIGKILL)
+    second.wait()
+    assert squeue_states([resubmitted]).get(resubmitted) in ALIVE  # the job outlives the study process
+
+    # 3. re-run again: the running job is found, not submitted twice; the study completes
+    third = _flopmatch([*STUDY, "--out", str(out), *slurm], env)
+    log = third.communicate(timeout=300)[0]
+    assert third.returncode == 0, log
+    assert "0 job(s) submitted, 1 found queued or running" in log, log
+    assert json.loads(jobs.read_text())[VICTIM] == resubmitted
+    assert (out / "report.html").exists() and (out / "inference_timing.json").exists()
+    resumed = (out / "logs" / f"{VICTIM}.log").read_text()
+    assert "resum" in resumed.lower(), resumed  # it continued from its checkpoint, it did not start over
+
+    assert _results(out) == _results(ref)  # bit-identical weights and optimizer state, the same metrics as locally
+
+
+def test_slurm_time_strings():
+    assert parse_slurm_time("90") == 90
+    assert parse_slurm_time("4:00:00") == 240
+    assert parse_slurm_time("1-00:30") == 1470
+    assert parse_slurm_time("2-3") == 2 * 1440 + 180
+    assert parse_slurm_time("10:30") == 11  # MM:SS, rounded up to whole minutes
+    for bad in ("", "abc", "1:2:3:4", "-5", "0"):
+        with pytest.raises(UserError):
+            parse_slurm_time(bad)
+
+
+def test_slurm_flags_without_the_slurm_launcher_are_refused(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "flopmatch", "study", "--preset", "tiny", "--partition", "gpu",
+                          "--out", str(tmp_path / "s")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "flopmatch: error: --partition applies only with --launcher slurm"
+    assert not (tmp_path / "s").exists()
+
+
+def test_missing_squeue_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(UserError, match="squeue not found"):
+        squeue_states(["1"])
