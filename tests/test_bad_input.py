@@ -85,7 +85,9 @@ CASES = {
     "study workers 0": ["study", "--out", "{tmp}/s", "--workers", "0"],
     "study objectives unknown": ["study", "--out", "{tmp}/s", "--objectives", "masked,gan"],
     "study preset unknown": ["study", "--out", "{tmp}/s", "--preset", "huge"],
-    "study launcher unknown": ["study", "--out", "{tmp}/s", "--launcher", "slurm"],
+    "study launcher unknown": ["study", "--out", "{tmp}/s", "--launcher", "kubernetes"],
+    "study slurm unreachable": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--launcher", "slurm"],  # no SLURM_CONF
+    "study slurm time": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--launcher", "slurm", "--slurm-time", "1:2:3:4"],
     "study out is a file": ["study", "--out", "{file}", "--preset", "tiny"],
     "study eval-samples 5": ["study", "--out", "{tmp}/s", "--eval-samples", "5"],
     "study unknown dataset": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--set", "data.name=imagenet"],
@@ -120,7 +122,7 @@ def _snapshot(*roots: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, finished, tmp_path, capsys):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, finished, tmp_path, capsys, monkeypatch):
     """Exit 2, exactly one stderr line starting 'flopmatch', no traceback, no file created or changed."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -133,6 +135,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, finished, tmp_pat
               "garbage": str(tmp_path / "garbage.json"), "badrun": str(badrun)}
     argv = [a.format(**values) for a in CASES[name]]
     before = _snapshot(tmp_path, finished)
+    if "slurm" in name:
+        monkeypatch.delenv("SLURM_CONF", raising=False)  # no cluster configured: sinfo fails at once
     rc = cli.main(argv)
     out = capsys.readouterr()
     lines = [ln for ln in out.err.splitlines() if ln.strip()]

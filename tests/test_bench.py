@@ -114,7 +114,7 @@ def test_bench_step_is_the_training_step(name, bf16):
 
 
 def test_matmul_timing_leaves_global_rng_alone():
-    """The peak matmul that training measures for MFU draws no number from torch's global RNG (saved for resume)."""
+    """The peak matmul that training measures for MFU draws no number from torch's global RNG (training may not: resume restores no RNG state)."""
     before = torch.get_rng_state()
     assert min(matmul_times(torch.device("cpu"), torch.float32, 64)) > 0
     assert torch.equal(torch.get_rng_state(), before)

@@ -87,7 +87,8 @@ def test_setting_a_section_is_user_error():
 
 
 @pytest.mark.parametrize("item", ["objective=gan", "train.budget=0", "train.budget=-5", "train.precision=fp16",
-                                  "train.batch_size=0", "model.depth=0", "data.caption_dropout=1", "sample.temperature=0"])
+                                  "train.batch_size=0", "model.depth=0", "data.caption_dropout=1", "sample.temperature=0",
+                                  "train.parallel=zero3"])
 def test_validate_rejects_impossible_values(item):
     """validate() raises UserError for an unknown objective, non-positive budget, unknown precision and the like."""
     cfg = apply_overrides(RunConfig(), [item])

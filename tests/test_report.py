@@ -34,6 +34,14 @@ from flopmatch.report.analysis import EXTRAPOLATE, Analyser
 from flopmatch.report.build import build_report, results_csv
 from flopmatch.report.data import COLUMNS, RunInfo, Study, load_study, main_setting
 from flopmatch.report.findings import analyse
+from flopmatch.report.prompt_groups import (
+    adjusted_difference,
+    difference_interval,
+    group_counts,
+    prompt_group_blocks,
+    wilson_interval,
+)
+from flopmatch.report.render import render_md
 from flopmatch.report.verdicts import claim_status, decide, part_status
 from flopmatch.rundir import CHECKPOINT, write_config
 
@@ -598,3 +606,92 @@ def test_a_difference_made_by_the_convention_is_reported(tmp_path):
     alt = decide(convention.backbone_study(study, check["shares"]))
     assert all(c["label"] != "confident" for c in alt.table if c["need"] == "image quality")
     assert check["compared"] >= 2 and any(ch.startswith("image quality") for ch in check["changes"])
+
+
+# ------------------------------------------------------------------------------------------ prompt groups
+
+
+def _add_prompt_groups(root: Path, counts) -> None:
+    """Give every eval entry of the study's runs per-group prompt scores: ``counts(run name)`` -> {group: (k, n)}."""
+    for run in sorted((root / "runs").iterdir()):
+        doc = json.loads((run / "eval.json").read_text())
+        for entry in doc["entries"].values():
+            pf = entry["metrics"]["prompt_following"]
+            pf["by_group"] = {g: {"full_match": k / n if n else None, "num_full_match": k, "num_images": n}
+                              for g, (k, n) in counts(run.name).items()}
+            pf["holdout"] = {"combos": ["red square"], "relations": ["circle above square"]}
+        atomic_write_json(run / "eval.json", doc)
+
+
+def test_wilson_and_newcombe_intervals_match_known_values():
+    """Wilson 95 % intervals and Newcombe's difference interval reproduce published values (Newcombe 1998)."""
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+    # Newcombe (1998), Statistics in Medicine 17:873, table II example (a): 56/70 vs 48/80 -> 0.2 [0.0524, 0.3339]
+    assert difference_interval((56, 70), (48, 80)) == pytest.approx((0.2, 0.0524, 0.3339), abs=1e-4)
+
+
+def test_held_out_gap_is_compared_at_the_same_object_count():
+    """The held-out - seen gap averages the per-object-count gaps with the held-out prompts' mix (hand-computed),
+    so held-out prompts being mostly two-object ones (harder anyway) does not widen it: here raw -0.325, fair -0.225."""
+    groups = {"held_out_one_object": (5, 10), "held_out_two_object": (6, 30), "seen_one_object": (80, 100),
+              "seen_two_object": (40, 100)}
+    d, lo, hi = adjusted_difference(groups)
+    assert d == pytest.approx(0.25 * (0.5 - 0.8) + 0.75 * (0.2 - 0.4))
+    assert difference_interval((11, 40), (120, 200))[0] == pytest.approx(-0.325)
+    assert (lo, hi) == pytest.approx((-0.3784, -0.0716), abs=1e-3)  # normal, shrunk binomial variances
+    assert all(math.isnan(x) for x in adjusted_difference({"held_out_one_object": (1, 2), "seen_two_object": (3, 4)}))
+
+
+def test_report_shows_prompt_following_per_group(tmp_path):
+    """The report's group table pools each (paradigm, budget) cell's seeds (hand-computed counts and Wilson
+    intervals), sits with the prompt-following results, keeps the decision on the overall score, and says small
+    groups are noisy; the CSV has each group's rate and n."""
+    root = make_study(tmp_path, depths=(2,), budgets=(1e12,), seeds=(0, 1), timing_phase=False)
+    rate = {"diffusion": 0.3, "masked": 0.5, "autoregressive": 0.7}
+
+    def counts(name: str) -> dict:
+        p, seed = name.split("-")[0], int(name[-1])
+        held = round(rate[p] * 40) - 4 * seed  # 40 held-out prompts per evaluation, seed 1 four fewer matches
+        return {"seen": (round(rate[p] * 160) + 10, 160), "held_out": (held, 40), "held_out_combo": (held, 40),
+                "one_object": (round(rate[p] * 110), 110), "two_object": (round(rate[p] * 90), 90)}
+
+    _add_prompt_groups(root, counts)
+    study = load_study(root)
+    pooled = {c["paradigm"]: c for c in group_counts(study, decide(study).cells["prompt"])}
+    assert set(pooled) == set(PARADIGMS) and all(c["runs"] == 2 for c in pooled.values())
+    ar = pooled["autoregressive"]["groups"]
+    assert ar["held_out"] == (28 + 24, 80) and ar["seen"] == (2 * 122, 320) and ar["one_object"] == (154, 220)
+    assert "held_out_relation" not in ar  # not scored by these entries: no column
+    row = next(r for r in study.rows if r["main"] and r["objective"] == "masked" and r["seed"] == 0)
+    assert (row["prompt_full_match_held_out"], row["prompt_n_held_out"], row["prompt_n_seen"]) == (0.5, 40, 160)
+    md = Path(build_report(root, n_boot=20)["paths"]["md"]).read_text()
+    section = md[md.index("### Prompt following: seen vs held-out"):md.index("## Each claim")]
+    assert md.index("prompt_vs_flops.png") < md.index("### Prompt following: seen vs held-out")
+    lo, hi = wilson_interval(52, 80)
+    assert "| autoregressive | 1e+12 | 2 | 2 | 0.76 " in section and f"| 0.65 [{lo:.2f}, {hi:.2f}] n=80 |" in section
+    assert "red square" in section and "circle above square" in section and "40 of 200 prompts per evaluation" in section
+    assert "overall full match" in section and "held-out (40 prompts per evaluation)" in section  # noisy: named, with n
+    assert "| held-out colour+shape |" in section and "| held-out arrangement |" not in section
+    csv_rows = list(csv.DictReader(io.StringIO((root / "results.csv").read_text())))
+    assert {r["prompt_n_held_out"] for r in csv_rows} == {"40"}
+
+
+def test_report_without_holdout_says_prompts_are_all_seen(tmp_path):
+    """A study whose data held nothing out shows 1- vs 2-object rates only and says every prompt was seen;
+    entries without group scores (other datasets, older evaluations) give no group section."""
+    root = make_study(tmp_path, paradigms=("masked",), depths=(2,), budgets=(1e12,), seeds=(0,), timing_phase=False)
+    study = load_study(root)
+    assert group_counts(study, decide(study).cells["prompt"]) == [] and prompt_group_blocks(study, decide(study)) == []
+    _add_prompt_groups(root, lambda name: {"seen": (30, 50), "held_out": (0, 0), "one_object": (20, 25),
+                                           "two_object": (10, 25)})
+    for run in (root / "runs").iterdir():  # nothing held out
+        doc = json.loads((run / "eval.json").read_text())
+        for entry in doc["entries"].values():
+            entry["metrics"]["prompt_following"]["holdout"] = {"combos": [], "relations": []}
+        atomic_write_json(run / "eval.json", doc)
+    study = load_study(root)
+    section = render_md(prompt_group_blocks(study, decide(study)), {}, {})
+    assert section.startswith("### Prompt following: seen vs held-out") and "holds nothing out of training" in section and "| held-out |" not in section
+    assert "| masked | 1e+12 | 2 | 1 | 0.80 " in section

@@ -25,6 +25,7 @@ from flopmatch.data.shapes import (
     render,
 )
 from flopmatch.errors import UserError
+from flopmatch.study.presets import HOLDOUT_COMBOS, HOLDOUT_RELATIONS
 
 CFG = ShapesConfig(num_train=400, num_eval=300)
 
@@ -86,12 +87,42 @@ def test_holdout_keeps_unaffected_scenes():
             assert make_scene(cfg, "train", i) == plain
 
 
+def test_relation_holdout_absent_from_train_present_in_eval():
+    """Held-out arrangements never appear in train scenes (in either wording of their captions) but do in eval
+    scenes; train scenes without one are unchanged, and the fingerprint of a config without them is too."""
+    cfg = dataclasses.replace(CFG, holdout_relations=HOLDOUT_RELATIONS)
+    held = {shapes.relation_key(e) for e in HOLDOUT_RELATIONS}
+    assert shapes.relation_key("square below circle") == shapes.relation_key("circle above square") in held
+
+    def arrangement(attrs):
+        return (attrs["axis"], attrs["objects"][0]["shape"], attrs["objects"][1]["shape"]) if attrs["count"] == 2 else None
+
+    train = _scenes(cfg, "train", 1500)
+    assert not any(arrangement(parse_caption(s.caption)) in held for s in train)
+    assert {arrangement(s.attrs()) for s in _scenes(cfg, "eval", 1500)} >= held
+    for i, plain in enumerate(_scenes(n=200)):
+        if arrangement(plain.attrs()) not in held:
+            assert train[i] == plain
+    assert ShapesConfig().fingerprint() != ShapesConfig(holdout_relations=("circle above square",)).fingerprint()
+
+
+def test_preset_holdout_is_balanced():
+    """Every held-out colour and shape of the presets' set is still seen in other combos (so it can be composed)."""
+    colours, kinds = zip(*(c.split() for c in HOLDOUT_COMBOS))
+    assert len(set(colours)) == len(set(kinds)) == len(HOLDOUT_COMBOS) == len(SHAPES)
+    assert 0.1 <= len(HOLDOUT_COMBOS) / (len(COLORS) * len(SHAPES)) <= 0.15
+    keys = [shapes.relation_key(e) for e in HOLDOUT_RELATIONS]
+    assert sorted(k[1] for k in keys) == sorted(k[2] for k in keys) == sorted(SHAPES)  # each shape once first, once second
+
+
 def test_bad_config_and_split_rejected():
     """Unknown holdout combos, bad splits and out-of-range probabilities raise UserError."""
     with pytest.raises(UserError):
         ShapesConfig(holdout=("pink hexagon",))
     with pytest.raises(UserError):
         ShapesConfig(two_object_prob=1.5)
+    with pytest.raises(UserError, match="holdout_relations"):
+        ShapesConfig(holdout_relations=("circle beside square",))
     with pytest.raises(UserError):
         ShapesDataset(CFG, "test")
     with pytest.raises(UserError):

@@ -2,8 +2,8 @@
 
 The end-to-end test runs a tiny study through it, cancels one run's job with ``scancel`` mid-training,
 re-runs the study (which resubmits it; the run resumes from its checkpoint), kills the study process
-while that job runs, re-runs it again (which must find the job instead of submitting it twice), and
-checks that every run ends with the same weights and the same evaluation as a local study.
+while that job is queued, re-runs it again (which must find the job instead of submitting it twice),
+and checks that every run ends with the same weights and the same evaluation as a local study.
 Skipped, with the reason, where SLURM cannot run (not root, or slurm-wlm/munge not installed:
 ``scripts/setup.sh`` installs them when it runs as root, as in CI).
 """
@@ -24,13 +24,14 @@ import pytest
 from safetensors.torch import load_file
 
 from flopmatch.errors import UserError
-from flopmatch.study.slurm import ALIVE, parse_slurm_time, squeue_states
+from flopmatch.study.job import run_job
+from flopmatch.study.slurm import parse_slurm_time, squeue_states
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
-STUDY = ["study", "--preset", "tiny", "--objectives", "diffusion,masked", "--budgets", "1.5e10", "--eval-samples", "10",
+STUDY = ["study", "--preset", "tiny", "--objectives", "diffusion,masked", "--budgets", "1e10", "--eval-samples", "10",
          "--set", "train.checkpoint_every=10"]
-VICTIM = "diffusion-d1-b1.5e10-s0"  # the run whose job is cancelled and whose study process is killed
+VICTIM = "diffusion-d1-b1e10-s0"  # the run whose job is cancelled and whose study process is killed
 
 
 def _free_port() -> int:
@@ -111,41 +112,53 @@ def test_study_through_real_slurm_survives_scancel_and_its_own_restart(slurm_clu
     env = dict(slurm_cluster, FLOPMATCH_THREADS="1")  # one thread per run everywhere: bit-identical floats
     monkeypatch.setenv("SLURM_CONF", env["SLURM_CONF"])  # for squeue_states in this process
     slurm = ["--launcher", "slurm", "--gpus-per-run", "0", "--cpus-per-run", "1", "--slurm-poll", "0.5"]
-    ref, out = tmp_path / "local", tmp_path / "slurm"
-    local = _flopmatch([*STUDY, "--out", str(ref), "--workers", "2"], env)
-    assert local.wait(timeout=300) == 0, local.stdout.read()
+    out = tmp_path / "slurm"
 
     # 1. cancel the victim's job mid-training: the study waits for the other run, then fails naming the victim
     first = _flopmatch([*STUDY, "--out", str(out), *slurm], env)
     jobs = out / "slurm" / "jobs.json"
-    _wait(lambda: _step(out / "runs" / VICTIM) >= 60, "the victim to pass step 60", first)  # checkpoints every 10
+    _wait(lambda: _step(out / "runs" / VICTIM) >= 40, "the victim to pass step 40", first)  # checkpoints every 10
     cancelled = json.loads(jobs.read_text())[VICTIM]
     subprocess.run(["scancel", cancelled], env=env, check=True)
     log = first.communicate(timeout=300)[0]
     assert first.returncode == 2, log
     assert f"{VICTIM} (slurm job {cancelled}" in log and "re-run to continue" in log
     assert "Traceback" not in log
-    assert 0 < _step(out / "runs" / VICTIM) < 590  # interrupted, not finished
+    assert 0 < _step(out / "runs" / VICTIM) < 199  # interrupted, not finished (199 steps)
 
-    # 2. re-run: the cancelled run is resubmitted; kill this study process while its job runs
+    # 2. re-run with the partition down (jobs queue but do not start): the cancelled run is resubmitted and
+    #    stays queued; kill this study process, the job outlives it
+    partition = ["scontrol", "update", "PartitionName=local"]
+    subprocess.run([*partition, "State=DOWN"], env=env, check=True)
     second = _flopmatch([*STUDY, "--out", str(out), *slurm], env)
     _wait(lambda: json.loads(jobs.read_text())[VICTIM] != cancelled, "the resubmission", second)
     resubmitted = json.loads(jobs.read_text())[VICTIM]
-    _wait(lambda: squeue_states([resubmitted]).get(resubmitted) == "RUNNING", "the resubmitted job to run", second)
     second.send_signal(signal.SIGKILL)
     second.wait()
-    assert squeue_states([resubmitted]).get(resubmitted) in ALIVE  # the job outlives the study process
+    assert squeue_states([resubmitted]).get(resubmitted) == "PENDING"
 
-    # 3. re-run again: the running job is found, not submitted twice; the study completes
+    # 3. re-run again: the queued job is found, not submitted twice; once the partition is up the study completes
     third = _flopmatch([*STUDY, "--out", str(out), *slurm], env)
-    log = third.communicate(timeout=300)[0]
+    seen = []
+    for line in third.stdout:  # until the study has looked for its jobs
+        seen.append(line)
+        if "job(s) submitted" in line:
+            break
+    assert "0 job(s) submitted, 1 found queued or running" in seen[-1], "".join(seen)
+    subprocess.run([*partition, "State=UP"], env=env, check=True)
+    log = "".join(seen) + third.communicate(timeout=300)[0]
     assert third.returncode == 0, log
-    assert "0 job(s) submitted, 1 found queued or running" in log, log
+    assert "waiting for" not in log  # the queued job is the run's writer: attached to, not waited out
     assert json.loads(jobs.read_text())[VICTIM] == resubmitted
     assert (out / "report.html").exists() and (out / "inference_timing.json").exists()
     resumed = (out / "logs" / f"{VICTIM}.log").read_text()
-    assert "resum" in resumed.lower(), resumed  # it continued from its checkpoint, it did not start over
+    assert "resuming at step" in resumed, resumed  # it continued from its checkpoint, it did not start over
 
+    # The reference: the same jobs run here, in this process (one thread, like the jobs' workers).
+    ref = tmp_path / "local"
+    for path in sorted((out / "jobs").glob("*-s0.json")):
+        job = json.loads(path.read_text())
+        run_job({**job, "run_dir": str(ref / "runs" / job["name"])}, progress=False)
     assert _results(out) == _results(ref)  # bit-identical weights and optimizer state, the same metrics as locally
 
 
@@ -172,3 +185,12 @@ def test_missing_squeue_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(UserError, match="squeue not found"):
         squeue_states(["1"])
+
+
+def test_unknown_partition_is_refused_before_any_work(slurm_cluster, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "flopmatch", "study", "--preset", "tiny", "--launcher", "slurm",
+                          "--partition", "nope", "--out", str(tmp_path / "s")],
+                         capture_output=True, text=True, timeout=120, env=slurm_cluster)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == "flopmatch: error: SLURM has no partition 'nope'; `sinfo` lists them"
+    assert not (tmp_path / "s").exists()

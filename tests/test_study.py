@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import asdict, replace
 
 import pytest
 
 import flopmatch.study.job
-from flopmatch.rundir import CHECKPOINT, read_state
-from flopmatch.study.plan import make_plan, run_name
-from flopmatch.study.presets import study_preset
+import flopmatch.study.launchers
+from flopmatch.config import RunConfig, apply_overrides, from_dict
+from flopmatch.data.datasets import make_dataset
+from flopmatch.errors import UserError
+from flopmatch.evaluation.ceilings import CEILINGS_FILE
+from flopmatch.evaluation.prompt_groups import prompt_groups
+from flopmatch.evaluation.run import eval_prompts
+from flopmatch.files import atomic_write_json, load_tensors
+from flopmatch.rundir import CHECKPOINT, STABLE_CHECKPOINT, read_state
+from flopmatch.study.grow import reconcile
+from flopmatch.study.launchers import LocalWorkersLauncher
+from flopmatch.study.plan import cell_seeds, chained_flops, make_plan, run_name
+from flopmatch.study.presets import HOLDOUT_COMBOS, HOLDOUT_RELATIONS, study_preset
 from flopmatch.study.runner import study
 from flopmatch.study.timing_phase import ensure_timing
+from flopmatch.train import train
 
 
 def tiny_study(objectives=("masked",), budgets=(2e9, 4e9, 8e9)):
@@ -27,8 +39,6 @@ def test_plan_is_analytic_and_spends_each_budget(tmp_path):
     """Planning builds no model and gives every run steps whose FLOPs reach its budget within one step."""
     scfg = study_preset("cpu")
     plans = make_plan(scfg, tmp_path / "s")
-    from flopmatch.study.plan import cell_seeds
-
     assert len(plans) == len(scfg.objectives) * len(scfg.depths) * sum(len(cell_seeds(scfg, b)) for b in scfg.budgets)
     assert scfg.floor_seeds and len(plans) > len(scfg.objectives) * len(scfg.depths) * len(scfg.budgets)
     for p in plans:
@@ -84,6 +94,15 @@ def test_tiny_study_end_to_end(tmp_path):
             assert float(r["latency_s"]) == item["latency_s"] and r["timing_source"] == "study"
     html = (out / "report.html").read_text()
     assert "<img" in html and "src=\"http" not in html  # self-contained
+    # the tokenizers' ceilings, measured once per study, shown beside the generators' numbers
+    ceilings = json.loads((out / CEILINGS_FILE).read_text())
+    assert "## Tokenizer ceilings" in md and "tokenizer ceiling: rFID / full match" in md and ceilings
+    # the preset's held-out prompts, reported apart from the seen ones and by object count
+    assert "Prompt following: seen vs held-out prompts, one vs two objects" in md
+    entry = next(iter(json.loads((out / "runs" / plans[0]["name"] / "eval.json").read_text())["entries"].values()))
+    groups = entry["metrics"]["prompt_following"]["by_group"]
+    assert groups["seen"]["num_images"] + groups["held_out"]["num_images"] == scfg.eval_samples
+    assert groups["one_object"]["num_images"] + groups["two_object"]["num_images"] == scfg.eval_samples
 
 
 @pytest.mark.slow
@@ -118,6 +137,15 @@ def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, monke
     assert (out / "runs" / names[0] / "eval.json").read_bytes() == first_eval  # nor re-evaluated
     assert read_state(out / "runs" / names[1])["done"]
 
+    # Growing: one more budget trains and evaluates only its own run; the report covers all four.
+    calls.clear()
+    study(out, tiny_study(objectives=("masked",), budgets=(*scfg.budgets, 1.6e10)), progress=False)
+    assert calls == [run_name("masked", 1, 1.6e10, 0)]
+    assert (out / "runs" / names[0] / "eval.json").read_bytes() == first_eval
+    with open(out / "results.csv") as f:
+        assert {float(r["budget"]) for r in csv.DictReader(f)} == {*scfg.budgets, 1.6e10}
+    scfg = tiny_study(objectives=("masked",), budgets=(*scfg.budgets, 1.6e10))
+
     # Timings are never a mix of two phases: a study that needs one setting re-timed re-times them all
     # (the study's timing stage, called as study() calls it after its runs).
     path = out / "inference_timing.json"
@@ -136,15 +164,18 @@ def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, monke
     assert all(a["latency_rounds"] != b["latency_rounds"] for a, b in zip(json.loads(path.read_text())["items"], again["items"]))
 
 
+def _tensors(run):
+    """Every tensor of a run's checkpoint, as bytes (the file's metadata holds wall times)."""
+    return {k: v.numpy().tobytes() for k, v in load_tensors(run / CHECKPOINT).items()}
+
+
 def _outcome(out, names):
     """What a study computed, without timings: checkpoint tensors (the file's metadata holds wall times),
     generated-image hashes and metrics per setting."""
-    from flopmatch.files import load_tensors
-
     res = {}
     for n in names:
         doc = json.loads((out / "runs" / n / "eval.json").read_text())
-        tensors = {k: v.numpy().tobytes() for k, v in load_tensors(out / "runs" / n / CHECKPOINT).items()}
+        tensors = _tensors(out / "runs" / n)
         res[n] = (tensors, {k: (e["manifest"]["generated_images_sha256"], e["metrics"]) for k, e in doc["entries"].items()})
     return res
 
@@ -161,26 +192,53 @@ def test_local_worker_processes_give_the_same_runs_as_in_process(tmp_path, monke
     assert _outcome(tmp_path / "two", names) == _outcome(tmp_path / "one", names)
 
 
-def test_saved_study_settings_compare_by_what_defines_the_runs():
-    """A study.json written before floor_seeds/base_seed/timing_rounds existed still matches its settings; a
-    different grid does not; timing and report settings never make another study."""
-    from dataclasses import asdict, replace
+def test_growing_a_study_adds_cells_and_keeps_the_variance_seeds_in_place(tmp_path):
+    """More budgets, seeds, paradigms or step settings grow a study; settings outside the grid may not change;
+    timing/report settings and trackers are free; a study.json from before floor_seeds/base_seed still reads."""
+    scfg = replace(tiny_study(budgets=(2e9, 4e9, 8e9)), floor_seeds=2)
+    saved = asdict(scfg)
+    same, plan, added = reconcile(saved, replace(scfg, timing_rounds=9, n_boot=7), tmp_path)
+    assert added == [] and len(plan) == 5
+    old_keys = {k: v for k, v in asdict(tiny_study()).items() if k not in ("floor_seeds", "base_seed", "floor_budget")}
+    assert reconcile(old_keys, tiny_study(), tmp_path)[2] == []
 
-    from flopmatch.study.runner import same_study
+    grown, plan, added = reconcile(saved, replace(scfg, budgets=[2e9, 4e9, 8e9, 1.6e10]), tmp_path)
+    assert grown.floor_budget == 4e9  # the middle would now be 8e9: the variance seeds stay where they are
+    assert [p.name for p in added] == [run_name("masked", 1, 1.6e10, 0)]
+    more = replace(scfg, objectives=["masked", "diffusion"], seeds=2,
+                   eval_steps={**scfg.eval_steps, "masked": [2, 4]}, overrides=scfg.overrides + ["train.trackers=tensorboard"])
+    _, plan, added = reconcile(saved, more, tmp_path)
+    assert {p.name for p in plan} - {p.name for p in added} == {p.name for p in make_plan(scfg, tmp_path)}
+    assert len(added) == len(plan) - 5 and all(p.objective == "diffusion" or p.seed == 1 or p.seed == 3 for p in added)
 
-    scfg = tiny_study()
-    saved = {k: v for k, v in asdict(scfg).items() if k not in ("floor_seeds", "base_seed", "timing_rounds")}
-    assert same_study(saved, scfg)
-    assert same_study(saved, replace(scfg, timing_rounds=9, n_boot=7))
-    assert not same_study(saved, replace(scfg, floor_seeds=2)) and not same_study(saved, replace(scfg, budgets=[1e9]))
+    refusals = {
+        "budgets": replace(scfg, budgets=[2e9, 8e9]),
+        "seeds": replace(scfg, floor_seeds=1),
+        "train.lr": replace(scfg, overrides=scfg.overrides + ["train.lr=5e-3"]),
+        "eval_samples": replace(scfg, eval_samples=64),
+        "eval_steps": replace(scfg, eval_steps={**scfg.eval_steps, "masked": []}),
+        "tokenizer": replace(scfg, tokenizer="learned"),
+    }
+    for name, bad in refusals.items():
+        with pytest.raises(UserError) as e:
+            reconcile(saved, bad, tmp_path)
+        assert name in str(e.value) and "another --out" in str(e.value), (name, str(e.value))
+
+
+def test_presets_hold_prompts_out_of_training():
+    """Every preset holds the same colour+shape combos and arrangements out of training; the cpu preset's
+    250 evaluation prompts include 57 held-out ones (enough to report the held-out rate apart)."""
+    for name in ("cpu", "cpu-long", "gpu", "tiny"):
+        cfg = apply_overrides(RunConfig(), study_preset(name).overrides)
+        assert tuple(cfg.data.holdout) == HOLDOUT_COMBOS and tuple(cfg.data.holdout_relations) == HOLDOUT_RELATIONS
+    cfg = apply_overrides(RunConfig(), study_preset("cpu").overrides)
+    prompts = eval_prompts(make_dataset(cfg.data, "eval"), study_preset("cpu").eval_samples)
+    groups = prompt_groups(prompts, cfg.data.holdout, cfg.data.holdout_relations)
+    assert sum("held_out" in g for g in groups) == 57 and len(groups) == 250
 
 
 def test_base_seeds_share_no_run():
     """Studies with base seeds 0 and 1 train disjoint seeds, the floor seeds at the middle budget included."""
-    from dataclasses import replace
-
-    from flopmatch.study.plan import cell_seeds
-
     scfg = replace(tiny_study(), seeds=1, floor_seeds=2)
     mid = sorted(scfg.budgets)[1]
     assert cell_seeds(scfg, mid) == [0, 1, 2] and cell_seeds(scfg, scfg.budgets[0]) == [0]
@@ -189,11 +247,52 @@ def test_base_seeds_share_no_run():
 
 
 def test_study_refuses_changed_settings(tmp_path):
-    """A study directory belongs to one StudyConfig; different settings are a clear error."""
-    from flopmatch.errors import UserError
-    from flopmatch.files import atomic_write_json
-
+    """A study directory refuses settings that would make its cells incomparable, naming the setting."""
     out = tmp_path / "s"
-    atomic_write_json(out / "study.json", {"preset": "other"})
-    with pytest.raises(UserError, match="different settings"):
+    atomic_write_json(out / "study.json", asdict(replace(tiny_study(), eval_samples=99)))
+    with pytest.raises(UserError, match="eval_samples=99"):
         study(out, tiny_study(), progress=False)
+
+
+def test_local_workers_get_one_gpu_each(tmp_path, monkeypatch):
+    """With several GPUs visible, each worker slot sees one of them (as cuda:0); slots are reused as jobs finish.
+
+    No GPU here: the devices come from CUDA_VISIBLE_DEVICES and the worker processes are stand-ins that
+    record their environment (the launcher's bookkeeping is what is tested, not CUDA)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    seen = []
+
+    class Done:
+        returncode = 0
+
+        def __init__(self, cmd, stdout, stderr, env):
+            seen.append(env["CUDA_VISIBLE_DEVICES"])
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(flopmatch.study.launchers.subprocess, "Popen", Done)
+    jobs = [{"name": f"j{i}"} for i in range(5)]
+    done = []
+    LocalWorkersLauncher(2, tmp_path).run(jobs, done.append)
+    assert len(done) == 5 and seen[:2] == ["3", "5"] and set(seen) == {"3", "5"}
+
+
+@pytest.mark.slow
+def test_wsd_study_chains_runs_through_their_stable_phase(tmp_path):
+    """Under train.schedule=wsd a study trains each (paradigm, depth, seed) as one chain: a larger budget's run
+    starts from the smaller one's stable-phase state and ends with exactly the weights of a run trained alone."""
+    scfg = tiny_study(objectives=("masked",), budgets=(2e9, 4e9))
+    scfg.overrides += ["train.schedule=wsd", "train.warmup_steps=5"]
+    out = tmp_path / "study"
+    plans = make_plan(scfg, out)
+    assert chained_flops(plans) < sum(p.train_flops for p in plans)
+    study(out, scfg, progress=False)
+    small, large = (out / "runs" / p.name for p in plans)
+    branched = read_state(large)["branched_from"]
+    assert branched["run"] == small.name and branched["step"] == read_state(small, STABLE_CHECKPOINT)["step"] > 0
+    alone = tmp_path / "alone"
+    train(from_dict(RunConfig, plans[1].config), alone, progress=False)
+    assert _tensors(large) == _tensors(alone)
+    with open(out / "results.csv") as f:
+        assert {r["schedule"] for r in csv.DictReader(f)} == {"wsd"}

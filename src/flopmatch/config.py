@@ -30,6 +30,7 @@ class DataConfig:
     num_eval: int = 2000  # evaluation images (the FID reference set and the prompts)
     two_object_prob: float = 0.5  # shapes: fraction of scenes with two objects and a relation
     holdout: list[str] = field(default_factory=list)  # e.g. ["red triangle"]: never seen in training
+    holdout_relations: list[str] = field(default_factory=list)  # e.g. ["triangle above circle"], any colours: never seen in training
     caption_dropout: float = 0.1  # fraction of training captions replaced by the empty caption (for CFG)
     image_column: str = "image"  # hf:PATH sources: the column holding the images
     text_column: str = "text"  # hf:PATH sources: the column holding the captions
@@ -111,6 +112,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints (also saved at the end and on Ctrl-C)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the network
+    parallel: str = "ddp"  # under torchrun: ddp (each process holds the whole network) | fsdp2 (parameters, gradients and optimizer state sharded across processes, for networks that do not fit); not part of the run's identity
     trackers: list[str] = field(default_factory=list)  # live views of metrics.jsonl: tensorboard, wandb (offline unless WANDB_MODE is set); not part of the run's identity
 
 
@@ -218,6 +220,7 @@ RANGES: dict[tuple[str, str], Range] = {
     ("AutoencoderConfig", "log_every"): AT_LEAST_1,
 }
 PRECISIONS = ("auto", "bf16", "fp32")
+PARALLEL = ("ddp", "fsdp2")  # how flopmatch.dist.wrap splits training across torchrun processes
 # The learning-rate schedules of flopmatch.schedule.lr_at; only wsd and constant runs can grow to a larger budget.
 SCHEDULES = ("cosine", "wsd", "constant")
 SOLVERS = ("euler", "heun")  # the flow ODE solvers of flopmatch.objectives.ode
@@ -229,6 +232,7 @@ SOURCE_FIELDS = {("DataConfig", "name"), ("AutoencoderConfig", "data")}
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("TextConfig", "kind"): ("minilm", "hash"), ("TokenizerConfig", "kind"): ("auto", "patch", "kmeans"),
     ("TrainConfig", "precision"): PRECISIONS, ("TrainConfig", "schedule"): SCHEDULES, ("ObjectiveConfig", "name"): PARADIGMS,
+    ("TrainConfig", "parallel"): PARALLEL,
     ("AutoencoderConfig", "kind"): ("kl", "lfq"), ("AutoencoderConfig", "recon_loss"): ("l1", "l2", "l1+l2"),
     ("AutoencoderConfig", "precision"): PRECISIONS, ("SampleConfig", "solver"): SOLVERS,
     ("TrainConfig", "trackers"): TRACKERS,  # a list field: each item must be one of them

@@ -37,12 +37,15 @@ from flopmatch.files import atomic_write_text
 from flopmatch.rundir import (
     CHECKPOINT,
     CONFIG,
+    DATA,
     EVAL,
     METRICS,
     SAMPLES,
     STABLE_CHECKPOINT,
     STATE,
+    TOKENIZER,
     budget_dir,
+    config_diffs,
     copy_checkpoint,
     read_config,
     read_state,
@@ -131,6 +134,51 @@ def continue_run(run: Path, cfg: RunConfig, plan: Continuation) -> str:
     where = "where the cooldown started" if plan.source == STABLE_CHECKPOINT else "its latest checkpoint"
     return (f"{run}: continuing from budget {b1:.3g} to {b2:.3g} at step {plan.source_state['step']} ({where}); "
             f"the {b1:.3g} result ({'finished' if entry['done'] else 'unfinished'}) is kept in {run / entry['kept_in']}")
+
+
+def branch_source(src: Path, cfg: RunConfig, total_steps: int) -> tuple[str, dict] | None:
+    """The checkpoint of run ``src`` that a new run with ``cfg`` (``total_steps`` steps) can start from, or None.
+
+    ``src`` must hold a run whose config differs from ``cfg`` in ``train.budget`` only, under wsd (its
+    stable checkpoint) or constant (its latest checkpoint), at a step no later than where ``cfg``'s
+    cooldown (or end) starts. Returns (checkpoint name inside ``src``, its state). Reads only.
+    """
+    if cfg.train.schedule == "cosine" or not (src / CONFIG).exists() or config_diffs(src, cfg) != ["train.budget"]:
+        return None
+    name = STABLE_CHECKPOINT if cfg.train.schedule == "wsd" else CHECKPOINT
+    state = read_state(src, name)
+    if state is None or state["step"] > stable_steps(total_steps, cfg.train):
+        return None
+    return name, state
+
+
+def branch_run(src: Path, dst: Path, cfg: RunConfig, source: tuple[str, dict]) -> str:
+    """Create run ``dst`` (config ``cfg``) from the state of run ``src`` found by :func:`branch_source`.
+
+    The new run is, bit for bit, the run ``cfg`` would train from step 0, already at the source's step
+    (the same argument as continuing a run: nothing before that step depends on the budget). The
+    directory is assembled under a temporary name and renamed into place, so it exists complete (config,
+    data.json, tokenizer, metrics up to that step, the checkpoint, ``done`` false) or not at all;
+    ``train`` then resumes it like an interrupted run. Its state records ``branched_from``.
+    Returns a line saying what was done.
+    """
+    name, state = source
+    tmp = dst.parent / f".{dst.name}.branch.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # the assembly of a killed attempt
+    (tmp / CHECKPOINT).parent.mkdir(parents=True)
+    for item in (DATA,):
+        atomic_write_text(tmp / item, (src / item).read_text())
+    shutil.copytree(src / TOKENIZER, tmp / TOKENIZER)
+    rows = (src / METRICS).read_text().splitlines() if (src / METRICS).exists() else []
+    atomic_write_text(tmp / METRICS, "".join(r + "\n" for r in rows))
+    truncate_metrics(tmp, state["step"])
+    copy_checkpoint(src / name, tmp / CHECKPOINT, state | {
+        "done": False, "budget": cfg.train.budget, "budget_history": [],
+        "branched_from": {"run": src.name, "checkpoint": name, "step": state["step"], "flops": state["flops"]}})
+    write_config(tmp, cfg)
+    os.replace(tmp, dst)
+    return (f"{dst}: starting from {src.name}'s {'stable-phase' if name == STABLE_CHECKPOINT else 'latest'} state at step "
+            f"{state['step']} ({state['flops']:.3g} FLOPs not spent again)")
 
 
 def _keep(run: Path, state: dict, budget: float) -> Path:

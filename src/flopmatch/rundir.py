@@ -6,7 +6,7 @@ thing it may read::
     runs/<name>/
       config.json                       the resolved RunConfig, written before step 0
       metrics.jsonl                     one JSON object per logged step (step, loss, lr, cumulative flops, ...)
-      checkpoint/checkpoint.safetensors model, EMA, optimizer and RNG tensors; scalar state in its metadata
+      checkpoint/checkpoint.safetensors model, EMA and optimizer tensors (full, whatever the sharding); scalar state in its metadata
       checkpoint/state.json             a human-readable copy of that scalar state
       checkpoint-stable/                train.schedule=wsd: the same, saved where the cooldown starts
                                         (the state a larger budget continues from; flopmatch.growth)
@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from flopmatch import dist
 from flopmatch.config import RunConfig, from_dict, to_dict
 from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors, tensors_sha256
@@ -50,8 +51,9 @@ DATA = "data.json"  # the training split: source, size, images skipped and conve
 SAMPLES = "samples"
 # Keys every checkpoint state has (resume and the report rely on them).
 STATE_KEYS = ("step", "total_steps", "flops", "done", "net_spec")
-# Config keys that change how a run is watched, not what it computes: a resume may change them (config_diffs skips them).
-NOT_IDENTITY = ("train.trackers",)
+# Config keys that change how a run is watched or split across processes, not what it computes (train.parallel changes
+# results by float rounding only, as the number of processes does): a resume may change them (config_diffs skips them).
+NOT_IDENTITY = ("train.trackers", "train.parallel")
 
 
 # ----------------------------------------------------------------------------- config
@@ -123,35 +125,39 @@ def truncate_metrics(run: Path, step: int) -> None:
 # ----------------------------------------------------------------------------- checkpoint
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    """Flatten AdamW state to safetensors-able tensors plus JSON param groups (no pickle)."""
-    sd = opt.state_dict()
+def optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], list]:
+    """Flatten an AdamW state dict (``opt.state_dict()``'s format) to safetensors-able tensors plus JSON param groups (no pickle)."""
     tensors = {f"optim.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for i, st in sd["state"].items() for k, v in st.items()}
     return tensors, sd["param_groups"]
 
 
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
-    """Inverse of :func:`optimizer_tensors`."""
+def optimizer_state(tensors: dict[str, torch.Tensor], groups: list) -> dict:
+    """Inverse of :func:`optimizer_tensors`: ``opt.state_dict()``'s format."""
     state: dict[int, dict] = {}
     for key, v in tensors.items():
         if key.startswith("optim."):
             _, i, name = key.split(".", 2)
             state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(run: Path, net, ema, opt, rng: torch.Generator, state: dict, name: str = CHECKPOINT) -> None:
-    """One atomic file with model, EMA, optimizer and RNG tensors; scalar state in its metadata.
+def save_checkpoint(run: Path, net, ema, opt, state: dict, name: str = CHECKPOINT) -> None:
+    """One atomic file with model, EMA and optimizer tensors; scalar state in its metadata.
 
-    ``name``: the file inside the run (:data:`CHECKPOINT`, or :data:`STABLE_CHECKPOINT`); a
-    human-readable ``state.json`` is written beside it.
+    Call on every rank of a distributed run: under FSDP2 the shards are gathered (a collective) into full
+    tensors, which rank 0 alone writes, so the file is the same as one process's and resumes with any number
+    of processes and either ``train.parallel``. No RNG state: training's randomness is a function of
+    (seed, step) (:mod:`flopmatch.train`). ``name``: the file inside the run (:data:`CHECKPOINT`, or
+    :data:`STABLE_CHECKPOINT`); a human-readable ``state.json`` is written beside it.
     """
-    tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
-    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
-    opt_t, groups = optimizer_tensors(opt)
+    model_sd, ema_sd = dist.full_state_dict(net), dist.full_state_dict(ema)
+    opt_sd = dist.full_optimizer_state_dict(net, opt)
+    if not dist.is_main():
+        return
+    tensors = {f"model.{k}": v for k, v in model_sd.items()}
+    tensors |= {f"ema.{k}": v for k, v in ema_sd.items()}
+    opt_t, groups = optimizer_tensors(opt_sd)
     tensors |= opt_t
-    tensors["rng.generator"] = rng.get_state()
-    tensors["rng.torch"] = torch.get_rng_state()
     meta = {"state": json.dumps(state), "param_groups": json.dumps(groups), "tensors_sha256": tensors_sha256(tensors)}
     save_tensors(Path(run) / name, tensors, metadata=meta)
     atomic_write_text((Path(run) / name).with_name("state.json"), json.dumps(state, indent=2) + "\n")  # human-readable copy
@@ -169,16 +175,20 @@ def copy_checkpoint(src: Path, dst: Path, state: dict) -> None:
     atomic_write_text(Path(dst).with_name("state.json"), json.dumps(state, indent=2) + "\n")
 
 
-def restore_checkpoint(run: Path, net, ema, opt, rng: torch.Generator, device) -> None:
-    """Load model, EMA, optimizer and RNG states saved by :func:`save_checkpoint` into live objects."""
+def restore_checkpoint(run: Path, net, ema, opt, device) -> None:
+    """Load model, EMA and optimizer states saved by :func:`save_checkpoint` into live objects.
+
+    Every rank reads the file; under FSDP2 each keeps its shards (``net`` and ``ema`` sharded already, ``opt``
+    built over the shards). RNG tensors of checkpoints written before training's randomness became a function
+    of (seed, step) are ignored (such runs are refused before this; :func:`flopmatch.train.check_randomness`).
+    """
     path = Path(run) / CHECKPOINT
-    tensors = load_checkpoint_tensors(path, device=device)
+    # Sharded: read to the CPU and let each rank copy out its shard; otherwise straight to the device.
+    tensors = load_checkpoint_tensors(path, device="cpu" if dist.is_sharded(net) else device)
     meta = read_checkpoint_meta(path)
-    net.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.load_state_dict({k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")})
-    load_optimizer(opt, tensors, json.loads(meta["param_groups"]))
-    rng.set_state(tensors["rng.generator"].cpu())
-    torch.set_rng_state(tensors["rng.torch"].cpu())
+    dist.load_full_state_dict(net, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    dist.load_full_state_dict(ema, {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")})
+    dist.load_full_optimizer_state_dict(net, opt, optimizer_state(tensors, json.loads(meta["param_groups"])))
 
 
 def load_checkpoint_tensors(path: Path, device="cpu") -> dict[str, torch.Tensor]:

@@ -5,9 +5,18 @@ Setup, loop, save, in that order (DiT). The number of steps is ``ceil(budget / F
 with FLOPs per step = analytic training FLOPs per example x global batch, so training stops at the
 first step where the cumulative FLOPs reach the budget (at most one step over).
 
-Resume is exact: the checkpoint holds model, EMA, optimizer, step, FLOPs so far and the RNG state
-of the generator that draws batches' randomness (timesteps, noise, masks, caption dropout). The
-data order is a pure function of (seed, epoch), so the data position is the step itself.
+Training randomness is a pure function of (``train.seed``, step, example): every step, every rank
+draws the whole global batch's randomness (caption dropout; timesteps and noise, or masks) from
+generators seeded by (seed, step) and keeps its slice (:func:`step_generators`). So an example gets
+the same randomness whatever the number of processes, and the data order is a pure function of
+(seed, epoch): a run's trajectory is a function of its config alone, up to float rounding (and the
+device kind, whose generators differ). Resume is exact at any world size: the checkpoint holds
+model, EMA, optimizer, step and FLOPs so far, no RNG state; the data position is the step itself.
+Runs started before this scheme (whose randomness depended on the number of processes) are refused
+on resume rather than silently continued with different randomness (:data:`TRAIN_RANDOMNESS`).
+
+Distributed (torchrun): DDP by default, FSDP2 with ``train.parallel=fsdp2`` (:mod:`flopmatch.dist`);
+the global batch, the FLOP accounting and the budget do not depend on the number of processes.
 
 Runs that grow: under ``train.schedule=wsd`` a run also saves its full state where the cooldown starts
 (``checkpoint-stable/``). Nothing before that step depends on the budget, so ``train`` with a config
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
 import shutil
 import signal
@@ -65,6 +75,39 @@ from flopmatch.rundir import (
 )
 from flopmatch.schedule import ema_decay_at, lr_at, stable_steps
 from flopmatch.tracking import Trackers, check_trackers
+
+# The scheme that draws training randomness, recorded in every checkpoint's state as ``train_randomness``.
+# 1 (absent from the state; flopmatch up to 0.2.0): one generator per rank seeded seed * 1000 + rank, its
+# state in the checkpoint. 2: per (seed, step), the global batch drawn on every rank (step_generators). A run is
+# resumed only by the scheme that started it: another would change its numbers from the resumed step on.
+TRAIN_RANDOMNESS = 2
+
+
+def step_seed(seed: int, step: int, stream: str) -> int:
+    """A 63-bit seed for one stream of step ``step``'s training randomness: a pure function of its arguments.
+
+    Hashed rather than, say, ``seed * 1_000_003 + step``: distinct (seed, step, stream) never share a seed
+    (no (seed, step) pair aliases another, for any step count), and no stream reuses the data order's seeds
+    (:func:`epoch_order`). One sha256 per step and stream, ~1 us on the host.
+    """
+    digest = hashlib.sha256(f"flopmatch/train/{stream}/{seed}/{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # torch.Generator.manual_seed takes up to 64 bits
+
+
+def step_generators(seed: int, step: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """Generators of step ``step``'s training randomness: (CPU one for caption dropout, ``device`` one for the
+    objective's :meth:`~flopmatch.objectives.base.Objective.draw`), each seeded by (seed, step, its stream).
+
+    Every rank draws the whole global batch from them and keeps its slice: example j of step s gets the same
+    randomness with any number of processes. Drawing B_global rows instead of B_global / world costs little
+    (noise of a few MB at most, one kernel per tensor; nothing next to a forward pass) and needs no
+    communication. Separate streams: on a CPU run both generators are CPU ones, and one seed would make the
+    noise repeat the dropout's uniforms. Dropout on the CPU: its indices pick caption rows on the host, so a
+    device draw would cost a device-to-host sync every step.
+    """
+    cpu = torch.Generator().manual_seed(step_seed(seed, step, "captions"))
+    dev = torch.Generator(device=device).manual_seed(step_seed(seed, step, "objective"))  # host-side seeding, no sync
+    return cpu, dev
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -116,23 +159,27 @@ def make_optimizer(net: torch.nn.Module, cfg: TrainConfig, device: torch.device)
 
 
 def train_step(model, net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, objective, x: torch.Tensor,
-               text, rng: torch.Generator, *, bf16: bool, grad_clip: float, ema_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+               text, rng: torch.Generator | None, *, bf16: bool, grad_clip: float, ema_decay: float,
+               draws: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a batch: loss, backward, gradient clipping, AdamW, EMA update.
 
-    ``model`` (DDP-wrapped / compiled) runs forward and backward, ``net`` is the plain module the optimizer,
-    clipping and EMA see. x: latents (B, C, g, g) or tokens (B, L); text: a TextBatch on x's device.
-    Returns the loss and the pre-clip gradient norm as device tensors (no host sync). ``flopmatch bench``
-    times this same function.
+    ``model`` (DDP-wrapped / compiled, or FSDP2-sharded) runs forward and backward, ``net`` is the module the
+    optimizer, clipping and EMA see (under FSDP2 the same sharded module). x: latents (B, C, g, g) or tokens
+    (B, L); text: a TextBatch on x's device; the loss's randomness is ``draws`` (this batch's rows of
+    ``objective.draw``), or drawn from ``rng`` when None. Returns the loss and the pre-clip gradient norm as
+    device tensors (no host sync). ``flopmatch bench`` times this same function.
     """
     # bf16 autocast: matmuls run in bf16, weights and optimizer state stay fp32; bf16 has fp32's
     # exponent range, so no loss scaling is needed (unlike fp16). Objectives compute the loss in fp32.
     with autocast(x.device, bf16):
-        loss = objective.loss(model, x, text, rng)
+        loss = objective.loss(model, x, text, rng, draws=draws)
     opt.zero_grad(set_to_none=True)
-    loss.backward()  # under DDP, gradients are all-reduced here, so every rank clips the same norm
+    # DDP all-reduces (FSDP2 reduce-scatters) gradients here, averaging over ranks: every rank clips by the same norm.
+    loss.backward()
     # Clipping the global gradient norm caps the update on rare spiky batches, which can otherwise
     # destabilise a whole run (1.0 by default, as in nanoGPT); returns the pre-clip norm, which is logged.
-    gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    # Under FSDP2 the norm is computed over the shards (a DTensor; full_tensor is a local read of its replicated value).
+    gnorm = dist.full_tensor(torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip))
     opt.step()
     ema_update(ema, net, ema_decay)
     return loss, gnorm
@@ -203,6 +250,7 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
                     remove_stale_temps(run / "checkpoint")
                     print(f"{run}: finished ({state['step']} steps, {state['flops']:.3g} FLOPs); nothing to do")
                 return state
+        check_randomness(run, read_state(run))  # before a continuation moves anything
     elif run.exists() and not run.is_dir():
         raise UserError(f"--out {run} is a file, not a directory; choose another --out")
     elif run.exists() and any(p.name != LOCK_NAME for p in run.iterdir()):
@@ -221,11 +269,13 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
     world = dist.world_size()
     if cfg.train.batch_size % world:
         raise UserError(f"train.batch_size {cfg.train.batch_size} must be divisible by the {world} processes")
-    need, have = training_memory_bytes(spec, cfg.train.batch_size // world), memory_bytes(device)
+    shards = world if world > 1 and cfg.train.parallel == "fsdp2" else 1  # FSDP2 splits weights, EMA, gradients, moments
+    need, have = training_memory_bytes(spec, cfg.train.batch_size // world, shards), memory_bytes(device)
     if need > have:  # refuse before allocating: the allocation would fail or swap after minutes of set-up
         raise UserError(f"training this network needs at least {need / 2**30:.3g} GiB ({num_params(spec):,} parameters, "
                         f"batch {cfg.train.batch_size // world} per process) but {device} has {have / 2**30:.3g} GiB; "
-                        f"lower --depth or train.batch_size")
+                        f"lower --depth or train.batch_size, or shard it over several devices (torchrun with "
+                        f"--set train.parallel=fsdp2)")
     if growing:  # a cosine run, or a state past the new budget's stable phase, is refused before data preparation
         plan_continuation(run, cfg, plan.steps)
     warm = stable_steps(plan.steps, cfg.train)  # wsd, constant: the steps the warmup has (cosine: None)
@@ -262,6 +312,19 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
             raise
 
 
+def check_randomness(run: Path, state: dict | None) -> None:
+    """Refuse to continue a run whose checkpoint was written under another training-randomness scheme
+    (:data:`TRAIN_RANDOMNESS`): its remaining steps would draw different randomness than its first ones did.
+    A finished run is not affected (it is reported, evaluated and sampled as before); ``state`` None: nothing yet."""
+    if state is None:
+        return
+    found = state.get("train_randomness", 1)
+    if found != TRAIN_RANDOMNESS:
+        raise UserError(f"{run} was started by an earlier flopmatch (training randomness v{found}, which depended on the number "
+                        f"of processes; this version draws v{TRAIN_RANDOMNESS}), so continuing it would change its numbers; "
+                        f"finish it with the flopmatch version that started it, or train it again with a new --out")
+
+
 def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec, plan, device: torch.device,
                   progress: bool, stop_after: int | None) -> dict:
     """The training loop proper, run while this process holds the run directory's lock (see :func:`train`)."""
@@ -281,22 +344,22 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
     torch.manual_seed(cfg.train.seed)
     net = Network(spec).to(device)  # same init on every rank (seeded)
     ema = copy.deepcopy(net).requires_grad_(False)  # starts equal to the initial weights
+    # ``model`` (DDP / compiled) runs forward and backward; ``net`` is the module the optimizer, EMA, gradient
+    # clipping and checkpoints use: the plain network, or under FSDP2 the network sharded in place (then
+    # ``model`` is ``net``, and the EMA is sharded the same way so each rank averages its own shard).
+    # Wrapped before the optimizer is built: FSDP2 replaces the parameters by their shards.
+    model = dist.wrap(net, device, cfg.train.parallel, units=net.backbone.blocks)
+    if dist.is_sharded(net):
+        dist.shard(ema, device, units=ema.backbone.blocks)
     opt = make_optimizer(net, cfg.train, device)
-    # Draws every random choice of a batch (times, noise, masks, caption dropout); saved in checkpoints.
-    # Exact resume needs its state: a fresh seed would give the resumed steps different noise/masks than
-    # an uninterrupted run. Seeded per rank so ranks draw different randomness for their slices.
-    rng = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + dist.rank())
     step, flops, elapsed = 0, 0, 0.0
     if state is not None:
-        restore_checkpoint(run, net, ema, opt, rng, device)
+        restore_checkpoint(run, net, ema, opt, device)  # full tensors, whatever world size and option wrote them
         step, flops, elapsed = state["step"], state["flops"], state.get("elapsed_s", 0.0)
         if dist.is_main():
             truncate_metrics(run, step)
             print(f"{run}: resuming at step {step}/{plan.steps} ({flops:.3g} FLOPs spent)")
 
-    # ``model`` (DDP / compiled) runs forward and backward; ``net`` is the plain module the optimizer,
-    # EMA, gradient clipping and checkpoints use.
-    model = dist.wrap(net, device)
     if cfg.train.compile:
         model = torch.compile(model)
     # "auto" precision is decided once per run, by timing on the first start, and recorded in the
@@ -316,10 +379,12 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
             "step": step, "total_steps": plan.steps, "flops": flops, "budget": cfg.train.budget,
             "flops_per_step": plan.flops_per_step, "train_flops_per_example": plan.flops_per_example,
             "params": net.num_params(), "elapsed_s": round(elapsed, 3), "done": done, "bf16": bf16, "device_type": device.type,
-            "world_size": world, "data_position": {"step": step, "epoch": step * cfg.train.batch_size // len(x_all)},
+            "world_size": world, "parallel": cfg.train.parallel if world > 1 else "none",
+            "data_position": {"step": step, "epoch": step * cfg.train.batch_size // len(x_all)},
             "net_spec": spec.to_dict(), "tokenizer": data.tokenizer.spec.to_dict(),
             "text_encoder": data.encoder.name, "objective": cfg.objective.name,
-            "schedule": cfg.train.schedule, "budget_history": history,
+            "schedule": cfg.train.schedule, "budget_history": history, "train_randomness": TRAIN_RANDOMNESS,
+            **({"branched_from": state["branched_from"]} if state and "branched_from" in state else {}),  # growth.branch_run
         }
 
     # TensorBoard / W&B views of metrics.jsonl (main rank only). Opened before the progress bar and the clock:
@@ -334,28 +399,31 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
     t0 = time.perf_counter() - elapsed
     steps_this_call = 0
     # Ctrl-C only raises a flag; the step in flight finishes and is checkpointed, so the saved
-    # weights, step count and RNG state agree and resuming is exact.
+    # weights and step count agree and resuming is exact.
     interrupted = InterruptFlag(device)
+    mine = slice(dist.rank() * local, (dist.rank() + 1) * local)  # this rank's rows of the global batch
     with interrupted, trackers:
         net.train()
-        if step == stable_at == 0 and dist.is_main():  # a cooldown over every step: the stable state is the initial one
-            save_checkpoint(run, net, ema, opt, rng, make_state(False), name=STABLE_CHECKPOINT)
+        if step == stable_at == 0:  # a cooldown over every step: the stable state is the initial one
+            save_checkpoint(run, net, ema, opt, make_state(False), name=STABLE_CHECKPOINT)  # collective under FSDP2
         while step < plan.steps:
             lr = lr_at(step, plan.steps, cfg.train)
             for group in opt.param_groups:
                 group["lr"] = lr
-            idx = batch_indices(len(x_all), cfg.train.seed, step, cfg.train.batch_size)
-            idx = idx[dist.rank() * local : (dist.rank() + 1) * local]  # this rank's slice of the global batch
+            idx = batch_indices(len(x_all), cfg.train.seed, step, cfg.train.batch_size)[mine]  # (local,)
+            # The global batch's randomness, drawn whole on every rank (see step_generators); this rank keeps its rows.
+            g_captions, g_objective = step_generators(cfg.train.seed, step, device)
             # Caption dropout: a fraction of captions become the empty caption, so the same network also
             # learns the unconditional model that classifier-free guidance needs at sampling time (Ho &
-            # Salimans 2022). Drawn from ``rng`` so that it is part of the resumable state.
-            drop = torch.rand(local, generator=rng, device=device).cpu() < cfg.data.caption_dropout  # (local,) bool
+            # Salimans 2022).
+            drop = (torch.rand(cfg.train.batch_size, generator=g_captions) < cfg.data.caption_dropout)[mine]  # (local,) bool
             # tb: TextBatch of states (local, Lt, Dt), pad (local, Lt), pooled (local, Dt)
             tb = text.batch(torch.where(drop, torch.full_like(idx, empty), rows[idx])).to(device)
             x = x_all[idx].to(device, non_blocking=True)  # (local, C, g, g) latents or (local, L) tokens
+            draws = {k: v[mine] for k, v in objective.draw(cfg.train.batch_size, spec, device, g_objective).items()}
             # EMA decay warms up (schedule.ema_decay_at): short runs would otherwise average mostly the init.
-            loss, gnorm = train_step(model, net, ema, opt, objective, x, tb, rng, bf16=bf16, grad_clip=cfg.train.grad_clip,
-                                     ema_decay=ema_decay_at(step, cfg.train.ema_decay))
+            loss, gnorm = train_step(model, net, ema, opt, objective, x, tb, None, bf16=bf16, grad_clip=cfg.train.grad_clip,
+                                     ema_decay=ema_decay_at(step, cfg.train.ema_decay), draws=draws)
             step += 1
             steps_this_call += 1
             flops += plan.flops_per_step  # analytic, identical every step: the budget is spent in whole steps
@@ -373,9 +441,11 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
             if step % cfg.train.checkpoint_every == 0 or step == plan.steps or stop or step == stable_at:
                 if dist.is_main():
                     append_metrics(run, pending)
-                    if step == stable_at:
-                        save_checkpoint(run, net, ema, opt, rng, make_state(False), name=STABLE_CHECKPOINT)
-                    save_checkpoint(run, net, ema, opt, rng, make_state(step == plan.steps))  # incl. RNG state
+                # Every rank calls save_checkpoint (under FSDP2 it gathers the shards to rank 0); rank 0 writes.
+                if step == stable_at:
+                    save_checkpoint(run, net, ema, opt, make_state(False), name=STABLE_CHECKPOINT)
+                save_checkpoint(run, net, ema, opt, make_state(step == plan.steps))
+                if dist.is_main():
                     for row in pending:  # after the checkpoint: no tracker holds a step that a resume would redo
                         trackers.log(row)
                     trackers.flush()

@@ -36,6 +36,7 @@ def cmd_eval(args) -> int:
     """Evaluate a run under one or more sampling settings and print a summary per setting."""
     # Imported when the command runs, not at the top: the CLI modules load no torch, so that
     # `flopmatch --help` and argument errors answer at once.
+    from flopmatch import dist
     from flopmatch.config import validate_sample
     from flopmatch.evaluation.report_lines import summary_lines
     from flopmatch.evaluation.run import EvalConfig, evaluate
@@ -56,6 +57,8 @@ def cmd_eval(args) -> int:
                       export=str(Path(args.export).resolve()) if args.export else "",
                       **({} if args.fid_boot is None else {"fid_boot": args.fid_boot}))
     doc = evaluate(run, settings, ecfg)
+    if not dist.is_main():  # under torchrun the other ranks only sampled their batches; the main rank reports
+        return 0
     for line in summary_lines(doc, only=None):
         print(line)
     print(f"wrote {run / 'eval.json'}")

@@ -42,6 +42,7 @@ def cmd_study(args) -> int:
         if getattr(args, name) is not None:
             setattr(scfg, name, getattr(args, name))
     scfg.overrides = scfg.overrides + ([f"data.name={args.data}"] if args.data else []) + list(args.set)
+    scfg.tokenizer_overrides = scfg.tokenizer_overrides + list(args.tokenizer_set)
     if args.plan_only:
         plans = make_plan(scfg.validate(), Path(args.out))
         print(format_plan(plans))
@@ -78,6 +79,9 @@ def register(sub) -> None:
                    help="also evaluate each run's main setting with raw (non-EMA) weights, for the EMA finding "
                         "(default: on for cpu-long and gpu)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key for every run (repeatable; see `flopmatch config --preset P`)")
+    p.add_argument("--tokenizer-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the study's learned tokenizers' config (repeatable), e.g. steps=1200 to "
+                        "train them longer (see `flopmatch tokenizer train --help` for the keys)")
     p.add_argument("--data", type=data_source, help=DATA_HELP + " (default: the preset's, shapes)")
     p.add_argument("--workers", type=count(1), default=1, help="local worker processes (default 1: in-process)")
     p.add_argument("--launcher", default="local", choices=("local", "slurm"),

@@ -50,6 +50,7 @@ def shapes_config(cfg: DataConfig) -> ShapesConfig:
     return ShapesConfig(
         seed=cfg.seed, image_size=cfg.image_size, num_train=cfg.num_train, num_eval=cfg.num_eval,
         two_object_prob=cfg.two_object_prob, holdout=tuple(cfg.holdout),
+        holdout_relations=tuple(cfg.holdout_relations),
     )
 
 

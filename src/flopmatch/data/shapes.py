@@ -5,7 +5,10 @@ with a stable BLAKE2 digest of ``(seed, split, index, attempt)`` (never Python's
 and only ``Random.random()`` is used (its stream is guaranteed across Python versions, unlike
 ``choice``/``randrange``). Held-out colour+shape combos are removed from the training split by
 retrying the whole scene with ``attempt = 1, 2, ...``, so index -> scene stays a pure function and
-scenes without a held-out combo are identical with or without a holdout.
+scenes without a held-out combo are identical with or without a holdout. Held-out arrangements
+(``holdout_relations``: a shape pair in a spatial relation, e.g. "triangle above circle", whatever the
+colours) are removed from the training split the same way. The sets the study presets hold out are
+``flopmatch.study.presets.HOLDOUT_COMBOS`` and ``HOLDOUT_RELATIONS``.
 
 Geometry (fractions of the image side S, so it scales with ``image_size``): small objects are
 0.25 S across (8 px at 32), large 0.42 S (~13.4 px); a lone object sits at one of five centres
@@ -114,9 +117,13 @@ class ShapesConfig:
     two_object_prob: float = 0.5
     # "colour shape" combos (e.g. "red triangle") that no TRAINING scene contains; eval scenes may.
     holdout: tuple[str, ...] = ()
+    # "shape relation shape" arrangements (e.g. "triangle above circle", any colours) that no TRAINING scene
+    # contains; the mirrored wording ("circle below triangle") names the same arrangement.
+    holdout_relations: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "holdout", tuple(self.holdout))  # JSON round trips give lists
+        object.__setattr__(self, "holdout_relations", tuple(self.holdout_relations))
         if self.image_size < 16:
             raise UserError(f"shapes image_size must be >= 16, got {self.image_size}")
         if self.num_train < 0 or self.num_eval < 0:
@@ -130,10 +137,16 @@ class ShapesConfig:
                                 f"{list(COLORS)} and shape in {list(SHAPES)}, e.g. 'red triangle'")
         if len(set(self.holdout)) >= len(COLORS) * len(SHAPES):
             raise UserError("shapes holdout removes every colour+shape combo; keep at least one for training")
+        arrangements = {relation_key(entry) for entry in self.holdout_relations}  # raises on a bad entry
+        if len(arrangements) >= 2 * len(SHAPES) ** 2:
+            raise UserError("shapes holdout_relations removes every arrangement; keep at least one for training")
 
     def fingerprint(self) -> str:
         """16-hex-digit digest of every field and CODE_VERSION (keys caches of anything derived from the data)."""
-        payload = json.dumps({"version": CODE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if not fields["holdout_relations"]:  # added later: configs without it keep their digests (and caches)
+            del fields["holdout_relations"]
+        payload = json.dumps({"version": CODE_VERSION, **fields}, sort_keys=True)
         return hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
 
 
@@ -184,6 +197,31 @@ def canonical_attrs(caption_objects: list[dict], relation: str | None, position:
     return {"count": len(objs), "objects": canonical, "axis": axis,
             "position": position if len(objs) == 1 else None,
             "caption_objects": objs, "relation": relation if len(objs) == 2 else None}
+
+
+def relation_key(entry: str) -> tuple[str, str, str]:
+    """A ``holdout_relations`` entry ("triangle above circle", "square to the left of cross", ...) as its
+    canonical arrangement (axis, first shape, second shape): first = left (horizontal) or top (vertical)."""
+    text = " ".join(str(entry).lower().split())
+    for relation in RELATIONS:
+        a, sep, b = text.partition(f" {relation} ")
+        if sep and a in SHAPES and b in SHAPES:
+            axis = "horizontal" if relation in ("to the left of", "to the right of") else "vertical"
+            return (axis, a, b) if relation in ("to the left of", "above") else (axis, b, a)
+    raise UserError(f"shapes holdout_relations entry {entry!r} must be 'shape relation shape' with shapes in "
+                    f"{list(SHAPES)} and relation one of {list(RELATIONS)}, e.g. 'triangle above circle'")
+
+
+def holdout_hits(attrs: dict, holdout, holdout_relations) -> tuple[bool, bool]:
+    """(names a held-out colour+shape combo, shows a held-out arrangement) for ``attrs`` in the form of
+    ``Scene.attrs()`` or :func:`parse_caption` (attributes a prompt leaves out never match)."""
+    combos = {f"{o['color']} {o['shape']}" for o in attrs["objects"] if o["color"] and o["shape"]}
+    combo = bool(combos & set(holdout))
+    arrangement = None
+    if attrs["count"] == 2 and attrs["axis"] is not None:
+        arrangement = (attrs["axis"], attrs["objects"][0]["shape"], attrs["objects"][1]["shape"])
+    relation = arrangement is not None and arrangement in {relation_key(e) for e in holdout_relations}
+    return combo, relation
 
 
 def _pick(rng: random.Random | None, seq):
@@ -310,16 +348,21 @@ def _sample_scene(cfg: ShapesConfig, rng: random.Random) -> Scene:
 def make_scene(cfg: ShapesConfig, split: str, index: int) -> Scene:
     """The scene at ``index`` of ``split`` ("train" or "eval"): a pure function of (cfg, split, index).
 
-    Training scenes containing a held-out colour+shape are redrawn from the next sub-stream.
+    Training scenes containing a held-out colour+shape or a held-out arrangement are redrawn from the
+    next sub-stream.
     """
     if split not in SPLITS:
         raise UserError(f"shapes split must be one of {SPLITS}, got {split!r}")
     held = set(cfg.holdout) if split == "train" else set()
+    held_relations = cfg.holdout_relations if split == "train" else ()
     for attempt in range(_MAX_ATTEMPTS):
         scene = _sample_scene(cfg, random.Random(_stable_seed("shapes", cfg.seed, split, index, attempt)))
-        if not any(f"{o.color} {o.shape}" in held for o in scene.objects):
-            return scene
-    raise UserError(f"shapes holdout {cfg.holdout} leaves too few combos to sample training scenes")
+        if any(f"{o.color} {o.shape}" in held for o in scene.objects):
+            continue
+        if held_relations and any(holdout_hits(scene.attrs(), (), held_relations)):
+            continue
+        return scene
+    raise UserError(f"shapes holdout {cfg.holdout} / {cfg.holdout_relations} leaves too few scenes to sample training scenes")
 
 
 # ---------------------------------------------------------------- rendering

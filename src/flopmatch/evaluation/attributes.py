@@ -160,16 +160,17 @@ def score_prompt_following(classifier: AttributeClassifier, images_uint8: torch.
 
     Returns {"color", "shape", "size", "position", "relation", "count": accuracy over the checks of that
     attribute (None if no prompt names it), "full_match": fraction of images passing every check,
-    "per_image_match": [bool] * N, "num_checks": {attribute: number of checks}, "num_images": N}.
-    Colour/shape/size are checked per named object, so a pair prompt contributes two checks each.
+    "per_image_match": [bool] * N, "num_checks": {attribute: number of checks}, "num_images": N,
+    "per_image_checks": [{attribute: [bool per check]}] * N} (the last for per-group scores, see
+    :func:`summarise_checks`; callers drop both per-image lists before storing). Colour/shape/size are
+    checked per named object, so a pair prompt contributes two checks each.
     """
     if images_uint8.shape[0] != len(captions):
         raise ValueError(f"{images_uint8.shape[0]} images but {len(captions)} captions")
     vocab = _vocab()
     preds = classifier.predict(images_uint8)
     preds = [{k: int(v[i]) for k, v in preds.items()} for i in range(len(captions))]
-    checks: dict[str, list[bool]] = {a: [] for a in ATTRIBUTES}
-    per_image = []
+    per_image_checks = []
     for pred, caption in zip(preds, captions):
         want = parse_caption(caption)
         mine: dict[str, list[bool]] = {a: [] for a in ATTRIBUTES}
@@ -186,14 +187,32 @@ def score_prompt_following(classifier: AttributeClassifier, images_uint8: torch.
             swapped = sum(sum(_slot_matches(pred, 1 - s, o, vocab).values()) for s, o in enumerate(objs))
             order_ok = straight > swapped or objs[0] == objs[1]
             mine["relation"].append(axis_ok and order_ok)
-        for a in ATTRIBUTES:
-            checks[a] += mine[a]
-        per_image.append(all(ok for a in ATTRIBUTES for ok in mine[a]))
+        per_image_checks.append(mine)
+    summary = summarise_checks(per_image_checks)
+    return {**{a: summary[a] for a in ATTRIBUTES}, "full_match": summary["full_match"],
+            "per_image_match": [image_matches(c) for c in per_image_checks], "num_checks": summary["num_checks"],
+            "num_images": summary["num_images"], "per_image_checks": per_image_checks}
+
+
+def image_matches(checks: dict[str, list[bool]]) -> bool:
+    """Whether one image passes every check of its prompt (``checks``: {attribute: [bool per check]})."""
+    return all(ok for a in ATTRIBUTES for ok in checks.get(a, ()))
+
+
+def summarise_checks(per_image_checks: list[dict[str, list[bool]]]) -> dict:
+    """Scores of a set of images from their checks ({attribute: [bool per check]} per image).
+
+    Returns {attribute: accuracy over that attribute's checks (fraction; None without checks),
+    "full_match": fraction of images passing every check (None for no images), "num_full_match",
+    "num_checks": {attribute: count}, "num_images"}: the overall fields of :func:`score_prompt_following`.
+    """
+    checks = {a: [ok for c in per_image_checks for ok in c.get(a, ())] for a in ATTRIBUTES}
+    matches = [image_matches(c) for c in per_image_checks]
     out: dict = {a: (sum(v) / len(v) if v else None) for a, v in checks.items()}
-    out["full_match"] = sum(per_image) / len(per_image) if per_image else None
-    out["per_image_match"] = per_image
+    out["full_match"] = sum(matches) / len(matches) if matches else None
+    out["num_full_match"] = sum(matches)
     out["num_checks"] = {a: len(v) for a, v in checks.items()}
-    out["num_images"] = len(per_image)
+    out["num_images"] = len(matches)
     return out
 
 
@@ -288,6 +307,7 @@ def _heldout_accuracy(classifier: AttributeClassifier, shapes_cfg) -> dict:
     heads = head_accuracy(classifier, images, [ds.scene(i).attrs() for i in range(len(ds))])
     prompt = score_prompt_following(classifier, images, ds.captions())
     prompt.pop("per_image_match")
+    prompt.pop("per_image_checks")
     return {"eval_data_fingerprint": shapes_cfg.fingerprint(), "num_images": len(ds), "heads": heads,
             "prompt_following": prompt, "bound": ACCURACY_BOUND,
             "meets_bound": all(prompt[a] >= ACCURACY_BOUND for a in ATTRIBUTES if prompt[a] is not None)}

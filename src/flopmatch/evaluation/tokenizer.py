@@ -22,6 +22,7 @@ Reported (images compared in [0, 1], reconstructions clamped, not quantised to u
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from flopmatch.evaluation.attributes import head_accuracy, load_or_train_attribu
 from flopmatch.evaluation.features import extract_features, make_feature_extractor, reference_features
 from flopmatch.evaluation.quality import fid_from_features
 from flopmatch.files import atomic_write_json
+from flopmatch.tokenizers.base import Tokenizer
 from flopmatch.tokenizers.learned import LearnedAutoencoder
 from flopmatch.tokenizers.registry import load_learned
 from flopmatch.tokenizers.train_ae import load_images
@@ -49,19 +51,21 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_fid(real_uint8: torch.Tensor, recon_uint8: torch.Tensor, features: str = "effnet",
-                       reference_key: str | None = None, progress: bool = False) -> float | None:
+                       reference_key: str | None = None, progress: bool = False,
+                       dataset_name: str = "shapes") -> float | None:
     """FID between real images and their reconstructions, both uint8 (N, 3, H, W); None if unavailable.
 
     The hook into flopmatch.evaluation: features from ``make_feature_extractor(features)``, the real
     set's features cached under ``reference_key`` (if given) via ``reference_features``, distance from
     ``fid_from_features``. Returns None when features == "none", so eval.json says null instead of a
-    made-up number; a missing weight package is a UserError naming what to install.
+    made-up number; a missing weight package is a UserError naming what to install. ``dataset_name`` is
+    recorded with the cached reference features (metadata only; ``reference_key`` identifies the set).
     """
     if features == "none":
         return None
     extractor = make_feature_extractor(features)
     if reference_key is not None:
-        real = reference_features(extractor, "shapes", real_uint8, reference_key, progress=progress)
+        real = reference_features(extractor, dataset_name, real_uint8, reference_key, progress=progress)
     else:
         real = extract_features(extractor, real_uint8, progress=progress)
     fake = extract_features(extractor, recon_uint8, progress=progress)
@@ -81,11 +85,13 @@ def reconstruction_attributes(real_uint8: torch.Tensor, recon_uint8: torch.Tenso
 
 
 @torch.no_grad()
-def reconstruct(tok: LearnedAutoencoder, images_uint8: torch.Tensor, batch_size: int = 250
+def reconstruct(tok: Tokenizer, images_uint8: torch.Tensor, batch_size: int = 250
                 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Encode and decode uint8 images (N, 3, S, S) -> (recon float (N, 3, S, S) in [-1, 1],
-    codes: tokens (N, L) long or latents (N, C, g, g), timing {"encode_s", "decode_s"})."""
-    device = next(tok.parameters()).device
+    codes: tokens (N, L) long or latents (N, C, g, g), timing {"encode_s", "decode_s"}).
+
+    Any tokenizer: learned autoencoders and the weight-free ones (which hold buffers, no parameters)."""
+    device = next(itertools.chain(tok.parameters(), tok.buffers())).device
     recons, codes = [], []
     t_enc = t_dec = 0.0
     for start in range(0, images_uint8.shape[0], batch_size):

@@ -44,8 +44,12 @@ class Autoregressive(Objective):
     def sample_flops(self, spec, sample):
         return autoregressive_sample_flops(spec, sample.guidance, sample.kv_cache)
 
-    def loss(self, net, x, text, generator=None):
-        """Next-token cross-entropy over all L positions of tokens x (B, L)."""
+    def loss(self, net, x, text, generator=None, draws=None):
+        """Next-token cross-entropy over all L positions of tokens x (B, L); no randomness (``draws`` is unused).
+
+        The mean over all B*L positions is a mean over examples of equal-sized terms, so equal slices of a
+        batch average to the whole batch's loss (what DDP's gradient averaging needs; see objectives.base).
+        """
         logits = net(shift_right(x, spec_of(net).vocab_size), text.states, text.pad, text.pooled)  # (B, L, V)
         # fp32: a bf16 log-softmax over V codes loses precision (~3 significant digits).
         return F.cross_entropy(logits.flatten(0, 1).float(), x.flatten())  # (B*L, V) vs (B*L,)

@@ -46,10 +46,20 @@ class Diffusion(Objective):
         z = torch.randn(batch, device=device, generator=generator)  # (B,)
         return torch.sigmoid(self.cfg.t_mean + self.cfg.t_std * z)  # (B,) in (0, 1); SD3 default mean 0, std 1
 
-    def loss(self, net, x, text, generator=None):
-        """Mean squared velocity error on latents x (B, C, g, g)."""
-        t = self.sample_t(x.shape[0], x.device, generator)
-        eps = torch.randn(x.shape, device=x.device, generator=generator)  # (B, C, g, g)
+    def draw(self, batch, spec, device, generator):
+        """Times ``t`` (B,) and noise ``eps`` (B, C, g, g) of ``batch`` training examples."""
+        t = self.sample_t(batch, device, generator)  # (B,)
+        eps = torch.randn((batch, spec.channels, spec.grid, spec.grid), device=device, generator=generator)  # (B, C, g, g)
+        return {"t": t, "eps": eps}
+
+    def loss(self, net, x, text, generator=None, draws=None):
+        """Mean squared velocity error on latents x (B, C, g, g).
+
+        The mean over all B*C*g*g elements is a mean over examples of equal-sized terms, so equal slices of a
+        batch average to the whole batch's loss (what DDP's gradient averaging needs; see objectives.base).
+        """
+        draws = self._draws(net, x, generator, draws)
+        t, eps = draws["t"], draws["eps"]  # (B,), (B, C, g, g)
         xt, v = flow_path(x, eps, t)  # 2 x (B, C, g, g)
         pred = net(xt, text.states, text.pad, text.pooled, t=t)  # (B, C, g, g), bf16 under autocast
         # fp32 loss: bf16 (~3 significant digits) would round the small residuals and their mean; v is fp32.

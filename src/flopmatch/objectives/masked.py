@@ -51,7 +51,7 @@ def masked_counts(seq_len: int, steps: int) -> list[int]:
 
 
 def random_mask(batch: int, seq_len: int, min_mask: int, device, generator) -> torch.Tensor:
-    """Bool mask (B, L), True = hidden, with a cosine-scheduled count per row."""
+    """Bool mask (B, L), True = hidden, with a cosine-scheduled count per row (drawn row by row, in one call)."""
     u = torch.rand(batch, device=device, generator=generator)  # (B,)
     # clamp: at least ``min_mask`` hidden per row (ceil alone already gives >= 1, as u < 1)
     n = torch.ceil(mask_ratio(u) * seq_len).long().clamp(min_mask, seq_len)  # (B,)
@@ -74,15 +74,38 @@ class Masked(Objective):
             raise UserError(f"masked decoding takes at most {spec.seq_len} steps (one token per step), got {steps}")
         return steps
 
-    def loss(self, net, x, text, generator=None):
-        """Cross-entropy on the masked positions of tokens x (B, L)."""
+    def draw(self, batch, spec, device, generator):
+        """The masks (B, L) bool of ``batch`` training examples and each example's loss ``weight`` (B,).
+
+        ``weight`` is batch / (masked positions in the whole batch), the same for every row: with it, the
+        loss of any slice of these rows is its share of the whole batch's token mean (see :meth:`loss`).
+        """
+        mask = random_mask(batch, spec.seq_len, self.cfg.min_mask, device, generator)  # (B, L)
+        weight = (batch / mask.sum()).expand(batch)  # (B,); a device tensor, no host sync
+        return {"mask": mask, "weight": weight}
+
+    def loss(self, net, x, text, generator=None, draws=None):
+        """Cross-entropy on the masked positions of tokens x (B, L), averaged over the masked positions of the
+        batch the draws were made for (by default this one): sum_b weight_b * (CE summed over b's masked
+        positions) / B.
+
+        Why weights rather than ``cross_entropy(logits[mask], x[mask])``: MaskGIT averages over all masked
+        tokens of the batch, and the number masked differs between examples, so the mean of two half batches'
+        token means is not the batch's token mean; DDP and FSDP average the ranks' gradients, so a rank-local
+        token mean would make the trajectory depend on the number of processes. With weight_b = B_global /
+        M_global (drawn for the global batch) every rank's loss is its share, and their mean is the global
+        token mean: for the whole batch, sum_b (B / M) * CE_b / B = sum CE / M, the loss as MaskGIT writes it.
+        """
         B, L = x.shape
-        mask = random_mask(B, L, self.cfg.min_mask, x.device, generator)
+        draws = self._draws(net, x, generator, draws)
+        mask, weight = draws["mask"], draws["weight"]  # (B, L) bool, (B,)
         inp = x.masked_fill(mask, spec_of(net).vocab_size)  # (B, L) with [MASK] id at hidden positions
         logits = net(inp, text.states, text.pad, text.pooled)  # (B, L, V)
         # Loss on masked positions only (BERT, MaskGIT): visible ones are given and would be a trivial copy.
         # fp32: a bf16 log-softmax over V codes loses precision (~3 significant digits).
-        return F.cross_entropy(logits[mask].float(), x[mask])  # logits (M, V) vs targets (M,), M masked in total
+        ce = F.cross_entropy(logits[mask].float(), x[mask], reduction="none")  # logits (M, V) vs targets (M,) -> (M,)
+        w = weight[:, None].expand(B, L)[mask]  # (M,): each masked position's example weight
+        return (ce * w).sum() / B
 
     @torch.no_grad()
     def sample(self, net, cond, uncond, sample, generator=None):

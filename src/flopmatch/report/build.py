@@ -1,7 +1,7 @@
 """``flopmatch report STUDY``: run directories -> report.html, report.md and results.csv.
 
 A pure function of the study directory's files (run directories, ``inference_timing.json``,
-``study.json``): rows are read by :mod:`flopmatch.report.data`, fitted by :mod:`flopmatch.report.analysis`
+``study.json``, ``tokenizer_ceilings.json``): rows are read by :mod:`flopmatch.report.data`, fitted by :mod:`flopmatch.report.analysis`
 (seeded bootstrap), decided by :mod:`flopmatch.report.verdicts`, drawn by
 :mod:`flopmatch.report.plots` (reproducible PNG bytes) and written here, atomically. No dates,
 host names or timings of the report itself go into the files, so the same study gives the same bytes.
@@ -23,10 +23,12 @@ import numpy as np
 from flopmatch import PARADIGMS
 from flopmatch.files import atomic_write_bytes, atomic_write_text, read_json
 from flopmatch.report.analysis import EXTRAPOLATE, LEVEL, METRIC, MIN_FIT_BUDGETS, MIN_FIT_DECADES, Analysis
+from flopmatch.report.ceilings import add_column, by_paradigm, ceiling_banner, ceilings_table, fit_cell, read_ceilings, runs_cell
 from flopmatch.report.convention import convention_check
 from flopmatch.report.data import COLUMNS, Study, first_images, load_study
 from flopmatch.report.findings import EMA_LEVEL, analyse
 from flopmatch.report.plots import all_figures
+from flopmatch.report.prompt_groups import prompt_group_blocks
 from flopmatch.report.render import fmt, render_html, render_md
 from flopmatch.report.verdicts import ALPHA, CONFIDENT, FRONTIER_SIZES, NEEDS, NO_DIFF, SUGGESTIVE
 from flopmatch.rundir import read_config
@@ -285,6 +287,9 @@ def _banners(study: Study, an: Analysis) -> list[str]:
     out += _scorer_banner(study)
     out += _convention_banner(study, an)
     v = an.verdicts
+    fid_noise = v.noise.get("fid")
+    out += ceiling_banner(read_ceilings(study.root), math.sqrt(fid_noise.var) if fid_noise and fid_noise.source == "seeds"
+                          and fid_noise.var else None)
     if any(n.source == "evaluation" for n in v.noise.values()):
         out.append("One seed per cell: image quality and prompt following rest on evaluation noise only (how much "
                    "retraining with another seed would move them is not measured), so no verdict on them is stronger "
@@ -352,6 +357,7 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
                    "part points its way without a verdict, and **inconclusive** otherwise."))
     for name in ("fid_vs_flops", "prompt_vs_flops"):
         B.append(("fig", name, FIG_CAPTIONS[name]))
+    B += prompt_group_blocks(study, v)  # seen vs held-out, 1 vs 2 objects: beside the prompt figure, no verdict
     B.append(("h", 2, "Each claim, part by part"))
     for c in v.claims:
         B.append(("p", f"Claim {c['id']}: **{c['status']}**. {c['paper']}"))
@@ -368,11 +374,33 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
     B.append(("h", 2, "Runs"))
     if problems:
         B.append(("ul", problems))
-    B.append(("table", *_runs_table(study)))
+    ceilings = read_ceilings(study.root)
+    per = by_paradigm(ceilings)  # each paradigm's tokenizer ceiling, beside its generators' numbers
+    hdr, rows = _runs_table(study)
+    if per:
+        hdr, rows = add_column(hdr, rows, "prompt full match", "tokenizer ceiling: rFID / full match",
+                               [runs_cell(per.get(r[1])) for r in rows])
+    B.append(("table", hdr, rows))
+    B.append(("h", 2, "Tokenizer ceilings"))
+    if ceilings:
+        B.append(("p", "A generator's images are its tokenizer's decoded outputs, so its FID and prompt score can be read "
+                       "only against what the tokenizer allows: each tokenizer's reconstructions of the first n evaluation "
+                       "images, scored as the generators are (the same n, feature extractors and reference set: FID is "
+                       "biased upward at small n; the prompts are those images' own captions). The real images' FID at n "
+                       "is the floor of FID at that sample count." + (
+                           f" Prompt scores by the attribute classifier need at least {ceilings['floor']['value']:.0%} full "
+                           "match on each tokenizer's reconstructions, or the study stops before training."
+                           if (ceilings.get("floor") or {}).get("value") is not None else "")))
+        B.append(("table", *ceilings_table(ceilings)))
+    else:
+        B.append(("p", "Not measured: this study has no tokenizer_ceilings.json (re-run `flopmatch study` on it to add one)."))
     B.append(("h", 2, "Scaling with training FLOPs"))
     for name in ("fid_inception_vs_flops", "loss_vs_flops"):
         B.append(("fig", name, FIG_CAPTIONS[name]))
-    B.append(("table", *_fits_table(an)))
+    hdr, rows = _fits_table(an)
+    if per:  # the fitted asymptote E against the floor the tokenizer sets on it
+        hdr, rows = add_column(hdr, rows, "E", "tokenizer ceiling", [fit_cell(per.get(p), m) for m, p in an.fits])
+    B.append(("table", hdr, rows))
     B.append(("h", 3, "Crossovers of fitted trends"))
     hdr, rows = _crossover_table(an)
     B.append(("table", hdr, rows) if rows else ("p", "No crossover computed: needs fitted laws of two paradigms."))
@@ -407,6 +435,9 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
         "Prompt following is fitted as the error 1 - full match. FID is the EfficientNet-Lite0 proxy; FID (Inception) is shown separately when measured.",
         f"Crossovers are searched up to {EXTRAPOLATE:g}x the largest budget: extrapolations, to be read as where the trends point.",
         "Training losses of different paradigms are never compared or drawn on one axis.",
+        "Tokenizer ceiling beside a run or a fit: what the paradigm's tokenizer allows (rFID, or prompt error 1 - full "
+        "match, of its reconstructions at the generators' n); a fitted asymptote E below it is a trend the tokenizer "
+        "will not let the generator follow.",
         "Latency and throughput are measurements on the evaluating machine (device and threads in results.csv).",
     ]))  # fmt: skip
     return B

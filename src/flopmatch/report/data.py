@@ -30,6 +30,8 @@ from flopmatch.plan import net_spec_for
 from flopmatch.rundir import CONFIG, METRICS, read_config, read_eval_entries, read_state, sample_dir
 
 PROMPT_ATTRIBUTES = ("color", "shape", "size", "position", "relation", "count")
+# prompt groups with a full-match column and an n column each (flopmatch.evaluation.prompt_groups)
+PROMPT_GROUPS = ("seen", "held_out", "one_object", "two_object")
 LOSS_TAIL = 0.1  # final loss = mean of the last 10 % of logged losses (at least one row)
 
 # results.csv columns, in order; every row has every key (None when not measured)
@@ -40,6 +42,7 @@ COLUMNS = [
     "fid_effnet", "fid_se_effnet", "kid_effnet", "kid_std_effnet", "precision", "recall", "fid_inception",
     "fid_se_inception", "kid_inception",
     "prompt_full_match", *[f"prompt_{a}" for a in PROMPT_ATTRIBUTES],
+    *[f"prompt_full_match_{g}" for g in PROMPT_GROUPS], *[f"prompt_n_{g}" for g in PROMPT_GROUPS],
     "sample_flops_per_image", "decode_flops_per_image", "latency_s", "throughput_images_per_s", "throughput_batch",
     "device", "threads", "bf16", "timing_source",
     "nokv_sample_flops_per_image", "nokv_latency_s", "nokv_throughput_images_per_s", "samples_dir",
@@ -74,7 +77,8 @@ class Study:
     # One row per (run, eval setting), sorted by (paradigm, depth, budget, seed, run, setting). Keys are
     # COLUMNS (plus ``latency_s_all`` and ``throughput_all``, the latency (s) and throughput (images/s)
     # of every timing round, and ``fid_boot_<extractor>``, the FID bootstrap replicates over generated
-    # images). Timings come from the study's timing phase (``inference_timing.json``, the same figures
+    # images, and on shapes ``prompt_by_group`` / ``prompt_holdout``, the scores per prompt group and what the
+    # data held out: see flopmatch.evaluation.prompt_groups). Timings come from the study's timing phase (``inference_timing.json``, the same figures
     # for every run of a (paradigm, depth) and setting; ``timing_source`` "study") where it has them,
     # else from the run's own eval entry ("eval"). Units: budget and train_flops in FLOPs, latency
     # in seconds, throughput in images/s. A run without eval entries gets one row with ``evaluated`` False.
@@ -209,6 +213,13 @@ def _entry_fields(key: str, entry: dict) -> dict:
         out[f"fid_boot_{name}"] = reps
     for a in PROMPT_ATTRIBUTES:
         out[f"prompt_{a}"] = _num(pf.get(a))
+    # per prompt group (entries scored before groups existed have none): full match and n; not a CSV column:
+    # every group's scores and what the data held out
+    groups = pf.get("by_group") or {}
+    for g in PROMPT_GROUPS:
+        out[f"prompt_full_match_{g}"] = _num((groups.get(g) or {}).get("full_match"))
+        out[f"prompt_n_{g}"] = (groups.get(g) or {}).get("num_images")
+    out["prompt_by_group"], out["prompt_holdout"] = groups, pf.get("holdout")
     return out
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from flopmatch import dist
 from flopmatch.config import RunConfig, SampleConfig, from_dict
+from flopmatch.device import resolve_device
 from flopmatch.evaluation.run import EvalConfig, entry_key, evaluate
 from flopmatch.files import read_json
+from flopmatch.growth import branch_run, branch_source
 from flopmatch.objectives import make_objective
-from flopmatch.plan import net_spec_for
+from flopmatch.plan import net_spec_for, plan_steps
 from flopmatch.rundir import CONFIG, read_eval_entries, read_state
 from flopmatch.study.plan import RunPlan
 from flopmatch.study.presets import StudyConfig
@@ -50,6 +53,8 @@ def _eval_todo(job: dict, cfg: RunConfig, run: Path) -> list[tuple[EvalConfig, l
 
 def job_finished(job: dict) -> bool:
     """Whether ``job``'s run is trained and every setting it asks for is evaluated (read from the run directory)."""
+    if "chain" in job:
+        return all(job_finished(sub) for sub in job["chain"])
     cfg = from_dict(RunConfig, job["config"]).validate()
     run = Path(job["run_dir"])
     return _trained(run) and not _eval_todo(job, cfg, run)
@@ -68,6 +73,50 @@ def run_timing_job(job: dict, progress: bool = True) -> None:
     ensure_timing(out, scfg, plans, retime=job.get("retime", False), progress=progress)
 
 
+def chain_jobs(jobs: list[dict]) -> list[dict]:
+    """Group the run jobs of a study whose runs can grow (train.schedule wsd or constant) into chains.
+
+    One chain per (paradigm, depth, seed), its runs in increasing budget: each run then starts from the
+    stable-phase state of the run before it (:func:`flopmatch.growth.branch_run`), so the chain trains the
+    shared stable phase once. Cosine runs stay one job each. A chain is one job (a worker, a SLURM job).
+    """
+    out, chains = [], {}
+    for job in jobs:
+        cfg = job["config"]
+        if cfg["train"]["schedule"] == "cosine":
+            out.append(job)
+            continue
+        key = (cfg["objective"]["name"], cfg["model"]["depth"], cfg["train"]["seed"])
+        if key not in chains:
+            chains[key] = {"name": f"{key[0]}-d{key[1]}-s{key[2]}-{cfg['train']['schedule']}", "chain": []}
+            out.append(chains[key])
+        chains[key]["chain"].append(job)
+    for chain in chains.values():
+        chain["chain"].sort(key=lambda j: j["config"]["train"]["budget"])
+    return [j["chain"][0] if "chain" in j and len(j["chain"]) == 1 else j for j in out]
+
+
+def run_chain(job: dict, progress: bool = True) -> None:
+    """Run a chain's jobs in increasing budget, each new run branched from the largest earlier run that can serve."""
+    done: list[Path] = []
+    for sub in job["chain"]:
+        run = Path(sub["run_dir"])
+        if not (run / CONFIG).exists():
+            cfg = from_dict(RunConfig, sub["config"]).validate()
+            objective, spec = make_objective(cfg.objective), net_spec_for(cfg)
+            total = plan_steps(cfg.train.budget, objective.train_flops(spec), cfg.train.batch_size).steps
+            dist.init(resolve_device(cfg.train.device))  # under torchrun: one rank assembles the branch
+            for src in reversed(done):
+                source = branch_source(src, cfg, total)
+                if source is not None:
+                    if dist.is_main():
+                        print(branch_run(src, run, cfg, source), flush=True)
+                    dist.barrier()
+                    break
+        run_job(sub, progress)
+        done.append(run)
+
+
 def run_job(job: dict, progress: bool = True) -> None:
     """Train (or resume, or skip) one run, then evaluate every setting it still lacks.
 
@@ -76,6 +125,8 @@ def run_job(job: dict, progress: bool = True) -> None:
     """
     if job.get("kind") == "timing":
         return run_timing_job(job, progress)
+    if "chain" in job:
+        return run_chain(job, progress)
     cfg = from_dict(RunConfig, job["config"]).validate()
     run = Path(job["run_dir"])
     if not _trained(run):

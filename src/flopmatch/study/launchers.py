@@ -17,10 +17,28 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_json
 from flopmatch.study.job import run_job
 from flopmatch.study.slurm import SlurmConfig, SlurmLauncher
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES entries (empty without CUDA).
+
+    Read from CUDA_VISIBLE_DEVICES when it is set (a SLURM allocation or the user narrowed it), else counted
+    by torch, so a worker pinned to one of them sees it as cuda:0.
+    """
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        return [g.strip() for g in given.split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def nothing_to_check() -> None:
+    """The local launchers' preflight: this machine is always there."""
 
 
 def run_timing_here(job: dict, done: Callable[[], bool]) -> None:
@@ -32,7 +50,9 @@ class InProcessLauncher:
     """Runs jobs one after another in this process (the default; Ctrl-C checkpoints the current run)."""
 
     name = "in-process"
+    attaches = False  # jobs of an earlier study process are not found again (they died with it)
     run_timing = staticmethod(run_timing_here)
+    check = staticmethod(nothing_to_check)
 
     def run(self, jobs: list[dict], on_done: Callable[[dict], None]) -> list[str]:
         failed = []
@@ -43,7 +63,8 @@ class InProcessLauncher:
 
 
 class LocalWorkersLauncher:
-    """Runs jobs in N local worker processes (``python -m flopmatch.study.worker JOBFILE``), threads split evenly.
+    """Runs jobs in N local worker processes (``python -m flopmatch.study.worker JOBFILE``), threads split evenly,
+    each worker on its own GPU when the machine has several (CUDA_VISIBLE_DEVICES set per worker slot).
 
     Each worker gets ``cpu_count // N`` torch threads (at least 1), or ``FLOPMATCH_THREADS`` if that is
     set: oversubscribing cores (N workers x all threads) made training many times slower here.
@@ -51,7 +72,9 @@ class LocalWorkersLauncher:
     """
 
     name = "local-workers"
+    attaches = False
     run_timing = staticmethod(run_timing_here)
+    check = staticmethod(nothing_to_check)
 
     def __init__(self, workers: int, study: Path):
         self.workers, self.study = workers, study
@@ -60,6 +83,7 @@ class LocalWorkersLauncher:
         threads = int(os.environ.get("FLOPMATCH_THREADS") or max(1, (os.cpu_count() or 1) // self.workers))
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), FLOPMATCH_THREADS=str(threads),
                    FLOPMATCH_PARENT_PID=str(os.getpid()))  # workers stop when this process dies
+        gpus = visible_gpus()
         pending, running, failed = list(jobs), [], []
         (self.study / "logs").mkdir(parents=True, exist_ok=True)
         try:
@@ -69,12 +93,16 @@ class LocalWorkersLauncher:
                     path = self.study / "jobs" / f"{job['name']}.json"
                     atomic_write_json(path, job)
                     log = open(self.study / "logs" / f"{job['name']}.log", "a")
+                    slot = min(set(range(self.workers)) - {r[3] for r in running})  # a free worker slot
+                    worker_env = env
+                    if len(gpus) > 1:  # one GPU per worker (round-robin when there are more workers than GPUs)
+                        worker_env = dict(env, CUDA_VISIBLE_DEVICES=gpus[slot % len(gpus)])
                     proc = subprocess.Popen([sys.executable, "-m", "flopmatch.study.worker", str(path)], stdout=log,
-                                            stderr=subprocess.STDOUT, env=env)
-                    running.append((proc, job, log))
+                                            stderr=subprocess.STDOUT, env=worker_env)
+                    running.append((proc, job, log, slot))
                 time.sleep(0.5)
                 for item in list(running):
-                    proc, job, log = item
+                    proc, job, log, _ = item
                     if proc.poll() is not None:
                         running.remove(item)
                         log.close()
@@ -83,7 +111,7 @@ class LocalWorkersLauncher:
                         else:
                             failed.append(f"{job['name']} (exit {proc.returncode}; see {self.study / 'logs' / (job['name'] + '.log')})")
         except KeyboardInterrupt:
-            for proc, _, _ in running:  # workers got the same SIGINT and checkpoint; wait for them
+            for proc, *_ in running:  # workers got the same SIGINT and checkpoint; wait for them
                 proc.wait()
             raise
         return failed

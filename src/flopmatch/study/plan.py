@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flopmatch.config import RunConfig, SampleConfig, apply_overrides, to_dict
+from flopmatch.config import RunConfig, SampleConfig, apply_overrides, from_dict, to_dict
 from flopmatch.objectives import make_objective
 from flopmatch.plan import flops_summary, plan_steps
+from flopmatch.schedule import stable_steps
 from flopmatch.study.presets import StudyConfig
 from flopmatch.tokenizers.autoencoder import AutoencoderConfig
 from flopmatch.tokenizers.autoencoder import apply_overrides as ae_overrides
@@ -74,10 +75,16 @@ def base_config(scfg: StudyConfig, objective: str, depth: int, budget: float, se
     return cfg.validate()
 
 
+def floor_budget(scfg: StudyConfig) -> float:
+    """The budget whose cells get the ``floor_seeds`` extra seeds: ``scfg.floor_budget``, or the middle budget."""
+    return scfg.floor_budget or sorted(scfg.budgets)[len(scfg.budgets) // 2]
+
+
 def cell_seeds(scfg: StudyConfig, budget: float) -> list[int]:
-    """Training seeds of a cell: ``seeds`` of them (the middle budget also the ``floor_seeds``), starting at
-    ``base_seed * (seeds + floor_seeds)``, so studies with different base seeds share no run."""
-    n = scfg.seeds + (scfg.floor_seeds if budget == sorted(scfg.budgets)[len(scfg.budgets) // 2] else 0)
+    """Training seeds of a cell: ``seeds`` of them (the floor budget, by default the middle one, also the
+    ``floor_seeds``), starting at ``base_seed * (seeds + floor_seeds)``, so studies with different base seeds
+    share no run."""
+    n = scfg.seeds + (scfg.floor_seeds if budget == floor_budget(scfg) else 0)
     first = scfg.base_seed * (scfg.seeds + scfg.floor_seeds)
     return list(range(first, first + n))
 
@@ -121,6 +128,30 @@ def eval_settings(scfg: StudyConfig, cfg: RunConfig) -> list[SampleConfig]:
     return [main] + extra
 
 
+def chained_flops(plans: list[RunPlan]) -> float:
+    """Training FLOPs the plan costs when wsd / constant runs share their stable phase (study.job.chain_jobs).
+
+    In a chain (one paradigm, depth and seed, increasing budgets) each run starts from the state of the
+    run before it at that run's cooldown start (wsd) or end (constant), so only the steps after it are
+    trained. Cosine runs cost their full budget.
+    """
+    total, chains = 0.0, {}
+    for p in plans:
+        cfg = from_dict(RunConfig, p.config)
+        if cfg.train.schedule == "cosine":
+            total += p.train_flops
+        else:
+            chains.setdefault((p.objective, p.depth, p.seed), []).append((p, cfg))
+    for chain in chains.values():
+        chain.sort(key=lambda pc: pc[0].budget)
+        start = 0  # the step the next run can start from
+        for p, cfg in chain:
+            per_step = p.train_flops / p.steps
+            total += (p.steps - (start if start <= stable_steps(p.steps, cfg.train) else 0)) * per_step
+            start = stable_steps(p.steps, cfg.train)
+    return total
+
+
 def format_plan(plans: list[RunPlan]) -> str:
     """A fixed-width table of the plan."""
     lines = [f"{'run':<34} {'params':>9} {'steps':>6} {'train FLOPs':>11} {'FLOPs/img':>10} {'est. time':>9}"]
@@ -129,6 +160,10 @@ def format_plan(plans: list[RunPlan]) -> str:
                      f"{fmt_duration(p.est_seconds):>9}")
     total = sum(p.est_seconds for p in plans)
     lines.append(f"{len(plans)} runs, {sum(p.train_flops for p in plans):.3g} training FLOPs, about {fmt_duration(total)} of training")
+    chained = chained_flops(plans)
+    if chained < sum(p.train_flops for p in plans):
+        lines.append(f"  runs that can grow (wsd/constant) share their stable phase: {chained:.3g} training FLOPs to spend "
+                     f"({chained / sum(p.train_flops for p in plans):.0%} of the runs' budgets)")
     return "\n".join(lines)
 
 

@@ -8,8 +8,10 @@ Layout of a study directory::
       study.json          the StudyConfig
       plan.json           every run with its analytic FLOPs and estimated time (written first)
       tokenizers/kl, lfq  the matched learned tokenizers (trained once)
+      tokenizer_ceilings.json  each tokenizer's reconstructions scored as its generators are (study/ceilings.py)
       jobs/<run>.json     what a worker process runs
       logs/<run>.log      a worker's output
+  slurm/jobs.json     --launcher slurm: each run's latest SLURM job id; slurm/<job id>/ submitit's files
       runs/<run>/         ordinary run directories (config.json, metrics.jsonl, checkpoint/, eval.json, samples/)
       inference_timing.json  latency and throughput of every paradigm, timed together at the end
       timings.json        estimated and measured wall time by stage
@@ -25,15 +27,17 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from flopmatch.config import RENAMED, RunConfig, from_dict
+from flopmatch.config import RunConfig, from_dict
 from flopmatch.data.datasets import make_dataset
 from flopmatch.errors import UserError
 from flopmatch.evaluation.run import EvalConfig
 from flopmatch.files import atomic_write_json, read_json
 from flopmatch.lock import LOCK_NAME, DirectoryLock, describe, holder, in_use, is_locked
 from flopmatch.report.build import build_report
+from flopmatch.study.ceilings import ensure_ceilings
 from flopmatch.study.estimate import Rates, estimate, format_estimate
-from flopmatch.study.job import timing_job
+from flopmatch.study.grow import reconcile
+from flopmatch.study.job import chain_jobs, timing_job
 from flopmatch.study.launchers import make_launcher
 from flopmatch.study.plan import (
     autoencoder_config,
@@ -86,17 +90,6 @@ def wait_for_writer(run: Path, timeout_s: float = 30.0) -> None:
         time.sleep(0.5)
 
 
-def same_study(saved: dict, scfg: StudyConfig) -> bool:
-    """Whether a saved ``study.json`` describes the same runs as ``scfg``.
-
-    Old key names are migrated (v0.1); a key added in a later version takes its default (the value every
-    older study had); settings of the timing phase and report only (``NOT_IDENTITY``) do not count.
-    """
-    old = asdict(StudyConfig()) | {RENAMED.get(("StudyConfig", k), k): v for k, v in saved.items()}
-    new = asdict(scfg)
-    return all(old.get(k) == v for k, v in new.items() if k not in StudyConfig.NOT_IDENTITY)
-
-
 def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = "local", progress: bool = True,
           retime: bool = False, slurm: SlurmConfig | None = None) -> dict:
     """Plan, train, evaluate, time and report a whole study in ``out``; re-running continues where it stopped.
@@ -106,17 +99,21 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
     """
     out = Path(out)
     scfg.validate()
-    if (out / "study.json").exists():
-        if not same_study(read_json(out / "study.json"), scfg):
-            raise UserError(f"{out} holds a study with different settings; use another --out or the same options "
-                            f"(saved in {out / 'study.json'})")
+    added = None
+    if (out / "study.json").exists():  # the same study again, or grown by new cells (see grow.py); else refused
+        scfg, _, added = reconcile(read_json(out / "study.json"), scfg, out)
     elif out.exists() and any(p for p in out.iterdir() if p.name not in ("study.json", "plan.json", LOCK_NAME)):
         if is_locked(out):  # a study another process is creating right now
             raise in_use(out, "study")
         raise UserError(f"{out} exists and is not a flopmatch study directory; choose another --out")
     plans = make_plan(scfg, out)  # validates the grid before anything is written
+    launch = make_launcher(launcher, workers, out, slurm)
+    launch.check()  # e.g. SLURM reachable and the partition known, before minutes of tokenizer training
+    if added:
+        print(f"[study] growing the study in {out}: {len(added)} new run(s) ({', '.join(p.name for p in added[:4])}"
+              f"{', ...' if len(added) > 4 else ''}); finished runs are kept")
     with DirectoryLock(out, "study"):  # one study process per directory
-        return _study_locked(out, scfg, plans, make_launcher(launcher, workers, out, slurm), progress, retime)
+        return _study_locked(out, scfg, plans, launch, progress, retime)
 
 
 def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: bool, retime: bool) -> dict:
@@ -128,6 +125,7 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
     print(f"[study] {format_estimate(est)}")
     t0 = time.perf_counter()
     ensure_tokenizers(out, scfg, progress)
+    ensure_ceilings(out, scfg, progress)  # each tokenizer's reconstruction ceiling; refuses one below the floor
     t_tokenizers = time.perf_counter()
     ecfg = EvalConfig(num_samples=scfg.eval_samples, features=list(scfg.features), timing=False)  # timed below, together
     jobs = []
@@ -135,14 +133,16 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
         cfg = from_dict(RunConfig, p.config)
         jobs.append({"name": p.name, "run_dir": str(out / "runs" / p.name), "config": p.config, "eval": asdict(ecfg),
                      "settings": [asdict(s) for s in eval_settings(scfg, cfg)], "raw": scfg.eval_raw})
+    jobs = chain_jobs(jobs)  # wsd / constant runs: one chain per (paradigm, depth, seed) shares its stable phase
     finished = [0]
 
     def on_done(job):
         finished[0] += 1
         print(f"[study] {finished[0]}/{len(jobs)} done: {job['name']} ({fmt_duration(time.perf_counter() - t0)} elapsed)")
 
-    for job in jobs:  # a worker of an earlier, killed study may still be stopping: let it finish its checkpoint
-        wait_for_writer(Path(job["run_dir"]))
+    if not launch.attaches:  # a local worker of an earlier, killed study may still be stopping: let it checkpoint
+        for job in (sub for j in jobs for sub in j.get("chain", [j])):  # (SLURM jobs still running are waited for)
+            wait_for_writer(Path(job["run_dir"]))
     failed = launch.run(jobs, on_done)
     if failed:
         raise UserError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; fix and re-run to continue")

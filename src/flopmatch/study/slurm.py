@@ -149,10 +149,32 @@ class SlurmLauncher:
     """Runs each job as a SLURM job through submitit; survives the study process's restart (see the module doc)."""
 
     name = "slurm"
+    attaches = True  # a re-run study waits for the jobs an earlier study process left queued or running
 
     def __init__(self, study: Path, cfg: SlurmConfig):
         self.study, self.cfg = study, cfg
         self.folder = study / "slurm"
+
+    def check(self) -> None:
+        """Refuse at once, before any work, when SLURM cannot take jobs from here: no client commands, no
+        cluster configuration, no controller, or an unknown partition (``sinfo``, at most 30 s)."""
+        conf = os.environ.get("SLURM_CONF")
+        if conf and not Path(conf).is_file():
+            raise UserError(f"SLURM_CONF={conf} does not exist; point it at the cluster's slurm.conf or unset it")
+        cmd = ["sinfo", "--noheader", "--format=%R"] + (["--partition", self.cfg.partition] if self.cfg.partition else [])
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except FileNotFoundError:
+            raise UserError("sinfo not found: --launcher slurm needs the SLURM client commands on this machine "
+                            "(a cluster's login node), or use --launcher local") from None
+        except subprocess.TimeoutExpired:
+            raise UserError("the SLURM controller did not answer sinfo within 30 s; try again or check the cluster") from None
+        if out.returncode != 0:
+            why = (out.stderr or out.stdout).strip().splitlines()
+            raise UserError(f"SLURM is not reachable from here ({why[-1] if why else 'sinfo exit ' + str(out.returncode)}); "
+                            "run on the cluster's login node, set SLURM_CONF, or use --launcher local")
+        if self.cfg.partition and not out.stdout.strip():
+            raise UserError(f"SLURM has no partition {self.cfg.partition!r}; `sinfo` lists them")
 
     def _executor(self) -> submitit.SlurmExecutor:
         ex = submitit.SlurmExecutor(folder=self.folder / "%j", max_num_timeout=100)

@@ -1,0 +1,103 @@
+"""Studies that grow: re-running ``flopmatch study`` on an existing study directory with more budgets,
+seeds, depths, paradigms or evaluated step counts trains and evaluates only the new cells.
+
+A change is accepted when every run the study already planned is still in the new plan with the same
+run config (so old and new cells are comparable), and every setting that is not a grid axis is
+unchanged. Anything else is refused, naming the setting, since it would mix incomparable cells in one
+report (the report reads every run under ``runs/``):
+
+- grid axes (``objectives``, ``depths``, ``budgets``, ``seeds``, ``floor_seeds``, ``base_seed``): may
+  add cells, never drop one;
+- evaluation axes (``eval_steps``, ``eval_raw``): may add settings, never drop one;
+- everything else that defines runs or their evaluation (the ``--set`` overrides, tokenizer, number of
+  evaluation samples, guidance, feature extractors): must be equal;
+- ``StudyConfig.NOT_IDENTITY`` (timing and report settings) and run-config keys in
+  ``rundir.NOT_IDENTITY`` (trackers): free to change.
+
+The extra seeds that measure seed variance sit at the middle budget; adding budgets would move the
+middle, so a grown study keeps them where they are (``floor_budget``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from flopmatch.config import from_dict
+from flopmatch.errors import UserError
+from flopmatch.rundir import NOT_IDENTITY
+from flopmatch.study.plan import RunPlan, make_plan
+from flopmatch.study.presets import StudyConfig
+
+GRID = ("objectives", "depths", "budgets", "seeds", "floor_seeds", "base_seed")
+ADDITIVE = ("eval_steps", "eval_raw")
+LABEL = ("preset",)  # a name only: the settings it stood for are compared one by one
+
+
+def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two run-config dicts (``NOT_IDENTITY`` keys skipped)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, path + ".")
+        elif a != b and path not in NOT_IDENTITY:
+            out.append(path)
+    return out
+
+
+def _get(cfg: dict, path: str):
+    for part in path.split("."):
+        cfg = cfg.get(part, {}) if isinstance(cfg, dict) else None
+    return cfg
+
+
+def _fewer_evaluations(old: StudyConfig, new: StudyConfig) -> str | None:
+    """The evaluation axis that ``new`` shrinks compared with ``old``, if any."""
+    if old.eval_raw and not new.eval_raw:
+        return "eval_raw"
+    for objective, steps in old.eval_steps.items():
+        if objective in new.objectives and not set(steps) <= set(new.eval_steps.get(objective, [])):
+            return "eval_steps"
+    return None
+
+
+def reconcile(saved: dict, scfg: StudyConfig, out: Path) -> tuple[StudyConfig, list[RunPlan], list[RunPlan]]:
+    """Check that ``scfg`` grows (or repeats) the study saved as ``saved`` in ``out``; return the study config
+    to run (with the variance seeds pinned where they were), the new plan, and the runs it adds.
+
+    Raises UserError naming the first setting that would make the old cells incomparable with new ones.
+    """
+    old = from_dict(StudyConfig, saved)  # migrates the keys of earlier versions; later keys take their defaults
+    pinned = old.floor_budget or sorted(old.budgets)[len(old.budgets) // 2]
+    if old.floor_seeds and not scfg.floor_budget and pinned in scfg.budgets:  # keep the variance seeds where they are
+        scfg = replace(scfg, floor_budget=pinned)
+    skip = set(GRID) | set(ADDITIVE) | set(LABEL) | set(StudyConfig.NOT_IDENTITY) | {"overrides", "floor_budget"}
+    for key, value in asdict(scfg).items():
+        if key not in skip and asdict(old)[key] != value:
+            raise UserError(f"{out} holds a study with {key}={asdict(old)[key]!r}; this command has {value!r}, which "
+                            f"would make its finished runs incomparable with new ones. Grow a study only along "
+                            f"{', '.join(GRID + ADDITIVE)}; use the saved settings ({out / 'study.json'}) or another --out")
+    fewer = _fewer_evaluations(old, scfg)
+    if fewer:
+        raise UserError(f"this command evaluates fewer settings than the study in {out} ({fewer}); a grown study may "
+                        f"add {fewer} settings, never drop them; use the saved settings or another --out")
+    old_plan = {p.name: p for p in make_plan(replace(old, floor_budget=pinned), out)}
+    new_plan = make_plan(scfg, out)
+    new_names = {p.name for p in new_plan}
+    dropped = [n for n in old_plan if n not in new_names]
+    if dropped:
+        axis = next((k for k in GRID if getattr(scfg, k) != getattr(old, k)), "grid")
+        raise UserError(f"this command's {axis} leaves out {len(dropped)} run(s) the study in {out} already has (e.g. "
+                        f"{dropped[0]}); a grown study may add cells, never drop them (the report reads every run). "
+                        f"Keep the saved values and add to them, or use another --out")
+    for p in new_plan:
+        if p.name in old_plan:
+            diff = _config_diff(old_plan[p.name].config, p.config)
+            if diff:
+                key = diff[0]
+                raise UserError(f"this command changes {key} of the study's runs (--set {key}={_get(p.config, key)!r}; "
+                                f"the study in {out} has {_get(old_plan[p.name].config, key)!r}), which would make them "
+                                f"incomparable; use the saved value or another --out")
+    return scfg, new_plan, [p for p in new_plan if p.name not in old_plan]

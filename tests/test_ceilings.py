@@ -1,0 +1,158 @@
+"""Tokenizer ceilings: the study stage scores reconstructions as evaluation/tokenizer.py does, once, and
+refuses a tokenizer the attribute classifier cannot read; the report shows the ceilings."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import flopmatch.study.ceilings as ceilings_stage
+from flopmatch.data.datasets import make_dataset
+from flopmatch.errors import UserError
+from flopmatch.evaluation.attributes import load_or_train_attribute_classifier, score_prompt_following
+from flopmatch.evaluation.ceilings import CEILINGS_FILE
+from flopmatch.evaluation.tokenizer import evaluate_tokenizer, reconstruct, to_uint8
+from flopmatch.report.ceilings import add_column, ceiling_banner, ceilings_table, fit_cell, runs_cell
+from flopmatch.study.ceilings import check_floor, ensure_ceilings, tokenizer_runs
+from flopmatch.study.plan import tokenizer_dirs
+from flopmatch.study.presets import study_preset
+from flopmatch.study.runner import study
+from flopmatch.tokenizers.autoencoder import AutoencoderConfig
+from flopmatch.tokenizers.registry import load_learned, make_autoencoder
+
+NUM_EVAL = 48  # the tiny studies' eval split here: every image is a reference and an evaluated sample
+
+
+def tiny_learned_study() -> object:
+    """The tiny preset on the study's learned-tokenizer path (KL only), n = the whole eval split."""
+    scfg = study_preset("tiny")
+    scfg.objectives, scfg.tokenizer, scfg.features = ["diffusion"], "learned", ["effnet"]
+    scfg.overrides = [*scfg.overrides, f"data.num_eval={NUM_EVAL}"]
+    scfg.eval_samples = NUM_EVAL
+    return scfg
+
+
+@pytest.fixture(scope="module")
+def learned_study(tmp_path_factory):
+    """A study directory holding an untrained few-thousand-parameter KL autoencoder and its ceilings, measured
+    with the floor switched off (an untrained autoencoder is below it). Returns (dir, StudyConfig, document)."""
+    out = tmp_path_factory.mktemp("ceilings") / "study"
+    scfg = tiny_learned_study()
+    cfg = AutoencoderConfig(kind="kl", channels=[8, 16], patch=2, num_res_blocks=1, latent_channels=4,
+                            precision="fp32", device="cpu").validate()
+    make_autoencoder(cfg).eval().save(tokenizer_dirs(out)["continuous"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ceilings_stage, "CLASSIFIER_FLOOR", 0.0)
+        doc = ensure_ceilings(out, scfg, progress=False)
+    return out, scfg, doc
+
+
+def test_ceiling_equals_the_tokenizer_evaluation_on_the_same_images(learned_study):
+    """The stage's PSNR, SSIM, rFID and attribute accuracy equal evaluate_tokenizer's on the same eval images,
+    and its prompt score equals the attribute classifier's on the reconstructions."""
+    out, scfg, doc = learned_study
+    entry = doc["tokenizers"]["continuous"]
+    assert entry["kind"] == "kl" and entry["paradigms"] == ["diffusion"]
+    m = entry["metrics"]
+    data = tokenizer_runs(scfg, out)["continuous"][0].data
+    ref = make_dataset(data, "eval")
+    images = ref.images_uint8()
+    attrs = [ref.scene(i).attrs() for i in range(len(ref))]
+    tok = load_learned(tokenizer_dirs(out)["continuous"])
+    direct = evaluate_tokenizer(tok, images, "effnet", attrs=attrs, shapes_cfg=ref.cfg)
+    assert m["num_images"] == direct["num_images"] == NUM_EVAL
+    for key in ("psnr", "ssim", "mse"):
+        assert m[key] == pytest.approx(direct[key], rel=1e-12), key
+    assert m["fid"]["effnet"]["recon"] == pytest.approx(direct["rfid"], rel=1e-9)
+    assert m["fid"]["effnet"]["real"] == pytest.approx(0.0, abs=1e-3)  # n = the whole reference: FID with itself
+    assert m["attribute_accuracy"]["recon"] == direct["attribute_accuracy"]["recon"]
+    assert m["attribute_accuracy"]["real"] == direct["attribute_accuracy"]["real"]
+    classifier = load_or_train_attribute_classifier(ref.cfg, progress=False)
+    recon = to_uint8(reconstruct(tok, images)[0])
+    expected = score_prompt_following(classifier, recon, ref.captions())["full_match"]
+    assert m["prompt_following"]["recon"]["full_match"] == expected
+    assert m["prompt_following"]["real"]["full_match"] == score_prompt_following(classifier, images, ref.captions())["full_match"]
+
+
+def test_ceilings_are_measured_once_and_again_when_a_setting_changes(learned_study, monkeypatch):
+    """A second call reuses the file (nothing measured, nothing written); another sample count re-measures."""
+    out, scfg, doc = learned_study
+    monkeypatch.setattr(ceilings_stage, "CLASSIFIER_FLOOR", 0.0)
+    path = out / CEILINGS_FILE
+    before = (path.read_bytes(), path.stat().st_mtime_ns)
+    calls = []
+    measure = ceilings_stage.tokenizer_ceiling
+
+    def counting(*args, **kw):
+        calls.append(args[2])
+        return measure(*args, **kw)
+
+    monkeypatch.setattr(ceilings_stage, "tokenizer_ceiling", counting)
+    assert ensure_ceilings(out, scfg, progress=False) == doc
+    assert calls == [] and (path.read_bytes(), path.stat().st_mtime_ns) == before
+    again = ensure_ceilings(out, replace(scfg, eval_samples=16), progress=False)
+    assert calls == [16] and again["tokenizers"]["continuous"]["metrics"]["num_images"] == 16
+
+
+def test_floor_names_the_learned_tokenizer_and_the_fix(learned_study):
+    """An untrained autoencoder's reconstructions fail the classifier: a one-line error with the longer training."""
+    out, scfg, doc = learned_study
+    got = doc["tokenizers"]["continuous"]["metrics"]["prompt_following"]["recon"]["full_match"]
+    assert got < ceilings_stage.CLASSIFIER_FLOOR
+    with pytest.raises(UserError, match=r"kl tokenizer of diffusion .* below the floor of 50%.*--tokenizer-set steps=") as e:
+        check_floor(doc, scfg, out)
+    assert "\n" not in str(e.value)
+
+
+def test_study_refuses_a_tokenizer_below_the_floor_before_training(tmp_path):
+    """A 2-code k-means tokenizer stops the study at its ceiling, with a one-line error, before any run trains."""
+    out = tmp_path / "study"
+    scfg = study_preset("tiny")
+    scfg.objectives, scfg.budgets, scfg.features = ["masked"], [2e9], ["effnet"]
+    scfg.overrides = [*scfg.overrides, "tokenizer.codebook_size=2"]
+    with pytest.raises(UserError) as e:
+        study(out, scfg, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "kmeans tokenizer of masked" in msg and "floor of 50%" in msg and "more than 2 codes" in msg
+    assert not (out / "runs").exists() or not any((out / "runs").iterdir())  # nothing trained
+    assert (out / CEILINGS_FILE).is_file()  # the measurement behind the refusal is kept
+
+
+def _entry(kind: str, paradigms: list[str], rfid: float, match: float) -> dict:
+    pf = {"scorer": "attribute-classifier", "recon": {"full_match": match, "shape": match, "color": 1.0},
+          "real": {"full_match": 1.0, "shape": 1.0, "color": 1.0}}
+    return {"kind": kind, "paradigms": paradigms, "metrics": {
+        "num_images": 250, "psnr": 30.0, "ssim": 0.9, "fid": {"effnet": {"recon": rfid, "real": 20.0}},
+        "prompt_following": pf}}
+
+
+def test_report_ceilings_table_columns_and_banner():
+    """The table has a row per tokenizer; cells beside generator numbers; the caveat only past the stated gap."""
+    doc = {"floor": {"value": 0.5}, "tokenizers": {
+        "continuous": _entry("kl", ["diffusion"], 243.0, 0.79),
+        "discrete": _entry("lfq", ["masked", "autoregressive"], 303.0, 0.68)}}
+    header, rows = ceilings_table(doc)
+    assert header[:6] == ["tokenizer", "tokens", "paradigms", "images (n)", "rFID (effnet) at n", "real images' FID (effnet) at n"]
+    assert rows[1][:6] == ["lfq", "discrete", "masked, autoregressive", 250, "303", "20"]
+    assert rows[1][-1] == "shape 0.680 (real 1.000)"
+    kl = doc["tokenizers"]["continuous"]["metrics"]
+    assert runs_cell(kl) == "243 / 0.790" and fit_cell(kl, "prompt") == "0.21" and fit_cell(kl, "loss") == "–"
+    assert add_column(["a", "b"], [[1, 2]], "a", "c", ["x"]) == (["a", "c", "b"], [[1, "x", 2]])
+    banner = ceiling_banner(doc)
+    assert len(banner) == 1 and banner[0].startswith("The diffusion tokenizer's ceiling is better than the token paradigms'")
+    assert "rFID 243 vs 303" in banner[0] and "0.790 vs 0.680" in banner[0]
+    close = {"tokenizers": {"continuous": _entry("kl", ["diffusion"], 250.0, 0.80),
+                            "discrete": _entry("lfq", ["masked"], 260.0, 0.78)}}
+    assert ceiling_banner(close) == []  # within 10 % rFID and 5 points of full match
+    assert ceiling_banner(doc, fid_log_sd=0.2) != ceiling_banner(doc)  # seed noise above the gap: FID drops out
+    assert "rFID" not in ceiling_banner(doc, fid_log_sd=0.2)[0]
+
+
+def test_each_token_type_uses_the_tokenizer_of_its_first_paradigm(tmp_path: Path):
+    """Each token type's tokenizer comes from the run config of the first paradigm consuming it."""
+    scfg = study_preset("tiny")
+    runs = tokenizer_runs(scfg, tmp_path)
+    assert {t: ps for t, (_, ps) in runs.items()} == {"continuous": ["diffusion"], "discrete": ["masked", "autoregressive"]}
+    assert all(cfg.tokenizer.path == "" for cfg, _ in runs.values())  # tiny: weight-free tokenizers

@@ -1,0 +1,268 @@
+"""Distributed training and evaluation (CPU, gloo): 2 processes reach the 1-process weights on the same global
+batch (DDP and FSDP2), a checkpoint written by 2 processes resumes with 1, 2-process evaluation gives the
+1-process numbers, and a run started under the old per-rank randomness is refused on resume.
+
+The 2-process runs all happen in one launch (module fixture ``two_process``): two Python processes with the
+environment torchrun gives its workers (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), each running
+the same list of jobs through the library's own entry points (train, evaluate), so the process start-up
+(~3 s of imports per process) is paid once. A hang (a collective one rank never reaches) fails the launch
+after LAUNCH_TIMEOUT_S instead of blocking CI.
+
+Tolerances: 2 processes are not bitwise equal to 1. Each rank back-propagates its half of the batch and the
+ranks' gradients are then averaged (DDP's all-reduce, FSDP2's reduce-scatter), which sums the same terms in
+another order than one backward pass over the whole batch, and masked's loss is a weighted sum where one
+process takes a token mean; float32 rounding differs by ~1e-7 relative per step, and AdamW's m / sqrt(v)
+passes it on. After 6 steps the weights differ by up to ~1e-6 absolute (measured maxima at WEIGHT_ATOL); the
+tolerances sit ~10x above that and far below a real discrepancy: masked's loss normalised per rank (each rank's
+own token mean, the bug the global weights fix) moved weights by 9e-3 in the same 6 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flopmatch import PARADIGMS
+from flopmatch.errors import UserError
+from flopmatch.files import load_tensors
+from flopmatch.rundir import CHECKPOINT, copy_checkpoint, read_state
+from flopmatch.train import TRAIN_RANDOMNESS, train
+from tiny import tiny_run_config
+
+TESTS = Path(__file__).resolve().parent
+STEPS = 6  # training steps of every run here
+STOP = 3  # the 2-process run that is resumed by 1 process stops after this many steps
+# tiny_run_config logs every step and checkpoints only at the end (or where a run stops): each checkpoint of a
+# sharded run is a gather, ~0.1 s of DTensor dispatch here.
+SETS = ["train.lr=3e-3", "data.caption_dropout=0.25"]
+# Measured maxima of |2-process - 1-process| after 6 steps over the 3 paradigms, DDP and FSDP2 (weights up to ~1 in
+# size): model 1.2e-6, EMA 1.0e-6, optimizer moments 1.5e-8.
+WEIGHT_ATOL, WEIGHT_RTOL = 1e-5, 1e-4
+LOSS_RTOL = 1e-5  # logged losses (the mean of the ranks' losses vs one process's): 1e-7 relative measured
+LAUNCH_TIMEOUT_S = 240
+# (parallel, objective) of the 2-process runs compared with 1 process. FSDP2 skips autoregressive, whose loss has
+# no randomness and the same normalisation as diffusion's: each sharded run costs ~2 s of DTensor dispatch here.
+CASES = [("ddp", name) for name in PARADIGMS] + [("fsdp2", "diffusion"), ("fsdp2", "masked")]
+WSD0 = ["train.schedule=wsd", "train.decay_frac=1", "train.warmup_steps=0"]  # a cooldown over every step: a checkpoint at step 0
+
+# One rank of the launch: the jobs in order, each through the library's entry points. Threads: 1, as in
+# conftest (results must not depend on the core count, and 2 processes share 2 cores here).
+WORKER = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    torch.set_num_threads(1)
+    from flopmatch.evaluation.run import EvalConfig, evaluate
+    from flopmatch.sample import load_sampler
+    from flopmatch.train import train
+    from tiny import tiny_run_config
+
+    for job in json.loads({jobs!r}):
+        if job["kind"] == "train":
+            cfg = tiny_run_config(job["objective"], job["steps"], sets=job["sets"])
+            train(cfg, job["out"], progress=False, stop_after=job.get("stop_after"))
+        else:
+            settings = [load_sampler(job["run"]).cfg.sample]
+            evaluate(job["run"], settings, EvalConfig(**job["ecfg"]), progress=False)
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(jobs: list[dict], world: int = 2, timeout: float = LAUNCH_TIMEOUT_S) -> None:
+    """Run ``jobs`` in ``world`` processes started as torchrun starts its workers; fail on error or timeout."""
+    code = WORKER.format(tests=str(TESTS), jobs=json.dumps(jobs))
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + timeout
+    try:
+        outputs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        outputs = [p.communicate()[0] for p in procs]
+        pytest.fail(f"{world}-process launch hung for {timeout:.0f}s; rank 0 said:\n{outputs[0][-3000:]}")
+    for rank, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{out[-3000:]}"
+
+
+def _tensors(run: Path) -> dict[str, torch.Tensor]:
+    return load_tensors(run / CHECKPOINT)
+
+
+def _losses(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    return [r["loss"] for r in rows]
+
+
+def max_differences(a: Path, b: Path) -> dict[str, float]:
+    """Largest |a - b| per kind of checkpoint tensor (model, ema, optim) of two runs with the same keys."""
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    out: dict[str, float] = {}
+    for k in ta:
+        kind = k.split(".", 1)[0]
+        out[kind] = max(out.get(kind, 0.0), (ta[k].double() - tb[k].double()).abs().max().item())
+    return out
+
+
+def assert_same_run(got: Path, ref: Path) -> None:
+    """Model, EMA and optimizer tensors allclose (WEIGHT_ATOL/RTOL), logged losses close (LOSS_RTOL), same step."""
+    assert read_state(got)["step"] == read_state(ref)["step"] == STEPS and read_state(got)["done"]
+    ta, tb = _tensors(got), _tensors(ref)
+    assert ta.keys() == tb.keys() and any(k.startswith("ema.") for k in ta) and any(k.startswith("optim.") for k in ta)
+    far = [k for k in ta if not torch.allclose(ta[k], tb[k], atol=WEIGHT_ATOL, rtol=WEIGHT_RTOL)]
+    assert not far, f"{got.name}: tensors differ from the 1-process run: {far[:5]}; max |diff| {max_differences(got, ref)}"
+    assert _losses(got) == pytest.approx(_losses(ref), rel=LOSS_RTOL)
+
+
+EVAL = {"num_samples": 7, "batch_size": 2, "kid_subset": 4, "kid_subsets": 3, "fid_boot": 5, "prompt_following": False,
+        "timing": False, "seed": 1}  # 4 batches of sampling, the last one short: both ranks get work
+
+
+@pytest.fixture(scope="module")
+def two_process(tmp_path_factory):
+    """1-process reference runs (made here, in this process) and everything the 2-process launch wrote.
+
+    Returns (root, seconds the launch took). Runs: ``one-<objective>``: 1 process; ``ddp-<objective>``,
+    ``fsdp2-<objective>``: 2 processes; ``<parallel>-stopped``: 2 processes stopped after STOP steps;
+    ``resumed-by-fsdp2``: 1 process stopped after STOP steps, finished by 2; ``one-wsd0`` / ``fsdp2-wsd0``: a
+    wsd run saving its stable checkpoint at step 0, by 1 and 2 processes; ``eval-1`` / ``eval-2``:
+    copies of ``one-masked`` evaluated by 1 (in the test) and 2 processes.
+    """
+    root = tmp_path_factory.mktemp("dist")
+    for name in PARADIGMS:  # also warms the data caches the children read
+        train(tiny_run_config(name, STEPS, sets=SETS), root / f"one-{name}", progress=False)
+    for copy in ("eval-1", "eval-2"):
+        shutil.copytree(root / "one-masked", root / copy)
+    train(tiny_run_config("masked", STEPS, sets=SETS), root / "resumed-by-fsdp2", progress=False, stop_after=STOP)
+    train(tiny_run_config("masked", STEPS, sets=[*SETS, *WSD0]), root / "one-wsd0", progress=False)
+    jobs = [{"kind": "train", "objective": name, "steps": STEPS, "out": str(root / f"{parallel}-{name}"),
+             "sets": [*SETS, f"train.parallel={parallel}"]} for parallel, name in CASES]
+    jobs += [{"kind": "train", "objective": "masked", "steps": STEPS, "out": str(root / f"{parallel}-stopped"),
+              "sets": [*SETS, f"train.parallel={parallel}"], "stop_after": STOP} for parallel in ("ddp", "fsdp2")]
+    jobs.append({"kind": "train", "objective": "masked", "steps": STEPS, "out": str(root / "resumed-by-fsdp2"),
+                 "sets": [*SETS, "train.parallel=fsdp2"]})
+    jobs.append({"kind": "train", "objective": "masked", "steps": STEPS, "out": str(root / "fsdp2-wsd0"),
+                 "sets": [*SETS, *WSD0, "train.parallel=fsdp2"]})
+    jobs.append({"kind": "eval", "run": str(root / "eval-2"), "ecfg": EVAL})
+    t0 = time.perf_counter()
+    launch(jobs)
+    return root, time.perf_counter() - t0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel,name", CASES)
+def test_two_processes_reach_the_one_process_weights(parallel, name, two_process):
+    """2 processes (DDP or FSDP2) end with the 1-process run's model, EMA and optimizer state and log its losses."""
+    root, _ = two_process
+    got = root / f"{parallel}-{name}"
+    assert_same_run(got, root / f"one-{name}")
+    state = read_state(got)
+    assert state["world_size"] == 2 and state["parallel"] == parallel and state["train_randomness"] == TRAIN_RANDOMNESS
+    assert state["flops"] == read_state(root / f"one-{name}")["flops"]  # the budget is the global batch's
+    assert not any(k.startswith("rng.") for k in _tensors(got))  # randomness is (seed, step): nothing to save
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_two_process_checkpoint_resumes_with_one_process(parallel, two_process, tmp_path):
+    """A run stopped after STOP steps by 2 processes and finished by 1 (no torchrun) ends at the 1-process weights."""
+    root, _ = two_process
+    run = tmp_path / "run"
+    shutil.copytree(root / f"{parallel}-stopped", run)
+    assert read_state(run)["step"] == STOP and read_state(run)["world_size"] == 2
+    # Resumed under the default train.parallel=ddp: for the FSDP2 checkpoint, the other option too.
+    state = train(tiny_run_config("masked", STEPS, sets=SETS), run, progress=False)
+    assert state["done"] and state["world_size"] == 1
+    assert_same_run(run, root / "one-masked")
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_with_two_fsdp2_processes(two_process):
+    """A run stopped after STOP steps by 1 process and finished by 2 under FSDP2 (each loading its shards of the
+    full tensors, optimizer state included) ends at the 1-process weights."""
+    root, _ = two_process
+    run = root / "resumed-by-fsdp2"
+    assert read_state(run)["world_size"] == 2 and read_state(run)["parallel"] == "fsdp2"
+    assert_same_run(run, root / "one-masked")
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoint_before_the_first_step(two_process):
+    """FSDP2 saving a checkpoint before any optimizer step (wsd's stable state at step 0) leaves the optimizer alone
+    (DCP would create its state by a zero-gradient step) and writes the 1-process file: initial weights, no moments."""
+    from flopmatch.rundir import STABLE_CHECKPOINT
+
+    root, _ = two_process
+    assert_same_run(root / "fsdp2-wsd0", root / "one-wsd0")
+    one, two = load_tensors(root / "one-wsd0" / STABLE_CHECKPOINT), load_tensors(root / "fsdp2-wsd0" / STABLE_CHECKPOINT)
+    assert read_state(root / "fsdp2-wsd0", STABLE_CHECKPOINT)["step"] == 0 and not any(k.startswith("optim.") for k in two)
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+@pytest.mark.slow
+def test_two_process_eval_equals_one_process(two_process):
+    """`flopmatch eval` under 2 processes (each sampling every other batch) writes the 1-process metrics and images."""
+    from flopmatch.evaluation.run import EvalConfig, evaluate
+    from flopmatch.sample import load_sampler
+
+    root, _ = two_process
+    one = root / "eval-1"
+    evaluate(one, [load_sampler(one).cfg.sample], EvalConfig(**EVAL), progress=False)
+    (k1, e1), = json.loads((one / "eval.json").read_text())["entries"].items()
+    (k2, e2), = json.loads((root / "eval-2" / "eval.json").read_text())["entries"].items()
+    assert k1 == k2 and e1["metrics"] == e2["metrics"]
+    m1, m2 = e1["manifest"], e2["manifest"]
+    assert m1["generated_images_sha256"] == m2["generated_images_sha256"] and m1["num_samples"] == 7
+    assert not list((root / "eval-2").rglob("shard-*"))  # the ranks' shards are cleaned up
+
+
+def _as_old_run(run: Path) -> None:
+    """Rewrite a run's checkpoint state as a checkpoint of the old per-rank randomness has it (no ``train_randomness``)."""
+    state = read_state(run)
+    del state["train_randomness"]
+    copy_checkpoint(run / CHECKPOINT, run / CHECKPOINT, state)
+
+
+def test_resuming_a_run_of_the_old_randomness_is_refused(tmp_path):
+    """An unfinished run started under the per-rank randomness is refused on resume with a one-line error naming the
+    fix; continuing a finished one to a larger budget too; a finished one is still reported as finished."""
+    cfg = tiny_run_config("masked", 4, sets=["train.schedule=constant", "train.warmup_steps=0"])
+    run = tmp_path / "run"
+    train(cfg, run, progress=False, stop_after=2)
+    _as_old_run(run)
+    before = (run / CHECKPOINT).read_bytes()
+    with pytest.raises(UserError, match=r"earlier flopmatch .*version that started it.* new --out") as e:
+        train(cfg, run, progress=False)
+    assert "\n" not in str(e.value) and (run / CHECKPOINT).read_bytes() == before
+
+    done = tmp_path / "done"
+    train(cfg, done, progress=False)
+    _as_old_run(done)
+    assert train(cfg, done, progress=False)["done"]  # finished: nothing to redo, nothing refused
+    bigger = tiny_run_config("masked", 6, sets=["train.schedule=constant", "train.warmup_steps=0"])
+    with pytest.raises(UserError, match="earlier flopmatch"):
+        train(bigger, done, progress=False)
+    assert not (done / "budgets").exists()  # refused before the continuation moved anything
