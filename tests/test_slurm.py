@@ -151,6 +151,8 @@ def test_study_through_real_slurm_survives_scancel_and_its_own_restart(slurm_clu
     assert "waiting for" not in log  # the queued job is the run's writer: attached to, not waited out
     assert json.loads(jobs.read_text())[VICTIM] == resubmitted
     assert (out / "report.html").exists() and (out / "inference_timing.json").exists()
+    for phase in ("prepare-tokenizers", "timing-phase"):  # the study's phases ran as jobs too, not in the study process
+        assert phase in json.loads(jobs.read_text()) and "[slurm] job" in (out / "logs" / f"{phase}.log").read_text()
     resumed = (out / "logs" / f"{VICTIM}.log").read_text()
     assert "resuming at step" in resumed, resumed  # it continued from its checkpoint, it did not start over
 

@@ -17,7 +17,15 @@ from pathlib import Path
 from flopmatch.config import RunConfig, from_dict, parse_source
 from flopmatch.data.datasets import shapes_config
 from flopmatch.evaluation.attributes import attribute_classifier_cached
-from flopmatch.study.plan import RunPlan, autoencoder_config, eval_settings, fmt_duration, token_types, tokenizer_dirs
+from flopmatch.study.plan import (
+    RunPlan,
+    autoencoder_config,
+    chained_flops,
+    eval_settings,
+    fmt_duration,
+    token_types,
+    tokenizer_dirs,
+)
 from flopmatch.study.presets import StudyConfig
 
 REFERENCE_FLOPS_PER_S = 6e10  # the cpu presets' assumed training rate: the machine the Rates were measured on
@@ -66,7 +74,9 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
     per_image = sum(1 / (rates.inception_images_per_s if f == "inception" else rates.feature_images_per_s)
                     for f in scfg.features) / speed  # seconds of feature extraction per image
     setup += cfg.data.num_eval * per_image  # reference features
-    training = sum(p.est_seconds + rates.run_overhead_s for p in plans)
+    # wsd/constant chains train only the steps after the previous budget's stable state (plan.chained_flops)
+    share = chained_flops(plans) / max(1.0, sum(p.train_flops for p in plans))
+    training = sum(p.est_seconds * share + rates.run_overhead_s for p in plans)
     evaluation = timing = 0.0
     sample_rate = scfg.assumed_flops_per_s * rates.sampling_efficiency
     timed = set()

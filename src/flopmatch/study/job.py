@@ -21,6 +21,7 @@ from flopmatch.rundir import CONFIG, read_eval_entries, read_state
 from flopmatch.study.plan import RunPlan
 from flopmatch.study.presets import StudyConfig
 from flopmatch.study.timing_phase import ensure_timing
+from flopmatch.study.tokenizer_phase import prepare
 from flopmatch.train import train
 
 TIMING_JOB = "timing-phase"  # the name of the timing phase's job, when a launcher runs it as a job
@@ -125,6 +126,9 @@ def run_job(job: dict, progress: bool = True) -> None:
     """
     if job.get("kind") == "timing":
         return run_timing_job(job, progress)
+    if job.get("kind") == "prepare":
+        out = Path(job["study"])
+        return prepare(out, from_dict(StudyConfig, read_json(out / "study.json")), progress)
     if "chain" in job:
         return run_chain(job, progress)
     cfg = from_dict(RunConfig, job["config"]).validate()

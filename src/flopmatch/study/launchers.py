@@ -4,8 +4,9 @@
 - :class:`LocalWorkersLauncher`: N worker processes on this machine;
 - :class:`~flopmatch.study.slurm.SlurmLauncher`: one SLURM job per run, through submitit.
 
-Each also runs the study's timing phase (``run_timing``): in this process for the local launchers
-(after every worker has stopped, so the machine is quiet), as one more job on SLURM.
+Each also runs the study's phases (``run_phase``: the tokenizer phase, and the timing phase after every
+run): in this process for the local launchers (for timing: after every worker has stopped, so the
+machine is quiet), as one more job each on SLURM.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def nothing_to_check() -> None:
     """The local launchers' preflight: this machine is always there."""
 
 
-def run_timing_here(job: dict, done: Callable[[], bool]) -> None:
-    """The local launchers' timing phase: run the timing job in this process (no worker runs now)."""
+def run_phase_here(job: dict, done: Callable[[], bool], what: str) -> None:
+    """The local launchers' phases: run the phase's job in this process."""
     run_job(job)
 
 
@@ -51,7 +52,7 @@ class InProcessLauncher:
 
     name = "in-process"
     attaches = False  # jobs of an earlier study process are not found again (they died with it)
-    run_timing = staticmethod(run_timing_here)
+    run_phase = staticmethod(run_phase_here)
     check = staticmethod(nothing_to_check)
 
     def run(self, jobs: list[dict], on_done: Callable[[dict], None]) -> list[str]:
@@ -73,7 +74,7 @@ class LocalWorkersLauncher:
 
     name = "local-workers"
     attaches = False
-    run_timing = staticmethod(run_timing_here)
+    run_phase = staticmethod(run_phase_here)
     check = staticmethod(nothing_to_check)
 
     def __init__(self, workers: int, study: Path):

@@ -28,54 +28,25 @@ from dataclasses import asdict
 from pathlib import Path
 
 from flopmatch.config import RunConfig, from_dict
-from flopmatch.data.datasets import make_dataset
 from flopmatch.errors import UserError
 from flopmatch.evaluation.run import EvalConfig
 from flopmatch.files import atomic_write_json, read_json
 from flopmatch.lock import LOCK_NAME, DirectoryLock, describe, holder, in_use, is_locked
 from flopmatch.report.build import build_report
-from flopmatch.study.ceilings import ensure_ceilings
 from flopmatch.study.estimate import Rates, estimate, format_estimate
 from flopmatch.study.grow import reconcile
 from flopmatch.study.job import chain_jobs, timing_job
 from flopmatch.study.launchers import make_launcher
 from flopmatch.study.plan import (
-    autoencoder_config,
-    base_config,
     eval_settings,
     fmt_duration,
     format_plan,
     make_plan,
-    token_types,
-    tokenizer_dirs,
 )
 from flopmatch.study.presets import StudyConfig
 from flopmatch.study.slurm import SlurmConfig
 from flopmatch.study.timing_phase import timing_needed
-from flopmatch.tokenizers.registry import load_tokenizer
-from flopmatch.tokenizers.train_ae import train_autoencoder
-
-
-def ensure_tokenizers(study: Path, scfg: StudyConfig, progress: bool = True) -> None:
-    """Train the matched KL and LFQ tokenizers once (a complete, loadable directory is reused)."""
-    if scfg.tokenizer != "learned":
-        return
-    probe = base_config(scfg, scfg.objectives[0], scfg.depths[0], scfg.budgets[0], 0, study)
-    dataset = make_dataset(probe.data, "train")
-    needed = token_types(scfg)
-    for tokens, directory in tokenizer_dirs(study).items():
-        if tokens not in needed:
-            continue
-        if (directory / "tokenizer.json").exists():
-            try:
-                load_tokenizer(directory)
-                continue
-            except UserError:
-                pass  # damaged: retrain
-        cfg = autoencoder_config(scfg, tokens)
-        print(f"[study] training the {cfg.kind} tokenizer ({cfg.steps} steps) -> {directory}")
-        train_autoencoder(cfg, dataset.images_uint8(), out_dir=directory,
-                          data_info={"dataset": probe.data.name, "fingerprint": dataset.fingerprint()}, progress=progress)
+from flopmatch.study.tokenizer_phase import check_prepared, prepare, prepare_job, prepared
 
 
 def wait_for_writer(run: Path, timeout_s: float = 30.0) -> None:
@@ -124,8 +95,14 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
     est = estimate(scfg, plans, out)
     print(f"[study] {format_estimate(est)}")
     t0 = time.perf_counter()
-    ensure_tokenizers(out, scfg, progress)
-    ensure_ceilings(out, scfg, progress)  # each tokenizer's reconstruction ceiling; refuses one below the floor
+    # the tokenizers and each one's reconstruction ceiling (a tokenizer below the classifier floor is refused)
+    if not launch.attaches:
+        prepare(out, scfg, progress)
+    elif not prepared(out, scfg):  # SLURM: on a compute node, as a job
+        try:
+            launch.run_phase(prepare_job(out), lambda: prepared(out, scfg), "the tokenizer phase")
+        finally:
+            check_prepared(out, scfg)  # its floor refusal, said here rather than only in the job's log
     t_tokenizers = time.perf_counter()
     ecfg = EvalConfig(num_samples=scfg.eval_samples, features=list(scfg.features), timing=False)  # timed below, together
     jobs = []
@@ -148,7 +125,7 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
         raise UserError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; fix and re-run to continue")
     t_runs = time.perf_counter()
     if timing_needed(out, scfg, plans, retime):  # a quiet phase: no run is training now
-        launch.run_timing(timing_job(out, retime), lambda: not timing_needed(out, scfg, plans))
+        launch.run_phase(timing_job(out, retime), lambda: not timing_needed(out, scfg, plans), "the timing phase")
     t_timing = time.perf_counter()
     result = build_report(out, n_boot=scfg.n_boot)
     t_end = time.perf_counter()

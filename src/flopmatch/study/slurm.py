@@ -217,11 +217,12 @@ class SlurmLauncher:
                   "re-run the same command to collect them, or scancel them", flush=True)
             raise
 
-    def run_timing(self, job: dict, done: Callable[[], bool]) -> None:
-        """Run the timing phase as one SLURM job on a compute node (the machine the runs trained on), and wait."""
+    def run_phase(self, job: dict, done: Callable[[], bool], what: str) -> None:
+        """Run a study phase (tokenizers, timing) as one SLURM job on a compute node, the kind of machine the
+        runs train on, and wait; ``done`` says from the study directory whether it finished."""
         failed = self.run([job], lambda j: None, finished=lambda j: done(), fresh=True)
         if failed:
-            raise UserError(f"the timing phase failed: {failed[0]}; fix and re-run to continue")
+            raise UserError(f"{what} failed: {failed[0]}; fix and re-run to continue")
 
     def _run(self, jobs: list[dict], on_done: Callable[[dict], None], finished: Callable[[dict], bool],
              fresh: bool) -> list[str]:

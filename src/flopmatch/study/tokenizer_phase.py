@@ -1,0 +1,77 @@
+"""The study's tokenizer phase: the matched learned tokenizers, trained once, then every tokenizer's ceiling.
+
+Runs in the study process for the local launchers, and as one SLURM job (``kind`` "prepare") on a compute
+node for ``--launcher slurm``, so that the tokenizers train where the runs will (not on a login node).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flopmatch.data.datasets import make_dataset
+from flopmatch.errors import UserError
+from flopmatch.evaluation.ceilings import CEILINGS_FILE
+from flopmatch.files import read_json
+from flopmatch.study.ceilings import check_floor, ensure_ceilings
+from flopmatch.study.plan import autoencoder_config, base_config, token_types, tokenizer_dirs
+from flopmatch.study.presets import StudyConfig
+from flopmatch.tokenizers.registry import load_tokenizer
+from flopmatch.tokenizers.train_ae import train_autoencoder
+
+PREPARE_JOB = "prepare-tokenizers"  # the phase's job name when a launcher runs it as a job
+
+
+def ensure_tokenizers(study: Path, scfg: StudyConfig, progress: bool = True) -> None:
+    """Train the matched KL and LFQ tokenizers once (a complete, loadable directory is reused)."""
+    if scfg.tokenizer != "learned":
+        return
+    probe = base_config(scfg, scfg.objectives[0], scfg.depths[0], scfg.budgets[0], 0, study)
+    dataset = make_dataset(probe.data, "train")
+    needed = token_types(scfg)
+    for tokens, directory in tokenizer_dirs(study).items():
+        if tokens not in needed:
+            continue
+        if (directory / "tokenizer.json").exists():
+            try:
+                load_tokenizer(directory)
+                continue
+            except UserError:
+                pass  # damaged: retrain
+        cfg = autoencoder_config(scfg, tokens)
+        print(f"[study] training the {cfg.kind} tokenizer ({cfg.steps} steps) -> {directory}")
+        train_autoencoder(cfg, dataset.images_uint8(), out_dir=directory,
+                          data_info={"dataset": probe.data.name, "fingerprint": dataset.fingerprint()}, progress=progress)
+
+
+def prepare(study: Path, scfg: StudyConfig, progress: bool = True) -> None:
+    """The whole phase: :func:`ensure_tokenizers`, then :func:`~flopmatch.study.ceilings.ensure_ceilings`
+    (which refuses a tokenizer below the classifier floor)."""
+    ensure_tokenizers(study, scfg, progress)
+    ensure_ceilings(study, scfg, progress)
+
+
+def prepared(study: Path, scfg: StudyConfig) -> bool:
+    """Whether the phase looks done, from files alone (cheap; for a launcher deciding whether to submit it):
+    every learned tokenizer the study needs has its tokenizer.json, and the ceilings file has an entry for
+    every token type measured at the study's sample count and features. :func:`prepare` checks exactly."""
+    needed = token_types(scfg)
+    if scfg.tokenizer == "learned" and not all((d / "tokenizer.json").exists() for t, d in tokenizer_dirs(study).items()
+                                               if t in needed):
+        return False
+    try:
+        entries = read_json(study / CEILINGS_FILE)["tokenizers"]
+        return all(entries[t]["key"]["num_images"] == scfg.eval_samples
+                   and entries[t]["key"]["features"] == sorted(scfg.features) for t in needed)
+    except (UserError, KeyError, TypeError, FileNotFoundError):
+        return False
+
+
+def check_prepared(study: Path, scfg: StudyConfig) -> None:
+    """After the phase ran elsewhere: raise its classifier-floor refusal here, in the study process, if it applies."""
+    if (study / CEILINGS_FILE).exists():
+        check_floor(read_json(study / CEILINGS_FILE), scfg, study)
+
+
+def prepare_job(study: Path) -> dict:
+    """The job that runs this phase for the study in ``study`` (settings read from its study.json)."""
+    return {"name": PREPARE_JOB, "kind": "prepare", "study": str(study)}
