@@ -460,6 +460,11 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
         raise KeyboardInterrupt
     bar.close()
     final = make_state(step == plan.steps)
+    if final["done"] and steps_this_call == 0 and not (state or {}).get("done"):
+        # resumed at its last step (a continued or branched run whose new budget adds no step): the loop saved
+        # nothing, so mark it finished on disk here (collective under FSDP2, like every save)
+        save_checkpoint(run, net, ema, opt, final)
+        dist.barrier()
     if dist.is_main() and final["done"]:
         print(f"{run}: done, {step} steps, {flops:.3g} FLOPs (budget {cfg.train.budget:.3g}), {elapsed:.0f}s")
     return final

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from flopmatch.errors import UserError
 from flopmatch.evaluation.ceilings import CEILINGS_FILE
 from flopmatch.files import read_json
 from flopmatch.report.data import PROMPT_ATTRIBUTES
@@ -31,7 +32,7 @@ def read_ceilings(root: Path) -> dict | None:
         return None
     try:
         doc = read_json(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError, UserError):  # damaged: the report says "not measured"
         return None
     return doc if isinstance(doc, dict) and isinstance(doc.get("tokenizers"), dict) else None
 

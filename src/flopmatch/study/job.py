@@ -29,7 +29,8 @@ TIMING_JOB = "timing-phase"  # the name of the timing phase's job, when a launch
 
 def _trained(run: Path) -> bool:
     """Whether ``run`` holds a finished training run."""
-    return (run / CONFIG).exists() and bool(read_state(run).get("done"))
+    state = read_state(run) if (run / CONFIG).exists() else None  # None: killed before its first checkpoint
+    return bool(state and state.get("done"))
 
 
 def _eval_todo(job: dict, cfg: RunConfig, run: Path) -> list[tuple[EvalConfig, list[SampleConfig]]]:

@@ -98,11 +98,14 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
     # the tokenizers and each one's reconstruction ceiling (a tokenizer below the classifier floor is refused)
     if not launch.attaches:
         prepare(out, scfg, progress)
-    elif not prepared(out, scfg):  # SLURM: on a compute node, as a job
-        try:
-            launch.run_phase(prepare_job(out), lambda: prepared(out, scfg), "the tokenizer phase")
-        finally:
-            check_prepared(out, scfg)  # its floor refusal, said here rather than only in the job's log
+    else:  # SLURM: on a compute node, as a job
+        if not prepared(out, scfg):
+            try:
+                launch.run_phase(prepare_job(out), lambda: prepared(out, scfg), "the tokenizer phase")
+            except UserError:
+                check_prepared(out, scfg)  # the job's floor refusal, said here rather than only in its log
+                raise
+        check_prepared(out, scfg)  # also on every re-run: the ceilings file outlives a refusal
     t_tokenizers = time.perf_counter()
     ecfg = EvalConfig(num_samples=scfg.eval_samples, features=list(scfg.features), timing=False)  # timed below, together
     jobs = []

@@ -44,6 +44,8 @@ from flopmatch.study.job import job_finished
 ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
          "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "PREEMPTED"}
 JOBS_FILE = "jobs.json"  # in <study>/slurm/: run name -> SLURM job id of its latest submission
+SQUEUE_RETRIES = 5  # consecutive failed squeue calls before the study gives up waiting (the jobs keep running)
+_failures: list[int] = []  # consecutive squeue failures so far
 CHECKPOINT_WAIT_S = 60  # how long a job given SLURM's time-out/preemption signal waits for the run's checkpoint
 
 
@@ -105,8 +107,14 @@ class WorkerJob:
         with open(self.log_file, "a") as log:
             log.write(f"[slurm] job {os.environ.get('SLURM_JOB_ID', '?')} on {os.uname().nodename}: {' '.join(self.command())}\n")
             log.flush()
-            self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
-            rc = self._proc.wait()
+            # SLURM signals time-out/preemption (USR2) to every process of the job; the worker must not die of it:
+            # only this process acts on it (checkpoint() below). An ignored signal stays ignored across exec.
+            self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                          preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
+            # poll, not wait(): checkpoint() runs as a signal handler inside this loop and must be able to wait
+            # itself (Popen.wait holds a non-reentrant lock)
+            while (rc := self._proc.poll()) is None:
+                time.sleep(1.0)
         self._proc = None
         if rc != 0:
             raise RuntimeError(f"the worker exited with status {rc}; see {self.log_file}")
@@ -136,7 +144,11 @@ def squeue_states(job_ids: list[str]) -> dict[str, str]:
     except subprocess.TimeoutExpired:
         return {j: "PENDING" for j in job_ids}  # the controller is busy: assume nothing ended; ask again later
     if out.returncode != 0:
+        _failures.append(1)
+        if len(_failures) < SQUEUE_RETRIES:  # a busy controller ("Socket timed out"): assume alive, ask again
+            return {j: "PENDING" for j in job_ids}
         raise UserError(f"squeue failed: {(out.stderr or out.stdout).strip().splitlines()[-1] if (out.stderr or out.stdout).strip() else 'exit ' + str(out.returncode)}")
+    _failures.clear()
     wanted, states = set(job_ids), {}
     for line in out.stdout.splitlines():
         jid, _, state = line.strip().partition("|")
@@ -196,7 +208,8 @@ class SlurmLauncher:
         log = self.study / "logs" / f"{job['name']}.log"
         ex.update_parameters(job_name=f"flopmatch-{job['name']}")
         try:
-            sub = ex.submit(WorkerJob(str(path), str(log), max(1, self.cfg.gpus_per_run), self.cfg.cpus_per_run))
+            procs = 1 if job.get("kind") in ("prepare", "timing") else max(1, self.cfg.gpus_per_run)  # phases: one process
+            sub = ex.submit(WorkerJob(str(path), str(log), procs, self.cfg.cpus_per_run))
         except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, FileNotFoundError) as e:
             raise UserError(f"sbatch refused the job for {job['name']}: {str(e).strip().splitlines()[-1]}") from None
         return str(sub.job_id)

@@ -55,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(int(threads))
     # SIGTERM (scancel, a cluster stopping the job, kill) checkpoints like Ctrl-C: it is re-raised as SIGINT,
     # which the training loop turns into "checkpoint at the end of this step, then stop".
-    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    # Once: SLURM and torchrun may both deliver it, and a second SIGINT means "stop now, no checkpoint".
+    def on_term(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.raise_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         if os.environ.get(PARENT_ENV):
             die_with_parent(int(os.environ[PARENT_ENV]))
