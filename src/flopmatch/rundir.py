@@ -80,8 +80,11 @@ def config_diffs(run: Path, cfg: RunConfig) -> list[str]:
     The stored config is read through :func:`read_config`, so a config.json written by an earlier
     version (old key names, keys added since with their defaults) compares equal to the same config written today.
     """
-    old = to_dict(read_config(run))
-    new = to_dict(cfg)
+    return dict_diffs(to_dict(read_config(run)), to_dict(cfg))
+
+
+def dict_diffs(old: dict, new: dict) -> list[str]:
+    """The keys (``section.key``) whose values differ between two run-config dicts (``NOT_IDENTITY`` skipped)."""
     diffs = [f"{s}.{k}" for s in new if isinstance(new[s], dict) for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
     diffs += [s for s in new if not isinstance(new[s], dict) and old.get(s) != new[s]]
     return [d for d in diffs if d not in NOT_IDENTITY]

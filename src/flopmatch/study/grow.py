@@ -25,26 +25,13 @@ from pathlib import Path
 
 from flopmatch.config import from_dict
 from flopmatch.errors import UserError
-from flopmatch.rundir import NOT_IDENTITY
+from flopmatch.rundir import dict_diffs
 from flopmatch.study.plan import RunPlan, make_plan
 from flopmatch.study.presets import StudyConfig
 
 GRID = ("objectives", "depths", "budgets", "seeds", "floor_seeds", "base_seed")
 ADDITIVE = ("eval_steps", "eval_raw")
 LABEL = ("preset",)  # a name only: the settings it stood for are compared one by one
-
-
-def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two run-config dicts (``NOT_IDENTITY`` keys skipped)."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        path = f"{prefix}{key}"
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_diff(a, b, path + ".")
-        elif a != b and path not in NOT_IDENTITY:
-            out.append(path)
-    return out
 
 
 def _get(cfg: dict, path: str):
@@ -94,7 +81,7 @@ def reconcile(saved: dict, scfg: StudyConfig, out: Path) -> tuple[StudyConfig, l
                         f"Keep the saved values and add to them, or use another --out")
     for p in new_plan:
         if p.name in old_plan:
-            diff = _config_diff(old_plan[p.name].config, p.config)
+            diff = dict_diffs(old_plan[p.name].config, p.config)
             if diff:
                 key = diff[0]
                 raise UserError(f"this command changes {key} of the study's runs (--set {key}={_get(p.config, key)!r}; "
