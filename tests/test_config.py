@@ -179,7 +179,7 @@ def test_config_command_lists_every_settable_key(preset, capsys):
     assert [r["key"] for r in rows] == leaves
     assert all(r["help"] for r in rows), [r["key"] for r in rows if not r["help"]]
     for r in rows:
-        text = ",".join(r["value"]) if isinstance(r["value"], list) else str(r["value"])
+        text = ",".join(map(str, r["value"])) if isinstance(r["value"], list) else str(r["value"])
         cfg = apply_overrides(RunConfig(), [f"{r['key']}={text}"])
         section, name = r["key"].split(".")
         assert getattr(getattr(cfg, section), name) == r["value"]

@@ -15,7 +15,7 @@ from flopmatch.config import SampleConfig
 from flopmatch.errors import UserError
 from flopmatch.files import load_tensors
 from flopmatch.plan import flops_summary
-from flopmatch.rundir import CHECKPOINT, read_config
+from flopmatch.rundir import CHECKPOINT, read_config, snapshots
 from flopmatch.train import train
 from tiny import tiny_run_config
 
@@ -92,11 +92,16 @@ def test_resume_after_interruption_is_exact(name, precision, tmp_path):
     assert set(a) == set(b)
     assert any(k.startswith("ema.") for k in a) and any(k.startswith("optim.") for k in a)
     assert not any(k.startswith("rng.") for k in a)  # training randomness is a function of (seed, step): no RNG state
+    assert any(k.startswith("phema1.") for k in a)  # the post-hoc EMA's averages resume too
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"tensors differ after resume: {differ[:5]}"
     strip = lambda rows: [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]  # noqa: E731
     assert strip(_rows(parts)) == strip(_rows(whole))
     assert [r["step"] for r in _rows(parts)] == [2, 4, 6, 7]
+    # and so do its snapshots (one per step here: 16 snapshots over 7 steps)
+    snaps = [(s, load_tensors(p)) for s, p in snapshots(whole)], [(s, load_tensors(p)) for s, p in snapshots(parts)]
+    assert [s for s, _ in snaps[0]] == [s for s, _ in snaps[1]] == list(range(1, 8))
+    assert all(torch.equal(x[k], y[k]) for (_, x), (_, y) in zip(*snaps) for k in x)
 
 
 def test_resume_after_ctrl_c_is_exact(tmp_path, monkeypatch):

@@ -106,6 +106,9 @@ class TrainConfig:
     beta2: float = 0.99  # AdamW second-moment decay
     grad_clip: float = 1.0  # gradient-norm clipping threshold
     ema_decay: float = 0.999  # EMA of the weights (warmed up as (1+s)/(10+s)); sampling uses the EMA
+    # post-hoc EMA (EDM2, flopmatch.ema): power-function averages kept during training, by relative length
+    ema_profiles: list[float] = field(default_factory=lambda: [0.05, 0.10])  # sigma_rel of the power-function EMAs training keeps and snapshots (EDM2's pair), each in (0, 0.3]
+    ema_snapshots: int = 16  # snapshots of those averages over a run, evenly spaced; any sigma_rel is rebuilt from them after training (0 = none)
     seed: int = 0  # initialisation, data order and training randomness
     precision: str = "auto"  # auto | bf16 | fp32; auto = bf16 autocast where the device runs it fast
     log_every: int = 10  # steps between metrics.jsonl rows
@@ -201,6 +204,7 @@ RANGES: dict[tuple[str, str], Range] = {
     ("TrainConfig", "warmup_steps"): NON_NEGATIVE, ("TrainConfig", "decay_frac"): Range(0, 1, lo_open=True),
     ("TrainConfig", "weight_decay"): NON_NEGATIVE, ("TrainConfig", "beta2"): FRACTION,
     ("TrainConfig", "grad_clip"): POSITIVE, ("TrainConfig", "ema_decay"): FRACTION,
+    ("TrainConfig", "ema_profiles"): Range(0, 0.3, lo_open=True), ("TrainConfig", "ema_snapshots"): NON_NEGATIVE,
     ("TrainConfig", "log_every"): AT_LEAST_1, ("TrainConfig", "checkpoint_every"): AT_LEAST_1,
     ("SampleConfig", "steps"): NON_NEGATIVE, ("SampleConfig", "guidance"): NON_NEGATIVE,
     ("SampleConfig", "temperature"): POSITIVE, ("SampleConfig", "top_k"): NON_NEGATIVE,
@@ -288,7 +292,10 @@ def check_fields(cfg, where: str = "") -> None:
         rule = (type(cfg).__name__, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{key} must be a finite number, got {value}")
-        if rule in RANGES and value not in RANGES[rule]:
+        if rule in RANGES and isinstance(value, list):  # a list field: each item in range
+            if bad := [v for v in value if not isinstance(v, (int, float)) or v not in RANGES[rule]]:
+                raise UserError(f"{key}: item {bad[0]!r} must be {RANGES[rule]}")
+        elif rule in RANGES and value not in RANGES[rule]:
             raise UserError(f"{key} must be {RANGES[rule]}, got {value:g}")
         if rule in CHOICES and isinstance(value, list):  # a list field: each item is one of the choices
             if bad := [v for v in value if v not in CHOICES[rule]]:

@@ -13,7 +13,7 @@ differ) does, in this order, each step atomic and the whole idempotent (a contin
 is completed by the same command):
 
 1. keeps the run's B1 result (finished or not): ``checkpoint/`` (hard-linked), ``config.json``, ``metrics.jsonl``,
-   ``eval.json``, ``samples/`` and ``samples.png`` go to ``budgets/<B1>/`` (:func:`flopmatch.rundir.budget_dir`),
+   ``eval.json``, ``samples/``, ``samples.png`` and ``ema-snapshots/`` (linked) go to ``budgets/<B1>/`` (:func:`flopmatch.rundir.budget_dir`),
    assembled under a temporary name and renamed into place;
 2. removes ``eval.json``, ``samples/`` and ``samples.png`` from the run, which describes the B2 model only from now on;
 3. installs the state to continue from as ``checkpoint/``, ``done`` false, its ``budget_history``
@@ -38,6 +38,7 @@ from flopmatch.rundir import (
     CHECKPOINT,
     CONFIG,
     DATA,
+    EMA_SNAPSHOTS,
     EVAL,
     METRICS,
     SAMPLES,
@@ -49,6 +50,7 @@ from flopmatch.rundir import (
     copy_checkpoint,
     read_config,
     read_state,
+    snapshots,
     truncate_metrics,
     write_config,
 )
@@ -172,6 +174,11 @@ def branch_run(src: Path, dst: Path, cfg: RunConfig, source: tuple[str, dict]) -
     rows = (src / METRICS).read_text().splitlines() if (src / METRICS).exists() else []
     atomic_write_text(tmp / METRICS, "".join(r + "\n" for r in rows))
     truncate_metrics(tmp, state["step"])
+    # the source's post-hoc EMA snapshots up to the branch step: the new run's averages are theirs until then
+    for step, path in snapshots(src):
+        if step <= state["step"]:
+            (tmp / EMA_SNAPSHOTS).mkdir(exist_ok=True)
+            _link_or_copy(path, tmp / EMA_SNAPSHOTS / path.name)
     copy_checkpoint(src / name, tmp / CHECKPOINT, state | {
         "done": False, "budget": cfg.train.budget, "budget_history": [],
         "branched_from": {"run": src.name, "checkpoint": name, "step": state["step"], "flops": state["flops"]}})
@@ -205,8 +212,9 @@ def _keep(run: Path, state: dict, budget: float) -> Path:
     for name in (CHECKPOINT, STATE, SAMPLE_PNG):
         if (run / name).exists():
             _link_or_copy(run / name, tmp / name)
-    if (run / SAMPLES).is_dir():
-        shutil.copytree(run / SAMPLES, tmp / SAMPLES, copy_function=_link_or_copy)
+    for folder in (SAMPLES, EMA_SNAPSHOTS):  # EMA_SNAPSHOTS: the kept result can still be given post-hoc EMAs
+        if (run / folder).is_dir():
+            shutil.copytree(run / folder, tmp / folder, copy_function=_link_or_copy)
     for name in (CONFIG, METRICS, EVAL):  # small, and rewritten or appended in place: copies, not links
         if (run / name).exists():
             atomic_write_text(tmp / name, (run / name).read_text())

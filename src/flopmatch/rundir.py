@@ -8,6 +8,8 @@ thing it may read::
       metrics.jsonl                     one JSON object per logged step (step, loss, lr, cumulative flops, ...)
       checkpoint/checkpoint.safetensors model, EMA and optimizer tensors (full, whatever the sharding); scalar state in its metadata
       checkpoint/state.json             a human-readable copy of that scalar state
+      ema-snapshots/<step>.safetensors  the power-function EMAs (train.ema_profiles) at evenly spaced steps, from which
+                                        any post-hoc EMA is rebuilt (flopmatch.ema; weights "ema@SIGMA_REL")
       checkpoint-stable/                train.schedule=wsd: the same, saved where the cooldown starts
                                         (the state a larger budget continues from; flopmatch.growth)
       budgets/<budget>/                 a finished budget's result, kept when the run was continued to a
@@ -34,6 +36,7 @@ import torch
 from safetensors import safe_open
 
 from flopmatch import dist
+from flopmatch import ema as phema
 from flopmatch.config import RunConfig, from_dict, to_dict
 from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors, tensors_sha256
@@ -49,6 +52,7 @@ TOKENIZER = "tokenizer"
 EVAL = "eval.json"
 DATA = "data.json"  # the training split: source, size, images skipped and converted by cause
 SAMPLES = "samples"
+EMA_SNAPSHOTS = "ema-snapshots"  # post-hoc EMA snapshots, one file per step (flopmatch.ema)
 # Keys every checkpoint state has (resume and the report rely on them).
 STATE_KEYS = ("step", "total_steps", "flops", "done", "net_spec")
 # Config keys that change how a run is watched or split across processes, not what it computes (train.parallel changes
@@ -144,21 +148,25 @@ def optimizer_state(tensors: dict[str, torch.Tensor], groups: list) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(run: Path, net, ema, opt, state: dict, name: str = CHECKPOINT) -> None:
+def save_checkpoint(run: Path, net, ema, opt, state: dict, name: str = CHECKPOINT, averages=()) -> None:
     """One atomic file with model, EMA and optimizer tensors; scalar state in its metadata.
 
     Call on every rank of a distributed run: under FSDP2 the shards are gathered (a collective) into full
     tensors, which rank 0 alone writes, so the file is the same as one process's and resumes with any number
     of processes and either ``train.parallel``. No RNG state: training's randomness is a function of
     (seed, step) (:mod:`flopmatch.train`). ``name``: the file inside the run (:data:`CHECKPOINT`, or
-    :data:`STABLE_CHECKPOINT`); a human-readable ``state.json`` is written beside it.
+    :data:`STABLE_CHECKPOINT`); a human-readable ``state.json`` is written beside it. ``averages``: the
+    post-hoc EMA's power-function averages (``train.ema_profiles`` order), saved as ``phema<j>.*``.
     """
     model_sd, ema_sd = dist.full_state_dict(net), dist.full_state_dict(ema)
+    avg_sds = [dist.full_state_dict(a) for a in averages]
     opt_sd = dist.full_optimizer_state_dict(net, opt)
     if not dist.is_main():
         return
     tensors = {f"model.{k}": v for k, v in model_sd.items()}
     tensors |= {f"ema.{k}": v for k, v in ema_sd.items()}
+    for j, sd in enumerate(avg_sds):
+        tensors |= {f"phema{j}.{k}": v for k, v in sd.items()}
     opt_t, groups = optimizer_tensors(opt_sd)
     tensors |= opt_t
     meta = {"state": json.dumps(state), "param_groups": json.dumps(groups), "tensors_sha256": tensors_sha256(tensors)}
@@ -178,7 +186,7 @@ def copy_checkpoint(src: Path, dst: Path, state: dict) -> None:
     atomic_write_text(Path(dst).with_name("state.json"), json.dumps(state, indent=2) + "\n")
 
 
-def restore_checkpoint(run: Path, net, ema, opt, device) -> None:
+def restore_checkpoint(run: Path, net, ema, opt, device, averages=()) -> None:
     """Load model, EMA and optimizer states saved by :func:`save_checkpoint` into live objects.
 
     Every rank reads the file; under FSDP2 each keeps its shards (``net`` and ``ema`` sharded already, ``opt``
@@ -191,6 +199,13 @@ def restore_checkpoint(run: Path, net, ema, opt, device) -> None:
     meta = read_checkpoint_meta(path)
     dist.load_full_state_dict(net, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     dist.load_full_state_dict(ema, {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")})
+    for j, avg in enumerate(averages):
+        sd = {k[len(f"phema{j}."):]: v for k, v in tensors.items() if k.startswith(f"phema{j}.")}
+        if not sd:
+            raise UserError(f"{run} was started by an earlier flopmatch, without the post-hoc EMA's averages, so it "
+                            f"cannot be continued; train it again with a new --out (as it is, it is still evaluated and "
+                            f"sampled with its EMA or raw weights)")
+        dist.load_full_state_dict(avg, sd)
     dist.load_full_optimizer_state_dict(net, opt, optimizer_state(tensors, json.loads(meta["param_groups"])))
 
 
@@ -236,22 +251,105 @@ def _state(path: Path) -> dict:
     return state
 
 
+def parse_weights(which: str) -> float | None:
+    """Check a weights name: "ema" and "model" give None, "ema@SIGMA_REL" (a post-hoc EMA) its sigma_rel."""
+    if which in ("ema", "model"):
+        return None
+    head, sep, tail = which.partition("@")
+    try:
+        sigma = float(tail) if head == "ema" and sep else None
+    except ValueError:
+        sigma = None
+    if sigma is None or not 0 < sigma <= phema.SIGMA_REL_MAX:
+        raise UserError(f"weights must be ema, model or ema@SIGMA_REL (a post-hoc EMA, sigma_rel in "
+                        f"(0, {phema.SIGMA_REL_MAX}], e.g. ema@0.1), got {which!r}")
+    return sigma
+
+
 def load_weights(run: str | Path, which: str = "ema", device="cpu") -> tuple[RunConfig, Network]:
-    """Config and network of a run with its EMA (default) or raw (``which="model"``) weights, in eval mode."""
+    """Config and network of a run in eval mode, with its EMA (``which="ema"``, the default), raw (``"model"``)
+    or post-hoc EMA weights (``"ema@0.1"``: the power-function EMA of relative length 0.1, rebuilt from the
+    run's snapshots by :func:`posthoc_weights`)."""
     run = Path(run)
+    sigma = parse_weights(which)
     cfg = read_config(run)
     if not (run / CHECKPOINT).exists():
         raise UserError(f"{run} has no checkpoint yet; (re)run `flopmatch train` on it first")
-    spec = NetSpec.from_dict(_state(run / CHECKPOINT)["net_spec"])
+    state = _state(run / CHECKPOINT)
+    spec = NetSpec.from_dict(state["net_spec"])
     net = Network(spec)
     tensors = load_checkpoint_tensors(run / CHECKPOINT)
-    prefix = f"{which}."
+    prefix = "ema." if sigma is not None else f"{which}."  # a post-hoc EMA keeps the EMA's buffers
     sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if sigma is not None:
+        sd |= posthoc_weights(run, sigma, state["step"])[0]
     try:
         net.load_state_dict(sd)
     except RuntimeError as e:
         raise UserError(f"checkpoint in {run} does not match its config ({str(e).splitlines()[0]})") from None
     return cfg, net.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- post-hoc EMA snapshots
+
+
+def snapshot_file(run: str | Path, step: int) -> Path:
+    """The post-hoc EMA snapshot of ``run`` at ``step``."""
+    return Path(run) / EMA_SNAPSHOTS / f"{step:09d}.safetensors"
+
+
+def save_snapshot(run: Path, averages, step: int, sigma_rels: list[float]) -> None:
+    """Write the power-function averages' parameters at ``step`` as one atomic file (``<j>.<name>`` for average j).
+
+    Call on every rank (under FSDP2 the shards are gathered, a collective); rank 0 writes. Buffers are left out:
+    they are not averaged, and a rebuilt average takes them from the EMA.
+    """
+    sds = [dist.full_state_dict(a) for a in averages]
+    if not dist.is_main():
+        return
+    params = {n for n, _ in averages[0].named_parameters()}
+    tensors = {f"{j}.{k}": v for j, sd in enumerate(sds) for k, v in sd.items() if k in params}
+    meta = {"step": str(step), "sigma_rels": json.dumps(list(sigma_rels))}
+    save_tensors(snapshot_file(run, step), tensors, metadata=meta)
+
+
+def snapshots(run: str | Path) -> list[tuple[int, Path]]:
+    """(step, file) of a run's post-hoc EMA snapshots, by step."""
+    folder = Path(run) / EMA_SNAPSHOTS
+    found = [(int(p.stem), p) for p in folder.glob("*.safetensors") if p.stem.isdigit()] if folder.is_dir() else []
+    return sorted(found)
+
+
+def remove_snapshots_after(run: Path, step: int) -> None:
+    """Delete snapshots taken after ``step``: a run resumed (or continued) from ``step`` takes them again."""
+    for s, path in snapshots(run):
+        if s > step:
+            path.unlink(missing_ok=True)
+
+
+def posthoc_weights(run: str | Path, sigma_rel: float, step: int) -> tuple[dict[str, torch.Tensor], phema.Solution]:
+    """The parameters of the power-function EMA of relative length ``sigma_rel`` at ``step``, rebuilt from the
+    run's snapshots (:func:`flopmatch.ema.solve`), and the solution (its ``residual`` says how well the
+    snapshots can form that average). Snapshots are read one at a time; the sum is accumulated in float64."""
+    found = [(s, p) for s, p in snapshots(run) if s <= step]
+    if not found:
+        raise UserError(f"{run} has no post-hoc EMA snapshots (trained with train.ema_snapshots=0, or by an earlier "
+                        f"flopmatch); use weights ema or model, or train it again")
+    metas = [read_checkpoint_meta(p) for _, p in found]
+    sigmas = json.loads(metas[0]["sigma_rels"])
+    if any(json.loads(m["sigma_rels"]) != sigmas for m in metas):
+        raise UserError(f"{run}/{EMA_SNAPSHOTS} mixes snapshots of different train.ema_profiles; delete the folder "
+                        f"and train the run again to rebuild post-hoc EMAs")
+    solution = phema.solve([s for s, _ in found], [phema.sigma_rel_to_gamma(x) for x in sigmas], step,
+                           phema.sigma_rel_to_gamma(sigma_rel))
+    total: dict[str, torch.Tensor] = {}
+    for (_, path), row in zip(found, solution.coefficients):
+        for key, v in load_tensors(path).items():
+            j, name = key.split(".", 1)
+            if row[int(j)]:
+                total[name] = total.get(name, 0) + float(row[int(j)]) * v.double()
+    dtype = next(iter(load_tensors(found[-1][1]).values())).dtype
+    return {k: v.to(dtype) for k, v in total.items()}, solution
 
 
 # ----------------------------------------------------------------------------- tokenizer, evaluation, samples

@@ -47,6 +47,7 @@ import torch
 from tqdm import tqdm
 
 from flopmatch import dist
+from flopmatch import ema as phema
 from flopmatch.config import RunConfig, TrainConfig
 from flopmatch.device import autocast, memory_bytes, peak_matmul_flops, resolve_device, run_bf16
 from flopmatch.errors import UserError
@@ -67,8 +68,10 @@ from flopmatch.rundir import (
     check_same_config,
     config_diffs,
     read_state,
+    remove_snapshots_after,
     restore_checkpoint,
     save_checkpoint,
+    save_snapshot,
     tokenizer_dir,
     truncate_metrics,
     write_config,
@@ -349,12 +352,21 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
     # ``model`` is ``net``, and the EMA is sharded the same way so each rank averages its own shard).
     # Wrapped before the optimizer is built: FSDP2 replaces the parameters by their shards.
     model = dist.wrap(net, device, cfg.train.parallel, units=net.backbone.blocks)
+    # Post-hoc EMA (EDM2; flopmatch.ema): power-function averages of the weights, snapshotted at evenly spaced
+    # steps, from which an average of any relative length is rebuilt after training. Like the EMA, they start
+    # equal to the initial weights (the first update, beta = 0, replaces them).
+    posthoc = cfg.train.ema_snapshots > 0 and bool(cfg.train.ema_profiles)
+    averages = [copy.deepcopy(ema) for _ in cfg.train.ema_profiles] if posthoc else []
+    gammas = [phema.sigma_rel_to_gamma(s) for s in cfg.train.ema_profiles] if posthoc else []
+    snap_at = set(phema.snapshot_steps(plan.steps, cfg.train.ema_snapshots)) if posthoc else set()
     if dist.is_sharded(net):
-        dist.shard(ema, device, units=ema.backbone.blocks)
+        for avg in (ema, *averages):
+            dist.shard(avg, device, units=avg.backbone.blocks)
     opt = make_optimizer(net, cfg.train, device)
     step, flops, elapsed = 0, 0, 0.0
     if state is not None:
-        restore_checkpoint(run, net, ema, opt, device)  # full tensors, whatever world size and option wrote them
+        # full tensors, whatever world size and option wrote them
+        restore_checkpoint(run, net, ema, opt, device, averages=averages)
         step, flops, elapsed = state["step"], state["flops"], state.get("elapsed_s", 0.0)
         if dist.is_main():
             truncate_metrics(run, step)
@@ -373,6 +385,9 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
     # wsd: the step where the cooldown starts. The full state there lies on the path of every larger budget;
     # it is saved (before the regular checkpoint at the same step, so a checkpoint there implies it exists).
     stable_at = stable_steps(plan.steps, cfg.train) if cfg.train.schedule == "wsd" else None
+
+    if dist.is_main():  # snapshots past the resumed step were taken by an attempt that did not checkpoint them
+        remove_snapshots_after(run, step)
 
     def make_state(done: bool) -> dict:
         return {
@@ -405,7 +420,7 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
     with interrupted, trackers:
         net.train()
         if step == stable_at == 0:  # a cooldown over every step: the stable state is the initial one
-            save_checkpoint(run, net, ema, opt, make_state(False), name=STABLE_CHECKPOINT)  # collective under FSDP2
+            save_checkpoint(run, net, ema, opt, make_state(False), name=STABLE_CHECKPOINT, averages=averages)  # collective under FSDP2
         while step < plan.steps:
             lr = lr_at(step, plan.steps, cfg.train)
             for group in opt.param_groups:
@@ -425,6 +440,10 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
             loss, gnorm = train_step(model, net, ema, opt, objective, x, tb, None, bf16=bf16, grad_clip=cfg.train.grad_clip,
                                      ema_decay=ema_decay_at(step, cfg.train.ema_decay), draws=draws)
             step += 1
+            if posthoc:
+                phema.power_update(averages, net, step, gammas)
+                if step in snap_at:  # collective under FSDP2; a resume before the next checkpoint takes it again
+                    save_snapshot(run, averages, step, cfg.train.ema_profiles)
             steps_this_call += 1
             flops += plan.flops_per_step  # analytic, identical every step: the budget is spent in whole steps
             elapsed = time.perf_counter() - t0
@@ -443,8 +462,8 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
                     append_metrics(run, pending)
                 # Every rank calls save_checkpoint (under FSDP2 it gathers the shards to rank 0); rank 0 writes.
                 if step == stable_at:
-                    save_checkpoint(run, net, ema, opt, make_state(False), name=STABLE_CHECKPOINT)
-                save_checkpoint(run, net, ema, opt, make_state(step == plan.steps))
+                    save_checkpoint(run, net, ema, opt, make_state(False), name=STABLE_CHECKPOINT, averages=averages)
+                save_checkpoint(run, net, ema, opt, make_state(step == plan.steps), averages=averages)
                 if dist.is_main():
                     for row in pending:  # after the checkpoint: no tracker holds a step that a resume would redo
                         trackers.log(row)
@@ -463,7 +482,7 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
     if final["done"] and steps_this_call == 0 and not (state or {}).get("done"):
         # resumed at its last step (a continued or branched run whose new budget adds no step): the loop saved
         # nothing, so mark it finished on disk here (collective under FSDP2, like every save)
-        save_checkpoint(run, net, ema, opt, final)
+        save_checkpoint(run, net, ema, opt, final, averages=averages)
         dist.barrier()
     if dist.is_main() and final["done"]:
         print(f"{run}: done, {step} steps, {flops:.3g} FLOPs (budget {cfg.train.budget:.3g}), {elapsed:.0f}s")
