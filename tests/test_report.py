@@ -57,6 +57,9 @@ FLOPS_PER_STEP = {"diffusion": 4e6, "masked": 4e6, "autoregressive": 0.3e6}
 LATENCY_PER_STEP = {"diffusion": 1e-3, "masked": 3e-3, "autoregressive": 1.5e-3}
 THROUGHPUT = {"diffusion": 50.0, "masked": 80.0, "autoregressive": 400.0}
 EMA_GAIN = {"diffusion": 0.3, "masked": 0.05, "autoregressive": 0.05}  # relative FID reduction by EMA
+# relative FID reduction from raw weights by post-hoc EMAs of each sigma_rel (the "ema@SIGMA" entries of raw runs)
+POSTHOC_GAIN = {"diffusion": {0.05: 0.2, 0.1: 0.35, 0.2: 0.25}, "masked": {0.05: 0.08, 0.1: 0.03, 0.2: 0.0},
+                "autoregressive": {0.05: 0.02, 0.1: 0.04, 0.2: 0.01}}
 PROMPTS = [f"a {c} {s}" for c, s in zip(["red", "green", "blue", "yellow"] * 2, ["circle", "square", "triangle"] * 3)]
 BUDGETS = (1e12, 10**12.5, 1e13, 10**13.5, 1e14)  # 5 budgets over 2 decades: enough for a fitted law
 N_BOOT = 100
@@ -96,13 +99,15 @@ def make_run(root: Path, p: str, depth: int, budget: float, seed: int, *, fid: f
         return run
     entries, default = {}, DEFAULT_STEPS[p]
     for steps in SWEEP[p]:
-        for weights in ("ema", "model") if raw else ("ema",):
-            if weights == "model" and steps != default:
+        for weights in ("ema", "model", *(f"ema@{x:g}" for x in POSTHOC_GAIN[p])) if raw else ("ema",):
+            if weights != "ema" and steps != default:
                 continue
             sample = replace(SampleConfig(), steps=0 if p == "autoregressive" else steps)
             key = setting_key(sample, steps) + f",weights={weights},n=64,seed=0"
             # more steps -> better FID, so "lowest FID" would NOT pick the default setting: tests the main rule
-            f = fid * (default / steps) ** 0.15 / (1 - EMA_GAIN[p] if weights == "model" else 1.0)
+            f = fid * (default / steps) ** 0.15 / (1 - EMA_GAIN[p] if weights != "ema" else 1.0)
+            if "@" in weights:
+                f *= 1 - POSTHOC_GAIN[p][float(weights.split("@")[1])]
             lat = LATENCY_PER_STEP[p] * steps * depth**2
             lats = [lat * (1 + 0.03 * rng.standard_normal()) for _ in range(3)]
             inf = {"sample_flops_per_image": int(FLOPS_PER_STEP[p] * steps * depth**2), "decode_flops_per_image": 1000,
@@ -117,6 +122,8 @@ def make_run(root: Path, p: str, depth: int, budget: float, seed: int, *, fid: f
                             "metrics": {"effnet": {"fid": f, "kid": f / 1e3, "kid_std": 1e-4, "precision": 0.5, "recall": 0.5},
                                         "prompt_following": {**pf, "full_match": 1 - prompt_err}},
                             "inference": inf, "manifest": {"weights": weights, "num_samples": 64}}  # fmt: skip
+            if "@" in weights:
+                entries[key]["manifest"]["posthoc_ema"] = {"profile_residual": 0.02}
             if fid_sd:
                 reps = (f * (1.1 + fid_sd * rng.standard_normal(100))).tolist()
                 entries[key]["metrics"]["effnet"]["fid_boot"] = {"n": 100, "std": float(np.std(reps, ddof=1)), "replicates": reps}
@@ -299,15 +306,35 @@ def test_report_leads_with_the_decision_and_shows_figures(study):
     assert table[(min(BUDGETS), "image quality")]["choice"] == "autoregressive"
     assert md.index("**HELD**: (1)") < md.index("**HELD**: (4)") < md.index("report_figures/fid_vs_flops.png")
     for name in ("fid_vs_flops", "prompt_vs_flops", "loss_vs_flops", "iso_flop_fid", "pareto_flops", "pareto_latency",
-                 "throughput", "step_sweep", "loss_curves"):  # fmt: skip
+                 "throughput", "step_sweep", "loss_curves", "ema_sweep"):  # fmt: skip
         assert f"report_figures/{name}.png" in md and (root / "report_figures" / f"{name}.png").exists()
     # self-contained: no external resources, every image a data URI (11 figures + 3 paradigms x 5 budgets strips)
     srcs = re.findall(r'src="([^"]*)"', html)
-    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs) and len(srcs) == 11 + 15
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs) and len(srcs) == 12 + 15
     text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]*", "", html)  # base64 may contain any letters
     assert "href=" not in text and "http" not in text and "url(" not in text
     assert all(p in html for p in PROMPTS[:8])
     assert "EMA (a separate analysis" in md and "| diffusion |" in md[md.index("## EMA"):]
+    assert "post-hoc EMA, sigma_rel 0.1 (lowest)" in md[md.index("## EMA"):]
+
+
+def test_ema_analysis_recovers_known_gains(study):
+    """Raw, training-EMA and post-hoc EMA entries with known FID ratios: every change is recovered run by run, the
+    lowest average per paradigm is the one with the largest gain, and the residual is carried."""
+    from flopmatch.report.findings import ema_analysis
+
+    root, _ = study
+    out = {(e["paradigm"], e["weights"]): e for e in ema_analysis(load_study(root))}
+    for p in PARADIGMS:
+        truth = {"ema": EMA_GAIN[p], **{f"ema@{x:g}": g for x, g in POSTHOC_GAIN[p].items()}}
+        for w, gain in truth.items():
+            e = out[(p, w)]
+            assert e["n"] == 2 * len(BUDGETS) * 3 and e["mean_change"] == pytest.approx(-gain, abs=1e-9)
+            assert all(c == pytest.approx(-gain, abs=1e-9) for _, _, c in e["per_run"])
+            assert e["interval"][0] <= e["mean_change"] <= e["interval"][1]
+            assert (e["residual"] == 0.02) == (w != "ema")
+        best = max(truth, key=truth.get)
+        assert [w for (q, w), e in out.items() if q == p and e["best"]] == [best]
 
 
 def test_loss_never_compared_across_paradigms(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import asdict, replace
 
 import pytest
@@ -65,15 +66,22 @@ def test_tiny_study_end_to_end(tmp_path):
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     # one row per (run, evaluated setting): every run its default setting, with EMA and raw weights (eval_raw);
-    # diffusion and masked runs at the largest budget also one extra step setting
-    expected = sum(2 + (len(scfg.eval_steps[p["objective"]]) if p["budget"] == max(scfg.budgets) else 0) for p in plans)
-    assert len(rows) == expected
+    # diffusion and masked runs at the largest budget also one extra step setting; the runs at the middle budget
+    # also each post-hoc EMA of the sweep (eval_ema)
+    middle = sorted(scfg.budgets)[1]
+    expected = sum(2 + (len(scfg.eval_steps[p["objective"]]) if p["budget"] == max(scfg.budgets) else 0)
+                   + (len(scfg.eval_ema) if p["budget"] == middle else 0) for p in plans)
+    assert scfg.eval_ema and len(rows) == expected
+    posthoc = [r for r in rows if r["weights"].startswith("ema@")]
+    assert {r["budget"] for r in posthoc} == {str(middle)} and all(float(r["posthoc_residual"]) < 0.1 for r in posthoc)
     raw = [r for r in rows if r["weights"] == "model"]
     assert len(raw) == len(plans) and all(r["main"] == "false" and r["latency_s"] == "" for r in raw)
     md = (out / "report.md").read_text()
     assert "## Which paradigm, for what" in md and "Smoke preset (tiny)" in md  # the decision first, with its caveats
     ema = md[md.index("## EMA"):]
-    assert all(f"| {p} | 3 |" in ema for p in ("diffusion", "masked", "autoregressive"))  # raw vs EMA, paired per run
+    for p in ("diffusion", "masked", "autoregressive"):  # raw vs EMA paired per run; post-hoc EMA on the middle budget's run
+        assert f"| {p} | EMA kept in training" in ema and "| 3 |" in ema
+        assert re.search(rf"\| {p} \| post-hoc EMA, sigma_rel 0.1( \(lowest\))? \| 1 \|", ema)
     for p in plans:
         doc = json.loads((out / "runs" / p["name"] / "eval.json").read_text())
         for entry in doc["entries"].values():

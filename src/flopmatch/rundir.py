@@ -327,29 +327,41 @@ def remove_snapshots_after(run: Path, step: int) -> None:
             path.unlink(missing_ok=True)
 
 
-def posthoc_weights(run: str | Path, sigma_rel: float, step: int) -> tuple[dict[str, torch.Tensor], phema.Solution]:
-    """The parameters of the power-function EMA of relative length ``sigma_rel`` at ``step``, rebuilt from the
-    run's snapshots (:func:`flopmatch.ema.solve`), and the solution (its ``residual`` says how well the
-    snapshots can form that average). Snapshots are read one at a time; the sum is accumulated in float64."""
+def posthoc_solution(run: str | Path, sigma_rel: float, step: int) -> tuple[list[Path], phema.Solution]:
+    """The snapshot files of ``run`` up to ``step`` and how to combine them into the power-function EMA of relative
+    length ``sigma_rel`` at ``step`` (:func:`flopmatch.ema.solve`; reads metadata only)."""
     found = [(s, p) for s, p in snapshots(run) if s <= step]
     if not found:
         raise UserError(f"{run} has no post-hoc EMA snapshots (trained with train.ema_snapshots=0, or by an earlier "
                         f"flopmatch); use weights ema or model, or train it again")
     metas = [read_checkpoint_meta(p) for _, p in found]
-    sigmas = json.loads(metas[0]["sigma_rels"])
-    if any(json.loads(m["sigma_rels"]) != sigmas for m in metas):
+    try:
+        sigmas = [json.loads(m["sigma_rels"]) for m in metas]
+    except (KeyError, json.JSONDecodeError):
+        raise UserError(f"{run}/{EMA_SNAPSHOTS} holds a file without post-hoc EMA metadata; delete the folder and "
+                        f"train the run again to rebuild post-hoc EMAs") from None
+    if any(x != sigmas[0] for x in sigmas):
         raise UserError(f"{run}/{EMA_SNAPSHOTS} mixes snapshots of different train.ema_profiles; delete the folder "
                         f"and train the run again to rebuild post-hoc EMAs")
-    solution = phema.solve([s for s, _ in found], [phema.sigma_rel_to_gamma(x) for x in sigmas], step,
+    solution = phema.solve([s for s, _ in found], [phema.sigma_rel_to_gamma(x) for x in sigmas[0]], step,
                            phema.sigma_rel_to_gamma(sigma_rel))
+    return [p for _, p in found], solution
+
+
+def posthoc_weights(run: str | Path, sigma_rel: float, step: int) -> tuple[dict[str, torch.Tensor], phema.Solution]:
+    """The parameters of the power-function EMA of relative length ``sigma_rel`` at ``step``, rebuilt from the
+    run's snapshots (:func:`posthoc_solution`), and the solution (its ``residual`` says how well the snapshots
+    can form that average). Snapshots are read one at a time; the sum is accumulated in float64."""
+    files, solution = posthoc_solution(run, sigma_rel, step)
     total: dict[str, torch.Tensor] = {}
-    for (_, path), row in zip(found, solution.coefficients):
+    dtypes: dict[str, torch.dtype] = {}
+    for path, row in zip(files, solution.coefficients):
         for key, v in load_tensors(path).items():
             j, name = key.split(".", 1)
+            dtypes[name] = v.dtype
             if row[int(j)]:
                 total[name] = total.get(name, 0) + float(row[int(j)]) * v.double()
-    dtype = next(iter(load_tensors(found[-1][1]).values())).dtype
-    return {k: v.to(dtype) for k, v in total.items()}, solution
+    return {k: v.to(dtypes[k]) for k, v in total.items()}, solution
 
 
 # ----------------------------------------------------------------------------- tokenizer, evaluation, samples

@@ -21,7 +21,7 @@ from flopmatch.device import autocast, resolve_device, run_bf16
 from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_bytes
 from flopmatch.objectives import Objective, make_objective
-from flopmatch.rundir import load_weights, read_state, tokenizer_dir
+from flopmatch.rundir import load_weights, parse_weights, read_state, tokenizer_dir
 from flopmatch.text import TextEncoder, text_encoder_for
 from flopmatch.tokenizers.base import Tokenizer
 from flopmatch.tokenizers.registry import load_tokenizer
@@ -37,7 +37,7 @@ class Sampler:
     tokenizer: Tokenizer
     encoder: TextEncoder
     device: torch.device
-    weights: str  # "ema" | "model"
+    weights: str  # "ema" | "model" | "ema@SIGMA_REL" (post-hoc EMA)
     bf16: bool  # autocast precision, decided once per run (see load_sampler)
 
     @property
@@ -46,9 +46,8 @@ class Sampler:
 
 
 def load_sampler(run: str | Path, weights: str = "ema", device: str = "auto") -> Sampler:
-    """Load a trained run for sampling (EMA weights by default)."""
-    if weights not in ("ema", "model"):
-        raise UserError(f"weights must be ema or model, got {weights!r}")
+    """Load a trained run for sampling (EMA weights by default; ``weights``: see :func:`flopmatch.rundir.load_weights`)."""
+    parse_weights(weights)  # a bad name is a UserError before anything loads
     dev = resolve_device(device)
     cfg, net = load_weights(run, weights, dev)
     tok = load_tokenizer(tokenizer_dir(run)).to(dev).eval()

@@ -88,6 +88,26 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+WEIGHTS_HELP = ("which weights: ema (the EMA training kept; default), model (raw), or ema@SIGMA_REL, the post-hoc "
+                "power-function EMA of that relative length (0 < SIGMA_REL <= 0.3, e.g. ema@0.1), rebuilt from the "
+                "run's snapshots (EDM2)")
+
+
+def weights_name(text: str) -> str:
+    """An argparse type for ``--weights``: ema, model or ema@SIGMA_REL (checked again, with the run, by
+    :func:`flopmatch.rundir.parse_weights`; here without loading torch)."""
+    head, sep, tail = text.partition("@")
+    if text in ("ema", "model"):
+        return text
+    try:
+        ok = head == "ema" and bool(sep) and 0 < float(tail) <= 0.3
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected ema, model or ema@SIGMA_REL with SIGMA_REL in (0, 0.3], got {text!r}")
+    return text
+
+
 def number_list(kind: type, minimum: float, exclusive: bool = False):
     """An argparse type for a non-empty comma-separated list of finite numbers above ``minimum``."""
 

@@ -7,7 +7,7 @@ import itertools
 from dataclasses import replace
 from pathlib import Path
 
-from flopmatch.cli.args import add_solver_args, config_value, count, output_dir
+from flopmatch.cli.args import WEIGHTS_HELP, add_solver_args, config_value, count, output_dir, weights_name
 from flopmatch.config import SampleConfig
 from flopmatch.errors import UserError
 
@@ -52,7 +52,7 @@ def cmd_eval(args) -> int:
     for s in settings:
         validate_sample(s)
     features = [f.strip() for f in args.features.split(",") if f.strip()]
-    ecfg = EvalConfig(num_samples=args.num_samples, seed=args.seed, weights="model" if args.raw else "ema",
+    ecfg = EvalConfig(num_samples=args.num_samples, seed=args.seed, weights="model" if args.raw else args.weights,
                       features=features, timing=not args.no_timing, batch_size=args.batch_size,
                       export=str(Path(args.export).resolve()) if args.export else "",
                       **({} if args.fid_boot is None else {"fid_boot": args.fid_boot}))
@@ -82,7 +82,8 @@ def register(sub) -> None:
                    help="comma-separated feature extractors: effnet (fast proxy; the default), inception (standard FID, slow)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--batch-size", type=count(1), default=100, help="images per sampling batch (default 100)")
-    p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA (default: EMA)")
+    p.add_argument("--weights", type=weights_name, default="ema", help=WEIGHTS_HELP)
+    p.add_argument("--raw", action="store_true", help="the raw weights: the same as --weights model")
     p.add_argument("--fid-boot", type=count(0), metavar="N",
                    help="FID bootstrap replicates over the generated images, for noise estimates (default 200; 0 = off)")
     p.add_argument("--export", type=output_dir, metavar="DIR",

@@ -8,7 +8,17 @@ from dataclasses import replace
 from pathlib import Path
 
 from flopmatch import PARADIGMS
-from flopmatch.cli.args import DATA_HELP, add_solver_args, config_value, count, data_source, output_dir, output_file
+from flopmatch.cli.args import (
+    DATA_HELP,
+    WEIGHTS_HELP,
+    add_solver_args,
+    config_value,
+    count,
+    data_source,
+    output_dir,
+    output_file,
+    weights_name,
+)
 from flopmatch.config import ModelConfig, SampleConfig, TrainConfig
 
 
@@ -72,7 +82,7 @@ def cmd_sample(args) -> int:
 
     prompts = check_prompts(args.prompt or [])  # before loading anything
     prompts = [prompts[i % len(prompts)] for i in range(args.num)] if args.num else prompts
-    sampler = load_sampler(args.run, weights="model" if args.raw else "ema", device=args.device)
+    sampler = load_sampler(args.run, weights="model" if args.raw else args.weights, device=args.device)
     overrides = {k: getattr(args, k) for k in ("steps", "guidance", "temperature", "top_k", "solver", "shift") if getattr(args, k) is not None}
     if args.no_kv_cache:
         overrides["kv_cache"] = False
@@ -135,7 +145,8 @@ def register(sub) -> None:
     add_solver_args(p, "the run's")
     p.add_argument("--no-kv-cache", action="store_true", help="autoregressive: recompute the prefix each step")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0): same seed, same images")
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--weights", type=weights_name, default="ema", help=WEIGHTS_HELP)
+    p.add_argument("--raw", action="store_true", help="the raw weights: the same as --weights model")
     p.add_argument("--device", default="auto", help="auto (default: CUDA if available, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--nrow", type=count(1), help="images per grid row (default: one row for up to 8 distinct prompts, else square)")
     p.add_argument("--scale", type=count(1), default=4, help="upscale factor of the PNG, nearest neighbour (default 4)")

@@ -22,6 +22,16 @@ def _objectives(text: str) -> list[str]:
     return names
 
 
+def ema_lengths(text: str) -> list[float]:
+    """``--eval-ema``: comma-separated sigma_rel values in (0, 0.3], or ``none``."""
+    if text.strip().lower() == "none":
+        return []
+    values = number_list(float, 0, exclusive=True)(text)
+    if any(v > 0.3 for v in values):
+        raise argparse.ArgumentTypeError(f"post-hoc EMA lengths are relative (sigma_rel <= 0.3), got {text!r}")
+    return values
+
+
 def cmd_study(args) -> int:
     """Plan (or, with --plan-only, just print) and run a study."""
     given = [f"--{k.replace('_', '-')}" for k in SLURM_FLAGS if getattr(args, k) is not None]
@@ -38,7 +48,8 @@ def cmd_study(args) -> int:
     from flopmatch.study.slurm import SlurmConfig, parse_slurm_time
 
     scfg = study_preset(args.preset)
-    for name in ("objectives", "depths", "budgets", "seeds", "floor_seeds", "base_seed", "eval_samples", "eval_raw"):  # given flags replace the preset's
+    for name in ("objectives", "depths", "budgets", "seeds", "floor_seeds", "base_seed", "eval_samples", "eval_raw",
+                 "eval_ema"):  # given flags replace the preset's
         if getattr(args, name) is not None:
             setattr(scfg, name, getattr(args, name))
     scfg.overrides = scfg.overrides + ([f"data.name={args.data}"] if args.data else []) + list(args.set)
@@ -78,6 +89,10 @@ def register(sub) -> None:
     p.add_argument("--eval-raw", action=argparse.BooleanOptionalAction, default=None,
                    help="also evaluate each run's main setting with raw (non-EMA) weights, for the EMA finding "
                         "(default: on for cpu-long and gpu)")
+    p.add_argument("--eval-ema", type=ema_lengths, metavar="SIGMA_REL,...",
+                   help="post-hoc EMA lengths (sigma_rel in (0, 0.3]) at which the runs at the middle budget are also "
+                        "evaluated, with their raw weights, for the report's EMA section; none to skip "
+                        "(default: the preset's, 0.05,0.1,0.2)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key for every run (repeatable; see `flopmatch config --preset P`)")
     p.add_argument("--tokenizer-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the study's learned tokenizers' config (repeatable), e.g. steps=1200 to "

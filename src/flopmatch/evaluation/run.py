@@ -36,7 +36,7 @@ from flopmatch.evaluation.prompt_scoring import prompt_scorer
 from flopmatch.evaluation.quality import fid_bootstrap, fid_from_features, kid_from_features, precision_recall
 from flopmatch.evaluation.timing import TimingItem, machine, time_items
 from flopmatch.files import atomic_write_json, file_sha256, load_tensors, read_json, save_tensors, tensor_sha256
-from flopmatch.rundir import CHECKPOINT, EVAL, read_state, sample_dir
+from flopmatch.rundir import CHECKPOINT, EVAL, parse_weights, posthoc_solution, read_state, sample_dir
 from flopmatch.sample import generate, grid_image, load_sampler, save_png
 
 EVAL_VERSION = 1
@@ -49,7 +49,7 @@ class EvalConfig:
     num_samples: int = 1000
     seed: int = 0
     batch_size: int = 100
-    weights: str = "ema"  # ema | model
+    weights: str = "ema"  # ema | model | ema@SIGMA_REL (a post-hoc EMA, rebuilt from the run's snapshots)
     features: list[str] = field(default_factory=lambda: ["effnet"])  # effnet (fast proxy) and/or inception
     kid_subset: int = 500
     kid_subsets: int = 50
@@ -189,6 +189,12 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
     path = run / EVAL
     doc = read_json(path) if path.exists() else {"version": EVAL_VERSION, "entries": {}}
     ckpt_sha = file_sha256(run / CHECKPOINT)
+    posthoc = None
+    if (sigma := parse_weights(ecfg.weights)) is not None:  # how well the snapshots form this average (EDM2)
+        files, solution = posthoc_solution(run, sigma, state["step"])
+        posthoc = {"sigma_rel": sigma, "profiles": list(cfg.train.ema_profiles), "snapshots": len(files),
+                   "profile_residual": solution.residual, "method": "Karras et al. 2024 (EDM2) post-hoc EMA: least "
+                   "squares over the exact discrete power-function profiles, coefficients summing to 1"}
     timed = []  # (entry key, setting) to time together once every setting is sampled and scored
     for sample in settings:
         steps = sampler.objective.resolve_steps(sample, sampler.spec)
@@ -218,6 +224,7 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
             "eval_version": EVAL_VERSION, "num_samples": ecfg.num_samples, "seed": ecfg.seed,
             "batch_size": ecfg.batch_size, "seeding": "batch b uses torch.Generator seeded seed*1000003+b",
             "weights": ecfg.weights, "checkpoint_step": state["step"], "checkpoint_sha256": ckpt_sha,
+            **({"posthoc_ema": posthoc} if posthoc else {}),
             "sampler": {**asdict(sample), "steps": steps, "objective": cfg.objective.name},
             "prompts": {"source": "eval split captions, first num_samples (cycled)",
                         "sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()},

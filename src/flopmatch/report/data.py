@@ -37,7 +37,7 @@ LOSS_TAIL = 0.1  # final loss = mean of the last 10 % of logged losses (at least
 # results.csv columns, in order; every row has every key (None when not measured)
 COLUMNS = [
     "run", "run_dir", "objective", "depth", "width", "params", "budget", "schedule", "seed", "train_flops", "steps",
-    "total_steps", "done", "final_loss", "evaluated", "setting", "main", "main_reason", "weights",
+    "total_steps", "done", "final_loss", "evaluated", "setting", "main", "main_reason", "weights", "posthoc_residual",
     "sample_steps", "cfg", "temperature", "top_k", "num_samples",  # "cfg": the guidance scale (column name of v0.1)
     "fid_effnet", "fid_se_effnet", "kid_effnet", "kid_std_effnet", "precision", "recall", "fid_inception",
     "fid_se_inception", "kid_inception",
@@ -185,7 +185,10 @@ def _entry_fields(key: str, entry: dict) -> dict:
     eff, inc, pf = m.get("effnet") or {}, m.get("inception") or {}, m.get("prompt_following") or {}
     nokv = inf.get("without_kv_cache") or {}
     out = {
-        "setting": key, "weights": _weights(key, entry), "sample_steps": s.get("steps"), "cfg": _num(s.get("guidance")),
+        "setting": key, "weights": _weights(key, entry),
+        # a post-hoc EMA entry (weights "ema@SIGMA_REL"): how far its rebuilt averaging profile is from the wanted one
+        "posthoc_residual": _num(((entry.get("manifest") or {}).get("posthoc_ema") or {}).get("profile_residual")),
+        "sample_steps": s.get("steps"), "cfg": _num(s.get("guidance")),
         "temperature": _num(s.get("temperature")), "top_k": s.get("top_k"),
         "num_samples": (entry.get("manifest") or {}).get("num_samples"),
         "fid_effnet": _num(eff.get("fid")), "kid_effnet": _num(eff.get("kid")), "kid_std_effnet": _num(eff.get("kid_std")),

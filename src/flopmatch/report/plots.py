@@ -201,7 +201,7 @@ def iso_flops(an: Analysis, study: Study, metric: str):
 
 def _pareto_rows(study: Study) -> tuple[list[dict], str]:
     """Evaluated EMA entries of finished runs at the largest budget every paradigm reached."""
-    rows = [r for r in study.rows if r["done"] and r["setting"] and r["weights"] != "model" and r["sample_flops_per_image"]]
+    rows = [r for r in study.rows if r["done"] and r["setting"] and r["weights"] == "ema" and r["sample_flops_per_image"]]
     if not rows:
         return [], ""
     per = {}
@@ -319,6 +319,35 @@ def step_sweep(study: Study, paradigms: list[str]):
     return fig
 
 
+def ema_sweep(an: Analysis):
+    """FID change from raw weights against post-hoc EMA length, per paradigm: each run, the mean, training's EMA."""
+    sweep = [e for e in an.ema if e["sigma_rel"] is not None]
+    if not sweep:
+        return None
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    for p in sorted({e["paradigm"] for e in sweep}):
+        mine = sorted((e for e in sweep if e["paradigm"] == p), key=lambda e: e["sigma_rel"])
+        runs: dict[str, list[tuple[float, float]]] = {}
+        for e in mine:
+            for run, _, change in e["per_run"]:
+                runs.setdefault(run, []).append((e["sigma_rel"], 100 * change))
+        for points in runs.values():
+            ax.plot(*zip(*sorted(points)), color=_color(p), alpha=0.3, lw=0.8)
+        ax.plot([e["sigma_rel"] for e in mine], [100 * e["mean_change"] for e in mine], color=_color(p), lw=2.2,
+                marker="o", ms=4, label=p)
+        fixed = next((e for e in an.ema if e["paradigm"] == p and e["weights"] == "ema"), None)
+        if fixed:
+            ax.axhline(100 * fixed["mean_change"], color=_color(p), ls="--", lw=1)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    _plain_log(ax.xaxis)
+    ax.set_xlabel("post-hoc EMA length sigma_rel (fraction of the run)")
+    ax.set_ylabel("FID change from raw weights (%)")
+    ax.legend(loc="best")
+    return fig
+
+
 def all_figures(an: Analysis, study: Study) -> dict[str, bytes | None]:
     """Every report figure by name -> PNG bytes (None if it has no data). Order is the report's order."""
     figs = {}
@@ -333,4 +362,5 @@ def all_figures(an: Analysis, study: Study) -> dict[str, bytes | None]:
     figs["throughput"] = _render(throughput_bars, an)
     figs["step_sweep"] = _render(step_sweep, study, an.paradigms)
     figs["loss_curves"] = _render(loss_curves, study, an.paradigms)
+    figs["ema_sweep"] = _render(ema_sweep, an)
     return figs

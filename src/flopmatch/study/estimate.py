@@ -21,6 +21,7 @@ from flopmatch.study.plan import (
     RunPlan,
     autoencoder_config,
     chained_flops,
+    ema_sweep,
     eval_settings,
     fmt_duration,
     token_types,
@@ -81,14 +82,16 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
     sample_rate = scfg.assumed_flops_per_s * rates.sampling_efficiency
     timed = set()
     for p in plans:
-        settings = len(eval_settings(scfg, from_dict(RunConfig, p.config))) + (1 if scfg.eval_raw else 0)
+        sweep = len(ema_sweep(scfg, p))  # the post-hoc EMA sweep: raw weights and each length, main setting only
+        extra = sweep + 1 if sweep else (1 if scfg.eval_raw else 0)
+        settings = len(eval_settings(scfg, from_dict(RunConfig, p.config))) + extra
         per_setting = (scfg.eval_samples * p.sample_flops_per_image / sample_rate + scfg.eval_samples * per_image
                        + rates.eval_setting_s)
         evaluation += settings * per_setting
         if (p.objective, p.depth) in timed or p.budget != max(scfg.budgets):
             continue  # the timing phase times one run per architecture, at the largest budget (study.timing_phase)
         timed.add((p.objective, p.depth))
-        items = (settings - (1 if scfg.eval_raw else 0)) * (2 if p.objective == "autoregressive" else 1)
+        items = (settings - extra) * (2 if p.objective == "autoregressive" else 1)
         per_round = p.sample_flops_per_image / sample_rate * (5 / rates.batch1_efficiency + rates.timing_batch)
         timing += items * (scfg.timing_budget_s + scfg.timing_rounds * per_round)
     out = {"set-up": setup, "training": training, "evaluation": evaluation, "timing": timing,

@@ -8,7 +8,7 @@ report (the report reads every run under ``runs/``):
 
 - grid axes (``objectives``, ``depths``, ``budgets``, ``seeds``, ``floor_seeds``, ``base_seed``): may
   add cells, never drop one;
-- evaluation axes (``eval_steps``, ``eval_raw``): may add settings, never drop one;
+- evaluation axes (``eval_steps``, ``eval_raw``, ``eval_ema``): may add settings, never drop one;
 - everything else that defines runs or their evaluation (the ``--set`` overrides, tokenizer, number of
   evaluation samples, guidance, feature extractors): must be equal;
 - ``StudyConfig.NOT_IDENTITY`` (timing and report settings) and run-config keys in
@@ -30,7 +30,7 @@ from flopmatch.study.plan import RunPlan, make_plan
 from flopmatch.study.presets import StudyConfig
 
 GRID = ("objectives", "depths", "budgets", "seeds", "floor_seeds", "base_seed")
-ADDITIVE = ("eval_steps", "eval_raw")
+ADDITIVE = ("eval_steps", "eval_raw", "eval_ema")
 LABEL = ("preset",)  # a name only: the settings it stood for are compared one by one
 
 
@@ -44,6 +44,8 @@ def _fewer_evaluations(old: StudyConfig, new: StudyConfig) -> str | None:
     """The evaluation axis that ``new`` shrinks compared with ``old``, if any."""
     if old.eval_raw and not new.eval_raw:
         return "eval_raw"
+    if not set(old.eval_ema) <= set(new.eval_ema):
+        return "eval_ema"
     for objective, steps in old.eval_steps.items():
         if objective in new.objectives and not set(steps) <= set(new.eval_steps.get(objective, [])):
             return "eval_steps"

@@ -36,15 +36,19 @@ def _trained(run: Path) -> bool:
 def _eval_todo(job: dict, cfg: RunConfig, run: Path) -> list[tuple[EvalConfig, list[SampleConfig]]]:
     """The evaluation passes ``job`` still needs: (eval config, settings not yet in ``eval.json``), non-empty only.
 
-    With ``job["raw"]`` the main (first) setting is also evaluated with the raw weights.
+    With ``job["raw"]`` the main (first) setting is also evaluated with the raw weights; with ``job["ema"]`` (the
+    post-hoc EMA sweep, :func:`flopmatch.study.plan.ema_sweep`) with the raw weights and each post-hoc EMA too.
     """
     ecfg = from_dict(EvalConfig, job["eval"])
     settings = [from_dict(SampleConfig, s) for s in job["settings"]]
     done = read_eval_entries(run)
     objective, spec = make_objective(cfg.objective), net_spec_for(cfg)
     passes = [(ecfg, settings)]
-    if job.get("raw"):
+    sweep = job.get("ema") or []
+    if job.get("raw") or sweep:
         passes.append((replace(ecfg, weights="model", timing=False), settings[:1]))
+    for sigma in sweep:
+        passes.append((replace(ecfg, weights=f"ema@{sigma:g}", timing=False), settings[:1]))
     todo = []
     for ec, wanted in passes:
         missing = [s for s in wanted if entry_key(s, objective.resolve_steps(s, spec), ec) not in done]

@@ -80,6 +80,12 @@ def floor_budget(scfg: StudyConfig) -> float:
     return scfg.floor_budget or sorted(scfg.budgets)[len(scfg.budgets) // 2]
 
 
+def ema_sweep(scfg: StudyConfig, plan: RunPlan) -> list[float]:
+    """The post-hoc EMA lengths run ``plan`` is also evaluated at: ``scfg.eval_ema`` for the runs at the floor budget
+    (every seed there, so each length is paired with the raw weights run by run), none elsewhere."""
+    return list(scfg.eval_ema) if plan.budget == floor_budget(scfg) else []
+
+
 def cell_seeds(scfg: StudyConfig, budget: float) -> list[int]:
     """Training seeds of a cell: ``seeds`` of them (the floor budget, by default the middle one, also the
     ``floor_seeds``), starting at ``base_seed * (seeds + floor_seeds)``, so studies with different base seeds

@@ -23,6 +23,10 @@ from flopmatch.errors import UserError
 # every held-out colour is still seen with 4 shapes and every held-out shape with 7 colours. A model that
 # learned colour and shape as separate attributes can compose the pair; one that memorised combos cannot.
 # None is in the README's example prompt ("green triangle", "red circle").
+# The post-hoc EMA lengths (sigma_rel) the presets sweep: 0.05 and 0.10 are the averages training keeps (rebuilt
+# exactly), 0.2 a long one (rebuilt from the default 16 snapshots with a 2 % profile residual). Shorter ones need
+# denser snapshots (residual 4 % at 0.03, 12 % at 0.02, 36 % at 0.01): the gpu preset adds 0.03 only.
+EMA_SWEEP: tuple[float, ...] = (0.05, 0.1, 0.2)
 HOLDOUT_COMBOS: tuple[str, ...] = ("red square", "green diamond", "blue triangle", "yellow cross", "purple circle")
 # 5 of the 50 canonical shape arrangements (10 %; left-to-right or top-to-bottom order, any colours): 3
 # vertical, 2 horizontal, each shape once first and once second, so every shape is still seen in both
@@ -59,6 +63,10 @@ class StudyConfig:
     eval_steps: dict[str, list[int]] = field(default_factory=lambda: {"diffusion": [10], "masked": [6], "autoregressive": []})
     features: list[str] = field(default_factory=lambda: ["effnet"])
     eval_raw: bool = False  # also evaluate each run's main setting with raw (non-EMA) weights: the paper's EMA finding
+    # post-hoc EMA sweep (EDM2, flopmatch.ema): the runs at the floor budget (every seed of every paradigm and depth)
+    # also evaluate their main setting with raw weights and with the power-function EMA of each of these relative
+    # lengths, rebuilt from their snapshots; the report's EMA section pairs them by run
+    eval_ema: list[float] = field(default_factory=list)
     timing_budget_s: float = 10.0  # per setting, the best-batch search of the timing phase
     timing_rounds: int = 5  # interleaved rounds of the timing phase (every paradigm timed together)
     n_boot: int = 1000
@@ -85,6 +93,8 @@ class StudyConfig:
             raise UserError(f"tokenizer must be learned or weight-free, got {self.tokenizer!r}")
         if self.timing_rounds < 3:
             raise UserError(f"timing_rounds must be >= 3 (the report compares timings across rounds), got {self.timing_rounds}")
+        if any(not 0 < x <= 0.3 for x in self.eval_ema):
+            raise UserError(f"eval_ema: each sigma_rel must be in (0, 0.3], got {self.eval_ema}")
         if self.eval_samples < 10:
             raise UserError(f"eval_samples must be >= 10, got {self.eval_samples}")
         return self
@@ -116,6 +126,7 @@ def cpu() -> StudyConfig:
                    *HOLDOUT_OVERRIDES],
         tokenizer_overrides=["steps=600"],
         eval_samples=250,
+        eval_ema=list(EMA_SWEEP),
         timing_budget_s=2.0,
         timing_rounds=7,  # CPU batch-1 latencies vary 20-70 % between rounds here: more rounds, not longer ones
         n_boot=100,  # fit bands only (verdicts are t-tests); 1000 resamples cost minutes here
@@ -139,6 +150,7 @@ def cpu_long() -> StudyConfig:
         tokenizer_overrides=["steps=1200"],
         eval_samples=500,
         eval_raw=True,
+        eval_ema=list(EMA_SWEEP),
         timing_budget_s=3.0,
         n_boot=300,
     )
@@ -160,6 +172,7 @@ def gpu() -> StudyConfig:
         eval_steps={"diffusion": [10, 50], "masked": [6, 24], "autoregressive": []},
         features=["effnet", "inception"],
         eval_raw=True,
+        eval_ema=[0.03, *EMA_SWEEP],
         assumed_flops_per_s=5e13,
     )
 
@@ -175,6 +188,7 @@ def tiny() -> StudyConfig:
                    *HOLDOUT_OVERRIDES],  # the same holdout, so the smoke study exercises the held-out report (4 of 32 prompts)
         tokenizer="weight-free",
         eval_samples=32,
+        eval_ema=[0.1],
         eval_steps={"diffusion": [2], "masked": [2], "autoregressive": []},
         timing_budget_s=0.3,
         timing_rounds=3,

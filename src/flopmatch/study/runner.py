@@ -38,6 +38,7 @@ from flopmatch.study.grow import reconcile
 from flopmatch.study.job import chain_jobs, timing_job
 from flopmatch.study.launchers import make_launcher
 from flopmatch.study.plan import (
+    ema_sweep,
     eval_settings,
     fmt_duration,
     format_plan,
@@ -112,7 +113,8 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
     for p in plans:
         cfg = from_dict(RunConfig, p.config)
         jobs.append({"name": p.name, "run_dir": str(out / "runs" / p.name), "config": p.config, "eval": asdict(ecfg),
-                     "settings": [asdict(s) for s in eval_settings(scfg, cfg)], "raw": scfg.eval_raw})
+                     "settings": [asdict(s) for s in eval_settings(scfg, cfg)], "raw": scfg.eval_raw,
+                     "ema": ema_sweep(scfg, p)})
     jobs = chain_jobs(jobs)  # wsd / constant runs: one chain per (paradigm, depth, seed) shares its stable phase
     finished = [0]
 
