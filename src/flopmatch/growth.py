@@ -8,6 +8,11 @@ a run with the same config and any budget whose cooldown starts no earlier, and 
 gives bit for bit the weights that run would have. Under ``constant`` every step is budget-independent
 and the latest checkpoint serves. The cosine fits every step to the budget: its runs are refused.
 
+The post-hoc EMA's averages (:mod:`flopmatch.ema`) are functions of the step too, so they continue exactly; its
+snapshots are taken at evenly spaced steps of each budget's plan, so a continued run keeps the old plan's
+snapshots up to the step it continues from and takes the new plan's after it. Post-hoc averages rebuilt from
+that set are as valid (any snapshot steps serve) but not bit-identical to a fresh run's.
+
 ``flopmatch train --budget B2 --out RUN`` on a run trained for B1 (nothing else in the config may
 differ) does, in this order, each step atomic and the whole idempotent (a continuation killed half-way
 is completed by the same command):

@@ -60,14 +60,15 @@ def plan_steps(budget: float, flops_per_example: int, batch_size: int) -> Plan:
     return Plan(flops_per_example, per_step, steps)
 
 
-def training_memory_bytes(spec: NetSpec, batch_size: int, shards: int = 1) -> int:
+def training_memory_bytes(spec: NetSpec, batch_size: int, shards: int = 1, averages: int = 0) -> int:
     """A lower bound on the memory training needs per process: fp32 weights, EMA, gradients and two AdamW
-    moments (20 bytes per parameter, split over ``shards`` processes under FSDP2) plus the activations of
+    moments (20 bytes per parameter), the post-hoc EMA's ``averages`` (4 bytes each), all split over ``shards``
+    processes under FSDP2, plus the activations of
     ``batch_size`` examples kept for backward (~34 values of width D per token per block, fp32; Korthikanti
     et al. 2022 count 34 bytes per token and width in half precision for a GPT block without recomputation).
     """
     activations = 34 * 4 * batch_size * spec.seq_len * spec.width * spec.depth
-    return 20 * num_params(spec) // shards + activations
+    return (20 + 4 * averages) * num_params(spec) // shards + activations
 
 
 def weight_free_kind(cfg: RunConfig, objective: Objective) -> str:

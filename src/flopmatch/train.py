@@ -273,7 +273,8 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
     if cfg.train.batch_size % world:
         raise UserError(f"train.batch_size {cfg.train.batch_size} must be divisible by the {world} processes")
     shards = world if world > 1 and cfg.train.parallel == "fsdp2" else 1  # FSDP2 splits weights, EMA, gradients, moments
-    need, have = training_memory_bytes(spec, cfg.train.batch_size // world, shards), memory_bytes(device)
+    averages = len(cfg.train.ema_profiles) if cfg.train.ema_snapshots else 0  # the post-hoc EMA's (flopmatch.ema)
+    need, have = training_memory_bytes(spec, cfg.train.batch_size // world, shards, averages), memory_bytes(device)
     if need > have:  # refuse before allocating: the allocation would fail or swap after minutes of set-up
         raise UserError(f"training this network needs at least {need / 2**30:.3g} GiB ({num_params(spec):,} parameters, "
                         f"batch {cfg.train.batch_size // world} per process) but {device} has {have / 2**30:.3g} GiB; "
