@@ -285,3 +285,19 @@ def test_images_rendered_once_then_served_from_memory_and_disk(tmp_path, monkeyp
     assert again is not imgs and torch.equal(again, imgs)
     with pytest.raises(AssertionError, match="re-rendered"):  # control: without the disk cache it must render
         ShapesDataset(cfg, "train", disk_cache=False).images_uint8()
+
+
+def test_study_tokenizers_never_see_held_out_scenes():
+    """A study's learned tokenizers train on its runs' training split, held-out combos and arrangements excluded."""
+    from flopmatch.data.datasets import make_dataset
+    from flopmatch.study.plan import autoencoder_config
+    from flopmatch.study.presets import cpu
+
+    for tokens in ("continuous", "discrete"):
+        ae = autoencoder_config(cpu(), tokens)
+        assert ae.holdout == list(HOLDOUT_COMBOS) and ae.holdout_relations == list(HOLDOUT_RELATIONS)
+    data = ae.data_config(num_eval=10)
+    data.num_train = 300
+    ds = make_dataset(data, "train", progress=False)
+    for i in range(len(ds)):
+        assert not any(shapes.holdout_hits(make_scene(ds.cfg, "train", i).attrs(), HOLDOUT_COMBOS, HOLDOUT_RELATIONS))

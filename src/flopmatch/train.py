@@ -288,6 +288,9 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
               f"{'before the cooldown' if cfg.train.schedule == 'wsd' else 'of this budget'}, so the LR never reaches "
               f"train.lr; lower train.warmup_steps", file=sys.stderr)
     created = not run.exists()
+    # Every rank has read the run directory (config, state) above; only now may the main rank change it (lock,
+    # stale temps, a continuation): a rank still reading would otherwise see a half-grown run and decide differently.
+    dist.barrier()
     # One writer per run directory (a second `train` on it, or a requeued job whose predecessor is still
     # being torn down, gets a one-line error naming the holder). Only the main rank writes.
     with DirectoryLock(run, "run") if dist.is_main() else contextlib.nullcontext():

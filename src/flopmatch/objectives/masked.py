@@ -103,9 +103,10 @@ class Masked(Objective):
         logits = net(inp, text.states, text.pad, text.pooled)  # (B, L, V)
         # Loss on masked positions only (BERT, MaskGIT): visible ones are given and would be a trivial copy.
         # fp32: a bf16 log-softmax over V codes loses precision (~3 significant digits).
-        ce = F.cross_entropy(logits[mask].float(), x[mask], reduction="none")  # logits (M, V) vs targets (M,) -> (M,)
-        w = weight[:, None].expand(B, L)[mask]  # (M,): each masked position's example weight
-        return (ce * w).sum() / B
+        # Every position's CE, then zeroed where visible: selecting the masked ones (logits[mask]) has a
+        # data-dependent shape, which costs a device-to-host sync every step on a GPU.
+        ce = F.cross_entropy(logits.float().flatten(0, 1), x.flatten(), reduction="none").view(B, L)  # (B*L, V) -> (B, L)
+        return (ce * (mask * weight[:, None])).sum() / B  # each masked position weighted by its example's weight
 
     @torch.no_grad()
     def sample(self, net, cond, uncond, sample, generator=None):

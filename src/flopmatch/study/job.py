@@ -107,18 +107,19 @@ def run_chain(job: dict, progress: bool = True) -> None:
     done: list[Path] = []
     for sub in job["chain"]:
         run = Path(sub["run_dir"])
-        if not (run / CONFIG).exists():
-            cfg = from_dict(RunConfig, sub["config"]).validate()
+        cfg = from_dict(RunConfig, sub["config"]).validate()
+        dist.init(resolve_device(cfg.train.device))  # under torchrun: the main rank alone decides and assembles a branch
+        if dist.is_main() and not (run / CONFIG).exists():
             objective, spec = make_objective(cfg.objective), net_spec_for(cfg)
             total = plan_steps(cfg.train.budget, objective.train_flops(spec), cfg.train.batch_size).steps
-            dist.init(resolve_device(cfg.train.device))  # under torchrun: one rank assembles the branch
             for src in reversed(done):
                 source = branch_source(src, cfg, total)
                 if source is not None:
-                    if dist.is_main():
-                        print(branch_run(src, run, cfg, source), flush=True)
-                    dist.barrier()
+                    print(branch_run(src, run, cfg, source), flush=True)
                     break
+        # Every rank waits for that decision: a rank deciding on its own could find the run directory before or
+        # after the main rank created it, and the ranks would then train different things.
+        dist.barrier()
         run_job(sub, progress)
         done.append(run)
 

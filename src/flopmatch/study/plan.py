@@ -60,6 +60,7 @@ def autoencoder_config(scfg: StudyConfig, tokens: str) -> AutoencoderConfig:
     data = apply_overrides(RunConfig(), scfg.overrides).data
     cfg.data, cfg.image_size, cfg.data_seed, cfg.num_train = data.name, data.image_size, data.seed, data.num_train
     cfg.image_column, cfg.text_column = data.image_column, data.text_column
+    cfg.holdout, cfg.holdout_relations = list(data.holdout), list(data.holdout_relations)
     return cfg
 
 

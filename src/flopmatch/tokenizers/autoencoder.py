@@ -67,6 +67,10 @@ class AutoencoderConfig:
     data_seed: int = 0
     image_column: str = "image"  # hf:PATH data: the image column
     text_column: str = "text"  # hf:PATH data: the caption column
+    # shapes: combos / arrangements left out of training (data.holdout, data.holdout_relations): a study passes its
+    # runs' own, so no part of the pipeline, the tokenizer included, has seen a held-out prompt's scene
+    holdout: list[str] = field(default_factory=list)
+    holdout_relations: list[str] = field(default_factory=list)
     num_train: int = 20000
     stats_images: int = 4096  # KL: training images used to fit the latent mean/std
     log_every: int = 25
@@ -90,7 +94,8 @@ class AutoencoderConfig:
         """The data the tokenizer trains on, as a DataConfig (its eval split has ``num_eval`` images)."""
         return DataConfig(name=self.data, seed=self.data_seed, image_size=self.image_size,
                           num_train=self.num_train, num_eval=num_eval, image_column=self.image_column,
-                          text_column=self.text_column)
+                          text_column=self.text_column, holdout=list(self.holdout),
+                          holdout_relations=list(self.holdout_relations))
 
     def spec(self) -> TokenizerSpec:
         """The TokenizerSpec a tokenizer of this config has: KL latents or LFQ codes on the same grid."""
