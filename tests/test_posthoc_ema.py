@@ -129,3 +129,23 @@ def test_run_without_snapshots_says_so(tmp_path):
     assert not snapshots(run)
     with pytest.raises(UserError, match="no post-hoc EMA snapshots"):
         load_weights(run, "ema@0.1")
+
+
+@pytest.mark.parametrize("steps,decay", [(40, 0.999), (500, 0.999), (3000, 0.99)])
+def test_fixed_ema_relative_length_is_that_of_its_update(steps, decay):
+    """The relative length given for training's EMA is the spread of the weights its update really gives (one-hot
+    simulation, the initial weights as step 0); while its warm-up rules it is close to sigma_rel 0.09."""
+    from flopmatch.schedule import ema_decay_at
+
+    avg = np.zeros(steps + 1)
+    avg[0] = 1.0  # the EMA starts as the initial weights
+    for s in range(steps):
+        b = ema_decay_at(s, decay)
+        avg *= b
+        avg[s + 1] += 1 - b
+    tau = np.arange(steps + 1)
+    mean = (avg * tau).sum()
+    direct = np.sqrt((avg * (tau - mean) ** 2).sum()) / steps
+    assert phema.fixed_ema_sigma_rel(steps, decay) == pytest.approx(direct, rel=1e-9)
+    if steps * (1 - decay) < 9:  # warm-up throughout
+        assert 0.085 < direct < 0.105

@@ -124,6 +124,24 @@ def solve(steps: list[int], gammas: list[float], t: int, gamma: float) -> Soluti
     return Solution(coef, residual)
 
 
+def fixed_ema_sigma_rel(steps: int, decay: float) -> float:
+    """The relative length (std of its averaging profile over the run, / run length) of the EMA that training keeps
+    with ``train.ema_decay`` after ``steps`` steps: decay min(decay, (1+s)/(10+s)) at step s
+    (:func:`flopmatch.schedule.ema_decay_at`), the initial weights counted as step 0.
+
+    For comparison with post-hoc lengths: its warm-up, ~1 - 9/s, is a power-function EMA with gamma ~ 8
+    (sigma_rel ~0.09) for as long as it is below ``decay`` (s < ~9,000 at 0.999); longer runs see a fixed
+    window of ~1/(1 - decay) steps, an ever shorter fraction of the run.
+    """
+    s = np.arange(steps, dtype=np.float64)  # the update after step s + 1 uses the decay of step s
+    beta = np.minimum(decay, (1 + s) / (10 + s))
+    after = np.concatenate([np.cumprod(beta[::-1])[::-1][1:], [1.0]])  # prod of the betas after each update
+    w = np.concatenate([[np.prod(beta)], (1 - beta) * after])  # weights of theta_0 .. theta_steps (sum 1)
+    tau = np.arange(steps + 1, dtype=np.float64)
+    mean = (w * tau).sum()
+    return float(np.sqrt((w * (tau - mean) ** 2).sum()) / steps)
+
+
 def snapshot_steps(total_steps: int, count: int) -> list[int]:
     """Steps at which a run of ``total_steps`` saves its averages: ``count`` evenly spaced, the last at the end."""
     if count <= 0 or total_steps <= 0:

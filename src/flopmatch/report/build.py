@@ -165,7 +165,8 @@ def _ema_table(an: Analysis) -> tuple[list, list]:
               "per seed", "prompt full match change", "profile residual", "vs diffusion (p, Welch)"]  # fmt: skip
     rows = []
     for e in an.ema:
-        label = ("EMA kept in training" if e["sigma_rel"] is None else f"post-hoc EMA, sigma_rel {e['sigma_rel']:g}")
+        label = ("EMA kept in training" + (f" (~sigma_rel {e['equivalent_sigma_rel']:.2g})" if e["equivalent_sigma_rel"] else "")
+                 if e["sigma_rel"] is None else f"post-hoc EMA, sigma_rel {e['sigma_rel']:g}")
         rows.append([e["paradigm"], label + (" (lowest)" if e["best"] else ""), e["n"], f"{100 * e['mean_change']:+.1f}%",
                      "–" if e["interval"] is None else f"[{100 * e['interval'][0]:+.1f}%, {100 * e['interval'][1]:+.1f}%]",
                      ", ".join(f"s{seed} {100 * c:+.0f}%" for _, seed, c in sorted(e["per_run"], key=lambda x: x[1])),
@@ -173,6 +174,28 @@ def _ema_table(an: Analysis) -> tuple[list, list]:
                      "exact" if e["residual"] is not None and e["residual"] < 1e-9 else fmt(e["residual"], ".2g"),
                      fmt(e["vs_diffusion_p"], ".2g")])  # fmt: skip
     return header, rows
+
+
+def _ema_summary(an: Analysis) -> list[str]:
+    """One line per paradigm: which averaged weights change FID detectably (interval excluding 0), or none."""
+    lines = []
+    for p in sorted({e["paradigm"] for e in an.ema}):
+        mine = [e for e in an.ema if e["paradigm"] == p]
+        if all(e["interval"] is None for e in mine):
+            lines.append(f"{p}: one run per average, so no interval: the changes above are single differences")
+            continue
+        clear = [e for e in mine if e["interval"] and (e["interval"][0] > 0 or e["interval"][1] < 0)]
+        if not clear:
+            lines.append(f"{p}: no average differs detectably from the raw weights (every {EMA_LEVEL:.0%} interval "
+                         f"contains 0; changes {min(100 * e['mean_change'] for e in mine):+.1f}% to "
+                         f"{max(100 * e['mean_change'] for e in mine):+.1f}%)")
+        for e in clear:
+            what = "EMA kept in training" if e["sigma_rel"] is None else f"post-hoc EMA sigma_rel {e['sigma_rel']:g}"
+            lines.append(f"{p}: {what} {'lowers' if e['mean_change'] < 0 else 'raises'} FID by "
+                         f"{abs(100 * e['mean_change']):.1f}% ({EMA_LEVEL:.0%} interval {100 * e['interval'][0]:+.1f}% "
+                         f"to {100 * e['interval'][1]:+.1f}%, {e['n']} runs; intervals not corrected for the "
+                         f"{len(mine)} averages compared)")
+    return lines
 
 
 def _crossover_table(an: Analysis) -> tuple[list, list]:
@@ -213,7 +236,7 @@ FIG_CAPTIONS = {
     "step_sweep": "Latency, throughput and FID over the sampling-step sweep.",
     "loss_curves": "Training loss curves, one panel per paradigm (never across paradigms).",
     "ema_sweep": "FID change from each run's raw weights against the post-hoc EMA length sigma_rel (thin: each run; "
-                 "thick: mean over runs); dashed: the EMA kept in training.",
+                 "thick: mean over runs); crosses: the EMA kept in training, at its own relative length.",
 }  # fmt: skip
 
 
@@ -436,6 +459,7 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
                        "(0 = exact). Under a cosine schedule the LR has decayed to ~10 % at the end, so averaging "
                        "repeats part of what the decay does; `--set train.schedule=constant` trains without decay."))
         B.append(("table", hdr, rows))
+        B.append(("ul", _ema_summary(an)))
         B.append(("fig", "ema_sweep", FIG_CAPTIONS["ema_sweep"]))
     else:
         B.append(("p", "Not measured: no run was evaluated with raw weights too (`--eval-raw`, or `--eval-ema`)."))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flopmatch import PARADIGMS
+from flopmatch import ema as phema
 from flopmatch.config import RENAMED
 from flopmatch.errors import UserError
 from flopmatch.evaluation.timing import read_timing
@@ -271,6 +272,9 @@ def _read_run(root: Path, run: Path, timed: dict | None = None) -> tuple[RunInfo
         "seed": cfg.train.seed, "train_flops": (state or {}).get("flops"),
         "steps": (state or {}).get("step"), "total_steps": (state or {}).get("total_steps"), "done": info.done,
         "final_loss": final_loss(curve), "evaluated": bool(entries),
+        # not a CSV column: the relative length of the EMA training kept, comparable with post-hoc EMAs' sigma_rel
+        "ema_sigma_rel": (phema.fixed_ema_sigma_rel(state["total_steps"], cfg.train.ema_decay)
+                          if (state or {}).get("total_steps") else None),
     }  # fmt: skip
     main_key, reason = main_setting(entries, cfg.sample, _resolved_steps(cfg, state))
     rows = []

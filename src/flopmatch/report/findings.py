@@ -50,6 +50,7 @@ def ema_analysis(study: Study) -> list[dict]:
     """
     found: dict[tuple[str, str], list[tuple[str, int, float, float | None]]] = {}
     residual: dict[tuple[str, str], list[float]] = {}
+    fixed_sigma: dict[str, list[float]] = {}  # training's EMA as a relative length, per paradigm
     by_run: dict[str, list[dict]] = {}
     for r in study.rows:
         if r["setting"] and r["done"] and r["fid_effnet"]:
@@ -67,6 +68,8 @@ def ema_analysis(study: Study) -> list[dict]:
                     (run, r["seed"], math.log(r["fid_effnet"] / raw["fid_effnet"]), pm))
                 if r.get("posthoc_residual") is not None:
                     residual.setdefault((r["objective"], r["weights"]), []).append(r["posthoc_residual"])
+                if r["weights"] == "ema" and r.get("ema_sigma_rel") is not None:
+                    fixed_sigma.setdefault(r["objective"], []).append(r["ema_sigma_rel"])
     out = []
     for (p, w), rows in sorted(found.items(), key=lambda kv: (kv[0][0], sigma_of(kv[0][1]) or 0.0)):
         v = np.asarray([x[2] for x in rows])
@@ -76,7 +79,9 @@ def ema_analysis(study: Study) -> list[dict]:
                     "per_run": [(run, seed, float(math.expm1(d))) for run, seed, d, _ in rows],
                     "prompt_change": float(np.mean(pms)) if pms else None,
                     "residual": max(residual[(p, w)]) if residual.get((p, w)) else None,
-                    "vs_diffusion_p": None, "best": False})
+                    "vs_diffusion_p": None, "best": False,
+                    # training's EMA: its relative length, averaged over the runs (flopmatch.ema.fixed_ema_sigma_rel)
+                    "equivalent_sigma_rel": float(np.mean(fixed_sigma[p])) if w == "ema" and fixed_sigma.get(p) else None})
     fixed = {e["paradigm"]: [math.log1p(c) for _, _, c in e["per_run"]] for e in out if e["weights"] == "ema"}
     for e in out:
         if e["weights"] == "ema" and e["paradigm"] != DIFF and DIFF in fixed:

@@ -337,8 +337,9 @@ def ema_sweep(an: Analysis):
         ax.plot([e["sigma_rel"] for e in mine], [100 * e["mean_change"] for e in mine], color=_color(p), lw=2.2,
                 marker="o", ms=4, label=p)
         fixed = next((e for e in an.ema if e["paradigm"] == p and e["weights"] == "ema"), None)
-        if fixed:
-            ax.axhline(100 * fixed["mean_change"], color=_color(p), ls="--", lw=1)
+        if fixed and fixed["equivalent_sigma_rel"]:
+            ax.plot([fixed["equivalent_sigma_rel"]], [100 * fixed["mean_change"]], color=_color(p), marker="x", ms=9,
+                    mew=2, ls="none")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xscale("log")
     _plain_log(ax.xaxis)
