@@ -79,10 +79,12 @@ def _net_spec(p: str, depth: int) -> dict:
 
 def make_run(root: Path, p: str, depth: int, budget: float, seed: int, *, fid: float, prompt_err: float, loss: float,
              rng: np.random.Generator, evaluate: bool = True, done: bool = True, raw: bool = False,
-             fid_sd: float = 0.0) -> Path:
+             fid_sd: float = 0.0, posthoc: bool | None = None) -> Path:
     """One fake run directory whose main (default-steps, EMA) setting has the given metrics.
 
-    ``fid_sd`` > 0 adds FID bootstrap replicates (100, normal with that relative sd, shifted up as real ones are)."""
+    ``fid_sd`` > 0 adds FID bootstrap replicates (100, normal with that relative sd, shifted up as real ones are);
+    ``raw`` adds raw-weight entries, and post-hoc EMA ones too unless ``posthoc`` is False."""
+    posthoc = raw if posthoc is None else posthoc
     run = root / "runs" / f"{p}-d{depth}-{budget:.2e}-s{seed}"
     cfg = RunConfig(objective=p, text=TextConfig(kind="hash"), model=ModelConfig(depth=depth),
                     train=TrainConfig(budget=budget, seed=seed))  # fmt: skip
@@ -99,7 +101,7 @@ def make_run(root: Path, p: str, depth: int, budget: float, seed: int, *, fid: f
         return run
     entries, default = {}, DEFAULT_STEPS[p]
     for steps in SWEEP[p]:
-        for weights in ("ema", "model", *(f"ema@{x:g}" for x in POSTHOC_GAIN[p])) if raw else ("ema",):
+        for weights in ("ema", "model", *(f"ema@{x:g}" for x in POSTHOC_GAIN[p] if posthoc)) if raw else ("ema",):
             if weights != "ema" and steps != default:
                 continue
             sample = replace(SampleConfig(), steps=0 if p == "autoregressive" else steps)
@@ -161,7 +163,7 @@ def write_timing_phase(root: Path, paradigms, depths, rng: np.random.Generator, 
 
 def make_study(root: Path, paradigms=PARADIGMS, depths=(2, 4), budgets=BUDGETS, seeds=(0, 1), noise: float = 0.01,
                raw: bool = False, skip_eval=(), unfinished=(), laws: dict | None = None, rng_seed: int = 0,
-               fid_sd: float = 0.0, timing_phase: bool = True) -> Path:
+               fid_sd: float = 0.0, timing_phase: bool = True, posthoc_budgets=None) -> Path:
     """A study directory of fake runs following the laws (``skip_eval`` / ``unfinished``: run names), with the
     timing phase's file unless ``timing_phase`` is False (then only the runs' own eval timings exist)."""
     rng = np.random.default_rng(rng_seed)
@@ -176,7 +178,8 @@ def make_study(root: Path, paradigms=PARADIGMS, depths=(2, 4), budgets=BUDGETS, 
                          for k in laws}  # fmt: skip
                     name = f"{p}-d{d}-{b:.2e}-s{s}"
                     make_run(root, p, d, b, s, fid=y["fid"], prompt_err=min(y["prompt"], 1.0), loss=y["loss"], rng=rng,
-                             evaluate=name not in skip_eval, done=name not in unfinished, raw=raw, fid_sd=fid_sd)  # fmt: skip
+                             evaluate=name not in skip_eval, done=name not in unfinished, raw=raw, fid_sd=fid_sd,
+                             posthoc=None if posthoc_budgets is None else b in posthoc_budgets)  # fmt: skip
     if timing_phase:
         write_timing_phase(root, paradigms, depths, rng)
     return root
@@ -318,6 +321,27 @@ def test_report_leads_with_the_decision_and_shows_figures(study):
     assert "post-hoc EMA, sigma_rel 0.1 (lowest)" in md[md.index("## EMA"):]
 
 
+def test_ema_analysis_compares_training_ema_on_the_sweep_runs(tmp_path):
+    """Raw weights at every budget, post-hoc EMAs at the middle one only (as --eval-raw with --eval-ema): training's
+    EMA is compared on the sweep's runs for the lowest and the figure, and once more on every run, apart."""
+    from flopmatch.report.findings import ema_analysis
+
+    root = make_study(tmp_path, paradigms=("diffusion", "masked"), depths=(2,), raw=True, seeds=(0, 1),
+                      posthoc_budgets={BUDGETS[2]}, timing_phase=False)
+    out = ema_analysis(load_study(root))
+    for p in ("diffusion", "masked"):
+        fixed = {e["scope"]: e for e in out if e["paradigm"] == p and e["weights"] == "ema"}
+        assert fixed["sweep"]["n"] == 2 and fixed["all"]["n"] == 2 * len(BUDGETS)
+        assert {r for r, *_ in fixed["sweep"]["per_run"]} == {r for e in out if e["paradigm"] == p and e["sigma_rel"]
+                                                             for r, *_ in e["per_run"]}
+        assert not fixed["all"]["best"] and fixed["sweep"]["vs_diffusion_p"] is None
+        best = [e for e in out if e["paradigm"] == p and e["best"]]
+        truth = {"ema": EMA_GAIN[p], **{f"ema@{x:g}": g for x, g in POSTHOC_GAIN[p].items()}}
+        assert len(best) == 1 and best[0]["weights"] == max(truth, key=truth.get) and best[0]["scope"] == "sweep"
+    masked_all = next(e for e in out if e["paradigm"] == "masked" and e["scope"] == "all")
+    assert masked_all["vs_diffusion_p"] is not None  # Welch against diffusion, over every run
+
+
 def test_ema_analysis_recovers_known_gains(study):
     """Raw, training-EMA and post-hoc EMA entries with known FID ratios: every change is recovered run by run, the
     lowest average per paradigm is the one with the largest gain, and the residual is carried."""
@@ -330,7 +354,7 @@ def test_ema_analysis_recovers_known_gains(study):
         for w, gain in truth.items():
             e = out[(p, w)]
             assert e["n"] == 2 * len(BUDGETS) * 3 and e["mean_change"] == pytest.approx(-gain, abs=1e-9)
-            assert all(c == pytest.approx(-gain, abs=1e-9) for _, _, c in e["per_run"])
+            assert all(c == pytest.approx(-gain, abs=1e-9) for _, _, _, c in e["per_run"])
             assert e["interval"][0] <= e["mean_change"] <= e["interval"][1]
             assert (e["residual"] == 0.02) == (w != "ema")
         best = max(truth, key=truth.get)

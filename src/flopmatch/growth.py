@@ -53,6 +53,7 @@ from flopmatch.rundir import (
     budget_dir,
     config_diffs,
     copy_checkpoint,
+    has_averages,
     read_config,
     read_state,
     snapshots,
@@ -100,6 +101,9 @@ def plan_continuation(run: Path, cfg: RunConfig, total_steps: int) -> Continuati
         if source_state is None:
             raise UserError(f"{run} has no {STABLE_CHECKPOINT}, the state a wsd run continues from; "
                             f"train budget {b2:.3g} in another --out")
+    if not has_averages(run / source, cfg):  # refused here, before anything is moved (restore would refuse later)
+        raise UserError(f"{run} was trained by an earlier flopmatch, without the post-hoc EMA's averages, so it cannot "
+                        f"continue; train budget {b2:.3g} in another --out")
     limit = stable_steps(total_steps, cfg.train)
     if source_state["step"] > limit:  # a smaller budget whose cooldown (or end) comes before the state
         where = "starts its cooldown" if cfg.train.schedule == "wsd" else "ends"
@@ -154,8 +158,8 @@ def branch_source(src: Path, cfg: RunConfig, total_steps: int) -> tuple[str, dic
         return None
     name = STABLE_CHECKPOINT if cfg.train.schedule == "wsd" else CHECKPOINT
     state = read_state(src, name)
-    if state is None or state["step"] > stable_steps(total_steps, cfg.train):
-        return None
+    if state is None or state["step"] > stable_steps(total_steps, cfg.train) or not has_averages(src / name, cfg):
+        return None  # (no post-hoc EMA averages: a source trained by an earlier flopmatch; the run starts from step 0)
     return name, state
 
 

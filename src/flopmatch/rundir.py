@@ -209,6 +209,19 @@ def restore_checkpoint(run: Path, net, ema, opt, device, averages=()) -> None:
     dist.load_full_optimizer_state_dict(net, opt, optimizer_state(tensors, json.loads(meta["param_groups"])))
 
 
+def has_averages(path: Path, cfg: RunConfig) -> bool:
+    """Whether checkpoint file ``path`` holds the post-hoc EMA averages that a run with ``cfg`` keeps (reads the
+    header only); True when ``cfg`` keeps none."""
+    if not (cfg.train.ema_snapshots and cfg.train.ema_profiles):
+        return True
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise UserError(f"corrupt checkpoint {path} ({e}); delete the run directory's checkpoint/ to restart") from None
+    return all(any(k.startswith(f"phema{j}.") for k in keys) for j in range(len(cfg.train.ema_profiles)))
+
+
 def load_checkpoint_tensors(path: Path, device="cpu") -> dict[str, torch.Tensor]:
     """A checkpoint's tensors, checked against the sha256 stored at save time (v0.1 files have none)."""
     tensors = load_tensors(path, device=device)
@@ -264,6 +277,12 @@ def parse_weights(which: str) -> float | None:
         raise UserError(f"weights must be ema, model or ema@SIGMA_REL (a post-hoc EMA, sigma_rel in "
                         f"(0, {phema.SIGMA_REL_MAX}], e.g. ema@0.1), got {which!r}")
     return sigma
+
+
+def canonical_weights(which: str) -> str:
+    """A weights name in the one form eval.json keys and reports use: "ema@0.10" -> "ema@0.1"."""
+    sigma = parse_weights(which)
+    return which if sigma is None else f"ema@{sigma:g}"
 
 
 def load_weights(run: str | Path, which: str = "ema", device="cpu") -> tuple[RunConfig, Network]:
@@ -327,9 +346,10 @@ def remove_snapshots_after(run: Path, step: int) -> None:
             path.unlink(missing_ok=True)
 
 
-def posthoc_solution(run: str | Path, sigma_rel: float, step: int) -> tuple[list[Path], phema.Solution]:
-    """The snapshot files of ``run`` up to ``step`` and how to combine them into the power-function EMA of relative
-    length ``sigma_rel`` at ``step`` (:func:`flopmatch.ema.solve`; reads metadata only)."""
+def posthoc_solution(run: str | Path, sigma_rel: float, step: int) -> tuple[list[Path], list[float], phema.Solution]:
+    """The snapshot files of ``run`` up to ``step``, the relative lengths of the averages they hold, and how to
+    combine them into the power-function EMA of relative length ``sigma_rel`` at ``step``
+    (:func:`flopmatch.ema.solve`; reads metadata only)."""
     found = [(s, p) for s, p in snapshots(run) if s <= step]
     if not found:
         raise UserError(f"{run} has no post-hoc EMA snapshots (trained with train.ema_snapshots=0, or by an earlier "
@@ -345,14 +365,14 @@ def posthoc_solution(run: str | Path, sigma_rel: float, step: int) -> tuple[list
                         f"and train the run again to rebuild post-hoc EMAs")
     solution = phema.solve([s for s, _ in found], [phema.sigma_rel_to_gamma(x) for x in sigmas[0]], step,
                            phema.sigma_rel_to_gamma(sigma_rel))
-    return [p for _, p in found], solution
+    return [p for _, p in found], sigmas[0], solution
 
 
 def posthoc_weights(run: str | Path, sigma_rel: float, step: int) -> tuple[dict[str, torch.Tensor], phema.Solution]:
     """The parameters of the power-function EMA of relative length ``sigma_rel`` at ``step``, rebuilt from the
     run's snapshots (:func:`posthoc_solution`), and the solution (its ``residual`` says how well the snapshots
     can form that average). Snapshots are read one at a time; the sum is accumulated in float64."""
-    files, solution = posthoc_solution(run, sigma_rel, step)
+    files, _, solution = posthoc_solution(run, sigma_rel, step)
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     for path, row in zip(files, solution.coefficients):

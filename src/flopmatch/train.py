@@ -62,6 +62,7 @@ from flopmatch.prepare import prepare
 from flopmatch.rundir import (
     CONFIG,
     DATA,
+    EMA_SNAPSHOTS,
     METRICS,
     STABLE_CHECKPOINT,
     append_metrics,
@@ -299,6 +300,7 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
                 remove_stale_temps(run, names=(CONFIG, METRICS))
                 remove_stale_temps(run / "checkpoint")
                 remove_stale_temps((run / STABLE_CHECKPOINT).parent)
+                remove_stale_temps(run / EMA_SNAPSHOTS)
             if growing:
                 if dist.is_main():  # planned again: the run is ours only now
                     print(continue_run(run, cfg, plan_continuation(run, cfg, plan.steps)))

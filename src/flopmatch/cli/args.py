@@ -108,6 +108,13 @@ def weights_name(text: str) -> str:
     return text
 
 
+def raw_or_weights(args) -> str:
+    """The weights ``--raw`` / ``--weights`` ask for; both at once, naming different weights, is a UserError."""
+    if args.raw and args.weights not in ("ema", "model"):
+        raise UserError(f"--raw and --weights {args.weights} name different weights; give one of them")
+    return "model" if args.raw else args.weights
+
+
 def number_list(kind: type, minimum: float, exclusive: bool = False):
     """An argparse type for a non-empty comma-separated list of finite numbers above ``minimum``."""
 

@@ -7,7 +7,7 @@ import itertools
 from dataclasses import replace
 from pathlib import Path
 
-from flopmatch.cli.args import WEIGHTS_HELP, add_solver_args, config_value, count, output_dir, weights_name
+from flopmatch.cli.args import WEIGHTS_HELP, add_solver_args, config_value, count, output_dir, raw_or_weights, weights_name
 from flopmatch.config import SampleConfig
 from flopmatch.errors import UserError
 
@@ -52,7 +52,7 @@ def cmd_eval(args) -> int:
     for s in settings:
         validate_sample(s)
     features = [f.strip() for f in args.features.split(",") if f.strip()]
-    ecfg = EvalConfig(num_samples=args.num_samples, seed=args.seed, weights="model" if args.raw else args.weights,
+    ecfg = EvalConfig(num_samples=args.num_samples, seed=args.seed, weights=raw_or_weights(args),
                       features=features, timing=not args.no_timing, batch_size=args.batch_size,
                       export=str(Path(args.export).resolve()) if args.export else "",
                       **({} if args.fid_boot is None else {"fid_boot": args.fid_boot}))

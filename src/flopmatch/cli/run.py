@@ -17,6 +17,7 @@ from flopmatch.cli.args import (
     data_source,
     output_dir,
     output_file,
+    raw_or_weights,
     weights_name,
 )
 from flopmatch.config import ModelConfig, SampleConfig, TrainConfig
@@ -82,7 +83,7 @@ def cmd_sample(args) -> int:
 
     prompts = check_prompts(args.prompt or [])  # before loading anything
     prompts = [prompts[i % len(prompts)] for i in range(args.num)] if args.num else prompts
-    sampler = load_sampler(args.run, weights="model" if args.raw else args.weights, device=args.device)
+    sampler = load_sampler(args.run, weights=raw_or_weights(args), device=args.device)
     overrides = {k: getattr(args, k) for k in ("steps", "guidance", "temperature", "top_k", "solver", "shift") if getattr(args, k) is not None}
     if args.no_kv_cache:
         overrides["kv_cache"] = False

@@ -36,7 +36,7 @@ from flopmatch.evaluation.prompt_scoring import prompt_scorer
 from flopmatch.evaluation.quality import fid_bootstrap, fid_from_features, kid_from_features, precision_recall
 from flopmatch.evaluation.timing import TimingItem, machine, time_items
 from flopmatch.files import atomic_write_json, file_sha256, load_tensors, read_json, save_tensors, tensor_sha256
-from flopmatch.rundir import CHECKPOINT, EVAL, parse_weights, posthoc_solution, read_state, sample_dir
+from flopmatch.rundir import CHECKPOINT, EVAL, canonical_weights, parse_weights, posthoc_solution, read_state, sample_dir
 from flopmatch.sample import generate, grid_image, load_sampler, save_png
 
 EVAL_VERSION = 1
@@ -162,6 +162,7 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
     if ecfg.fid_boot < 0:
         raise UserError(f"--fid-boot must be >= 0, got {ecfg.fid_boot}")
     run = Path(run)
+    ecfg = replace(ecfg, weights=canonical_weights(ecfg.weights))  # "ema@0.10" and "ema@0.1" are one entry
     dist.init(resolve_device("auto"))
     sampler = load_sampler(run, weights=ecfg.weights)
     state = read_state(run)
@@ -191,8 +192,8 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
     ckpt_sha = file_sha256(run / CHECKPOINT)
     posthoc = None
     if (sigma := parse_weights(ecfg.weights)) is not None:  # how well the snapshots form this average (EDM2)
-        files, solution = posthoc_solution(run, sigma, state["step"])
-        posthoc = {"sigma_rel": sigma, "profiles": list(cfg.train.ema_profiles), "snapshots": len(files),
+        files, profiles, solution = posthoc_solution(run, sigma, state["step"])
+        posthoc = {"sigma_rel": sigma, "profiles": profiles, "snapshots": len(files),
                    "profile_residual": solution.residual, "method": "Karras et al. 2024 (EDM2) post-hoc EMA: least "
                    "squares over the exact discrete power-function profiles, coefficients summing to 1"}
     timed = []  # (entry key, setting) to time together once every setting is sampled and scored

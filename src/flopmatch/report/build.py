@@ -167,20 +167,30 @@ def _ema_table(an: Analysis) -> tuple[list, list]:
     for e in an.ema:
         label = ("EMA kept in training" + (f" (~sigma_rel {e['equivalent_sigma_rel']:.2g})" if e["equivalent_sigma_rel"] else "")
                  if e["sigma_rel"] is None else f"post-hoc EMA, sigma_rel {e['sigma_rel']:g}")
+        if e["scope"] == "all" and any(x["paradigm"] == e["paradigm"] and x["scope"] == "sweep" for x in an.ema):
+            label += ", every run evaluated raw"
         rows.append([e["paradigm"], label + (" (lowest)" if e["best"] else ""), e["n"], f"{100 * e['mean_change']:+.1f}%",
                      "–" if e["interval"] is None else f"[{100 * e['interval'][0]:+.1f}%, {100 * e['interval'][1]:+.1f}%]",
-                     ", ".join(f"s{seed} {100 * c:+.0f}%" for _, seed, c in sorted(e["per_run"], key=lambda x: x[1])),
+                     _per_seed(e["per_run"]),
                      "–" if e["prompt_change"] is None else f"{100 * e['prompt_change']:+.1f} pts",
                      "exact" if e["residual"] is not None and e["residual"] < 1e-9 else fmt(e["residual"], ".2g"),
                      fmt(e["vs_diffusion_p"], ".2g")])  # fmt: skip
     return header, rows
 
 
+def _per_seed(per_run: list[tuple]) -> str:
+    """Paired changes run by run, "s0 -3%, s1 +1%", with the depth when the runs have several ("d2 s0 -3%")."""
+    depths = {d for _, d, _, _ in per_run}
+    return ", ".join(f"{f'd{d} ' if len(depths) > 1 else ''}s{seed} {100 * c:+.0f}%"
+                     for _, d, seed, c in sorted(per_run, key=lambda x: (x[1], x[2])))
+
+
 def _ema_summary(an: Analysis) -> list[str]:
     """One line per paradigm: which averaged weights change FID detectably (interval excluding 0), or none."""
     lines = []
     for p in sorted({e["paradigm"] for e in an.ema}):
-        mine = [e for e in an.ema if e["paradigm"] == p]
+        # the averages compared on the same runs (the sweep's); a study without a sweep has only "all"
+        mine = [e for e in an.ema if e["paradigm"] == p and e["scope"] == "sweep"] or [e for e in an.ema if e["paradigm"] == p]
         if all(e["interval"] is None for e in mine):
             lines.append(f"{p}: one run per average, so no interval: the changes above are single differences")
             continue

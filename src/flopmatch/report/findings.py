@@ -43,14 +43,18 @@ def ema_analysis(study: Study) -> list[dict]:
 
     Paired by run and setting (same network, same samples' seeds and prompts), so retraining noise cancels in
     each difference; the interval is a t interval over the runs' differences, ``per_run`` the differences
-    themselves (seed by seed). ``best`` marks, per paradigm, the averaged weights with the lowest mean FID among
-    those measured on the most runs: chosen on the same runs, so its gain is optimistic. Training EMA's
-    effect in diffusion is also compared with each token paradigm's (Welch, two-sided p; not in the claims' family).
-    ``prompt_change``: mean change in prompt full match (absolute), same pairs.
+    themselves, (run, depth, seed, change). Where a paradigm has post-hoc EMAs (the sweep's runs, one budget),
+    training's EMA is compared on those same runs (``scope`` "sweep"), and, when raw weights were evaluated on more
+    runs (``--eval-raw``), once more on all of them (``scope`` "all"; not in the figure nor in the choice of the
+    lowest). ``best`` marks, per paradigm, the lowest mean among the "sweep"-scope averages: chosen on the same
+    runs, so its gain is optimistic. Training EMA's effect in diffusion is also compared with each token
+    paradigm's, over all its runs (Welch, two-sided p; not in the claims' family). ``prompt_change``: mean change
+    in prompt full match (absolute), same pairs.
     """
-    found: dict[tuple[str, str], list[tuple[str, int, float, float | None]]] = {}
+    Pair = tuple[str, int, int, float, float | None]  # run, depth, seed, log FID ratio, prompt full match change
+    found: dict[tuple[str, str], list[Pair]] = {}
     residual: dict[tuple[str, str], list[float]] = {}
-    fixed_sigma: dict[str, list[float]] = {}  # training's EMA as a relative length, per paradigm
+    fixed_sigma: dict[str, dict[str, float]] = {}  # training's EMA as a relative length, per paradigm and run
     by_run: dict[str, list[dict]] = {}
     for r in study.rows:
         if r["setting"] and r["done"] and r["fid_effnet"]:
@@ -65,32 +69,47 @@ def ema_analysis(study: Study) -> list[dict]:
                 pm = (None if r["prompt_full_match"] is None or raw["prompt_full_match"] is None
                       else r["prompt_full_match"] - raw["prompt_full_match"])
                 found.setdefault((r["objective"], r["weights"]), []).append(
-                    (run, r["seed"], math.log(r["fid_effnet"] / raw["fid_effnet"]), pm))
+                    (run, r["depth"], r["seed"], math.log(r["fid_effnet"] / raw["fid_effnet"]), pm))
                 if r.get("posthoc_residual") is not None:
                     residual.setdefault((r["objective"], r["weights"]), []).append(r["posthoc_residual"])
                 if r["weights"] == "ema" and r.get("ema_sigma_rel") is not None:
-                    fixed_sigma.setdefault(r["objective"], []).append(r["ema_sigma_rel"])
+                    fixed_sigma.setdefault(r["objective"], {})[run] = r["ema_sigma_rel"]
+    sweep_runs: dict[str, set[str]] = {}
+    for (p, w), pairs in found.items():
+        if sigma_of(w) is not None:
+            sweep_runs.setdefault(p, set()).update(x[0] for x in pairs)
+
+    def entry(p: str, w: str, pairs: list[Pair], scope: str) -> dict:
+        v = np.asarray([x[3] for x in pairs])
+        pms = [x[4] for x in pairs if x[4] is not None]
+        sig = [fixed_sigma.get(p, {}).get(x[0]) for x in pairs]
+        sig = [x for x in sig if x is not None]
+        return {"paradigm": p, "weights": w, "sigma_rel": sigma_of(w), "scope": scope, "n": int(v.size),
+                "mean_change": float(math.expm1(v.mean())), "interval": _interval(v),
+                "per_run": [(run, depth, seed, float(math.expm1(d))) for run, depth, seed, d, _ in pairs],
+                "prompt_change": float(np.mean(pms)) if pms else None,
+                "residual": max(residual[(p, w)]) if residual.get((p, w)) and scope != "all" else None,
+                "vs_diffusion_p": None, "best": False,
+                # training's EMA: its relative length, averaged over these runs (flopmatch.ema.fixed_ema_sigma_rel)
+                "equivalent_sigma_rel": float(np.mean(sig)) if w == "ema" and sig else None}
+
     out = []
-    for (p, w), rows in sorted(found.items(), key=lambda kv: (kv[0][0], sigma_of(kv[0][1]) or 0.0)):
-        v = np.asarray([x[2] for x in rows])
-        pms = [x[3] for x in rows if x[3] is not None]
-        out.append({"paradigm": p, "weights": w, "sigma_rel": sigma_of(w), "n": int(v.size),
-                    "mean_change": float(math.expm1(v.mean())), "interval": _interval(v),
-                    "per_run": [(run, seed, float(math.expm1(d))) for run, seed, d, _ in rows],
-                    "prompt_change": float(np.mean(pms)) if pms else None,
-                    "residual": max(residual[(p, w)]) if residual.get((p, w)) else None,
-                    "vs_diffusion_p": None, "best": False,
-                    # training's EMA: its relative length, averaged over the runs (flopmatch.ema.fixed_ema_sigma_rel)
-                    "equivalent_sigma_rel": float(np.mean(fixed_sigma[p])) if w == "ema" and fixed_sigma.get(p) else None})
-    fixed = {e["paradigm"]: [math.log1p(c) for _, _, c in e["per_run"]] for e in out if e["weights"] == "ema"}
-    for e in out:
-        if e["weights"] == "ema" and e["paradigm"] != DIFF and DIFF in fixed:
-            t = welch_test(fixed[DIFF], fixed[e["paradigm"]])
-            e["vs_diffusion_p"] = None if t.p is None else min(1.0, 2 * min(t.p, 1 - t.p))
+    for (p, w), pairs in sorted(found.items(), key=lambda kv: (kv[0][0], sigma_of(kv[0][1]) or 0.0)):
+        if w == "ema" and sweep_runs.get(p):
+            out.append(entry(p, w, [x for x in pairs if x[0] in sweep_runs[p]], "sweep"))
+            if len(pairs) > out[-1]["n"]:
+                out.append(entry(p, w, pairs, "all"))
+        else:
+            out.append(entry(p, w, pairs, "sweep" if sweep_runs.get(p) else "all"))
+    fixed = {p: [x[3] for x in pairs] for (p, w), pairs in found.items() if w == "ema"}  # every run
+    for p in fixed:
+        if p != DIFF and DIFF in fixed:  # shown on the row that holds every run (the last "ema" row)
+            t = welch_test(fixed[DIFF], fixed[p])
+            row = [e for e in out if e["paradigm"] == p and e["weights"] == "ema"][-1]
+            row["vs_diffusion_p"] = None if t.p is None else min(1.0, 2 * min(t.p, 1 - t.p))
     for p in {e["paradigm"] for e in out}:
-        mine = [e for e in out if e["paradigm"] == p]
-        most = max(e["n"] for e in mine)
-        min((e for e in mine if e["n"] == most), key=lambda e: e["mean_change"])["best"] = True
+        mine = [e for e in out if e["paradigm"] == p and (e["scope"] == "sweep" or not sweep_runs.get(p))]
+        min(mine, key=lambda e: e["mean_change"])["best"] = True
     return out
 
 

@@ -330,13 +330,13 @@ def ema_sweep(an: Analysis):
         mine = sorted((e for e in sweep if e["paradigm"] == p), key=lambda e: e["sigma_rel"])
         runs: dict[str, list[tuple[float, float]]] = {}
         for e in mine:
-            for run, _, change in e["per_run"]:
+            for run, _, _, change in e["per_run"]:
                 runs.setdefault(run, []).append((e["sigma_rel"], 100 * change))
         for points in runs.values():
             ax.plot(*zip(*sorted(points)), color=_color(p), alpha=0.3, lw=0.8)
         ax.plot([e["sigma_rel"] for e in mine], [100 * e["mean_change"] for e in mine], color=_color(p), lw=2.2,
                 marker="o", ms=4, label=p)
-        fixed = next((e for e in an.ema if e["paradigm"] == p and e["weights"] == "ema"), None)
+        fixed = next((e for e in an.ema if e["paradigm"] == p and e["weights"] == "ema" and e["scope"] == "sweep"), None)
         if fixed and fixed["equivalent_sigma_rel"]:
             ax.plot([fixed["equivalent_sigma_rel"]], [100 * fixed["mean_change"]], color=_color(p), marker="x", ms=9,
                     mew=2, ls="none")

@@ -17,7 +17,7 @@ from flopmatch.files import read_json
 from flopmatch.growth import branch_run, branch_source
 from flopmatch.objectives import make_objective
 from flopmatch.plan import net_spec_for, plan_steps
-from flopmatch.rundir import CONFIG, read_eval_entries, read_state
+from flopmatch.rundir import CONFIG, read_eval_entries, read_state, snapshots
 from flopmatch.study.plan import RunPlan
 from flopmatch.study.presets import StudyConfig
 from flopmatch.study.timing_phase import ensure_timing
@@ -33,7 +33,7 @@ def _trained(run: Path) -> bool:
     return bool(state and state.get("done"))
 
 
-def _eval_todo(job: dict, cfg: RunConfig, run: Path) -> list[tuple[EvalConfig, list[SampleConfig]]]:
+def _eval_todo(job: dict, cfg: RunConfig, run: Path, say: bool = False) -> list[tuple[EvalConfig, list[SampleConfig]]]:
     """The evaluation passes ``job`` still needs: (eval config, settings not yet in ``eval.json``), non-empty only.
 
     With ``job["raw"]`` the main (first) setting is also evaluated with the raw weights; with ``job["ema"]`` (the
@@ -45,6 +45,11 @@ def _eval_todo(job: dict, cfg: RunConfig, run: Path) -> list[tuple[EvalConfig, l
     objective, spec = make_objective(cfg.objective), net_spec_for(cfg)
     passes = [(ecfg, settings)]
     sweep = job.get("ema") or []
+    if sweep and not snapshots(run):  # trained before post-hoc EMA existed: nothing to rebuild averages from
+        if say:
+            print(f"[study] {run.name}: no post-hoc EMA snapshots (trained by an earlier flopmatch); its --eval-ema "
+                  f"evaluations are skipped", flush=True)
+        sweep = []
     # Other weights are compared with the EMA run by run (report.findings.ema_analysis), never through FID's
     # bootstrap: it is left out there (~1 s of 5-6 per evaluation in the cpu preset).
     if job.get("raw") or sweep:
@@ -143,5 +148,5 @@ def run_job(job: dict, progress: bool = True) -> None:
     run = Path(job["run_dir"])
     if not _trained(run):
         train(cfg, run, progress=progress)
-    for ec, todo in _eval_todo(job, cfg, run):
+    for ec, todo in _eval_todo(job, cfg, run, say=True):
         evaluate(run, todo, ec, progress=progress)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flopmatch.config import RunConfig, SampleConfig, apply_overrides, from_dict, to_dict
+from flopmatch.errors import UserError
 from flopmatch.objectives import make_objective
 from flopmatch.plan import flops_summary, plan_steps
 from flopmatch.schedule import stable_steps
@@ -105,6 +106,9 @@ def make_plan(scfg: StudyConfig, study: Path) -> list[RunPlan]:
             for budget in scfg.budgets:
                 for seed in cell_seeds(scfg, budget):
                     cfg = base_config(scfg, objective, depth, budget, seed, study)
+                    if scfg.eval_ema and not (cfg.train.ema_snapshots and cfg.train.ema_profiles):
+                        raise UserError("--eval-ema needs the post-hoc EMA's snapshots, which train.ema_snapshots=0 (or an "
+                                        "empty train.ema_profiles) turns off; pass --eval-ema none, or drop that --set")
                     info = _analytic(cfg, scfg)
                     step_plan = plan_steps(budget, info["train_flops_per_example"], cfg.train.batch_size)
                     plans.append(RunPlan(
