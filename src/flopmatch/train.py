@@ -362,12 +362,15 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
     # steps, from which an average of any relative length is rebuilt after training. Like the EMA, they start
     # equal to the initial weights (the first update, beta = 0, replaces them).
     posthoc = cfg.train.ema_snapshots > 0 and bool(cfg.train.ema_profiles)
-    averages = [copy.deepcopy(ema) for _ in cfg.train.ema_profiles] if posthoc else []
+    averages = []
+    for _ in cfg.train.ema_profiles if posthoc else []:
+        averages.append(copy.deepcopy(ema))
+        if dist.is_sharded(net):  # sharded as soon as it exists: at most one more full copy at a time (FSDP2)
+            dist.shard(averages[-1], device, units=averages[-1].backbone.blocks)
     gammas = [phema.sigma_rel_to_gamma(s) for s in cfg.train.ema_profiles] if posthoc else []
     snap_at = set(phema.snapshot_steps(plan.steps, cfg.train.ema_snapshots)) if posthoc else set()
     if dist.is_sharded(net):
-        for avg in (ema, *averages):
-            dist.shard(avg, device, units=avg.backbone.blocks)
+        dist.shard(ema, device, units=ema.backbone.blocks)
     opt = make_optimizer(net, cfg.train, device)
     step, flops, elapsed = 0, 0, 0.0
     if state is not None:

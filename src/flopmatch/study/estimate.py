@@ -45,6 +45,7 @@ class Rates:
     inception_images_per_s: float = 12.0  # the standard FID Inception features
     sampling_efficiency: float = 0.6  # sampling FLOP rate / training FLOP rate (small batches, per-step overhead)
     eval_setting_s: float = 6.0  # per evaluated setting: FID bootstrap, KID, precision/recall, prompt scoring, saving
+    fid_boot_s: float = 1.0  # of which the FID bootstrap (200 replicates), which raw and post-hoc EMA evaluations skip
     run_overhead_s: float = 3.0  # per run: loading data, building the network, checkpoints
     batch1_efficiency: float = 0.1  # sampling FLOP rate at batch 1 / at large batches (timing phase latency calls)
     timing_batch: int = 64  # typical best batch of the timing phase's throughput calls
@@ -87,7 +88,7 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
         settings = len(eval_settings(scfg, from_dict(RunConfig, p.config))) + extra
         per_setting = (scfg.eval_samples * p.sample_flops_per_image / sample_rate + scfg.eval_samples * per_image
                        + rates.eval_setting_s)
-        evaluation += settings * per_setting
+        evaluation += settings * per_setting - extra * rates.fid_boot_s
         if (p.objective, p.depth) in timed or p.budget != max(scfg.budgets):
             continue  # the timing phase times one run per architecture, at the largest budget (study.timing_phase)
         timed.add((p.objective, p.depth))
