@@ -46,7 +46,7 @@ from flopmatch.study.plan import (
 )
 from flopmatch.study.presets import StudyConfig
 from flopmatch.study.slurm import SlurmConfig
-from flopmatch.study.timing_phase import timing_needed
+from flopmatch.study.timing_phase import timing_needed, timing_stamp
 from flopmatch.study.tokenizer_phase import check_prepared, prepare, prepare_job, prepared
 
 
@@ -130,7 +130,11 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
         raise UserError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; fix and re-run to continue")
     t_runs = time.perf_counter()
     if timing_needed(out, scfg, plans, retime):  # a quiet phase: no run is training now
-        launch.run_phase(timing_job(out, retime), lambda: not timing_needed(out, scfg, plans), "the timing phase")
+        before = timing_stamp(out)
+        # done when the file holds the wanted timings and, with --retime, was written again: a failed re-timing
+        # must not pass for a finished one just because the old file is still there
+        launch.run_phase(timing_job(out, retime), lambda: not timing_needed(out, scfg, plans)
+                         and (not retime or timing_stamp(out) != before), "the timing phase")
     t_timing = time.perf_counter()
     result = build_report(out, n_boot=scfg.n_boot)
     t_end = time.perf_counter()

@@ -101,6 +101,12 @@ def timing_needed(out: Path, scfg: StudyConfig, plans: list[RunPlan], retime: bo
     return bool(wanted) and (retime or not _reusable(read_timing(out), wanted, scfg))
 
 
+def timing_stamp(out: Path) -> int | None:
+    """When the study's timing file was last written (ns), None if there is none: tells a new timing from an old one."""
+    path = out / TIMING
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
 def ensure_timing(out: Path, scfg: StudyConfig, plans: list[RunPlan], retime: bool = False, progress: bool = True) -> dict | None:
     """Time every item of :func:`timing_plan` together unless ``inference_timing.json`` already holds exactly them."""
     wanted = timing_plan(out, scfg, plans)
