@@ -202,8 +202,12 @@ class SlurmLauncher:
         ex.update_parameters(**params)
         return ex
 
+    def _job_file(self, job: dict) -> Path:
+        """Where a job's description lies for the worker to read (``study/jobs/<name>.json``)."""
+        return self.study / "jobs" / f"{job['name']}.json"
+
     def _submit(self, ex: submitit.SlurmExecutor, job: dict) -> str:
-        path = self.study / "jobs" / f"{job['name']}.json"
+        path = self._job_file(job)
         atomic_write_json(path, job)
         log = self.study / "logs" / f"{job['name']}.log"
         ex.update_parameters(job_name=f"flopmatch-{job['name']}")
@@ -252,11 +256,15 @@ class SlurmLauncher:
         alive = squeue_states([ids[j["name"]] for j in todo if j["name"] in ids])
         ex = self._executor()
         watching: dict[str, str] = {}
+        attached: set[str] = set()  # jobs an earlier study process submitted, with its own job description
         found = 0
         for job in todo:
             jid = ids.get(job["name"])
             if jid is not None and alive.get(jid) in ALIVE:
                 found += 1  # queued or running from an earlier study process: wait for it, do not submit again
+                attached.add(job["name"])
+                # today's description, read by the job when it starts (if still queued) or is requeued
+                atomic_write_json(self._job_file(job), job)
             else:
                 jid = ids[job["name"]] = self._submit(ex, job)
                 atomic_write_json(self.folder / JOBS_FILE, ids)  # after every submission: a crash loses no job id
@@ -275,6 +283,14 @@ class SlurmLauncher:
                 job = by_name[name]
                 if finished(job):
                     on_done(job)
+                elif name in attached:
+                    # An earlier study process's job ran the description it was given: a study grown since (more
+                    # evaluation settings, say) still needs work on this run. Submitted once more, with today's.
+                    attached.discard(name)
+                    watching[name] = ids[name] = self._submit(ex, job)
+                    atomic_write_json(self.folder / JOBS_FILE, ids)
+                    print(f"[study] slurm: {name}: the earlier study process's job {jid} ended with work left for "
+                          f"this study; submitted again as {ids[name]}", flush=True)
                 else:
                     failed.append(f"{name} (slurm job {jid} ended {states.get(jid, 'and left the queue').lower()} "
                                   f"without finishing; see {self.study / 'logs' / (name + '.log')} and "
