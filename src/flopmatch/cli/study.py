@@ -92,7 +92,7 @@ def register(sub) -> None:
     p.add_argument("--eval-ema", type=ema_lengths, metavar="SIGMA_REL,...",
                    help="post-hoc EMA lengths (sigma_rel in (0, 0.3]) at which the runs at the middle budget are also "
                         "evaluated, with their raw weights, for the report's EMA section; none to skip "
-                        "(default: the preset's, 0.05,0.1,0.2)")
+                        "(default: the preset's: cpu 0.05,0.2; cpu-long 0.05,0.1,0.2; gpu 0.03,0.05,0.1,0.2)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key for every run (repeatable; see `flopmatch config --preset P`)")
     p.add_argument("--tokenizer-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the study's learned tokenizers' config (repeatable), e.g. steps=1200 to "
