@@ -74,6 +74,9 @@ CASES = {
     "eval sweep steps inf": ["eval", "{run}", "--sweep", "steps=4,inf"],
     "eval sweep steps fractional": ["eval", "{run}", "--sweep", "steps=2.5"],
     "eval missing run": ["eval", "{tmp}/nope"],
+    "eval weights unknown": ["eval", "{run}", "--weights", "ema@0.5"],
+    "eval raw and post-hoc": ["eval", "{run}", "--raw", "--weights", "ema@0.1"],
+    "sample weights unknown": ["sample", "{run}", "--prompt", "a red circle", "--weights", "raw"],
     # studies
     "study budgets nan": ["study", "--out", "{tmp}/s", "--budgets", "1e12,nan"],
     "study budgets inf": ["study", "--out", "{tmp}/s", "--budgets", "inf"],
@@ -93,6 +96,9 @@ CASES = {
     "study unknown dataset": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--set", "data.name=imagenet"],
     "study unknown device": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--set", "train.device=tpu"],
     "study budget absurd": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--budgets", "1e40", "--plan-only"],
+    "study eval-ema too long": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--eval-ema", "0.05,0.4"],
+    "study eval-ema without snapshots": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--set", "train.ema_snapshots=0",
+                                         "--plan-only"],
     # tokenizers and report
     "tokenizer steps 0": ["tokenizer", "train", "--kind", "kl", "--out", "{tmp}/t", "--steps", "0"],
     "tokenizer out is a file": ["tokenizer", "train", "--kind", "kl", "--out", "{file}"],
