@@ -181,6 +181,9 @@ def _ema_table(an: Analysis) -> tuple[list, list]:
 def _per_seed(per_run: list[tuple]) -> str:
     """Paired changes run by run, "s0 -3%, s1 +1%", with the depth when the runs have several ("d2 s0 -3%")."""
     depths = {d for _, d, _, _ in per_run}
+    if len(per_run) > 6:  # many runs (every budget evaluated raw): the range, not a list
+        changes = [100 * c for *_, c in per_run]
+        return f"{len(per_run)} runs, {min(changes):+.0f}% to {max(changes):+.0f}%"
     return ", ".join(f"{f'd{d} ' if len(depths) > 1 else ''}s{seed} {round(100 * c):+d}%"  # int: no "-0%"
                      for _, d, seed, c in sorted(per_run, key=lambda x: (x[1], x[2])))
 
