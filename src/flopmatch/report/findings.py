@@ -19,14 +19,9 @@ from flopmatch.report.analysis import Analyser, Analysis
 from flopmatch.report.data import Study
 from flopmatch.report.stats import welch_test
 from flopmatch.report.verdicts import DIFF, decide
+from flopmatch.rundir import parse_weights
 
 EMA_LEVEL = 0.9
-
-
-def sigma_of(weights: str) -> float | None:
-    """The post-hoc EMA length of a weights name ("ema@0.1" -> 0.1); None for "ema" (training's EMA) and "model"."""
-    head, sep, tail = weights.partition("@")
-    return float(tail) if head == "ema" and sep else None
 
 
 def _interval(v: np.ndarray) -> tuple[float, float] | None:
@@ -76,7 +71,7 @@ def ema_analysis(study: Study) -> list[dict]:
                     fixed_sigma.setdefault(r["objective"], {})[run] = r["ema_sigma_rel"]
     sweep_runs: dict[str, set[str]] = {}
     for (p, w), pairs in found.items():
-        if sigma_of(w) is not None:
+        if parse_weights(w) is not None:
             sweep_runs.setdefault(p, set()).update(x[0] for x in pairs)
 
     def entry(p: str, w: str, pairs: list[Pair], scope: str) -> dict:
@@ -84,7 +79,7 @@ def ema_analysis(study: Study) -> list[dict]:
         pms = [x[4] for x in pairs if x[4] is not None]
         sig = [fixed_sigma.get(p, {}).get(x[0]) for x in pairs]
         sig = [x for x in sig if x is not None]
-        return {"paradigm": p, "weights": w, "sigma_rel": sigma_of(w), "scope": scope, "n": int(v.size),
+        return {"paradigm": p, "weights": w, "sigma_rel": parse_weights(w), "scope": scope, "n": int(v.size),
                 "mean_change": float(math.expm1(v.mean())), "interval": _interval(v),
                 "per_run": [(run, depth, seed, float(math.expm1(d))) for run, depth, seed, d, _ in pairs],
                 "prompt_change": float(np.mean(pms)) if pms else None,
@@ -94,7 +89,7 @@ def ema_analysis(study: Study) -> list[dict]:
                 "equivalent_sigma_rel": float(np.mean(sig)) if w == "ema" and sig else None}
 
     out = []
-    for (p, w), pairs in sorted(found.items(), key=lambda kv: (kv[0][0], sigma_of(kv[0][1]) or 0.0)):
+    for (p, w), pairs in sorted(found.items(), key=lambda kv: (kv[0][0], parse_weights(kv[0][1]) or 0.0)):
         if w == "ema" and sweep_runs.get(p):
             out.append(entry(p, w, [x for x in pairs if x[0] in sweep_runs[p]], "sweep"))
             if len(pairs) > out[-1]["n"]:
