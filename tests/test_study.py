@@ -15,12 +15,14 @@ from flopmatch.config import RunConfig, apply_overrides, from_dict
 from flopmatch.data.datasets import make_dataset
 from flopmatch.errors import UserError
 from flopmatch.evaluation.ceilings import CEILINGS_FILE
+from flopmatch.evaluation.operating import SWEEP_SEED, choose, point_from_entry
 from flopmatch.evaluation.prompt_groups import prompt_groups
-from flopmatch.evaluation.run import eval_prompts
+from flopmatch.evaluation.run import EvalConfig, eval_prompts
 from flopmatch.files import atomic_write_json, load_tensors
 from flopmatch.rundir import CHECKPOINT, STABLE_CHECKPOINT, read_state
 from flopmatch.study.grow import reconcile
 from flopmatch.study.launchers import LocalWorkersLauncher
+from flopmatch.study.operating import chosen_settings, sweep_eval, sweep_settings
 from flopmatch.study.plan import cell_seeds, chained_flops, make_plan, run_name
 from flopmatch.study.presets import HOLDOUT_COMBOS, HOLDOUT_RELATIONS, study_preset
 from flopmatch.study.runner import study
@@ -65,11 +67,30 @@ def test_tiny_study_end_to_end(tmp_path):
     assert len(plans) == 9
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    # one row per (run, evaluated setting): every run its default setting, with EMA and raw weights (eval_raw);
-    # diffusion and masked runs at the largest budget also one extra step setting; the runs at the middle budget
-    # also each post-hoc EMA of the sweep (eval_ema)
-    middle = sorted(scfg.budgets)[1]
-    expected = sum(2 + (len(scfg.eval_steps[p["objective"]]) if p["budget"] == max(scfg.budgets) else 0)
+    # one row per (run, evaluated setting): every run its default setting, with EMA and raw weights (eval_raw); the
+    # runs at the largest budget also the operating-point sweep (small set) and its chosen points (full set); the runs
+    # at the middle budget also each post-hoc EMA of the sweep (eval_ema)
+    middle, top = sorted(scfg.budgets)[1], max(scfg.budgets)
+    ecfg = EvalConfig(num_samples=scfg.eval_samples, features=list(scfg.features))
+    chosen = {}
+    for p in plans:
+        if p["budget"] == top:
+            cfg = from_dict(RunConfig, p["config"])
+            swept = sweep_settings(scfg, cfg)
+            assert len(swept) == len(scfg.sweep_guidance) * (1 + len(scfg.eval_steps[p["objective"]]))
+            chosen[p["name"]] = chosen_settings(out / "runs" / p["name"], cfg, swept, sweep_eval(ecfg, scfg))
+            # the chosen points are the front of the sweep's own numbers (plus its best prompt following)
+            entries = json.loads((out / "runs" / p["name"] / "eval.json").read_text())["entries"]
+            small = {k.split(",weights=")[0]: e for k, e in entries.items() if e["manifest"]["seed"] == SWEEP_SEED}
+            assert len(small) == len(swept) and all(e["manifest"]["num_samples"] == scfg.sweep_samples for e in small.values())
+            points = [point_from_entry(k, e, "effnet") for k, e in small.items()]
+            front = {q.key for q in choose(points)}
+            assert front and {k for k in small if k in front} == front
+            best = min(points, key=lambda q: (q.kid, q.key))
+            assert best.key in front  # the sweep's best-quality point is always on its front
+    assert chosen and all(c for c in chosen.values())  # every sweep finished and chose at least one point
+    expected = sum(2 + (len(sweep_settings(scfg, from_dict(RunConfig, p["config"]))) + sum(
+        1 for s in chosen[p["name"]] if s.guidance != scfg.eval_guidance or s.steps) if p["budget"] == top else 0)
                    + (len(scfg.eval_ema) if p["budget"] == middle else 0) for p in plans)
     assert scfg.eval_ema and len(rows) == expected
     posthoc = [r for r in rows if r["weights"].startswith("ema@")]
@@ -86,18 +107,25 @@ def test_tiny_study_end_to_end(tmp_path):
         doc = json.loads((out / "runs" / p["name"] / "eval.json").read_text())
         for entry in doc["entries"].values():
             m = entry["manifest"]
-            assert m["num_samples"] == scfg.eval_samples and m["feature_extractors"]["effnet"]["weights_sha256"]
+            n = scfg.sweep_samples if m["seed"] == SWEEP_SEED else scfg.eval_samples
+            assert m["num_samples"] == n and m["feature_extractors"]["effnet"]["weights_sha256"]
             assert entry["inference"]["sample_flops_per_image"] > 0
             assert "latency_s" not in entry["inference"]  # a study's evaluations do not time: its timing phase does
     # the timing phase: every evaluated EMA setting of each (paradigm, depth), timed in the same rounds
     timing = json.loads((out / "inference_timing.json").read_text())
     timed = {(i["objective"], i["setting"]) for i in timing["items"]}
-    ema = {(r["objective"], r["setting"].split(",weights=")[0]) for r in rows if r["weights"] == "ema"}
+    ema = {(r["objective"], r["setting"].split(",weights=")[0]) for r in rows if r["weights"] == "ema" and r["full_set"] == "true"}
     assert timed == ema and all(len(i["latency_rounds"]) == scfg.timing_rounds for i in timing["items"])
+    # the report's latency and throughput verdicts are at matched quality: each paradigm's cheapest full-set point
+    # with KID at or below the worst paradigm's best KID
+    assert "## Operating points at" in md and "at matched quality (KID <=" in md
+    level = max(min(float(r["kid_effnet"]) for r in rows if r["objective"] == q and r["budget"] == str(top)
+                    and r["full_set"] == "true" and r["weights"] == "ema") for q in ("diffusion", "masked", "autoregressive"))
+    assert f"KID <= {level:.3g}" in md
     ar = [i for i in timing["items"] if i["objective"] == "autoregressive"]
     assert ar and all(i["without_kv_cache"]["latency_s"] > 0 for i in ar)
     for r in rows:  # every run of a setting shows the phase's figures
-        if r["weights"] == "ema":
+        if r["weights"] == "ema" and r["full_set"] == "true":
             item = next(i for i in timing["items"] if (i["objective"], i["setting"]) == (r["objective"], r["setting"].split(",weights=")[0]))
             assert float(r["latency_s"]) == item["latency_s"] and r["timing_source"] == "study"
     html = (out / "report.html").read_text()

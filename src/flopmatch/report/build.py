@@ -27,6 +27,7 @@ from flopmatch.report.ceilings import add_column, by_paradigm, ceiling_banner, c
 from flopmatch.report.convention import convention_check
 from flopmatch.report.data import COLUMNS, Study, first_images, load_study
 from flopmatch.report.findings import EMA_LEVEL, analyse
+from flopmatch.report.operating import operating_rows, operating_text
 from flopmatch.report.plots import all_figures
 from flopmatch.report.prompt_groups import prompt_group_blocks
 from flopmatch.report.render import fmt, render_html, render_md
@@ -246,7 +247,11 @@ FIG_CAPTIONS = {
     "pareto_flops": "Quality against sampling FLOPs per image over every evaluated setting; lines are each paradigm's Pareto front.",
     "pareto_latency": "Quality against latency (one image, batch 1) over every evaluated setting; lines are Pareto fronts.",
     "throughput": "Throughput at the main settings (median over runs; bars span min-max).",
-    "step_sweep": "Latency, throughput and FID over the sampling-step sweep.",
+    "step_sweep": "Latency, throughput and FID over the sampling steps evaluated on the full image set.",
+    "operating_fronts": "KID against sampling FLOPs, latency, throughput and prompt-following error: faint dots are the "
+                        "sweep (small image set, not timed), solid dots the points evaluated on the full set, lines each "
+                        "paradigm's front; dashed: the matched-quality level.",
+    "guidance_sweep": "The sweep: KID and prompt full match against the guidance scale, one line per step/solver setting.",
     "loss_curves": "Training loss curves, one panel per paradigm (never across paradigms).",
     "ema_sweep": "FID change from each run's raw weights against the post-hoc EMA length sigma_rel (thin: each run; "
                  "thick: mean over runs); crosses: the EMA kept in training, at its own relative length.",
@@ -391,7 +396,8 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
                    f"{n_table} tests (family-wise level {ALPHA}), with noise that includes retraining (or timing rounds); "
                    f"**{SUGGESTIVE}**: better before the correction, or on evaluation noise only; **{NO_DIFF}**: the best "
                    "could not be separated from the paradigms named. Quality at the size chosen per budget; latency and "
-                   "throughput of that size at its main sampling settings."))
+                   "throughput of that size " + ("at each paradigm's cheapest point at matched quality (see Operating "
+                   "points)." if v.operating and v.operating.levels else "at its main sampling settings.")))
     B.append(("h", 2, "The paper's claims, checked here"))
     B.append(("ul", [f"**{c['status'].upper()}**: ({c['id']}) {c['paper']} Why: {c['reason']}." for c in v.claims]))
     n_claims = sum(c.p2 is not None for c in v.families["claims"])
@@ -454,6 +460,15 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
     B.append(("h", 2, "Iso-FLOP curves"))
     for name in ("iso_flop_fid", "iso_flop_prompt", "iso_flop_loss"):
         B.append(("fig", name, FIG_CAPTIONS[name]))
+    op = v.operating
+    B.append(("h", 2, "Operating points" + (f" at {op.budget:.3g} FLOPs" if op and op.budget else "")))
+    if op is not None:
+        B.append(("p", operating_text(op)))
+        hdr, rows = operating_rows(op)
+        if op.swept and rows:
+            B.append(("table", hdr, rows))
+            for name in ("operating_fronts", "guidance_sweep"):
+                B.append(("fig", name, FIG_CAPTIONS[name]))
     B.append(("h", 2, "Inference"))
     for name in ("pareto_flops", "pareto_latency", "throughput", "step_sweep"):
         B.append(("fig", name, FIG_CAPTIONS[name]))
@@ -483,7 +498,8 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
     B.append(("h", 2, "How the numbers were made"))
     B.append(("ul", [
         "Main setting of a run: the EMA eval entry whose sampler settings equal the run's default sample config (steps "
-        "resolved by the paradigm); if several or none match, the one with the lowest FID (effnet). Inference figures use every setting.",
+        "resolved by the paradigm), on the full image set; if several or none match, the one with the lowest FID (effnet). "
+        "Inference figures use every full-set setting.",
         "Fits: per paradigm, the best depth at each budget (seed mean), then E + A (C/C0)^-alpha fitted in log space; "
         f"{LEVEL:.0%} percentile bootstrap intervals (resampling seeds, or evaluation noise with one seed); a law needs "
         f">= {MIN_FIT_BUDGETS} budgets over >= {MIN_FIT_DECADES:g} decades.",

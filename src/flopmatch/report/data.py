@@ -8,8 +8,10 @@ The **main setting** of a run (the one its metric-vs-FLOPs points come from) is 
 among the EMA-weight eval entries, the one whose sampler settings equal the run config's default
 ``sample`` section with steps resolved by the paradigm (``objective.resolve_steps``); if several
 entries match (e.g. evaluated twice with different sample counts or seeds) or none does, the one
-with the lowest FID (effnet) among the matching ones, or among all EMA entries if none matches.
-The reason is recorded per run (``main_reason``). Inference plots use every setting.
+with the lowest FID (effnet) among the matching ones, or among all EMA entries if none matches; an
+operating-point sweep's small set (fewer images, another sampling seed) never wins over the full set.
+The reason is recorded per run (``main_reason``). ``full_set`` marks the rows on the main setting's
+image set, whose FIDs compare with it. Inference plots use every full-set setting.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ LOSS_TAIL = 0.1  # final loss = mean of the last 10 % of logged losses (at least
 COLUMNS = [
     "run", "run_dir", "objective", "depth", "width", "params", "budget", "schedule", "seed", "train_flops", "steps",
     "total_steps", "done", "final_loss", "evaluated", "setting", "main", "main_reason", "weights", "posthoc_residual",
-    "sample_steps", "cfg", "temperature", "top_k", "num_samples",  # "cfg": the guidance scale (column name of v0.1)
+    "sample_steps", "cfg", "temperature", "top_k", "num_samples", "eval_seed", "full_set",  # "cfg": the guidance scale (v0.1 name)
     "fid_effnet", "fid_se_effnet", "kid_effnet", "kid_std_effnet", "precision", "recall", "fid_inception",
     "fid_se_inception", "kid_inception",
     "prompt_full_match", *[f"prompt_{a}" for a in PROMPT_ATTRIBUTES],
@@ -169,12 +171,20 @@ def main_setting(entries: dict, sample, steps: int | None) -> tuple[str | None, 
         return None, "no eval entries"
     ema = {k: e for k, e in entries.items() if _weights(k, e) == "ema"} or entries
     match = sorted(k for k, e in ema.items() if _matches(_settings(e), sample, steps))
+    if len(match) > 1:  # the full set (most images, then the lowest sampling seed): an operating-point sweep's small
+        # set evaluates the default setting too, on other images (flopmatch.evaluation.operating)
+        rank = {k: (-(_manifest(ema[k]).get("num_samples") or 0), _manifest(ema[k]).get("seed") or 0) for k in match}
+        match = [k for k in match if rank[k] == min(rank.values())]
     if len(match) == 1:
         return match[0], "matches the run's default sample settings"
     pool = match or sorted(ema)
     best = min(pool, key=lambda k: (_fid(ema[k]), k))
     why = "several entries match the default settings" if match else "no entry matches the default settings"
     return best, f"{why}: lowest FID (effnet) chosen"
+
+
+def _manifest(entry: dict) -> dict:
+    return entry.get("manifest") or {}
 
 
 def _num(x):
@@ -191,7 +201,7 @@ def _entry_fields(key: str, entry: dict) -> dict:
         "posthoc_residual": _num(((entry.get("manifest") or {}).get("posthoc_ema") or {}).get("profile_residual")),
         "sample_steps": s.get("steps"), "cfg": _num(s.get("guidance")),
         "temperature": _num(s.get("temperature")), "top_k": s.get("top_k"),
-        "num_samples": (entry.get("manifest") or {}).get("num_samples"),
+        "num_samples": (entry.get("manifest") or {}).get("num_samples"), "eval_seed": (entry.get("manifest") or {}).get("seed"),
         "fid_effnet": _num(eff.get("fid")), "kid_effnet": _num(eff.get("kid")), "kid_std_effnet": _num(eff.get("kid_std")),
         "precision": _num(eff.get("precision")), "recall": _num(eff.get("recall")),
         "fid_inception": _num(inc.get("fid")), "kid_inception": _num(inc.get("kid")),
@@ -284,6 +294,11 @@ def _read_run(root: Path, run: Path, timed: dict | None = None) -> tuple[RunInfo
             row |= (timed or {}).get((row["objective"], row["depth"], key.split(",weights=")[0]), {})
         row["main"] = key == main_key
         row["main_reason"] = reason if key == main_key else None
+        # on the main setting's image set (its sample count and sampling seed), so its FID compares with the main one's;
+        # False for an operating-point sweep's small set (flopmatch.evaluation.operating)
+        main_entry = entries.get(main_key) or {}
+        row["full_set"] = ((row["num_samples"], row["eval_seed"])
+                           == (_manifest(main_entry).get("num_samples"), _manifest(main_entry).get("seed")))
         sd = sample_dir(run, key)
         row["samples_dir"] = sd.relative_to(root).as_posix() if sd.is_dir() else None
         rows.append(row)

@@ -21,6 +21,7 @@ from matplotlib.ticker import FuncFormatter, LogFormatter
 
 from flopmatch.report.analysis import EXTRAPOLATE, METRIC, Analysis, setting_medians
 from flopmatch.report.data import Study
+from flopmatch.report.operating import QUALITY_COL, Operating, latency_of, paradigm_order, throughput_of
 from flopmatch.report.records import iso_flop, pareto_front
 
 DPI = 100
@@ -200,8 +201,9 @@ def iso_flops(an: Analysis, study: Study, metric: str):
 
 
 def _pareto_rows(study: Study) -> tuple[list[dict], str]:
-    """Evaluated EMA entries of finished runs at the largest budget every paradigm reached."""
-    rows = [r for r in study.rows if r["done"] and r["setting"] and r["weights"] == "ema" and r["sample_flops_per_image"]]
+    """Evaluated EMA entries (on their run's full image set) of finished runs at the largest budget every paradigm reached."""
+    rows = [r for r in study.rows if r["done"] and r["setting"] and r["weights"] == "ema" and r["sample_flops_per_image"]
+            and r["full_set"]]  # an operating-point sweep's small set: another sample count, FIDs not comparable
     if not rows:
         return [], ""
     per = {}
@@ -319,6 +321,89 @@ def step_sweep(study: Study, paradigms: list[str]):
     return fig
 
 
+def operating_fronts(op: Operating):
+    """KID against sampling FLOPs, latency, throughput and prompt-following error at the largest budget: the sweep's
+    small-set points faint, the full-set points solid with each paradigm's front, the matched-quality level dashed."""
+    if not op.swept:
+        return None
+    panels = (("sample_flops_per_image", "sampling FLOPs per image", "lower"), ("latency", "latency (s, batch 1)", "lower"),
+              ("throughput", "throughput (images/s)", "higher"), ("prompt", "prompt-following error (1 - full match)", "lower"))
+    fig, axes = _figure(ncols=4, w=3.9)
+
+    def x_of(r: dict, col: str):
+        if col == "latency":
+            return latency_of(r)
+        if col == "throughput":
+            return throughput_of(r)
+        if col == "prompt":
+            return None if r["prompt_full_match"] is None else 1 - r["prompt_full_match"]
+        return r[col]
+
+    for ax, (col, label, better) in zip(axes[0], panels):
+        ys = []
+        for key in paradigm_order(op):
+            pts = op.points[key]
+            name = key[0] if len({d for _, d in op.points}) == 1 else f"{key[0]} d{key[1]}"
+            faint = [(x, r[QUALITY_COL]) for r in pts.sweep if (x := x_of(r, col)) is not None and r[QUALITY_COL] is not None]
+            if faint and col in ("sample_flops_per_image", "prompt"):  # the sweep was not timed
+                ax.scatter(*zip(*faint), s=10, color=_color(key[0]), alpha=0.25, linewidths=0)
+            full = [(x, r[QUALITY_COL]) for r in pts.full if (x := x_of(r, col)) is not None and r[QUALITY_COL] is not None]
+            if not full:
+                continue
+            ys += [v for _, v in full + faint]
+            ax.scatter(*zip(*full), s=16, color=_color(key[0]))
+            sign = -1.0 if better == "higher" else 1.0
+            front = pareto_front([(sign * x, v) for x, v in full])
+            ax.plot([sign * f[0] for f in front], [f[1] for f in front], color=_color(key[0]), label=name)
+        if not ys:
+            ax.set_visible(False)
+            continue
+        for depth, level in op.levels.items():
+            ax.axhline(level, color="#555555", ls="--", lw=0.8, label="matched quality" if depth == min(op.levels) else None)
+        if col != "prompt":
+            ax.set_xscale("log")
+            if col != "sample_flops_per_image":  # FLOPs span decades: matplotlib's 10^k labels read better there
+                _plain_log(ax.xaxis)
+        _logy_if_positive(ax, ys)
+        ax.set_xlabel(label + (" (higher is better)" if better == "higher" else ""))
+        ax.set_ylabel("KID (effnet)")
+        ax.legend(loc="best")
+    fig.suptitle(f"Operating points at {op.budget:.3g} training FLOPs: faint = sweep (small set), solid = full set")
+    return fig
+
+
+def guidance_sweep(op: Operating):
+    """KID and prompt full match against the guidance scale, one line per paradigm and step/solver setting (sweep set)."""
+    if not op.swept:
+        return None
+    fig, axes = _figure(ncols=2, w=4.6)
+    styles = ("-", "--", ":", "-.")
+    for ax, (col, label) in zip(axes[0], ((QUALITY_COL, "KID (effnet)"), ("prompt_full_match", "prompt full match"))):
+        ys = []
+        for key in paradigm_order(op):
+            lines: dict[str, list] = {}
+            for r in op.points[key].sweep:
+                if r[col] is not None and r["cfg"] is not None:
+                    rest = ",".join(x for x in r["setting"].split(",weights=")[0].split(",") if not x.startswith("cfg="))
+                    lines.setdefault(rest, []).append((r["cfg"], r[col]))
+            for i, (rest, pts) in enumerate(sorted(lines.items())):
+                pts.sort()
+                ys += [v for _, v in pts]
+                steps = rest.split(",")[0]
+                extra = [x for x in rest.split(",")[1:] if x.split("=")[0] in ("solver", "topk", "shift") and x != "topk=0"]
+                ax.plot(*zip(*pts), marker="o", ms=3, ls=styles[i % len(styles)], color=_color(key[0]),
+                        label=f"{key[0]} {steps}{' ' + ' '.join(extra) if extra else ''}")
+        if not ys:
+            continue
+        if col == QUALITY_COL:
+            _logy_if_positive(ax, ys)
+        ax.set_xlabel("guidance scale (1 = none)")
+        ax.set_ylabel(label)
+        ax.legend(loc="best", fontsize=7)
+    fig.suptitle(f"The operating-point sweep at {op.budget:.3g} training FLOPs (small image set)")
+    return fig
+
+
 def ema_sweep(an: Analysis):
     """FID change from raw weights against post-hoc EMA length, per paradigm: each run, the mean, training's EMA."""
     sweep = [e for e in an.ema if e["sigma_rel"] is not None]
@@ -364,4 +449,6 @@ def all_figures(an: Analysis, study: Study) -> dict[str, bytes | None]:
     figs["step_sweep"] = _render(step_sweep, study, an.paradigms)
     figs["loss_curves"] = _render(loss_curves, study, an.paradigms)
     figs["ema_sweep"] = _render(ema_sweep, an)
+    figs["operating_fronts"] = _render(operating_fronts, an.verdicts.operating or Operating(None, {}, {}))
+    figs["guidance_sweep"] = _render(guidance_sweep, an.verdicts.operating or Operating(None, {}, {}))
     return figs

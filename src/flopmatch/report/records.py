@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from flopmatch.errors import UserError
+from flopmatch.evaluation.operating import pareto_front  # noqa: F401  (re-exported: the report's fronts)
 
 
 @dataclass(frozen=True)
@@ -171,25 +172,3 @@ def iso_flop(points: Iterable[Any], budget: float, nan_policy: str = "raise") ->
     cells = _cells(points, nan_policy)
     by_depth = cells[select_budget(cells, budget)]
     return [(d, float(np.mean(v)), seed_std(v)) for d, v in by_depth.items()]
-
-
-def pareto_front(points: Sequence[Sequence[Any]]) -> list:
-    """Non-dominated points of ``[(cost, value, *extra), ...]``, lower cost and lower value both better.
-
-    A point is dropped if another has cost <= and value <= with one strict; of exact duplicates the
-    first is kept. Returned as the original tuples, by ascending cost (so value strictly decreases).
-    Used for quality vs sampling FLOPs / latency.
-    """
-    items = []
-    for i, p in enumerate(points):
-        c, v = float(p[0]), float(p[1])
-        if not (math.isfinite(c) and math.isfinite(v)):
-            raise UserError(f"pareto_front: point {i} has a non-finite cost or value: {p!r}")
-        items.append((c, v, i, p))
-    items.sort(key=lambda t: (t[0], t[1], t[2]))
-    out, best_v = [], math.inf
-    for c, v, _, p in items:
-        if v < best_v:  # strictly better than every cheaper-or-equal point kept so far
-            out.append(p)
-            best_v = v
-    return out

@@ -44,6 +44,7 @@ from scipy import stats as sps
 from flopmatch import PARADIGMS
 from flopmatch.report.analysis import inference_summary
 from flopmatch.report.data import Study
+from flopmatch.report.operating import Operating, matched_timing, operating
 from flopmatch.report.stats import TestResult, holm_adjusted, paired_test, pooled_test, pooled_variance, slope_test, welch_test
 
 ALPHA = 0.05  # family-wise level of each family
@@ -179,6 +180,7 @@ class Verdicts:
     table: list[dict] = field(default_factory=list)
     claims: list[dict] = field(default_factory=list)
     depths: int = 1
+    operating: Operating | None = field(default=None, repr=False)  # operating points at the largest budget (report.operating)
 
 
 # ---------------------------------------------------------------------------------- cells and noise
@@ -298,7 +300,13 @@ class _Builder:
         self.cells = {m: _cells(recs[m]) for m in QUALITY}
         self.families: dict[str, list[Comparison]] = {"claims": [], "table": []}
         self.mirrors: list[tuple[Comparison, Comparison]] = []  # (b vs a, the a vs b test in the family)
-        self.timing = inference_summary(study)
+        self.timing = inference_summary(study)  # main settings
+        # each paradigm's cheapest point at a quality every paradigm reaches, where the study swept operating points
+        self.operating = operating(study)
+        matched = matched_timing(self.operating)
+        # only where every timed paradigm of a depth has its point: a comparison mixes no bases
+        self.matched = {k: v for k, v in matched.items()
+                        if all((p, d) in matched for (p, d) in self.timing if d == k[1])}
         present = {p for (p, _) in self.cells["fid"]} | {p for (p, _) in self.cells["prompt"]} | {p for p, _ in self.timing}
         self.paradigms = [p for p in PARADIGMS if p in present] + sorted(present - set(PARADIGMS))
 
@@ -357,26 +365,36 @@ class _Builder:
         return self.add("claims", Comparison("claims", metric + "_trend", a, b, where, test, source,
                                              _cap(*[c for pr in pairs for c in pr])))
 
+    def cost_source(self, a: tuple[str, int], b: tuple[str, int], metric: str) -> tuple[dict, str]:
+        """Where a's and b's cost figures come from: their matched-quality points when both have one for ``metric``
+        (a study with an operating-point sweep), else their main settings; and the words that say which."""
+        ma, mb = self.matched.get(a, {}), self.matched.get(b, {})
+        if ma.get(metric) and mb.get(metric) and ma["basis"] == mb["basis"]:
+            return self.matched, ", " + ma["basis"]
+        return self.timing, ", main settings"
+
     def timed(self, family: str, metric: str, a: tuple[str, int], b: tuple[str, int]) -> Comparison | None:
-        va, vb = self.timing.get(a, {}).get(metric), self.timing.get(b, {}).get(metric)
+        source, basis = self.cost_source(a, b, metric)
+        va, vb = source.get(a, {}).get(metric), source.get(b, {}).get(metric)
         if not va or not vb:
             return None
         sign = -1.0 if metric == "throughput" else 1.0  # throughput: higher is better
         la, lb = sign * np.log(va), sign * np.log(vb)
-        where = f"depth {a[1]}" if a[1] == b[1] else f"depths {a[1]} and {b[1]}"
-        if self.timing[a]["phase"] and self.timing[b]["phase"] and la.size == lb.size:
+        where = (f"depth {a[1]}" if a[1] == b[1] else f"depths {a[1]} and {b[1]}") + basis
+        if source[a]["phase"] and source[b]["phase"] and la.size == lb.size:
             # rounds interleave the paradigms: round r of a and of b share the machine's state, so pair them
             return self.add(family, Comparison(family, metric, a[0], b[0], where, paired_test(la, lb), "timing rounds"))
         return self.add(family, Comparison(family, metric, a[0], b[0], where, welch_test(la, lb), "per-run timings",
                                            "timings from separate evaluations, possibly under different loads"))
 
     def flops(self, a: tuple[str, int], b: tuple[str, int]) -> Comparison | None:
-        fa, fb = self.timing.get(a, {}).get("flops"), self.timing.get(b, {}).get("flops")
+        source, basis = self.cost_source(a, b, "flops")
+        fa, fb = source.get(a, {}).get("flops"), source.get(b, {}).get("flops")
         if not fa or not fb:
             return None
         est = math.log(fa[0]) - math.log(fb[0])
         test = TestResult(est, 0.0, None, 0.0 if est < 0 else 1.0 if est > 0 else 0.5, 1, 1, "exact")
-        where = f"depth {a[1]}" if a[1] == b[1] else f"depths {a[1]} and {b[1]}"
+        where = (f"depth {a[1]}" if a[1] == b[1] else f"depths {a[1]} and {b[1]}") + basis
         return Comparison("exact", "flops", a[0], b[0], where, test, "exact")
 
 
@@ -498,7 +516,7 @@ def _claims(b: _Builder) -> list[tuple[int, list[dict]]]:
     p4 = [part(f"diffusion has the best image quality at the largest budget{f' ({top[-1]:.3g})' if top else ''}",
                [(b.quality("claims", "fid", DIFF, q, top[-1]), DIFF) for q in b.paradigms
                 if q != DIFF and (q, top[-1]) in b.cells["fid"]] if top else []),
-          part("diffusion has the lowest latency (batch 1, main settings)",
+          part(f"diffusion has the lowest latency (batch 1, {'at matched quality' if b.matched else 'main settings'})",
                [(b.timed("claims", "latency", (DIFF, d), (q, d)), DIFF) for d in dshared for q in b.paradigms
                 if q != DIFF and (q, d) in b.timing]),
           part(f"next-token follows prompts best at the largest budget{f' ({topp[-1]:.3g})' if topp else ''}",
@@ -528,8 +546,9 @@ def _table_cell(b: _Builder, budget: float, need: str, metric: str) -> dict:
                 depth[p] = d
         if len(depth) < 2:
             return cell
-        # ranked by the mean log timing, the quantity the tests compare
-        mlog = {p: float(np.mean(np.log(b.timing[(p, d)][metric]))) for p, d in depth.items()}
+        # ranked by the mean log timing, the quantity the tests compare, from the same figures (matched or main)
+        src = b.matched if all(b.matched.get((p, d), {}).get(metric) for p, d in depth.items()) else b.timing
+        mlog = {p: float(np.mean(np.log(src[(p, d)][metric]))) for p, d in depth.items()}
         ranked = sorted(mlog, key=lambda p: (mlog[p] if metric == "latency" else -mlog[p], p))
         comps = [b.timed("table", metric, (ranked[0], depth[ranked[0]]), (q, depth[q])) for q in ranked[1:]]
     cell["comparisons"] = [c for c in comps if c is not None]
@@ -572,4 +591,4 @@ def decide(study: Study) -> Verdicts:
         status = claim_status(parts)
         out.append({"id": i, "paper": CLAIMS[i], "status": status, "parts": parts, "reason": _reason(status, parts, b.noise)})
     depths = max((c.depths for m in QUALITY for c in b.cells[m].values()), default=1)
-    return Verdicts(b.noise, b.cells, b.families, table, out, depths)
+    return Verdicts(b.noise, b.cells, b.families, table, out, depths, b.operating)

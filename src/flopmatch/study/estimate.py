@@ -17,6 +17,8 @@ from pathlib import Path
 from flopmatch.config import RunConfig, from_dict, parse_source
 from flopmatch.data.datasets import shapes_config
 from flopmatch.evaluation.attributes import attribute_classifier_cached
+from flopmatch.objectives import make_objective
+from flopmatch.study.operating import selection_run, sweep_settings
 from flopmatch.study.plan import (
     RunPlan,
     autoencoder_config,
@@ -24,6 +26,7 @@ from flopmatch.study.plan import (
     ema_sweep,
     eval_settings,
     fmt_duration,
+    planned_spec,
     token_types,
     tokenizer_dirs,
 )
@@ -46,6 +49,8 @@ class Rates:
     sampling_efficiency: float = 0.6  # sampling FLOP rate / training FLOP rate (small batches, per-step overhead)
     eval_setting_s: float = 6.0  # per evaluated setting: FID bootstrap, KID, precision/recall, prompt scoring, saving
     fid_boot_s: float = 1.0  # of which the FID bootstrap (200 replicates), which raw and post-hoc EMA evaluations skip
+    sweep_setting_s: float = 2.5  # per setting of the operating-point sweep (KID, precision/recall, prompt scoring; no files)
+    chosen_points: int = 2  # points a sweep typically sends to the full set besides the main setting (a guess)
     run_overhead_s: float = 3.0  # per run: loading data, building the network, checkpoints
     batch1_efficiency: float = 0.1  # sampling FLOP rate at batch 1 / at large batches (timing phase latency calls)
     timing_batch: int = 64  # typical best batch of the timing phase's throughput calls
@@ -89,10 +94,20 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
         per_setting = (scfg.eval_samples * p.sample_flops_per_image / sample_rate + scfg.eval_samples * per_image
                        + rates.eval_setting_s)
         evaluation += settings * per_setting - extra * rates.fid_boot_s
+        chosen = 0
+        if selection_run(scfg, p):  # the operating-point sweep on its small set, then its chosen points in full
+            cfg = from_dict(RunConfig, p.config)
+            swept = sweep_settings(scfg, cfg)
+            spec = planned_spec(cfg, scfg)
+            flops = sum(make_objective(cfg.objective).sample_flops(spec, s) for s in swept)
+            evaluation += (scfg.sweep_samples * (flops / sample_rate + len(swept) * per_image)
+                           + len(swept) * rates.sweep_setting_s)
+            chosen = min(len(swept), rates.chosen_points)
+            evaluation += chosen * per_setting
         if (p.objective, p.depth) in timed or p.budget != max(scfg.budgets):
             continue  # the timing phase times one run per architecture, at the largest budget (study.timing_phase)
         timed.add((p.objective, p.depth))
-        items = (settings - extra) * (2 if p.objective == "autoregressive" else 1)
+        items = (settings - extra + chosen) * (2 if p.objective == "autoregressive" else 1)
         per_round = p.sample_flops_per_image / sample_rate * (5 / rates.batch1_efficiency + rates.timing_batch)
         timing += items * (scfg.timing_budget_s + scfg.timing_rounds * per_round)
     out = {"set-up": setup, "training": training, "evaluation": evaluation, "timing": timing,

@@ -8,7 +8,8 @@ report (the report reads every run under ``runs/``):
 
 - grid axes (``objectives``, ``depths``, ``budgets``, ``seeds``, ``floor_seeds``, ``base_seed``): may
   add cells, never drop one;
-- evaluation axes (``eval_steps``, ``eval_raw``, ``eval_ema``): may add settings, never drop one;
+- evaluation axes (``eval_steps``, ``eval_raw``, ``eval_ema``, ``sweep_guidance``, ``eval_variants``): may add
+  settings, never drop one;
 - everything else that defines runs or their evaluation (the ``--set`` overrides, tokenizer, number of
   evaluation samples, guidance, feature extractors): must be equal;
 - ``StudyConfig.NOT_IDENTITY`` (timing and report settings) and run-config keys in
@@ -30,7 +31,7 @@ from flopmatch.study.plan import RunPlan, make_plan
 from flopmatch.study.presets import StudyConfig
 
 GRID = ("objectives", "depths", "budgets", "seeds", "floor_seeds", "base_seed")
-ADDITIVE = ("eval_steps", "eval_raw", "eval_ema")
+ADDITIVE = ("eval_steps", "eval_raw", "eval_ema", "sweep_guidance", "eval_variants")
 LABEL = ("preset",)  # a name only: the settings it stood for are compared one by one
 
 
@@ -46,6 +47,11 @@ def _fewer_evaluations(old: StudyConfig, new: StudyConfig) -> str | None:
         return "eval_raw"
     if not set(old.eval_ema) <= set(new.eval_ema):
         return "eval_ema"
+    if not set(old.sweep_guidance) <= set(new.sweep_guidance):
+        return "sweep_guidance"
+    for objective, variants in old.eval_variants.items():
+        if objective in new.objectives and any(v not in new.eval_variants.get(objective, []) for v in variants):
+            return "eval_variants"
     for objective, steps in old.eval_steps.items():
         if objective in new.objectives and not set(steps) <= set(new.eval_steps.get(objective, [])):
             return "eval_steps"

@@ -18,6 +18,7 @@ from flopmatch.growth import branch_run, branch_source
 from flopmatch.objectives import make_objective
 from flopmatch.plan import net_spec_for, plan_steps
 from flopmatch.rundir import CONFIG, read_eval_entries, read_state, snapshots
+from flopmatch.study.operating import chosen_settings
 from flopmatch.study.plan import RunPlan
 from flopmatch.study.presets import StudyConfig
 from flopmatch.study.timing_phase import ensure_timing
@@ -37,7 +38,9 @@ def _eval_todo(job: dict, cfg: RunConfig, run: Path, say: bool = False) -> list[
     """The evaluation passes ``job`` still needs: (eval config, settings not yet in ``eval.json``), non-empty only.
 
     With ``job["raw"]`` the main (first) setting is also evaluated with the raw weights; with ``job["ema"]`` (the
-    post-hoc EMA sweep, :func:`flopmatch.study.plan.ema_sweep`) with the raw weights and each post-hoc EMA too.
+    post-hoc EMA sweep, :func:`flopmatch.study.plan.ema_sweep`) with the raw weights and each post-hoc EMA too; with
+    ``job["sweep"]`` (a selection run, :mod:`flopmatch.study.operating`) the sweep's settings on its small set, then,
+    once they are all in ``eval.json``, its chosen points on the full set.
     """
     ecfg = from_dict(EvalConfig, job["eval"])
     settings = [from_dict(SampleConfig, s) for s in job["settings"]]
@@ -56,6 +59,15 @@ def _eval_todo(job: dict, cfg: RunConfig, run: Path, say: bool = False) -> list[
         passes.append((replace(ecfg, weights="model", timing=False, fid_boot=0), settings[:1]))
     for sigma in sweep:
         passes.append((replace(ecfg, weights=f"ema@{sigma:g}", timing=False, fid_boot=0), settings[:1]))
+    if job.get("sweep"):  # the operating-point sweep (small set), then its chosen points on the full set
+        sweep_ecfg = from_dict(EvalConfig, job["sweep_eval"])
+        sweep = [from_dict(SampleConfig, s) for s in job["sweep"]]
+        passes.append((sweep_ecfg, sweep))
+        chosen = chosen_settings(run, cfg, sweep, sweep_ecfg)
+        if chosen is None and say:
+            print(f"[study] {run.name}: operating-point sweep of {len(sweep)} settings on {sweep_ecfg.num_samples} images",
+                  flush=True)
+        passes.append((replace(ecfg, timing=False), chosen or []))
     todo = []
     for ec, wanted in passes:
         missing = [s for s in wanted if entry_key(s, objective.resolve_steps(s, spec), ec) not in done]
@@ -148,5 +160,12 @@ def run_job(job: dict, progress: bool = True) -> None:
     run = Path(job["run_dir"])
     if not _trained(run):
         train(cfg, run, progress=progress)
-    for ec, todo in _eval_todo(job, cfg, run, say=True):
-        evaluate(run, todo, ec, progress=progress)
+    # One pass at a time, re-reading eval.json in between: the sweep's chosen points are known only once it is done.
+    # Each pass adds its entries, so this ends; the bound is a guard against a pass that could not record its entries.
+    for i in range(len(_eval_todo(job, cfg, run)) + 2):
+        todo = _eval_todo(job, cfg, run, say=i == 0)
+        if not todo:
+            return
+        evaluate(run, todo[0][1], todo[0][0], progress=progress)
+        dist.barrier()  # every rank re-reads eval.json after the main rank wrote it
+    raise RuntimeError(f"{run}: evaluations still missing after every pass ran: {_eval_todo(job, cfg, run)}")

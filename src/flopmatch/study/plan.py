@@ -11,8 +11,9 @@ from pathlib import Path
 
 from flopmatch.config import RunConfig, SampleConfig, apply_overrides, from_dict, to_dict
 from flopmatch.errors import UserError
+from flopmatch.nets import NetSpec
 from flopmatch.objectives import make_objective
-from flopmatch.plan import flops_summary, plan_steps
+from flopmatch.plan import flops_summary, net_spec_for, plan_steps
 from flopmatch.schedule import stable_steps
 from flopmatch.study.presets import StudyConfig
 from flopmatch.tokenizers.autoencoder import AutoencoderConfig
@@ -121,19 +122,30 @@ def make_plan(scfg: StudyConfig, study: Path) -> list[RunPlan]:
     return plans
 
 
+def _planned_tokenizer(cfg: RunConfig, scfg: StudyConfig):
+    """The tokenizer spec a run will have: None (read it from the run config) once the study's learned tokenizer
+    exists, before that the spec of its autoencoder config."""
+    if cfg.tokenizer.path and not Path(cfg.tokenizer.path, "tokenizer.json").exists():
+        return autoencoder_config(scfg, make_objective(cfg.objective).tokens).spec()
+    return None
+
+
+def planned_spec(cfg: RunConfig, scfg: StudyConfig) -> NetSpec:
+    """The network a run of the study trains, also before the study's tokenizers exist."""
+    return net_spec_for(cfg, _planned_tokenizer(cfg, scfg))
+
+
 def _analytic(cfg: RunConfig, scfg: StudyConfig) -> dict:
     """Params and FLOPs of a config; before the learned tokenizers exist, from their autoencoder configs."""
-    tok = None
-    if cfg.tokenizer.path and not Path(cfg.tokenizer.path, "tokenizer.json").exists():
-        tok = autoencoder_config(scfg, make_objective(cfg.objective).tokens).spec()
-    info = flops_summary(cfg, tok)
+    info = flops_summary(cfg, _planned_tokenizer(cfg, scfg))
     return {k: info[k] for k in ("params", "train_flops_per_example", "sample_flops_per_image")}
 
 
 def eval_settings(scfg: StudyConfig, cfg: RunConfig) -> list[SampleConfig]:
-    """The run's default sampling setting first, then (runs at the largest budget) the preset's extra step counts."""
+    """The run's default sampling setting first, then (runs at the largest budget of a study without an operating-point
+    sweep) the preset's extra step counts; with a sweep, those are swept instead (flopmatch.study.operating)."""
     main = cfg.sample
-    if cfg.train.budget != max(scfg.budgets):
+    if cfg.train.budget != max(scfg.budgets) or scfg.sweep_guidance:
         return [main]
     extra = [replace(main, steps=s) for s in scfg.eval_steps.get(cfg.objective.name, []) if s != main.steps]
     return [main] + extra

@@ -34,6 +34,8 @@ HOLDOUT_COMBOS: tuple[str, ...] = ("red square", "green diamond", "blue triangle
 # axis. Generalising to them needs the relation bound to the right objects, not a memorised layout.
 HOLDOUT_RELATIONS: tuple[str, ...] = ("circle above square", "triangle above diamond", "cross above circle",
                                       "square to the left of triangle", "diamond to the left of cross")
+# SampleConfig's fields, as plain strings (see above: no torch here); tests/test_operating.py checks they match
+SAMPLE_FIELDS = ("steps", "guidance", "temperature", "top_k", "choice_temperature", "solver", "shift", "kv_cache")
 HOLDOUT_OVERRIDES = [f"data.holdout={', '.join(HOLDOUT_COMBOS)}",
                      f"data.holdout_relations={', '.join(HOLDOUT_RELATIONS)}"]
 
@@ -61,6 +63,15 @@ class StudyConfig:
     # extra sampling-step settings per paradigm for the inference sweep, evaluated on the runs at the largest
     # budget (where the report's quality-vs-cost fronts are drawn); every run's default setting is always evaluated
     eval_steps: dict[str, list[int]] = field(default_factory=lambda: {"diffusion": [10], "masked": [6], "autoregressive": []})
+    # The operating-point sweep (flopmatch.evaluation.operating): at the largest budget, each (paradigm, depth)'s lowest
+    # seed is also evaluated at every guidance in sweep_guidance x every step count (the main one and eval_steps) x every
+    # sampler variant in eval_variants, on sweep_samples images of their own seed; the chosen points (the KID-vs-sampling-
+    # FLOPs front and the best prompt-following point) are then evaluated on the full eval_samples set and timed. With a
+    # sweep, eval_steps are swept, not evaluated in full by themselves. Empty: no sweep (the main setting and eval_steps).
+    sweep_guidance: list[float] = field(default_factory=list)
+    sweep_samples: int = 100
+    # extra sampler settings swept per paradigm (SampleConfig fields), e.g. {"diffusion": [{"solver": "heun", "steps": 10}]}
+    eval_variants: dict[str, list[dict]] = field(default_factory=dict)
     features: list[str] = field(default_factory=lambda: ["effnet"])
     eval_raw: bool = False  # also evaluate each run's main setting with raw (non-EMA) weights: the paper's EMA finding
     # post-hoc EMA sweep (EDM2, flopmatch.ema): the runs at the floor budget (every seed of every paradigm and depth)
@@ -97,6 +108,14 @@ class StudyConfig:
             raise UserError(f"eval_ema: each sigma_rel must be in (0, 0.3], got {self.eval_ema}")
         if self.eval_samples < 10:
             raise UserError(f"eval_samples must be >= 10, got {self.eval_samples}")
+        if any(not g >= 1 for g in self.sweep_guidance):
+            raise UserError(f"sweep_guidance: each guidance scale must be >= 1 (1 = no guidance), got {self.sweep_guidance}")
+        if self.sweep_samples < 10:
+            raise UserError(f"sweep_samples must be >= 10, got {self.sweep_samples}")
+        bad = [k for vs in self.eval_variants.values() for v in vs for k in v if k not in SAMPLE_FIELDS]
+        if bad:
+            raise UserError(f"eval_variants: unknown sampler setting(s) {', '.join(sorted(set(bad)))}; "
+                            f"choose from {', '.join(SAMPLE_FIELDS)}")
         return self
 
 
@@ -127,6 +146,8 @@ def cpu() -> StudyConfig:
                    *HOLDOUT_OVERRIDES],
         tokenizer_overrides=["steps=600"],
         eval_samples=250,
+        sweep_guidance=[1.0, 2.0, 3.0, 5.0],
+        sweep_samples=100,
         eval_ema=[0.05, 0.2],  # the ends of EMA_SWEEP (training's EMA sits near 0.09 at these lengths): ~1.5 min
         timing_budget_s=2.0,
         timing_rounds=7,  # CPU batch-1 latencies vary 20-70 % between rounds here: more rounds, not longer ones
@@ -151,6 +172,9 @@ def cpu_long() -> StudyConfig:
                    *HOLDOUT_OVERRIDES],
         tokenizer_overrides=["steps=1200"],
         eval_samples=500,
+        sweep_guidance=[1.0, 1.5, 2.0, 3.0, 5.0],
+        sweep_samples=200,
+        eval_variants={"diffusion": [{"solver": "heun", "steps": 10}]},
         eval_raw=True,
         eval_ema=list(EMA_SWEEP),
         timing_budget_s=3.0,
@@ -172,6 +196,10 @@ def gpu() -> StudyConfig:
         tokenizer_preset="gpu",
         eval_samples=5000,
         eval_steps={"diffusion": [10, 50], "masked": [6, 24], "autoregressive": []},
+        sweep_guidance=[1.0, 1.5, 2.0, 3.0, 5.0],
+        sweep_samples=1000,
+        eval_variants={"diffusion": [{"solver": "heun", "steps": 10}, {"solver": "heun", "steps": 25}],
+                       "autoregressive": [{"top_k": 100}]},
         features=["effnet", "inception"],
         eval_raw=True,
         eval_ema=[0.03, *EMA_SWEEP],
@@ -190,6 +218,8 @@ def tiny() -> StudyConfig:
                    *HOLDOUT_OVERRIDES],  # the same holdout, so the smoke study exercises the held-out report (4 of 32 prompts)
         tokenizer="weight-free",
         eval_samples=32,
+        sweep_guidance=[1.0, 3.0],
+        sweep_samples=16,
         eval_ema=[0.1],
         eval_steps={"diffusion": [2], "masked": [2], "autoregressive": []},
         timing_budget_s=0.3,

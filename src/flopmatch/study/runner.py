@@ -37,6 +37,7 @@ from flopmatch.study.estimate import Rates, estimate, format_estimate
 from flopmatch.study.grow import reconcile
 from flopmatch.study.job import chain_jobs, timing_job
 from flopmatch.study.launchers import make_launcher
+from flopmatch.study.operating import selection_run, sweep_eval, sweep_settings
 from flopmatch.study.plan import (
     ema_sweep,
     eval_settings,
@@ -114,7 +115,8 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
         cfg = from_dict(RunConfig, p.config)
         jobs.append({"name": p.name, "run_dir": str(out / "runs" / p.name), "config": p.config, "eval": asdict(ecfg),
                      "settings": [asdict(s) for s in eval_settings(scfg, cfg)], "raw": scfg.eval_raw,
-                     "ema": ema_sweep(scfg, p)})
+                     "ema": ema_sweep(scfg, p), "sweep": [asdict(s) for s in sweep_settings(scfg, cfg)] if selection_run(scfg, p)
+                     else [], "sweep_eval": asdict(sweep_eval(ecfg, scfg))})
     jobs = chain_jobs(jobs)  # wsd / constant runs: one chain per (paradigm, depth, seed) shares its stable phase
     finished = [0]
 

@@ -8,8 +8,10 @@ rounds (:mod:`flopmatch.evaluation.timing`) and writes ``<study>/inference_timin
 
 *What is timed.* Sampling cost depends on the architecture and the setting, not on the weights, so one
 run stands for each (paradigm, depth): its finished run with the largest budget, lowest seed. Every
-EMA setting the study evaluates (the main one and the step sweep) is an item; next-token also with its
-KV cache flipped.
+EMA setting the study evaluates on its full set (the main one, the step counts of a study without an
+operating-point sweep, the sweep's chosen points) is an item; next-token also with its KV cache
+flipped. Items whose computation is the same (they differ only in the guidance scale above 1, a
+temperature or the time shift) are timed once and share the figures (``timed_as``).
 
 *Never a mix.* The file lists the items it timed. A re-run study reuses it only if it needs exactly
 those items and ``--retime`` was not given; otherwise every item is timed again, together, and the
@@ -28,13 +30,14 @@ from pathlib import Path
 
 from flopmatch.config import RunConfig, SampleConfig, from_dict
 from flopmatch.evaluation.inference import inference_cost
-from flopmatch.evaluation.run import setting_key, timing_fields, timing_items
+from flopmatch.evaluation.run import EvalConfig, setting_key, timing_fields, timing_items
 from flopmatch.evaluation.timing import TIMING, TIMING_VERSION, machine, read_timing, time_items
 from flopmatch.files import atomic_write_json
 from flopmatch.objectives import make_objective
 from flopmatch.plan import net_spec_for
 from flopmatch.rundir import read_state
 from flopmatch.sample import load_sampler
+from flopmatch.study.operating import chosen_settings, selection_run, sweep_eval, sweep_settings
 from flopmatch.study.plan import RunPlan, eval_settings, fmt_duration
 from flopmatch.study.presets import StudyConfig
 
@@ -78,12 +81,23 @@ def timing_plan(out: Path, scfg: StudyConfig, plans: list[RunPlan]) -> list[dict
         cfg = from_dict(RunConfig, p.config)
         obj, spec = make_objective(cfg.objective), net_spec_for(cfg)
         keys = set()
-        for s in eval_settings(scfg, cfg):
+        settings = eval_settings(scfg, cfg)
+        if selection_run(scfg, p):  # the operating-point sweep's chosen points (none until the sweep is evaluated)
+            ecfg = EvalConfig(num_samples=scfg.eval_samples, features=list(scfg.features))
+            settings += chosen_settings(out / "runs" / p.name, cfg, sweep_settings(scfg, cfg), sweep_eval(ecfg, scfg)) or []
+        for s in settings:
             key = setting_key(s, obj.resolve_steps(s, spec))
             if key not in keys:  # e.g. eval_steps listing the default step count: one setting, timed once
                 keys.add(key)
                 items.append({"objective": objective, "depth": depth, "run": p.name, "setting": key, "sample": asdict(s)})
     return items
+
+
+def _cost_key(item: dict) -> tuple:
+    """What an item's sampling computes: architecture, steps, solver, guidance on or off, top-k, KV cache."""
+    s = item["sample"]
+    steps = item["setting"].split(",", 1)[0]  # "steps=N", resolved
+    return (item["run"], steps, s.get("solver"), s.get("guidance") != 1.0, s.get("top_k"), s.get("kv_cache"))
 
 
 def _signature(items: list[dict]) -> list[str]:
@@ -122,9 +136,14 @@ def ensure_timing(out: Path, scfg: StudyConfig, plans: list[RunPlan], retime: bo
           f"architectures, {scfg.timing_rounds} interleaved rounds ({why})", flush=True)
     samplers = {name: load_sampler(out / "runs" / name, weights="ema") for name in sorted({i["run"] for i in wanted})}
     pairs = [(f"{i['objective']} d{i['depth']} {i['setting']}", i) for i in wanted]
+    # Settings that differ only in what costs nothing (the guidance scale above 1, temperatures, the time shift) run the
+    # same computation: time one of them and give the others its figures ("timed_as"), which keeps the phase short.
+    first_of: dict[tuple, str] = {}
+    timed_as = {key: first_of.setdefault(_cost_key(i), key) for key, i in pairs}
     tim = []
     for key, i in pairs:
-        tim += timing_items(samplers[i["run"]], [(key, from_dict(SampleConfig, i["sample"]))])
+        if timed_as[key] == key:
+            tim += timing_items(samplers[i["run"]], [(key, from_dict(SampleConfig, i["sample"]))])
     load_before = other_busy_cores()
     t0 = time.perf_counter()
     results = time_items(tim, rounds=scfg.timing_rounds, search_budget_s=scfg.timing_budget_s, progress=progress)
@@ -134,11 +153,12 @@ def ensure_timing(out: Path, scfg: StudyConfig, plans: list[RunPlan], retime: bo
     for key, i in pairs:
         sampler, sample = samplers[i["run"]], from_dict(SampleConfig, i["sample"])
         cost = inference_cost(sampler, sample)
-        fields = timing_fields(results, key, sample.kv_cache)
+        fields = timing_fields(results, timed_as[key], sample.kv_cache)
         for name in ("with_kv_cache", "without_kv_cache"):
             if name in fields:
                 fields[name] = {**cost.get(name, {}), **fields[name]}
-        items.append({**i, **{k: v for k, v in cost.items() if not isinstance(v, dict)}, **fields})
+        same = {"timed_as": timed_as[key].split(" ", 2)[2]} if timed_as[key] != key else {}
+        items.append({**i, **{k: v for k, v in cost.items() if not isinstance(v, dict)}, **fields, **same})
     first = next(iter(samplers.values()))
     doc = {
         "version": TIMING_VERSION, "signature": _signature(wanted), "rounds": scfg.timing_rounds,

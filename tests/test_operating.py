@@ -1,0 +1,117 @@
+"""Operating points: the sweep's choice is its front, matched quality is reached by every paradigm, and the report's
+latency verdicts move from default step counts to each paradigm's cheapest point at matched quality."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flopmatch.evaluation.operating import Point, choose, matched_level, pareto_front
+from flopmatch.report.data import Study
+from flopmatch.report.operating import operating
+from flopmatch.report.verdicts import decide
+
+
+def _dominated(p: Point, points: list[Point]) -> bool:
+    return any(q.flops <= p.flops and q.kid <= p.kid and (q.flops < p.flops or q.kid < p.kid) for q in points)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_chosen_points_are_the_sweeps_front_and_its_best_prompt_point(seed):
+    """On random sweeps: every non-dominated (FLOPs, KID) point is chosen, no dominated one is except the best
+    prompt-following point, the best-quality point is always among them, and nothing is chosen twice."""
+    rng = np.random.default_rng(seed)
+    costs = rng.choice([1e8, 2e8, 5e8, 1e9], size=12)  # a few cost classes, as guidance on/off x steps give
+    points = [Point(f"s{i}", float(rng.uniform(0.1, 1)), float(rng.uniform(0, 1)), float(c)) for i, c in enumerate(costs)]
+    chosen = choose(points)
+    keys = [p.key for p in chosen]
+    assert len(keys) == len(set(keys))
+    front = {p.key for p in points if not _dominated(p, points)}
+    best_prompt = max(points, key=lambda p: (p.prompt, -p.kid))
+    assert set(keys) == front | {best_prompt.key}
+    assert min(points, key=lambda p: p.kid).key in keys  # the best quality at any cost is on the front
+    assert min(points, key=lambda p: (p.flops, p.kid)).key in keys  # so is the cheapest setting's best
+    # the front comes first, cheapest first, quality strictly improving with cost
+    fr = [p for p in chosen if p.key in front]
+    assert [p.flops for p in fr] == sorted(p.flops for p in fr) and all(a.kid > b.kid for a, b in itertools.pairwise(fr))
+
+
+def test_unscored_points_are_never_chosen_for_the_front():
+    pts = [Point("a", None, 0.9, 1e8), Point("b", 0.5, None, 1e8), Point("c", 0.4, 0.1, float("nan")), Point("d", 0.3, 0.2, 2e8)]
+    chosen = [p.key for p in choose(pts)]
+    assert chosen == ["b", "d", "a"]  # a: the best prompt following, though it has no KID
+    assert choose([]) == []
+
+
+def test_pareto_front_matches_brute_force():
+    rng = np.random.default_rng(3)
+    pts = [(float(c), float(v), i) for i, (c, v) in enumerate(rng.integers(0, 6, size=(40, 2)))]
+    got = pareto_front(pts)
+    want = [p for p in pts if not any(q[0] <= p[0] and q[1] <= p[1] and q[:2] != p[:2] for q in pts)]
+    first = {}
+    for p in want:  # exact duplicates: the first is kept
+        first.setdefault(p[:2], p)
+    assert sorted(got) == sorted(first.values())
+
+
+def test_matched_level_is_the_quality_every_paradigm_reaches():
+    assert matched_level({"a": 0.2, "b": 0.5, "c": 0.3}) == 0.5
+    assert matched_level({"a": 0.2}) is None  # nothing to match against
+    assert matched_level({"a": 0.2, "b": None}) is None  # a paradigm without a KID: no common level
+    assert matched_level({"a": 0.2, "b": math.inf}) is None
+
+
+def _row(paradigm: str, setting: str, kid: float, latency: float, rng, full: bool = True, main: bool = False,
+         flops: float = 1e9) -> dict:
+    lat = latency * np.exp(0.03 * rng.standard_normal(7))  # 7 interleaved timing rounds
+    return {"run": f"{paradigm}-b1e12-s0", "objective": paradigm, "depth": 1, "budget": 1e12, "seed": 0, "done": True,
+            "weights": "ema", "main": main, "full_set": full, "setting": f"{setting},weights=ema,n={250 if full else 100}",
+            "kid_effnet": kid, "fid_effnet": 100 * kid, "fid_boot_effnet": [], "prompt_full_match": 0.5,
+            "num_samples": 250 if full else 100, "cfg": 3.0, "sample_flops_per_image": flops,
+            "latency_s": float(np.median(lat)) if full else None, "latency_s_all": list(lat) if full else [],
+            "throughput_images_per_s": float(1 / np.median(lat)) if full else None,
+            "throughput_all": list(1 / lat) if full else [], "timing_source": "study" if full else None}  # fmt: skip
+
+
+def test_latency_is_judged_at_matched_quality_not_at_default_steps():
+    """Known truth: masked's default (12 steps) is slower than diffusion's, but masked reaches diffusion's best quality
+    with 4 steps at a fifth of the latency. At default steps diffusion would win latency; at matched quality masked
+    must, and the comparison must say which points it used."""
+    rng = np.random.default_rng(0)
+    rows = [
+        _row("diffusion", "steps=25,cfg=3", 0.60, 0.050, rng, main=True, flops=5e9),
+        _row("diffusion", "steps=10,cfg=3", 0.70, 0.020, rng, flops=2e9),  # cheaper, but worse than the level
+        _row("diffusion", "steps=10,cfg=3", 0.71, 0.0, rng, full=False, flops=2e9),  # the sweep's small set
+        _row("masked", "steps=12,cfg=3", 0.40, 0.080, rng, main=True, flops=4e9),
+        _row("masked", "steps=4,cfg=3", 0.55, 0.016, rng, flops=1.3e9),
+        _row("masked", "steps=2,cfg=3", 0.90, 0.008, rng, flops=0.7e9),  # too poor: not at matched quality
+        _row("masked", "steps=4,cfg=3", 0.56, 0.0, rng, full=False, flops=1.3e9),
+    ]
+    study = Study(Path("."), rows, [], [])
+    op = operating(study)
+    assert op.swept and op.levels == {1: 0.60}  # diffusion's best KID: the quality both reach
+    assert op.points[("masked", 1)].matched["latency"]["setting"].startswith("steps=4,")
+    assert op.points[("diffusion", 1)].matched["latency"]["setting"].startswith("steps=25,")
+    assert op.points[("masked", 1)].best_quality["setting"].startswith("steps=12,")
+    v = decide(study)
+    cell = next(c for c in v.table if c["need"] == "latency")
+    assert cell["choice"] == "masked" and cell["label"] == "confident"
+    assert all("matched quality (KID <= 0.6)" in c.where for c in cell["comparisons"])
+    # without the sweep, the same main settings give the opposite answer
+    plain = [dict(r, full_set=True) for r in rows if r["main"]]
+    cell = next(c for c in decide(Study(Path("."), plain, [], [])).table if c["need"] == "latency")
+    assert cell["choice"] == "diffusion" and all("main settings" in c.where for c in cell["comparisons"])
+
+
+def test_the_presets_know_every_sampler_setting():
+    """presets.SAMPLE_FIELDS (plain strings: the CLI must not import torch) names exactly SampleConfig's fields."""
+    from dataclasses import fields
+
+    from flopmatch.config import SampleConfig
+    from flopmatch.study.presets import SAMPLE_FIELDS
+
+    assert set(SAMPLE_FIELDS) == {f.name for f in fields(SampleConfig)}
