@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from flopmatch.config import SampleConfig
 from flopmatch.evaluation.operating import Point, choose, matched_level, pareto_front
 from flopmatch.report.data import Study
 from flopmatch.report.operating import operating
 from flopmatch.report.verdicts import decide
+from flopmatch.study.presets import SAMPLE_FIELDS
 
 
 def _dominated(p: Point, points: list[Point]) -> bool:
@@ -109,9 +112,4 @@ def test_latency_is_judged_at_matched_quality_not_at_default_steps():
 
 def test_the_presets_know_every_sampler_setting():
     """presets.SAMPLE_FIELDS (plain strings: the CLI must not import torch) names exactly SampleConfig's fields."""
-    from dataclasses import fields
-
-    from flopmatch.config import SampleConfig
-    from flopmatch.study.presets import SAMPLE_FIELDS
-
     assert set(SAMPLE_FIELDS) == {f.name for f in fields(SampleConfig)}

@@ -129,6 +129,8 @@ def make_run(root: Path, p: str, depth: int, budget: float, seed: int, *, fid: f
             if fid_sd:
                 reps = (f * (1.1 + fid_sd * rng.standard_normal(100))).tolist()
                 entries[key]["metrics"]["effnet"]["fid_boot"] = {"n": 100, "std": float(np.std(reps, ddof=1)), "replicates": reps}
+                kreps = (f / 1e3 * (1.0 + fid_sd * rng.standard_normal(100))).tolist()
+                entries[key]["metrics"]["effnet"]["kid_boot"] = {"n": 100, "std": float(np.std(kreps, ddof=1)), "replicates": kreps}
             if weights == "ema" and steps == default:
                 sd = run / "samples" / key.replace(",", "_").replace("=", "-")
                 g = torch.Generator().manual_seed(zlib.crc32(run.name.encode()))
@@ -277,7 +279,7 @@ def test_fits_recover_synthetic_exponents(study):
     """The FID and prompt-error trends fitted in the report recover the synthetic alphas within 25 %."""
     _, out = study
     fits = {(f["metric"], f["paradigm"]): f for f in out["fits"]}
-    for metric, laws in (("fid", FID_LAW), ("prompt", PROMPT_ERR_LAW)):
+    for metric, laws in (("kid", FID_LAW), ("fid", FID_LAW), ("prompt", PROMPT_ERR_LAW)):  # KID: FID / 1000 here
         for p in PARADIGMS:
             f = fits[(metric, p)]
             assert f["budgets"] == 5 and f["alpha"] == pytest.approx(laws[p][2], rel=0.25), (metric, p, f)
@@ -307,13 +309,13 @@ def test_report_leads_with_the_decision_and_shows_figures(study):
     assert table[(top, "prompt following")]["choice"] == "autoregressive"
     assert table[(top, "latency")]["choice"] == "diffusion" and table[(top, "throughput")]["choice"] == "autoregressive"
     assert table[(min(BUDGETS), "image quality")]["choice"] == "autoregressive"
-    assert md.index("**HELD**: (1)") < md.index("**HELD**: (4)") < md.index("report_figures/fid_vs_flops.png")
-    for name in ("fid_vs_flops", "prompt_vs_flops", "loss_vs_flops", "iso_flop_fid", "pareto_flops", "pareto_latency",
+    assert md.index("**HELD**: (1)") < md.index("**HELD**: (4)") < md.index("report_figures/kid_vs_flops.png")
+    for name in ("kid_vs_flops", "fid_vs_flops", "prompt_vs_flops", "loss_vs_flops", "iso_flop_kid", "pareto_flops", "pareto_latency",
                  "throughput", "step_sweep", "loss_curves", "ema_sweep"):  # fmt: skip
         assert f"report_figures/{name}.png" in md and (root / "report_figures" / f"{name}.png").exists()
-    # self-contained: no external resources, every image a data URI (11 figures + 3 paradigms x 5 budgets strips)
+    # self-contained: no external resources, every image a data URI (13 figures + 3 paradigms x 5 budgets strips)
     srcs = re.findall(r'src="([^"]*)"', html)
-    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs) and len(srcs) == 12 + 15
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs) and len(srcs) == 13 + 15
     text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]*", "", html)  # base64 may contain any letters
     assert "href=" not in text and "http" not in text and "url(" not in text
     assert all(p in html for p in PROMPTS[:8])
@@ -374,9 +376,9 @@ def test_loss_never_compared_across_paradigms(tmp_path):
     assert an.fits[("loss", "diffusion")].boot.point.predict(1e14) < 1 < 2 < sw.fits[("loss", "diffusion")].boot.point.predict(1e14)
     # cross-paradigm results exist (not vacuous) and none involves loss ...
     assert {(c["metric"], frozenset((c["a"], c["b"]))) for c in an.crossovers} == {
-        (m, frozenset(pair)) for m in ("fid", "prompt") for pair in itertools.combinations(PARADIGMS, 2)}
+        (m, frozenset(pair)) for m in ("kid", "fid", "prompt") for pair in itertools.combinations(PARADIGMS, 2)}
     tests = [c for fam in an.verdicts.families.values() for c in fam]
-    assert tests and {c.metric for c in tests} <= {"fid", "fid_trend", "prompt", "latency", "throughput"}
+    assert tests and {c.metric for c in tests} <= {"kid", "kid_trend", "prompt", "latency", "throughput"}
     # ... and none moves when the losses are swapped
     assert repr(sw.verdicts) == repr(an.verdicts) and repr(sw.crossovers) == repr(an.crossovers)
 
@@ -450,14 +452,14 @@ def test_extrapolation_stops_at_ten_times_the_largest_budget(study_dir):
     assert all(c["C_range"][1] == pytest.approx(EXTRAPOLATE * max(BUDGETS)) for c in an.crossovers)
 
 
-def test_one_seed_fid_noise_comes_from_its_bootstrap_replicates(tmp_path):
-    """One seed with FID bootstrap replicates: FID comparisons rest on evaluation noise only, so a large gap is at
+def test_one_seed_quality_noise_comes_from_its_bootstrap_replicates(tmp_path):
+    """One seed with KID bootstrap replicates: KID comparisons rest on evaluation noise only, so a large gap is at
     most 'suggestive' (never a verdict) and gaps drowned by the noise are 'no difference detected'."""
     def labels(sd):
         root = make_study(tmp_path / f"sd{sd}", depths=(2,), seeds=(0,), noise=0.0, fid_sd=sd)
         v = decide(load_study(root))
-        assert v.noise["fid"].source == "evaluation"
-        return {c.label for c in v.families["table"] if c.metric == "fid"}
+        assert v.noise["kid"].source == "evaluation"
+        return {c.label for c in v.families["table"] if c.metric == "kid"}
 
     assert labels(0.001) == {"suggestive"}  # the laws differ by >= 4 % at every budget: clear at 0.1 % noise
     assert labels(3.0) == {"no difference detected"}  # 300 % noise drowns every gap
@@ -477,7 +479,8 @@ def _sim_study(rng, prompt_err, fid, seeds=(0, 1, 2), budgets=(1e12, 1e13, 1e14)
             for s in seeds:
                 rows.append({"run": f"{p}-{b:.0e}-s{s}", "objective": p, "depth": 2, "budget": b, "seed": s, "main": True,
                              "done": True, "weights": "ema", "setting": "steps=8,cfg=3,temp=1,topk=0,weights=ema,n=500,seed=0",
-                             "fid_effnet": fid(p, b) * math.exp(sd * rng.standard_normal()), "fid_boot_effnet": [],
+                             "kid_effnet": (k := fid(p, b) * math.exp(sd * rng.standard_normal())), "kid_boot_effnet": [],
+                             "fid_effnet": k, "fid_boot_effnet": [],
                              "prompt_full_match": 1 - prompt_err(p, b) * math.exp(sd * rng.standard_normal()),
                              "num_samples": 500, "sample_flops_per_image": 1e9, "latency_s": float(np.median(lat)),
                              "latency_s_all": list(lat), "throughput_images_per_s": float(1 / np.median(lat)),
@@ -533,11 +536,11 @@ def test_scores_at_the_floor_are_a_tie(error):
 
 
 def test_untestable_comparisons_are_not_called_ties():
-    """One seed and no FID bootstrap: FID cannot be tested, and the table says 'not testable', not 'no difference'."""
+    """One seed and no KID bootstrap: KID cannot be tested, and the table says 'not testable', not 'no difference'."""
     rng = np.random.default_rng(4)
     v = decide(_sim_study(rng, lambda p, b: 0.3, lambda p, b: {"diffusion": 90.0}.get(p, 30.0), seeds=(0,)))
     cells = [c for c in v.table if c["need"] == "image quality"]
-    assert v.noise["fid"].source == "none" and cells and all(c["label"] == "not testable" for c in cells)
+    assert v.noise["kid"].source == "none" and cells and all(c["label"] == "not testable" for c in cells)
 
 
 def test_a_test_shared_by_two_claims_is_counted_once():
@@ -545,8 +548,8 @@ def test_a_test_shared_by_two_claims_is_counted_once():
     are one test when there is one budget: counted once in Holm's family, mirrored with the same correction."""
     rng = np.random.default_rng(5)
     v = decide(_sim_study(rng, lambda p, b: 0.3, lambda p, b: 50.0, budgets=(1e12,)))
-    fid = [c for c in v.families["claims"] if c.metric == "fid" and {c.a, c.b} == {"autoregressive", "diffusion"}]
-    assert len(fid) == 1
+    kid = [c for c in v.families["claims"] if c.metric == "kid" and {c.a, c.b} == {"autoregressive", "diffusion"}]
+    assert len(kid) == 1
     (c2,) = v.claims[1]["parts"][0]["comparisons"]
     c4 = next(c for c, _ in v.claims[3]["parts"][0]["comparisons"] if c.b == "autoregressive")
     assert (c2[0].a, c4.a) == ("autoregressive", "diffusion") and c4.p_adj == c2[0].p_adj and c4.p2 == pytest.approx(c2[0].p2)

@@ -58,6 +58,7 @@ class Metric:
 
 
 METRICS = (
+    Metric("kid", "kid_effnet", "KID (EfficientNet-Lite0 proxy)", boot="kid_boot_effnet"),  # the verdicts' quality metric
     Metric("fid", "fid_effnet", "FID (EfficientNet-Lite0 proxy)", boot="fid_boot_effnet"),
     Metric("fid_inception", "fid_inception", "FID (Inception)", boot="fid_boot_inception"),
     Metric("prompt", "prompt_full_match", "prompt-following error (1 - full match)", score=True),
@@ -116,8 +117,12 @@ def _records(study: Study, metric: Metric, paradigm: str, seed: int = 0) -> tupl
         # one row per run: its main setting, or (loss only) the single row of a run never evaluated
         if r["objective"] != paradigm or not (r["main"] or (metric.name == "loss" and r["setting"] is None)):
             continue
-        v = r[metric.column]
+        v = r.get(metric.column)
         if v is None:
+            continue
+        if not metric.score and metric.name != "loss" and v <= 0:  # KID's unbiased estimate can be <= 0: no log scale
+            dropped.append(f"{r['run']}: {metric.label} {v:.3g} <= 0 (indistinguishable from the reference at this n); "
+                           "left out of its fit")
             continue
         if not r["done"]:
             dropped.append(f"{r['run']}: not finished ({r['steps']}/{r['total_steps']} steps)")

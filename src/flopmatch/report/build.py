@@ -79,7 +79,7 @@ def sample_table(study: Study, an: Analysis) -> dict | None:
     budgets = sorted({r["budget"] for r in mains})
     cells, prompts, mismatch = {}, None, []
     for p in an.paradigms:
-        fit = an.fits.get(("fid", p))
+        fit = an.fits.get(("kid", p))
         best = {fp.budget: fp.depth for fp in fit.frontier} if fit else {}
         for b in budgets:
             cand = [r for r in mains if r["objective"] == p and r["budget"] == b]
@@ -106,7 +106,8 @@ def sample_table(study: Study, an: Analysis) -> dict | None:
 
 def _runs_table(study: Study) -> tuple[list, list]:
     header = ["run", "paradigm", "depth", "params", "budget", "FLOPs spent", "steps", "status", "final loss",
-              "main setting", "FID (effnet) ± bootstrap sd", "prompt full match", "FLOPs/img", "latency (ms)", "img/s"]  # fmt: skip
+              "main setting", "KID (effnet) ± bootstrap sd", "FID (effnet) ± bootstrap sd, n", "prompt full match",
+              "FLOPs/img", "latency (ms)", "img/s"]  # fmt: skip
     rows = []
     for info in study.runs:
         main = next((r for r in study.rows if r["run"] == info.name and (r["main"] or r["setting"] is None)), None)
@@ -116,7 +117,8 @@ def _runs_table(study: Study) -> tuple[list, list]:
         lat = None if main["latency_s"] is None else 1e3 * main["latency_s"]
         rows.append([info.name, info.objective, info.depth, main["params"], fmt(info.budget, ".3g"),
                      fmt(main["train_flops"] and float(main["train_flops"]), ".4g"), fmt(main["steps"]), status,
-                     fmt(main["final_loss"]), main["setting"] or "–", _with_se(main["fid_effnet"], main["fid_se_effnet"]),
+                     fmt(main["final_loss"]), main["setting"] or "–", _with_se(main.get("kid_effnet"), main.get("kid_se_effnet")),
+                     _with_se(main["fid_effnet"], main["fid_se_effnet"]) + (f", {main['num_samples']}" if main.get("num_samples") else ""),
                      fmt(main["prompt_full_match"], ".3f"), fmt(main["sample_flops_per_image"] and float(main["sample_flops_per_image"]), ".3g"),
                      fmt(lat, ".3g"), fmt(main["throughput_images_per_s"], ".3g")])  # fmt: skip
     return header, rows
@@ -236,12 +238,16 @@ def _inference_table(an: Analysis) -> tuple[list, list]:
 
 
 FIG_CAPTIONS = {
-    "fid_vs_flops": "FID (effnet proxy) against training FLOPs: faint dots are every run, big dots the best depth per budget "
-                    "(error bars: seed std; with one seed, the evaluation-noise sd), lines the saturating power-law fit (dashed: extrapolation), band its 90% bootstrap interval.",
+    "kid_vs_flops": "KID (effnet proxy; the verdicts' image-quality metric, unbiased at any sample count) against training "
+                    "FLOPs: faint dots are every run, big dots the best depth per budget (error bars: seed std; with one "
+                    "seed, the evaluation-noise sd), lines the saturating power-law fit (dashed: extrapolation), band its "
+                    "90% bootstrap interval.",
+    "fid_vs_flops": "FID (effnet proxy) against training FLOPs, as above, for the record: FID at a few hundred images is "
+                    "biased upward by an amount that depends on the model, so no verdict rests on it.",
     "fid_inception_vs_flops": "FID (Inception) against training FLOPs, as above (measured on fewer runs if only some were evaluated with it).",
     "prompt_vs_flops": "Prompt-following error (1 - full match) against training FLOPs, as above.",
     "loss_vs_flops": "Final training loss against FLOPs, one panel per paradigm: losses of different objectives are not comparable.",
-    "iso_flop_fid": "Iso-FLOP curves: FID against parameters at each fixed training budget.",
+    "iso_flop_kid": "Iso-FLOP curves: KID against parameters at each fixed training budget.",
     "iso_flop_prompt": "Iso-FLOP curves: prompt-following error against parameters at each fixed training budget.",
     "iso_flop_loss": "Iso-FLOP curves: final training loss against parameters (per paradigm).",
     "pareto_flops": "Quality against sampling FLOPs per image over every evaluated setting; lines are each paradigm's Pareto front.",
@@ -401,12 +407,12 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
     B.append(("h", 2, "The paper's claims, checked here"))
     B.append(("ul", [f"**{c['status'].upper()}**: ({c['id']}) {c['paper']} Why: {c['reason']}." for c in v.claims]))
     n_claims = sum(c.p2 is not None for c in v.families["claims"])
-    noise = "; ".join(f"{m}: {n.describe()}" for m, n in v.noise.items())
+    noise = "; ".join(f"{m}: {n.describe()}" for m, n in v.noise.items() if m != "fid")  # FID decides nothing
     B.append(("p", f"{n_claims} tests decide these claims; Holm's procedure keeps the chance of any false verdict among "
                    f"them at or below {ALPHA}. Noise: {noise}. A claim **held** when every part was separated with "
                    "confidence, **did not hold** when a part was reversed with confidence, is **suggestive** when every "
                    "part points its way without a verdict, and **inconclusive** otherwise."))
-    for name in ("fid_vs_flops", "prompt_vs_flops"):
+    for name in ("kid_vs_flops", "prompt_vs_flops"):
         B.append(("fig", name, FIG_CAPTIONS[name]))
     B += prompt_group_blocks(study, v)  # seen vs held-out, 1 vs 2 objects: beside the prompt figure, no verdict
     B.append(("h", 2, "Each claim, part by part"))
@@ -421,7 +427,7 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
                 for r in study.runs if not r.done]
     problems += [f"{r.name}: not evaluated (no eval.json entries)" for r in study.runs if not r.evaluated]
     problems += [f"{r.name}: {p}" for r in study.runs for p in r.problems] + study.problems
-    problems += [f"left out of fits: {x}" for x in an.excluded if "duplicate" in x]
+    problems += [f"left out of fits: {x}" for x in an.excluded if "duplicate" in x or "<= 0" in x]
     B.append(("h", 2, "Runs"))
     if problems:
         B.append(("ul", problems))
@@ -446,7 +452,7 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
     else:
         B.append(("p", "Not measured: this study has no tokenizer_ceilings.json (re-run `flopmatch study` on it to add one)."))
     B.append(("h", 2, "Scaling with training FLOPs"))
-    for name in ("fid_inception_vs_flops", "loss_vs_flops"):
+    for name in ("fid_vs_flops", "fid_inception_vs_flops", "loss_vs_flops"):
         B.append(("fig", name, FIG_CAPTIONS[name]))
     hdr, rows = _fits_table(an)
     if per:  # the fitted asymptote E against the floor the tokenizer sets on it
@@ -458,7 +464,7 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
     B.append(("h", 3, "Every test behind the verdicts"))
     B.append(("table", *_tests_table(an)))
     B.append(("h", 2, "Iso-FLOP curves"))
-    for name in ("iso_flop_fid", "iso_flop_prompt", "iso_flop_loss"):
+    for name in ("iso_flop_kid", "iso_flop_prompt", "iso_flop_loss"):
         B.append(("fig", name, FIG_CAPTIONS[name]))
     op = v.operating
     B.append(("h", 2, "Operating points" + (f" at {op.budget:.3g} FLOPs" if op and op.budget else "")))
@@ -507,7 +513,9 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
         "seed), timings with Welch's t-test over interleaved rounds, sampling FLOPs exactly; two-sided, Holm-corrected "
         f"within each family at {ALPHA}. See flopmatch.report.verdicts.",
         "Points are finished runs at their nominal budget; unfinished runs are listed above and left out.",
-        "Prompt following is fitted as the error 1 - full match. FID is the EfficientNet-Lite0 proxy; FID (Inception) is shown separately when measured.",
+        "Prompt following is fitted as the error 1 - full match. Image quality is KID on EfficientNet-Lite0 features "
+        "(unbiased at any n; KID <= 0 cannot be drawn on a log scale and is left out of fits); FID on the same "
+        "features, and the standard Inception FID where measured, are shown for the record with their n.",
         f"Crossovers are searched up to {EXTRAPOLATE:g}x the largest budget: extrapolations, to be read as where the trends point.",
         "Training losses of different paradigms are never compared or drawn on one axis.",
         "Tokenizer ceiling beside a run or a fit: what the paradigm's tokenizer allows (rFID, or prompt error 1 - full "

@@ -10,7 +10,7 @@ run along its own scaling curve:
 - the target at nominal budget B is ``B * max share`` (the backbone compute of the paradigm with the largest
   share, which stays at its measured points);
 - for each (paradigm, depth, seed), log error is interpolated linearly in log compute between the two
-  budgets that bracket the target (the same seed at both; FID's bootstrap replicates are interpolated
+  budgets that bracket the target (the same seed at both; KID's and FID's bootstrap replicates are interpolated
   pairwise, so the evaluation noise follows); a target outside a paradigm's measured range is dropped,
   never extrapolated.
 
@@ -29,7 +29,7 @@ from flopmatch.flops import backbone_train_flops
 from flopmatch.nets import NetSpec
 from flopmatch.objectives import make_objective
 from flopmatch.report.data import Study
-from flopmatch.report.verdicts import FLOOR, Verdicts, decide
+from flopmatch.report.verdicts import FLOOR, KID_FLOOR, Verdicts, decide
 
 
 def backbone_shares(study: Study) -> dict[tuple[str, int], float]:
@@ -48,28 +48,29 @@ def _interp(x: float, x0: float, x1: float, y0: float, y1: float) -> float:
     return (1 - w) * y0 + w * y1
 
 
-def _log_err(v: float | None, prompt: bool) -> float | None:
+def _log_err(v: float | None, prompt: bool, floor: float = FLOOR) -> float | None:
     if v is None:
         return None
-    return math.log(max(1.0 - v if prompt else v, FLOOR))
+    return math.log(max(1.0 - v if prompt else v, floor))
 
 
 def _moved_row(lo: dict, hi: dict, x: float, x0: float, x1: float, budget: float) -> dict:
     """A row at nominal ``budget`` whose quality is interpolated between runs ``lo`` and ``hi`` (log-log)."""
     row = dict(lo, budget=budget, run=f"{lo.get('run')}~{hi.get('run')}")
-    for key, prompt in (("fid_effnet", False), ("prompt_full_match", True)):
-        a, b = _log_err(lo.get(key), prompt), _log_err(hi.get(key), prompt)
+    for key, prompt, floor in (("kid_effnet", False, KID_FLOOR), ("fid_effnet", False, FLOOR), ("prompt_full_match", True, FLOOR)):
+        a, b = _log_err(lo.get(key), prompt, floor), _log_err(hi.get(key), prompt, floor)
         if a is None or b is None:
             row[key] = None
             continue
         y = math.exp(_interp(x, x0, x1, a, b))
         row[key] = 1.0 - y if prompt else y
-    ra, rb = np.asarray(lo.get("fid_boot_effnet") or [], float), np.asarray(hi.get("fid_boot_effnet") or [], float)
-    n = min(ra.size, rb.size)
-    if n >= 2 and (ra[:n] > 0).all() and (rb[:n] > 0).all():  # independent replicates: pairwise interpolation
-        row["fid_boot_effnet"] = list(np.exp(_interp(x, x0, x1, np.log(ra[:n]), np.log(rb[:n]))))
-    else:
-        row["fid_boot_effnet"] = []
+    for boot in ("kid_boot_effnet", "fid_boot_effnet"):
+        ra, rb = np.asarray(lo.get(boot) or [], float), np.asarray(hi.get(boot) or [], float)
+        n = min(ra.size, rb.size)
+        if n >= 2 and (ra[:n] > 0).all() and (rb[:n] > 0).all():  # independent replicates: pairwise interpolation
+            row[boot] = list(np.exp(_interp(x, x0, x1, np.log(ra[:n]), np.log(rb[:n]))))
+        else:
+            row[boot] = []
     return row
 
 

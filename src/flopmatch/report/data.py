@@ -42,8 +42,8 @@ COLUMNS = [
     "run", "run_dir", "objective", "depth", "width", "params", "budget", "schedule", "seed", "train_flops", "steps",
     "total_steps", "done", "final_loss", "evaluated", "setting", "main", "main_reason", "weights", "posthoc_residual",
     "sample_steps", "cfg", "temperature", "top_k", "num_samples", "eval_seed", "full_set",  # "cfg": the guidance scale (v0.1 name)
-    "fid_effnet", "fid_se_effnet", "kid_effnet", "kid_std_effnet", "precision", "recall", "fid_inception",
-    "fid_se_inception", "kid_inception",
+    "fid_effnet", "fid_se_effnet", "kid_effnet", "kid_se_effnet", "kid_std_effnet", "precision", "recall", "fid_inception",
+    "fid_se_inception", "kid_inception", "kid_se_inception",
     "prompt_full_match", *[f"prompt_{a}" for a in PROMPT_ATTRIBUTES],
     *[f"prompt_full_match_{g}" for g in PROMPT_GROUPS], *[f"prompt_n_{g}" for g in PROMPT_GROUPS],
     "sample_flops_per_image", "decode_flops_per_image", "latency_s", "throughput_images_per_s", "throughput_batch",
@@ -220,11 +220,11 @@ def _entry_fields(key: str, entry: dict) -> dict:
         "prompt_evaluator": (entry.get("manifest") or {}).get("prompt_evaluator"), "prompt_chance": _num(pf.get("chance")),
     }  # fmt: skip
     for name, feats in (("effnet", eff), ("inception", inc)):
-        # FID bootstrap over generated images (evaluation noise): the std is a column, the replicates are not
-        boot = feats.get("fid_boot") or {}
-        reps = [x for x in boot.get("replicates") or [] if _num(x) is not None]
-        out[f"fid_se_{name}"] = _num(boot.get("std"))
-        out[f"fid_boot_{name}"] = reps
+        # FID and KID bootstraps over generated images (evaluation noise): the std is a column, the replicates are not
+        for metric in ("fid", "kid"):
+            boot = feats.get(f"{metric}_boot") or {}
+            out[f"{metric}_se_{name}"] = _num(boot.get("std"))
+            out[f"{metric}_boot_{name}"] = [x for x in boot.get("replicates") or [] if _num(x) is not None]
     for a in PROMPT_ATTRIBUTES:
         out[f"prompt_{a}"] = _num(pf.get(a))
     # per prompt group (entries scored before groups existed have none): full match and n; not a CSV column:
@@ -304,7 +304,8 @@ def _read_run(root: Path, run: Path, timed: dict | None = None) -> tuple[RunInfo
         rows.append(row)
     if not rows:  # one row per run even when it was never evaluated, so the table lists every run
         rows.append({c: None for c in COLUMNS} | base | {"main": False, "latency_s_all": [], "throughput_all": [],
-                                                          "fid_boot_effnet": [], "fid_boot_inception": []})  # fmt: skip
+                                                          "fid_boot_effnet": [], "fid_boot_inception": [],
+                                                          "kid_boot_effnet": [], "kid_boot_inception": []})  # fmt: skip
     return info, rows
 
 

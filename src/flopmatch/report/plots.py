@@ -437,10 +437,10 @@ def ema_sweep(an: Analysis):
 def all_figures(an: Analysis, study: Study) -> dict[str, bytes | None]:
     """Every report figure by name -> PNG bytes (None if it has no data). Order is the report's order."""
     figs = {}
-    for m in ("fid", "fid_inception", "prompt"):
+    for m in ("kid", "fid", "fid_inception", "prompt"):
         figs[f"{m}_vs_flops"] = _render(metric_vs_flops, an, m)
     figs["loss_vs_flops"] = _render(loss_vs_flops, an)
-    for m in ("fid", "prompt", "loss"):
+    for m in ("kid", "prompt", "loss"):
         figs[f"iso_flop_{m}"] = _render(iso_flops, an, study, m)
     figs["pareto_flops"] = _render(pareto, study, an.paradigms, "sample_flops_per_image", "nokv_sample_flops_per_image",
                                    "sampling FLOPs per image")  # fmt: skip
