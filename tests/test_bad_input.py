@@ -97,6 +97,9 @@ CASES = {
     "study unknown device": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--set", "train.device=tpu"],
     "study budget absurd": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--budgets", "1e40", "--plan-only"],
     "study eval-ema too long": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--eval-ema", "0.05,0.4"],
+    "study sweep-guidance below 1": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--sweep-guidance", "0.5,2"],
+    "study sweep-guidance not a number": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--sweep-guidance", "low"],
+    "study sweep-samples too few": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--sweep-samples", "3"],
     "study eval-ema without snapshots": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--set", "train.ema_snapshots=0",
                                          "--plan-only"],
     # tokenizers and report

@@ -32,6 +32,14 @@ def ema_lengths(text: str) -> list[float]:
     return values
 
 
+def guidance_list(text: str) -> list[float]:
+    """``--sweep-guidance``: comma-separated guidance scales >= 1 (1 = no guidance), or ``none``."""
+    if text.strip().lower() == "none":
+        return []
+    values = number_list(float, 1)(text)
+    return sorted(set(values))
+
+
 def cmd_study(args) -> int:
     """Plan (or, with --plan-only, just print) and run a study."""
     given = [f"--{k.replace('_', '-')}" for k in SLURM_FLAGS if getattr(args, k) is not None]
@@ -49,7 +57,7 @@ def cmd_study(args) -> int:
 
     scfg = study_preset(args.preset)
     for name in ("objectives", "depths", "budgets", "seeds", "floor_seeds", "base_seed", "eval_samples", "eval_raw",
-                 "eval_ema"):  # given flags replace the preset's
+                 "eval_ema", "sweep_guidance", "sweep_samples"):  # given flags replace the preset's
         if getattr(args, name) is not None:
             setattr(scfg, name, getattr(args, name))
     scfg.overrides = scfg.overrides + ([f"data.name={args.data}"] if args.data else []) + list(args.set)
@@ -93,6 +101,14 @@ def register(sub) -> None:
                    help="post-hoc EMA lengths (sigma_rel in (0, 0.3]) at which the runs at the middle budget are also "
                         "evaluated, with their raw weights, for the report's EMA section; none to skip "
                         "(default: the preset's: cpu 0.05,0.2; cpu-long 0.05,0.1,0.2; gpu 0.03,0.05,0.1,0.2)")
+    p.add_argument("--sweep-guidance", type=guidance_list, metavar="G,...",
+                   help="guidance scales (>= 1; 1 = none) of the operating-point sweep: at the largest budget each "
+                        "paradigm's lowest seed is evaluated at each scale x its step counts on --sweep-samples images, "
+                        "and the front it finds is evaluated in full and timed, so latency and throughput are compared "
+                        "at matched quality; none to skip (default: the preset's: cpu 1,2,3,5; cpu-long and gpu "
+                        "1,1.5,2,3,5)")
+    p.add_argument("--sweep-samples", type=count(10), help="images per setting of the operating-point sweep (default: "
+                   "the preset's: cpu 100, cpu-long 200, gpu 1000)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key for every run (repeatable; see `flopmatch config --preset P`)")
     p.add_argument("--tokenizer-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the study's learned tokenizers' config (repeatable), e.g. steps=1200 to "
