@@ -41,7 +41,7 @@ LOSS_TAIL = 0.1  # final loss = mean of the last 10 % of logged losses (at least
 COLUMNS = [
     "run", "run_dir", "objective", "depth", "width", "params", "budget", "schedule", "seed", "train_flops", "steps",
     "total_steps", "done", "final_loss", "evaluated", "setting", "main", "main_reason", "weights", "posthoc_residual",
-    "sample_steps", "cfg", "temperature", "top_k", "num_samples", "eval_seed", "full_set",  # "cfg": the guidance scale (v0.1 name)
+    "sample_steps", "cfg", "temperature", "top_k", "solver", "num_samples", "eval_seed", "full_set",  # "cfg": the guidance scale (v0.1 name)
     "fid_effnet", "fid_se_effnet", "kid_effnet", "kid_se_effnet", "kid_std_effnet", "precision", "recall", "fid_inception",
     "fid_se_inception", "kid_inception", "kid_se_inception",
     "prompt_full_match", *[f"prompt_{a}" for a in PROMPT_ATTRIBUTES],
@@ -200,7 +200,7 @@ def _entry_fields(key: str, entry: dict) -> dict:
         # a post-hoc EMA entry (weights "ema@SIGMA_REL"): how far its rebuilt averaging profile is from the wanted one
         "posthoc_residual": _num(((entry.get("manifest") or {}).get("posthoc_ema") or {}).get("profile_residual")),
         "sample_steps": s.get("steps"), "cfg": _num(s.get("guidance")),
-        "temperature": _num(s.get("temperature")), "top_k": s.get("top_k"),
+        "temperature": _num(s.get("temperature")), "top_k": s.get("top_k"), "solver": s.get("solver"),
         "num_samples": (entry.get("manifest") or {}).get("num_samples"), "eval_seed": (entry.get("manifest") or {}).get("seed"),
         "fid_effnet": _num(eff.get("fid")), "kid_effnet": _num(eff.get("kid")), "kid_std_effnet": _num(eff.get("kid_std")),
         "precision": _num(eff.get("precision")), "recall": _num(eff.get("recall")),

@@ -291,7 +291,9 @@ def throughput_bars(an: Analysis):
 def step_sweep(study: Study, paradigms: list[str]):
     """Latency, throughput and FID against sampling steps, per paradigm and depth, at the Pareto budget."""
     rows, where = _pareto_rows(study)
-    rows = [r for r in rows if r["sample_steps"]]
+    # at each run's main guidance scale (and solver): an operating-point sweep's chosen points vary those too
+    main = {r["run"]: (r["cfg"], r.get("solver")) for r in rows if r["main"]}
+    rows = [r for r in rows if r["sample_steps"] and (r["cfg"], r.get("solver")) == main.get(r["run"])]
     if not rows:
         return None
     fig, axes = _figure(ncols=3, w=3.8)
