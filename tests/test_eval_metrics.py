@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.linalg
 import torch
 import torch.nn.functional as F
 
 from flopmatch.errors import UserError
 from flopmatch.evaluation import features as feats
-from flopmatch.evaluation.quality import fid_bootstrap, fid_from_features, fid_resampled, kid_from_features, precision_recall
+from flopmatch.evaluation.quality import (
+    fid_bootstrap,
+    fid_from_features,
+    fid_from_stats,
+    fid_resampled,
+    kid_bootstrap,
+    kid_from_features,
+    precision_recall,
+    precision_recall_matched,
+)
+from flopmatch.evaluation.run import EvalConfig, metrics_from_features
+
+CLEAN_FID = "clean-fid==0.1.35 is test-only, installed by scripts/setup.sh: pip install --no-deps clean-fid==0.1.35"
 
 NUM_IMAGES = 200
 BLUR = (0.6, 1.2, 2.4)  # std in pixels
@@ -259,7 +275,7 @@ def test_unknown_extractor_is_a_user_error():
 def test_inception_features_self_fid_zero_and_blur_raises_it(real_images):
     """Standard FID Inception: 2048-d features; FID(set, set) = 0; blurring raises FID, more blur more so."""
     inception = feats.make_feature_extractor("inception")
-    assert inception.describe()["resize"] == "bilinear-299"
+    assert inception.describe()["resize"] == feats.CLEAN_RESIZE == "pil-bicubic-299 (clean-fid)"
     x = real_images[:24]
     real = feats.extract_features(inception, x, batch_size=12, progress=False)
     assert real.shape == (24, 2048)
@@ -267,3 +283,159 @@ def test_inception_features_self_fid_zero_and_blur_raises_it(real_images):
             for s in (0.8, 2.4)]
     assert fid_from_features(real, real) < 1e-6 * torch.cov(real.T).trace().item()
     assert 0 < fids[0] < fids[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Equivalence with clean-fid (Parmar et al. 2022), and metrics with known small-sample behaviour
+
+
+@pytest.mark.parametrize("px", [32, 64])
+def test_clean_resize_equals_clean_fids_resizer(px):
+    """Our Inception resize equals clean-fid's "clean" mode (make_resizer("PIL", False, "bicubic", (299, 299))) on
+    random uint8 images, and keeps float values (no re-quantisation) inside [0, 255]."""
+    resize = pytest.importorskip("cleanfid.resize", reason=CLEAN_FID)
+    clean = resize.make_resizer("PIL", False, "bicubic", (299, 299))
+    x = torch.randint(0, 256, (3, 3, px, px), dtype=torch.uint8, generator=torch.Generator().manual_seed(px))
+    ours = feats.clean_resize(x)
+    theirs = np.stack([clean(img) for img in x.permute(0, 2, 3, 1).numpy()])  # (B, 299, 299, 3) float32
+    assert ours.shape == (3, 3, 299, 299) and ours.dtype == torch.float32
+    np.testing.assert_allclose(ours.permute(0, 2, 3, 1).numpy(), theirs, rtol=0, atol=1e-4)
+    assert 0 <= ours.min() and ours.max() <= 255 and not torch.equal(ours, ours.round())  # float, not re-quantised
+    # Not torch's bilinear: the earlier path, which clean-fid calls legacy, differs by whole grey levels.
+    bilinear = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
+    assert (ours - bilinear).abs().max() > 5
+
+
+def _clean_fid_function(module: str, name: str):
+    """A top-level function of an installed clean-fid module, compiled from its source without running the module:
+    cleanfid.fid imports torchvision (for code we do not use) at its top, and flopmatch installs no torchvision."""
+    pytest.importorskip("cleanfid", reason=CLEAN_FID)
+    origin = Path(importlib.util.find_spec(module).origin)
+    tree = ast.parse(origin.read_text())
+    (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name]
+    namespace = {"np": np, "linalg": scipy.linalg}  # what frechet_distance uses, as cleanfid.fid imports them
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(origin), "exec"), namespace)
+    return namespace[name]
+
+
+@pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated")
+def test_fid_equals_clean_fids_frechet_distance():
+    """fid_from_features and fid_from_stats equal cleanfid.fid.frechet_distance on the same features' mu/sigma
+    (np.mean, np.cov as clean-fid's fid_from_feats takes them) to 1e-6 relative."""
+    frechet_distance = _clean_fid_function("cleanfid.fid", "frechet_distance")
+    g = torch.Generator().manual_seed(4)
+    mix = torch.randn(48, 48, generator=g, dtype=torch.float64) / 7
+    real = torch.randn(500, 48, generator=g, dtype=torch.float64) @ mix
+    fake = torch.randn(300, 48, generator=g, dtype=torch.float64) @ (mix + 0.05) + 0.1
+    stats = [(x.numpy().mean(axis=0), np.cov(x.numpy(), rowvar=False)) for x in (real, fake)]
+    theirs = frechet_distance(*stats[0], *stats[1])
+    assert theirs > 0
+    assert fid_from_features(real, fake) == pytest.approx(theirs, rel=1e-6)
+    as_tensors = [torch.from_numpy(a) for pair in stats for a in pair]
+    assert fid_from_stats(*as_tensors) == pytest.approx(theirs, rel=1e-6)
+
+
+def test_inception_torchscript_takes_normalised_input_unchanged():
+    """The scripted FID net applies no resize or scaling of its own: it checks 3 channels and runs its layers on
+    the input as given, so our (x - 128) / 128 after clean_resize is the whole preprocessing."""
+    inception = feats.make_feature_extractor("inception")
+    code = inception.net.net.code
+    assert "layers).forward(img" in code and "interpolate" not in code and "128" not in code
+    assert inception.net.net.layers.conv.weight.shape == (32, 3, 3, 3)  # the first convolution sees the input
+    assert inception.normalization == "(x-128)/128"
+
+
+def _pr_gap(n_real: int, n_fake: int, matched: bool, draws: int = 40) -> tuple[float, float]:
+    """Mean and standard error of precision - recall over ``draws`` pairs of same-distribution 64-d Gaussian sets."""
+    gaps = []
+    for seed in range(draws):
+        g = torch.Generator().manual_seed(seed)
+        real, fake = torch.randn(n_real, 64, generator=g), torch.randn(n_fake, 64, generator=g)
+        if matched:
+            pr = precision_recall_matched(real, fake, k=3)
+            assert pr["pr_num_real"] == pr["pr_num_fake"] == min(n_real, n_fake)
+            gaps.append(pr["precision"] - pr["recall"])
+        else:
+            p, r = precision_recall(real, fake, k=3)
+            gaps.append(p - r)
+    t = torch.tensor(gaps)
+    return float(t.mean()), float(t.std() / draws**0.5)
+
+
+def test_precision_recall_on_equal_size_sets_is_symmetric():
+    """Same distributions: on whole unequal sets precision - recall takes the sign of which set is larger (the
+    larger set's k-NN balls are smaller); on the first min(N, M) rows of each it is ~0 whichever is larger."""
+    for n_real, n_fake, sign in ((800, 100, -1), (100, 800, +1)):
+        gap, se = _pr_gap(n_real, n_fake, matched=False)
+        assert sign * gap > 3 * se, (n_real, n_fake, gap, se)
+        gap, se = _pr_gap(n_real, n_fake, matched=True)
+        assert abs(gap) < 2.5 * se + 0.01, (n_real, n_fake, gap, se)
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(30, 8, generator=g), torch.randn(12, 8, generator=g) + 0.5
+    assert precision_recall_matched(real, fake) == {**dict(zip(("precision", "recall"), precision_recall(real[:12], fake))),
+                                                    "pr_num_real": 12, "pr_num_fake": 12}
+    m = metrics_from_features(real, fake, EvalConfig(kid_subset=10, kid_subsets=2, fid_boot=0))
+    assert (m["num_real"], m["num_fake"], m["pr_num_real"], m["pr_num_fake"]) == (30, 12, 12, 12)
+    m = metrics_from_features(fake, real, EvalConfig(kid_subset=10, kid_subsets=2, fid_boot=0))
+    assert (m["num_real"], m["num_fake"], m["pr_num_real"], m["pr_num_fake"]) == (12, 30, 12, 12)
+
+
+def test_kid_is_unbiased_where_small_sample_fid_is_not():
+    """Two independent samples of one Gaussian: KID averages to 0 within its standard error; FID at n = 50 in 16
+    dimensions is far above 0 (its bias, which falls with n), and is flagged as small-n."""
+    kids, fids = [], []
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        real, fake = torch.randn(50, 16, generator=g, dtype=torch.float64), torch.randn(50, 16, generator=g, dtype=torch.float64)
+        kids.append(kid_from_features(real, fake, subset_size=50, subsets=1)[0])
+        if seed < 40:
+            fids.append(fid_from_features(real, fake))
+    kids, fids = torch.tensor(kids), torch.tensor(fids)
+    assert abs(kids.mean()) < 3 * kids.std() / len(kids) ** 0.5, (kids.mean(), kids.std())
+    assert fids.min() > 0 and fids.mean() > 20 * fids.std() / len(fids) ** 0.5, (fids.mean(), fids.std())
+    g = torch.Generator().manual_seed(0)
+    m = metrics_from_features(torch.randn(50, 16, generator=g), torch.randn(40, 16, generator=g),
+                              EvalConfig(kid_subset=40, kid_subsets=2, fid_boot=3))
+    assert m["fid_small_n"] is True and m["kid_boot"]["n"] == m["fid_boot"]["n"] == 3
+
+
+def test_kid_bootstrap_std_matches_the_spread_over_independent_generated_sets():
+    """kid_boot's std (generated rows resampled, reference fixed) is within a factor 1.5 of the std of KID over
+    independent generated sets from one distribution, the reference held fixed."""
+    f, shift = 16, 0.3
+    scale = torch.linspace(0.5, 1.5, f, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, f, generator=g, dtype=torch.float64) * scale
+    kids, boot_sds = [], []
+    for r in range(60):
+        fake = torch.randn(200, f, generator=g, dtype=torch.float64) * scale + shift
+        kids.append(kid_from_features(real, fake, subset_size=200, subsets=5, generator=torch.Generator().manual_seed(r))[0])
+        if r < 8:
+            reps = kid_bootstrap(real, fake, 200, generator=torch.Generator().manual_seed(r))
+            assert reps == kid_bootstrap(real, fake, 200, generator=torch.Generator().manual_seed(r))  # seeded
+            boot_sds.append(float(torch.tensor(reps).std()))
+    spread, boot = float(torch.tensor(kids).std()), sum(boot_sds) / len(boot_sds)
+    assert 1 / 1.5 < boot / spread < 1.5, (boot, spread)
+
+
+def test_kid_bootstrap_without_repeats_is_the_whole_set_kid(monkeypatch):
+    """A replicate whose resample is every row once equals the unbiased MMD^2 of the whole sets (torchmetrics'
+    formula), whatever the chunking; a replicate is never a function of the repeats' positions, only their counts."""
+    from torchmetrics.image.kid import maximum_mean_discrepancy, poly_kernel
+
+    from flopmatch.evaluation import quality
+
+    g = torch.Generator().manual_seed(5)
+    real, fake = torch.randn(60, 8, generator=g, dtype=torch.float64), torch.randn(60, 8, generator=g, dtype=torch.float64) + 0.2
+    perm = torch.randperm(60, generator=g)
+    monkeypatch.setattr(quality, "_resamples", lambda m, n, gen: [torch.arange(m), perm, perm[:30].repeat(2)])
+    whole, permuted, doubled = kid_bootstrap(real, fake, 3, chunk=7)
+    expected = float(maximum_mean_discrepancy(poly_kernel(real, real), poly_kernel(real, fake), poly_kernel(fake, fake)))
+    assert whole == pytest.approx(expected, rel=1e-9) and permuted == pytest.approx(expected, rel=1e-9)
+    # 30 rows twice each, copies left out: the unbiased MMD^2 of those 30 distinct rows against the same reference
+    k_rr = poly_kernel(real, real)
+    rr = (k_rr.sum() - k_rr.diagonal().sum()) / (60 * 59)
+    f30 = fake[perm[:30]]
+    k_ff = poly_kernel(f30, f30)
+    ff = (k_ff.sum() - k_ff.diagonal().sum()) / (30 * 29)
+    assert doubled == pytest.approx(float(rr + ff - 2 * poly_kernel(real, f30).mean()), rel=1e-9)

@@ -52,6 +52,10 @@ def test_eval_twice_with_same_seed_gives_identical_numbers(tiny_run, tmp_path):
     assert entry["metrics"]["effnet"]["fid"] >= 0
     boot = entry["metrics"]["effnet"]["fid_boot"]  # evaluation-noise replicates, also reproduced exactly above
     assert boot["n"] == len(boot["replicates"]) == ecfg.fid_boot and boot["std"] > 0
+    kid_boot = entry["metrics"]["effnet"]["kid_boot"]
+    assert kid_boot["n"] == len(kid_boot["replicates"]) == ecfg.fid_boot and kid_boot["std"] > 0
+    m = entry["metrics"]["effnet"]  # precision/recall on the 12 caption-matched pairs; FID flagged at n < 2000
+    assert (m["num_real"], m["num_fake"], m["pr_num_real"], m["pr_num_fake"], m["fid_small_n"]) == (24, 12, 12, 12, True)
 
 
 @pytest.mark.slow
@@ -125,3 +129,18 @@ def test_export_round_trips_to_the_generated_images(tiny_run, tmp_path):
     assert from_png.dtype == from_npz.dtype == torch.uint8 and from_png.shape == (6, 3, 32, 32)
     assert torch.equal(from_png, from_npz) and torch.equal(from_png, stored)
     assert prompts == json.loads((sample_dir(tiny_run, key) / "prompts.json").read_text())
+
+
+def test_eval_cli_passes_reference_stats_paths_absolute(tiny_run, tmp_path, monkeypatch):
+    """--export-ref and --ref-stats reach EvalConfig as absolute paths (the manifest must not depend on the cwd)."""
+    from flopmatch.cli import main
+    from flopmatch.evaluation import run as run_module
+
+    seen = []
+    monkeypatch.setattr(run_module, "evaluate", lambda run, settings, ecfg: seen.append(ecfg) or {"entries": {}})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ref.npz").write_bytes(b"")
+    assert main(["eval", str(tiny_run), "--export-ref", "out/ref.npz"]) == 0
+    assert main(["eval", str(tiny_run), "--ref-stats", "ref.npz"]) == 0
+    assert seen[0].export_ref == str(tmp_path / "out" / "ref.npz") and seen[0].ref_stats == ""
+    assert seen[1].ref_stats == str(tmp_path / "ref.npz") and seen[1].export_ref == ""

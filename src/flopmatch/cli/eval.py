@@ -7,7 +7,16 @@ import itertools
 from dataclasses import replace
 from pathlib import Path
 
-from flopmatch.cli.args import WEIGHTS_HELP, add_solver_args, config_value, count, output_dir, raw_or_weights, weights_name
+from flopmatch.cli.args import (
+    WEIGHTS_HELP,
+    add_solver_args,
+    config_value,
+    count,
+    output_dir,
+    output_file,
+    raw_or_weights,
+    weights_name,
+)
 from flopmatch.config import SampleConfig
 from flopmatch.errors import UserError
 
@@ -30,6 +39,21 @@ def parse_sweeps(items: list[str]) -> dict[str, list]:
         except argparse.ArgumentTypeError as e:
             raise UserError(f"--sweep {item!r}: {e}") from None
     return out
+
+
+def npz_file(text: str) -> str:
+    """An argparse type for an existing ``.npz`` file to read (``--ref-stats``); made absolute."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{path} is not a file (write one with flopmatch eval RUN --export-ref FILE.npz)")
+    return str(path.resolve())
+
+
+def new_npz_file(text: str) -> str:
+    """An argparse type for an ``.npz`` file to write (``--export-ref``): ends in .npz, creatable; made absolute."""
+    if Path(text).suffix != ".npz":
+        raise argparse.ArgumentTypeError(f"expected a file name ending in .npz, got {text!r}")
+    return str(Path(output_file(text)).resolve())
 
 
 def cmd_eval(args) -> int:
@@ -55,6 +79,7 @@ def cmd_eval(args) -> int:
     ecfg = EvalConfig(num_samples=args.num_samples, seed=args.seed, weights=raw_or_weights(args),
                       features=features, timing=not args.no_timing, batch_size=args.batch_size,
                       export=str(Path(args.export).resolve()) if args.export else "",
+                      export_ref=args.export_ref or "", ref_stats=args.ref_stats or "",
                       **({} if args.fid_boot is None else {"fid_boot": args.fid_boot}))
     doc = evaluate(run, settings, ecfg)
     if not dist.is_main():  # under torchrun the other ranks only sampled their batches; the main rank reports
@@ -79,15 +104,25 @@ def register(sub) -> None:
     p.add_argument("--sweep", action="append", default=[], metavar="NAME=v1,v2",
                    help=f"evaluate every combination, e.g. --sweep steps=4,8,16 --sweep guidance=1,2,4 (NAME: {', '.join(SWEEPABLE)})")
     p.add_argument("--features", default="effnet",
-                   help="comma-separated feature extractors: effnet (fast proxy; the default), inception (standard FID, slow)")
+                   help="comma-separated feature extractors: effnet (fast proxy; the default), inception (standard FID "
+                        "Inception with clean-fid's PIL bicubic resize; slow on a CPU)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--batch-size", type=count(1), default=100, help="images per sampling batch (default 100)")
     p.add_argument("--weights", type=weights_name, default="ema", help=WEIGHTS_HELP)
     p.add_argument("--raw", action="store_true", help="the raw weights: the same as --weights model")
     p.add_argument("--fid-boot", type=count(0), metavar="N",
-                   help="FID bootstrap replicates over the generated images, for noise estimates (default 200; 0 = off)")
+                   help="FID and KID bootstrap replicates over the generated images, for noise estimates (default 200; "
+                        "0 = off)")
     p.add_argument("--export", type=output_dir, metavar="DIR",
                    help="also write each setting's images to DIR/<setting>/ as PNGs and samples.npz (arr_0: N,H,W,3 "
                         "uint8), for clean-fid, torch-fidelity or the ADM evaluator")
+    p.add_argument("--export-ref", type=new_npz_file, metavar="FILE.npz",
+                   help="also write the reference features' mean and covariance (float64) per extractor to FILE.npz, with "
+                        "a JSON manifest: keys mu_<extractor>, sigma_<extractor>, and mu, sigma when there is one extractor "
+                        "(what clean-fid and the ADM evaluator read); default: not written")
+    p.add_argument("--ref-stats", type=npz_file, metavar="FILE.npz",
+                   help="compute FID against the statistics in FILE.npz (written by --export-ref, for the same extractors) "
+                        "instead of the run's own reference; KID and precision/recall are then not computed (they need "
+                        "features); default: the run's evaluation split")
     p.add_argument("--no-timing", action="store_true", help="skip latency/throughput measurement")
     p.set_defaults(func=cmd_eval)

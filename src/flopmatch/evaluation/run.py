@@ -2,10 +2,18 @@
 and inference cost; write ``<run>/eval.json`` with a manifest that makes every number reproducible.
 
 Prompts are the captions of the first ``num_samples`` images of the evaluation split (cycled if
-more are asked for); the reference set for FID/KID/precision/recall is the whole evaluation split,
-whose features are extracted once and cached. Images for a setting are generated in batches whose
-random streams depend only on (seed, batch index), so sharding batches across ranks gives the same
-images as one process. Generated images are saved under ``<run>/samples/<setting>/``.
+more are asked for); the reference set for FID/KID is the whole evaluation split, whose features are
+extracted once and cached, and precision/recall compare equal-size sets: the first min(N, M) rows of
+each, i.e. the caption-matched pairs (:func:`flopmatch.evaluation.quality.precision_recall_matched`).
+FID below :data:`~flopmatch.evaluation.quality.FID_SMALL_N` images is flagged (``fid_small_n``, and one
+warning line per call): it is biased upward by a model-dependent amount, KID is not.
+``export_ref`` writes the reference features' mean and covariance for other tools; ``ref_stats`` takes
+FID against such a file instead of the run's own reference (KID and precision/recall are then None:
+they need features), under the entry key suffixed ``,ref=<file sha256[:12]>``.
+
+Images for a setting are generated in batches whose random streams depend only on (seed, batch index),
+so sharding batches across ranks gives the same images as one process. Generated images are saved
+under ``<run>/samples/<setting>/``.
 
 Timing figures (latency, throughput) are measurements and vary with load, so all settings of one call
 are timed together at the end, interleaved (:mod:`flopmatch.evaluation.timing`); every other number is
@@ -29,11 +37,21 @@ from flopmatch.config import SampleConfig
 from flopmatch.data.datasets import make_dataset
 from flopmatch.device import resolve_device
 from flopmatch.errors import UserError
-from flopmatch.evaluation.export import export_images
+from flopmatch.evaluation.export import ReferenceStats, export_images, export_reference_stats, read_reference_stats
 from flopmatch.evaluation.features import extract_features, make_feature_extractor, reference_features
 from flopmatch.evaluation.inference import inference_cost
 from flopmatch.evaluation.prompt_scoring import prompt_scorer
-from flopmatch.evaluation.quality import fid_bootstrap, fid_from_features, kid_from_features, precision_recall
+from flopmatch.evaluation.quality import (
+    FID_SMALL_N,
+    feature_stats,
+    fid_bootstrap,
+    fid_bootstrap_stats,
+    fid_from_features,
+    fid_from_stats,
+    kid_bootstrap,
+    kid_from_features,
+    precision_recall_matched,
+)
 from flopmatch.evaluation.timing import TimingItem, machine, time_items
 from flopmatch.files import atomic_write_json, file_sha256, load_tensors, read_json, save_tensors, tensor_sha256
 from flopmatch.rundir import CHECKPOINT, EVAL, canonical_weights, parse_weights, posthoc_solution, read_state, sample_dir
@@ -54,7 +72,7 @@ class EvalConfig:
     kid_subset: int = 500
     kid_subsets: int = 50
     pr_k: int = 3
-    fid_boot: int = 200  # FID replicates over resampled generated images (evaluation-noise estimate); 0 = off
+    fid_boot: int = 200  # FID and KID replicates over resampled generated images (evaluation-noise estimate); 0 = off
     prompt_following: bool = True
     inference: bool = True  # analytic sampling and decode FLOPs per image
     timing: bool = True  # latency and throughput, all settings of the call timed together at the end
@@ -62,6 +80,9 @@ class EvalConfig:
     timing_budget_s: float = 10.0  # wall-time cap of the best-batch search per setting
     save_images: bool = True
     export: str = ""  # a directory: also write each setting's images as PNGs + samples.npz (evaluation.export)
+    export_ref: str = ""  # an .npz file: also write the reference features' mean and covariance (evaluation.export)
+    ref_stats: str = ""  # an .npz file from export_ref: FID against it instead of the run's own reference
+    warn_small_n: bool = True  # print the small-n FID warning (a study says it once, in its report, not per evaluation)
 
 
 def setting_key(sample: SampleConfig, steps: int) -> str:
@@ -137,21 +158,71 @@ def generate_sharded(sampler, prompts: list[str], sample: SampleConfig, seed: in
     return images
 
 
-def quality_metrics(extractor, real_feats: torch.Tensor, images: torch.Tensor, ecfg: EvalConfig) -> dict:
-    """FID (+ bootstrap replicates, ``fid_boot``), KID (mean, std), precision and recall of generated uint8
-    images (M, 3, H, W) against cached real features."""
+def quality_metrics(extractor, real: torch.Tensor | ReferenceStats, images: torch.Tensor, ecfg: EvalConfig) -> dict:
+    """Quality metrics of generated uint8 images (M, 3, H, W) against the reference: its cached features
+    (N, F) (:func:`metrics_from_features`) or imported statistics (:func:`metrics_from_stats`)."""
     fake = extract_features(extractor, images, progress=False)
-    subset = min(ecfg.kid_subset, len(fake), len(real_feats))
-    kid_mean, kid_std = kid_from_features(real_feats, fake, subset_size=subset, subsets=ecfg.kid_subsets,
+    if isinstance(real, ReferenceStats):
+        return metrics_from_stats(real, fake, ecfg)
+    return metrics_from_features(real, fake, ecfg)
+
+
+BOOT_METHOD = "generated images resampled with replacement, reference fixed"
+
+
+def _boot(reps: list[float], how: str = "") -> dict:
+    return {"method": BOOT_METHOD + how, "n": len(reps), "std": float(torch.tensor(reps).std()), "replicates": reps}
+
+
+def metrics_from_features(real: torch.Tensor, fake: torch.Tensor, ecfg: EvalConfig) -> dict:
+    """FID, KID (mean, std over subsets), precision and recall of fake features (M, F) against real (N, F),
+    with the counts they used, ``fid_small_n`` (min(N, M) < FID_SMALL_N: FID biased upward) and, when
+    ``ecfg.fid_boot`` > 0, ``fid_boot`` and ``kid_boot``: that many replicates over the same resamples of the
+    generated rows (seeded with ``ecfg.seed``), each {"method", "n", "std", "replicates"}."""
+    subset = min(ecfg.kid_subset, len(fake), len(real))
+    kid_mean, kid_std = kid_from_features(real, fake, subset_size=subset, subsets=ecfg.kid_subsets,
                                           generator=torch.Generator().manual_seed(ecfg.seed))
-    precision, recall = precision_recall(real_feats, fake, k=ecfg.pr_k)
-    out = {"fid": fid_from_features(real_feats, fake), "kid": kid_mean, "kid_std": kid_std,
-           "precision": precision, "recall": recall, "num_real": len(real_feats), "num_fake": len(fake)}
+    pr = precision_recall_matched(real, fake, k=ecfg.pr_k)
+    out = {"fid": fid_from_features(real, fake), "kid": kid_mean, "kid_std": kid_std,
+           "precision": pr["precision"], "recall": pr["recall"], "num_real": len(real), "num_fake": len(fake),
+           "pr_num_real": pr["pr_num_real"], "pr_num_fake": pr["pr_num_fake"],
+           "fid_small_n": min(len(real), len(fake)) < FID_SMALL_N}
     if ecfg.fid_boot > 0:
-        reps = fid_bootstrap(real_feats, fake, ecfg.fid_boot, generator=torch.Generator().manual_seed(ecfg.seed))
-        out["fid_boot"] = {"method": "generated images resampled with replacement, reference fixed",
-                           "n": len(reps), "std": float(torch.tensor(reps).std()), "replicates": reps}
+        out["fid_boot"] = _boot(fid_bootstrap(real, fake, ecfg.fid_boot, generator=torch.Generator().manual_seed(ecfg.seed)))
+        reps = kid_bootstrap(real, fake, ecfg.fid_boot, generator=torch.Generator().manual_seed(ecfg.seed))
+        out["kid_boot"] = _boot(reps, "; each replicate the unbiased MMD^2 of all real rows against the resample, "
+                                      "pairs of copies of one row left out (not the subset average of `kid`)")
     return out
+
+
+NO_FEATURES = ("kid, kid_std, kid_boot, precision and recall are None: the imported reference (--ref-stats) holds only "
+               "the mean and covariance of its features, and KID and precision/recall need the features themselves")
+
+
+def metrics_from_stats(ref: ReferenceStats, fake: torch.Tensor, ecfg: EvalConfig) -> dict:
+    """FID (and ``fid_boot``) of fake features (M, F) against imported reference statistics; the metrics that
+    need reference features are None, and ``not_computed`` says why."""
+    out = {"fid": fid_from_stats(ref.mu, ref.sigma, *feature_stats(fake)), "kid": None, "kid_std": None,
+           "precision": None, "recall": None, "num_real": ref.num_images, "num_fake": len(fake),
+           "pr_num_real": None, "pr_num_fake": None, "fid_small_n": min(ref.num_images, len(fake)) < FID_SMALL_N,
+           "reference": "imported", "not_computed": NO_FEATURES}
+    if ecfg.fid_boot > 0:
+        out["fid_boot"] = _boot(fid_bootstrap_stats(ref.mu, ref.sigma, fake, ecfg.fid_boot,
+                                                    generator=torch.Generator().manual_seed(ecfg.seed)))
+        out["kid_boot"] = None
+    return out
+
+
+def small_n_warning(num_real: int, num_fake: int, imported: bool = False) -> str | None:
+    """The one warning line of an evaluation whose FID rests on fewer than FID_SMALL_N images, else None."""
+    n = min(num_real, num_fake)
+    if n >= FID_SMALL_N:
+        return None
+    kid = ("KID needs the reference features: evaluate without --ref-stats to get it" if imported
+           else "check rankings with KID, which is unbiased")
+    return (f"warning: FID from n = {n} images (< {FID_SMALL_N}; {num_real} real, {num_fake} generated) is biased upward "
+            f"by an amount that depends on the model (Binkowski et al. 2018; Chong & Forsyth 2020): compare FIDs only at "
+            f"equal n and {kid}")
 
 
 def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | None = None, progress: bool = True) -> dict:
@@ -161,6 +232,12 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
         raise UserError(f"--num-samples must be at least {max(ecfg.pr_k + 1, 2)}, got {ecfg.num_samples}")
     if ecfg.fid_boot < 0:
         raise UserError(f"--fid-boot must be >= 0, got {ecfg.fid_boot}")
+    if (ecfg.export_ref or ecfg.ref_stats) and not ecfg.features:
+        raise UserError("--export-ref and --ref-stats need at least one feature extractor (--features)")
+    if ecfg.export_ref and ecfg.ref_stats:
+        raise UserError("--export-ref writes the run's own reference statistics, --ref-stats replaces them; give one of them")
+    if ecfg.export_ref and (Path(ecfg.export_ref).suffix != ".npz" or Path(ecfg.export_ref).is_dir()):
+        raise UserError(f"--export-ref expects a file name ending in .npz, got {ecfg.export_ref}")
     run = Path(run)
     ecfg = replace(ecfg, weights=canonical_weights(ecfg.weights))  # "ema@0.10" and "ema@0.1" are one entry
     dist.init(resolve_device("auto"))
@@ -176,8 +253,22 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
     prompts = eval_prompts(ref, ecfg.num_samples)
     ref_images = ref.images_uint8()
     extractors = {name: make_feature_extractor(name) for name in ecfg.features}
-    real = {name: reference_features(ex, cfg.data.name, ref_images, key=f"{ref.fingerprint()}-{len(ref)}", progress=progress)
-            for name, ex in extractors.items()} if dist.is_main() else {}
+    described = {name: ex.describe() for name, ex in extractors.items()}
+    reference = {"dataset": cfg.data.name, "split": "eval", "fingerprint": ref.fingerprint(), "size": len(ref),
+                 "images_sha256": tensor_sha256(ref_images)}
+    imported = None  # the reference's manifest record when it is imported (--ref-stats)
+    if ecfg.ref_stats:
+        real, imported = read_reference_stats(ecfg.ref_stats, described)
+    else:
+        real = {name: reference_features(ex, cfg.data.name, ref_images, key=f"{ref.fingerprint()}-{len(ref)}",
+                                         progress=progress) for name, ex in extractors.items()} if dist.is_main() else {}
+    if ecfg.export_ref and dist.is_main():
+        export_reference_stats(ecfg.export_ref, {name: feature_stats(f) for name, f in real.items()}, described,
+                               dataset=reference, num_images=len(ref))
+        print(f"wrote reference statistics ({', '.join(real)}, n = {len(ref)}) to {ecfg.export_ref}")
+    num_real = imported["size"] if imported else len(ref)
+    if ecfg.warn_small_n and extractors and dist.is_main() and (line := small_n_warning(num_real, ecfg.num_samples, imported is not None)):
+        print(line)  # once per call, not per setting
     scorer = None
     if ecfg.prompt_following:
         # Real sources' pools are built collectively (every rank meets the same barriers); the scorer, which
@@ -200,7 +291,9 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
     for sample in settings:
         steps = sampler.objective.resolve_steps(sample, sampler.spec)
         key = entry_key(sample, steps, ecfg)
-        images_dir = sample_dir(run, key)
+        images_dir = sample_dir(run, key)  # the same images whichever reference they are scored against
+        if imported:  # a separate entry: the run's own-reference entry of this setting is kept
+            key += f",ref={imported['sha256'][:12]}"
         if progress and dist.is_main():
             print(f"[eval] {run.name}: {key}")
         images = generate_sharded(sampler, prompts, sample, ecfg.seed, ecfg.batch_size, images_dir, progress)
@@ -229,9 +322,8 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
             "sampler": {**asdict(sample), "steps": steps, "objective": cfg.objective.name},
             "prompts": {"source": "eval split captions, first num_samples (cycled)",
                         "sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()},
-            "reference": {"dataset": cfg.data.name, "split": "eval", "fingerprint": ref.fingerprint(),
-                          "size": len(ref), "images_sha256": tensor_sha256(ref_images)},
-            "feature_extractors": {name: ex.describe() for name, ex in extractors.items()},
+            "reference": imported or reference,
+            "feature_extractors": described,
             "prompt_evaluator": scorer.describe() if scorer is not None else None,
             "tokenizer": {"fingerprint": sampler.tokenizer.fingerprint(), "spec": sampler.tokenizer.spec.to_dict()},
             "packages": package_versions(), "eval_config": asdict(ecfg),

@@ -267,7 +267,9 @@ def _read_run(root: Path, run: Path, timed: dict | None = None) -> tuple[RunInfo
         state, problems = None, [str(e)]
     entries = {}
     try:
-        entries = read_eval_entries(run)
+        # FID against an imported reference (`flopmatch eval --ref-stats`) compares with no other entry: left out
+        entries = {k: e for k, e in read_eval_entries(run).items()
+                   if not ((e.get("manifest") or {}).get("reference") or {}).get("imported")}
     except (UserError, AttributeError) as e:
         problems.append(f"unreadable eval.json ({e})")
     curve = _read_curve(run / METRICS)

@@ -109,7 +109,8 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
                 raise
         check_prepared(out, scfg)  # also on every re-run: the ceilings file outlives a refusal
     t_tokenizers = time.perf_counter()
-    ecfg = EvalConfig(num_samples=scfg.eval_samples, features=list(scfg.features), timing=False)  # timed below, together
+    # timed below, together; FID's small-n bias is said once, in the report, not in every evaluation's log
+    ecfg = EvalConfig(num_samples=scfg.eval_samples, features=list(scfg.features), timing=False, warn_small_n=False)
     jobs = []
     for p in plans:
         cfg = from_dict(RunConfig, p.config)
