@@ -17,6 +17,7 @@ from flopmatch.report.data import Study
 from flopmatch.report.operating import operating
 from flopmatch.report.verdicts import decide
 from flopmatch.study.presets import SAMPLE_FIELDS
+from flopmatch.study.timing_phase import _cost_key
 
 
 def _dominated(p: Point, points: list[Point]) -> bool:
@@ -72,7 +73,8 @@ def _row(paradigm: str, setting: str, kid: float, latency: float, rng, full: boo
          flops: float = 1e9) -> dict:
     lat = latency * np.exp(0.03 * rng.standard_normal(7))  # 7 interleaved timing rounds
     return {"run": f"{paradigm}-b1e12-s0", "objective": paradigm, "depth": 1, "budget": 1e12, "seed": 0, "done": True,
-            "weights": "ema", "main": main, "full_set": full, "setting": f"{setting},weights=ema,n={250 if full else 100}",
+            "weights": "ema", "main": main, "full_set": full, "eval_seed": 0 if full else 1,
+            "setting": f"{setting},weights=ema,n={250 if full else 100}",
             "kid_effnet": kid, "fid_effnet": 100 * kid, "fid_boot_effnet": [], "prompt_full_match": 0.5,
             "num_samples": 250 if full else 100, "cfg": 3.0, "sample_flops_per_image": flops,
             "latency_s": float(np.median(lat)) if full else None, "latency_s_all": list(lat) if full else [],
@@ -113,3 +115,21 @@ def test_latency_is_judged_at_matched_quality_not_at_default_steps():
 def test_the_presets_know_every_sampler_setting():
     """presets.SAMPLE_FIELDS (plain strings: the CLI must not import torch) names exactly SampleConfig's fields."""
     assert set(SAMPLE_FIELDS) == {f.name for f in fields(SampleConfig)}
+
+
+def _item(setting: str, **sample) -> dict:
+    base = {"guidance": 3.0, "temperature": 1.0, "top_k": 0, "choice_temperature": 4.5, "kv_cache": True,
+            "solver": "euler", "shift": 1.0}
+    return {"run": "r", "setting": setting, "sample": {**base, **sample}}
+
+
+def test_the_timing_phase_times_once_only_what_computes_the_same():
+    """Guidance 2 vs 5, temperatures and the time shift compute the same (one timing); guidance 1 (no unconditional
+    pass), another step count, solver, top-k, KV cache or masked's Gumbel noise on or off do not."""
+    key = _cost_key(_item("steps=10,cfg=3"))
+    assert _cost_key(_item("steps=10,cfg=5", guidance=5.0)) == key
+    assert _cost_key(_item("steps=10,cfg=3,temp=0.8", temperature=0.8, shift=3.0)) == key
+    for other in (_item("steps=10,cfg=1", guidance=1.0), _item("steps=12,cfg=3"), _item("steps=10,cfg=3", solver="heun"),
+                  _item("steps=10,cfg=3", top_k=100), _item("steps=10,cfg=3", kv_cache=False),
+                  _item("steps=10,cfg=3", choice_temperature=0.0)):
+        assert _cost_key(other) != key, other

@@ -60,6 +60,8 @@ def cmd_study(args) -> int:
                  "eval_ema", "sweep_guidance", "sweep_samples"):  # given flags replace the preset's
         if getattr(args, name) is not None:
             setattr(scfg, name, getattr(args, name))
+    if args.eval_samples is not None and args.sweep_samples is None:  # the sweep is a small set: no larger than the full
+        scfg.sweep_samples = max(10, min(scfg.sweep_samples, scfg.eval_samples))
     scfg.overrides = scfg.overrides + ([f"data.name={args.data}"] if args.data else []) + list(args.set)
     scfg.tokenizer_overrides = scfg.tokenizer_overrides + list(args.tokenizer_set)
     if args.plan_only:

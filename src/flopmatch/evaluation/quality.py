@@ -297,9 +297,9 @@ def kid_bootstrap(real: torch.Tensor, fake: torch.Tensor, n_boot: int = 200, gen
     _check(real, fake)
     real, fake = real.double(), fake.double()
     n, m = real.shape[0], fake.shape[0]
-    counts = torch.stack([torch.bincount(i, minlength=m) for i in _resamples(m, n_boot, generator)]).double()  # (R, M)
-    if counts.shape[0] == 0:
+    if n_boot <= 0:
         return []
+    counts = torch.stack([torch.bincount(i, minlength=m) for i in _resamples(m, n_boot, generator)]).double()  # (R, M)
     rr = sum(poly_kernel(real[s : s + chunk], real).sum() for s in range(0, n, chunk))
     rr = (rr - poly_kernel_diag(real).sum()) / (n * (n - 1))
     rf_cols = sum(poly_kernel(real[s : s + chunk], fake).sum(dim=0) for s in range(0, n, chunk))  # (M,)

@@ -69,7 +69,7 @@ def _png_bytes(img) -> bytes:
 def sample_table(study: Study, an: Analysis) -> dict | None:
     """Rows = budgets, columns = paradigms, cells = PNG strips of the first N images of one run's main setting.
 
-    Per (paradigm, budget) the run is the FID frontier depth at that budget (else the largest depth
+    Per (paradigm, budget) the run is the KID frontier depth at that budget (else the largest depth
     with saved samples), lowest seed. All runs are sampled on the same prompt list (the first eval
     captions), so the prompts are given once; a mismatch is reported.
     """
@@ -250,10 +250,10 @@ FIG_CAPTIONS = {
     "iso_flop_kid": "Iso-FLOP curves: KID against parameters at each fixed training budget.",
     "iso_flop_prompt": "Iso-FLOP curves: prompt-following error against parameters at each fixed training budget.",
     "iso_flop_loss": "Iso-FLOP curves: final training loss against parameters (per paradigm).",
-    "pareto_flops": "Quality against sampling FLOPs per image over every evaluated setting; lines are each paradigm's Pareto front.",
-    "pareto_latency": "Quality against latency (one image, batch 1) over every evaluated setting; lines are Pareto fronts.",
+    "pareto_flops": "Quality (KID, prompt error) against sampling FLOPs per image over every setting evaluated on the full image set; lines are each paradigm's Pareto front.",
+    "pareto_latency": "Quality (KID, prompt error) against latency (one image, batch 1) over every full-set setting; lines are Pareto fronts.",
     "throughput": "Throughput at the main settings (median over runs; bars span min-max).",
-    "step_sweep": "Latency, throughput and FID over the sampling steps evaluated on the full image set.",
+    "step_sweep": "Latency, throughput and KID over the sampling steps evaluated on the full image set (main guidance).",
     "operating_fronts": "KID against sampling FLOPs, latency, throughput and prompt-following error: faint dots are the "
                         "sweep (small image set, not timed), solid dots the points evaluated on the full set, lines each "
                         "paradigm's front; dashed: the matched-quality level.",

@@ -9,7 +9,7 @@ among the EMA-weight eval entries, the one whose sampler settings equal the run 
 ``sample`` section with steps resolved by the paradigm (``objective.resolve_steps``); if several
 entries match (e.g. evaluated twice with different sample counts or seeds) or none does, the one
 with the lowest FID (effnet) among the matching ones, or among all EMA entries if none matches; an
-operating-point sweep's small set (fewer images, another sampling seed) never wins over the full set.
+operating-point sweep's small set (its own sampling seed, SWEEP_SEED) never wins over the full set.
 The reason is recorded per run (``main_reason``). ``full_set`` marks the rows on the main setting's
 image set, whose FIDs compare with it. Inference plots use every full-set setting.
 """
@@ -25,6 +25,8 @@ from flopmatch import PARADIGMS
 from flopmatch import ema as phema
 from flopmatch.config import RENAMED
 from flopmatch.errors import UserError
+from flopmatch.evaluation.features import CLEAN_RESIZE as INCEPTION_RESIZE
+from flopmatch.evaluation.operating import SWEEP_SEED
 from flopmatch.evaluation.timing import read_timing
 from flopmatch.files import load_tensors, read_json
 from flopmatch.nets import NetSpec
@@ -173,7 +175,8 @@ def main_setting(entries: dict, sample, steps: int | None) -> tuple[str | None, 
     match = sorted(k for k, e in ema.items() if _matches(_settings(e), sample, steps))
     if len(match) > 1:  # the full set (most images, then the lowest sampling seed): an operating-point sweep's small
         # set evaluates the default setting too, on other images (flopmatch.evaluation.operating)
-        rank = {k: (-(_manifest(ema[k]).get("num_samples") or 0), _manifest(ema[k]).get("seed") or 0) for k in match}
+        rank = {k: (_manifest(ema[k]).get("seed") == SWEEP_SEED, -(_manifest(ema[k]).get("num_samples") or 0),
+                    _manifest(ema[k]).get("seed") or 0) for k in match}
         match = [k for k in match if rank[k] == min(rank.values())]
     if len(match) == 1:
         return match[0], "matches the run's default sample settings"
@@ -185,6 +188,10 @@ def main_setting(entries: dict, sample, steps: int | None) -> tuple[str | None, 
 
 def _manifest(entry: dict) -> dict:
     return entry.get("manifest") or {}
+
+
+def _inception_resize(entry: dict) -> str | None:
+    return ((_manifest(entry).get("feature_extractors") or {}).get("inception") or {}).get("resize")
 
 
 def _num(x):
@@ -204,7 +211,9 @@ def _entry_fields(key: str, entry: dict) -> dict:
         "num_samples": (entry.get("manifest") or {}).get("num_samples"), "eval_seed": (entry.get("manifest") or {}).get("seed"),
         "fid_effnet": _num(eff.get("fid")), "kid_effnet": _num(eff.get("kid")), "kid_std_effnet": _num(eff.get("kid_std")),
         "precision": _num(eff.get("precision")), "recall": _num(eff.get("recall")),
-        "fid_inception": _num(inc.get("fid")), "kid_inception": _num(inc.get("kid")),
+        # Inception FID only through today's resize (clean-fid's): an older entry's bilinear FID is another number
+        "fid_inception": _num(inc.get("fid")) if _inception_resize(entry) == INCEPTION_RESIZE else None,
+        "kid_inception": _num(inc.get("kid")) if _inception_resize(entry) == INCEPTION_RESIZE else None,
         "prompt_full_match": _num(pf.get("full_match")),
         "sample_flops_per_image": _num(inf.get("sample_flops_per_image")),
         "decode_flops_per_image": _num(inf.get("decode_flops_per_image")), "latency_s": _num(inf.get("latency_s")),

@@ -218,18 +218,18 @@ def _pareto_rows(study: Study) -> tuple[list[dict], str]:
 
 
 def _quality(row: dict, col: str) -> float:
-    """A row's quality as an error: FID as is, prompt following as 1 - full match."""
+    """A row's quality as an error: KID (or FID) as is, prompt following as 1 - full match."""
     return 1 - row[col] if col == "prompt_full_match" else row[col]
 
 
 def pareto(study: Study, paradigms: list[str], cost: str, nokv_cost: str, xlabel: str):
-    """Quality (FID, prompt error) against an inference cost, every setting, with each paradigm's Pareto front."""
+    """Quality (KID, prompt error) against an inference cost, every full-set setting, with each paradigm's Pareto front."""
     rows, where = _pareto_rows(study)
     rows = [r for r in rows if r[cost] is not None]
     if not rows:
         return None
     fig, axes = _figure(ncols=2, w=4.6)
-    for ax, (col, label) in zip(axes[0], (("fid_effnet", "FID (effnet)"), ("prompt_full_match", "prompt-following error"))):
+    for ax, (col, label) in zip(axes[0], (("kid_effnet", "KID (effnet)"), ("prompt_full_match", "prompt-following error"))):
         ys = []
         for p in paradigms:
             sel = [r for r in rows if r["objective"] == p and r[col] is not None]
@@ -289,7 +289,7 @@ def throughput_bars(an: Analysis):
 
 
 def step_sweep(study: Study, paradigms: list[str]):
-    """Latency, throughput and FID against sampling steps, per paradigm and depth, at the Pareto budget."""
+    """Latency, throughput and KID against sampling steps, per paradigm and depth, at the Pareto budget."""
     rows, where = _pareto_rows(study)
     # at each run's main guidance scale (and solver): an operating-point sweep's chosen points vary those too
     main = {r["run"]: (r["cfg"], r.get("solver")) for r in rows if r["main"]}
@@ -299,7 +299,7 @@ def step_sweep(study: Study, paradigms: list[str]):
     fig, axes = _figure(ncols=3, w=3.8)
     for ax, (col, label) in zip(axes[0], (("latency_s", "latency, batch 1 (s)"),
                                           ("throughput_images_per_s", "throughput (images/s)"),
-                                          ("fid_effnet", "FID (effnet)"))):  # fmt: skip
+                                          ("kid_effnet", "KID (effnet)"))):  # fmt: skip
         ys = []
         for p in paradigms:
             for d in sorted({r["depth"] for r in rows if r["objective"] == p}):

@@ -8,8 +8,14 @@ retraining, family-wise control, ties reported as ties, and the power of every c
 at any sample count, while FID's small-sample bias depends on the model (a Gaussian simulation: true
 A < B, yet at 250 samples A's FID is worse) and can reorder models at the few hundred images a CPU study
 generates. KID at or below ``KID_FLOOR`` (the generated set indistinguishable from the real one at this
-n; the unbiased estimate can even be negative) counts as the floor, so two such models tie. FID is
-still tested the same way ("fid" cells) for the record, but decides no claim or table cell.
+n; the unbiased estimate can even be negative) counts as the floor, so two such models tie. FID's cells
+and seed noise are computed too (the tokenizer-ceiling banner uses them), but no claim or table cell
+compares FIDs.
+
+*Cost at matched quality.* Where the study swept operating points (:mod:`flopmatch.report.operating`),
+latency, throughput and sampling FLOPs at the largest budget are compared at each paradigm's cheapest
+point at a quality every paradigm reaches; elsewhere (other budgets, a study without a sweep, paradigms
+compared at different depths) at the main settings. Every comparison says which.
 Seed-to-seed variation of these is roughly multiplicative, so one variance per metric serves every
 budget and paradigm, and a difference reads as a ratio (``exp(estimate)``).
 
@@ -49,7 +55,7 @@ import numpy as np
 from scipy import stats as sps
 
 from flopmatch import PARADIGMS
-from flopmatch.report.analysis import inference_summary
+from flopmatch.report.analysis import KID_FLOOR, inference_summary
 from flopmatch.report.data import Study
 from flopmatch.report.operating import Operating, matched_timing, operating
 from flopmatch.report.stats import TestResult, holm_adjusted, paired_test, pooled_test, pooled_variance, slope_test, welch_test
@@ -59,7 +65,6 @@ POWER = 0.8  # for the minimum detectable difference
 FLOOR = 1e-3  # smallest error on the log scale (a full-match rate of 1 would be log 0)
 FRONTIER_SIZES = 4  # depths per budget before "best size" may be called a compute-optimal frontier
 NORMAL_DF = 1e6  # degrees of freedom standing in for a normal reference (evaluation noise)
-KID_FLOOR = 1e-4  # KID at or below this is the floor (effnet features; real vs real at n = 250 is ~1e-3 +- 1e-3)
 QUALITY = {"kid": ("kid_effnet", "KID (effnet proxy)", "kid_boot_effnet"),
            "fid": ("fid_effnet", "FID (effnet proxy)", "fid_boot_effnet"),
            "prompt": ("prompt_full_match", "prompt-following error (1 - full match)", None)}  # fmt: skip
@@ -207,6 +212,8 @@ def _eval_var(metric: str, row: dict) -> float:
     """Evaluation-noise variance of a row's log error (delta method for a binomial rate); NaN if unknown."""
     if metric in ("kid", "fid"):
         reps = np.asarray(row.get(QUALITY[metric][2]) or [], float)
+        if metric == "kid":  # on the scale the value is compared on: floored as _log_error floors it
+            reps = np.maximum(reps, KID_FLOOR)
         reps = reps[reps > 0]
         return float(np.log(reps).var(ddof=1)) if reps.size >= 2 else math.nan
     n = row.get("num_samples")
@@ -374,16 +381,23 @@ class _Builder:
         return self.add("claims", Comparison("claims", metric + "_trend", a, b, where, test, source,
                                              _cap(*[c for pr in pairs for c in pr])))
 
-    def cost_source(self, a: tuple[str, int], b: tuple[str, int], metric: str) -> tuple[dict, str]:
-        """Where a's and b's cost figures come from: their matched-quality points when both have one for ``metric``
-        (a study with an operating-point sweep), else their main settings; and the words that say which."""
-        ma, mb = self.matched.get(a, {}), self.matched.get(b, {})
-        if ma.get(metric) and mb.get(metric) and ma["basis"] == mb["basis"]:
-            return self.matched, ", " + ma["basis"]
+    def use_matched(self, keys, metric: str, budget: float | None = None) -> bool:
+        """Whether the (paradigm, depth) ``keys`` are compared on ``metric`` at their matched-quality points: each has
+        one, all at one level (one depth), and ``budget`` (None: the claims) is the operating points' budget."""
+        ms = [self.matched.get(k, {}) for k in keys]
+        return (all(m.get(metric) for m in ms) and len({m["basis"] for m in ms}) == 1
+                and (budget is None or budget == self.operating.budget))
+
+    def cost_source(self, a: tuple[str, int], b: tuple[str, int], metric: str, matched: bool) -> tuple[dict, str]:
+        """Where a's and b's cost figures come from, and the words that say which."""
+        if matched:
+            return self.matched, f", {self.matched[a]['basis']} at {self.operating.budget:.3g} FLOPs"
         return self.timing, ", main settings"
 
-    def timed(self, family: str, metric: str, a: tuple[str, int], b: tuple[str, int]) -> Comparison | None:
-        source, basis = self.cost_source(a, b, metric)
+    def timed(self, family: str, metric: str, a: tuple[str, int], b: tuple[str, int],
+              matched: bool | None = None) -> Comparison | None:
+        """Latency or throughput of a vs b; ``matched`` None: at matched quality where both have such a point."""
+        source, basis = self.cost_source(a, b, metric, self.use_matched([a, b], metric) if matched is None else matched)
         va, vb = source.get(a, {}).get(metric), source.get(b, {}).get(metric)
         if not va or not vb:
             return None
@@ -397,7 +411,7 @@ class _Builder:
                                            "timings from separate evaluations, possibly under different loads"))
 
     def flops(self, a: tuple[str, int], b: tuple[str, int]) -> Comparison | None:
-        source, basis = self.cost_source(a, b, "flops")
+        source, basis = self.cost_source(a, b, "flops", self.use_matched([a, b], "flops"))
         fa, fb = source.get(a, {}).get("flops"), source.get(b, {}).get("flops")
         if not fa or not fb:
             return None
@@ -525,7 +539,9 @@ def _claims(b: _Builder) -> list[tuple[int, list[dict]]]:
     p4 = [part(f"diffusion has the best image quality at the largest budget{f' ({top[-1]:.3g})' if top else ''}",
                [(b.quality("claims", "kid", DIFF, q, top[-1]), DIFF) for q in b.paradigms
                 if q != DIFF and (q, top[-1]) in b.cells["kid"]] if top else []),
-          part(f"diffusion has the lowest latency (batch 1, {'at matched quality' if b.matched else 'main settings'})",
+          part("diffusion has the lowest latency (batch 1" + (", at matched quality)" if all(
+                   b.use_matched([(DIFF, d), (q, d)], "latency") for d in dshared for q in b.paradigms
+                   if q != DIFF and (q, d) in b.timing) and dshared else ", main settings)"),
                [(b.timed("claims", "latency", (DIFF, d), (q, d)), DIFF) for d in dshared for q in b.paradigms
                 if q != DIFF and (q, d) in b.timing]),
           part(f"next-token follows prompts best at the largest budget{f' ({topp[-1]:.3g})' if topp else ''}",
@@ -556,10 +572,11 @@ def _table_cell(b: _Builder, budget: float, need: str, metric: str) -> dict:
         if len(depth) < 2:
             return cell
         # ranked by the mean log timing, the quantity the tests compare, from the same figures (matched or main)
-        src = b.matched if all(b.matched.get((p, d), {}).get(metric) for p, d in depth.items()) else b.timing
+        matched = b.use_matched(list(depth.items()), metric, budget)
+        src = b.matched if matched else b.timing
         mlog = {p: float(np.mean(np.log(src[(p, d)][metric]))) for p, d in depth.items()}
         ranked = sorted(mlog, key=lambda p: (mlog[p] if metric == "latency" else -mlog[p], p))
-        comps = [b.timed("table", metric, (ranked[0], depth[ranked[0]]), (q, depth[q])) for q in ranked[1:]]
+        comps = [b.timed("table", metric, (ranked[0], depth[ranked[0]]), (q, depth[q]), matched) for q in ranked[1:]]
     cell["comparisons"] = [c for c in comps if c is not None]
     cell["ranked"] = ranked
     return cell

@@ -69,6 +69,8 @@ def reconcile(saved: dict, scfg: StudyConfig, out: Path) -> tuple[StudyConfig, l
     if old.floor_seeds and not scfg.floor_budget and pinned in scfg.budgets:  # keep the variance seeds where they are
         scfg = replace(scfg, floor_budget=pinned)
     skip = set(GRID) | set(ADDITIVE) | set(LABEL) | set(StudyConfig.NOT_IDENTITY) | {"overrides", "floor_budget"}
+    if not old.sweep_guidance:  # the old study never swept (or predates the sweep): its sample count set nothing
+        skip.add("sweep_samples")
     for key, value in asdict(scfg).items():
         if key not in skip and asdict(old)[key] != value:
             raise UserError(f"{out} holds a study with {key}={asdict(old)[key]!r}; this command has {value!r}, which "

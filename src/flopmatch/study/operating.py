@@ -40,6 +40,7 @@ def sweep_settings(scfg: StudyConfig, cfg: RunConfig) -> list[SampleConfig]:
     for g in scfg.sweep_guidance:
         for base in bases:
             s = replace(base, guidance=float(g))
+            replace(cfg, sample=s).validate()  # a bad eval_variants value fails here, at plan time, not after training
             key = setting_key(s, objective.resolve_steps(s, spec))
             if key not in keys:  # e.g. eval_steps listing the default step count
                 keys.add(key)
@@ -47,15 +48,18 @@ def sweep_settings(scfg: StudyConfig, cfg: RunConfig) -> list[SampleConfig]:
     return out
 
 
+SWEEP_BOOT = 50  # bootstrap replicates of the sweep's KID (and FID): how finely the small set separates settings
+
+
 def sweep_eval(ecfg: EvalConfig, scfg: StudyConfig) -> EvalConfig:
-    """The sweep's evaluation: ``sweep_samples`` images of their own seed, no FID bootstrap, no timing, no image files."""
-    return replace(ecfg, num_samples=scfg.sweep_samples, seed=SWEEP_SEED, fid_boot=0, timing=False, save_images=False,
-                   export="")
+    """The sweep's evaluation: ``sweep_samples`` images of their own seed, a short bootstrap, no timing, no image files."""
+    return replace(ecfg, num_samples=scfg.sweep_samples, seed=SWEEP_SEED, fid_boot=SWEEP_BOOT, timing=False,
+                   save_images=False, export="")
 
 
 def chosen_settings(run: Path, cfg: RunConfig, sweep: list[SampleConfig], sweep_ecfg: EvalConfig) -> list[SampleConfig] | None:
     """The sweep's chosen points (:func:`flopmatch.evaluation.operating.choose`) as settings, or None while some
-    swept setting is not yet evaluated. KID is read from the evaluation's first feature extractor."""
+    swept setting is not yet evaluated. KID is the effnet features' (the report's, StudyConfig.validate requires them)."""
     entries = read_eval_entries(run)
     objective, spec = make_objective(cfg.objective), net_spec_for(cfg)
     by_key = {}
@@ -65,6 +69,5 @@ def chosen_settings(run: Path, cfg: RunConfig, sweep: list[SampleConfig], sweep_
         if entry is None:
             return None
         by_key[setting_key(s, steps)] = (s, entry)
-    features = sweep_ecfg.features[0]
-    points = [point_from_entry(k, e, features) for k, (_, e) in by_key.items()]
+    points = [point_from_entry(k, e, "effnet") for k, (_, e) in by_key.items()]
     return [by_key[p.key][0] for p in choose(points)]

@@ -112,6 +112,11 @@ class StudyConfig:
             raise UserError(f"sweep_guidance: each guidance scale must be >= 1 (1 = no guidance), got {self.sweep_guidance}")
         if self.sweep_samples < 10:
             raise UserError(f"sweep_samples must be >= 10, got {self.sweep_samples}")
+        if "effnet" not in self.features:
+            raise UserError(f"features must include effnet (the verdicts' KID is on its features), got {self.features}")
+        unknown = [k for k in self.eval_variants if k not in PARADIGMS]
+        if unknown:
+            raise UserError(f"eval_variants: unknown paradigm(s) {', '.join(unknown)}; choose from {', '.join(PARADIGMS)}")
         bad = [k for vs in self.eval_variants.values() for v in vs for k in v if k not in SAMPLE_FIELDS]
         if bad:
             raise UserError(f"eval_variants: unknown sampler setting(s) {', '.join(sorted(set(bad)))}; "

@@ -94,10 +94,12 @@ def timing_plan(out: Path, scfg: StudyConfig, plans: list[RunPlan]) -> list[dict
 
 
 def _cost_key(item: dict) -> tuple:
-    """What an item's sampling computes: architecture, steps, solver, guidance on or off, top-k, KV cache."""
+    """What an item's sampling computes: architecture, steps, solver, guidance on or off, top-k, KV cache, and masked's
+    Gumbel noise on confidences (on when its choice temperature is above 0)."""
     s = item["sample"]
     steps = item["setting"].split(",", 1)[0]  # "steps=N", resolved
-    return (item["run"], steps, s.get("solver"), s.get("guidance") != 1.0, s.get("top_k"), s.get("kv_cache"))
+    return (item["run"], steps, s.get("solver"), s.get("guidance") != 1.0, s.get("top_k"), s.get("kv_cache"),
+            (s.get("choice_temperature") or 0) > 0)
 
 
 def _signature(items: list[dict]) -> list[str]:
