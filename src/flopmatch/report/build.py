@@ -256,7 +256,8 @@ FIG_CAPTIONS = {
     "step_sweep": "Latency, throughput and KID over the sampling steps evaluated on the full image set (main guidance).",
     "operating_fronts": "KID against sampling FLOPs, latency, throughput and prompt-following error: faint dots are the "
                         "sweep (small image set, not timed), solid dots the points evaluated on the full set, lines each "
-                        "paradigm's front; dashed: the matched-quality level.",
+                        "paradigm's front; dashed: the matched-quality level (decided on the sweep's KIDs, so a full-set point "
+                        "can sit slightly above it).",
     "guidance_sweep": "The sweep: KID and prompt full match against the guidance scale, one line per step/solver setting.",
     "loss_curves": "Training loss curves, one panel per paradigm (never across paradigms).",
     "ema_sweep": "FID change from each run's raw weights against the post-hoc EMA length sigma_rel (thin: each run; "
@@ -402,8 +403,9 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
                    f"{n_table} tests (family-wise level {ALPHA}), with noise that includes retraining (or timing rounds); "
                    f"**{SUGGESTIVE}**: better before the correction, or on evaluation noise only; **{NO_DIFF}**: the best "
                    "could not be separated from the paradigms named. Quality at the size chosen per budget; latency and "
-                   "throughput of that size " + ("at each paradigm's cheapest point at matched quality (see Operating "
-                   "points)." if v.operating and v.operating.levels else "at its main sampling settings.")))
+                   "throughput of that size " + (f"at {v.operating.budget:.3g} FLOPs at each paradigm's cheapest point at "
+                   "matched quality (see Operating points), at the other budgets at its main sampling settings."
+                   if v.operating and v.operating.levels else "at its main sampling settings.")))
     B.append(("h", 2, "The paper's claims, checked here"))
     B.append(("ul", [f"**{c['status'].upper()}**: ({c['id']}) {c['paper']} Why: {c['reason']}." for c in v.claims]))
     n_claims = sum(c.p2 is not None for c in v.families["claims"])

@@ -17,7 +17,7 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogFormatter
+from matplotlib.ticker import FuncFormatter, LogFormatter, NullFormatter
 
 from flopmatch.report.analysis import EXTRAPOLATE, METRIC, Analysis, setting_medians
 from flopmatch.report.data import Study
@@ -364,8 +364,10 @@ def operating_fronts(op: Operating):
             ax.axhline(level, color="#555555", ls="--", lw=0.8, label="matched quality" if depth == min(op.levels) else None)
         if col != "prompt":
             ax.set_xscale("log")
-            if col != "sample_flops_per_image":  # FLOPs span decades: matplotlib's 10^k labels read better there
+            if col != "sample_flops_per_image":
                 _plain_log(ax.xaxis)
+            else:  # FLOPs span decades: label the powers of ten only (minor labels overlap)
+                ax.xaxis.set_minor_formatter(NullFormatter())
         _logy_if_positive(ax, ys)
         ax.set_xlabel(label + (" (higher is better)" if better == "higher" else ""))
         ax.set_ylabel("KID (effnet)")
