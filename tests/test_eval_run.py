@@ -9,18 +9,13 @@ import torch
 
 import flopmatch.dist as dist
 from flopmatch.evaluation.run import EvalConfig, evaluate, generate_sharded
+from tiny import trained_masked_run
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A finished tiny masked run (hash text, 32 px so the attribute evaluator applies)."""
-    import tiny
-    from flopmatch.train import train
-
-    cfg = tiny.tiny_run_config("masked", budget_steps=4, sets=["data.image_size=32", "data.num_eval=24"])
-    run = tmp_path_factory.mktemp("evalrun") / "run"
-    train(cfg, run, progress=False)
-    return run
+    return trained_masked_run(tmp_path_factory.mktemp("evalrun") / "run", budget_steps=4)
 
 
 def _strip_timing(doc: dict) -> dict:

@@ -16,18 +16,13 @@ from flopmatch.evaluation.features import make_feature_extractor
 from flopmatch.evaluation.quality import FID_SMALL_N
 from flopmatch.evaluation.run import EvalConfig, evaluate
 from flopmatch.files import file_sha256
+from tiny import trained_masked_run
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A finished tiny masked run (hash text, 32 px images, 24 evaluation images)."""
-    import tiny
-    from flopmatch.train import train
-
-    cfg = tiny.tiny_run_config("masked", budget_steps=3, sets=["data.image_size=32", "data.num_eval=24"])
-    run = tmp_path_factory.mktemp("refstats") / "run"
-    train(cfg, run, progress=False)
-    return run
+    return trained_masked_run(tmp_path_factory.mktemp("refstats") / "run", budget_steps=3)
 
 
 # Small and fast: effnet only, no prompt scorer, no timing.

@@ -7,6 +7,7 @@ channels, text of 8 tokens of width 16. Everything runs in milliseconds on one C
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -15,6 +16,7 @@ from flopmatch.nets import NetSpec, Network
 from flopmatch.objectives import Objective, make_objective
 from flopmatch.text import TextBatch
 from flopmatch.tokenizers.base import TokenizerSpec
+from flopmatch.train import train
 
 TEXT_LEN, TEXT_DIM = 8, 16
 GRID, VOCAB, CHANNELS = 4, 32, 12
@@ -126,3 +128,10 @@ class Recorder(torch.nn.Module):
 def color(i: int) -> tuple[int, int, int]:
     """A distinct solid colour per index (image fixtures of the data-source tests)."""
     return ((37 * i) % 256, (91 * i + 60) % 256, (151 * i + 120) % 256)
+
+
+def trained_masked_run(run: Path, budget_steps: int) -> Path:
+    """A finished tiny masked run in ``run`` (hash text, 32 px so the attribute evaluator applies, 24 eval images)."""
+    train(tiny_run_config("masked", budget_steps=budget_steps, sets=["data.image_size=32", "data.num_eval=24"]), run,
+          progress=False)
+    return run

@@ -133,10 +133,12 @@ def cpu() -> StudyConfig:
     variance (6 degrees of freedom) the report's tests apply to every cell; 7 timing rounds. 21 runs,
     1.5e13 training FLOPs. Small batches buy more updates per FLOP at these budgets.
 
-    Measured here (2 cores, empty cache; `flopmatch study --out /tmp/studyS7b`, session 7, with held-out
-    prompts, the tokenizer-ceiling stage and the post-hoc EMA sweep at 0.05 and 0.2 on the 9 middle-budget
-    runs): 15.0 min, of which tokenizer phase 3.0 min (training + ceilings), runs 11.0 min (the sweep ~1.1 min
-    of it), timing phase 42 s, report 20 s. What it can decide, measured on session 5's run
+    Measured here (2 cores, empty cache; `flopmatch study --out /tmp/studyS8c`, session 8, with held-out
+    prompts, the tokenizer-ceiling stage, the post-hoc EMA sweep at 0.05 and 0.2 on the 9 middle-budget runs and
+    the operating-point sweep at 2.5e12): 14.1 and 15.0 min in two runs (the second with light other work on the
+    machine), of which tokenizer phase 2.5-2.6 min, runs 10.0-10.7 min (the operating-point sweep ~0.6 min of
+    it, the EMA sweep ~1.1 min), timing phase 64-73 s (10 settings), report 30 s. At the 15-minute limit: a
+    slower machine should pass --sweep-samples 64 or --eval-ema 0.2. What it can decide, measured on session 5's run
     (/tmp/studyS5): seed sd 3.9 % of FID and 0.8 % of the prompt error (6 df); an FID comparison at one budget detects
     ~40 % differences, a prompt-error average over budgets ~3 %; timing orders with >= ~1.4x gaps (7
     rounds). So it separates inference costs and large quality gaps, but gives "no difference detected"
