@@ -388,8 +388,8 @@ class _Builder:
         return (all(m.get(metric) for m in ms) and len({m["basis"] for m in ms}) == 1
                 and (budget is None or budget == self.operating.budget))
 
-    def cost_source(self, a: tuple[str, int], b: tuple[str, int], metric: str, matched: bool) -> tuple[dict, str]:
-        """Where a's and b's cost figures come from, and the words that say which."""
+    def cost_source(self, a: tuple[str, int], matched: bool) -> tuple[dict, str]:
+        """Where the compared cost figures come from (a's basis stands for both), and the words that say which."""
         if matched:
             return self.matched, f", {self.matched[a]['basis']} at {self.operating.budget:.3g} FLOPs"
         return self.timing, ", main settings"
@@ -397,7 +397,7 @@ class _Builder:
     def timed(self, family: str, metric: str, a: tuple[str, int], b: tuple[str, int],
               matched: bool | None = None) -> Comparison | None:
         """Latency or throughput of a vs b; ``matched`` None: at matched quality where both have such a point."""
-        source, basis = self.cost_source(a, b, metric, self.use_matched([a, b], metric) if matched is None else matched)
+        source, basis = self.cost_source(a, self.use_matched([a, b], metric) if matched is None else matched)
         va, vb = source.get(a, {}).get(metric), source.get(b, {}).get(metric)
         if not va or not vb:
             return None
@@ -411,7 +411,7 @@ class _Builder:
                                            "timings from separate evaluations, possibly under different loads"))
 
     def flops(self, a: tuple[str, int], b: tuple[str, int]) -> Comparison | None:
-        source, basis = self.cost_source(a, b, "flops", self.use_matched([a, b], "flops"))
+        source, basis = self.cost_source(a, self.use_matched([a, b], "flops"))
         fa, fb = source.get(a, {}).get("flops"), source.get(b, {}).get("flops")
         if not fa or not fb:
             return None
