@@ -1,7 +1,7 @@
 """The ``flopmatch`` command: parsing only; each subcommand calls one library function.
 
 One module per group of subcommands (``run``: train, sample, flops; ``tokenizer``; ``eval``; ``study``;
-``report``; ``config``; ``data``; ``bench``), each with a ``register(subparsers)``. They import nothing heavy at the top: a command
+``report``; ``compare``; ``config``; ``data``; ``bench``), each with a ``register(subparsers)``. They import nothing heavy at the top: a command
 imports its implementation when it runs, so ``flopmatch --help`` never loads torch.
 
 User errors (:class:`~flopmatch.errors.UserError`) print one line ``flopmatch: error: ...`` and exit
@@ -15,7 +15,7 @@ import os
 import sys
 
 from flopmatch import __version__
-from flopmatch.cli import bench, config, data, report, run, study, tokenizer
+from flopmatch.cli import bench, compare, config, data, report, run, study, tokenizer
 from flopmatch.cli import eval as eval_cli
 from flopmatch.errors import UserError
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="flopmatch", description="Compute-matched comparison of image-synthesis paradigms.")
     parser.add_argument("--version", action="version", version=f"flopmatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
-    for module in (run, tokenizer, data, eval_cli, study, report, config, bench):
+    for module in (run, tokenizer, data, eval_cli, study, report, compare, config, bench):
         module.register(sub)
     return parser
 

@@ -31,7 +31,7 @@ from flopmatch.report.operating import operating_rows, operating_text
 from flopmatch.report.plots import all_figures
 from flopmatch.report.prompt_groups import prompt_group_blocks
 from flopmatch.report.render import fmt, render_html, render_md
-from flopmatch.report.verdicts import ALPHA, CONFIDENT, FRONTIER_SIZES, NEEDS, NO_DIFF, SUGGESTIVE
+from flopmatch.report.verdicts import ALPHA, CONFIDENT, FRONTIER_SIZES, NEEDS, NO_DIFF, SUGGESTIVE, cell_text
 from flopmatch.rundir import read_config
 from flopmatch.sample import grid_image
 
@@ -380,13 +380,7 @@ def _decision_rows(an: Analysis) -> list[list]:
     for budget in sorted({c["budget"] for c in an.verdicts.table}):
         row = [f"{budget:.3g}"]
         for need, _ in NEEDS:
-            cell = next(c for c in an.verdicts.table if c["budget"] == budget and c["need"] == need)
-            if cell["label"] == "not measured":
-                row.append("–")
-            elif cell["choice"] is None:
-                row.append(f"no difference detected ({' ≈ '.join(cell['tied'])})")
-            else:
-                row.append(f"{cell['choice']} ({cell['label']})")
+            row.append(cell_text(next(c for c in an.verdicts.table if c["budget"] == budget and c["need"] == need)))
         rows.append(row)
     return rows
 

@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogFormatter, NullFormatter
 
+from flopmatch import PARADIGMS
 from flopmatch.report.analysis import EXTRAPOLATE, METRIC, Analysis, setting_medians
 from flopmatch.report.data import Study
 from flopmatch.report.operating import QUALITY_COL, Operating, latency_of, paradigm_order, throughput_of
@@ -436,6 +437,33 @@ def ema_sweep(an: Analysis):
     ax.set_ylabel("FID change from raw weights (%)")
     ax.legend(loc="best")
     return fig
+
+
+def _compare(changes: dict[str, list[dict]], labels: dict[str, str], names: tuple[str, str]):
+    metrics = [m for m in labels if changes.get(m)]
+    if not metrics:
+        return None
+    fig, axes = _figure(ncols=len(metrics))
+    for ax, m in zip(axes[0], metrics):
+        rows = changes[m]
+        for p in sorted({r["paradigm"] for r in rows}, key=lambda q: (PARADIGMS.index(q) if q in PARADIGMS else len(PARADIGMS), q)):
+            mine = sorted((r for r in rows if r["paradigm"] == p), key=lambda r: r["budget"])
+            x = [r["budget"] for r in mine]
+            ax.plot(x, [r["base"] for r in mine], "o-", color=_color(p), label=f"{p}, {names[0]}")
+            ax.plot(x, [r["other"] for r in mine], "s--", color=_color(p), label=f"{p}, {names[1]}", alpha=0.8)
+        ax.set_xscale("log")
+        _logy_if_positive(ax, [v for r in rows for v in (r["base"], r["other"])])
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel(labels[m])
+        ax.set_title(f"{labels[m]}: {names[0]} (solid) vs {names[1]} (dashed)")
+    axes[0][0].legend()
+    return fig
+
+
+def compare_figure(changes: dict[str, list[dict]], labels: dict[str, str], names: tuple[str, str]) -> bytes | None:
+    """Two studies' cell values against training FLOPs, one panel per metric in ``labels`` (metric -> axis label):
+    ``changes`` rows as :func:`flopmatch.report.compare.cell_changes` gives them (paradigm, budget, base, other)."""
+    return _render(_compare, changes, labels, names)
 
 
 def all_figures(an: Analysis, study: Study) -> dict[str, bytes | None]:

@@ -144,6 +144,30 @@ def pooled_test(a: ArrayLike, b: ArrayLike, var: float | None, df: float | None)
     return _t_result(_difference(a, b), math.sqrt(var / n_a + var / n_b), df, n_a, n_b, "pooled")
 
 
+def two_variance_test(a: ArrayLike, b: ArrayLike, var_a: float | None, df_a: float | None,
+                      var_b: float | None, df_b: float | None) -> TestResult:
+    """t-test of mean(a) - mean(b) when each side has its own external variance estimate (per value).
+
+    For two studies compared cell by cell: each side's values are seeds of one study, whose seed variance
+    ``var_*`` (pooled over that study's other cells, :func:`pooled_variance`, on ``df_*`` degrees of
+    freedom) is independent of the values. ``se^2 = var_a/n_a + var_b/n_b`` with the Welch-Satterthwaite
+    df ``se^4 / ((var_a/n_a)^2/df_a + (var_b/n_b)^2/df_b)`` (Satterthwaite 1946). With one variance on
+    both sides this is :func:`pooled_test`'s se, on a df between min(df_a, df_b) and df_a + df_b.
+    ``method="none"`` if either variance is missing, a df is < 1 or a side is empty.
+    """
+    a, b = _sample(a, "a"), _sample(b, "b")
+    n_a, n_b = len(a), len(b)
+    for v in (var_a, var_b):
+        if v is not None and (not math.isfinite(v) or v < 0):
+            raise UserError(f"variances must be finite numbers >= 0, got {v!r}")
+    if None in (var_a, var_b, df_a, df_b) or min(df_a, df_b) < 1 or n_a < 1 or n_b < 1:
+        return _none(_difference(a, b), n_a, n_b)
+    ua, ub = var_a / n_a, var_b / n_b
+    se2 = ua + ub
+    df = se2**2 / (ua**2 / df_a + ub**2 / df_b) if se2 > 0 else min(df_a, df_b)
+    return _t_result(_difference(a, b), math.sqrt(se2), df, n_a, n_b, "two-variance")
+
+
 def pooled_variance(groups: Sequence[ArrayLike]) -> tuple[float | None, int]:
     """Pooled within-group variance ``sum((k-1) s_k^2) / sum(k-1)`` and its df ``sum(k-1)``.
 

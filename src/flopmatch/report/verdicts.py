@@ -272,7 +272,7 @@ def _noise(records: dict) -> Noise:
 # ---------------------------------------------------------------------------------- tests
 
 
-def _z(estimate: float, var: float, n_a: int, n_b: int) -> TestResult:
+def normal_test(estimate: float, var: float, n_a: int, n_b: int) -> TestResult:
     """A normal-reference test of ``estimate`` with variance ``var`` (evaluation noise)."""
     if not math.isfinite(var):
         return TestResult(estimate, None, None, None, n_a, n_b, "none")
@@ -294,7 +294,7 @@ def _contrast(pairs: list[tuple[Cell, Cell]], noise: Noise, weights: list[float]
     if noise.source == "evaluation":
         var = sum(wi**2 * (a.eval_var.mean() / a.values.size + b.eval_var.mean() / b.values.size)
                   for wi, (a, b) in zip(w, pairs))  # fmt: skip
-        return _z(est, float(var), n_a, n_b)
+        return normal_test(est, float(var), n_a, n_b)
     return TestResult(est, None, None, None, n_a, n_b, "none")
 
 
@@ -597,6 +597,16 @@ def _label_cell(cell: dict) -> None:
     else:
         cell["choice"] = best
         cell["label"] = CONFIDENT if all(c.label == CONFIDENT for c in comps) else SUGGESTIVE
+
+
+def cell_text(cell: dict) -> str:
+    """A recommendation-table cell as the report prints it: "masked (confident)", "no difference detected
+    (a ≈ b)", or "–" where the need was not measured."""
+    if cell["label"] == "not measured":
+        return "–"
+    if cell["choice"] is None:
+        return f"{cell['label']} ({' ≈ '.join(cell['tied'])})"
+    return f"{cell['choice']} ({cell['label']})"
 
 
 def decide(study: Study) -> Verdicts:

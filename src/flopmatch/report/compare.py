@@ -1,0 +1,293 @@
+"""Two studies that differ in one choice: does the answer change? (``flopmatch compare BASE OTHER``)
+
+An ablation here is a second study that differs from a first in one setting, e.g.
+
+- ``--tokenizer weight-free``: pixel patches (diffusion) and a k-means codebook (token paradigms) instead of
+  the learned KL / LFQ autoencoders, so no learned tokenizer's quality decides the comparison;
+- ``--set train.schedule=constant``: no learning-rate decay, so the EMA section shows what averaging adds
+  where the decay does not already average (under cosine, EMA's window sits where the LR is 10-13 % of peak);
+- ``--tokenizer-match DB``, another data set, another guidance scale...
+
+Both directories are read as the report reads one (run directories only, :func:`flopmatch.report.data.load_study`)
+and each study's verdicts are decided with its own noise (:func:`flopmatch.report.verdicts.decide`). Then:
+
+1. *What differs*: the two ``study.json`` files, field by field, and the ``--set`` overrides added or dropped.
+2. *Does the recommendation change*: every (budget, need) cell of the two recommendation tables side by side:
+   "same", "changed" (both decided, different paradigms), "decided in one only" (the other sees no
+   difference or cannot test), or "–" (not in both).
+3. *How far each paradigm moves*: per (paradigm, budget) cell in both studies, the ratio other / base of KID and
+   of the prompt-following error (geometric means over the cell's judged seeds), with a t-test whose variance is
+   each study's own pooled seed variance (:func:`flopmatch.report.stats.two_variance_test`, Welch-Satterthwaite
+   df). That variance holds retraining noise, so the test is honest without pairing seeds across studies (a
+   seed number fixes the data order and the backbone's initialisation in both, so pairs would be positively
+   correlated and the unpaired test is conservative). Where a study has one seed per cell, its evaluation noise
+   stands in (normal reference, at most "suggestive"). Holm's correction runs over the cells of one metric;
+   labels are the verdict engine's (:class:`flopmatch.report.verdicts.Comparison`).
+4. *EMA in each study* (:func:`flopmatch.report.findings.ema_analysis`), with each study's LR schedule.
+5. *Tokenizer ceilings in each study* (:mod:`flopmatch.report.ceilings`).
+
+Writes ``compare.html``, ``compare.md``, ``compare.json`` and ``compare_figures/changes.png`` (atomically)
+into the output directory. Deterministic: the same run directories give the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from flopmatch.errors import UserError
+from flopmatch.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from flopmatch.report.ceilings import ceilings_table, read_ceilings
+from flopmatch.report.data import Study, load_study
+from flopmatch.report.findings import EMA_LEVEL, ema_analysis
+from flopmatch.report.plots import compare_figure
+from flopmatch.report.render import fmt, render_html, render_md
+from flopmatch.report.stats import holm_adjusted, two_variance_test
+from flopmatch.report.verdicts import ALPHA, NEEDS, NO_DIFF, Cell, Comparison, Noise, Verdicts, cell_text, decide, normal_test
+
+STUDY_FILE = "study.json"  # written by flopmatch.study.runner (a layer above: not imported here)
+METRICS = {"kid": "KID", "prompt": "prompt-following error"}  # the verdicts' quality metrics (verdicts.QUALITY)
+IGNORED = ("timing_rounds", "timing_budget_s", "n_boot")  # StudyConfig.NOT_IDENTITY: timing and report only
+
+
+def study_differences(base: Path, other: Path) -> list[list[str]]:
+    """[setting, base value, other value] for every study.json field that differs (``--set`` overrides one by
+    one: added, dropped or changed), or one row saying a study has no study.json."""
+    docs = []
+    for root in (base, other):
+        try:
+            docs.append(read_json(root / STUDY_FILE))
+        except (UserError, FileNotFoundError, OSError):
+            docs.append(None)
+    if None in docs:
+        return [["study.json", "present" if docs[0] else "missing", "present" if docs[1] else "missing"]]
+    rows = []
+    for key in sorted(set(docs[0]) | set(docs[1])):
+        a, b = docs[0].get(key), docs[1].get(key)
+        if key in IGNORED or a == b:
+            continue
+        if key in ("overrides", "tokenizer_overrides") and isinstance(a, list) and isinstance(b, list):
+            rows += _override_rows(key, a, b)
+        else:
+            rows.append([key, _short(a), _short(b)])
+    return rows
+
+
+def _override_rows(key: str, a: list[str], b: list[str]) -> list[list[str]]:
+    flag = "--set" if key == "overrides" else "--tokenizer-set"
+    before = dict(x.split("=", 1) for x in a if "=" in x)
+    after = dict(x.split("=", 1) for x in b if "=" in x)
+    return [[f"{flag} {k}", _short(before.get(k, "(not set)")), _short(after.get(k, "(not set)"))]
+            for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+
+
+def _short(v) -> str:
+    text = str(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _change_test(metric: str, base: Cell, other: Cell, nb: Noise, no: Noise) -> tuple:
+    """(TestResult of log other - log base, noise label) for one cell present in both studies."""
+    if nb.source == "seeds" and no.source == "seeds":
+        return two_variance_test(other.values, base.values, no.var, no.df, nb.var, nb.df), "seeds"
+    ev = [float(np.nanmean(c.eval_var)) if np.isfinite(c.eval_var).any() else math.nan for c in (other, base)]
+    var = ev[0] / other.values.size + ev[1] / base.values.size
+    return normal_test(other.mean - base.mean, var, other.values.size, base.values.size), "evaluation"
+
+
+def cell_changes(vb: Verdicts, vo: Verdicts, names: tuple[str, str]) -> dict[str, list[dict]]:
+    """metric -> one dict per (paradigm, budget) in both studies: geometric means, ratio, its test (Holm over
+    the metric's cells) and label; ``names`` labels the two studies (base, other) in the comparisons."""
+    out = {}
+    for metric in METRICS:
+        common = sorted(set(vb.cells[metric]) & set(vo.cells[metric]), key=lambda k: (k[0], k[1]))
+        comps = []
+        for key in common:
+            b, o = vb.cells[metric][key], vo.cells[metric][key]
+            test, noise = _change_test(metric, b, o, vb.noise[metric], vo.noise[metric])
+            capped = "depth chosen on the judged seed" if (b.biased or o.biased) else ""
+            comps.append(Comparison("compare", metric, names[1], names[0], f"{key[0]} at {key[1]:.3g} FLOPs", test, noise,
+                                    capped))
+        adj = holm_adjusted([c.p2 for c in comps])
+        m = sum(c.p2 is not None for c in comps)
+        rows = []
+        for key, c, q in zip(common, comps, adj):
+            c.p_adj, c.m = q, m
+            b, o = vb.cells[metric][key], vo.cells[metric][key]
+            rows.append({"paradigm": key[0], "budget": key[1], "base": _value(b), "other": _value(o),
+                         "base_seeds": int(b.values.size), "other_seeds": int(o.values.size), "ratio": c.ratio(),
+                         "p": c.p2, "p_adj": c.p_adj, "label": c.label, "direction": _direction(c, names[1]),
+                         "mdd_percent": c.mdd_percent(), "noise": c.noise, "comparison": c})
+        out[metric] = rows
+    return out
+
+
+def _value(cell: Cell) -> float:
+    """The cell's value on the metric's own scale: KID, or the prompt-following error (1 - full match)."""
+    return float(math.exp(cell.mean))
+
+
+def _direction(c: Comparison, other: str) -> str:
+    if c.label == NO_DIFF or c.better is None or c.test.method == "none":
+        return ""
+    return "lower" if c.better == other else "higher"
+
+
+def table_changes(vb: Verdicts, vo: Verdicts) -> list[dict]:
+    """Each (budget, need) cell of either recommendation table: both texts and whether the answer changed."""
+    cells = {}
+    for which, v in (("base", vb), ("other", vo)):
+        for cell in v.table:
+            cells.setdefault((cell["budget"], cell["need"]), {})[which] = cell
+    out = []
+    order = [n for n, _ in NEEDS]
+    for (budget, need), both in sorted(cells.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1]))):
+        b, o = both.get("base"), both.get("other")
+        out.append({"budget": budget, "need": need, "base": cell_text(b) if b else "–",
+                    "other": cell_text(o) if o else "–", "status": _status(b, o)})
+    return out
+
+
+def _status(b: dict | None, o: dict | None) -> str:
+    if not b or not o or "not measured" in (b["label"], o["label"]):
+        return "–"
+    if b["choice"] and o["choice"]:
+        return "same" if b["choice"] == o["choice"] else "changed"
+    if b["choice"] or o["choice"]:
+        return f"decided in {'base' if b['choice'] else 'other'} only"
+    return "same (no pick in either)"
+
+
+def ema_rows(sb: Study, so: Study) -> tuple[list, list]:
+    """The EMA analysis of both studies side by side, matched by (paradigm, averaged weights, runs compared)."""
+    found: dict[tuple, dict] = {}
+    for which, study in (("base", sb), ("other", so)):
+        for e in ema_analysis(study):
+            found.setdefault((e["paradigm"], e["weights"], e["scope"]), {})[which] = e
+
+    def cell(e):
+        if e is None:
+            return "–"
+        iv = "" if e["interval"] is None else f" [{100 * e['interval'][0]:+.1f}%, {100 * e['interval'][1]:+.1f}%]"
+        return f"{100 * e['mean_change']:+.1f}%{iv} ({e['n']} runs)"
+
+    header = ["paradigm", "weights", "runs compared", f"FID change, base ({EMA_LEVEL:.0%} interval)",
+              f"FID change, other ({EMA_LEVEL:.0%} interval)"]  # fmt: skip
+    rows = []
+    for (p, w, scope), both in sorted(found.items()):
+        label = "EMA kept in training" if w == "ema" else "post-hoc " + w.replace("ema@", "EMA sigma_rel ")
+        rows.append([p, label, "the sweep's runs" if scope == "sweep" else "every run evaluated raw",
+                     cell(both.get("base")), cell(both.get("other"))])
+    return header, rows
+
+
+def _schedules(study: Study) -> str:
+    found = sorted({r["schedule"] for r in study.rows if r.get("schedule")})
+    return ", ".join(found) or "unknown"
+
+
+def _summary_lines(changes: dict[str, list[dict]], names: tuple[str, str]) -> list[str]:
+    """Per metric and paradigm: the geometric-mean ratio over shared budgets and which cells are detectable."""
+    lines = []
+    for metric, rows in changes.items():
+        for p in sorted({r["paradigm"] for r in rows}):
+            mine = [r for r in rows if r["paradigm"] == p]
+            gm = math.exp(float(np.mean([math.log(r["ratio"]) for r in mine])))
+            clear = [r for r in mine if r["direction"]]
+            what = (", ".join(f"{r['direction']} at {r['budget']:.3g} ({r['label']})" for r in clear)
+                    if clear else "no cell differs detectably")
+            lines.append(f"{METRICS[metric]}, {p}: {names[1]} / {names[0]} = x{gm:.3g} on average over {len(mine)} "
+                         f"budget(s) (geometric mean); {what}")
+    return lines
+
+
+def _blocks(names, paths, diffs, table, changes, vb, vo, ema, schedules, ceilings) -> list[tuple]:
+    B: list[tuple] = [("h", 1, f"flopmatch comparison: {names[1]} against {names[0]}")]
+    B.append(("p", f"Base study: `{paths[0]}`. Other study: `{paths[1]}`. Each study's verdicts are decided with its "
+                   "own noise, as its report decides them; the ratios below are other / base."))
+    B.append(("h", 2, "What differs"))
+    if diffs:
+        B.append(("table", ["setting", names[0], names[1]], diffs))
+    else:
+        B.append(("p", "The two studies' settings are the same (study.json): the comparison measures retraining "
+                       "noise only, and every difference below should be 'no difference detected'."))
+    B.append(("h", 2, "Does the recommendation change?"))
+    changed = [t for t in table if t["status"] == "changed"]
+    partial = [t for t in table if t["status"].startswith("decided in")]
+    B.append(("p", f"{len(changed)} of {sum(t['status'] != '–' for t in table)} cells measured in both studies pick "
+                   f"another paradigm; {len(partial)} are decided in one study only (a pick against a tie is a change "
+                   "of strength, not of direction)."))
+    B.append(("table", ["budget (FLOPs)", "need", names[0], names[1], "answer"],
+              [[f"{t['budget']:.3g}", t["need"], t["base"], t["other"], t["status"]] for t in table]))
+    B.append(("h", 2, "How far each paradigm moves"))
+    B.append(("ul", _summary_lines(changes, names)))
+    for metric, rows in changes.items():
+        B.append(("h", 3, METRICS[metric]))
+        B.append(("p", f"Noise: {names[0]}: {vb.noise[metric].describe()}; {names[1]}: {vo.noise[metric].describe()}. "
+                       f"Two-sided tests, Holm-corrected over the {len(rows)} cells at family-wise {ALPHA:g}."))
+        B.append(("table", ["paradigm", "budget (FLOPs)", f"{names[0]} (seeds)", f"{names[1]} (seeds)",
+                            "ratio other / base", "p", "Holm p", "verdict", "detectable difference"],
+                  [[r["paradigm"], f"{r['budget']:.3g}", f"{fmt(r['base'], '.3g')} ({r['base_seeds']})",
+                    f"{fmt(r['other'], '.3g')} ({r['other_seeds']})", f"x{r['ratio']:.3g}", fmt(r["p"], ".2g"),
+                    fmt(r["p_adj"], ".2g"), (r["direction"] + " " if r["direction"] else "") + f"({r['label']})",
+                    "–" if r["mdd_percent"] is None else f"{r['mdd_percent']:.0f}%"] for r in rows]))
+    B.append(("fig", "changes", "KID and prompt-following error per paradigm against training FLOPs: base solid, "
+                                "other dashed (geometric means over each cell's judged seeds)."))
+    B.append(("h", 2, "EMA in each study"))
+    B.append(("p", f"LR schedules: {names[0]}: {schedules[0]}; {names[1]}: {schedules[1]}. Averaged weights against "
+                   "the same runs' raw weights (negative: averaging helps). Under a cosine decay the EMA window sits where "
+                   "the LR is already small; with a constant LR it does not, so the two columns separate what EMA adds "
+                   "from what the decay does."))
+    if ema[1]:
+        B.append(("table", *ema))
+    else:
+        B.append(("p", "Neither study evaluated raw weights (--eval-raw or --eval-ema): EMA not measured."))
+    B.append(("h", 2, "Tokenizer ceilings in each study"))
+    for name, doc in zip(names, ceilings):
+        B.append(("h", 3, name))
+        if doc:
+            B.append(("table", *ceilings_table(doc)))
+        else:
+            B.append(("p", "No tokenizer ceilings measured (no tokenizer_ceilings.json)."))
+    return B
+
+
+def compare_studies(base: str | Path, other: str | Path, out: str | Path | None = None) -> dict:
+    """Compare study ``other`` against study ``base`` and write the comparison into ``out``
+    (default ``<other>/compare_vs_<base name>``).
+
+    Returns {"paths", "differences", "table" (the recommendation cells, both texts and a status),
+    "changes" (metric -> per-cell ratios and verdicts)}. Raises UserError when the two share no
+    (paradigm, budget) cell.
+    """
+    base, other = Path(base), Path(other)
+    if base.resolve() == other.resolve():
+        raise UserError(f"{base} is compared with itself; pass two study directories")
+    sb, so = load_study(base), load_study(other)
+    vb, vo = decide(sb), decide(so)
+    names = (base.resolve().name, other.resolve().name)
+    if names[0] == names[1]:
+        names = ("base", "other")
+    changes = cell_changes(vb, vo, names)
+    if not any(changes.values()):
+        raise UserError(f"{base} and {other} share no (paradigm, budget) cell with a finished, evaluated run; compare "
+                        "studies of the same grid (same objectives and budgets)")
+    diffs = study_differences(base, other)
+    table = table_changes(vb, vo)
+    ema = ema_rows(sb, so)
+    out = Path(out) if out else other / f"compare_vs_{names[0]}"
+    plain = {m: [{k: v for k, v in r.items() if k != "comparison"} for r in rows] for m, rows in changes.items()}
+    fig = compare_figure(plain, METRICS, names)
+    blocks = _blocks(names, (str(base), str(other)), diffs, table, changes, vb, vo, ema,
+                     (_schedules(sb), _schedules(so)), (read_ceilings(base), read_ceilings(other)))
+    paths = {"html": out / "compare.html", "md": out / "compare.md", "json": out / "compare.json",
+             "figure": out / "compare_figures" / "changes.png"}
+    if fig:
+        atomic_write_bytes(paths["figure"], fig)
+    atomic_write_json(paths["json"], {"base": str(base), "other": str(other), "differences": diffs, "table": table,
+                                      "changes": plain})
+    atomic_write_text(paths["md"], render_md(blocks, {"changes": "compare_figures/changes.png"} if fig else {}, {}))
+    atomic_write_text(paths["html"], render_html(blocks, {"changes": fig}))
+    return {"paths": paths, "differences": diffs, "table": table, "changes": plain}
