@@ -159,3 +159,19 @@ def autocast(device: torch.device, enabled: bool):
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def evaluator_precision() -> str:
+    """The precision ("bf16" | "fp32") the cached CPU evaluators (attribute classifier, class classifier, domain
+    CLIP) train in: bf16 autocast where bf16 is fast here (AMX / AVX-512 bf16), else fp32. Without native bf16
+    (e.g. an AVX2-only CPU) oneDNN's bf16 convolutions run ~200x slower (measured on an AVX2 EPYC: 20 s per step of
+    the attribute classifier instead of ~0.1 s), so a hard-coded bf16 made the first study on such a machine take
+    hours. The name goes into the evaluator's cache key (:func:`evaluator_suffix`): an fp32-trained evaluator is
+    another evaluator, and its info records which one scored a run."""
+    return "bf16" if bf16_is_faster("cpu") else "fp32"
+
+
+def evaluator_suffix(precision: str) -> str:
+    """The cache-directory suffix of an evaluator trained in ``precision``: "" for bf16 (the names caches already
+    have), "-fp32" otherwise."""
+    return "" if precision == "bf16" else f"-{precision}"

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from flopmatch.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, ShapesConfig, ShapesDataset, parse_caption
+from flopmatch.device import autocast, evaluator_precision, evaluator_suffix
 from flopmatch.files import atomic_write_json, cache_dir, load_verified, read_json, save_verified
 
 ATTRIBUTE_CODE_VERSION = 1  # bump when the network, labels or training recipe change: keys the cache
@@ -250,7 +251,7 @@ def train_attribute_classifier(shapes_cfg, progress: bool = True, steps: int | N
                                ) -> tuple[AttributeNet, dict]:
     """Train an AttributeNet on fresh procedural scenes; returns (net, info). Deterministic given the code.
 
-    CPU, bf16 autocast for the convolutions, AdamW with a cosine schedule, ``steps`` x BATCH_SIZE images.
+    CPU, bf16 autocast for the convolutions where bf16 is fast here (else fp32: flopmatch.device.evaluator_precision), AdamW with a cosine schedule, ``steps`` x BATCH_SIZE images.
     """
     steps = TRAIN_STEPS if steps is None else steps
     t0 = time.time()
@@ -273,7 +274,7 @@ def train_attribute_classifier(shapes_cfg, progress: bool = True, steps: int | N
         idx = perm[pos : pos + BATCH_SIZE]
         pos += BATCH_SIZE
         x = _augment(_to_input(images[idx], net.image_size), g)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(torch.device("cpu"), evaluator_precision() == "bf16"):
             logits = net.split(net(x))
         loss = sum(F.cross_entropy(logits[h].float(), labels[h][idx], ignore_index=IGNORE) for h in net.heads)
         opt.zero_grad(set_to_none=True)
@@ -289,12 +290,12 @@ def train_attribute_classifier(shapes_cfg, progress: bool = True, steps: int | N
             "train_data_fingerprint": train_cfg.fingerprint(), "steps": steps, "batch_size": BATCH_SIZE,
             "lr": LEARNING_RATE, "final_loss": float(loss.detach()), "render_seconds": round(render_s, 1),
             "train_seconds": round(time.time() - t0 - render_s, 1), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+            "torch": torch.__version__, "precision": evaluator_precision()}
     return net, info
 
 
 def _evaluator_dir(shapes_cfg) -> Path:
-    name = f"attributes-{_train_config(shapes_cfg).fingerprint()}-v{ATTRIBUTE_CODE_VERSION}"
+    name = f"attributes-{_train_config(shapes_cfg).fingerprint()}-v{ATTRIBUTE_CODE_VERSION}{evaluator_suffix(evaluator_precision())}"
     return cache_dir() / "evaluators" / name
 
 

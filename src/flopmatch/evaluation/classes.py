@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from flopmatch.config import DataConfig
 from flopmatch.data.datasets import ImageTextSet
 from flopmatch.data.fashion_mnist import CLASSES, caption_class, fashion_mnist_pool
+from flopmatch.device import autocast, evaluator_precision, evaluator_suffix
 from flopmatch.errors import UserError
 from flopmatch.evaluation.attributes import _augment, _to_input
 from flopmatch.files import cache_dir, load_verified, save_verified
@@ -157,7 +158,7 @@ def train_class_classifier(images_uint8: torch.Tensor, labels: list[int] | torch
         flip = torch.rand(len(idx), generator=g) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         x = _augment(x, g)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(torch.device("cpu"), evaluator_precision() == "bf16"):
             logits = net(x)
         loss = F.cross_entropy(logits.float(), labels[idx])
         opt.zero_grad(set_to_none=True)
@@ -169,7 +170,7 @@ def train_class_classifier(images_uint8: torch.Tensor, labels: list[int] | torch
     net.eval()
     info = {"code_version": CLASS_CODE_VERSION, "steps": steps, "batch_size": BATCH_SIZE, "lr": LEARNING_RATE,
             "num_train": n, "final_loss": float(loss.detach()), "train_seconds": round(time.time() - t0, 1),
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": evaluator_precision()}
     return net, info
 
 
@@ -182,7 +183,7 @@ def _splits(data: DataConfig, progress: bool) -> tuple[ImageTextSet, ImageTextSe
 
 
 def _evaluator_dir(train_fingerprint: str, steps: int) -> Path:
-    return cache_dir() / "evaluators" / f"classes-{train_fingerprint}-{steps}steps-v{CLASS_CODE_VERSION}"
+    return cache_dir() / "evaluators" / f"classes-{train_fingerprint}-{steps}steps-v{CLASS_CODE_VERSION}{evaluator_suffix(evaluator_precision())}"
 
 
 def load_or_train_class_classifier(data: DataConfig, progress: bool = True, steps: int = TRAIN_STEPS) -> ClassClassifier:

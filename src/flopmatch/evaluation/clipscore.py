@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from flopmatch.device import autocast, evaluator_precision, evaluator_suffix
 from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_json, cache_dir, file_sha256, load_tensors, read_json, save_tensors
 from flopmatch.text import make_text_encoder
@@ -218,7 +219,7 @@ def train_domain_clip(train_images: torch.Tensor, train_captions: list[str], pro
     model.train()
     for step in tqdm(range(steps), desc="training the domain CLIP (once per machine, cached)", disable=not progress, leave=False):
         idx = torch.randperm(n, generator=g)[:batch]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(torch.device("cpu"), evaluator_precision() == "bf16"):
             img = model.image(train_images[idx])
         img = F.normalize(img.float(), dim=-1)
         txt = model.embed_text(pooled[idx])
@@ -233,7 +234,7 @@ def train_domain_clip(train_images: torch.Tensor, train_captions: list[str], pro
     info = {"code_version": CLIP_CODE_VERSION, "steps": steps, "batch_size": batch, "lr": LEARNING_RATE,
             "num_train_pairs": n, "final_loss": float(loss.detach()), "temperature": temperature,
             "encode_seconds": round(t1 - t0, 1), "train_seconds": round(time.time() - t1, 1),
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": evaluator_precision()}
     return model, info
 
 
@@ -249,7 +250,7 @@ def load_or_train_domain_clip(train_set: CaptionedImages, heldout_set: Captioned
     encoder = make_text_encoder(TEXT_ENCODER)
     data_key = f"{train_set.fingerprint()}+{heldout_set.fingerprint()}"
     key = hashlib.sha256(f"{data_key}|{encoder.fingerprint()}|v{CLIP_CODE_VERSION}".encode()).hexdigest()[:16]
-    folder = cache_dir() / "evaluators" / f"clip-{key}"
+    folder = cache_dir() / "evaluators" / f"clip-{key}{evaluator_suffix(evaluator_precision())}"
     weights, info_path = folder / "model.safetensors", folder / "info.json"
     if weights.exists() and info_path.exists():
         try:
