@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from flopmatch import PARADIGMS
@@ -40,6 +41,26 @@ def guidance_list(text: str) -> list[float]:
     return sorted(set(values))
 
 
+def decibels(text: str) -> float:
+    """``--tokenizer-match``: a finite PSNR tolerance in dB, >= 0 (0 = off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a PSNR tolerance in dB >= 0 (0 = off), got {text!r}")
+    return value
+
+
+def preset_defaults(name: str, show=str) -> str:
+    """The presets' values of the StudyConfig field ``name``, for a flag's help: 'cpu and tiny 0; cpu-long and gpu 0.5'."""
+    values: dict[str, list[str]] = {}
+    for preset, make in STUDY_PRESETS.items():
+        values.setdefault(show(getattr(make(), name)), []).append(preset)
+    names = {value: ", ".join(presets[:-1]) + " and " * (len(presets) > 1) + presets[-1] for value, presets in values.items()}
+    return "; ".join(f"{presets} {value}" for value, presets in names.items())
+
+
 def cmd_study(args) -> int:
     """Plan (or, with --plan-only, just print) and run a study."""
     given = [f"--{k.replace('_', '-')}" for k in SLURM_FLAGS if getattr(args, k) is not None]
@@ -57,7 +78,7 @@ def cmd_study(args) -> int:
 
     scfg = study_preset(args.preset)
     for name in ("objectives", "depths", "budgets", "seeds", "floor_seeds", "base_seed", "eval_samples", "eval_raw",
-                 "eval_ema", "sweep_guidance", "sweep_samples"):  # given flags replace the preset's
+                 "eval_ema", "sweep_guidance", "sweep_samples", "tokenizer", "tokenizer_match"):  # given flags replace the preset's
         if getattr(args, name) is not None:
             setattr(scfg, name, getattr(args, name))
     if args.eval_samples is not None and args.sweep_samples is None:  # the sweep is a small set: no larger than the full
@@ -115,6 +136,17 @@ def register(sub) -> None:
     p.add_argument("--tokenizer-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the study's learned tokenizers' config (repeatable), e.g. steps=1200 to "
                         "train them longer (see `flopmatch tokenizer train --help` for the keys)")
+    p.add_argument("--tokenizer", choices=("learned", "weight-free"),
+                   help="learned: matched KL + LFQ autoencoders trained by the study (KL latents for diffusion, LFQ codes "
+                        "for the token paradigms); weight-free: pixel patches for diffusion and a k-means codebook for the "
+                        f"token paradigms, the ablation without learned tokenizers (default: the preset's: "
+                        f"{preset_defaults('tokenizer')})")
+    p.add_argument("--tokenizer-match", type=decibels, metavar="DB",
+                   help="match the learned tokenizers' reconstruction quality: retrain the one with the lower validation "
+                        "PSNR from scratch with 2x, then 4x its steps (at most 4x: StudyConfig.tokenizer_match_max) until the "
+                        "two are within DB dB; the report states the gap either way; minutes of tokenizer training on a "
+                        "CPU; 0 = off, both train the configured steps "
+                        f"(default: the preset's: {preset_defaults('tokenizer_match', lambda v: f'{v:g}')})")
     p.add_argument("--data", type=data_source, help=DATA_HELP + " (default: the preset's, shapes)")
     p.add_argument("--workers", type=count(1), default=1, help="local worker processes (default 1: in-process)")
     p.add_argument("--launcher", default="local", choices=("local", "slurm"),

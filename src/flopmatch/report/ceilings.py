@@ -5,6 +5,10 @@ the numbers are :func:`flopmatch.evaluation.ceilings.tokenizer_ceiling`'s). A ge
 its tokenizer's decoded outputs, so its FID and prompt score can be read only against these: rFID at
 the generators' own sample count and reference, and the prompt score of the reconstructions. A study
 without the file (made before the stage existed) reports "not measured" and no extra columns.
+
+A study that matched its learned tokenizers' quality (``flopmatch study --tokenizer-match DB``) also has
+``tokenizers/match.json`` (written by ``flopmatch.study.tokenizer_match``): :func:`read_ceilings` attaches it as
+"match", the table gets each tokenizer's trained steps and the banner says how the matching ended.
 """
 
 from __future__ import annotations
@@ -23,18 +27,30 @@ from flopmatch.report.render import fmt
 # reconstructions by more than this many points and 2 binomial standard errors of the difference.
 FID_GAP = 1.10
 MATCH_GAP = 0.05
+MATCH_FILE = Path("tokenizers") / "match.json"  # flopmatch.study.tokenizer_match.MATCH_FILE (the study layer writes it)
 
 
-def read_ceilings(root: Path) -> dict | None:
-    """The study's ceilings document, or None if it has none (or it cannot be read)."""
-    path = Path(root) / CEILINGS_FILE
+def _read(path: Path) -> dict | None:
+    """A JSON object, or None if the file is missing, damaged or not an object."""
     if not path.exists():
         return None
     try:
         doc = read_json(path)
-    except (OSError, ValueError, UserError):  # damaged: the report says "not measured"
+    except (OSError, ValueError, UserError):
         return None
-    return doc if isinstance(doc, dict) and isinstance(doc.get("tokenizers"), dict) else None
+    return doc if isinstance(doc, dict) else None
+
+
+def read_ceilings(root: Path) -> dict | None:
+    """The study's ceilings document, or None if it has none (or it cannot be read; the report says "not
+    measured"). A finished tokenizer matching record (tokenizers/match.json) comes with it, under "match"."""
+    doc = _read(Path(root) / CEILINGS_FILE)
+    if doc is None or not isinstance(doc.get("tokenizers"), dict):
+        return None
+    match = _read(Path(root) / MATCH_FILE)
+    if match and match.get("finished") is True:
+        doc["match"] = match
+    return doc
 
 
 def by_paradigm(doc: dict | None) -> dict[str, dict]:
@@ -96,7 +112,57 @@ def ceilings_table(doc: dict) -> tuple[list, list]:
         rows.append([e.get("kind", "?"), tokens, ", ".join(e.get("paradigms", [])), m.get("num_images"), *fids,
                      fmt(m.get("psnr"), ".2f"), fmt(m.get("ssim"), ".3f"), fmt(full_match(m), ".3f"),
                      fmt(full_match(m, "real"), ".3f"), _worst_attribute(m)])
+    if doc.get("match"):  # matched tokenizers: how long each one trained (and what else was tried)
+        header, rows = add_column(header, rows, "paradigms", "trained steps",
+                                  [_steps_cell(doc["match"], e.get("kind")) for e in doc["tokenizers"].values()])
     return header, rows
+
+
+def _candidates(match: dict, kind: str) -> list[dict]:
+    """match.json's candidates of ``kind`` in training order (empty if it has none)."""
+    rows = (match.get("candidates") or {}).get(kind) or []
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("steps"), int)]
+
+
+def _steps_cell(match: dict, kind: str | None) -> str:
+    """The trained-steps cell: the chosen candidate's steps, and every schedule tried when there were several."""
+    chosen = (match.get("chosen_steps") or {}).get(kind)
+    if chosen is None:
+        return "–"
+    tried = [r["steps"] for r in _candidates(match, kind)]
+    return f"{chosen}" + (f" (tried {', '.join(map(str, tried))})" if len(tried) > 1 else "")
+
+
+def match_line(match: dict | None) -> list[str]:
+    """One sentence on the study's tokenizer matching (tokenizers/match.json): which tokenizer trained how long to
+    what validation PSNR, and whether it came within the tolerance; nothing without a finished record."""
+    try:
+        tol, strong, weak = float(match["tolerance_db"]), match["stronger"], match["weaker"]
+        target = _candidates(match, strong)[0]
+        tried = _candidates(match, weak)
+        chosen = next(r for r in tried if r["steps"] == match["chosen_steps"][weak])
+        gap, within = float(match["gap_db"]), bool(match["within_tolerance"])
+    except (TypeError, KeyError, IndexError, ValueError, StopIteration):
+        return []
+    s_name, w_name = strong.upper(), weak.upper()
+    n = (match.get("validation") or {}).get("num_images")
+    on = f"validation PSNR{f' on {n} eval images' if n else ''}"
+    against = f"{s_name}'s {target['val_psnr']:.1f} dB at {target['steps']} steps"
+    path = (" -> ".join(str(r["steps"]) for r in tried) + " steps ("
+            + " -> ".join(f"{r['val_psnr']:.1f}" for r in tried) + " dB)")
+    if within and len(tried) == 1:
+        text = (f"Tokenizers matched on {on} within {tol:g} dB without retraining: {w_name} {chosen['val_psnr']:.1f} dB "
+                f"against {against}.")
+    elif within:
+        text = f"Tokenizers matched on {on} within {tol:g} dB: {w_name} trained {path} against {against}."
+    elif chosen is tried[-1] and gap > 0:  # still short when the schedules ran out
+        text = (f"Tokenizers not matched on {on} within {tol:g} dB: {w_name} reached {chosen['val_psnr']:.1f} dB at the "
+                f"longest allowed schedule ({chosen['steps']} steps; {path}), {gap:.1f} dB below {against}.")
+    else:
+        text = (f"Tokenizers not matched on {on} within {tol:g} dB: {w_name} trained {path}; the closest, {chosen['steps']} "
+                f"steps ({chosen['val_psnr']:.1f} dB), is {abs(gap):.1f} dB {'below' if gap > 0 else 'above'} {against}.")
+    return [text + " The other ceilings (see Tokenizer ceilings) show whether matched PSNR meant matched rFID and "
+                   "prompt following."]
 
 
 def ceiling_banner(doc: dict | None, fid_log_sd: float | None = None) -> list[str]:
@@ -107,6 +173,7 @@ def ceiling_banner(doc: dict | None, fid_log_sd: float | None = None) -> list[st
     tok = (doc or {}).get("tokenizers") or {}
     if "continuous" not in tok or "discrete" not in tok:
         return []
+    matched = match_line((doc or {}).get("match"))
     a, b = tok["continuous"]["metrics"], tok["discrete"]["metrics"]
     diffs = []  # (text, continuous better)
     fa, fb = rfid(a), rfid(b)
@@ -118,7 +185,7 @@ def ceiling_banner(doc: dict | None, fid_log_sd: float | None = None) -> list[st
         if abs(ma - mb) > max(MATCH_GAP, 2 * se):
             diffs.append((f"prompt full match of reconstructions {ma:.3f} vs {mb:.3f}", ma > mb))
     if not diffs:
-        return []
+        return matched
     token_p = ", ".join(tok["discrete"].get("paradigms", [])) or "token"
     better = {c for _, c in diffs}
     if better == {True}:
@@ -127,8 +194,12 @@ def ceiling_banner(doc: dict | None, fid_log_sd: float | None = None) -> list[st
         head = f"The token paradigms' tokenizer ceiling ({token_p}) is better than the diffusion tokenizer's"
     else:
         head = f"The diffusion and token paradigms' ({token_p}) tokenizer ceilings differ, in opposite directions"
-    return [f"{head}: {'; '.join(t for t, _ in diffs)}. Part of any quality or prompt-following gap between them may "
-            "be the tokenizer's (see Tokenizer ceilings)."]
+    hint = ""
+    if not matched and {tok["continuous"].get("kind"), tok["discrete"].get("kind")} == {"kl", "lfq"}:
+        hint = (" The study did not match the learned tokenizers' quality: `flopmatch study --tokenizer-match DB` "
+                "retrains the weaker one longer until their validation PSNRs are within DB dB.")
+    return matched + [f"{head}: {'; '.join(t for t, _ in diffs)}. Part of any quality or prompt-following gap between "
+                      f"them may be the tokenizer's (see Tokenizer ceilings).{hint}"]
 
 
 def add_column(header: list, rows: list, after: str, name: str, cells: list) -> tuple[list, list]:

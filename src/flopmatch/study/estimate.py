@@ -4,7 +4,7 @@ The plan knows every run's FLOPs exactly; wall time needs rates. Training and sa
 with ``StudyConfig.assumed_flops_per_s`` (the preset's figure for its machine); the fixed costs below
 were measured on the 2-core CPU this project is developed on (bf16 AMX; the cpu preset of v0.2 from an
 empty cache took 14.3 min against 11.7 estimated before ``eval_setting_s`` was added), see :class:`Rates`. Stages
-whose results are already cached (the study's trained tokenizers, the attribute classifier) cost
+whose results are already cached (the study's trained tokenizers, a finished tokenizer matching, the attribute classifier) cost
 nothing; caption encoding and reference features are always counted (an upper bound). ``runner.study`` prints the estimate after the plan and writes ``timings.json`` with
 estimate and measurement side by side, so the rates can be checked on any machine.
 """
@@ -31,6 +31,7 @@ from flopmatch.study.plan import (
     tokenizer_dirs,
 )
 from flopmatch.study.presets import StudyConfig
+from flopmatch.study.tokenizer_match import VAL_IMAGES, match_finished, matching
 
 REFERENCE_FLOPS_PER_S = 6e10  # the cpu presets' assumed training rate: the machine the Rates were measured on
 
@@ -42,6 +43,9 @@ class Rates:
     render_images_per_s: float = 2500.0  # drawing shapes images
     captions_per_s: float = 400.0  # MiniLM caption encoding
     autoencoder_step_s: float = 0.105  # one learned-tokenizer step, cpu preset (batch 32, bf16)
+    # the tokenizer matching's validation PSNR (encode + decode, cpu preset, fp32): measured 145 (KL) and 195 (LFQ)
+    # images/s with the 2 cores shared with a running study; an idle machine is faster, so this errs long
+    psnr_images_per_s: float = 170.0
     kmeans_s: float = 15.0  # fitting a weight-free k-means tokenizer
     attribute_classifier_s: float = 60.0  # training the prompt-following classifier, once per machine
     feature_images_per_s: float = 300.0  # EfficientNet-Lite0 features
@@ -69,6 +73,15 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
         for tokens, directory in tokenizer_dirs(study).items():
             if tokens in token_types(scfg) and not (directory / "tokenizer.json").exists():
                 setup += autoencoder_config(scfg, tokens).steps * rates.autoencoder_step_s / speed
+        if matching(scfg) and not match_finished(study, scfg):
+            # How many retrainings matching needs is known only after the first measurements: count one of the
+            # (normally weaker) LFQ at 2x its steps, the typical case; the worst case retrains it at 2x, 4x, ...,
+            # tokenizer_match_max x its steps, (2 + 4 + ... + max) x steps in all. Plus a validation PSNR pass per
+            # candidate (three here; seconds). The PSNR is measured on the CPU, so no speed-up for faster hardware.
+            steps = autoencoder_config(scfg, "discrete").steps
+            if scfg.tokenizer_match_max >= 2:
+                setup += 2 * steps * rates.autoencoder_step_s / speed
+            setup += 3 * min(VAL_IMAGES, cfg.data.num_eval) / rates.psnr_images_per_s
     elif "discrete" in token_types(scfg):
         setup += rates.kmeans_s / speed  # the continuous patch tokenizer is a mean and a std: free
     setup += cfg.data.num_train / rates.render_images_per_s

@@ -1,4 +1,5 @@
-"""The study's tokenizer phase: the matched learned tokenizers, trained once, then every tokenizer's ceiling.
+"""The study's tokenizer phase: the matched learned tokenizers, trained once (and, with ``tokenizer_match``,
+matched in reconstruction quality: ``tokenizer_match.py``), then every tokenizer's ceiling.
 
 Runs in the study process for the local launchers, and as one SLURM job (``kind`` "prepare") on a compute
 node for ``--launcher slurm``, so that the tokenizers train where the runs will (not on a login node).
@@ -15,18 +16,23 @@ from flopmatch.files import read_json
 from flopmatch.study.ceilings import check_floor, ensure_ceilings
 from flopmatch.study.plan import autoencoder_config, base_config, token_types, tokenizer_dirs
 from flopmatch.study.presets import StudyConfig
+from flopmatch.study.tokenizer_match import match_finished, match_tokenizers, matching, train_tokenizer
 from flopmatch.tokenizers.registry import load_tokenizer
-from flopmatch.tokenizers.train_ae import train_autoencoder
 
 PREPARE_JOB = "prepare-tokenizers"  # the phase's job name when a launcher runs it as a job
 
 
 def ensure_tokenizers(study: Path, scfg: StudyConfig, progress: bool = True) -> None:
-    """Train the matched KL and LFQ tokenizers once (a complete, loadable directory is reused)."""
+    """Train the matched KL and LFQ tokenizers once (a complete, loadable directory is reused); with
+    ``tokenizer_match`` > 0, match their quality too (:func:`flopmatch.study.tokenizer_match.match_tokenizers`)."""
     if scfg.tokenizer != "learned":
         return
     probe = base_config(scfg, scfg.objectives[0], scfg.depths[0], scfg.budgets[0], 0, study)
     dataset = make_dataset(probe.data, "train")
+    data_info = {"dataset": probe.data.name, "fingerprint": dataset.fingerprint()}
+    if matching(scfg):
+        match_tokenizers(study, scfg, dataset.images_uint8(), data_info, progress)
+        return
     needed = token_types(scfg)
     for tokens, directory in tokenizer_dirs(study).items():
         if tokens not in needed:
@@ -37,10 +43,7 @@ def ensure_tokenizers(study: Path, scfg: StudyConfig, progress: bool = True) -> 
                 continue
             except UserError:
                 pass  # damaged: retrain
-        cfg = autoencoder_config(scfg, tokens)
-        print(f"[study] training the {cfg.kind} tokenizer ({cfg.steps} steps) -> {directory}")
-        train_autoencoder(cfg, dataset.images_uint8(), out_dir=directory,
-                          data_info={"dataset": probe.data.name, "fingerprint": dataset.fingerprint()}, progress=progress)
+        train_tokenizer(autoencoder_config(scfg, tokens), directory, dataset.images_uint8(), data_info, progress)
 
 
 def prepare(study: Path, scfg: StudyConfig, progress: bool = True) -> None:
@@ -52,11 +55,14 @@ def prepare(study: Path, scfg: StudyConfig, progress: bool = True) -> None:
 
 def prepared(study: Path, scfg: StudyConfig) -> bool:
     """Whether the phase looks done, from files alone (cheap; for a launcher deciding whether to submit it):
-    every learned tokenizer the study needs has its tokenizer.json, and the ceilings file has an entry for
-    every token type measured at the study's sample count and features. :func:`prepare` checks exactly."""
+    every learned tokenizer the study needs has its tokenizer.json, a study that matches its tokenizers has a finished
+    match.json, and the ceilings file has an entry for every token type measured at the study's sample count and
+    features. :func:`prepare` checks exactly."""
     needed = token_types(scfg)
     if scfg.tokenizer == "learned" and not all((d / "tokenizer.json").exists() for t, d in tokenizer_dirs(study).items()
                                                if t in needed):
+        return False
+    if matching(scfg) and not match_finished(study, scfg):
         return False
     try:
         entries = read_json(study / CEILINGS_FILE)["tokenizers"]
