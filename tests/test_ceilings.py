@@ -14,6 +14,7 @@ from flopmatch.errors import UserError
 from flopmatch.evaluation.attributes import load_or_train_attribute_classifier, score_prompt_following
 from flopmatch.evaluation.ceilings import CEILINGS_FILE
 from flopmatch.evaluation.tokenizer import evaluate_tokenizer, reconstruct, to_uint8
+from flopmatch.files import read_json
 from flopmatch.report.ceilings import add_column, ceiling_banner, ceilings_table, fit_cell, runs_cell
 from flopmatch.study.ceilings import check_floor, ensure_ceilings, tokenizer_runs
 from flopmatch.study.plan import tokenizer_dirs
@@ -104,6 +105,8 @@ def test_floor_names_the_learned_tokenizer_and_the_fix(learned_study):
     with pytest.raises(UserError, match=r"kl tokenizer of diffusion .* below the floor of 50%.*--tokenizer-set steps=") as e:
         check_floor(doc, scfg, out)
     assert "\n" not in str(e.value)
+    trained = read_json(out / "tokenizers" / "kl" / "tokenizer.json")["config"]["steps"]  # what it trained, not the preset
+    assert f"steps={2 * trained} (it trained {trained})" in str(e.value)
 
 
 def test_study_refuses_a_tokenizer_below_the_floor_before_training(tmp_path):

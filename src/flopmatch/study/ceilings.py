@@ -27,7 +27,7 @@ from flopmatch.evaluation.ceilings import CEILINGS_FILE, CEILINGS_VERSION, token
 from flopmatch.files import atomic_write_json, read_json
 from flopmatch.objectives import make_objective
 from flopmatch.prepare import build_tokenizer
-from flopmatch.study.plan import autoencoder_config, base_config
+from flopmatch.study.plan import autoencoder_config, base_config, tokenizer_dirs
 from flopmatch.study.presets import StudyConfig
 
 # Full match of the attribute classifier on a tokenizer's reconstructions of real eval images (their own
@@ -108,7 +108,7 @@ def check_floor(doc: dict, scfg: StudyConfig, study: Path) -> None:
         if pf["scorer"] != FLOOR_SCORER or got is None or got >= CLASSIFIER_FLOOR:
             continue
         if scfg.tokenizer == "learned":  # the study's own autoencoders (a --set tokenizer.path one goes below)
-            steps = autoencoder_config(scfg, tokens).steps
+            steps = _trained_steps(study, scfg, tokens)
             fix = f"train it longer, in a new study directory: --tokenizer-set steps={2 * steps} (it trained {steps})"
         elif entry["kind"] == "kmeans":
             codes = tokenizer_runs(scfg, study)[tokens][0].tokenizer.codebook_size
@@ -119,3 +119,12 @@ def check_floor(doc: dict, scfg: StudyConfig, study: Path) -> None:
             f"the {entry['kind']} tokenizer of {', '.join(entry['paradigms'])} is too lossy to score prompts with: the "
             f"attribute classifier passes {got:.1%} of its reconstructions of real eval images (real images "
             f"{pf['real'].get('full_match', 0):.1%}), below the floor of {CLASSIFIER_FLOOR:.0%}: {fix}")
+
+
+def _trained_steps(study: Path, scfg: StudyConfig, tokens: str) -> int:
+    """Steps the study's installed learned tokenizer of ``tokens`` trained (tokenizer matching may have retrained it
+    longer than configured); the configured steps if its tokenizer.json cannot be read."""
+    try:
+        return int(read_json(tokenizer_dirs(study)[tokens] / "tokenizer.json")["config"]["steps"])
+    except (UserError, OSError, KeyError, TypeError, ValueError):
+        return autoencoder_config(scfg, tokens).steps
