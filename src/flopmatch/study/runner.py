@@ -8,6 +8,7 @@ Layout of a study directory::
       study.json          the StudyConfig
       plan.json           every run with its analytic FLOPs and estimated time (written first)
       tokenizers/kl, lfq  the matched learned tokenizers (trained once)
+      tokenizers/match.json, candidates/  --tokenizer-match: every candidate's PSNR and the choice (study/tokenizer_match.py)
       tokenizer_ceilings.json  each tokenizer's reconstructions scored as its generators are (study/ceilings.py)
       jobs/<run>.json     what a worker process runs
       logs/<run>.log      a worker's output
