@@ -12,8 +12,8 @@ import flopmatch.study.ceilings as ceilings_stage
 from flopmatch.data.datasets import make_dataset
 from flopmatch.errors import UserError
 from flopmatch.evaluation.attributes import load_or_train_attribute_classifier, score_prompt_following
-from flopmatch.evaluation.ceilings import CEILINGS_FILE
-from flopmatch.evaluation.tokenizer import evaluate_tokenizer, reconstruct, to_uint8
+from flopmatch.evaluation.ceilings import CEILINGS_FILE, CEILINGS_VERSION
+from flopmatch.evaluation.tokenizer import evaluate_tokenizer, reconstruct, reconstruction_fid, to_uint8
 from flopmatch.files import read_json
 from flopmatch.report.ceilings import add_column, ceiling_banner, ceilings_table, fit_cell, runs_cell
 from flopmatch.study.ceilings import check_floor, ensure_ceilings, tokenizer_runs
@@ -23,15 +23,17 @@ from flopmatch.study.runner import study
 from flopmatch.tokenizers.autoencoder import AutoencoderConfig
 from flopmatch.tokenizers.registry import load_learned, make_autoencoder
 
-NUM_EVAL = 48  # the tiny studies' eval split here: every image is a reference and an evaluated sample
+NUM_EVAL = 48  # the tiny studies' eval split here: n = 24 samples, the first 24 the reference, the other 24 compared
+N = NUM_EVAL // 2
 
 
 def tiny_learned_study() -> object:
-    """The tiny preset on the study's learned-tokenizer path (KL only), n = the whole eval split."""
+    """The tiny preset on the study's learned-tokenizer path (KL only), n = half the eval split (R = 2n: the real-image
+    floor and rFID on the second half, disjoint from the generators' reference, the first)."""
     scfg = study_preset("tiny")
     scfg.objectives, scfg.tokenizer, scfg.features = ["diffusion"], "learned", ["effnet"]
     scfg.overrides = [*scfg.overrides, f"data.num_eval={NUM_EVAL}"]
-    scfg.eval_samples = NUM_EVAL
+    scfg.eval_samples = N
     return scfg
 
 
@@ -51,8 +53,9 @@ def learned_study(tmp_path_factory):
 
 
 def test_ceiling_equals_the_tokenizer_evaluation_on_the_same_images(learned_study):
-    """The stage's PSNR, SSIM, rFID and attribute accuracy equal evaluate_tokenizer's on the same eval images,
-    and its prompt score equals the attribute classifier's on the reconstructions."""
+    """The stage's PSNR, SSIM and attribute accuracy equal evaluate_tokenizer's on the first n eval images, its prompt
+    score equals the attribute classifier's on their reconstructions, and its rFID and real-image floor are the FIDs
+    of the reconstructions of eval images n..2n-1, and of those images, against the first n."""
     out, scfg, doc = learned_study
     entry = doc["tokenizers"]["continuous"]
     assert entry["kind"] == "kl" and entry["paradigms"] == ["diffusion"]
@@ -60,21 +63,26 @@ def test_ceiling_equals_the_tokenizer_evaluation_on_the_same_images(learned_stud
     data = tokenizer_runs(scfg, out)["continuous"][0].data
     ref = make_dataset(data, "eval")
     images = ref.images_uint8()
-    attrs = [ref.scene(i).attrs() for i in range(len(ref))]
+    first = images[:N]
+    attrs = [ref.scene(i).attrs() for i in range(N)]
     tok = load_learned(tokenizer_dirs(out)["continuous"])
-    direct = evaluate_tokenizer(tok, images, "effnet", attrs=attrs, shapes_cfg=ref.cfg)
-    assert m["num_images"] == direct["num_images"] == NUM_EVAL
+    direct = evaluate_tokenizer(tok, first, "none", attrs=attrs, shapes_cfg=ref.cfg)
+    assert m["num_images"] == direct["num_images"] == N
     for key in ("psnr", "ssim", "mse"):
         assert m[key] == pytest.approx(direct[key], rel=1e-12), key
-    assert m["fid"]["effnet"]["recon"] == pytest.approx(direct["rfid"], rel=1e-9)
-    assert m["fid"]["effnet"]["real"] == pytest.approx(0.0, abs=1e-3)  # n = the whole reference: FID with itself
+    other = images[N:]  # disjoint from the generators' reference, the first N
+    assert m["fid"]["effnet"]["recon"] == pytest.approx(reconstruction_fid(first, to_uint8(reconstruct(tok, other)[0])),
+                                                        rel=1e-6)
+    assert m["fid"]["effnet"]["real"] == pytest.approx(reconstruction_fid(first, other), rel=1e-6)
+    assert m["fid"]["effnet"]["real"] > 1.0  # not ~0, as the reference against itself was before ceilings v2
+    assert (m["fid_num_reference"], m["fid_num_compared"], m["num_eval"], m["fid_note"]) == (N, N, NUM_EVAL, None)
     assert m["attribute_accuracy"]["recon"] == direct["attribute_accuracy"]["recon"]
     assert m["attribute_accuracy"]["real"] == direct["attribute_accuracy"]["real"]
     classifier = load_or_train_attribute_classifier(ref.cfg, progress=False)
-    recon = to_uint8(reconstruct(tok, images)[0])
-    expected = score_prompt_following(classifier, recon, ref.captions())["full_match"]
+    recon = to_uint8(reconstruct(tok, first)[0])
+    expected = score_prompt_following(classifier, recon, ref.captions()[:N])["full_match"]
     assert m["prompt_following"]["recon"]["full_match"] == expected
-    assert m["prompt_following"]["real"]["full_match"] == score_prompt_following(classifier, images, ref.captions())["full_match"]
+    assert m["prompt_following"]["real"]["full_match"] == score_prompt_following(classifier, first, ref.captions()[:N])["full_match"]
 
 
 def test_ceilings_are_measured_once_and_again_when_a_setting_changes(learned_study, monkeypatch):
@@ -128,24 +136,32 @@ def _entry(kind: str, paradigms: list[str], rfid: float, match: float) -> dict:
           "real": {"full_match": 1.0, "shape": 1.0, "color": 1.0}}
     return {"kind": kind, "paradigms": paradigms, "metrics": {
         "num_images": 250, "psnr": 30.0, "ssim": 0.9, "fid": {"effnet": {"recon": rfid, "real": 20.0}},
-        "prompt_following": pf}}
+        "fid_num_reference": 250, "fid_num_compared": 250, "fid_note": None, "prompt_following": pf}}
 
 
 def test_report_ceilings_table_columns_and_banner():
-    """The table has a row per tokenizer; cells beside generator numbers; the caveat only past the stated gap."""
-    doc = {"floor": {"value": 0.5}, "tokenizers": {
+    """The table has a row per tokenizer; cells beside generator numbers; the caveat only past the stated gap; a
+    version-1 document (overlapping real-image floor) is named in the banner."""
+    doc = {"version": CEILINGS_VERSION, "floor": {"value": 0.5}, "tokenizers": {
         "continuous": _entry("kl", ["diffusion"], 243.0, 0.79),
         "discrete": _entry("lfq", ["masked", "autoregressive"], 303.0, 0.68)}}
     header, rows = ceilings_table(doc)
     assert header[:6] == ["tokenizer", "tokens", "paradigms", "images (n)", "rFID (effnet) at n", "real images' FID (effnet) at n"]
     assert rows[1][:6] == ["lfq", "discrete", "masked, autoregressive", 250, "303", "20"]
-    assert rows[1][-1] == "shape 0.680 (real 1.000)"
+    assert rows[1][-1] == "shape 0.680 (real 1.000)" and rows[1][header.index("FID images: reference / compared")] == "250 / 250"
     kl = doc["tokenizers"]["continuous"]["metrics"]
     assert runs_cell(kl) == "243 / 0.790" and fit_cell(kl, "prompt") == "0.21" and fit_cell(kl, "loss") == "–"
     assert add_column(["a", "b"], [[1, 2]], "a", "c", ["x"]) == (["a", "c", "b"], [[1, "x", 2]])
     banner = ceiling_banner(doc)
     assert len(banner) == 1 and banner[0].startswith("The diffusion tokenizer's ceiling is better than the token paradigms'")
     assert "rFID 243 vs 303" in banner[0] and "0.790 vs 0.680" in banner[0]
+    old = {**doc, "version": 1, "tokenizers": {t: {**e, "metrics": {k: v for k, v in e["metrics"].items() if not
+                                                                    k.startswith("fid_")} | {"num_reference": 1000}}
+                                                for t, e in doc["tokenizers"].items()}}
+    assert ceiling_banner(old)[0].startswith("Tokenizer ceilings were measured by an earlier flopmatch")
+    assert ceiling_banner(old)[1:] == banner
+    assert ceilings_table(old)[1][0][header.index("FID images: reference / compared")] == (
+        "1000 / 250 (overlapping: measured before v2)")
     close = {"tokenizers": {"continuous": _entry("kl", ["diffusion"], 250.0, 0.80),
                             "discrete": _entry("lfq", ["masked"], 260.0, 0.78)}}
     assert ceiling_banner(close) == []  # within 10 % rFID and 5 points of full match

@@ -376,8 +376,10 @@ def test_precision_recall_on_equal_size_sets_is_symmetric():
                                                     "pr_num_real": 12, "pr_num_fake": 12}
     m = metrics_from_features(real, fake, EvalConfig(kid_subset=10, kid_subsets=2, fid_boot=0))
     assert (m["num_real"], m["num_fake"], m["pr_num_real"], m["pr_num_fake"]) == (30, 12, 12, 12)
+    assert (m["fid_num_real"], m["fid_num_fake"]) == (12, 12)  # FID at equal counts too (tests/test_fid_counts.py)
     m = metrics_from_features(fake, real, EvalConfig(kid_subset=10, kid_subsets=2, fid_boot=0))
     assert (m["num_real"], m["num_fake"], m["pr_num_real"], m["pr_num_fake"]) == (12, 30, 12, 12)
+    assert (m["fid_num_real"], m["fid_num_fake"]) == (12, 30)  # more generated than real rows: all real rows
 
 
 def test_kid_is_unbiased_where_small_sample_fid_is_not():

@@ -51,6 +51,7 @@ def test_eval_twice_with_same_seed_gives_identical_numbers(tiny_run, tmp_path):
     assert kid_boot["n"] == len(kid_boot["replicates"]) == ecfg.fid_boot and kid_boot["std"] > 0
     m = entry["metrics"]["effnet"]  # precision/recall on the 12 caption-matched pairs; FID flagged at n < 2000
     assert (m["num_real"], m["num_fake"], m["pr_num_real"], m["pr_num_fake"], m["fid_small_n"]) == (24, 12, 12, 12, True)
+    assert (m["fid_num_real"], m["fid_num_fake"]) == (12, 12)  # FID: the 12 prompt-matched reference images
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 
 from flopmatch.errors import UserError
 from flopmatch.evaluation.export import read_reference_stats
-from flopmatch.evaluation.features import make_feature_extractor
+from flopmatch.evaluation.features import extract_features, make_feature_extractor
 from flopmatch.evaluation.quality import FID_SMALL_N
 from flopmatch.evaluation.run import EvalConfig, evaluate
 from flopmatch.files import file_sha256
@@ -85,25 +85,41 @@ def test_small_n_fid_warns_once_per_call_and_flags_every_entry(exported):
     for e in entries:
         m = e["metrics"]["effnet"]
         assert m["fid_small_n"] is True and (m["num_real"], m["num_fake"]) == (24, 8)
+        assert (m["fid_num_real"], m["fid_num_fake"]) == (8, 8)  # FID: the first 8 reference images, equal counts
         assert (m["pr_num_real"], m["pr_num_fake"]) == (8, 8)
         assert m["kid_boot"]["n"] == m["fid_boot"]["n"] == ECFG.fid_boot and m["kid_boot"]["std"] > 0
 
 
-def test_imported_reference_gives_the_same_fid_as_the_runs_own(exported, tiny_run):
-    """--ref-stats with the run's own exported statistics: the same FID (and FID replicates) to 1e-9 relative, KID and
+def test_imported_reference_gives_the_fid_against_its_statistics(exported, tiny_run):
+    """--ref-stats with the run's own exported statistics (the whole 24-image split): the FID (and FID replicates) of
+    the generated images' features against that mean and covariance, to 1e-6 relative, with fid_num_real = 24 and a
+    note that the importer chose the counts (the own-reference entry uses the first 8: another number); KID and
     precision/recall None with the reason, the file's sha256 in the manifest, and the own-reference entry kept."""
     path, own_doc, _ = exported
+    import torch
+
+    from flopmatch.evaluation.quality import feature_stats, fid_bootstrap_stats, fid_from_stats
+    from flopmatch.evaluation.run import IMPORTED_COUNTS
+    from flopmatch.files import load_tensors
+    from flopmatch.rundir import sample_dir
     from flopmatch.sample import load_sampler
 
     base = load_sampler(tiny_run).cfg.sample
-    doc = evaluate(tiny_run, [replace(base, steps=2)], replace(ECFG, ref_stats=str(path)), progress=False)
+    doc = evaluate(tiny_run, [replace(base, steps=2)], replace(ECFG, ref_stats=str(path), save_images=True), progress=False)
     sha = file_sha256(path)
     (key,) = [k for k in doc["entries"] if k.endswith(f",ref={sha[:12]}")]
     own = own_doc["entries"][key.removesuffix(f",ref={sha[:12]}")]
     assert doc["entries"][key.removesuffix(f",ref={sha[:12]}")]["metrics"] == own["metrics"]  # kept, not overwritten
-    got, want = doc["entries"][key]["metrics"]["effnet"], own["metrics"]["effnet"]
-    assert got["fid"] > 0 and got["fid"] == pytest.approx(want["fid"], rel=1e-9)
-    assert got["fid_boot"]["replicates"] == pytest.approx(want["fid_boot"]["replicates"], rel=1e-9)
+    got = doc["entries"][key]["metrics"]["effnet"]
+    images = load_tensors(sample_dir(tiny_run, key.removesuffix(f",ref={sha[:12]}")) / "images.safetensors")["images"]
+    fake = extract_features(make_feature_extractor("effnet"), images, progress=False)
+    with np.load(path, allow_pickle=False) as z:
+        mu, sigma = torch.from_numpy(z["mu_effnet"]), torch.from_numpy(z["sigma_effnet"])
+    assert got["fid"] > 0 and got["fid"] == pytest.approx(fid_from_stats(mu, sigma, *feature_stats(fake)), rel=1e-6)
+    want = fid_bootstrap_stats(mu, sigma, fake, ECFG.fid_boot, generator=torch.Generator().manual_seed(ECFG.seed))
+    assert got["fid_boot"]["replicates"] == pytest.approx(want, rel=1e-6)
+    assert (got["fid_num_real"], got["fid_num_fake"], got["fid_note"]) == (24, 8, IMPORTED_COUNTS)
+    assert own["metrics"]["effnet"]["fid_num_real"] == 8 and got["fid"] != pytest.approx(own["metrics"]["effnet"]["fid"])
     assert all(got[k] is None for k in ("kid", "kid_std", "kid_boot", "precision", "recall"))
     assert "mean and covariance" in got["not_computed"] and got["reference"] == "imported"
     assert (got["num_real"], got["num_fake"], got["fid_small_n"]) == (24, 8, True)

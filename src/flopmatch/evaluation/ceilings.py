@@ -2,15 +2,22 @@
 
 A generator produces its tokenizer's decoded outputs, so what the tokenizer loses bounds every image
 quality and prompt-following number of the paradigms that use it. The ceiling mirrors
-:func:`flopmatch.evaluation.run.evaluate`: the first ``n`` images of the evaluation split (cycled past
-its end, as the generators' prompts are; ``n`` = the generators' sample count) are encoded and decoded
-(:func:`flopmatch.evaluation.tokenizer.reconstruct`), then scored:
+:func:`flopmatch.evaluation.run.evaluate` with ``n`` = the generators' sample count: eval images are
+encoded and decoded (:func:`flopmatch.evaluation.tokenizer.reconstruct`), then scored:
 
-- ``fid[<extractor>]["recon"]``: FID of the n reconstructions against the whole evaluation split's cached
-  reference features, the generators' own reference. FID is biased upward at small n, so only an rFID
-  at the generators' n reads against their FID; ``["real"]``: the same n real images (the floor of FID
-  at that n: what a generator that reproduced the real images would score);
-- ``psnr`` (dB, mean per image), ``ssim``, ``mse`` (:func:`flopmatch.evaluation.tokenizer.image_metrics`);
+- ``fid[<extractor>]``: FID at the generators' counts against the generators' reference. A generator's
+  FID compares its n samples with the first n eval images, the prompt-matched real set
+  (:func:`flopmatch.evaluation.run.fid_reference_rows`); FID's bias depends on both counts, so the
+  ceiling uses the same n and the same reference. ``["real"]``, the floor: FID of n *other* real
+  images, eval images n..2n-1, against that reference (what a generator that drew fresh real images
+  would score; the reference images themselves would give a floor too low, as they are part of it);
+  ``["recon"]``, rFID: the reconstructions of those same n other images against it (so no
+  reconstruction is compared with a reference holding its own original). Both need R >= 2n eval
+  images: otherwise they are None and ``fid_note`` says to raise data.num_eval. ``fid_num_reference``
+  and ``fid_num_compared`` record the counts (n and n, or n and None);
+- ``psnr`` (dB, mean per image), ``ssim``, ``mse`` (:func:`flopmatch.evaluation.tokenizer.image_metrics`),
+  prompt following and attribute accuracy below are on the first n images (each compares an image with its
+  own reconstruction or caption, so there is no reference to overlap);
 - ``prompt_following["recon"]`` / ``["real"]``: the dataset's prompt scorer
   (:func:`flopmatch.evaluation.prompt_scoring.prompt_scorer`; the attribute classifier for shapes) on the
   reconstructions and on the real images, with the prompts the generators get (each image's own
@@ -19,8 +26,10 @@ its end, as the generators' prompts are; ``n`` = the generators' sample count) a
   ground truth on real and reconstructed images
   (:func:`flopmatch.evaluation.tokenizer.reconstruction_attributes`).
 
-A study keeps one entry per token type in ``<study>/tokenizer_ceilings.json`` (:data:`CEILINGS_FILE`,
-written by ``flopmatch.study.ceilings``, read by the report).
+``flopmatch tokenizer eval``'s rFID (:mod:`flopmatch.evaluation.tokenizer`) is another number: images
+against their own reconstructions, at that command's count. A study keeps one entry per token type in
+``<study>/tokenizer_ceilings.json`` (:data:`CEILINGS_FILE`, written by ``flopmatch.study.ceilings``, read
+by the report).
 """
 
 from __future__ import annotations
@@ -29,47 +38,67 @@ import torch
 
 from flopmatch.config import DataConfig, parse_source
 from flopmatch.data.datasets import make_dataset
+from flopmatch.evaluation.features import extract_features, make_feature_extractor, reference_features
 from flopmatch.evaluation.prompt_scoring import prompt_scorer
+from flopmatch.evaluation.quality import fid_from_features
 from flopmatch.evaluation.run import eval_prompts
-from flopmatch.evaluation.tokenizer import (
-    image_metrics,
-    reconstruct,
-    reconstruction_attributes,
-    reconstruction_fid,
-    to_uint8,
-)
+from flopmatch.evaluation.tokenizer import image_metrics, reconstruct, reconstruction_attributes, to_uint8
 from flopmatch.tokenizers.base import Tokenizer
 
 CEILINGS_FILE = "tokenizer_ceilings.json"  # in the study directory
-CEILINGS_VERSION = 1  # bump when what a ceiling measures changes: cached ceilings are then recomputed
+CEILINGS_VERSION = 2  # bump when what a ceiling measures changes: cached ceilings are then recomputed
+# (2: the real-image floor and rFID on eval images n..2n-1, disjoint from the reference, the first n)
+
+
+def disjoint_note(num_eval: int, n: int) -> str | None:
+    """Why the FID floor and rFID are not measured (the split lacks 2n images), or None when they are."""
+    if num_eval >= 2 * n:
+        return None
+    return (f"the evaluation split holds {num_eval} < 2n = {2 * n} images: set data.num_eval >= {2 * n} for a "
+            "disjoint real-image floor")
 
 
 def tokenizer_ceiling(tok: Tokenizer, data: DataConfig, num_images: int, features: list[str],
                       progress: bool = False, real_fids: dict[str, float | None] | None = None) -> dict:
-    """Reconstruction quality of ``tok`` on ``num_images`` eval images of ``data``; see the module docstring.
+    """Reconstruction quality of ``tok`` at the generators' sample count ``num_images`` (n) on eval images of
+    ``data``; see the module docstring.
 
-    ``real_fids``: a dict shared between calls on the same data, n and extractors, holding the real images'
-    FID per extractor (filled on first use), so several tokenizers pay for it once.
+    ``real_fids``: a dict shared between calls on the same data, n and extractors, holding the real-image
+    floor per extractor (filled on first use), so several tokenizers pay for it once.
 
-    Returns {"num_images", "num_reference", "psnr" (dB), "psnr_std", "ssim", "mse", "fid": {extractor:
-    {"recon", "real"}}, "prompt_following": {"scorer", "recon", "real"} (fractions in [0, 1]),
-    "attribute_accuracy" (shapes, else None)}.
+    Returns {"num_images" (n), "num_eval" (R, the split's size), "psnr" (dB), "psnr_std", "ssim", "mse",
+    "fid": {extractor: {"recon", "real"}} (None when R < 2n), "fid_num_reference", "fid_num_compared",
+    "fid_note" (None, or why FID is not measured), "prompt_following": {"scorer", "recon", "real"}
+    (fractions in [0, 1]), "attribute_accuracy" (shapes, else None)}.
     """
     ref = make_dataset(data, "eval", progress=progress)
-    ref_images = ref.images_uint8()  # (R, 3, S, S): the generators' FID reference, the whole eval split
+    ref_images = ref.images_uint8()  # (R, 3, S, S) in split order, as the generators' prompts take them
     index = torch.arange(num_images) % len(ref)  # the images of the generators' prompts (eval_prompts cycles)
     real = ref_images[index]  # (n, 3, S, S) uint8
     recon, _, _ = reconstruct(tok.eval(), real)
     recon_uint8 = to_uint8(recon)  # the rounding generated samples get (flopmatch.sample.generate)
-    out = {"num_images": num_images, "num_reference": len(ref), **image_metrics(real.float() / 127.5 - 1.0, recon)}
-    key = f"{ref.fingerprint()}-{len(ref)}"  # flopmatch.evaluation.run's key: the same cached reference features
+    note = disjoint_note(len(ref), num_images)
+    out = {"num_images": num_images, "num_eval": len(ref), **image_metrics(real.float() / 127.5 - 1.0, recon),
+           "fid_num_reference": num_images, "fid_num_compared": None if note else num_images, "fid_note": note}
     real_fids = {} if real_fids is None else real_fids
     out["fid"] = {}
+    if note is None:
+        # eval images n..2n-1: disjoint from the generators' reference (the first n), reconstructed once here
+        other = ref_images[num_images : 2 * num_images]  # (n, 3, S, S) uint8
+        other_recon = to_uint8(reconstruct(tok, other)[0])
+    key = f"{ref.fingerprint()}-{len(ref)}"  # flopmatch.evaluation.run's key: the same cached reference features
     for name in features:
+        if note is not None:
+            out["fid"][name] = {"recon": None, "real": None}
+            continue
+        extractor = make_feature_extractor(name)
+        # rows of the whole split's cached features, sliced: the same numbers the generators' evaluation uses
+        feats = reference_features(extractor, data.name, ref_images, key, progress=progress)  # (R, F)
+        reference = feats[:num_images]  # (n, F)
         if name not in real_fids:
-            real_fids[name] = reconstruction_fid(ref_images, real, name, key, progress, dataset_name=data.name)
-        out["fid"][name] = {"recon": reconstruction_fid(ref_images, recon_uint8, name, key, progress, dataset_name=data.name),
-                            "real": real_fids[name]}
+            real_fids[name] = fid_from_features(reference, feats[num_images : 2 * num_images])
+        recon_feats = extract_features(extractor, other_recon, progress=progress)  # (n, F)
+        out["fid"][name] = {"recon": fid_from_features(reference, recon_feats), "real": real_fids[name]}
     prompts = eval_prompts(ref, num_images)
     scorer = prompt_scorer(data, progress=progress)
     pf = {which: scorer.score(images, prompts) for which, images in (("recon", recon_uint8), ("real", real))}

@@ -1,15 +1,27 @@
 """``flopmatch eval``: sample a run under each sampling setting and measure quality, prompt following
 and inference cost; write ``<run>/eval.json`` with a manifest that makes every number reproducible.
 
-Prompts are the captions of the first ``num_samples`` images of the evaluation split (cycled if
-more are asked for); the reference set for FID/KID is the whole evaluation split, whose features are
-extracted once and cached, and precision/recall compare equal-size sets: the first min(N, M) rows of
-each, i.e. the caption-matched pairs (:func:`flopmatch.evaluation.quality.precision_recall_matched`).
+Prompts are the captions of the first ``num_samples`` (M) images of the evaluation split (cycled if
+more are asked for). The evaluation split's R images are the reference; their features are extracted
+once and cached. Each metric says which of them it used:
+
+- FID (and ``fid_boot``) compares equal counts: the M generated images against the first min(M, R)
+  reference images, which are exactly the real images whose captions prompted the generated ones (the
+  real set is prompt-matched). FID's small-sample bias depends on both counts (Chong & Forsyth 2020),
+  so FIDs compare only at equal, stated counts: every entry records ``fid_num_real`` and
+  ``fid_num_fake``. When M > R the whole split is used and the counts differ (recorded as they are);
+- KID (unbiased at any counts) uses all R reference rows (``num_real``);
+- precision/recall use the first min(M, R) rows of each, the caption-matched pairs
+  (:func:`flopmatch.evaluation.quality.precision_recall_matched`).
+
 FID below :data:`~flopmatch.evaluation.quality.FID_SMALL_N` images is flagged (``fid_small_n``, and one
 warning line per call): it is biased upward by a model-dependent amount, KID is not.
-``export_ref`` writes the reference features' mean and covariance for other tools; ``ref_stats`` takes
-FID against such a file instead of the run's own reference (KID and precision/recall are then None:
-they need features), under the entry key suffixed ``,ref=<file sha256[:12]>``.
+``export_ref`` writes the mean and covariance of the *whole* split's reference features for other tools:
+a fixed reference set of R images, the ADM / clean-fid convention, whose FID (what those tools compute
+against the file) is another number than flopmatch's equal-count FID. ``ref_stats`` takes FID against such
+a file instead of the run's own reference (KID and precision/recall are then None: they need features),
+under the entry key suffixed ``,ref=<file sha256[:12]>``; the file holds no rows to subset, so its FID is
+against the imported set as it is (``fid_num_real`` = its image count: the importer chose the counts).
 
 Images for a setting are generated in batches whose random streams depend only on (seed, batch index),
 so sharding batches across ranks gives the same images as one process. Generated images are saved
@@ -119,7 +131,11 @@ def package_versions() -> dict:
 
 
 def eval_prompts(dataset, n: int) -> list[str]:
-    """The first n captions of the evaluation split, cycled when n exceeds its size."""
+    """The first n captions of the evaluation split, cycled when n exceeds its size.
+
+    Prompt i is the caption of eval image i (``captions()`` and ``images_uint8()`` share index order), so the
+    first min(n, R) reference images are the generated images' prompt-matched real set: FID
+    (:func:`fid_reference_rows`), precision/recall and the tokenizer ceilings rely on it."""
     caps = dataset.captions()
     if not caps:
         raise UserError("the evaluation split is empty; raise data.num_eval")
@@ -174,21 +190,38 @@ def _boot(reps: list[float], how: str = "") -> dict:
     return {"method": BOOT_METHOD + how, "n": len(reps), "std": float(torch.tensor(reps).std()), "replicates": reps}
 
 
+def fid_reference_rows(num_real: int, num_fake: int) -> int:
+    """How many reference rows FID uses: the first min(R, M) of the R in split order (equal counts when M <= R).
+
+    Why the first rows: eval_prompts gives generated image i the caption of reference image i (cycling past
+    R), so the first min(R, M) reference images are the prompt-matched real set of the M generated images."""
+    return min(num_real, num_fake)
+
+
 def metrics_from_features(real: torch.Tensor, fake: torch.Tensor, ecfg: EvalConfig) -> dict:
-    """FID, KID (mean, std over subsets), precision and recall of fake features (M, F) against real (N, F),
-    with the counts they used, ``fid_small_n`` (min(N, M) < FID_SMALL_N: FID biased upward) and, when
-    ``ecfg.fid_boot`` > 0, ``fid_boot`` and ``kid_boot``: that many replicates over the same resamples of the
-    generated rows (seeded with ``ecfg.seed``), each {"method", "n", "std", "replicates"}."""
+    """FID, KID (mean, std over subsets), precision and recall of fake features (M, F) against real (R, F).
+
+    ``real`` holds the whole evaluation split in split order (row i: the image whose caption prompted
+    generated row i). FID and ``fid_boot`` use its first min(R, M) rows (:func:`fid_reference_rows`:
+    ``fid_num_real`` / ``fid_num_fake`` record the counts), KID all R (``num_real``), precision/recall the
+    first min(R, M) of each (``pr_num_*``). ``fid_small_n``: min(R, M) < FID_SMALL_N (FID biased upward).
+    When ``ecfg.fid_boot`` > 0, ``fid_boot`` and ``kid_boot``: that many replicates over the same resamples
+    of the generated rows (seeded with ``ecfg.seed``), each {"method", "n", "std", "replicates"}."""
     subset = min(ecfg.kid_subset, len(fake), len(real))
     kid_mean, kid_std = kid_from_features(real, fake, subset_size=subset, subsets=ecfg.kid_subsets,
                                           generator=torch.Generator().manual_seed(ecfg.seed))
     pr = precision_recall_matched(real, fake, k=ecfg.pr_k)
-    out = {"fid": fid_from_features(real, fake), "kid": kid_mean, "kid_std": kid_std,
+    fid_real = real[: fid_reference_rows(len(real), len(fake))]  # (min(R, M), F): a slice of the cached features
+    out = {"fid": fid_from_features(fid_real, fake), "fid_num_real": len(fid_real), "fid_num_fake": len(fake),
+           "kid": kid_mean, "kid_std": kid_std,
            "precision": pr["precision"], "recall": pr["recall"], "num_real": len(real), "num_fake": len(fake),
            "pr_num_real": pr["pr_num_real"], "pr_num_fake": pr["pr_num_fake"],
            "fid_small_n": min(len(real), len(fake)) < FID_SMALL_N}
+    if len(fid_real) != len(fake):
+        out["fid_note"] = (f"{len(fake)} generated images against all {len(real)} real images of the evaluation split: "
+                           f"unequal counts; FID compares only with FIDs at these counts (raise data.num_eval to >= {len(fake)})")
     if ecfg.fid_boot > 0:
-        out["fid_boot"] = _boot(fid_bootstrap(real, fake, ecfg.fid_boot, generator=torch.Generator().manual_seed(ecfg.seed)))
+        out["fid_boot"] = _boot(fid_bootstrap(fid_real, fake, ecfg.fid_boot, generator=torch.Generator().manual_seed(ecfg.seed)))
         reps = kid_bootstrap(real, fake, ecfg.fid_boot, generator=torch.Generator().manual_seed(ecfg.seed))
         out["kid_boot"] = _boot(reps, "; each replicate the unbiased MMD^2 of all real rows against the resample, "
                                       "pairs of copies of one row left out (not the subset average of `kid`)")
@@ -199,10 +232,16 @@ NO_FEATURES = ("kid, kid_std, kid_boot, precision and recall are None: the impor
                "the mean and covariance of its features, and KID and precision/recall need the features themselves")
 
 
+IMPORTED_COUNTS = ("FID against the imported reference statistics as they are: fid_num_real is the number of images "
+                   "they were computed from, chosen by whoever exported them, so the counts need not be equal")
+
+
 def metrics_from_stats(ref: ReferenceStats, fake: torch.Tensor, ecfg: EvalConfig) -> dict:
     """FID (and ``fid_boot``) of fake features (M, F) against imported reference statistics; the metrics that
-    need reference features are None, and ``not_computed`` says why."""
-    out = {"fid": fid_from_stats(ref.mu, ref.sigma, *feature_stats(fake)), "kid": None, "kid_std": None,
+    need reference features are None, and ``not_computed`` says why. The statistics have no rows to subset,
+    so ``fid_num_real`` is the imported set's size and ``fid_note`` says the counts are the importer's choice."""
+    out = {"fid": fid_from_stats(ref.mu, ref.sigma, *feature_stats(fake)), "fid_num_real": ref.num_images,
+           "fid_num_fake": len(fake), "fid_note": IMPORTED_COUNTS, "kid": None, "kid_std": None,
            "precision": None, "recall": None, "num_real": ref.num_images, "num_fake": len(fake),
            "pr_num_real": None, "pr_num_fake": None, "fid_small_n": min(ref.num_images, len(fake)) < FID_SMALL_N,
            "reference": "imported", "not_computed": NO_FEATURES}
@@ -263,12 +302,17 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
         real = {name: reference_features(ex, cfg.data.name, ref_images, key=f"{ref.fingerprint()}-{len(ref)}",
                                          progress=progress) for name, ex in extractors.items()} if dist.is_main() else {}
     if ecfg.export_ref and dist.is_main():
+        # The whole split, not the first M rows: the file is a fixed reference set for other tools (the ADM /
+        # clean-fid convention), so FIDs against it are another number than the equal-count FIDs of eval.json.
         export_reference_stats(ecfg.export_ref, {name: feature_stats(f) for name, f in real.items()}, described,
                                dataset=reference, num_images=len(ref))
         print(f"wrote reference statistics ({', '.join(real)}, n = {len(ref)}) to {ecfg.export_ref}")
-    num_real = imported["size"] if imported else len(ref)
+    num_real = imported["size"] if imported else fid_reference_rows(len(ref), ecfg.num_samples)  # FID's real count
     if ecfg.warn_small_n and extractors and dist.is_main() and (line := small_n_warning(num_real, ecfg.num_samples, imported is not None)):
         print(line)  # once per call, not per setting
+    if extractors and not imported and ecfg.num_samples > len(ref) and dist.is_main():
+        print(f"warning: {ecfg.num_samples} generated images against the {len(ref)} of the evaluation split: FID's "
+              f"counts differ (recorded as fid_num_real/fid_num_fake); raise data.num_eval to >= {ecfg.num_samples}")
     scorer = None
     if ecfg.prompt_following:
         # Real sources' pools are built collectively (every rank meets the same barriers); the scorer, which
@@ -320,6 +364,8 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
             "weights": ecfg.weights, "checkpoint_step": state["step"], "checkpoint_sha256": ckpt_sha,
             **({"posthoc_ema": posthoc} if posthoc else {}),
             "sampler": {**asdict(sample), "steps": steps, "objective": cfg.objective.name},
+            # generated image i has the caption of reference image i: FID's real set (the first min(M, R) reference
+            # images) is prompt-matched (fid_reference_rows)
             "prompts": {"source": "eval split captions, first num_samples (cycled)",
                         "sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()},
             "reference": imported or reference,

@@ -5,10 +5,13 @@ Reported (images compared in [0, 1], reconstructions clamped, not quantised to u
 - ``ssim``: mean per-image SSIM (Gaussian window 11, sigma 1.5, reflect padding, data range 1): the
   same computation as torchmetrics' ``structural_similarity_index_measure`` (a test checks they agree),
   written here because importing torchmetrics costs 5-10 s on this CPU;
-- ``rfid``: reconstruction FID (eval images vs their reconstructions) through
+- ``rfid``: reconstruction FID (eval images vs their own reconstructions, equal counts) through
   :func:`reconstruction_fid`, using flopmatch.evaluation's feature extractors; ``rfid_features`` names
   the extractor ("effnet" = fast EfficientNet-Lite0 proxy; "inception" = standard FID, ~12 img/s on
-  2 cores). ``null`` when evaluation is unavailable or disabled, never a made-up number;
+  2 cores). ``null`` when evaluation is unavailable or disabled, never a made-up number. Paired images
+  make it a tokenizer-training diagnostic; the study's ceiling rFID, which reads against generators' FID,
+  compares reconstructions of other images with the generators' reference
+  (:mod:`flopmatch.evaluation.ceilings`);
 - LFQ: ``codebook_usage`` (fraction of the 2^bits codes that occur on the eval set), ``perplexity``
   (exp of the entropy of the empirical code distribution, in codes), ``bit_balance`` (P(bit = 1));
 - KL: statistics of the normalised latents encode() returns (mean, std, per-channel mean/std) and the

@@ -6,6 +6,11 @@ its tokenizer's decoded outputs, so its FID and prompt score can be read only ag
 the generators' own sample count and reference, and the prompt score of the reconstructions. A study
 without the file (made before the stage existed) reports "not measured" and no extra columns.
 
+FID's counts: since ceilings version 2 the real-image floor and rFID compare n eval images disjoint from
+the generators' reference (the first n) with it, and are None when the split holds fewer than 2n images
+(``fid_note`` says why; the table shows "–" and the note, the banner repeats it). A version-1 document's
+floor compared n reference images with a reference containing them (too low): the banner says so.
+
 A study that matched its learned tokenizers' quality (``flopmatch study --tokenizer-match DB``) also has
 ``tokenizers/match.json`` (written by ``flopmatch.study.tokenizer_match``): :func:`read_ceilings` attaches it as
 "match", the table gets each tokenizer's trained steps and the banner says how the matching ended.
@@ -17,7 +22,7 @@ import math
 from pathlib import Path
 
 from flopmatch.errors import UserError
-from flopmatch.evaluation.ceilings import CEILINGS_FILE
+from flopmatch.evaluation.ceilings import CEILINGS_FILE, CEILINGS_VERSION
 from flopmatch.files import read_json
 from flopmatch.report.data import PROMPT_ATTRIBUTES
 from flopmatch.report.render import fmt
@@ -87,6 +92,30 @@ def fit_cell(metrics: dict | None, metric: str) -> str:
     return fmt(rfid(metrics, "inception" if metric == "fid_inception" else "effnet"), ".4g")
 
 
+def counts_cell(metrics: dict) -> str:
+    """The ceilings table's FID-counts cell: 'reference n / compared n', with the note when FID was not measured;
+    a version-1 entry (no counts recorded) says its overlapping convention."""
+    if "fid_num_reference" not in metrics:  # version 1: n of the reference images against the whole split
+        whole = metrics.get("num_reference")
+        return f"{whole if whole else 'whole split'} / {fmt(metrics.get('num_images'))} (overlapping: measured before v2)"
+    cell = f"{fmt(metrics.get('fid_num_reference'))} / {fmt(metrics.get('fid_num_compared'))}"
+    return cell + (f" ({metrics['fid_note']})" if metrics.get("fid_note") else "")
+
+
+def fid_notes(doc: dict | None) -> list[str]:
+    """Banner lines on the ceilings' FID: not measured (the split lacks 2n images), or measured by version 1."""
+    tok = (doc or {}).get("tokenizers") or {}
+    if not tok:
+        return []
+    if (doc or {}).get("version", 1) < CEILINGS_VERSION and any("fid_num_reference" not in (e.get("metrics") or {})
+                                                                   for e in tok.values()):
+        return ["Tokenizer ceilings were measured by an earlier flopmatch: their real-image FID floor compared "
+                "reference images with a reference set containing them, so it reads too low. Re-run `flopmatch study` "
+                "on this directory to re-measure them."]
+    notes = sorted({(e.get("metrics") or {}).get("fid_note") for e in tok.values()} - {None})
+    return [f"Tokenizer ceilings: no rFID or real-image FID floor ({note})." for note in notes]
+
+
 def _worst_attribute(metrics: dict) -> str:
     """The attribute the scorer gets most wrong on reconstructions, with its accuracy on real images."""
     pf = metrics.get("prompt_following") or {}
@@ -99,18 +128,19 @@ def _worst_attribute(metrics: dict) -> str:
 
 
 def ceilings_table(doc: dict) -> tuple[list, list]:
-    """One row per tokenizer: kind, token type, paradigms, n, rFID and real FID per extractor, PSNR, SSIM,
-    prompt full match on reconstructions and real images, the weakest attribute."""
+    """One row per tokenizer: kind, token type, paradigms, n, rFID and real FID per extractor, FID's image counts
+    (reference / compared, with the note when not measured), PSNR, SSIM, prompt full match on reconstructions and
+    real images, the weakest attribute."""
     features = sorted({f for e in doc["tokenizers"].values() for f in (e["metrics"].get("fid") or {})})
     header = ["tokenizer", "tokens", "paradigms", "images (n)",
               *[h for f in features for h in (f"rFID ({f}) at n", f"real images' FID ({f}) at n")],
-              "PSNR (dB)", "SSIM", "prompt full match: reconstructions", "real images", "weakest attribute on reconstructions"]
+              "FID images: reference / compared", "PSNR (dB)", "SSIM", "prompt full match: reconstructions", "real images", "weakest attribute on reconstructions"]
     rows = []
     for tokens, e in doc["tokenizers"].items():
         m = e["metrics"]
         fids = [fmt(((m.get("fid") or {}).get(f) or {}).get(w), ".4g") for f in features for w in ("recon", "real")]
         rows.append([e.get("kind", "?"), tokens, ", ".join(e.get("paradigms", [])), m.get("num_images"), *fids,
-                     fmt(m.get("psnr"), ".2f"), fmt(m.get("ssim"), ".3f"), fmt(full_match(m), ".3f"),
+                     counts_cell(m), fmt(m.get("psnr"), ".2f"), fmt(m.get("ssim"), ".3f"), fmt(full_match(m), ".3f"),
                      fmt(full_match(m, "real"), ".3f"), _worst_attribute(m)])
     if doc.get("match"):  # matched tokenizers: how long each one trained (and what else was tried)
         header, rows = add_column(header, rows, "paradigms", "trained steps",
@@ -166,18 +196,20 @@ def match_line(match: dict | None) -> list[str]:
 
 
 def ceiling_banner(doc: dict | None, fid_log_sd: float | None = None) -> list[str]:
-    """A caveat when the continuous (diffusion) and discrete (token paradigms) tokenizers' ceilings differ.
+    """A caveat when the continuous (diffusion) and discrete (token paradigms) tokenizers' ceilings differ, after
+    the lines on the ceilings' FID (:func:`fid_notes`) and on tokenizer matching (:func:`match_line`).
 
     ``fid_log_sd``: the seed sd of log FID the verdicts use, when seeds measured it (raises the FID threshold).
     """
     tok = (doc or {}).get("tokenizers") or {}
+    notes = fid_notes(doc)
     if "continuous" not in tok or "discrete" not in tok:
-        return []
+        return notes
     matched = match_line((doc or {}).get("match"))
     a, b = tok["continuous"]["metrics"], tok["discrete"]["metrics"]
     diffs = []  # (text, continuous better)
     fa, fb = rfid(a), rfid(b)
-    if fa and fb and abs(math.log(fa / fb)) > max(math.log(FID_GAP), 2 * (fid_log_sd or 0.0)):
+    if fa and fb and abs(math.log(fa / fb)) > max(math.log(FID_GAP), 2 * (fid_log_sd or 0.0)):  # None: not measured
         diffs.append((f"rFID {fa:.4g} vs {fb:.4g} at n = {a.get('num_images')}", fa < fb))
     ma, mb = full_match(a), full_match(b)
     if ma is not None and mb is not None:
@@ -185,7 +217,7 @@ def ceiling_banner(doc: dict | None, fid_log_sd: float | None = None) -> list[st
         if abs(ma - mb) > max(MATCH_GAP, 2 * se):
             diffs.append((f"prompt full match of reconstructions {ma:.3f} vs {mb:.3f}", ma > mb))
     if not diffs:
-        return matched
+        return notes + matched
     token_p = ", ".join(tok["discrete"].get("paradigms", [])) or "token"
     better = {c for _, c in diffs}
     if better == {True}:
@@ -198,7 +230,7 @@ def ceiling_banner(doc: dict | None, fid_log_sd: float | None = None) -> list[st
     if not matched and {tok["continuous"].get("kind"), tok["discrete"].get("kind")} == {"kl", "lfq"}:
         hint = (" The study did not match the learned tokenizers' quality: `flopmatch study --tokenizer-match DB` "
                 "retrains the weaker one longer until their validation PSNRs are within DB dB.")
-    return matched + [f"{head}: {'; '.join(t for t, _ in diffs)}. Part of any quality or prompt-following gap between "
+    return notes + matched + [f"{head}: {'; '.join(t for t, _ in diffs)}. Part of any quality or prompt-following gap between "
                       f"them may be the tokenizer's (see Tokenizer ceilings).{hint}"]
 
 

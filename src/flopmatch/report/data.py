@@ -12,6 +12,13 @@ with the lowest FID (effnet) among the matching ones, or among all EMA entries i
 operating-point sweep's small set (its own sampling seed, SWEEP_SEED) never wins over the full set.
 The reason is recorded per run (``main_reason``). ``full_set`` marks the rows on the main setting's
 image set, whose FIDs compare with it. Inference plots use every full-set setting.
+
+FID's counts: an entry evaluated since FID compares equal counts records ``fid_num_real`` (the first
+min(M, R) eval images; see :mod:`flopmatch.evaluation.run`); an older entry's FID was against the whole
+evaluation split, so its ``fid_num_real`` is that split's size (its recorded ``num_real``, else the
+manifest's reference size) and ``fid_counts_recorded`` is False. FIDs compare only at equal counts: when
+rows of one generated count (``num_samples``) rest on different real counts, :func:`fid_count_problems`
+says so in the study's ``problems``.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ COLUMNS = [
     "run", "run_dir", "objective", "depth", "width", "params", "budget", "schedule", "seed", "train_flops", "steps",
     "total_steps", "done", "final_loss", "evaluated", "setting", "main", "main_reason", "weights", "posthoc_residual",
     "sample_steps", "cfg", "temperature", "top_k", "solver", "num_samples", "eval_seed", "full_set",  # "cfg": the guidance scale (v0.1 name)
+    "fid_num_real",  # real images FID used (the generated ones: num_samples); FIDs compare only at equal counts
     "fid_effnet", "fid_se_effnet", "kid_effnet", "kid_se_effnet", "kid_std_effnet", "precision", "recall", "fid_inception",
     "fid_se_inception", "kid_inception", "kid_se_inception",
     "prompt_full_match", *[f"prompt_{a}" for a in PROMPT_ATTRIBUTES],
@@ -89,7 +97,7 @@ class Study:
     # in seconds, throughput in images/s. A run without eval entries gets one row with ``evaluated`` False.
     rows: list[dict]
     runs: list[RunInfo]
-    problems: list[str]  # run directories that could not be read at all, with the reason
+    problems: list[str]  # run directories that could not be read at all, with the reason; FIDs at mixed counts
     timing: dict | None = None  # inference_timing.json of the study's timing phase, if any
 
 
@@ -198,12 +206,28 @@ def _num(x):
     return x if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
+def _fid_num_real(entry: dict, feats: dict) -> tuple[int | None, bool]:
+    """(real images behind an entry's FID, whether the entry recorded it) from one extractor's metrics.
+
+    Entries from before equal-count FID have no ``fid_num_real``: their FID used the whole evaluation split,
+    whose size is their ``num_real`` (or the manifest's reference size)."""
+    if feats.get("fid") is None:
+        return None, False
+    if isinstance(feats.get("fid_num_real"), int):
+        return feats["fid_num_real"], True
+    size = feats.get("num_real", ((_manifest(entry).get("reference") or {}).get("size")))
+    return (size if isinstance(size, int) and not isinstance(size, bool) else None), False
+
+
 def _entry_fields(key: str, entry: dict) -> dict:
     s, m, inf = _settings(entry), entry.get("metrics") or {}, entry.get("inference") or {}
     eff, inc, pf = m.get("effnet") or {}, m.get("inception") or {}, m.get("prompt_following") or {}
     nokv = inf.get("without_kv_cache") or {}
+    fid_num_real, recorded = _fid_num_real(entry, eff)
     out = {
         "setting": key, "weights": _weights(key, entry),
+        # not a CSV column: False for an entry from before equal-count FID (its count inferred: the whole split)
+        "fid_num_real": fid_num_real, "fid_counts_recorded": recorded,
         # a post-hoc EMA entry (weights "ema@SIGMA_REL"): how far its rebuilt averaging profile is from the wanted one
         "posthoc_residual": _num(((entry.get("manifest") or {}).get("posthoc_ema") or {}).get("profile_residual")),
         "sample_steps": s.get("steps"), "cfg": _num(s.get("guidance")),
@@ -351,7 +375,33 @@ def load_study(study_dir: str | Path) -> Study:
         except UserError as e:
             problems.append(f"{run.relative_to(root).as_posix()}: {e}")
     read.sort(key=lambda ir: _run_order(ir[0]))
-    return Study(root, [r for _, rows in read for r in rows], [i for i, _ in read], problems, timing)
+    rows = [r for _, rows in read for r in rows]
+    return Study(root, rows, [i for i, _ in read], problems + fid_count_problems(rows), timing)
+
+
+def fid_count_problems(rows: list[dict]) -> list[str]:
+    """One line per generated-image count whose rows' FIDs rest on different real-image counts (else nothing).
+
+    FID's small-sample bias depends on both counts, so such FIDs differ for that reason alone; the usual cause
+    is a study holding evaluations from before FID compared equal counts (their FID: against the whole split)."""
+    by_n: dict[int, dict[int, list[dict]]] = {}
+    for r in rows:
+        if r.get("fid_effnet") is not None and r.get("num_samples") and r.get("fid_num_real"):
+            by_n.setdefault(r["num_samples"], {}).setdefault(r["fid_num_real"], []).append(r)
+    out = []
+    for n, groups in sorted(by_n.items()):
+        if len(groups) < 2:
+            continue
+        parts = []
+        for real, group in sorted(groups.items()):
+            runs = sorted({r["run"] for r in group})
+            names = ", ".join(runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
+            old = sum(not r.get("fid_counts_recorded") for r in group)
+            why = f"; {old} evaluated before equal counts, against the whole evaluation split" if old else ""
+            parts.append(f"{real} real in {len(group)} entries ({names}{why})")
+        out.append(f"FIDs of {n} generated images rest on different real-image counts, so they are not comparable: "
+                   f"{'; '.join(parts)}. To compare them, re-evaluate the older runs (move their eval.json aside and re-run the study)")
+    return out
 
 
 def first_images(root: Path, row: dict, n: int = 8):

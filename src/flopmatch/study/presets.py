@@ -222,7 +222,10 @@ def gpu() -> StudyConfig:
         depths=[2, 4, 6, 8],
         budgets=[1e15, 3e15, 1e16, 3e16, 1e17],
         seeds=3,
-        overrides=["data.num_train=100000", "data.num_eval=5000", "train.batch_size=256", "train.lr=1e-3",
+        # data.num_eval = 2 x eval_samples: FID compares the n samples with the first n eval images, and the tokenizer
+        # ceilings' real-image floor needs n more, disjoint from them (flopmatch.evaluation.ceilings); rendering and
+        # extracting features of 5000 more real images once is cheap beside sampling 5000 images per setting
+        overrides=["data.num_train=100000", "data.num_eval=10000", "train.batch_size=256", "train.lr=1e-3",
                    *HOLDOUT_OVERRIDES],
         tokenizer_preset="gpu",
         tokenizer_match=0.5,
