@@ -19,7 +19,7 @@ import flopmatch.study.tokenizer_match as tm
 from flopmatch import cli
 from flopmatch.data.datasets import make_dataset
 from flopmatch.errors import UserError
-from flopmatch.evaluation.ceilings import CEILINGS_FILE
+from flopmatch.evaluation.ceilings import CEILINGS_FILE, CEILINGS_VERSION
 from flopmatch.files import atomic_write_json
 from flopmatch.report import ceilings as report_ceilings
 from flopmatch.report.ceilings import ceiling_banner, ceilings_table, match_line, read_ceilings
@@ -262,9 +262,11 @@ def test_prepared_and_estimate_count_an_unfinished_matching(unmatched, copy_of, 
     2x steps and the PSNR passes until it is finished, nothing after."""
     study = copy_of(unmatched)
     off, on = learned_study(), learned_study(0.5)
-    ceilings = {"version": 1, "tokenizers": {t: {"key": {"num_images": on.eval_samples, "features": ["effnet"]}}
-                                             for t in KINDS}}
+    ceilings = {"version": CEILINGS_VERSION - 1, "tokenizers": {t: {"key": {"num_images": on.eval_samples,
+                                                                        "features": ["effnet"]}} for t in KINDS}}
     atomic_write_json(study / CEILINGS_FILE, ceilings)
+    assert not prepared(study, off)  # ceilings measured by an older version of the stage are measured again
+    atomic_write_json(study / CEILINGS_FILE, {**ceilings, "version": CEILINGS_VERSION})
     assert prepared(study, off) and not prepared(study, on)
     rates = Rates()
     cost = estimate(on, make_plan(on, study), study, rates)["set-up"] - estimate(off, make_plan(off, study), study, rates)["set-up"]
@@ -314,7 +316,8 @@ def _match(tried: list[tuple[int, float]], within: bool, tol: float = 0.5) -> di
 def test_report_states_the_matching_or_that_it_exists(tmp_path):
     """Matched: a trained-steps column and a banner line with the schedule and PSNRs; off: the gap caveat names the
     --tokenizer-match flag; the report reads the file the study writes, and only once it is finished."""
-    doc = {"tokenizers": {"continuous": _entry("kl", ["diffusion"], 240.0), "discrete": _entry("lfq", ["masked"], 300.0)}}
+    doc = {"version": CEILINGS_VERSION,
+           "tokenizers": {"continuous": _entry("kl", ["diffusion"], 240.0), "discrete": _entry("lfq", ["masked"], 300.0)}}
     banner = ceiling_banner(doc)
     assert len(banner) == 1 and "`flopmatch study --tokenizer-match DB`" in banner[0]
     assert "trained steps" not in ceilings_table(doc)[0]
@@ -330,7 +333,7 @@ def test_report_states_the_matching_or_that_it_exists(tmp_path):
     short = {**doc, "match": _match([(600, 28.4), (1200, 29.5), (2400, 30.2)], False)}
     assert "not matched" in ceiling_banner(short)[0] and "30.2 dB at the longest allowed schedule (2400 steps" in \
         ceiling_banner(short)[0] and "0.8 dB below KL's 31.0 dB at 600 steps" in ceiling_banner(short)[0]
-    close = {"tokenizers": {"continuous": _entry("kl", ["diffusion"], 250.0), "discrete": _entry("lfq", ["masked"], 255.0)}}
+    close = {"version": CEILINGS_VERSION, "tokenizers": {"continuous": _entry("kl", ["diffusion"], 250.0), "discrete": _entry("lfq", ["masked"], 255.0)}}
     assert ceiling_banner(close) == []
     assert ceiling_banner({**close, "match": _match([(600, 30.8)], True)})[0].startswith(
         "Tokenizers matched on validation PSNR on 500 eval images within 0.5 dB without retraining: LFQ 30.8 dB")

@@ -118,10 +118,18 @@ def _runs_table(study: Study) -> tuple[list, list]:
         rows.append([info.name, info.objective, info.depth, main["params"], fmt(info.budget, ".3g"),
                      fmt(main["train_flops"] and float(main["train_flops"]), ".4g"), fmt(main["steps"]), status,
                      fmt(main["final_loss"]), main["setting"] or "–", _with_se(main.get("kid_effnet"), main.get("kid_se_effnet")),
-                     _with_se(main["fid_effnet"], main["fid_se_effnet"]) + (f", {main['num_samples']}" if main.get("num_samples") else ""),
+                     _with_se(main["fid_effnet"], main["fid_se_effnet"]) + _fid_counts(main),
                      fmt(main["prompt_full_match"], ".3f"), fmt(main["sample_flops_per_image"] and float(main["sample_flops_per_image"]), ".3g"),
                      fmt(lat, ".3g"), fmt(main["throughput_images_per_s"], ".3g")])  # fmt: skip
     return header, rows
+
+
+def _fid_counts(row: dict) -> str:
+    """", 250" (generated images, equal to the real ones), or ", 250 vs 1000 real" when FID's counts differ."""
+    n, real = row.get("num_samples"), row.get("fid_num_real")
+    if not n:
+        return ""
+    return f", {n}" if real in (None, n) else f", {n} vs {real} real"
 
 
 def _with_se(v, se) -> str:
@@ -437,10 +445,12 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
     B.append(("h", 2, "Tokenizer ceilings"))
     if ceilings:
         B.append(("p", "A generator's images are its tokenizer's decoded outputs, so its FID and prompt score can be read "
-                       "only against what the tokenizer allows: each tokenizer's reconstructions of the first n evaluation "
-                       "images, scored as the generators are (the same n, feature extractors and reference set: FID is "
-                       "biased upward at small n; the prompts are those images' own captions). The real images' FID at n "
-                       "is the floor of FID at that sample count." + (
+                       "only against what the tokenizer allows: each tokenizer's reconstructions scored as the generators are. "
+                       "FID at the generators' counts: the reference is the first n evaluation images (the generators' own "
+                       "FID reference), compared with the reconstructions of the next n (eval images n..2n-1, so no image "
+                       "is compared with itself); the floor is those n real images' FID against the same reference, what a "
+                       "generator that reproduced real images would score. PSNR, SSIM and prompt scores are on the first n "
+                       "images, with their own captions as prompts." + (
                            f" Prompt scores by the attribute classifier need at least {ceilings['floor']['value']:.0%} full "
                            "match on each tokenizer's reconstructions, or the study stops before training."
                            if (ceilings.get("floor") or {}).get("value") is not None else "")))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from flopmatch.data.datasets import make_dataset
 from flopmatch.errors import UserError
-from flopmatch.evaluation.ceilings import CEILINGS_FILE
+from flopmatch.evaluation.ceilings import CEILINGS_FILE, CEILINGS_VERSION
 from flopmatch.files import read_json
 from flopmatch.study.ceilings import check_floor, ensure_ceilings
 from flopmatch.study.plan import autoencoder_config, base_config, token_types, tokenizer_dirs
@@ -57,7 +57,7 @@ def prepared(study: Path, scfg: StudyConfig) -> bool:
     """Whether the phase looks done, from files alone (cheap; for a launcher deciding whether to submit it):
     every learned tokenizer the study needs has its tokenizer.json, a study that matches its tokenizers has a finished
     match.json, and the ceilings file has an entry for every token type measured at the study's sample count and
-    features. :func:`prepare` checks exactly."""
+    features by this version of the stage. :func:`prepare` checks exactly."""
     needed = token_types(scfg)
     if scfg.tokenizer == "learned" and not all((d / "tokenizer.json").exists() for t, d in tokenizer_dirs(study).items()
                                                if t in needed):
@@ -65,7 +65,10 @@ def prepared(study: Path, scfg: StudyConfig) -> bool:
     if matching(scfg) and not match_finished(study, scfg):
         return False
     try:
-        entries = read_json(study / CEILINGS_FILE)["tokenizers"]
+        doc = read_json(study / CEILINGS_FILE)
+        if doc.get("version") != CEILINGS_VERSION:  # measured as an older version did: ensure_ceilings re-measures
+            return False
+        entries = doc["tokenizers"]
         return all(entries[t]["key"]["num_images"] == scfg.eval_samples
                    and entries[t]["key"]["features"] == sorted(scfg.features) for t in needed)
     except (UserError, KeyError, TypeError, FileNotFoundError):
