@@ -292,6 +292,21 @@ def test_base_seeds_share_no_run():
     assert cell_seeds(scfg, mid) == [0, 1, 2] and cell_seeds(scfg, scfg.budgets[0]) == [0]
     other = replace(scfg, base_seed=1)
     assert not set(cell_seeds(other, mid)) & set(cell_seeds(scfg, mid))
+    assert cell_seeds(other, mid) == [1000, 1001, 1002]
+
+
+def test_a_study_with_another_base_seed_grows_its_seeds(tmp_path):
+    """Base seed 1: growing seeds keeps every run (the first seed does not move) and adds only the new seeds; a study
+    made when base 1 started at base * (seeds + floor_seeds) keeps its seeds pinned and grows too."""
+    scfg = replace(tiny_study(), seeds=1, floor_seeds=2, base_seed=1)
+    grown = replace(scfg, seeds=2)
+    _, plan, added = reconcile(asdict(scfg), grown, tmp_path)
+    assert sorted({p.seed for p in added}) == [1001, 1003] and len(plan) == len(make_plan(scfg, tmp_path)) + 3
+    legacy = {k: v for k, v in asdict(scfg).items() if k != "first_seed"}  # a study.json from before first_seed
+    pinned, plan, added = reconcile(legacy, grown, tmp_path)
+    assert pinned.first_seed == 3 and {p.seed for p in plan} == {3, 4, 5, 6} and {p.seed for p in added} == {4, 6}
+    _, _, again = reconcile(asdict(pinned), replace(grown, seeds=3), tmp_path)  # the pin is kept in study.json
+    assert {p.seed for p in again} == {5, 7}
 
 
 def test_study_refuses_changed_settings(tmp_path):

@@ -114,8 +114,8 @@ def register(sub) -> None:
     p.add_argument("--seeds", type=count(1), help="seeds per grid cell (default: the preset's)")
     p.add_argument("--floor-seeds", type=count(0), help="extra seeds at the middle budget that measure seed variance "
                    "for the whole study (default: the preset's)")
-    p.add_argument("--base-seed", type=count(0), help="first training seed (default 0); another base repeats the study "
-                   "with new seeds")
+    p.add_argument("--base-seed", type=count(0), help="base seed (default 0): base b trains seeds 1000 b, 1000 b + 1, ...; "
+                   "another base repeats the study with new seeds, and its seeds can still grow")
     p.add_argument("--eval-samples", type=count(10), help="generated images per evaluated setting (default: the preset's)")
     p.add_argument("--eval-raw", action=argparse.BooleanOptionalAction, default=None,
                    help="also evaluate each run's main setting with raw (non-EMA) weights, for the EMA finding "

@@ -65,10 +65,14 @@ def reconcile(saved: dict, scfg: StudyConfig, out: Path) -> tuple[StudyConfig, l
     Raises UserError naming the first setting that would make the old cells incomparable with new ones.
     """
     old = from_dict(StudyConfig, saved)  # migrates the keys of earlier versions; later keys take their defaults
+    if "first_seed" not in saved and old.base_seed:  # made when the first seed was base_seed * (seeds + floor_seeds)
+        old = replace(old, first_seed=old.base_seed * (old.seeds + old.floor_seeds))
+    if old.first_seed >= 0 and scfg.first_seed < 0 and scfg.base_seed == old.base_seed:  # keep its runs' seeds
+        scfg = replace(scfg, first_seed=old.first_seed)
     pinned = old.floor_budget or sorted(old.budgets)[len(old.budgets) // 2]
     if old.floor_seeds and not scfg.floor_budget and pinned in scfg.budgets:  # keep the variance seeds where they are
         scfg = replace(scfg, floor_budget=pinned)
-    skip = set(GRID) | set(ADDITIVE) | set(LABEL) | set(StudyConfig.NOT_IDENTITY) | {"overrides", "floor_budget"}
+    skip = set(GRID) | set(ADDITIVE) | set(LABEL) | set(StudyConfig.NOT_IDENTITY) | {"overrides", "floor_budget", "first_seed"}
     if not old.sweep_guidance:  # the old study never swept (or predates the sweep): its sample count set nothing
         skip.add("sweep_samples")
     for key, value in asdict(scfg).items():

@@ -15,7 +15,7 @@ from flopmatch.nets import NetSpec
 from flopmatch.objectives import make_objective
 from flopmatch.plan import flops_summary, net_spec_for, plan_steps
 from flopmatch.schedule import stable_steps
-from flopmatch.study.presets import StudyConfig
+from flopmatch.study.presets import SEED_STRIDE, StudyConfig
 from flopmatch.tokenizers.autoencoder import AutoencoderConfig
 from flopmatch.tokenizers.autoencoder import apply_overrides as ae_overrides
 from flopmatch.tokenizers.autoencoder import preset as ae_preset
@@ -91,10 +91,10 @@ def ema_sweep(scfg: StudyConfig, plan: RunPlan) -> list[float]:
 
 def cell_seeds(scfg: StudyConfig, budget: float) -> list[int]:
     """Training seeds of a cell: ``seeds`` of them (the floor budget, by default the middle one, also the
-    ``floor_seeds``), starting at ``base_seed * (seeds + floor_seeds)``, so studies with different base seeds
-    share no run."""
+    ``floor_seeds``), starting at ``base_seed * SEED_STRIDE`` (or the study's pinned ``first_seed``), so studies with
+    different base seeds share no run and growing the seeds keeps every existing one."""
     n = scfg.seeds + (scfg.floor_seeds if budget == floor_budget(scfg) else 0)
-    first = scfg.base_seed * (scfg.seeds + scfg.floor_seeds)
+    first = scfg.first_seed if scfg.first_seed >= 0 else scfg.base_seed * SEED_STRIDE
     return list(range(first, first + n))
 
 

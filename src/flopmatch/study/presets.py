@@ -37,6 +37,10 @@ HOLDOUT_RELATIONS: tuple[str, ...] = ("circle above square", "triangle above dia
                                       "square to the left of triangle", "diamond to the left of cross")
 # SampleConfig's fields, as plain strings (see above: no torch here); tests/test_operating.py checks they match
 SAMPLE_FIELDS = ("steps", "guidance", "temperature", "top_k", "choice_temperature", "solver", "shift", "kv_cache")
+# Training seeds each base seed owns: base seed b trains seeds b * SEED_STRIDE, b * SEED_STRIDE + 1, ..., so studies
+# with different base seeds share no run, and a study can grow its seeds without moving its first one (it used to
+# start at base_seed * (seeds + floor_seeds), which moved when seeds grew, so growing seeds was refused).
+SEED_STRIDE = 1000
 HOLDOUT_OVERRIDES = [f"data.holdout={', '.join(HOLDOUT_COMBOS)}",
                      f"data.holdout_relations={', '.join(HOLDOUT_RELATIONS)}"]
 
@@ -50,7 +54,10 @@ class StudyConfig:
     depths: list[int] = field(default_factory=lambda: [1, 2])
     budgets: list[float] = field(default_factory=lambda: [1e12, 2e12, 4e12])
     seeds: int = 1  # training seeds of every grid cell
-    base_seed: int = 0  # another base repeats the study with new seeds (first seed base_seed * (seeds + floor_seeds))
+    base_seed: int = 0  # another base repeats the study with new seeds (first seed base_seed * SEED_STRIDE)
+    # the first training seed when it is not base_seed * SEED_STRIDE: pinned (by grow.reconcile) for studies made when
+    # the first seed was base_seed * (seeds + floor_seeds), so they still grow; -1 = base_seed * SEED_STRIDE
+    first_seed: int = -1
     # extra seeds at the middle budget (every paradigm and depth): they measure the seed variance that the
     # report's tests use for every cell (pooled on a log scale), so one-seed cells elsewhere still get verdicts
     floor_seeds: int = 0
@@ -108,6 +115,9 @@ class StudyConfig:
             raise UserError(f"seeds must be >= 1, got {self.seeds}")
         if self.floor_seeds < 0 or self.base_seed < 0:
             raise UserError(f"floor_seeds and base_seed must be >= 0, got {self.floor_seeds} and {self.base_seed}")
+        if self.seeds + self.floor_seeds > SEED_STRIDE:
+            raise UserError(f"seeds + floor_seeds must be <= {SEED_STRIDE} (each base seed owns {SEED_STRIDE} training "
+                            f"seeds), got {self.seeds + self.floor_seeds}")
         if self.floor_budget and self.floor_budget not in self.budgets:
             raise UserError(f"floor_budget {self.floor_budget:g} is not one of the budgets {self.budgets}")
         if self.tokenizer not in ("learned", "weight-free"):
