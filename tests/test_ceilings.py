@@ -14,7 +14,7 @@ from flopmatch.errors import UserError
 from flopmatch.evaluation.attributes import load_or_train_attribute_classifier, score_prompt_following
 from flopmatch.evaluation.ceilings import CEILINGS_FILE, CEILINGS_VERSION
 from flopmatch.evaluation.tokenizer import evaluate_tokenizer, reconstruct, reconstruction_fid, to_uint8
-from flopmatch.files import read_json
+from flopmatch.files import atomic_write_json, read_json
 from flopmatch.report.ceilings import add_column, ceiling_banner, ceilings_table, fit_cell, runs_cell
 from flopmatch.study.ceilings import check_floor, ensure_ceilings, tokenizer_runs
 from flopmatch.study.plan import tokenizer_dirs
@@ -105,7 +105,7 @@ def test_ceilings_are_measured_once_and_again_when_a_setting_changes(learned_stu
     assert calls == [16] and again["tokenizers"]["continuous"]["metrics"]["num_images"] == 16
 
 
-def test_floor_names_the_learned_tokenizer_and_the_fix(learned_study):
+def test_floor_names_the_learned_tokenizer_and_the_fix(learned_study, tmp_path):
     """An untrained autoencoder's reconstructions fail the classifier: a one-line error with the longer training."""
     out, scfg, doc = learned_study
     got = doc["tokenizers"]["continuous"]["metrics"]["prompt_following"]["recon"]["full_match"]
@@ -113,8 +113,15 @@ def test_floor_names_the_learned_tokenizer_and_the_fix(learned_study):
     with pytest.raises(UserError, match=r"kl tokenizer of diffusion .* below the floor of 50%.*--tokenizer-set steps=") as e:
         check_floor(doc, scfg, out)
     assert "\n" not in str(e.value)
-    trained = read_json(out / "tokenizers" / "kl" / "tokenizer.json")["config"]["steps"]  # what it trained, not the preset
-    assert f"steps={2 * trained} (it trained {trained})" in str(e.value)
+    # the steps the installed tokenizer trained (matching may have retrained it longer), not the configured ones
+    longer = tmp_path / "longer"
+    doc_json = read_json(out / "tokenizers" / "kl" / "tokenizer.json")
+    configured = doc_json["config"]["steps"]
+    atomic_write_json(longer / "tokenizers" / "kl" / "tokenizer.json",
+                      {**doc_json, "config": {**doc_json["config"], "steps": 4 * configured}})
+    with pytest.raises(UserError) as e:
+        check_floor(doc, scfg, longer)
+    assert f"steps={8 * configured} (it trained {4 * configured})" in str(e.value)
 
 
 def test_study_refuses_a_tokenizer_below_the_floor_before_training(tmp_path):

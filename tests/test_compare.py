@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flopmatch.errors import UserError
-from flopmatch.report.compare import cell_changes, study_differences, table_changes
+from flopmatch.report.compare import cell_changes, study_differences, table_changes, unrecorded
 from flopmatch.report.stats import pooled_test, pooled_variance, two_variance_test
 from flopmatch.report.verdicts import CONFIDENT, NO_DIFF, Cell, Noise, Verdicts
 
@@ -101,7 +101,10 @@ def test_table_changes_classify_same_changed_partial_and_missing():
                               _cell(1e12, "prompt following", "masked", "suggestive"),
                               _cell(1e12, "latency", "masked", "confident"),
                               _cell(1e12, "throughput", "autoregressive", "confident")])
-    status = {t["need"]: t["status"] for t in table_changes(vb, vo)}
+    vb.table.append(_cell(2e12, "latency", None, NO_DIFF, ("masked", "diffusion")))
+    vo.table.append(_cell(2e12, "latency", None, NO_DIFF, ("masked", "diffusion", "autoregressive")))
+    status = {t["need"]: t["status"] for t in table_changes(vb, vo) if t["budget"] == 1e12}
+    assert [t["status"] for t in table_changes(vb, vo) if t["budget"] == 2e12] == ["no pick in either, with other ties"]
     assert status == {"image quality": "changed", "prompt following": "same", "latency": "decided in other only",
                       "throughput": "–"}
 
@@ -119,6 +122,9 @@ def test_study_differences_list_changed_fields_and_overrides(tmp_path):
     assert ["--set train.schedule", "(not set)", "constant"] in rows
     assert ["--set data.num_train", "100", "(not set)"] in rows
     assert not any(r[0] == "n_boot" for r in rows)  # a report setting: not part of what the study measures
+    atomic_write_json(b / "study.json", {"tokenizer": "learned", "overrides": ["train.lr=2e-3", "data.num_train=100"],
+                                         "first_seed": -1})  # written by a newer flopmatch: one more key
+    assert study_differences(a, b) == [] and unrecorded(a, b) == ["first_seed"]
 
 
 def _synthetic(root, rng_seed: int, diffusion_scale: float = 1.0):
@@ -152,7 +158,8 @@ def test_compare_two_studies_end_to_end(tmp_path, capsys):
             assert r["label"] != CONFIDENT and 0.85 < r["ratio"] < 1.15  # Holm: no family-wise false positive
     assert not any(r["label"] == CONFIDENT for r in out["changes"]["prompt"])
     quality = {t["budget"]: t for t in out["table"] if t["need"] == "image quality"}
-    assert any(t["status"] != "same" for t in quality.values() if t["base"].startswith("diffusion"))
+    led = [t for t in quality.values() if t["base"].startswith("diffusion")]
+    assert led and all(t["status"] == "changed" and not t["other"].startswith("diffusion") for t in led)
     for name in ("compare.html", "compare.md", "compare.json", "compare_figures/changes.png"):
         assert (tmp_path / "cmp" / name).stat().st_size > 0
     assert main(["compare", str(base), str(other), "--out", str(tmp_path / "cmp2")]) == 0

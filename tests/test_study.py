@@ -297,16 +297,19 @@ def test_base_seeds_share_no_run():
 
 def test_a_study_with_another_base_seed_grows_its_seeds(tmp_path):
     """Base seed 1: growing seeds keeps every run (the first seed does not move) and adds only the new seeds; a study
-    made when base 1 started at base * (seeds + floor_seeds) keeps its seeds pinned and grows too."""
+    made when base 1 started at base * (seeds + floor_seeds) keeps its seeds pinned, grows along other axes, and
+    refuses more seeds (they would be base 2's)."""
     scfg = replace(tiny_study(), seeds=1, floor_seeds=2, base_seed=1)
     grown = replace(scfg, seeds=2)
     _, plan, added = reconcile(asdict(scfg), grown, tmp_path)
     assert sorted({p.seed for p in added}) == [1001, 1003] and len(plan) == len(make_plan(scfg, tmp_path)) + 3
     legacy = {k: v for k, v in asdict(scfg).items() if k != "first_seed"}  # a study.json from before first_seed
-    pinned, plan, added = reconcile(legacy, grown, tmp_path)
-    assert pinned.first_seed == 3 and {p.seed for p in plan} == {3, 4, 5, 6} and {p.seed for p in added} == {4, 6}
-    _, _, again = reconcile(asdict(pinned), replace(grown, seeds=3), tmp_path)  # the pin is kept in study.json
-    assert {p.seed for p in again} == {5, 7}
+    more = replace(scfg, budgets=[*scfg.budgets, 1.6e10])
+    pinned, plan, added = reconcile(legacy, more, tmp_path)
+    assert pinned.first_seed == 3 and {p.seed for p in plan} == {3, 4, 5} and [(p.budget, p.seed) for p in added] == [(1.6e10, 3)]
+    for saved in (legacy, asdict(pinned)):  # the pin is kept in study.json, and so is the refusal
+        with pytest.raises(UserError, match="more seeds would reuse base seed 2's"):
+            reconcile(saved, replace(more, seeds=2), tmp_path)
 
 
 def test_study_refuses_changed_settings(tmp_path):

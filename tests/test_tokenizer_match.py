@@ -132,6 +132,18 @@ def test_weaker_tokenizer_is_retrained_with_doubled_steps_until_within_tolerance
     assert installed.config == replace(autoencoder_config(learned_study(0.5), "discrete"), steps=12)
 
 
+def test_matching_never_replaces_a_tokenizer_that_runs_trained_on(unmatched, copy_of, fake_psnr, trainings):
+    """A study whose runs exist (e.g. masked-only, grown by diffusion, which turns matching on) is refused before
+    anything is trained or moved: matching would swap the LFQ under the old runs' checkpoints."""
+    study = copy_of(unmatched)
+    atomic_write_json(study / "runs" / "masked-d1-b2e09-s0" / "config.json", {})
+    before = files(study)
+    fake_psnr({"kl": {3: 30.0}, "lfq": {3: 27.0, 6: 29.8}})
+    with pytest.raises(UserError, match=r"would retrain a tokenizer that the 1 run\(s\) already in .* trained on"):
+        ensure_tokenizers(study, learned_study(0.5), progress=False)
+    assert trainings == [] and files(study) == before
+
+
 def test_matching_stops_at_the_longest_schedule_and_says_so(unmatched, copy_of, fake_psnr, trainings):
     """max 2: one retraining (6 steps), still 2.5 dB short, recorded as not within tolerance and said so in the
     report; a candidate that overtakes the stronger one by more than the tolerance ends the search too."""

@@ -34,7 +34,7 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16), from /proc/cpuinfo.
 
     A fixed property of the machine, unlike :func:`bf16_is_faster`'s timing: used where the choice keys a
-    cache that every process must agree on (the text encoder's caption states). False where unknown.
+    cache that every process must agree on (the text encoder's caption states, the evaluators' precision). False where unknown.
     """
     try:
         with open("/proc/cpuinfo") as f:
@@ -168,7 +168,9 @@ def evaluator_precision() -> str:
     the attribute classifier instead of ~0.1 s), so a hard-coded bf16 made the first study on such a machine take
     hours. The name goes into the evaluator's cache key (:func:`evaluator_suffix`): an fp32-trained evaluator is
     another evaluator, and its info records which one scored a run."""
-    return "bf16" if bf16_is_faster("cpu") else "fp32"
+    # From the CPU's flags, not bf16_is_faster's timing: the name keys a cache every process must agree on, and a
+    # timed ratio near its threshold (AVX512-BF16 without AMX, a loaded machine) could differ between processes.
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def evaluator_suffix(precision: str) -> str:

@@ -12,6 +12,9 @@ def cmd_compare(args) -> int:
     out = compare_studies(args.base, args.other, args.out)
     for setting, a, b in out["differences"] or [["(no setting differs)", "", ""]]:
         print(f"differs: {setting}: {a} -> {b}" if a or b else setting)
+    for name, problems in out["problems"].items():
+        for line in problems:
+            print(f"warning: {name}: {line}")
     for t in out["table"]:
         if t["status"] not in ("–", "same", "same (no pick in either)"):
             print(f"- {t['need']} at {t['budget']:.3g} FLOPs: {t['base']} -> {t['other']} ({t['status']})")
@@ -22,7 +25,7 @@ def cmd_compare(args) -> int:
         hints = sum(bool(r["direction"]) for r in rows) - len(moved)
         print(f"{METRICS[metric]}: {len(moved)} of {len(rows)} (paradigm, budget) cells move (confident, Holm-corrected)"
               + "".join(f"; {r['paradigm']} at {r['budget']:.3g} x{r['ratio']:.3g}" for r in moved)
-              + (f"; {hints} more suggestive (uncorrected)" if hints else ""))
+              + (f"; {hints} more suggestive" if hints else ""))
     print(f"wrote {out['paths']['html']}, {out['paths']['md']} and {out['paths']['json']}")
     return 0
 

@@ -18,7 +18,8 @@ the axis alone decides). An image fully matches when every check on it passes.
 Training data is fresh procedural scenes from a dedicated seed (TRAIN_SEED, no holdout), never the eval
 split; the accuracy stored with the classifier is measured on the real held-out eval split of the user's
 ShapesConfig, and must be >= ACCURACY_BOUND on every attribute. The trained weights are cached under
-``cache_dir()/"evaluators"/"attributes-<training data fingerprint>-v<code version>"`` with a sha256 and
+``cache_dir()/"evaluators"/"attributes-<training data fingerprint>-v<code version>[-fp32]"`` (``-fp32``: trained in fp32
+on a CPU without native bf16, flopmatch.device.evaluator_precision) with a sha256 and
 a JSON of how they were trained; held-out accuracies go into ``accuracy-<eval data fingerprint>.json``
 beside them (so a new eval config costs one forward pass over its eval split, not a retraining).
 """

@@ -12,7 +12,7 @@ Fashion-MNIST's classes overlap (shirt, T-shirt, pullover and coat are the usual
 published small CNNs reach ~90-93%; this one reaches ~90% at 32 px (:data:`ACCURACY_BOUND`: 85%).
 
 Weights are cached like the attribute classifier's (:mod:`flopmatch.evaluation.attributes`): under
-``cache_dir()/"evaluators"/"classes-<training data fingerprint>-<steps>steps-v<code version>"`` with
+``cache_dir()/"evaluators"/"classes-<training data fingerprint>-<steps>steps-v<code version>[-fp32]"`` with
 their sha256 and a JSON of how they were trained; a cache entry whose weights do not match their
 sha256 is retrained, never trusted.
 """
@@ -38,7 +38,7 @@ from flopmatch.files import cache_dir, load_verified, save_verified
 
 CLASS_CODE_VERSION = 1  # bump when the network, preprocessing or training recipe change: keys the cache
 ACCURACY_BOUND = 0.85  # test accuracy the fully trained classifier should reach; info["meets_bound"] records it
-# 800 steps x 128 images (1.7 epochs): 90.2% test accuracy at 32 px in 31 s on one CPU thread (bf16 autocast).
+# 800 steps x 128 images (1.7 epochs): 90.2% test accuracy at 32 px in 31 s on one CPU thread (bf16 autocast, AMX).
 TRAIN_STEPS = 800
 BATCH_SIZE = 128
 LEARNING_RATE = 3e-3
@@ -133,7 +133,7 @@ def train_class_classifier(images_uint8: torch.Tensor, labels: list[int] | torch
                            steps: int = TRAIN_STEPS, progress: bool = True) -> tuple[ClassNet, dict]:
     """Train a ClassNet on uint8 images (N, 3, S, S) and their labels; returns (net, info). Deterministic.
 
-    CPU, bf16 autocast, AdamW with a one-cycle schedule, ``steps`` x BATCH_SIZE images, with random
+    CPU, bf16 autocast where bf16 is native (else fp32: flopmatch.device.evaluator_precision), AdamW with a one-cycle schedule, ``steps`` x BATCH_SIZE images, with random
     horizontal flips (every class is mirror-symmetric as a class) and the attribute classifier's mild noise.
     """
     t0 = time.time()

@@ -243,7 +243,7 @@ def load_or_train_domain_clip(train_set: CaptionedImages, heldout_set: Captioned
     """The cached domain CLIP for a dataset (trained once, a few minutes on CPU), with retrieval accuracy.
 
     Trained on ``train_set``; retrieval accuracy measured on the first HELDOUT_PAIRS pairs of ``heldout_set``
-    (real images, never seen in training). Cached under ``cache_dir()/"evaluators"/"clip-<key>"`` where the
+    (real images, never seen in training). Cached under ``cache_dir()/"evaluators"/"clip-<key>[-fp32]"`` where the
     key digests both sets' fingerprints, the text encoder's fingerprint and CLIP_CODE_VERSION; weights whose
     sha256 does not match the recorded one are retrained.
     """

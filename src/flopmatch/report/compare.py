@@ -45,7 +45,7 @@ from flopmatch.report.findings import EMA_LEVEL, ema_analysis
 from flopmatch.report.plots import compare_figure
 from flopmatch.report.render import fmt, render_html, render_md
 from flopmatch.report.stats import holm_adjusted, two_variance_test
-from flopmatch.report.verdicts import ALPHA, NEEDS, NO_DIFF, Cell, Comparison, Noise, Verdicts, cell_text, decide, normal_test
+from flopmatch.report.verdicts import ALPHA, NEEDS, NO_DIFF, NORMAL_DF, Cell, Comparison, Noise, Verdicts, cell_text, decide
 
 STUDY_FILE = "study.json"  # written by flopmatch.study.runner (a layer above: not imported here)
 METRICS = {"kid": "KID", "prompt": "prompt-following error"}  # the verdicts' quality metrics (verdicts.QUALITY)
@@ -65,14 +65,26 @@ def study_differences(base: Path, other: Path) -> list[list[str]]:
         return [["study.json", "present" if docs[0] else "missing", "present" if docs[1] else "missing"]]
     rows = []
     for key in sorted(set(docs[0]) | set(docs[1])):
-        a, b = docs[0].get(key), docs[1].get(key)
-        if key in IGNORED or a == b:
+        if key in IGNORED or key not in docs[0] or key not in docs[1]:
+            continue  # a key only one study.json has: another flopmatch version wrote it (see _unrecorded)
+        a, b = docs[0][key], docs[1][key]
+        if a == b:
             continue
         if key in ("overrides", "tokenizer_overrides") and isinstance(a, list) and isinstance(b, list):
             rows += _override_rows(key, a, b)
         else:
             rows.append([key, _short(a), _short(b)])
     return rows
+
+
+def unrecorded(base: Path, other: Path) -> list[str]:
+    """study.json keys only one of the two studies records (written by different flopmatch versions): not compared,
+    since the missing side's value is the default of the version that wrote it."""
+    try:
+        a, b = read_json(base / STUDY_FILE), read_json(other / STUDY_FILE)
+    except (UserError, FileNotFoundError, OSError):
+        return []
+    return sorted((set(a) ^ set(b)) - set(IGNORED))
 
 
 def _override_rows(key: str, a: list[str], b: list[str]) -> list[list[str]]:
@@ -88,13 +100,22 @@ def _short(v) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _change_test(metric: str, base: Cell, other: Cell, nb: Noise, no: Noise) -> tuple:
-    """(TestResult of log other - log base, noise label) for one cell present in both studies."""
-    if nb.source == "seeds" and no.source == "seeds":
-        return two_variance_test(other.values, base.values, no.var, no.df, nb.var, nb.df), "seeds"
-    ev = [float(np.nanmean(c.eval_var)) if np.isfinite(c.eval_var).any() else math.nan for c in (other, base)]
-    var = ev[0] / other.values.size + ev[1] / base.values.size
-    return normal_test(other.mean - base.mean, var, other.values.size, base.values.size), "evaluation"
+def _side(cell: Cell, noise: Noise) -> tuple[float | None, float | None]:
+    """(variance of one value, its df) for one study's side of a cell: its seed variance, or else the mean
+    evaluation-noise variance of the cell's values on a normal reference (None if neither is known)."""
+    if noise.source == "seeds":
+        return noise.var, noise.df
+    finite = cell.eval_var[np.isfinite(cell.eval_var)]
+    return (float(finite.mean()), NORMAL_DF) if finite.size else (None, None)
+
+
+def _change_test(base: Cell, other: Cell, nb: Noise, no: Noise) -> tuple:
+    """(TestResult of log other - log base, noise label) for one cell present in both studies: each side with its
+    own study's noise (seed variance where it has one, else evaluation noise: then the label is "evaluation", which
+    caps the verdict at suggestive since that side's retraining noise is not measured)."""
+    (vo, do), (vb, db) = _side(other, no), _side(base, nb)
+    noise = "seeds" if nb.source == no.source == "seeds" else "evaluation"
+    return two_variance_test(other.values, base.values, vo, do, vb, db), noise
 
 
 def cell_changes(vb: Verdicts, vo: Verdicts, names: tuple[str, str]) -> dict[str, list[dict]]:
@@ -106,7 +127,7 @@ def cell_changes(vb: Verdicts, vo: Verdicts, names: tuple[str, str]) -> dict[str
         comps = []
         for key in common:
             b, o = vb.cells[metric][key], vo.cells[metric][key]
-            test, noise = _change_test(metric, b, o, vb.noise[metric], vo.noise[metric])
+            test, noise = _change_test(b, o, vb.noise[metric], vo.noise[metric])
             capped = "depth chosen on the judged seed" if (b.biased or o.biased) else ""
             comps.append(Comparison("compare", metric, names[1], names[0], f"{key[0]} at {key[1]:.3g} FLOPs", test, noise,
                                     capped))
@@ -157,7 +178,9 @@ def _status(b: dict | None, o: dict | None) -> str:
         return "same" if b["choice"] == o["choice"] else "changed"
     if b["choice"] or o["choice"]:
         return f"decided in {'base' if b['choice'] else 'other'} only"
-    return "same (no pick in either)"
+    if b["label"] == o["label"] and sorted(b["tied"]) == sorted(o["tied"]):
+        return "same (no pick in either)"
+    return "no pick in either, with other ties"
 
 
 def ema_rows(sb: Study, so: Study) -> tuple[list, list]:
@@ -203,7 +226,7 @@ def _summary_lines(changes: dict[str, list[dict]], names: tuple[str, str]) -> li
     return lines
 
 
-def _blocks(names, paths, diffs, table, changes, vb, vo, ema, schedules, ceilings) -> list[tuple]:
+def _blocks(names, paths, diffs, table, changes, vb, vo, ema, schedules, ceilings, extra) -> list[tuple]:
     B: list[tuple] = [("h", 1, f"flopmatch comparison: {names[1]} against {names[0]}")]
     B.append(("p", f"Base study: `{paths[0]}`. Other study: `{paths[1]}`. Each study's verdicts are decided with its "
                    "own noise, as its report decides them; the ratios below are other / base."))
@@ -213,6 +236,12 @@ def _blocks(names, paths, diffs, table, changes, vb, vo, ema, schedules, ceiling
     else:
         B.append(("p", "The two studies' settings are the same (study.json): the comparison measures retraining "
                        "noise only, and every difference below should be 'no difference detected'."))
+    if extra["unrecorded"]:
+        B.append(("p", "Not compared, recorded by one study.json only (another flopmatch version wrote the other): "
+                       + ", ".join(f"`{k}`" for k in extra["unrecorded"]) + "."))
+    for name, problems in zip(names, extra["problems"]):
+        if problems:
+            B.append(("banner", f"{name}: " + "; ".join(problems)))
     B.append(("h", 2, "Does the recommendation change?"))
     changed = [t for t in table if t["status"] == "changed"]
     partial = [t for t in table if t["status"].startswith("decided in")]
@@ -281,7 +310,8 @@ def compare_studies(base: str | Path, other: str | Path, out: str | Path | None 
     plain = {m: [{k: v for k, v in r.items() if k != "comparison"} for r in rows] for m, rows in changes.items()}
     fig = compare_figure(plain, METRICS, names)
     blocks = _blocks(names, (str(base), str(other)), diffs, table, changes, vb, vo, ema,
-                     (_schedules(sb), _schedules(so)), (read_ceilings(base), read_ceilings(other)))
+                     (_schedules(sb), _schedules(so)), (read_ceilings(base), read_ceilings(other)),
+                     {"unrecorded": unrecorded(base, other), "problems": (sb.problems, so.problems)})
     paths = {"html": out / "compare.html", "md": out / "compare.md", "json": out / "compare.json",
              "figure": out / "compare_figures" / "changes.png"}
     if fig:
@@ -290,4 +320,5 @@ def compare_studies(base: str | Path, other: str | Path, out: str | Path | None 
                                       "changes": plain})
     atomic_write_text(paths["md"], render_md(blocks, {"changes": "compare_figures/changes.png"} if fig else {}, {}))
     atomic_write_text(paths["html"], render_html(blocks, {"changes": fig}))
-    return {"paths": paths, "differences": diffs, "table": table, "changes": plain}
+    return {"paths": paths, "differences": diffs, "table": table, "changes": plain,
+            "problems": {names[0]: sb.problems, names[1]: so.problems}}

@@ -61,6 +61,8 @@ def ema_analysis(study: Study) -> list[dict]:
             for r in rows:  # the same setting, sample count and seed with other weights
                 if r["weights"] == "model" or r["setting"] != raw["setting"].replace("weights=model", f"weights={r['weights']}"):
                     continue
+                if r.get("fid_num_real") != raw.get("fid_num_real"):  # FIDs at other real counts (an entry evaluated
+                    continue  # before FID used equal counts) differ by their bias, not by the weights: not a pair
                 pm = (None if r["prompt_full_match"] is None or raw["prompt_full_match"] is None
                       else r["prompt_full_match"] - raw["prompt_full_match"])
                 found.setdefault((r["objective"], r["weights"]), []).append(

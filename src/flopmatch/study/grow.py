@@ -69,6 +69,12 @@ def reconcile(saved: dict, scfg: StudyConfig, out: Path) -> tuple[StudyConfig, l
         old = replace(old, first_seed=old.base_seed * (old.seeds + old.floor_seeds))
     if old.first_seed >= 0 and scfg.first_seed < 0 and scfg.base_seed == old.base_seed:  # keep its runs' seeds
         scfg = replace(scfg, first_seed=old.first_seed)
+    if old.first_seed >= 0 and scfg.seeds + scfg.floor_seeds > old.seeds + old.floor_seeds:
+        # base seed b of such a study owns seeds b * n .. b * n + n - 1 (n its seeds + floor_seeds): more would be
+        # base seed b + 1's, so two studies meant to be independent would share runs
+        raise UserError(f"the study in {out} was made when base seed {old.base_seed} owned {old.seeds + old.floor_seeds} "
+                        f"training seeds (from seed {old.first_seed}); more seeds would reuse base seed "
+                        f"{old.base_seed + 1}'s. Add seeds in a new study directory (its base seeds own 1000 seeds each)")
     pinned = old.floor_budget or sorted(old.budgets)[len(old.budgets) // 2]
     if old.floor_seeds and not scfg.floor_budget and pinned in scfg.budgets:  # keep the variance seeds where they are
         scfg = replace(scfg, floor_budget=pinned)

@@ -197,6 +197,17 @@ def match_finished(study: Path, scfg: StudyConfig) -> bool:
     return True
 
 
+def _check_no_runs(study: Path) -> None:
+    """Refuse to start matching in a study whose runs already exist: matching may replace a tokenizer those runs
+    trained on (and would decode their checkpoints with), e.g. when a study made with paradigms of one token type
+    grows by the other, which is what turns matching on."""
+    runs = sorted(p.name for p in (study / "runs").glob("*") if (p / "config.json").exists())
+    if runs:
+        raise UserError(f"tokenizer matching would retrain a tokenizer that the {len(runs)} run(s) already in {study / 'runs'} "
+                        f"(e.g. {runs[0]}) trained on; match in a new study directory (another --out), or pass "
+                        "--tokenizer-match 0 here")
+
+
 def match_tokenizers(study: Path, scfg: StudyConfig, images_uint8: torch.Tensor, data_info: dict,
                      progress: bool = True) -> dict:
     """The matching procedure (module docstring) on training images uint8 (N, 3, S, S); returns match.json's document.
@@ -212,6 +223,7 @@ def match_tokenizers(study: Path, scfg: StudyConfig, images_uint8: torch.Tensor,
         return old
     for tokens, cfg in base.items():
         _check_target(study, tokens, cfg, scfg)
+    _check_no_runs(study)
     tol = scfg.tokenizer_match
     found: dict[str, list] = {tokens: [] for tokens in base}  # token type -> [(steps, PSNR, directory, fingerprint)]
 
