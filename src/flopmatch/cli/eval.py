@@ -117,7 +117,8 @@ def register(sub) -> None:
                    help="also write each setting's images to DIR/<setting>/ as PNGs and samples.npz (arr_0: N,H,W,3 "
                         "uint8), for clean-fid, torch-fidelity or the ADM evaluator")
     p.add_argument("--export-ref", type=new_npz_file, metavar="FILE.npz",
-                   help="also write the reference features' mean and covariance (float64) per extractor to FILE.npz, with "
+                   help="also write the whole evaluation split's reference features' mean and covariance (float64; a fixed "
+                        "reference set, so FIDs against it differ from eval.json's equal-count FIDs) per extractor to FILE.npz, with "
                         "a JSON manifest: keys mu_<extractor>, sigma_<extractor>, and mu, sigma when there is one extractor "
                         "(what clean-fid and the ADM evaluator read); default: not written")
     p.add_argument("--ref-stats", type=npz_file, metavar="FILE.npz",
