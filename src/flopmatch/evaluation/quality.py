@@ -299,11 +299,11 @@ def kid_bootstrap(real: torch.Tensor, fake: torch.Tensor, n_boot: int = 200, gen
     n, m = real.shape[0], fake.shape[0]
     if n_boot <= 0:
         return []
-    counts = torch.stack([torch.bincount(i, minlength=m) for i in _resamples(m, n_boot, generator)]).double()  # (R, M)
+    counts = torch.stack([torch.bincount(i, minlength=m) for i in _resamples(m, n_boot, generator)]).double().to(fake.device)  # (R, M)
     rr = sum(poly_kernel(real[s : s + chunk], real).sum() for s in range(0, n, chunk))
     rr = (rr - poly_kernel_diag(real).sum()) / (n * (n - 1))
     rf_cols = sum(poly_kernel(real[s : s + chunk], fake).sum(dim=0) for s in range(0, n, chunk))  # (M,)
-    ckc = torch.zeros(counts.shape[0], dtype=torch.float64)  # c^T K_ff c per replicate
+    ckc = torch.zeros(counts.shape[0], dtype=torch.float64, device=fake.device)  # c^T K_ff c per replicate
     for s in range(0, m, chunk):
         k_ff = poly_kernel(fake[s : s + chunk], fake)  # (chunk, M)
         ckc += ((counts[:, s : s + chunk] @ k_ff) * counts).sum(dim=1)

@@ -178,9 +178,20 @@ def quality_metrics(extractor, real: torch.Tensor | ReferenceStats, images: torc
     """Quality metrics of generated uint8 images (M, 3, H, W) against the reference: its cached features
     (N, F) (:func:`metrics_from_features`) or imported statistics (:func:`metrics_from_stats`)."""
     fake = extract_features(extractor, images, progress=False)
+    param = next(extractor.parameters(), None) if isinstance(extractor, torch.nn.Module) else None
+    device = param.device if param is not None else None
     if isinstance(real, ReferenceStats):
-        return metrics_from_stats(real, fake, ecfg)
-    return metrics_from_features(real, fake, ecfg)
+        return metrics_from_stats(real, fake, ecfg, device)
+    return metrics_from_features(real, fake, ecfg, device)
+
+
+def bootstrap_device(device: torch.device | None) -> torch.device:
+    """Where the FID/KID bootstraps run: the evaluation's GPU if it has one, else the CPU.
+
+    Why: on a GPU machine the bootstrap's eigensolves, not sampling, dominated an evaluation (measured on an H200
+    with 16 CPU cores, 1000 images, F=1280: 44.6 ms per FID replicate on the CPU, 10.1 ms on the GPU, the same FID to
+    2e-9 relative; 200 replicates were 7.6 of the 50 s `flopmatch eval`, sampling 2.3 s)."""
+    return device if device is not None and device.type == "cuda" else torch.device("cpu")
 
 
 BOOT_METHOD = "generated images resampled with replacement, reference fixed"
@@ -198,7 +209,7 @@ def fid_reference_rows(num_real: int, num_fake: int) -> int:
     return min(num_real, num_fake)
 
 
-def metrics_from_features(real: torch.Tensor, fake: torch.Tensor, ecfg: EvalConfig) -> dict:
+def metrics_from_features(real: torch.Tensor, fake: torch.Tensor, ecfg: EvalConfig, device: torch.device | None = None) -> dict:
     """FID, KID (mean, std over subsets), precision and recall of fake features (M, F) against real (R, F).
 
     ``real`` holds the whole evaluation split in split order (row i: the image whose caption prompted
@@ -206,7 +217,8 @@ def metrics_from_features(real: torch.Tensor, fake: torch.Tensor, ecfg: EvalConf
     ``fid_num_real`` / ``fid_num_fake`` record the counts), KID all R (``num_real``), precision/recall the
     first min(R, M) of each (``pr_num_*``). ``fid_small_n``: min(R, M) < FID_SMALL_N (FID biased upward).
     When ``ecfg.fid_boot`` > 0, ``fid_boot`` and ``kid_boot``: that many replicates over the same resamples
-    of the generated rows (seeded with ``ecfg.seed``), each {"method", "n", "std", "replicates"}."""
+    of the generated rows (seeded with ``ecfg.seed``), each {"method", "n", "std", "replicates"}, computed on
+    :func:`bootstrap_device` of ``device`` (the features' device otherwise)."""
     subset = min(ecfg.kid_subset, len(fake), len(real))
     kid_mean, kid_std = kid_from_features(real, fake, subset_size=subset, subsets=ecfg.kid_subsets,
                                           generator=torch.Generator().manual_seed(ecfg.seed))
@@ -221,8 +233,10 @@ def metrics_from_features(real: torch.Tensor, fake: torch.Tensor, ecfg: EvalConf
         out["fid_note"] = (f"{len(fake)} generated images against all {len(real)} real images of the evaluation split: "
                            f"unequal counts; FID compares only with FIDs at these counts (raise data.num_eval to >= {len(fake)})")
     if ecfg.fid_boot > 0:
-        out["fid_boot"] = _boot(fid_bootstrap(fid_real, fake, ecfg.fid_boot, generator=torch.Generator().manual_seed(ecfg.seed)))
-        reps = kid_bootstrap(real, fake, ecfg.fid_boot, generator=torch.Generator().manual_seed(ecfg.seed))
+        bdev = bootstrap_device(device) if device is not None else fake.device
+        fid_real, fake_b, real_b = fid_real.to(bdev), fake.to(bdev), real.to(bdev)
+        out["fid_boot"] = _boot(fid_bootstrap(fid_real, fake_b, ecfg.fid_boot, generator=torch.Generator().manual_seed(ecfg.seed)))
+        reps = kid_bootstrap(real_b, fake_b, ecfg.fid_boot, generator=torch.Generator().manual_seed(ecfg.seed))
         out["kid_boot"] = _boot(reps, "; each replicate the unbiased MMD^2 of all real rows against the resample, "
                                       "pairs of copies of one row left out (not the subset average of `kid`)")
     return out
@@ -236,7 +250,7 @@ IMPORTED_COUNTS = ("FID against the imported reference statistics as they are: f
                    "they were computed from, chosen by whoever exported them, so the counts need not be equal")
 
 
-def metrics_from_stats(ref: ReferenceStats, fake: torch.Tensor, ecfg: EvalConfig) -> dict:
+def metrics_from_stats(ref: ReferenceStats, fake: torch.Tensor, ecfg: EvalConfig, device: torch.device | None = None) -> dict:
     """FID (and ``fid_boot``) of fake features (M, F) against imported reference statistics; the metrics that
     need reference features are None, and ``not_computed`` says why. The statistics have no rows to subset,
     so ``fid_num_real`` is the imported set's size and ``fid_note`` says the counts are the importer's choice."""
@@ -246,7 +260,8 @@ def metrics_from_stats(ref: ReferenceStats, fake: torch.Tensor, ecfg: EvalConfig
            "pr_num_real": None, "pr_num_fake": None, "fid_small_n": min(ref.num_images, len(fake)) < FID_SMALL_N,
            "reference": "imported", "not_computed": NO_FEATURES}
     if ecfg.fid_boot > 0:
-        out["fid_boot"] = _boot(fid_bootstrap_stats(ref.mu, ref.sigma, fake, ecfg.fid_boot,
+        bdev = bootstrap_device(device) if device is not None else fake.device
+        out["fid_boot"] = _boot(fid_bootstrap_stats(ref.mu.to(bdev), ref.sigma.to(bdev), fake.to(bdev), ecfg.fid_boot,
                                                     generator=torch.Generator().manual_seed(ecfg.seed)))
         out["kid_boot"] = None
     return out

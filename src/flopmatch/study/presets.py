@@ -226,9 +226,14 @@ def cpu_long() -> StudyConfig:
 
 
 def gpu() -> StudyConfig:
-    """One GPU, several hours (estimated; not run on a GPU yet): 4 depths 2-8 (width 128-512) so the best size per
-    budget is a compute-optimal frontier (chosen on seed 0, judged on seeds 1-2), 5 budgets over 2 decades
-    (1e15-1e17) for fitted laws, 3 seeds, Inception FID too; tokenizers matched on PSNR within 0.5 dB."""
+    """One GPU: 4 depths 2-8 (width 128-512) so the best size per budget is a compute-optimal frontier (chosen on
+    seed 0, judged on seeds 1-2), 5 budgets over 2 decades (1e15-1e17) for fitted laws, 3 seeds, Inception FID too;
+    tokenizers matched on PSNR within 0.5 dB.
+
+    Not run end to end. The plan estimates ~31 h at assumed_flops_per_s = 5e13, which is optimistic: measured on an
+    H200 (session 10, `flopmatch bench --device cuda --batch 256`), the training step reached 4.3-4.7e13 FLOP/s at
+    depth 6 but ~3e12 FLOP/s at depth 2 inside a study (launch-bound small networks), and a reduced study's
+    evaluations took ~15-20 s per 1000 images, which the estimate does not yet model per host."""
     return StudyConfig(
         preset="gpu",
         depths=[2, 4, 6, 8],
