@@ -24,7 +24,7 @@ from flopmatch.evaluation.quality import (
     precision_recall,
     precision_recall_matched,
 )
-from flopmatch.evaluation.run import EvalConfig, metrics_from_features
+from flopmatch.evaluation.run import EvalConfig, bootstrap_device, metrics_from_features
 
 CLEAN_FID = "clean-fid==0.1.35 is test-only, installed by scripts/setup.sh: pip install --no-deps clean-fid==0.1.35"
 
@@ -441,3 +441,12 @@ def test_kid_bootstrap_without_repeats_is_the_whole_set_kid(monkeypatch):
     k_ff = poly_kernel(f30, f30)
     ff = (k_ff.sum() - k_ff.diagonal().sum()) / (30 * 29)
     assert doubled == pytest.approx(float(rr + ff - 2 * poly_kernel(real, f30).mean()), rel=1e-9)
+
+
+def test_bootstraps_run_on_the_evaluations_gpu_else_the_cpu():
+    """The FID/KID bootstraps follow a CUDA evaluation onto its GPU (the same replicates to float32 precision,
+    measured on an H200); any other device, or none, keeps them on the CPU."""
+    assert bootstrap_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert bootstrap_device(torch.device("cpu")) == torch.device("cpu")
+    assert bootstrap_device(torch.device("mps")) == torch.device("cpu")
+    assert bootstrap_device(None) == torch.device("cpu")
