@@ -234,8 +234,8 @@ def metrics_from_features(real: torch.Tensor, fake: torch.Tensor, ecfg: EvalConf
                            f"unequal counts; FID compares only with FIDs at these counts (raise data.num_eval to >= {len(fake)})")
     if ecfg.fid_boot > 0:
         bdev = bootstrap_device(device)
-        fid_real, fake_b, real_b = fid_real.to(bdev), fake.to(bdev), real.to(bdev)
-        out["fid_boot"] = _boot(fid_bootstrap(fid_real, fake_b, ecfg.fid_boot, generator=torch.Generator().manual_seed(ecfg.seed)))
+        fid_real_b, fake_b, real_b = fid_real.to(bdev), fake.to(bdev), real.to(bdev)
+        out["fid_boot"] = _boot(fid_bootstrap(fid_real_b, fake_b, ecfg.fid_boot, generator=torch.Generator().manual_seed(ecfg.seed)))
         reps = kid_bootstrap(real_b, fake_b, ecfg.fid_boot, generator=torch.Generator().manual_seed(ecfg.seed))
         out["kid_boot"] = _boot(reps, "; each replicate the unbiased MMD^2 of all real rows against the resample, "
                                       "pairs of copies of one row left out (not the subset average of `kid`)")
