@@ -450,3 +450,14 @@ def test_bootstraps_run_on_the_evaluations_gpu_else_the_cpu():
     assert bootstrap_device(torch.device("cpu")) == torch.device("cpu")
     assert bootstrap_device(torch.device("mps")) == torch.device("cpu")
     assert bootstrap_device(None) == torch.device("cpu")
+
+
+def test_extractors_are_built_on_the_evaluations_device():
+    """`flopmatch eval` builds its extractors on the sampler's device, so on a GPU features and (through
+    quality_metrics) the FID/KID bootstraps run there; "meta" stands in for a device this machine lacks."""
+    ex = feats.make_feature_extractor("effnet", "meta")
+    assert {p.device.type for p in ex.parameters()} == {"meta"}
+    assert {b.device.type for b in ex.buffers()} == {"meta"}
+    before = torch.backends.cudnn.allow_tf32
+    with feats.ieee_fp32(torch.device("cpu")):  # off CUDA the process-wide cuDNN setting is left alone
+        assert torch.backends.cudnn.allow_tf32 == before

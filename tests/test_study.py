@@ -66,6 +66,8 @@ def test_tiny_study_end_to_end(tmp_path):
     assert set(timings["estimated_s"]) == {"set-up", "training", "evaluation", "timing", "report", "total"}
     assert set(timings["measured_s"]) == {"tokenizers", "runs", "timing", "report", "total"}
     assert timings["measured_s"]["total"] >= timings["measured_s"]["runs"] > 0 and timings["estimated_s"]["total"] > 0
+    host = timings["host"]  # the estimate came from this machine's calibration of every planned architecture
+    assert host["device"] == "cpu" and set(host["train_flops_per_s"]) == {f"{o}-d1" for o in scfg.objectives}
     plans = json.loads((out / "plan.json").read_text())
     assert len(plans) == 9
     with open(out / "results.csv") as f:

@@ -35,7 +35,6 @@ enough times to last ~0.5 s. CUDA: CUDA events around the timed calls; elsewhere
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import platform
@@ -51,17 +50,16 @@ from torch import nn
 from flopmatch import PARADIGMS
 from flopmatch.config import DataConfig, ModelConfig, RunConfig, SampleConfig, TextConfig, TrainConfig, apply_overrides
 from flopmatch.data.datasets import make_dataset
-from flopmatch.device import autocast, matmul_peak, matmul_times, resolve_device, use_bf16
+from flopmatch.device import matmul_peak, matmul_times, resolve_device, use_bf16
 from flopmatch.errors import UserError
 from flopmatch.evaluation.timing import Clock
-from flopmatch.nets import NetSpec, Network
+from flopmatch.nets import NetSpec
 from flopmatch.objectives import make_objective
-from flopmatch.schedule import ema_decay_at
+from flopmatch.probe import SamplingProbe, TrainingProbe
 from flopmatch.study.presets import cpu as cpu_preset
-from flopmatch.text import TextBatch, make_text_encoder, text_dim
+from flopmatch.text import make_text_encoder, text_dim
 from flopmatch.tokenizers.autoencoder import preset as autoencoder_preset
 from flopmatch.tokenizers.base import TokenizerSpec
-from flopmatch.train import make_optimizer, train_step
 
 PLAIN = "plain"  # the plain nn.TransformerEncoderLayer stack, the baseline of the training figures
 
@@ -118,22 +116,6 @@ def net_spec(objective: str, depth: int, sz: Sizes) -> NetSpec:
     return obj.net_spec(ModelConfig(depth=depth, head_dim=sz.head_dim), tok, text_dim(sz.text), sz.text.max_len)
 
 
-def random_text(batch: int, text_len: int, dim: int, generator: torch.Generator) -> TextBatch:
-    """Random caption states (B, Lt, Dt): row i has Lt - (i mod Lt/2) real tokens, zero padding, pooled = mean."""
-    states = torch.randn(batch, text_len, dim, generator=generator)  # (B, Lt, Dt)
-    real = text_len - torch.arange(batch) % max(1, text_len // 2)  # (B,) real tokens per row
-    pad = torch.arange(text_len)[None, :] >= real[:, None]  # (B, Lt), True = padding
-    states = states.masked_fill(pad[..., None], 0.0)
-    return TextBatch(states, pad, states.sum(1) / real[:, None].float())
-
-
-def random_inputs(spec: NetSpec, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """Training inputs of ``spec``'s shape: latents (B, C, g, g) or tokens (B, L) in [0, V)."""
-    if spec.tokens == "continuous":
-        return torch.randn(batch, spec.channels, spec.grid, spec.grid, generator=generator)
-    return torch.randint(0, spec.vocab_size, (batch, spec.seq_len), generator=generator)
-
-
 # ----------------------------------------------------------------------------- the plain baseline
 
 
@@ -163,36 +145,14 @@ class PlainLoss:
 # ----------------------------------------------------------------------------- training
 
 
-class TrainingBench:
-    """One network with its EMA, optimizer, fixed synthetic batch and RNG; :meth:`step` is one training step."""
+class TrainingBench(TrainingProbe):
+    """:class:`flopmatch.probe.TrainingProbe` that also builds the plain baseline (``name`` = :data:`PLAIN`)."""
 
-    def __init__(self, name: str, spec: NetSpec, batch: int, cfg: TrainConfig, device: torch.device, bf16: bool,
-                 text: TextConfig, compiled: bool = False, seed: int = 0):
-        self.name, self.spec, self.bf16, self.cfg, self.compiled = name, spec, bf16, cfg, compiled
-        g = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)  # the network's init, as train seeds it
-        if name == PLAIN:
-            self.objective, self.net = PlainLoss(), plain_stack(spec).to(device)
-            self.x = torch.randn(batch, spec.seq_len, spec.width, generator=g).to(device)  # (B, L, D)
-            self.flops_per_example = plain_train_flops(spec)
-        else:
-            self.objective, self.net = make_objective(name), Network(spec).to(device)
-            self.x = random_inputs(spec, batch, g).to(device)
-            self.flops_per_example = self.objective.train_flops(spec)  # what train budgets with
-        self.text = random_text(batch, text.max_len, text_dim(text), g).to(device)
-        self.ema = copy.deepcopy(self.net).requires_grad_(False)
-        self.opt = make_optimizer(self.net, cfg, device)
-        self.model = torch.compile(self.net) if compiled else self.net
-        self.rng = torch.Generator(device=device).manual_seed(seed * 1000)
-        self.steps = 0
-        self.batch = batch
-
-    def step(self) -> torch.Tensor:
-        """One step of :func:`flopmatch.train.train_step`; the loss as a device tensor."""
-        loss, _ = train_step(self.model, self.net, self.ema, self.opt, self.objective, self.x, self.text, self.rng,
-                             bf16=self.bf16, grad_clip=self.cfg.grad_clip, ema_decay=ema_decay_at(self.steps, self.cfg.ema_decay))
-        self.steps += 1
-        return loss
+    def build(self, name: str, spec: NetSpec, batch: int, g: torch.Generator):
+        if name != PLAIN:
+            return super().build(name, spec, batch, g)
+        x = torch.randn(batch, spec.seq_len, spec.width, generator=g)  # (B, L, D)
+        return PlainLoss(), plain_stack(spec), x, plain_train_flops(spec)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -307,29 +267,16 @@ def sampling(opts: BenchOptions, device: torch.device, bf16: bool, sz: Sizes, lo
     """Images/s per depth and paradigm at default settings; autoregressive KV cache on vs off."""
     rows, kv = [], []
     B, default = sz.sample_batch, SampleConfig()
-    g = torch.Generator().manual_seed(0)
-    cond = random_text(B, sz.text.max_len, text_dim(sz.text), g).to(device)
-    uncond = TextBatch(torch.zeros_like(cond.states), torch.ones_like(cond.pad), torch.zeros_like(cond.pooled))  # "" caption
     for depth in opts.depths:
         items, meta = {}, {}
         for name in opts.objectives:
-            obj, spec = make_objective(name), net_spec(name, depth, sz)
-            torch.manual_seed(0)
-            net = Network(spec).to(device).eval()
-            with torch.no_grad():  # leave the adaLN-Zero init so blocks and head do work, as a trained net's would
-                for p in net.parameters():
-                    p.add_(0.02 * torch.randn_like(p))
+            probe = SamplingProbe(name, net_spec(name, depth, sz), B, device, bf16, sz.text)
             for kv_cache in (True, False) if name == "autoregressive" else (True,):
                 sample = SampleConfig(kv_cache=kv_cache)
                 key = f"{name}{'' if kv_cache else ' (no kv cache)'} d{depth}"
-
-                def run(obj=obj, net=net, sample=sample):
-                    with torch.no_grad(), autocast(device, bf16):
-                        obj.sample(net, cond, uncond, sample, torch.Generator(device=device).manual_seed(0))
-
-                items[key] = run
-                meta[key] = {"objective": name, "depth": depth, "batch": B, "steps": obj.resolve_steps(sample, spec),
-                             "guidance": default.guidance, "flops_per_image": obj.sample_flops(spec, sample),
+                items[key] = lambda probe=probe, sample=sample: probe.run(sample)
+                meta[key] = {"objective": name, "depth": depth, "batch": B, "steps": probe.objective.resolve_steps(sample, probe.spec),
+                             "guidance": default.guidance, "flops_per_image": probe.flops_per_image(sample),
                              **({"kv_cache": kv_cache} if name == "autoregressive" else {})}
         log(f"sampling, depth {depth}: {', '.join(items)} (batch {B})")
         best, errors = interleaved(items, device, opts.rounds, sz.round_s, log)

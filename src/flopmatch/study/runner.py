@@ -34,6 +34,7 @@ from flopmatch.evaluation.run import EvalConfig
 from flopmatch.files import atomic_write_json, read_json
 from flopmatch.lock import LOCK_NAME, DirectoryLock, describe, holder, in_use, is_locked
 from flopmatch.report.build import build_report
+from flopmatch.study.calibrate import calibrate
 from flopmatch.study.estimate import Rates, estimate, format_estimate
 from flopmatch.study.grow import reconcile
 from flopmatch.study.job import chain_jobs, timing_job
@@ -65,11 +66,13 @@ def wait_for_writer(run: Path, timeout_s: float = 30.0) -> None:
 
 
 def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = "local", progress: bool = True,
-          retime: bool = False, slurm: SlurmConfig | None = None) -> dict:
+          retime: bool = False, slurm: SlurmConfig | None = None, calibrate_host: bool = True) -> dict:
     """Plan, train, evaluate, time and report a whole study in ``out``; re-running continues where it stopped.
 
     ``launcher``: "local" (``workers`` processes) or "slurm" (one job per run; ``slurm`` says where).
     ``retime``: measure the inference timings again even if the study has them (all paradigms together).
+    ``calibrate_host``: time this machine on the plan's networks for the wall-time estimate (:mod:`.calibrate`;
+    never under SLURM, whose runs execute elsewhere); False: the preset's assumed FLOP/s.
     """
     out = Path(out)
     scfg.validate()
@@ -87,16 +90,19 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
         print(f"[study] growing the study in {out}: {len(added)} new run(s) ({', '.join(p.name for p in added[:4])}"
               f"{', ...' if len(added) > 4 else ''}); finished runs are kept")
     with DirectoryLock(out, "study"):  # one study process per directory
-        return _study_locked(out, scfg, plans, launch, progress, retime)
+        return _study_locked(out, scfg, plans, launch, progress, retime, calibrate_host and not launch.attaches)
 
 
-def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: bool, retime: bool) -> dict:
+def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: bool, retime: bool,
+                  calibrate_host: bool) -> dict:
     """The study proper, run while this process holds the study directory's lock (see :func:`study`)."""
     atomic_write_json(out / "study.json", asdict(scfg))
     atomic_write_json(out / "plan.json", [asdict(p) for p in plans])
     print(format_plan(plans))
-    est = estimate(scfg, plans, out)
-    print(f"[study] {format_estimate(est)}")
+    host = calibrate(scfg, plans) if calibrate_host else None
+    est = estimate(scfg, plans, out, host=host)
+    uncalibrated = " (from the preset's assumed FLOP/s: not calibrated on this host)"
+    print(f"[study] {format_estimate(est)}{'' if host else uncalibrated}")
     t0 = time.perf_counter()
     # the tokenizers and each one's reconstruction ceiling (a tokenizer below the classifier floor is refused)
     if not launch.attaches:
@@ -145,7 +151,7 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
     measured = {"tokenizers": t_tokenizers - t0, "runs": t_runs - t_tokenizers, "timing": t_timing - t_runs,
                 "report": t_end - t_timing, "total": t_end - t0}
     atomic_write_json(out / "timings.json", {
-        "estimated_s": est, "measured_s": measured, "rates": asdict(Rates()),
+        "estimated_s": est, "measured_s": measured, "rates": asdict(Rates()), "host": host.to_dict() if host else None,
         "note": "measured: this invocation only (a resumed study skips finished work); set-up other than the "
                 "tokenizers (captions, evaluators, reference features) happens inside the first runs",
     })

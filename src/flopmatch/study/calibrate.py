@@ -1,0 +1,119 @@
+"""Host calibration: time this machine on the study's own networks before estimating the study's wall time.
+
+A preset's ``assumed_flops_per_s`` is one number for a whole class of machines, and the fixed costs in
+:class:`flopmatch.study.estimate.Rates` were measured on one 2-core AMX CPU. Both were far off elsewhere: on an
+H200 the gpu preset's estimate assumed 5e13 FLOP/s and scaled the evaluation's network costs by the same 833x,
+while the measured training loop ran at 3e12 and an evaluation of 1000 images took 15-25 s; on AVX2-only CPUs
+(no fast bf16) the cpu preset ran several times slower than estimated. So before the estimate the study measures,
+on the device its runs will use:
+
+* per (paradigm, depth) of the plan: the FLOP/s of :func:`flopmatch.train.train_step` on the run's network,
+  batch size and precision (:class:`flopmatch.probe.TrainingProbe`), and of the run's sampler at its main setting
+  (:class:`flopmatch.probe.SamplingProbe`, guidance included);
+* per feature extractor of the study: images/s at the dataset's resolution, which also scales the fixed costs
+  that are network-bound (autoencoder steps, classifier training; :func:`host_speed`).
+
+Cost: a few seconds on the cpu presets (one warm-up and up to two timed steps per network; on a CPU a slow first
+step is its own measurement). Timings are of random-input steps, not the run's data pipeline, and of one sampling
+batch (:data:`CPU_SAMPLE_BATCH` images on a CPU, the evaluation's batch on a GPU), so they err slightly fast for
+training and slow for sampling. Not done under ``--launcher slurm`` (the runs execute on other machines) or with
+``--no-calibrate``: the preset's assumed rate is used there, as before.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from flopmatch.config import RunConfig, from_dict
+from flopmatch.device import resolve_device, use_bf16
+from flopmatch.evaluation.features import make_feature_extractor
+from flopmatch.evaluation.run import EvalConfig
+from flopmatch.evaluation.timing import Clock
+from flopmatch.probe import SamplingProbe, TrainingProbe
+from flopmatch.study.plan import RunPlan, planned_spec
+from flopmatch.study.presets import StudyConfig
+
+CPU_SAMPLE_BATCH = 16  # images per timed sampling call on a CPU (a GPU times the evaluation's batch)
+FEATURE_BATCH = 16  # images per timed feature-extraction call
+MAX_TIMED = 2  # timed calls per item after the warm-up
+ENOUGH_S = 0.25  # stop timing an item once its timed calls add up to this; on a CPU a first call this slow is the figure
+
+
+@dataclass
+class HostRates:
+    """What this host measured: FLOP/s per architecture ("diffusion-d1") and feature images/s per extractor."""
+
+    device: str
+    train_flops_per_s: dict[str, float] = field(default_factory=dict)
+    sample_flops_per_s: dict[str, float] = field(default_factory=dict)
+    feature_images_per_s: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0  # how long the calibration took
+
+    def train_rate(self, p: RunPlan) -> float:
+        """Training FLOP/s of a planned run's architecture."""
+        return self.train_flops_per_s[arch(p.objective, p.depth)]
+
+    def sample_rate(self, p: RunPlan) -> float:
+        """Sampling FLOP/s of a planned run's architecture at its main setting."""
+        return self.sample_flops_per_s[arch(p.objective, p.depth)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def arch(objective: str, depth: int) -> str:
+    """Key of an architecture in :class:`HostRates`, e.g. "masked-d2"."""
+    return f"{objective}-d{depth}"
+
+
+def seconds_per_call(fn, device: torch.device) -> float:
+    """Seconds of one call of ``fn``: a warm-up (on CUDA never timed: it pays for kernel selection and allocation;
+    on a CPU timed, and the figure when it took >= :data:`ENOUGH_S`), then up to :data:`MAX_TIMED` timed calls
+    until they add up to :data:`ENOUGH_S`; the fastest call."""
+    clock = Clock(device)
+    first = clock(fn)
+    if device.type != "cuda" and first >= ENOUGH_S:
+        return first
+    times: list[float] = []
+    while len(times) < MAX_TIMED and sum(times) < ENOUGH_S:
+        times.append(clock(fn))
+    return min(times)
+
+
+def calibrate(scfg: StudyConfig, plans: list[RunPlan], log=print) -> HostRates:
+    """Time each (paradigm, depth) of ``plans`` and each of the study's feature extractors on the device the runs use."""
+    t0 = time.perf_counter()
+    first: dict[str, RunConfig] = {}
+    for p in plans:
+        first.setdefault(arch(p.objective, p.depth), from_dict(RunConfig, p.config))
+    any_cfg = next(iter(first.values()), RunConfig())
+    device = resolve_device(any_cfg.train.device)
+    host = HostRates(device=str(device))
+    for key, cfg in first.items():
+        spec = planned_spec(cfg, scfg)
+        bf16 = use_bf16(cfg.train.precision, device)
+        probe = TrainingProbe(cfg.objective, spec, cfg.train.batch_size, cfg.train, device, bf16, cfg.text)
+        host.train_flops_per_s[key] = probe.batch * probe.flops_per_example / seconds_per_call(probe.step, device)
+        del probe
+        batch = EvalConfig().batch_size if device.type == "cuda" else CPU_SAMPLE_BATCH
+        sampler = SamplingProbe(cfg.objective, spec, batch, device, bf16, cfg.text)
+        flops = batch * sampler.flops_per_image(cfg.sample)
+        host.sample_flops_per_s[key] = flops / seconds_per_call(lambda s=sampler, c=cfg: s.run(c.sample), device)
+        del sampler
+    size = any_cfg.data.image_size
+    images = torch.randint(0, 256, (FEATURE_BATCH, 3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    for name in scfg.features:
+        extractor = make_feature_extractor(name, device)
+        host.feature_images_per_s[name] = FEATURE_BATCH / seconds_per_call(lambda e=extractor: e(images), device)
+        del extractor
+    host.seconds = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    log(f"[study] calibrated on {device} in {host.seconds:.1f}s: training "
+        + ", ".join(f"{k} {v:.3g}" for k, v in host.train_flops_per_s.items()) + " FLOP/s; features "
+        + ", ".join(f"{k} {v:.0f}" for k, v in host.feature_images_per_s.items()) + " images/s")
+    return host

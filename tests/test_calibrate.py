@@ -1,0 +1,100 @@
+"""Host calibration of the study's wall-time estimate: it times the networks the plan budgets, measures every
+architecture and extractor, and the estimate follows the measured rates (a host that measures the reference rates
+gets the reference estimate). No timing is asserted: the machine is shared and noisy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from flopmatch import cli
+from flopmatch.config import RunConfig, from_dict
+from flopmatch.probe import SamplingProbe, TrainingProbe
+from flopmatch.study.calibrate import HostRates, arch, calibrate
+from flopmatch.study.estimate import REFERENCE_FLOPS_PER_S, Rates, estimate
+from flopmatch.study.plan import make_plan, planned_spec
+from flopmatch.study.presets import study_preset
+
+CPU = torch.device("cpu")
+
+
+def tiny_plans(tmp_path):
+    scfg = study_preset("tiny")
+    scfg.features = ["effnet"]
+    return scfg, make_plan(scfg, tmp_path / "s")
+
+
+def test_calibration_times_the_networks_the_plan_budgets(tmp_path):
+    """The probes build each planned run's network: training FLOPs per example and sampling FLOPs per image at the
+    main setting are the plan's analytic figures, so a measured FLOP/s converts the plan's FLOPs to seconds."""
+    scfg, plans = tiny_plans(tmp_path)
+    for p in plans:
+        cfg = from_dict(RunConfig, p.config)
+        spec = planned_spec(cfg, scfg)
+        probe = TrainingProbe(cfg.objective, spec, 2, cfg.train, CPU, False, cfg.text)
+        assert probe.flops_per_example == p.train_flops_per_example, p.name
+        sampler = SamplingProbe(cfg.objective, spec, 2, CPU, False, cfg.text)
+        assert sampler.flops_per_image(cfg.sample) == p.sample_flops_per_image, p.name
+
+
+def test_calibrate_measures_every_architecture_and_extractor(tmp_path):
+    scfg, plans = tiny_plans(tmp_path)
+    lines = []
+    host = calibrate(scfg, plans, log=lines.append)
+    archs = {arch(p.objective, p.depth) for p in plans}
+    assert set(host.train_flops_per_s) == set(host.sample_flops_per_s) == archs
+    assert set(host.feature_images_per_s) == {"effnet"}
+    for table in (host.train_flops_per_s, host.sample_flops_per_s, host.feature_images_per_s):
+        assert all(math.isfinite(v) and v > 0 for v in table.values()), table
+    assert host.device == "cpu" and host.seconds > 0 and len(lines) == 1 and "calibrated on cpu" in lines[0]
+
+
+def reference_host(scfg, plans, rates: Rates) -> HostRates:
+    """A host that measures exactly what the uncalibrated estimate assumes (the reference CPU's rates)."""
+    archs = {arch(p.objective, p.depth) for p in plans}
+    return HostRates("cpu", {a: scfg.assumed_flops_per_s for a in archs},
+                     {a: scfg.assumed_flops_per_s * rates.sampling_efficiency for a in archs},
+                     {"effnet": rates.feature_images_per_s, "inception": rates.inception_images_per_s})
+
+
+@pytest.mark.parametrize("preset", ["cpu", "tiny"])
+def test_a_host_with_the_reference_rates_gets_the_reference_estimate(tmp_path, preset):
+    scfg = study_preset(preset)
+    assert scfg.assumed_flops_per_s == REFERENCE_FLOPS_PER_S  # the cpu presets assume the reference machine
+    plans, rates = make_plan(scfg, tmp_path / "s"), Rates()
+    plain = estimate(scfg, plans, tmp_path / "s", rates)
+    calibrated = estimate(scfg, plans, tmp_path / "s", rates, host=reference_host(scfg, plans, rates))
+    assert calibrated == pytest.approx(plain, rel=1e-9)
+
+
+def test_the_estimate_follows_the_measured_rates(tmp_path):
+    """Twice the training FLOP/s halves the training stage's compute part; faster sampling and features shorten
+    evaluation and timing; faster features (the host-speed proxy) shorten the set-up."""
+    scfg = study_preset("cpu")
+    plans, rates = make_plan(scfg, tmp_path / "s"), Rates()
+    host = reference_host(scfg, plans, rates)
+    base = estimate(scfg, plans, tmp_path / "s", rates, host=host)
+    fast_train = replace(host, train_flops_per_s={k: 2 * v for k, v in host.train_flops_per_s.items()})
+    overhead = len(plans) * rates.run_overhead_s
+    est = estimate(scfg, plans, tmp_path / "s", rates, host=fast_train)
+    assert est["training"] - overhead == pytest.approx((base["training"] - overhead) / 2)
+    assert {k: est[k] for k in ("set-up", "evaluation", "timing")} == {k: base[k] for k in ("set-up", "evaluation", "timing")}
+    fast_eval = replace(host, sample_flops_per_s={k: 2 * v for k, v in host.sample_flops_per_s.items()},
+                        feature_images_per_s={k: 2 * v for k, v in host.feature_images_per_s.items()})
+    est = estimate(scfg, plans, tmp_path / "s", rates, host=fast_eval)
+    assert est["evaluation"] < base["evaluation"] and est["timing"] < base["timing"] and est["set-up"] < base["set-up"]
+    assert est["training"] == base["training"]
+
+
+def test_plan_only_calibrates_unless_told_not_to(tmp_path, capsys):
+    argv = ["study", "--preset", "tiny", "--objectives", "masked", "--out", str(tmp_path / "s"), "--plan-only"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "[study] calibrated on cpu" in out and "estimated wall time" in out and "not calibrated" not in out
+    assert cli.main([*argv, "--no-calibrate"]) == 0
+    out = capsys.readouterr().out
+    assert "[study] calibrated on" not in out and "not calibrated on this host" in out
+    assert not (tmp_path / "s").exists()
