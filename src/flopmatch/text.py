@@ -281,9 +281,10 @@ def text_dim(cfg: TextConfig) -> int:
     raise UserError(f"unknown text encoder {cfg.kind!r}; valid kinds: {', '.join(TEXT_ENCODER_KINDS)}")
 
 
-def text_encoder_for(cfg: TextConfig) -> TextEncoder:
-    """The frozen text encoder a run's TextConfig names (it runs on the CPU; its states are cached)."""
-    return make_text_encoder(cfg.kind, max_len=cfg.max_len, dim=cfg.dim)
+def text_encoder_for(cfg: TextConfig, device: str | torch.device = "cpu") -> TextEncoder:
+    """The frozen text encoder a run's TextConfig names, on ``device``: training and sampling put it on the run's
+    device, so on a GPU the captions are encoded there (once per unique caption; the states are cached)."""
+    return make_text_encoder(cfg.kind, max_len=cfg.max_len, dim=cfg.dim, device=device)
 
 
 def make_text_encoder(kind: str, max_len: int = 24, dim: int = 64, device: str | torch.device = "cpu") -> TextEncoder:

@@ -338,7 +338,7 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
                   progress: bool, stop_after: int | None) -> dict:
     """The training loop proper, run while this process holds the run directory's lock (see :func:`train`)."""
     world = dist.world_size()
-    data = prepare(cfg, objective, progress=progress and dist.is_main())
+    data = prepare(cfg, objective, progress=progress and dist.is_main(), device=device)
     if objective.net_spec(cfg.model, data.tokenizer.spec, data.encoder.dim, data.encoder.max_len) != spec:
         raise UserError(f"tokenizer/text encoder do not match the planned network for {cfg.tokenizer.path or 'the config'}")
 
