@@ -810,6 +810,41 @@ def test_train_and_evaluate_on_a_folder(tmp_path, tiny_config):
     assert entry["metrics"]["effnet"]["fid"] >= 0 and entry["metrics"]["effnet"]["num_real"] == 6
 
 
+@pytest.mark.slow
+def test_tiny_study_on_a_folder(tmp_path, monkeypatch):
+    """`flopmatch study --data folder:PATH` end to end: every run trains and evaluates on the folder, prompt following
+    is scored by the domain CLIP trained on the folder's training split (R-precision, with its retrieval validation
+    in the report), and the report names the data its answer is about."""
+    import flopmatch.evaluation.clipscore as clipscore
+
+    # The domain CLIP's schedule, shortened: this test checks that a study runs on a folder, not the scorer's
+    # quality (tests/test_eval_clip.py does that on the full schedule).
+    monkeypatch.setattr(clipscore, "TRAIN_STEPS", 40)
+    root, colours = tmp_path / "imgs", {"red": RED, "green": GREEN, "blue": BLUE, "white": WHITE}
+    rows = []
+    for i in range(72):
+        name, word = f"img{i:03d}.png", list(colours)[i % 4]
+        write_image(root / name, SIZES[i % len(SIZES)], colours[word])
+        rows.append((name, f"a {word} picture" if i % 3 else f"{word}, a plain square"))
+    write_jsonl(root, rows)
+    source, out = f"folder:{root}", tmp_path / "study"
+    argv = ["study", "--preset", "tiny", "--objectives", "masked", "--budgets", "2e9,4e9", "--data", source,
+            "--set", "data.num_eval=16", "--eval-samples", "16", "--sweep-samples", "10", "--no-calibrate", "--out", str(out)]
+    assert cli.main(argv) == 0
+    runs = [p for p in sorted((out / "runs").iterdir()) if p.is_dir()]
+    assert len(runs) == 2
+    for run in runs:
+        info = json.loads((run / "data.json").read_text())
+        assert info["source"] == source and info["usable"] == 72
+        doc = json.loads((run / "eval.json").read_text())
+        for entry in doc["entries"].values():
+            assert entry["manifest"]["reference"]["dataset"] == source
+            pf = entry["metrics"]["prompt_following"]
+            assert pf["scorer"] == "domain-clip" and 0 <= pf["r_precision"] <= 1, pf
+    report = (out / "report.md").read_text()
+    assert f"dataset {source}" in report and "domain CLIP trained on this dataset's training split" in report
+
+
 # ------------------------------------------------------------------------------- review fixes
 
 
