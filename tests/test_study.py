@@ -41,6 +41,13 @@ def tiny_study(objectives=("masked",), budgets=(2e9, 4e9, 8e9)):
     return scfg
 
 
+def main_setting_only(scfg):
+    """No operating-point or post-hoc EMA sweep and no extra step counts: each run evaluates its main setting only
+    (for tests about where and when runs train and evaluate; the sweeps have their own tests)."""
+    scfg.sweep_guidance, scfg.eval_ema, scfg.eval_steps = [], [], {}
+    return scfg
+
+
 def test_plan_is_analytic_and_spends_each_budget(tmp_path):
     """Planning builds no model and gives every run steps whose FLOPs reach its budget within one step."""
     scfg = study_preset("cpu")
@@ -159,7 +166,7 @@ def test_tiny_study_end_to_end(tmp_path):
 def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, monkeypatch):
     """After an interruption, re-running trains only unfinished runs and evaluates only missing settings."""
     out = tmp_path / "study"
-    scfg = tiny_study(objectives=("masked",))
+    scfg = main_setting_only(tiny_study(objectives=("masked",)))
     names = [run_name("masked", 1, b, 0) for b in scfg.budgets]
     # Interrupt the first attempt while the second run trains (after 3 of its steps).
     real_train = flopmatch.study.job.train
@@ -189,12 +196,12 @@ def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, monke
 
     # Growing: one more budget trains and evaluates only its own run; the report covers all four.
     calls.clear()
-    study(out, tiny_study(objectives=("masked",), budgets=(*scfg.budgets, 1.6e10)), progress=False)
+    study(out, main_setting_only(tiny_study(objectives=("masked",), budgets=(*scfg.budgets, 1.6e10))), progress=False)
     assert calls == [run_name("masked", 1, 1.6e10, 0)]
     assert (out / "runs" / names[0] / "eval.json").read_bytes() == first_eval
     with open(out / "results.csv") as f:
         assert {float(r["budget"]) for r in csv.DictReader(f)} == {*scfg.budgets, 1.6e10}
-    scfg = tiny_study(objectives=("masked",), budgets=(*scfg.budgets, 1.6e10))
+    scfg = main_setting_only(tiny_study(objectives=("masked",), budgets=(*scfg.budgets, 1.6e10)))
 
     # Timings are never a mix of two phases: a study that needs one setting re-timed re-times them all
     # (the study's timing stage, called as study() calls it after its runs).
@@ -235,6 +242,7 @@ def test_local_worker_processes_give_the_same_runs_as_in_process(tmp_path, monke
     """--workers 2 (two worker processes) trains and evaluates exactly what the in-process launcher does."""
     monkeypatch.setenv("FLOPMATCH_THREADS", "1")  # same thread count as this process (conftest), so same float sums
     scfg = tiny_study(objectives=("masked",), budgets=(2e9, 4e9))
+    main_setting_only(scfg)  # what differs between launchers is where a run trains and evaluates, not which settings
     names = [run_name("masked", 1, b, 0) for b in scfg.budgets]
     study(tmp_path / "one", scfg, workers=1, progress=False)
     study(tmp_path / "two", scfg, workers=2, progress=False)
@@ -350,7 +358,7 @@ def test_local_workers_get_one_gpu_each(tmp_path, monkeypatch):
 def test_wsd_study_chains_runs_through_their_stable_phase(tmp_path):
     """Under train.schedule=wsd a study trains each (paradigm, depth, seed) as one chain: a larger budget's run
     starts from the smaller one's stable-phase state and ends with exactly the weights of a run trained alone."""
-    scfg = tiny_study(objectives=("masked",), budgets=(2e9, 4e9))
+    scfg = main_setting_only(tiny_study(objectives=("masked",), budgets=(2e9, 4e9)))
     scfg.overrides += ["train.schedule=wsd", "train.warmup_steps=5"]
     out = tmp_path / "study"
     plans = make_plan(scfg, out)
