@@ -19,8 +19,9 @@ Conventions (tested against ``torch.utils.flop_counter.FlopCounterMode`` in test
 * Diffusion is charged per velocity evaluation, not per solver step: Heun's method evaluates the
   network twice per step except on the last (heun-N: 2N - 1 calls; flopmatch.objectives.ode).
 * Autoregressive sampling with a KV cache runs one token per step attending to the prefix
-  (step i attends to i+1 keys) and projects the text once; without a cache, step i recomputes
-  the full prefix of i+1 tokens. Both are available.
+  (step i attends to i+1 keys) and projects the text and computes the conditioning (pooled projection,
+  every adaLN modulation) once; without a cache, step i recomputes all of it for the full prefix of i+1
+  tokens. Both are available.
 * The frozen text encoder and the tokenizer (encoder at data-prep time, decoder at sampling time)
   are separate line items, reported next to these numbers and never folded into them.
 
@@ -45,11 +46,12 @@ def _linear(n: int, fan_in: int, fan_out: int) -> int:
 
 
 def block_flops(spec: NetSpec, n_new: int, n_ctx: int, *, text_fresh: bool = True) -> int:
-    """Forward FLOPs of one backbone block for one example (``n_new`` queries, ``n_ctx`` keys)."""
+    """Forward FLOPs of one backbone block for one example (``n_new`` queries, ``n_ctx`` keys); ``text_fresh``
+    False: the text keys/values and the adaLN modulation come from a KV cache."""
     D, Lt = spec.width, spec.text_len
     # Attention: scores q k^T and the weighted sum of values are each 2 * n_q * n_kv * D (all heads together).
     return (
-        _linear(1, D, 6 * D)  # adaLN modulation
+        (_linear(1, D, 6 * D) if text_fresh else 0)  # adaLN modulation
         + _linear(n_new, D, 3 * D) + 2 * (2 * n_new * n_ctx * D) + _linear(n_new, D, D)  # self-attention
         + _linear(n_new, D, D) + 2 * (2 * n_new * Lt * D) + _linear(n_new, D, D)  # cross-attention q, scores/values, out
         + (_linear(Lt, D, 2 * D) if text_fresh else 0)  # cross-attention text keys/values
@@ -61,21 +63,24 @@ def forward_flops(spec: NetSpec, n_new: int, n_ctx: int | None = None, *, text_f
     """Forward FLOPs for one example: ``n_new`` query tokens attending to ``n_ctx`` keys.
 
     Returns a breakdown: ``total``, and ``data_fed`` (matmuls whose input needs no gradient).
-    ``text_fresh`` False means text projections/keys/values come from a cache (decode steps).
+    ``text_fresh`` False means the text projections/keys/values and everything computed from the conditioning
+    vector c (c itself, the adaLN modulations) come from a KV cache (decode steps after the first).
     """
     n_ctx = n_new if n_ctx is None else n_ctx  # default: full self-attention over the n_new tokens
     D, Lt, Dt = spec.width, spec.text_len, spec.text_dim
-    # c (pooled text, time) is one vector per example: its matmuls count once, not per token.
-    data_fed = _linear(1, Dt, D)  # pooled -> c
+    data_fed, rest = 0, 0
+    if text_fresh:
+        # c (pooled text, time) is one vector per example: its matmuls count once, not per token.
+        data_fed += _linear(1, Dt, D)  # pooled -> c
+        if spec.time:
+            data_fed += _linear(1, TIME_FREQS, D)  # first time-MLP layer (fed fixed sinusoidal features)
+            rest += _linear(1, D, D)  # second time-MLP layer
+        data_fed += _linear(Lt, Dt, D)  # text states -> width
+        rest += _linear(1, D, 2 * D)  # final adaLN
     if spec.tokens == "continuous":
         data_fed += _linear(n_new, spec.channels, D)  # stem
-    if spec.time:
-        data_fed += _linear(1, TIME_FREQS, D)  # first time-MLP layer (fed fixed sinusoidal features)
-    rest = _linear(1, D, D) if spec.time else 0  # second time-MLP layer
-    if text_fresh:
-        data_fed += _linear(Lt, Dt, D)  # text states -> width
     per_block = block_flops(spec, n_new, n_ctx, text_fresh=text_fresh)
-    rest += spec.depth * per_block + _linear(1, D, 2 * D) + _linear(n_new, D, spec.out_dim)  # + final adaLN, head
+    rest += spec.depth * per_block + _linear(n_new, D, spec.out_dim)  # + blocks, head
     return {"total": data_fed + rest, "data_fed": data_fed}
 
 

@@ -180,10 +180,13 @@ class Network(nn.Module):
             start = cache.length if cache is not None else 0  # new tokens continue where the cache ends
         h = h + self.pos[start : start + h.shape[1]].to(h.dtype)  # (B, l, D) + (l, D) broadcast over B
 
-        # c: the adaLN conditioning vector, pooled caption (+ time embedding for diffusion).
-        c = self.pooled_proj(pooled)  # (B, D)
-        if spec.time:
-            c = c + self.time_mlp(time_features(t))  # (B, D)
+        # c: the adaLN conditioning vector, pooled caption (+ time embedding for diffusion). A decode step after the
+        # first finds every modulation derived from c in the cache (the caption does not change), so c is not needed.
+        c = None
+        if cache is None or cache.out_mod is None:
+            c = self.pooled_proj(pooled)  # (B, D)
+            if spec.time:
+                c = c + self.time_mlp(time_features(t))  # (B, D)
         if cache is not None and cache.text_states is not None:
             text_h = cache.text_states  # text projected once per sequence
         else:
@@ -191,7 +194,12 @@ class Network(nn.Module):
             if cache is not None:
                 cache.text_states = text_h
         h = self.backbone(h, c, text_h, text_pad, cache)  # (B, l, D)
-        shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=-1)  # 2 x (B, D)
+        if c is None:
+            shift, scale = cache.out_mod
+        else:
+            shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=-1)  # 2 x (B, D)
+            if cache is not None:
+                cache.out_mod = (shift, scale)
         out = self.head(modulate(self.norm_out(h), shift, scale))  # (B, l, out_dim)
         if spec.tokens == "continuous":
             return out.transpose(1, 2).reshape(B, C, g, g)  # (B, L, C) -> (B, C, g, g)

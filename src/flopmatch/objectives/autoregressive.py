@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from flopmatch.dist import unwrap
 from flopmatch.flops import autoregressive_sample_flops
 from flopmatch.objectives.base import Objective, spec_of
-from flopmatch.objectives.guidance import guidance_rows, guided
+from flopmatch.objectives.guidance import Guided, guidance_rows
 from flopmatch.objectives.logits import sample_logits
 
 
@@ -64,12 +64,13 @@ class Autoregressive(Objective):
         out = torch.full((B, L), spec.vocab_size, dtype=torch.long, device=device)
         # One cache row per network row: 2B with guidance (conditional and unconditional halves).
         cache = unwrap(net).new_cache(guidance_rows(B, sample.guidance), device) if sample.kv_cache else None
+        model = Guided(net, cond, uncond, sample.guidance)
         for i in range(L):
             if cache is not None:
                 inp = out[:, i - 1 : i] if i > 0 else out[:, :1]  # (B, 1): BOS first, then the last token
-                logits = guided(net, inp, cond, uncond, sample.guidance, cache=cache)[:, -1]  # (B, V)
+                logits = model(inp, cache=cache)[:, -1]  # (B, V)
             else:
                 prefix = shift_right(out, spec.vocab_size)[:, : i + 1]  # (B, i+1)
-                logits = guided(net, prefix, cond, uncond, sample.guidance)[:, -1]  # (B, V): last position only
+                logits = model(prefix)[:, -1]  # (B, V): last position only
             out[:, i], _ = sample_logits(logits, sample.temperature, sample.top_k, generator)  # (B,)
         return out

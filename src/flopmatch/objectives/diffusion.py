@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from flopmatch.flops import parallel_sample_flops
 from flopmatch.objectives.base import Objective, spec_of
-from flopmatch.objectives.guidance import guided
+from flopmatch.objectives.guidance import Guided
 from flopmatch.objectives.ode import integrate, num_velocity_calls, time_grid
 
 
@@ -79,8 +79,10 @@ class Diffusion(Objective):
         x = torch.randn((B, spec.channels, spec.grid, spec.grid), device=device, generator=generator)  # (B, C, g, g)
         ts = time_grid(self.resolve_steps(sample, spec), sample.shift, device=device)  # (steps+1,) from noise to data
 
+        model = Guided(net, cond, uncond, sample.guidance)
+
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             # guided on every call, the solver's corrector calls included; fp32 so steps accumulate in fp32
-            return guided(net, x, cond, uncond, sample.guidance, t=t.expand(B)).float()  # (B, C, g, g)
+            return model(x, t=t.expand(B)).float()  # (B, C, g, g)
 
         return integrate(velocity, x, ts, sample.solver)

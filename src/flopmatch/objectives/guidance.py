@@ -20,20 +20,35 @@ import torch
 from flopmatch.text import TextBatch
 
 
-def guided(net, x: torch.Tensor, cond, uncond, guidance: float, t: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-    """Guided network output for inputs x (B, ...), conditioning text batches of B rows each.
+class Guided:
+    """Classifier-free guidance of ``net`` for a fixed pair of text batches (B rows each), called once per sampling step.
 
-    With a KV cache, the cache must have been created for 2B rows when ``guidance != 1``.
+    The doubled text batch [cond; uncond] is built once here rather than at every step (a sampler calls the network
+    tens of times with the same captions). With a KV cache, the cache must have been created for 2B rows when
+    ``guidance != 1``.
     """
-    if guidance == 1.0:
-        return net(x, cond.states, cond.pad, cond.pooled, t=t, cache=cache)
-    # One doubled batch instead of two passes: one launch per layer, and with a KV cache both halves
-    # share one cache of 2B rows.
-    both = TextBatch.cat([cond, uncond])  # rows [cond; uncond]: states (2B, Lt, Dt), pad (2B, Lt), pooled (2B, Dt)
-    t2 = None if t is None else torch.cat([t, t])  # (2B,)
-    out = net(torch.cat([x, x]), both.states, both.pad, both.pooled, t=t2, cache=cache)  # (2B, ...)
-    c, u = out.float().chunk(2)  # 2 x (B, ...); fp32 so the (c - u) extrapolation is not done in bf16
-    return u + guidance * (c - u)  # (B, ...); guidance 0 = unconditional, 1 = conditional
+
+    def __init__(self, net, cond: TextBatch, uncond: TextBatch, guidance: float):
+        self.net, self.guidance = net, guidance
+        # rows [cond; uncond]: states (2B, Lt, Dt), pad (2B, Lt), pooled (2B, Dt)
+        self.text = cond if guidance == 1.0 else TextBatch.cat([cond, uncond])
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Guided network output for inputs x (B, ...); t (B,) for diffusion."""
+        text = self.text
+        if self.guidance == 1.0:
+            return self.net(x, text.states, text.pad, text.pooled, t=t, cache=cache)
+        # One doubled batch instead of two passes: one launch per layer, and with a KV cache both halves
+        # share one cache of 2B rows.
+        t2 = None if t is None else torch.cat([t, t])  # (2B,)
+        out = self.net(torch.cat([x, x]), text.states, text.pad, text.pooled, t=t2, cache=cache)  # (2B, ...)
+        c, u = out.float().chunk(2)  # 2 x (B, ...); fp32 so the (c - u) extrapolation is not done in bf16
+        return u + self.guidance * (c - u)  # (B, ...); guidance 0 = unconditional, 1 = conditional
+
+
+def guided(net, x: torch.Tensor, cond, uncond, guidance: float, t: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    """One guided call (:class:`Guided` for a single step)."""
+    return Guided(net, cond, uncond, guidance)(x, t=t, cache=cache)
 
 
 def guidance_rows(batch: int, guidance: float) -> int:

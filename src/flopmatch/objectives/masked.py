@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from flopmatch.errors import UserError
 from flopmatch.objectives.base import Objective, spec_of
-from flopmatch.objectives.guidance import guided
+from flopmatch.objectives.guidance import Guided
 from flopmatch.objectives.logits import sample_logits
 
 
@@ -117,8 +117,9 @@ class Masked(Objective):
         steps = self.resolve_steps(sample, spec)
         tokens = torch.full((B, L), V, dtype=torch.long, device=device)  # (B, L), all [MASK]
         mask = torch.ones(B, L, dtype=torch.bool, device=device)  # (B, L), True = still masked
+        model = Guided(net, cond, uncond, sample.guidance)
         for s, n_keep_masked in enumerate(masked_counts(L, steps), start=1):
-            logits = guided(net, tokens, cond, uncond, sample.guidance)  # (B, L, V)
+            logits = model(tokens)  # (B, L, V)
             drawn, logp = sample_logits(logits, sample.temperature, sample.top_k, generator)  # 2 x (B, L)
             tokens = torch.where(mask, drawn, tokens)  # (B, L): fill masked slots, keep decided tokens
             # Gumbel noise on the confidences randomises which tokens are kept, so early steps do not
