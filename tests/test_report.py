@@ -236,6 +236,12 @@ def test_main_setting_falls_back_to_lowest_fid():
     assert main_setting(entries, SampleConfig(), 25) == ("b", "no entry matches the default settings: lowest FID (effnet) chosen")
     key, why = main_setting(entries, SampleConfig(), 5)
     assert key == "a" and why.startswith("matches")
+    # FID is biased by the number of images: the fallback compares entries of the full set only, never a sweep's
+    # small-set entry against a full-set one
+    entries["a"]["manifest"]["num_samples"], entries["b"]["manifest"]["num_samples"] = 500, 100
+    assert main_setting(entries, SampleConfig(), 25)[0] == "a"
+    entries["b"]["manifest"]["num_samples"] = 500
+    assert main_setting(entries, SampleConfig(), 25)[0] == "b"
 
 
 # ------------------------------------------------------------------------------------------ purity

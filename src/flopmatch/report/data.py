@@ -8,8 +8,9 @@ The **main setting** of a run (the one its metric-vs-FLOPs points come from) is 
 among the EMA-weight eval entries, the one whose sampler settings equal the run config's default
 ``sample`` section with steps resolved by the paradigm (``objective.resolve_steps``); if several
 entries match (e.g. evaluated twice with different sample counts or seeds) or none does, the one
-with the lowest FID (effnet) among the matching ones, or among all EMA entries if none matches; an
-operating-point sweep's small set (its own sampling seed, SWEEP_SEED) never wins over the full set.
+with the lowest FID (effnet) among the matching ones, or among all EMA entries if none matches, comparing only
+entries evaluated on the most images (FID is biased by the number of images); an operating-point sweep's small
+set (its own sampling seed, SWEEP_SEED) never wins over the full set.
 The reason is recorded per run (``main_reason``). ``full_set`` marks the rows on the main setting's
 image set, whose FIDs compare with it. Inference plots use every full-set setting.
 
@@ -180,15 +181,20 @@ def main_setting(entries: dict, sample, steps: int | None) -> tuple[str | None, 
     if not entries:
         return None, "no eval entries"
     ema = {k: e for k, e in entries.items() if _weights(k, e) == "ema"} or entries
-    match = sorted(k for k, e in ema.items() if _matches(_settings(e), sample, steps))
-    if len(match) > 1:  # the full set (most images, then the lowest sampling seed): an operating-point sweep's small
-        # set evaluates the default setting too, on other images (flopmatch.evaluation.operating)
+
+    def full_set(keys: list[str], by_seed: bool) -> list[str]:
+        """The keys evaluated on the full set: not the operating-point sweep's small set, the most images (then, with
+        ``by_seed``, the lowest sampling seed). FID is biased by the number of images, so only these compare."""
         rank = {k: (_manifest(ema[k]).get("seed") == SWEEP_SEED, -(_manifest(ema[k]).get("num_samples") or 0),
-                    _manifest(ema[k]).get("seed") or 0) for k in match}
-        match = [k for k in match if rank[k] == min(rank.values())]
+                    (_manifest(ema[k]).get("seed") or 0) if by_seed else 0) for k in keys}
+        return [k for k in keys if rank[k] == min(rank.values())]
+
+    match = sorted(k for k, e in ema.items() if _matches(_settings(e), sample, steps))
+    if len(match) > 1:  # an operating-point sweep's small set evaluates the default setting too, on other images
+        match = full_set(match, by_seed=True)  # (flopmatch.evaluation.operating)
     if len(match) == 1:
         return match[0], "matches the run's default sample settings"
-    pool = match or sorted(ema)
+    pool = full_set(match or sorted(ema), by_seed=False)
     best = min(pool, key=lambda k: (_fid(ema[k]), k))
     why = "several entries match the default settings" if match else "no entry matches the default settings"
     return best, f"{why}: lowest FID (effnet) chosen"
