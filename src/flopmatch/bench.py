@@ -15,7 +15,7 @@ Figures, all measured in the same process so they can be compared:
    paradigm FLOP/s / plain FLOP/s. ``compile``: also torch.compile'd (both), or the error it raised;
 3. sampling: images/s per paradigm at batch 16, default steps and guidance 3 (network and sampler, no
    tokenizer decode), and the KV cache's speed-up of autoregressive sampling (on vs off, same seed);
-4. captions/s of the MiniLM text encoder on the CPU, where flopmatch runs it (captions are encoded once
+4. captions/s of the MiniLM text encoder on the device, where training runs it (captions are encoded once
    into a cache), in the precision flopmatch uses there; skipped with a note if its package is missing;
 5. peak memory: ``torch.cuda.max_memory_allocated`` on CUDA after the matmul figure (every network of the
    training and sampling figures, one depth at a time), the process's max RSS elsewhere (MiniLM included).
@@ -294,18 +294,19 @@ def sampling(opts: BenchOptions, device: torch.device, bf16: bool, sz: Sizes, lo
     return rows, kv
 
 
-def text_encoding(rounds: int, sz: Sizes, log) -> dict:
-    """Captions/s of the text encoder on distinct ``shapes`` captions, on the CPU in flopmatch's precision."""
+def text_encoding(rounds: int, sz: Sizes, device: torch.device, log) -> dict:
+    """Captions/s of the text encoder on distinct ``shapes`` captions, on ``device`` (where training encodes its
+    captions) in flopmatch's precision there."""
     try:
-        enc = make_text_encoder(sz.text.kind, sz.text.max_len, sz.text.dim)
+        enc = make_text_encoder(sz.text.kind, sz.text.max_len, sz.text.dim, device=device)
     except UserError as e:
         log(f"text encoder skipped: {e}")
         return {"skipped": str(e)}
     num_train = 20000 if sz.captions > 100 else 256
     captions = sorted(set(make_dataset(DataConfig(num_train=num_train), "train", progress=False).captions()))[: sz.captions]
     log(f"text encoder {enc.name}: {len(captions)} captions")
-    best, _ = interleaved({"encode": lambda: enc.encode(captions)}, torch.device("cpu"), rounds, 0.0, log)
-    out = {"name": enc.name, "device": "cpu", "bf16": bool(getattr(enc, "bf16", False)), "captions": len(captions),
+    best, _ = interleaved({"encode": lambda: enc.encode(captions)}, device, rounds, 0.0, log)
+    out = {"name": enc.name, "device": str(device), "bf16": bool(getattr(enc, "bf16", False)), "captions": len(captions),
            "captions_per_s": len(captions) / best["encode"]}
     if enc.flops_per_caption():
         out["flops_per_caption"] = enc.flops_per_caption()
@@ -351,7 +352,7 @@ def run_bench(opts: BenchOptions) -> dict:
     if errors:
         out["errors"] = errors  # items that failed (a torch.compile error, out of memory), by key
     out["sampling"], out["kv_cache"] = sampling(opts, device, bf16, sz, log)
-    out["text_encoder"] = text_encoding(opts.rounds, sz, log)
+    out["text_encoder"] = text_encoding(opts.rounds, sz, device, log)
     out["memory"] = peak_memory(device)
     out["elapsed_s"] = time.perf_counter() - start
     return out
