@@ -15,6 +15,7 @@ from flopmatch.config import RunConfig, from_dict
 from flopmatch.probe import SamplingProbe, TrainingProbe
 from flopmatch.study.calibrate import HostRates, arch, calibrate
 from flopmatch.study.estimate import REFERENCE_FLOPS_PER_S, Rates, estimate
+from flopmatch.study.launchers import concurrent_runs
 from flopmatch.study.plan import make_plan, planned_spec
 from flopmatch.study.presets import study_preset
 
@@ -98,3 +99,18 @@ def test_plan_only_calibrates_unless_told_not_to(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[study] calibrated on" not in out and "not calibrated on this host" in out
     assert not (tmp_path / "s").exists()
+
+
+def test_the_estimate_counts_runs_advancing_together(tmp_path, monkeypatch):
+    """--workers N on several GPUs advances min(N, GPUs) runs at once, so training and evaluation take that many
+    times less; on a CPU (or one GPU) the workers share the device and the estimate is unchanged."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6")
+    assert [concurrent_runs(w) for w in (1, 2, 3, 8)] == [1, 2, 3, 3]
+    for visible in ("", "0"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert concurrent_runs(4) == 1
+    scfg = study_preset("cpu")
+    plans = make_plan(scfg, tmp_path / "s")
+    one, two = (estimate(scfg, plans, tmp_path / "s", concurrent=c) for c in (1, 2))
+    assert two["training"] == pytest.approx(one["training"] / 2) and two["evaluation"] == pytest.approx(one["evaluation"] / 2)
+    assert {k: two[k] for k in ("set-up", "timing", "report")} == {k: one[k] for k in ("set-up", "timing", "report")}

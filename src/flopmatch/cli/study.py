@@ -72,6 +72,7 @@ def cmd_study(args) -> int:
     # `flopmatch --help` and argument errors answer at once.
     from flopmatch.study.calibrate import calibrate
     from flopmatch.study.estimate import estimate, format_estimate
+    from flopmatch.study.launchers import concurrent_runs
     from flopmatch.study.plan import format_plan, make_plan
     from flopmatch.study.presets import study_preset
     from flopmatch.study.runner import study
@@ -90,7 +91,8 @@ def cmd_study(args) -> int:
         plans = make_plan(scfg.validate(), Path(args.out))
         print(format_plan(plans))
         host = calibrate(scfg, plans) if args.calibrate and args.launcher != "slurm" else None
-        est = estimate(scfg, plans, Path(args.out), host=host)
+        concurrent = concurrent_runs(args.workers) if args.launcher == "local" else 1
+        est = estimate(scfg, plans, Path(args.out), host=host, concurrent=concurrent)
         print(format_estimate(est) + ("" if host else " (from the preset's assumed FLOP/s: not calibrated on this host)"))
         return 0
     slurm = None

@@ -76,11 +76,13 @@ def host_speed(scfg: StudyConfig, host: HostRates | None, rates: Rates) -> float
 
 
 def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates = Rates(),
-             host: HostRates | None = None) -> dict[str, float]:
+             host: HostRates | None = None, concurrent: int = 1) -> dict[str, float]:
     """Seconds per stage: "set-up", "training", "evaluation", "timing", "report" (and their "total").
 
     ``host``: this machine's calibration (:func:`flopmatch.study.calibrate.calibrate`); None: the preset's
-    assumed FLOP/s and the reference CPU's fixed rates."""
+    assumed FLOP/s and the reference CPU's fixed rates. ``concurrent``: runs advancing at full speed at once
+    (``--workers`` on several GPUs: :func:`flopmatch.study.launchers.concurrent_runs`); training and evaluation
+    are divided by it."""
     cfg = from_dict(RunConfig, plans[0].config) if plans else RunConfig()
     speed = host_speed(scfg, host, rates)
     setup = 0.0
@@ -142,7 +144,7 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
         items = (settings - extra + chosen) * (2 if p.objective == "autoregressive" else 1)
         per_round = p.sample_flops_per_image / sample_rate * (5 / rates.batch1_efficiency + rates.timing_batch)
         timing += items * (scfg.timing_budget_s + scfg.timing_rounds * per_round)
-    out = {"set-up": setup, "training": training, "evaluation": evaluation, "timing": timing,
+    out = {"set-up": setup, "training": training / concurrent, "evaluation": evaluation / concurrent, "timing": timing,
            "report": rates.report_fixed_s + rates.report_s_per_boot * scfg.n_boot}
     out["total"] = sum(out.values())
     return out

@@ -38,6 +38,14 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
+def concurrent_runs(workers: int) -> int:
+    """How many runs ``workers`` local worker processes advance at full speed at once: one per GPU when each worker
+    has its own (several GPUs); on a CPU the workers split the cores (cpu_count // N threads each), so together
+    they go about as fast as one run with all of them."""
+    gpus = visible_gpus()
+    return min(workers, len(gpus)) if len(gpus) > 1 else 1
+
+
 def nothing_to_check() -> None:
     """The local launchers' preflight: this machine is always there."""
 
@@ -52,6 +60,7 @@ class InProcessLauncher:
 
     name = "in-process"
     attaches = False  # jobs of an earlier study process are not found again (they died with it)
+    concurrent = 1  # runs progressing at full speed at once (the time estimate divides the runs stage by it)
     run_phase = staticmethod(run_phase_here)
     check = staticmethod(nothing_to_check)
 
@@ -79,6 +88,7 @@ class LocalWorkersLauncher:
 
     def __init__(self, workers: int, study: Path):
         self.workers, self.study = workers, study
+        self.concurrent = concurrent_runs(workers)
 
     def run(self, jobs: list[dict], on_done: Callable[[dict], None]) -> list[str]:
         threads = int(os.environ.get("FLOPMATCH_THREADS") or max(1, (os.cpu_count() or 1) // self.workers))

@@ -100,7 +100,7 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
     atomic_write_json(out / "plan.json", [asdict(p) for p in plans])
     print(format_plan(plans))
     host = calibrate(scfg, plans) if calibrate_host else None
-    est = estimate(scfg, plans, out, host=host)
+    est = estimate(scfg, plans, out, host=host, concurrent=launch.concurrent)
     uncalibrated = " (from the preset's assumed FLOP/s: not calibrated on this host)"
     print(f"[study] {format_estimate(est)}{'' if host else uncalibrated}")
     t0 = time.perf_counter()

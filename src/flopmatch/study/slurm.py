@@ -162,6 +162,7 @@ class SlurmLauncher:
 
     name = "slurm"
     attaches = True  # a re-run study waits for the jobs an earlier study process left queued or running
+    concurrent = 1  # the cluster's share is unknown here: the estimate is the runs' total time, one after another
 
     def __init__(self, study: Path, cfg: SlurmConfig):
         self.study, self.cfg = study, cfg
