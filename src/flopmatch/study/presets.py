@@ -233,7 +233,10 @@ def gpu() -> StudyConfig:
     Not run end to end. The plan estimates ~31 h at assumed_flops_per_s = 5e13, which is optimistic: measured on an
     H200 (session 10, `flopmatch bench --device cuda --batch 256`), the training step reached 4.3-4.7e13 FLOP/s at
     depth 6 but ~3e12 FLOP/s at depth 2 inside a study (launch-bound small networks), and a reduced study's
-    evaluations took ~15-20 s per 1000 images, which the estimate does not yet model per host."""
+    evaluations took ~15-20 s per 1000 images (feature extraction then ran on the CPU; fixed since). A study now
+    times each planned network, sampler and feature extractor on its GPU before estimating (study/calibrate.py),
+    so `flopmatch study --preset gpu --plan-only` on the target machine gives that machine's figure; it has not
+    been run on a GPU yet. assumed_flops_per_s is used only with --no-calibrate or under SLURM."""
     return StudyConfig(
         preset="gpu",
         depths=[2, 4, 6, 8],
