@@ -283,7 +283,7 @@ def _scorer_banner(study: Study) -> list[str]:
         seen.add(ev.get("sha256"))
         if ev.get("name") == "domain-clip":
             ret, chance = ev.get("retrieval") or {}, r.get("prompt_chance")
-            r_text = f" among R = {round(1 / chance)} captions (chance {100 * chance:.0f}%)" if chance else ""
+            r_text = f" among R = {round(1 / chance)} captions (chance {100 * chance:.1f}%)" if chance else ""
             out.append(f"Prompt following is scored without labels, by a domain CLIP trained on this dataset's training "
                        f"split: R-precision{r_text} is the prompt-following score. Its validation, image-to-text "
                        f"retrieval on {ret.get('num_pairs')} held-out real pairs: top-1 {100 * ret.get('top1', 0):.0f}% "
