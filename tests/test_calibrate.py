@@ -43,8 +43,9 @@ def test_calibration_times_the_networks_the_plan_budgets(tmp_path):
 
 def test_calibrate_measures_every_architecture_and_extractor(tmp_path):
     scfg, plans = tiny_plans(tmp_path)
-    lines = []
+    lines, before = [], torch.get_rng_state()
     host = calibrate(scfg, plans, log=lines.append)
+    assert torch.equal(torch.get_rng_state(), before)  # the probes' seeding does not leak into the study process
     archs = {arch(p.objective, p.depth) for p in plans}
     assert set(host.train_flops_per_s) == set(host.sample_flops_per_s) == archs
     assert set(host.feature_images_per_s) == {"effnet"}

@@ -91,6 +91,20 @@ def calibrate(scfg: StudyConfig, plans: list[RunPlan], log=print) -> HostRates:
         first.setdefault(arch(p.objective, p.depth), from_dict(RunConfig, p.config))
     any_cfg = next(iter(first.values()), RunConfig())
     device = resolve_device(any_cfg.train.device)
+    # The probes seed torch's global generators (as train does); the study process's own streams are left as they were.
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        host = _measure(scfg, first, any_cfg, device)
+    host.seconds = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    log(f"[study] calibrated on {device} in {host.seconds:.1f}s: training "
+        + ", ".join(f"{k} {v:.3g}" for k, v in host.train_flops_per_s.items()) + " FLOP/s; features "
+        + ", ".join(f"{k} {v:.0f}" for k, v in host.feature_images_per_s.items()) + " images/s")
+    return host
+
+
+def _measure(scfg: StudyConfig, first: dict[str, RunConfig], any_cfg: RunConfig, device: torch.device) -> HostRates:
+    """The timings of :func:`calibrate`: ``first`` maps each architecture to the config of its first planned run."""
     host = HostRates(device=str(device))
     for key, cfg in first.items():
         spec = planned_spec(cfg, scfg)
@@ -110,10 +124,4 @@ def calibrate(scfg: StudyConfig, plans: list[RunPlan], log=print) -> HostRates:
         extractor = make_feature_extractor(name, device)
         host.feature_images_per_s[name] = FEATURE_BATCH / seconds_per_call(lambda e=extractor: e(images), device)
         del extractor
-    host.seconds = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    log(f"[study] calibrated on {device} in {host.seconds:.1f}s: training "
-        + ", ".join(f"{k} {v:.3g}" for k, v in host.train_flops_per_s.items()) + " FLOP/s; features "
-        + ", ".join(f"{k} {v:.0f}" for k, v in host.feature_images_per_s.items()) + " images/s")
     return host
