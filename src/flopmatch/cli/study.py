@@ -70,7 +70,7 @@ def cmd_study(args) -> int:
         raise UserError("--workers applies only with --launcher local (on SLURM every run is its own job)")
     # Imported when the command runs, not at the top: the CLI modules load no torch, so that
     # `flopmatch --help` and argument errors answer at once.
-    from flopmatch.study.calibrate import calibrate
+    from flopmatch.study.calibrate import calibrate_or_none
     from flopmatch.study.estimate import estimate, format_estimate
     from flopmatch.study.launchers import concurrent_runs
     from flopmatch.study.plan import format_plan, make_plan
@@ -90,7 +90,7 @@ def cmd_study(args) -> int:
     if args.plan_only:
         plans = make_plan(scfg.validate(), Path(args.out))
         print(format_plan(plans))
-        host = calibrate(scfg, plans) if args.calibrate and args.launcher != "slurm" else None
+        host = calibrate_or_none(scfg, plans) if args.calibrate and args.launcher != "slurm" else None
         concurrent = concurrent_runs(args.workers) if args.launcher == "local" else 1
         est = estimate(scfg, plans, Path(args.out), host=host, concurrent=concurrent)
         print(format_estimate(est) + ("" if host else " (from the preset's assumed FLOP/s: not calibrated on this host)"))

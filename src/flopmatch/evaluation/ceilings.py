@@ -38,6 +38,7 @@ import torch
 
 from flopmatch.config import DataConfig, parse_source
 from flopmatch.data.datasets import make_dataset
+from flopmatch.device import resolve_device
 from flopmatch.evaluation.features import extract_features, make_feature_extractor, reference_features
 from flopmatch.evaluation.prompt_scoring import prompt_scorer
 from flopmatch.evaluation.quality import fid_from_features
@@ -91,7 +92,7 @@ def tokenizer_ceiling(tok: Tokenizer, data: DataConfig, num_images: int, feature
         if note is not None:
             out["fid"][name] = {"recon": None, "real": None}
             continue
-        extractor = make_feature_extractor(name)
+        extractor = make_feature_extractor(name, resolve_device("auto"))  # on the GPU when there is one, as in eval
         # rows of the whole split's cached features, sliced: the same numbers the generators' evaluation uses
         feats = reference_features(extractor, data.name, ref_images, key, progress=progress)  # (R, F)
         reference = feats[:num_images]  # (n, F)

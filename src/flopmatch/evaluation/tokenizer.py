@@ -35,6 +35,7 @@ import torch.nn.functional as nn_f
 
 from flopmatch.config import parse_source
 from flopmatch.data.datasets import make_dataset
+from flopmatch.device import resolve_device
 from flopmatch.errors import UserError
 from flopmatch.evaluation.attributes import head_accuracy, load_or_train_attribute_classifier
 from flopmatch.evaluation.features import extract_features, make_feature_extractor, reference_features
@@ -66,7 +67,7 @@ def reconstruction_fid(real_uint8: torch.Tensor, recon_uint8: torch.Tensor, feat
     """
     if features == "none":
         return None
-    extractor = make_feature_extractor(features)
+    extractor = make_feature_extractor(features, resolve_device("auto"))  # on the GPU when there is one, as in eval
     if reference_key is not None:
         real = reference_features(extractor, dataset_name, real_uint8, reference_key, progress=progress)
     else:

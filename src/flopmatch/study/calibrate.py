@@ -32,12 +32,15 @@ from flopmatch.device import resolve_device, use_bf16
 from flopmatch.evaluation.features import make_feature_extractor
 from flopmatch.evaluation.run import EvalConfig
 from flopmatch.evaluation.timing import Clock
+from flopmatch.objectives import make_objective
 from flopmatch.probe import SamplingProbe, TrainingProbe
 from flopmatch.study.plan import RunPlan, planned_spec
 from flopmatch.study.presets import StudyConfig
 
 CPU_SAMPLE_BATCH = 16  # images per timed sampling call on a CPU (a GPU times the evaluation's batch)
-FEATURE_BATCH = 16  # images per timed feature-extraction call
+FEATURE_BATCH = 64  # images per feature-extraction call on a GPU: extract_features' batch
+PROBE_BATCH = 4  # every item is first timed at this batch; the full batch only if that predicts <= FULL_BATCH_S
+FULL_BATCH_S = 2.0  # a preset sized for a GPU, planned on a laptop, keeps its small-batch rate (errs long)
 MAX_TIMED = 2  # timed calls per item after the warm-up
 ENOUGH_S = 0.25  # stop timing an item once its timed calls add up to this; on a CPU a first call this slow is the figure
 
@@ -83,6 +86,18 @@ def seconds_per_call(fn, device: torch.device) -> float:
     return min(times)
 
 
+def calibrate_or_none(scfg: StudyConfig, plans: list[RunPlan], log=print) -> HostRates | None:
+    """:func:`calibrate`, or None (the estimate then uses the preset's assumed rate) if it fails: the estimate is advice,
+    and a missing evaluator package or an out-of-memory probe should be reported where it matters, not here."""
+    try:
+        return calibrate(scfg, plans, log)
+    except Exception as e:  # any failure: the study or plan goes on with the uncalibrated estimate
+        lines = str(e).strip().splitlines()
+        log(f"[study] calibration failed ({type(e).__name__}: {lines[0] if lines else ''}); estimating with the "
+            f"preset's assumed {scfg.assumed_flops_per_s:.3g} FLOP/s")
+        return None
+
+
 def calibrate(scfg: StudyConfig, plans: list[RunPlan], log=print) -> HostRates:
     """Time each (paradigm, depth) of ``plans`` and each of the study's feature extractors on the device the runs use."""
     t0 = time.perf_counter()
@@ -109,19 +124,39 @@ def _measure(scfg: StudyConfig, first: dict[str, RunConfig], any_cfg: RunConfig,
     for key, cfg in first.items():
         spec = planned_spec(cfg, scfg)
         bf16 = use_bf16(cfg.train.precision, device)
-        probe = TrainingProbe(cfg.objective, spec, cfg.train.batch_size, cfg.train, device, bf16, cfg.text)
-        host.train_flops_per_s[key] = probe.batch * probe.flops_per_example / seconds_per_call(probe.step, device)
-        del probe
+
+        def train_rate(batch: int, cfg=cfg, spec=spec, bf16=bf16) -> float:
+            probe = TrainingProbe(cfg.objective, spec, batch, cfg.train, device, bf16, cfg.text)
+            return batch * probe.flops_per_example / seconds_per_call(probe.step, device)
+
+        def sample_rate(batch: int, cfg=cfg, spec=spec, bf16=bf16) -> float:
+            sampler = SamplingProbe(cfg.objective, spec, batch, device, bf16, cfg.text)
+            return batch * sampler.flops_per_image(cfg.sample) / seconds_per_call(lambda: sampler.run(cfg.sample), device)
+
+        host.train_flops_per_s[key] = at_full_batch(train_rate, cfg.train.batch_size, spec_flops(cfg, spec, "train"))
         batch = EvalConfig().batch_size if device.type == "cuda" else CPU_SAMPLE_BATCH
-        sampler = SamplingProbe(cfg.objective, spec, batch, device, bf16, cfg.text)
-        flops = batch * sampler.flops_per_image(cfg.sample)
-        host.sample_flops_per_s[key] = flops / seconds_per_call(lambda s=sampler, c=cfg: s.run(c.sample), device)
-        del sampler
+        host.sample_flops_per_s[key] = at_full_batch(sample_rate, batch, spec_flops(cfg, spec, "sample"))
     size = any_cfg.data.image_size
-    images = torch.randint(0, 256, (FEATURE_BATCH, 3, size, size), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
+    batch = FEATURE_BATCH if device.type == "cuda" else CPU_SAMPLE_BATCH
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for name in scfg.features:
         extractor = make_feature_extractor(name, device)
-        host.feature_images_per_s[name] = FEATURE_BATCH / seconds_per_call(lambda e=extractor: e(images), device)
+        host.feature_images_per_s[name] = batch / seconds_per_call(lambda e=extractor: e(images), device)
         del extractor
     return host
+
+
+def spec_flops(cfg: RunConfig, spec, what: str) -> int:
+    """Analytic FLOPs of one training example or one sampled image (main setting) of a planned run."""
+    objective = make_objective(cfg.objective)
+    return objective.train_flops(spec) if what == "train" else objective.sample_flops(spec, cfg.sample)
+
+
+def at_full_batch(rate_at, batch: int, flops_per_item: int) -> float:
+    """FLOP/s at ``batch`` items, measured there only when a :data:`PROBE_BATCH` call predicts the full-batch call takes
+    <= :data:`FULL_BATCH_S` (FLOPs scale with the batch); else the small batch's rate, which errs slow. ``rate_at``:
+    batch -> measured FLOP/s."""
+    if batch <= PROBE_BATCH:
+        return rate_at(batch)
+    small = rate_at(PROBE_BATCH)
+    return rate_at(batch) if batch * flops_per_item / small <= FULL_BATCH_S else small

@@ -85,6 +85,9 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
     are divided by it."""
     cfg = from_dict(RunConfig, plans[0].config) if plans else RunConfig()
     speed = host_speed(scfg, host, rates)
+    # The attribute classifier, the domain CLIP and k-means always run on the CPU: on a GPU host their speed-up is
+    # the CPU's, unknown here, so the reference CPU's times stand (the effnet ratio applies only to a CPU host).
+    cpu_speed = speed if host is not None and host.device == "cpu" else 1.0
     setup = 0.0
     if scfg.tokenizer == "learned":
         for tokens, directory in tokenizer_dirs(study).items():
@@ -100,14 +103,14 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
                 setup += 2 * steps * rates.autoencoder_step_s / speed
             setup += 3 * min(VAL_IMAGES, cfg.data.num_eval) / rates.psnr_images_per_s
     elif "discrete" in token_types(scfg):
-        setup += rates.kmeans_s / speed  # the continuous patch tokenizer is a mean and a std: free
+        setup += rates.kmeans_s / cpu_speed  # the continuous patch tokenizer is a mean and a std: free
     setup += cfg.data.num_train / rates.render_images_per_s
     if cfg.text.kind == "minilm":
         setup += cfg.data.num_train / rates.captions_per_s  # an upper bound: unique captions are fewer
     if parse_source(cfg.data.name)[0] != "shapes":  # the domain CLIP: a small CNN trained like the classifier
-        setup += rates.attribute_classifier_s / speed
+        setup += rates.attribute_classifier_s / cpu_speed
     elif not attribute_classifier_cached(shapes_config(cfg.data)):
-        setup += rates.attribute_classifier_s / speed
+        setup += rates.attribute_classifier_s / cpu_speed
     if host is not None:
         per_image = sum(1 / host.feature_images_per_s[f] for f in scfg.features)  # seconds of extraction per image
     else:
@@ -116,11 +119,12 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
     setup += cfg.data.num_eval * per_image  # reference features
     # wsd/constant chains train only the steps after the previous budget's stable state (plan.chained_flops)
     share = chained_flops(plans) / max(1.0, sum(p.train_flops for p in plans))
-    training = sum((p.train_flops / host.train_rate(p) if host else p.est_seconds) * share + rates.run_overhead_s
-                   for p in plans)
-    evaluation = timing = 0.0
+    train_s = [(p.train_flops / host.train_rate(p) if host else p.est_seconds) * share + rates.run_overhead_s for p in plans]
+    eval_s = []  # per run
+    timing = 0.0
     timed = set()
     for p in plans:
+        evaluation = 0.0
         sample_rate = host.sample_rate(p) if host else scfg.assumed_flops_per_s * rates.sampling_efficiency
         sweep = len(ema_sweep(scfg, p))  # the post-hoc EMA sweep: raw weights and each length, main setting only
         extra = sweep + 1 if sweep else (1 if scfg.eval_raw else 0)
@@ -138,13 +142,20 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
                            + len(swept) * rates.sweep_setting_s)
             chosen = min(len(swept), rates.chosen_points)
             evaluation += chosen * per_setting
+        eval_s.append(evaluation)
         if (p.objective, p.depth) in timed or p.budget != max(scfg.budgets):
             continue  # the timing phase times one run per architecture, at the largest budget (study.timing_phase)
         timed.add((p.objective, p.depth))
         items = (settings - extra + chosen) * (2 if p.objective == "autoregressive" else 1)
         per_round = p.sample_flops_per_image / sample_rate * (5 / rates.batch1_efficiency + rates.timing_batch)
         timing += items * (scfg.timing_budget_s + scfg.timing_rounds * per_round)
-    out = {"set-up": setup, "training": training / concurrent, "evaluation": evaluation / concurrent, "timing": timing,
+    if host is not None and host.device == "cpu":
+        concurrent = 1  # CPU workers split the cores (launchers.concurrent_runs counts GPUs)
+
+    def together(seconds: list[float]) -> float:  # runs shared over `concurrent` devices, never below the longest one
+        return max(sum(seconds) / concurrent, max(seconds, default=0.0)) if concurrent > 1 else sum(seconds)
+
+    out = {"set-up": setup, "training": together(train_s), "evaluation": together(eval_s), "timing": timing,
            "report": rates.report_fixed_s + rates.report_s_per_boot * scfg.n_boot}
     out["total"] = sum(out.values())
     return out

@@ -182,7 +182,9 @@ def format_plan(plans: list[RunPlan]) -> str:
         lines.append(f"{p.name:<34} {p.params:>9,} {p.steps:>6} {p.train_flops:>11.3g} {p.sample_flops_per_image:>10.3g} "
                      f"{fmt_duration(p.est_seconds):>9}")
     total = sum(p.est_seconds for p in plans)
-    lines.append(f"{len(plans)} runs, {sum(p.train_flops for p in plans):.3g} training FLOPs, about {fmt_duration(total)} of training")
+    # est. time is at the preset's assumed_flops_per_s; the study's estimate line (calibrated on the host) follows the table
+    lines.append(f"{len(plans)} runs, {sum(p.train_flops for p in plans):.3g} training FLOPs, about {fmt_duration(total)} of "
+                 f"training at the preset's assumed FLOP/s")
     chained = chained_flops(plans)
     if chained < sum(p.train_flops for p in plans):
         lines.append(f"  runs that can grow (wsd/constant) share their stable phase: {chained:.3g} training FLOPs to spend "

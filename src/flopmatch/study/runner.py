@@ -34,7 +34,7 @@ from flopmatch.evaluation.run import EvalConfig
 from flopmatch.files import atomic_write_json, read_json
 from flopmatch.lock import LOCK_NAME, DirectoryLock, describe, holder, in_use, is_locked
 from flopmatch.report.build import build_report
-from flopmatch.study.calibrate import calibrate
+from flopmatch.study.calibrate import calibrate_or_none
 from flopmatch.study.estimate import Rates, estimate, format_estimate
 from flopmatch.study.grow import reconcile
 from flopmatch.study.job import chain_jobs, timing_job
@@ -99,7 +99,7 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
     atomic_write_json(out / "study.json", asdict(scfg))
     atomic_write_json(out / "plan.json", [asdict(p) for p in plans])
     print(format_plan(plans))
-    host = calibrate(scfg, plans) if calibrate_host else None
+    host = calibrate_or_none(scfg, plans) if calibrate_host else None
     est = estimate(scfg, plans, out, host=host, concurrent=launch.concurrent)
     uncalibrated = " (from the preset's assumed FLOP/s: not calibrated on this host)"
     print(f"[study] {format_estimate(est)}{'' if host else uncalibrated}")
