@@ -93,7 +93,7 @@ def cmd_study(args) -> int:
         host = calibrate_or_none(scfg, plans) if args.calibrate and args.launcher != "slurm" else None
         concurrent = concurrent_runs(args.workers) if args.launcher == "local" else 1
         est = estimate(scfg, plans, Path(args.out), host=host, concurrent=concurrent)
-        print(format_estimate(est) + ("" if host else " (from the preset's assumed FLOP/s: not calibrated on this host)"))
+        print(format_estimate(est, calibrated=host is not None))
         return 0
     slurm = None
     if args.launcher == "slurm":

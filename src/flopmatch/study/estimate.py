@@ -67,9 +67,10 @@ class Rates:
 
 
 def host_speed(scfg: StudyConfig, host: HostRates | None, rates: Rates) -> float:
-    """How much faster than the reference CPU this host runs the network-bound fixed costs (autoencoder steps,
-    classifier training, k-means): the measured EfficientNet images/s over the reference's; uncalibrated, a preset for
-    faster hardware (a larger assumed_flops_per_s) is taken to be that much faster, never slower."""
+    """How much faster than the reference CPU this host runs the network-bound fixed costs on the study's device
+    (autoencoder steps; on a CPU host also the CPU-only evaluator training and k-means): the measured EfficientNet
+    images/s over the reference's; uncalibrated, a preset for faster hardware (a larger assumed_flops_per_s) is taken
+    to be that much faster, never slower."""
     if host is not None and host.feature_images_per_s.get("effnet"):
         return host.feature_images_per_s["effnet"] / rates.feature_images_per_s
     return max(1.0, scfg.assumed_flops_per_s / REFERENCE_FLOPS_PER_S)
@@ -161,6 +162,7 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
     return out
 
 
-def format_estimate(est: dict[str, float]) -> str:
-    """One line: 'estimated wall time: set-up 2.6min, training 7.4min, ...'."""
-    return "estimated wall time: " + ", ".join(f"{k} {fmt_duration(v)}" for k, v in est.items())
+def format_estimate(est: dict[str, float], calibrated: bool = True) -> str:
+    """One line: 'estimated wall time: set-up 2.6min, training 7.4min, ...', saying so when not calibrated on this host."""
+    note = "" if calibrated else " (from the preset's assumed FLOP/s: not calibrated on this host)"
+    return "estimated wall time: " + ", ".join(f"{k} {fmt_duration(v)}" for k, v in est.items()) + note

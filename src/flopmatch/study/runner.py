@@ -101,8 +101,7 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
     print(format_plan(plans))
     host = calibrate_or_none(scfg, plans) if calibrate_host else None
     est = estimate(scfg, plans, out, host=host, concurrent=launch.concurrent)
-    uncalibrated = " (from the preset's assumed FLOP/s: not calibrated on this host)"
-    print(f"[study] {format_estimate(est)}{'' if host else uncalibrated}")
+    print(f"[study] {format_estimate(est, calibrated=host is not None)}")
     t0 = time.perf_counter()
     # the tokenizers and each one's reconstruction ceiling (a tokenizer below the classifier floor is refused)
     if not launch.attaches:
