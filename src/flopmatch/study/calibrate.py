@@ -1,22 +1,24 @@
 """Host calibration: time this machine on the study's own networks before estimating the study's wall time.
 
 A preset's ``assumed_flops_per_s`` is one number for a whole class of machines, and the fixed costs in
-:class:`flopmatch.study.estimate.Rates` were measured on one 2-core AMX CPU. Both were far off elsewhere: on an
-H200 the gpu preset's estimate assumed 5e13 FLOP/s and scaled the evaluation's network costs by the same 833x,
-while the measured training loop ran at 3e12 and an evaluation of 1000 images took 15-25 s; on AVX2-only CPUs
-(no fast bf16) the cpu preset ran several times slower than estimated. So before the estimate the study measures,
-on the device its runs will use:
+:class:`flopmatch.study.estimate.Rates` were measured on one 2-core AMX CPU. On an H200 the gpu preset's estimate
+assumed 5e13 FLOP/s and scaled the evaluation's network costs by the same 833x, while the measured training loop ran
+at 3e12 and an evaluation of 1000 images took 15-25 s. (On a 2-core AVX2 CPU the cpu preset's assumed rates landed
+near by luck: 19.6 min estimated, 21.5 measured with warm caches; calibrated: 24.8.) So before the estimate the
+study measures, on the device its runs will use:
 
 * per (paradigm, depth) of the plan: the FLOP/s of :func:`flopmatch.train.train_step` on the run's network,
   batch size and precision (:class:`flopmatch.probe.TrainingProbe`), and of the run's sampler at its main setting
   (:class:`flopmatch.probe.SamplingProbe`, guidance included);
 * per feature extractor of the study: images/s at the dataset's resolution, which also scales the fixed costs
-  that are network-bound (autoencoder steps, classifier training; :func:`host_speed`).
+  that are network-bound (:func:`flopmatch.study.estimate.host_speed`).
 
-Cost: a few seconds on the cpu presets (one warm-up and up to two timed steps per network; on a CPU a slow first
-step is its own measurement). Timings are of random-input steps, not the run's data pipeline, and of one sampling
-batch (:data:`CPU_SAMPLE_BATCH` images on a CPU, the evaluation's batch on a GPU), so they err slightly fast for
-training and slow for sampling. Not done under ``--launcher slurm`` (the runs execute on other machines) or with
+Cost: a few seconds on the cpu presets (one warm-up and up to two timed calls per item; on a CPU a slow first call
+is its own measurement), bounded elsewhere: each item is timed at :data:`PROBE_BATCH` first and at its full batch
+only if that is predicted to take <= :data:`FULL_BATCH_S` (the gpu preset planned on a 2-core CPU: 43 s).
+Timings are of random-input steps, not the run's data pipeline, and of one sampling batch (:data:`CPU_SAMPLE_BATCH`
+images on a CPU, the evaluation's batch on a GPU), so they err slightly fast for training and slow for sampling.
+A failed calibration is reported and the estimate falls back to the assumed rate (:func:`calibrate_or_none`). Not done under ``--launcher slurm`` (the runs execute on other machines) or with
 ``--no-calibrate``: the preset's assumed rate is used there, as before.
 """
 
