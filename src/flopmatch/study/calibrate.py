@@ -16,8 +16,8 @@ study measures, on the device its runs will use:
 Cost: a few seconds on the cpu presets (one warm-up and up to two timed calls per item; on a CPU a slow first call
 is its own measurement), bounded elsewhere: each item is timed at :data:`PROBE_BATCH` first and at its full batch
 only if that is predicted to take <= :data:`FULL_BATCH_S` (the gpu preset planned on a 2-core CPU: 43 s).
-Timings are of random-input steps, not the run's data pipeline, and of one sampling batch (:data:`CPU_SAMPLE_BATCH`
-images on a CPU, the evaluation's batch on a GPU), so they err slightly fast for training and slow for sampling.
+Timings are of random-input steps, not the run's data pipeline, and of one sampling batch of the evaluation's size,
+so they err slightly fast for training.
 A failed calibration is reported and the estimate falls back to the assumed rate (:func:`calibrate_or_none`). Not done under ``--launcher slurm`` (the runs execute on other machines) or with
 ``--no-calibrate``: the preset's assumed rate is used there, as before.
 """
@@ -39,7 +39,7 @@ from flopmatch.probe import SamplingProbe, TrainingProbe
 from flopmatch.study.plan import RunPlan, planned_spec
 from flopmatch.study.presets import StudyConfig
 
-CPU_SAMPLE_BATCH = 16  # images per timed sampling call on a CPU (a GPU times the evaluation's batch)
+CPU_FEATURE_BATCH = 16  # images per timed feature-extraction call on a CPU (per-image cost barely depends on it)
 FEATURE_BATCH = 64  # images per feature-extraction call on a GPU: extract_features' batch
 PROBE_BATCH = 4  # every item is first timed at this batch; the full batch only if that predicts <= FULL_BATCH_S
 FULL_BATCH_S = 2.0  # a preset sized for a GPU, planned on a laptop, keeps its small-batch rate (errs long)
@@ -136,10 +136,11 @@ def _measure(scfg: StudyConfig, first: dict[str, RunConfig], any_cfg: RunConfig,
             return batch * sampler.flops_per_image(cfg.sample) / seconds_per_call(lambda: sampler.run(cfg.sample), device)
 
         host.train_flops_per_s[key] = at_full_batch(train_rate, cfg.train.batch_size, spec_flops(cfg, spec, "train"))
-        batch = EvalConfig().batch_size if device.type == "cuda" else CPU_SAMPLE_BATCH
-        host.sample_flops_per_s[key] = at_full_batch(sample_rate, batch, spec_flops(cfg, spec, "sample"))
+        # the evaluation's batch: decoding at small batches is overhead-bound (next-token at batch 16 ran 2.5x slower
+        # per image than at 100 on a 2-core CPU), so a smaller probe would overstate evaluation time
+        host.sample_flops_per_s[key] = at_full_batch(sample_rate, EvalConfig().batch_size, spec_flops(cfg, spec, "sample"))
     size = any_cfg.data.image_size
-    batch = FEATURE_BATCH if device.type == "cuda" else CPU_SAMPLE_BATCH
+    batch = FEATURE_BATCH if device.type == "cuda" else CPU_FEATURE_BATCH
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for name in scfg.features:
         extractor = make_feature_extractor(name, device)
