@@ -21,7 +21,7 @@ from flopmatch.cli.eval import parse_sweeps
 from flopmatch.config import RunConfig, SampleConfig, apply_overrides, validate_sample
 from flopmatch.errors import UserError
 from flopmatch.evaluation.run import EvalConfig, entry_key
-from flopmatch.objectives.guidance import guided
+from flopmatch.objectives.guidance import Guided
 from flopmatch.objectives.ode import integrate, num_velocity_calls, shift_time, time_grid
 from flopmatch.plan import flops_summary
 from tiny import Recorder, empty_text, fake_text, make_tiny
@@ -148,7 +148,7 @@ def test_euler_with_shift_one_is_unchanged(gen):
     ts = torch.linspace(1.0, 0.0, steps + 1)
     with torch.no_grad():
         for i in range(steps):
-            v = guided(t.net, x, cond, uncond, guidance, t=ts[i].expand(B))
+            v = Guided(t.net, cond, uncond, guidance)(x, t=ts[i].expand(B))
             x = x + (ts[i + 1] - ts[i]) * v.float()
     assert torch.equal(new, x)
     heun = t.objective.sample(t.net, cond, uncond, SampleConfig(steps=steps, guidance=guidance, solver="heun"),

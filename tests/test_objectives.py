@@ -7,7 +7,7 @@ import torch
 
 from flopmatch import PARADIGMS
 from flopmatch.config import SampleConfig
-from flopmatch.objectives.guidance import guided
+from flopmatch.objectives.guidance import Guided
 from tiny import Recorder, empty_text, fake_data, fake_text, make_tiny
 
 B = 4
@@ -84,7 +84,7 @@ def test_overfits_one_batch(name):
 
 
 def test_guidance_is_u_plus_s_times_c_minus_u(name, gen):
-    """guided() with scale s equals u + s*(c - u) from separate conditional and unconditional passes."""
+    """Guided with scale s equals u + s*(c - u) from separate conditional and unconditional passes."""
     t = make_tiny(name, perturb=0.2)
     cond, uncond = fake_text(B, gen), empty_text(B)
     x = fake_data(t.spec, B, gen)
@@ -93,8 +93,8 @@ def test_guidance_is_u_plus_s_times_c_minus_u(name, gen):
         c = t.net(x, cond.states, cond.pad, cond.pooled, t=tt).float()
         u = t.net(x, uncond.states, uncond.pad, uncond.pooled, t=tt).float()
         for s in (0.0, 2.5, 4.0):
-            assert torch.allclose(guided(t.net, x, cond, uncond, s, t=tt), u + s * (c - u), atol=1e-5)
-        assert torch.equal(guided(t.net, x, cond, uncond, 1.0, t=tt), c)
+            assert torch.allclose(Guided(t.net, cond, uncond, s)(x, t=tt), u + s * (c - u), atol=1e-5)
+        assert torch.equal(Guided(t.net, cond, uncond, 1.0)(x, t=tt), c)
     assert not torch.allclose(c, u, atol=1e-3)  # otherwise the comparison above is vacuous
 
 

@@ -46,11 +46,6 @@ class Guided:
         return u + self.guidance * (c - u)  # (B, ...); guidance 0 = unconditional, 1 = conditional
 
 
-def guided(net, x: torch.Tensor, cond, uncond, guidance: float, t: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-    """One guided call (:class:`Guided` for a single step)."""
-    return Guided(net, cond, uncond, guidance)(x, t=t, cache=cache)
-
-
 def guidance_rows(batch: int, guidance: float) -> int:
     """Rows the network sees per step: 2B with guidance, B without."""
     return batch if guidance == 1.0 else 2 * batch

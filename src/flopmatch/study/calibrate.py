@@ -17,8 +17,8 @@ Cost: a few seconds on the cpu presets (one warm-up and up to two timed calls pe
 is its own measurement), bounded elsewhere: each item is timed at :data:`PROBE_BATCH` first and at its full batch
 only if that is predicted to take <= :data:`FULL_BATCH_S` (the gpu preset planned on a 2-core CPU: 43 s).
 Timings are of random-input steps, not the run's data pipeline, and of one sampling batch of the evaluation's size,
-so they err slightly fast for training.
-A failed calibration is reported and the estimate falls back to the assumed rate (:func:`calibrate_or_none`). Not done under ``--launcher slurm`` (the runs execute on other machines) or with
+so they err slightly fast for training. A failed calibration is reported and the estimate falls back to the assumed
+rate (:func:`calibrate_or_none`). Not done under ``--launcher slurm`` (the runs execute on other machines) or with
 ``--no-calibrate``: the preset's assumed rate is used there, as before.
 """
 
