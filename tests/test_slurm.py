@@ -29,8 +29,10 @@ from flopmatch.study.slurm import parse_slurm_time, squeue_states
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
+# Main settings only (no operating-point or post-hoc EMA sweep): what is tested is the jobs' life cycle, and the
+# sweeps have their own tests.
 STUDY = ["study", "--preset", "tiny", "--objectives", "diffusion,masked", "--budgets", "1e10", "--eval-samples", "10",
-         "--set", "train.checkpoint_every=10"]
+         "--sweep-guidance", "none", "--eval-ema", "none", "--set", "train.checkpoint_every=10"]
 VICTIM = "diffusion-d1-b1e10-s0"  # the run whose job is cancelled and whose study process is killed
 
 

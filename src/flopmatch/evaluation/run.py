@@ -56,10 +56,10 @@ from flopmatch.evaluation.prompt_scoring import prompt_scorer
 from flopmatch.evaluation.quality import (
     FID_SMALL_N,
     feature_stats,
+    fid_against_stats,
     fid_bootstrap,
     fid_bootstrap_stats,
     fid_from_features,
-    fid_from_stats,
     kid_bootstrap,
     kid_from_features,
     precision_recall_matched,
@@ -254,7 +254,7 @@ def metrics_from_stats(ref: ReferenceStats, fake: torch.Tensor, ecfg: EvalConfig
     """FID (and ``fid_boot``) of fake features (M, F) against imported reference statistics; the metrics that
     need reference features are None, and ``not_computed`` says why. The statistics have no rows to subset,
     so ``fid_num_real`` is the imported set's size and ``fid_note`` says the counts are the importer's choice."""
-    out = {"fid": fid_from_stats(ref.mu, ref.sigma, *feature_stats(fake)), "fid_num_real": ref.num_images,
+    out = {"fid": fid_against_stats(ref.mu, ref.sigma, fake), "fid_num_real": ref.num_images,
            "fid_num_fake": len(fake), "fid_note": IMPORTED_COUNTS, "kid": None, "kid_std": None,
            "precision": None, "recall": None, "num_real": ref.num_images, "num_fake": len(fake),
            "pr_num_real": None, "pr_num_fake": None, "fid_small_n": min(ref.num_images, len(fake)) < FID_SMALL_N,
