@@ -59,6 +59,33 @@ def test_kv_cache_decoding_equals_full_recompute(gen, chunks):
     assert (inc - full).abs().max().item() < 1e-5
 
 
+def test_static_kv_cache_decoding_equals_full_recompute(gen):
+    """The static cache (fixed shapes, for torch.compile / CUDA graphs: a position tensor, all slots attended with the
+    unfilled ones masked) gives the full pass's logits token by token, advances its position, and takes one token."""
+    t = make_tiny("autoregressive", depth=2, perturb=0.2)
+    text = fake_text(B, gen)
+    x = fake_data(t.spec, B, gen)
+    full = _logits(t, x, text)  # (B, L, V)
+    cache = t.net.new_cache(B, "cpu", static=True)
+    inc = torch.cat([_logits(t, x[:, i : i + 1], text, cache=cache) for i in range(t.spec.seq_len)], dim=1)
+    assert (inc - full).abs().max().item() < 1e-5
+    assert cache.position.tolist() == [t.spec.seq_len] and cache.length == 0
+    with pytest.raises(ValueError, match="one token per call"):
+        _logits(t, x[:, :2], text, cache=t.net.new_cache(B, "cpu", static=True))
+
+
+@pytest.mark.slow
+def test_compiled_decoding_draws_the_eager_tokens(gen):
+    """torch.compile'd cached decoding (SampleConfig.compile) draws the same tokens as eager decoding under one seed,
+    with guidance, for two networks of one shape (the second reuses the compiled step)."""
+    cond, uncond = fake_text(B, gen), empty_text(B)
+    for seed in (0, 1):
+        t = make_tiny("autoregressive", depth=1, perturb=0.2, seed=seed)
+        out = {c: t.objective.sample(t.net, cond, uncond, SampleConfig(guidance=3.0, compile=c),
+                                     torch.Generator().manual_seed(11)) for c in (False, True)}
+        assert torch.equal(out[True], out[False]) and len(out[True].unique()) > 1
+
+
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
 def test_autoregressive_sampler_kv_cache_matches_recompute(gen, cfg):
     """The autoregressive sampler draws identical tokens with and without the KV cache under one seed."""

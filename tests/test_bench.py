@@ -14,6 +14,7 @@ import torch
 from flop_counting import count_flops
 from flopmatch import PARADIGMS, cli
 from flopmatch.bench import (
+    COMPILED_KV,
     PLAIN,
     BenchOptions,
     TrainingBench,
@@ -28,6 +29,7 @@ from flopmatch.bench import (
 from flopmatch.config import RunConfig, apply_overrides
 from flopmatch.device import autocast, matmul_times
 from flopmatch.objectives import make_objective
+from flopmatch.objectives.autoregressive import compiled_decode_step
 from flopmatch.plan import net_spec_for
 from flopmatch.schedule import ema_decay_at
 from flopmatch.study.plan import autoencoder_config
@@ -123,7 +125,7 @@ def test_matmul_timing_leaves_global_rng_alone():
 class _BrokenCompile(torch.nn.Module):
     """What a torch.compile'd module that fails at its first call looks like."""
 
-    def __init__(self, net):
+    def __init__(self, net, **options):
         super().__init__()
         self._orig_mod = net
 
@@ -134,9 +136,17 @@ class _BrokenCompile(torch.nn.Module):
 def test_compile_failure_is_reported_not_raised(monkeypatch):
     """With --compile, a compile error becomes one line under "errors"; the eager figures are still measured."""
     monkeypatch.setattr(torch, "compile", _BrokenCompile)
-    out = run_bench(BenchOptions(quick=True, rounds=1, depths=[1], objectives=["masked"], compile=True, progress=False))
-    assert out["errors"] == {f"{m} compiled d1": "RuntimeError: no C++ compiler here" for m in (PLAIN, "masked")}
-    assert [(r["model"], r["compiled"]) for r in out["training"]] == [(PLAIN, False), ("masked", False)]
+    compiled_decode_step.cache_clear()  # built on first use per process: not from an earlier test's real compile
+    try:
+        out = run_bench(BenchOptions(quick=True, rounds=1, depths=[1], objectives=["masked", "autoregressive"], compile=True,
+                                     progress=False))
+    finally:
+        compiled_decode_step.cache_clear()  # nor a later test from this broken one
+    failed = [f"{m} compiled d1" for m in (PLAIN, "masked", "autoregressive")] + [f"autoregressive{COMPILED_KV} d1"]
+    assert out["errors"] == {k: "RuntimeError: no C++ compiler here" for k in failed}
+    assert [(r["model"], r["compiled"]) for r in out["training"]] == [(PLAIN, False), ("masked", False), ("autoregressive", False)]
+    assert [r.get("compiled") for r in out["sampling"]] == [None, False, False]  # masked; autoregressive cached, recompute
+    assert "speedup" in out["kv_cache"][0] and "speedup_compiled" not in out["kv_cache"][0]
 
 
 def test_cli_bench_json(capsys):

@@ -41,9 +41,16 @@ class KVCache:
     conditioning vector c (pooled caption), hence every adaLN modulation derived from it: at one token per step
     those matmuls (6D^2 per layer against ~14D^2 for the token itself) would otherwise be a third of the work.
     Buffers are preallocated to ``max_len`` so each step writes in place instead of concatenating.
+
+    ``static``: every decode step has the same shapes, for ``torch.compile`` (and CUDA graphs on a GPU, where a
+    one-token step of a small network is bound by kernel launches): the next position is a device tensor
+    ``position`` (1,) instead of the Python int ``length``, new keys/values are written at it with ``index_copy_``,
+    and attention runs over all ``max_len`` slots with the unfilled ones masked out (as gpt-fast does; the masked
+    slots are work the FLOP count does not include, as it counts only the prefix a step needs). One token per call.
     """
 
-    def __init__(self, depth: int, batch: int, heads: int, max_len: int, head_dim: int, device, dtype):
+    def __init__(self, depth: int, batch: int, heads: int, max_len: int, head_dim: int, device, dtype,
+                 static: bool = False):
         shape = (batch, heads, max_len, head_dim)  # (B, H, max_len, hd)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
@@ -51,8 +58,18 @@ class KVCache:
         self.text_states: torch.Tensor | None = None  # projected text states, (B, Lt, D)
         self.mods: list[tuple[torch.Tensor, ...] | None] = [None] * depth  # per layer 6 x (B, D)
         self.out_mod: tuple[torch.Tensor, torch.Tensor] | None = None  # final (shift, scale), 2 x (B, D)
-        self.length = 0  # tokens already written; the next call's tokens start at this position
+        self.length = 0  # tokens already written; the next call's tokens start at this position (not static)
         self.max_len = max_len
+        self.static = static
+        # static: the next token's position (1,) on the device, advanced in place by each call
+        self.position = torch.zeros(1, dtype=torch.long, device=device) if static else None
+
+    def advance(self, n: int) -> None:
+        """Record ``n`` more tokens written (by every layer)."""
+        if self.static:
+            self.position.add_(n)
+        else:
+            self.length += n
 
 
 class SelfAttention(nn.Module):
@@ -68,7 +85,16 @@ class SelfAttention(nn.Module):
         # (B, L, 3D) -> (B, L, 3, H, hd) -> (3, B, H, L, hd), unpacked into q, k, v
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
         mask = None
-        if cache is not None:
+        if cache is not None and cache.static:
+            if L != 1:
+                raise ValueError(f"a static KV cache decodes one token per call, got {L}")
+            cache.k[layer].index_copy_(2, cache.position, k.to(cache.k[layer].dtype))  # slot (B, H, 1, hd)
+            cache.v[layer].index_copy_(2, cache.position, v.to(cache.v[layer].dtype))  # slot (B, H, 1, hd)
+            k, v = cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype)  # (B, H, max_len, hd)
+            # (1, max_len), True = a filled slot (this token's included); broadcast over batch and heads
+            mask = (torch.arange(cache.max_len, device=x.device) <= cache.position)[None, :]
+            causal_flag = False
+        elif cache is not None:
             start = cache.length
             if start + L > cache.max_len:
                 raise RuntimeError(f"KV cache overflow: {start + L} > {cache.max_len}")
@@ -199,9 +225,9 @@ class Backbone(nn.Module):
             nn.init.zeros_(b.ada.bias)
             nn.init.zeros_(b.cross.proj.weight)
 
-    def new_cache(self, batch: int, max_len: int, device, dtype=torch.float32) -> KVCache:
-        """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens."""
-        return KVCache(self.depth, batch, self.heads, max_len, self.width // self.heads, device, dtype)
+    def new_cache(self, batch: int, max_len: int, device, dtype=torch.float32, static: bool = False) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens (``static``: see :class:`KVCache`)."""
+        return KVCache(self.depth, batch, self.heads, max_len, self.width // self.heads, device, dtype, static)
 
     def forward(self, x, c, text, text_pad, cache: KVCache | None = None) -> torch.Tensor:
         """x (B, L, D), c (B, D), text (B, Lt, D), text_pad (B, Lt) -> (B, L, D).
@@ -211,5 +237,5 @@ class Backbone(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, c, text, text_pad, self.causal, cache, i)  # (B, L, D)
         if cache is not None:  # advanced once, after every layer has written the same positions
-            cache.length += x.shape[1]
+            cache.advance(x.shape[1])
         return x

@@ -14,7 +14,8 @@ Figures, all measured in the same process so they can be compared:
    optimizer and autocast; FLOPs by :func:`plain_train_flops`, the same conventions), with the ratio
    paradigm FLOP/s / plain FLOP/s. ``compile``: also torch.compile'd (both), or the error it raised;
 3. sampling: images/s per paradigm at batch 16, default steps and guidance 3 (network and sampler, no
-   tokenizer decode), and the KV cache's speed-up of autoregressive sampling (on vs off, same seed);
+   tokenizer decode), and the KV cache's speed-up of autoregressive sampling (on vs off, same seed); with
+   ``compile`` also with the cached decode step torch.compile'd (static cache), against the same eager recompute;
 4. captions/s of the MiniLM text encoder on the device, where training runs it (captions are encoded once
    into a cache), in the precision flopmatch uses there; skipped with a note if its package is missing;
 5. peak memory: ``torch.cuda.max_memory_allocated`` on CUDA after the matmul figure (every network of the
@@ -61,6 +62,7 @@ from flopmatch.text import make_text_encoder, text_dim
 from flopmatch.tokenizers.autoencoder import preset as autoencoder_preset
 from flopmatch.tokenizers.base import TokenizerSpec
 
+COMPILED_KV = " (kv cache, compiled)"  # the autoregressive sampler with its cached decode step torch.compile'd
 PLAIN = "plain"  # the plain nn.TransformerEncoderLayer stack, the baseline of the training figures
 
 
@@ -263,35 +265,43 @@ def training(opts: BenchOptions, device: torch.device, bf16: bool, batch: int, p
     return rows, errors
 
 
-def sampling(opts: BenchOptions, device: torch.device, bf16: bool, sz: Sizes, log) -> tuple[list, list]:
-    """Images/s per depth and paradigm at default settings; autoregressive KV cache on vs off."""
-    rows, kv = [], []
+def sampling(opts: BenchOptions, device: torch.device, bf16: bool, sz: Sizes, log) -> tuple[list, list, dict]:
+    """Images/s per depth and paradigm at default settings; autoregressive KV cache on vs off (and compiled with
+    ``opts.compile``). Rows, KV-cache figures, and the compiled items that failed (by key; others raise)."""
+    rows, kv, failed = [], [], {}
     B, default = sz.sample_batch, SampleConfig()
     for depth in opts.depths:
         items, meta = {}, {}
         for name in opts.objectives:
             probe = SamplingProbe(name, net_spec(name, depth, sz), B, device, bf16, sz.text)
-            for kv_cache in (True, False) if name == "autoregressive" else (True,):
-                sample = SampleConfig(kv_cache=kv_cache)
-                key = f"{name}{'' if kv_cache else ' (no kv cache)'} d{depth}"
+            variants = [("", SampleConfig())]
+            if name == "autoregressive":  # recompute, and with --compile the compiled cached decode step
+                variants += [(" (no kv cache)", SampleConfig(kv_cache=False))] + ([(COMPILED_KV, SampleConfig(compile=True))] if opts.compile else [])
+            for suffix, sample in variants:
+                key = f"{name}{suffix} d{depth}"
                 items[key] = lambda probe=probe, sample=sample: probe.run(sample)
                 meta[key] = {"objective": name, "depth": depth, "batch": B, "steps": probe.objective.resolve_steps(sample, probe.spec),
                              "guidance": default.guidance, "flops_per_image": probe.flops_per_image(sample),
-                             **({"kv_cache": kv_cache} if name == "autoregressive" else {})}
+                             **({"kv_cache": sample.kv_cache, "compiled": sample.compile} if name == "autoregressive" else {})}
         log(f"sampling, depth {depth}: {', '.join(items)} (batch {B})")
         best, errors = interleaved(items, device, opts.rounds, sz.round_s, log)
-        if errors:
+        if any(COMPILED_KV not in key for key in errors):
             raise RuntimeError(f"sampling failed: {errors}")
+        failed |= errors  # a failed torch.compile is reported, not fatal
         for key, m in meta.items():
+            if key in errors:
+                continue
             ips = B / best[key]
             rows.append({**m, "images_per_s": ips, "flops_per_s": ips * m["flops_per_image"]})
             log(f"  {key}: {ips:.1f} images/s")
-        on, off = (f"autoregressive{s} d{depth}" for s in ("", " (no kv cache)"))
+        on, off, comp = (f"autoregressive{s} d{depth}" for s in ("", " (no kv cache)", COMPILED_KV))
         if on in best:
             kv.append({"depth": depth, "batch": B, "tokens": meta[on]["steps"], "images_per_s_with": B / best[on],
                        "images_per_s_without": B / best[off], "speedup": best[off] / best[on],
-                       "flops_ratio": meta[off]["flops_per_image"] / meta[on]["flops_per_image"]})
-    return rows, kv
+                       "flops_ratio": meta[off]["flops_per_image"] / meta[on]["flops_per_image"],
+                       # against the same eager recompute: what compiling the cached step adds
+                       **({"speedup_compiled": best[off] / best[comp]} if comp in best else {})})
+    return rows, kv, failed
 
 
 def text_encoding(rounds: int, sz: Sizes, device: torch.device, log) -> dict:
@@ -349,9 +359,9 @@ def run_bench(opts: BenchOptions) -> dict:
     out["matmul"] = matmul_figures(device, opts.rounds, sz, log)
     peak = out["matmul"]["bf16" if bf16 else "fp32"]["flops_per_s"]
     out["training"], errors = training(opts, device, bf16, batch, peak, sz, log)
-    if errors:
-        out["errors"] = errors  # items that failed (a torch.compile error, out of memory), by key
-    out["sampling"], out["kv_cache"] = sampling(opts, device, bf16, sz, log)
+    out["sampling"], out["kv_cache"], sample_errors = sampling(opts, device, bf16, sz, log)
+    if errors or sample_errors:
+        out["errors"] = errors | sample_errors  # items that failed (a torch.compile error, out of memory), by key
     out["text_encoder"] = text_encoding(opts.rounds, sz, device, log)
     out["memory"] = peak_memory(device)
     out["elapsed_s"] = time.perf_counter() - start
@@ -381,11 +391,12 @@ def format_bench(r: dict) -> str:
     lines += ["", f"sampling (batch {s['sample_batch']}, default steps, guidance {SampleConfig().guidance:g}; network and "
               f"sampler, no decode):", f"  {'depth':>5}  {'paradigm':<28} {'steps':>5} {'images/s':>9} {'FLOP/s':>9}"]
     for t in r["sampling"]:
-        name = t["objective"] + ("" if t.get("kv_cache", True) else " (no kv cache)")
+        name = t["objective"] + ("" if t.get("kv_cache", True) else " (no kv cache)") + (COMPILED_KV if t.get("compiled") else "")
         lines.append(f"  {t['depth']:>5}  {name:<28} {t['steps']:>5} {t['images_per_s']:>9.1f} {t['flops_per_s']:>9.3g}")
     for k in r["kv_cache"]:
-        lines.append(f"  KV cache speed-up, depth {k['depth']} ({k['tokens']} tokens, batch {k['batch']}): {k['speedup']:.1f}x "
-                     f"({k['flops_ratio']:.1f}x fewer FLOPs)")
+        comp = f"; compiled decode step {k['speedup_compiled']:.1f}x" if "speedup_compiled" in k else ""
+        lines.append(f"  KV cache speed-up over recompute, depth {k['depth']} ({k['tokens']} tokens, batch {k['batch']}): "
+                     f"{k['speedup']:.1f}x{comp} ({k['flops_ratio']:.1f}x fewer FLOPs)")
     te = r["text_encoder"]
     lines.append("")
     if "skipped" in te:

@@ -129,6 +129,7 @@ class SampleConfig:
     top_k: int = 0  # 0 = no top-k filtering (token paradigms)
     choice_temperature: float = 4.5  # masked only: Gumbel noise on confidences, annealed to 0 (MaskGIT)
     kv_cache: bool = True  # autoregressive only
+    compile: bool = False  # autoregressive with kv_cache only: torch.compile the one-token decode step (static cache; CUDA graphs on a GPU)
     solver: str = "euler"  # diffusion only: ODE solver, euler (1 network call per step) or heun (2nd order, EDM: 2 per step, 1 on the last)
     shift: float = 1.0  # diffusion only: SD3 time shift t' = shift*t / (1 + (shift-1)*t) of the sampling grid; 1 = uniform, > 1 = more steps at high noise
 

@@ -157,9 +157,9 @@ class Network(nn.Module):
         """Trainable parameter count (positions are a fixed buffer)."""
         return sum(p.numel() for p in self.parameters())
 
-    def new_cache(self, batch: int, device, dtype=torch.float32) -> KVCache:
-        """An empty KV cache for one full sequence per row (autoregressive decoding)."""
-        return self.backbone.new_cache(batch, self.spec.seq_len, device, dtype)
+    def new_cache(self, batch: int, device, dtype=torch.float32, static: bool = False) -> KVCache:
+        """An empty KV cache for one full sequence per row (autoregressive decoding; ``static``: see KVCache)."""
+        return self.backbone.new_cache(batch, self.spec.seq_len, device, dtype, static)
 
     def forward(self, x, text, text_pad, pooled, t=None, cache: KVCache | None = None) -> torch.Tensor:
         """Run the network.
@@ -179,8 +179,11 @@ class Network(nn.Module):
         else:
             B, length = x.shape  # length = l
             h = self.stem(x)  # (B, l, D)
-            start = cache.length if cache is not None else 0  # new tokens continue where the cache ends
-        h = h + self.pos[start : start + h.shape[1]].to(h.dtype)  # (B, l, D) + (l, D) broadcast over B
+            start = cache.length if cache is not None and not cache.static else 0  # new tokens continue the cache
+        if cache is not None and cache.static:  # one token at the position tensor: (B, 1, D) + (1, D)
+            h = h + self.pos.index_select(0, cache.position).to(h.dtype)
+        else:
+            h = h + self.pos[start : start + h.shape[1]].to(h.dtype)  # (B, l, D) + (l, D) broadcast over B
 
         # c: the adaLN conditioning vector, pooled caption (+ time embedding for diffusion). A decode step after the
         # first finds every modulation derived from c in the cache (the caption does not change), so c is not needed.

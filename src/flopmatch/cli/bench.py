@@ -34,6 +34,6 @@ def register(sub) -> None:
     p.add_argument("--batch", type=count(1), help="training batch (default: the cpu study preset's, 32)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and the hash text encoder (seconds; for tests)")
     p.add_argument("--compile", action="store_true", help="also time the training step with torch.compile'd networks "
-                   "(a failure is reported, not fatal)")
+                   "and next-token sampling with its cached decode step compiled (a failure is reported, not fatal)")
     p.add_argument("--json", action="store_true", help="print one JSON object (machine, settings and every figure)")
     p.set_defaults(func=cmd_bench)

@@ -17,6 +17,8 @@ Sun et al. 2024, "Autoregressive Model Beats Diffusion: Llama for Scalable Image
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +27,21 @@ from flopmatch.flops import autoregressive_sample_flops
 from flopmatch.objectives.base import Objective, spec_of
 from flopmatch.objectives.guidance import Guided, guidance_rows
 from flopmatch.objectives.logits import sample_logits
+
+
+def decode_step(model: Guided, inp: torch.Tensor, cache) -> torch.Tensor:
+    """One cached decode step: logits (B, V) of the last of the new tokens ``inp`` (B, l); the cache advances by l."""
+    return model(inp, cache=cache)[:, -1]
+
+
+@functools.cache
+def compiled_decode_step(device_type: str):
+    """:func:`decode_step` under ``torch.compile``, one per device type (compiled on first call, then reused by every
+    sampler in the process: a new cache or network of the same shapes does not recompile).
+
+    On CUDA with CUDA graphs ("reduce-overhead"): a one-token step of these networks is bound by kernel launches, which
+    a replayed graph removes. On a CPU, inductor's default mode (fused elementwise ops, less per-op overhead)."""
+    return torch.compile(decode_step, mode="reduce-overhead" if device_type == "cuda" else None)
 
 
 def shift_right(x: torch.Tensor, bos: int) -> torch.Tensor:
@@ -62,13 +79,21 @@ class Autoregressive(Objective):
         device = cond.pooled.device
         # (B, L), prefilled with the [BOS] id: out[:, :1] doubles as the [BOS] input of step 0.
         out = torch.full((B, L), spec.vocab_size, dtype=torch.long, device=device)
-        # One cache row per network row: 2B with guidance (conditional and unconditional halves).
-        cache = unwrap(net).new_cache(guidance_rows(B, sample.guidance), device) if sample.kv_cache else None
+        # One cache row per network row: 2B with guidance (conditional and unconditional halves). A compiled step
+        # needs fixed shapes: the static cache (see backbone.KVCache).
+        static = sample.kv_cache and sample.compile
+        cache = unwrap(net).new_cache(guidance_rows(B, sample.guidance), device, static=static) if sample.kv_cache else None
+        if static and device.type == "cuda":  # CUDA graphs replay the cache's addresses: it must not move
+            for t in (*cache.k, *cache.v, cache.position):
+                torch._dynamo.mark_static_address(t)
         model = Guided(net, cond, uncond, sample.guidance)
         for i in range(L):
             if cache is not None:
                 inp = out[:, i - 1 : i] if i > 0 else out[:, :1]  # (B, 1): BOS first, then the last token
-                logits = model(inp, cache=cache)[:, -1]  # (B, V)
+                # The first step runs eagerly: it fills the cache's conditioning (text keys/values, adaLN), which later
+                # steps only read, so every compiled step is the same graph.
+                step = compiled_decode_step(device.type) if static and i > 0 else decode_step
+                logits = step(model, inp, cache)  # (B, V)
             else:
                 prefix = shift_right(out, spec.vocab_size)[:, : i + 1]  # (B, i+1)
                 logits = model(prefix)[:, -1]  # (B, V): last position only
