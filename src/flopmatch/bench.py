@@ -389,10 +389,10 @@ def format_bench(r: dict) -> str:
     for key, err in r.get("errors", {}).items():
         lines.append(f"  {key}: {err}")
     lines += ["", f"sampling (batch {s['sample_batch']}, default steps, guidance {SampleConfig().guidance:g}; network and "
-              f"sampler, no decode):", f"  {'depth':>5}  {'paradigm':<28} {'steps':>5} {'images/s':>9} {'FLOP/s':>9}"]
+              f"sampler, no decode):", f"  {'depth':>5}  {'paradigm':<36} {'steps':>5} {'images/s':>9} {'FLOP/s':>9}"]
     for t in r["sampling"]:
         name = t["objective"] + ("" if t.get("kv_cache", True) else " (no kv cache)") + (COMPILED_KV if t.get("compiled") else "")
-        lines.append(f"  {t['depth']:>5}  {name:<28} {t['steps']:>5} {t['images_per_s']:>9.1f} {t['flops_per_s']:>9.3g}")
+        lines.append(f"  {t['depth']:>5}  {name:<36} {t['steps']:>5} {t['images_per_s']:>9.1f} {t['flops_per_s']:>9.3g}")
     for k in r["kv_cache"]:
         comp = f"; compiled decode step {k['speedup_compiled']:.1f}x" if "speedup_compiled" in k else ""
         lines.append(f"  KV cache speed-up over recompute, depth {k['depth']} ({k['tokens']} tokens, batch {k['batch']}): "
