@@ -31,7 +31,7 @@ from flopmatch.evaluation.run import setting_key
 from flopmatch.files import atomic_write_json, atomic_write_text, save_tensors
 from flopmatch.report import convention
 from flopmatch.report.analysis import EXTRAPOLATE, Analyser
-from flopmatch.report.build import build_report, results_csv
+from flopmatch.report.build import DEFAULT_N_BOOT, build_report, results_csv, study_n_boot
 from flopmatch.report.data import COLUMNS, RunInfo, Study, load_study, main_setting
 from flopmatch.report.findings import analyse
 from flopmatch.report.prompt_groups import (
@@ -249,13 +249,16 @@ def test_main_setting_falls_back_to_lowest_fid():
 
 @pytest.mark.slow
 def test_report_is_a_pure_function_of_the_run_directories(study, tmp_path, capsys):
-    """`flopmatch report` on a copy of the runs and the timing file elsewhere writes byte-identical html, md and csv."""
+    """`flopmatch report` on a copy of the runs and the timing file elsewhere writes byte-identical html, md and csv;
+    without --n-boot it resamples as many times as the study's settings (study.json) say, as the study did."""
     root, first = study
     shutil.copytree(root / "runs", tmp_path / "runs")  # the report's inputs: run directories and the timing phase
     shutil.copy(root / "inference_timing.json", tmp_path / "inference_timing.json")
+    (tmp_path / "study.json").write_text(json.dumps({"preset": "cpu", "n_boot": N_BOOT}))
+    assert N_BOOT != DEFAULT_N_BOOT
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
-    args = parser.parse_args(["report", str(tmp_path), "--n-boot", str(N_BOOT), "--seed", "0"])
+    args = parser.parse_args(["report", str(tmp_path), "--seed", "0"])
     assert args.func(args) == 0 and "claim 1: HELD" in capsys.readouterr().out
     paths = {k: tmp_path / Path(v).name for k, v in first["paths"].items() if k != "figures"}
     assert _read(paths) == _read(first["paths"])
@@ -755,3 +758,12 @@ def test_report_without_holdout_says_prompts_are_all_seen(tmp_path):
     section = render_md(prompt_group_blocks(study, decide(study)), {}, {})
     assert section.startswith("### Prompt following: seen vs held-out") and "holds nothing out of training" in section and "| held-out |" not in section
     assert "| masked | 1e+12 | 2 | 1 | 0.80 " in section
+
+
+def test_report_resamples_as_the_study_did(tmp_path):
+    """The default fit-band resamples: the study's (study.json), else 1000 (none, corrupt, or not a count)."""
+    assert study_n_boot(tmp_path) == DEFAULT_N_BOOT
+    for text, want in (('{"n_boot": 7}', 7), ("{not json", DEFAULT_N_BOOT), ('{"n_boot": true}', DEFAULT_N_BOOT),
+                       ('{"n_boot": 0}', DEFAULT_N_BOOT), ("[1]", DEFAULT_N_BOOT)):
+        (tmp_path / "study.json").write_text(text)
+        assert study_n_boot(tmp_path) == want, text

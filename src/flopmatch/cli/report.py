@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from flopmatch.cli.args import count
+
 
 def cmd_report(args) -> int:
     """Build the report and print where it went, the verdicts and the recommendations."""
@@ -24,6 +26,7 @@ def register(subparsers) -> None:
     """Add ``flopmatch report STUDY_DIR [--n-boot N] [--seed S]``."""
     p = subparsers.add_parser("report", help="rebuild the study report (HTML, Markdown, CSV) from the run directories")
     p.add_argument("study", help="study directory (the one holding runs/)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--n-boot", type=count(1), help="bootstrap resamples of the fit bands (default: the study's, from "
+                   "its study.json, so the report is the one the study wrote; 1000 without one)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.set_defaults(func=cmd_report)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from flopmatch import PARADIGMS
+from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_bytes, atomic_write_text, read_json
 from flopmatch.report.analysis import EXTRAPOLATE, LEVEL, METRIC, MIN_FIT_BUDGETS, MIN_FIT_DECADES, Analysis
 from flopmatch.report.ceilings import add_column, by_paradigm, ceiling_banner, ceilings_table, fit_cell, read_ceilings, runs_cell
@@ -545,14 +546,30 @@ def _fits_summary(an: Analysis) -> list[dict]:
     return out
 
 
-def build_report(study_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) -> dict:
+DEFAULT_N_BOOT = 1000  # fit-band resamples of a directory without a study.json (runs put together by hand)
+
+
+def study_n_boot(root: Path) -> int:
+    """The bootstrap resamples the study at ``root`` was reported with (its study.json's ``n_boot``), else
+    :data:`DEFAULT_N_BOOT`: so rebuilding a study's report gives the report the study wrote, in its time (the cpu
+    preset's 100 resamples take about a minute here; 1000 would take ten)."""
+    try:
+        n = read_json(root / "study.json").get("n_boot")
+    except (UserError, AttributeError):  # no (readable) study.json, or not an object
+        return DEFAULT_N_BOOT
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else DEFAULT_N_BOOT
+
+
+def build_report(study_dir: str | Path, *, n_boot: int | None = None, seed: int = 0) -> dict:
     """Write ``report.html``, ``report.md``, ``results.csv`` and ``report_figures/`` into ``study_dir``.
 
     Returns {"paths": {name: Path}, "table": [dict], "claims": [dict], "fits": [dict]}.
-    Deterministic: the same run directories, ``n_boot`` and ``seed`` give the same bytes.
+    Deterministic: the same run directories, ``n_boot`` and ``seed`` give the same bytes. ``n_boot`` None: the
+    study's own (:func:`study_n_boot`).
     """
     root = Path(study_dir)
     study = load_study(root)
+    n_boot = study_n_boot(root) if n_boot is None else n_boot
     an = analyse(study, n_boot=n_boot, seed=seed)
     figs = all_figures(an, study)
     samples = sample_table(study, an)
