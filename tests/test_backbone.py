@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from flopmatch.backbone import Backbone
 from flopmatch.config import SampleConfig
+from flopmatch.objectives.autoregressive import static_cache
 from tiny import empty_text, fake_data, fake_text, make_tiny
 
 B = 3
@@ -76,14 +78,23 @@ def test_static_kv_cache_decoding_equals_full_recompute(gen):
 
 @pytest.mark.slow
 def test_compiled_decoding_draws_the_eager_tokens(gen):
-    """torch.compile'd cached decoding (SampleConfig.compile) draws the same tokens as eager decoding under one seed,
-    with guidance, for two networks of one shape (the second reuses the compiled step)."""
+    """torch.compile'd cached decoding (SampleConfig.compile) draws the same tokens as eager decoding under one seed
+    (fp32 on a CPU), with guidance, for two networks of one shape at two guidance scales: after the first, nothing is
+    compiled again (the step is shared; the guidance mix is not compiled) and the static cache is reused."""
     cond, uncond = fake_text(B, gen), empty_text(B)
-    for seed in (0, 1):
+    graphs = None
+    for seed, guidance in ((0, 3.0), (1, 2.0)):
         t = make_tiny("autoregressive", depth=1, perturb=0.2, seed=seed)
-        out = {c: t.objective.sample(t.net, cond, uncond, SampleConfig(guidance=3.0, compile=c),
+        out = {c: t.objective.sample(t.net, cond, uncond, SampleConfig(guidance=guidance, compile=c),
                                      torch.Generator().manual_seed(11)) for c in (False, True)}
         assert torch.equal(out[True], out[False]) and len(out[True].unique()) > 1
+        cache = static_cache(t.net, 2 * B, torch.device("cpu"))
+        again = t.objective.sample(t.net, cond, uncond, SampleConfig(guidance=guidance, compile=True),
+                                   torch.Generator().manual_seed(11))
+        assert torch.equal(again, out[False]) and static_cache(t.net, 2 * B, torch.device("cpu")) is cache
+        if graphs is None:
+            graphs = counters["stats"]["unique_graphs"]
+        assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.parametrize("cfg", [1.0, 3.0])

@@ -29,7 +29,7 @@ from flopmatch.bench import (
 from flopmatch.config import RunConfig, apply_overrides
 from flopmatch.device import autocast, matmul_times
 from flopmatch.objectives import make_objective
-from flopmatch.objectives.autoregressive import compiled_decode_step
+from flopmatch.objectives.autoregressive import compiled_network_step
 from flopmatch.plan import net_spec_for
 from flopmatch.schedule import ema_decay_at
 from flopmatch.study.plan import autoencoder_config
@@ -136,12 +136,12 @@ class _BrokenCompile(torch.nn.Module):
 def test_compile_failure_is_reported_not_raised(monkeypatch):
     """With --compile, a compile error becomes one line under "errors"; the eager figures are still measured."""
     monkeypatch.setattr(torch, "compile", _BrokenCompile)
-    compiled_decode_step.cache_clear()  # built on first use per process: not from an earlier test's real compile
+    compiled_network_step.cache_clear()  # built on first use per process: not from an earlier test's real compile
     try:
         out = run_bench(BenchOptions(quick=True, rounds=1, depths=[1], objectives=["masked", "autoregressive"], compile=True,
                                      progress=False))
     finally:
-        compiled_decode_step.cache_clear()  # nor a later test from this broken one
+        compiled_network_step.cache_clear()  # nor a later test from this broken one
     failed = [f"{m} compiled d1" for m in (PLAIN, "masked", "autoregressive")] + [f"autoregressive{COMPILED_KV} d1"]
     assert out["errors"] == {k: "RuntimeError: no C++ compiler here" for k in failed}
     assert [(r["model"], r["compiled"]) for r in out["training"]] == [(PLAIN, False), ("masked", False), ("autoregressive", False)]

@@ -29,7 +29,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class KVCache:
     """Per-layer self-attention keys/values for incremental decoding, plus the text keys/values.
 
-    ``k[i]``/``v[i]``: (B, H, max_len, hd) preallocated; ``length`` tokens are filled.
+    ``k[i]``/``v[i]``: (B, H, max_len, hd) preallocated; ``length`` tokens are filled (static: ``position``).
     ``text_kv[i]``: (k, v) of the cross-attention of layer i, each (B, H, Lt, hd), set on first use.
     ``mods[i]``: layer i's six adaLN vectors (shift, scale, gate for attention and MLP), each (B, D), set on first
     use; ``out_mod``: the final layer's (shift, scale), set by the network.
@@ -46,7 +46,8 @@ class KVCache:
     one-token step of a small network is bound by kernel launches): the next position is a device tensor
     ``position`` (1,) instead of the Python int ``length``, new keys/values are written at it with ``index_copy_``,
     and attention runs over all ``max_len`` slots with the unfilled ones masked out (as gpt-fast does; the masked
-    slots are work the FLOP count does not include, as it counts only the prefix a step needs). One token per call.
+    slots are work the FLOP count does not include, as it counts only the prefix a step needs). One token per call;
+    the caller keeps to ``max_len`` tokens (a check would read the position back to the host at every step).
     """
 
     def __init__(self, depth: int, batch: int, heads: int, max_len: int, head_dim: int, device, dtype,
@@ -63,6 +64,14 @@ class KVCache:
         self.static = static
         # static: the next token's position (1,) on the device, advanced in place by each call
         self.position = torch.zeros(1, dtype=torch.long, device=device) if static else None
+
+    def reset(self) -> None:
+        """Empty the cache for a new sequence of new captions, keeping its buffers (a static cache is reused)."""
+        depth = len(self.k)
+        self.text_kv, self.mods, self.text_states, self.out_mod = [None] * depth, [None] * depth, None, None
+        self.length = 0
+        if self.static:
+            self.position.zero_()
 
     def advance(self, n: int) -> None:
         """Record ``n`` more tokens written (by every layer)."""

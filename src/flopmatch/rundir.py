@@ -55,9 +55,10 @@ SAMPLES = "samples"
 EMA_SNAPSHOTS = "ema-snapshots"  # post-hoc EMA snapshots, one file per step (flopmatch.ema)
 # Keys every checkpoint state has (resume and the report rely on them).
 STATE_KEYS = ("step", "total_steps", "flops", "done", "net_spec")
-# Config keys that change how a run is watched or split across processes, not what it computes (train.parallel changes
-# results by float rounding only, as the number of processes does): a resume may change them (config_diffs skips them).
-NOT_IDENTITY = ("train.trackers", "train.parallel")
+# Config keys that change how a run is watched, split across processes or compiled, not what it computes
+# (train.parallel and sample.compile change results by float rounding only, as the number of processes does): a resume
+# may change them (config_diffs skips them).
+NOT_IDENTITY = ("train.trackers", "train.parallel", "sample.compile")
 
 
 # ----------------------------------------------------------------------------- config

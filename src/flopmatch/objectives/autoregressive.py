@@ -17,7 +17,9 @@ Sun et al. 2024, "Autoregressive Model Beats Diffusion: Llama for Scalable Image
 
 from __future__ import annotations
 
+import copy
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -29,19 +31,53 @@ from flopmatch.objectives.guidance import Guided, guidance_rows
 from flopmatch.objectives.logits import sample_logits
 
 
-def decode_step(model: Guided, inp: torch.Tensor, cache) -> torch.Tensor:
-    """One cached decode step: logits (B, V) of the last of the new tokens ``inp`` (B, l); the cache advances by l."""
-    return model(inp, cache=cache)[:, -1]
+def network_step(net, x: torch.Tensor, states, pad, pooled, cache) -> torch.Tensor:
+    """``net``'s logits (R, l, V) for the new tokens x (R, l) through ``cache``; R rows (2B with guidance)."""
+    return net(x, states, pad, pooled, cache=cache)
 
 
 @functools.cache
-def compiled_decode_step(device_type: str):
-    """:func:`decode_step` under ``torch.compile``, one per device type (compiled on first call, then reused by every
-    sampler in the process: a new cache or network of the same shapes does not recompile).
+def compiled_network_step(device_type: str):
+    """:func:`network_step` under ``torch.compile``, one per device type, compiled on first use and then shared by every
+    sampler in the process (another network or cache of the same shapes reuses it; the batch becomes a dynamic size at
+    the second one seen). Only the network is compiled: the guidance mix stays eager, so a new scale compiles nothing.
 
     On CUDA with CUDA graphs ("reduce-overhead"): a one-token step of these networks is bound by kernel launches, which
     a replayed graph removes. On a CPU, inductor's default mode (fused elementwise ops, less per-op overhead)."""
-    return torch.compile(decode_step, mode="reduce-overhead" if device_type == "cuda" else None)
+    return torch.compile(network_step, mode="reduce-overhead" if device_type == "cuda" else None)
+
+
+class CompiledNetwork:
+    """``net`` called as :class:`Guided` calls a network, through :func:`compiled_network_step` (one token per call)."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, x, states, pad, pooled, t=None, cache=None) -> torch.Tensor:
+        return compiled_network_step(x.device.type)(self.net, x, states, pad, pooled, cache)
+
+
+# Static caches by network, then (rows, device): made once, reset per sampling call (see static_cache).
+_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def static_cache(net, rows: int, device: torch.device):
+    """``net``'s static KV cache (backbone.KVCache) for ``rows`` rows on ``device``, emptied for a new sequence.
+
+    Kept across sampling calls: a CUDA graph replays fixed addresses, so the graph recorded for one call serves the
+    next only if the cache's buffers stay where they were (they are marked static for that); a new cache per call would
+    record a new graph each time. Stale keys/values from the last call are never read: attention masks every slot past
+    the current position, and each slot up to it is rewritten first."""
+    per_net = _STATIC_CACHES.setdefault(net, {})
+    key = (rows, str(device))
+    if key not in per_net:
+        cache = net.new_cache(rows, device, static=True)
+        if device.type == "cuda":
+            for t in (*cache.k, *cache.v, cache.position):
+                torch._dynamo.mark_static_address(t, guard=False)
+        per_net[key] = cache
+    per_net[key].reset()
+    return per_net[key]
 
 
 def shift_right(x: torch.Tensor, bos: int) -> torch.Tensor:
@@ -81,19 +117,18 @@ class Autoregressive(Objective):
         out = torch.full((B, L), spec.vocab_size, dtype=torch.long, device=device)
         # One cache row per network row: 2B with guidance (conditional and unconditional halves). A compiled step
         # needs fixed shapes: the static cache (see backbone.KVCache).
-        static = sample.kv_cache and sample.compile
-        cache = unwrap(net).new_cache(guidance_rows(B, sample.guidance), device, static=static) if sample.kv_cache else None
-        if static and device.type == "cuda":  # CUDA graphs replay the cache's addresses: it must not move
-            for t in (*cache.k, *cache.v, cache.position):
-                torch._dynamo.mark_static_address(t)
-        model = Guided(net, cond, uncond, sample.guidance)
+        rows, static = guidance_rows(B, sample.guidance), sample.kv_cache and sample.compile
+        cache = static_cache(unwrap(net), rows, device) if static else unwrap(net).new_cache(rows, device) if sample.kv_cache else None
+        model = compiled = Guided(net, cond, uncond, sample.guidance)
+        if static:
+            compiled = copy.copy(model)  # the same doubled captions, the network called compiled
+            compiled.net = CompiledNetwork(net)
         for i in range(L):
             if cache is not None:
                 inp = out[:, i - 1 : i] if i > 0 else out[:, :1]  # (B, 1): BOS first, then the last token
                 # The first step runs eagerly: it fills the cache's conditioning (text keys/values, adaLN), which later
                 # steps only read, so every compiled step is the same graph.
-                step = compiled_decode_step(device.type) if static and i > 0 else decode_step
-                logits = step(model, inp, cache)  # (B, V)
+                logits = (compiled if i > 0 else model)(inp, cache=cache)[:, -1]  # (B, V)
             else:
                 prefix = shift_right(out, spec.vocab_size)[:, : i + 1]  # (B, i+1)
                 logits = model(prefix)[:, -1]  # (B, V): last position only

@@ -36,7 +36,7 @@ HOLDOUT_COMBOS: tuple[str, ...] = ("red square", "green diamond", "blue triangle
 HOLDOUT_RELATIONS: tuple[str, ...] = ("circle above square", "triangle above diamond", "cross above circle",
                                       "square to the left of triangle", "diamond to the left of cross")
 # SampleConfig's fields, as plain strings (see above: no torch here); tests/test_operating.py checks they match
-SAMPLE_FIELDS = ("steps", "guidance", "temperature", "top_k", "choice_temperature", "solver", "shift", "kv_cache")
+SAMPLE_FIELDS = ("steps", "guidance", "temperature", "top_k", "choice_temperature", "solver", "shift", "kv_cache", "compile")
 # Training seeds each base seed owns: base seed b trains seeds b * SEED_STRIDE, b * SEED_STRIDE + 1, ..., so studies
 # with different base seeds share no run, and a study can grow its seeds without moving its first one (it used to
 # start at base_seed * (seeds + floor_seeds), which moved when seeds grew, so growing seeds was refused).
