@@ -127,6 +127,6 @@ def register(sub) -> None:
                         "features); default: the run's evaluation split")
     p.add_argument("--no-timing", action="store_true", help="skip latency/throughput measurement")
     p.add_argument("--compile", action="store_true",
-                   help="next-token prediction: torch.compile the cached one-token decode step (CUDA graphs on a GPU; the "
-                        "first call of each batch size compiles, ~10 s; the same tokens as without)")
+                   help="next-token prediction: torch.compile the cached one-token network step (CUDA graphs on a GPU; the "
+                        "first call and the second batch size compile, ~10 s each here; in fp32 the same tokens as without)")
     p.set_defaults(func=cmd_eval)
