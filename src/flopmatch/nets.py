@@ -179,7 +179,7 @@ class Network(nn.Module):
         else:
             B, length = x.shape  # length = l
             h = self.stem(x)  # (B, l, D)
-            start = cache.length if cache is not None and not cache.static else 0  # new tokens continue the cache
+            start = cache.length if cache is not None else 0  # new tokens continue where the cache ends
         if cache is not None and cache.static:  # one token at the position tensor: (B, 1, D) + (1, D)
             h = h + self.pos.index_select(0, cache.position).to(h.dtype)
         else:

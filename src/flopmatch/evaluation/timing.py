@@ -4,7 +4,7 @@ A timing means something only next to timings taken under the same load. So ever
 numbers will be compared is measured in one phase, interleaved (the candidates alternate, so a change
 of machine load during the phase hits all of them rather than whichever was timed last):
 
-1. **warm-up**: one call per item (allocations, kernel selection);
+1. **warm-up**: one call per item (allocations, kernel selection; a compiled sampler also one at batch 2);
 2. **best batch**: per item, a doubling ladder 1, 2, 4, ... up to ``max_batch``; each rung is the
    faster of two calls; the search goes on while throughput improves by more than ``MIN_GAIN`` and
    stops after ``PATIENCE`` rungs without such a gain, at out-of-memory, or when the item has used
@@ -116,8 +116,10 @@ def time_items(items: list[TimingItem], rounds: int = 5, calls: int = 5, max_bat
         raise UserError("timing items must have distinct keys")
     clocks = [Clock(it.sampler.device) for it in items]
     runs = [_runner(it, prompt) for it in items]
-    for run in runs:  # warm-up
+    for it, run in zip(items, runs):  # warm-up
         run(1, 0)
+        if it.sample.compile and it.sample.kv_cache:  # a compiled sampler compiles again at its second batch size (then one
+            run(2, 0)  # dynamic-size graph serves every size): here, not inside the batch search's time budget
     best = []
     for it, run, clock in zip(items, runs, clocks):
         best.append(_best_batch(run, clock, max_batch, search_budget_s))
