@@ -206,11 +206,11 @@ def _minilm_on(device: torch.device) -> torch.nn.Module:
     built before (an encoder on the GPU for training would take the model away from a CPU one, e.g. the domain
     CLIP's)."""
     loaded = _load_minilm()
+    if device.type == "cpu":
+        return loaded["model"]
     if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one GPU: one copy
         device = torch.device("cuda", torch.cuda.current_device())
     key = f"model@{device}"
-    if device.type == "cpu":
-        return loaded["model"]
     if key not in loaded:
         loaded[key] = copy.deepcopy(loaded["model"]).to(device)
     return loaded[key]
