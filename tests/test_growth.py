@@ -87,6 +87,7 @@ def test_wsd_run_continued_to_a_larger_budget_equals_a_direct_run(trained, tmp_p
     shutil.copytree(run, tmp_path / "study" / "runs" / "m")
     (row,) = load_study(tmp_path / "study").rows
     assert row["schedule"] == "wsd" and row["budget"] == b2 and row["steps"] == 14
+    assert row["origin"] == f"continued from budget {b1:.3g} at step 6"
 
 
 def test_constant_run_continues_from_its_end(trained):

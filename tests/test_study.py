@@ -371,4 +371,8 @@ def test_wsd_study_chains_runs_through_their_stable_phase(tmp_path):
     train(from_dict(RunConfig, plans[1].config), alone, progress=False)
     assert _tensors(large) == _tensors(alone)
     with open(out / "results.csv") as f:
-        assert {r["schedule"] for r in csv.DictReader(f)} == {"wsd"}
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert {r["schedule"] for r in rows.values()} == {"wsd"}
+    origin = f"branched from {small.name} at step {branched['step']}"  # the report says which schedule made each point
+    assert rows[small.name]["origin"] == "scratch" and rows[large.name]["origin"] == origin
+    assert f"| wsd ({origin}) |" in (out / "report.md").read_text()

@@ -106,7 +106,7 @@ def sample_table(study: Study, an: Analysis) -> dict | None:
 
 
 def _runs_table(study: Study) -> tuple[list, list]:
-    header = ["run", "paradigm", "depth", "params", "budget", "FLOPs spent", "steps", "status", "final loss",
+    header = ["run", "paradigm", "depth", "params", "budget", "LR schedule", "FLOPs spent", "steps", "status", "final loss",
               "main setting", "KID (effnet) ± bootstrap sd", "FID (effnet) ± bootstrap sd, n", "prompt full match",
               "FLOPs/img", "latency (ms)", "img/s"]  # fmt: skip
     rows = []
@@ -116,7 +116,8 @@ def _runs_table(study: Study) -> tuple[list, list]:
         status = "done" if info.done else ("not started" if info.state is None else "NOT FINISHED")
         status += "" if info.evaluated else ", not evaluated"
         lat = None if main["latency_s"] is None else 1e3 * main["latency_s"]
-        rows.append([info.name, info.objective, info.depth, main["params"], fmt(info.budget, ".3g"),
+        schedule = main["schedule"] + ("" if main["origin"] in (None, "scratch") else f" ({main['origin']})")
+        rows.append([info.name, info.objective, info.depth, main["params"], fmt(info.budget, ".3g"), schedule,
                      fmt(main["train_flops"] and float(main["train_flops"]), ".4g"), fmt(main["steps"]), status,
                      fmt(main["final_loss"]), main["setting"] or "–", _with_se(main.get("kid_effnet"), main.get("kid_se_effnet")),
                      _with_se(main["fid_effnet"], main["fid_se_effnet"]) + _fid_counts(main),

@@ -49,7 +49,7 @@ LOSS_TAIL = 0.1  # final loss = mean of the last 10 % of logged losses (at least
 
 # results.csv columns, in order; every row has every key (None when not measured)
 COLUMNS = [
-    "run", "run_dir", "objective", "depth", "width", "params", "budget", "schedule", "seed", "train_flops", "steps",
+    "run", "run_dir", "objective", "depth", "width", "params", "budget", "schedule", "origin", "seed", "train_flops", "steps",
     "total_steps", "done", "final_loss", "evaluated", "setting", "main", "main_reason", "weights", "posthoc_residual",
     "sample_steps", "cfg", "temperature", "top_k", "solver", "num_samples", "eval_seed", "full_set",  # "cfg": the guidance scale (v0.1 name)
     "fid_num_real",  # real images FID used (the generated ones: num_samples); FIDs compare only at equal counts
@@ -320,6 +320,7 @@ def _read_run(root: Path, run: Path, timed: dict | None = None) -> tuple[RunInfo
         "run": run.name, "run_dir": rel, "objective": cfg.objective.name, "depth": cfg.model.depth,
         "width": spec.get("width", cfg.model.width), "params": (state or {}).get("params"),
         "budget": float(cfg.train.budget), "schedule": cfg.train.schedule,  # cosine | wsd | constant (flopmatch.schedule)
+        "origin": run_origin(state),
         "seed": cfg.train.seed, "train_flops": (state or {}).get("flops"),
         "steps": (state or {}).get("step"), "total_steps": (state or {}).get("total_steps"), "done": info.done,
         "final_loss": final_loss(curve), "evaluated": bool(entries),
@@ -348,6 +349,20 @@ def _read_run(root: Path, run: Path, timed: dict | None = None) -> tuple[RunInfo
                                                           "fid_boot_effnet": [], "fid_boot_inception": [],
                                                           "kid_boot_effnet": [], "kid_boot_inception": []})  # fmt: skip
     return info, rows
+
+
+def run_origin(state: dict | None) -> str:
+    """Where a run's training started: "scratch", "branched from RUN at step N" (a study's wsd/constant chain started
+    it from an earlier run's stable-phase state, :func:`flopmatch.growth.branch_run`), or "continued from budget B at
+    step N" (``train --budget`` grew it, :func:`flopmatch.growth.continue_run`; the latest continuation)."""
+    state = state or {}
+    src, history = state.get("branched_from"), state.get("budget_history") or []
+    if history:
+        last = history[-1]
+        return f"continued from budget {last['budget']:.3g} at step {last['continued_from_step']}"
+    if src:
+        return f"branched from {src['run']} at step {src['step']}"
+    return "scratch"
 
 
 def _setting_order(entry: dict) -> tuple:
