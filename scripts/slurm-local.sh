@@ -74,7 +74,9 @@ SlurmdPort=${SLURMD_PORT:-6818}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$mdir/munge.sock
+# cred_expire: also how long a requeued job (preempted or timed out) waits before it may start again; SLURM's
+# default 120 s is for big clusters, 10 s is plenty on one machine (SLURM_CRED_EXPIRE to change it)
+AuthInfo=socket=$mdir/munge.sock,cred_expire=${SLURM_CRED_EXPIRE:-10}
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

@@ -1,7 +1,8 @@
 """The SLURM launcher against a real SLURM: a one-node cluster started by scripts/slurm-local.sh.
 
-The end-to-end test runs a tiny study through it, cancels one run's job with ``scancel`` mid-training,
-re-runs the study (which resubmits it; the run resumes from its checkpoint), kills the study process
+The end-to-end test runs a tiny study through it, preempts one run's job mid-training (``scancel --signal=USR2``,
+the signal SLURM sends before a time-out or preemption: the run checkpoints and its job is requeued, resuming it),
+cancels the other run's job with ``scancel`` mid-training, re-runs the study (which resubmits it; the run resumes from its checkpoint), kills the study process
 while that job is queued, re-runs it again (which must find the job instead of submitting it twice),
 and checks that every run ends with the same weights and the same evaluation as a local study.
 Skipped, with the reason, where SLURM cannot run (not root, or slurm-wlm/munge not installed:
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -34,6 +36,7 @@ SCRIPT = ROOT / "scripts" / "slurm-local.sh"
 STUDY = ["study", "--preset", "tiny", "--objectives", "diffusion,masked", "--budgets", "1e10", "--eval-samples", "10",
          "--sweep-guidance", "none", "--eval-ema", "none", "--set", "train.checkpoint_every=10"]
 VICTIM = "diffusion-d1-b1e10-s0"  # the run whose job is cancelled and whose study process is killed
+PREEMPTED = "masked-d1-b1e10-s0"  # the run whose job is signalled as on a time-out or preemption, and requeued
 
 
 def _free_port() -> int:
@@ -116,17 +119,27 @@ def test_study_through_real_slurm_survives_scancel_and_its_own_restart(slurm_clu
     slurm = ["--launcher", "slurm", "--gpus-per-run", "0", "--cpus-per-run", "1", "--slurm-poll", "0.5"]
     out = tmp_path / "slurm"
 
-    # 1. cancel the victim's job mid-training: the study waits for the other run, then fails naming the victim
+    # 1. preempt one run's job mid-training: it checkpoints, SLURM requeues the same job, and the run resumes there.
+    #    Cancel the victim's job mid-training: the study waits for the other run, then fails naming the victim.
     first = _flopmatch([*STUDY, "--out", str(out), *slurm], env)
     jobs = out / "slurm" / "jobs.json"
+    _wait(lambda: _step(out / "runs" / PREEMPTED) >= 20, "the preempted run to pass step 20", first)
+    preempted = json.loads(jobs.read_text())[PREEMPTED]
+    subprocess.run(["scancel", "--signal=USR2", preempted], env=env, check=True)
     _wait(lambda: _step(out / "runs" / VICTIM) >= 40, "the victim to pass step 40", first)  # checkpoints every 10
     cancelled = json.loads(jobs.read_text())[VICTIM]
     subprocess.run(["scancel", cancelled], env=env, check=True)
     log = first.communicate(timeout=300)[0]
     assert first.returncode == 2, log
     assert f"{VICTIM} (slurm job {cancelled}" in log and "re-run to continue" in log
+    assert "1 run(s) failed" in log and f"done: {PREEMPTED}" in log  # the preempted run finished in its requeued job
     assert "Traceback" not in log
     assert 0 < _step(out / "runs" / VICTIM) < 199  # interrupted, not finished (199 steps)
+    requeued = (out / "logs" / f"{PREEMPTED}.log").read_text()
+    assert requeued.count(f"[slurm] job {preempted} ") == 2, requeued  # the same job ran twice: requeued, not resubmitted
+    assert re.search(r"interrupted at step (\d+)/\d+; checkpoint saved", requeued), requeued
+    stopped = re.search(r"interrupted at step (\d+)/", requeued).group(1)
+    assert f"resuming at step {stopped}/" in requeued and json.loads(jobs.read_text())[PREEMPTED] == preempted
 
     # 2. re-run with the partition down (jobs queue but do not start): the cancelled run is resubmitted and
     #    stays queued; kill this study process, the job outlives it
