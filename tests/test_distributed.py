@@ -26,7 +26,9 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -34,8 +36,10 @@ import torch
 
 from flopmatch import PARADIGMS
 from flopmatch.errors import UserError
-from flopmatch.files import load_tensors
+from flopmatch.files import atomic_write_json, load_tensors
 from flopmatch.rundir import CHECKPOINT, copy_checkpoint, read_state
+from flopmatch.study.job import job_finished
+from flopmatch.study.slurm import WorkerJob
 from flopmatch.train import TRAIN_RANDOMNESS, train
 from tiny import tiny_run_config
 
@@ -237,6 +241,36 @@ def test_two_process_eval_equals_one_process(two_process):
     m1, m2 = e1["manifest"], e2["manifest"]
     assert m1["generated_images_sha256"] == m2["generated_images_sha256"] and m1["num_samples"] == 7
     assert not list((root / "eval-2").rglob("shard-*"))  # the ranks' shards are cleaned up
+
+
+@pytest.mark.slow
+def test_a_multi_gpu_slurm_jobs_command_trains_as_one_process(two_process, tmp_path):
+    """What the SLURM job of a run with several GPUs executes (:class:`WorkerJob` with 2 processes: a real torchrun
+    starting the study worker), here on CPU with gloo: the run trains to the 1-process weights and is evaluated."""
+    root, _ = two_process
+    cfg = tiny_run_config("masked", STEPS, sets=SETS)
+    job = {"name": "two", "config": asdict(cfg), "run_dir": str(tmp_path / "two"), "eval": EVAL,
+           "settings": [asdict(cfg.sample)]}
+    atomic_write_json(tmp_path / "two.json", job)
+    worker = WorkerJob(str(tmp_path / "two.json"), str(tmp_path / "two.log"), procs=2, threads=2)
+    assert worker.command()[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    returned = []  # the worker returns, or raises when torchrun exits non-zero
+
+    def call() -> None:
+        worker()
+        returned.append(True)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(LAUNCH_TIMEOUT_S)
+    log = (tmp_path / "two.log").read_text()
+    if thread.is_alive():
+        worker._proc.kill()
+        pytest.fail(f"the 2-process worker hung for {LAUNCH_TIMEOUT_S}s:\n{log[-3000:]}")
+    assert returned, log[-3000:]
+    assert read_state(tmp_path / "two")["world_size"] == 2
+    assert_same_run(tmp_path / "two", root / "one-masked")
+    assert job_finished(job)
 
 
 def _as_old_run(run: Path) -> None:

@@ -211,3 +211,15 @@ def test_unknown_partition_is_refused_before_any_work(slurm_cluster, tmp_path):
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip() == "flopmatch: error: SLURM has no partition 'nope'; `sinfo` lists them"
     assert not (tmp_path / "s").exists()
+
+
+def test_gpus_that_do_not_split_the_batch_are_refused_before_any_work(tmp_path):
+    """A run on G GPUs splits each batch over G torchrun processes: a batch size G does not divide is refused at once
+    (one line naming the run, its batch size and the flag), not after the jobs were queued and failed on the cluster."""
+    out = subprocess.run([sys.executable, "-m", "flopmatch", "study", "--preset", "tiny", "--launcher", "slurm",
+                          "--gpus-per-run", "3", "--set", "train.batch_size=8", "--out", str(tmp_path / "s")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert "--gpus-per-run 3" in line and "train.batch_size 8 does not split over 3 processes" in line
+    assert not (tmp_path / "s").exists()

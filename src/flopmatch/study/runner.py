@@ -84,6 +84,12 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
             raise in_use(out, "study")
         raise UserError(f"{out} exists and is not a flopmatch study directory; choose another --out")
     plans = make_plan(scfg, out)  # validates the grid before anything is written
+    if launcher == "slurm" and slurm is not None and slurm.gpus_per_run > 1:  # torchrun splits each batch over the GPUs
+        for p in plans:
+            if p.config["train"]["batch_size"] % slurm.gpus_per_run:
+                raise UserError(f"--gpus-per-run {slurm.gpus_per_run}: {p.name}'s train.batch_size "
+                                f"{p.config['train']['batch_size']} does not split over {slurm.gpus_per_run} processes; "
+                                "choose a --gpus-per-run that divides it, or --set train.batch_size=...")
     launch = make_launcher(launcher, workers, out, slurm)
     launch.check()  # e.g. SLURM reachable and the partition known, before minutes of tokenizer training
     if added:
