@@ -351,7 +351,12 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
     dist.barrier()
 
     torch.manual_seed(cfg.train.seed)
-    net = Network(spec).to(device)  # same init on every rank (seeded)
+    net = Network(spec)  # same init on every rank (seeded), built in host memory
+    # Under FSDP2 the host copies (network, EMA, post-hoc averages) are sharded block by block: fully_shard moves each
+    # block to the device and splits it there, so the device never holds a whole network: its shards, plus one block's
+    # full tensors while that block is split (training_memory_bytes counts the shards). Otherwise it moves whole.
+    if not (world > 1 and cfg.train.parallel == "fsdp2"):
+        net = net.to(device)
     ema = copy.deepcopy(net).requires_grad_(False)  # starts equal to the initial weights
     # ``model`` (DDP / compiled) runs forward and backward; ``net`` is the module the optimizer, EMA, gradient
     # clipping and checkpoints use: the plain network, or under FSDP2 the network sharded in place (then
