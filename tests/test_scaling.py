@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flopmatch.errors import UserError
-from flopmatch.report.bootstrap import bootstrap_crossover, bootstrap_fit, crossover
+from flopmatch.report.bootstrap import BootstrapFit, bootstrap_all, bootstrap_crossover, bootstrap_fit, crossover
 from flopmatch.report.powerlaw import PowerLawFit, fit_power_law, fit_saturating_power_law
 from flopmatch.report.records import Record, frontier, iso_flop, pareto_front, to_error
 
@@ -354,3 +354,22 @@ def test_single_seed_records_with_evaluation_noise_are_resampled_by_it():
     assert narrow.method == wide.method == "evaluation" and "seed variance not included" in narrow.note
     width = lambda f: np.subtract(*f.predict_interval(budgets[-1])[::-1])  # noqa: E731
     assert 0 < width(narrow) < width(wide)
+
+
+def test_bootstrap_in_worker_processes_equals_one_process():
+    """bootstrap_all gives bootstrap_fit's results, bit for bit, in 2 worker processes as in this one: every resample is
+    drawn here, in its task's own stream, and a refit depends on its resample only. A failing task is its reason."""
+    rng = np.random.default_rng(3)
+    one_budget = [{"budget": 1e12, "depth": 4, "seed": s, "value": 1.0 + s} for s in range(2)]
+    tasks = [(_records(0.5, 5, rng), 30, 1), (_records(0.3, 6, rng, seeds=1), 20, 2), (one_budget, 10, 3),
+             (_records(0.4, 4, rng, E=0.0), 25, 4)]
+    direct = []
+    for records, n_boot, seed in tasks:
+        try:
+            direct.append(bootstrap_fit(records, n_boot, seed, level=0.8, nan_policy="omit"))
+        except UserError as e:
+            direct.append(f"fit failed: {e}")
+    assert isinstance(direct[2], str) and all(isinstance(d, BootstrapFit) and d.fits for i, d in enumerate(direct) if i != 2)
+    # repr: exact for floats (and a one-seed cell's std is NaN, which == would never match)
+    assert repr(bootstrap_all(tasks, 0.8, workers=1)) == repr(direct)
+    assert repr(bootstrap_all(tasks, 0.8, workers=2)) == repr(direct)

@@ -11,7 +11,7 @@ def cmd_report(args) -> int:
     # `flopmatch --help` and argument errors answer at once.
     from flopmatch.report.build import build_report
 
-    out = build_report(args.study, n_boot=args.n_boot, seed=args.seed)
+    out = build_report(args.study, n_boot=args.n_boot, seed=args.seed, workers=args.workers)
     for c in out["claims"]:
         print(f"claim {c['id']}: {c['status'].upper()} -- {c['paper']}")
     for cell in out["table"]:
@@ -23,10 +23,12 @@ def cmd_report(args) -> int:
 
 
 def register(subparsers) -> None:
-    """Add ``flopmatch report STUDY_DIR [--n-boot N] [--seed S]``."""
+    """Add ``flopmatch report STUDY_DIR [--n-boot N] [--seed S] [--workers W]``."""
     p = subparsers.add_parser("report", help="rebuild the study report (HTML, Markdown, CSV) from the run directories")
     p.add_argument("study", help="study directory (the one holding runs/)")
     p.add_argument("--n-boot", type=count(1), help="bootstrap resamples of the fit bands (default: the study's, from "
                    "its study.json, so the report is the one the study wrote; 1000 without one)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--workers", type=count(1), help="processes that fit the scaling trends (default: the cores available "
+                   "when there are >= 1000 bootstrap refits in all, else 1); the report is the same whatever the number")
     p.set_defaults(func=cmd_report)

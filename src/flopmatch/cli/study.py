@@ -102,7 +102,7 @@ def cmd_study(args) -> int:
                  "account": args.slurm_account, "mem_gb": args.slurm_mem_gb, "poll_s": args.slurm_poll}
         slurm = SlurmConfig(**{k: v for k, v in given.items() if v is not None})  # unset: SlurmConfig's defaults
     study(args.out, scfg, workers=args.workers, launcher=args.launcher, retime=args.retime, slurm=slurm,
-          calibrate_host=args.calibrate)
+          calibrate_host=args.calibrate, report_workers=None)  # the report's fits on every core (this is guarded main)
     return 0
 
 

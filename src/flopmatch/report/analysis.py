@@ -30,8 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flopmatch import PARADIGMS
-from flopmatch.errors import UserError
-from flopmatch.report.bootstrap import BootstrapFit, bootstrap_crossover, bootstrap_fit
+from flopmatch.report.bootstrap import BootstrapFit, bootstrap_all, bootstrap_crossover
 from flopmatch.report.data import Study
 from flopmatch.report.records import frontier, to_error
 
@@ -154,21 +153,6 @@ def fit_allowed(budgets: list[float]) -> str:
     return ""
 
 
-def _fit(records: list[dict], n_boot: int, seed: int) -> tuple[list, BootstrapFit | None, str]:
-    front = frontier(records, nan_policy="omit")
-    why = fit_allowed([p.budget for p in front])
-    if why:
-        return front, None, why
-    try:
-        boot = bootstrap_fit(records, n_boot=n_boot, seed=seed, level=LEVEL, nan_policy="omit")
-    except UserError as e:
-        return front, None, f"fit failed: {e}"
-    notes = [n for n in (boot.point.note, boot.note) if n]
-    if boot.method == "none":
-        notes.append("no bootstrap intervals")
-    return front, boot, "; ".join(notes)
-
-
 def setting_medians(rows: list[dict], cost: str, value) -> list[tuple]:
     """Median (cost, value) per (paradigm, depth, setting) over seeds: ``[(cost, value, paradigm, depth, steps)]``.
 
@@ -221,20 +205,35 @@ def inference_summary(study: Study) -> dict[tuple[str, int], dict]:
 class Analyser:
     """Fits every (metric, paradigm) once (laws only where ``fit_allowed``), and crossovers of fitted laws."""
 
-    def __init__(self, study: Study, n_boot: int, seed: int):
+    def __init__(self, study: Study, n_boot: int, seed: int, workers: int | None = 1):
+        """``workers``: processes for the trend fits (:func:`~flopmatch.report.bootstrap.bootstrap_all`)."""
         self.study, self.n_boot, self.seed = study, n_boot, seed
         present = {r["objective"] for r in study.rows}
         self.paradigms = [p for p in PARADIGMS if p in present] + sorted(present - set(PARADIGMS))
         self.fits: dict[tuple[str, str], MetricFit] = {}
         self.excluded: set[str] = set()
+        found = []  # (metric, paradigm, records, frontier, why no law may be fitted or "", seed)
         for mi, m in enumerate(METRICS):
             for pi, p in enumerate(self.paradigms):
                 recs, dropped = _records(study, m, p, seed)
                 self.excluded.update(dropped)
                 if not recs:
                     continue
-                front, boot, note = _fit(recs, n_boot, seed * 7919 + 97 * mi + pi)  # distinct streams: pairs are independent
-                self.fits[(m.name, p)] = MetricFit(m.name, p, recs, front, boot, note)
+                front = frontier(recs, nan_policy="omit")
+                # distinct streams: the (metric, paradigm) pairs are independent
+                found.append((m, p, recs, front, fit_allowed([f.budget for f in front]), seed * 7919 + 97 * mi + pi))
+        tasks = [(recs, n_boot, s) for _, _, recs, _, why, s in found if not why]
+        fitted = iter(bootstrap_all(tasks, LEVEL, workers))
+        for m, p, recs, front, why, _ in found:
+            boot, note = None, why
+            if not why:
+                boot = next(fitted)
+                if isinstance(boot, str):  # the fit failed: why
+                    boot, note = None, boot
+                else:
+                    notes = [n for n in (boot.point.note, boot.note) if n] + (["no bootstrap intervals"] if boot.method == "none" else [])
+                    note = "; ".join(notes)
+            self.fits[(m.name, p)] = MetricFit(m.name, p, recs, front, boot, note)
         self.inference = inference_summary(study)
 
     def crossovers(self) -> list[dict]:

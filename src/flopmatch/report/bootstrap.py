@@ -14,6 +14,9 @@ resampled ("residuals", rescaled by ``sqrt(n / (n - p))``). See :func:`bootstrap
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -30,6 +33,8 @@ from flopmatch.report.records import (
     has_noise,
     seed_std,
 )
+
+PARALLEL_MIN_RESAMPLES = 1000  # bootstrap_all fits in worker processes from this many resamples in all (~6 s of work)
 
 
 def _quantiles(x: np.ndarray, level: float) -> tuple[float, float]:
@@ -165,6 +170,25 @@ def bootstrap_fit(
     (the truth on the E >= 0 bound, where percentile intervals are known to under-cover). Read the
     intervals as somewhat optimistic, more so when the fitted E is near 0.
     """
+    drawn = _draw(records, n_boot, seed, level=level, kind=kind, method=method, inflate=inflate, nan_policy=nan_policy)
+    if isinstance(drawn, BootstrapFit):
+        return drawn
+    return drawn.finish(_refits(drawn.refit_args()))
+
+
+def _draw(
+    records: Iterable[Any],
+    n_boot: int = 1000,
+    seed: int = 0,
+    *,
+    level: float = 0.9,
+    kind: str = "saturating",
+    method: str = "auto",
+    inflate: bool = True,
+    nan_policy: str = "raise",
+) -> BootstrapFit | _Resamples:
+    """:func:`bootstrap_fit` up to the refits: the point fit and every resample, drawn in order from ``seed``'s stream
+    (a finished BootstrapFit when there is nothing to refit)."""
     if n_boot < 1:
         raise UserError(f"n_boot must be >= 1, got {n_boot}")
     _check_level(level)
@@ -208,31 +232,61 @@ def bootstrap_fit(
     # on thousands of resamples, at a fraction of the cost); a refit that fails or falls back from
     # there is retried with the full set of starts before it counts as a fallback
     warm = [[math.log(point.A), math.log(point.alpha), point.E]] if point.kind == "saturating" else None
-    fits, failed, fallback, same_depth = [], 0, 0, 0
+    # Every resample is drawn first, in order from one stream; the refits, the costly part, then depend only on their
+    # resample, so they may run anywhere (bootstrap_all) and give the same result as here.
+    ys, same_depth = [], 0
     depths0 = [p.depth for p in front]
     for _ in range(n_boot):
         if method in ("seeds", "evaluation"):
             rc = _resample_cells(cells, rng, inflate, noise)
             picks = [best_depth(bd) for bd in rc.values()]
-            y = np.array([m for _, m in picks])
+            ys.append(np.array([m for _, m in picks]))
             same_depth += [d for d, _ in picks] == depths0
         else:
-            y = yhat * np.exp(resid[rng.integers(0, resid.size, size=resid.size)])
+            ys.append(yhat * np.exp(resid[rng.integers(0, resid.size, size=resid.size)]))
             same_depth += 1
-        try:
-            f = fit_trend(kind, budgets, y, starts=warm)
-            if warm is not None and f.kind != "saturating":
-                f = fit_trend(kind, budgets, y)
-        except (UserError, ValueError, FloatingPointError, np.linalg.LinAlgError):
-            failed += 1
-            continue
-        fallback += f.kind != point.kind
-        fits.append(f)
-    return BootstrapFit(
-        point=point, frontier=front, fits=fits, n_boot=n_boot,
-        failed_fraction=failed / n_boot, fallback_fraction=fallback / max(len(fits), 1),
-        depth_agreement=same_depth / n_boot, method=method, level=level, note=note,
-    )  # fmt: skip
+    return _Resamples(BootstrapFit(point, front, [], n_boot, 0.0, 0.0, same_depth / n_boot, method, level, note),
+                      kind, budgets, warm, ys)
+
+
+@dataclass
+class _Resamples:
+    """A bootstrap with its resamples drawn and not yet refitted: ``result`` lacks the refits and their fractions."""
+
+    result: BootstrapFit
+    kind: str
+    budgets: np.ndarray
+    warm: list | None  # the refits' start (the point estimate), None: every start
+    ys: list[np.ndarray]  # each resample's frontier errors, one per budget
+
+    def refit_args(self) -> list[tuple]:
+        """The arguments of :func:`_refit` for each resample, in order."""
+        return [(self.kind, self.budgets, y, self.warm) for y in self.ys]
+
+    def finish(self, fits: list[PowerLawFit | None]) -> BootstrapFit:
+        """The bootstrap, given :func:`_refit`'s result for each resample (None: failed)."""
+        ok = [f for f in fits if f is not None]
+        fallback = sum(f.kind != self.result.point.kind for f in ok)
+        r = self.result
+        return BootstrapFit(point=r.point, frontier=r.frontier, fits=ok, n_boot=r.n_boot,
+                            failed_fraction=(len(fits) - len(ok)) / r.n_boot, fallback_fraction=fallback / max(len(ok), 1),
+                            depth_agreement=r.depth_agreement, method=r.method, level=r.level, note=r.note)  # fmt: skip
+
+
+def _refit(kind: str, budgets: np.ndarray, y: np.ndarray, warm: list | None) -> PowerLawFit | None:
+    """One resample's refit: from ``warm``, retried from every start if that fails or falls back; None if it fails."""
+    try:
+        f = fit_trend(kind, budgets, y, starts=warm)
+        if warm is not None and f.kind != "saturating":
+            f = fit_trend(kind, budgets, y)
+    except (UserError, ValueError, FloatingPointError, np.linalg.LinAlgError):
+        return None
+    return f
+
+
+def _refits(args: list[tuple]) -> list[PowerLawFit | None]:
+    """:func:`_refit` of each argument tuple (a pool task: a chunk of refits)."""
+    return [_refit(*a) for a in args]
 
 
 def _check_range(C_range: Sequence[float]) -> tuple[float, float]:
@@ -316,3 +370,53 @@ def bootstrap_crossover(
         "C_range": (lo, hi), "lower_at_low_C": _lower(boot_a.point, boot_b.point, lo),
         "lower_at_high_C": _lower(boot_a.point, boot_b.point, hi), "summary": summary,
     }  # fmt: skip
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a SLURM allocation), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def bootstrap_all(tasks: list[tuple[list[dict], int, int]], level: float, workers: int | None = 1) -> list[BootstrapFit | str]:
+    """:func:`bootstrap_fit` of each ``(records, n_boot, seed)`` at ``level`` (NaN values omitted), in order: the fit,
+    or a string saying why it failed (a UserError's message). The same results whatever ``workers``.
+
+    The refits are most of a report's time (~6 ms each, a bounded least-squares fit; 12 trends x 100 resamples took
+    74 s of the cpu preset's 90 s report, one trend 33 s of them), so they may run in ``workers`` processes: every
+    resample is drawn here first, in each task's own stream, and a refit depends on its resample only, so chunks of
+    them run anywhere. ``workers`` None: the cores available when there are at least ``PARALLEL_MIN_RESAMPLES`` refits
+    in all (below that, starting processes costs more than it saves), else 1.
+
+    "spawn", not fork: the caller may hold torch's OpenMP threads, which a forked child cannot use safely; a child
+    imports only numpy, scipy and this module's (~1 s). A spawned child re-imports the caller's main script, so a
+    script that calls this with ``workers`` != 1 needs the ``if __name__ == "__main__":`` guard; the library's own
+    default is 1 and the ``flopmatch`` command (which has the guard) asks for None.
+    """
+    drawn: list[BootstrapFit | _Resamples | str] = []
+    for records, n_boot, seed in tasks:
+        try:
+            drawn.append(_draw(records, n_boot, seed, level=level, nan_policy="omit"))
+        except UserError as e:
+            drawn.append(f"fit failed: {e}")
+    args = [a for d in drawn if isinstance(d, _Resamples) for a in d.refit_args()]
+    if workers is None:
+        workers = available_cores() if len(args) >= PARALLEL_MIN_RESAMPLES else 1
+    workers = max(1, min(workers, len(args)))
+    if workers == 1:
+        fits = _refits(args)
+    else:
+        # contiguous chunks, several per worker: one trend's refits can cost 10x another's, so small chunks balance
+        size = math.ceil(len(args) / (8 * workers))
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            fits = [f for chunk in pool.map(_refits, [args[i : i + size] for i in range(0, len(args), size)]) for f in chunk]
+    out, at = [], 0
+    for d in drawn:
+        if isinstance(d, _Resamples):
+            out.append(d.finish(fits[at : at + len(d.ys)]))
+            at += len(d.ys)
+        else:
+            out.append(d)
+    return out

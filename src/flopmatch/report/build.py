@@ -561,17 +561,18 @@ def study_n_boot(root: Path) -> int:
     return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else DEFAULT_N_BOOT
 
 
-def build_report(study_dir: str | Path, *, n_boot: int | None = None, seed: int = 0) -> dict:
+def build_report(study_dir: str | Path, *, n_boot: int | None = None, seed: int = 0, workers: int | None = 1) -> dict:
     """Write ``report.html``, ``report.md``, ``results.csv`` and ``report_figures/`` into ``study_dir``.
 
     Returns {"paths": {name: Path}, "table": [dict], "claims": [dict], "fits": [dict]}.
-    Deterministic: the same run directories, ``n_boot`` and ``seed`` give the same bytes. ``n_boot`` None: the
-    study's own (:func:`study_n_boot`).
+    Deterministic: the same run directories, ``n_boot`` and ``seed`` give the same bytes, whatever ``workers`` (the
+    processes of the trend fits, :func:`~flopmatch.report.bootstrap.bootstrap_all`). ``n_boot`` None: the study's own
+    (:func:`study_n_boot`).
     """
     root = Path(study_dir)
     study = load_study(root)
     n_boot = study_n_boot(root) if n_boot is None else n_boot
-    an = analyse(study, n_boot=n_boot, seed=seed)
+    an = analyse(study, n_boot=n_boot, seed=seed, workers=workers)
     figs = all_figures(an, study)
     samples = sample_table(study, an)
     blocks = _blocks(study, an, samples)

@@ -110,10 +110,11 @@ def ema_analysis(study: Study) -> list[dict]:
     return out
 
 
-def analyse(study: Study, n_boot: int = 1000, seed: int = 0) -> Analysis:
-    """Fits, crossovers, inference summaries, the verdicts and the EMA analysis of a study (deterministic)."""
+def analyse(study: Study, n_boot: int = 1000, seed: int = 0, workers: int | None = 1) -> Analysis:
+    """Fits, crossovers, inference summaries, the verdicts and the EMA analysis of a study (deterministic; the same
+    whatever ``workers``, the processes of the trend fits: :func:`~flopmatch.report.bootstrap.bootstrap_all`)."""
     if n_boot < 1:
         raise UserError(f"--n-boot must be >= 1, got {n_boot}")
-    an = Analyser(study, n_boot, seed)
+    an = Analyser(study, n_boot, seed, workers)
     return Analysis(an.paradigms, an.fits, an.crossovers(), an.inference, decide(study), ema_analysis(study),
                     sorted(an.excluded))

@@ -66,13 +66,15 @@ def wait_for_writer(run: Path, timeout_s: float = 30.0) -> None:
 
 
 def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = "local", progress: bool = True,
-          retime: bool = False, slurm: SlurmConfig | None = None, calibrate_host: bool = True) -> dict:
+          retime: bool = False, slurm: SlurmConfig | None = None, calibrate_host: bool = True,
+          report_workers: int | None = 1) -> dict:
     """Plan, train, evaluate, time and report a whole study in ``out``; re-running continues where it stopped.
 
     ``launcher``: "local" (``workers`` processes) or "slurm" (one job per run; ``slurm`` says where).
     ``retime``: measure the inference timings again even if the study has them (all paradigms together).
     ``calibrate_host``: time this machine on the plan's networks for the wall-time estimate (:mod:`.calibrate`;
-    never under SLURM, whose runs execute elsewhere); False: the preset's assumed FLOP/s.
+    never under SLURM, whose runs execute elsewhere); False: the preset's assumed FLOP/s. ``report_workers``: processes
+    for the report's trend fits (:func:`~flopmatch.report.bootstrap.bootstrap_all`; the ``flopmatch`` command: None).
     """
     out = Path(out)
     scfg.validate()
@@ -96,11 +98,12 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
         print(f"[study] growing the study in {out}: {len(added)} new run(s) ({', '.join(p.name for p in added[:4])}"
               f"{', ...' if len(added) > 4 else ''}); finished runs are kept")
     with DirectoryLock(out, "study"):  # one study process per directory
-        return _study_locked(out, scfg, plans, launch, progress, retime, calibrate_host and not launch.attaches)
+        return _study_locked(out, scfg, plans, launch, progress, retime, calibrate_host and not launch.attaches,
+                             report_workers)
 
 
 def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: bool, retime: bool,
-                  calibrate_host: bool) -> dict:
+                  calibrate_host: bool, report_workers: int | None) -> dict:
     """The study proper, run while this process holds the study directory's lock (see :func:`study`)."""
     atomic_write_json(out / "study.json", asdict(scfg))
     atomic_write_json(out / "plan.json", [asdict(p) for p in plans])
@@ -151,7 +154,7 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
         launch.run_phase(timing_job(out, retime), lambda: not timing_needed(out, scfg, plans)
                          and (not retime or timing_stamp(out) != before), "the timing phase")
     t_timing = time.perf_counter()
-    result = build_report(out, n_boot=scfg.n_boot)
+    result = build_report(out, n_boot=scfg.n_boot, workers=report_workers)
     t_end = time.perf_counter()
     measured = {"tokenizers": t_tokenizers - t0, "runs": t_runs - t_tokenizers, "timing": t_timing - t_runs,
                 "report": t_end - t_timing, "total": t_end - t0}
