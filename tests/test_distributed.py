@@ -246,11 +246,11 @@ def test_two_process_eval_equals_one_process(two_process):
 @pytest.mark.slow
 def test_a_multi_gpu_slurm_jobs_command_trains_as_one_process(two_process, tmp_path):
     """What the SLURM job of a run with several GPUs executes (:class:`WorkerJob` with 2 processes: a real torchrun
-    starting the study worker), here on CPU with gloo: the run trains to the 1-process weights and is evaluated."""
+    starting the study worker), here on CPU with gloo: the run trains to the 1-process weights. (No setting to
+    evaluate: evaluation under 2 processes is test_two_process_eval_equals_one_process's.)"""
     root, _ = two_process
     cfg = tiny_run_config("masked", STEPS, sets=SETS)
-    job = {"name": "two", "config": asdict(cfg), "run_dir": str(tmp_path / "two"), "eval": EVAL,
-           "settings": [asdict(cfg.sample)]}
+    job = {"name": "two", "config": asdict(cfg), "run_dir": str(tmp_path / "two"), "eval": EVAL, "settings": []}
     atomic_write_json(tmp_path / "two.json", job)
     worker = WorkerJob(str(tmp_path / "two.json"), str(tmp_path / "two.log"), procs=2, threads=2)
     assert worker.command()[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

@@ -27,7 +27,9 @@ from safetensors.torch import load_file
 
 from flopmatch.errors import UserError
 from flopmatch.study.job import run_job
-from flopmatch.study.slurm import parse_slurm_time, squeue_states
+from flopmatch.study.presets import study_preset
+from flopmatch.study.runner import study
+from flopmatch.study.slurm import SlurmConfig, parse_slurm_time, squeue_states
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
@@ -215,11 +217,9 @@ def test_unknown_partition_is_refused_before_any_work(slurm_cluster, tmp_path):
 
 def test_gpus_that_do_not_split_the_batch_are_refused_before_any_work(tmp_path):
     """A run on G GPUs splits each batch over G torchrun processes: a batch size G does not divide is refused at once
-    (one line naming the run, its batch size and the flag), not after the jobs were queued and failed on the cluster."""
-    out = subprocess.run([sys.executable, "-m", "flopmatch", "study", "--preset", "tiny", "--launcher", "slurm",
-                          "--gpus-per-run", "3", "--set", "train.batch_size=8", "--out", str(tmp_path / "s")],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2, out.stderr
-    (line,) = out.stderr.strip().splitlines()
-    assert "--gpus-per-run 3" in line and "train.batch_size 8 does not split over 3 processes" in line
+    (naming the run, its batch size and the flag), not after the jobs were queued and failed on the cluster."""
+    scfg = study_preset("tiny")
+    scfg.overrides += ["train.batch_size=8"]
+    with pytest.raises(UserError, match=r"--gpus-per-run 3: .*train.batch_size 8 does not split over 3 processes"):
+        study(tmp_path / "s", scfg, launcher="slurm", slurm=SlurmConfig(gpus_per_run=3), progress=False)
     assert not (tmp_path / "s").exists()
