@@ -105,13 +105,16 @@ def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out
     device = resolve_device(config.device)
     bf16 = use_bf16(config.precision, device)
     torch.manual_seed(config.seed)  # weight init
-    model = make_autoencoder(config).to(device).train()
+    # channels_last (NHWC) during training: the layout oneDNN's (and cuDNN's) fast convolutions take, 1.16x (KL) and
+    # 1.21x (LFQ) per training step of the cpu preset on a 2-core AVX2 host in fp32 (interleaved rounds, one process).
+    # Back to the default layout at the end: safetensors stores contiguous tensors, and callers expect them.
+    model = make_autoencoder(config).to(device, memory_format=torch.channels_last).train()
     model.data_info = dict(data_info or {})
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, config.beta2),
                             weight_decay=config.weight_decay)
     disc = d_opt = None
     if config.adv_weight > 0:
-        disc = PatchDiscriminator().to(device)
+        disc = PatchDiscriminator().to(device, memory_format=torch.channels_last)
         d_opt = torch.optim.AdamW(disc.parameters(), lr=config.lr, betas=(0.5, 0.9), weight_decay=0.0)
     data_gen = torch.Generator().manual_seed(config.seed)  # batch order (CPU: indexes a CPU tensor)
     noise_gen = torch.Generator(device=device).manual_seed(config.seed + 1)  # KL posterior samples
@@ -128,6 +131,7 @@ def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out
         idx = order[cursor:cursor + min(config.batch_size, n)]
         cursor += config.batch_size
         x = images_uint8[idx].to(device).float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
+        x = x.contiguous(memory_format=torch.channels_last)
         lr = warmup_cosine(step, config.steps, config.lr, config.warmup_steps, config.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -169,7 +173,7 @@ def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out
                 atomic_write_text(Path(out_dir) / "train_log.jsonl", "\n".join(log_lines) + "\n")
     train_seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
 
-    model.eval()
+    model.to(memory_format=torch.contiguous_format).eval()  # the layout inference and the saved tensors use
     if config.kind == "kl":
         model.fit_latent_stats(images_uint8[: config.stats_images])
     tail = psnrs[-max(1, len(psnrs) // 10):]
