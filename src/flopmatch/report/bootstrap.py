@@ -170,23 +170,14 @@ def bootstrap_fit(
     (the truth on the E >= 0 bound, where percentile intervals are known to under-cover). Read the
     intervals as somewhat optimistic, more so when the fitted E is near 0.
     """
-    drawn = _draw(records, n_boot, seed, level=level, kind=kind, method=method, inflate=inflate, nan_policy=nan_policy)
+    drawn = _draw(records, n_boot, seed, level, kind, method, inflate, nan_policy)
     if isinstance(drawn, BootstrapFit):
         return drawn
     return drawn.finish(_refits(drawn.refit_args()))
 
 
-def _draw(
-    records: Iterable[Any],
-    n_boot: int = 1000,
-    seed: int = 0,
-    *,
-    level: float = 0.9,
-    kind: str = "saturating",
-    method: str = "auto",
-    inflate: bool = True,
-    nan_policy: str = "raise",
-) -> BootstrapFit | _Resamples:
+def _draw(records: Iterable[Any], n_boot: int, seed: int, level: float, kind: str, method: str, inflate: bool,
+          nan_policy: str) -> BootstrapFit | _Resamples:
     """:func:`bootstrap_fit` up to the refits: the point fit and every resample, drawn in order from ``seed``'s stream
     (a finished BootstrapFit when there is nothing to refit)."""
     if n_boot < 1:
@@ -398,7 +389,7 @@ def bootstrap_all(tasks: list[tuple[list[dict], int, int]], level: float, worker
     drawn: list[BootstrapFit | _Resamples | str] = []
     for records, n_boot, seed in tasks:
         try:
-            drawn.append(_draw(records, n_boot, seed, level=level, nan_policy="omit"))
+            drawn.append(_draw(records, n_boot, seed, level, "saturating", "auto", True, "omit"))
         except UserError as e:
             drawn.append(f"fit failed: {e}")
     args = [a for d in drawn if isinstance(d, _Resamples) for a in d.refit_args()]

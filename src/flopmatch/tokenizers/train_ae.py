@@ -105,8 +105,9 @@ def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out
     device = resolve_device(config.device)
     bf16 = use_bf16(config.precision, device)
     torch.manual_seed(config.seed)  # weight init
-    # channels_last (NHWC) during training: the layout oneDNN's (and cuDNN's) fast convolutions take, 1.16x (KL) and
-    # 1.21x (LFQ) per training step of the cpu preset on a 2-core AVX2 host in fp32 (interleaved rounds, one process).
+    # channels_last (NHWC) during training: the layout oneDNN's (and cuDNN's) fast convolutions take; a training step of
+    # the cpu preset on a 2-core AVX2 host in fp32: median 1.05x (KL) and 1.07x (LFQ) over 16 interleaved rounds in one
+    # process (each 0.91-1.36x: a noisy shared host).
     # Back to the default layout at the end: safetensors stores contiguous tensors, and callers expect them.
     model = make_autoencoder(config).to(device, memory_format=torch.channels_last).train()
     model.data_info = dict(data_info or {})
