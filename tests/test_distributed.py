@@ -265,7 +265,9 @@ def test_a_multi_gpu_slurm_jobs_command_trains_as_one_process(two_process, tmp_p
     thread.join(LAUNCH_TIMEOUT_S)
     log = (tmp_path / "two.log").read_text()
     if thread.is_alive():
-        worker._proc.kill()
+        proc = worker._proc
+        if proc is not None:
+            proc.terminate()  # torchrun stops its workers on SIGTERM
         pytest.fail(f"the 2-process worker hung for {LAUNCH_TIMEOUT_S}s:\n{log[-3000:]}")
     assert returned, log[-3000:]
     assert read_state(tmp_path / "two")["world_size"] == 2

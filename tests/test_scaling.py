@@ -373,3 +373,18 @@ def test_bootstrap_in_worker_processes_equals_one_process():
     # repr: exact for floats (and a one-seed cell's std is NaN, which == would never match)
     assert repr(bootstrap_all(tasks, 0.8, workers=1)) == repr(direct)
     assert repr(bootstrap_all(tasks, 0.8, workers=2)) == repr(direct)
+
+
+def test_bootstrap_runs_here_when_worker_processes_cannot_start(monkeypatch):
+    """Where worker processes cannot start (no /dev/shm in a container, say), the refits run in this process: the same
+    results, not a traceback."""
+    import flopmatch.report.bootstrap as bootstrap
+
+    def no_processes(*args, **kwargs):
+        raise OSError("[Errno 38] Function not implemented")  # what sem_open raises without /dev/shm
+
+    rng = np.random.default_rng(4)
+    tasks = [(_records(0.5, 5, rng), 10, 1), (_records(0.3, 6, rng), 10, 2)]
+    serial = repr(bootstrap_all(tasks, 0.9, workers=1))
+    monkeypatch.setattr(bootstrap, "ProcessPoolExecutor", no_processes)
+    assert repr(bootstrap_all(tasks, 0.9, workers=2)) == serial

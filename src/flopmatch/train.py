@@ -354,7 +354,8 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
     net = Network(spec)  # same init on every rank (seeded), built in host memory
     # Under FSDP2 the host copies (network, EMA, post-hoc averages) are sharded block by block: fully_shard moves each
     # block to the device and splits it there, so the device never holds a whole network: its shards, plus one block's
-    # full tensors while that block is split (training_memory_bytes counts the shards). Otherwise it moves whole.
+    # full tensors while that block is split (training_memory_bytes counts the shards). The price: each process holds
+    # the network and its EMA in host memory until they are sharded. Otherwise the network moves to the device whole.
     if not (world > 1 and cfg.train.parallel == "fsdp2"):
         net = net.to(device)
     ema = copy.deepcopy(net).requires_grad_(False)  # starts equal to the initial weights

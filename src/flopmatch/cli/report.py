@@ -30,5 +30,5 @@ def register(subparsers) -> None:
                    "its study.json, so the report is the one the study wrote; 1000 without one)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--workers", type=count(1), help="processes that fit the scaling trends (default: the cores available "
-                   "when there are >= 1000 bootstrap refits in all, else 1); the report is the same whatever the number")
+                   "when there are >= 200 bootstrap refits in all, else 1); the report is the same whatever the number")
     p.set_defaults(func=cmd_report)

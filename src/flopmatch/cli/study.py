@@ -102,7 +102,9 @@ def cmd_study(args) -> int:
                  "account": args.slurm_account, "mem_gb": args.slurm_mem_gb, "poll_s": args.slurm_poll}
         slurm = SlurmConfig(**{k: v for k, v in given.items() if v is not None})  # unset: SlurmConfig's defaults
     study(args.out, scfg, workers=args.workers, launcher=args.launcher, retime=args.retime, slurm=slurm,
-          calibrate_host=args.calibrate, report_workers=None)  # the report's fits on every core (this is guarded main)
+          # the report's trend fits on this machine's cores (this is a guarded main); under SLURM the study process
+          # runs on a login node, which is shared: one process there
+          calibrate_host=args.calibrate, report_workers=None if args.launcher == "local" else 1)
     return 0
 
 

@@ -17,6 +17,7 @@ import math
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -34,7 +35,7 @@ from flopmatch.report.records import (
     seed_std,
 )
 
-PARALLEL_MIN_RESAMPLES = 1000  # bootstrap_all fits in worker processes from this many resamples in all (~6 s of work)
+PARALLEL_MIN_RESAMPLES = 200  # bootstrap_all refits in worker processes from this many in all (~12 s of work, ~1 s to start)
 
 
 def _quantiles(x: np.ndarray, level: float) -> tuple[float, float]:
@@ -375,8 +376,9 @@ def bootstrap_all(tasks: list[tuple[list[dict], int, int]], level: float, worker
     """:func:`bootstrap_fit` of each ``(records, n_boot, seed)`` at ``level`` (NaN values omitted), in order: the fit,
     or a string saying why it failed (a UserError's message). The same results whatever ``workers``.
 
-    The refits are most of a report's time (~6 ms each, a bounded least-squares fit; 12 trends x 100 resamples took
-    74 s of the cpu preset's 90 s report, one trend 33 s of them), so they may run in ``workers`` processes: every
+    The refits are most of a report's time (~60 ms each on average: a refit that falls back is retried from every start,
+    each a bounded least-squares fit; 12 trends x 100 resamples took 74 s of the cpu preset's 90 s report, one trend
+    33 s of them), so they may run in ``workers`` processes: every
     resample is drawn here first, in each task's own stream, and a refit depends on its resample only, so chunks of
     them run anywhere. ``workers`` None: the cores available when there are at least ``PARALLEL_MIN_RESAMPLES`` refits
     in all (below that, starting processes costs more than it saves), else 1.
@@ -384,7 +386,8 @@ def bootstrap_all(tasks: list[tuple[list[dict], int, int]], level: float, worker
     "spawn", not fork: the caller may hold torch's OpenMP threads, which a forked child cannot use safely; a child
     imports only numpy, scipy and this module's (~1 s). A spawned child re-imports the caller's main script, so a
     script that calls this with ``workers`` != 1 needs the ``if __name__ == "__main__":`` guard; the library's own
-    default is 1 and the ``flopmatch`` command (which has the guard) asks for None.
+    default is 1 and the ``flopmatch`` command (which has the guard) asks for None. Where worker processes cannot
+    start or die (no /dev/shm, a child killed), the refits run here instead: the same results, only slower.
     """
     drawn: list[BootstrapFit | _Resamples | str] = []
     for records, n_boot, seed in tasks:
@@ -401,8 +404,11 @@ def bootstrap_all(tasks: list[tuple[list[dict], int, int]], level: float, worker
     else:
         # contiguous chunks, several per worker: one trend's refits can cost 10x another's, so small chunks balance
         size = math.ceil(len(args) / (8 * workers))
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            fits = [f for chunk in pool.map(_refits, [args[i : i + size] for i in range(0, len(args), size)]) for f in chunk]
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                fits = [f for chunk in pool.map(_refits, [args[i : i + size] for i in range(0, len(args), size)]) for f in chunk]
+        except (OSError, BrokenProcessPool):
+            fits = _refits(args)
     out, at = [], 0
     for d in drawn:
         if isinstance(d, _Resamples):

@@ -91,7 +91,7 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
             if p.config["train"]["batch_size"] % slurm.gpus_per_run:
                 raise UserError(f"--gpus-per-run {slurm.gpus_per_run}: {p.name}'s train.batch_size "
                                 f"{p.config['train']['batch_size']} does not split over {slurm.gpus_per_run} processes; "
-                                "choose a --gpus-per-run that divides it, or --set train.batch_size=...")
+                                "choose a --gpus-per-run that divides it (or, for a new study, another --set train.batch_size)")
     launch = make_launcher(launcher, workers, out, slurm)
     launch.check()  # e.g. SLURM reachable and the partition known, before minutes of tokenizer training
     if added:

@@ -105,17 +105,18 @@ def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out
     device = resolve_device(config.device)
     bf16 = use_bf16(config.precision, device)
     torch.manual_seed(config.seed)  # weight init
-    # channels_last (NHWC) during training: the layout oneDNN's (and cuDNN's) fast convolutions take; a training step of
-    # the cpu preset on a 2-core AVX2 host in fp32: median 1.05x (KL) and 1.07x (LFQ) over 16 interleaved rounds in one
-    # process (each 0.91-1.36x: a noisy shared host).
-    # Back to the default layout at the end: safetensors stores contiguous tensors, and callers expect them.
-    model = make_autoencoder(config).to(device, memory_format=torch.channels_last).train()
+    # channels_last (NHWC) during training on a CPU: the layout oneDNN's fast convolutions take; a training step of the
+    # cpu preset on a 2-core AVX2 host in fp32: median 1.05x (KL) and 1.07x (LFQ) over 16 interleaved rounds in one
+    # process (each 0.91-1.36x: a noisy shared host). Not on CUDA, where it is unmeasured (GroupNorm there may copy
+    # NHWC inputs back to NCHW). Back to the default layout at the end: safetensors stores contiguous tensors.
+    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    model = make_autoencoder(config).to(device, memory_format=layout).train()
     model.data_info = dict(data_info or {})
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, config.beta2),
                             weight_decay=config.weight_decay)
     disc = d_opt = None
     if config.adv_weight > 0:
-        disc = PatchDiscriminator().to(device, memory_format=torch.channels_last)
+        disc = PatchDiscriminator().to(device, memory_format=layout)
         d_opt = torch.optim.AdamW(disc.parameters(), lr=config.lr, betas=(0.5, 0.9), weight_decay=0.0)
     data_gen = torch.Generator().manual_seed(config.seed)  # batch order (CPU: indexes a CPU tensor)
     noise_gen = torch.Generator(device=device).manual_seed(config.seed + 1)  # KL posterior samples
@@ -132,7 +133,7 @@ def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out
         idx = order[cursor:cursor + min(config.batch_size, n)]
         cursor += config.batch_size
         x = images_uint8[idx].to(device).float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=layout)
         lr = warmup_cosine(step, config.steps, config.lr, config.warmup_steps, config.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
