@@ -18,6 +18,20 @@ from flop_counting import CUSTOM_MAPPING
 torch.set_num_threads(1)
 
 
+# The longest test files, longest first (`--durations` of the whole suite, 2026-12-04: seconds per file). pytest-xdist
+# (`--dist loadfile --no-loadscope-reorder`, pyproject.toml) hands files to its 2 workers in collection order, so these
+# start first and the many short files fill in around them, instead of a 2-minute file starting last and running alone
+# (longest-processing-time-first scheduling).
+LONGEST_FIRST = ("test_study.py", "test_slurm.py", "test_eval_metrics.py", "test_report.py", "test_distributed.py",
+                 "test_lock.py", "test_data_folder.py", "test_eval_clip.py", "test_crash.py", "test_scaling.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Collect the test files of LONGEST_FIRST first (stable: the order inside a file is kept)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def flopmatch_cache(tmp_path_factory):
     """FLOPMATCH_CACHE -> a fresh session-wide directory, so tests never touch ~/.cache/flopmatch.
