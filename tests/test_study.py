@@ -41,6 +41,10 @@ def tiny_study(objectives=("masked",), budgets=(2e9, 4e9, 8e9)):
     return scfg
 
 
+# Tests about where runs train and what a study does with them pass calibrate_host=False: the host calibration only
+# informs the printed estimate (tested in test_calibrate.py and test_tiny_study_end_to_end) and costs seconds per study.
+
+
 def main_setting_only(scfg):
     """No operating-point or post-hoc EMA sweep and no extra step counts: each run evaluates its main setting only
     (for tests about where and when runs train and evaluate; the sweeps have their own tests)."""
@@ -181,7 +185,7 @@ def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, monke
 
     monkeypatch.setattr(flopmatch.study.job, "train", interrupted_train)
     with pytest.raises(KeyboardInterrupt):
-        study(out, scfg, progress=False)
+        study(out, scfg, progress=False, calibrate_host=False)
     first_eval = (out / "runs" / names[0] / "eval.json").read_bytes()
     state = read_state(out / "runs" / names[1])
     assert state["step"] == 3 and not state["done"]
@@ -189,7 +193,7 @@ def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, monke
     assert not (out / "inference_timing.json").exists()  # the interrupted study never reached its timing phase
 
     calls.clear()
-    study(out, scfg, progress=False)
+    study(out, scfg, progress=False, calibrate_host=False)
     assert calls == names[1:]  # the finished run is not trained again
     assert (out / "runs" / names[0] / "eval.json").read_bytes() == first_eval  # nor re-evaluated
     assert read_state(out / "runs" / names[1])["done"]
@@ -244,8 +248,8 @@ def test_local_worker_processes_give_the_same_runs_as_in_process(tmp_path, monke
     scfg = tiny_study(objectives=("masked",), budgets=(2e9, 4e9))
     main_setting_only(scfg)  # what differs between launchers is where a run trains and evaluates, not which settings
     names = [run_name("masked", 1, b, 0) for b in scfg.budgets]
-    study(tmp_path / "one", scfg, workers=1, progress=False)
-    study(tmp_path / "two", scfg, workers=2, progress=False)
+    study(tmp_path / "one", scfg, workers=1, progress=False, calibrate_host=False)
+    study(tmp_path / "two", scfg, workers=2, progress=False, calibrate_host=False)
     assert sorted(p.name for p in (tmp_path / "two" / "logs").iterdir()) == sorted(f"{n}.log" for n in names)
     assert _outcome(tmp_path / "two", names) == _outcome(tmp_path / "one", names)
 
@@ -363,7 +367,7 @@ def test_wsd_study_chains_runs_through_their_stable_phase(tmp_path):
     out = tmp_path / "study"
     plans = make_plan(scfg, out)
     assert chained_flops(plans) < sum(p.train_flops for p in plans)
-    study(out, scfg, progress=False)
+    study(out, scfg, progress=False, calibrate_host=False)
     small, large = (out / "runs" / p.name for p in plans)
     branched = read_state(large)["branched_from"]
     assert branched["run"] == small.name and branched["step"] == read_state(small, STABLE_CHECKPOINT)["step"] > 0
