@@ -18,7 +18,7 @@ from flop_counting import CUSTOM_MAPPING
 torch.set_num_threads(1)
 
 
-# The longest test files, longest first (`--durations` of the whole suite, 2026-12-04: seconds per file). pytest-xdist
+# The longest test files, longest first (by `--durations` of the whole suite, 2026-12-04). pytest-xdist
 # (`--dist loadfile --no-loadscope-reorder`, pyproject.toml) hands files to its 2 workers in collection order, so these
 # start first and the many short files fill in around them, instead of a 2-minute file starting last and running alone
 # (longest-processing-time-first scheduling).
