@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from flopmatch.report.data import Study
 from flopmatch.report.operating import operating
 from flopmatch.report.verdicts import decide
 from flopmatch.study.presets import SAMPLE_FIELDS
-from flopmatch.study.timing_phase import _cost_key
+from flopmatch.study.timing_phase import _cost_key, busy_probe, other_busy_cores
 
 
 def _dominated(p: Point, points: list[Point]) -> bool:
@@ -133,3 +135,12 @@ def test_the_timing_phase_times_once_only_what_computes_the_same():
                   _item("steps=10,cfg=3", top_k=100), _item("steps=10,cfg=3", kv_cache=False),
                   _item("steps=10,cfg=3", choice_temperature=0.0)):
         assert _cost_key(other) != key, other
+
+
+def test_the_busy_probe_sees_another_process_and_not_this_one():
+    """The timing phase's load figure counts CPU time of other processes over the phase, not its own."""
+    probe = busy_probe()
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 1.0: pass"])
+    child.wait(timeout=60)
+    assert other_busy_cores(probe) >= 0.6  # the child spun one core for 1 s (interpreter start-up included)
+    assert other_busy_cores(None) is None

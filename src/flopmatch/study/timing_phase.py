@@ -44,26 +44,33 @@ from flopmatch.study.presets import StudyConfig
 BUSY_CORES = 0.5  # warn when other processes keep more than half a core busy during the phase
 
 
-def other_busy_cores(interval_s: float = 1.0) -> float | None:
-    """Cores kept busy by processes other than this one over ``interval_s`` (Linux; None elsewhere).
+def _cpu_ticks() -> tuple[float, float, float]:
+    """(busy CPU seconds of the whole machine, this process's CPU seconds, monotonic time) now (Linux /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [float(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK"), time.process_time(), time.monotonic()
 
-    Read from ``/proc/stat`` (all CPUs) minus this process's own CPU time: psutil would do it too,
-    but is not a dependency for one number.
-    """
-    def busy() -> tuple[float, float]:
-        with open("/proc/stat") as f:
-            fields = [float(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-        return sum(fields) - idle, time.process_time()
 
+def busy_probe() -> tuple[float, float, float] | None:
+    """A reading to pass to :func:`other_busy_cores` later (None where /proc/stat cannot be read: not Linux)."""
     try:
-        ticks = os.sysconf("SC_CLK_TCK")
-        (b0, own0), t0 = busy(), time.monotonic()
-        time.sleep(interval_s)
-        (b1, own1), t1 = busy(), time.monotonic()
+        return _cpu_ticks()
     except (OSError, ValueError, IndexError):
         return None
-    return max(0.0, ((b1 - b0) / ticks - (own1 - own0)) / (t1 - t0))
+
+
+def other_busy_cores(since: tuple[float, float, float] | None) -> float | None:
+    """Cores kept busy by processes other than this one since the reading ``since`` of :func:`busy_probe`.
+
+    Measured over the timing phase itself (not in a pause before and after it), so it is the load the timings saw
+    and costs no time. From ``/proc/stat`` (all CPUs) minus this process's own CPU time: psutil would do it too,
+    but is not a dependency for one number.
+    """
+    now = busy_probe()
+    if since is None or now is None or now[2] <= since[2]:
+        return None
+    return max(0.0, ((now[0] - since[0]) - (now[1] - since[1])) / (now[2] - since[2]))
 
 
 def timing_plan(out: Path, scfg: StudyConfig, plans: list[RunPlan]) -> list[dict]:
@@ -146,11 +153,9 @@ def ensure_timing(out: Path, scfg: StudyConfig, plans: list[RunPlan], retime: bo
     for key, i in pairs:
         if timed_as[key] == key:
             tim += timing_items(samplers[i["run"]], [(key, from_dict(SampleConfig, i["sample"]))])
-    load_before = other_busy_cores()
-    t0 = time.perf_counter()
+    probe, t0 = busy_probe(), time.perf_counter()
     results = time_items(tim, rounds=scfg.timing_rounds, search_budget_s=scfg.timing_budget_s, progress=progress)
-    seconds = time.perf_counter() - t0
-    load_after = other_busy_cores()
+    seconds, load = time.perf_counter() - t0, other_busy_cores(probe)
     items = []
     for key, i in pairs:
         sampler, sample = samplers[i["run"]], from_dict(SampleConfig, i["sample"])
@@ -165,12 +170,11 @@ def ensure_timing(out: Path, scfg: StudyConfig, plans: list[RunPlan], retime: bo
     doc = {
         "version": TIMING_VERSION, "signature": _signature(wanted), "rounds": scfg.timing_rounds,
         "machine": {**machine(), "device": str(first.device), "bf16": first.bf16},
-        "other_busy_cores": {"before": load_before, "after": load_after}, "seconds": seconds, "items": items,
+        "other_busy_cores_during": load, "seconds": seconds, "items": items,
         "note": "every item timed in the same phase, interleaved; medians over rounds, every round kept",
     }  # fmt: skip
-    busy = [x for x in (load_before, load_after) if x is not None]
-    if busy and max(busy) > BUSY_CORES:
-        print(f"[study] warning: other processes kept {max(busy):.1f} cores busy just before or after timing; the spread between "
+    if load is not None and load > BUSY_CORES:
+        print(f"[study] warning: other processes kept {load:.1f} cores busy while this timed; the spread between "
               "rounds will show it (re-run with --retime on a quiet machine)")
     atomic_write_json(out / TIMING, doc)
     print(f"[study] inference timing took {fmt_duration(seconds)}; wrote {out / TIMING}")
