@@ -255,7 +255,7 @@ def test_local_worker_processes_give_the_same_runs_as_in_process(tmp_path, monke
 
 
 def test_growing_a_study_adds_cells_and_keeps_the_variance_seeds_in_place(tmp_path):
-    """More budgets, seeds, paradigms or step settings grow a study; settings outside the grid may not change;
+    """More budgets, seeds, paradigms, depths or step settings grow a study; settings outside the grid may not change;
     timing/report settings and trackers are free; a study.json from before floor_seeds/base_seed still reads."""
     scfg = replace(tiny_study(budgets=(2e9, 4e9, 8e9)), floor_seeds=2)
     saved = asdict(scfg)
@@ -272,6 +272,9 @@ def test_growing_a_study_adds_cells_and_keeps_the_variance_seeds_in_place(tmp_pa
     _, plan, added = reconcile(saved, more, tmp_path)
     assert {p.name for p in plan} - {p.name for p in added} == {p.name for p in make_plan(scfg, tmp_path)}
     assert len(added) == len(plan) - 5 and all(p.objective == "diffusion" or p.seed == 1 or p.seed == 3 for p in added)
+    _, plan, added = reconcile(saved, replace(scfg, depths=[1, 2]), tmp_path)  # a deeper model: its own 5 runs
+    assert {p.depth for p in added} == {2} and len(added) == 5 and len(plan) == 10
+    assert {(p.budget, p.seed) for p in added} == {(p.budget, p.seed) for p in plan if p.depth == 1}
 
     refusals = {
         "budgets": replace(scfg, budgets=[2e9, 8e9]),
