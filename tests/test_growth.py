@@ -62,8 +62,10 @@ def test_wsd_run_continued_to_a_larger_budget_equals_a_direct_run(trained, tmp_p
     (run / "samples" / "steps-3" / "prompts.json").write_text("[]")
 
     capsys.readouterr()
-    state = train(tiny_run_config("masked", 14, WSD), run, progress=False)
+    # the user's command: the run's own settings (its config.json) with a new budget, no flags repeated
+    assert cli.main(["train", "--out", str(run), "--budget", repr(b2), "--quiet"]) == 0
     assert "resuming at step 6/14" in capsys.readouterr().out  # continued from the stable state, not retrained
+    state = read_state(run)
     assert state["done"] and state["step"] == 14 and state["flops"] == read_state(direct)["flops"]
     _assert_same_tensors(run, direct)
     assert _rows(run) == _rows(direct)
@@ -80,6 +82,7 @@ def test_wsd_run_continued_to_a_larger_budget_equals_a_direct_run(trained, tmp_p
     assert read_eval_entries(kept) and (kept / "samples" / "steps-3" / "prompts.json").exists()
     assert read_eval_entries(run) == {} and not (run / "samples").exists()
     assert train(tiny_run_config("masked", 14, WSD), run, progress=False)["done"]  # finished: nothing to do
+    assert cli.main(["train", "--out", str(run), "--quiet"]) == 0 and read_state(run)["step"] == 14  # resumes: done
 
     from flopmatch.report.data import load_study  # the report tells which schedule made each point
 
@@ -148,3 +151,11 @@ def test_other_changes_and_smaller_budgets_are_refused(trained):
         train(tiny_run_config("masked", 8, WSD), run, progress=False)
     assert read_state(run)["step"] == 14 and read_config(run).train.budget == tiny_run_config("masked", 14, WSD).train.budget
     assert not (run / "budgets").exists()
+
+
+def test_a_new_run_needs_its_paradigm(tmp_path, capsys):
+    """`train --out NEW` without --objective: one line naming the flag (an existing run would resume), nothing made."""
+    assert cli.main(["train", "--out", str(tmp_path / "new"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flopmatch: error: --objective is required"), err
+    assert not (tmp_path / "new").exists()

@@ -50,8 +50,9 @@ def _run_config(args):
     return cfg.validate()
 
 
-def _add_common(p, *, budget: bool) -> None:
-    p.add_argument("--objective", choices=PARADIGMS, required=True, help="paradigm")
+def _add_common(p, *, budget: bool, objective_required: bool = True) -> None:
+    p.add_argument("--objective", choices=PARADIGMS, required=objective_required,
+                   help="paradigm" if objective_required else "paradigm (required for a new run; an existing --out run keeps its own)")
     p.add_argument("--depth", type=config_value(ModelConfig, "depth"), help="backbone depth (width = 64 * depth); default 4")
     if budget:
         p.add_argument("--budget", type=config_value(TrainConfig, "budget"), help="training FLOPs, e.g. 3e12 (default 3e12); steps = ceil(budget / FLOPs per step). "
@@ -68,8 +69,19 @@ def cmd_train(args) -> int:
     """Train (or resume) one run."""
     # Imported when the command runs, not at the top: the CLI modules load no torch, so that
     # `flopmatch --help` and argument errors answer at once.
+    from flopmatch.errors import UserError
+    from flopmatch.rundir import CONFIG
     from flopmatch.train import train
 
+    saved = Path(args.out) / CONFIG
+    if not args.config and saved.is_file():
+        # An existing run starts from its own settings (like nanoGPT's init_from="resume"): `train --out RUN` resumes
+        # it and `train --out RUN --budget B2` continues it, without repeating its flags; flags given still override
+        # (and train() refuses any change but the budget, naming the setting).
+        args.config = str(saved)
+    elif not args.config and not args.objective:
+        raise UserError(f"--objective is required to start a new run in {args.out} (an existing run directory resumes "
+                        "from its own config.json)")
     cfg = _run_config(args)
     train(cfg, args.out, progress=not args.quiet)
     return 0
@@ -123,9 +135,10 @@ def cmd_flops(args) -> int:
 def register(sub) -> None:
     """Add ``train``, ``sample`` and ``flops`` to the top-level subparsers."""
     p = sub.add_parser("train", help="train a generator for a FLOP budget (resumes if interrupted)")
-    _add_common(p, budget=True)
+    _add_common(p, budget=True, objective_required=False)
     p.add_argument("--seed", type=int, help="training seed (default 0)")
-    p.add_argument("--out", required=True, type=output_dir, help="run directory (created; an existing run is resumed)")
+    p.add_argument("--out", required=True, type=output_dir, help="run directory (created; an existing run is resumed from its own config.json: "
+                   "`train --out RUN` resumes it, `train --out RUN --budget B2` continues a wsd run to B2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--track", type=config_value(TrainConfig, "trackers"), metavar="tensorboard,wandb",
                    help="also log metrics.jsonl's rows to TensorBoard (RUN/tensorboard/) and/or W&B (RUN/wandb/, offline "
