@@ -313,6 +313,7 @@ def test_report_leads_with_the_decision_and_shows_figures(study):
     head = md[: md.index("## The paper's claims")]
     assert "## Which paradigm, for what" in head and "dataset shapes" in head and "Dashed trend lines are extrapolations" in head
     assert "One seed per cell" not in head  # three seeds: verdicts rest on seed noise
+    assert "the verdicts hold for these tokenizers" in head  # the one noise source they leave out, said where they are
     table = {(c["budget"], c["need"]): c for c in out["table"]}
     top = max(BUDGETS)
     assert table[(top, "prompt following")]["choice"] == "autoregressive"
