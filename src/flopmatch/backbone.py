@@ -165,8 +165,16 @@ class CrossAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, L, D))  # (B, L, H, hd) -> (B, L, D)
 
 
+def mlp_activation(x: torch.Tensor) -> torch.Tensor:
+    """The MLP's nonlinearity: tanh-approximated GELU (GPT-2; DiT's MLP). Elementwise, any shape.
+
+    Also the activation of ``flopmatch bench``'s plain baseline block, so that the two differ in implementation only.
+    """
+    return F.gelu(x, approximate="tanh")
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward D -> ratio*D -> D with tanh-approximated GELU (GPT-2, DiT)."""
+    """Position-wise feed-forward D -> ratio*D -> D with tanh-approximated GELU (:func:`mlp_activation`)."""
 
     def __init__(self, dim: int, ratio: int):
         super().__init__()
@@ -174,7 +182,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(ratio * dim, dim)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # (B, L, D) -> (B, L, ratio*D) -> (B, L, D)
+        return self.fc2(mlp_activation(self.fc1(x)))  # (B, L, D) -> (B, L, ratio*D) -> (B, L, D)
 
 
 class Block(nn.Module):

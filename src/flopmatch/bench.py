@@ -10,7 +10,7 @@ Figures, all measured in the same process so they can be compared:
    EMA update) per paradigm and depth, its FLOP/s from the analytic training FLOPs per example that
    ``train`` budgets with (``objective.train_flops``), MFU against the measured peak of the precision the
    step runs in, and the same for a plain PyTorch pre-norm Transformer (``nn.TransformerEncoderLayer``,
-   norm_first, of the same width, depth, heads, MLP ratio and sequence length, same step function,
+   norm_first, of the same width, depth, heads, MLP ratio, MLP activation and sequence length, same step function,
    optimizer and autocast; FLOPs by :func:`plain_train_flops`, the same conventions), with the ratio
    paradigm FLOP/s / plain FLOP/s. ``compile``: also torch.compile'd (both), or the error it raised;
 3. sampling: images/s per paradigm at batch 16, default steps and guidance 3 (network and sampler, no
@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from flopmatch import PARADIGMS
+from flopmatch.backbone import mlp_activation
 from flopmatch.config import DataConfig, ModelConfig, RunConfig, SampleConfig, TextConfig, TrainConfig, apply_overrides
 from flopmatch.data.datasets import make_dataset
 from flopmatch.device import matmul_peak, matmul_times, resolve_device, use_bf16
@@ -122,9 +123,11 @@ def net_spec(objective: str, depth: int, sz: Sizes) -> NetSpec:
 
 
 def plain_stack(spec: NetSpec) -> nn.Sequential:
-    """``depth`` stock pre-norm encoder layers of the spec's width, heads and MLP ratio (no dropout)."""
+    """``depth`` stock pre-norm encoder layers of the spec's width, heads and MLP ratio (no dropout), with the
+    backbone's MLP activation (tanh GELU; PyTorch's default "gelu" is the erf one, ~3x cheaper on some CPUs, which
+    would make the comparison one of activations rather than of implementations)."""
     D = spec.width
-    return nn.Sequential(*[nn.TransformerEncoderLayer(D, spec.heads, spec.mlp_ratio * D, dropout=0.0, activation="gelu",
+    return nn.Sequential(*[nn.TransformerEncoderLayer(D, spec.heads, spec.mlp_ratio * D, dropout=0.0, activation=mlp_activation,
                                                       batch_first=True, norm_first=True) for _ in range(spec.depth)])
 
 
