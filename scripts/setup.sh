@@ -27,10 +27,24 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 # the CPU torch wheel). Where uv cannot be had or fails, pip installs the same pins (without compiling bytecode up
 # front: Python compiles the modules it imports on first use). Either way the exact versions of the lock files.
 uv_args=(--python .venv/bin/python --index-strategy unsafe-best-match)  # like pip: every index, the best match
-pipcfg() { .venv/bin/pip config get "$1" 2>/dev/null || true; }
-for l in ${PIP_FIND_LINKS:-$(pipcfg global.find-links)}; do uv_args+=(--find-links "$l"); done
-for u in ${PIP_INDEX_URL:-$(pipcfg global.index-url)}; do uv_args+=(--index-url "$u"); done
-for u in ${PIP_EXTRA_INDEX_URL:-$(pipcfg global.extra-index-url)}; do uv_args+=(--extra-index-url "$u"); done
+# pip's settings as pip resolves them (its environment variable, else its config files' [install], else [global]),
+# for the options that choose where packages come from; uv reads neither, so they are passed on. set -f: a URL's
+# "?" or "*" is not a glob.
+pipcfg_list=$(.venv/bin/pip config list 2>/dev/null || true)  # lines like  global.find-links='/opt/wheels'
+pipcfg() {
+  local env="PIP_$(echo "$1" | tr 'a-z-' 'A-Z_')" line
+  if [ -n "${!env:-}" ]; then echo "${!env}"; return; fi
+  line=$(printf '%s\n' "$pipcfg_list" | grep -m1 "^install\.$1=" || printf '%s\n' "$pipcfg_list" | grep -m1 "^global\.$1=" || true)
+  line=${line#*=}; line=${line#[\'\"]}; line=${line%[\'\"]}
+  echo "${line//\\n/ }"  # a multi-line value is listed with literal \n between its entries
+}
+set -f
+for l in $(pipcfg find-links); do uv_args+=(--find-links "$l"); done
+for u in $(pipcfg index-url); do uv_args+=(--index-url "$u"); done
+for u in $(pipcfg extra-index-url); do uv_args+=(--extra-index-url "$u"); done
+for c in $(pipcfg constraint); do uv_args+=(--constraint "$c"); done
+case "$(pipcfg no-index)" in 1|true|yes|on) uv_args+=(--no-index) ;; esac
+set +f
 install() {
   if [ -x .venv/bin/uv ] && .venv/bin/uv pip install -q "${uv_args[@]}" "$@"; then return 0; fi
   .venv/bin/pip install -q --no-compile "$@"

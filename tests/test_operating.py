@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import subprocess
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -15,11 +17,12 @@ import pytest
 
 from flopmatch.config import SampleConfig
 from flopmatch.evaluation.operating import Point, choose, matched_level, pareto_front
+from flopmatch.evaluation.timing import busy_probe, other_busy_cores
 from flopmatch.report.data import Study
 from flopmatch.report.operating import operating
 from flopmatch.report.verdicts import decide
 from flopmatch.study.presets import SAMPLE_FIELDS
-from flopmatch.study.timing_phase import _cost_key, busy_probe, other_busy_cores
+from flopmatch.study.timing_phase import _cost_key
 
 
 def _dominated(p: Point, points: list[Point]) -> bool:
@@ -137,10 +140,15 @@ def test_the_timing_phase_times_once_only_what_computes_the_same():
         assert _cost_key(other) != key, other
 
 
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="the load figure reads Linux /proc/stat")
 def test_the_busy_probe_sees_another_process_and_not_this_one():
-    """The timing phase's load figure counts CPU time of other processes over the phase, not its own."""
+    """The timing rounds' load figure counts the CPU time of other processes, not this one's."""
     probe = busy_probe()
     child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 1.0: pass"])
     child.wait(timeout=60)
     assert other_busy_cores(probe) >= 0.6  # the child spun one core for 1 s (interpreter start-up included)
+    probe, t = busy_probe(), time.monotonic()
+    while time.monotonic() - t < 1.0:  # this process spins one core: not counted, so at most the other cores show
+        pass
+    assert other_busy_cores(probe) <= (os.cpu_count() or 1) - 0.5
     assert other_busy_cores(None) is None

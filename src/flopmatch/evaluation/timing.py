@@ -103,12 +103,47 @@ def _best_batch(run, clock: Clock, max_batch: int, budget_s: float) -> tuple[int
     return best_b, best_ips
 
 
+def _cpu_ticks() -> tuple[float, float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process, monotonic time) now. From Linux ``/proc/stat``'s "cpu" line: user nice system idle iowait irq softirq steal (guest and
+    guest_nice are already inside user and nice, so they are not added again)."""
+    with open("/proc/stat") as f:
+        fields = [float(x) for x in f.readline().split()[1:9]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK"), time.process_time(), time.monotonic()
+
+
+def busy_probe() -> tuple[float, float, float] | None:
+    """A reading to pass to :func:`other_busy_cores` later (None where /proc/stat cannot be read: not Linux)."""
+    try:
+        return _cpu_ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def other_busy_cores(since: tuple[float, float, float] | None) -> float | None:
+    """Cores kept busy by processes other than this one since the reading ``since`` of :func:`busy_probe`.
+
+    :func:`time_items` measures it over its timed rounds (not in a pause before and after them), so it is the load
+    the timings saw and costs no time. From ``/proc/stat`` (all CPUs) minus this process's CPU time (its child
+    processes count as others: they would disturb the timings as much): psutil would do it too, but is not a
+    dependency for one number.
+    """
+    now = busy_probe()
+    if since is None or now is None or now[2] <= since[2]:
+        return None
+    return max(0.0, ((now[0] - since[0]) - (now[1] - since[1])) / (now[2] - since[2]))
+
+
 def time_items(items: list[TimingItem], rounds: int = 5, calls: int = 5, max_batch: int = 256,
-               search_budget_s: float = 10.0, prompt: str = "a red circle", progress: bool = True) -> dict:
+               search_budget_s: float = 10.0, prompt: str = "a red circle", progress: bool = True,
+               load: dict | None = None) -> dict:
     """Interleaved timing of ``items``: ``{key: {latency_s, latency_rounds, throughput_images_per_s, ...}}``.
 
     Latency in seconds per image at batch 1, throughput in images/s at the item's best batch; both
     medians over ``rounds`` rounds, with the rounds and their spread (see the module docstring).
+    ``load``, if given, receives ``"other_busy_cores"``: the cores other processes kept busy during the rounds
+    (:func:`other_busy_cores`; after the warm-up, whose compilation may run in helper processes, and the batch
+    search), None where it cannot be measured.
     """
     if rounds < 1 or calls < 1 or max_batch < 1:
         raise UserError(f"timing needs rounds, calls and max_batch >= 1, got {rounds}, {calls}, {max_batch}")
@@ -127,6 +162,7 @@ def time_items(items: list[TimingItem], rounds: int = 5, calls: int = 5, max_bat
             print(f"[timing] best batch of {it.key}: {best[-1][0]} ({best[-1][1]:.3g} images/s)", flush=True)
     lat: list[list[float]] = [[] for _ in items]
     thr: list[list[float]] = [[] for _ in items]
+    probe = busy_probe()
     for r in range(rounds):
         for j in range(len(items)):
             i = (j + r) % len(items)  # rotated order ...
@@ -136,6 +172,8 @@ def time_items(items: list[TimingItem], rounds: int = 5, calls: int = 5, max_bat
             thr[i].append(batch / clock(lambda: run(batch, 100 + r)))
         if progress:
             print(f"[timing] round {r + 1}/{rounds} done", flush=True)
+    if load is not None:
+        load["other_busy_cores"] = other_busy_cores(probe)
     out = {}
     for i, it in enumerate(items):
         out[it.key] = {

@@ -407,9 +407,9 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
                    f"{n_table} tests (family-wise level {ALPHA}), with noise that includes retraining (or timing rounds); "
                    f"**{SUGGESTIVE}**: better before the correction, or on evaluation noise only; **{NO_DIFF}**: the best "
                    "could not be separated from the paradigms named. Retraining means the generators' training seeds: each "
-                   "paradigm's tokenizer was made once and is shared by all its runs, so the verdicts hold for these "
-                   "tokenizers; a retrained tokenizer would move every run that uses it together, noise no verdict here "
-                   "includes (see Tokenizer ceilings). Quality at the size chosen per budget; latency and "
+                   "token type (continuous latents, discrete codes) has one fixed tokenizer, shared by every run of that "
+                   "type, so the verdicts hold for these tokenizers; another one (e.g. retrained) would move all its runs "
+                   "together, a variation no verdict here includes (see Tokenizer ceilings). Quality at the size chosen per budget; latency and "
                    "throughput of that size " + (f"at {v.operating.budget:.3g} FLOPs at each paradigm's cheapest point at "
                    "matched quality (see Operating points), at the other budgets at its main sampling settings."
                    if v.operating and v.operating.levels else "at its main sampling settings.")))
@@ -523,7 +523,7 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
         "Verdicts: log errors compared with t-tests on the seed variance pooled over cells (or evaluation noise with one "
         "seed), timings with Welch's t-test over interleaved rounds, sampling FLOPs exactly; two-sided, Holm-corrected "
         f"within each family at {ALPHA}. See flopmatch.report.verdicts. The tokenizers are not part of that noise: "
-        "each is one tokenizer, made once per study and shared by every run that uses it.",
+        "each token type uses one fixed tokenizer, shared by every run of that type.",
         "Points are finished runs at their nominal budget; unfinished runs are listed above and left out.",
         "Prompt following is fitted as the error 1 - full match. Image quality is KID on EfficientNet-Lite0 features "
         "(unbiased at any n; KID <= 0 cannot be drawn on a log scale and is left out of fits); FID on the same "

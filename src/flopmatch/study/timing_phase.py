@@ -17,13 +17,13 @@ temperature or the time shift) are timed once and share the figures (``timed_as`
 those items and ``--retime`` was not given; otherwise every item is timed again, together, and the
 file is replaced whole (atomically), so it never holds timings from two phases.
 
-*Quiet.* Before and after the phase the CPU time used by other processes is sampled (Linux
-``/proc/stat``); it is recorded, and a busy machine is warned about, since it inflates the spread.
+*Quiet.* The cores other processes kept busy during the timed rounds are measured (Linux ``/proc/stat``,
+:func:`flopmatch.evaluation.timing.other_busy_cores`); the figure is recorded, and a busy machine is warned
+about, since it inflates the spread.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -42,35 +42,6 @@ from flopmatch.study.plan import RunPlan, eval_settings, fmt_duration
 from flopmatch.study.presets import StudyConfig
 
 BUSY_CORES = 0.5  # warn when other processes keep more than half a core busy during the phase
-
-
-def _cpu_ticks() -> tuple[float, float, float]:
-    """(busy CPU seconds of the whole machine, this process's CPU seconds, monotonic time) now (Linux /proc/stat)."""
-    with open("/proc/stat") as f:
-        fields = [float(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK"), time.process_time(), time.monotonic()
-
-
-def busy_probe() -> tuple[float, float, float] | None:
-    """A reading to pass to :func:`other_busy_cores` later (None where /proc/stat cannot be read: not Linux)."""
-    try:
-        return _cpu_ticks()
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def other_busy_cores(since: tuple[float, float, float] | None) -> float | None:
-    """Cores kept busy by processes other than this one since the reading ``since`` of :func:`busy_probe`.
-
-    Measured over the timing phase itself (not in a pause before and after it), so it is the load the timings saw
-    and costs no time. From ``/proc/stat`` (all CPUs) minus this process's own CPU time: psutil would do it too,
-    but is not a dependency for one number.
-    """
-    now = busy_probe()
-    if since is None or now is None or now[2] <= since[2]:
-        return None
-    return max(0.0, ((now[0] - since[0]) - (now[1] - since[1])) / (now[2] - since[2]))
 
 
 def timing_plan(out: Path, scfg: StudyConfig, plans: list[RunPlan]) -> list[dict]:
@@ -153,9 +124,10 @@ def ensure_timing(out: Path, scfg: StudyConfig, plans: list[RunPlan], retime: bo
     for key, i in pairs:
         if timed_as[key] == key:
             tim += timing_items(samplers[i["run"]], [(key, from_dict(SampleConfig, i["sample"]))])
-    probe, t0 = busy_probe(), time.perf_counter()
-    results = time_items(tim, rounds=scfg.timing_rounds, search_budget_s=scfg.timing_budget_s, progress=progress)
-    seconds, load = time.perf_counter() - t0, other_busy_cores(probe)
+    t0, during = time.perf_counter(), {}
+    results = time_items(tim, rounds=scfg.timing_rounds, search_budget_s=scfg.timing_budget_s, progress=progress,
+                         load=during)
+    seconds, load = time.perf_counter() - t0, during.get("other_busy_cores")
     items = []
     for key, i in pairs:
         sampler, sample = samplers[i["run"]], from_dict(SampleConfig, i["sample"])
@@ -174,7 +146,7 @@ def ensure_timing(out: Path, scfg: StudyConfig, plans: list[RunPlan], retime: bo
         "note": "every item timed in the same phase, interleaved; medians over rounds, every round kept",
     }  # fmt: skip
     if load is not None and load > BUSY_CORES:
-        print(f"[study] warning: other processes kept {load:.1f} cores busy while this timed; the spread between "
+        print(f"[study] warning: other processes kept {load:.1f} cores busy while the rounds ran; the spread between "
               "rounds will show it (re-run with --retime on a quiet machine)")
     atomic_write_json(out / TIMING, doc)
     print(f"[study] inference timing took {fmt_duration(seconds)}; wrote {out / TIMING}")
