@@ -159,7 +159,9 @@ def make_optimizer(net: torch.nn.Module, cfg: TrainConfig, device: torch.device)
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         # fused: one kernel over all parameters on CUDA, and on CPU (torch >= 2.4) a vectorised loop instead of a Python
-        # loop of per-tensor ops: the CPU step at depth 1 ran ~7 % faster in `flopmatch bench` (diffusion 16.8 -> 15.6 ms)
+        # loop of per-tensor ops: the CPU step at depth 1 ran ~7 % faster in `flopmatch bench` (diffusion 16.8 -> 15.6 ms).
+        # A run resumed from a checkpoint written before keeps its saved param_groups' setting (load_state_dict), so
+        # it continues on the implementation it started with.
         lr=cfg.lr, betas=(0.9, cfg.beta2), fused=device.type in ("cuda", "cpu") or None,
     )
 

@@ -80,8 +80,11 @@ def cmd_train(args) -> int:
         # (and train() refuses any change but the budget, naming the setting).
         args.config = str(saved)
     elif not args.config and not args.objective:
-        raise UserError(f"--objective is required to start a new run in {args.out} (an existing run directory resumes "
-                        "from its own config.json)")
+        out = Path(args.out)
+        if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+            raise UserError(f"--objective is required to start a new run in {args.out} (an existing run directory resumes "
+                            "from its own config.json)")
+        # else --out is a file or a directory that is not a run: train() says so, before anything is written
     cfg = _run_config(args)
     train(cfg, args.out, progress=not args.quiet)
     return 0
@@ -134,7 +137,10 @@ def cmd_flops(args) -> int:
 
 def register(sub) -> None:
     """Add ``train``, ``sample`` and ``flops`` to the top-level subparsers."""
-    p = sub.add_parser("train", help="train a generator for a FLOP budget (resumes if interrupted)")
+    p = sub.add_parser("train", help="train a generator for a FLOP budget (resumes if interrupted)",
+                       description="Train a generator for a FLOP budget. An existing --out run starts from its own "
+                                   "settings (its config.json): flags not given keep the run's values, whatever the "
+                                   "defaults below say; a new --budget continues a train.schedule=wsd run.")
     _add_common(p, budget=True, objective_required=False)
     p.add_argument("--seed", type=int, help="training seed (default 0)")
     p.add_argument("--out", required=True, type=output_dir, help="run directory (created; an existing run is resumed from its own config.json: "
