@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from flopmatch import PARADIGMS
+from flopmatch.allocator import tune_allocator
 from flopmatch.backbone import mlp_activation
 from flopmatch.config import DataConfig, ModelConfig, RunConfig, SampleConfig, TextConfig, TrainConfig, apply_overrides
 from flopmatch.data.datasets import make_dataset
@@ -209,7 +210,8 @@ def machine(device: torch.device, bf16: bool) -> dict:
             pass
     return {"device": str(device), "device_name": name, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "bf16": bf16, "python": platform.python_version(),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "malloc_tuned": tune_allocator()}  # as every flopmatch command sets it (idempotent)
 
 
 def matmul_figures(device: torch.device, rounds: int, sz: Sizes, log) -> dict:
@@ -379,7 +381,8 @@ def format_bench(r: dict) -> str:
     m, s = r["machine"], r["settings"]
     load = f", load average {m['load_average'][0]:.2f}" if m.get("load_average") else ""
     lines = [f"machine: {m['device']} ({m['device_name']}), {m['threads']} threads, torch {m['torch']}, "
-             f"bf16 autocast {'on' if m['bf16'] else 'off'}{load}",
+             f"bf16 autocast {'on' if m['bf16'] else 'off'}{load}"
+             + (", glibc malloc thresholds set (flopmatch.allocator)" if m.get("malloc_tuned") else ""),
              "matmul peak: " + ", ".join(f"{k} {v['flops_per_s']:.3g} FLOP/s (n={v['n']})" for k, v in r["matmul"].items()),
              "",
              f"training step (batch {s['batch']}, {s['precision']}, {s['seq_len']} tokens, text {s['text_len']}x{s['text_dim']}; "

@@ -15,6 +15,7 @@ import os
 import sys
 
 from flopmatch import __version__
+from flopmatch.allocator import tune_allocator
 from flopmatch.cli import bench, compare, config, data, report, run, study, tokenizer
 from flopmatch.cli import eval as eval_cli
 from flopmatch.errors import UserError
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version (0) and usage errors (2): a status, like every other outcome
         return e.code if isinstance(e.code, int) else 2
+    tune_allocator()  # every command's tensors: keep freed pages instead of faulting them in every step
     try:
         return args.func(args) or 0
     except UserError as e:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from flopmatch.allocator import tune_allocator
 from flopmatch.errors import UserError
 from flopmatch.study.job import run_job
 
@@ -50,6 +51,7 @@ def die_with_parent(parent: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Worker entry point: ``python -m flopmatch.study.worker JOBFILE``; exit 2 on a user error, 130 on Ctrl-C."""
     argv = sys.argv[1:] if argv is None else argv
+    tune_allocator()  # as the flopmatch command does (flopmatch.allocator)
     threads = os.environ.get("FLOPMATCH_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
