@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from flopmatch.backbone import Backbone
+from flopmatch.backbone import CPU_FP32_ATTENTION_MAX_KEYS, Backbone, attention
 from flopmatch.config import SampleConfig
 from flopmatch.objectives.autoregressive import static_cache
 from tiny import empty_text, fake_data, fake_text, make_tiny
@@ -74,6 +75,39 @@ def test_static_kv_cache_decoding_equals_full_recompute(gen):
     assert cache.position.tolist() == [t.spec.seq_len] and cache.length == 0
     with pytest.raises(ValueError, match="one token per call"):
         _logits(t, x[:, :2], text, cache=t.net.new_cache(B, "cpu", static=True))
+
+
+@pytest.mark.parametrize("keys", [24, CPU_FP32_ATTENTION_MAX_KEYS + 1])
+def test_cpu_bf16_attention_over_few_keys_runs_in_fp32(gen, keys):
+    """Under CPU bf16 autocast, attention over at most CPU_FP32_ATTENTION_MAX_KEYS keys is fp32 SDPA of the bf16 inputs
+    (bit for bit: autocast, which would cast SDPA's inputs back to bf16, is off inside), returned in bf16 with its
+    gradients; over more keys it is bf16 SDPA as is."""
+    q = torch.randn(2, 2, 16, 64, generator=gen).bfloat16().requires_grad_()
+    k, v = (torch.randn(2, 2, keys, 64, generator=gen).bfloat16() for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v)
+    fp32 = F.scaled_dot_product_attention(q.detach().float(), k.float(), v.float()).bfloat16()
+    bf16 = F.scaled_dot_product_attention(q.detach(), k, v)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, fp32 if keys <= CPU_FP32_ATTENTION_MAX_KEYS else bf16)
+    assert not torch.equal(fp32, bf16)  # the two paths differ, so the check above tells them apart
+    out.float().square().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+
+
+def test_kv_cache_decoding_equals_full_recompute_under_bf16_autocast(gen):
+    """Under CPU bf16 autocast (the precision of a study on a bf16 CPU), cached decoding gives the full pass's logits
+    within bf16 rounding (the cache holds fp32 keys/values; each path rounds its activations to bf16 differently)."""
+    t = make_tiny("autoregressive", depth=2, perturb=0.2)
+    text = fake_text(B, gen)
+    x = fake_data(t.spec, B, gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = _logits(t, x, text).float()  # (B, L, V)
+        cache = t.net.new_cache(B, "cpu")
+        inc = torch.cat([_logits(t, x[:, i : i + 1], text, cache=cache) for i in range(t.spec.seq_len)], dim=1).float()
+    scale = full.abs().max().item()
+    assert (inc - full).abs().max().item() < 0.05 * scale
+    assert (inc.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
 
 
 @pytest.mark.slow

@@ -26,6 +26,25 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]  # (B, L, D); (B, 1, D) broadcasts over L
 
 
+# PyTorch's CPU flash attention is slow in bf16 over few keys: measured with torch 2.13 on a 2-core AVX512-BF16 EPYC,
+# forward + backward of B 32, H 2, 64 queries takes 5.0 ms in bf16 and 2.8 ms in fp32 over 64 keys, 4.3 vs 1.2 ms over
+# 24 text keys, 17 vs 8 ms with 6 heads; equal over 256 keys, and bf16 is faster from 512 (benchmarks/attention.py).
+# So on a CPU, bf16 attention over at most this many keys runs in fp32 (more accurate as well); on a GPU, as is.
+CPU_FP32_ATTENTION_MAX_KEYS = 128
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              is_causal: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention (torch SDPA) of q (B, H, L, hd) over k, v (B, H, Lk, hd) -> (B, H, L, hd) in q's
+    dtype; k, v may be kept in another dtype (a cache). On a CPU, bf16 over at most :data:`CPU_FP32_ATTENTION_MAX_KEYS`
+    keys is computed in fp32 (the comment above says why)."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.shape[-2] <= CPU_FP32_ATTENTION_MAX_KEYS:
+        with torch.autocast("cpu", enabled=False):  # CPU autocast would cast SDPA's inputs back to bf16
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask, is_causal=is_causal)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask, is_causal=is_causal)
+
+
 class KVCache:
     """Per-layer self-attention keys/values for incremental decoding, plus the text keys/values.
 
@@ -99,7 +118,7 @@ class SelfAttention(nn.Module):
                 raise ValueError(f"a static KV cache decodes one token per call, got {L}")
             cache.k[layer].index_copy_(2, cache.position, k.to(cache.k[layer].dtype))  # slot (B, H, 1, hd)
             cache.v[layer].index_copy_(2, cache.position, v.to(cache.v[layer].dtype))  # slot (B, H, 1, hd)
-            k, v = cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype)  # (B, H, max_len, hd)
+            k, v = cache.k[layer], cache.v[layer]  # (B, H, max_len, hd), in the cache's dtype (attention() casts)
             # (1, max_len), True = a filled slot (this token's included); broadcast over batch and heads
             mask = (torch.arange(cache.max_len, device=x.device) <= cache.position)[None, :]
             causal_flag = False
@@ -110,8 +129,8 @@ class SelfAttention(nn.Module):
             # The cache may be kept in another dtype than the (possibly bf16 autocast) activations.
             cache.k[layer][:, :, start : start + L] = k.to(cache.k[layer].dtype)  # slot (B, H, L, hd)
             cache.v[layer][:, :, start : start + L] = v.to(cache.v[layer].dtype)  # slot (B, H, L, hd)
-            k = cache.k[layer][:, :, : start + L].to(q.dtype)  # (B, H, start+L, hd)
-            v = cache.v[layer][:, :, : start + L].to(q.dtype)  # (B, H, start+L, hd)
+            k = cache.k[layer][:, :, : start + L]  # (B, H, start+L, hd), in the cache's dtype (attention() casts)
+            v = cache.v[layer][:, :, : start + L]  # (B, H, start+L, hd)
             if causal and L > 1:
                 if start == 0:
                     causal_flag = True
@@ -125,7 +144,7 @@ class SelfAttention(nn.Module):
                 causal_flag = False  # a single new token may see every cached one
         else:
             causal_flag = causal
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal_flag)  # (B, H, L, hd)
+        out = attention(q, k, v, attn_mask=mask, is_causal=causal_flag)  # (B, H, L, hd)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))  # (B, L, H, hd) -> (B, L, D)
 
 
@@ -161,7 +180,7 @@ class CrossAttention(nn.Module):
         keep = ~text_pad  # (B, Lt), True = attend
         keep[:, 0] = True
         # keep[:, None, None, :] is (B, 1, 1, Lt): broadcast over heads and queries.
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=keep[:, None, None, :])  # (B, H, L, hd)
+        out = attention(q, k, v, attn_mask=keep[:, None, None, :])  # (B, H, L, hd)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))  # (B, L, H, hd) -> (B, L, D)
 
 
