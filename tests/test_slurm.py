@@ -130,6 +130,9 @@ def test_study_through_real_slurm_survives_scancel_and_its_own_restart(slurm_clu
     subprocess.run(["scancel", "--signal=USR2", preempted], env=env, check=True)
     _wait(lambda: _step(out / "runs" / VICTIM) >= 40, "the victim to pass step 40", first)  # checkpoints every 10
     cancelled = json.loads(jobs.read_text())[VICTIM]
+    # Suspend it first (SLURM stops the job's processes): on a fast host the tiny run could otherwise finish its
+    # remaining ~160 steps (under a second) before the cancel reaches it. scancel then resumes and terminates it.
+    subprocess.run(["scontrol", "suspend", cancelled], env=env, check=True)
     subprocess.run(["scancel", cancelled], env=env, check=True)
     log = first.communicate(timeout=300)[0]
     assert first.returncode == 2, log
