@@ -77,17 +77,19 @@ def test_static_kv_cache_decoding_equals_full_recompute(gen):
         _logits(t, x[:, :2], text, cache=t.net.new_cache(B, "cpu", static=True))
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float32], ids=["bf16-kv", "fp32-kv (a cache)"])
 @pytest.mark.parametrize("keys", [24, CPU_FP32_ATTENTION_MAX_KEYS + 1])
-def test_cpu_bf16_attention_over_few_keys_runs_in_fp32(gen, keys):
+def test_cpu_bf16_attention_over_few_keys_runs_in_fp32(gen, keys, kv_dtype):
     """Under CPU bf16 autocast, attention over at most CPU_FP32_ATTENTION_MAX_KEYS keys is fp32 SDPA of the bf16 inputs
     (bit for bit: autocast, which would cast SDPA's inputs back to bf16, is off inside), returned in bf16 with its
-    gradients; over more keys it is bf16 SDPA as is."""
+    gradients; over more keys it is bf16 SDPA as is. Keys/values kept in fp32 (a KV cache's dtype) are rounded to
+    q's bf16 in the second case, as before this choice existed."""
     q = torch.randn(2, 2, 16, 64, generator=gen).bfloat16().requires_grad_()
-    k, v = (torch.randn(2, 2, keys, 64, generator=gen).bfloat16() for _ in range(2))
+    k, v = (torch.randn(2, 2, keys, 64, generator=gen).bfloat16().to(kv_dtype) for _ in range(2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = attention(q, k, v)
     fp32 = F.scaled_dot_product_attention(q.detach().float(), k.float(), v.float()).bfloat16()
-    bf16 = F.scaled_dot_product_attention(q.detach(), k, v)
+    bf16 = F.scaled_dot_product_attention(q.detach(), k.bfloat16(), v.bfloat16())
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, fp32 if keys <= CPU_FP32_ATTENTION_MAX_KEYS else bf16)
     assert not torch.equal(fp32, bf16)  # the two paths differ, so the check above tells them apart

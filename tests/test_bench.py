@@ -65,6 +65,8 @@ def test_quick_bench_gives_finite_positive_figures(result):
     assert not bad and "errors" not in result, bad
     m = result["machine"]
     assert m["device_name"] and m["threads"] >= 1 and m["torch"] == torch.__version__ and isinstance(m["bf16"], bool)
+    assert isinstance(m["malloc_tuned"], bool)
+    assert ("glibc malloc thresholds set" in format_bench(result)) == m["malloc_tuned"]
     assert set(result["matmul"]) == {"fp32", "bf16"}
     assert {(r["model"], r["depth"]) for r in result["training"]} == {(n, d) for n in (PLAIN, *PARADIGMS) for d in (1, 2)}
     assert all("flops_per_s_vs_plain" in r for r in result["training"] if r["model"] != PLAIN)

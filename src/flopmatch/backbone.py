@@ -187,7 +187,7 @@ class CrossAttention(nn.Module):
 def mlp_activation(x: torch.Tensor) -> torch.Tensor:
     """The MLP's nonlinearity: tanh-approximated GELU (GPT-2; DiT's MLP). Elementwise, any shape.
 
-    Also the activation of ``flopmatch bench``'s plain baseline block, so that the two differ in implementation only.
+    Also the activation of ``flopmatch bench``'s plain baseline block, so that the two do not differ in activation.
     """
     return F.gelu(x, approximate="tanh")
 

@@ -12,7 +12,9 @@ Figures, all measured in the same process so they can be compared:
    step runs in, and the same for a plain PyTorch pre-norm Transformer (``nn.TransformerEncoderLayer``,
    norm_first, of the same width, depth, heads, MLP ratio, MLP activation and sequence length, same step function,
    optimizer and autocast; FLOPs by :func:`plain_train_flops`, the same conventions), with the ratio
-   paradigm FLOP/s / plain FLOP/s. ``compile``: also torch.compile'd (both), or the error it raised;
+   paradigm FLOP/s / plain FLOP/s. The plain block runs stock SDPA; flopmatch's attention runs in fp32 where that
+   is faster (a CPU under bf16, at most 128 keys: :func:`flopmatch.backbone.attention`), so there a ratio above 1
+   is flopmatch's own gain, not noise. ``compile``: also torch.compile'd (both), or the error it raised;
 3. sampling: images/s per paradigm at batch 16, default steps and guidance 3 (network and sampler, no
    tokenizer decode), and the KV cache's speed-up of autoregressive sampling (on vs off, same seed); with
    ``compile`` also with the cached decode step torch.compile'd (static cache), against the same eager recompute;
@@ -197,8 +199,8 @@ def interleaved(items: dict[str, Callable[[], object]], device: torch.device, ro
 # ----------------------------------------------------------------------------- the figures
 
 
-def machine(device: torch.device, bf16: bool) -> dict:
-    """What the figures were measured on."""
+def machine(device: torch.device, bf16: bool, malloc_tuned: bool) -> dict:
+    """What the figures were measured on (``malloc_tuned``: :func:`flopmatch.allocator.tune_allocator` took effect)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -211,7 +213,7 @@ def machine(device: torch.device, bf16: bool) -> dict:
     return {"device": str(device), "device_name": name, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "bf16": bf16, "python": platform.python_version(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "malloc_tuned": tune_allocator()}  # as every flopmatch command sets it (idempotent)
+            "malloc_tuned": malloc_tuned}
 
 
 def matmul_figures(device: torch.device, rounds: int, sz: Sizes, log) -> dict:
@@ -355,7 +357,8 @@ def run_bench(opts: BenchOptions) -> dict:
     sz = sizes(opts.quick)
     batch = opts.batch or (4 if opts.quick else train_config().batch_size)
     bf16 = use_bf16("auto", device)  # train's decision for precision "auto" (the default)
-    out = {"machine": machine(device, bf16),
+    # As every flopmatch command sets it (idempotent); here too for a caller of this function.
+    out = {"machine": machine(device, bf16, tune_allocator()),
            "settings": {"depths": opts.depths, "objectives": opts.objectives, "batch": batch, "rounds": opts.rounds,
                         "quick": opts.quick, "compile": opts.compile, "sample_batch": sz.sample_batch,
                         "text_len": sz.text.max_len, "text_dim": text_dim(sz.text), "grid": sz.discrete.grid,
