@@ -21,6 +21,7 @@ from flopmatch.cli.args import (
     weights_name,
 )
 from flopmatch.config import ModelConfig, SampleConfig, TrainConfig
+from flopmatch.errors import UserError
 
 
 def _run_config(args):
@@ -69,7 +70,6 @@ def cmd_train(args) -> int:
     """Train (or resume) one run."""
     # Imported when the command runs, not at the top: the CLI modules load no torch, so that
     # `flopmatch --help` and argument errors answer at once.
-    from flopmatch.errors import UserError
     from flopmatch.rundir import CONFIG
     from flopmatch.train import train
 
