@@ -14,9 +14,10 @@ from flopmatch import cli
 from flopmatch.config import RunConfig, from_dict
 from flopmatch.probe import SamplingProbe, TrainingProbe
 from flopmatch.study.calibrate import FULL_BATCH_S, PROBE_BATCH, HostRates, arch, at_full_batch, calibrate
-from flopmatch.study.estimate import REFERENCE_FLOPS_PER_S, Rates, estimate
+from flopmatch.study.estimate import REFERENCE_FLOPS_PER_S, Rates, estimate, report_seconds, report_trends
 from flopmatch.study.launchers import concurrent_runs
-from flopmatch.study.plan import make_plan, planned_spec
+from flopmatch.study.operating import selection_run, sweep_settings
+from flopmatch.study.plan import ema_sweep, eval_settings, make_plan, planned_spec
 from flopmatch.study.presets import study_preset
 
 CPU = torch.device("cpu")
@@ -52,6 +53,8 @@ def test_calibrate_measures_every_architecture_and_extractor(tmp_path):
     for table in (host.train_flops_per_s, host.sample_flops_per_s, host.feature_images_per_s):
         assert all(math.isfinite(v) and v > 0 for v in table.values()), table
     assert host.device == "cpu" and host.seconds > 0 and len(lines) == 1 and "calibrated on cpu" in lines[0]
+    assert set(host.metrics_s) == {"main", "no_boot", "sweep"} and all(math.isfinite(v) and v > 0 for v in host.metrics_s.values())
+    assert host.refit_bench_s is not None and 0 < host.refit_bench_s < math.inf
 
 
 def reference_host(scfg, plans, rates: Rates) -> HostRates:
@@ -74,7 +77,7 @@ def test_a_host_with_the_reference_rates_gets_the_reference_estimate(tmp_path, p
 
 def test_the_estimate_follows_the_measured_rates(tmp_path):
     """Twice the training FLOP/s halves the training stage's compute part; faster sampling and features shorten
-    evaluation and timing; faster features (the host-speed proxy) shorten the set-up."""
+    evaluation and timing; faster features (the host-speed proxy) shorten the set-up and the runs' fixed overhead."""
     scfg = study_preset("cpu")
     plans, rates = make_plan(scfg, tmp_path / "s"), Rates()
     host = reference_host(scfg, plans, rates)
@@ -88,7 +91,50 @@ def test_the_estimate_follows_the_measured_rates(tmp_path):
                         feature_images_per_s={k: 2 * v for k, v in host.feature_images_per_s.items()})
     est = estimate(scfg, plans, tmp_path / "s", rates, host=fast_eval)
     assert est["evaluation"] < base["evaluation"] and est["timing"] < base["timing"] and est["set-up"] < base["set-up"]
-    assert est["training"] == base["training"]
+    assert est["training"] == pytest.approx(base["training"] - overhead / 2)  # per-run overhead: CPU work, host speed
+
+
+def test_the_estimate_follows_the_measured_metrics_and_refit_speed(tmp_path):
+    """With measured metrics, each evaluation costs its kind's measured seconds: one more second of the main kind
+    adds one second per full-set evaluation (main settings and a sweep's chosen points); of the no-bootstrap kind, one
+    per raw / post-hoc EMA evaluation; of the sweep kind, one per swept setting. A host whose refit benchmark is twice
+    as slow gets twice the report. The other stages do not move."""
+    scfg = study_preset("cpu")
+    scfg.eval_raw = True
+    plans, rates = make_plan(scfg, tmp_path / "s"), Rates()
+    host = replace(reference_host(scfg, plans, rates), metrics_s={"main": 1.0, "no_boot": 0.5, "sweep": 0.2},
+                   refit_bench_s=rates.refit_bench_s)
+    base = estimate(scfg, plans, tmp_path / "s", rates, host=host)
+    counts = {"main": 0, "no_boot": 0, "sweep": 0}
+    for p in plans:
+        cfg = from_dict(RunConfig, p.config)
+        counts["main"] += len(eval_settings(scfg, cfg))
+        counts["no_boot"] += (len(ema_sweep(scfg, p)) + 1) if ema_sweep(scfg, p) else 1  # raw weights (+ each EMA length)
+        if selection_run(scfg, p):
+            swept = len(sweep_settings(scfg, cfg))
+            counts["main"] += min(swept, rates.chosen_points)
+            counts["sweep"] += swept
+    assert counts["sweep"] > 0 and counts["no_boot"] > len(plans)  # the cpu preset sweeps post-hoc EMA too
+    for kind, n in counts.items():
+        slower = replace(host, metrics_s={**host.metrics_s, kind: host.metrics_s[kind] + 1.0})
+        est = estimate(scfg, plans, tmp_path / "s", rates, host=slower)
+        assert est["evaluation"] - base["evaluation"] == pytest.approx(n), kind
+        assert {k: est[k] for k in ("set-up", "training", "timing", "report")} == {k: base[k] for k in ("set-up", "training", "timing", "report")}
+    slow_cpu = replace(host, refit_bench_s=2 * rates.refit_bench_s)
+    est = estimate(scfg, plans, tmp_path / "s", rates, host=slow_cpu)
+    assert est["report"] == pytest.approx(2 * base["report"]) and est["evaluation"] == base["evaluation"]
+
+
+def test_the_report_estimate_counts_its_trends_and_processes():
+    """Every metric is fitted per paradigm when the budgets allow a law (the inception FID only with its features);
+    a study whose budgets allow none refits nothing; the refits are shared by the report's processes."""
+    scfg, rates = study_preset("cpu"), Rates()
+    assert report_trends(scfg) == 4 * len(scfg.objectives)  # KID, FID, prompt following, loss
+    assert report_trends(replace(scfg, features=["effnet", "inception"])) == 5 * len(scfg.objectives)
+    assert report_trends(replace(scfg, budgets=scfg.budgets[:2])) == 0
+    assert report_seconds(replace(scfg, budgets=scfg.budgets[:2]), None, rates) == pytest.approx(rates.report_fixed_s)
+    one, two = (report_seconds(scfg, None, rates, workers=w) - rates.report_fixed_s for w in (1, 2))
+    assert one == pytest.approx(report_trends(scfg) * scfg.n_boot * rates.refit_s) and two == pytest.approx(one / 2)
 
 
 def test_plan_only_calibrates_unless_told_not_to(tmp_path, capsys):

@@ -92,7 +92,8 @@ def cmd_study(args) -> int:
         print(format_plan(plans))
         host = calibrate_or_none(scfg, plans) if args.calibrate and args.launcher != "slurm" else None
         concurrent = concurrent_runs(args.workers) if args.launcher == "local" else 1
-        est = estimate(scfg, plans, Path(args.out), host=host, concurrent=concurrent)
+        est = estimate(scfg, plans, Path(args.out), host=host, concurrent=concurrent,
+                       report_workers=None if args.launcher == "local" else 1)
         print(format_estimate(est, calibrated=host is not None))
         return 0
     slurm = None

@@ -11,9 +11,15 @@ study measures, on the device its runs will use:
   batch size and precision (:class:`flopmatch.probe.TrainingProbe`), and of the run's sampler at its main setting
   (:class:`flopmatch.probe.SamplingProbe`, guidance included);
 * per feature extractor of the study: images/s at the dataset's resolution, which also scales the fixed costs
-  that are network-bound (:func:`flopmatch.study.estimate.host_speed`).
+  that are network-bound (:func:`flopmatch.study.estimate.host_speed`);
+* the metrics of one evaluated setting (FID and its bootstrap, KID, precision/recall on every extractor's features)
+  at the study's image counts, on random features of the extractors' widths (:func:`metrics_seconds`): their cost
+  is not proportional to anything above (FID's eigensolves grow with min(images, width), the bootstrap repeats them)
+  and was 6 s per setting in the fixed-cost table where a 2-core AVX-512 CPU took 0.5;
+* a report trend refit on synthetic data (:func:`refit_seconds`): the report's time is its bootstrap refits, scalar
+  scipy work whose speed follows neither the accelerator nor the matmul units.
 
-Cost: a few seconds on the cpu presets (one warm-up and up to two timed calls per item; on a CPU a slow first call
+Cost: a few seconds on the cpu presets (plus the seconds of importing torchmetrics, which the study pays anyway) (one warm-up and up to two timed calls per item; on a CPU a slow first call
 is its own measurement), bounded elsewhere: each item is timed at :data:`PROBE_BATCH` first and at its full batch
 only if that is predicted to take <= :data:`FULL_BATCH_S` (the gpu preset planned on a 2-core CPU: 43 s).
 Timings are of random-input steps, not the run's data pipeline, and of one sampling batch of the evaluation's size,
@@ -32,10 +38,12 @@ import torch
 from flopmatch.config import RunConfig, from_dict
 from flopmatch.device import resolve_device, use_bf16
 from flopmatch.evaluation.features import make_feature_extractor
-from flopmatch.evaluation.run import EvalConfig
+from flopmatch.evaluation.run import EvalConfig, metrics_from_features
 from flopmatch.evaluation.timing import Clock
 from flopmatch.objectives import make_objective
 from flopmatch.probe import SamplingProbe, TrainingProbe
+from flopmatch.report.bootstrap import bootstrap_fit
+from flopmatch.study.operating import SWEEP_BOOT
 from flopmatch.study.plan import RunPlan, planned_spec
 from flopmatch.study.presets import StudyConfig
 
@@ -49,12 +57,16 @@ ENOUGH_S = 0.25  # stop timing an item once its timed calls add up to this; on a
 
 @dataclass
 class HostRates:
-    """What this host measured: FLOP/s per architecture ("diffusion-d1") and feature images/s per extractor."""
+    """What this host measured: FLOP/s per architecture ("diffusion-d1"), feature images/s per extractor, seconds of
+    one setting's metrics per kind of evaluation (:func:`metrics_seconds`) and of the synthetic refit benchmark
+    (:func:`refit_seconds`). Empty or None where not measured: the estimate then uses the reference constants."""
 
     device: str
     train_flops_per_s: dict[str, float] = field(default_factory=dict)
     sample_flops_per_s: dict[str, float] = field(default_factory=dict)
     feature_images_per_s: dict[str, float] = field(default_factory=dict)
+    metrics_s: dict[str, float] = field(default_factory=dict)  # "main", "no_boot", "sweep": see metrics_seconds
+    refit_bench_s: float | None = None  # refit_seconds()
     seconds: float = 0.0  # how long the calibration took
 
     def train_rate(self, p: RunPlan) -> float:
@@ -116,7 +128,8 @@ def calibrate(scfg: StudyConfig, plans: list[RunPlan], log=print) -> HostRates:
         torch.cuda.empty_cache()
     log(f"[study] calibrated on {device} in {host.seconds:.1f}s: training "
         + ", ".join(f"{k} {v:.3g}" for k, v in host.train_flops_per_s.items()) + " FLOP/s; features "
-        + ", ".join(f"{k} {v:.0f}" for k, v in host.feature_images_per_s.items()) + " images/s")
+        + ", ".join(f"{k} {v:.0f}" for k, v in host.feature_images_per_s.items()) + " images/s; metrics "
+        + f"{host.metrics_s['main']:.2f}s per setting")
     return host
 
 
@@ -142,11 +155,53 @@ def _measure(scfg: StudyConfig, first: dict[str, RunConfig], any_cfg: RunConfig,
     size = any_cfg.data.image_size
     batch = FEATURE_BATCH if device.type == "cuda" else CPU_FEATURE_BATCH
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    widths = []
     for name in scfg.features:
         extractor = make_feature_extractor(name, device)
         host.feature_images_per_s[name] = batch / seconds_per_call(lambda e=extractor: e(images), device)
+        widths.append(extractor(images[:1]).shape[1])
         del extractor
+    host.metrics_s = metrics_seconds(scfg, any_cfg.data.num_eval, widths, device)
+    host.refit_bench_s = refit_seconds()
     return host
+
+
+def metrics_seconds(scfg: StudyConfig, num_real: int, widths: list[int], device: torch.device) -> dict[str, float]:
+    """Seconds of one evaluated setting's metrics (:func:`flopmatch.evaluation.run.metrics_from_features` on each
+    extractor's features, ``widths`` their dimensions, against ``num_real`` reference rows), by kind of evaluation:
+    "main" (``eval_samples`` images, the evaluation's FID/KID bootstrap), "no_boot" (the same without it: the raw and
+    post-hoc EMA evaluations) and "sweep" (``sweep_samples`` images, the operating-point sweep's short bootstrap).
+
+    Random features: the cost depends on the shapes only. A tiny warm-up call first pays the one-off import of
+    torchmetrics (KID), which the study pays once as well."""
+    gen = torch.Generator().manual_seed(0)
+    metrics_from_features(torch.randn(8, 4, generator=gen), torch.randn(8, 4, generator=gen), EvalConfig(num_samples=8, fid_boot=2))
+    real = [torch.randn(num_real, w, generator=gen) for w in widths]
+    out = {}
+    for kind, n, boot in (("main", scfg.eval_samples, EvalConfig().fid_boot), ("no_boot", scfg.eval_samples, 0),
+                          ("sweep", scfg.sweep_samples, SWEEP_BOOT)):
+        fake = [torch.randn(n, w, generator=gen) for w in widths]
+        ecfg = EvalConfig(num_samples=n, fid_boot=boot)
+
+        def metrics(fake=fake, ecfg=ecfg) -> None:
+            for r, f in zip(real, fake):
+                metrics_from_features(r, f, ecfg, device)
+
+        out[kind] = seconds_per_call(metrics, device)
+    return out
+
+
+def refit_seconds(n_boot: int = 50) -> float:
+    """Seconds of :func:`flopmatch.report.bootstrap.bootstrap_fit` with ``n_boot`` resamples of a synthetic saturating
+    trend (5 budgets over 1.5 decades, 3 seeds, 3 % noise; seeded): a speed gauge of the report's scalar scipy work.
+    Real studies' refits cost more each (noisier data falls back to more starts), so the estimate uses the ratio of
+    this figure to the reference machine's, not the figure itself."""
+    gen = torch.Generator().manual_seed(0)
+    budgets = torch.logspace(11, 12.5, 5, dtype=torch.float64)
+    noise = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    records = [{"budget": float(c), "depth": 1, "seed": s, "value": float((0.3 + 2.0 * (c / 1e11) ** -0.4) * torch.exp(0.03 * noise[i, s]))}
+               for i, c in enumerate(budgets) for s in range(3)]
+    return seconds_per_call(lambda: bootstrap_fit(records, n_boot=n_boot, seed=0), torch.device("cpu"))
 
 
 def spec_flops(cfg: RunConfig, spec, what: str) -> int:

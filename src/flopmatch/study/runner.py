@@ -109,7 +109,7 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
     atomic_write_json(out / "plan.json", [asdict(p) for p in plans])
     print(format_plan(plans))
     host = calibrate_or_none(scfg, plans) if calibrate_host else None
-    est = estimate(scfg, plans, out, host=host, concurrent=launch.concurrent)
+    est = estimate(scfg, plans, out, host=host, concurrent=launch.concurrent, report_workers=report_workers)
     print(f"[study] {format_estimate(est, calibrated=host is not None)}")
     t0 = time.perf_counter()
     # the tokenizers and each one's reconstruction ceiling (a tokenizer below the classifier floor is refused)
