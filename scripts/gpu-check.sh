@@ -75,28 +75,37 @@ for i in range(torch.cuda.device_count()):
 check bench bash -c "$PY -m flopmatch bench --device $DEVICE ${BENCH[*]} --json > $OUT/bench.json"
 check bench-compile bash -c "$PY -m flopmatch bench --device $DEVICE ${COMPILE[*]} --json > $OUT/bench-compile.json"
 
-# No host synchronisation inside the training step: after warm-up, CUDA raises on any sync (a .item(), a
-# data-dependent shape, a host copy). On a CPU the steps just run.
+# No host synchronisation inside the training step or a sampling loop: after warm-up, CUDA raises on any sync (a
+# .item(), a data-dependent shape, a host copy). On a CPU the steps just run.
 check no-sync "$PY" -c "
 import torch
 from flopmatch.bench import net_spec, sizes, train_config
-from flopmatch.probe import TrainingProbe
+from flopmatch.config import SampleConfig
+from flopmatch.probe import SamplingProbe, TrainingProbe
 from flopmatch import PARADIGMS
 device = torch.device('$DEVICE')
+bf16 = device.type == 'cuda'
 sz = sizes($([ "$QUICK" = 1 ] && echo True || echo False))
-for name in PARADIGMS:
-    p = TrainingProbe(name, net_spec(name, $SYNC_DEPTH, sz), 64, train_config(), device, device.type == 'cuda', sz.text)
-    for _ in range(3):
-        p.step()
+
+def without_sync(what, fn):
+    fn()  # warm-up: allocation, kernel selection
     if device.type == 'cuda':
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode('error')
-    for _ in range(3):
-        p.step()
-    if device.type == 'cuda':
-        torch.cuda.set_sync_debug_mode('default')
-        torch.cuda.synchronize()
-    print(name, 'no host sync in 3 steps')
+    try:
+        fn()
+    finally:
+        if device.type == 'cuda':
+            torch.cuda.set_sync_debug_mode('default')
+            torch.cuda.synchronize()
+    print(what, 'no host sync')
+
+for name in PARADIGMS:
+    p = TrainingProbe(name, net_spec(name, $SYNC_DEPTH, sz), 64, train_config(), device, bf16, sz.text)
+    without_sync(name + ': 3 training steps', lambda: [p.step() for _ in range(3)])
+    s = SamplingProbe(name, net_spec(name, $SYNC_DEPTH, sz), 8, device, bf16, sz.text)
+    for sample in [SampleConfig()] + ([SampleConfig(kv_cache=False)] if name == 'autoregressive' else []):
+        without_sync(f'{name}: sampling (kv_cache={sample.kv_cache})', lambda: s.run(sample))
 "
 
 check train "$PY" -m flopmatch train --objective masked "${RUN[@]}" --set "train.device=$DEVICE" --out "$OUT/run-masked" --quiet
