@@ -113,6 +113,20 @@ CASES = {
     "report missing": ["report", "{tmp}/nope"],
     "report not a study": ["report", "{tmp}"],
     "config preset unknown": ["config", "--preset", "huge"],
+    # found by an audit as a new user (session 16)
+    "study sets a grid key": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--set", "model.depth=3", "--plan-only"],
+    "study sets the paradigm": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--set", "objective.name=diffusion"],
+    "study eval-guidance list": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--eval-guidance", "1,2"],
+    "study device missing": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--set", "train.device=cuda:99"],
+    "train out under /proc": TRAIN + ["--budget", "1e10", "--out", "/proc/flopmatch-test/r"],
+    "sample device unsupported": ["sample", "{run}", "--prompt", "a red circle", "--device", "xla"],
+    "sample device missing": ["sample", "{run}", "--prompt", "a red circle", "--device", "cuda:99"],
+    "sample run is a file": ["sample", "{file}", "--prompt", "a red circle"],
+    "flops config is a directory": ["flops", "--objective", "masked", "--config", "{tmp}"],
+    "bench depth above the maximum": ["bench", "--quick", "--depths", "300"],
+    "compare out is a file": ["compare", "{run}", "{tmp}", "--out", "{file}"],
+    "tokenizer device missing": ["tokenizer", "train", "--kind", "lfq", "--out", "{tmp}/t", "--steps", "2", "--set",
+                                 "device=cuda:99"],
     "unknown command": ["fly"],
 }
 
@@ -161,8 +175,25 @@ def test_study_depths_given_empty_is_not_silently_the_preset(tmp_path, capsys):
     assert rc == 2 and "--depths" in capsys.readouterr().err
 
 
+def test_a_study_that_produced_nothing_takes_the_corrected_command(tmp_path, capsys):
+    """A study stopped by bad input before its first result holds only its settings: the corrected command replaces
+    them (it used to be refused as incomparable with the mistaken settings, until the user deleted the directory)."""
+    out = tmp_path / "s"
+    assert cli.main(["study", "--out", str(out), "--preset", "tiny", "--objectives", "masked", "--no-calibrate",
+                     "--data", f"folder:{tmp_path / 'missing'}"]) == 2
+    assert (out / "study.json").exists()  # the settings were written before the data was read
+    capsys.readouterr()
+    # another data source and paradigm: a grown or repeated study would refuse both; this one takes them, then stops
+    # at the next bad input (a missing GPU), before writing anything
+    assert cli.main(["study", "--out", str(out), "--preset", "tiny", "--objectives", "diffusion", "--no-calibrate",
+                     "--set", "train.device=cuda:99"]) == 2
+    got = capsys.readouterr()
+    assert "produced nothing yet" in got.out and "incomparable" not in got.err and "cuda:99" in got.err
+    assert json.loads((out / "study.json").read_text())["objectives"] == ["masked"]  # not rewritten by the failed command
+
+
 def test_cases_cover_every_subcommand():
     """The table exercises every subcommand the parser has."""
     commands = {argv[0] for argv in CASES.values()}
-    assert {"train", "sample", "flops", "eval", "study", "tokenizer", "report", "config"} <= commands
+    assert {"train", "sample", "flops", "eval", "study", "tokenizer", "report", "config", "bench", "compare"} <= commands
     assert json.dumps(CASES)  # plain data: the table can be shown and extended

@@ -256,6 +256,18 @@ def test_eval_metrics_endpoints(shapes_uint8):
     assert single["perplexity"] == pytest.approx(1) and single["codebook_usage"] == 1 / 16
 
 
+def test_image_metrics_in_chunks_equal_one_pass(shapes_uint8, monkeypatch):
+    """The chunked metrics (bounded memory for large --num) equal one pass over every image, chunks of unequal size too."""
+    from flopmatch.evaluation import tokenizer as tok_eval
+
+    x = _images(shapes_uint8, 10)
+    y = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    whole = tok_eval.image_metrics(x, y)
+    monkeypatch.setattr(tok_eval, "METRIC_CHUNK", 3)  # chunks of 3, 3, 3, 1
+    chunked = tok_eval.image_metrics(x, y)
+    assert chunked == pytest.approx(whole, rel=1e-6)
+
+
 @pytest.mark.slow
 def test_ssim_equals_torchmetrics(shapes_uint8):
     """Our SSIM equals torchmetrics' structural_similarity_index_measure per image (slow: torchmetrics' import)."""

@@ -13,9 +13,12 @@ import torch
 from flopmatch.dist import local_rank
 from flopmatch.errors import UserError
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")  # where flopmatch runs; torch names more (xla, meta, ...) that it does not support
+
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" -> this rank's CUDA device if available else CPU; otherwise the named device."""
+    """"auto" -> this rank's CUDA device if available else CPU; otherwise the named device, checked to exist here
+    (a UserError naming the problem otherwise)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank())
@@ -24,8 +27,18 @@ def resolve_device(name: str = "auto") -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name} requested but CUDA is not available; use --set train.device=cpu")
+    if dev.type not in DEVICE_TYPES:
+        raise UserError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N (mps on Apple silicon)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name} requested but CUDA is not available to this PyTorch (a CPU-only build, or "
+                            f"no GPU); use device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {name} requested but this process sees {torch.cuda.device_count()} CUDA device(s) "
+                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}); use one of them or auto")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {name} requested but MPS is not available (Apple silicon with a PyTorch built for "
+                        f"it); use device cpu or auto")
     return dev
 
 

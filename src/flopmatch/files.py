@@ -166,6 +166,8 @@ def read_json(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise UserError(f"missing file {path}")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give a JSON file")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -73,7 +73,7 @@ def read_config(run: str | Path) -> RunConfig:
     """The run's config (keys of earlier versions migrated); missing, corrupt or invalid is a UserError."""
     run = Path(run)
     if not run.is_dir():
-        raise UserError(f"run directory {run} does not exist")
+        raise UserError(f"{run} is a file, not a run directory" if run.exists() else f"run directory {run} does not exist")
     if not (run / CONFIG).exists():
         raise UserError(f"{run} is not a run directory (no config.json); train one with `flopmatch train --out {run}`")
     return from_dict(RunConfig, read_json(run / CONFIG)).validate()

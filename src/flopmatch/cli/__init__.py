@@ -57,3 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`, which closed it: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:  # a path the system refused: no permission (also for root, e.g. /proc), a file in the way, a full disk
+        if e.filename is None:
+            raise
+        target = f"{e.filename} -> {e.filename2}" if e.filename2 else f"{e.filename}"
+        print(f"flopmatch: error: {e.strerror or e}: {target}; choose another path or fix this one", file=sys.stderr)
+        return 2

@@ -6,6 +6,10 @@ import json
 
 from flopmatch.cli.args import count, number_list
 from flopmatch.cli.study import _objectives
+from flopmatch.config import RANGES
+from flopmatch.errors import UserError
+
+MAX_DEPTH = int(RANGES[("ModelConfig", "depth")].hi)  # model.depth's bound: the one knob also sets the width
 
 
 def cmd_bench(args) -> int:
@@ -15,6 +19,8 @@ def cmd_bench(args) -> int:
     opts = BenchOptions(device=args.device, threads=args.threads, rounds=args.rounds, batch=args.batch, quick=args.quick,
                         compile=args.compile, progress=True)
     if args.depths:
+        if max(args.depths) > MAX_DEPTH:
+            raise UserError(f"--depths: {max(args.depths)} is above model.depth's maximum {MAX_DEPTH} (width 64 x depth)")
         opts.depths = args.depths
     if args.objectives:
         opts.objectives = args.objectives

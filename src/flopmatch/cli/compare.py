@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from flopmatch.cli.args import output_dir
+
 
 def cmd_compare(args) -> int:
     """Compare two studies, print what differs and which recommendation cells change, and where it went."""
@@ -41,6 +43,6 @@ def register(subparsers) -> None:
                     "study's own seed variance (Holm-corrected).")
     p.add_argument("base", help="the base study directory (the one holding runs/)")
     p.add_argument("other", help="the study that differs from it in one setting")
-    p.add_argument("--out", default=None,
+    p.add_argument("--out", default=None, type=output_dir,
                    help="directory for compare.html, compare.md, compare.json (default: OTHER/compare_vs_<BASE name>)")
     p.set_defaults(func=cmd_compare)

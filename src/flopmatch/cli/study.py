@@ -41,6 +41,14 @@ def guidance_list(text: str) -> list[float]:
     return sorted(set(values))
 
 
+def guidance_scale(text: str) -> float:
+    """``--eval-guidance``: one finite guidance scale >= 0 (1 = no guidance, 0 = unconditional)."""
+    values = number_list(float, 0)(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one guidance scale, got {text!r} (--sweep-guidance takes a list)")
+    return values[0]
+
+
 def decibels(text: str) -> float:
     """``--tokenizer-match``: a finite PSNR tolerance in dB, >= 0 (0 = off)."""
     try:
@@ -80,7 +88,7 @@ def cmd_study(args) -> int:
 
     scfg = study_preset(args.preset)
     for name in ("objectives", "depths", "budgets", "seeds", "floor_seeds", "base_seed", "eval_samples", "eval_raw",
-                 "eval_ema", "sweep_guidance", "sweep_samples", "tokenizer", "tokenizer_match"):  # given flags replace the preset's
+                 "eval_ema", "sweep_guidance", "sweep_samples", "tokenizer", "tokenizer_match", "eval_guidance"):  # given flags replace the preset's
         if getattr(args, name) is not None:
             setattr(scfg, name, getattr(args, name))
     if args.eval_samples is not None and args.sweep_samples is None:  # the sweep is a small set: no larger than the full
@@ -125,6 +133,9 @@ def register(sub) -> None:
     p.add_argument("--base-seed", type=count(0), help="base seed (default 0): base b trains seeds 1000 b, 1000 b + 1, ...; "
                    "another base repeats the study with new seeds, and its seeds can still grow")
     p.add_argument("--eval-samples", type=count(10), help="generated images per evaluated setting (default: the preset's)")
+    p.add_argument("--eval-guidance", type=guidance_scale, metavar="G",
+                   help="classifier-free guidance scale of every run's main setting, the one the verdicts compare "
+                        "(1 = none; default: the preset's, 3)")
     p.add_argument("--eval-raw", action=argparse.BooleanOptionalAction, default=None,
                    help="also evaluate each run's main setting with raw (non-EMA) weights, for the EMA finding "
                         "(default: on for cpu-long and gpu)")

@@ -19,6 +19,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     """Train a KL or LFQ autoencoder into args.out (refuses to overwrite an existing tokenizer)."""
     # Imported when the command runs, not at the top: the CLI modules load no torch, so that
     # `flopmatch --help` and argument errors answer at once.
+    from flopmatch.device import resolve_device
     from flopmatch.tokenizers.autoencoder import apply_overrides, preset
     from flopmatch.tokenizers.train_ae import load_images, train_autoencoder
 
@@ -36,6 +37,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     config = apply_overrides(config, args.set)
     if config.kind != args.kind:
         raise UserError(f"--set kind={config.kind} contradicts --kind {args.kind}; use --kind")
+    resolve_device(config.device)  # before anything is written: a missing GPU leaves no empty --out behind
     images, info = load_images(config, "train")
     out.mkdir(parents=True, exist_ok=True)
     _, summary = train_autoencoder(config, images, out, info, progress=not args.quiet)

@@ -8,7 +8,7 @@ refits with a refit benchmark (:func:`report_seconds`). Without a calibration (`
 preset's ``StudyConfig.assumed_flops_per_s`` and the fixed costs of :class:`Rates` stand in. Two machines measured
 those constants (each says which): the 2-core bf16 AMX CPU the project started on (the cpu preset of v0.2 from an
 empty cache took 14.3 min against 11.7 estimated before ``eval_setting_s`` was added) and a 2-core AVX-512 bf16
-EPYC (the default study from an empty cache, v0.x of session 16: 6.7 min, which the fixed per-setting 6 s had
+EPYC (the default study from an empty cache, v0.2 as of December 2026: 6.7 min, which the fixed per-setting 6 s had
 estimated at 13.7). Stages whose results are already cached (the study's trained tokenizers, a finished tokenizer
 matching, the attribute classifier) cost nothing; caption encoding and reference features are always counted (an
 upper bound). ``runner.study`` prints the estimate after the plan and writes ``timings.json`` with estimate and

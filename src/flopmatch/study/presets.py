@@ -146,7 +146,16 @@ class StudyConfig:
         if bad:
             raise UserError(f"eval_variants: unknown sampler setting(s) {', '.join(sorted(set(bad)))}; "
                             f"choose from {', '.join(SAMPLE_FIELDS)}")
+        for override in self.overrides:  # the grid sets these per run: a --set of them would be overwritten silently
+            key = override.partition("=")[0].strip()
+            if key in GRID_KEYS:
+                raise UserError(f"--set {key} is set per run by the study; use {GRID_KEYS[key]} instead")
         return self
+
+
+# run-config keys each grid cell sets itself (study.plan.base_config), and the study option that sets them
+GRID_KEYS = {"objective.name": "--objectives", "model.depth": "--depths", "train.budget": "--budgets",
+             "train.seed": "--seeds and --base-seed", "sample.guidance": "--eval-guidance"}
 
 
 def cpu() -> StudyConfig:

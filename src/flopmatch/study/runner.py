@@ -29,7 +29,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from flopmatch.config import RunConfig, from_dict
+from flopmatch.device import resolve_device
 from flopmatch.errors import UserError
+from flopmatch.evaluation.ceilings import CEILINGS_FILE
 from flopmatch.evaluation.run import EvalConfig
 from flopmatch.files import atomic_write_json, read_json
 from flopmatch.lock import LOCK_NAME, DirectoryLock, describe, holder, in_use, is_locked
@@ -65,6 +67,15 @@ def wait_for_writer(run: Path, timeout_s: float = 30.0) -> None:
         time.sleep(0.5)
 
 
+NOTHING_YET = ("study.json", "plan.json", LOCK_NAME, CEILINGS_FILE)  # what a study writes before its first result
+
+
+def not_started(out: Path) -> bool:
+    """Whether the study directory ``out`` holds nothing but its settings: no tokenizer, no run (its tokenizer
+    ceilings file is keyed by each tokenizer's fingerprint and data, so another study's entries are re-measured)."""
+    return all(p.name in NOTHING_YET for p in out.iterdir())
+
+
 def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = "local", progress: bool = True,
           retime: bool = False, slurm: SlurmConfig | None = None, calibrate_host: bool = True,
           report_workers: int | None = 1) -> dict:
@@ -79,13 +90,22 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
     out = Path(out)
     scfg.validate()
     added = None
-    if (out / "study.json").exists():  # the same study again, or grown by new cells (see grow.py); else refused
+    if (out / "study.json").exists() and not_started(out):
+        # A study that stopped before producing anything (a missing data folder, an earlier check) holds only its
+        # settings: the corrected command replaces them instead of being refused as incomparable with nothing.
+        if is_locked(out):
+            raise in_use(out, "study")
+        print(f"[study] {out} holds the settings of a study that produced nothing yet; starting it with this command's")
+    elif (out / "study.json").exists():  # the same study again, or grown by new cells (see grow.py); else refused
         scfg, _, added = reconcile(read_json(out / "study.json"), scfg, out)
     elif out.exists() and any(p for p in out.iterdir() if p.name not in ("study.json", "plan.json", LOCK_NAME)):
         if is_locked(out):  # a study another process is creating right now
             raise in_use(out, "study")
         raise UserError(f"{out} exists and is not a flopmatch study directory; choose another --out")
     plans = make_plan(scfg, out)  # validates the grid before anything is written
+    if launcher == "local":  # the runs' device exists here (under SLURM they run on other machines)
+        for device in sorted({p.config["train"]["device"] for p in plans}):
+            resolve_device(device)
     if launcher == "slurm" and slurm is not None and slurm.gpus_per_run > 1:  # torchrun splits each batch over the GPUs
         for p in plans:
             if p.config["train"]["batch_size"] % slurm.gpus_per_run:

@@ -28,7 +28,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Load a saved tokenizer directory; every problem is a UserError with one clear line."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise UserError(f"tokenizer directory {directory} does not exist; fit or train a tokenizer first")
+        raise UserError(f"{directory} is a file, not a tokenizer directory" if directory.exists() else
+                        f"tokenizer directory {directory} does not exist; fit or train a tokenizer first")
     meta = read_json(directory / "tokenizer.json")  # UserError if missing or corrupt
     kind = meta.get("kind") if isinstance(meta, dict) else None
     if not isinstance(kind, str):
@@ -76,7 +77,8 @@ def load_learned(directory: str | Path, expect_kind: str | None = None) -> Learn
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise UserError(f"tokenizer directory {directory} does not exist")
+        raise UserError(f"{directory} is a file, not a tokenizer directory" if directory.exists() else
+                        f"tokenizer directory {directory} does not exist")
     meta = read_json(directory / "tokenizer.json")
     if not isinstance(meta, dict):
         raise UserError(f"{directory / 'tokenizer.json'} is not a JSON object; the tokenizer directory is corrupt")
