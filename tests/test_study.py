@@ -330,9 +330,11 @@ def test_a_study_with_another_base_seed_grows_its_seeds(tmp_path):
 
 
 def test_study_refuses_changed_settings(tmp_path):
-    """A study directory refuses settings that would make its cells incomparable, naming the setting."""
+    """A study directory refuses settings that would make its cells incomparable, naming the setting (once it holds
+    results: one that produced nothing takes new settings, test_bad_input.py)."""
     out = tmp_path / "s"
     atomic_write_json(out / "study.json", asdict(replace(tiny_study(), eval_samples=99)))
+    (out / "runs" / "masked-d1-b1e9-s0").mkdir(parents=True)  # a run started under the saved settings
     with pytest.raises(UserError, match="eval_samples=99"):
         study(out, tiny_study(), progress=False)
 

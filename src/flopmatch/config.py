@@ -134,6 +134,21 @@ class SampleConfig:
     shift: float = 1.0  # diffusion only: SD3 time shift t' = shift*t / (1 + (shift-1)*t) of the sampling grid; 1 = uniform, > 1 = more steps at high noise
 
 
+# SampleConfig fields that only some paradigms read (every paradigm reads steps and guidance)
+SAMPLE_FIELD_PARADIGMS = {"temperature": ("masked", "autoregressive"), "top_k": ("masked", "autoregressive"),
+                          "choice_temperature": ("masked",), "kv_cache": ("autoregressive",),
+                          "compile": ("autoregressive",), "solver": ("diffusion",), "shift": ("diffusion",)}
+
+
+def check_sample_fields(objective: str, names, flag=lambda name: "--" + name.replace("_", "-")) -> None:
+    """A UserError when a sampler setting the user gave (``names``, SampleConfig fields) is one ``objective`` never
+    reads: it would change nothing but an evaluation's key, so a "sweep" over it would repeat one setting."""
+    for name in names:
+        users = SAMPLE_FIELD_PARADIGMS.get(name)
+        if users and objective not in users:
+            raise UserError(f"{flag(name)} applies to {' and '.join(users)} runs only; this run is {objective}")
+
+
 @dataclass
 class RunConfig:
     """Everything a run needs; ``config.json`` in a run directory is this, serialised."""

@@ -37,7 +37,7 @@ def cmd_config(args) -> int:
 def register(sub) -> None:
     """Add ``config`` to the top-level subparsers."""
     p = sub.add_parser("config", help="list every --set key with its type, default, allowed values and meaning")
-    p.add_argument("--preset", choices=STUDY_PRESETS, help="show the defaults a study preset's runs start from")
+    p.add_argument("--preset", choices=STUDY_PRESETS, help="show the defaults a study preset's runs start from (default: none, the plain run defaults)")
     p.add_argument("--objective", choices=PARADIGMS, default="masked", help="paradigm (default: masked)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_config)

@@ -17,7 +17,7 @@ from flopmatch.cli.args import (
     raw_or_weights,
     weights_name,
 )
-from flopmatch.config import SampleConfig
+from flopmatch.config import SampleConfig, check_sample_fields
 from flopmatch.errors import UserError
 
 SWEEPABLE = ("steps", "guidance", "temperature", "top_k", "solver", "shift")  # SampleConfig fields
@@ -38,7 +38,20 @@ def parse_sweeps(items: list[str]) -> dict[str, list]:
             out[name] = [parse(v.strip()) for v in values.split(",") if v.strip()]
         except argparse.ArgumentTypeError as e:
             raise UserError(f"--sweep {item!r}: {e}") from None
+        if not out[name]:
+            raise UserError(f"--sweep {item!r}: no values; give NAME=v1,v2,...")
     return out
+
+
+def feature_list(text: str) -> list[str]:
+    """``--features``: comma-separated feature extractor names (checked when built), or none (no image-quality
+    metrics: prompt following and cost only)."""
+    if text.strip().lower() == "none":
+        return []
+    names = [f.strip() for f in text.split(",") if f.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected extractor names (effnet, inception) or none, got {text!r}")
+    return list(dict.fromkeys(names))
 
 
 def npz_file(text: str) -> str:
@@ -67,15 +80,17 @@ def cmd_eval(args) -> int:
     from flopmatch.rundir import read_config
 
     run = Path(args.run)
-    base = read_config(run).sample
+    cfg = read_config(run)
     fixed = {k: getattr(args, k) for k in SWEEPABLE if getattr(args, k, None) is not None}
-    base = replace(base, **fixed, **({"compile": True} if args.compile else {}))
+    base = replace(cfg.sample, **fixed, **({"compile": True} if args.compile else {}))
     sweeps = parse_sweeps(args.sweep)
+    check_sample_fields(cfg.objective.name, [*fixed, *(["compile"] if args.compile else [])])
+    check_sample_fields(cfg.objective.name, sweeps, lambda name: f"--sweep {name}")
     names = list(sweeps)
     settings = [replace(base, **dict(zip(names, combo))) for combo in itertools.product(*sweeps.values())] if names else [base]
     for s in settings:
         validate_sample(s)
-    features = [f.strip() for f in args.features.split(",") if f.strip()]
+    features = args.features
     ecfg = EvalConfig(num_samples=args.num_samples, seed=args.seed, weights=raw_or_weights(args),
                       features=features, timing=not args.no_timing, batch_size=args.batch_size,
                       export=str(Path(args.export).resolve()) if args.export else "",
@@ -95,7 +110,7 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="measure image quality, prompt following and inference cost of a run")
     p.add_argument("run", help="run directory")
     p.add_argument("--num-samples", type=count(4), default=1000, help="generated images per setting (default 1000)")
-    p.add_argument("--steps", type=config_value(SampleConfig, "steps"), help="sampling steps (0 = paradigm default)")
+    p.add_argument("--steps", type=config_value(SampleConfig, "steps"), help="sampling steps (0 = paradigm default; default: the run's)")
     p.add_argument("--guidance", "--cfg", dest="guidance", type=config_value(SampleConfig, "guidance"),
                    help="classifier-free guidance scale (1 = off); default: the run's")
     p.add_argument("--temperature", type=config_value(SampleConfig, "temperature"), help="sampling temperature (token paradigms); default: the run's")
@@ -103,9 +118,10 @@ def register(sub) -> None:
     add_solver_args(p, "the run's")
     p.add_argument("--sweep", action="append", default=[], metavar="NAME=v1,v2",
                    help=f"evaluate every combination, e.g. --sweep steps=4,8,16 --sweep guidance=1,2,4 (NAME: {', '.join(SWEEPABLE)})")
-    p.add_argument("--features", default="effnet",
+    p.add_argument("--features", default="effnet", type=feature_list,
                    help="comma-separated feature extractors: effnet (fast proxy; the default), inception (standard FID "
-                        "Inception with clean-fid's PIL bicubic resize; slow on a CPU)")
+                        "Inception with clean-fid's PIL bicubic resize; slow on a CPU); none: no FID, KID or "
+                        "precision/recall")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--batch-size", type=count(1), default=100, help="images per sampling batch (default 100)")
     p.add_argument("--weights", type=weights_name, default="ema", help=WEIGHTS_HELP)

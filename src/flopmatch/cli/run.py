@@ -20,7 +20,7 @@ from flopmatch.cli.args import (
     raw_or_weights,
     weights_name,
 )
-from flopmatch.config import ModelConfig, SampleConfig, TrainConfig
+from flopmatch.config import ModelConfig, SampleConfig, TrainConfig, check_sample_fields
 from flopmatch.errors import UserError
 
 
@@ -94,14 +94,17 @@ def cmd_sample(args) -> int:
     """Sample a PNG grid from a trained run."""
     # Imported when the command runs, not at the top: the CLI modules load no torch, so that
     # `flopmatch --help` and argument errors answer at once.
+    from flopmatch.rundir import read_config
     from flopmatch.sample import check_prompts, generate, grid_image, load_sampler, save_png
 
     prompts = check_prompts(args.prompt or [])  # before loading anything
     prompts = [prompts[i % len(prompts)] for i in range(args.num)] if args.num else prompts
-    sampler = load_sampler(args.run, weights=raw_or_weights(args), device=args.device)
     overrides = {k: getattr(args, k) for k in ("steps", "guidance", "temperature", "top_k", "solver", "shift") if getattr(args, k) is not None}
     if args.no_kv_cache:
         overrides["kv_cache"] = False
+    check_sample_fields(read_config(args.run).objective.name, overrides,
+                        lambda name: "--no-kv-cache" if name == "kv_cache" else "--" + name.replace("_", "-"))
+    sampler = load_sampler(args.run, weights=raw_or_weights(args), device=args.device)
     sample = replace(sampler.cfg.sample, **overrides)
     for i, p in enumerate(dict.fromkeys(prompts)):
         n, limit = sampler.encoder.num_tokens(p), sampler.encoder.max_len
@@ -148,14 +151,15 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--track", type=config_value(TrainConfig, "trackers"), metavar="tensorboard,wandb",
                    help="also log metrics.jsonl's rows to TensorBoard (RUN/tensorboard/) and/or W&B (RUN/wandb/, offline "
-                        "unless WANDB_MODE is set); = --set train.trackers=...; may change when a run resumes")
+                        "unless WANDB_MODE is set); = --set train.trackers=...; may change when a run resumes (default: none for a "
+                        "new run, a resumed run's own)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample a PNG grid from a trained run")
     p.add_argument("run", help="run directory")
     p.add_argument("--prompt", action="append", help="text prompt (repeatable)")
     p.add_argument("--num", type=count(1), help="number of images (prompts are cycled); default one per prompt")
-    p.add_argument("--steps", type=config_value(SampleConfig, "steps"), help="sampling steps (diffusion, masked); 0 = paradigm default")
+    p.add_argument("--steps", type=config_value(SampleConfig, "steps"), help="sampling steps (diffusion, masked); 0 = paradigm default (default: the run's)")
     p.add_argument("--guidance", "--cfg", dest="guidance", type=config_value(SampleConfig, "guidance"),
                    help="classifier-free guidance scale (1 = off); default: the run's")
     p.add_argument("--temperature", type=config_value(SampleConfig, "temperature"),
@@ -175,7 +179,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("flops", help="analytic parameters and FLOPs of a configuration")
     _add_common(p, budget=False)
-    p.add_argument("--steps", type=config_value(SampleConfig, "steps"), help="sampling steps; 0 = paradigm default")
+    p.add_argument("--steps", type=config_value(SampleConfig, "steps"), help="sampling steps; 0 = paradigm default (default: the --config run's, else 0)")
     p.add_argument("--guidance", "--cfg", dest="guidance", type=config_value(SampleConfig, "guidance"),
                    help="guidance scale (1 = no extra pass; default 3)")
     add_solver_args(p, "the config's: euler, shift 1")

@@ -94,6 +94,9 @@ def cmd_study(args) -> int:
     if args.eval_samples is not None and args.sweep_samples is None:  # the sweep is a small set: no larger than the full
         scfg.sweep_samples = max(10, min(scfg.sweep_samples, scfg.eval_samples))
     scfg.overrides = scfg.overrides + ([f"data.name={args.data}"] if args.data else []) + list(args.set)
+    if args.tokenizer_set and scfg.tokenizer != "learned":
+        raise UserError(f"--tokenizer-set configures the study's learned tokenizers; this study's are {scfg.tokenizer} "
+                        f"(--tokenizer learned to train them)")
     scfg.tokenizer_overrides = scfg.tokenizer_overrides + list(args.tokenizer_set)
     if args.plan_only:
         plans = make_plan(scfg.validate(), Path(args.out))

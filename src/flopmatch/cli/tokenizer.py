@@ -76,7 +76,7 @@ def register(subparsers) -> None:
     not with argparse choices, so that building the parser imports nothing heavy.
     """
     p = subparsers.add_parser("tokenizer", help="train or evaluate a learned autoencoder (KL or LFQ)")
-    sub = p.add_subparsers(dest="tokenizer_command", required=True)
+    sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="SUBCOMMAND")
 
     t = sub.add_parser("train", help="train a KL (continuous) or LFQ (discrete) autoencoder")
     t.add_argument("--kind", choices=("kl", "lfq"), required=True,
@@ -84,7 +84,7 @@ def register(subparsers) -> None:
     t.add_argument("--data", default="shapes", type=data_source, help=DATA_HELP + " (default: shapes)")
     t.add_argument("--out", required=True, type=output_dir, help="output directory (tokenizer.json, tensors.safetensors, train_log.jsonl)")
     t.add_argument("--preset", default="cpu", help="cpu: ~5 min on 2 cores (default); gpu: larger")
-    t.add_argument("--seed", type=int, help="training seed (init and batch order)")
+    t.add_argument("--seed", type=int, help="training seed (init and batch order; default: the preset's, 0)")
     t.add_argument("--steps", type=count(1), help="optimizer steps (default: the preset's)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override an AutoencoderConfig field, e.g. --set bits=9 (repeatable)")
@@ -97,6 +97,6 @@ def register(subparsers) -> None:
     e.add_argument("--rfid", default="effnet",
                    help="features for reconstruction FID: effnet (fast proxy, default), inception (standard, slow), none")
     e.add_argument("--attributes", action=argparse.BooleanOptionalAction, default=True,
-                   help="attribute-classifier accuracy on reconstructions (trains the classifier once if not cached)")
+                   help="attribute-classifier accuracy on reconstructions (trains the classifier once if not cached; default on)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_tokenizer_eval)

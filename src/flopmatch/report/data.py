@@ -379,7 +379,8 @@ def load_study(study_dir: str | Path) -> Study:
     root = Path(study_dir)
     runs_dir = root / "runs"
     if not runs_dir.is_dir():
-        raise UserError(f"{root} is not a study directory (no runs/ inside); point `flopmatch report` at the study root")
+        raise UserError(f"{root} is not a study directory (no runs/ inside); give the study root, the directory "
+                        f"`flopmatch study --out` wrote")
     found = sorted(p for p in runs_dir.iterdir() if p.is_dir() and (p / CONFIG).exists())
     if not found:
         raise UserError(f"no run directories with a config.json under {runs_dir}")

@@ -55,6 +55,13 @@ def _render(fn, *args) -> bytes | None:
         return None if fig is None else _png(fig)
 
 
+def _legend(ax, **kwargs) -> None:
+    """The axes' legend, when something on them has a label (matplotlib warns on an empty legend: a study whose
+    runs left a panel empty would print that warning among the report's lines)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def _plain_log(axis) -> None:
     """Log axis labelled with plain numbers (20, 30, 0.2), minor labels only where matplotlib would put them."""
     class PlainLog(LogFormatter):
@@ -125,7 +132,7 @@ def metric_vs_flops(an: Analysis, metric: str):
     ax.set_xlabel("training FLOPs (budget)")
     ax.set_ylabel(METRIC[metric].label)
     ax.set_title(f"{METRIC[metric].label} vs training FLOPs")
-    ax.legend(loc="best")
+    _legend(ax, loc="best")
     return fig
 
 
@@ -141,7 +148,7 @@ def loss_vs_flops(an: Analysis):
         _logy_if_positive(ax, ys)
         ax.set_title(f"{p}: final loss")
         ax.set_xlabel("training FLOPs (budget)")
-        ax.legend(loc="best")
+        _legend(ax, loc="best")
     axes[0, 0].set_ylabel("final training loss (own objective)")
     return fig
 
@@ -168,7 +175,7 @@ def loss_curves(study: Study, paradigms: list[str]):
         ax.set_xscale("log")
         ax.set_title(f"{p}: training loss")
         ax.set_xlabel("training FLOPs so far")
-        ax.legend(loc="best")
+        _legend(ax, loc="best")
     axes[0, 0].set_ylabel("loss (own objective; not comparable across panels)")
     return fig
 
@@ -196,7 +203,7 @@ def iso_flops(an: Analysis, study: Study, metric: str):
         _logy_if_positive(ax, ys)
         ax.set_title(f"{p}: iso-FLOP")
         ax.set_xlabel("parameters" if params else "depth")
-        ax.legend(loc="best")
+        _legend(ax, loc="best")
     axes[0, 0].set_ylabel(METRIC[metric].label)
     return fig
 
@@ -252,7 +259,7 @@ def pareto(study: Study, paradigms: list[str], cost: str, nokv_cost: str, xlabel
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.set_title(label)
-        ax.legend(loc="best")
+        _legend(ax, loc="best")
     fig.suptitle(f"Quality vs {xlabel.split(' (')[0]}, every evaluated setting, {where}")
     return fig
 
@@ -285,7 +292,7 @@ def throughput_bars(an: Analysis):
     ax.set_ylabel("images / s (best batch size)")
     ax.set_yscale("log")
     ax.set_title("Throughput at the main sampling settings")
-    ax.legend(loc="best")
+    _legend(ax, loc="best")
     return fig
 
 
@@ -320,7 +327,7 @@ def step_sweep(study: Study, paradigms: list[str]):
         ax.set_xlabel("sampling steps")
         ax.set_title(f"{label.split(' (')[0].split(',')[0]} {where}")
         ax.set_ylabel(label)
-    axes[0, 0].legend(loc="best")
+    _legend(axes[0, 0], loc="best")
     return fig
 
 
@@ -372,7 +379,7 @@ def operating_fronts(op: Operating):
         _logy_if_positive(ax, ys)
         ax.set_xlabel(label + (" (higher is better)" if better == "higher" else ""))
         ax.set_ylabel("KID (effnet)")
-        ax.legend(loc="best")
+        _legend(ax, loc="best")
     fig.suptitle(f"Operating points at {op.budget:.3g} training FLOPs: faint = sweep (small set), solid = full set")
     return fig
 
@@ -404,7 +411,7 @@ def guidance_sweep(op: Operating):
             _logy_if_positive(ax, ys)
         ax.set_xlabel("guidance scale (1 = none)")
         ax.set_ylabel(label)
-        ax.legend(loc="best", fontsize=7)
+        _legend(ax, loc="best", fontsize=7)
     fig.suptitle(f"The operating-point sweep at {op.budget:.3g} training FLOPs (small image set)")
     return fig
 
@@ -435,7 +442,7 @@ def ema_sweep(an: Analysis):
     _plain_log(ax.xaxis)
     ax.set_xlabel("post-hoc EMA length sigma_rel (fraction of the run)")
     ax.set_ylabel("FID change from raw weights (%)")
-    ax.legend(loc="best")
+    _legend(ax, loc="best")
     return fig
 
 
@@ -456,7 +463,7 @@ def _compare(changes: dict[str, list[dict]], labels: dict[str, str], names: tupl
         ax.set_xlabel("training FLOPs")
         ax.set_ylabel(labels[m])
         ax.set_title(f"{labels[m]}: {names[0]} (solid) vs {names[1]} (dashed)")
-    axes[0][0].legend()
+    _legend(axes[0][0])
     return fig
 
 

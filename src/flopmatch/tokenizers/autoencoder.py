@@ -138,7 +138,7 @@ def preset(name: str, kind: str) -> AutoencoderConfig:
         return AutoencoderConfig(kind=kind, channels=[128, 256], num_res_blocks=2, steps=50_000,
                                  batch_size=128, lr=1e-3, warmup_steps=1000, adv_weight=0.1,
                                  adv_start=20_000, stats_images=20_000).validate()
-    raise UserError(f"unknown preset {name!r}; choose one of {PRESETS}")
+    raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
 
 
 def apply_overrides(config: AutoencoderConfig, overrides: list[str]) -> AutoencoderConfig:
