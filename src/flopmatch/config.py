@@ -134,8 +134,10 @@ class SampleConfig:
     shift: float = 1.0  # diffusion only: SD3 time shift t' = shift*t / (1 + (shift-1)*t) of the sampling grid; 1 = uniform, > 1 = more steps at high noise
 
 
-# SampleConfig fields that only some paradigms read (every paradigm reads steps and guidance)
-SAMPLE_FIELD_PARADIGMS = {"temperature": ("masked", "autoregressive"), "top_k": ("masked", "autoregressive"),
+# SampleConfig fields that only some paradigms read (every paradigm reads guidance; next-token decodes its L tokens
+# whatever steps says)
+SAMPLE_FIELD_PARADIGMS = {"steps": ("diffusion", "masked"), "temperature": ("masked", "autoregressive"),
+                          "top_k": ("masked", "autoregressive"),
                           "choice_temperature": ("masked",), "kv_cache": ("autoregressive",),
                           "compile": ("autoregressive",), "solver": ("diffusion",), "shift": ("diffusion",)}
 
@@ -459,6 +461,14 @@ def parse_value(tp, text: str, key: str):
     raise UserError(f"--set {key}={text}: expected {getattr(tp, '__name__', tp)}")
 
 
+def current_path(path: str) -> str:
+    """A run-config key as this version names it: "sample.cfg" -> "sample.guidance", "method.x" -> "objective.x"."""
+    for old, new in RENAMED_PATHS.items():
+        if path == old or (old.endswith(".") and path.startswith(old)):
+            return new + path[len(old):]
+    return path
+
+
 def apply_overrides(cfg, overrides: list[str]):
     """Apply ``section.key=value`` strings to a dataclass tree in place; returns cfg."""
     for item in overrides or []:
@@ -467,10 +477,7 @@ def apply_overrides(cfg, overrides: list[str]):
         path, text = item.split("=", 1)
         path = path.strip()
         if isinstance(cfg, RunConfig):
-            for old, new in RENAMED_PATHS.items():
-                if path == old or (old.endswith(".") and path.startswith(old)):
-                    path = new + path[len(old):]
-                    break
+            path = current_path(path)
         parts = path.strip().split(".")
         obj = cfg
         for i, part in enumerate(parts):

@@ -11,6 +11,7 @@ with status 2; Ctrl-C exits 130 after the running stage has saved what it can.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -38,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# errors of a path the user chose or the machine refused, not of flopmatch: said in one line (exit 2)
+REFUSED_PATH = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EEXIST, errno.EISDIR,
+                errno.ENOTDIR, errno.ENAMETOOLONG}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``flopmatch`` console script; returns the exit status."""
     parser = build_parser()
@@ -57,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`, which closed it: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except OSError as e:  # a path the system refused: no permission (also for root, e.g. /proc), a file in the way, a full disk
-        if e.filename is None:
+    except OSError as e:  # a path the system refused (permission, read-only, full disk, a file in the way): one line
+        if e.filename is None or e.errno not in REFUSED_PATH:  # anything else may be a bug: its traceback stays
             raise
         target = f"{e.filename} -> {e.filename2}" if e.filename2 else f"{e.filename}"
         print(f"flopmatch: error: {e.strerror or e}: {target}; choose another path or fix this one", file=sys.stderr)

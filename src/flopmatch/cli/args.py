@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 import typing
 from pathlib import Path
 
@@ -139,6 +140,16 @@ def number_list(kind: type, minimum: float, exclusive: bool = False):
     return parse
 
 
+def _can_write_in(directory: Path) -> bool:
+    """Whether a file can be created in ``directory``, by creating an anonymous temporary one there (removed at once).
+    Why not os.access: it answers yes to root everywhere, also on read-only or virtual file systems (/proc)."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
+
+
 def _writable_parent(path: Path) -> None:
     """Raise ArgumentTypeError unless ``path`` could be created: its nearest existing ancestor is a writable directory."""
     parent = path.parent
@@ -146,7 +157,7 @@ def _writable_parent(path: Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise argparse.ArgumentTypeError(f"{parent} is a file, so {path} cannot be created")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not _can_write_in(parent):
         raise argparse.ArgumentTypeError(f"cannot write in {parent} (read-only or no permission); choose another path")
 
 
@@ -156,7 +167,7 @@ def output_dir(text: str) -> str:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} exists and is a file, not a directory")
     if path.is_dir():
-        if not os.access(path, os.W_OK | os.X_OK):
+        if not _can_write_in(path):
             raise argparse.ArgumentTypeError(f"cannot write in {path} (read-only or no permission)")
     else:
         _writable_parent(path)

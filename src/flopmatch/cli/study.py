@@ -82,7 +82,7 @@ def cmd_study(args) -> int:
     from flopmatch.study.estimate import estimate, format_estimate
     from flopmatch.study.launchers import concurrent_runs
     from flopmatch.study.plan import format_plan, make_plan
-    from flopmatch.study.presets import study_preset
+    from flopmatch.study.presets import check_grid_overrides, study_preset
     from flopmatch.study.runner import study
     from flopmatch.study.slurm import SlurmConfig, parse_slurm_time
 
@@ -93,6 +93,7 @@ def cmd_study(args) -> int:
             setattr(scfg, name, getattr(args, name))
     if args.eval_samples is not None and args.sweep_samples is None:  # the sweep is a small set: no larger than the full
         scfg.sweep_samples = max(10, min(scfg.sweep_samples, scfg.eval_samples))
+    check_grid_overrides(args.set)
     scfg.overrides = scfg.overrides + ([f"data.name={args.data}"] if args.data else []) + list(args.set)
     if args.tokenizer_set and scfg.tokenizer != "learned":
         raise UserError(f"--tokenizer-set configures the study's learned tokenizers; this study's are {scfg.tokenizer} "

@@ -32,10 +32,12 @@ def categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch
     batch on the 2-core CPU here against ~4 ms for this, and was over half of masked sampling time
     (cProfile of one evaluation; `benchmarks/sampling.py` measures both); the distribution is the same.
     No host synchronisation (a sampler calls this at every step): ``u * total`` can round up to the total in
-    float32 (~1e-7 per draw), so it is capped just below it, which then draws the last entry with mass.
+    float32 (~1e-7 per draw), so it is capped just below it; the draw is then the entry where the running sum first
+    reaches the total, which has mass. A row without mass (all zero or NaN: not a distribution) gives the last index,
+    never one out of range.
     """
     cdf = probs.float().cumsum(dim=-1)  # (N, V)
     total = cdf[:, -1:]  # (N, 1)
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * total  # (N, 1)
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # < total: some entry's cdf exceeds it
-    return torch.searchsorted(cdf, u, right=True).squeeze(1)  # (N,)
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)  # (N,)

@@ -29,7 +29,10 @@ compute-optimal frontier, and the report says so.
 *Noise*, per metric: "seeds" when some cell has >= 2 seeds: the within-cell variance of log error,
 pooled over every (paradigm, depth, budget) cell with >= 2 seeds, with its degrees of freedom;
 comparisons are t-tests with it (:func:`flopmatch.report.stats.pooled_test`); it holds retraining and
-evaluation noise. Otherwise "evaluation": each record's own evaluation noise (KID / FID bootstrap over
+evaluation noise. Where every value's evaluation variance is known, a value's variance is the retraining part of the
+pooled variance (less the pooled values' mean evaluation variance) plus its own evaluation variance
+(:func:`_cell_var`): evaluation noise is far from one size (binomial noise of a full-match rate grows with the rate),
+so a variance pooled at rates near 0 would call noise a difference at higher ones. Otherwise "evaluation": each record's own evaluation noise (KID / FID bootstrap over
 generated images; binomial for a full-match rate) on the log scale, normal reference. That misses
 retraining noise, so nothing resting on it is stronger than "suggestive". Timing comparisons use the
 timing phase's interleaved rounds; timing does not depend on training, so no seed is needed: a paired t-test of log timings over rounds (rounds interleave the
@@ -96,8 +99,15 @@ class Noise:
     var: float | None = None
     df: float | None = None
     cells: int = 0  # cells with >= 2 seeds behind a "seeds" variance
+    # "seeds": the pooled variance less the mean evaluation variance of the values it was pooled from (>= 0), i.e.
+    # the retraining part; None where some of those values' evaluation variance is unknown (see _cell_var)
+    retrain_var: float | None = None
 
     def describe(self) -> str:
+        if self.source == "seeds" and self.retrain_var is not None:
+            return (f"seed variance pooled over {self.cells} cells with >= 2 seeds ({self.df:g} df; sd "
+                    f"{100 * (math.exp(math.sqrt(self.var)) - 1):.1f}% of the value, of which retraining "
+                    f"{100 * (math.exp(math.sqrt(self.retrain_var)) - 1):.1f}%), plus each value's own evaluation noise")
         if self.source == "seeds":
             return (f"seed variance pooled over {self.cells} cells with >= 2 seeds ({self.df:g} df; sd "
                     f"{100 * (math.exp(math.sqrt(self.var)) - 1):.1f}% of the value)")
@@ -263,7 +273,10 @@ def _noise(records: dict) -> Noise:
     groups = [np.array([v[0] for v in seeds.values()]) for seeds in records.values()]
     var, df = pooled_variance(groups)
     if var is not None:
-        return Noise("seeds", var, float(df), sum(len(g) >= 2 for g in groups))
+        pooled_eval = [v[1] for seeds in records.values() if len(seeds) >= 2 for v in seeds.values()]
+        known = bool(pooled_eval) and all(math.isfinite(e) for e in pooled_eval)
+        retrain = max(var - float(np.mean(pooled_eval)), 0.0) if known else None
+        return Noise("seeds", var, float(df), sum(len(g) >= 2 for g in groups), retrain)
     if any(math.isfinite(v[1]) for seeds in records.values() for v in seeds.values()):
         return Noise("evaluation")
     return Noise("none")
@@ -281,16 +294,36 @@ def normal_test(estimate: float, var: float, n_a: int, n_b: int) -> TestResult:
     return TestResult(estimate, se, NORMAL_DF, p, n_a, n_b, "evaluation")
 
 
+def _cell_var(c: Cell, noise: Noise) -> float:
+    """Variance of a cell's mean log error under "seeds" noise.
+
+    Where every value's evaluation variance is known: the retraining part of the pooled variance plus each value's
+    own evaluation variance, summed over the cell's n values / n^2. Why: evaluation noise differs between cells by
+    more than 10x (a full-match rate of 0.01 at 250 images has a binomial sd of ~0.6 % of its log error, one of 0.2
+    ~3 %), so a variance pooled where the rates are near 0 would understate the noise where they are not and call
+    noise a difference. Otherwise the pooled variance / n (one variance for every cell)."""
+    if noise.retrain_var is not None and np.isfinite(c.eval_var).all():
+        return float((noise.retrain_var + c.eval_var).sum()) / c.values.size**2
+    return noise.var / c.values.size
+
+
 def _contrast(pairs: list[tuple[Cell, Cell]], noise: Noise, weights: list[float] | None = None) -> TestResult:
     """Test of sum_i w_i (mean a_i - mean b_i) < 0 over cell pairs (default: the mean over pairs)."""
     w = np.full(len(pairs), 1.0 / len(pairs)) if weights is None else np.asarray(weights, float)
     est = float(sum(wi * (a.mean - b.mean) for wi, (a, b) in zip(w, pairs)))
     n_a, n_b = sum(a.values.size for a, _ in pairs), sum(b.values.size for _, b in pairs)
     if noise.source == "seeds":
-        var = noise.var * float(sum(wi**2 * (1 / a.values.size + 1 / b.values.size) for wi, (a, b) in zip(w, pairs)))
+        var = float(sum(wi**2 * (_cell_var(a, noise) + _cell_var(b, noise)) for wi, (a, b) in zip(w, pairs)))
         se = math.sqrt(var)
-        p = float(sps.t.cdf(est / se, noise.df)) if se > 0 else 0.0 if est < 0 else 1.0 if est > 0 else 0.5
-        return TestResult(est, se, noise.df, p, n_a, n_b, "pooled")
+        # Degrees of freedom (Satterthwaite): only the part resting on the pooled variance is uncertain with its df;
+        # known evaluation variances (bootstrap, binomial) have a normal reference. Bounded above by taking the whole
+        # pooled variance as that part, and never below the pooled df.
+        uncertain = noise.var * float(sum(wi**2 * (1 / a.values.size + 1 / b.values.size) for wi, (a, b) in zip(w, pairs)))
+        df = noise.df
+        if noise.retrain_var is not None and uncertain > 0:
+            df = min(NORMAL_DF, max(noise.df, noise.df * (var / uncertain) ** 2))
+        p = float(sps.t.cdf(est / se, df)) if se > 0 else 0.0 if est < 0 else 1.0 if est > 0 else 0.5
+        return TestResult(est, se, df, p, n_a, n_b, "pooled")
     if noise.source == "evaluation":
         var = sum(wi**2 * (a.eval_var.mean() / a.values.size + b.eval_var.mean() / b.values.size)
                   for wi, (a, b) in zip(w, pairs))  # fmt: skip
@@ -299,7 +332,7 @@ def _contrast(pairs: list[tuple[Cell, Cell]], noise: Noise, weights: list[float]
 
 
 def _pair(a: Cell, b: Cell, noise: Noise) -> TestResult:
-    if noise.source == "seeds":
+    if noise.source == "seeds" and noise.retrain_var is None:
         return pooled_test(a.values, b.values, noise.var, noise.df)
     return _contrast([(a, b)], noise)
 

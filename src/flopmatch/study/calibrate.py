@@ -19,9 +19,12 @@ study measures, on the device its runs will use:
 * a report trend refit on synthetic data (:func:`refit_seconds`): the report's time is its bootstrap refits, scalar
   scipy work whose speed follows neither the accelerator nor the matmul units.
 
-Cost: a few seconds on the cpu presets (plus the seconds of importing torchmetrics, which the study pays anyway) (one warm-up and up to two timed calls per item; on a CPU a slow first call
-is its own measurement), bounded elsewhere: each item is timed at :data:`PROBE_BATCH` first and at its full batch
-only if that is predicted to take <= :data:`FULL_BATCH_S` (the gpu preset planned on a 2-core CPU: 43 s).
+Cost: a few seconds on the cpu presets (one warm-up and up to two timed calls per item; on a CPU a slow first call
+is its own measurement; plus ~3 s importing torchmetrics, which the study pays anyway), bounded elsewhere: each
+network is timed at :data:`PROBE_BATCH` first and at its full batch only if that is predicted to take
+<= :data:`FULL_BATCH_S` (the gpu preset planned on a 2-core CPU: 43 s), and the metrics' bootstrap with a few
+replicates (:func:`metrics_seconds`; the gpu preset's 5000 images planned on that CPU: 58 s more, one setting's
+metrics being ~140 s there).
 Timings are of random-input steps, not the run's data pipeline, and of one sampling batch of the evaluation's size,
 so they err slightly fast for training. A failed calibration is reported and the estimate falls back to the assumed
 rate (:func:`calibrate_or_none`). Not done under ``--launcher slurm`` (the runs execute on other machines) or with
@@ -52,6 +55,7 @@ FEATURE_BATCH = 64  # images per feature-extraction call on a GPU: extract_featu
 PROBE_BATCH = 4  # every item is first timed at this batch; the full batch only if that predicts <= FULL_BATCH_S
 FULL_BATCH_S = 2.0  # a preset sized for a GPU, planned on a laptop, keeps its small-batch rate (errs long)
 MAX_TIMED = 2  # timed calls per item after the warm-up
+BOOT_RESOLUTION_S = 0.1  # metrics_seconds times bootstraps of 2, 4, 8, ... replicates until they differ by this
 ENOUGH_S = 0.25  # stop timing an item once its timed calls add up to this; on a CPU a first call this slow is the figure
 
 
@@ -172,23 +176,39 @@ def metrics_seconds(scfg: StudyConfig, num_real: int, widths: list[int], device:
     "main" (``eval_samples`` images, the evaluation's FID/KID bootstrap), "no_boot" (the same without it: the raw and
     post-hoc EMA evaluations) and "sweep" (``sweep_samples`` images, the operating-point sweep's short bootstrap).
 
-    Random features: the cost depends on the shapes only. A tiny warm-up call first pays the one-off import of
-    torchmetrics (KID), which the study pays once as well."""
+    Random features: the cost depends on the shapes only. The bootstrap is timed with a few replicates and extended
+    linearly to the real count (each replicate costs the same): at thousands of images and width 2048 one replicate
+    takes seconds on a CPU, 200 of them minutes, which the calibration must not spend. A tiny warm-up call first pays
+    the one-off import of torchmetrics (KID), which the study pays once as well."""
     gen = torch.Generator().manual_seed(0)
     metrics_from_features(torch.randn(8, 4, generator=gen), torch.randn(8, 4, generator=gen), EvalConfig(num_samples=8, fid_boot=2))
     real = [torch.randn(num_real, w, generator=gen) for w in widths]
-    out = {}
-    for kind, n, boot in (("main", scfg.eval_samples, EvalConfig().fid_boot), ("no_boot", scfg.eval_samples, 0),
-                          ("sweep", scfg.sweep_samples, SWEEP_BOOT)):
+
+    clock = Clock(device)
+
+    def timed(n: int, boot: int) -> float:  # one call: the warm-up above paid the one-off costs
         fake = [torch.randn(n, w, generator=gen) for w in widths]
         ecfg = EvalConfig(num_samples=n, fid_boot=boot)
+        return clock(lambda: [metrics_from_features(r, f, ecfg, device) for r, f in zip(real, fake)])
 
-        def metrics(fake=fake, ecfg=ecfg) -> None:
-            for r, f in zip(real, fake):
-                metrics_from_features(r, f, ecfg, device)
+    def with_boot(n: int, boot: int, plain: float) -> float:
+        # A bootstrap has a fixed part (KID's kernel matrices, computed once) and a cost per replicate: timed at 2
+        # replicates and at 4, 8, ... until the difference is BOOT_RESOLUTION_S or more, then extended linearly.
+        if boot <= 2:
+            return timed(n, boot) if boot else plain
+        low, k = timed(n, 2), 4
+        while True:
+            high = timed(n, min(k, boot))
+            if k >= boot:
+                return high
+            if high - low >= BOOT_RESOLUTION_S or 2 * k > boot:
+                return high + max(high - low, 0.0) / (k - 2) * (boot - k)
+            k *= 2
 
-        out[kind] = seconds_per_call(metrics, device)
-    return out
+    main_plain = timed(scfg.eval_samples, 0)
+    sweep_plain = timed(scfg.sweep_samples, 0)
+    return {"main": with_boot(scfg.eval_samples, EvalConfig().fid_boot, main_plain), "no_boot": main_plain,
+            "sweep": with_boot(scfg.sweep_samples, SWEEP_BOOT, sweep_plain)}
 
 
 def refit_seconds(n_boot: int = 50) -> float:

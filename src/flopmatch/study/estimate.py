@@ -72,7 +72,7 @@ class Rates:
     # EPYC, used with a calibration (small and not scaled by host speed):
     setting_overhead_s: float = 0.1  # per evaluated setting besides its metrics: prompt scoring, image files, eval.json
     eval_call_s: float = 0.25  # per evaluation pass of a run in a warm process: loading the sampler, data and scorer
-    eval_process_s: float = 6.0  # the first evaluation of a process: importing torchmetrics, loading extractors, scorer
+    eval_process_s: float = 3.0  # the first evaluation of a process: loading extractors and scorer (calibration imported torchmetrics)
     # EPYC, the report (scaled by refit_bench_s over the host's calibrate.refit_seconds()):
     report_fixed_s: float = 4.0  # loading runs, comparisons, figures, rendering
     refit_s: float = 0.02  # per bootstrap refit of a trend, one process: the default study's 1200 took 11.9 s on 2

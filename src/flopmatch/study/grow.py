@@ -81,6 +81,8 @@ def reconcile(saved: dict, scfg: StudyConfig, out: Path) -> tuple[StudyConfig, l
     skip = set(GRID) | set(ADDITIVE) | set(LABEL) | set(StudyConfig.NOT_IDENTITY) | {"overrides", "floor_budget", "first_seed"}
     if not old.sweep_guidance:  # the old study never swept (or predates the sweep): its sample count set nothing
         skip.add("sweep_samples")
+    if old.tokenizer != "learned" and scfg.tokenizer != "learned":  # no learned tokenizers: their settings set nothing
+        skip.add("tokenizer_overrides")
     for key, value in asdict(scfg).items():
         if key not in skip and asdict(old)[key] != value:
             raise UserError(f"{out} holds a study with {key}={asdict(old)[key]!r}; this command has {value!r}, which "

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 from flopmatch import PARADIGMS
+from flopmatch.config import current_path
 from flopmatch.errors import UserError
 
 # Every preset holds these out of its runs' training data (data.holdout, data.holdout_relations; see
@@ -146,16 +147,21 @@ class StudyConfig:
         if bad:
             raise UserError(f"eval_variants: unknown sampler setting(s) {', '.join(sorted(set(bad)))}; "
                             f"choose from {', '.join(SAMPLE_FIELDS)}")
-        for override in self.overrides:  # the grid sets these per run: a --set of them would be overwritten silently
-            key = override.partition("=")[0].strip()
-            if key in GRID_KEYS:
-                raise UserError(f"--set {key} is set per run by the study; use {GRID_KEYS[key]} instead")
         return self
 
 
 # run-config keys each grid cell sets itself (study.plan.base_config), and the study option that sets them
 GRID_KEYS = {"objective.name": "--objectives", "model.depth": "--depths", "train.budget": "--budgets",
              "train.seed": "--seeds and --base-seed", "sample.guidance": "--eval-guidance"}
+
+
+def check_grid_overrides(overrides: list[str]) -> None:
+    """A UserError for a ``--set`` of a key the grid sets per run: it would be overwritten silently. Checked on the
+    command's own --set only: a study saved by an earlier version with such a key (then ignored) still resumes."""
+    for override in overrides:
+        key = current_path(override.partition("=")[0].strip())
+        if key in GRID_KEYS:
+            raise UserError(f"--set {key} is set per run by the study; use {GRID_KEYS[key]} instead")
 
 
 def cpu() -> StudyConfig:

@@ -89,13 +89,14 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
     """
     out = Path(out)
     scfg.validate()
-    added = None
+    added, fresh = None, False
     if (out / "study.json").exists() and not_started(out):
         # A study that stopped before producing anything (a missing data folder, an earlier check) holds only its
         # settings: the corrected command replaces them instead of being refused as incomparable with nothing.
         if is_locked(out):
             raise in_use(out, "study")
         print(f"[study] {out} holds the settings of a study that produced nothing yet; starting it with this command's")
+        fresh = True
     elif (out / "study.json").exists():  # the same study again, or grown by new cells (see grow.py); else refused
         scfg, _, added = reconcile(read_json(out / "study.json"), scfg, out)
     elif out.exists() and any(p for p in out.iterdir() if p.name not in ("study.json", "plan.json", LOCK_NAME)):
@@ -118,6 +119,8 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
         print(f"[study] growing the study in {out}: {len(added)} new run(s) ({', '.join(p.name for p in added[:4])}"
               f"{', ...' if len(added) > 4 else ''}); finished runs are kept")
     with DirectoryLock(out, "study"):  # one study process per directory
+        if fresh:  # the mistaken settings' tokenizer ceilings (entries for token types this study may not use)
+            (out / CEILINGS_FILE).unlink(missing_ok=True)
         return _study_locked(out, scfg, plans, launch, progress, retime, calibrate_host and not launch.attaches,
                              report_workers)
 
