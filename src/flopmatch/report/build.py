@@ -155,9 +155,20 @@ def _fits_table(an: Analysis) -> tuple[list, list]:
             continue
         pt, b = f.boot.point, f.boot
         boot = f"{b.method}, {len(b.fits)}/{b.n_boot} refits" + (f", {b.fallback_fraction:.0%} fell back" if b.fits else "")
+        lo, hi = b.interval("alpha")
+        note = [f.note] if f.note else []
+        if math.isfinite(lo) and lo <= 0:  # the data do not show the metric falling with compute
+            note.append("the alpha interval includes 0: no decline with compute is established")
         rows.append([METRIC[m].label, p, len(f.frontier), front, fmt(pt.E, ".4g"), fmt(pt.A, ".4g"), fmt(pt.alpha, ".3f"),
-                     _iv(b.interval("alpha")), pt.kind, boot, f.note or "–"])  # fmt: skip
+                     _iv((lo, hi)), _fit_kind(pt), boot, "; ".join(note) or "–"])  # fmt: skip
     return header, rows
+
+
+def _fit_kind(pt) -> str:
+    """The fit column: the law's kind, saying when a saturating law's floor E sits at its bound 0 (a power law then)."""
+    if pt.kind == "saturating" and math.isfinite(pt.E) and math.isfinite(pt.A) and pt.E <= 1e-6 * abs(pt.A):
+        return "saturating, E at its bound 0 (a power law)"
+    return pt.kind
 
 
 def _tests_table(an: Analysis) -> tuple[list, list]:
@@ -167,7 +178,7 @@ def _tests_table(an: Analysis) -> tuple[list, list]:
     for fam, comps in an.verdicts.families.items():
         for c in comps:
             mdd = c.mdd_percent()
-            rows.append([fam, c.metric, f"{c.a} vs {c.b}", c.where, fmt(c.ratio(), ".3g") if c.test.method != "none" else "–",
+            rows.append([fam, c.metric, f"{c.a} vs {c.b}", c.where, fmt(c.value_ratio(), ".3g") if c.test.method != "none" else "–",
                          fmt(c.p2, ".2g"), fmt(c.p_adj, ".2g"), c.label if c.test.method != "none" else "not testable",
                          "–" if mdd is None else f"{mdd:.0f}%", c.noise + (f"; {c.capped}" if c.capped else "")])  # fmt: skip
     return header, rows
@@ -262,7 +273,8 @@ FIG_CAPTIONS = {
     "iso_flop_loss": "Iso-FLOP curves: final training loss against parameters (per paradigm).",
     "pareto_flops": "Quality (KID, prompt error) against sampling FLOPs per image over every setting evaluated on the full image set; lines are each paradigm's Pareto front.",
     "pareto_latency": "Quality (KID, prompt error) against latency (one image, batch 1) over every full-set setting; lines are Pareto fronts.",
-    "throughput": "Throughput at the main settings (median over runs; bars span min-max).",
+    "throughput": "Throughput at the main settings: median over the timing phase's interleaved rounds of one "
+                  "checkpoint per paradigm and depth (timing does not depend on training); bars span min-max.",
     "step_sweep": "Latency, throughput and KID over the sampling steps evaluated on the full image set (main guidance).",
     "operating_fronts": "KID against sampling FLOPs, latency, throughput and prompt-following error: faint dots are the "
                         "sweep (small image set, not timed), solid dots the points evaluated on the full set, lines each "
@@ -521,7 +533,9 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
         f"{LEVEL:.0%} percentile bootstrap intervals (resampling seeds, or evaluation noise with one seed); a law needs "
         f">= {MIN_FIT_BUDGETS} budgets over >= {MIN_FIT_DECADES:g} decades.",
         "Verdicts: log errors compared with t-tests on the seed variance pooled over cells (or evaluation noise with one "
-        "seed), timings with Welch's t-test over interleaved rounds, sampling FLOPs exactly; two-sided, Holm-corrected "
+        "seed; each value's own bootstrap or binomial evaluation noise added where known), timings with a paired t-test "
+        "over the timing phase's interleaved rounds (Welch's test for timings from separate evaluations), sampling FLOPs "
+        "exactly; two-sided, Holm-corrected "
         f"within each family at {ALPHA}. See flopmatch.report.verdicts. The tokenizers are not part of that noise: "
         "each token type uses one fixed tokenizer, shared by every run of that type.",
         "Points are finished runs at their nominal budget; unfinished runs are listed above and left out.",

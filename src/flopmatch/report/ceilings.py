@@ -83,8 +83,9 @@ def runs_cell(metrics: dict | None) -> str:
 
 
 def fit_cell(metrics: dict | None, metric: str) -> str:
-    """The fits table's ceiling cell for a fitted metric ("fid", "fid_inception", "prompt" as an error)."""
-    if not metrics or metric == "loss":
+    """The fits table's ceiling cell for a fitted metric ("fid", "fid_inception": the reconstructions' rFID; "prompt":
+    their error); "–" for KID (the ceilings measure no reconstruction KID) and the loss."""
+    if not metrics or metric in ("loss", "kid"):
         return "–"
     if metric == "prompt":
         m = full_match(metrics)

@@ -103,9 +103,12 @@ def _draw_trend(ax, fit, color: str, label: str) -> list[float]:
     if fit.boot is not None:
         lo, hi = min(fb), max(fb)
         inside = np.geomspace(lo, hi, 64)
-        beyond = np.geomspace(hi, hi * EXTRAPOLATE, 64)  # extrapolation: bounded, dashed and shaded
+        # extrapolation: bounded, dashed and shaded; none where the alpha interval includes 0 (no established decline)
+        a_lo = fit.boot.intervals["alpha"][0]
+        beyond = np.geomspace(hi, hi * EXTRAPOLATE, 64) if not (math.isfinite(a_lo) and a_lo <= 0) else np.array([hi])
         ax.plot(inside, fit.boot.point.predict(inside), color=color, lw=1.5)
-        ax.plot(beyond, fit.boot.point.predict(beyond), color=color, lw=1.2, ls="--")
+        if len(beyond) > 1:
+            ax.plot(beyond, fit.boot.point.predict(beyond), color=color, lw=1.2, ls="--")
         grid = np.concatenate([inside, beyond[1:]])
         if fit.boot.fits:
             blo, bhi = fit.boot.predict_interval(grid)

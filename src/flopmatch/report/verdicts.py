@@ -158,6 +158,10 @@ class Comparison:
         """exp(estimate): a's error (or latency, or 1/throughput) as a multiple of b's."""
         return math.exp(self.test.estimate)
 
+    def value_ratio(self) -> float:
+        """a's value over b's as the metric is read: errors, latencies, FLOPs, and throughput in images/s."""
+        return 1 / self.ratio() if self.metric == "throughput" else self.ratio()
+
     def mdd_percent(self) -> float | None:
         """Smallest relative difference (%) detectable with POWER at the Bonferroni level ALPHA / m."""
         if not self.test.se:  # no noise estimate, or a zero one: nothing to say about power
