@@ -565,7 +565,8 @@ def _claims(b: _Builder) -> list[tuple[int, list[dict]]]:
     others = [p for p in b.paradigms if p != AR]
     flops = [(b.flops((AR, d), (q, d)), AR) for d in shared for q in others if (q, d) in b.timing]
     thr = [(b.timed("claims", "throughput", (AR, d), (q, d)), AR) for d in shared for q in others if (q, d) in b.timing]
-    out.append((3, [part("next-token needs the fewest sampling FLOPs per image", flops),
+    out.append((3, [part("next-token needs the fewest sampling FLOPs per image (the generator's: decoding the tokens "
+                         "to pixels, a cost of the tokenizer, is not counted)", flops),
                     part("next-token has the highest throughput", thr)]))
     def largest(metric, who):  # the largest budget every paradigm was measured at, if ``who`` and another were
         have = [p for p in b.paradigms if any(q == p for q, _ in b.cells[metric])]
