@@ -376,8 +376,11 @@ def _banners(study: Study, an: Analysis) -> list[str]:
     single = len({key for m, cells in v.cells.items() if v.noise[m].source == "seeds"
                   for key, c in cells.items() if c.values.size == 1})  # (paradigm, budget) cells, over both metrics
     if single:
+        own = all(v.noise[m].retrain_var is not None for m in v.cells if v.noise[m].source == "seeds")
         out.append(f"{single} (paradigm, budget) cells have one seed: their comparisons use the seed variance measured "
-                   "where there are several seeds, assumed the same at every budget on a log scale.")
+                   "where there are several seeds, " + ("its retraining part assumed the same at every budget on a log "
+                   "scale, plus each value's own evaluation noise." if own else "assumed the same at every budget on a "
+                   "log scale."))
     if v.depths >= 2 and v.depths < FRONTIER_SIZES:
         out.append(f"Model size: the better of {v.depths} depths at each budget (chosen on one seed, judged on the others "
                    f"where there are others), not a compute-optimal frontier (that needs >= {FRONTIER_SIZES} sizes).")
