@@ -392,9 +392,14 @@ def _banners(study: Study, an: Analysis) -> list[str]:
     if study.timing:
         spread = [i.get("latency_spread") for i in study.timing.get("items", []) if i.get("latency_spread") is not None]
         m = study.timing.get("machine", {})
+        shared = sum(1 for i in study.timing.get("items", []) if i.get("timed_as"))
+        thr = [i.get("throughput_spread") for i in study.timing.get("items", []) if i.get("throughput_spread") is not None]
         out.append(f"Timings: every paradigm timed together in one phase of {study.timing.get('rounds')} interleaved rounds "
-                   f"on {m.get('device')} ({m.get('threads')} threads); latency spread between rounds up to "
-                   f"{100 * max(spread, default=0):.0f}%. They hold for this machine.")
+                   f"on {m.get('device')} ({m.get('threads')} threads), one checkpoint per paradigm and depth (timing does "
+                   f"not depend on training); spread between rounds up to {100 * max(spread, default=0):.0f}% for latency"
+                   + (f", {100 * max(thr):.0f}% for throughput" if thr else "") + ". They hold for this machine."
+                   + (f" {shared} setting(s) share the timing of one that runs the same computation (they differ only in "
+                      "a guidance scale above 1, a temperature or the time shift)." if shared else ""))
     elif any(r["latency_s"] is not None for r in study.rows):
         out.append("Timings come from each run's own evaluation (no study timing phase), possibly under different loads.")
     return out
