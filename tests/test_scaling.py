@@ -103,6 +103,24 @@ def test_bootstrap_interval_covers_true_alpha():
     assert total >= 28, total
 
 
+def test_bootstrap_covers_true_alpha_when_most_cells_have_one_seed():
+    """The default study's design: 3 seeds at the middle budget, 1 at the four others. One-seed cells perturbed by the
+    seed variance measured at the middle budget: the 90 % interval holds the true alpha in ~70 % (100 repetitions
+    per alpha: 70 and 73); held fixed, as before, in ~27 % (8-9 of these 30)."""
+    for alpha in (0.2, 0.5):
+        rng = np.random.default_rng(11)
+        covered = 0
+        for rep in range(30):
+            C, y = _budgets(5), _law(_budgets(5), E_TRUE, A_TRUE, alpha)
+            recs = [{"budget": c, "depth": 1, "seed": s, "value": v * math.exp(0.05 * rng.standard_normal())}
+                    for i, (c, v) in enumerate(zip(C, y)) for s in range(3 if i == 2 else 1)]
+            b = bootstrap_fit(recs, n_boot=100, seed=rep)
+            lo, hi = b.interval("alpha")
+            covered += lo <= alpha <= hi
+            assert b.method == "seeds" and "perturbed by the seed variance" in b.note
+        assert covered >= 15, (alpha, covered)
+
+
 def test_saturating_falls_back_with_two_budgets():
     """With 2 distinct budgets the saturating fit falls back to a plain power law and says so."""
     C, y = [1e12, 1e14], [3.0, 1.5]
