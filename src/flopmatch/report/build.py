@@ -306,12 +306,13 @@ def _scorer_banner(study: Study) -> list[str]:
         elif ev.get("name") == "shapes-attribute-classifier":
             held = (ev.get("heldout") or {}).get("prompt_following") or {}
             full = held.get("full_match")
-            out.append("Prompt following is scored exactly, by an attribute classifier checking every colour, shape, size, "
-                       "position and relation a prompt names" + (f"; on real held-out images it gives {100 * full:.1f}% full "
-                                                               f"match, the ceiling of this score." if full else "."))
+            out.append("Prompt following is scored by an attribute classifier that checks every colour, shape, size, "
+                       "position and relation a prompt names: a proxy, whose errors on generated images are not measured"
+                       + (f"; on real held-out images it gives {100 * full:.1f}% full match, the ceiling of this score."
+                          if full else "."))
         elif ev.get("name") == "fashion-mnist-class-classifier":
             acc = ev.get("test_accuracy")
-            out.append("Prompt following is scored exactly, by a classifier trained on the Fashion-MNIST training split: "
+            out.append("Prompt following is scored by a classifier trained on the Fashion-MNIST training split (a proxy): "
                        "the fraction of images classified as the class their prompt names" +
                        (f"; on the {ev.get('num_test')} real test images it is right {100 * acc:.1f}% of the time, the "
                         f"ceiling of this score." if acc is not None else "."))
@@ -334,8 +335,8 @@ def _convention_banner(study: Study, an: Analysis) -> list[str]:
     if spread <= 1.05:
         return []
     head = (f"FLOP convention: budgets count every matmul (Chinchilla's convention). The Transformer blocks alone "
-            f"(Kaplan's non-embedding convention) are {parts} of it, so counted that way the budgets differ by up to "
-            f"{spread:.2f}x. ")
+            f"(Kaplan's non-embedding convention) are this share of each paradigm's budget: {parts}; counted that way, "
+            f"the budgets differ by up to {spread:.2f}x. ")
     if not check["compared"]:
         return [head + "Too few budgets overlap at equal backbone compute to re-check the verdicts."]
     if check["changes"]:
@@ -495,8 +496,12 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
     B.append(("h", 3, "Every test behind the verdicts"))
     B.append(("table", *_tests_table(an)))
     B.append(("h", 2, "Iso-FLOP curves"))
-    for name in ("iso_flop_kid", "iso_flop_prompt", "iso_flop_loss"):
-        B.append(("fig", name, FIG_CAPTIONS[name]))
+    if len({r["depth"] for r in study.rows}) >= 2:
+        for name in ("iso_flop_kid", "iso_flop_prompt", "iso_flop_loss"):
+            B.append(("fig", name, FIG_CAPTIONS[name]))
+    else:  # one point per budget: no curve to read a best model size from
+        B.append(("p", "Not drawn: every run has the same depth, so each budget has one model size. Add depths "
+                       "(`--depths 1,2,3`) for curves that show the best size per budget."))
     op = v.operating
     B.append(("h", 2, "Operating points" + (f" at {op.budget:.3g} FLOPs" if op and op.budget else "")))
     if op is not None:
