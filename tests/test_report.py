@@ -64,7 +64,7 @@ PROMPTS = [f"a {c} {s}" for c, s in zip(["red", "green", "blue", "yellow"] * 2, 
 BUDGETS = (1e12, 10**12.5, 1e13, 10**13.5, 1e14)  # 5 budgets over 2 decades: enough for a fitted law
 N_BOOT = 100
 # images behind each fake evaluation: the fake full-match rates carry ~1 % noise, as precise as a binomial rate over
-# this many images (the verdicts add each rate's binomial noise at its image count, verdicts._cell_var)
+# this many images (the verdicts add each rate's binomial noise at its image count, verdicts.cell_var)
 FAKE_IMAGES = 100_000
 
 

@@ -17,8 +17,9 @@ and each study's verdicts are decided with its own noise (:func:`flopmatch.repor
    difference or cannot test), or "–" (not in both).
 3. *How far each paradigm moves*: per (paradigm, budget) cell in both studies, the ratio other / base of KID and
    of the prompt-following error (geometric means over the cell's judged seeds), with a t-test whose variance is
-   each study's own pooled seed variance (:func:`flopmatch.report.stats.two_variance_test`, Welch-Satterthwaite
-   df). That variance holds retraining noise, so the test is honest without pairing seeds across studies (a
+   each study's own pooled seed variance, as its verdicts use it (the retraining part plus each value's own
+   evaluation noise where known, :func:`flopmatch.report.verdicts.cell_var`;
+   :func:`flopmatch.report.stats.two_variance_test`, Welch-Satterthwaite df). That variance holds retraining noise, so the test is honest without pairing seeds across studies (a
    seed number fixes the data order and the backbone's initialisation in both, so pairs would be positively
    correlated and the unpaired test is conservative). Where a study has one seed per cell, its evaluation noise
    stands in (normal reference, at most "suggestive"). Holm's correction runs over the cells of one metric;
@@ -45,7 +46,19 @@ from flopmatch.report.findings import EMA_LEVEL, ema_analysis
 from flopmatch.report.plots import compare_figure
 from flopmatch.report.render import fmt, render_html, render_md
 from flopmatch.report.stats import holm_adjusted, two_variance_test
-from flopmatch.report.verdicts import ALPHA, NEEDS, NO_DIFF, NORMAL_DF, Cell, Comparison, Noise, Verdicts, cell_text, decide
+from flopmatch.report.verdicts import (
+    ALPHA,
+    NEEDS,
+    NO_DIFF,
+    NORMAL_DF,
+    Cell,
+    Comparison,
+    Noise,
+    Verdicts,
+    cell_text,
+    cell_var,
+    decide,
+)
 
 STUDY_FILE = "study.json"  # written by flopmatch.study.runner (a layer above: not imported here)
 METRICS = {"kid": "KID", "prompt": "prompt-following error"}  # the verdicts' quality metrics (verdicts.QUALITY)
@@ -101,10 +114,12 @@ def _short(v) -> str:
 
 
 def _side(cell: Cell, noise: Noise) -> tuple[float | None, float | None]:
-    """(variance of one value, its df) for one study's side of a cell: its seed variance, or else the mean
-    evaluation-noise variance of the cell's values on a normal reference (None if neither is known)."""
+    """(variance of one value, its df) for one study's side of a cell: its seed variance (where the values'
+    evaluation variances are known, the retraining part plus their own, as the study's verdicts use it:
+    :func:`flopmatch.report.verdicts.cell_var`), or else the mean evaluation-noise variance of the cell's values on a
+    normal reference (None if neither is known)."""
     if noise.source == "seeds":
-        return noise.var, noise.df
+        return cell_var(cell, noise) * cell.values.size, noise.df  # cell_var is the variance of the cell's mean
     finite = cell.eval_var[np.isfinite(cell.eval_var)]
     return (float(finite.mean()), NORMAL_DF) if finite.size else (None, None)
 

@@ -31,7 +31,7 @@ pooled over every (paradigm, depth, budget) cell with >= 2 seeds, with its degre
 comparisons are t-tests with it (:func:`flopmatch.report.stats.pooled_test`); it holds retraining and
 evaluation noise. Where every value's evaluation variance is known, a value's variance is the retraining part of the
 pooled variance (less the pooled values' mean evaluation variance) plus its own evaluation variance
-(:func:`_cell_var`): evaluation noise is far from one size (binomial noise of a full-match rate grows with the rate),
+(:func:`cell_var`): evaluation noise is far from one size (binomial noise of a full-match rate grows with the rate),
 so a variance pooled at rates near 0 would call noise a difference at higher ones. Otherwise "evaluation": each record's own evaluation noise (KID / FID bootstrap over
 generated images; binomial for a full-match rate) on the log scale, normal reference. That misses
 retraining noise, so nothing resting on it is stronger than "suggestive". Timing comparisons use the
@@ -100,7 +100,7 @@ class Noise:
     df: float | None = None
     cells: int = 0  # cells with >= 2 seeds behind a "seeds" variance
     # "seeds": the pooled variance less the mean evaluation variance of the values it was pooled from (>= 0), i.e.
-    # the retraining part; None where some of those values' evaluation variance is unknown (see _cell_var)
+    # the retraining part; None where some of those values' evaluation variance is unknown (see cell_var)
     retrain_var: float | None = None
 
     def describe(self) -> str:
@@ -298,7 +298,7 @@ def normal_test(estimate: float, var: float, n_a: int, n_b: int) -> TestResult:
     return TestResult(estimate, se, NORMAL_DF, p, n_a, n_b, "evaluation")
 
 
-def _cell_var(c: Cell, noise: Noise) -> float:
+def cell_var(c: Cell, noise: Noise) -> float:
     """Variance of a cell's mean log error under "seeds" noise.
 
     Where every value's evaluation variance is known: the retraining part of the pooled variance plus each value's
@@ -317,7 +317,7 @@ def _contrast(pairs: list[tuple[Cell, Cell]], noise: Noise, weights: list[float]
     est = float(sum(wi * (a.mean - b.mean) for wi, (a, b) in zip(w, pairs)))
     n_a, n_b = sum(a.values.size for a, _ in pairs), sum(b.values.size for _, b in pairs)
     if noise.source == "seeds":
-        var = float(sum(wi**2 * (_cell_var(a, noise) + _cell_var(b, noise)) for wi, (a, b) in zip(w, pairs)))
+        var = float(sum(wi**2 * (cell_var(a, noise) + cell_var(b, noise)) for wi, (a, b) in zip(w, pairs)))
         se = math.sqrt(var)
         # Degrees of freedom (Satterthwaite): only the part resting on the pooled variance is uncertain with its df;
         # known evaluation variances (bootstrap, binomial) have a normal reference. Bounded above by taking the whole
