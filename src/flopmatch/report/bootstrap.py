@@ -34,6 +34,7 @@ from flopmatch.report.records import (
     has_noise,
     seed_std,
 )
+from flopmatch.report.stats import pooled_variance
 
 PARALLEL_MIN_RESAMPLES = 200  # bootstrap_all refits in worker processes from this many in all (~12 s of work, ~1 s to start)
 
@@ -125,10 +126,9 @@ def one_seed_sd(cells, noise: Noise) -> float:
                     evals.append(float(np.var(np.log(np.maximum(val + dr, 1e-12 * val)), ddof=1)))
                 else:
                     complete = False
-    df = sum(g.size - 1 for g in groups)
-    if not df:
+    pooled, _ = pooled_variance(groups)
+    if pooled is None:
         return 0.0
-    pooled = sum(float(((g - g.mean()) ** 2).sum()) for g in groups) / df
     return math.sqrt(max(pooled - (float(np.mean(evals)) if complete and evals else 0.0), 0.0))
 
 
