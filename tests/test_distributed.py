@@ -66,6 +66,7 @@ WORKER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import torch
     torch.set_num_threads(1)
+    from flopmatch import dist
     from flopmatch.evaluation.run import EvalConfig, evaluate
     from flopmatch.sample import load_sampler
     from flopmatch.train import train
@@ -78,6 +79,7 @@ WORKER = textwrap.dedent("""
         else:
             settings = [load_sampler(job["run"]).cfg.sample]
             evaluate(job["run"], settings, EvalConfig(**job["ecfg"]), progress=False)
+    dist.shutdown()  # as the flopmatch command does: gloo's threads may otherwise abort the exit
 """)
 
 

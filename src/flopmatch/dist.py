@@ -50,6 +50,19 @@ def init(device: torch.device) -> None:
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
+def shutdown() -> None:
+    """Destroy the process group, if any; call once per process after its last collective, on success only.
+
+    Without it gloo's worker threads still hold their last work (tensors with Python references) when the
+    interpreter finalises, and the process can abort after its work is done ("terminate called without an
+    active exception", SIGABRT; pytorch/pytorch#190489): seen as a rare failure of a finished 2-process run.
+    Not on an error (torchtitan's rule): another rank may still be inside a collective, and destroying under
+    it can deadlock; torchrun stops the others then.
+    """
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
 def rank() -> int:
     return torch_dist.get_rank() if torch_dist.is_initialized() else 0
 

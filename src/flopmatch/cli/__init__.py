@@ -29,6 +29,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def shutdown_distributed() -> None:
+    """Under torchrun (train, eval): destroy the process group before the interpreter exits
+    (:func:`flopmatch.dist.shutdown` says why). Looked up, not imported: a command that never loaded
+    ``flopmatch.dist`` has no process group, and importing it would load torch into every command."""
+    loaded = sys.modules.get("flopmatch.dist")
+    if loaded is not None:
+        loaded.shutdown()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``flopmatch`` argument parser."""
     parser = OneLineParser(prog="flopmatch", description="Compute-matched comparison of image-synthesis paradigms.")
@@ -53,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     tune_allocator()  # every command's tensors: keep freed pages instead of faulting them in every step
     try:
-        return args.func(args) or 0
+        status = args.func(args) or 0
+        shutdown_distributed()
+        return status
     except UserError as e:
         print(f"flopmatch: error: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from flopmatch import dist
 from flopmatch.allocator import tune_allocator
 from flopmatch.errors import UserError
 from flopmatch.study.job import run_job
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    dist.shutdown()  # under torchrun: before the interpreter exits (see there)
     return 0
 
 
