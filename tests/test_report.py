@@ -525,6 +525,13 @@ def test_true_differences_are_held_with_three_seeds():
                               lambda p, b: {"autoregressive": 30.0, "masked": 40.0, "diffusion": 60.0 * (1e12 / b) ** 0.3}[p]))
         held += [c["status"] for c in v.claims[:2]] == ["held", "held"]
     assert held >= 45
+    # the last study's margins: every interval brackets its ratio, read as the summary prints it (throughput in images/s)
+    comps = [c for family in v.families.values() for c in family if c.value_interval() is not None]
+    assert {c.metric for c in comps} >= {"prompt", "kid", "latency", "throughput"}
+    for c in comps:
+        lo, hi = c.value_interval()
+        assert lo < c.value_ratio() < hi and f"(95% CI {lo:.3g}-{hi:.3g})" in c.summary()
+    assert "by far" in v.claims[2]["paper"] and "not a test here" in v.claims[2]["note"]
 
 
 def _binomial_study(rng, rate, budgets=(1e11, 1e12, 1e13), seeds_at=1e12, n=250, retrain_sd=0.1):

@@ -127,6 +127,24 @@ def test_mdd_needs_a_noise_estimate():
         r.mdd(1.0)
 
 
+def test_welch_interval_covers_the_true_difference_and_inverts_the_test():
+    """Welch, n=3 and 4, variances 1 and 9, true difference 1.5: the 95 % interval covers 1.5 in 95 % +- 2 of
+    simulations, and it excludes 0 exactly when the two-sided p (2 min(p, 1 - p)) is below 0.05."""
+    rng = np.random.default_rng(11)
+    a, b = rng.normal(1.5, 1.0, (4000, 3)), rng.normal(0.0, 3.0, (4000, 4))
+    covered, agree = [], []
+    for x, y in zip(a, b):
+        r = welch_test(x, y)
+        lo, hi = r.interval(0.95)
+        covered.append(lo <= 1.5 <= hi)
+        agree.append((lo > 0 or hi < 0) == (2 * min(r.p, 1 - r.p) < 0.05))
+    assert 0.93 <= np.mean(covered) <= 0.97
+    assert all(agree)
+    assert welch_test([1.0], [2.0]).interval() is None  # no noise estimate, no interval
+    with pytest.raises(UserError):
+        welch_test(a[0], b[0]).interval(1.5)
+
+
 def test_holm_controls_familywise_error():
     """Holm on m=20 independent null tests: fraction of families with any rejection <= 0.05 + 0.015."""
     rng = np.random.default_rng(8)

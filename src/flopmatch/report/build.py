@@ -447,7 +447,7 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
     B += prompt_group_blocks(study, v)  # seen vs held-out, 1 vs 2 objects: beside the prompt figure, no verdict
     B.append(("h", 2, "Each claim, part by part"))
     for c in v.claims:
-        B.append(("p", f"Claim {c['id']}: **{c['status']}**. {c['paper']}"))
+        B.append(("p", f"Claim {c['id']}: **{c['status']}**. {c['paper']}" + (f" {c['note']}" if c["note"] else "")))
         items = []
         for part in c["parts"]:
             comps = "; ".join(comp.summary() for comp, _ in part["comparisons"]) or "not measured"

@@ -83,6 +83,17 @@ class TestResult:
         return float((stats.t.ppf(1 - alpha, self.df) + stats.t.ppf(power, self.df)) * self.se)
 
 
+    def interval(self, level: float = 0.95) -> tuple[float, float] | None:
+        """Two-sided ``level`` confidence interval for the true difference (data units): estimate +- t * se on
+        ``df`` degrees of freedom, the interval that inverts this test (unadjusted for multiplicity). None
+        without ``se``/``df`` (permutation, untestable) or with a zero se (exact numbers need none)."""
+        level = _probability(level, "level")
+        if not self.se or self.df is None:
+            return None
+        half = float(stats.t.ppf(0.5 + level / 2, self.df) * self.se)
+        return self.estimate - half, self.estimate + half
+
+
 def _t_result(estimate: float, se: float, df: float, n_a: int, n_b: int, method: str) -> TestResult:
     # One-sided lower-tail p of t = estimate / se on df degrees of freedom; se == 0: see module docstring.
     if se > 0:
