@@ -42,7 +42,7 @@ from flopmatch.report.prompt_groups import (
     wilson_interval,
 )
 from flopmatch.report.render import render_md
-from flopmatch.report.verdicts import claim_status, decide, part_status
+from flopmatch.report.verdicts import cell_text, claim_status, decide, part_status
 from flopmatch.rundir import CHECKPOINT, write_config
 
 PARADIGMS = ("diffusion", "masked", "autoregressive")
@@ -597,6 +597,12 @@ def test_scores_at_the_floor_are_a_tie(error):
     v = decide(_sim_study(rng, lambda p, b: error, lambda p, b: 50.0, sd=0.0))
     cells = [c for c in v.table if c["need"] == "prompt following"]
     assert cells and all(c["choice"] is None and c["label"] == "no difference detected" for c in cells)
+    said = "all near zero: every full-match rate below 5%" if error == 1.0 else "all at the ceiling: every prompt fully matched"
+    assert all(cell_text(c).endswith(f"; {said})") for c in cells)
+    assert all("all" not in cell_text(c) for c in v.table if c["need"] == "image quality")  # KID of 50 is not a floor
+    at_floor = decide(_sim_study(rng, lambda p, b: 0.5, lambda p, b: 1e-3))  # KID below KID_FLOOR (5e-3) everywhere
+    kid = [cell_text(c) for c in at_floor.table if c["need"] == "image quality"]
+    assert kid and all(t.endswith("; all at KID's floor: indistinguishable from real images at this sample size)") for t in kid)
     assert v.noise["prompt"].var == 0 and v.noise["prompt"].retrain_var == 0  # identical seeds
     for c in (c for cell in cells for c in cell["comparisons"]):
         assert c.test.se > 0 and c.mdd_percent() > 0, c.summary()  # binomial noise of 0/500 (shrunk) or 500/500

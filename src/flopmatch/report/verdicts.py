@@ -66,6 +66,7 @@ from flopmatch.report.stats import TestResult, holm_adjusted, paired_test, poole
 ALPHA = 0.05  # family-wise level of each family
 POWER = 0.8  # for the minimum detectable difference
 FLOOR = 1e-3  # smallest error on the log scale (a full-match rate of 1 would be log 0)
+NEAR_NO_MATCH = 0.05  # tied full-match rates all below this are said to be near zero (floor_note)
 FRONTIER_SIZES = 4  # depths per budget before "best size" may be called a compute-optimal frontier
 NORMAL_DF = 1e6  # degrees of freedom standing in for a normal reference (evaluation noise)
 QUALITY = {"kid": ("kid_effnet", "KID (effnet proxy)", "kid_boot_effnet"),
@@ -616,6 +617,7 @@ def _table_cell(b: _Builder, budget: float, need: str, metric: str) -> dict:
             return cell
         ranked = sorted(have, key=lambda p: (have[p].mean, p))
         comps = [b.quality("table", metric, ranked[0], q, budget) for q in ranked[1:]]
+        cell["log_errors"] = {p: c.mean for p, c in have.items()}
     else:
         depth = {}
         for p in b.paradigms:
@@ -649,9 +651,28 @@ def _label_cell(cell: dict) -> None:
     if len(tied) > 1:
         untestable = all(c.label == UNTESTABLE for c, s in zip(comps, separated) if not s)
         cell["choice"], cell["label"] = None, UNTESTABLE if untestable else NO_DIFF
+        cell["floor"] = floor_note(comps[0].metric, [cell["log_errors"][p] for p in tied]) if "log_errors" in cell else ""
     else:
         cell["choice"] = best
         cell["label"] = CONFIDENT if all(c.label == CONFIDENT for c in comps) else SUGGESTIVE
+
+
+def floor_note(metric: str, log_errors: list[float]) -> str:
+    """Why a tie may say little: every tied paradigm at a score's end (mean log errors, as the tests compare them).
+
+    KID: every mean at ``KID_FLOOR``, indistinguishable from real images at this sample size. Prompt following:
+    every full-match rate below ``NEAR_NO_MATCH``, where no generator has started to follow prompts (or every
+    rate at 1, the error floor). Empty when the tie is between scores that mean something.
+    """
+    if metric == "kid" and all(y <= math.log(KID_FLOOR) + 1e-9 for y in log_errors):
+        return "all at KID's floor: indistinguishable from real images at this sample size"
+    if metric == "prompt":
+        rates = [1 - math.exp(y) for y in log_errors]
+        if all(r < NEAR_NO_MATCH for r in rates):
+            return f"all near zero: every full-match rate below {NEAR_NO_MATCH:.0%}"
+        if all(y <= math.log(FLOOR) + 1e-9 for y in log_errors):
+            return "all at the ceiling: every prompt fully matched"
+    return ""
 
 
 def cell_text(cell: dict) -> str:
@@ -660,7 +681,8 @@ def cell_text(cell: dict) -> str:
     if cell["label"] == "not measured":
         return "–"
     if cell["choice"] is None:
-        return f"{cell['label']} ({' ≈ '.join(cell['tied'])})"
+        floor = f"; {cell['floor']}" if cell.get("floor") else ""
+        return f"{cell['label']} ({' ≈ '.join(cell['tied'])}{floor})"
     return f"{cell['choice']} ({cell['label']})"
 
 
