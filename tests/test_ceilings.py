@@ -7,12 +7,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 import flopmatch.study.ceilings as ceilings_stage
 from flopmatch.data.datasets import make_dataset
 from flopmatch.errors import UserError
 from flopmatch.evaluation.attributes import load_or_train_attribute_classifier, score_prompt_following
 from flopmatch.evaluation.ceilings import CEILINGS_FILE, CEILINGS_VERSION
+from flopmatch.evaluation.features import extract_features, make_feature_extractor
+from flopmatch.evaluation.quality import kid_from_features
+from flopmatch.evaluation.run import EvalConfig
 from flopmatch.evaluation.tokenizer import evaluate_tokenizer, reconstruct, reconstruction_fid, to_uint8
 from flopmatch.files import atomic_write_json, read_json
 from flopmatch.report.ceilings import add_column, ceiling_banner, ceilings_table, fit_cell, runs_cell
@@ -55,7 +59,8 @@ def learned_study(tmp_path_factory):
 def test_ceiling_equals_the_tokenizer_evaluation_on_the_same_images(learned_study):
     """The stage's PSNR, SSIM and attribute accuracy equal evaluate_tokenizer's on the first n eval images, its prompt
     score equals the attribute classifier's on their reconstructions, and its rFID and real-image floor are the FIDs
-    of the reconstructions of eval images n..2n-1, and of those images, against the first n."""
+    (rKID and its real-image value the KIDs) of the reconstructions of eval images n..2n-1, and of those images,
+    against the first n."""
     out, scfg, doc = learned_study
     entry = doc["tokenizers"]["continuous"]
     assert entry["kind"] == "kl" and entry["paradigms"] == ["diffusion"]
@@ -75,6 +80,15 @@ def test_ceiling_equals_the_tokenizer_evaluation_on_the_same_images(learned_stud
                                                         rel=1e-6)
     assert m["fid"]["effnet"]["real"] == pytest.approx(reconstruction_fid(first, other), rel=1e-6)
     assert m["fid"]["effnet"]["real"] > 1.0  # not ~0, as the reference against itself was before ceilings v2
+    # rKID: the same two sets by KID, with the generators' kernel, subsets and seed (EvalConfig's)
+    extractor, ecfg = make_feature_extractor("effnet", torch.device("cpu")), EvalConfig()
+    feats = {k: extract_features(extractor, x) for k, x in (("first", first), ("other", other),
+                                                             ("recon", to_uint8(reconstruct(tok, other)[0])))}
+    for which in ("recon", "other"):
+        want = kid_from_features(feats["first"], feats[which], subset_size=N, subsets=ecfg.kid_subsets,
+                                 generator=torch.Generator().manual_seed(ecfg.seed))[0]
+        assert m["kid"]["effnet"]["recon" if which == "recon" else "real"] == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assert abs(m["kid"]["effnet"]["real"]) < m["kid"]["effnet"]["recon"]  # real vs real: ~0 beside an untrained tokenizer
     assert (m["fid_num_reference"], m["fid_num_compared"], m["num_eval"], m["fid_note"]) == (N, N, NUM_EVAL, None)
     assert m["attribute_accuracy"]["recon"] == direct["attribute_accuracy"]["recon"]
     assert m["attribute_accuracy"]["real"] == direct["attribute_accuracy"]["real"]
@@ -143,6 +157,7 @@ def _entry(kind: str, paradigms: list[str], rfid: float, match: float) -> dict:
           "real": {"full_match": 1.0, "shape": 1.0, "color": 1.0}}
     return {"kind": kind, "paradigms": paradigms, "metrics": {
         "num_images": 250, "psnr": 30.0, "ssim": 0.9, "fid": {"effnet": {"recon": rfid, "real": 20.0}},
+        "kid": {"effnet": {"recon": rfid / 1000, "real": 1e-4}},
         "fid_num_reference": 250, "fid_num_compared": 250, "fid_note": None, "prompt_following": pf}}
 
 
@@ -155,9 +170,12 @@ def test_report_ceilings_table_columns_and_banner():
     header, rows = ceilings_table(doc)
     assert header[:6] == ["tokenizer", "tokens", "paradigms", "images (n)", "rFID (effnet) at n", "real images' FID (effnet) at n"]
     assert rows[1][:6] == ["lfq", "discrete", "masked, autoregressive", 250, "303", "20"]
-    assert rows[1][-1] == "shape 0.680 (real 1.000)" and rows[1][header.index("FID images: reference / compared")] == "250 / 250"
+    assert rows[1][-1] == "shape 0.680 (real 1.000)" and rows[1][header.index("FID and KID images: reference / compared")] == "250 / 250"
     kl = doc["tokenizers"]["continuous"]["metrics"]
     assert runs_cell(kl) == "243 / 0.790" and fit_cell(kl, "prompt") == "0.21" and fit_cell(kl, "loss") == "–"
+    assert fit_cell(kl, "kid") == "0.243" and rows[1][header.index("rKID (effnet)")] == "0.303"
+    before_v3 = {k: v for k, v in kl.items() if k != "kid"}  # ceilings measured before rKID: not measured, not 0
+    assert fit_cell(before_v3, "kid") == "–"
     assert add_column(["a", "b"], [[1, 2]], "a", "c", ["x"]) == (["a", "c", "b"], [[1, "x", 2]])
     banner = ceiling_banner(doc)
     assert len(banner) == 1 and banner[0].startswith("The diffusion tokenizer's ceiling is better than the token paradigms'")
@@ -167,7 +185,7 @@ def test_report_ceilings_table_columns_and_banner():
                                                 for t, e in doc["tokenizers"].items()}}
     assert ceiling_banner(old)[0].startswith("Tokenizer ceilings were measured by an earlier flopmatch")
     assert ceiling_banner(old)[1:] == banner
-    assert ceilings_table(old)[1][0][header.index("FID images: reference / compared")] == (
+    assert ceilings_table(old)[1][0][header.index("FID and KID images: reference / compared")] == (
         "1000 / 250 (overlapping: measured before v2)")
     close = {"tokenizers": {"continuous": _entry("kl", ["diffusion"], 250.0, 0.80),
                             "discrete": _entry("lfq", ["masked"], 260.0, 0.78)}}

@@ -147,7 +147,7 @@ def test_ceiling_without_2n_eval_images_is_none_with_the_note(monkeypatch):
     """R < 2n: no floor and no rFID (None), a note naming the data.num_eval needed; the table shows "–" and the note,
     the banner repeats it, and PSNR is still measured on the first n images."""
     m, _ = _ceiling(monkeypatch, 9, 6)
-    assert m["fid"]["effnet"] == {"recon": None, "real": None} and m["fid_num_compared"] is None
+    assert m["fid"]["effnet"] == m["kid"]["effnet"] == {"recon": None, "real": None} and m["fid_num_compared"] is None
     assert m["fid_note"] == ("the evaluation split holds 9 < 2n = 12 images: set data.num_eval >= 12 for a disjoint "
                              "real-image floor")
     assert m["psnr"] > 0 and m["num_images"] == 6
@@ -155,8 +155,8 @@ def test_ceiling_without_2n_eval_images_is_none_with_the_note(monkeypatch):
                                                                               "metrics": m}}}
     header, rows = ceilings_table(doc)
     cells = dict(zip(header, rows[0]))
-    assert cells["rFID (effnet) at n"] == cells["real images' FID (effnet) at n"] == "–"
-    assert cells["FID images: reference / compared"] == f"6 / – ({m['fid_note']})"
+    assert cells["rFID (effnet) at n"] == cells["real images' FID (effnet) at n"] == cells["rKID (effnet)"] == "–"
+    assert cells["FID and KID images: reference / compared"] == f"6 / – ({m['fid_note']})"
     assert ceiling_banner(doc) == [f"Tokenizer ceilings: no rFID or real-image FID floor ({m['fid_note']})."]
 
 

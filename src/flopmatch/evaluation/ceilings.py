@@ -15,6 +15,11 @@ encoded and decoded (:func:`flopmatch.evaluation.tokenizer.reconstruct`), then s
   reconstruction is compared with a reference holding its own original). Both need R >= 2n eval
   images: otherwise they are None and ``fid_note`` says to raise data.num_eval. ``fid_num_reference``
   and ``fid_num_compared`` record the counts (n and n, or n and None);
+- ``kid[<extractor>]``: the same two comparisons by KID, with the generators' kernel, subset size and
+  subset count (:class:`flopmatch.evaluation.run.EvalConfig`'s). A generator's KID compares its samples
+  with the whole split, reconstructions' originals included; KID's estimate is unbiased at any counts
+  (Binkowski et al. 2018), so rKID against the disjoint first n reads against it without that overlap.
+  ``["real"]`` is about 0 (an unbiased estimate of a zero distance): its spread is the noise of a KID at n;
 - ``psnr`` (dB, mean per image), ``ssim``, ``mse`` (:func:`flopmatch.evaluation.tokenizer.image_metrics`),
   prompt following and attribute accuracy below are on the first n images (each compares an image with its
   own reconstruction or caption, so there is no reference to overlap);
@@ -41,14 +46,14 @@ from flopmatch.data.datasets import make_dataset
 from flopmatch.device import resolve_device
 from flopmatch.evaluation.features import extract_features, make_feature_extractor, reference_features
 from flopmatch.evaluation.prompt_scoring import prompt_scorer
-from flopmatch.evaluation.quality import fid_from_features
-from flopmatch.evaluation.run import eval_prompts
+from flopmatch.evaluation.quality import fid_from_features, kid_from_features
+from flopmatch.evaluation.run import EvalConfig, eval_prompts
 from flopmatch.evaluation.tokenizer import image_metrics, reconstruct, reconstruction_attributes, to_uint8
 from flopmatch.tokenizers.base import Tokenizer
 
 CEILINGS_FILE = "tokenizer_ceilings.json"  # in the study directory
-CEILINGS_VERSION = 2  # bump when what a ceiling measures changes: cached ceilings are then recomputed
-# (2: the real-image floor and rFID on eval images n..2n-1, disjoint from the reference, the first n)
+CEILINGS_VERSION = 3  # bump when what a ceiling measures changes: cached ceilings are then recomputed
+# (2: the real-image floor and rFID on eval images n..2n-1, disjoint from the reference, the first n; 3: KID too)
 
 
 def disjoint_note(num_eval: int, n: int) -> str | None:
@@ -59,16 +64,23 @@ def disjoint_note(num_eval: int, n: int) -> str | None:
             "disjoint real-image floor")
 
 
+def _kid(real: torch.Tensor, fake: torch.Tensor, ecfg: EvalConfig) -> float:
+    """KID of fake (n, F) against real (n, F) as a generator's evaluation computes it (subsets, seed)."""
+    subset = min(ecfg.kid_subset, len(fake), len(real))
+    return kid_from_features(real, fake, subset_size=subset, subsets=ecfg.kid_subsets,
+                             generator=torch.Generator().manual_seed(ecfg.seed))[0]
+
+
 def tokenizer_ceiling(tok: Tokenizer, data: DataConfig, num_images: int, features: list[str],
-                      progress: bool = False, real_fids: dict[str, float | None] | None = None) -> dict:
+                      progress: bool = False, real_fids: dict[str, tuple[float, float]] | None = None) -> dict:
     """Reconstruction quality of ``tok`` at the generators' sample count ``num_images`` (n) on eval images of
     ``data``; see the module docstring.
 
     ``real_fids``: a dict shared between calls on the same data, n and extractors, holding the real-image
-    floor per extractor (filled on first use), so several tokenizers pay for it once.
+    floor per extractor (FID, KID; filled on first use), so several tokenizers pay for it once.
 
     Returns {"num_images" (n), "num_eval" (R, the split's size), "psnr" (dB), "psnr_std", "ssim", "mse",
-    "fid": {extractor: {"recon", "real"}} (None when R < 2n), "fid_num_reference", "fid_num_compared",
+    "fid" and "kid": {extractor: {"recon", "real"}} (None when R < 2n), "fid_num_reference", "fid_num_compared",
     "fid_note" (None, or why FID is not measured), "prompt_following": {"scorer", "recon", "real"}
     (fractions in [0, 1]), "attribute_accuracy" (shapes, else None)}.
     """
@@ -82,7 +94,8 @@ def tokenizer_ceiling(tok: Tokenizer, data: DataConfig, num_images: int, feature
     out = {"num_images": num_images, "num_eval": len(ref), **image_metrics(real.float() / 127.5 - 1.0, recon),
            "fid_num_reference": num_images, "fid_num_compared": None if note else num_images, "fid_note": note}
     real_fids = {} if real_fids is None else real_fids
-    out["fid"] = {}
+    out["fid"], out["kid"] = {}, {}
+    ecfg = EvalConfig()  # the generators' KID settings (a study does not change them)
     if note is None:
         # eval images n..2n-1: disjoint from the generators' reference (the first n), reconstructed once here
         other = ref_images[num_images : 2 * num_images]  # (n, 3, S, S) uint8
@@ -90,16 +103,18 @@ def tokenizer_ceiling(tok: Tokenizer, data: DataConfig, num_images: int, feature
     key = f"{ref.fingerprint()}-{len(ref)}"  # flopmatch.evaluation.run's key: the same cached reference features
     for name in features:
         if note is not None:
-            out["fid"][name] = {"recon": None, "real": None}
+            out["fid"][name] = out["kid"][name] = {"recon": None, "real": None}
             continue
         extractor = make_feature_extractor(name, resolve_device("auto"))  # on the GPU when there is one, as in eval
         # rows of the whole split's cached features, sliced: the same numbers the generators' evaluation uses
         feats = reference_features(extractor, data.name, ref_images, key, progress=progress)  # (R, F)
         reference = feats[:num_images]  # (n, F)
+        real_other = feats[num_images : 2 * num_images]  # (n, F)
         if name not in real_fids:
-            real_fids[name] = fid_from_features(reference, feats[num_images : 2 * num_images])
+            real_fids[name] = (fid_from_features(reference, real_other), _kid(reference, real_other, ecfg))
         recon_feats = extract_features(extractor, other_recon, progress=progress)  # (n, F)
-        out["fid"][name] = {"recon": fid_from_features(reference, recon_feats), "real": real_fids[name]}
+        out["fid"][name] = {"recon": fid_from_features(reference, recon_feats), "real": real_fids[name][0]}
+        out["kid"][name] = {"recon": _kid(reference, recon_feats, ecfg), "real": real_fids[name][1]}
     prompts = eval_prompts(ref, num_images)
     scorer = prompt_scorer(data, progress=progress)
     pf = {which: scorer.score(images, prompts) for which, images in (("recon", recon_uint8), ("real", real))}

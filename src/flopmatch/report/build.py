@@ -475,7 +475,9 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
                        "FID at the generators' counts: the reference is the first n evaluation images (the generators' own "
                        "FID reference), compared with the reconstructions of the next n (eval images n..2n-1, so no image "
                        "is compared with itself); the floor is those n real images' FID against the same reference, what a "
-                       "generator that reproduced real images would score. PSNR, SSIM and prompt scores are on the first n "
+                       "generator that reproduced real images would score. rKID compares the same two sets by KID, with the "
+                       "generators' kernel and subsets (unbiased, so a real-image floor would be about 0 and is not shown). "
+                       "PSNR, SSIM and prompt scores are on the first n "
                        "images, with their own captions as prompts." + (
                            f" Prompt scores by the attribute classifier need at least {ceilings['floor']['value']:.0%} full "
                            "match on each tokenizer's reconstructions, or the study stops before training."
@@ -557,7 +559,7 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
         "features, and the standard Inception FID where measured, are shown for the record with their n.",
         f"Crossovers are searched up to {EXTRAPOLATE:g}x the largest budget: extrapolations, to be read as where the trends point.",
         "Training losses of different paradigms are never compared or drawn on one axis.",
-        "Tokenizer ceiling beside a run or a fit: what the paradigm's tokenizer allows (rFID, or prompt error 1 - full "
+        "Tokenizer ceiling beside a run or a fit: what the paradigm's tokenizer allows (rFID, rKID, or prompt error 1 - full "
         "match, of its reconstructions at the generators' n); a fitted asymptote E below it is a trend the tokenizer "
         "will not let the generator follow.",
         "Latency and throughput are measurements on the evaluating machine (device and threads in results.csv).",

@@ -70,6 +70,11 @@ def rfid(metrics: dict, features: str = "effnet") -> float | None:
     return ((metrics.get("fid") or {}).get(features) or {}).get("recon")
 
 
+def rkid(metrics: dict, features: str = "effnet") -> float | None:
+    """rKID of the reconstructions with ``features`` (None if not measured: ceilings before version 3, or R < 2n)."""
+    return ((metrics.get("kid") or {}).get(features) or {}).get("recon")
+
+
 def full_match(metrics: dict, which: str = "recon") -> float | None:
     """Prompt full match (fraction) of the reconstructions ("recon") or of the real images ("real")."""
     return ((metrics.get("prompt_following") or {}).get(which) or {}).get("full_match")
@@ -83,13 +88,15 @@ def runs_cell(metrics: dict | None) -> str:
 
 
 def fit_cell(metrics: dict | None, metric: str) -> str:
-    """The fits table's ceiling cell for a fitted metric ("fid", "fid_inception": the reconstructions' rFID; "prompt":
-    their error); "–" for KID (the ceilings measure no reconstruction KID) and the loss."""
-    if not metrics or metric in ("loss", "kid"):
+    """The fits table's ceiling cell for a fitted metric ("fid", "fid_inception": the reconstructions' rFID; "kid":
+    their rKID, "–" in ceilings measured before version 3; "prompt": their error); "–" for the loss."""
+    if not metrics or metric == "loss":
         return "–"
     if metric == "prompt":
         m = full_match(metrics)
         return "–" if m is None else fmt(1 - m, ".3g")
+    if metric == "kid":
+        return fmt(rkid(metrics), ".3g")
     return fmt(rfid(metrics, "inception" if metric == "fid_inception" else "effnet"), ".4g")
 
 
@@ -129,17 +136,18 @@ def _worst_attribute(metrics: dict) -> str:
 
 
 def ceilings_table(doc: dict) -> tuple[list, list]:
-    """One row per tokenizer: kind, token type, paradigms, n, rFID and real FID per extractor, FID's image counts
+    """One row per tokenizer: kind, token type, paradigms, n, rFID, real FID and rKID per extractor, the image counts
     (reference / compared, with the note when not measured), PSNR, SSIM, prompt full match on reconstructions and
     real images, the weakest attribute."""
     features = sorted({f for e in doc["tokenizers"].values() for f in (e["metrics"].get("fid") or {})})
     header = ["tokenizer", "tokens", "paradigms", "images (n)",
-              *[h for f in features for h in (f"rFID ({f}) at n", f"real images' FID ({f}) at n")],
-              "FID images: reference / compared", "PSNR (dB)", "SSIM", "prompt full match: reconstructions", "real images", "weakest attribute on reconstructions"]
+              *[h for f in features for h in (f"rFID ({f}) at n", f"real images' FID ({f}) at n", f"rKID ({f})")],
+              "FID and KID images: reference / compared", "PSNR (dB)", "SSIM", "prompt full match: reconstructions", "real images", "weakest attribute on reconstructions"]
     rows = []
     for tokens, e in doc["tokenizers"].items():
         m = e["metrics"]
-        fids = [fmt(((m.get("fid") or {}).get(f) or {}).get(w), ".4g") for f in features for w in ("recon", "real")]
+        fids = [cell for f in features for cell in (fmt(rfid(m, f), ".4g"), fmt(((m.get("fid") or {}).get(f) or {}).get("real"), ".4g"),
+                                                     fmt(rkid(m, f), ".3g"))]
         rows.append([e.get("kind", "?"), tokens, ", ".join(e.get("paradigms", [])), m.get("num_images"), *fids,
                      counts_cell(m), fmt(m.get("psnr"), ".2f"), fmt(m.get("ssim"), ".3f"), fmt(full_match(m), ".3f"),
                      fmt(full_match(m, "real"), ".3f"), _worst_attribute(m)])

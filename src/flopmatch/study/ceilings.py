@@ -1,7 +1,7 @@
 """The study's tokenizer-ceiling stage: each tokenizer the runs use, scored once as its generators will be.
 
 After the tokenizers exist and before any run trains, every token type the study's paradigms consume
-gets its tokenizer's ceiling (:func:`flopmatch.evaluation.ceilings.tokenizer_ceiling`: rFID at the
+gets its tokenizer's ceiling (:func:`flopmatch.evaluation.ceilings.tokenizer_ceiling`: rFID and rKID at the
 generators' sample count with their feature extractors and reference, PSNR, the prompt score of its
 reconstructions against that of the real images). The numbers go to ``<study>/tokenizer_ceilings.json``
 (atomic), keyed by the tokenizer's fingerprint and the evaluation settings, so a re-run or a grown
@@ -77,7 +77,7 @@ def ensure_ceilings(study: Path, scfg: StudyConfig, progress: bool = True) -> di
     path = study / CEILINGS_FILE
     doc = _read(path)
     before = json.dumps(doc, sort_keys=True)
-    real_fids: dict = {}  # the real images' FID at n: the same for every tokenizer, computed once
+    real_fids: dict = {}  # the real images' FID and KID at n: the same for every tokenizer, computed once
     for tokens, (cfg, paradigms) in tokenizer_runs(scfg, study).items():
         tok = build_tokenizer(cfg, make_objective(cfg.objective.name), make_dataset(cfg.data, "train"))
         # JSON round trip so a key read back from the file compares equal (tuples become lists)
