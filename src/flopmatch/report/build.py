@@ -32,7 +32,7 @@ from flopmatch.report.operating import operating_rows, operating_text
 from flopmatch.report.plots import all_figures
 from flopmatch.report.prompt_groups import prompt_group_blocks
 from flopmatch.report.render import fmt, render_html, render_md
-from flopmatch.report.verdicts import ALPHA, CONFIDENT, FRONTIER_SIZES, NEEDS, NO_DIFF, SUGGESTIVE, cell_text
+from flopmatch.report.verdicts import ALPHA, CONFIDENT, FRONTIER_SIZES, MATCHED_MARK, NEEDS, NO_DIFF, SUGGESTIVE, cell_text
 from flopmatch.rundir import read_config
 from flopmatch.sample import grid_image
 
@@ -432,7 +432,9 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
                    "type, so the verdicts hold for these tokenizers; another one (e.g. retrained) would move all its runs "
                    "together, a variation no verdict here includes (see Tokenizer ceilings). Quality at the size chosen per budget; latency and "
                    "throughput of that size " + (f"at {v.operating.budget:.3g} FLOPs at each paradigm's cheapest point at "
-                   "matched quality (see Operating points), at the other budgets at its main sampling settings."
+                   f"matched quality (marked {MATCHED_MARK}; see Operating points), at the other budgets at its main "
+                   f"sampling settings. A {MATCHED_MARK} verdict holds for the operating points the sweep chose: points whose "
+                   "quality the sweep could not separate may have been chosen otherwise, at another cost."
                    if v.operating and v.operating.levels else "at its main sampling settings.")))
     B.append(("h", 2, "The paper's claims, checked here"))
     B.append(("ul", [f"**{c['status'].upper()}**: ({c['id']}) {c['paper']} Why: {c['reason']}." for c in v.claims]))

@@ -634,6 +634,7 @@ def _table_cell(b: _Builder, budget: float, need: str, metric: str) -> dict:
         mlog = {p: float(np.mean(np.log(src[(p, d)][metric]))) for p, d in depth.items()}
         ranked = sorted(mlog, key=lambda p: (mlog[p] if metric == "latency" else -mlog[p], p))
         comps = [b.timed("table", metric, (ranked[0], depth[ranked[0]]), (q, depth[q]), matched) for q in ranked[1:]]
+        cell["matched"] = matched
     cell["comparisons"] = [c for c in comps if c is not None]
     cell["ranked"] = ranked
     return cell
@@ -675,15 +676,20 @@ def floor_note(metric: str, log_errors: list[float]) -> str:
     return ""
 
 
+MATCHED_MARK = "†"  # a cost cell compared at the matched-quality operating points (its footnote: report.build)
+
+
 def cell_text(cell: dict) -> str:
     """A recommendation-table cell as the report prints it: "masked (confident)", "no difference detected
-    (a ≈ b)", or "–" where the need was not measured."""
+    (a ≈ b)", or "–" where the need was not measured; a cost compared at matched quality ends in MATCHED_MARK,
+    since its verdict holds for operating points the sweep chose within its own noise."""
     if cell["label"] == "not measured":
         return "–"
+    mark = f" {MATCHED_MARK}" if cell.get("matched") else ""
     if cell["choice"] is None:
         floor = f"; {cell['floor']}" if cell.get("floor") else ""
-        return f"{cell['label']} ({' ≈ '.join(cell['tied'])}{floor})"
-    return f"{cell['choice']} ({cell['label']})"
+        return f"{cell['label']} ({' ≈ '.join(cell['tied'])}{floor}){mark}"
+    return f"{cell['choice']} ({cell['label']}){mark}"
 
 
 def decide(study: Study) -> Verdicts:
