@@ -200,6 +200,15 @@ def test_a_study_that_produced_nothing_takes_the_corrected_command(tmp_path, cap
     assert json.loads((out / "study.json").read_text())["objectives"] == ["masked"]  # not rewritten by the failed command
 
 
+def test_a_value_read_as_a_flag_names_the_equals_form(tmp_path, capsys):
+    """`--budgets -1e9`: argparse takes the value for a flag ("expected one argument"); the line says how to write it."""
+    assert cli.main(["study", "--out", str(tmp_path / "s"), "--budgets", "-1e9", "--plan-only"]) == 2
+    err = capsys.readouterr().err
+    assert "expected one argument" in err and "--flag=VALUE" in err and not (tmp_path / "s").exists()
+    assert cli.main(["study", "--out", str(tmp_path / "s"), "--budgets=-1e9", "--plan-only"]) == 2  # then checked
+    assert "finite numbers > 0" in capsys.readouterr().err
+
+
 def test_cases_cover_every_subcommand():
     """The table exercises every subcommand the parser has."""
     commands = {argv[0] for argv in CASES.values()}

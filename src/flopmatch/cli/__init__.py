@@ -26,6 +26,8 @@ class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line (``flopmatch: error: ...``) and exit status 2, like UserError."""
 
     def error(self, message: str):
+        if message.endswith("expected one argument"):  # e.g. `--budgets -1e9`: argparse reads the value as a flag
+            message += "; a value that starts with '-' is read as a flag: write it as --flag=VALUE"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
