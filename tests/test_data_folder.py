@@ -186,6 +186,29 @@ def test_train_and_test_subfolders_give_the_split(tmp_path):
     assert len(dataset(tmp_path, "train", num_train=3)) == 3
 
 
+def test_root_metadata_trains_beside_a_test_folder_and_unclear_layouts_are_refused(tmp_path):
+    """A root metadata file with test/ beside it: the root's images train and test/'s evaluate (they used to be
+    dropped, and test/'s split by hash into training). test/ alone, or a root file beside train/, is refused with
+    one line naming the fix: no held-out image may train unnoticed."""
+    rows = make_folder(tmp_path / "both", 6, caption="root {i}")
+    write_jsonl(tmp_path / "both", rows)
+    held = make_folder(tmp_path / "both" / "test", 3, prefix="held", caption="held out {i}")
+    write_jsonl(tmp_path / "both" / "test", held)
+    train, ev = dataset(tmp_path / "both", "train"), dataset(tmp_path / "both", "eval")
+    assert sorted(train.names) == sorted(f for f, _ in rows) and sorted(ev.names) == sorted(f"test/{f}" for f, _ in held)
+    assert train.info["split_rule"] == "given by the source"
+    write_jsonl(tmp_path / "alone" / "test", make_folder(tmp_path / "alone" / "test", 3))
+    with pytest.raises(UserError, match=r"only a test/ split, held out for evaluation: add the training images"):
+        dataset(tmp_path / "alone", "train")
+    write_jsonl(tmp_path / "clash", make_folder(tmp_path / "clash", 3))
+    write_jsonl(tmp_path / "clash" / "train", make_folder(tmp_path / "clash" / "train", 3))
+    with pytest.raises(UserError, match=r"has both metadata.jsonl and train/metadata.jsonl"):
+        dataset(tmp_path / "clash", "train")
+    write_jsonl(tmp_path / "clash" / "test", make_folder(tmp_path / "clash" / "test", 3))
+    with pytest.raises(UserError, match=r"metadata.jsonl beside train/ and test/, whose split is used"):
+        dataset(tmp_path / "clash", "eval")
+
+
 # ----------------------------------------------------------------------------------------- hash split
 
 

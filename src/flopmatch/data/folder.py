@@ -7,7 +7,10 @@ Layout (https://huggingface.co/docs/datasets/image_dataset#imagefolder):
   file and may name nested folders (``cats/001.jpg``);
 - optionally ``PATH/train/`` and ``PATH/test/``, each with its own metadata file: the split is then
   the folders' (``test`` is the evaluation split), otherwise a hash split (see
-  :func:`flopmatch.data.pool.split_indices`).
+  :func:`flopmatch.data.pool.split_indices`). ``test/`` beside a metadata file in ``PATH`` itself: that
+  file's images train, ``test/``'s evaluate; ``train/`` alone is split by hash. Layouts that leave it
+  open which images train (``test/`` alone; a root metadata file beside ``train/``, which it would
+  contradict or be dropped by) are refused, so held-out images never train unnoticed.
 
 A malformed metadata line (with its line number) or a missing column is a :class:`UserError`; a
 missing image, an empty or non-UTF-8 caption, or an undecodable image is skipped and counted.
@@ -110,10 +113,23 @@ def folder_items(root: str | Path) -> tuple[list[Item], str]:
     found = [(root / d, split) for d, split in SPLIT_DIRS.items() if (root / d).is_dir() and _metadata_file(root / d)]
     train = [p for p in found if p[1] == "train"]
     held = [p for p in found if p[1] == "eval"][:1]
-    if train and held:  # a given split needs both sides
+    top_meta = _metadata_file(root)
+    # Which metadata is the training set must never be a guess: images meant for evaluation must not train.
+    if train and held:  # a given split: both sides
+        if top_meta is not None:
+            raise UserError(f"{root} has {top_meta.name} beside train/ and {held[0][0].name}/, whose split is used: "
+                            f"its images would be left out; move them into train/ (or remove {top_meta.name})")
         parts = train + held
-    elif found:  # one side only (e.g. train/ alone): its items, split by hash
-        parts = [(found[0][0], "")]
+    elif held:  # test/ only: the root's images train, test/'s evaluate
+        if top_meta is None:
+            raise UserError(f"{root} has only a {held[0][0].name}/ split, held out for evaluation: add the training "
+                            f"images as train/ (with its metadata) or with a metadata file in {root}")
+        parts = [(root, "train"), *held]
+    elif train:  # train/ alone: its items, split by hash
+        if top_meta is not None:
+            raise UserError(f"{root} has both {top_meta.name} and train/{_metadata_file(train[0][0]).name}: say which "
+                            f"is which by naming the held-out folder test/, or keep one of them")
+        parts = [(train[0][0], "")]
     else:
         parts = [(root, "")]
     digest = hashlib.sha256()
