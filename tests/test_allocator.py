@@ -93,9 +93,11 @@ def test_tuned_allocator_keeps_the_pages_of_a_repeated_step():
 def test_tuned_training_steps_reuse_their_memory_and_keep_its_size():
     # Untuned, this step faults 2,000-6,500 pages per step (8 runs measured; not asserted: glibc's dynamic thresholds
     # make it depend on what the process freed before). Tuned: 0-400 in the same runs, over 5 steps.
+    # A one-off 8 MiB heap growth (2,048 faults: ~410 per step over the measured steps) was seen in 4 of 14 runs under
+    # load: the bounds allow two such events; a regression to untuned (~6,000 faults per step) still fails them.
     faults, growth_mib = _run(REAL_STEPS)
-    assert faults < 512
-    assert growth_mib < 16  # the kept memory is reused, not leaked: the process does not grow step by step
+    assert faults < 1024
+    assert growth_mib < 32  # the kept memory is reused, not leaked: the process does not grow step by step
 
 
 def test_a_users_allocator_choice_is_left_alone():

@@ -3,17 +3,20 @@ lock is taken over, and the workers of a killed study stop with it."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+import flopmatch.lock as lock_module
 from flopmatch.errors import UserError
 from flopmatch.lock import LOCK_NAME, DirectoryLock, holder, is_locked
 from flopmatch.rundir import METRICS, read_state
@@ -48,7 +51,9 @@ def test_second_writer_is_refused_naming_the_holder_and_the_first_finishes(tmp_p
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-c", TRAINER.format(tests=str(TESTS), steps=LONG, out=str(out))],
                              stderr=subprocess.PIPE, text=True)
-    _wait(lambda: is_locked(out) or first.poll() is not None, 60, "the first trainer to take the lock")
+    # polled by the holder record (written once the lock is held), not is_locked(), which takes the lock for an instant
+    _wait(lambda: (holder(out) or {}).get("pid") == first.pid or first.poll() is not None, 60,
+          "the first trainer to take the lock")
     assert first.poll() is None, first.stderr.read()
     with pytest.raises(UserError, match=rf"in use: pid {first.pid} on .*writing this run"):
         train(tiny_run_config("masked", LONG, sets=["train.log_every=1", "train.checkpoint_every=50"]), out, progress=False)
@@ -123,3 +128,18 @@ def test_run_being_created_is_reported_in_use_not_foreign(tmp_path):
             train(tiny_run_config("masked", 2), out, progress=False)
     with pytest.raises(UserError, match="not a flopmatch run directory"):  # unlocked debris is still refused
         train(tiny_run_config("masked", 2), out, progress=False)
+
+
+def test_a_writer_is_not_refused_by_a_probe_holding_the_lock_for_an_instant(tmp_path):
+    """is_locked() tests the lock by taking it for an instant; a writer arriving then tries again (PROBE_RETRIES,
+    PROBE_WAIT_S apart) instead of failing as "in use", while a holder that keeps the lock is still refused."""
+    (tmp_path / LOCK_NAME).touch()
+    probe = os.open(tmp_path / LOCK_NAME, os.O_RDWR)
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a probe, caught while it holds the lock
+    threading.Timer(lock_module.PROBE_WAIT_S / 2, fcntl.flock, (probe, fcntl.LOCK_UN)).start()
+    with DirectoryLock(tmp_path):
+        assert holder(tmp_path)["pid"] == os.getpid()
+    os.close(probe)
+    with DirectoryLock(tmp_path), pytest.raises(UserError, match="in use"):
+        with DirectoryLock(tmp_path):  # another open of the lock file while this one keeps it: refused after the retries
+            pass

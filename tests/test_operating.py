@@ -143,7 +143,6 @@ def test_the_timing_phase_times_once_only_what_computes_the_same():
         assert _cost_key(other) != key, other
 
 
-@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="the load figure reads Linux /proc/stat")
 def _machine_busy_s() -> float:
     """Busy CPU seconds of the whole machine from /proc/stat's "cpu" line (all but idle and iowait)."""
     with open("/proc/stat") as f:
@@ -157,6 +156,7 @@ def _own_cpu_s() -> float:
     return use.ru_utime + use.ru_stime
 
 
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="the load figure reads Linux /proc/stat")
 def test_the_busy_probe_sees_another_process_and_not_this_one():
     """The timing rounds' load figure counts the CPU time of other processes, not this one's: a spinning child is
     seen, and while this process spins the figure is the machine's busy cores less this process's, whatever else

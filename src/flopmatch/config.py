@@ -36,6 +36,9 @@ class DataConfig:
     text_column: str = "text"  # hf:PATH sources: the column holding the captions
 
 
+HOLDOUT_FIELDS = ("holdout", "holdout_relations")  # DataConfig fields only the shapes source reads
+
+
 @dataclass
 class TextConfig:
     """Frozen text encoder: "minilm" (pretrained all-MiniLM-L6-v2) or "hash" (weight-free, for tests)."""
@@ -175,9 +178,21 @@ class RunConfig:
         check_fields(self)
         if not re.fullmatch(DEVICE_PATTERN, self.train.device):
             raise UserError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.train.device!r}")
+        check_holdout(self.data)
         if self.data.image_size % self.tokenizer.patch:
             raise UserError(f"data.image_size {self.data.image_size} is not a multiple of tokenizer.patch {self.tokenizer.patch}")
         return self
+
+
+def check_holdout(data: DataConfig) -> None:
+    """A UserError for a holdout on a source other than shapes, which has no scenes to hold out (it used to be
+    recorded in config.json and silently ignored)."""
+    if parse_source(data.name, "data.name")[0] == "shapes":
+        return
+    given = [f"data.{k}" for k in HOLDOUT_FIELDS if getattr(data, k)]
+    if given:
+        raise UserError(f"{' and '.join(given)} hold out scenes of the built-in shapes data; {data.name} has no "
+                        f"scenes: hold images out with a test/ folder (folder:PATH) instead")
 
 
 @dataclass(frozen=True)
@@ -369,6 +384,10 @@ def _migrate(cls, data: dict) -> dict:
         # "method"; either could be absent (then the defaults applied).
         name = data.get("objective") if isinstance(data.get("objective"), str) else ObjectiveConfig.name
         data["objective"] = {"name": name, **(data.pop("method", None) or {})}
+    if cls.__name__ == "DataConfig" and data.get("name", DataConfig.name) != "shapes":
+        # Before 0.2.1 a holdout on another source was recorded and never applied: what the run trained on is
+        # read without it, so such a run compares equal to (and resumes under) the same config written today.
+        data = {k: v for k, v in data.items() if k not in HOLDOUT_FIELDS}
     return data
 
 

@@ -24,6 +24,9 @@ from pathlib import Path
 from flopmatch.errors import UserError
 
 LOCK_NAME = ".lock"
+# is_locked() takes the lock for a few microseconds to test it: a writer that tries in that instant is not refused
+# at once but tries again, this many times this far apart (a real holder keeps the lock for the whole job).
+PROBE_RETRIES, PROBE_WAIT_S = 3, 0.02
 
 
 def holder(directory: str | Path) -> dict | None:
@@ -74,11 +77,15 @@ class DirectoryLock:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / LOCK_NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise in_use(self.directory, self.what) from None
+        for attempt in range(PROBE_RETRIES + 1):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == PROBE_RETRIES:
+                    os.close(fd)
+                    raise in_use(self.directory, self.what) from None
+                time.sleep(PROBE_WAIT_S)
         # Read the previous holder through this descriptor: on NFS, where flock is emulated with POSIX
         # locks, opening and closing the file again would drop the lock just taken.
         try:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from flopmatch import PARADIGMS
 from flopmatch.cli.args import DATA_HELP, count, data_source, number_list, output_dir, positive_seconds
+from flopmatch.config import RunConfig, apply_overrides, check_holdout
 from flopmatch.errors import UserError
 
 SLURM_FLAGS = ("partition", "gpus_per_run", "cpus_per_run", "slurm_time", "slurm_account", "slurm_mem_gb", "slurm_poll")
@@ -95,6 +96,9 @@ def cmd_study(args) -> int:
         scfg.sweep_samples = max(10, min(scfg.sweep_samples, scfg.eval_samples))
     check_grid_overrides(args.set)
     scfg.overrides = scfg.overrides + ([f"data.name={args.data}"] if args.data else []) + list(args.set)
+    # the preset's shapes holdout is dropped on another source (study.plan.shared_config); one the user sets is refused
+    data_name = apply_overrides(RunConfig(), scfg.overrides).data.name
+    check_holdout(apply_overrides(RunConfig(), [f"data.name={data_name}", *args.set]).data)
     if args.tokenizer_set and scfg.tokenizer != "learned":
         raise UserError(f"--tokenizer-set configures the study's learned tokenizers; this study's are {scfg.tokenizer} "
                         f"(--tokenizer learned to train them)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flopmatch.config import RunConfig, SampleConfig, apply_overrides, from_dict, to_dict
+from flopmatch.config import RunConfig, SampleConfig, apply_overrides, from_dict, parse_source, to_dict
 from flopmatch.errors import UserError
 from flopmatch.nets import NetSpec
 from flopmatch.objectives import make_objective
@@ -59,17 +59,25 @@ def autoencoder_config(scfg: StudyConfig, tokens: str) -> AutoencoderConfig:
     """The config of the study's learned tokenizer for a token type: the preset, then the study's overrides;
     its data (source, image side, seed, size) is always the study's own, so the tokenizer fits the runs."""
     cfg = ae_overrides(ae_preset(scfg.tokenizer_preset, LEARNED_KIND[tokens]), list(scfg.tokenizer_overrides))
-    data = apply_overrides(RunConfig(), scfg.overrides).data
+    data = shared_config(scfg).data
     cfg.data, cfg.image_size, cfg.data_seed, cfg.num_train = data.name, data.image_size, data.seed, data.num_train
     cfg.image_column, cfg.text_column = data.image_column, data.text_column
     cfg.holdout, cfg.holdout_relations = list(data.holdout), list(data.holdout_relations)
     return cfg
 
 
+def shared_config(scfg: StudyConfig, objective: str = RunConfig().objective.name) -> RunConfig:
+    """The study's overrides applied to a RunConfig. Every preset holds scenes of the shapes data out of training
+    (presets.HOLDOUT_OVERRIDES); on another source there are none to hold out, and the holdout is dropped."""
+    cfg = apply_overrides(RunConfig(objective=objective), scfg.overrides)
+    if parse_source(cfg.data.name, "data.name")[0] != "shapes":
+        cfg.data.holdout, cfg.data.holdout_relations = [], []
+    return cfg
+
+
 def base_config(scfg: StudyConfig, objective: str, depth: int, budget: float, seed: int, study: Path) -> RunConfig:
     """The RunConfig of one grid cell: shared overrides, then the cell's own axes."""
-    cfg = RunConfig(objective=objective)
-    apply_overrides(cfg, scfg.overrides)
+    cfg = shared_config(scfg, objective)
     cfg.model.depth, cfg.train.budget, cfg.train.seed = depth, budget, seed
     cfg.sample.guidance = scfg.eval_guidance
     if scfg.tokenizer == "learned":
