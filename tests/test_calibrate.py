@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import flopmatch.study.calibrate as calibrate_module
 from flopmatch import cli
 from flopmatch.config import RunConfig, from_dict
 from flopmatch.probe import SamplingProbe, TrainingProbe
@@ -177,6 +178,27 @@ def test_a_slow_item_keeps_its_small_batch_rate():
     assert at_full_batch(rate_at, 32, int(FULL_BATCH_S * 1e10 / 32)) == 1e10 and calls == [PROBE_BATCH, 32]
     calls.clear()
     assert at_full_batch(rate_at, 2, 10**15) == 1e10 and calls == [2]
+
+
+@pytest.mark.parametrize("durations, calls, want", [
+    ([2.0, 0.1], 1, 2.0),  # a first call this slow is the work: no second call
+    ([0.5, 0.03, 0.02], 2, 0.03),  # slow-ish first call (one-off costs): one more call decides
+    ([0.05, 0.04, 0.2], 3, 0.04),  # fast: timed calls until they add up to ENOUGH_S (at most MAX_TIMED)
+])
+def test_a_first_call_slowed_by_one_off_costs_is_not_the_figure(monkeypatch, durations, calls, want):
+    """seconds_per_call on a CPU with a clock that reports ``durations``: the calls made and the figure returned."""
+    made = []
+
+    class FakeClock:
+        def __init__(self, device):
+            pass
+
+        def __call__(self, fn):
+            made.append(fn)
+            return durations[len(made) - 1]
+
+    monkeypatch.setattr(calibrate_module, "Clock", FakeClock)
+    assert calibrate_module.seconds_per_call(lambda: None, CPU) == want and len(made) == calls
 
 
 def test_a_failed_calibration_falls_back_to_the_assumed_rate(tmp_path, monkeypatch):
