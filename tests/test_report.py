@@ -42,7 +42,8 @@ from flopmatch.report.prompt_groups import (
     wilson_interval,
 )
 from flopmatch.report.render import render_md
-from flopmatch.report.verdicts import cell_text, claim_status, decide, part_status
+from flopmatch.report.stats import TestResult
+from flopmatch.report.verdicts import Comparison, cell_text, claim_status, decide, mdd_text, part_status
 from flopmatch.rundir import CHECKPOINT, write_config
 
 PARADIGMS = ("diffusion", "masked", "autoregressive")
@@ -606,6 +607,15 @@ def test_scores_at_the_floor_are_a_tie(error):
     assert v.noise["prompt"].var == 0 and v.noise["prompt"].retrain_var == 0  # identical seeds
     for c in (c for cell in cells for c in cell["comparisons"]):
         assert c.test.se > 0 and c.mdd_percent() > 0, c.summary()  # binomial noise of 0/500 (shrunk) or 500/500
+
+
+def test_detectable_differences_beyond_tenfold_are_not_printed_as_huge_percentages():
+    """A detectable difference of 8,628,853,455 % (timings of a smoke study) reads "over 10x"; ordinary ones stay %."""
+    assert [mdd_text(p) for p in (8628853455.0, 900.5, 899.6, 27.4, None)] == ["over 10x", "over 10x", "900%", "27%", "–"]
+    noisy = Comparison("table", "latency", "masked", "diffusion", "depth 1",
+                       TestResult(0.1, 5.0, 2.0, 0.4, 3, 3, "paired"), "timing rounds")
+    noisy.p_adj, noisy.m = 0.8, 1
+    assert noisy.label == "no difference detected" and "could detect only a difference of over 10x" in noisy.summary()
 
 
 def test_untestable_comparisons_are_not_called_ties():

@@ -177,10 +177,9 @@ def _tests_table(an: Analysis) -> tuple[list, list]:
     rows = []
     for fam, comps in an.verdicts.families.items():
         for c in comps:
-            mdd = c.mdd_percent()
             rows.append([fam, c.metric, f"{c.a} vs {c.b}", c.where, fmt(c.value_ratio(), ".3g") if c.test.method != "none" else "–",
                          fmt(c.p2, ".2g"), fmt(c.p_adj, ".2g"), c.label if c.test.method != "none" else "not testable",
-                         "–" if mdd is None else f"{mdd:.0f}%", c.noise + (f"; {c.capped}" if c.capped else "")])  # fmt: skip
+                         c.mdd_text(), c.noise + (f"; {c.capped}" if c.capped else "")])  # fmt: skip
     return header, rows
 
 

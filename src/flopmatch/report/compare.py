@@ -58,6 +58,7 @@ from flopmatch.report.verdicts import (
     cell_text,
     cell_var,
     decide,
+    mdd_text,
 )
 
 STUDY_FILE = "study.json"  # written by flopmatch.study.runner (a layer above: not imported here)
@@ -276,7 +277,7 @@ def _blocks(names, paths, diffs, table, changes, vb, vo, ema, schedules, ceiling
                   [[r["paradigm"], f"{r['budget']:.3g}", f"{fmt(r['base'], '.3g')} ({r['base_seeds']})",
                     f"{fmt(r['other'], '.3g')} ({r['other_seeds']})", f"x{r['ratio']:.3g}", fmt(r["p"], ".2g"),
                     fmt(r["p_adj"], ".2g"), (r["direction"] + " " if r["direction"] else "") + f"({r['label']})",
-                    "–" if r["mdd_percent"] is None else f"{r['mdd_percent']:.0f}%"] for r in rows]))
+                    mdd_text(r["mdd_percent"])] for r in rows]))
     B.append(("fig", "changes", "KID and prompt-following error per paradigm against training FLOPs: base solid, "
                                 "other dashed (geometric means over each cell's judged seeds)."))
     B.append(("h", 2, "EMA in each study"))

@@ -179,6 +179,11 @@ class Comparison:
         d = self.test.mdd(ALPHA / max(self.m, 1) / 2, POWER)  # two-sided: alpha/2 per tail
         return None if d is None else 100 * (math.exp(d) - 1)
 
+    def mdd_text(self) -> str:
+        """The detectable difference as the report prints it: "27%", beyond MDD_CAP_PERCENT "over 10x" (a percentage
+        in the millions says only that the noise hides any plausible difference), "–" without a noise estimate."""
+        return mdd_text(self.mdd_percent())
+
     def summary(self) -> str:
         """One line: who is lower, by how much, p, adjusted p, label, detectable difference."""
         if self.test.method == "none":
@@ -199,12 +204,23 @@ class Comparison:
         txt += f", p{_p(self.p2)}" + ("" if self.p_adj is None else f" (Holm-adjusted p{_p(self.p_adj)}, {self.m} tests)")
         txt += f" -> {self.label}"
         if self.label == NO_DIFF and self.mdd_percent() is not None:
-            txt += f"; could detect a difference of {self.mdd_percent():.0f}% or more"
+            mdd = self.mdd_text()
+            txt += f"; could detect only a difference of {mdd}" if mdd.startswith("over") else f"; could detect a difference of {mdd} or more"
         if self.noise == "evaluation":
             txt += "; evaluation noise only"
         if self.capped:
             txt += f"; {self.capped}"
         return txt
+
+
+MDD_CAP_PERCENT = 900.0  # detectable differences beyond 10x are printed as "over 10x"
+
+
+def mdd_text(percent: float | None) -> str:
+    """A detectable difference (%) as words: "27%", "over 10x" beyond MDD_CAP_PERCENT, "–" when None."""
+    if percent is None:
+        return "–"
+    return f"over {1 + MDD_CAP_PERCENT / 100:.0f}x" if percent > MDD_CAP_PERCENT else f"{percent:.0f}%"
 
 
 def _p(p: float) -> str:
