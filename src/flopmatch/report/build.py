@@ -561,8 +561,9 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
         f"Crossovers are searched up to {EXTRAPOLATE:g}x the largest budget: extrapolations, to be read as where the trends point.",
         "Training losses of different paradigms are never compared or drawn on one axis.",
         "Tokenizer ceiling beside a run or a fit: what the paradigm's tokenizer allows (rFID, rKID, or prompt error 1 - full "
-        "match, of its reconstructions at the generators' n); a fitted asymptote E below it is a trend the tokenizer "
-        "will not let the generator follow.",
+        "match, of its reconstructions at the generators' n); a fitted asymptote E well below it is a trend the tokenizer "
+        "is unlikely to let the generator follow. It is a reference point, not a strict bound: a generator's decoded "
+        "samples need not be reconstructions of real images, and at this n both scores carry sampling noise.",
         "Latency and throughput are measurements on the evaluating machine (device and threads in results.csv).",
     ]))  # fmt: skip
     return B
