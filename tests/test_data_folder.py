@@ -28,7 +28,7 @@ import flopmatch.data.pool as pool_mod
 from flopmatch import cli, dist
 from flopmatch.cli.args import data_source
 from flopmatch.config import DataConfig, parse_source, to_dict
-from flopmatch.data.datasets import ImageTextSet, make_dataset
+from flopmatch.data.datasets import ImageTextSet, make_dataset, more_eval_images
 from flopmatch.data.folder import folder_items
 from flopmatch.data.images import BadImage, load_image
 from flopmatch.data.pool import MAX_EVAL_FRACTION, Pool, split_indices
@@ -207,6 +207,19 @@ def test_root_metadata_trains_beside_a_test_folder_and_unclear_layouts_are_refus
     write_jsonl(tmp_path / "clash" / "test", make_folder(tmp_path / "clash" / "test", 3))
     with pytest.raises(UserError, match=r"metadata.jsonl beside train/ and test/, whose split is used"):
         dataset(tmp_path / "clash", "eval")
+
+
+def test_advice_for_more_evaluation_images_follows_the_split_rule(tmp_path):
+    """Raising data.num_eval cannot grow a hash split past MAX_EVAL_FRACTION, nor a given test/ split: the advice says
+    what can (shapes, procedural, only needs data.num_eval)."""
+    write_jsonl(tmp_path / "flat", make_folder(tmp_path / "flat", 20))
+    hashed = more_eval_images(dataset(tmp_path / "flat", "eval"), 64)
+    assert "at most 10% of the source: add images or a test/ split of >= 64" in hashed
+    for part, n in (("train", 6), ("test", 3)):
+        write_jsonl(tmp_path / "given" / part, make_folder(tmp_path / "given" / part, n))
+    assert more_eval_images(dataset(tmp_path / "given", "eval"), 64).startswith("give the source's own evaluation split")
+    shapes = make_dataset(DataConfig(num_train=4, num_eval=4), "eval", progress=False)
+    assert more_eval_images(shapes, 64) == "set data.num_eval >= 64"
 
 
 # ----------------------------------------------------------------------------------------- hash split

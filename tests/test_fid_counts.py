@@ -79,9 +79,10 @@ def test_more_samples_than_eval_images_use_the_whole_split_and_say_so(run):
     warning line; metrics_from_features records the same counts on plain tensors."""
     m, entry, out = _evaluate(run, 16)
     real, fake = _features(run, entry)
-    assert (m["fid_num_real"], m["fid_num_fake"]) == (NUM_EVAL, 16) and "data.num_eval" in m["fid_note"]
+    assert (m["fid_num_real"], m["fid_num_fake"]) == (NUM_EVAL, 16) and f"--num-samples {NUM_EVAL}" in m["fid_note"]
     assert m["fid"] == pytest.approx(fid_from_features(real, fake), rel=1e-6)
-    assert sum("FID's counts differ" in line for line in out.splitlines()) == 1, out
+    assert sum("FID's counts differ" in line and f"--num-samples {NUM_EVAL} gives equal counts" in line
+               for line in out.splitlines()) == 1, out
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(10, 3, generator=g), torch.randn(25, 3, generator=g)
     got = metrics_from_features(x, y, EvalConfig(kid_subset=5, kid_subsets=2, fid_boot=0))
@@ -148,8 +149,8 @@ def test_ceiling_without_2n_eval_images_is_none_with_the_note(monkeypatch):
     the banner repeats it, and PSNR is still measured on the first n images."""
     m, _ = _ceiling(monkeypatch, 9, 6)
     assert m["fid"]["effnet"] == m["kid"]["effnet"] == {"recon": None, "real": None} and m["fid_num_compared"] is None
-    assert m["fid_note"] == ("the evaluation split holds 9 < 2n = 12 images: set data.num_eval >= 12 for a disjoint "
-                             "real-image floor")
+    assert m["fid_note"] == ("the evaluation split holds 9 < 2n = 12 images; for a disjoint real-image floor, set "
+                             "data.num_eval >= 12")
     assert m["psnr"] > 0 and m["num_images"] == 6
     doc = {"version": ceilings.CEILINGS_VERSION, "tokenizers": {"continuous": {"kind": "blur", "paradigms": ["diffusion"],
                                                                               "metrics": m}}}

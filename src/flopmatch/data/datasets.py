@@ -29,7 +29,7 @@ from flopmatch.data.emoji_set import emoji_pool
 from flopmatch.data.fashion_mnist import fashion_mnist_pool
 from flopmatch.data.folder import folder_pool
 from flopmatch.data.hf import hf_pool
-from flopmatch.data.pool import Pool, split_indices
+from flopmatch.data.pool import MAX_EVAL_FRACTION, Pool, split_indices
 from flopmatch.data.shapes import ShapesConfig, ShapesDataset
 from flopmatch.data.wds import wds_pool
 from flopmatch.errors import UserError
@@ -52,6 +52,18 @@ def shapes_config(cfg: DataConfig) -> ShapesConfig:
         two_object_prob=cfg.two_object_prob, holdout=tuple(cfg.holdout),
         holdout_relations=tuple(cfg.holdout_relations),
     )
+
+
+def more_eval_images(ds, need: int) -> str:
+    """How to give the evaluation split ``ds`` (an eval dataset with ``info``) at least ``need`` images, in words: a
+    hash split is capped at MAX_EVAL_FRACTION of the source, so data.num_eval alone cannot raise it past that."""
+    rule = (getattr(ds, "info", None) or {}).get("split_rule")
+    if rule == "hash of the item name":
+        return (f"a hash split holds out at most {MAX_EVAL_FRACTION:.0%} of the source: add images or a test/ split "
+                f"of >= {need}, with data.num_eval >= {need}")
+    if rule == "given by the source":
+        return f"give the source's own evaluation split >= {need} images, with data.num_eval >= {need}"
+    return f"set data.num_eval >= {need}"
 
 
 class ImageTextSet(torch.utils.data.Dataset):

@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 
 from flopmatch.config import DataConfig, parse_source
-from flopmatch.data.datasets import make_dataset
+from flopmatch.data.datasets import make_dataset, more_eval_images
 from flopmatch.device import resolve_device
 from flopmatch.evaluation.features import extract_features, make_feature_extractor, reference_features
 from flopmatch.evaluation.prompt_scoring import prompt_scorer
@@ -56,12 +56,12 @@ CEILINGS_VERSION = 3  # bump when what a ceiling measures changes: cached ceilin
 # (2: the real-image floor and rFID on eval images n..2n-1, disjoint from the reference, the first n; 3: KID too)
 
 
-def disjoint_note(num_eval: int, n: int) -> str | None:
-    """Why the FID floor and rFID are not measured (the split lacks 2n images), or None when they are."""
-    if num_eval >= 2 * n:
+def disjoint_note(ref, n: int) -> str | None:
+    """Why the FID floor and rFID are not measured (the evaluation split ``ref`` lacks 2n images), or None when they are."""
+    if len(ref) >= 2 * n:
         return None
-    return (f"the evaluation split holds {num_eval} < 2n = {2 * n} images: set data.num_eval >= {2 * n} for a "
-            "disjoint real-image floor")
+    return (f"the evaluation split holds {len(ref)} < 2n = {2 * n} images; for a disjoint real-image floor, "
+            f"{more_eval_images(ref, 2 * n)}")
 
 
 def _kid(real: torch.Tensor, fake: torch.Tensor, ecfg: EvalConfig) -> float:
@@ -90,7 +90,7 @@ def tokenizer_ceiling(tok: Tokenizer, data: DataConfig, num_images: int, feature
     real = ref_images[index]  # (n, 3, S, S) uint8
     recon, _, _ = reconstruct(tok.eval(), real)
     recon_uint8 = to_uint8(recon)  # the rounding generated samples get (flopmatch.sample.generate)
-    note = disjoint_note(len(ref), num_images)
+    note = disjoint_note(ref, num_images)
     out = {"num_images": num_images, "num_eval": len(ref), **image_metrics(real.float() / 127.5 - 1.0, recon),
            "fid_num_reference": num_images, "fid_num_compared": None if note else num_images, "fid_note": note}
     real_fids = {} if real_fids is None else real_fids

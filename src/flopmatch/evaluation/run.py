@@ -46,7 +46,7 @@ import torch
 
 from flopmatch import __version__, dist
 from flopmatch.config import SampleConfig
-from flopmatch.data.datasets import make_dataset
+from flopmatch.data.datasets import make_dataset, more_eval_images
 from flopmatch.device import resolve_device
 from flopmatch.errors import UserError
 from flopmatch.evaluation.export import ReferenceStats, export_images, export_reference_stats, read_reference_stats
@@ -138,7 +138,7 @@ def eval_prompts(dataset, n: int) -> list[str]:
     (:func:`fid_reference_rows`), precision/recall and the tokenizer ceilings rely on it."""
     caps = dataset.captions()
     if not caps:
-        raise UserError("the evaluation split is empty; raise data.num_eval")
+        raise UserError(f"the evaluation split is empty; {more_eval_images(dataset, 1)}")
     return [caps[i % len(caps)] for i in range(n)]
 
 
@@ -231,7 +231,7 @@ def metrics_from_features(real: torch.Tensor, fake: torch.Tensor, ecfg: EvalConf
            "fid_small_n": min(len(real), len(fake)) < FID_SMALL_N}
     if len(fid_real) != len(fake):
         out["fid_note"] = (f"{len(fake)} generated images against all {len(real)} real images of the evaluation split: "
-                           f"unequal counts; FID compares only with FIDs at these counts (raise data.num_eval to >= {len(fake)})")
+                           f"unequal counts; FID compares only with FIDs at these counts (--num-samples {len(real)} gives equal ones)")
     if ecfg.fid_boot > 0:
         bdev = bootstrap_device(device)
         fid_real_b, fake_b, real_b = fid_real.to(bdev), fake.to(bdev), real.to(bdev)
@@ -303,7 +303,7 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
     ref = make_dataset(cfg.data, "eval", progress=progress)
     if len(ref) < max(ecfg.pr_k + 1, 2):
         raise UserError(f"the evaluation split of {cfg.data.name} has {len(ref)} images; FID and precision/recall "
-                        f"need at least {max(ecfg.pr_k + 1, 2)} (raise data.num_eval or add images)")
+                        f"need at least {max(ecfg.pr_k + 1, 2)}: {more_eval_images(ref, max(ecfg.pr_k + 1, 2))}")
     prompts = eval_prompts(ref, ecfg.num_samples)
     ref_images = ref.images_uint8()
     # On the sampler's device: on a GPU, feature extraction and (through quality_metrics) the FID/KID bootstraps run there
@@ -328,7 +328,8 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
         print(line)  # once per call, not per setting
     if extractors and not imported and ecfg.num_samples > len(ref) and dist.is_main():
         print(f"warning: {ecfg.num_samples} generated images against the {len(ref)} of the evaluation split: FID's "
-              f"counts differ (recorded as fid_num_real/fid_num_fake); raise data.num_eval to >= {ecfg.num_samples}")
+              f"counts differ (recorded as fid_num_real/fid_num_fake); --num-samples {len(ref)} gives equal counts, and "
+              f"for new runs: {more_eval_images(ref, ecfg.num_samples)}")
     scorer = None
     if ecfg.prompt_following:
         # Real sources' pools are built collectively (every rank meets the same barriers); the scorer, which
