@@ -172,3 +172,13 @@ def test_fit_rejects_wrong_images():
         KMeansTokenizer(8).fit(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
     with pytest.raises(UserError):
         fit_weight_free("vq", torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_kmeans_refuses_more_codes_than_the_images_have_patches():
+    """One 32 px image has 64 patches of 4 px: a 512-code codebook would keep codes no patch reaches (it used to fit
+    silently on a one-image folder); one line names both fixes. As many patches as codes fits."""
+    image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match=r"needs at least 512 patches to fit; 1 training image\(s\) give 64: add images or "
+                                        r"lower tokenizer.codebook_size"):
+        fit_weight_free("kmeans", image, codebook_size=512)
+    assert fit_weight_free("kmeans", image, codebook_size=64).codebook_size == 64

@@ -59,6 +59,11 @@ def fit_weight_free(
     if kind == "kmeans":
         g = torch.Generator().manual_seed(seed)
         tok = KMeansTokenizer(codebook_size=codebook_size, patch=patch, image_size=image_size)
+        patches = int(images_uint8.shape[0]) * tok.spec.seq_len
+        if patches < codebook_size:  # codes no patch can reach: tokens the generators can never learn to use
+            raise UserError(f"a {codebook_size}-code k-means tokenizer needs at least {codebook_size} patches to fit; "
+                            f"{images_uint8.shape[0]} training image(s) give {patches}: add images or lower "
+                            f"tokenizer.codebook_size")
         return tok.fit(images_uint8, generator=g)
     raise UserError(f"unknown weight-free tokenizer {kind!r}; valid: patch, kmeans")
 
