@@ -149,6 +149,24 @@ def test_plan_only_calibrates_unless_told_not_to(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
+def test_the_estimate_counts_only_what_a_resumed_study_has_left(tmp_path):
+    """Runs already trained and evaluated cost nothing: with half of them finished, training and evaluation are those
+    of the other half alone; with all finished (a re-run of a done study) and the timing done, only the report is
+    left (it printed the whole study's minutes for seconds of work)."""
+    scfg = study_preset("cpu")
+    plans = make_plan(scfg, tmp_path / "s")
+    done = frozenset(p.name for p in plans[::2])
+    left = estimate(scfg, plans, tmp_path / "s", finished=done)
+    alone = estimate(scfg, [p for p in plans if p.name not in done], tmp_path / "s")
+    assert left["training"] == pytest.approx(alone["training"]) and left["evaluation"] == pytest.approx(alone["evaluation"])
+    assert 0 < left["training"] < estimate(scfg, plans, tmp_path / "s")["training"]
+    scfg = study_preset("tiny")  # weight-free tokenizers (the learned ones count until their directories exist)
+    plans = make_plan(scfg, tmp_path / "t")
+    every = estimate(scfg, plans, tmp_path / "t", finished=frozenset(p.name for p in plans), timing_done=True)
+    assert every["training"] == every["evaluation"] == every["timing"] == every["set-up"] == 0
+    assert every["total"] == every["report"] > 0
+
+
 def test_the_estimate_counts_runs_advancing_together(tmp_path, monkeypatch):
     """--workers N on several GPUs advances min(N, GPUs) runs at once, so training and evaluation take that many
     times less; on a CPU (or one GPU) the workers share the device and the estimate is unchanged."""

@@ -84,8 +84,9 @@ def cmd_study(args) -> int:
     from flopmatch.study.launchers import concurrent_runs
     from flopmatch.study.plan import format_plan, make_plan
     from flopmatch.study.presets import check_grid_overrides, study_preset
-    from flopmatch.study.runner import study
+    from flopmatch.study.runner import finished_runs, study
     from flopmatch.study.slurm import SlurmConfig, parse_slurm_time
+    from flopmatch.study.timing_phase import timing_needed
 
     scfg = study_preset(args.preset)
     for name in ("objectives", "depths", "budgets", "seeds", "floor_seeds", "base_seed", "eval_samples", "eval_raw",
@@ -106,11 +107,16 @@ def cmd_study(args) -> int:
     if args.plan_only:
         plans = make_plan(scfg.validate(), Path(args.out))
         print(format_plan(plans))
-        host = calibrate_or_none(scfg, plans) if args.calibrate and args.launcher != "slurm" else None
+        finished = finished_runs(Path(args.out), scfg, plans)  # an existing study: only what is left
+        todo = [p for p in plans if p.name not in finished]
+        host = calibrate_or_none(scfg, todo) if args.calibrate and args.launcher != "slurm" and todo else None
         concurrent = concurrent_runs(args.workers) if args.launcher == "local" else 1
         est = estimate(scfg, plans, Path(args.out), host=host, concurrent=concurrent,
-                       report_workers=None if args.launcher == "local" else 1)
-        print(format_estimate(est, calibrated=host is not None))
+                       report_workers=None if args.launcher == "local" else 1, finished=finished,
+                       timing_done=not timing_needed(Path(args.out), scfg, plans))
+        if finished:
+            print(f"{len(finished)} of {len(plans)} runs already trained and evaluated in {args.out}")
+        print(format_estimate(est, calibrated=host is not None or not todo))
         return 0
     slurm = None
     if args.launcher == "slurm":

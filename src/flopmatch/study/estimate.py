@@ -112,8 +112,12 @@ def report_seconds(scfg: StudyConfig, host: HostRates | None, rates: Rates, work
 
 
 def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates = Rates(),
-             host: HostRates | None = None, concurrent: int = 1, report_workers: int | None = None) -> dict[str, float]:
+             host: HostRates | None = None, concurrent: int = 1, report_workers: int | None = None,
+             finished: frozenset[str] = frozenset(), timing_done: bool = False) -> dict[str, float]:
     """Seconds per stage: "set-up", "training", "evaluation", "timing", "report" (and their "total").
+
+    ``finished``: names of runs already trained and evaluated (a resumed or grown study), which cost nothing; a run
+    partly done is counted whole (the estimate errs long). ``timing_done``: the timing phase has nothing to time.
 
     ``host``: this machine's calibration (:func:`flopmatch.study.calibrate.calibrate`); None: the preset's
     assumed FLOP/s and the reference CPU's fixed rates. ``concurrent``: runs advancing at full speed at once
@@ -138,25 +142,28 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
             if scfg.tokenizer_match_max >= 2:
                 setup += 2 * steps * rates.autoencoder_step_s / speed
             setup += 3 * min(VAL_IMAGES, cfg.data.num_eval) / rates.psnr_images_per_s
-    elif "discrete" in token_types(scfg):
+    elif "discrete" in token_types(scfg) and not finished:  # cached once a run used it
         setup += rates.kmeans_s / cpu_speed  # the continuous patch tokenizer is a mean and a std: free
-    setup += cfg.data.num_train / rates.render_images_per_s
-    if cfg.text.kind == "minilm":
-        setup += cfg.data.num_train / rates.captions_per_s / speed  # an upper bound: unique captions are fewer
-    if parse_source(cfg.data.name)[0] != "shapes":  # the domain CLIP: a small CNN trained like the classifier
-        setup += rates.attribute_classifier_s / cpu_speed
-    elif not attribute_classifier_cached(shapes_config(cfg.data)):
-        setup += rates.attribute_classifier_s / cpu_speed
-    if host is not None:
+    data_cached = bool(finished)  # finished runs built the data, captions, scorer and reference features on this machine
+    if not data_cached:
+        setup += cfg.data.num_train / rates.render_images_per_s
+        if cfg.text.kind == "minilm":
+            setup += cfg.data.num_train / rates.captions_per_s / speed  # an upper bound: unique captions are fewer
+        if parse_source(cfg.data.name)[0] != "shapes":  # the domain CLIP: a small CNN trained like the classifier
+            setup += rates.attribute_classifier_s / cpu_speed
+        elif not attribute_classifier_cached(shapes_config(cfg.data)):
+            setup += rates.attribute_classifier_s / cpu_speed
+    if host is not None and all(f in host.feature_images_per_s for f in scfg.features):
         per_image = sum(1 / host.feature_images_per_s[f] for f in scfg.features)  # seconds of extraction per image
     else:
         per_image = sum(1 / (rates.inception_images_per_s if f == "inception" else rates.feature_images_per_s)
                         for f in scfg.features) / speed
-    setup += cfg.data.num_eval * per_image  # reference features
+    if not data_cached:
+        setup += cfg.data.num_eval * per_image  # reference features
     # wsd/constant chains train only the steps after the previous budget's stable state (plan.chained_flops)
     share = chained_flops(plans) / max(1.0, sum(p.train_flops for p in plans))
     train_s = [(p.train_flops / host.train_rate(p) if host else p.est_seconds) * share + rates.run_overhead_s / cpu_speed
-               for p in plans]
+               for p in plans if p.name not in finished]
     if host is not None and host.metrics_s:  # the measured metrics plus the small per-setting and per-pass costs
         fixed = {k: v + rates.setting_overhead_s for k, v in host.metrics_s.items()}
         pass_s, process_s = rates.eval_call_s, rates.eval_process_s
@@ -184,10 +191,9 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
                            + len(swept) * fixed["sweep"])
             chosen = min(len(swept), rates.chosen_points)
             evaluation += chosen * per_setting + 2 * pass_s
-        if not eval_s:
-            evaluation += process_s  # the first evaluation in the study process
-        eval_s.append(evaluation)
-        if (p.objective, p.depth) in timed or p.budget != max(scfg.budgets):
+        if p.name not in finished:
+            eval_s.append(evaluation + (process_s if not eval_s else 0.0))  # the first evaluation starts the process
+        if timing_done or (p.objective, p.depth) in timed or p.budget != max(scfg.budgets):
             continue  # the timing phase times one run per architecture, at the largest budget (study.timing_phase)
         timed.add((p.objective, p.depth))
         items = (main + chosen) * (2 if p.objective == "autoregressive" else 1)

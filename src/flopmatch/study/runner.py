@@ -39,10 +39,11 @@ from flopmatch.report.build import build_report
 from flopmatch.study.calibrate import calibrate_or_none
 from flopmatch.study.estimate import Rates, estimate, format_estimate
 from flopmatch.study.grow import reconcile
-from flopmatch.study.job import chain_jobs, timing_job
+from flopmatch.study.job import chain_jobs, job_finished, timing_job
 from flopmatch.study.launchers import make_launcher
 from flopmatch.study.operating import selection_run, sweep_eval, sweep_settings
 from flopmatch.study.plan import (
+    RunPlan,
     ema_sweep,
     eval_settings,
     fmt_duration,
@@ -68,6 +69,25 @@ def wait_for_writer(run: Path, timeout_s: float = 30.0) -> None:
 
 
 NOTHING_YET = ("study.json", "plan.json", LOCK_NAME, CEILINGS_FILE)  # what a study writes before its first result
+
+
+def run_jobs(out: Path, scfg: StudyConfig, plans: list[RunPlan]) -> list[dict]:
+    """One job per planned run (:mod:`flopmatch.study.job`): its run directory, config, and what to evaluate."""
+    # timed later, together; FID's small-n bias is said once, in the report, not in every evaluation's log
+    ecfg = EvalConfig(num_samples=scfg.eval_samples, features=list(scfg.features), timing=False, warn_small_n=False)
+    jobs = []
+    for p in plans:
+        cfg = from_dict(RunConfig, p.config)
+        jobs.append({"name": p.name, "run_dir": str(out / "runs" / p.name), "config": p.config, "eval": asdict(ecfg),
+                     "settings": [asdict(s) for s in eval_settings(scfg, cfg)], "raw": scfg.eval_raw,
+                     "ema": ema_sweep(scfg, p), "sweep": [asdict(s) for s in sweep_settings(scfg, cfg)] if selection_run(scfg, p)
+                     else [], "sweep_eval": asdict(sweep_eval(ecfg, scfg))})
+    return jobs
+
+
+def finished_runs(out: Path, scfg: StudyConfig, plans: list[RunPlan]) -> frozenset[str]:
+    """Names of the planned runs already trained and evaluated in the study directory ``out`` (empty for a new one)."""
+    return frozenset(j["name"] for j in run_jobs(out, scfg, plans) if job_finished(j))
 
 
 def not_started(out: Path) -> bool:
@@ -131,9 +151,15 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
     atomic_write_json(out / "study.json", asdict(scfg))
     atomic_write_json(out / "plan.json", [asdict(p) for p in plans])
     print(format_plan(plans))
-    host = calibrate_or_none(scfg, plans) if calibrate_host else None
-    est = estimate(scfg, plans, out, host=host, concurrent=launch.concurrent, report_workers=report_workers)
-    print(f"[study] {format_estimate(est, calibrated=host is not None)}")
+    jobs = run_jobs(out, scfg, plans)
+    finished = frozenset(j["name"] for j in jobs if job_finished(j))  # a resumed or grown study: what is left
+    todo = [p for p in plans if p.name not in finished]
+    host = calibrate_or_none(scfg, todo) if calibrate_host and todo else None
+    est = estimate(scfg, plans, out, host=host, concurrent=launch.concurrent, report_workers=report_workers,
+                   finished=finished, timing_done=not timing_needed(out, scfg, plans, retime))
+    print(f"[study] {len(finished)} of {len(plans)} runs already trained and evaluated; " if finished else "[study] ",
+          end="")
+    print(format_estimate(est, calibrated=host is not None or not todo))
     t0 = time.perf_counter()
     # the tokenizers and each one's reconstruction ceiling (a tokenizer below the classifier floor is refused)
     if not launch.attaches:
@@ -147,15 +173,6 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
                 raise
         check_prepared(out, scfg)  # also on every re-run: the ceilings file outlives a refusal
     t_tokenizers = time.perf_counter()
-    # timed below, together; FID's small-n bias is said once, in the report, not in every evaluation's log
-    ecfg = EvalConfig(num_samples=scfg.eval_samples, features=list(scfg.features), timing=False, warn_small_n=False)
-    jobs = []
-    for p in plans:
-        cfg = from_dict(RunConfig, p.config)
-        jobs.append({"name": p.name, "run_dir": str(out / "runs" / p.name), "config": p.config, "eval": asdict(ecfg),
-                     "settings": [asdict(s) for s in eval_settings(scfg, cfg)], "raw": scfg.eval_raw,
-                     "ema": ema_sweep(scfg, p), "sweep": [asdict(s) for s in sweep_settings(scfg, cfg)] if selection_run(scfg, p)
-                     else [], "sweep_eval": asdict(sweep_eval(ecfg, scfg))})
     jobs = chain_jobs(jobs)  # wsd / constant runs: one chain per (paradigm, depth, seed) shares its stable phase
     finished = [0]
 
