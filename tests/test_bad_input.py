@@ -204,7 +204,7 @@ def test_a_value_read_as_a_flag_names_the_equals_form(tmp_path, capsys):
     """`--budgets -1e9`: argparse takes the value for a flag ("expected one argument"); the line says how to write it."""
     assert cli.main(["study", "--out", str(tmp_path / "s"), "--budgets", "-1e9", "--plan-only"]) == 2
     err = capsys.readouterr().err
-    assert "expected one argument" in err and "--flag=VALUE" in err and not (tmp_path / "s").exists()
+    assert "expected one argument" in err and "write --budgets=VALUE" in err and not (tmp_path / "s").exists()
     assert cli.main(["study", "--out", str(tmp_path / "s"), "--budgets=-1e9", "--plan-only"]) == 2  # then checked
     assert "finite numbers > 0" in capsys.readouterr().err
 

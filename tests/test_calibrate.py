@@ -199,8 +199,9 @@ def test_a_slow_item_keeps_its_small_batch_rate():
 
 
 @pytest.mark.parametrize("durations, calls, want", [
-    ([2.0, 0.1], 1, 2.0),  # a first call this slow is the work: no second call
-    ([0.5, 0.03, 0.02], 2, 0.03),  # slow-ish first call (one-off costs): one more call decides
+    ([6.0, 0.1], 1, 6.0),  # a first call this slow (>= SECOND_CALL_S) is the work: no second call
+    ([2.0, 0.1], 2, 0.1),  # slow first call (one-off costs): one more call decides
+    ([0.5, 0.03, 0.02], 2, 0.03),
     ([0.05, 0.04, 0.2], 3, 0.04),  # fast: timed calls until they add up to ENOUGH_S (at most MAX_TIMED)
 ])
 def test_a_first_call_slowed_by_one_off_costs_is_not_the_figure(monkeypatch, durations, calls, want):

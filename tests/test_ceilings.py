@@ -185,6 +185,9 @@ def test_report_ceilings_table_columns_and_banner():
                                                 for t, e in doc["tokenizers"].items()}}
     assert ceiling_banner(old)[0].startswith("Tokenizer ceilings were measured by an earlier flopmatch")
     assert ceiling_banner(old)[1:] == banner
+    v2 = {**doc, "version": 2, "tokenizers": {t: {**e, "metrics": {k: v for k, v in e["metrics"].items() if k != "kid"}}
+                                               for t, e in doc["tokenizers"].items()}}
+    assert ceiling_banner(v2)[0].startswith("Tokenizer ceilings were measured before rKID was")
     assert ceilings_table(old)[1][0][header.index("FID and KID images: reference / compared")] == (
         "1000 / 250 (overlapping: measured before v2)")
     close = {"tokenizers": {"continuous": _entry("kl", ["diffusion"], 250.0, 0.80),

@@ -197,6 +197,11 @@ def test_root_metadata_trains_beside_a_test_folder_and_unclear_layouts_are_refus
     train, ev = dataset(tmp_path / "both", "train"), dataset(tmp_path / "both", "eval")
     assert sorted(train.names) == sorted(f for f, _ in rows) and sorted(ev.names) == sorted(f"test/{f}" for f, _ in held)
     assert train.info["split_rule"] == "given by the source"
+    # the root's metadata naming test/'s images too: they stay held out, skipped from training and counted
+    write_jsonl(tmp_path / "both", rows + [(f"test/{f}", c) for f, c in held])
+    train = dataset(tmp_path / "both", "train")
+    assert sorted(train.names) == sorted(f for f, _ in rows)
+    assert train.info["skipped"] == {"in the held-out test/ folder": len(held)}
     write_jsonl(tmp_path / "alone" / "test", make_folder(tmp_path / "alone" / "test", 3))
     with pytest.raises(UserError, match=r"only a test/ split, held out for evaluation: add the training images"):
         dataset(tmp_path / "alone", "train")
@@ -214,7 +219,8 @@ def test_advice_for_more_evaluation_images_follows_the_split_rule(tmp_path):
     what can (shapes, procedural, only needs data.num_eval)."""
     write_jsonl(tmp_path / "flat", make_folder(tmp_path / "flat", 20))
     hashed = more_eval_images(dataset(tmp_path / "flat", "eval"), 64)
-    assert "at most 10% of the source: add images or a test/ split of >= 64" in hashed
+    assert "at most 10% of the source's 20 images: add images or give a test/ folder of >= 64" in hashed
+    assert more_eval_images(dataset(tmp_path / "flat", "eval", num_eval=1), 2) == "set data.num_eval >= 2"  # 10% is 2
     for part, n in (("train", 6), ("test", 3)):
         write_jsonl(tmp_path / "given" / part, make_folder(tmp_path / "given" / part, n))
     assert more_eval_images(dataset(tmp_path / "given", "eval"), 64).startswith("give the source's own evaluation split")
@@ -844,6 +850,29 @@ def test_train_and_evaluate_on_a_folder(tmp_path, tiny_config):
     assert ref["dataset"] == source and ref["split"] == "eval" and ref["size"] == 6
     assert ref["fingerprint"] == reference.fingerprint()
     assert entry["metrics"]["effnet"]["fid"] >= 0 and entry["metrics"]["effnet"]["num_real"] == 6
+
+
+def test_a_run_resumes_only_on_the_training_split_it_started_on(tmp_path, tiny_config):
+    """A run stopped after a step, then its folder given a test/ split: resuming would train the rest on other images
+    (the same layout used to hash-split the root's images); refused in one line naming what changed. Unchanged, it
+    resumes."""
+    from flopmatch.train import train
+
+    root = tmp_path / "imgs"
+    write_jsonl(root, make_folder(root, 30, caption="a picture number {i}"))
+    cfg = tiny_config("masked", 3, sets=[f"data.name=folder:{root}", "data.num_eval=3"])
+    run = tmp_path / "run"
+    train(cfg, run, progress=False, stop_after=1)
+    held = make_folder(root / "test", 4, prefix="held")
+    write_jsonl(root / "test", held)
+    with pytest.raises(UserError, match=r"started on other training data than its source gives now \(split_rule "
+                                        r"'hash of the item name' -> 'given by the source'; size 27 -> 30\)"):
+        train(cfg, run, progress=False)
+    for f, _ in held:
+        (root / "test" / f).unlink()
+    (root / "test" / "metadata.jsonl").unlink()
+    (root / "test").rmdir()
+    assert train(cfg, run, progress=False)["step"] == 3
 
 
 @pytest.mark.slow

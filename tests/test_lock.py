@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -130,15 +129,23 @@ def test_run_being_created_is_reported_in_use_not_foreign(tmp_path):
         train(tiny_run_config("masked", 2), out, progress=False)
 
 
-def test_a_writer_is_not_refused_by_a_probe_holding_the_lock_for_an_instant(tmp_path):
+def test_a_writer_is_not_refused_by_a_probe_holding_the_lock_for_an_instant(tmp_path, monkeypatch):
     """is_locked() tests the lock by taking it for an instant; a writer arriving then tries again (PROBE_RETRIES,
     PROBE_WAIT_S apart) instead of failing as "in use", while a holder that keeps the lock is still refused."""
     (tmp_path / LOCK_NAME).touch()
     probe = os.open(tmp_path / LOCK_NAME, os.O_RDWR)
     fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a probe, caught while it holds the lock
-    threading.Timer(lock_module.PROBE_WAIT_S / 2, fcntl.flock, (probe, fcntl.LOCK_UN)).start()
+    waits = []
+
+    def probe_done(seconds: float) -> None:  # the writer's first wait: the probe lets go meanwhile
+        waits.append(seconds)
+        fcntl.flock(probe, fcntl.LOCK_UN)
+
+    monkeypatch.setattr(lock_module.time, "sleep", probe_done)
     with DirectoryLock(tmp_path):
         assert holder(tmp_path)["pid"] == os.getpid()
+    assert waits == [lock_module.PROBE_WAIT_S]  # refused once, then taken
+    monkeypatch.undo()
     os.close(probe)
     with DirectoryLock(tmp_path), pytest.raises(UserError, match="in use"):
         with DirectoryLock(tmp_path):  # another open of the lock file while this one keeps it: refused after the retries

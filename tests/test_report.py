@@ -531,7 +531,7 @@ def test_true_differences_are_held_with_three_seeds():
     assert {c.metric for c in comps} >= {"prompt", "kid", "latency", "throughput"}
     for c in comps:
         lo, hi = c.value_interval()
-        assert lo < c.value_ratio() < hi and f"(95% CI {lo:.3g}-{hi:.3g})" in c.summary()
+        assert lo < c.value_ratio() < hi and f"(95% CI {lo:.3g} to {hi:.3g}, unadjusted)" in c.summary()
     assert "by far" in v.claims[2]["paper"] and "not a test here" in v.claims[2]["note"]
 
 
@@ -598,7 +598,7 @@ def test_scores_at_the_floor_are_a_tie(error):
     v = decide(_sim_study(rng, lambda p, b: error, lambda p, b: 50.0, sd=0.0))
     cells = [c for c in v.table if c["need"] == "prompt following"]
     assert cells and all(c["choice"] is None and c["label"] == "no difference detected" for c in cells)
-    said = "all near zero: every full-match rate below 5%" if error == 1.0 else "all at the ceiling: every prompt fully matched"
+    said = "all near zero: each one's mean full-match rate below 5%" if error == 1.0 else "all at the ceiling: every prompt fully matched"
     assert all(cell_text(c).endswith(f"; {said})") for c in cells)
     assert all("all" not in cell_text(c) for c in v.table if c["need"] == "image quality")  # KID of 50 is not a floor
     at_floor = decide(_sim_study(rng, lambda p, b: 0.5, lambda p, b: 1e-3))  # KID below KID_FLOOR (5e-3) everywhere

@@ -27,7 +27,7 @@ from flopmatch.rundir import CHECKPOINT, STABLE_CHECKPOINT, read_state
 from flopmatch.study.grow import reconcile
 from flopmatch.study.launchers import LocalWorkersLauncher
 from flopmatch.study.operating import chosen_settings, sweep_eval, sweep_settings
-from flopmatch.study.plan import autoencoder_config, cell_seeds, chained_flops, make_plan, run_name
+from flopmatch.study.plan import cell_seeds, chained_flops, make_plan, run_name
 from flopmatch.study.presets import HOLDOUT_COMBOS, HOLDOUT_RELATIONS, study_preset
 from flopmatch.study.runner import study
 from flopmatch.study.timing_phase import ensure_timing
@@ -305,18 +305,17 @@ def test_presets_hold_prompts_out_of_training():
 
 def test_the_shapes_holdout_is_dropped_on_other_data_and_refused_when_asked_for(tmp_path, capsys):
     """On folder data the presets' holdout (scenes of the shapes data) would be recorded and never applied: the
-    study's runs and learned tokenizers get none, a run config written before keeps reading equal to today's, and a
+    study's runs get none, a run config written before keeps reading equal to today's, and a
     holdout the user asks for on such data is refused in one line (train and study)."""
     scfg = replace(study_preset("tiny"), overrides=[*study_preset("tiny").overrides, f"data.name=folder:{tmp_path}"])
     plan = make_plan(scfg, tmp_path / "s")
     assert plan and all(not p.config["data"]["holdout"] and not p.config["data"]["holdout_relations"] for p in plan)
-    assert not autoencoder_config(scfg, "continuous").holdout
     old = from_dict(RunConfig, {**plan[0].config, "data": {**plan[0].config["data"], "holdout": list(HOLDOUT_COMBOS)}})
     assert to_dict(old) == plan[0].config  # read as trained: without the holdout that was never applied
     for argv in (["train", "--objective", "masked", "--budget", "1e10", "--out", str(tmp_path / "r")],
                  ["study", "--preset", "tiny", "--plan-only", "--no-calibrate", "--out", str(tmp_path / "st")]):
         assert cli.main([*argv, "--data", f"folder:{tmp_path}", "--set", "data.holdout=red circle"]) == 2
-        assert "data.holdout hold out scenes of the built-in shapes data" in capsys.readouterr().err
+        assert "data.holdout holds out scenes of the built-in shapes data" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not (tmp_path / "st").exists()
 
 

@@ -191,8 +191,10 @@ def check_holdout(data: DataConfig) -> None:
         return
     given = [f"data.{k}" for k in HOLDOUT_FIELDS if getattr(data, k)]
     if given:
-        raise UserError(f"{' and '.join(given)} hold out scenes of the built-in shapes data; {data.name} has no "
-                        f"scenes: hold images out with a test/ folder (folder:PATH) instead")
+        raise UserError(f"{' and '.join(given)} {'holds' if len(given) == 1 else 'hold'} out scenes of the built-in "
+                        f"shapes data, and {data.name} has none: clear {'it' if len(given) == 1 else 'them'} ("
+                        + " ".join(f"--set {g}=" for g in given) + "); the source's own evaluation split is held out "
+                        "(for folder:PATH, a test/ folder)")
 
 
 @dataclass(frozen=True)
@@ -385,7 +387,7 @@ def _migrate(cls, data: dict) -> dict:
         name = data.get("objective") if isinstance(data.get("objective"), str) else ObjectiveConfig.name
         data["objective"] = {"name": name, **(data.pop("method", None) or {})}
     if cls.__name__ == "DataConfig" and data.get("name", DataConfig.name) != "shapes":
-        # Before 0.2.1 a holdout on another source was recorded and never applied: what the run trained on is
+        # Earlier versions recorded a holdout on another source and never applied it: what the run trained on is
         # read without it, so such a run compares equal to (and resumes under) the same config written today.
         data = {k: v for k, v in data.items() if k not in HOLDOUT_FIELDS}
     return data

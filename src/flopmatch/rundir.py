@@ -95,6 +95,23 @@ def dict_diffs(old: dict, new: dict) -> list[str]:
     return [d for d in diffs if d not in NOT_IDENTITY]
 
 
+DATA_IDENTITY = ("source", "image_size", "split", "split_rule", "size")  # data.json keys a resumed run must keep
+
+
+def check_same_data(run: Path, info: dict) -> None:
+    """Refuse to resume ``run`` on a training split that is not the one it started on: a run's data.json records its
+    split's source, rule and size, and a source edited or laid out differently since (images added or removed, a
+    test/ folder now held out) would silently change what the rest of the run trains on."""
+    if not (run / DATA).exists():
+        return  # written before step 0 since the first version; a run without it has nothing to compare
+    saved = read_json(run / DATA)
+    changed = [k for k in DATA_IDENTITY if k in saved and saved[k] != info.get(k)]
+    if changed:
+        what = "; ".join(f"{k} {saved[k]!r} -> {info.get(k)!r}" for k in changed)
+        raise UserError(f"{run} started on other training data than its source gives now ({what}); restore the data "
+                        f"it started on, or train again with a new --out")
+
+
 def check_same_config(run: Path, cfg: RunConfig) -> None:
     """A run directory belongs to one config; refuse to resume it with a different one."""
     diffs = config_diffs(run, cfg)

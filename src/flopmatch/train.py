@@ -67,6 +67,7 @@ from flopmatch.rundir import (
     STABLE_CHECKPOINT,
     append_metrics,
     check_same_config,
+    check_same_data,
     config_diffs,
     read_state,
     remove_snapshots_after,
@@ -346,6 +347,8 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
     if objective.net_spec(cfg.model, data.tokenizer.spec, data.encoder.dim, data.encoder.max_len) != spec:
         raise UserError(f"tokenizer/text encoder do not match the planned network for {cfg.tokenizer.path or 'the config'}")
 
+    if state is not None:
+        check_same_data(run, data.dataset.info)
     if dist.is_main() and state is None:
         run.mkdir(parents=True, exist_ok=True)
         write_config(run, cfg)  # before step 0

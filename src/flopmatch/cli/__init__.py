@@ -27,7 +27,8 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         if message.endswith("expected one argument"):  # e.g. `--budgets -1e9`: argparse reads the value as a flag
-            message += "; a value that starts with '-' is read as a flag: write it as --flag=VALUE"
+            flag = message.partition(":")[0].removeprefix("argument ").split("/")[-1]
+            message += f" (if its value starts with '-', write {flag}=VALUE)"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

@@ -135,7 +135,8 @@ def register(sub) -> None:
     """Add ``study`` to the top-level subparsers."""
     p = sub.add_parser("study", help="run the compute-matched comparison end to end and write the report")
     p.add_argument("--preset", default="cpu", choices=STUDY_PRESETS,
-                   help="cpu (default, ~7 min on 2 idle cores from an empty cache; --plan-only estimates it for this machine), "
+                   help="cpu (default, ~7 min on 2 idle cores with bf16 matmuls, several times that without; --plan-only "
+                        "estimates it for this machine), "
                         "cpu-long (~1 h), gpu, tiny (seconds of training; for smoke tests; on your own data the domain CLIP "
                         "that scores prompts trains once first, minutes on a CPU)")
     p.add_argument("--out", default="study", type=output_dir, help="study directory (default: study/)")

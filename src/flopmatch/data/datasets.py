@@ -57,11 +57,13 @@ def shapes_config(cfg: DataConfig) -> ShapesConfig:
 def more_eval_images(ds, need: int) -> str:
     """How to give the evaluation split ``ds`` (an eval dataset with ``info``) at least ``need`` images, in words: a
     hash split is capped at MAX_EVAL_FRACTION of the source, so data.num_eval alone cannot raise it past that."""
-    rule = (getattr(ds, "info", None) or {}).get("split_rule")
-    if rule == "hash of the item name":
-        return (f"a hash split holds out at most {MAX_EVAL_FRACTION:.0%} of the source: add images or a test/ split "
-                f"of >= {need}, with data.num_eval >= {need}")
-    if rule == "given by the source":
+    info = getattr(ds, "info", None) or {}
+    rule, kind = info.get("split_rule"), parse_source(str(info.get("source", "shapes")))[0]
+    given = {"folder": "a test/ folder", "hf": "a test split in the saved DatasetDict"}.get(kind)
+    if rule == "hash of the item name" and info.get("usable", 0) * MAX_EVAL_FRACTION < need:
+        return (f"a hash split holds out at most {MAX_EVAL_FRACTION:.0%} of the source's {info.get('usable')} images: "
+                f"add images{f' or give {given} of >= {need}' if given else ''}, with data.num_eval >= {need}")
+    if rule == "given by the source" and len(ds) < need:
         return f"give the source's own evaluation split >= {need} images, with data.num_eval >= {need}"
     return f"set data.num_eval >= {need}"
 
@@ -120,6 +122,6 @@ def make_dataset(cfg: DataConfig, split: str, progress: bool = True) -> ShapesDa
     ds = ImageTextSet(REAL_SOURCES[kind](cfg, arg, progress), split, cfg.num_train, cfg.num_eval)
     ds.info["source"] = cfg.name  # the cache is shared by copies of a source: name the one asked for
     if split == "train" and not len(ds):
-        raise UserError(f"{cfg.name} has no training images (only a test/ split?); add a train/ folder or "
-                        f"remove the split folders to split by hash")
+        raise UserError(f"{cfg.name} has no training images in its training split; add images (or, where the source "
+                        f"gives its split, a train split)")
     return ds

@@ -135,6 +135,7 @@ def folder_items(root: str | Path) -> tuple[list[Item], str]:
     digest = hashlib.sha256()
     items: list[Item] = []
     top = root.resolve()
+    held_dirs = [d.resolve() for d, split in parts if split == "eval"]  # the root's rows must not reach into them
     for directory, split in parts:
         meta = _metadata_file(directory)
         if meta is None:
@@ -161,6 +162,8 @@ def folder_items(root: str | Path) -> tuple[list[Item], str]:
                           .encode("utf-8", "surrogateescape"))
             if not inside:
                 items.append(Item(name, caption, _refuse_outside, split))
+            elif split == "train" and _within(path, held_dirs):
+                items.append(Item(name, caption, _refuse_held_out, split))
             else:
                 items.append(Item(name, caption, _read_file(path), split))
     return items, digest.hexdigest()
@@ -171,6 +174,20 @@ def folder_pool(cfg: DataConfig, path: str, progress: bool = True) -> Pool:
     items, content_key = folder_items(path)
     return load_or_build(cfg.name, "folder", content_key, cfg.image_size, lambda: items, total=len(items),
                          progress=progress)
+
+
+def _within(path: Path, folders: list[Path]) -> bool:
+    """Whether ``path`` resolves inside one of ``folders`` (False where it cannot be resolved)."""
+    try:
+        resolved = path.resolve()
+    except (OSError, ValueError, RuntimeError):
+        return False
+    return any(resolved.is_relative_to(f) for f in folders)
+
+
+def _refuse_held_out():
+    # A root metadata line naming an image of the test/ folder: that image is held out for evaluation, never trained on.
+    raise BadImage("in the held-out test/ folder")
 
 
 def _refuse_outside():

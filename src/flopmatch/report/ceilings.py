@@ -111,7 +111,8 @@ def counts_cell(metrics: dict) -> str:
 
 
 def fid_notes(doc: dict | None) -> list[str]:
-    """Banner lines on the ceilings' FID: not measured (the split lacks 2n images), or measured by version 1."""
+    """Banner lines on the ceilings' FID: not measured (the split lacks 2n images), or measured by version 1; and on
+    their KID: a document from before version 3 has none."""
     tok = (doc or {}).get("tokenizers") or {}
     if not tok:
         return []
@@ -121,7 +122,11 @@ def fid_notes(doc: dict | None) -> list[str]:
                 "reference images with a reference set containing them, so it reads too low. Re-run `flopmatch study` "
                 "on this directory to re-measure them."]
     notes = sorted({(e.get("metrics") or {}).get("fid_note") for e in tok.values()} - {None})
-    return [f"Tokenizer ceilings: no rFID or real-image FID floor ({note})." for note in notes]
+    out = [f"Tokenizer ceilings: no rFID or real-image FID floor ({note})." for note in notes]
+    if (doc or {}).get("version", 1) < 3 and any("kid" not in (e.get("metrics") or {}) for e in tok.values()):
+        out.append("Tokenizer ceilings were measured before rKID was (ceilings version 3): the KID ceilings show \"–\". "
+                   "Re-run `flopmatch study` on this directory to measure them.")
+    return out
 
 
 def _worst_attribute(metrics: dict) -> str:

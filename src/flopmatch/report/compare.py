@@ -48,6 +48,7 @@ from flopmatch.report.render import fmt, render_html, render_md
 from flopmatch.report.stats import holm_adjusted, two_variance_test
 from flopmatch.report.verdicts import (
     ALPHA,
+    MATCHED_MARK,
     NEEDS,
     NO_DIFF,
     NORMAL_DF,
@@ -266,6 +267,9 @@ def _blocks(names, paths, diffs, table, changes, vb, vo, ema, schedules, ceiling
                    "of strength, not of direction)."))
     B.append(("table", ["budget (FLOPs)", "need", names[0], names[1], "answer"],
               [[f"{t['budget']:.3g}", t["need"], t["base"], t["other"], t["status"]] for t in table]))
+    if any(MATCHED_MARK in t["base"] + t["other"] for t in table):
+        B.append(("p", f"{MATCHED_MARK}: compared at each paradigm's cheapest point at matched quality, as that study's "
+                       "report says; the verdict holds for the operating points its sweep chose."))
     B.append(("h", 2, "How far each paradigm moves"))
     B.append(("ul", _summary_lines(changes, names)))
     for metric, rows in changes.items():

@@ -200,7 +200,7 @@ class Comparison:
             return txt + " (analytic, exact)"
         ci = self.value_interval()
         if ci is not None:
-            txt += f" (95% CI {ci[0]:.3g}-{ci[1]:.3g})"
+            txt += f" (95% CI {ci[0]:.3g} to {ci[1]:.3g}, unadjusted)"
         txt += f", p{_p(self.p2)}" + ("" if self.p_adj is None else f" (Holm-adjusted p{_p(self.p_adj)}, {self.m} tests)")
         txt += f" -> {self.label}"
         if self.label == NO_DIFF and self.mdd_percent() is not None:
@@ -678,7 +678,7 @@ def floor_note(metric: str, log_errors: list[float]) -> str:
     """Why a tie may say little: every tied paradigm at a score's end (mean log errors, as the tests compare them).
 
     KID: every mean at ``KID_FLOOR``, indistinguishable from real images at this sample size. Prompt following:
-    every full-match rate below ``NEAR_NO_MATCH``, where no generator has started to follow prompts (or every
+    every paradigm's mean rate (over its seeds, as the tests compare them) below ``NEAR_NO_MATCH``, where no generator has started to follow prompts (or every
     rate at 1, the error floor). Empty when the tie is between scores that mean something.
     """
     if metric == "kid" and all(y <= math.log(KID_FLOOR) + 1e-9 for y in log_errors):
@@ -686,7 +686,7 @@ def floor_note(metric: str, log_errors: list[float]) -> str:
     if metric == "prompt":
         rates = [1 - math.exp(y) for y in log_errors]
         if all(r < NEAR_NO_MATCH for r in rates):
-            return f"all near zero: every full-match rate below {NEAR_NO_MATCH:.0%}"
+            return f"all near zero: each one's mean full-match rate below {NEAR_NO_MATCH:.0%}"
         if all(y <= math.log(FLOOR) + 1e-9 for y in log_errors):
             return "all at the ceiling: every prompt fully matched"
     return ""

@@ -59,7 +59,9 @@ def autoencoder_config(scfg: StudyConfig, tokens: str) -> AutoencoderConfig:
     """The config of the study's learned tokenizer for a token type: the preset, then the study's overrides;
     its data (source, image side, seed, size) is always the study's own, so the tokenizer fits the runs."""
     cfg = ae_overrides(ae_preset(scfg.tokenizer_preset, LEARNED_KIND[tokens]), list(scfg.tokenizer_overrides))
-    data = shared_config(scfg).data
+    # Not shared_config: a learned tokenizer's recorded config must stay what it was trained with (tokenizer matching
+    # compares it), and its data loading reads a holdout only on the shapes source anyway.
+    data = apply_overrides(RunConfig(), scfg.overrides).data
     cfg.data, cfg.image_size, cfg.data_seed, cfg.num_train = data.name, data.image_size, data.seed, data.num_train
     cfg.image_column, cfg.text_column = data.image_column, data.text_column
     cfg.holdout, cfg.holdout_relations = list(data.holdout), list(data.holdout_relations)

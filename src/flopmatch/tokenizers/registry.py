@@ -60,7 +60,7 @@ def fit_weight_free(
         g = torch.Generator().manual_seed(seed)
         tok = KMeansTokenizer(codebook_size=codebook_size, patch=patch, image_size=image_size)
         patches = int(images_uint8.shape[0]) * tok.spec.seq_len
-        if patches < codebook_size:  # codes no patch can reach: tokens the generators can never learn to use
+        if images_uint8.dim() == 4 and patches < codebook_size:  # (a malformed tensor: fit's own check says so)  # codes no patch can reach: tokens the generators can never learn to use
             raise UserError(f"a {codebook_size}-code k-means tokenizer needs at least {codebook_size} patches to fit; "
                             f"{images_uint8.shape[0]} training image(s) give {patches}: add images or lower "
                             f"tokenizer.codebook_size")
