@@ -39,7 +39,7 @@ from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_json, cache_dir, load_tensors, read_json, save_tensors
 
 # Bump when decoding, conversion, resizing or the split rule changes: it keys every cached pool.
-POOL_VERSION = 1
+POOL_VERSION = 2  # 2: a root metadata file beside test/ trains, and its rows naming test/ images are skipped
 MAX_EVAL_FRACTION = 0.1  # without a given split, at most this fraction of a source is held out for evaluation
 
 
