@@ -31,6 +31,7 @@ from flopmatch.config import DataConfig, parse_source, to_dict
 from flopmatch.data.datasets import ImageTextSet, make_dataset, more_eval_images
 from flopmatch.data.folder import folder_items
 from flopmatch.data.images import BadImage, load_image
+from flopmatch.data.inspect import format_summary, summarize
 from flopmatch.data.pool import MAX_EVAL_FRACTION, Pool, split_indices
 from flopmatch.errors import UserError
 from tiny import color
@@ -226,6 +227,19 @@ def test_advice_for_more_evaluation_images_follows_the_split_rule(tmp_path):
     assert more_eval_images(dataset(tmp_path / "given", "eval"), 64).startswith("give the source's own evaluation split")
     shapes = make_dataset(DataConfig(num_train=4, num_eval=4), "eval", progress=False)
     assert more_eval_images(shapes, 64) == "set data.num_eval >= 64"
+
+
+def test_images_smaller_than_the_side_are_counted_as_upscaled(tmp_path):
+    """At 32 px, the folder's 20x50, 64x24 and 12x12 images have a side below 32 and are enlarged (blurred): counted in
+    the pool's info (so data.json) and said by `data inspect`; at 16 px only the two 12x12 ones are."""
+    rows = make_folder(tmp_path, 12)
+    write_jsonl(tmp_path, rows)
+    small = sum(min(SIZES[i % len(SIZES)]) < 32 for i in range(12))
+    assert small == 6
+    train, ev = dataset(tmp_path, "train", num_eval=1), dataset(tmp_path, "eval", num_eval=1)
+    assert train.info["upscaled"] == small and dataset(tmp_path, "train", size=16).info["upscaled"] == 2
+    lines = format_summary(summarize({"train": train, "eval": ev}))
+    assert f"  upscaled: {small} images smaller than 32px were enlarged (blurred); a smaller data.image_size keeps them sharp" in lines
 
 
 # ----------------------------------------------------------------------------------------- hash split

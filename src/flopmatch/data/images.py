@@ -47,6 +47,7 @@ class Tally:
     skipped: Counter = field(default_factory=Counter)
     converted: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)  # cause -> up to 5 names
+    upscaled: int = 0  # usable images whose shorter side was below the configured side (enlarged, so blurred)
 
     def skip(self, cause: str, name: str) -> None:
         self.skipped[cause] += 1
@@ -56,7 +57,7 @@ class Tally:
 
     def to_dict(self) -> dict:
         return {"skipped": dict(sorted(self.skipped.items())), "converted": dict(sorted(self.converted.items())),
-                "skipped_examples": self.examples}
+                "skipped_examples": self.examples, "upscaled": self.upscaled}
 
     def lines(self) -> list[str]:
         """Human-readable summary lines (empty when nothing was skipped or converted)."""
@@ -65,6 +66,8 @@ class Tally:
             out.append("skipped " + ", ".join(f"{n} {c}" for c, n in sorted(self.skipped.items())))
         if self.converted:
             out.append("converted to RGB " + ", ".join(f"{n} {c}" for c, n in sorted(self.converted.items())))
+        if self.upscaled:
+            out.append(f"upscaled {self.upscaled} smaller than the image side (enlarged, so blurred)")
         return out
 
 
@@ -101,7 +104,7 @@ def load_image(data: bytes | str | Path, size: int, tally: Tally | None = None) 
     """Decode an image (file path or encoded bytes) to a (size, size, 3) uint8 array, centre-cropped and resized.
 
     Raises :class:`BadImage` ("unreadable" | "truncated") for a file that cannot be used; conversions to
-    RGB are counted in ``tally.converted``.
+    RGB are counted in ``tally.converted``, images whose shorter side is below ``size`` in ``tally.upscaled``.
     """
     src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     try:
@@ -125,6 +128,8 @@ def load_image(data: bytes | str | Path, size: int, tally: Tally | None = None) 
         raise BadImage("truncated" if "truncat" in str(e).lower() else "unreadable") from None
     if conversion and tally is not None:
         tally.converted[conversion] += 1
+    if tally is not None and min(rgb.size) < size:
+        tally.upscaled += 1
     out = ImageOps.fit(rgb, (size, size), Image.Resampling.BICUBIC, centering=(0.5, 0.5))
     return np.asarray(out, dtype=np.uint8)
 

@@ -45,7 +45,7 @@ def summarize(splits: dict, count_tokens: Callable[[str], int] | None = None, ma
     out["source"] = info.get("source")
     out["image_size"] = info.get("image_size")
     out["split_rule"] = info.get("split_rule")
-    for key in ("usable", "skipped", "converted", "skipped_examples"):
+    for key in ("usable", "skipped", "converted", "skipped_examples", "upscaled"):
         if key in info:
             out[key] = info[key]
     return out
@@ -71,6 +71,9 @@ def format_summary(s: dict, max_tokens: int | None = None) -> list[str]:
             lines.append(f"    {cause}: {', '.join(names)}{' ...' if s['skipped'].get(cause, 0) > len(names) else ''}")
     if s.get("converted"):
         lines.append("  converted to RGB: " + ", ".join(f"{n} {c}" for c, n in s["converted"].items()))
+    if s.get("upscaled"):
+        lines.append(f"  upscaled: {s['upscaled']} images smaller than {s['image_size']}px were enlarged (blurred); "
+                     f"a smaller data.image_size keeps them sharp")
     return lines
 
 

@@ -39,7 +39,8 @@ from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_json, cache_dir, load_tensors, read_json, save_tensors
 
 # Bump when decoding, conversion, resizing or the split rule changes: it keys every cached pool.
-POOL_VERSION = 2  # 2: a root metadata file beside test/ trains, and its rows naming test/ images are skipped
+# 2: a root metadata file beside test/ trains, and its rows naming test/ images are skipped; images upscaled counted
+POOL_VERSION = 2
 MAX_EVAL_FRACTION = 0.1  # without a given split, at most this fraction of a source is held out for evaluation
 
 
@@ -66,6 +67,7 @@ class Decoded:
     caption: str = ""
     skipped: str = ""  # the cause it is skipped under; "" when usable
     converted: str = ""  # the conversion to RGB made ("grey", "alpha", ...); "" when none
+    upscaled: bool = False  # its shorter side was below the configured side
 
 
 @dataclass
@@ -118,7 +120,8 @@ def decode_item(item: Item, size: int, order: tuple[int, ...] = ()) -> Decoded:
     except BadImage as e:
         return Decoded(item.name, item.split, item.label, order, skipped=e.cause)
     converted = next(iter(tally.converted), "")
-    return Decoded(item.name, item.split, item.label, order, image, caption, converted=converted)
+    return Decoded(item.name, item.split, item.label, order, image, caption, converted=converted,
+                   upscaled=bool(tally.upscaled))
 
 
 def _gather(decoded: Iterable[Decoded], tally: Tally) -> dict:
@@ -130,6 +133,7 @@ def _gather(decoded: Iterable[Decoded], tally: Tally) -> dict:
             continue
         if d.converted:
             tally.converted[d.converted] += 1
+        tally.upscaled += d.upscaled
         images.append(d.image)
         captions.append(d.caption)
         names.append(d.name)
@@ -240,7 +244,7 @@ def _save_part(path: Path, size: int, decoded: list[Decoded]) -> None:
     images = [d.image for d in decoded if not d.skipped]
     stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
     save_tensors(path.with_suffix(".safetensors"), {"images": torch.from_numpy(stacked)})
-    fields = ("name", "split", "label", "order", "caption", "skipped", "converted")
+    fields = ("name", "split", "label", "order", "caption", "skipped", "converted", "upscaled")
     atomic_write_json(path.with_suffix(".json"), [{f: getattr(d, f) for f in fields} for d in decoded])
 
 
