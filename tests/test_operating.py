@@ -173,6 +173,7 @@ def test_the_busy_probe_sees_another_process_and_not_this_one():
     wall = time.monotonic() - t
     own_s, machine_s = _own_cpu_s() - own, _machine_busy_s() - machine
     # in CPU seconds over the interval, so the check is as sharp under any load: this process's >= 0.8 s would show
-    # in full if it were counted; 0.1 s covers /proc/stat's ticks (10 ms per CPU at each end) and the reads' skew
-    assert other * wall == pytest.approx(max(machine_s - own_s, 0.0), abs=0.1)
+    # in full if it were counted; 0.3 s covers /proc/stat's ticks (10 ms per CPU at each end) and the skew between the
+    # probe's reads and these (up to ~150 ms descheduled between them while 2 other cores run)
+    assert other * wall == pytest.approx(max(machine_s - own_s, 0.0), abs=0.3)
     assert other_busy_cores(None) is None
