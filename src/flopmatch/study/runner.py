@@ -152,14 +152,13 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
     atomic_write_json(out / "plan.json", [asdict(p) for p in plans])
     print(format_plan(plans))
     jobs = run_jobs(out, scfg, plans)
-    finished = frozenset(j["name"] for j in jobs if job_finished(j))  # a resumed or grown study: what is left
-    todo = [p for p in plans if p.name not in finished]
+    done = frozenset(j["name"] for j in jobs if job_finished(j))  # a resumed or grown study: only the rest is estimated
+    todo = [p for p in plans if p.name not in done]
     host = calibrate_or_none(scfg, todo) if calibrate_host and todo else None
     est = estimate(scfg, plans, out, host=host, concurrent=launch.concurrent, report_workers=report_workers,
-                   finished=finished, timing_done=not timing_needed(out, scfg, plans, retime))
-    print(f"[study] {len(finished)} of {len(plans)} runs already trained and evaluated; " if finished else "[study] ",
-          end="")
-    print(format_estimate(est, calibrated=host is not None or not todo))
+                   finished=done, timing_done=not timing_needed(out, scfg, plans, retime))
+    already = f"{len(done)} of {len(plans)} runs already trained and evaluated; " if done else ""
+    print(f"[study] {already}{format_estimate(est, calibrated=host is not None or not todo)}")
     t0 = time.perf_counter()
     # the tokenizers and each one's reconstruction ceiling (a tokenizer below the classifier floor is refused)
     if not launch.attaches:
