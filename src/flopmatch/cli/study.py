@@ -79,14 +79,10 @@ def cmd_study(args) -> int:
         raise UserError("--workers applies only with --launcher local (on SLURM every run is its own job)")
     # Imported when the command runs, not at the top: the CLI modules load no torch, so that
     # `flopmatch --help` and argument errors answer at once.
-    from flopmatch.study.calibrate import calibrate_or_none
-    from flopmatch.study.estimate import estimate, format_estimate
     from flopmatch.study.launchers import concurrent_runs
-    from flopmatch.study.plan import format_plan, make_plan
     from flopmatch.study.presets import check_grid_overrides, study_preset
-    from flopmatch.study.runner import finished_runs, study
+    from flopmatch.study.runner import preview, study
     from flopmatch.study.slurm import SlurmConfig, parse_slurm_time
-    from flopmatch.study.timing_phase import timing_needed
 
     scfg = study_preset(args.preset)
     for name in ("objectives", "depths", "budgets", "seeds", "floor_seeds", "base_seed", "eval_samples", "eval_raw",
@@ -105,18 +101,9 @@ def cmd_study(args) -> int:
                         f"(--tokenizer learned to train them)")
     scfg.tokenizer_overrides = scfg.tokenizer_overrides + list(args.tokenizer_set)
     if args.plan_only:
-        plans = make_plan(scfg.validate(), Path(args.out))
-        print(format_plan(plans))
-        finished = finished_runs(Path(args.out), scfg, plans)  # an existing study: only what is left
-        todo = [p for p in plans if p.name not in finished]
-        host = calibrate_or_none(scfg, todo) if args.calibrate and args.launcher != "slurm" and todo else None
-        concurrent = concurrent_runs(args.workers) if args.launcher == "local" else 1
-        est = estimate(scfg, plans, Path(args.out), host=host, concurrent=concurrent,
-                       report_workers=None if args.launcher == "local" else 1, finished=finished,
-                       timing_done=not timing_needed(Path(args.out), scfg, plans))
-        if finished:
-            print(f"{len(finished)} of {len(plans)} runs already trained and evaluated in {args.out}")
-        print(format_estimate(est, calibrated=host is not None or not todo))
+        preview(Path(args.out), scfg, calibrate=args.calibrate and args.launcher != "slurm",
+                concurrent=concurrent_runs(args.workers) if args.launcher == "local" else 1,
+                report_workers=None if args.launcher == "local" else 1)
         return 0
     slurm = None
     if args.launcher == "slurm":

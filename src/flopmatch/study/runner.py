@@ -90,6 +90,45 @@ def finished_runs(out: Path, scfg: StudyConfig, plans: list[RunPlan]) -> frozens
     return frozenset(j["name"] for j in run_jobs(out, scfg, plans) if job_finished(j))
 
 
+def existing_study(out: Path, scfg: StudyConfig, check_lock: bool = True) -> tuple[StudyConfig, list | None, bool]:
+    """What ``out`` already holds decides the study config: (config to run, the runs it adds or None, whether ``out``
+    held only the settings of a study that produced nothing). UserError when this command would change the saved
+    study incomparably (:func:`~flopmatch.study.grow.reconcile`) or ``out`` is not a study directory. Read-only
+    (``flopmatch study --plan-only`` uses it too); ``check_lock`` also refuses a directory another study is creating."""
+    if (out / "study.json").exists() and not_started(out):
+        # A study that stopped before producing anything (a missing data folder, an earlier check) holds only its
+        # settings: the corrected command replaces them instead of being refused as incomparable with nothing.
+        if check_lock and is_locked(out):
+            raise in_use(out, "study")
+        print(f"[study] {out} holds the settings of a study that produced nothing yet; starting it with this command's")
+        return scfg, None, True
+    if (out / "study.json").exists():  # the same study again, or grown by new cells (see grow.py); else refused
+        scfg, _, added = reconcile(read_json(out / "study.json"), scfg, out)
+        return scfg, added, False
+    if out.exists() and any(p for p in out.iterdir() if p.name not in ("study.json", "plan.json", LOCK_NAME)):
+        if check_lock and is_locked(out):  # a study another process is creating right now
+            raise in_use(out, "study")
+        raise UserError(f"{out} exists and is not a flopmatch study directory; choose another --out")
+    return scfg, None, False
+
+
+def preview(out: Path, scfg: StudyConfig, calibrate: bool = True, concurrent: int = 1,
+            report_workers: int | None = None, log=print) -> dict[str, float]:
+    """``flopmatch study --plan-only``: the plan and the estimated wall time of what is left, printed with ``log``;
+    nothing is written. Refused as the study itself would be (:func:`existing_study`). Returns the estimate."""
+    scfg, _, _ = existing_study(out, scfg.validate(), check_lock=False)
+    plans = make_plan(scfg, out)
+    log(format_plan(plans))
+    done = finished_runs(out, scfg, plans)  # an existing study: only what is left
+    host = calibrate_or_none(scfg, plans, log) if calibrate and len(done) < len(plans) else None
+    est = estimate(scfg, plans, out, host=host, concurrent=concurrent, report_workers=report_workers, finished=done,
+                   timing_done=not timing_needed(out, scfg, plans))
+    if done:
+        log(f"{len(done)} of {len(plans)} runs already trained and evaluated in {out}")
+    log(format_estimate(est, calibrated=host is not None or len(done) == len(plans)))
+    return est
+
+
 def not_started(out: Path) -> bool:
     """Whether the study directory ``out`` holds nothing but its settings: no tokenizer, no run (its tokenizer
     ceilings file is keyed by each tokenizer's fingerprint and data, so another study's entries are re-measured)."""
@@ -109,20 +148,7 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
     """
     out = Path(out)
     scfg.validate()
-    added, fresh = None, False
-    if (out / "study.json").exists() and not_started(out):
-        # A study that stopped before producing anything (a missing data folder, an earlier check) holds only its
-        # settings: the corrected command replaces them instead of being refused as incomparable with nothing.
-        if is_locked(out):
-            raise in_use(out, "study")
-        print(f"[study] {out} holds the settings of a study that produced nothing yet; starting it with this command's")
-        fresh = True
-    elif (out / "study.json").exists():  # the same study again, or grown by new cells (see grow.py); else refused
-        scfg, _, added = reconcile(read_json(out / "study.json"), scfg, out)
-    elif out.exists() and any(p for p in out.iterdir() if p.name not in ("study.json", "plan.json", LOCK_NAME)):
-        if is_locked(out):  # a study another process is creating right now
-            raise in_use(out, "study")
-        raise UserError(f"{out} exists and is not a flopmatch study directory; choose another --out")
+    scfg, added, fresh = existing_study(out, scfg)
     plans = make_plan(scfg, out)  # validates the grid before anything is written
     if launcher == "local":  # the runs' device exists here (under SLURM they run on other machines)
         for device in sorted({p.config["train"]["device"] for p in plans}):
@@ -154,7 +180,7 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
     jobs = run_jobs(out, scfg, plans)
     done = frozenset(j["name"] for j in jobs if job_finished(j))  # a resumed or grown study: only the rest is estimated
     todo = [p for p in plans if p.name not in done]
-    host = calibrate_or_none(scfg, todo) if calibrate_host and todo else None
+    host = calibrate_or_none(scfg, plans) if calibrate_host and todo else None  # every architecture: finished ones are timed too
     est = estimate(scfg, plans, out, host=host, concurrent=launch.concurrent, report_workers=report_workers,
                    finished=done, timing_done=not timing_needed(out, scfg, plans, retime))
     already = f"{len(done)} of {len(plans)} runs already trained and evaluated; " if done else ""
