@@ -648,6 +648,11 @@ def test_a_claim_with_an_unmeasured_part_says_so():
     v = decide(Study(full.root, [r for r in full.rows if r["objective"] != "masked"], [], []))
     c1 = v.claims[0]
     assert c1["status"] == "suggestive" and "not measured: masked beats diffusion" in c1["reason"]
+    # claim 3 ("next-token is the most inference-efficient") without diffusion: never "held" on masked alone
+    no_diffusion = decide(Study(full.root, [r for r in full.rows if r["objective"] != "diffusion"], [], []))
+    c3 = no_diffusion.claims[2]
+    assert c3["status"] != "held" and "not measured: next-token needs fewer sampling FLOPs per image than diffusion" in c3["reason"]
+    assert all(p["status"] != "not measured" for p in c3["parts"] if "than masked" in p["text"])
 
 
 def test_eval_summary_reads_entries_of_earlier_versions():

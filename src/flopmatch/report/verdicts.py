@@ -596,12 +596,12 @@ def _claims(b: _Builder) -> list[tuple[int, list[dict]]]:
                [(b.gap_trend("kid", DIFF, AR), DIFF)])]
     out.append((2, p2))
     shared = sorted({d for (p, d) in b.timing if p == AR} & {d for (p, d) in b.timing if p != AR})
-    others = [p for p in b.paradigms if p != AR]
-    flops = [(b.flops((AR, d), (q, d)), AR) for d in shared for q in others if (q, d) in b.timing]
-    thr = [(b.timed("claims", "throughput", (AR, d), (q, d)), AR) for d in shared for q in others if (q, d) in b.timing]
-    out.append((3, [part("next-token needs the fewest sampling FLOPs per image (the generator's: decoding the tokens "
-                         "to pixels, a cost of the tokenizer, is not counted)", flops),
-                    part("next-token has the highest throughput", thr)]))
+    others = [p for p in PARADIGMS if p != AR]  # every paradigm the claim is about: one a study lacks is "not measured"
+    flops = {q: [(b.flops((AR, d), (q, d)), AR) for d in shared if (q, d) in b.timing] for q in others}
+    thr = {q: [(b.timed("claims", "throughput", (AR, d), (q, d)), AR) for d in shared if (q, d) in b.timing] for q in others}
+    out.append((3, [*[part(f"next-token needs fewer sampling FLOPs per image than {q} (the generator's: decoding the "
+                           "tokens to pixels, a cost of the tokenizer, is not counted)", flops[q]) for q in others],
+                    *[part(f"next-token has a higher throughput than {q}", thr[q]) for q in others]]))
     def largest(metric, who):  # the largest budget every paradigm was measured at, if ``who`` and another were
         have = [p for p in b.paradigms if any(q == p for q, _ in b.cells[metric])]
         return b.budgets(metric, have) if who in have and len(have) >= 2 else []
@@ -619,7 +619,7 @@ def _claims(b: _Builder) -> list[tuple[int, list[dict]]]:
           part(f"next-token follows prompts best at the largest budget{f' ({topp[-1]:.3g})' if topp else ''}",
                [(b.quality("claims", "prompt", AR, q, topp[-1]), AR) for q in b.paradigms
                 if q != AR and (q, topp[-1]) in b.cells["prompt"]] if topp else []),
-          part("next-token has the highest throughput", thr)]
+          part("next-token has the highest throughput", [c for q in others for c in thr[q]])]
     out.append((4, p4))
     return out
 
