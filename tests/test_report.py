@@ -700,6 +700,22 @@ def test_per_run_timings_are_at_most_suggestive(tmp_path):
     assert v.claims[2]["status"] == "suggestive"  # FLOPs exact (held), throughput only suggestive
 
 
+def test_timings_measured_on_a_busy_machine_are_at_most_suggestive():
+    """A 5x latency gap over 5 paired rounds is confident on a quiet machine; recorded with other processes keeping
+    1.2 cores busy during the rounds, the same timings are at most 'suggestive', with the reason and the fix."""
+    from flopmatch.report.data import Study
+
+    quiet = _sim_study(np.random.default_rng(8), lambda p, b: 0.3, lambda p, b: 50.0,
+                       timing={"autoregressive": 0.01, "masked": 0.05, "diffusion": 0.05})
+    timed = [c for c in decide(quiet).families["claims"] if c.metric == "latency"]
+    assert timed and any(c.label == "confident" for c in timed)
+    busy = decide(Study(quiet.root, quiet.rows, [], [], timing={"other_busy_cores_during": 1.2}))
+    timed = [c for c in busy.families["claims"] if c.metric in ("latency", "throughput")]
+    assert timed and all(c.label != "confident" for c in timed)
+    assert all("other processes kept 1.2 cores busy during the timing rounds" in c.summary() and "--retime" in c.summary()
+               for c in timed)
+
+
 # ------------------------------------------------------------------------------- FLOP convention
 
 

@@ -103,6 +103,11 @@ def _best_batch(run, clock: Clock, max_batch: int, budget_s: float) -> tuple[int
     return best_b, best_ips
 
 
+# Other processes keeping more than this many cores busy during timing rounds: the study warns, and the report's
+# timing verdicts are at most "suggestive" (rounds pair away a shared load, not one that comes and goes within them).
+BUSY_CORES = 0.5
+
+
 def _cpu_ticks() -> tuple[float, float, float]:
     """(busy CPU seconds of the whole machine, CPU seconds of this process, monotonic time) now. From Linux ``/proc/stat``'s "cpu" line: user nice system idle iowait irq softirq steal (guest and
     guest_nice are already inside user and nice, so they are not added again)."""

@@ -22,6 +22,7 @@ import numpy as np
 
 from flopmatch import PARADIGMS
 from flopmatch.errors import UserError
+from flopmatch.evaluation.timing import BUSY_CORES
 from flopmatch.files import atomic_write_bytes, atomic_write_text, read_json
 from flopmatch.report.analysis import EXTRAPOLATE, LEVEL, METRIC, MIN_FIT_BUDGETS, MIN_FIT_DECADES, Analysis
 from flopmatch.report.ceilings import add_column, by_paradigm, ceiling_banner, ceilings_table, fit_cell, read_ceilings, runs_cell
@@ -399,7 +400,10 @@ def _banners(study: Study, an: Analysis) -> list[str]:
                    f"not depend on training); spread between rounds up to {100 * max(spread, default=0):.0f}% for latency"
                    + (f", {100 * max(thr):.0f}% for throughput" if thr else "") + ". They hold for this machine."
                    + (f" {shared} setting(s) share the timing of one that runs the same computation (they differ only in "
-                      "a guidance scale above 1, a temperature or the time shift)." if shared else ""))
+                      "a guidance scale above 1, a temperature or the time shift)." if shared else "")
+                   + (f" Other processes kept {load:.1f} cores busy during the rounds, so no timing verdict is more than "
+                      "suggestive: re-time on a quiet machine with `flopmatch study --retime`."
+                      if (load := study.timing.get("other_busy_cores_during")) is not None and load > BUSY_CORES else ""))
     elif any(r["latency_s"] is not None for r in study.rows):
         out.append("Timings come from each run's own evaluation (no study timing phase), possibly under different loads.")
     return out

@@ -58,6 +58,7 @@ import numpy as np
 from scipy import stats as sps
 
 from flopmatch import PARADIGMS
+from flopmatch.evaluation.timing import BUSY_CORES
 from flopmatch.report.analysis import KID_FLOOR, inference_summary
 from flopmatch.report.data import Study
 from flopmatch.report.operating import Operating, matched_timing, operating
@@ -389,6 +390,11 @@ class _Builder:
         # only where every timed paradigm of a depth has its point: a comparison mixes no bases
         self.matched = {k: v for k, v in matched.items()
                         if all((p, d) in matched for (p, d) in self.timing if d == k[1])}
+        load = (study.timing or {}).get("other_busy_cores_during")
+        # rounds pair away a load they share, not one that comes and goes within them: a busy machine's timings
+        # point a way but decide nothing (study.timing_phase warns at the same level)
+        self.timing_capped = (f"other processes kept {load:.1f} cores busy during the timing rounds (re-time on a quiet "
+                              "machine: flopmatch study --retime)") if load is not None and load > BUSY_CORES else ""
         present = {p for m in QUALITY for (p, _) in self.cells[m]} | {p for p, _ in self.timing}
         self.paradigms = [p for p in PARADIGMS if p in present] + sorted(present - set(PARADIGMS))
 
@@ -472,7 +478,8 @@ class _Builder:
         where = (f"depth {a[1]}" if a[1] == b[1] else f"depths {a[1]} and {b[1]}") + basis
         if source[a]["phase"] and source[b]["phase"] and la.size == lb.size:
             # rounds interleave the paradigms: round r of a and of b share the machine's state, so pair them
-            return self.add(family, Comparison(family, metric, a[0], b[0], where, paired_test(la, lb), "timing rounds"))
+            return self.add(family, Comparison(family, metric, a[0], b[0], where, paired_test(la, lb), "timing rounds",
+                                               self.timing_capped))
         return self.add(family, Comparison(family, metric, a[0], b[0], where, welch_test(la, lb), "per-run timings",
                                            "timings from separate evaluations, possibly under different loads"))
 

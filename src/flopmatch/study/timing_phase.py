@@ -31,7 +31,7 @@ from pathlib import Path
 from flopmatch.config import RunConfig, SampleConfig, from_dict
 from flopmatch.evaluation.inference import inference_cost
 from flopmatch.evaluation.run import EvalConfig, setting_key, timing_fields, timing_items
-from flopmatch.evaluation.timing import TIMING, TIMING_VERSION, machine, read_timing, time_items
+from flopmatch.evaluation.timing import BUSY_CORES, TIMING, TIMING_VERSION, machine, read_timing, time_items
 from flopmatch.files import atomic_write_json
 from flopmatch.objectives import make_objective
 from flopmatch.plan import net_spec_for
@@ -40,8 +40,6 @@ from flopmatch.sample import load_sampler
 from flopmatch.study.operating import chosen_settings, selection_run, sweep_eval, sweep_settings
 from flopmatch.study.plan import RunPlan, eval_settings, fmt_duration
 from flopmatch.study.presets import StudyConfig
-
-BUSY_CORES = 0.5  # warn when other processes keep more than half a core busy during the phase
 
 
 def timing_plan(out: Path, scfg: StudyConfig, plans: list[RunPlan]) -> list[dict]:
