@@ -162,6 +162,9 @@ def test_compare_two_studies_end_to_end(tmp_path, capsys):
     assert led and all(t["status"] == "changed" and not t["other"].startswith("diffusion") for t in led)
     for name in ("compare.html", "compare.md", "compare.json", "compare_figures/changes.png"):
         assert (tmp_path / "cmp" / name).stat().st_size > 0
+    timing_moved = any(t["need"] in ("latency", "throughput") and not t["status"].startswith("same") and t["status"] != "–"
+                       for t in out["table"])
+    assert ("Timings do not depend on training" in (tmp_path / "cmp" / "compare.md").read_text()) == timing_moved
     assert main(["compare", str(base), str(other), "--out", str(tmp_path / "cmp2")]) == 0
     printed = capsys.readouterr().out
     assert "KID: 3 of 9 (paradigm, budget) cells move (confident, Holm-corrected); diffusion at 1e+12 x" in printed

@@ -267,6 +267,12 @@ def _blocks(names, paths, diffs, table, changes, vb, vo, ema, schedules, ceiling
                    "of strength, not of direction)."))
     B.append(("table", ["budget (FLOPs)", "need", names[0], names[1], "answer"],
               [[f"{t['budget']:.3g}", t["need"], t["base"], t["other"], t["status"]] for t in table]))
+    timed = [t for t in table if t["need"] in ("latency", "throughput") and not t["status"].startswith("same") and t["status"] != "–"]
+    if timed:
+        B.append(("p", f"{len(timed)} latency or throughput cell(s) differ. Timings do not depend on training (seeds, "
+                       "budgets): each study timed one checkpoint per paradigm and depth on its own occasion, so unless "
+                       "the sampling settings or the machine differ, such a change is the machines' noise between the two "
+                       "timing phases (see each study's timing banner for its spread and load)."))
     if any(MATCHED_MARK in t["base"] + t["other"] for t in table):
         B.append(("p", f"{MATCHED_MARK}: compared at each paradigm's cheapest point at matched quality, as that study's "
                        "report says; the verdict holds for the operating points its sweep chose."))
