@@ -355,6 +355,8 @@ def test_a_study_with_another_base_seed_grows_its_seeds(tmp_path):
     for saved in (legacy, asdict(pinned)):  # the pin is kept in study.json, and so is the refusal
         with pytest.raises(UserError, match="more seeds would reuse base seed 2's"):
             reconcile(saved, replace(more, seeds=2), tmp_path)
+    with pytest.raises(UserError, match=r"made with base seed 1; base seed 2 trains other seeds, which is another study"):
+        reconcile(asdict(scfg), replace(scfg, base_seed=2), tmp_path)  # not an axis to add to
 
 
 def test_study_refuses_changed_settings(tmp_path):

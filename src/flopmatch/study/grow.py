@@ -98,9 +98,13 @@ def reconcile(saved: dict, scfg: StudyConfig, out: Path) -> tuple[StudyConfig, l
     dropped = [n for n in old_plan if n not in new_names]
     if dropped:
         axis = next((k for k in GRID if getattr(scfg, k) != getattr(old, k)), "grid")
-        raise UserError(f"this command's {axis} leaves out {len(dropped)} run(s) the study in {out} already has (e.g. "
-                        f"{dropped[0]}); a grown study may add cells, never drop them (the report reads every run). "
-                        f"Keep the saved values and add to them, or use another --out")
+        if axis == "base_seed":  # not an axis to add to: another base seed owns other training seeds
+            raise UserError(f"the study in {out} was made with base seed {old.base_seed}; base seed {scfg.base_seed} "
+                            f"trains other seeds, which is another study (with its own --out; `flopmatch compare` "
+                            f"then sets the two side by side)")
+        raise UserError(f"with this command's {axis}, {len(dropped)} run(s) the study in {out} already has are left out "
+                        f"(e.g. {dropped[0]}); a grown study may add cells, never drop them (the report reads every "
+                        f"run). Keep the saved values and add to them, or use another --out")
     for p in new_plan:
         if p.name in old_plan:
             diff = dict_diffs(old_plan[p.name].config, p.config)
