@@ -34,6 +34,7 @@ from flopmatch.report.analysis import EXTRAPOLATE, Analyser
 from flopmatch.report.build import DEFAULT_N_BOOT, build_report, results_csv, study_n_boot
 from flopmatch.report.data import COLUMNS, RunInfo, Study, load_study, main_setting
 from flopmatch.report.findings import analyse
+from flopmatch.report.plots import iso_flops
 from flopmatch.report.prompt_groups import (
     adjusted_difference,
     difference_interval,
@@ -456,6 +457,8 @@ def test_three_budgets_show_points_without_a_law(tmp_path):
     an = Analyser(load_study(root), n_boot=10, seed=0)
     assert an.fits[("fid", "diffusion")].boot is None and an.fits[("fid", "diffusion")].note.startswith("no law fitted")
     assert an.crossovers() == []
+    # one depth: no iso-FLOP figure is drawn (the report says why), not one left unreferenced in report_figures/
+    assert ("loss", "diffusion") in an.fits and iso_flops(an, load_study(root), "loss") is None
 
 
 @pytest.mark.slow

@@ -184,9 +184,10 @@ def loss_curves(study: Study, paradigms: list[str]):
 
 
 def iso_flops(an: Analysis, study: Study, metric: str):
-    """Metric vs parameters at each fixed budget, one panel per paradigm."""
+    """Metric vs parameters at each fixed budget, one panel per paradigm; None with one depth (one point per budget:
+    no curve, and the report says so instead of showing the figure)."""
     fits = [(p, an.fits[(metric, p)]) for p in an.paradigms if (metric, p) in an.fits]
-    if not fits:
+    if not fits or len({r["depth"] for r in study.rows}) < 2:
         return None
     cmap = matplotlib.colormaps["plasma"]
     params = {(r["objective"], r["depth"]): r["params"] for r in study.rows if r["params"]}
