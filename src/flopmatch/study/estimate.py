@@ -129,6 +129,7 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
     # the CPU's, unknown here, so the reference CPU's times stand (the effnet ratio applies only to a CPU host).
     cpu_speed = speed if host is not None and host.device == "cpu" else 1.0
     setup = 0.0
+    data_cached = bool(finished)  # finished runs built the data, captions, scorer and reference features (and a k-means tokenizer) on this machine
     if scfg.tokenizer == "learned":
         for tokens, directory in tokenizer_dirs(study).items():
             if tokens in token_types(scfg) and not (directory / "tokenizer.json").exists():
@@ -142,9 +143,8 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
             if scfg.tokenizer_match_max >= 2:
                 setup += 2 * steps * rates.autoencoder_step_s / speed
             setup += 3 * min(VAL_IMAGES, cfg.data.num_eval) / rates.psnr_images_per_s
-    elif "discrete" in token_types(scfg) and not finished:  # cached once a run used it
+    elif "discrete" in token_types(scfg) and not data_cached:
         setup += rates.kmeans_s / cpu_speed  # the continuous patch tokenizer is a mean and a std: free
-    data_cached = bool(finished)  # finished runs built the data, captions, scorer and reference features on this machine
     if not data_cached:
         setup += cfg.data.num_train / rates.render_images_per_s
         if cfg.text.kind == "minilm":

@@ -85,9 +85,10 @@ def run_jobs(out: Path, scfg: StudyConfig, plans: list[RunPlan]) -> list[dict]:
     return jobs
 
 
-def finished_runs(out: Path, scfg: StudyConfig, plans: list[RunPlan]) -> frozenset[str]:
-    """Names of the planned runs already trained and evaluated in the study directory ``out`` (empty for a new one)."""
-    return frozenset(j["name"] for j in run_jobs(out, scfg, plans) if job_finished(j))
+def finished_runs(out: Path, scfg: StudyConfig, plans: list[RunPlan], jobs: list[dict] | None = None) -> frozenset[str]:
+    """Names of the planned runs already trained and evaluated in the study directory ``out`` (empty for a new one);
+    ``jobs``: their :func:`run_jobs`, when the caller has them."""
+    return frozenset(j["name"] for j in (jobs if jobs is not None else run_jobs(out, scfg, plans)) if job_finished(j))
 
 
 def existing_study(out: Path, scfg: StudyConfig, check_lock: bool = True) -> tuple[StudyConfig, list | None, bool]:
@@ -178,7 +179,7 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
     atomic_write_json(out / "plan.json", [asdict(p) for p in plans])
     print(format_plan(plans))
     jobs = run_jobs(out, scfg, plans)
-    done = frozenset(j["name"] for j in jobs if job_finished(j))  # a resumed or grown study: only the rest is estimated
+    done = finished_runs(out, scfg, plans, jobs)  # a resumed or grown study: only the rest is estimated
     todo = [p for p in plans if p.name not in done]
     host = calibrate_or_none(scfg, plans) if calibrate_host and todo else None  # every architecture: finished ones are timed too
     est = estimate(scfg, plans, out, host=host, concurrent=launch.concurrent, report_workers=report_workers,
