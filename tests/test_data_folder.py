@@ -275,6 +275,16 @@ def test_hash_split_is_deterministic_disjoint_and_capped(n, num_eval):
         assert sorted(ev2) == sorted(ev) and tr2 == tr
 
 
+@pytest.mark.parametrize("num_eval", [1, 2, 3, 4, 5, 6])
+def test_an_image_listed_with_several_captions_never_trains_and_evaluates(num_eval):
+    """Rows naming one image (one per caption) sort together; wherever the eval cut falls inside them, the image's
+    other rows are left out of training, never trained on while it is evaluated. Eval keeps num_eval rows."""
+    names = [f"img_{i:02d}.png" for i in range(60) for _ in range(3)]  # 60 images, 3 captions each
+    ev, tr = split_names(fake_pool(names), num_eval)
+    assert len(ev) == num_eval and not set(ev) & set(tr)
+    assert len(tr) == len(names) - num_eval - (-num_eval % 3)  # the rest of a cut image's rows: dropped
+
+
 def test_hash_split_respects_num_train():
     names = [f"{i}.png" for i in range(100)]
     ev, tr = split_names(fake_pool(names), num_eval=5, num_train=20)
@@ -993,3 +1003,15 @@ def test_main_only_block_does_not_desynchronise_ranks(tmp_path):
             if p.is_alive():
                 p.kill()
     assert got == {0: 2, 1: None}, got
+
+
+def test_data_inspect_counts_rows_that_repeat_an_image(tmp_path):
+    """Several captions per image (one metadata row each): every row is an example, and `data inspect` says how many
+    rows repeat an image listed before, so a user sees the image count is not the example count."""
+    rows = make_folder(tmp_path, 10)
+    write_jsonl(tmp_path, rows + [(f, f"another caption of {f}") for f, _ in rows[:4]])
+    train, ev = dataset(tmp_path, "train", num_eval=1), dataset(tmp_path, "eval", num_eval=1)
+    s = summarize({"train": train, "eval": ev})
+    repeated = s["splits"]["train"]["repeated_images"]
+    assert len(train) + len(ev) <= 14 and repeated == len(train.names) - len(set(train.names)) and repeated >= 3
+    assert any(f"{repeated} rows repeat an image listed before" in line for line in format_summary(s))

@@ -35,6 +35,9 @@ def summarize(splits: dict, count_tokens: Callable[[str], int] | None = None, ma
         distinct = sorted(set(caps))
         entry = {"images": len(ds), "distinct_captions": len(distinct),
                  "caption_words": _stats([len(c.split()) for c in caps])}
+        names = getattr(ds, "names", None)  # real sources: each example's file or key
+        if names is not None:
+            entry["repeated_images"] = len(names) - len(set(names))
         if count_tokens is not None:
             tokens = {c: count_tokens(c) for c in distinct}
             entry["caption_tokens"] = _stats([tokens[c] for c in caps])
@@ -64,6 +67,9 @@ def format_summary(s: dict, max_tokens: int | None = None) -> list[str]:
             if e.get("truncated_captions"):
                 line += (f"; {e['truncated_captions']} captions longer than text.max_len={max_tokens} tokens "
                          f"are truncated")
+        if e.get("repeated_images"):
+            line += (f"; {e['repeated_images']} rows repeat an image listed before (one example per row, so such "
+                     f"an image counts once per caption)")
         lines.append(line)
     if s.get("skipped"):
         lines.append("  skipped: " + ", ".join(f"{n} {c}" for c, n in s["skipped"].items()))

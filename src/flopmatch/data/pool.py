@@ -99,7 +99,12 @@ def split_indices(pool: Pool, split: str, num_train: int, num_eval: int) -> list
         return idx[: num_train if split == "train" else num_eval]
     order = sorted(range(len(pool)), key=lambda i: _name_order(pool.names[i]))
     n_eval = min(num_eval, int(len(order) * MAX_EVAL_FRACTION))
-    return order[:n_eval] if split == "eval" else order[n_eval:][:num_train]
+    if split == "eval":
+        return order[:n_eval]
+    # An image listed more than once (one row per caption) sorts into one run of equal hashes; where the cut falls
+    # inside that run, its training rows would show the model an evaluation image: they are left out of training.
+    held = {pool.names[i] for i in order[:n_eval]}
+    return [i for i in order[n_eval:] if pool.names[i] not in held][:num_train]
 
 
 def decode_item(item: Item, size: int, order: tuple[int, ...] = ()) -> Decoded:
