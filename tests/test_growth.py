@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -83,6 +84,8 @@ def test_wsd_run_continued_to_a_larger_budget_equals_a_direct_run(trained, tmp_p
     assert read_eval_entries(run) == {} and not (run / "samples").exists()
     assert train(tiny_run_config("masked", 14, WSD), run, progress=False)["done"]  # finished: nothing to do
     assert cli.main(["train", "--out", str(run), "--quiet"]) == 0 and read_state(run)["step"] == 14  # resumes: done
+    with pytest.raises(UserError, match=re.escape(f"continued past budget {b1:.3g}; its {b1:.3g} result (finished) is kept in {kept}")):
+        train(tiny_run_config("masked", 8, WSD), run, progress=False)  # asked for B1 again: where its result is
 
     from flopmatch.report.data import load_study  # the report tells which schedule made each point
 
@@ -145,7 +148,7 @@ def test_cosine_run_refuses_a_new_budget(trained, tmp_path, capsys):
 def test_other_changes_and_smaller_budgets_are_refused(trained):
     """A wsd run refuses a budget change together with another key, and a budget whose cooldown starts before its state."""
     run = trained(WSD, 14)
-    with pytest.raises(UserError, match=r"different config \(train\.(budget, train\.lr|lr, train\.budget)"):
+    with pytest.raises(UserError, match=r"another budget only with its other settings unchanged, and train\.lr differs; keep"):
         train(tiny_run_config("masked", 20, WSD + ["train.lr=0.5"]), run, progress=False)
     with pytest.raises(UserError, match="cannot continue .* at step 11, after step 6 where budget .* starts its cooldown"):
         train(tiny_run_config("masked", 8, WSD), run, progress=False)

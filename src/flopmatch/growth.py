@@ -105,6 +105,10 @@ def plan_continuation(run: Path, cfg: RunConfig, total_steps: int) -> Continuati
         raise UserError(f"{run} was trained by an earlier flopmatch, without the post-hoc EMA's averages, so it cannot "
                         f"continue; train budget {b2:.3g} in another --out")
     limit = stable_steps(total_steps, cfg.train)
+    kept = [h for h in state.get("budget_history") or [] if h["budget"] == b2]
+    if kept and source_state["step"] > limit:  # a budget this run passed through: its result is kept
+        raise UserError(f"{run} has been continued past budget {b2:.3g}; its {b2:.3g} result "
+                        f"({'finished' if kept[-1]['done'] else 'unfinished'}) is kept in {run / kept[-1]['kept_in']}")
     if source_state["step"] > limit:  # a smaller budget whose cooldown (or end) comes before the state
         where = "starts its cooldown" if cfg.train.schedule == "wsd" else "ends"
         raise UserError(f"cannot continue {run} from budget {b1:.3g} to {b2:.3g}: the state to continue from is at step "

@@ -115,6 +115,12 @@ def check_same_data(run: Path, info: dict) -> None:
 def check_same_config(run: Path, cfg: RunConfig) -> None:
     """A run directory belongs to one config; refuse to resume it with a different one."""
     diffs = config_diffs(run, cfg)
+    if "train.budget" in diffs and read_config(run).train.schedule != "cosine":
+        # a new budget alone continues a wsd or constant run (flopmatch.growth): say what else changed
+        others = [d for d in diffs if d != "train.budget"]
+        raise UserError(f"{run} can continue to another budget only with its other settings unchanged, and "
+                        f"{', '.join(others[:4])} differ{'s' if len(others) == 1 else ''}; keep the run's values "
+                        f"(give only --budget), or use a new --out directory")
     if diffs:
         raise UserError(
             f"{run} holds a run with a different config ({', '.join(diffs[:4])} differ); use a new --out directory"
