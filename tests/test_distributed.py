@@ -246,16 +246,20 @@ def test_two_process_eval_equals_one_process(two_process):
 
 
 @pytest.mark.slow
-def test_a_multi_gpu_slurm_jobs_command_trains_as_one_process(two_process, tmp_path):
+def test_a_multi_gpu_slurm_jobs_command_trains_as_one_process(two_process, tmp_path, monkeypatch):
     """What the SLURM job of a run with several GPUs executes (:class:`WorkerJob` with 2 processes: a real torchrun
-    starting the study worker), here on CPU with gloo: the run trains to the 1-process weights. (No setting to
-    evaluate: evaluation under 2 processes is test_two_process_eval_equals_one_process's.)"""
+    starting the study worker), here on CPU with gloo: the run trains to the 1-process weights, leaving no torchrun
+    log folders in the node's temporary directory. (No setting to evaluate: evaluation under 2 processes is
+    test_two_process_eval_equals_one_process's.)"""
     root, _ = two_process
+    (tmp_path / "node-tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "node-tmp"))  # the job's processes inherit it
     cfg = tiny_run_config("masked", STEPS, sets=SETS)
     job = {"name": "two", "config": asdict(cfg), "run_dir": str(tmp_path / "two"), "eval": EVAL, "settings": []}
     atomic_write_json(tmp_path / "two.json", job)
     worker = WorkerJob(str(tmp_path / "two.json"), str(tmp_path / "two.log"), procs=2, threads=2)
-    assert worker.command()[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert worker.command()[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                     f"--log-dir={os.devnull}"]
     returned = []  # the worker returns, or raises when torchrun exits non-zero
 
     def call() -> None:
@@ -275,6 +279,7 @@ def test_a_multi_gpu_slurm_jobs_command_trains_as_one_process(two_process, tmp_p
     assert read_state(tmp_path / "two")["world_size"] == 2
     assert_same_run(tmp_path / "two", root / "one-masked")
     assert job_finished(job)
+    assert not list((tmp_path / "node-tmp").glob("torchelastic_*"))
 
 
 def _as_old_run(run: Path) -> None:

@@ -99,7 +99,10 @@ class WorkerJob:
         worker = ["-m", "flopmatch.study.worker", self.job_file]
         if self.procs <= 1:
             return [sys.executable, *worker]
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.procs}", *worker]
+        # --log-dir /dev/null: torchrun's own per-attempt log folders would otherwise be left in the node's /tmp
+        # (torchelastic_*, one per job, never removed); the workers' output goes to the job's log file either way.
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.procs}",
+                f"--log-dir={os.devnull}", *worker]
 
     def __call__(self) -> None:
         threads = os.environ.get("FLOPMATCH_THREADS") or str(max(1, self.threads // max(1, self.procs)))
