@@ -320,3 +320,76 @@ def test_cli_train_then_eval_writes_outputs(tmp_path):
     with pytest.raises(UserError, match="unknown config key"):
         args = _parser().parse_args(train_argv(tmp_path / "x", ["nope=1"]))
         args.func(args)
+
+
+def _stopped_at(monkeypatch, calls: int, how: str) -> None:
+    """Make the training's ``calls``-th step stop it: ``sigint`` as Ctrl-C does (a real SIGINT, caught at the step's
+    end), ``crash`` as a hard kill would (an exception in the middle of the step, nothing saved at it)."""
+    import signal
+
+    import flopmatch.tokenizers.train_ae as train_ae
+
+    real, seen = train_ae.psnr_from_mse, []
+
+    def psnr(mse):  # called once per step, after the optimizer steps
+        seen.append(1)
+        if len(seen) == calls:
+            if how == "crash":
+                raise RuntimeError("killed")
+            signal.raise_signal(signal.SIGINT)
+        return real(mse)
+
+    monkeypatch.setattr(train_ae, "psnr_from_mse", psnr)
+
+
+def _log(directory) -> list[dict]:
+    rows = [json.loads(line) for line in (directory / "train_log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "images_per_s")} for r in rows]
+
+
+@pytest.mark.parametrize("cfg", [dict(kind="kl"), dict(kind="lfq", adv_weight=0.1, adv_start=3)], ids=["kl", "lfq-adv"])
+def test_stopped_training_resumes_to_the_uninterrupted_tokenizer(cfg, shapes_uint8, tmp_path, monkeypatch, capsys):
+    """Ctrl-C at step 5, then a crash at step 10 with a state saved every step, each followed by the same call:
+    the tokenizer, its train log and summary equal an uninterrupted training bit for bit (the batch order crosses an
+    epoch, the KL's noise and the discriminator's state are restored), and no state file is left."""
+    import flopmatch.tokenizers.train_ae as train_ae
+
+    config = tiny_config(steps=14, **cfg)
+    direct, summary = train_autoencoder(config, shapes_uint8, tmp_path / "direct", progress=False)
+    out = tmp_path / "resumed"
+    out.mkdir()
+    _stopped_at(monkeypatch, 5, "sigint")
+    with pytest.raises(KeyboardInterrupt):
+        train_autoencoder(config, shapes_uint8, out, progress=False)
+    assert (out / train_ae.STATE_FILE).exists() and not (out / "tokenizer.json").exists()
+    assert "stopped after step 5/14 with its state saved" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(train_ae, "SAVE_EVERY_S", 0.0)  # a state at every step: a hard kill loses at most that step
+    _stopped_at(monkeypatch, 5, "crash")  # the 5th step of this call: step 10
+    with pytest.raises(RuntimeError, match="killed"):
+        train_autoencoder(config, shapes_uint8, out, progress=False)
+    monkeypatch.undo()
+    resumed, summary2 = train_autoencoder(config, shapes_uint8, out, progress=False)
+    assert "resuming the {} tokenizer's training at step 9/14".format(cfg["kind"]) in capsys.readouterr().err
+    a, b = direct.state_dict(), resumed.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert _log(out) == _log(tmp_path / "direct") and len(_log(out)) == 14
+    assert summary2["final_train_psnr"] == summary["final_train_psnr"]
+    assert not (out / train_ae.STATE_FILE).exists() and load_learned(out).fingerprint() == direct.fingerprint()
+
+
+def test_an_unfinished_training_of_other_settings_is_refused(shapes_uint8, tmp_path, monkeypatch):
+    """Continuing needs the same settings and images: another config or other images is refused in one line naming
+    what differs, and the unfinished state is kept."""
+    import flopmatch.tokenizers.train_ae as train_ae
+
+    _stopped_at(monkeypatch, 2, "sigint")
+    with pytest.raises(KeyboardInterrupt):
+        train_autoencoder(tiny_config("kl", steps=6), shapes_uint8, tmp_path, progress=False)
+    monkeypatch.undo()
+    state = (tmp_path / train_ae.STATE_FILE).read_bytes()
+    with pytest.raises(UserError, match=r"unfinished training with other settings \(lr, steps differ\)"):
+        train_autoencoder(tiny_config("kl", steps=8, lr=1e-3), shapes_uint8, tmp_path, progress=False)
+    with pytest.raises(UserError, match=r"unfinished training on other images"):
+        train_autoencoder(tiny_config("kl", steps=6), shapes_uint8.flip(0), tmp_path, progress=False)
+    assert (tmp_path / train_ae.STATE_FILE).read_bytes() == state

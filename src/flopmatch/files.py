@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from flopmatch.errors import UserError
@@ -190,6 +190,34 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"corrupt tensor file {path} ({e}); delete it and re-run") from None
 
+
+
+def read_tensor_metadata(path: str | Path, fix: str = "delete it and re-run") -> dict:
+    """The metadata (str -> str) of a safetensors file, without loading its tensors; a damaged file is a UserError
+    ending in ``fix``."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise UserError(f"corrupt checkpoint {path} ({e}); {fix}") from None
+
+
+def optimizer_tensors(sd: dict, prefix: str = "optim") -> tuple[dict[str, torch.Tensor], list]:
+    """Flatten an optimizer state dict (``opt.state_dict()``'s format) to safetensors-able tensors named
+    ``<prefix>.<param index>.<key>`` plus its param groups, for JSON (no pickle)."""
+    tensors = {f"{prefix}.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v)
+               for i, st in sd["state"].items() for k, v in st.items()}
+    return tensors, sd["param_groups"]
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], groups: list, prefix: str = "optim") -> dict:
+    """Inverse of :func:`optimizer_tensors`: ``opt.state_dict()``'s format (other keys of ``tensors`` ignored)."""
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    return {"state": state, "param_groups": groups}
 
 
 def load_verified(net: torch.nn.Module, weights: str | Path, info_path: str | Path) -> dict | None:

@@ -39,7 +39,17 @@ from flopmatch import dist
 from flopmatch import ema as phema
 from flopmatch.config import RunConfig, from_dict, to_dict
 from flopmatch.errors import UserError
-from flopmatch.files import atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors, tensors_sha256
+from flopmatch.files import (
+    atomic_write_json,
+    atomic_write_text,
+    load_tensors,
+    optimizer_state,
+    optimizer_tensors,
+    read_json,
+    read_tensor_metadata,
+    save_tensors,
+    tensors_sha256,
+)
 from flopmatch.nets import NetSpec, Network
 
 CONFIG = "config.json"
@@ -156,22 +166,6 @@ def truncate_metrics(run: Path, step: int) -> None:
 # ----------------------------------------------------------------------------- checkpoint
 
 
-def optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], list]:
-    """Flatten an AdamW state dict (``opt.state_dict()``'s format) to safetensors-able tensors plus JSON param groups (no pickle)."""
-    tensors = {f"optim.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for i, st in sd["state"].items() for k, v in st.items()}
-    return tensors, sd["param_groups"]
-
-
-def optimizer_state(tensors: dict[str, torch.Tensor], groups: list) -> dict:
-    """Inverse of :func:`optimizer_tensors`: ``opt.state_dict()``'s format."""
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
-    return {"state": state, "param_groups": groups}
-
-
 def save_checkpoint(run: Path, net, ema, opt, state: dict, name: str = CHECKPOINT, averages=()) -> None:
     """One atomic file with model, EMA and optimizer tensors; scalar state in its metadata.
 
@@ -258,11 +252,7 @@ def load_checkpoint_tensors(path: Path, device="cpu") -> dict[str, torch.Tensor]
 
 def read_checkpoint_meta(path: Path) -> dict:
     """The metadata (JSON strings) of a checkpoint file, without loading tensors."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except Exception as e:  # safetensors raises several types for damaged files
-        raise UserError(f"corrupt checkpoint {path} ({e}); delete the run directory's checkpoint/ to restart") from None
+    return read_tensor_metadata(path, fix="delete the run directory's checkpoint/ to restart")
 
 
 def read_state(run: str | Path, name: str = CHECKPOINT) -> dict | None:

@@ -37,9 +37,7 @@ import copy
 import hashlib
 import math
 import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -54,6 +52,7 @@ from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_json, remove_stale_temps
 from flopmatch.flops import num_params
 from flopmatch.growth import continue_run, plan_continuation
+from flopmatch.interrupt import InterruptFlag
 from flopmatch.lock import LOCK_NAME, DirectoryLock, in_use, is_locked
 from flopmatch.nets import Network
 from flopmatch.objectives import make_objective
@@ -195,39 +194,6 @@ def train_step(model, net: torch.nn.Module, ema: torch.nn.Module, opt: torch.opt
 
 
 # ----------------------------------------------------------------------------- the loop
-
-
-class InterruptFlag:
-    """Within ``with``, SIGINT (Ctrl-C) sets a flag instead of raising; a second Ctrl-C raises at once.
-
-    Only installed on the main thread (signal handlers cannot be set elsewhere). ``any()`` is
-    all-reduced across ranks so every process stops at the same step.
-    """
-
-    def __init__(self, device: torch.device):
-        self.flag = False
-        self._old = None
-        self.device = device
-
-    def _handler(self, signum, frame):
-        if self.flag:
-            raise KeyboardInterrupt
-        self.flag = True
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-        return False
-
-    def any(self) -> bool:
-        if not dist.world_size() > 1:
-            return self.flag
-        return bool(dist.all_reduce_mean(torch.tensor(float(self.flag), device=self.device)).item() > 0)
 
 
 def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: int | None = None) -> dict:

@@ -78,7 +78,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("tokenizer", help="train or evaluate a learned autoencoder (KL or LFQ)")
     sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="SUBCOMMAND")
 
-    t = sub.add_parser("train", help="train a KL (continuous) or LFQ (discrete) autoencoder")
+    t = sub.add_parser("train", help="train a KL (continuous) or LFQ (discrete) autoencoder (resumes if interrupted)",
+                       description="Train a KL or LFQ autoencoder into --out. Interrupted (Ctrl-C, or killed: its state is "
+                                   "saved every 10 min), the same command continues it bit for bit.")
     t.add_argument("--kind", choices=("kl", "lfq"), required=True,
                    help="kl: latents for diffusion; lfq: codes for masked/autoregressive")
     t.add_argument("--data", default="shapes", type=data_source, help=DATA_HELP + " (default: shapes)")
