@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -406,3 +407,50 @@ def test_bootstrap_runs_here_when_worker_processes_cannot_start(monkeypatch):
     serial = repr(bootstrap_all(tasks, 0.9, workers=1))
     monkeypatch.setattr(bootstrap, "ProcessPoolExecutor", no_processes)
     assert repr(bootstrap_all(tasks, 0.9, workers=2)) == serial
+
+
+INTERRUPTED_BOOTSTRAP = """
+import math, sys
+import numpy as np
+from flopmatch.report.bootstrap import bootstrap_all
+
+if __name__ == "__main__":  # the workers are spawned: they re-import this file
+    rng = np.random.default_rng(0)
+    records = [{"budget": 10.0 ** (11 + i / 2), "depth": 4, "seed": s,
+                "value": (0.3 + 40 * (10.0 ** (11 + i / 2) / 1e11) ** -0.4) * math.exp(0.05 * rng.standard_normal())}
+               for i in range(6) for s in range(3)]
+    print("fitting", flush=True)
+    bootstrap_all([(records, 4000, seed) for seed in range(6)], 0.9, workers=2)
+    print("finished", flush=True)
+"""
+
+
+def test_ctrl_c_stops_the_parallel_bootstrap_at_once(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the refits run in 2 worker
+    processes: the parent raises KeyboardInterrupt within seconds and leaves no process behind. The workers leave
+    the signal to the parent; before, one interrupted inside the pool's queue could hang the report for ever."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "boot.py"
+    script.write_text(INTERRUPTED_BOOTSTRAP)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, like a terminal's foreground job
+    try:
+        assert proc.stdout.readline() == "fitting\n"
+        time.sleep(2.5)  # the workers have started (~1 s) and are refitting
+        assert proc.poll() is None, "the refits ended before the interrupt; give them more work"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "finished" not in out and proc.returncode != 0
+    assert err.count("Traceback") == 1 and err.rstrip().endswith("KeyboardInterrupt"), err[-2000:]
+    deadline = time.monotonic() + 10  # multiprocessing's resource tracker ends when it sees the parent gone
+    with pytest.raises(ProcessLookupError):
+        while time.monotonic() < deadline:
+            os.killpg(proc.pid, 0)  # no process left in its process group
+            time.sleep(0.1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -311,6 +312,41 @@ def _refit(kind: str, budgets: np.ndarray, y: np.ndarray, warm: list | None) -> 
     return f
 
 
+def _ignore_sigint() -> None:
+    # A worker leaves Ctrl-C to the parent: interrupted inside the pool's queue (holding its lock), it would leave
+    # the other workers and the parent's shutdown waiting on each other for ever (seen: `flopmatch report` hung).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _refits_in_processes(workers: int, chunks: list[list]) -> list:
+    """:func:`_refits` of every chunk in ``workers`` spawned processes, in order. On Ctrl-C the workers are stopped
+    at once (their chunks are lost with the interrupted report) instead of finishing every queued chunk first."""
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
+    try:
+        # The workers start inside submit() with SIGINT blocked: a spawned child keeps the signal mask, so a Ctrl-C
+        # never reaches one while it imports (before its initializer); the parent gets any Ctrl-C of that moment
+        # when the mask is lifted.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            futures = [pool.submit(_refits, chunk) for chunk in chunks]
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        fits = [f for future in futures for f in future.result()]
+    except BaseException:
+        # Not pool.map, whose interrupted iterator cancels the futures that Python 3.11's pool manager then fails on
+        # ("InvalidStateError: CANCELLED") once it finds its workers gone; nor shutdown(cancel_futures=True) without
+        # stopping them, which was seen to hang at exit.
+        children = multiprocessing.active_children()  # this process starts no other multiprocessing children
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.join(5)
+        pool.shutdown(wait=False)
+        raise
+    pool.shutdown()
+    return fits
+
+
 def _refits(args: list[tuple]) -> list[PowerLawFit | None]:
     """:func:`_refit` of each argument tuple (a pool task: a chunk of refits)."""
     return [_refit(*a) for a in args]
@@ -440,8 +476,7 @@ def bootstrap_all(tasks: list[tuple[list[dict], int, int]], level: float, worker
         # contiguous chunks, several per worker: one trend's refits can cost 10x another's, so small chunks balance
         size = math.ceil(len(args) / (8 * workers))
         try:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                fits = [f for chunk in pool.map(_refits, [args[i : i + size] for i in range(0, len(args), size)]) for f in chunk]
+            fits = _refits_in_processes(workers, [args[i : i + size] for i in range(0, len(args), size)])
         except (OSError, BrokenProcessPool):
             fits = _refits(args)
     out, at = [], 0
