@@ -136,6 +136,8 @@ CASES = {
     "tokenizer device missing": ["tokenizer", "train", "--kind", "lfq", "--out", "{tmp}/t", "--steps", "2", "--set",
                                  "device=cuda:99"],
     "unknown command": ["fly"],
+    # found by an audit as a new user (session 18)
+    "tokenizer out is a run": ["tokenizer", "train", "--kind", "kl", "--out", "{run}", "--steps", "2"],
 }
 
 

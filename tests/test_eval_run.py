@@ -166,3 +166,63 @@ def test_eval_builds_its_extractors_on_the_samplers_device(tiny_run, tmp_path, m
                       timing=False, save_images=False)
     evaluate(run, [load_sampler(run).cfg.sample], ecfg, progress=False)
     assert asked == [(name, sampler_device) for name in ecfg.features]
+
+
+def test_two_evaluations_at_once_keep_each_others_entries(tmp_path):
+    """eval.json is re-read and rewritten under a lock for every entry: two evaluations of one run writing at the same
+    time (threads here; processes lock alike) keep all of both's entries. Each rewrote the document it read at its
+    start before, and the last writer dropped the other's."""
+    import threading
+
+    from flopmatch.evaluation.run import merge_entries
+
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"version": 3, "entries": {"old": {"x": 0}}}))
+
+    def writer(name: str) -> None:
+        for i in range(40):
+            merge_entries(path, {f"{name}-{i}": {"x": i}})
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    entries = json.loads(path.read_text())["entries"]
+    assert sorted(entries) == sorted(["old", *(f"{n}-{i}" for n in "ab" for i in range(40))])
+
+
+@pytest.mark.parametrize("text", ['{"version": 3}', "[]"])
+def test_an_eval_json_of_another_shape_is_refused_before_sampling(tiny_run, tmp_path, monkeypatch, text):
+    """A run's eval.json without an entries object is one line naming the file, before any image is sampled (it was a
+    KeyError traceback after sampling); the file is left as it was."""
+    import shutil
+
+    import flopmatch.evaluation.run as run_mod
+    from flopmatch.errors import UserError
+    from flopmatch.sample import load_sampler
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "eval.json").write_text(text)
+    monkeypatch.setattr(run_mod, "generate_sharded", lambda *a, **k: pytest.fail("sampled before the check"))
+    with pytest.raises(UserError, match=r"eval.json is not a flopmatch eval.json \(no \"entries\" object\); move it away"):
+        evaluate(run, [load_sampler(run).cfg.sample], EvalConfig(num_samples=4, timing=False), progress=False)
+    assert (run / "eval.json").read_text() == text
+
+
+def test_a_study_redoes_an_entry_of_an_earlier_checkpoint(tiny_run, tmp_path):
+    """An eval.json entry made while the run trained (its manifest's checkpoint_step before the run's last step) is not
+    the trained run's result: the study's to-do check leaves it out, so the setting is evaluated again."""
+    import shutil
+
+    from flopmatch.rundir import read_state
+    from flopmatch.study.job import _final_entries
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    step = read_state(run)["step"]
+    entries = {"final": {"manifest": {"checkpoint_step": step}}, "earlier": {"manifest": {"checkpoint_step": step - 1}},
+               "no manifest": {"metrics": {}}}
+    (run / "eval.json").write_text(json.dumps({"version": 3, "entries": entries}))
+    assert sorted(_final_entries(run)) == ["final", "no manifest"]

@@ -138,13 +138,15 @@ def test_resume_after_ctrl_c_is_exact(tmp_path, monkeypatch):
     assert strip(_rows(parts)) == strip(_rows(whole))
 
 
-def test_bf16_probe_leaves_global_rng_alone():
-    """Timing bf16 (precision "auto") does not draw from torch's global RNG (nothing in training may: resume restores none)."""
-    from flopmatch.device import bf16_is_faster
+def test_precision_auto_is_a_property_of_the_machine(monkeypatch):
+    """precision "auto" follows the CPU's bf16 instructions, never a timing: identical commands (and a study's runs)
+    get one precision however loaded the machine is; it draws nothing from torch's global RNG."""
+    import flopmatch.device as device
 
-    bf16_is_faster.cache_clear()
     before = torch.get_rng_state()
-    bf16_is_faster("cpu")
+    for native in (True, False, True):
+        monkeypatch.setattr(device, "cpu_has_native_bf16", lambda native=native: native)
+        assert device.use_bf16("auto", torch.device("cpu")) is native
     assert torch.equal(torch.get_rng_state(), before)
 
 

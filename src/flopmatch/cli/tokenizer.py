@@ -20,14 +20,21 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     # Imported when the command runs, not at the top: the CLI modules load no torch, so that
     # `flopmatch --help` and argument errors answer at once.
     from flopmatch.device import resolve_device
+    from flopmatch.lock import LOCK_NAME, DirectoryLock
     from flopmatch.tokenizers.autoencoder import apply_overrides, preset
-    from flopmatch.tokenizers.train_ae import load_images, train_autoencoder
+    from flopmatch.tokenizers.train_ae import STATE_FILE, load_images, train_autoencoder
 
     out = Path(args.out)
     if (out / "tokenizer.json").exists():
         raise UserError(f"{out} already holds a tokenizer; choose another --out or delete it")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
+    # an empty directory, or an unfinished training's (which this command continues); never a run's or other files
+    others = sorted(p.name for p in out.iterdir() if p.name not in (STATE_FILE, "train_log.jsonl", LOCK_NAME)) \
+        if out.is_dir() else []
+    if others:
+        raise UserError(f"--out {out} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) "
+                        f"and no unfinished tokenizer training; give an empty or new directory")
     config = preset(args.preset, args.kind)
     config.data = args.data
     if args.seed is not None:
@@ -39,8 +46,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
         raise UserError(f"--set kind={config.kind} contradicts --kind {args.kind}; use --kind")
     resolve_device(config.device)  # before anything is written: a missing GPU leaves no empty --out behind
     images, info = load_images(config, "train")
-    out.mkdir(parents=True, exist_ok=True)
-    _, summary = train_autoencoder(config, images, out, info, progress=not args.quiet)
+    with DirectoryLock(out, "tokenizer"):  # one training per directory: a second one is refused, naming the first
+        _, summary = train_autoencoder(config, images, out, info, progress=not args.quiet)
     print(f"trained {config.kind} tokenizer -> {out} in {summary['train_seconds']:.0f} s "
           f"({summary['steps']} steps, train PSNR {summary['final_train_psnr']:.2f} dB); "
           f"evaluate with: flopmatch tokenizer eval {out}")

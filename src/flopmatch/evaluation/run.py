@@ -35,6 +35,7 @@ off here and times every paradigm together in its own quiet phase instead.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -297,6 +298,8 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
     dist.init(resolve_device("auto"))
     sampler = load_sampler(run, weights=ecfg.weights)
     state = read_state(run)
+    path = run / EVAL
+    doc = read_eval_doc(path)  # checked before minutes of sampling
     if not state.get("done"):
         print(f"warning: {run} is not finished ({state['step']}/{state['total_steps']} steps); evaluating its latest checkpoint")
     cfg = sampler.cfg
@@ -339,8 +342,6 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
             with dist.main_only():
                 scorer = prompt_scorer(cfg.data, progress=progress)
 
-    path = run / EVAL
-    doc = read_json(path) if path.exists() else {"version": EVAL_VERSION, "entries": {}}
     ckpt_sha = file_sha256(run / CHECKPOINT)
     posthoc = None
     if (sigma := parse_weights(ecfg.weights)) is not None:  # how well the snapshots form this average (EDM2)
@@ -393,9 +394,31 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
             "generated_images_sha256": tensor_sha256(images),
         }
         doc["entries"][key] = entry
-        atomic_write_json(path, doc)  # after every setting: an interrupted sweep keeps what it finished
+        doc = merge_entries(path, {key: entry})  # after every setting: an interrupted sweep keeps what it finished
     if ecfg.timing and timed and dist.is_main():
         add_timings(doc, sampler, timed, ecfg, progress)
+        doc = merge_entries(path, {key: doc["entries"][key] for key, _ in timed})
+    return doc
+
+
+def read_eval_doc(path: Path) -> dict:
+    """A run's eval.json document ({"version", "entries": {key: entry}}), a new one if there is none; a file of
+    another shape is a UserError (found before sampling, not when the first entry is written)."""
+    doc = read_json(path) if path.exists() else {"version": EVAL_VERSION, "entries": {}}
+    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), dict):
+        raise UserError(f"{path} is not a flopmatch eval.json (no \"entries\" object); move it away and re-run")
+    return doc
+
+
+def merge_entries(path: Path, entries: dict) -> dict:
+    """Write ``entries`` into the eval.json at ``path`` and return the document now on disk. The file is re-read
+    and rewritten under an exclusive lock (``.eval.lock`` beside it), so two evaluations of one run at once (other
+    settings each) both keep their entries: each rewrote the document it read at its start before, and the last
+    one dropped the other's."""
+    with open(path.with_name(".eval.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held for the read-modify-write only (milliseconds); freed with the file
+        doc = read_eval_doc(path)
+        doc["entries"].update(entries)
         atomic_write_json(path, doc)
     return doc
 

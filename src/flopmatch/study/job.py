@@ -44,7 +44,7 @@ def _eval_todo(job: dict, cfg: RunConfig, run: Path, say: bool = False) -> list[
     """
     ecfg = from_dict(EvalConfig, job["eval"])
     settings = [from_dict(SampleConfig, s) for s in job["settings"]]
-    done = read_eval_entries(run)
+    done = _final_entries(run)
     objective, spec = make_objective(cfg.objective), net_spec_for(cfg)
     passes = [(ecfg, settings)]
     sweep = job.get("ema") or []
@@ -74,6 +74,15 @@ def _eval_todo(job: dict, cfg: RunConfig, run: Path, say: bool = False) -> list[
         if missing:
             todo.append((ec, missing))
     return todo
+
+
+def _final_entries(run: Path) -> dict:
+    """The run's eval.json entries of its latest checkpoint: an entry of an earlier one (a `flopmatch eval` while the
+    run trained) is to be redone, not reported as the trained run's result."""
+    state = read_state(run)
+    step = state["step"] if state else None
+    return {k: e for k, e in read_eval_entries(run).items()
+            if (e.get("manifest") or {}).get("checkpoint_step", step) == step}
 
 
 def job_finished(job: dict) -> bool:
