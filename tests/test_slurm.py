@@ -28,8 +28,8 @@ from safetensors.torch import load_file
 from flopmatch.errors import UserError
 from flopmatch.study.job import run_job
 from flopmatch.study.presets import study_preset
-from flopmatch.study.runner import study
-from flopmatch.study.slurm import SlurmConfig, parse_slurm_time, squeue_states
+from flopmatch.study.runner import not_started, study
+from flopmatch.study.slurm import SlurmConfig, check_resources, node_resources, parse_slurm_time, squeue_states
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
@@ -170,6 +170,7 @@ def test_study_through_real_slurm_survives_scancel_and_its_own_restart(slurm_clu
     assert "waiting for" not in log  # the queued job is the run's writer: attached to, not waited out
     assert json.loads(jobs.read_text())[VICTIM] == resubmitted
     assert (out / "report.html").exists() and (out / "inference_timing.json").exists()
+    assert not list((out / "slurm").glob(".submission_file_*"))  # submitit's links to the scripts: removed
     for phase in ("prepare-tokenizers", "timing-phase"):  # the study's phases ran as jobs too, not in the study process
         assert phase in json.loads(jobs.read_text()) and "[slurm] job" in (out / "logs" / f"{phase}.log").read_text()
     resumed = (out / "logs" / f"{VICTIM}.log").read_text()
@@ -226,3 +227,70 @@ def test_gpus_that_do_not_split_the_batch_are_refused_before_any_work(tmp_path):
     with pytest.raises(UserError, match=r"--gpus-per-run 3: .*train.batch_size 8 does not split over 3 processes"):
         study(tmp_path / "s", scfg, launcher="slurm", slurm=SlurmConfig(gpus_per_run=3), progress=False)
     assert not (tmp_path / "s").exists()
+
+
+SINFO = """gpu|64|gpu:a100:4(S:0-1)|512000
+gpu|32|gpu:a100:2,mps:200|256000
+cpu*|128|(null)|1024000+
+"""
+
+
+def test_node_resources_read_from_sinfo():
+    """The most one node offers, over a partition's node groups: CPUs, GPUs (typed or not, beside other GRES) and MB;
+    no partition named: the default (starred) one; an unlisted partition: None."""
+    assert node_resources(SINFO, "gpu") == {"cpus": 64, "gpus": 4, "mem_mb": 512000}
+    assert node_resources(SINFO, None) == {"cpus": 128, "gpus": 0, "mem_mb": 1024000}
+    assert node_resources(SINFO, "nope") is None and node_resources("gpu|8|gpu:2|1000\n", None) is None
+    check_resources(SlurmConfig(partition="gpu", gpus_per_run=4, cpus_per_run=64, mem_gb=500), SINFO)
+    for cfg, match in ((SlurmConfig(), r"--gpus-per-run 1: the nodes of the default partition have no GPUs \(sinfo\); "
+                                       r"use --gpus-per-run 0 to train on CPUs, or another --partition"),
+                       (SlurmConfig(partition="gpu", gpus_per_run=8), r"have at most 4 GPUs .*use --gpus-per-run 4,"),
+                       (SlurmConfig(gpus_per_run=0, cpus_per_run=200), r"--cpus-per-run 200: .* at most 128 CPUs"),
+                       (SlurmConfig(partition="gpu", mem_gb=600), r"--slurm-mem-gb 600: .* at most 500 GB")):
+        with pytest.raises(UserError, match=match):
+            check_resources(cfg, SINFO)
+
+
+def test_a_directory_left_by_a_refused_first_submission_takes_a_corrected_command(tmp_path):
+    """sbatch refusing the study's first job leaves settings, job descriptions and logs but no job id: the directory
+    has no result, so a corrected command may replace the settings; one with job ids has begun."""
+    out = tmp_path / "s"
+    for name in ("study.json", "plan.json", "jobs/prepare-tokenizers.json", "logs/prepare-tokenizers.log"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("{}")
+    (out / "slurm").mkdir()
+    assert not_started(out)
+    (out / "slurm" / "jobs.json").write_text('{"prepare-tokenizers": "7"}')
+    assert not not_started(out)
+
+
+def test_resources_no_node_has_and_plan_only_flags_are_refused_before_any_work(slurm_cluster, tmp_path):
+    """Against the one-node cluster (2 CPUs, no GPUs): the default --gpus-per-run 1, more CPUs than a node has, and
+    --plan-only with a bad partition or time are each one line, exit 2, nothing written (they were an sbatch error
+    after the study had written its directory, a job queued for ever, and an accepted plan)."""
+    cases = {("--gpus-per-run", "1"): "--gpus-per-run 1: the nodes of the default partition have no GPUs",
+             ("--gpus-per-run", "0", "--cpus-per-run", "64"): "--cpus-per-run 64: the nodes of the default partition "
+                                                               "have at most",
+             ("--plan-only", "--partition", "nope"): "SLURM has no partition 'nope'",
+             ("--plan-only", "--slurm-time", "bogus"): "--slurm-time"}
+    for flags, start in cases.items():
+        out = subprocess.run([sys.executable, "-m", "flopmatch", "study", "--preset", "tiny", "--launcher", "slurm",
+                              *flags, "--out", str(tmp_path / "s")], capture_output=True, text=True, timeout=120,
+                             env=slurm_cluster)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, (flags, out.stderr)
+        assert start in out.stderr, (flags, out.stderr)
+        assert not (tmp_path / "s").exists()
+
+
+def test_a_recorded_job_id_of_another_job_is_not_waited_on(slurm_cluster, monkeypatch):
+    """A job id in jobs.json that SLURM now gives to another job (ids reset or wrapped, the study moved) is not this
+    study's: squeue_states leaves a job of another name out, as ended, so the run is submitted again."""
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster["SLURM_CONF"])
+    jid = subprocess.run(["sbatch", "--parsable", "--job-name", "someone-else", "--hold", "--wrap", "sleep 60"],
+                         env=slurm_cluster, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    try:
+        assert squeue_states([jid]) == {jid: "PENDING"}
+        assert squeue_states([jid], {jid: "someone-else"}) == {jid: "PENDING"}
+        assert squeue_states([jid], {jid: "flopmatch-masked-d1-b4e10-s0"}) == {}
+    finally:
+        subprocess.run(["scancel", jid], env=slurm_cluster, check=False)

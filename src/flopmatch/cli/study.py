@@ -100,17 +100,17 @@ def cmd_study(args) -> int:
         raise UserError(f"--tokenizer-set configures the study's learned tokenizers; this study's are {scfg.tokenizer} "
                         f"(--tokenizer learned to train them)")
     scfg.tokenizer_overrides = scfg.tokenizer_overrides + list(args.tokenizer_set)
-    if args.plan_only:
-        preview(Path(args.out), scfg, calibrate=args.calibrate and args.launcher != "slurm",
-                concurrent=concurrent_runs(args.workers) if args.launcher == "local" else 1,
-                report_workers=None if args.launcher == "local" else 1)
-        return 0
     slurm = None
     if args.launcher == "slurm":
         given = {"partition": args.partition, "gpus_per_run": args.gpus_per_run, "cpus_per_run": args.cpus_per_run,
                  "time_min": parse_slurm_time(args.slurm_time) if args.slurm_time else None,
                  "account": args.slurm_account, "mem_gb": args.slurm_mem_gb, "poll_s": args.slurm_poll}
         slurm = SlurmConfig(**{k: v for k, v in given.items() if v is not None})  # unset: SlurmConfig's defaults
+    if args.plan_only:  # checked as the study would be, SLURM's settings too
+        preview(Path(args.out), scfg, calibrate=args.calibrate and args.launcher != "slurm",
+                concurrent=concurrent_runs(args.workers) if args.launcher == "local" else 1,
+                report_workers=None if args.launcher == "local" else 1, slurm=slurm)
+        return 0
     study(args.out, scfg, workers=args.workers, launcher=args.launcher, retime=args.retime, slurm=slurm,
           # the report's trend fits on this machine's cores (this is a guarded main); under SLURM the study process
           # runs on a login node, which is shared: one process there

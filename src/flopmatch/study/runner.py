@@ -51,7 +51,7 @@ from flopmatch.study.plan import (
     make_plan,
 )
 from flopmatch.study.presets import StudyConfig
-from flopmatch.study.slurm import SlurmConfig
+from flopmatch.study.slurm import JOBS_FILE, SlurmConfig
 from flopmatch.study.timing_phase import timing_needed, timing_stamp
 from flopmatch.study.tokenizer_phase import check_prepared, prepare, prepare_job, prepared
 
@@ -114,11 +114,15 @@ def existing_study(out: Path, scfg: StudyConfig, check_lock: bool = True) -> tup
 
 
 def preview(out: Path, scfg: StudyConfig, calibrate: bool = True, concurrent: int = 1,
-            report_workers: int | None = None, log=print) -> dict[str, float]:
+            report_workers: int | None = None, log=print, slurm: SlurmConfig | None = None) -> dict[str, float]:
     """``flopmatch study --plan-only``: the plan and the estimated wall time of what is left, printed with ``log``;
-    nothing is written. Refused as the study itself would be (:func:`existing_study`). Returns the estimate."""
+    nothing is written. Refused as the study itself would be (:func:`existing_study`; with ``slurm``, the launcher's
+    checks too). Returns the estimate."""
     scfg, _, _ = existing_study(out, scfg.validate(), check_lock=False)
     plans = make_plan(scfg, out)
+    if slurm is not None:
+        check_gpu_split(plans, slurm)
+        make_launcher("slurm", 1, out, slurm).check()
     log(format_plan(plans))
     done = finished_runs(out, scfg, plans)  # an existing study: only what is left
     host = calibrate_or_none(scfg, plans, log) if calibrate and len(done) < len(plans) else None
@@ -132,8 +136,23 @@ def preview(out: Path, scfg: StudyConfig, calibrate: bool = True, concurrent: in
 
 def not_started(out: Path) -> bool:
     """Whether the study directory ``out`` holds nothing but its settings: no tokenizer, no run (its tokenizer
-    ceilings file is keyed by each tokenizer's fingerprint and data, so another study's entries are re-measured)."""
-    return all(p.name in NOTHING_YET for p in out.iterdir())
+    ceilings file is keyed by each tokenizer's fingerprint and data, so another study's entries are re-measured).
+    Job descriptions and logs count as nothing, and so does a ``slurm/`` folder without job ids (sbatch refused the
+    first job): a corrected command may then replace the settings."""
+    return all(p.name in NOTHING_YET or p.name in ("jobs", "logs") or (p.name == "slurm" and not (p / JOBS_FILE).exists())
+               for p in out.iterdir())
+
+
+def check_gpu_split(plans: list, slurm: SlurmConfig) -> None:
+    """Under SLURM with several GPUs per run, torchrun splits each batch over them: refuse a batch size that
+    ``slurm.gpus_per_run`` does not divide, naming the run."""
+    if slurm.gpus_per_run <= 1:
+        return
+    for p in plans:
+        if p.config["train"]["batch_size"] % slurm.gpus_per_run:
+            raise UserError(f"--gpus-per-run {slurm.gpus_per_run}: {p.name}'s train.batch_size "
+                            f"{p.config['train']['batch_size']} does not split over {slurm.gpus_per_run} processes; "
+                            "choose a --gpus-per-run that divides it (or, for a new study, another --set train.batch_size)")
 
 
 def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = "local", progress: bool = True,
@@ -154,12 +173,8 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
     if launcher == "local":  # the runs' device exists here (under SLURM they run on other machines)
         for device in sorted({p.config["train"]["device"] for p in plans}):
             resolve_device(device)
-    if launcher == "slurm" and slurm is not None and slurm.gpus_per_run > 1:  # torchrun splits each batch over the GPUs
-        for p in plans:
-            if p.config["train"]["batch_size"] % slurm.gpus_per_run:
-                raise UserError(f"--gpus-per-run {slurm.gpus_per_run}: {p.name}'s train.batch_size "
-                                f"{p.config['train']['batch_size']} does not split over {slurm.gpus_per_run} processes; "
-                                "choose a --gpus-per-run that divides it (or, for a new study, another --set train.batch_size)")
+    if launcher == "slurm" and slurm is not None:
+        check_gpu_split(plans, slurm)
     launch = make_launcher(launcher, workers, out, slurm)
     launch.check()  # e.g. SLURM reachable and the partition known, before minutes of tokenizer training
     if added:

@@ -26,6 +26,7 @@ by this process. Nothing else from the study directory is executed; job files ar
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,9 +41,10 @@ from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_json, read_json
 from flopmatch.study.job import job_finished
 
+NO_ANSWER = "NO ANSWER"  # squeue_states' state of a job while squeue fails: counted alive, shown as such
 # squeue states of a job that has not ended (a preempted job may still be requeued, so it counts as alive)
 ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
-         "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "PREEMPTED"}
+         "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "PREEMPTED", NO_ANSWER}
 JOBS_FILE = "jobs.json"  # in <study>/slurm/: run name -> SLURM job id of its latest submission
 SQUEUE_RETRIES = 5  # consecutive failed squeue calls before the study gives up waiting (the jobs keep running)
 _failures: list[int] = []  # consecutive squeue failures so far
@@ -134,30 +136,76 @@ class WorkerJob:
         return submitit.helpers.DelayedSubmission(self)
 
 
-def squeue_states(job_ids: list[str]) -> dict[str, str]:
-    """SLURM state of each of ``job_ids`` that squeue still lists (ended jobs drop out after MinJobAge)."""
+def squeue_states(job_ids: list[str], names: dict[str, str] | None = None) -> dict[str, str]:
+    """SLURM state of each of ``job_ids`` that squeue still lists (ended jobs drop out after MinJobAge).
+
+    ``names`` (job id -> the job name it was submitted under): a listed job of another name is left out, as ended. A
+    recorded id can name someone else's job once the cluster's ids were reset or wrapped, or the study was moved to
+    another cluster; the study must not wait on that job as its own.
+    """
     if not job_ids:
         return {}
     try:
-        out = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i|%T", "--user", str(os.getuid())],
+        out = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i|%T|%j", "--user", str(os.getuid())],
                              capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
         raise UserError("squeue not found: the slurm launcher needs the SLURM client commands on this machine "
                         "(or use --launcher local)") from None
     except subprocess.TimeoutExpired:
-        return {j: "PENDING" for j in job_ids}  # the controller is busy: assume nothing ended; ask again later
+        return {j: NO_ANSWER for j in job_ids}  # the controller is busy: assume nothing ended; ask again later
     if out.returncode != 0:
         _failures.append(1)
         if len(_failures) < SQUEUE_RETRIES:  # a busy controller ("Socket timed out"): assume alive, ask again
-            return {j: "PENDING" for j in job_ids}
+            return {j: NO_ANSWER for j in job_ids}
         raise UserError(f"squeue failed: {(out.stderr or out.stdout).strip().splitlines()[-1] if (out.stderr or out.stdout).strip() else 'exit ' + str(out.returncode)}")
     _failures.clear()
     wanted, states = set(job_ids), {}
     for line in out.stdout.splitlines():
-        jid, _, state = line.strip().partition("|")
-        if jid in wanted:
+        jid, _, rest = line.strip().partition("|")
+        state, _, name = rest.partition("|")
+        if jid in wanted and (names is None or jid not in names or name == names[jid]):
             states[jid] = state.split()[0] if state else "UNKNOWN"
     return states
+
+
+def node_resources(sinfo: str, partition: str | None) -> dict | None:
+    """The most CPUs, GPUs and memory (MB) one node of ``partition`` (None: the default one, starred) offers, from
+    ``sinfo --format=%P|%c|%G|%m`` lines (one per group of alike nodes); None when the partition is not listed."""
+    cpus = gpus = mem = 0
+    found = False
+    for line in sinfo.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 4:
+            continue
+        name, c, gres, m = fields
+        if (name.rstrip("*") != partition) if partition else not name.endswith("*"):
+            continue
+        found = True
+        cpus = max(cpus, int(c) if c.isdigit() else 0)
+        mem = max(mem, int(m.rstrip("+")) if m.rstrip("+").isdigit() else 0)
+        # GRES like "gpu:4", "gpu:a100:8(S:0-1)", "gpu:2,mps:200" or "(null)"
+        gpus = max(gpus, sum(int(n) for n in re.findall(r"\bgpu(?::[^:,(]+)?:(\d+)", gres)))
+    return {"cpus": cpus, "gpus": gpus, "mem_mb": mem} if found else None
+
+
+def check_resources(cfg: SlurmConfig, sinfo: str) -> None:
+    """Refuse a job no node of the partition could run (it would wait in the queue for ever, or sbatch refuses it
+    after the study has begun): more GPUs, CPUs or memory per run than one node has."""
+    nodes = node_resources(sinfo, cfg.partition)
+    if nodes is None:
+        return  # no default partition marked: SLURM decides
+    where = f"partition {cfg.partition!r}" if cfg.partition else "the default partition"
+    if cfg.gpus_per_run > nodes["gpus"]:
+        have = f"at most {nodes['gpus']} GPUs" if nodes["gpus"] else "no GPUs"
+        fix = f"--gpus-per-run {nodes['gpus']}" + ("" if nodes["gpus"] else " to train on CPUs")
+        raise UserError(f"--gpus-per-run {cfg.gpus_per_run}: the nodes of {where} have {have} (sinfo); use {fix}, or "
+                        f"another --partition")
+    if nodes["cpus"] and cfg.cpus_per_run > nodes["cpus"]:
+        raise UserError(f"--cpus-per-run {cfg.cpus_per_run}: the nodes of {where} have at most {nodes['cpus']} CPUs "
+                        f"(sinfo); use --cpus-per-run {nodes['cpus']} or fewer, or another --partition")
+    if cfg.mem_gb and nodes["mem_mb"] and cfg.mem_gb * 1024 > nodes["mem_mb"]:
+        raise UserError(f"--slurm-mem-gb {cfg.mem_gb}: the nodes of {where} have at most {nodes['mem_mb'] // 1024} GB "
+                        f"(sinfo); ask for less, or another --partition")
 
 
 class SlurmLauncher:
@@ -177,7 +225,7 @@ class SlurmLauncher:
         conf = os.environ.get("SLURM_CONF")
         if conf and not Path(conf).is_file():
             raise UserError(f"SLURM_CONF={conf} does not exist; point it at the cluster's slurm.conf or unset it")
-        cmd = ["sinfo", "--noheader", "--format=%R"] + (["--partition", self.cfg.partition] if self.cfg.partition else [])
+        cmd = ["sinfo", "--noheader", "--format=%P|%c|%G|%m"] + (["--partition", self.cfg.partition] if self.cfg.partition else [])
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         except FileNotFoundError:
@@ -191,6 +239,8 @@ class SlurmLauncher:
                             "run on the cluster's login node, set SLURM_CONF, or use --launcher local")
         if self.cfg.partition and not out.stdout.strip():
             raise UserError(f"SLURM has no partition {self.cfg.partition!r}; `sinfo` lists them")
+        check_resources(self.cfg, out.stdout)
+
 
     def _executor(self) -> submitit.SlurmExecutor:
         ex = submitit.SlurmExecutor(folder=self.folder / "%j", max_num_timeout=100)
@@ -210,16 +260,29 @@ class SlurmLauncher:
         """Where a job's description lies for the worker to read (``study/jobs/<name>.json``)."""
         return self.study / "jobs" / f"{job['name']}.json"
 
+    @staticmethod
+    def _job_name(job: dict) -> str:
+        """The SLURM job name of a study job (squeue's %j): how a recorded job id is known to be this job's."""
+        return f"flopmatch-{job['name']}"
+
     def _submit(self, ex: submitit.SlurmExecutor, job: dict) -> str:
         path = self._job_file(job)
         atomic_write_json(path, job)
         log = self.study / "logs" / f"{job['name']}.log"
-        ex.update_parameters(job_name=f"flopmatch-{job['name']}")
+        ex.update_parameters(job_name=self._job_name(job))
+        before = set(os.listdir(self.folder)) if self.folder.is_dir() else set()
         try:
             procs = 1 if job.get("kind") in ("prepare", "timing") else max(1, self.cfg.gpus_per_run)  # phases: one process
             sub = ex.submit(WorkerJob(str(path), str(log), procs, self.cfg.cpus_per_run))
         except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, FileNotFoundError) as e:
+            for name in set(os.listdir(self.folder)) - before:  # submitit's pickle and sbatch script of the refused job
+                if not (self.folder / name).is_dir():
+                    (self.folder / name).unlink()
             raise UserError(f"sbatch refused the job for {job['name']}: {str(e).strip().splitlines()[-1]}") from None
+        # submitit's link to the sbatch script it wrote: the script itself is in the job's folder (slurm/<id>/)
+        for name in set(os.listdir(self.folder)) - before:
+            if name.startswith(".submission_file_") and (self.folder / name).is_symlink():
+                (self.folder / name).unlink()
         return str(sub.job_id)
 
     def run(self, jobs: list[dict], on_done: Callable[[dict], None], finished: Callable[[dict], bool] = job_finished,
@@ -233,6 +296,11 @@ class SlurmLauncher:
         """
         try:
             return self._run(jobs, on_done, finished, fresh)
+        except UserError as e:  # squeue gave up, or sbatch refused a job: what was submitted keeps running
+            if (self.folder / JOBS_FILE).exists():
+                raise UserError(f"{e}; jobs already submitted keep running (ids in {self.folder / JOBS_FILE}): re-run "
+                                f"the same command to collect them, or scancel them") from None
+            raise
         except KeyboardInterrupt:
             print(f"\n[study] stopped waiting; the SLURM jobs keep running (ids in {self.folder / JOBS_FILE}); "
                   "re-run the same command to collect them, or scancel them", flush=True)
@@ -257,7 +325,8 @@ class SlurmLauncher:
                 on_done(job)
             else:
                 todo.append(job)
-        alive = squeue_states([ids[j["name"]] for j in todo if j["name"] in ids])
+        recorded = {ids[j["name"]]: self._job_name(j) for j in todo if j["name"] in ids}
+        alive = squeue_states(list(recorded), recorded)
         ex = self._executor()
         watching: dict[str, str] = {}
         attached: set[str] = set()  # jobs an earlier study process submitted, with its own job description
@@ -279,7 +348,7 @@ class SlurmLauncher:
                   f"{self.folder / JOBS_FILE}", flush=True)
         failed, last = [], None
         while watching:
-            states = squeue_states(list(watching.values()))
+            states = squeue_states(list(watching.values()), {jid: self._job_name(by_name[n]) for n, jid in watching.items()})
             for name, jid in list(watching.items()):
                 if states.get(jid) in ALIVE:
                     continue
@@ -287,21 +356,24 @@ class SlurmLauncher:
                 job = by_name[name]
                 if finished(job):
                     on_done(job)
-                elif name in attached:
+                elif name in attached and states.get(jid) != "CANCELLED":
                     # An earlier study process's job ran the description it was given: a study grown since (more
                     # evaluation settings, say) still needs work on this run. Submitted once more, with today's.
+                    # (One the user cancelled is a failure, as it is for this process's jobs.)
                     attached.discard(name)
                     watching[name] = ids[name] = self._submit(ex, job)
                     atomic_write_json(self.folder / JOBS_FILE, ids)
-                    print(f"[study] slurm: {name}: the earlier study process's job {jid} ended with work left for "
-                          f"this study; submitted again as {ids[name]}", flush=True)
+                    print(f"[study] slurm: {name}: job {jid}, submitted by an earlier study process, ended "
+                          f"{states.get(jid, 'and left the queue').lower()} with work left (settings added since, or "
+                          f"it failed); submitted again as {ids[name]}", flush=True)
                 else:
                     failed.append(f"{name} (slurm job {jid} ended {states.get(jid, 'and left the queue').lower()} "
                                   f"without finishing; see {self.study / 'logs' / (name + '.log')} and "
                                   f"{self.folder / jid}/)")
             counts = {}
-            for jid in watching.values():
-                counts[states.get(jid, "?").lower()] = counts.get(states.get(jid, "?").lower(), 0) + 1
+            for jid in watching.values():  # (a job submitted again in this pass is not in states yet)
+                state = states.get(jid, "submitted").lower()
+                counts[state] = counts.get(state, 0) + 1
             line = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
             if watching and line != last:
                 print(f"[study] slurm: {line}", flush=True)
