@@ -138,6 +138,15 @@ CASES = {
     "unknown command": ["fly"],
     # found by an audit as a new user (session 18)
     "tokenizer out is a run": ["tokenizer", "train", "--kind", "kl", "--out", "{run}", "--steps", "2"],
+    "train bad data under missing folders": TRAIN + ["--budget", "1e10", "--data", "folder:/nonexistent",
+                                                    "--out", "{tmp}/new/deeper/r"],
+    "sample out not a png": ["sample", "{run}", "--prompt", "a red circle", "--out", "{tmp}/grid.jpg"],
+    "sample missing run without prompt": ["sample", "{tmp}/nope"],
+    "eval steps fixed and swept": ["eval", "{run}", "--steps", "4", "--sweep", "steps=2,8"],
+    "flops steps for next-token": ["flops", "--objective", "autoregressive", "--steps", "5"],
+    "flops solver for masked": ["flops", "--objective", "masked", "--solver", "heun"],
+    "flops config not json": ["flops", "--objective", "masked", "--config", "{garbage}"],
+    "eval ref-stats not an npz": ["eval", "{run}", "--ref-stats", "{garbage}"],
 }
 
 
@@ -150,8 +159,9 @@ def finished(tmp_path_factory) -> Path:
 
 
 def _snapshot(*roots: Path) -> dict[str, str]:
-    """Every file under ``roots`` with the sha256 of its bytes."""
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file under ``roots`` with the sha256 of its bytes, and every folder (an empty one left behind is debris)."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for root in roots for p in sorted(root.rglob("*"))}
 
 
 @pytest.mark.parametrize("name", list(CASES))

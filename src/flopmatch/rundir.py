@@ -68,7 +68,7 @@ STATE_KEYS = ("step", "total_steps", "flops", "done", "net_spec")
 # Config keys that change how a run is watched, split across processes or compiled, not what it computes
 # (train.parallel and sample.compile change results by float rounding only, as the number of processes does): a resume
 # may change them (config_diffs skips them).
-NOT_IDENTITY = ("train.trackers", "train.parallel", "sample.compile")
+NOT_IDENTITY = ("train.trackers", "train.parallel", "sample.compile", "train.log_every")  # log_every: rows, not numbers
 
 
 # ----------------------------------------------------------------------------- config
@@ -133,7 +133,8 @@ def check_same_config(run: Path, cfg: RunConfig) -> None:
                         f"(give only --budget), or use a new --out directory")
     if diffs:
         raise UserError(
-            f"{run} holds a run with a different config ({', '.join(diffs[:4])} differ); use a new --out directory"
+            f"{run} holds a run with a different config ({', '.join(diffs[:4])} differ{'s' if len(diffs) == 1 else ''}); "
+            f"use a new --out directory"
         )
 
 

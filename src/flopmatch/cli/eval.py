@@ -84,6 +84,11 @@ def cmd_eval(args) -> int:
     fixed = {k: getattr(args, k) for k in SWEEPABLE if getattr(args, k, None) is not None}
     base = replace(cfg.sample, **fixed, **({"compile": True} if args.compile else {}))
     sweeps = parse_sweeps(args.sweep)
+    both = [k for k in sweeps if k in fixed]  # a swept setting replaces the fixed value: say so instead of dropping it
+    if both:
+        flag = "--" + both[0].replace("_", "-")
+        raise UserError(f"{flag} {fixed[both[0]]} and --sweep {both[0]}=... both set {both[0]}; add {fixed[both[0]]} to "
+                        f"the sweep's values, or drop {flag}")
     check_sample_fields(cfg.objective.name, [*fixed, *(["compile"] if args.compile else [])])
     check_sample_fields(cfg.objective.name, sweeps, lambda name: f"--sweep {name}")
     names = list(sweeps)

@@ -29,7 +29,16 @@ def _run_config(args):
     from flopmatch.config import RunConfig, apply_overrides, from_dict
     from flopmatch.files import read_json  # JSON reading lives with the tensor I/O (torch): load it only now
 
-    cfg = from_dict(RunConfig, read_json(args.config)) if getattr(args, "config", None) else RunConfig()
+    cfg = RunConfig()
+    if getattr(args, "config", None):
+        try:
+            doc = read_json(args.config)
+        except UserError:  # read_json's advice (delete or restore the file) is wrong for an input the user named
+            if not Path(args.config).is_file():
+                raise
+            raise UserError(f"--config {args.config} is not JSON; give a run's config.json (or `flopmatch config "
+                            f"--json`'s output)") from None
+        cfg = from_dict(RunConfig, doc)
     if getattr(args, "objective", None):
         cfg.objective.name = args.objective
     if getattr(args, "depth", None) is not None:
@@ -94,17 +103,24 @@ def cmd_sample(args) -> int:
     """Sample a PNG grid from a trained run."""
     # Imported when the command runs, not at the top: the CLI modules load no torch, so that
     # `flopmatch --help` and argument errors answer at once.
-    from flopmatch.rundir import read_config
+    from flopmatch.rundir import read_config, read_state
     from flopmatch.sample import check_prompts, generate, grid_image, load_sampler, save_png
 
+    cfg = read_config(args.run)  # a missing or wrong run directory is named first
+    if args.out and Path(args.out).suffix.lower() != ".png" and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out}: the grid is written as a PNG; give a file name ending in .png")
     prompts = check_prompts(args.prompt or [])  # before loading anything
     prompts = [prompts[i % len(prompts)] for i in range(args.num)] if args.num else prompts
     overrides = {k: getattr(args, k) for k in ("steps", "guidance", "temperature", "top_k", "solver", "shift") if getattr(args, k) is not None}
     if args.no_kv_cache:
         overrides["kv_cache"] = False
-    check_sample_fields(read_config(args.run).objective.name, overrides,
+    check_sample_fields(cfg.objective.name, overrides,
                         lambda name: "--no-kv-cache" if name == "kv_cache" else "--" + name.replace("_", "-"))
     sampler = load_sampler(args.run, weights=raw_or_weights(args), device=args.device)
+    state = read_state(args.run)
+    if state and not state.get("done"):
+        print(f"flopmatch: warning: {args.run} is not finished ({state['step']}/{state['total_steps']} steps); sampling "
+              f"its latest checkpoint", file=sys.stderr)
     sample = replace(sampler.cfg.sample, **overrides)
     for i, p in enumerate(dict.fromkeys(prompts)):
         n, limit = sampler.encoder.num_tokens(p), sampler.encoder.max_len
@@ -128,6 +144,8 @@ def cmd_flops(args) -> int:
     from flopmatch.plan import flops_summary
 
     cfg = _run_config(args)
+    given = [k for k in ("steps", "solver", "shift") if getattr(args, k, None) is not None]
+    check_sample_fields(cfg.objective.name, given)  # as sample and eval do: a setting the paradigm ignores is refused
     info = flops_summary(cfg)
     if args.json:
         print(json.dumps(info, indent=2))

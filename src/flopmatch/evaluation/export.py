@@ -138,6 +138,8 @@ def read_reference_stats(path: str | Path, extractors: dict[str, dict]) -> tuple
     hint = "write one with `flopmatch eval RUN --export-ref FILE.npz`"
     if not path.is_file():
         raise UserError(f"--ref-stats {path}: no such file; {hint}")
+    if not zipfile.is_zipfile(path):  # np.load would try it as a pickle and pass on numpy's advice to allow pickles
+        raise UserError(f"--ref-stats {path} is not an .npz file; {hint}")
     try:
         with np.load(path, allow_pickle=False) as z:  # never unpickle: plain arrays only
             arrays = {k: z[k] for k in z.files}

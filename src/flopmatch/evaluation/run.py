@@ -273,8 +273,8 @@ def small_n_warning(num_real: int, num_fake: int, imported: bool = False) -> str
     n = min(num_real, num_fake)
     if n >= FID_SMALL_N:
         return None
-    kid = ("KID needs the reference features: evaluate without --ref-stats to get it" if imported
-           else "check rankings with KID, which is unbiased")
+    kid = ("check rankings with KID, which is unbiased (it needs the reference features: evaluate without --ref-stats)"
+           if imported else "check rankings with KID, which is unbiased")
     return (f"warning: FID from n = {n} images (< {FID_SMALL_N}; {num_real} real, {num_fake} generated) is biased upward "
             f"by an amount that depends on the model (Binkowski et al. 2018; Chong & Forsyth 2020): compare FIDs only at "
             f"equal n and {kid}")

@@ -378,6 +378,8 @@ def load_study(study_dir: str | Path) -> Study:
     """Read every run under ``study_dir/runs/*/`` (those with a config.json), in a deterministic order."""
     root = Path(study_dir)
     runs_dir = root / "runs"
+    if not root.exists():
+        raise UserError(f"{root} does not exist; give the study root, the directory `flopmatch study --out` wrote")
     if not runs_dir.is_dir():
         raise UserError(f"{root} is not a study directory (no runs/ inside); give the study root, the directory "
                         f"`flopmatch study --out` wrote")
