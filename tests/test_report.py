@@ -667,6 +667,8 @@ def test_eval_summary_reads_entries_of_earlier_versions():
     untimed = {"metrics": {}, "inference": {"sample_flops_per_image": 1e9}}
     lines = summary_lines({"entries": {"a": old, "b": untimed}})
     assert "10 ms" in lines[0] and "rounds" not in lines[0] and lines[1].endswith("1e+09 FLOPs/img")
+    scored = {"metrics": {"effnet": {"kid": 0.0123, "fid": 45.6}, "inception": {"kid": None, "fid": 7.0}}}
+    assert summary_lines({"entries": {"c": scored}}) == ["c | KID[effnet] 0.0123 | FID[effnet] 45.60 | FID[inception] 7.00"]
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ def _fmt(v, spec=".3g"):
 
 
 def summary_lines(doc: dict, only: list[str] | None = None) -> list[str]:
-    """One line per eval entry: FID per extractor, prompt following, FLOPs and latency."""
+    """One line per eval entry: KID (the study's quality metric) and FID per extractor, prompt following, FLOPs and
+    latency."""
     lines = []
     for key, e in doc.get("entries", {}).items():
         if only is not None and key not in only:
@@ -17,6 +18,8 @@ def summary_lines(doc: dict, only: list[str] | None = None) -> list[str]:
         parts = [key]
         for name in ("effnet", "inception"):
             if name in m:
+                if m[name].get("kid") is not None:  # None with --ref-stats (no reference features to compare)
+                    parts.append(f"KID[{name}] {_fmt(m[name]['kid'], '.4f')}")
                 parts.append(f"FID[{name}] {_fmt(m[name]['fid'], '.2f')}")
         if "prompt_following" in m:
             parts.append(f"prompt match {_fmt(m['prompt_following']['full_match'], '.3f')}")
