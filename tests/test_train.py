@@ -150,6 +150,18 @@ def test_precision_auto_is_a_property_of_the_machine(monkeypatch):
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_quiet_training_prints_a_progress_line_at_checkpoints(tmp_path, monkeypatch, capsys):
+    """Without a progress bar (a study's worker, whose output is logs/<run>.log) training says where it is at a
+    checkpoint once QUIET_PROGRESS_S have passed since its last line; with the bar, no such line."""
+    import flopmatch.train as train_mod
+
+    monkeypatch.setattr(train_mod, "QUIET_PROGRESS_S", 0.0)
+    train(tiny_run_config("masked", 4, ["train.checkpoint_every=2"]), tmp_path / "run", progress=False)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[train] run: step ")]
+    assert [ln.split(",")[0] for ln in lines] == ["[train] run: step 2/4", "[train] run: step 4/4"]
+    assert "min left" in lines[0] and "FLOPs" in lines[0]
+
+
 def test_finished_run_is_not_retrained(finished_run, capsys):
     """Re-running a finished run changes nothing and says so."""
     run = finished_run("masked")

@@ -85,6 +85,7 @@ from flopmatch.tracking import Trackers, check_trackers
 # state in the checkpoint. 2: per (seed, step), the global batch drawn on every rank (step_generators). A run is
 # resumed only by the scheme that started it: another would change its numbers from the resumed step on.
 TRAIN_RANDOMNESS = 2
+QUIET_PROGRESS_S = 60.0  # without a progress bar (a study worker), at most one progress line per this many seconds
 
 
 def step_seed(seed: int, step: int, stream: str) -> int:
@@ -405,6 +406,8 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
     peak = peak_matmul_flops(device, bf16) * world
     t0 = time.perf_counter() - elapsed
     steps_this_call = 0
+    t_call = said = time.perf_counter()  # without a progress bar: a line per QUIET_PROGRESS_S instead
+    last_loss = float("nan")
     # Ctrl-C only raises a flag; the step in flight finishes and is checkpointed, so the saved
     # weights and step count agree and resuming is exact.
     interrupted = InterruptFlag(device)
@@ -447,6 +450,7 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
                                 "grad_norm": float(gnorm), "flops_per_s": flops / max(elapsed, 1e-9),
                                 "mfu": flops / max(elapsed, 1e-9) / peak})
                 bar.set_postfix_str(f"loss {loss_v:.4f} | {flops:.3g}/{cfg.train.budget:.3g} FLOPs")
+                last_loss = loss_v
             bar.update(1)
             stop = steps_this_call == stop_after or interrupted.any()  # any() is all-reduced: ranks stop together
             if step % cfg.train.checkpoint_every == 0 or step == plan.steps or stop or step == stable_at:
@@ -462,6 +466,12 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
                     trackers.flush()
                 pending = []
                 dist.barrier()  # other ranks wait until the checkpoint is written
+                if not progress and dist.is_main() and time.perf_counter() - said >= QUIET_PROGRESS_S:
+                    # a study's worker log (logs/<run>.log, under SLURM too) shows where its run is
+                    said = time.perf_counter()
+                    eta = (plan.steps - step) * (said - t_call) / max(steps_this_call, 1)
+                    print(f"[train] {run.name}: step {step}/{plan.steps}, loss {last_loss:.4f}, {flops:.3g}/"
+                          f"{cfg.train.budget:.3g} FLOPs; ~{eta / 60:.1f} min left", flush=True)
             if stop:
                 break
     if interrupted.any() and step < plan.steps:
