@@ -261,10 +261,9 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
               f"{'before the cooldown' if cfg.train.schedule == 'wsd' else 'of this budget'}, so the LR never reaches "
               f"train.lr; lower train.warmup_steps", file=sys.stderr)
     created = not run.exists()
-    # the outermost folder this call creates (the lock makes --out's missing parents too): removed on a failure
-    made = run
-    while created and not made.parent.exists() and made.parent != made:
-        made = made.parent
+    # the missing parents of --out, innermost first (the lock makes them): removed on a failure while empty; never
+    # removed whole, since a study's other workers create their runs beside this one in the same runs/ folder
+    made = [q for q in run.parents if not q.exists()] if created else []
     # Every rank has read the run directory (config, state) above; only now may the main rank change it (lock,
     # stale temps, a continuation): a rank still reading would otherwise see a half-grown run and decide differently.
     dist.barrier()
@@ -291,7 +290,12 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
             # Still holding the lock: if nothing of a run was written, leave nothing behind.
             if dist.is_main() and not (run / CONFIG).exists():
                 if created:
-                    shutil.rmtree(made, ignore_errors=True)
+                    shutil.rmtree(run, ignore_errors=True)
+                    for folder in made:
+                        try:
+                            folder.rmdir()  # only if empty
+                        except OSError:
+                            break
                 else:
                     (run / LOCK_NAME).unlink(missing_ok=True)
             raise
