@@ -353,6 +353,7 @@ def test_stopped_training_resumes_to_the_uninterrupted_tokenizer(cfg, shapes_uin
     the tokenizer, its train log and summary equal an uninterrupted training bit for bit (the batch order crosses an
     epoch, the KL's noise and the discriminator's state are restored), and no state file is left."""
     import flopmatch.tokenizers.train_ae as train_ae
+    import flopmatch.trainstate as trainstate
 
     config = tiny_config(steps=14, **cfg)
     direct, summary = train_autoencoder(config, shapes_uint8, tmp_path / "direct", progress=False)
@@ -364,7 +365,7 @@ def test_stopped_training_resumes_to_the_uninterrupted_tokenizer(cfg, shapes_uin
     assert (out / train_ae.STATE_FILE).exists() and not (out / "tokenizer.json").exists()
     assert "stopped after step 5/14 with its state saved" in capsys.readouterr().err
     monkeypatch.undo()
-    monkeypatch.setattr(train_ae, "SAVE_EVERY_S", 0.0)  # a state at every step: a hard kill loses at most that step
+    monkeypatch.setattr(trainstate, "SAVE_EVERY_S", 0.0)  # a state at every step: a hard kill loses at most that step
     _stopped_at(monkeypatch, 5, "crash")  # the 5th step of this call: step 10
     with pytest.raises(RuntimeError, match="killed"):
         train_autoencoder(config, shapes_uint8, out, progress=False)
@@ -388,8 +389,29 @@ def test_an_unfinished_training_of_other_settings_is_refused(shapes_uint8, tmp_p
         train_autoencoder(tiny_config("kl", steps=6), shapes_uint8, tmp_path, progress=False)
     monkeypatch.undo()
     state = (tmp_path / train_ae.STATE_FILE).read_bytes()
-    with pytest.raises(UserError, match=r"unfinished training with other settings \(lr, steps differ\)"):
+    with pytest.raises(UserError, match=r"unfinished training of other settings \(lr, steps differ\); give the same"):
         train_autoencoder(tiny_config("kl", steps=8, lr=1e-3), shapes_uint8, tmp_path, progress=False)
-    with pytest.raises(UserError, match=r"unfinished training on other images"):
+    with pytest.raises(UserError, match=r"unfinished training of other images"):
         train_autoencoder(tiny_config("kl", steps=6), shapes_uint8.flip(0), tmp_path, progress=False)
     assert (tmp_path / train_ae.STATE_FILE).read_bytes() == state
+
+
+def test_cli_continues_a_killed_training_past_its_half_written_files(tmp_path, monkeypatch):
+    """`tokenizer train` into the folder of a training stopped by Ctrl-C, where a kill -9 also left an atomic write's
+    temporary file: the same command continues it (the temporary removed) and ends at the uninterrupted tokenizer."""
+    sets = ["channels=8,16", "bits=6", "num_train=16", "batch_size=4", "log_every=1", "precision=fp32"]
+
+    def run(directory):
+        args = _parser().parse_args(["tokenizer", "train", "--kind", "lfq", "--out", str(directory), "--steps", "6",
+                                     "--quiet"] + sum((["--set", s] for s in sets), []))
+        return args.func(args)
+
+    assert run(tmp_path / "direct") == 0
+    _stopped_at(monkeypatch, 3, "sigint")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed")
+    monkeypatch.undo()
+    (tmp_path / "resumed" / ".train_log.jsonl.k2j3.tmp").write_text("{")  # a rewrite the kill cut short
+    assert run(tmp_path / "resumed") == 0
+    assert not list((tmp_path / "resumed").glob("*.tmp")) and not list((tmp_path / "resumed").glob(".*.tmp"))
+    assert load_learned(tmp_path / "resumed").fingerprint() == load_learned(tmp_path / "direct").fingerprint()

@@ -215,7 +215,7 @@ def optimizer_state(tensors: dict[str, torch.Tensor], groups: list, prefix: str 
     state: dict[int, dict] = {}
     for key, v in tensors.items():
         if key.startswith(prefix + "."):
-            _, i, name = key.split(".", 2)
+            i, name = key[len(prefix) + 1 :].split(".", 1)
             state.setdefault(int(i), {})[name] = v
     return {"state": state, "param_groups": groups}
 

@@ -20,6 +20,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     # Imported when the command runs, not at the top: the CLI modules load no torch, so that
     # `flopmatch --help` and argument errors answer at once.
     from flopmatch.device import resolve_device
+    from flopmatch.files import remove_stale_temps
     from flopmatch.lock import LOCK_NAME, DirectoryLock
     from flopmatch.tokenizers.autoencoder import apply_overrides, preset
     from flopmatch.tokenizers.train_ae import STATE_FILE, load_images, train_autoencoder
@@ -30,11 +31,12 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     # an empty directory, or an unfinished training's (which this command continues); never a run's or other files
-    others = sorted(p.name for p in out.iterdir() if p.name not in (STATE_FILE, "train_log.jsonl", LOCK_NAME)) \
+    ours = (STATE_FILE, "train_log.jsonl", LOCK_NAME, "tensors.safetensors", "tokenizer.json")  # (the last two: killed while saving)
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours and not _temp_of(p.name, ours)) \
         if out.is_dir() else []
     if others:
         raise UserError(f"--out {out} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) "
-                        f"and no unfinished tokenizer training; give an empty or new directory")
+                        f"than a tokenizer training's; give an empty or new directory")
     config = preset(args.preset, args.kind)
     config.data = args.data
     if args.seed is not None:
@@ -47,11 +49,19 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     resolve_device(config.device)  # before anything is written: a missing GPU leaves no empty --out behind
     images, info = load_images(config, "train")
     with DirectoryLock(out, "tokenizer"):  # one training per directory: a second one is refused, naming the first
+        if (out / "tokenizer.json").exists():  # finished by another command while this one loaded its images
+            raise UserError(f"{out} already holds a tokenizer; choose another --out or delete it")
+        remove_stale_temps(out, names=ours)  # a killed training's half-written files
         _, summary = train_autoencoder(config, images, out, info, progress=not args.quiet)
     print(f"trained {config.kind} tokenizer -> {out} in {summary['train_seconds']:.0f} s "
           f"({summary['steps']} steps, train PSNR {summary['final_train_psnr']:.2f} dB); "
           f"evaluate with: flopmatch tokenizer eval {out}")
     return 0
+
+
+def _temp_of(name: str, names: tuple[str, ...]) -> bool:
+    """Whether ``name`` is an atomic write's temporary file of one of ``names`` (flopmatch.files: ``.NAME.*.tmp``)."""
+    return name.endswith(".tmp") and any(name.startswith(f".{n}.") for n in names)
 
 
 def cmd_tokenizer_eval(args: argparse.Namespace) -> int:

@@ -16,11 +16,11 @@ so progress is visible.
 
 Resuming. With an output directory, training saves its whole state (``training-state.safetensors``:
 weights, discriminator, both AdamW states, the batch order and cursor, every random generator, the
-log so far) every :data:`SAVE_EVERY_S` seconds and when stopped with Ctrl-C (or SIGINT from a SLURM
-job on time-out or preemption: a GPU preset's 50k-step tokenizer outlives a job's time limit); the
-next call with the same config and images continues from it, bit for bit the training an
-uninterrupted call does. The file is removed once the tokenizer is written. A state of another
-config or other images is ignored (training starts over) and replaced.
+log so far; :class:`flopmatch.trainstate.TrainingState`) every 10 minutes and when stopped with
+Ctrl-C (or SIGINT from a SLURM job on time-out or preemption: a GPU preset's 50k-step tokenizer
+outlives a job's time limit); the next call with the same config, images, device type and precision
+continues from it, bit for bit the training an uninterrupted call does, and any other call is refused
+naming what differs. The file is removed once the tokenizer is written.
 
 Precision. ``precision="auto"`` uses bf16 autocast (fp32 master weights, losses and the LFQ entropy in
 fp32) where flopmatch.device finds bf16 fast. Measured on the 2-core CPU (1 thread, batch 32, CPU time
@@ -37,7 +37,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,18 +49,13 @@ from flopmatch.device import autocast, resolve_device, use_bf16
 from flopmatch.errors import UserError
 from flopmatch.files import (
     atomic_write_text,
-    load_tensors,
-    optimizer_state,
-    optimizer_tensors,
-    read_tensor_metadata,
-    save_tensors,
     tensor_sha256,
 )
-from flopmatch.interrupt import InterruptFlag
 from flopmatch.schedule import warmup_cosine
 from flopmatch.tokenizers.autoencoder import AutoencoderConfig
 from flopmatch.tokenizers.learned import LearnedAutoencoder
 from flopmatch.tokenizers.registry import make_autoencoder
+from flopmatch.trainstate import TrainingState
 
 
 class PatchDiscriminator(nn.Module):
@@ -141,21 +135,29 @@ def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out
     noise_gen = torch.Generator(device=device).manual_seed(config.seed + 1)  # KL posterior samples
 
     n = images_uint8.shape[0]
-    loop = Loop(order=torch.randperm(n, generator=data_gen))
-    parts = Parts(model, disc, opt, d_opt, data_gen, noise_gen)
+    order, cursor = torch.randperm(n, generator=data_gen), 0
+    log_lines: list[str] = []
+    psnrs: list[float] = []
+    before_s = before_cpu_s = 0.0  # wall and CPU seconds of the sessions before this one (a resumed training)
     state_file = Path(out_dir) / STATE_FILE if out_dir is not None else None
-    images_key = tensor_sha256(images_uint8) if state_file is not None else ""
-    if state_file is not None and state_file.exists():
-        loop = _restore(state_file, config, images_key, parts)
-        print(f"{out_dir}: resuming the {config.kind} tokenizer's training at step {loop.step}/{config.steps}",
-              file=sys.stderr)
-    order, cursor, log_lines, psnrs = loop.order, loop.cursor, loop.log_lines, loop.psnrs
-    start, cpu_start = time.perf_counter(), time.process_time()
-    saved_at = start
-    bar = tqdm(range(loop.step, config.steps), desc=f"tokenizer {config.kind}", disable=not progress,
-               dynamic_ncols=True, initial=loop.step, total=config.steps)
+    # what a saved state must match to be continued: the config, the images, and where and how it trained (another
+    # device's generator state does not load; another precision would not be the same training)
+    identity = {"config": config.to_dict(), "images_sha256": tensor_sha256(images_uint8) if state_file else "",
+                "device": device.type, "bf16": bf16}
+    modules = {"model": model, **({"disc": disc} if disc is not None else {})}
+    optimizers = {"opt": opt, **({"d_opt": d_opt} if d_opt is not None else {})}
     # Ctrl-C (or a SLURM job's SIGINT) stops at the end of a step, after the state is saved
-    with InterruptFlag(device) as stop:
+    with TrainingState(state_file, identity, modules=modules, optimizers=optimizers,
+                       generators={"data": data_gen, "noise": noise_gen}, what_differs=_what_differs) as ts:
+        if ts.resumed:
+            order, cursor = ts.tensors["order"], ts.meta["cursor"]
+            log_lines, psnrs = ts.meta["log_lines"], ts.meta["psnrs"]
+            before_s, before_cpu_s = ts.meta["train_seconds"], ts.meta["cpu_seconds"]
+            print(f"{out_dir}: resuming the {config.kind} tokenizer's training at step {ts.step}/{config.steps}",
+                  file=sys.stderr)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        bar = tqdm(range(ts.step, config.steps), desc=f"tokenizer {config.kind}", disable=not progress,
+                   dynamic_ncols=True, initial=ts.step, total=config.steps)
         for step in bar:
             if cursor + config.batch_size > n:  # new epoch: fresh permutation
                 order, cursor = torch.randperm(n, generator=data_gen), 0
@@ -194,7 +196,7 @@ def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out
                 mse = float((recon.detach().float().clamp(-1, 1) - x).pow(2).mean())
             psnrs.append(psnr_from_mse(mse))
             if step % config.log_every == 0 or step == config.steps - 1:
-                elapsed = loop.train_seconds + time.perf_counter() - start  # over every session of a resumed training
+                elapsed = before_s + time.perf_counter() - start  # over every session of a resumed training
                 record = {"step": step, "loss": float(loss.detach()), "recon": float(rec.detach()),
                           "psnr": psnrs[-1], "lr": lr, "grad_norm": grad_norm, **logs,
                           "elapsed_s": round(elapsed, 3), "images_per_s": round((step + 1) * config.batch_size / elapsed, 2)}
@@ -202,20 +204,15 @@ def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out
                 bar.set_postfix(psnr=f"{psnrs[-1]:.2f}", loss=f"{record['loss']:.4f}")
                 if out_dir is not None:
                     atomic_write_text(Path(out_dir) / "train_log.jsonl", "\n".join(log_lines) + "\n")
-            if state_file is not None and step + 1 < config.steps and (
-                    stop.flag or time.perf_counter() - saved_at >= SAVE_EVERY_S):
-                now = time.perf_counter()
-                _save(state_file, config, images_key, parts, Loop(
-                    step + 1, order, cursor, log_lines, psnrs, loop.train_seconds + now - start,
-                    loop.cpu_seconds + time.process_time() - cpu_start))
-                saved_at = now
-            if stop.flag and step + 1 < config.steps:
-                if state_file is not None:
-                    print(f"{out_dir}: stopped after step {step + 1}/{config.steps} with its state saved; the same "
-                          f"command continues it", file=sys.stderr)
-                raise KeyboardInterrupt
-    train_seconds = loop.train_seconds + time.perf_counter() - start
-    cpu_seconds = loop.cpu_seconds + time.process_time() - cpu_start
+            if ts.stopping and state_file is not None and step + 1 < config.steps:
+                print(f"{out_dir}: stopped after step {step + 1}/{config.steps} with its state saved; the same "
+                      f"command continues it", file=sys.stderr)
+            ts.end_of_step(step, config.steps, tensors=lambda: {"order": order}, meta=lambda: {
+                "cursor": cursor, "log_lines": log_lines, "psnrs": psnrs,
+                "train_seconds": before_s + time.perf_counter() - start,
+                "cpu_seconds": before_cpu_s + time.process_time() - cpu_start})
+    train_seconds = before_s + time.perf_counter() - start
+    cpu_seconds = before_cpu_s + time.process_time() - cpu_start
 
     model.to(memory_format=torch.contiguous_format).eval()  # the layout inference and the saved tensors use
     if config.kind == "kl":
@@ -227,90 +224,21 @@ def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out
     model.train_info = summary
     if out_dir is not None:
         model.to("cpu").save(out_dir)
-        if state_file is not None:
-            state_file.unlink(missing_ok=True)  # the tokenizer is written: nothing to resume
+        ts.finish()  # the tokenizer is written: nothing to resume
     return model, summary
 
 
 # ----------------------------------------------------------------------------- resumable state
 
-STATE_FILE = "training-state.safetensors"  # in the output directory while a training is unfinished
-SAVE_EVERY_S = 600.0  # a periodic save bounds what a hard kill (kill -9, a lost node) costs to ~10 minutes
-STATE_VERSION = 1
+STATE_FILE = "training-state.safetensors"  # in the output directory while a training is unfinished (trainstate)
 
 
-@dataclass
-class Parts:
-    """The live objects a training's state lives in (the discriminator and its optimizer: None without adv loss)."""
-
-    model: nn.Module
-    disc: nn.Module | None
-    opt: torch.optim.Optimizer
-    d_opt: torch.optim.Optimizer | None
-    data_gen: torch.Generator
-    noise_gen: torch.Generator
-
-
-@dataclass
-class Loop:
-    """Where the loop stands: the next step, the epoch's batch order and cursor, the log and PSNRs so far, and the
-    wall and CPU seconds of the sessions before this one."""
-
-    step: int = 0
-    order: torch.Tensor | None = None
-    cursor: int = 0
-    log_lines: list[str] = field(default_factory=list)
-    psnrs: list[float] = field(default_factory=list)
-    train_seconds: float = 0.0
-    cpu_seconds: float = 0.0
-
-
-def _save(path: Path, config: AutoencoderConfig, images_key: str, parts: Parts, loop: Loop) -> None:
-    """Write the training's whole state to ``path`` (atomic safetensors; scalars in its metadata)."""
-    tensors = {f"model.{k}": v for k, v in parts.model.state_dict().items()}
-    opt_t, groups = optimizer_tensors(parts.opt.state_dict(), "optim")
-    tensors |= opt_t
-    meta = {"param_groups": json.dumps(groups)}
-    if parts.disc is not None:
-        tensors |= {f"disc.{k}": v for k, v in parts.disc.state_dict().items()}
-        d_t, d_groups = optimizer_tensors(parts.d_opt.state_dict(), "d_optim")
-        tensors |= d_t
-        meta["d_param_groups"] = json.dumps(d_groups)
-    tensors |= {"rng.data": parts.data_gen.get_state(), "rng.noise": parts.noise_gen.get_state(),
-                "rng.torch": torch.get_rng_state(), "order": loop.order}
-    meta["state"] = json.dumps({
-        "version": STATE_VERSION, "config": config.to_dict(), "images_sha256": images_key, "step": loop.step,
-        "cursor": loop.cursor, "log_lines": loop.log_lines, "psnrs": loop.psnrs,
-        "train_seconds": loop.train_seconds, "cpu_seconds": loop.cpu_seconds})
-    save_tensors(path, tensors, metadata=meta)
-
-
-def _restore(path: Path, config: AutoencoderConfig, images_key: str, parts: Parts) -> Loop:
-    """Load the state in ``path`` into ``parts`` and return where the loop stands. A state of another config, of
-    other training images or of another format is refused (UserError): it is an unfinished training of its own."""
-    state = json.loads(read_tensor_metadata(path, fix=f"delete {path} to train from step 0").get("state", "{}"))
-    if state.get("version") != STATE_VERSION:
-        raise UserError(f"{path} was saved by another flopmatch version; delete it to train from step 0")
-    if state.get("config") != config.to_dict():
-        diffs = sorted(k for k in config.to_dict() if state["config"].get(k) != config.to_dict()[k])
-        raise UserError(f"{path.parent} holds an unfinished training with other settings ({', '.join(diffs[:4])} "
-                        f"differ); give the same settings to continue it, or use another output directory")
-    if state.get("images_sha256") != images_key:
-        raise UserError(f"{path.parent} holds an unfinished training on other images (the data changed since); "
-                        f"restore the data to continue it, or use another output directory")
-    tensors = load_tensors(path)
-    meta = read_tensor_metadata(path)
-
-    def sub(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-    parts.model.load_state_dict(sub("model."), strict=True)
-    parts.opt.load_state_dict(optimizer_state(tensors, json.loads(meta["param_groups"]), "optim"))
-    if parts.disc is not None:
-        parts.disc.load_state_dict(sub("disc."), strict=True)
-        parts.d_opt.load_state_dict(optimizer_state(tensors, json.loads(meta["d_param_groups"]), "d_optim"))
-    parts.data_gen.set_state(tensors["rng.data"])
-    parts.noise_gen.set_state(tensors["rng.noise"])
-    torch.set_rng_state(tensors["rng.torch"])
-    return Loop(state["step"], tensors["order"], state["cursor"], state["log_lines"], state["psnrs"],
-                state["train_seconds"], state["cpu_seconds"])
+def _what_differs(saved: dict, now: dict) -> str:
+    """A refused state's difference in words, for TrainingState's message."""
+    if saved.get("config") != now["config"]:
+        keys = sorted(k for k in now["config"] if (saved.get("config") or {}).get(k) != now["config"][k])
+        return f"other settings ({', '.join(keys[:4])} differ)"
+    if saved.get("images_sha256") != now["images_sha256"]:
+        return "other images (the data changed since)"
+    return (f"another device or precision ({saved.get('device')}, bf16 {saved.get('bf16')}; now {now['device']}, bf16 "
+            f"{now['bf16']})")
