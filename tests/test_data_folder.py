@@ -1015,3 +1015,7 @@ def test_data_inspect_counts_rows_that_repeat_an_image(tmp_path):
     repeated = s["splits"]["train"]["repeated_images"]
     assert len(train) + len(ev) <= 14 and repeated == len(train.names) - len(set(train.names)) and repeated >= 3
     assert any(f"{repeated} rows repeat an image listed before" in line for line in format_summary(s))
+    # the rule that keeps an image's rows together is named, and keys the split's caches apart from the earlier rule's
+    assert train.info["split_rule"] == "hash of the item name, an image's rows kept together"
+    write_jsonl(tmp_path / "once", make_folder(tmp_path / "once", 10))
+    assert dataset(tmp_path / "once", "train", num_eval=1).info["split_rule"] == "hash of the item name"

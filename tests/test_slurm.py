@@ -231,7 +231,7 @@ def test_gpus_that_do_not_split_the_batch_are_refused_before_any_work(tmp_path):
 
 SINFO = """gpu|64|gpu:a100:4(S:0-1)|512000
 gpu|32|gpu:a100:2,mps:200|256000
-cpu*|128|(null)|1024000+
+cpu*|128|(null)|1024000
 """
 
 
@@ -260,6 +260,9 @@ def test_a_directory_left_by_a_refused_first_submission_takes_a_corrected_comman
         (out / name).write_text("{}")
     (out / "slurm").mkdir()
     assert not_started(out)
+    (out / "slurm" / "7").mkdir()  # a job's folder: sbatch took it, the study died before recording its id
+    assert not not_started(out)
+    (out / "slurm" / "7").rmdir()
     (out / "slurm" / "jobs.json").write_text('{"prepare-tokenizers": "7"}')
     assert not not_started(out)
 

@@ -424,7 +424,10 @@ def tokenizer_dir(run: str | Path) -> Path:
 def read_eval_entries(run: str | Path) -> dict:
     """The entries of ``eval.json`` (key -> entry), or {} when the run was never evaluated."""
     path = Path(run) / EVAL
-    return (read_json(path).get("entries") or {}) if path.exists() else {}
+    doc = read_json(path) if path.exists() else {}
+    if not isinstance(doc, dict) or not isinstance(doc.get("entries", {}), dict):
+        raise UserError(f"{path} is not a flopmatch eval.json (no \"entries\" object); move it away and re-run")
+    return doc.get("entries") or {}
 
 
 def sample_dir(run: str | Path, entry_key: str) -> Path:

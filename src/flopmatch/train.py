@@ -474,7 +474,8 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
                     # a study's worker log (logs/<run>.log, under SLURM too) shows where its run is
                     said = time.perf_counter()
                     eta = (plan.steps - step) * (said - t_call) / max(steps_this_call, 1)
-                    print(f"[train] {run.name}: step {step}/{plan.steps}, loss {last_loss:.4f}, {flops:.3g}/"
+                    loss_txt = f", loss {last_loss:.4f}" if math.isfinite(last_loss) else ""  # none logged yet
+                    print(f"[train] {run.name}: step {step}/{plan.steps}{loss_txt}, {flops:.3g}/"
                           f"{cfg.train.budget:.3g} FLOPs; ~{eta / 60:.1f} min left", flush=True)
             if stop:
                 break

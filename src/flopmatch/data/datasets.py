@@ -60,7 +60,7 @@ def more_eval_images(ds, need: int) -> str:
     info = getattr(ds, "info", None) or {}
     rule, kind = info.get("split_rule"), parse_source(str(info.get("source", "shapes")))[0]
     given = {"folder": "a test/ folder", "hf": "a test split in the saved DatasetDict"}.get(kind)
-    if rule == "hash of the item name" and info.get("usable", 0) * MAX_EVAL_FRACTION < need:
+    if str(rule).startswith("hash of the item name") and info.get("usable", 0) * MAX_EVAL_FRACTION < need:
         return (f"a hash split holds out at most {MAX_EVAL_FRACTION:.0%} of the source's {info.get('usable')} images: "
                 f"add images{f' or give {given} of >= {need}' if given else ''}, with data.num_eval >= {need}")
     if rule == "given by the source" and len(ds) < need:
@@ -84,9 +84,17 @@ class ImageTextSet(torch.utils.data.Dataset):
         self._captions = [pool.captions[i] for i in idx]
         self._labels = [pool.labels[i] for i in idx] if pool.labels is not None else None
         self.names = [pool.names[i] for i in idx]
-        self._fingerprint = hashlib.sha256(f"{pool.key}-{split}-{num_train}-{num_eval}".encode()).hexdigest()[:20]
-        self.info = {**pool.info, "split": split, "size": len(idx),
-                     "split_rule": "given by the source" if any(pool.splits) else "hash of the item name"}
+        key = f"{pool.key}-{split}-{num_train}-{num_eval}"
+        rule = "given by the source" if any(pool.splits) else "hash of the item name"
+        if not any(pool.splits) and len(set(pool.names)) < len(pool.names):
+            # An image on several rows (one per caption) keeps all its rows on one side of the hash split
+            # (split_indices; an earlier version could cut between them). Named in the fingerprint too: a split cut
+            # by the earlier rule must not pair with caches (encoded latents, tokenizers, evaluators) made for this
+            # one. Sources without repeated names split as before and keep their caches.
+            rule += ", an image's rows kept together"
+            key += f"-{rule}"
+        self._fingerprint = hashlib.sha256(key.encode()).hexdigest()[:20]
+        self.info = {**pool.info, "split": split, "size": len(idx), "split_rule": rule}
 
     def __len__(self) -> int:
         return len(self._captions)

@@ -139,8 +139,14 @@ def not_started(out: Path) -> bool:
     ceilings file is keyed by each tokenizer's fingerprint and data, so another study's entries are re-measured).
     Job descriptions and logs count as nothing, and so does a ``slurm/`` folder without job ids (sbatch refused the
     first job): a corrected command may then replace the settings."""
-    return all(p.name in NOTHING_YET or p.name in ("jobs", "logs") or (p.name == "slurm" and not (p / JOBS_FILE).exists())
+    return all(p.name in NOTHING_YET or p.name in ("jobs", "logs") or (p.name == "slurm" and _no_job(p))
                for p in out.iterdir())
+
+
+def _no_job(folder: Path) -> bool:
+    """Whether a study's ``slurm/`` folder shows no submitted job: no job ids, and no job's folder (a study killed
+    between sbatch and recording the id leaves the folder only)."""
+    return not (folder / JOBS_FILE).exists() and not any(p.is_dir() for p in folder.iterdir())
 
 
 def check_gpu_split(plans: list, slurm: SlurmConfig) -> None:

@@ -181,8 +181,8 @@ def node_resources(sinfo: str, partition: str | None) -> dict | None:
         if (name.rstrip("*") != partition) if partition else not name.endswith("*"):
             continue
         found = True
-        cpus = max(cpus, int(c) if c.isdigit() else 0)
-        mem = max(mem, int(m.rstrip("+")) if m.rstrip("+").isdigit() else 0)
+        cpus = max(cpus, int(c) if c.isdigit() else 0)  # "64+" (a minimum, without --exact): unknown, not checked
+        mem = max(mem, int(m) if m.isdigit() else 0)
         # GRES like "gpu:4", "gpu:a100:8(S:0-1)", "gpu:2,mps:200" or "(null)"
         gpus = max(gpus, sum(int(n) for n in re.findall(r"\bgpu(?::[^:,(]+)?:(\d+)", gres)))
     return {"cpus": cpus, "gpus": gpus, "mem_mb": mem} if found else None
@@ -225,7 +225,9 @@ class SlurmLauncher:
         conf = os.environ.get("SLURM_CONF")
         if conf and not Path(conf).is_file():
             raise UserError(f"SLURM_CONF={conf} does not exist; point it at the cluster's slurm.conf or unset it")
-        cmd = ["sinfo", "--noheader", "--format=%P|%c|%G|%m"] + (["--partition", self.cfg.partition] if self.cfg.partition else [])
+        # --exact: a line per distinct node configuration, each figure exact (without it sinfo prints "64+" for a
+        # group's minimum)
+        cmd = ["sinfo", "--noheader", "--exact", "--format=%P|%c|%G|%m"] + (["--partition", self.cfg.partition] if self.cfg.partition else [])
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         except FileNotFoundError:
@@ -359,7 +361,8 @@ class SlurmLauncher:
                 elif name in attached and states.get(jid) != "CANCELLED":
                     # An earlier study process's job ran the description it was given: a study grown since (more
                     # evaluation settings, say) still needs work on this run. Submitted once more, with today's.
-                    # (One the user cancelled is a failure, as it is for this process's jobs.)
+                    # (One the user cancelled is a failure, as it is for this process's jobs, while squeue still
+                    # lists it: MinJobAge, 300 s by default; without sacct, one that left the queue reads as ended.)
                     attached.discard(name)
                     watching[name] = ids[name] = self._submit(ex, job)
                     atomic_write_json(self.folder / JOBS_FILE, ids)
