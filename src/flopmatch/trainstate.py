@@ -23,6 +23,7 @@ from flopmatch.errors import UserError
 from flopmatch.files import load_tensors, optimizer_state, optimizer_tensors, read_tensor_metadata, save_tensors
 from flopmatch.interrupt import InterruptFlag
 
+STATE_FILE = "training-state.safetensors"  # the state file's usual name, in the output folder while unfinished
 SAVE_EVERY_S = 600.0  # a periodic save bounds what a hard kill (kill -9, a lost node) costs to ~10 minutes
 STATE_VERSION = 1
 

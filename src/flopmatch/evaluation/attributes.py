@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from flopmatch.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, ShapesConfig, ShapesDataset, parse_caption
 from flopmatch.device import autocast, evaluator_precision, evaluator_suffix
 from flopmatch.files import atomic_write_json, cache_dir, load_verified, read_json, save_verified
+from flopmatch.trainstate import STATE_FILE, TrainingState
 
 ATTRIBUTE_CODE_VERSION = 1  # bump when the network, labels or training recipe change: keys the cache
 ACCURACY_BOUND = 0.95  # every attribute's held-out accuracy must reach this (asserted by the tests)
@@ -248,8 +249,8 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return x + sigma * torch.randn(x.shape, generator=generator)
 
 
-def train_attribute_classifier(shapes_cfg, progress: bool = True, steps: int | None = None
-                               ) -> tuple[AttributeNet, dict]:
+def train_attribute_classifier(shapes_cfg, progress: bool = True, steps: int | None = None,
+                               state_file: Path | None = None) -> tuple[AttributeNet, dict]:
     """Train an AttributeNet on fresh procedural scenes; returns (net, info). Deterministic given the code.
 
     CPU, bf16 autocast for the convolutions where bf16 is fast here (else fp32: flopmatch.device.evaluator_precision), AdamW with a cosine schedule, ``steps`` x BATCH_SIZE images.
@@ -268,22 +269,31 @@ def train_attribute_classifier(shapes_cfg, progress: bool = True, steps: int | N
     g = torch.Generator().manual_seed(TRAIN_SEED)
     perm, pos = torch.randperm(len(ds), generator=g), 0
     net.train()
-    bar = tqdm(range(steps), desc="training the attribute classifier (once per machine, cached)", disable=not progress, leave=False)
-    for step in bar:
-        if pos + BATCH_SIZE > len(perm):
-            perm, pos = torch.randperm(len(ds), generator=g), 0
-        idx = perm[pos : pos + BATCH_SIZE]
-        pos += BATCH_SIZE
-        x = _augment(_to_input(images[idx], net.image_size), g)
-        with autocast(torch.device("cpu"), evaluator_precision() == "bf16"):
-            logits = net.split(net(x))
-        loss = sum(F.cross_entropy(logits[h].float(), labels[h][idx], ignore_index=IGNORE) for h in net.heads)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    # resumable (state_file: saved every 10 min and on Ctrl-C, continued bit for bit by the next call)
+    identity = {"evaluator": "attributes", "code_version": ATTRIBUTE_CODE_VERSION, "data": train_cfg.fingerprint(),
+                "steps": steps, "precision": evaluator_precision()}
+    with TrainingState(state_file, identity, modules={"net": net}, optimizers={"opt": opt}, schedulers={"sched": sched},
+                       generators={"g": g}) as ts:
+        if ts.resumed:
+            perm, pos = ts.tensors["perm"], ts.meta["pos"]
+        bar = tqdm(range(ts.step, steps), desc="training the attribute classifier (once per machine, cached)",
+                   disable=not progress, leave=False, initial=ts.step, total=steps)
+        for step in bar:
+            if pos + BATCH_SIZE > len(perm):
+                perm, pos = torch.randperm(len(ds), generator=g), 0
+            idx = perm[pos : pos + BATCH_SIZE]
+            pos += BATCH_SIZE
+            x = _augment(_to_input(images[idx], net.image_size), g)
+            with autocast(torch.device("cpu"), evaluator_precision() == "bf16"):
+                logits = net.split(net(x))
+            loss = sum(F.cross_entropy(logits[h].float(), labels[h][idx], ignore_index=IGNORE) for h in net.heads)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            ts.end_of_step(step, steps, tensors=lambda: {"perm": perm}, meta=lambda: {"pos": pos})
     net.eval()
     train_data = {"seed": train_cfg.seed, "image_size": train_cfg.image_size, "num_scenes": train_cfg.num_train,
                   "two_object_prob": train_cfg.two_object_prob}
@@ -332,8 +342,9 @@ def load_or_train_attribute_classifier(shapes_cfg, progress: bool = True) -> Att
     net = AttributeNet(shapes_cfg.image_size)
     info = load_verified(net, weights, info_path)
     if info is None:
-        net, info = train_attribute_classifier(shapes_cfg, progress=progress)
+        net, info = train_attribute_classifier(shapes_cfg, progress=progress, state_file=folder / STATE_FILE)
         save_verified(net, weights, info_path, info, metadata={"code_version": str(ATTRIBUTE_CODE_VERSION)})
+    (folder / STATE_FILE).unlink(missing_ok=True)  # trained and saved: nothing to resume
     net.eval()
     classifier = AttributeClassifier(net, info["sha256"], info, {}, weights)
     acc_path = folder / f"accuracy-{shapes_cfg.fingerprint()}.json"

@@ -35,6 +35,7 @@ from flopmatch.device import autocast, evaluator_precision, evaluator_suffix
 from flopmatch.errors import UserError
 from flopmatch.evaluation.attributes import _augment, _to_input
 from flopmatch.files import cache_dir, load_verified, save_verified
+from flopmatch.trainstate import STATE_FILE, TrainingState
 
 CLASS_CODE_VERSION = 1  # bump when the network, preprocessing or training recipe change: keys the cache
 ACCURACY_BOUND = 0.85  # test accuracy the fully trained classifier should reach; info["meets_bound"] records it
@@ -130,7 +131,8 @@ def score_class_prompts(classifier: ClassClassifier, images_uint8: torch.Tensor,
 
 
 def train_class_classifier(images_uint8: torch.Tensor, labels: list[int] | torch.Tensor, image_size: int,
-                           steps: int = TRAIN_STEPS, progress: bool = True) -> tuple[ClassNet, dict]:
+                           steps: int = TRAIN_STEPS, progress: bool = True, state_file: Path | None = None
+                           ) -> tuple[ClassNet, dict]:
     """Train a ClassNet on uint8 images (N, 3, S, S) and their labels; returns (net, info). Deterministic.
 
     CPU, bf16 autocast where bf16 is native (else fp32: flopmatch.device.evaluator_precision), AdamW with a one-cycle schedule, ``steps`` x BATCH_SIZE images, with random
@@ -146,27 +148,36 @@ def train_class_classifier(images_uint8: torch.Tensor, labels: list[int] | torch
     n = len(labels)
     perm, pos = torch.randperm(n, generator=g), 0
     net.train()
-    bar = tqdm(range(steps), desc="training the fashion-mnist class classifier (once per machine, cached)",
-               disable=not progress, leave=False)
     loss = torch.zeros(())
-    for step in bar:
-        if pos + BATCH_SIZE > n:
-            perm, pos = torch.randperm(n, generator=g), 0
-        idx = perm[pos : pos + BATCH_SIZE]
-        pos += BATCH_SIZE
-        x = _to_input(images_uint8[idx], image_size)  # (B, 3, S, S)
-        flip = torch.rand(len(idx), generator=g) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        x = _augment(x, g)
-        with autocast(torch.device("cpu"), evaluator_precision() == "bf16"):
-            logits = net(x)
-        loss = F.cross_entropy(logits.float(), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    # resumable (state_file: saved every 10 min and on Ctrl-C, continued bit for bit by the next call; its folder is
+    # keyed by the training data already)
+    identity = {"evaluator": "classes", "code_version": CLASS_CODE_VERSION, "steps": steps, "image_size": image_size,
+                "precision": evaluator_precision()}
+    with TrainingState(state_file, identity, modules={"net": net}, optimizers={"opt": opt}, schedulers={"sched": sched},
+                       generators={"g": g}) as ts:
+        if ts.resumed:
+            perm, pos = ts.tensors["perm"], ts.meta["pos"]
+        bar = tqdm(range(ts.step, steps), desc="training the fashion-mnist class classifier (once per machine, cached)",
+                   disable=not progress, leave=False, initial=ts.step, total=steps)
+        for step in bar:
+            if pos + BATCH_SIZE > n:
+                perm, pos = torch.randperm(n, generator=g), 0
+            idx = perm[pos : pos + BATCH_SIZE]
+            pos += BATCH_SIZE
+            x = _to_input(images_uint8[idx], image_size)  # (B, 3, S, S)
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            x = _augment(x, g)
+            with autocast(torch.device("cpu"), evaluator_precision() == "bf16"):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            ts.end_of_step(step, steps, tensors=lambda: {"perm": perm}, meta=lambda: {"pos": pos})
     net.eval()
     info = {"code_version": CLASS_CODE_VERSION, "steps": steps, "batch_size": BATCH_SIZE, "lr": LEARNING_RATE,
             "num_train": n, "final_loss": float(loss.detach()), "train_seconds": round(time.time() - t0, 1),
@@ -198,11 +209,13 @@ def load_or_train_class_classifier(data: DataConfig, progress: bool = True, step
     net = ClassNet(data.image_size)
     info = load_verified(net, weights, info_path)
     if info is None:
-        net, info = train_class_classifier(train.images_uint8(), train.labels(), data.image_size, steps, progress)
+        net, info = train_class_classifier(train.images_uint8(), train.labels(), data.image_size, steps, progress,
+                                           state_file=folder / STATE_FILE)
         info |= {"train_data_fingerprint": train.fingerprint(), "test_data_fingerprint": test.fingerprint(),
                  "num_test": len(test)}
         info["test_accuracy"] = accuracy(ClassClassifier(net, "", info, None), test.images_uint8(), test.labels())
         info["meets_bound"] = info["test_accuracy"] >= ACCURACY_BOUND
         save_verified(net, weights, info_path, info, metadata={"code_version": str(CLASS_CODE_VERSION)})
+    (folder / STATE_FILE).unlink(missing_ok=True)  # trained and saved: nothing to resume
     net.eval()
     return ClassClassifier(net, info["sha256"], info, weights)

@@ -38,6 +38,7 @@ from flopmatch.device import autocast, evaluator_precision, evaluator_suffix
 from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_json, cache_dir, file_sha256, load_tensors, read_json, save_tensors
 from flopmatch.text import make_text_encoder
+from flopmatch.trainstate import STATE_FILE, TrainingState
 
 CLIP_CODE_VERSION = 1  # bump when the model or training recipe changes: keys the cache
 EMBED_DIM = 256
@@ -202,7 +203,7 @@ def r_precision(model: DomainCLIPModel, images_uint8: torch.Tensor, prompts: lis
 
 
 def train_domain_clip(train_images: torch.Tensor, train_captions: list[str], progress: bool = True,
-                      steps: int | None = None) -> tuple[DomainCLIP, dict]:
+                      steps: int | None = None, state_file: Path | None = None) -> tuple[DomainCLIP, dict]:
     """Contrastive training (symmetric InfoNCE) on (N, 3, H, W) uint8 images and their captions."""
     steps = TRAIN_STEPS if steps is None else steps
     t0 = time.time()
@@ -217,18 +218,25 @@ def train_domain_clip(train_images: torch.Tensor, train_captions: list[str], pro
     batch = min(BATCH_SIZE, n)
     targets = torch.arange(batch)
     model.train()
-    for step in tqdm(range(steps), desc="training the domain CLIP (once per machine, cached)", disable=not progress, leave=False):
-        idx = torch.randperm(n, generator=g)[:batch]
-        with autocast(torch.device("cpu"), evaluator_precision() == "bf16"):
-            img = model.image(train_images[idx])
-        img = F.normalize(img.float(), dim=-1)
-        txt = model.embed_text(pooled[idx])
-        logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T  # (B, B)
-        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    # resumable (state_file: saved every 10 min and on Ctrl-C, continued bit for bit by the next call; its folder is
+    # keyed by the training data already)
+    identity = {"evaluator": "clip", "code_version": CLIP_CODE_VERSION, "steps": steps, "precision": evaluator_precision()}
+    with TrainingState(state_file, identity, modules={"model": model}, optimizers={"opt": opt},
+                       schedulers={"sched": sched}, generators={"g": g}) as ts:
+        for step in tqdm(range(ts.step, steps), desc="training the domain CLIP (once per machine, cached)",
+                         disable=not progress, leave=False, initial=ts.step, total=steps):
+            idx = torch.randperm(n, generator=g)[:batch]
+            with autocast(torch.device("cpu"), evaluator_precision() == "bf16"):
+                img = model.image(train_images[idx])
+            img = F.normalize(img.float(), dim=-1)
+            txt = model.embed_text(pooled[idx])
+            logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T  # (B, B)
+            loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            ts.end_of_step(step, steps)
     model.eval()
     temperature = float(1 / model.logit_scale.detach().exp().clamp(max=100))
     info = {"code_version": CLIP_CODE_VERSION, "steps": steps, "batch_size": batch, "lr": LEARNING_RATE,
@@ -263,13 +271,15 @@ def load_or_train_domain_clip(train_set: CaptionedImages, heldout_set: Captioned
                 return DomainCLIPModel(model.eval(), info["sha256"], info, weights, encoder)
         except (UserError, RuntimeError, KeyError):
             pass  # damaged or stale: retrain below
-    model, info = train_domain_clip(train_set.images_uint8(), train_set.captions(), progress=progress)
+    model, info = train_domain_clip(train_set.images_uint8(), train_set.captions(), progress=progress,
+                                    state_file=folder / STATE_FILE)
     save_tensors(weights, model.state_dict(), metadata={"code_version": str(CLIP_CODE_VERSION)})
     info |= {"sha256": file_sha256(weights), "data_key": data_key, "text_encoder": encoder.name}
     trained = DomainCLIPModel(model, info["sha256"], info, weights, encoder)
     n = min(HELDOUT_PAIRS, len(heldout_set.captions()))
     info["retrieval"] = retrieval_accuracy(trained, heldout_set.images_uint8()[:n], heldout_set.captions()[:n])
     atomic_write_json(info_path, info)
+    (folder / STATE_FILE).unlink(missing_ok=True)  # trained and saved: nothing to resume
     return trained
 
 

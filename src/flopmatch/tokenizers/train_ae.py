@@ -55,7 +55,7 @@ from flopmatch.schedule import warmup_cosine
 from flopmatch.tokenizers.autoencoder import AutoencoderConfig
 from flopmatch.tokenizers.learned import LearnedAutoencoder
 from flopmatch.tokenizers.registry import make_autoencoder
-from flopmatch.trainstate import TrainingState
+from flopmatch.trainstate import STATE_FILE, TrainingState
 
 
 class PatchDiscriminator(nn.Module):
@@ -229,9 +229,6 @@ def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out
 
 
 # ----------------------------------------------------------------------------- resumable state
-
-STATE_FILE = "training-state.safetensors"  # in the output directory while a training is unfinished (trainstate)
-
 
 def _what_differs(saved: dict, now: dict) -> str:
     """A refused state's difference in words, for TrainingState's message."""
