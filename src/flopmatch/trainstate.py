@@ -28,6 +28,24 @@ SAVE_EVERY_S = 600.0  # a periodic save bounds what a hard kill (kill -9, a lost
 STATE_VERSION = 1
 
 
+class EpochOrder:
+    """Batches of indices into ``n`` items without replacement: a fresh permutation (drawn from ``generator``) each time
+    the current one has fewer than ``batch`` left. Part of a :class:`TrainingState` (``orders``), so a resumed loop
+    draws the batches an uninterrupted one does."""
+
+    def __init__(self, n: int, batch: int, generator: torch.Generator):
+        self.n, self.batch, self.generator = n, batch, generator
+        self.perm, self.pos = torch.randperm(n, generator=generator), 0
+
+    def next(self) -> torch.Tensor:
+        """The next batch's indices, (batch,) int64."""
+        if self.pos + self.batch > len(self.perm):
+            self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
+        idx = self.perm[self.pos : self.pos + self.batch]
+        self.pos += self.batch
+        return idx
+
+
 class TrainingState:
     """``with TrainingState(path, identity, ...) as ts:`` around a loop ``for step in range(ts.step, steps)``, calling
     ``ts.end_of_step(step, steps, tensors=..., meta=...)`` after each step and ``ts.finish()`` once the result is
@@ -41,10 +59,10 @@ class TrainingState:
     """
 
     def __init__(self, path: Path | None, identity: dict, *, modules: dict, optimizers: dict, generators: dict,
-                 schedulers: dict | None = None, what_differs=None):
+                 schedulers: dict | None = None, orders: dict[str, EpochOrder] | None = None, what_differs=None):
         self.path, self.identity = path, identity
         self.modules, self.optimizers, self.generators = modules, optimizers, generators
-        self.schedulers = schedulers or {}
+        self.schedulers, self.orders = schedulers or {}, orders or {}
         self.what_differs = what_differs or (lambda saved, now: "other settings or data")
         self.step, self.tensors, self.meta, self.resumed = 0, {}, {}, False
         self._stop = InterruptFlag(torch.device("cpu"))
@@ -82,6 +100,8 @@ class TrainingState:
         for name, gen in self.generators.items():
             gen.set_state(tensors[f"rng.{name}"])
         torch.set_rng_state(tensors["rng.torch"])
+        for name, order in self.orders.items():
+            order.perm, order.pos = tensors[f"order.{name}"], state["orders"][name]
         self.step, self.meta, self.tensors, self.resumed = state["step"], state["meta"], part("loop."), True
 
     def end_of_step(self, step: int, steps: int, tensors=None, meta=None) -> None:
@@ -110,9 +130,11 @@ class TrainingState:
         for name, gen in self.generators.items():
             tensors[f"rng.{name}"] = gen.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
+        tensors |= {f"order.{name}": order.perm for name, order in self.orders.items()}
         tensors |= {f"loop.{k}": v for k, v in loop_tensors.items()}
         state = {"version": STATE_VERSION, "identity": self.identity, "step": next_step, "param_groups": groups,
-                 "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()}, "meta": loop_meta}
+                 "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+                 "orders": {n: o.pos for n, o in self.orders.items()}, "meta": loop_meta}
         save_tensors(self.path, tensors, metadata={"state": json.dumps(state)})
         self._saved_at = time.perf_counter()
 

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from flopmatch.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, ShapesConfig, ShapesDataset, parse_caption
 from flopmatch.device import autocast, evaluator_precision, evaluator_suffix
 from flopmatch.files import atomic_write_json, cache_dir, load_verified, read_json, save_verified
-from flopmatch.trainstate import STATE_FILE, TrainingState
+from flopmatch.trainstate import STATE_FILE, EpochOrder, TrainingState
 
 ATTRIBUTE_CODE_VERSION = 1  # bump when the network, labels or training recipe change: keys the cache
 ACCURACY_BOUND = 0.95  # every attribute's held-out accuracy must reach this (asserted by the tests)
@@ -267,22 +267,17 @@ def train_attribute_classifier(shapes_cfg, progress: bool = True, steps: int | N
     opt = torch.optim.AdamW(net.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LEARNING_RATE, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(TRAIN_SEED)
-    perm, pos = torch.randperm(len(ds), generator=g), 0
+    order = EpochOrder(len(ds), BATCH_SIZE, g)
     net.train()
     # resumable (state_file: saved every 10 min and on Ctrl-C, continued bit for bit by the next call)
     identity = {"evaluator": "attributes", "code_version": ATTRIBUTE_CODE_VERSION, "data": train_cfg.fingerprint(),
                 "steps": steps, "precision": evaluator_precision()}
     with TrainingState(state_file, identity, modules={"net": net}, optimizers={"opt": opt}, schedulers={"sched": sched},
-                       generators={"g": g}) as ts:
-        if ts.resumed:
-            perm, pos = ts.tensors["perm"], ts.meta["pos"]
+                       generators={"g": g}, orders={"batches": order}) as ts:
         bar = tqdm(range(ts.step, steps), desc="training the attribute classifier (once per machine, cached)",
                    disable=not progress, leave=False, initial=ts.step, total=steps)
         for step in bar:
-            if pos + BATCH_SIZE > len(perm):
-                perm, pos = torch.randperm(len(ds), generator=g), 0
-            idx = perm[pos : pos + BATCH_SIZE]
-            pos += BATCH_SIZE
+            idx = order.next()
             x = _augment(_to_input(images[idx], net.image_size), g)
             with autocast(torch.device("cpu"), evaluator_precision() == "bf16"):
                 logits = net.split(net(x))
@@ -293,7 +288,7 @@ def train_attribute_classifier(shapes_cfg, progress: bool = True, steps: int | N
             sched.step()
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            ts.end_of_step(step, steps, tensors=lambda: {"perm": perm}, meta=lambda: {"pos": pos})
+            ts.end_of_step(step, steps)
     net.eval()
     train_data = {"seed": train_cfg.seed, "image_size": train_cfg.image_size, "num_scenes": train_cfg.num_train,
                   "two_object_prob": train_cfg.two_object_prob}

@@ -35,7 +35,7 @@ from flopmatch.device import autocast, evaluator_precision, evaluator_suffix
 from flopmatch.errors import UserError
 from flopmatch.evaluation.attributes import _augment, _to_input
 from flopmatch.files import cache_dir, load_verified, save_verified
-from flopmatch.trainstate import STATE_FILE, TrainingState
+from flopmatch.trainstate import STATE_FILE, EpochOrder, TrainingState
 
 CLASS_CODE_VERSION = 1  # bump when the network, preprocessing or training recipe change: keys the cache
 ACCURACY_BOUND = 0.85  # test accuracy the fully trained classifier should reach; info["meets_bound"] records it
@@ -146,7 +146,7 @@ def train_class_classifier(images_uint8: torch.Tensor, labels: list[int] | torch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LEARNING_RATE, total_steps=steps, pct_start=0.15)
     g = torch.Generator().manual_seed(SEED)
     n = len(labels)
-    perm, pos = torch.randperm(n, generator=g), 0
+    order = EpochOrder(n, BATCH_SIZE, g)
     net.train()
     loss = torch.zeros(())
     # resumable (state_file: saved every 10 min and on Ctrl-C, continued bit for bit by the next call; its folder is
@@ -154,16 +154,11 @@ def train_class_classifier(images_uint8: torch.Tensor, labels: list[int] | torch
     identity = {"evaluator": "classes", "code_version": CLASS_CODE_VERSION, "steps": steps, "image_size": image_size,
                 "precision": evaluator_precision()}
     with TrainingState(state_file, identity, modules={"net": net}, optimizers={"opt": opt}, schedulers={"sched": sched},
-                       generators={"g": g}) as ts:
-        if ts.resumed:
-            perm, pos = ts.tensors["perm"], ts.meta["pos"]
+                       generators={"g": g}, orders={"batches": order}) as ts:
         bar = tqdm(range(ts.step, steps), desc="training the fashion-mnist class classifier (once per machine, cached)",
                    disable=not progress, leave=False, initial=ts.step, total=steps)
         for step in bar:
-            if pos + BATCH_SIZE > n:
-                perm, pos = torch.randperm(n, generator=g), 0
-            idx = perm[pos : pos + BATCH_SIZE]
-            pos += BATCH_SIZE
+            idx = order.next()
             x = _to_input(images_uint8[idx], image_size)  # (B, 3, S, S)
             flip = torch.rand(len(idx), generator=g) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -177,7 +172,7 @@ def train_class_classifier(images_uint8: torch.Tensor, labels: list[int] | torch
             sched.step()
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            ts.end_of_step(step, steps, tensors=lambda: {"perm": perm}, meta=lambda: {"pos": pos})
+            ts.end_of_step(step, steps)
     net.eval()
     info = {"code_version": CLASS_CODE_VERSION, "steps": steps, "batch_size": BATCH_SIZE, "lr": LEARNING_RATE,
             "num_train": n, "final_loss": float(loss.detach()), "train_seconds": round(time.time() - t0, 1),
