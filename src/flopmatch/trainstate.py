@@ -28,6 +28,14 @@ SAVE_EVERY_S = 600.0  # a periodic save bounds what a hard kill (kill -9, a lost
 STATE_VERSION = 1
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched) -> None:
+    """One step of the evaluators' loops: gradients of ``loss``, the optimizer's step, then the LR schedule's."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
 class EpochOrder:
     """Batches of indices into ``n`` items without replacement: a fresh permutation (drawn from ``generator``) each time
     the current one has fewer than ``batch`` left. Part of a :class:`TrainingState` (``orders``), so a resumed loop

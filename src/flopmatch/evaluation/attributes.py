@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from flopmatch.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, ShapesConfig, ShapesDataset, parse_caption
 from flopmatch.device import autocast, evaluator_precision, evaluator_suffix
 from flopmatch.files import atomic_write_json, cache_dir, load_verified, read_json, save_verified
-from flopmatch.trainstate import STATE_FILE, EpochOrder, TrainingState
+from flopmatch.trainstate import STATE_FILE, EpochOrder, TrainingState, optimizer_step
 
 ATTRIBUTE_CODE_VERSION = 1  # bump when the network, labels or training recipe change: keys the cache
 ACCURACY_BOUND = 0.95  # every attribute's held-out accuracy must reach this (asserted by the tests)
@@ -282,10 +282,7 @@ def train_attribute_classifier(shapes_cfg, progress: bool = True, steps: int | N
             with autocast(torch.device("cpu"), evaluator_precision() == "bf16"):
                 logits = net.split(net(x))
             loss = sum(F.cross_entropy(logits[h].float(), labels[h][idx], ignore_index=IGNORE) for h in net.heads)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            optimizer_step(loss, opt, sched)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             ts.end_of_step(step, steps)

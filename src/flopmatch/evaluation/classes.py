@@ -35,7 +35,7 @@ from flopmatch.device import autocast, evaluator_precision, evaluator_suffix
 from flopmatch.errors import UserError
 from flopmatch.evaluation.attributes import _augment, _to_input
 from flopmatch.files import cache_dir, load_verified, save_verified
-from flopmatch.trainstate import STATE_FILE, EpochOrder, TrainingState
+from flopmatch.trainstate import STATE_FILE, EpochOrder, TrainingState, optimizer_step
 
 CLASS_CODE_VERSION = 1  # bump when the network, preprocessing or training recipe change: keys the cache
 ACCURACY_BOUND = 0.85  # test accuracy the fully trained classifier should reach; info["meets_bound"] records it
@@ -166,10 +166,7 @@ def train_class_classifier(images_uint8: torch.Tensor, labels: list[int] | torch
             with autocast(torch.device("cpu"), evaluator_precision() == "bf16"):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            optimizer_step(loss, opt, sched)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             ts.end_of_step(step, steps)

@@ -38,7 +38,7 @@ from flopmatch.device import autocast, evaluator_precision, evaluator_suffix
 from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_json, cache_dir, file_sha256, load_tensors, read_json, save_tensors
 from flopmatch.text import make_text_encoder
-from flopmatch.trainstate import STATE_FILE, TrainingState
+from flopmatch.trainstate import STATE_FILE, TrainingState, optimizer_step
 
 CLIP_CODE_VERSION = 1  # bump when the model or training recipe changes: keys the cache
 EMBED_DIM = 256
@@ -232,10 +232,7 @@ def train_domain_clip(train_images: torch.Tensor, train_captions: list[str], pro
             txt = model.embed_text(pooled[idx])
             logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T  # (B, B)
             loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            optimizer_step(loss, opt, sched)
             ts.end_of_step(step, steps)
     model.eval()
     temperature = float(1 / model.logit_scale.detach().exp().clamp(max=100))
