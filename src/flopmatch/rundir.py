@@ -423,11 +423,17 @@ def tokenizer_dir(run: str | Path) -> Path:
 
 def read_eval_entries(run: str | Path) -> dict:
     """The entries of ``eval.json`` (key -> entry), or {} when the run was never evaluated."""
-    path = Path(run) / EVAL
-    doc = read_json(path) if path.exists() else {}
-    if not isinstance(doc, dict) or not isinstance(doc.get("entries", {}), dict):
+    return read_eval_doc(Path(run) / EVAL)["entries"]
+
+
+def read_eval_doc(path: Path, version: int = 0) -> dict:
+    """A run's eval.json document ({"version", "entries": {key: entry}}), a new empty one (of ``version``) if there is
+    none; a file of another shape is a UserError (in `eval`, found before sampling, not when the first entry is
+    written)."""
+    doc = read_json(path) if path.exists() else {"version": version, "entries": {}}
+    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), dict):
         raise UserError(f"{path} is not a flopmatch eval.json (no \"entries\" object); move it away and re-run")
-    return doc.get("entries") or {}
+    return doc
 
 
 def sample_dir(run: str | Path, entry_key: str) -> Path:

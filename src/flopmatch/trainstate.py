@@ -14,6 +14,7 @@ restored. One safetensors file (never a pickle), written atomically; scalars in 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -121,6 +122,9 @@ class TrainingState:
         if self.path is not None and not last and (self._stop.flag or time.perf_counter() - self._saved_at >= SAVE_EVERY_S):
             self._save(step + 1, tensors() if tensors else {}, meta() if meta else {})
         if self._stop.flag and not last:
+            if self.path is not None:
+                print(f"{self.path.parent}: stopped after step {step + 1}/{steps} with its state saved; the same "
+                      f"command continues it", file=sys.stderr)
             raise KeyboardInterrupt
 
     @property

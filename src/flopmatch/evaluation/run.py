@@ -66,8 +66,17 @@ from flopmatch.evaluation.quality import (
     precision_recall_matched,
 )
 from flopmatch.evaluation.timing import TimingItem, machine, time_items
-from flopmatch.files import atomic_write_json, file_sha256, load_tensors, read_json, save_tensors, tensor_sha256
-from flopmatch.rundir import CHECKPOINT, EVAL, canonical_weights, parse_weights, posthoc_solution, read_state, sample_dir
+from flopmatch.files import atomic_write_json, file_sha256, load_tensors, save_tensors, tensor_sha256
+from flopmatch.rundir import (
+    CHECKPOINT,
+    EVAL,
+    canonical_weights,
+    parse_weights,
+    posthoc_solution,
+    read_eval_doc,
+    read_state,
+    sample_dir,
+)
 from flopmatch.sample import generate, grid_image, load_sampler, save_png
 
 EVAL_VERSION = 1
@@ -299,7 +308,7 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
     sampler = load_sampler(run, weights=ecfg.weights)
     state = read_state(run)
     path = run / EVAL
-    doc = read_eval_doc(path)  # checked before minutes of sampling
+    doc = read_eval_doc(path, EVAL_VERSION)  # checked before minutes of sampling
     if not state.get("done"):
         print(f"warning: {run} is not finished ({state['step']}/{state['total_steps']} steps); evaluating its latest checkpoint")
     cfg = sampler.cfg
@@ -401,15 +410,6 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
     return doc
 
 
-def read_eval_doc(path: Path) -> dict:
-    """A run's eval.json document ({"version", "entries": {key: entry}}), a new one if there is none; a file of
-    another shape is a UserError (found before sampling, not when the first entry is written)."""
-    doc = read_json(path) if path.exists() else {"version": EVAL_VERSION, "entries": {}}
-    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), dict):
-        raise UserError(f"{path} is not a flopmatch eval.json (no \"entries\" object); move it away and re-run")
-    return doc
-
-
 def merge_entries(path: Path, entries: dict) -> dict:
     """Write ``entries`` into the eval.json at ``path`` and return the document now on disk. The file is re-read
     and rewritten under an exclusive lock (``.eval.lock`` beside it), so two evaluations of one run at once (other
@@ -417,7 +417,7 @@ def merge_entries(path: Path, entries: dict) -> dict:
     one dropped the other's."""
     with open(path.with_name(".eval.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # held for the read-modify-write only (milliseconds); freed with the file
-        doc = read_eval_doc(path)
+        doc = read_eval_doc(path, EVAL_VERSION)
         doc["entries"].update(entries)
         atomic_write_json(path, doc)
     return doc

@@ -47,10 +47,7 @@ from flopmatch.data.datasets import make_dataset
 from flopmatch.data.shapes import ShapesDataset
 from flopmatch.device import autocast, resolve_device, use_bf16
 from flopmatch.errors import UserError
-from flopmatch.files import (
-    atomic_write_text,
-    tensor_sha256,
-)
+from flopmatch.files import atomic_write_text, tensor_sha256
 from flopmatch.schedule import warmup_cosine
 from flopmatch.tokenizers.autoencoder import AutoencoderConfig
 from flopmatch.tokenizers.learned import LearnedAutoencoder
@@ -204,9 +201,6 @@ def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out
                 bar.set_postfix(psnr=f"{psnrs[-1]:.2f}", loss=f"{record['loss']:.4f}")
                 if out_dir is not None:
                     atomic_write_text(Path(out_dir) / "train_log.jsonl", "\n".join(log_lines) + "\n")
-            if ts.stopping and state_file is not None and step + 1 < config.steps:
-                print(f"{out_dir}: stopped after step {step + 1}/{config.steps} with its state saved; the same "
-                      f"command continues it", file=sys.stderr)
             ts.end_of_step(step, config.steps, tensors=lambda: {"order": order}, meta=lambda: {
                 "cursor": cursor, "log_lines": log_lines, "psnrs": psnrs,
                 "train_seconds": before_s + time.perf_counter() - start,
@@ -229,6 +223,7 @@ def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out
 
 
 # ----------------------------------------------------------------------------- resumable state
+
 
 def _what_differs(saved: dict, now: dict) -> str:
     """A refused state's difference in words, for TrainingState's message."""
