@@ -308,6 +308,13 @@ class SlurmLauncher:
                   "re-run the same command to collect them, or scancel them", flush=True)
             raise
 
+    def _where_to_look(self, name: str, jid: str) -> str:
+        """The logs an ended job left, for its failure line: the worker's log and submitit's job folder, those
+        that exist (a job cancelled or refused while still queued never wrote either)."""
+        left = [str(p) + ("/" if p.is_dir() else "") for p in (self.study / "logs" / f"{name}.log", self.folder / jid)
+                if p.exists()]
+        return "see " + " and ".join(left) if left else "it left no log: it ended before it started (cancelled while queued?)"
+
     def run_phase(self, job: dict, done: Callable[[], bool], what: str) -> None:
         """Run a study phase (tokenizers, timing) as one SLURM job on a compute node, the kind of machine the
         runs train on, and wait; ``done`` says from the study directory whether it finished."""
@@ -371,8 +378,7 @@ class SlurmLauncher:
                           f"it failed); submitted again as {ids[name]}", flush=True)
                 else:
                     failed.append(f"{name} (slurm job {jid} ended {states.get(jid, 'and left the queue').lower()} "
-                                  f"without finishing; see {self.study / 'logs' / (name + '.log')} and "
-                                  f"{self.folder / jid}/)")
+                                  f"without finishing; {self._where_to_look(name, jid)})")
             counts = {}
             for jid in watching.values():  # (a job submitted again in this pass is not in states yet)
                 state = states.get(jid, "submitted").lower()
