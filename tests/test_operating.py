@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from flopmatch.config import SampleConfig
-from flopmatch.evaluation.operating import Point, choose, matched_level, pareto_front
+from flopmatch.evaluation.operating import SWEEP_SEED, Point, choose, matched_level, pareto_front
 from flopmatch.evaluation.timing import busy_probe, other_busy_cores
 from flopmatch.report.data import Study
 from flopmatch.report.operating import operating
@@ -177,3 +177,43 @@ def test_the_busy_probe_sees_another_process_and_not_this_one():
     # probe's reads and these (up to ~150 ms descheduled between them while 2 other cores run)
     assert other * wall == pytest.approx(max(machine_s - own_s, 0.0), abs=0.3)
     assert other_busy_cores(None) is None
+
+
+def _q(paradigm: str, seed: int, setting: str, kid: float, main: bool = False, full: bool = True) -> dict:
+    """An evaluation row at 1e12 FLOPs, depth 1: the full set (main or a chosen point) or the sweep's small set."""
+    return {"run": f"{paradigm}-b1e12-s{seed}", "objective": paradigm, "depth": 1, "budget": 1e12, "seed": seed,
+            "done": True, "weights": "ema", "main": main, "full_set": full, "eval_seed": 0 if full else SWEEP_SEED,
+            "setting": f"{setting},weights=ema,n={250 if full else 100}", "kid_effnet": kid, "fid_effnet": 100 * kid,
+            "fid_boot_effnet": [], "prompt_full_match": 0.5, "num_samples": 250 if full else 100, "cfg": 3.0,
+            "sample_flops_per_image": 1e9, "latency_s": None, "latency_s_all": [], "throughput_images_per_s": None,
+            "throughput_all": [], "timing_source": None}  # fmt: skip
+
+
+def test_quality_at_the_operating_budget_is_judged_at_each_paradigms_best_point():
+    """Known truth: at the shared main setting (guidance 3) masked beats diffusion clearly, but diffusion's best
+    guidance (5, found by the sweep) beats masked's best. The table at the sweep's budget must compare the best points
+    (each chosen on the sweep's images, valued on the full set: masked's guidance-5 point looks best on the full set
+    but not on the sweep, so it must not be used), say so, and mark the cell; without masked's sweep it falls back to
+    the main settings for every paradigm."""
+    rng = np.random.default_rng(0)
+    rows = [_q(p, s, "steps=25,cfg=3" if p == "diffusion" else "steps=12,cfg=3", kid * math.exp(0.02 * rng.standard_normal()),
+               main=True) for p, kid in (("diffusion", 0.60), ("masked", 0.40)) for s in range(3)]  # fmt: skip
+    sweep = [_q("diffusion", 0, "steps=25,cfg=3", 0.61, full=False), _q("diffusion", 0, "steps=25,cfg=5", 0.30, full=False),
+             _q("diffusion", 0, "steps=25,cfg=5", 0.32),  # diffusion's best: chosen on the sweep, valued here
+             _q("masked", 0, "steps=12,cfg=3", 0.41, full=False), _q("masked", 0, "steps=12,cfg=5", 0.45, full=False),
+             _q("masked", 0, "steps=12,cfg=5", 0.20)]  # looks best on the full set only: not masked's best point
+    masked_main = next(r for r in rows if r["objective"] == "masked" and r["seed"] == 0)["kid_effnet"]
+
+    v = decide(Study(Path("."), rows + sweep, [], []))
+    cell = next(c for c in v.table if c["need"] == "image quality")
+    assert cell["ranked"][0] == "diffusion" and cell["choice"] == "diffusion"
+    assert cell["log_errors"] == pytest.approx({"diffusion": math.log(0.32), "masked": math.log(masked_main)})
+    assert all("best point" in c.where for c in cell["comparisons"]) and cell_text(cell).endswith("†")
+    claim4 = next(c for c in v.claims if c["id"] == 4)["parts"][0]
+    assert "best point" in claim4["text"] and all("best point" in c.where for c, _ in claim4["comparisons"])
+
+    # masked not swept: no best point for it, so the cell compares every paradigm at its main setting
+    v = decide(Study(Path("."), rows + [r for r in sweep if r["objective"] == "diffusion"], [], []))
+    cell = next(c for c in v.table if c["need"] == "image quality")
+    assert cell["choice"] == "masked" and cell["label"] == "confident"
+    assert not any("best point" in c.where for c in cell["comparisons"]) and not cell_text(cell).endswith("†")

@@ -409,6 +409,23 @@ def _banners(study: Study, an: Analysis) -> list[str]:
     return out
 
 
+def _table_basis(v) -> str:
+    """Which settings the table's cells compare: the main ones, or the operating points (marked) at their budget."""
+    cells = [c for c in v.table if c.get("matched") and c["label"] != "not measured"]
+    if not cells:
+        return ("Each paradigm at the size chosen per budget and at its main sampling settings (one guidance scale for "
+                "every paradigm; see Operating points for each one's best).")
+    what = []
+    if any(c["need"] in ("image quality", "prompt following") for c in cells):
+        what.append("image quality and prompt following at each paradigm's best point for that need")
+    if any(c["need"] in ("latency", "throughput") for c in cells):
+        what.append("latency and throughput at its cheapest point at matched quality")
+    return (f"Each paradigm at the size chosen per budget; at {v.operating.budget:.3g} FLOPs {' and '.join(what)} "
+            f"(marked {MATCHED_MARK}; see Operating points), elsewhere at its main sampling settings (one guidance "
+            f"scale for every paradigm). A {MATCHED_MARK} verdict holds for the operating points the sweep chose: "
+            "points the sweep could not separate may have been chosen otherwise.")
+
+
 def _decision_rows(an: Analysis) -> list[list]:
     rows = []
     for budget in sorted({c["budget"] for c in an.verdicts.table}):
@@ -433,12 +450,7 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
                    "could not be separated from the paradigms named. Retraining means the generators' training seeds: each "
                    "token type (continuous latents, discrete codes) has one fixed tokenizer, shared by every run of that "
                    "type, so the verdicts hold for these tokenizers; another one (e.g. retrained) would move all its runs "
-                   "together, a variation no verdict here includes (see Tokenizer ceilings). Quality at the size chosen per budget; latency and "
-                   "throughput of that size " + (f"at {v.operating.budget:.3g} FLOPs at each paradigm's cheapest point at "
-                   f"matched quality (marked {MATCHED_MARK}; see Operating points), at the other budgets at its main "
-                   f"sampling settings. A {MATCHED_MARK} verdict holds for the operating points the sweep chose: points whose "
-                   "quality the sweep could not separate may have been chosen otherwise, at another cost."
-                   if v.operating and v.operating.levels else "at its main sampling settings.")))
+                   "together, a variation no verdict here includes (see Tokenizer ceilings). " + _table_basis(v)))
     B.append(("h", 2, "The paper's claims, checked here"))
     B.append(("ul", [f"**{c['status'].upper()}**: ({c['id']}) {c['paper']} Why: {c['reason']}." for c in v.claims]))
     n_claims = sum(c.p2 is not None for c in v.families["claims"])

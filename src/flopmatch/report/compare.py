@@ -274,8 +274,9 @@ def _blocks(names, paths, diffs, table, changes, vb, vo, ema, schedules, ceiling
                        "the sampling settings or the machine differ, such a change is the machines' noise between the two "
                        "timing phases (see each study's timing banner for its spread and load)."))
     if any(MATCHED_MARK in t["base"] + t["other"] for t in table):
-        B.append(("p", f"{MATCHED_MARK}: compared at each paradigm's cheapest point at matched quality, as that study's "
-                       "report says; the verdict holds for the operating points its sweep chose."))
+        B.append(("p", f"{MATCHED_MARK}: compared at the operating points (quality at each paradigm's best point, cost at "
+                       "its cheapest point at matched quality), as that study's report says; the verdict holds for the "
+                       "operating points its sweep chose."))
     B.append(("h", 2, "How far each paradigm moves"))
     B.append(("ul", _summary_lines(changes, names)))
     for metric, rows in changes.items():

@@ -16,6 +16,14 @@ compares FIDs.
 latency, throughput and sampling FLOPs at the largest budget are compared at each paradigm's cheapest
 point at a quality every paradigm reaches; elsewhere (other budgets, a study without a sweep, paradigms
 compared at different depths) at the main settings. Every comparison says which.
+
+*Quality at each paradigm's best point.* The main setting is one sampler configuration for every paradigm
+(one guidance scale, its default steps), and the scales do not mean the same across paradigms (guidance on a
+velocity vs on logits), so at the operating points' budget, where the sweep found each paradigm's best point
+for image quality and for prompt following, the table and claim 4 compare those (the point chosen on the
+sweep's images, its value from the full set: one value of the selection run, a one-seed cell with the pooled
+seed variance); a claim about trends over budgets (claims 1, 2) stays at the main settings, the one
+configuration measured at every budget. The comparison's ``where`` says "best points".
 Seed-to-seed variation of these is roughly multiplicative, so one variance per metric serves every
 budget and paradigm, and a difference reads as a ratio (``exp(estimate)``).
 
@@ -375,6 +383,21 @@ def _cap(*cells: Cell) -> str:
     return "model size chosen on the seed it is judged on (optimistic)" if any(c.biased for c in cells) else ""
 
 
+def _best_cells(op: Operating, cells: dict[tuple[str, float], Cell], metric: str) -> dict[tuple[str, float], Cell]:
+    """(paradigm, budget) -> a one-value cell of its best swept point for ``metric`` at the operating points' budget,
+    at the depth its main cell is judged at (module docstring). Only where that (paradigm, depth) was swept: a best
+    point picked from full-set rows on their own values would flatter them."""
+    out = {}
+    for (p, budget), c in cells.items():
+        pts = op.points.get((p, c.depth)) if budget == op.budget else None
+        row = None if pts is None or not pts.sweep else pts.best_prompt if metric == "prompt" else pts.best_quality
+        y = None if row is None else _log_error(metric, row)
+        if y is not None:  # the selection run's: with several depths, the seed the depth was chosen on (biased)
+            out[(p, budget)] = Cell(p, budget, c.depth, np.array([y]), np.array([_eval_var(metric, row)]), c.depths > 1,
+                                    c.depths)
+    return out
+
+
 class _Builder:
     def __init__(self, study: Study):
         self.study = study
@@ -387,6 +410,7 @@ class _Builder:
         # each paradigm's cheapest point at a quality every paradigm reaches, where the study swept operating points
         self.operating = operating(study)
         matched = matched_timing(self.operating)
+        self.best = {m: _best_cells(self.operating, self.cells[m], m) for m in ("kid", "prompt")}
         # only where every timed paradigm of a depth has its point: a comparison mixes no bases
         self.matched = {k: v for k, v in matched.items()
                         if all((p, d) in matched for (p, d) in self.timing if d == k[1])}
@@ -419,11 +443,17 @@ class _Builder:
         sets = [{b for (p, b) in self.cells[metric] if p == q} for q in paradigms]
         return sorted(set.intersection(*sets)) if sets else []
 
-    def quality(self, family: str, metric: str, a: str, b: str, budget: float) -> Comparison:
-        ca, cb = self.cells[metric][(a, budget)], self.cells[metric][(b, budget)]
+    def use_best(self, metric: str, budget: float, paradigms) -> bool:
+        """Whether ``paradigms`` are compared on ``metric`` at ``budget`` at their best swept points: each has one."""
+        return bool(paradigms) and all((p, budget) in self.best.get(metric, {}) for p in paradigms)
+
+    def quality(self, family: str, metric: str, a: str, b: str, budget: float, best: bool = False) -> Comparison:
+        """a vs b on ``metric`` at ``budget``: at the main settings, or (``best``) at each one's best swept point."""
+        src = self.best[metric] if best else self.cells[metric]
+        ca, cb = src[(a, budget)], src[(b, budget)]
         noise = self.noise[metric]
-        return self.add(family, Comparison(family, metric, a, b, f"at {budget:.3g} FLOPs", _pair(ca, cb, noise),
-                                           noise.source, _cap(ca, cb)))
+        where = f"at {budget:.3g} FLOPs" + (", each paradigm's best point" if best else "")
+        return self.add(family, Comparison(family, metric, a, b, where, _pair(ca, cb, noise), noise.source, _cap(ca, cb)))
 
     def quality_over_budgets(self, metric: str, a: str, b: str) -> Comparison | None:
         budgets = self.budgets(metric, [a, b])
@@ -613,19 +643,26 @@ def _claims(b: _Builder) -> list[tuple[int, list[dict]]]:
         have = [p for p in b.paradigms if any(q == p for q, _ in b.cells[metric])]
         return b.budgets(metric, have) if who in have and len(have) >= 2 else []
 
+    def at_top(metric, budgets):  # the paradigms compared at the largest budget, and whether at their best points
+        if not budgets:
+            return [], False
+        who = [q for q in b.paradigms if (q, budgets[-1]) in b.cells[metric]]
+        return who, b.use_best(metric, budgets[-1], who)
+
     top, topp = largest("kid", DIFF), largest("prompt", AR)
+    (kwho, kbest), (pwho, pbest) = at_top("kid", top), at_top("prompt", topp)
     dshared = sorted({d for (p, d) in b.timing if p == DIFF} & {d for (p, d) in b.timing if p != DIFF})
-    p4 = [part(f"diffusion has the best image quality at the largest budget{f' ({top[-1]:.3g})' if top else ''}",
-               [(b.quality("claims", "kid", DIFF, q, top[-1]), DIFF) for q in b.paradigms
-                if q != DIFF and (q, top[-1]) in b.cells["kid"]] if top else []),
+    p4 = [part(f"diffusion has the best image quality at the largest budget{f' ({top[-1]:.3g}' if top else ''}"
+               f"{', each paradigm at its best point)' if kbest else ')' if top else ''}",
+               [(b.quality("claims", "kid", DIFF, q, top[-1], kbest), DIFF) for q in kwho if q != DIFF]),
           part("diffusion has the lowest latency (batch 1" + (", at matched quality)" if all(
                    b.use_matched([(DIFF, d), (q, d)], "latency") for d in dshared for q in b.paradigms
                    if q != DIFF and (q, d) in b.timing) and dshared else ", main settings)"),
                [(b.timed("claims", "latency", (DIFF, d), (q, d)), DIFF) for d in dshared for q in b.paradigms
                 if q != DIFF and (q, d) in b.timing]),
-          part(f"next-token follows prompts best at the largest budget{f' ({topp[-1]:.3g})' if topp else ''}",
-               [(b.quality("claims", "prompt", AR, q, topp[-1]), AR) for q in b.paradigms
-                if q != AR and (q, topp[-1]) in b.cells["prompt"]] if topp else []),
+          part(f"next-token follows prompts best at the largest budget{f' ({topp[-1]:.3g}' if topp else ''}"
+               f"{', each paradigm at its best point)' if pbest else ')' if topp else ''}",
+               [(b.quality("claims", "prompt", AR, q, topp[-1], pbest), AR) for q in pwho if q != AR]),
           part("next-token has the highest throughput", [c for q in others for c in thr[q]])]
     out.append((4, p4))
     return out
@@ -638,9 +675,13 @@ def _table_cell(b: _Builder, budget: float, need: str, metric: str) -> dict:
         have = {p: b.cells[metric][(p, budget)] for p in b.paradigms if (p, budget) in b.cells[metric]}
         if len(have) < 2:
             return cell
+        best = b.use_best(metric, budget, have)
+        if best:
+            have = {p: b.best[metric][(p, budget)] for p in have}
         ranked = sorted(have, key=lambda p: (have[p].mean, p))
-        comps = [b.quality("table", metric, ranked[0], q, budget) for q in ranked[1:]]
+        comps = [b.quality("table", metric, ranked[0], q, budget, best) for q in ranked[1:]]
         cell["log_errors"] = {p: c.mean for p, c in have.items()}
+        cell["matched"] = best  # marked as the cost cells at the operating points are
     else:
         depth = {}
         for p in b.paradigms:
@@ -699,13 +740,14 @@ def floor_note(metric: str, log_errors: list[float]) -> str:
     return ""
 
 
-MATCHED_MARK = "†"  # a cost cell compared at the matched-quality operating points (its footnote: report.build)
+MATCHED_MARK = "†"  # a cell compared at the operating points: best point (quality) or matched quality (cost)
 
 
 def cell_text(cell: dict) -> str:
     """A recommendation-table cell as the report prints it: "masked (confident)", "no difference detected
-    (a ≈ b)", or "–" where the need was not measured; a cost compared at matched quality ends in MATCHED_MARK,
-    since its verdict holds for operating points the sweep chose within its own noise."""
+    (a ≈ b)", or "–" where the need was not measured; a cell compared at the operating points (quality at each
+    paradigm's best point, cost at matched quality) ends in MATCHED_MARK, since its verdict holds for operating points
+    the sweep chose within its own noise."""
     if cell["label"] == "not measured":
         return "–"
     mark = f" {MATCHED_MARK}" if cell.get("matched") else ""
