@@ -15,7 +15,7 @@ import flopmatch.evaluation.ceilings as ceilings
 from flopmatch.config import DataConfig
 from flopmatch.data.datasets import make_dataset
 from flopmatch.evaluation.features import extract_features, make_feature_extractor, reference_features
-from flopmatch.evaluation.quality import fid_bootstrap, fid_from_features
+from flopmatch.evaluation.quality import fid_from_features, fid_jackknife
 from flopmatch.evaluation.run import EvalConfig, evaluate, metrics_from_features
 from flopmatch.evaluation.tokenizer import to_uint8
 from flopmatch.files import load_tensors
@@ -70,7 +70,7 @@ def test_fid_uses_the_first_m_reference_images_at_equal_counts(run):
     assert (m["fid_num_real"], m["fid_num_fake"], m["num_real"]) == (8, 8, NUM_EVAL) and "fid_note" not in m
     assert m["fid"] == pytest.approx(fid_from_features(real[:8], fake), rel=1e-6)
     assert m["fid"] != pytest.approx(fid_from_features(real, fake), rel=1e-3)  # not the whole-split FID
-    want = fid_bootstrap(real[:8], fake, ECFG.fid_boot, generator=torch.Generator().manual_seed(ECFG.seed))
+    want = fid_jackknife(real[:8], fake, ECFG.fid_boot, generator=torch.Generator().manual_seed(ECFG.seed))
     assert m["fid_boot"]["replicates"] == pytest.approx(want, rel=1e-6)
 
 

@@ -132,8 +132,8 @@ def register(sub) -> None:
     p.add_argument("--weights", type=weights_name, default="ema", help=WEIGHTS_HELP)
     p.add_argument("--raw", action="store_true", help="the raw weights: the same as --weights model")
     p.add_argument("--fid-boot", type=count(0), metavar="N",
-                   help="FID and KID bootstrap replicates over the generated images, for noise estimates (default 200; "
-                        "0 = off)")
+                   help="evaluation-noise replicates over the generated images: KID bootstrap, FID delete-1 jackknife "
+                        "(at most one per image) (default 200; 0 = off)")
     p.add_argument("--export", type=output_dir, metavar="DIR",
                    help="also write each setting's images to DIR/<setting>/ as PNGs and samples.npz (arr_0: N,H,W,3 "
                         "uint8), for clean-fid, torch-fidelity or the ADM evaluator")

@@ -13,16 +13,21 @@ How the numbers are computed, and why:
   our number equals torchmetrics' ``FrechetInceptionDistance`` fed the same images through the same
   extractor, and scipy.linalg.sqrtm, to 1e-3 relative.
 - FID can also be taken against a reference given only as statistics (mean (F,), covariance (F, F)), as
-  clean-fid and the ADM evaluator store them (:func:`fid_from_stats`, :func:`fid_bootstrap_stats`). When there are
+  clean-fid and the ADM evaluator store them (:func:`fid_from_stats`, :func:`fid_jackknife_stats`). When there are
   fewer images than features, the features-in functions take the cross term from an image-by-image matrix instead
   (:func:`fid_from_features`, :func:`fid_against_stats`): the same number to roundoff, without the F x F solves.
 - FID at small n is biased upward, and by an amount that depends on the model (Chong & Forsyth 2020,
   "Effectively Unbiased FID and Inception Score and where to find them"; Binkowski et al. 2018,
   "Demystifying MMD GANs", which also show that KID is unbiased): :data:`FID_SMALL_N` is the n below which
   an evaluation flags its FID.
-- FID bootstrap (:func:`fid_bootstrap`): generated rows resampled with replacement, reference fixed; an
-  M x M eigensolve per replicate when M < F (see :func:`fid_resampled`), so 200 replicates take ~1-2 s.
-- KID bootstrap (:func:`kid_bootstrap`): the same resampling of the generated rows; each replicate is the
+- FID's evaluation noise (:func:`fid_jackknife`): a delete-1 jackknife over the generated rows, reference fixed,
+  as pseudo-replicates; an M x M eigensolve per replicate when M < F (see :func:`fid_resampled`), so 200 take
+  ~1-2 s. Not the bootstrap: a resample with replacement holds ~63 % distinct rows, and with fewer images than
+  features (a CPU study: 250 against 1280) that shrinks the fake covariance's rank by a different amount in each
+  replicate, so bootstrap FIDs scattered ~3x wider than FID over independent generated sets (correlated Gaussian
+  features, F=1280, M=250: sd 15.1 vs 5.1); the jackknife's replicates drop one row and gave 1.0x there, 1.1x at
+  F=256, M=200 (conservative, as a jackknife variance is: 1.25x at F=64, M=250). tests/test_eval_metrics.py checks it.
+- KID bootstrap (:func:`kid_bootstrap`): generated rows resampled with replacement; each replicate is the
   complete unbiased MMD^2 of all real rows against the resample, pairs of copies of one row left out, from
   kernel matrices formed once (a replicate is then a quadratic form of its row counts; 200 replicates of
   1000 x 1280 features take ~0.2 s).
@@ -134,18 +139,17 @@ def _frechet(mu1: torch.Tensor, tr1: torch.Tensor, mu2: torch.Tensor, tr2: torch
     return max(float((mu1 - mu2).square().sum() + tr1 + tr2 - 2 * cross), 0.0)
 
 
-def fid_bootstrap(real: torch.Tensor, fake: torch.Tensor, n_boot: int = 200,
+def fid_jackknife(real: torch.Tensor, fake: torch.Tensor, n_rep: int = 200,
                   generator: torch.Generator | None = None) -> list[float]:
-    """FID of ``n_boot`` resamples (with replacement) of the fake rows (M, F) against all real rows (N, F).
+    """Jackknife pseudo-replicates of FID over the fake rows (M, F), against all real rows (N, F).
 
-    The spread of these replicates estimates how much FID moves with *which* M images were generated
-    (evaluation-sample noise); the reference set is held fixed because every model is compared against
-    the same one. Replicates are biased upward against the point FID (a resample repeats ~37 % of its
-    rows, shrinking the fitted covariance), so use their deviations from their mean, not their level.
-    Deterministic given ``generator`` (seed 0 if None). See :func:`fid_resampled` for the cost.
+    Their spread estimates how much FID moves with *which* M images were generated (evaluation-sample noise); the
+    reference set is held fixed because every model is compared against the same one. min(n_rep, M) replicates;
+    see :func:`fid_jackknife_stats` for the estimator and the module docstring for why not a bootstrap.
+    Deterministic given ``generator`` (seed 0 if None).
     """
     _check(real, fake)
-    return fid_bootstrap_stats(*_mean_cov(real), fake, n_boot, generator)
+    return fid_jackknife_stats(*_mean_cov(real), fake, n_rep, generator)
 
 
 def _resamples(m: int, n_boot: int, generator: torch.Generator | None) -> list[torch.Tensor]:
@@ -157,11 +161,32 @@ def _resamples(m: int, n_boot: int, generator: torch.Generator | None) -> list[t
     return [torch.randint(0, m, (m,), generator=generator) for _ in range(n_boot)]
 
 
-def fid_bootstrap_stats(mu: torch.Tensor, sigma: torch.Tensor, fake: torch.Tensor, n_boot: int = 200,
+def fid_jackknife_stats(mu: torch.Tensor, sigma: torch.Tensor, fake: torch.Tensor, n_rep: int = 200,
                         generator: torch.Generator | None = None) -> list[float]:
-    """:func:`fid_bootstrap` against a reference given as its mean (F,) and covariance (F, F)."""
+    """:func:`fid_jackknife` against a reference given as its mean (F,) and covariance (F, F).
+
+    Delete-1 jackknife (Efron & Stein 1981; Shao & Tu 1995, ch. 2): theta_i is FID without generated row i, for
+    R = min(n_rep, M) rows drawn without replacement (all M when R = M), and the jackknife variance is
+    (M - 1) / R * sum_i (theta_i - mean theta)^2 (= (M-1)/M * sum over all M rows when R = M). Returned as R
+    pseudo-replicates ``FID + c (theta_i - mean theta)``, c = sqrt((M-1)(R-1)/R), whose sample variance (ddof 1) is
+    that variance and whose mean is the point FID, so the consumers of bootstrap replicates (spread, log-scale
+    variance) read them alike. Empty when n_rep is 0.
+    """
     _check_stats(mu, sigma, fake)
-    return fid_resampled_stats(mu, sigma, fake, _resamples(fake.shape[0], n_boot, generator))
+    m = fake.shape[0]
+    r = min(n_rep, m)
+    if r <= 0:
+        return []
+    if r < 2:
+        raise ValueError("the FID jackknife needs at least 2 replicates (and 2 generated rows)")
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    every = torch.arange(m, device=fake.device)
+    dropped = torch.randperm(m, generator=generator)[:r].tolist()
+    theta = torch.tensor(fid_resampled_stats(mu, sigma, fake, [every[every != i] for i in dropped]), dtype=torch.float64)
+    point = fid_against_stats(mu, sigma, fake)
+    c = math.sqrt((m - 1) * (r - 1) / r)
+    return (point + c * (theta - theta.mean())).tolist()
 
 
 def fid_resampled(real: torch.Tensor, fake: torch.Tensor, indices: list[torch.Tensor]) -> list[float]:
@@ -303,8 +328,8 @@ def kid_bootstrap(real: torch.Tensor, fake: torch.Tensor, n_boot: int = 200, gen
                   chunk: int = 1024) -> list[float]:
     """KID of ``n_boot`` resamples (with replacement) of the fake rows (M, F) against all real rows (N, F).
 
-    Like :func:`fid_bootstrap` (and drawing the same resamples for the same generator seed), the spread of
-    the replicates estimates how much KID moves with which M images were generated, the reference fixed.
+    The spread of the replicates estimates how much KID moves with which M images were generated, the reference
+    fixed (within a factor 1.5 of KID's spread over independent generated sets: tests/test_eval_metrics.py).
     Each replicate is the complete unbiased MMD^2 with the KID kernel (x.y / F + 1)^3 (Binkowski et al.
     2018) between all real rows and the resample, written with the resample's row multiplicities c (M,):
 

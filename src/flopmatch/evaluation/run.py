@@ -58,9 +58,9 @@ from flopmatch.evaluation.quality import (
     FID_SMALL_N,
     feature_stats,
     fid_against_stats,
-    fid_bootstrap,
-    fid_bootstrap_stats,
     fid_from_features,
+    fid_jackknife,
+    fid_jackknife_stats,
     kid_bootstrap,
     kid_from_features,
     precision_recall_matched,
@@ -94,7 +94,7 @@ class EvalConfig:
     kid_subset: int = 500
     kid_subsets: int = 50
     pr_k: int = 3
-    fid_boot: int = 200  # FID and KID replicates over resampled generated images (evaluation-noise estimate); 0 = off
+    fid_boot: int = 200  # evaluation-noise replicates: KID bootstrap, FID jackknife (at most M); 0 = off
     prompt_following: bool = True
     inference: bool = True  # analytic sampling and decode FLOPs per image
     timing: bool = True  # latency and throughput, all settings of the call timed together at the end
@@ -204,11 +204,13 @@ def bootstrap_device(device: torch.device | None) -> torch.device:
     return device if device is not None and device.type == "cuda" else torch.device("cpu")
 
 
-BOOT_METHOD = "generated images resampled with replacement, reference fixed"
+BOOT_METHOD = "generated images resampled with replacement, reference fixed"  # kid_boot
+JACKKNIFE_METHOD = ("delete-1 jackknife over the generated images, reference fixed: pseudo-replicates whose sample "
+                    "variance is the jackknife variance and whose mean is the point FID")  # fid_boot (quality.fid_jackknife)
 
 
-def _boot(reps: list[float], how: str = "") -> dict:
-    return {"method": BOOT_METHOD + how, "n": len(reps), "std": float(torch.tensor(reps).std()), "replicates": reps}
+def _boot(reps: list[float], how: str = BOOT_METHOD) -> dict:
+    return {"method": how, "n": len(reps), "std": float(torch.tensor(reps).std()), "replicates": reps}
 
 
 def fid_reference_rows(num_real: int, num_fake: int) -> int:
@@ -226,8 +228,9 @@ def metrics_from_features(real: torch.Tensor, fake: torch.Tensor, ecfg: EvalConf
     generated row i). FID and ``fid_boot`` use its first min(R, M) rows (:func:`fid_reference_rows`:
     ``fid_num_real`` / ``fid_num_fake`` record the counts), KID all R (``num_real``), precision/recall the
     first min(R, M) of each (``pr_num_*``). ``fid_small_n``: min(R, M) < FID_SMALL_N (FID biased upward).
-    When ``ecfg.fid_boot`` > 0, ``fid_boot`` and ``kid_boot``: that many replicates over the same resamples
-    of the generated rows (seeded with ``ecfg.seed``), each {"method", "n", "std", "replicates"}, computed on
+    When ``ecfg.fid_boot`` > 0, ``fid_boot``: min(fid_boot, M) jackknife pseudo-replicates of FID, and ``kid_boot``:
+    fid_boot bootstrap replicates of KID (both seeded with ``ecfg.seed``), each {"method", "n", "std", "replicates"},
+    computed on
     :func:`bootstrap_device` of ``device`` (the evaluation's)."""
     subset = min(ecfg.kid_subset, len(fake), len(real))
     kid_mean, kid_std = kid_from_features(real, fake, subset_size=subset, subsets=ecfg.kid_subsets,
@@ -245,10 +248,11 @@ def metrics_from_features(real: torch.Tensor, fake: torch.Tensor, ecfg: EvalConf
     if ecfg.fid_boot > 0:
         bdev = bootstrap_device(device)
         fid_real_b, fake_b, real_b = fid_real.to(bdev), fake.to(bdev), real.to(bdev)
-        out["fid_boot"] = _boot(fid_bootstrap(fid_real_b, fake_b, ecfg.fid_boot, generator=torch.Generator().manual_seed(ecfg.seed)))
+        out["fid_boot"] = _boot(fid_jackknife(fid_real_b, fake_b, ecfg.fid_boot, generator=torch.Generator().manual_seed(ecfg.seed)),
+                                JACKKNIFE_METHOD)
         reps = kid_bootstrap(real_b, fake_b, ecfg.fid_boot, generator=torch.Generator().manual_seed(ecfg.seed))
-        out["kid_boot"] = _boot(reps, "; each replicate the unbiased MMD^2 of all real rows against the resample, "
-                                      "pairs of copies of one row left out (not the subset average of `kid`)")
+        out["kid_boot"] = _boot(reps, BOOT_METHOD + "; each replicate the unbiased MMD^2 of all real rows against the "
+                                      "resample, pairs of copies of one row left out (not the subset average of `kid`)")
     return out
 
 
@@ -271,8 +275,8 @@ def metrics_from_stats(ref: ReferenceStats, fake: torch.Tensor, ecfg: EvalConfig
            "reference": "imported", "not_computed": NO_FEATURES}
     if ecfg.fid_boot > 0:
         bdev = bootstrap_device(device)
-        out["fid_boot"] = _boot(fid_bootstrap_stats(ref.mu.to(bdev), ref.sigma.to(bdev), fake.to(bdev), ecfg.fid_boot,
-                                                    generator=torch.Generator().manual_seed(ecfg.seed)))
+        out["fid_boot"] = _boot(fid_jackknife_stats(ref.mu.to(bdev), ref.sigma.to(bdev), fake.to(bdev), ecfg.fid_boot,
+                                                    generator=torch.Generator().manual_seed(ecfg.seed)), JACKKNIFE_METHOD)
         out["kid_boot"] = None
     return out
 

@@ -102,8 +102,8 @@ class Analysis:
 def evaluation_noise(metric: Metric, row: dict, seed: int) -> tuple[float, ...]:
     """Centred draws of a row's evaluation-sample error in ``metric`` (error units; () if unknown).
 
-    FID: its bootstrap replicates minus their mean (the replicates' level is biased upward, their
-    spread is the estimate). Prompt following: the full-match rate is a mean over n images, so
+    FID: its evaluation-noise replicates minus their mean (the spread is the estimate: the jackknife's pseudo-
+    replicates, quality.fid_jackknife; older entries hold bootstrap replicates, biased upward in level). Prompt following: the full-match rate is a mean over n images, so
     ``-(Binomial(n, score)/n - score)`` (the error is 1 - score), drawn with a stream seeded by the
     run name so rebuilding the report gives the same draws.
     """

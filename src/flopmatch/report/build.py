@@ -108,7 +108,7 @@ def sample_table(study: Study, an: Analysis) -> dict | None:
 
 def _runs_table(study: Study) -> tuple[list, list]:
     header = ["run", "paradigm", "depth", "params", "budget", "LR schedule", "FLOPs spent", "steps", "status", "final loss",
-              "main setting", "KID (effnet) ± bootstrap sd", "FID (effnet) ± bootstrap sd, n", "prompt full match",
+              "main setting", "KID (effnet) ± bootstrap sd", "FID (effnet) ± jackknife sd, n", "prompt full match",
               "FLOPs/img", "latency (ms)", "img/s"]  # fmt: skip
     rows = []
     for info in study.runs:
