@@ -87,7 +87,8 @@ def test_small_n_fid_warns_once_per_call_and_flags_every_entry(exported):
         assert m["fid_small_n"] is True and (m["num_real"], m["num_fake"]) == (24, 8)
         assert (m["fid_num_real"], m["fid_num_fake"]) == (8, 8)  # FID: the first 8 reference images, equal counts
         assert (m["pr_num_real"], m["pr_num_fake"]) == (8, 8)
-        assert m["kid_boot"]["n"] == m["fid_boot"]["n"] == ECFG.fid_boot and m["kid_boot"]["std"] > 0
+        assert m["kid_boot"]["n"] == ECFG.fid_boot and m["kid_boot"]["std"] > 0
+        assert m["fid_boot"]["n"] == min(ECFG.fid_boot, 8)  # the FID jackknife: at most one replicate per image
 
 
 def test_imported_reference_gives_the_fid_against_its_statistics(exported, tiny_run):
@@ -98,7 +99,7 @@ def test_imported_reference_gives_the_fid_against_its_statistics(exported, tiny_
     path, own_doc, _ = exported
     import torch
 
-    from flopmatch.evaluation.quality import feature_stats, fid_bootstrap_stats, fid_from_stats
+    from flopmatch.evaluation.quality import feature_stats, fid_from_stats, fid_jackknife_stats
     from flopmatch.evaluation.run import IMPORTED_COUNTS
     from flopmatch.files import load_tensors
     from flopmatch.rundir import sample_dir
@@ -116,7 +117,7 @@ def test_imported_reference_gives_the_fid_against_its_statistics(exported, tiny_
     with np.load(path, allow_pickle=False) as z:
         mu, sigma = torch.from_numpy(z["mu_effnet"]), torch.from_numpy(z["sigma_effnet"])
     assert got["fid"] > 0 and got["fid"] == pytest.approx(fid_from_stats(mu, sigma, *feature_stats(fake)), rel=1e-6)
-    want = fid_bootstrap_stats(mu, sigma, fake, ECFG.fid_boot, generator=torch.Generator().manual_seed(ECFG.seed))
+    want = fid_jackknife_stats(mu, sigma, fake, ECFG.fid_boot, generator=torch.Generator().manual_seed(ECFG.seed))
     assert got["fid_boot"]["replicates"] == pytest.approx(want, rel=1e-6)
     assert (got["fid_num_real"], got["fid_num_fake"], got["fid_note"]) == (24, 8, IMPORTED_COUNTS)
     assert own["metrics"]["effnet"]["fid_num_real"] == 8 and got["fid"] != pytest.approx(own["metrics"]["effnet"]["fid"])
