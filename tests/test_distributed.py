@@ -37,6 +37,7 @@ import torch
 from flopmatch import PARADIGMS
 from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_json, load_tensors
+from flopmatch.lock import DirectoryLock
 from flopmatch.rundir import CHECKPOINT, copy_checkpoint, read_state
 from flopmatch.study.job import job_finished
 from flopmatch.study.slurm import WorkerJob
@@ -69,13 +70,19 @@ WORKER = textwrap.dedent("""
     from flopmatch import dist
     from flopmatch.evaluation.run import EvalConfig, evaluate
     from flopmatch.sample import load_sampler
+    from flopmatch.errors import UserError
     from flopmatch.train import train
     from tiny import tiny_run_config
 
     for job in json.loads({jobs!r}):
         if job["kind"] == "train":
             cfg = tiny_run_config(job["objective"], job["steps"], sets=job["sets"])
-            train(cfg, job["out"], progress=False, stop_after=job.get("stop_after"))
+            try:
+                train(cfg, job["out"], progress=False, stop_after=job.get("stop_after"))
+            except UserError as e:
+                if not job.get("refused"):
+                    raise
+                print("REFUSED:", e, flush=True)
         else:
             settings = [load_sampler(job["run"]).cfg.sample]
             evaluate(job["run"], settings, EvalConfig(**job["ecfg"]), progress=False)
@@ -89,8 +96,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(jobs: list[dict], world: int = 2, timeout: float = LAUNCH_TIMEOUT_S) -> None:
-    """Run ``jobs`` in ``world`` processes started as torchrun starts its workers; fail on error or timeout."""
+def launch(jobs: list[dict], world: int = 2, timeout: float = LAUNCH_TIMEOUT_S) -> list[str]:
+    """Run ``jobs`` in ``world`` processes started as torchrun starts its workers; fail on error or timeout.
+    Returns each rank's output."""
     code = WORKER.format(tests=str(TESTS), jobs=json.dumps(jobs))
     port = _free_port()
     procs = []
@@ -110,6 +118,7 @@ def launch(jobs: list[dict], world: int = 2, timeout: float = LAUNCH_TIMEOUT_S) 
         pytest.fail(f"{world}-process launch hung for {timeout:.0f}s; rank 0 said:\n{outputs[0][-3000:]}")
     for rank, (p, out) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{out[-3000:]}"
+    return outputs
 
 
 def _tensors(run: Path) -> dict[str, torch.Tensor]:
@@ -155,7 +164,8 @@ def two_process(tmp_path_factory):
     ``fsdp2-<objective>``: 2 processes; ``<parallel>-stopped``: 2 processes stopped after STOP steps;
     ``resumed-by-fsdp2``: 1 process stopped after STOP steps, finished by 2; ``one-wsd0`` / ``fsdp2-wsd0``: a
     wsd run saving its stable checkpoint at step 0, by 1 and 2 processes; ``eval-1`` / ``eval-2``:
-    copies of ``one-masked`` evaluated by 1 (in the test) and 2 processes.
+    copies of ``one-masked`` evaluated by 1 (in the test) and 2 processes; ``locked``: a run another process holds,
+    refused first (each rank's output in ``root/refused-<rank>.txt``), the launch going on after it.
     """
     root = tmp_path_factory.mktemp("dist")
     for name in PARADIGMS:  # also warms the data caches the children read
@@ -164,8 +174,10 @@ def two_process(tmp_path_factory):
         shutil.copytree(root / "one-masked", root / copy)
     train(tiny_run_config("masked", STEPS, sets=SETS), root / "resumed-by-fsdp2", progress=False, stop_after=STOP)
     train(tiny_run_config("masked", STEPS, sets=[*SETS, *WSD0]), root / "one-wsd0", progress=False)
-    jobs = [{"kind": "train", "objective": name, "steps": STEPS, "out": str(root / f"{parallel}-{name}"),
-             "sets": [*SETS, f"train.parallel={parallel}"]} for parallel, name in CASES]
+    jobs = [{"kind": "train", "objective": "masked", "steps": STEPS, "out": str(root / "locked"), "sets": SETS,
+             "refused": True}]
+    jobs += [{"kind": "train", "objective": name, "steps": STEPS, "out": str(root / f"{parallel}-{name}"),
+              "sets": [*SETS, f"train.parallel={parallel}"]} for parallel, name in CASES]
     jobs += [{"kind": "train", "objective": "masked", "steps": STEPS, "out": str(root / f"{parallel}-stopped"),
               "sets": [*SETS, f"train.parallel={parallel}"], "stop_after": STOP} for parallel in ("ddp", "fsdp2")]
     jobs.append({"kind": "train", "objective": "masked", "steps": STEPS, "out": str(root / "resumed-by-fsdp2"),
@@ -174,8 +186,23 @@ def two_process(tmp_path_factory):
                  "sets": [*SETS, *WSD0, "train.parallel=fsdp2"]})
     jobs.append({"kind": "eval", "run": str(root / "eval-2"), "ecfg": EVAL})
     t0 = time.perf_counter()
-    launch(jobs)
+    with DirectoryLock(root / "locked", "run"):  # held by this process: rank 0 of the launch is refused the run
+        outputs = launch(jobs)
+    for rank, out in enumerate(outputs):
+        (root / f"refused-{rank}.txt").write_text(out)
     return root, time.perf_counter() - t0
+
+
+def test_a_run_refused_on_rank_0_is_refused_on_every_rank(two_process):
+    """Only rank 0 takes the run's lock; when it is refused (another process holds the run), every rank raises the
+    same one-line UserError, instead of the others going on into a collective rank 0 has left (a raw gloo
+    traceback), and the launch goes on in step: every later job of the same launch succeeds (launch checks that)."""
+    root, _ = two_process
+    for rank in range(2):
+        out = (root / f"refused-{rank}.txt").read_text()
+        (line,) = [x for x in out.splitlines() if x.startswith("REFUSED:")]
+        assert "is in use" in line and "locked" in line, out[-2000:]
+        assert "Traceback" not in out and "gloo" not in out.lower(), out[-2000:]
 
 
 @pytest.mark.slow

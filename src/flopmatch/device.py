@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from flopmatch.dist import local_rank
+from flopmatch.dist import is_launched, local_rank
 from flopmatch.errors import UserError
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")  # where flopmatch runs; torch names more (xla, meta, ...) that it does not support
@@ -18,10 +18,11 @@ DEVICE_TYPES = ("cpu", "cuda", "mps")  # where flopmatch runs; torch names more 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """"auto" -> this rank's CUDA device if available else CPU; otherwise the named device, checked to exist here
-    (a UserError naming the problem otherwise)."""
+    (a UserError naming the problem otherwise). Under torchrun "cuda" is this rank's GPU, cuda:LOCAL_RANK (one
+    process per GPU), and a numbered one is refused: every rank would take the same GPU."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", local_rank())
+            return _rank_gpu()
         return torch.device("cpu")
     try:
         dev = torch.device(name)
@@ -36,10 +37,24 @@ def resolve_device(name: str = "auto") -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UserError(f"device {name} requested but this process sees {torch.cuda.device_count()} CUDA device(s) "
                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}); use one of them or auto")
+        if is_launched():
+            if dev.index is not None:
+                raise UserError(f"device {name} under torchrun would put every process on one GPU; use cuda or auto "
+                                "(each process takes the GPU of its local rank)")
+            return _rank_gpu()
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device {name} requested but MPS is not available (Apple silicon with a PyTorch built for "
                         f"it); use device cpu or auto")
     return dev
+
+
+def _rank_gpu() -> torch.device:
+    """cuda:LOCAL_RANK, checked against the GPUs this process sees (torchrun started more processes than GPUs?)."""
+    n = torch.cuda.device_count()
+    if local_rank() >= n:
+        raise UserError(f"process of local rank {local_rank()} but this node has {n} GPU(s) visible; start at most "
+                        f"{n} process(es) per node (torchrun --nproc_per_node {n})")
+    return torch.device("cuda", local_rank())
 
 
 @functools.cache

@@ -27,11 +27,13 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
+
+from flopmatch.errors import UserError
 
 # FSDP2, DTensor and DCP are imported where used: together they add ~1 s to every command's start (measured
 # 0.8 s for torch.distributed.fsdp alone), and only a sharded run needs them.
@@ -42,12 +44,51 @@ def is_launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+_CPU_GROUP: list = []  # the gloo group of host-side flags (cpu_group), made by init next to an NCCL one
+
+
 def init(device: torch.device) -> None:
-    """Initialise the process group once (nccl on CUDA, gloo on CPU) if launched by torchrun."""
+    """Initialise the process group once (nccl on CUDA, gloo on CPU) if launched by torchrun; on CUDA also a gloo
+    group over the same ranks for host-side flags (:func:`any_rank`)."""
     if is_launched() and not torch_dist.is_initialized():
         if device.type == "cuda":  # NCCL collectives and FSDP2's mesh use the current device: this rank's own
             torch.cuda.set_device(device)
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _CPU_GROUP[:] = [torch_dist.new_group(backend="gloo") if device.type == "cuda" else None]
+
+
+@contextlib.contextmanager
+def entered_on_main(make: Callable[[], contextlib.AbstractContextManager]):
+    """Enter the context manager ``make()`` on the main rank only (a directory lock), with every rank told whether
+    that worked: when the main rank's entry raises a UserError, every rank raises it, so no rank goes on into a
+    collective that the main rank has left (which fails there as a raw gloo/NCCL traceback)."""
+    with contextlib.ExitStack() as stack:
+        failed = None
+        if is_main():
+            try:
+                stack.enter_context(make())
+            except UserError as e:
+                if not torch_dist.is_initialized():
+                    raise
+                failed = str(e)
+        if torch_dist.is_initialized():
+            box = [failed]  # the message, from our own rank 0 (broadcast_object_list pickles it between our processes)
+            torch_dist.broadcast_object_list(box, src=0, group=_CPU_GROUP[0] if _CPU_GROUP else None)
+            failed = box[0]
+        if failed is not None:
+            raise UserError(failed)
+        yield
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (a collective: every rank calls it at the same point). On CPU tensors
+    over gloo, so reading it in a training step costs no device sync (an NCCL all-reduce of a CUDA tensor then
+    ``.item()`` would wait for the GPU's queue every step)."""
+    if not torch_dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    torch_dist.all_reduce(t, group=_CPU_GROUP[0] if _CPU_GROUP else None)
+    return bool(t.item() > 0)
 
 
 def shutdown() -> None:
@@ -60,7 +101,8 @@ def shutdown() -> None:
     it can deadlock; torchrun stops the others then.
     """
     if torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
+        torch_dist.destroy_process_group()  # every group, the gloo flag group too
+        _CPU_GROUP.clear()
 
 
 def rank() -> int:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import signal
 import threading
 
-import torch
-
 from flopmatch import dist
 
 
@@ -19,13 +17,14 @@ class InterruptFlag:
     """Within ``with``, SIGINT (Ctrl-C) sets a flag instead of raising; a second Ctrl-C raises at once.
 
     Only installed on the main thread (signal handlers cannot be set elsewhere). ``any()`` is
-    all-reduced across ranks so every process stops at the same step.
+    all-reduced across ranks so every process stops at the same step, over a gloo group of CPU tensors
+    (:func:`flopmatch.dist.cpu_group`): read after every step, a flag on the GPU would be a host sync that drains the
+    GPU's queue each step (and an NCCL collective between the step's own).
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self):
         self.flag = False
         self._old = None
-        self.device = device
 
     def _handler(self, signum, frame):
         if self.flag:
@@ -45,4 +44,4 @@ class InterruptFlag:
     def any(self) -> bool:
         if not dist.world_size() > 1:
             return self.flag
-        return bool(dist.all_reduce_mean(torch.tensor(float(self.flag), device=self.device)).item() > 0)
+        return dist.any_rank(self.flag)

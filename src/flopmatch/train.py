@@ -32,7 +32,6 @@ Karpathy, nanoGPT (decay groups, gradient clipping).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import math
@@ -269,7 +268,7 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
     dist.barrier()
     # One writer per run directory (a second `train` on it, or a requeued job whose predecessor is still
     # being torn down, gets a one-line error naming the holder). Only the main rank writes.
-    with DirectoryLock(run, "run") if dist.is_main() else contextlib.nullcontext():
+    with dist.entered_on_main(lambda: DirectoryLock(run, "run")):  # a refusal reaches every rank
         try:
             if dist.is_main():  # temp files of writes a killed training process never finished
                 remove_stale_temps(run, names=(CONFIG, METRICS))
@@ -414,7 +413,7 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
     last_loss = float("nan")
     # Ctrl-C only raises a flag; the step in flight finishes and is checkpointed, so the saved
     # weights and step count agree and resuming is exact.
-    interrupted = InterruptFlag(device)
+    interrupted = InterruptFlag()
     mine = slice(dist.rank() * local, (dist.rank() + 1) * local)  # this rank's rows of the global batch
     with interrupted, trackers:
         net.train()

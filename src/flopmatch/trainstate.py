@@ -74,7 +74,7 @@ class TrainingState:
         self.schedulers, self.orders = schedulers or {}, orders or {}
         self.what_differs = what_differs or (lambda saved, now: "other settings or data")
         self.step, self.tensors, self.meta, self.resumed = 0, {}, {}, False
-        self._stop = InterruptFlag(torch.device("cpu"))
+        self._stop = InterruptFlag()
         self._saved_at = time.perf_counter()
 
     def __enter__(self) -> TrainingState:

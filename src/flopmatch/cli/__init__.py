@@ -41,6 +41,12 @@ def shutdown_distributed() -> None:
         loaded.shutdown()
 
 
+def is_main_rank() -> bool:
+    """False on a torchrun process other than rank 0 (looked up like :func:`shutdown_distributed`)."""
+    loaded = sys.modules.get("flopmatch.dist")
+    return loaded is None or loaded.is_main()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``flopmatch`` argument parser."""
     parser = OneLineParser(prog="flopmatch", description="Compute-matched comparison of image-synthesis paradigms.")
@@ -72,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flopmatch: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("flopmatch: interrupted", file=sys.stderr)
+        if is_main_rank():  # under torchrun every rank is interrupted: one line
+            print("flopmatch: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`, which closed it: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -313,7 +313,7 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
     state = read_state(run)
     path = run / EVAL
     doc = read_eval_doc(path, EVAL_VERSION)  # checked before minutes of sampling
-    if not state.get("done"):
+    if not state.get("done") and dist.is_main():
         print(f"warning: {run} is not finished ({state['step']}/{state['total_steps']} steps); evaluating its latest checkpoint")
     cfg = sampler.cfg
     ref = make_dataset(cfg.data, "eval", progress=progress)
