@@ -82,6 +82,9 @@ def test_wsd_run_continued_to_a_larger_budget_equals_a_direct_run(trained, tmp_p
     assert read_config(kept).train.budget == b1 and read_state(kept)["done"] and len(_rows(kept)) == 8
     assert read_eval_entries(kept) and (kept / "samples" / "steps-3" / "prompts.json").exists()
     assert read_eval_entries(run) == {} and not (run / "samples").exists()
+    # a run directory of its own: it samples with its own tokenizer and data record, as the run did
+    assert cli.main(["sample", str(kept), "--prompt", "a red circle", "--num", "1", "--steps", "2",
+                     "--out", str(tmp_path / "kept.png")]) == 0 and (tmp_path / "kept.png").exists()
     assert train(tiny_run_config("masked", 14, WSD), run, progress=False)["done"]  # finished: nothing to do
     assert cli.main(["train", "--out", str(run), "--quiet"]) == 0 and read_state(run)["step"] == 14  # resumes: done
     with pytest.raises(UserError, match=re.escape(f"continued past budget {b1:.3g}; its {b1:.3g} result (finished) is kept in {kept}")):

@@ -18,8 +18,9 @@ differ) does, in this order, each step atomic and the whole idempotent (a contin
 is completed by the same command):
 
 1. keeps the run's B1 result (finished or not): ``checkpoint/`` (hard-linked), ``config.json``, ``metrics.jsonl``,
-   ``eval.json``, ``samples/``, ``samples.png`` and ``ema-snapshots/`` (linked) go to ``budgets/<B1>/`` (:func:`flopmatch.rundir.budget_dir`),
-   assembled under a temporary name and renamed into place;
+   ``eval.json``, ``data.json``, ``samples/``, ``samples.png``, ``ema-snapshots/`` and ``tokenizer/`` (linked) go to
+   ``budgets/<B1>/`` (:func:`flopmatch.rundir.budget_dir`), assembled under a temporary name and renamed into place,
+   a run directory of its own that ``flopmatch sample`` and ``eval`` take;
 2. removes ``eval.json``, ``samples/`` and ``samples.png`` from the run, which describes the B2 model only from now on;
 3. installs the state to continue from as ``checkpoint/``, ``done`` false, its ``budget_history``
    extended by B1 (budget, steps, FLOPs, whether it finished, where it was kept, the step continued from);
@@ -225,10 +226,11 @@ def _keep(run: Path, state: dict, budget: float) -> Path:
     for name in (CHECKPOINT, STATE, SAMPLE_PNG):
         if (run / name).exists():
             _link_or_copy(run / name, tmp / name)
-    for folder in (SAMPLES, EMA_SNAPSHOTS):  # EMA_SNAPSHOTS: the kept result can still be given post-hoc EMAs
+    # EMA_SNAPSHOTS: the kept result can still be given post-hoc EMAs; TOKENIZER: it samples and decodes as the run does
+    for folder in (SAMPLES, EMA_SNAPSHOTS, TOKENIZER):
         if (run / folder).is_dir():
             shutil.copytree(run / folder, tmp / folder, copy_function=_link_or_copy)
-    for name in (CONFIG, METRICS, EVAL):  # small, and rewritten or appended in place: copies, not links
+    for name in (CONFIG, METRICS, EVAL, DATA):  # small, and rewritten or appended in place: copies, not links
         if (run / name).exists():
             atomic_write_text(tmp / name, (run / name).read_text())
     os.replace(tmp, dest)

@@ -68,7 +68,8 @@ STATE_KEYS = ("step", "total_steps", "flops", "done", "net_spec")
 # Config keys that change how a run is watched, split across processes or compiled, not what it computes
 # (train.parallel and sample.compile change results by float rounding only, as the number of processes does): a resume
 # may change them (config_diffs skips them).
-NOT_IDENTITY = ("train.trackers", "train.parallel", "sample.compile", "train.log_every")  # log_every: rows, not numbers
+NOT_IDENTITY = ("train.trackers", "train.parallel", "sample.compile", "train.log_every",  # log_every: rows, not numbers
+                "train.checkpoint_every")  # checkpoint_every: when state is saved; a resume is exact from any step
 
 
 # ----------------------------------------------------------------------------- config
