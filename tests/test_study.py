@@ -288,6 +288,18 @@ def test_growing_a_study_adds_cells_and_keeps_the_variance_seeds_in_place(tmp_pa
     assert {p.depth for p in added} == {2} and len(added) == 5 and len(plan) == 10
     assert {(p.budget, p.seed) for p in added} == {(p.budget, p.seed) for p in plan if p.depth == 1}
 
+    # planned cells that never began (no run directory, no SLURM job): a growth stopped before them, or a mistyped
+    # budget, may be dropped again
+    fixed, plan, _ = reconcile(saved, replace(scfg, budgets=[2e9, 8e9], floor_seeds=1), tmp_path)
+    assert fixed.budgets == [2e9, 8e9] and len(plan) == 3
+    (tmp_path / "slurm").mkdir()
+    atomic_write_json(tmp_path / "slurm" / "jobs.json", {run_name("masked", 1, 4e9, 0): "17"})  # queued: begun
+    with pytest.raises(UserError, match=r"with this command's budgets, 1 run\(s\) .*\(e\.g\. masked-d1-b4e09-s0\)"):
+        reconcile(saved, replace(scfg, budgets=[2e9, 8e9], floor_seeds=0), tmp_path)
+    for p in make_plan(replace(scfg, depths=[1, 2]), tmp_path):  # every planned run has begun from here on
+        (tmp_path / "runs" / p.name).mkdir(parents=True)
+    with pytest.raises(UserError, match="with this command's depths, 5 run"):  # the axis that drops the example run
+        reconcile({**saved, "depths": [1, 2]}, replace(scfg, objectives=["masked", "diffusion"]), tmp_path)
     refusals = {
         "budgets": replace(scfg, budgets=[2e9, 8e9]),
         "seeds": replace(scfg, floor_seeds=1),

@@ -7,7 +7,8 @@ unchanged. Anything else is refused, naming the setting, since it would mix inco
 report (the report reads every run under ``runs/``):
 
 - grid axes (``objectives``, ``depths``, ``budgets``, ``seeds``, ``floor_seeds``, ``base_seed``): may
-  add cells, never drop one;
+  add cells, never drop one that has begun (its run directory exists, or a SLURM job was submitted for it); a
+  planned cell that never began (a growth stopped before it, or a mistyped budget) may be dropped again;
 - evaluation axes (``eval_steps``, ``eval_raw``, ``eval_ema``, ``sweep_guidance``, ``eval_variants``): may add
   settings, never drop one;
 - everything else that defines runs or their evaluation (the ``--set`` overrides, tokenizer, number of
@@ -26,9 +27,11 @@ from pathlib import Path
 
 from flopmatch.config import from_dict
 from flopmatch.errors import UserError
+from flopmatch.files import read_json
 from flopmatch.rundir import dict_diffs
 from flopmatch.study.plan import RunPlan, make_plan
 from flopmatch.study.presets import StudyConfig
+from flopmatch.study.slurm import JOBS_FILE
 
 GRID = ("objectives", "depths", "budgets", "seeds", "floor_seeds", "base_seed")
 ADDITIVE = ("eval_steps", "eval_raw", "eval_ema", "sweep_guidance", "eval_variants")
@@ -56,6 +59,21 @@ def _fewer_evaluations(old: StudyConfig, new: StudyConfig) -> str | None:
         if objective in new.objectives and not set(steps) <= set(new.eval_steps.get(objective, [])):
             return "eval_steps"
     return None
+
+
+def _begun(out: Path, name: str) -> bool:
+    """Whether a planned run has begun: its run directory exists, or a SLURM job was submitted for it (a queued job
+    would create it later)."""
+    jobs = out / "slurm" / JOBS_FILE
+    return (out / "runs" / name).exists() or (jobs.exists() and name in read_json(jobs))
+
+
+def _dropping_axis(p: RunPlan, scfg: StudyConfig) -> str:
+    """The grid axis of ``scfg`` that leaves the planned run ``p`` out."""
+    for axis, value in (("objectives", p.objective), ("depths", p.depth), ("budgets", p.budget)):
+        if value not in getattr(scfg, axis):
+            return axis
+    return "seeds"  # its seed is not among the new plan's for its cell (seeds, floor_seeds, base_seed)
 
 
 def reconcile(saved: dict, scfg: StudyConfig, out: Path) -> tuple[StudyConfig, list[RunPlan], list[RunPlan]]:
@@ -95,9 +113,9 @@ def reconcile(saved: dict, scfg: StudyConfig, out: Path) -> tuple[StudyConfig, l
     old_plan = {p.name: p for p in make_plan(replace(old, floor_budget=pinned), out)}
     new_plan = make_plan(scfg, out)
     new_names = {p.name for p in new_plan}
-    dropped = [n for n in old_plan if n not in new_names]
+    dropped = [n for n in old_plan if n not in new_names and _begun(out, n)]
     if dropped:
-        axis = next((k for k in GRID if getattr(scfg, k) != getattr(old, k)), "grid")
+        axis = "base_seed" if scfg.base_seed != old.base_seed else _dropping_axis(old_plan[dropped[0]], scfg)
         if axis == "base_seed":  # not an axis to add to: another base seed owns other training seeds
             raise UserError(f"the study in {out} was made with base seed {old.base_seed}; base seed {scfg.base_seed} "
                             f"trains other seeds, which is another study (with its own --out; `flopmatch compare` "
