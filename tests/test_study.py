@@ -278,6 +278,9 @@ def test_growing_a_study_adds_cells_and_keeps_the_variance_seeds_in_place(tmp_pa
 
     grown, plan, added = reconcile(saved, replace(scfg, budgets=[2e9, 4e9, 8e9, 1.6e10]), tmp_path)
     assert grown.floor_budget == 4e9  # the middle would now be 8e9: the variance seeds stay where they are
+    ema_only = asdict(replace(scfg, floor_seeds=0, eval_ema=[0.1]))  # and so does the post-hoc EMA sweep alone
+    assert reconcile(ema_only, replace(scfg, floor_seeds=0, eval_ema=[0.1], budgets=[2e9, 4e9, 8e9, 1.6e10]),
+                     tmp_path)[0].floor_budget == 4e9
     assert [p.name for p in added] == [run_name("masked", 1, 1.6e10, 0)]
     more = replace(scfg, objectives=["masked", "diffusion"], seeds=2,
                    eval_steps={**scfg.eval_steps, "masked": [2, 4]}, overrides=scfg.overrides + ["train.trackers=tensorboard"])

@@ -16,8 +16,8 @@ report (the report reads every run under ``runs/``):
 - ``StudyConfig.NOT_IDENTITY`` (timing and report settings) and run-config keys in
   ``rundir.NOT_IDENTITY`` (trackers): free to change.
 
-The extra seeds that measure seed variance sit at the middle budget; adding budgets would move the
-middle, so a grown study keeps them where they are (``floor_budget``).
+The extra seeds that measure seed variance and the post-hoc EMA sweep sit at the middle budget; adding budgets
+would move the middle, so a grown study keeps them where they are (``floor_budget``).
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def reconcile(saved: dict, scfg: StudyConfig, out: Path) -> tuple[StudyConfig, l
                         f"training seeds (from seed {old.first_seed}); more seeds would reuse base seed "
                         f"{old.base_seed + 1}'s. Add seeds in a new study directory (its base seeds own 1000 seeds each)")
     pinned = old.floor_budget or sorted(old.budgets)[len(old.budgets) // 2]
-    if old.floor_seeds and not scfg.floor_budget and pinned in scfg.budgets:  # keep the variance seeds where they are
+    # keep the variance seeds and the post-hoc EMA sweep (both at the floor budget) where they are
+    if (old.floor_seeds or old.eval_ema) and not scfg.floor_budget and pinned in scfg.budgets:
         scfg = replace(scfg, floor_budget=pinned)
     skip = set(GRID) | set(ADDITIVE) | set(LABEL) | set(StudyConfig.NOT_IDENTITY) | {"overrides", "floor_budget", "first_seed"}
     if not old.sweep_guidance:  # the old study never swept (or predates the sweep): its sample count set nothing
