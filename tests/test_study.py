@@ -11,7 +11,7 @@ import pytest
 
 import flopmatch.study.job
 import flopmatch.study.launchers
-from flopmatch import cli
+from flopmatch import PARADIGMS, cli
 from flopmatch.config import RunConfig, apply_overrides, from_dict, to_dict
 from flopmatch.data.datasets import make_dataset
 from flopmatch.errors import UserError
@@ -430,3 +430,24 @@ def test_wsd_study_chains_runs_through_their_stable_phase(tmp_path):
     origin = f"branched from {small.name} at step {branched['step']}"  # the report says which schedule made each point
     assert rows[small.name]["origin"] == "scratch" and rows[large.name]["origin"] == origin
     assert f"| wsd ({origin}) |" in (out / "report.md").read_text()
+
+
+def test_growing_a_study_names_only_what_it_adds(tmp_path, capsys):
+    """Without --preset, an existing study's own settings are the defaults: `--budgets` alone adds budgets to its one
+    paradigm and keeps its tiny preset's settings and its --set values (repeated ones kept once), where the cpu
+    preset's defaults would add paradigms or be refused as incomparable."""
+    out = tmp_path / "s"
+    scfg = replace(tiny_study(), overrides=[*tiny_study().overrides, "train.lr=2e-3"])
+    atomic_write_json(out / "study.json", asdict(scfg))
+    (out / "runs" / run_name("masked", 1, 2e9, 0)).mkdir(parents=True)  # the study has begun
+    capsys.readouterr()
+    argv = ["study", "--out", str(out), "--budgets", "2e9,4e9,8e9,1.6e10", "--set", "train.lr=2e-3", "--plan-only",
+            "--no-calibrate"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "settings this command does not give are its own" in text
+    planned = [n for n in (run_name(p, 1, b, 0) for p in PARADIGMS for b in (2e9, 4e9, 8e9, 1.6e10)) if n in text]
+    assert planned == [run_name("masked", 1, b, 0) for b in (2e9, 4e9, 8e9, 1.6e10)]
+    # --preset given: the preset's settings, compared with the saved ones (the tiny preset without train.lr: refused)
+    assert cli.main(["study", "--out", str(out), "--preset", "tiny", "--plan-only", "--no-calibrate"]) == 2
+    assert "train.lr" in capsys.readouterr().err

@@ -10,9 +10,10 @@ from flopmatch import PARADIGMS
 from flopmatch.cli.args import DATA_HELP, count, data_source, number_list, output_dir, positive_seconds
 from flopmatch.config import RunConfig, apply_overrides, check_holdout
 from flopmatch.errors import UserError
+from flopmatch.study.presets import STUDY_PRESETS
 
 SLURM_FLAGS = ("partition", "gpus_per_run", "cpus_per_run", "slurm_time", "slurm_account", "slurm_mem_gb", "slurm_poll")
-from flopmatch.study.presets import STUDY_PRESETS
+DEFAULT_PRESET = "cpu"  # of a new study directory (an existing one defaults to its own settings)
 
 
 def _objectives(text: str) -> list[str]:
@@ -81,10 +82,16 @@ def cmd_study(args) -> int:
     # `flopmatch --help` and argument errors answer at once.
     from flopmatch.study.launchers import concurrent_runs
     from flopmatch.study.presets import check_grid_overrides, study_preset
-    from flopmatch.study.runner import preview, study
+    from flopmatch.study.runner import preview, saved_study, study
     from flopmatch.study.slurm import SlurmConfig, parse_slurm_time
 
-    scfg = study_preset(args.preset)
+    # Without --preset, a study directory's own settings are the defaults (growing it names only what it adds);
+    # with it, or in a new directory, the preset's.
+    saved = saved_study(Path(args.out)) if args.preset is None else None
+    scfg = saved or study_preset(args.preset or DEFAULT_PRESET)
+    if saved is not None:
+        print(f"[study] {args.out} holds a study: settings this command does not give are its own ({args.out}/study.json)",
+              flush=True)
     for name in ("objectives", "depths", "budgets", "seeds", "floor_seeds", "base_seed", "eval_samples", "eval_raw",
                  "eval_ema", "sweep_guidance", "sweep_samples", "tokenizer", "tokenizer_match", "eval_guidance"):  # given flags replace the preset's
         if getattr(args, name) is not None:
@@ -92,14 +99,15 @@ def cmd_study(args) -> int:
     if args.eval_samples is not None and args.sweep_samples is None:  # the sweep is a small set: no larger than the full
         scfg.sweep_samples = max(10, min(scfg.sweep_samples, scfg.eval_samples))
     check_grid_overrides(args.set)
-    scfg.overrides = scfg.overrides + ([f"data.name={args.data}"] if args.data else []) + list(args.set)
+    # (a setting repeated from the saved study's command line is kept once)
+    scfg.overrides = list(dict.fromkeys(scfg.overrides + ([f"data.name={args.data}"] if args.data else []) + list(args.set)))
     # the preset's shapes holdout is dropped on another source (study.plan.shared_config); one the user sets is refused
     data_name = apply_overrides(RunConfig(), scfg.overrides).data.name
     check_holdout(apply_overrides(RunConfig(), [f"data.name={data_name}", *args.set]).data)
     if args.tokenizer_set and scfg.tokenizer != "learned":
         raise UserError(f"--tokenizer-set configures the study's learned tokenizers; this study's are {scfg.tokenizer} "
                         f"(--tokenizer learned to train them)")
-    scfg.tokenizer_overrides = scfg.tokenizer_overrides + list(args.tokenizer_set)
+    scfg.tokenizer_overrides = list(dict.fromkeys(scfg.tokenizer_overrides + list(args.tokenizer_set)))
     slurm = None
     if args.launcher == "slurm":
         given = {"partition": args.partition, "gpus_per_run": args.gpus_per_run, "cpus_per_run": args.cpus_per_run,
@@ -121,9 +129,10 @@ def cmd_study(args) -> int:
 def register(sub) -> None:
     """Add ``study`` to the top-level subparsers."""
     p = sub.add_parser("study", help="run the compute-matched comparison end to end and write the report")
-    p.add_argument("--preset", default="cpu", choices=STUDY_PRESETS,
-                   help="cpu (default, ~7 min on 2 idle cores with bf16 matmuls, several times that without; --plan-only "
-                        "estimates it for this machine), "
+    p.add_argument("--preset", choices=STUDY_PRESETS,
+                   help="cpu (default for a new --out; an existing study's own settings are the default there, so "
+                        "growing it names only what it adds; ~7 min on 2 idle cores with bf16 matmuls, several times that "
+                        "without; --plan-only estimates it for this machine), "
                         "cpu-long (~1 h), gpu, tiny (seconds of training; for smoke tests; on your own data the domain CLIP "
                         "that scores prompts trains once first, minutes on a CPU)")
     p.add_argument("--out", default="study", type=output_dir, help="study directory (default: study/)")

@@ -134,6 +134,15 @@ def preview(out: Path, scfg: StudyConfig, calibrate: bool = True, concurrent: in
     return est
 
 
+def saved_study(out: Path) -> StudyConfig | None:
+    """The settings of the study ``out`` holds (its study.json), or None where there is none or it produced nothing
+    yet (:func:`not_started`: a command there starts afresh). ``flopmatch study`` takes them as the defaults of a
+    command without ``--preset``, so growing a study names only what it adds."""
+    if not (out / "study.json").exists() or not_started(out):
+        return None
+    return from_dict(StudyConfig, read_json(out / "study.json"))
+
+
 def not_started(out: Path) -> bool:
     """Whether the study directory ``out`` holds nothing but its settings: no tokenizer, no run (its tokenizer
     ceilings file is keyed by each tokenizer's fingerprint and data, so another study's entries are re-measured).
