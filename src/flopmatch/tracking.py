@@ -50,7 +50,9 @@ WANDB_INSTALL = "pip install 'flopmatch[wandb]' (or pip install -r requirements-
 def check_trackers(names: list[str]) -> None:
     """Raise UserError if a named tracker's package is missing; checked before any expensive set-up."""
     if WANDB in names and importlib.util.find_spec("wandb") is None:
-        raise UserError(f"train.trackers=wandb needs the wandb package: {WANDB_INSTALL}")
+        raise UserError(f"train.trackers=wandb needs the wandb package: {WANDB_INSTALL}; or train without it "
+                        "(`flopmatch train --track tensorboard`, or --set train.trackers=), also on a run whose saved "
+                        "config.json lists wandb: trackers may change when a run resumes")
 
 
 def scalars(row: dict) -> dict[str, float]:

@@ -106,7 +106,8 @@ def reconcile(saved: dict, scfg: StudyConfig, out: Path) -> tuple[StudyConfig, l
         if key not in skip and asdict(old)[key] != value:
             raise UserError(f"{out} holds a study with {key}={asdict(old)[key]!r}; this command has {value!r}, which "
                             f"would make its finished runs incomparable with new ones. Grow a study only along "
-                            f"{', '.join(GRID + ADDITIVE)}; use the saved settings ({out / 'study.json'}) or another --out")
+                            f"{', '.join(k for k in GRID + ADDITIVE if k != 'base_seed')}; use the saved settings "
+                            f"({out / 'study.json'}) or another --out")
     fewer = _fewer_evaluations(old, scfg)
     if fewer:
         raise UserError(f"this command evaluates fewer settings than the study in {out} ({fewer}); a grown study may "
@@ -129,7 +130,8 @@ def reconcile(saved: dict, scfg: StudyConfig, out: Path) -> tuple[StudyConfig, l
             diff = dict_diffs(old_plan[p.name].config, p.config)
             if diff:
                 key = diff[0]
-                raise UserError(f"this command changes {key} of the study's runs (--set {key}={_get(p.config, key)!r}; "
-                                f"the study in {out} has {_get(old_plan[p.name].config, key)!r}), which would make them "
-                                f"incomparable; use the saved value or another --out")
+                flag = f"--data {_get(p.config, key)}" if key == "data.name" else f"--set {key}={_get(p.config, key)!r}"
+                raise UserError(f"this command changes {key} of the study's runs ({flag}; the study in {out} has "
+                                f"{_get(old_plan[p.name].config, key)!r}), which would make them incomparable; use the "
+                                f"saved value or another --out")
     return scfg, new_plan, [p for p in new_plan if p.name not in old_plan]
