@@ -370,6 +370,9 @@ def test_a_study_with_another_base_seed_grows_its_seeds(tmp_path):
     for saved in (legacy, asdict(pinned)):  # the pin is kept in study.json, and so is the refusal
         with pytest.raises(UserError, match="more seeds would reuse base seed 2's"):
             reconcile(saved, replace(more, seeds=2), tmp_path)
+    assert reconcile(asdict(scfg), replace(scfg, base_seed=2), tmp_path)[0].base_seed == 2  # no run began: free
+    for p in make_plan(scfg, tmp_path):
+        (tmp_path / "runs" / p.name).mkdir(parents=True)
     with pytest.raises(UserError, match=r"made with base seed 1; base seed 2 trains other seeds, which is another study"):
         reconcile(asdict(scfg), replace(scfg, base_seed=2), tmp_path)  # not an axis to add to
 
