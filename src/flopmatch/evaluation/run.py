@@ -170,18 +170,28 @@ def generate_sharded(sampler, prompts: list[str], sample: SampleConfig, seed: in
     if world == 1:
         return torch.cat([mine[b] for b, _ in batches])
     shard = out_dir / f"shard-{rank}.safetensors"
-    save_tensors(shard, {f"b{b}": v for b, v in mine.items()})
-    dist.barrier()
-    images = None
-    if dist.is_main():
-        parts = {}
-        for r in range(world):
-            parts |= {int(k[1:]): v for k, v in load_tensors(out_dir / f"shard-{r}.safetensors").items()}
-        images = torch.cat([parts[b] for b, _ in batches])
-        for r in range(world):
-            (out_dir / f"shard-{r}.safetensors").unlink(missing_ok=True)
-    dist.barrier()
-    return images
+    made = [q for q in (out_dir, out_dir.parent) if not q.exists()]  # innermost first: removed again if left empty
+    try:
+        save_tensors(shard, {f"b{b}": v for b, v in mine.items()})
+        dist.barrier()
+        images = None
+        if dist.is_main():
+            parts = {}
+            for r in range(world):
+                parts |= {int(k[1:]): v for k, v in load_tensors(out_dir / f"shard-{r}.safetensors").items()}
+            images = torch.cat([parts[b] for b, _ in batches])
+            for r in range(world):
+                (out_dir / f"shard-{r}.safetensors").unlink(missing_ok=True)
+        dist.barrier()
+        return images
+    except BaseException:  # Ctrl-C or a failed rank: no shard and no empty sample folder left behind
+        shard.unlink(missing_ok=True)
+        for folder in made:
+            try:
+                folder.rmdir()  # only if empty (another rank's shard, or its removal, may still be under way)
+            except OSError:
+                break
+        raise
 
 
 def quality_metrics(extractor, real: torch.Tensor | ReferenceStats, images: torch.Tensor, ecfg: EvalConfig) -> dict:
