@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +196,26 @@ def test_fid_jackknife_is_seeded_centred_on_the_point_fid_and_shrinks_with_more_
     reps = torch.tensor(fid_jackknife(real[:50], fake[:m], 100), dtype=torch.float64)
     theta = torch.tensor([fid_from_features(real[:50], fake[:m][torch.arange(m) != i]) for i in range(m)], dtype=torch.float64)
     assert float(reps.var()) == pytest.approx(float((m - 1) / m * (theta - theta.mean()).square().sum()), rel=1e-6)
+
+
+def test_fid_jackknife_without_enough_rows_or_replicates_gives_no_estimate():
+    """A delete-1 FID needs 2 rows and a spread needs 2 replicates: fewer give no estimate (an empty list, std None in
+    eval.json), not a crash after the sampling."""
+    g = torch.Generator().manual_seed(4)
+    real, fake = torch.randn(20, 6, generator=g), torch.randn(20, 6, generator=g)
+    assert fid_jackknife(real, fake[:2], 200) == [] and fid_jackknife(real, fake, 1) == [] and fid_jackknife(real, fake, 0) == []
+    assert len(fid_jackknife(real, fake[:3], 200)) == 3
+
+
+def test_fid_evaluation_variance_reads_the_spread_of_pseudo_replicates_not_their_logs():
+    """Jackknife pseudo-replicates may be <= 0 when FID is small against its noise; the verdicts' log-scale variance
+    of FID is the delta method's var / FID^2, which every replicate enters."""
+    from flopmatch.report.verdicts import _eval_var
+
+    reps = [-0.1, 0.2, 0.4, 0.3, 0.2]
+    row = {"fid_effnet": 0.2, "fid_boot_effnet": reps}
+    assert _eval_var("fid", row) == pytest.approx(float(np.var(reps, ddof=1)) / 0.2**2)
+    assert math.isnan(_eval_var("fid", {"fid_effnet": 0.2, "fid_boot_effnet": [0.2]}))
 
 
 @pytest.mark.parametrize("f,m", [(128, 60), (8, 120)])  # fewer images than features (M x M route), and more

@@ -19,6 +19,7 @@ import pytest
 from flopmatch.config import SampleConfig
 from flopmatch.evaluation.operating import SWEEP_SEED, Point, choose, matched_level, pareto_front
 from flopmatch.evaluation.timing import busy_probe, other_busy_cores
+from flopmatch.report import convention
 from flopmatch.report.data import Study
 from flopmatch.report.operating import operating
 from flopmatch.report.verdicts import cell_text, decide
@@ -189,7 +190,7 @@ def _q(paradigm: str, seed: int, setting: str, kid: float, main: bool = False, f
             "throughput_all": [], "timing_source": None}  # fmt: skip
 
 
-def test_quality_at_the_operating_budget_is_judged_at_each_paradigms_best_point():
+def test_quality_at_the_operating_budget_is_judged_at_each_paradigms_best_point(monkeypatch):
     """Known truth: at the shared main setting (guidance 3) masked beats diffusion clearly, but diffusion's best
     guidance (5, found by the sweep) beats masked's best. The table at the sweep's budget must compare the best points
     (each chosen on the sweep's images, valued on the full set: masked's guidance-5 point looks best on the full set
@@ -212,8 +213,20 @@ def test_quality_at_the_operating_budget_is_judged_at_each_paradigms_best_point(
     claim4 = next(c for c in v.claims if c["id"] == 4)["parts"][0]
     assert "best point" in claim4["text"] and all("best point" in c.where for c, _ in claim4["comparisons"])
 
-    # masked not swept: no best point for it, so the cell compares every paradigm at its main setting
-    v = decide(Study(Path("."), rows + [r for r in sweep if r["objective"] == "diffusion"], [], []))
-    cell = next(c for c in v.table if c["need"] == "image quality")
-    assert cell["choice"] == "masked" and cell["label"] == "confident"
-    assert not any("best point" in c.where for c in cell["comparisons"]) and not cell_text(cell).endswith("†")
+    # the FLOP-convention check compares like with like: both sides at the main settings (the moved study has only
+    # main rows), so equal backbone shares change nothing
+    study = Study(Path("."), rows + sweep, [], [])
+    main_only = decide(study, best_points=False)
+    assert next(c for c in main_only.table if c["need"] == "image quality")["choice"] == "masked"
+    monkeypatch.setattr(convention, "backbone_shares", lambda s: {("diffusion", 1): 0.5, ("masked", 1): 0.5})
+    check = convention.convention_check(study)
+    assert check["compared"] > 0 and check["changes"] == []
+
+    # masked not swept, or its best point one the sweep did not evaluate (chosen on its own full-set value): no best
+    # point for it, so the cell compares every paradigm at its main setting
+    unswept_best = [r for r in sweep if r["objective"] == "diffusion"] + [sweep[4]]  # masked swept cfg=5 only (0.45)
+    for extra in ([r for r in sweep if r["objective"] == "diffusion"], unswept_best):
+        v = decide(Study(Path("."), rows + extra, [], []))
+        cell = next(c for c in v.table if c["need"] == "image quality")
+        assert cell["choice"] == "masked" and cell["label"] == "confident"
+        assert not any("best point" in c.where for c in cell["comparisons"]) and not cell_text(cell).endswith("†")

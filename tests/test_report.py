@@ -765,7 +765,7 @@ def test_a_difference_made_by_the_convention_is_reported(tmp_path):
     v = decide(study)
     fid_cells = [c for c in v.table if c["need"] == "image quality"]
     assert any(c["choice"] == "diffusion" for c in fid_cells)
-    check = convention.convention_check(study, v)
+    check = convention.convention_check(study)
     alt = decide(convention.backbone_study(study, check["shares"]))
     assert all(c["label"] != "confident" for c in alt.table if c["need"] == "image quality")
     assert check["compared"] >= 2 and any(ch.startswith("image quality") for ch in check["changes"])

@@ -299,6 +299,14 @@ def test_growing_a_study_adds_cells_and_keeps_the_variance_seeds_in_place(tmp_pa
     atomic_write_json(tmp_path / "slurm" / "jobs.json", {run_name("masked", 1, 4e9, 0): "17"})  # queued: begun
     with pytest.raises(UserError, match=r"with this command's budgets, 1 run\(s\) .*\(e\.g\. masked-d1-b4e09-s0\)"):
         reconcile(saved, replace(scfg, budgets=[2e9, 8e9], floor_seeds=0), tmp_path)
+    atomic_write_json(tmp_path / "slurm" / "jobs.json", {run_name("masked", 1, 4e9, 1): "19"})  # an extra seed's run
+    with pytest.raises(UserError, match=r"with this command's floor_seeds, 1 run\(s\)"):  # named by its axis
+        reconcile(saved, replace(scfg, floor_seeds=0), tmp_path)
+    wsd = replace(scfg, overrides=[*scfg.overrides, "train.schedule=wsd"])  # runs of one seed train as one chain job
+    atomic_write_json(tmp_path / "slurm" / "jobs.json", {"masked-d1-s0-wsd": "18"})  # the chain is queued: all begun
+    with pytest.raises(UserError, match=r"with this command's budgets, 1 run\(s\) .*\(e\.g\. masked-d1-b4e09-s0\)"):
+        reconcile(asdict(wsd), replace(wsd, budgets=[2e9, 8e9], floor_seeds=0), tmp_path)
+    (tmp_path / "slurm" / "jobs.json").unlink()
     for p in make_plan(replace(scfg, depths=[1, 2]), tmp_path):  # every planned run has begun from here on
         (tmp_path / "runs" / p.name).mkdir(parents=True)
     with pytest.raises(UserError, match="with this command's depths, 5 run"):  # the axis that drops the example run
@@ -454,3 +462,11 @@ def test_growing_a_study_names_only_what_it_adds(tmp_path, capsys):
     # --preset given: the preset's settings, compared with the saved ones (the tiny preset without train.lr: refused)
     assert cli.main(["study", "--out", str(out), "--preset", "tiny", "--plan-only", "--no-calibrate"]) == 2
     assert "train.lr" in capsys.readouterr().err
+
+
+def test_repeated_study_settings_keep_their_last_place():
+    """Overrides apply in order, so of a repeated one the last must stay last (the saved study's command line and this
+    one's together): dropping the later copy would let an earlier, different value win."""
+    from flopmatch.cli.study import _last_of_each
+
+    assert _last_of_each(["a=1", "b=", "b=x", "a=1", "b="]) == ["b=x", "a=1", "b="]

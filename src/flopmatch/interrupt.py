@@ -18,7 +18,7 @@ class InterruptFlag:
 
     Only installed on the main thread (signal handlers cannot be set elsewhere). ``any()`` is
     all-reduced across ranks so every process stops at the same step, over a gloo group of CPU tensors
-    (:func:`flopmatch.dist.cpu_group`): read after every step, a flag on the GPU would be a host sync that drains the
+    (:func:`flopmatch.dist.any_rank`): read after every step, a flag on the GPU would be a host sync that drains the
     GPU's queue each step (and an NCCL collective between the step's own).
     """
 

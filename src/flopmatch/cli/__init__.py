@@ -19,7 +19,7 @@ from flopmatch import __version__
 from flopmatch.allocator import tune_allocator
 from flopmatch.cli import bench, compare, config, data, report, run, study, tokenizer
 from flopmatch.cli import eval as eval_cli
-from flopmatch.errors import UserError
+from flopmatch.errors import EchoedError, UserError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -39,6 +39,16 @@ def shutdown_distributed() -> None:
     loaded = sys.modules.get("flopmatch.dist")
     if loaded is not None:
         loaded.shutdown()
+
+
+def entry() -> None:
+    """The ``flopmatch`` console script and ``python -m flopmatch``: :func:`main`, then exit with its status; a
+    torchrun worker (a process that loaded ``flopmatch.dist``) by :func:`flopmatch.dist.exit_process`."""
+    status = main()
+    loaded = sys.modules.get("flopmatch.dist")  # looked up as in shutdown_distributed
+    if loaded is not None:
+        loaded.exit_process(status)
+    sys.exit(status)
 
 
 def is_main_rank() -> bool:
@@ -75,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_distributed()
         return status
     except UserError as e:
-        print(f"flopmatch: error: {e}", file=sys.stderr)
+        if not isinstance(e, EchoedError) or is_main_rank():  # another rank's error, said there: once per launch
+            print(f"flopmatch: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if is_main_rank():  # under torchrun every rank is interrupted: one line

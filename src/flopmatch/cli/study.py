@@ -71,6 +71,11 @@ def preset_defaults(name: str, show=str) -> str:
     return "; ".join(f"{presets} {value}" for value, presets in names.items())
 
 
+def _last_of_each(items: list[str]) -> list[str]:
+    """``items`` with each repeated string kept at its last place only (overrides apply in order: the last wins)."""
+    return list(reversed(dict.fromkeys(reversed(items))))
+
+
 def cmd_study(args) -> int:
     """Plan (or, with --plan-only, just print) and run a study."""
     given = [f"--{k.replace('_', '-')}" for k in SLURM_FLAGS if getattr(args, k) is not None]
@@ -99,15 +104,15 @@ def cmd_study(args) -> int:
     if args.eval_samples is not None and args.sweep_samples is None:  # the sweep is a small set: no larger than the full
         scfg.sweep_samples = max(10, min(scfg.sweep_samples, scfg.eval_samples))
     check_grid_overrides(args.set)
-    # (a setting repeated from the saved study's command line is kept once)
-    scfg.overrides = list(dict.fromkeys(scfg.overrides + ([f"data.name={args.data}"] if args.data else []) + list(args.set)))
+    # (a setting repeated from the saved study's command line is kept once, at its last place: later ones win)
+    scfg.overrides = _last_of_each(scfg.overrides + ([f"data.name={args.data}"] if args.data else []) + list(args.set))
     # the preset's shapes holdout is dropped on another source (study.plan.shared_config); one the user sets is refused
     data_name = apply_overrides(RunConfig(), scfg.overrides).data.name
     check_holdout(apply_overrides(RunConfig(), [f"data.name={data_name}", *args.set]).data)
     if args.tokenizer_set and scfg.tokenizer != "learned":
         raise UserError(f"--tokenizer-set configures the study's learned tokenizers; this study's are {scfg.tokenizer} "
                         f"(--tokenizer learned to train them)")
-    scfg.tokenizer_overrides = list(dict.fromkeys(scfg.tokenizer_overrides + list(args.tokenizer_set)))
+    scfg.tokenizer_overrides = _last_of_each(scfg.tokenizer_overrides + list(args.tokenizer_set))
     slurm = None
     if args.launcher == "slurm":
         given = {"partition": args.partition, "gpus_per_run": args.gpus_per_run, "cpus_per_run": args.cpus_per_run,

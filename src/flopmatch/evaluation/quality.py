@@ -170,15 +170,14 @@ def fid_jackknife_stats(mu: torch.Tensor, sigma: torch.Tensor, fake: torch.Tenso
     (M - 1) / R * sum_i (theta_i - mean theta)^2 (= (M-1)/M * sum over all M rows when R = M). Returned as R
     pseudo-replicates ``FID + c (theta_i - mean theta)``, c = sqrt((M-1)(R-1)/R), whose sample variance (ddof 1) is
     that variance and whose mean is the point FID, so the consumers of bootstrap replicates (spread, log-scale
-    variance) read them alike. Empty when n_rep is 0.
+    variance) read them alike. Empty (no estimate) when R < 2 or M < 3 (a delete-1 FID needs 2 rows). The pseudo-
+    replicates may be <= 0 when FID is small against its noise: read their spread, not their logs.
     """
     _check_stats(mu, sigma, fake)
     m = fake.shape[0]
     r = min(n_rep, m)
-    if r <= 0:
+    if r < 2 or m < 3:
         return []
-    if r < 2:
-        raise ValueError("the FID jackknife needs at least 2 replicates (and 2 generated rows)")
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     every = torch.arange(m, device=fake.device)

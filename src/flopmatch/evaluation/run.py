@@ -170,7 +170,6 @@ def generate_sharded(sampler, prompts: list[str], sample: SampleConfig, seed: in
     if world == 1:
         return torch.cat([mine[b] for b, _ in batches])
     shard = out_dir / f"shard-{rank}.safetensors"
-    made = [q for q in (out_dir, out_dir.parent) if not q.exists()]  # innermost first: removed again if left empty
     try:
         save_tensors(shard, {f"b{b}": v for b, v in mine.items()})
         dist.barrier()
@@ -186,9 +185,9 @@ def generate_sharded(sampler, prompts: list[str], sample: SampleConfig, seed: in
         return images
     except BaseException:  # Ctrl-C or a failed rank: no shard and no empty sample folder left behind
         shard.unlink(missing_ok=True)
-        for folder in made:
+        for folder in (out_dir, out_dir.parent):  # every rank tries: the last one out removes them
             try:
-                folder.rmdir()  # only if empty (another rank's shard, or its removal, may still be under way)
+                folder.rmdir()  # only if empty (another rank's shard may still be there, or other settings' images)
             except OSError:
                 break
         raise
@@ -220,7 +219,8 @@ JACKKNIFE_METHOD = ("delete-1 jackknife over the generated images, reference fix
 
 
 def _boot(reps: list[float], how: str = BOOT_METHOD) -> dict:
-    return {"method": how, "n": len(reps), "std": float(torch.tensor(reps).std()), "replicates": reps}
+    return {"method": how, "n": len(reps), "std": float(torch.tensor(reps).std()) if len(reps) >= 2 else None,
+            "replicates": reps}
 
 
 def fid_reference_rows(num_real: int, num_fake: int) -> int:

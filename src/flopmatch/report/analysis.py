@@ -52,7 +52,7 @@ KID_FLOOR = 5e-3
 class Metric:
     """A fitted metric: its row column, label, whether it is a [0,1] score, and if paradigms may be compared.
 
-    ``boot``: the row key holding the value's bootstrap replicates (FID), if any.
+    ``boot``: the row key holding the value's evaluation-noise replicates (KID bootstrap, FID jackknife), if any.
     """
 
     name: str

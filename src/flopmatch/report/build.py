@@ -108,7 +108,7 @@ def sample_table(study: Study, an: Analysis) -> dict | None:
 
 def _runs_table(study: Study) -> tuple[list, list]:
     header = ["run", "paradigm", "depth", "params", "budget", "LR schedule", "FLOPs spent", "steps", "status", "final loss",
-              "main setting", "KID (effnet) ± bootstrap sd", "FID (effnet) ± jackknife sd, n", "prompt full match",
+              "main setting", "KID (effnet) ± bootstrap sd", "FID (effnet) ± evaluation-noise sd, n", "prompt full match",
               "FLOPs/img", "latency (ms)", "img/s"]  # fmt: skip
     rows = []
     for info in study.runs:
@@ -324,7 +324,7 @@ def _scorer_banner(study: Study) -> list[str]:
 def _convention_banner(study: Study, an: Analysis) -> list[str]:
     """What the FLOP convention decides: each paradigm's backbone share of its budget, and whether the verdicts
     change at equal backbone-only compute (flopmatch.report.convention)."""
-    check = convention_check(study, an.verdicts)
+    check = convention_check(study)
     if not check:
         return []
     share = check["shares"]
@@ -341,7 +341,8 @@ def _convention_banner(study: Study, an: Analysis) -> list[str]:
         return [head + "Too few budgets overlap at equal backbone compute to re-check the verdicts."]
     if check["changes"]:
         return [head + "Re-judged at equal backbone compute (each seed interpolated between measured budgets, never "
-                "extrapolated), the answer changes: " + "; ".join(check["changes"]) + ". Part of a change can come "
+                "extrapolated; both sides at the main sampling settings), the answer changes: " + "; ".join(check["changes"]) +
+                ". Part of a change can come "
                 "from having less data there: budgets outside a paradigm's range and seeds not measured at both ends "
                 "drop out."]
     return [head + f"Re-judged at equal backbone compute (each seed interpolated between measured budgets, never "

@@ -10,7 +10,7 @@ run along its own scaling curve:
 - the target at nominal budget B is ``B * max share`` (the backbone compute of the paradigm with the largest
   share, which stays at its measured points);
 - for each (paradigm, depth, seed), log error is interpolated linearly in log compute between the two
-  budgets that bracket the target (the same seed at both; KID's and FID's bootstrap replicates are interpolated
+  budgets that bracket the target (the same seed at both; KID's and FID's evaluation-noise replicates are interpolated
   pairwise, so the evaluation noise follows); a target outside a paradigm's measured range is dropped,
   never extrapolated.
 
@@ -67,7 +67,7 @@ def _moved_row(lo: dict, hi: dict, x: float, x0: float, x1: float, budget: float
     for boot in ("kid_boot_effnet", "fid_boot_effnet"):
         ra, rb = np.asarray(lo.get(boot) or [], float), np.asarray(hi.get(boot) or [], float)
         n = min(ra.size, rb.size)
-        if n >= 2 and (ra[:n] > 0).all() and (rb[:n] > 0).all():  # independent replicates: pairwise interpolation
+        if n >= 2 and (ra[:n] > 0).all() and (rb[:n] > 0).all():  # each run's own replicates: pairwise interpolation
             row[boot] = list(np.exp(_interp(x, x0, x1, np.log(ra[:n]), np.log(rb[:n]))))
         else:
             row[boot] = []
@@ -127,11 +127,15 @@ def convention_changes(all_flops: Verdicts, backbone: Verdicts) -> list[str]:
     return out
 
 
-def convention_check(study: Study, verdicts: Verdicts) -> dict | None:
-    """{"shares", "changes", "compared"} for the report, or None when the study has no recorded specs."""
+def convention_check(study: Study) -> dict | None:
+    """{"shares", "changes", "compared"} for the report, or None when the study has no recorded specs.
+
+    Both sides at the main settings: the moved study holds only main rows (a best swept point exists at one budget,
+    with nothing to interpolate it with), so the all-FLOPs side is decided without best points too; a change is
+    then the convention's, not a change of sampler settings."""
     shares = backbone_shares(study)
     if not shares:
         return None
     alt = decide(backbone_study(study, shares))
     compared = sum(1 for c in alt.table if c["need"] in ("image quality", "prompt following") and c["label"] != "not measured")
-    return {"shares": shares, "changes": convention_changes(verdicts, alt), "compared": compared}
+    return {"shares": shares, "changes": convention_changes(decide(study, best_points=False), alt), "compared": compared}

@@ -90,8 +90,8 @@ class Study:
     root: Path
     # One row per (run, eval setting), sorted by (paradigm, depth, budget, seed, run, setting). Keys are
     # COLUMNS (plus ``latency_s_all`` and ``throughput_all``, the latency (s) and throughput (images/s)
-    # of every timing round, and ``fid_boot_<extractor>``, the FID bootstrap replicates over generated
-    # images, and on shapes ``prompt_by_group`` / ``prompt_holdout``, the scores per prompt group and what the
+    # of every timing round, and ``fid_boot_<extractor>``, FID's evaluation-noise replicates over generated
+    # images (jackknife pseudo-replicates; bootstrap replicates in older entries), and on shapes ``prompt_by_group`` / ``prompt_holdout``, the scores per prompt group and what the
     # data held out: see flopmatch.evaluation.prompt_groups). Timings come from the study's timing phase (``inference_timing.json``, the same figures
     # for every run of a (paradigm, depth) and setting; ``timing_source`` "study") where it has them,
     # else from the run's own eval entry ("eval"). Units: budget and train_flops in FLOPs, latency
@@ -259,7 +259,7 @@ def _entry_fields(key: str, entry: dict) -> dict:
         "prompt_evaluator": (entry.get("manifest") or {}).get("prompt_evaluator"), "prompt_chance": _num(pf.get("chance")),
     }  # fmt: skip
     for name, feats in (("effnet", eff), ("inception", inc)):
-        # FID and KID bootstraps over generated images (evaluation noise): the std is a column, the replicates are not
+        # FID jackknife and KID bootstrap over generated images (evaluation noise): the std is a column, the replicates are not
         for metric in ("fid", "kid"):
             boot = feats.get(f"{metric}_boot") or {}
             out[f"{metric}_se_{name}"] = _num(boot.get("std"))

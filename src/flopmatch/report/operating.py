@@ -52,6 +52,11 @@ class Points:
     best_prompt: dict | None = None  # full row with the highest full-match rate (likewise)
     matched: dict[str, dict] = field(default_factory=dict)  # need (latency, throughput, flops) -> full row at matched quality
 
+    def swept(self, row: dict) -> bool:
+        """Whether the sweep evaluated ``row``'s setting on its own images (so the row was chosen on those, not on
+        its own full-set values)."""
+        return any(_setting(r) == _setting(row) for r in self.sweep)
+
 
 @dataclass
 class Operating:

@@ -40,7 +40,7 @@ comparisons are t-tests with it (:func:`flopmatch.report.stats.pooled_test`); it
 evaluation noise. Where every value's evaluation variance is known, a value's variance is the retraining part of the
 pooled variance (less the pooled values' mean evaluation variance) plus its own evaluation variance
 (:func:`cell_var`): evaluation noise is far from one size (binomial noise of a full-match rate grows with the rate),
-so a variance pooled at rates near 0 would call noise a difference at higher ones. Otherwise "evaluation": each record's own evaluation noise (KID / FID bootstrap over
+so a variance pooled at rates near 0 would call noise a difference at higher ones. Otherwise "evaluation": each record's own evaluation noise (KID bootstrap / FID jackknife over
 generated images; binomial for a full-match rate) on the log scale, normal reference. That misses
 retraining noise, so nothing resting on it is stronger than "suggestive". Timing comparisons use the
 timing phase's interleaved rounds; timing does not depend on training, so no seed is needed: a paired t-test of log timings over rounds (rounds interleave the
@@ -262,11 +262,12 @@ def _log_error(metric: str, row: dict) -> float | None:
 
 def _eval_var(metric: str, row: dict) -> float:
     """Evaluation-noise variance of a row's log error (delta method for a binomial rate); NaN if unknown."""
-    if metric in ("kid", "fid"):
+    if metric == "fid":  # delta method, var / FID^2: jackknife pseudo-replicates may be <= 0, their log undefined
+        reps, point = np.asarray(row.get(QUALITY[metric][2]) or [], float), row.get(QUALITY[metric][0])
+        return float(reps.var(ddof=1)) / point**2 if reps.size >= 2 and point else math.nan
+    if metric == "kid":
         reps = np.asarray(row.get(QUALITY[metric][2]) or [], float)
-        if metric == "kid":  # on the scale the value is compared on: floored as _log_error floors it
-            reps = np.maximum(reps, KID_FLOOR)
-        reps = reps[reps > 0]
+        reps = np.maximum(reps, KID_FLOOR)  # on the scale the value is compared on: floored as _log_error floors it
         return float(np.log(reps).var(ddof=1)) if reps.size >= 2 else math.nan
     n = row.get("num_samples")
     if not n or row["prompt_full_match"] is None:
@@ -385,13 +386,15 @@ def _cap(*cells: Cell) -> str:
 
 def _best_cells(op: Operating, cells: dict[tuple[str, float], Cell], metric: str) -> dict[tuple[str, float], Cell]:
     """(paradigm, budget) -> a one-value cell of its best swept point for ``metric`` at the operating points' budget,
-    at the depth its main cell is judged at (module docstring). Only where that (paradigm, depth) was swept: a best
-    point picked from full-set rows on their own values would flatter them."""
+    at the depth its main cell is judged at (module docstring). Only where the sweep evaluated the chosen setting on its
+    own images: a best point picked on its full-set value would flatter itself."""
     out = {}
     for (p, budget), c in cells.items():
         pts = op.points.get((p, c.depth)) if budget == op.budget else None
-        row = None if pts is None or not pts.sweep else pts.best_prompt if metric == "prompt" else pts.best_quality
-        y = None if row is None else _log_error(metric, row)
+        row = None if pts is None else pts.best_prompt if metric == "prompt" else pts.best_quality
+        if row is None or not pts.swept(row):  # chosen on its own full-set value: it would flatter itself
+            continue
+        y = _log_error(metric, row)
         if y is not None:  # the selection run's: with several depths, the seed the depth was chosen on (biased)
             out[(p, budget)] = Cell(p, budget, c.depth, np.array([y]), np.array([_eval_var(metric, row)]), c.depths > 1,
                                     c.depths)
@@ -399,7 +402,7 @@ def _best_cells(op: Operating, cells: dict[tuple[str, float], Cell], metric: str
 
 
 class _Builder:
-    def __init__(self, study: Study):
+    def __init__(self, study: Study, best_points: bool = True):
         self.study = study
         recs = {m: _records(study, m) for m in QUALITY}
         self.noise = {m: _noise(recs[m]) for m in QUALITY}
@@ -410,7 +413,7 @@ class _Builder:
         # each paradigm's cheapest point at a quality every paradigm reaches, where the study swept operating points
         self.operating = operating(study)
         matched = matched_timing(self.operating)
-        self.best = {m: _best_cells(self.operating, self.cells[m], m) for m in ("kid", "prompt")}
+        self.best = {m: _best_cells(self.operating, self.cells[m], m) for m in ("kid", "prompt")} if best_points else {}
         # only where every timed paradigm of a depth has its point: a comparison mixes no bases
         self.matched = {k: v for k, v in matched.items()
                         if all((p, d) in matched for (p, d) in self.timing if d == k[1])}
@@ -757,9 +760,10 @@ def cell_text(cell: dict) -> str:
     return f"{cell['choice']} ({cell['label']}){mark}"
 
 
-def decide(study: Study) -> Verdicts:
-    """Claims and recommendation table of a study, every test in a Holm-corrected family (deterministic)."""
-    b = _Builder(study)
+def decide(study: Study, best_points: bool = True) -> Verdicts:
+    """Claims and recommendation table of a study, every test in a Holm-corrected family (deterministic).
+    ``best_points`` False: quality at the main settings at every budget (the FLOP-convention check's basis)."""
+    b = _Builder(study, best_points)
     claims = _claims(b)
     budgets = sorted({bb for m in QUALITY for (_, bb) in b.cells[m]})
     table = [_table_cell(b, c, need, metric) for c in budgets for need, metric in NEEDS]

@@ -29,8 +29,9 @@ from flopmatch.config import from_dict
 from flopmatch.errors import UserError
 from flopmatch.files import read_json
 from flopmatch.rundir import dict_diffs
+from flopmatch.study.job import chain_name
 from flopmatch.study.plan import RunPlan, make_plan
-from flopmatch.study.presets import StudyConfig
+from flopmatch.study.presets import SEED_STRIDE, StudyConfig
 from flopmatch.study.slurm import JOBS_FILE
 
 GRID = ("objectives", "depths", "budgets", "seeds", "floor_seeds", "base_seed")
@@ -61,11 +62,14 @@ def _fewer_evaluations(old: StudyConfig, new: StudyConfig) -> str | None:
     return None
 
 
-def _begun(out: Path, name: str) -> bool:
-    """Whether a planned run has begun: its run directory exists, or a SLURM job was submitted for it (a queued job
-    would create it later)."""
+def _begun(out: Path, p: RunPlan) -> bool:
+    """Whether a planned run has begun: its run directory exists, or a SLURM job was submitted for it or for the
+    chain it trains in (a queued job would create it later)."""
     jobs = out / "slurm" / JOBS_FILE
-    return (out / "runs" / name).exists() or (jobs.exists() and name in read_json(jobs))
+    if (out / "runs" / p.name).exists():
+        return True
+    ids = read_json(jobs) if jobs.exists() else {}
+    return p.name in ids or chain_name(p.config) in ids
 
 
 def _dropping_axis(p: RunPlan, scfg: StudyConfig) -> str:
@@ -73,7 +77,9 @@ def _dropping_axis(p: RunPlan, scfg: StudyConfig) -> str:
     for axis, value in (("objectives", p.objective), ("depths", p.depth), ("budgets", p.budget)):
         if value not in getattr(scfg, axis):
             return axis
-    return "seeds"  # its seed is not among the new plan's for its cell (seeds, floor_seeds, base_seed)
+    # its seed is not among the new plan's for its cell: one of the floor budget's extra seeds, or a seed of every cell
+    first = scfg.first_seed if scfg.first_seed >= 0 else scfg.base_seed * SEED_STRIDE
+    return "floor_seeds" if p.seed - first >= scfg.seeds else "seeds"
 
 
 def reconcile(saved: dict, scfg: StudyConfig, out: Path) -> tuple[StudyConfig, list[RunPlan], list[RunPlan]]:
@@ -115,7 +121,7 @@ def reconcile(saved: dict, scfg: StudyConfig, out: Path) -> tuple[StudyConfig, l
     old_plan = {p.name: p for p in make_plan(replace(old, floor_budget=pinned), out)}
     new_plan = make_plan(scfg, out)
     new_names = {p.name for p in new_plan}
-    dropped = [n for n in old_plan if n not in new_names and _begun(out, n)]
+    dropped = [n for n, p in old_plan.items() if n not in new_names and _begun(out, p)]
     if dropped:
         axis = "base_seed" if scfg.base_seed != old.base_seed else _dropping_axis(old_plan[dropped[0]], scfg)
         if axis == "base_seed":  # not an axis to add to: another base seed owns other training seeds

@@ -107,6 +107,13 @@ def run_timing_job(job: dict, progress: bool = True) -> None:
     ensure_timing(out, scfg, plans, retime=job.get("retime", False), progress=progress)
 
 
+def chain_name(cfg: dict) -> str | None:
+    """The job name of the chain a run of run config ``cfg`` (JSON) trains in, or None (a cosine run is its own job)."""
+    if cfg["train"]["schedule"] == "cosine":
+        return None
+    return f"{cfg['objective']['name']}-d{cfg['model']['depth']}-s{cfg['train']['seed']}-{cfg['train']['schedule']}"
+
+
 def chain_jobs(jobs: list[dict]) -> list[dict]:
     """Group the run jobs of a study whose runs can grow (train.schedule wsd or constant) into chains.
 
@@ -116,15 +123,14 @@ def chain_jobs(jobs: list[dict]) -> list[dict]:
     """
     out, chains = [], {}
     for job in jobs:
-        cfg = job["config"]
-        if cfg["train"]["schedule"] == "cosine":
+        name = chain_name(job["config"])
+        if name is None:
             out.append(job)
             continue
-        key = (cfg["objective"]["name"], cfg["model"]["depth"], cfg["train"]["seed"])
-        if key not in chains:
-            chains[key] = {"name": f"{key[0]}-d{key[1]}-s{key[2]}-{cfg['train']['schedule']}", "chain": []}
-            out.append(chains[key])
-        chains[key]["chain"].append(job)
+        if name not in chains:
+            chains[name] = {"name": name, "chain": []}
+            out.append(chains[name])
+        chains[name]["chain"].append(job)
     for chain in chains.values():
         chain["chain"].sort(key=lambda j: j["config"]["train"]["budget"])
     return [j["chain"][0] if "chain" in j and len(j["chain"]) == 1 else j for j in out]
