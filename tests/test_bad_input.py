@@ -112,6 +112,7 @@ CASES = {
     "tokenizer eval missing": ["tokenizer", "eval", "{tmp}/nope"],
     "report missing": ["report", "{tmp}/nope"],
     "report not a study": ["report", "{tmp}"],
+    "report negative seed": ["report", "{tmp}", "--seed=-1"],
     "config preset unknown": ["config", "--preset", "huge"],
     # found by an audit as a new user (session 16)
     "study sets a grid key": ["study", "--out", "{tmp}/s", "--preset", "tiny", "--set", "model.depth=3", "--plan-only"],

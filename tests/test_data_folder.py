@@ -1019,3 +1019,18 @@ def test_data_inspect_counts_rows_that_repeat_an_image(tmp_path):
     assert train.info["split_rule"] == "hash of the item name, an image's rows kept together"
     write_jsonl(tmp_path / "once", make_folder(tmp_path / "once", 10))
     assert dataset(tmp_path / "once", "train", num_eval=1).info["split_rule"] == "hash of the item name"
+
+
+def test_data_inspect_json_is_json_the_first_time_a_folder_is_read(tmp_path, capsys):
+    """Preparing a folder notes what it skipped and converted; under --json those notes go to stderr, so stdout is the
+    JSON document the first time too (when the notes are written), not only once the pool is cached."""
+    root = tmp_path / "imgs"
+    rows = make_folder(root, 12)
+    write_image(root / "grey.png", (30, 40), 120, mode="L")
+    (root / "broken.jpg").write_bytes(b"not an image")
+    write_jsonl(root, rows + [("grey.png", "a grey card"), ("broken.jpg", "broken"), ("gone.png", "missing")])
+    for _ in range(2):
+        capsys.readouterr()
+        assert cli.main(["data", "inspect", f"folder:{root}", "--json", "--text", "none", "--out", str(tmp_path / "i.png")]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["skipped"] == {"unreadable": 1, "missing file": 1} and doc["converted"] == {"grey": 1}, doc

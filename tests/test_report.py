@@ -264,12 +264,23 @@ def test_report_is_a_pure_function_of_the_run_directories(study, tmp_path, capsy
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args = parser.parse_args(["report", str(tmp_path), "--seed", "0"])
-    assert args.func(args) == 0 and "claim 1: HELD" in capsys.readouterr().out
+    assert args.func(args) == 0
+    out = capsys.readouterr()
+    assert "claim 1: HELD" in out.out and "warning:" not in out.err
+    # the terminal's table lines say what the report's cells say (the operating points' mark included)
+    for cell in first["table"]:
+        if cell["label"] != "not measured":
+            assert f"- {cell['need']} at {cell['budget']:.3g} FLOPs: {cell_text(cell)}\n" in out.out
     paths = {k: tmp_path / Path(v).name for k, v in first["paths"].items() if k != "figures"}
     assert _read(paths) == _read(first["paths"])
     figs = sorted(p.name for p in (root / "report_figures").iterdir())
     assert figs == sorted(p.name for p in (tmp_path / "report_figures").iterdir())
     assert all((root / "report_figures" / f).read_bytes() == (tmp_path / "report_figures" / f).read_bytes() for f in figs)
+    # a run the report could not read is a warning on the terminal too, not only a line under "Runs"
+    broken = sorted((tmp_path / "runs").iterdir())[0]
+    (broken / "eval.json").write_text("{not json")
+    assert args.func(args) == 0
+    assert f"warning: {broken.name}: " in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -420,7 +431,10 @@ def test_status_rules():
     assert part_status([(comp(-1, 1e-4, "evaluation"), "a")]) == "suggestive"  # evaluation noise never decides
     assert part_status([(comp(-1, 1e-4, capped="chosen on the judged seed"), "a")]) == "suggestive"
     parts = [{"status": s} for s in ("held", "not measured")]
-    assert claim_status(parts) == "suggestive"  # an unmeasured part keeps a claim from holding
+    # an unmeasured part keeps a claim from holding, and from being suggestive: it points no way (a one-budget study
+    # measures claim 2's first part, never its trend)
+    assert claim_status(parts) == "inconclusive"
+    assert claim_status([{"status": "suggestive"}, {"status": "held"}]) == "suggestive"
     assert claim_status([{"status": "held"}] * 2) == "held"
     assert claim_status(parts + [{"status": "did not hold"}]) == "did not hold"
 
@@ -643,14 +657,15 @@ def test_a_test_shared_by_two_claims_is_counted_once():
 
 
 def test_a_claim_with_an_unmeasured_part_says_so():
-    """Without masked runs, claim 1 cannot hold (two of its parts are not measured) and its reason names them."""
+    """Without masked runs, claim 1 cannot hold nor be suggestive (two of its parts are not measured, pointing no
+    way) and its reason names them."""
     from flopmatch.report.data import Study
 
     rng = np.random.default_rng(6)
     full = _sim_study(rng, lambda p, b: {"autoregressive": 0.1, "diffusion": 0.5}.get(p, 0.3), lambda p, b: 50.0)
     v = decide(Study(full.root, [r for r in full.rows if r["objective"] != "masked"], [], []))
     c1 = v.claims[0]
-    assert c1["status"] == "suggestive" and "not measured: masked beats diffusion" in c1["reason"]
+    assert c1["status"] == "inconclusive" and "not measured: masked beats diffusion" in c1["reason"]
     # claim 3 ("next-token is the most inference-efficient") without diffusion: never "held" on masked alone
     no_diffusion = decide(Study(full.root, [r for r in full.rows if r["objective"] != "diffusion"], [], []))
     c3 = no_diffusion.claims[2]

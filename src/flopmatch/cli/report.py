@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from flopmatch.cli.args import count
 
 
@@ -10,14 +12,20 @@ def cmd_report(args) -> int:
     # Imported when the command runs, not at the top: the CLI modules load no torch, so that
     # `flopmatch --help` and argument errors answer at once.
     from flopmatch.report.build import build_report
+    from flopmatch.report.verdicts import MATCHED_MARK, cell_text
 
     out = build_report(args.study, n_boot=args.n_boot, seed=args.seed, workers=args.workers)
+    for problem in out["problems"]:  # as the report's Runs section lists them
+        print(f"warning: {problem}", file=sys.stderr)
     for c in out["claims"]:
         print(f"claim {c['id']}: {c['status'].upper()} -- {c['paper']}")
-    for cell in out["table"]:
-        if cell["label"] != "not measured":
-            pick = cell["choice"] or " ~ ".join(cell["tied"])
-            print(f"- {cell['need']} at {cell['budget']:.3g} FLOPs: {pick} ({cell['label']})")
+    measured = [cell for cell in out["table"] if cell["label"] != "not measured"]
+    for cell in measured:
+        print(f"- {cell['need']} at {cell['budget']:.3g} FLOPs: {cell_text(cell)}")
+    if not measured:
+        print("- no need compared: a comparison needs two paradigms measured at one budget")
+    if any(cell.get("matched") for cell in measured):
+        print(f"  {MATCHED_MARK}: at the operating points (the report's Operating points section)")
     print(f"wrote {out['paths']['html']}, {out['paths']['md']} and {out['paths']['csv']}")
     return 0
 
@@ -28,7 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("study", help="study directory (the one holding runs/)")
     p.add_argument("--n-boot", type=count(1), help="bootstrap resamples of the fit bands (default: the study's, from "
                    "its study.json, so the report is the one the study wrote; 1000 without one)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--seed", type=count(0), default=0, help="bootstrap seed (default 0)")
     p.add_argument("--workers", type=count(1), help="processes that fit the scaling trends (default: the cores available "
                    "when there are >= 200 bootstrap refits in all, else 1); the report is the same whatever the number")
     p.set_defaults(func=cmd_report)

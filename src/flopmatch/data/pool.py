@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -283,7 +284,7 @@ def _save(source: str, directory: Path, key: str, size: int, got: dict, tally: T
     images = torch.from_numpy(np.stack(got["images"])).permute(0, 3, 1, 2).contiguous()  # (N, S, S, 3) -> (N, 3, S, S)
     info = {"source": source, "image_size": size, "usable": len(got["captions"]), **tally.to_dict()}
     for line in tally.lines():
-        print(f"{source}: {line}", flush=True)
+        print(f"{source}: {line}", file=sys.stderr, flush=True)  # notes: stdout may be a command's JSON
     tmp = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         tmp.mkdir(parents=True)

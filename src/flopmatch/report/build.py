@@ -363,8 +363,15 @@ def _banners(study: Study, an: Analysis) -> list[str]:
     if study.runs:
         data = read_config(study.root / study.runs[0].rel).data
         budgets = sorted({r.budget for r in study.runs})
+        span = (f"training budgets {budgets[0]:.3g} to {budgets[-1]:.3g} FLOPs" if len(budgets) > 1 else
+                f"one training budget, {budgets[0]:.3g} FLOPs (no trend over compute)")
         out.append(f"The answer is about this data and these budgets: dataset {data.name}, {data.image_size}x{data.image_size} "
-                   f"px, training budgets {budgets[0]:.3g} to {budgets[-1]:.3g} FLOPs.")
+                   f"px, {span}.")
+        paradigms = sorted({r.objective for r in study.runs})
+        if len(paradigms) == 1:
+            out.append(f"One paradigm ({paradigms[0]}): there is nothing to compare it with, so the table and the claims "
+                       "are not measured; its trends, runs and operating points are below. Add paradigms with "
+                       "`flopmatch study --out <this study> --objectives ...`.")
     out += _scorer_banner(study)
     out += _convention_banner(study, an)
     v = an.verdicts
@@ -437,6 +444,15 @@ def _decision_rows(an: Analysis) -> list[list]:
     return rows
 
 
+def run_problems(study: Study, an: Analysis) -> list[str]:
+    """What is wrong with the study's runs, one line each (unfinished, unevaluated, unreadable, left out of fits)."""
+    problems = [f"{r.name}: not finished ({(r.state or {}).get('step', 0)}/{(r.state or {}).get('total_steps', '?')} steps)"
+                for r in study.runs if not r.done]
+    problems += [f"{r.name}: not evaluated (no eval.json entries)" for r in study.runs if not r.evaluated]
+    problems += [f"{r.name}: {p}" for r in study.runs for p in r.problems] + study.problems
+    return problems + [f"left out of fits: {x}" for x in an.excluded if "duplicate" in x or "<= 0" in x]
+
+
 def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
     B: list[tuple] = []
     v = an.verdicts
@@ -471,11 +487,7 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
             comps = "; ".join(comp.summary() for comp, _ in part["comparisons"]) or "not measured"
             items.append(f"{part['text']}: **{part['status']}** ({comps})")
         B.append(("ul", items))
-    problems = [f"{r.name}: not finished ({(r.state or {}).get('step', 0)}/{(r.state or {}).get('total_steps', '?')} steps)"
-                for r in study.runs if not r.done]
-    problems += [f"{r.name}: not evaluated (no eval.json entries)" for r in study.runs if not r.evaluated]
-    problems += [f"{r.name}: {p}" for r in study.runs for p in r.problems] + study.problems
-    problems += [f"left out of fits: {x}" for x in an.excluded if "duplicate" in x or "<= 0" in x]
+    problems = run_problems(study, an)
     B.append(("h", 2, "Runs"))
     if problems:
         B.append(("ul", problems))
@@ -616,7 +628,7 @@ def study_n_boot(root: Path) -> int:
 def build_report(study_dir: str | Path, *, n_boot: int | None = None, seed: int = 0, workers: int | None = 1) -> dict:
     """Write ``report.html``, ``report.md``, ``results.csv`` and ``report_figures/`` into ``study_dir``.
 
-    Returns {"paths": {name: Path}, "table": [dict], "claims": [dict], "fits": [dict]}.
+    Returns {"paths": {name: Path}, "table": [dict], "claims": [dict], "fits": [dict], "problems": [str]}.
     Deterministic: the same run directories, ``n_boot`` and ``seed`` give the same bytes, whatever ``workers`` (the
     processes of the trend fits, :func:`~flopmatch.report.bootstrap.bootstrap_all`). ``n_boot`` None: the study's own
     (:func:`study_n_boot`).
@@ -650,4 +662,5 @@ def build_report(study_dir: str | Path, *, n_boot: int | None = None, seed: int 
     atomic_write_text(paths["csv"], results_csv(study.rows))
     atomic_write_text(paths["md"], render_md(blocks, fig_files, sample_files))
     atomic_write_text(paths["html"], render_html(blocks, figs))
-    return {"paths": paths, "table": an.verdicts.table, "claims": an.verdicts.claims, "fits": _fits_summary(an)}
+    return {"paths": paths, "table": an.verdicts.table, "claims": an.verdicts.claims, "fits": _fits_summary(an),
+            "problems": run_problems(study, an)}

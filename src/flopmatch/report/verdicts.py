@@ -579,7 +579,8 @@ def part_status(comps: list[tuple[Comparison, str]]) -> str:
 
 def claim_status(parts: list[dict]) -> str:
     """A claim from its parts: any part reversed with confidence -> did not hold; all held -> held; all
-    at least suggestive -> suggestive; nothing measured -> not measured; otherwise inconclusive."""
+    at least suggestive -> suggestive; nothing measured -> not measured; otherwise (a part inconclusive, or not
+    measured while others are) inconclusive."""
     st = [p["status"] for p in parts if p["status"] != "not measured"]
     if not st:
         return "not measured"
@@ -587,7 +588,7 @@ def claim_status(parts: list[dict]) -> str:
         return "did not hold"
     if all(s == "held" for s in st) and len(st) == len(parts):
         return "held"
-    if all(s in ("held", "suggestive") for s in st):
+    if all(s in ("held", "suggestive") for s in st) and len(st) == len(parts):  # an unmeasured part points nowhere
         return "suggestive"
     return "inconclusive"
 
