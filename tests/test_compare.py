@@ -107,6 +107,21 @@ def test_table_changes_classify_same_changed_partial_and_missing():
     assert [t["status"] for t in table_changes(vb, vo) if t["budget"] == 2e12] == ["no pick in either, with other ties"]
     assert status == {"image quality": "changed", "prompt following": "same", "latency": "decided in other only",
                       "throughput": "–"}
+    # one study lacks a paradigm: its cells rank another set of paradigms, so their answers are not compared
+    vb.table.append(dict(_cell(4e12, "image quality", "diffusion", "confident"), ranked=["diffusion", "masked"]))
+    vo.table.append(dict(_cell(4e12, "image quality", None, NO_DIFF, ("masked",)), ranked=["masked", "autoregressive"]))
+    (apart,) = [t["status"] for t in table_changes(vb, vo) if t["budget"] == 4e12]
+    assert apart == "not comparable: paradigms differ (diffusion, masked vs autoregressive, masked)"
+
+
+def test_long_settings_are_cut_between_numbers():
+    from flopmatch.report.compare import _short
+
+    budgets = [7e10, 1.7e11, 4.2e11, 1e12, 2.5e12, 6e12, 1.5e13, 3.7e13, 9e13, 2.2e14, 5.5e14, 1.4e15, 3.4e15]
+    text = _short(budgets)
+    assert text.startswith("[7e+10, 1.7e+11, 4.2e+11, 1e+12, 2.5e+12") and text.endswith(", ...]") and len(text) <= 80
+    assert all(part in {f"{b:.3g}" for b in budgets} for part in text[1:-6].split(", "))  # whole numbers only
+    assert _short(2.5e12) == "2.5e+12" and _short("tiny") == "tiny"
 
 
 def test_study_differences_list_changed_fields_and_overrides(tmp_path):

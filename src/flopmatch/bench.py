@@ -364,6 +364,9 @@ def run_bench(opts: BenchOptions) -> dict:
                         "text_len": sz.text.max_len, "text_dim": text_dim(sz.text), "grid": sz.discrete.grid,
                         "seq_len": sz.discrete.grid ** 2, "latent_channels": sz.continuous.channels,
                         "vocab_size": sz.discrete.vocab_size, "precision": "bf16" if bf16 else "fp32"}}
+    if opts.quick:
+        log("quick: tiny sizes check that every part runs; the rates, the matmul peak (at most n=128) and MFU are not "
+            "measurements of this machine")
     out["matmul"] = matmul_figures(device, opts.rounds, sz, log)
     peak = out["matmul"]["bf16" if bf16 else "fp32"]["flops_per_s"]
     out["training"], errors = training(opts, device, bf16, batch, peak, sz, log)
@@ -387,6 +390,8 @@ def format_bench(r: dict) -> str:
              f"bf16 autocast {'on' if m['bf16'] else 'off'}{load}"
              + (", glibc malloc thresholds set (flopmatch.allocator)" if m.get("malloc_tuned") else ""),
              "matmul peak: " + ", ".join(f"{k} {v['flops_per_s']:.3g} FLOP/s (n={v['n']})" for k, v in r["matmul"].items()),
+             *(["quick: tiny sizes that check every part runs; the rates, peak and MFU below are not measurements"]
+               if s.get("quick") else []),
              "",
              f"training step (batch {s['batch']}, {s['precision']}, {s['seq_len']} tokens, text {s['text_len']}x{s['text_dim']}; "
              f"best of {s['rounds']} rounds; MFU vs the {s['precision']} matmul peak):",

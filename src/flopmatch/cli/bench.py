@@ -37,8 +37,9 @@ def register(sub) -> None:
     p.add_argument("--rounds", type=count(1), default=3, help="interleaved timing rounds; each figure is the best round (default 3)")
     p.add_argument("--depths", type=number_list(int, 1), help="comma-separated depths (default 1,2)")
     p.add_argument("--objectives", type=_objectives, help="comma-separated subset of diffusion,masked,autoregressive (default: all)")
-    p.add_argument("--batch", type=count(1), help="training batch (default: the cpu study preset's, 32)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and the hash text encoder (seconds; for tests)")
+    p.add_argument("--batch", type=count(1), help="training batch (default: the cpu study preset's, 32; 4 with --quick)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and the hash text encoder (seconds; checks that every "
+                   "part runs, for tests: its rates, matmul peak and MFU are not measurements of this machine)")
     p.add_argument("--compile", action="store_true", help="also time the training step with torch.compile'd networks "
                    "and next-token sampling with its cached decode step compiled (a failure is reported, not fatal)")
     p.add_argument("--json", action="store_true", help="print one JSON object (machine, settings and every figure)")

@@ -14,7 +14,8 @@ and each study's verdicts are decided with its own noise (:func:`flopmatch.repor
 1. *What differs*: the two ``study.json`` files, field by field, and the ``--set`` overrides added or dropped.
 2. *Does the recommendation change*: every (budget, need) cell of the two recommendation tables side by side:
    "same", "changed" (both decided, different paradigms), "decided in one only" (the other sees no
-   difference or cannot test), or "–" (not in both).
+   difference or cannot test), "not comparable" (the two cells rank different sets of paradigms: one study lacks
+   one), or "–" (not in both).
 3. *How far each paradigm moves*: per (paradigm, budget) cell in both studies, the ratio other / base of KID and
    of the prompt-following error (geometric means over the cell's judged seeds), with a t-test whose variance is
    each study's own pooled seed variance, as its verdicts use it (the retraining part plus each value's own
@@ -111,8 +112,15 @@ def _override_rows(key: str, a: list[str], b: list[str]) -> list[list[str]]:
 
 
 def _short(v) -> str:
-    text = str(v)
-    return text if len(text) <= 80 else text[:77] + "..."
+    """A setting's value in at most ~80 characters: numbers as %.3g (2.5e+12, not 2500000000000.0), a long list cut
+    between its items, never inside a number."""
+    def fmt(x):
+        return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+    text = "[" + ", ".join(fmt(x) for x in v) + "]" if isinstance(v, list) else fmt(v)
+    if len(text) <= 80:
+        return text
+    return text[:77].rsplit(", ", 1)[0] + ", ...]" if isinstance(v, list) else text[:77] + "..."
 
 
 def _side(cell: Cell, noise: Noise) -> tuple[float | None, float | None]:
@@ -191,6 +199,9 @@ def table_changes(vb: Verdicts, vo: Verdicts) -> list[dict]:
 def _status(b: dict | None, o: dict | None) -> str:
     if not b or not o or "not measured" in (b["label"], o["label"]):
         return "–"
+    if set(b.get("ranked", [])) != set(o.get("ranked", [])):  # a missing paradigm is not a change of answer
+        return (f"not comparable: paradigms differ ({', '.join(sorted(b.get('ranked', [])))} vs "
+                f"{', '.join(sorted(o.get('ranked', [])))})")
     if b["choice"] and o["choice"]:
         return "same" if b["choice"] == o["choice"] else "changed"
     if b["choice"] or o["choice"]:
@@ -262,12 +273,16 @@ def _blocks(names, paths, diffs, table, changes, vb, vo, ema, schedules, ceiling
     B.append(("h", 2, "Does the recommendation change?"))
     changed = [t for t in table if t["status"] == "changed"]
     partial = [t for t in table if t["status"].startswith("decided in")]
-    B.append(("p", f"{len(changed)} of {sum(t['status'] != '–' for t in table)} cells measured in both studies pick "
-                   f"another paradigm; {len(partial)} are decided in one study only (a pick against a tie is a change "
-                   "of strength, not of direction)."))
+    apart = [t for t in table if t["status"].startswith("not comparable")]
+    B.append(("p", f"{len(changed)} of {sum(t['status'] != '–' and t not in apart for t in table)} cells measured in both "
+                   f"studies over the same paradigms pick another paradigm; {len(partial)} are decided in one study only (a "
+                   "pick against a tie is a change of strength, not of direction)" + (
+                   f"; {len(apart)} compare different sets of paradigms (one study lacks one), so their answers are not "
+                   "compared." if apart else ".")))
     B.append(("table", ["budget (FLOPs)", "need", names[0], names[1], "answer"],
               [[f"{t['budget']:.3g}", t["need"], t["base"], t["other"], t["status"]] for t in table]))
-    timed = [t for t in table if t["need"] in ("latency", "throughput") and not t["status"].startswith("same") and t["status"] != "–"]
+    timed = [t for t in table if t["need"] in ("latency", "throughput") and t not in apart
+             and not t["status"].startswith("same") and t["status"] != "–"]
     if timed:
         B.append(("p", f"{len(timed)} latency or throughput cell(s) differ. Timings do not depend on training (seeds, "
                        "budgets): each study timed one checkpoint per paradigm and depth on its own occasion, so unless "
