@@ -370,27 +370,6 @@ def test_ema_analysis_compares_training_ema_on_the_sweep_runs(tmp_path):
     assert masked_all["vs_diffusion_p"] is not None  # Welch against diffusion, over every run
 
 
-def test_ema_analysis_keeps_the_post_hoc_sweep_at_one_budget(tmp_path):
-    """A study grown before the post-hoc sweep's budget was pinned holds the sweep at two budgets: its changes are
-    compared at the budget with the most runs only, not pooled into one row whose runs cannot be told apart."""
-    from flopmatch.report.findings import ema_analysis
-
-    root = make_study(tmp_path, paradigms=("diffusion", "masked"), depths=(2,), raw=True, seeds=(0, 1),
-                      posthoc_budgets={BUDGETS[2]}, timing_phase=False)
-    extra = make_study(tmp_path / "later", paradigms=("diffusion", "masked"), depths=(2,), raw=True, seeds=(0,),
-                       posthoc_budgets={BUDGETS[3]}, timing_phase=False)
-    for run in (extra / "runs").iterdir():  # the later budget's seed-0 runs, now with post-hoc entries
-        if f"-{BUDGETS[3]:.2e}-" in run.name:
-            shutil.rmtree(root / "runs" / run.name)
-            shutil.copytree(run, root / "runs" / run.name)
-    study = load_study(root)
-    budget_of = {r["run"]: r["budget"] for r in study.rows}
-    assert {budget_of[r["run"]] for r in study.rows if r["weights"].startswith("ema@")} == {BUDGETS[2], BUDGETS[3]}
-    for e in ema_analysis(study):
-        if e["sigma_rel"]:
-            assert e["n"] == 2 and {budget_of[run] for run, *_ in e["per_run"]} == {BUDGETS[2]}, e
-
-
 def test_ema_analysis_recovers_known_gains(study):
     """Raw, training-EMA and post-hoc EMA entries with known FID ratios: every change is recovered run by run, the
     lowest average per paradigm is the one with the largest gain, and the residual is carried."""

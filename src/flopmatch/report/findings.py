@@ -10,7 +10,6 @@ study's sweep, EDM2) at the same sampling setting.
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 import numpy as np
 from scipy import stats as sps
@@ -72,17 +71,6 @@ def ema_analysis(study: Study) -> list[dict]:
                     residual.setdefault((r["objective"], r["weights"]), []).append(r["posthoc_residual"])
                 if r["weights"] == "ema" and r.get("ema_sigma_rel") is not None:
                     fixed_sigma.setdefault(r["objective"], {})[run] = r["ema_sigma_rel"]
-    # The post-hoc sweep is evaluated at one budget (study.plan.ema_sweep). A study grown before that budget was kept in
-    # place when budgets were added (grow.reconcile) can hold it at two, whose changes are not one population: each
-    # paradigm keeps the budget with the most post-hoc runs (the lower one on a tie).
-    budget_of = {r["run"]: r["budget"] for r in study.rows}
-    for p in {p for p, _ in found}:
-        posthoc = [(q, w) for q, w in found if q == p and parse_weights(w) is not None]
-        counts = Counter(budget_of[run] for key in posthoc for run in {x[0] for x in found[key]})
-        if len(counts) > 1:
-            keep = max(counts, key=lambda b: (counts[b], -b))
-            for key in posthoc:
-                found[key] = [x for x in found[key] if budget_of[x[0]] == keep]
     sweep_runs: dict[str, set[str]] = {}
     for (p, w), pairs in found.items():
         if parse_weights(w) is not None:
