@@ -86,7 +86,8 @@ WORKER = textwrap.dedent("""
         else:
             settings = [load_sampler(job["run"]).cfg.sample]
             evaluate(job["run"], settings, EvalConfig(**job["ecfg"]), progress=False)
-    dist.shutdown()  # as the flopmatch command does: gloo's threads may otherwise abort the exit
+    dist.shutdown()  # as the flopmatch command does, then leaves as it does: gloo's threads may otherwise abort the exit
+    dist.exit_process(0)
 """)
 
 

@@ -306,6 +306,14 @@ def test_growing_a_study_adds_cells_and_keeps_the_variance_seeds_in_place(tmp_pa
     atomic_write_json(tmp_path / "slurm" / "jobs.json", {"masked-d1-s0-wsd": "18"})  # the chain is queued: all begun
     with pytest.raises(UserError, match=r"with this command's budgets, 1 run\(s\) .*\(e\.g\. masked-d1-b4e09-s0\)"):
         reconcile(asdict(wsd), replace(wsd, budgets=[2e9, 8e9], floor_seeds=0), tmp_path)
+    # ... but only the runs its description lists: a budget added after the chain was submitted has not begun
+    chain = [{"name": run_name("masked", 1, b, 0)} for b in (2e9, 8e9)]
+    atomic_write_json(tmp_path / "jobs" / "masked-d1-s0-wsd.json", {"name": "masked-d1-s0-wsd", "chain": chain})
+    assert reconcile(asdict(wsd), replace(wsd, budgets=[2e9, 8e9], floor_seeds=0), tmp_path)[0].budgets == [2e9, 8e9]
+    (tmp_path / "slurm" / "jobs.json").unlink()
+    atomic_write_json(tmp_path / "slurm" / "jobs.json", {run_name("masked", 1, 2e9, 1): "20"})
+    with pytest.raises(UserError, match=r"with this command's seeds, 1 run"):  # fewer seeds: named as such
+        reconcile(asdict(replace(scfg, seeds=2, floor_seeds=0)), replace(scfg, seeds=1, floor_seeds=0), tmp_path)
     (tmp_path / "slurm" / "jobs.json").unlink()
     for p in make_plan(replace(scfg, depths=[1, 2]), tmp_path):  # every planned run has begun from here on
         (tmp_path / "runs" / p.name).mkdir(parents=True)

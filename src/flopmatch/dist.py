@@ -120,8 +120,11 @@ def exit_process(status: int) -> None:
     skipping it loses nothing.
     """
     if is_launched():
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said there
+                pass
         os._exit(status)
     sys.exit(status)
 

@@ -21,7 +21,8 @@ def cmd_compare(args) -> int:
         if t["status"] not in ("–", "same", "same (no pick in either)"):
             print(f"- {t['need']} at {t['budget']:.3g} FLOPs: {t['base']} -> {t['other']} ({t['status']})")
     unchanged = sum(t["status"].startswith("same") for t in out["table"])
-    print(f"{unchanged} of {sum(t['status'] != '–' for t in out['table'])} recommendation cells measured in both are unchanged")
+    comparable = sum(t["status"] != "–" and not t["status"].startswith("not comparable") for t in out["table"])
+    print(f"{unchanged} of {comparable} recommendation cells measured in both over the same paradigms are unchanged")
     for metric, rows in out["changes"].items():
         moved = [r for r in rows if r["direction"] and r["label"] == CONFIDENT]
         hints = sum(bool(r["direction"]) for r in rows) - len(moved)

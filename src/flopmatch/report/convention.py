@@ -66,6 +66,8 @@ def _moved_row(lo: dict, hi: dict, x: float, x0: float, x1: float, budget: float
         row[key] = 1.0 - y if prompt else y
     for boot in ("kid_boot_effnet", "fid_boot_effnet"):
         ra, rb = np.asarray(lo.get(boot) or [], float), np.asarray(hi.get(boot) or [], float)
+        if boot.startswith("kid"):  # floored as the verdicts floor them (verdicts._eval_var): KID replicates may be <= 0
+            ra, rb = np.maximum(ra, KID_FLOOR), np.maximum(rb, KID_FLOOR)
         n = min(ra.size, rb.size)
         if n >= 2 and (ra[:n] > 0).all() and (rb[:n] > 0).all():  # each run's own replicates: pairwise interpolation
             row[boot] = list(np.exp(_interp(x, x0, x1, np.log(ra[:n]), np.log(rb[:n]))))

@@ -52,10 +52,10 @@ class Points:
     best_prompt: dict | None = None  # full row with the highest full-match rate (likewise)
     matched: dict[str, dict] = field(default_factory=dict)  # need (latency, throughput, flops) -> full row at matched quality
 
-    def swept(self, row: dict) -> bool:
-        """Whether the sweep evaluated ``row``'s setting on its own images (so the row was chosen on those, not on
-        its own full-set values)."""
-        return any(_setting(r) == _setting(row) for r in self.sweep)
+    def swept(self, row: dict, col: str) -> bool:
+        """Whether the sweep scored ``row``'s setting on ``col`` on its own images (so the row was chosen on those,
+        not on its own full-set value)."""
+        return any(_setting(r) == _setting(row) and r.get(col) is not None for r in self.sweep)
 
 
 @dataclass

@@ -264,7 +264,7 @@ def _eval_var(metric: str, row: dict) -> float:
     """Evaluation-noise variance of a row's log error (delta method for a binomial rate); NaN if unknown."""
     if metric == "fid":  # delta method, var / FID^2: jackknife pseudo-replicates may be <= 0, their log undefined
         reps, point = np.asarray(row.get(QUALITY[metric][2]) or [], float), row.get(QUALITY[metric][0])
-        return float(reps.var(ddof=1)) / point**2 if reps.size >= 2 and point else math.nan
+        return float(reps.var(ddof=1)) / max(point, FLOOR) ** 2 if reps.size >= 2 and point is not None else math.nan
     if metric == "kid":
         reps = np.asarray(row.get(QUALITY[metric][2]) or [], float)
         reps = np.maximum(reps, KID_FLOOR)  # on the scale the value is compared on: floored as _log_error floors it
@@ -392,7 +392,7 @@ def _best_cells(op: Operating, cells: dict[tuple[str, float], Cell], metric: str
     for (p, budget), c in cells.items():
         pts = op.points.get((p, c.depth)) if budget == op.budget else None
         row = None if pts is None else pts.best_prompt if metric == "prompt" else pts.best_quality
-        if row is None or not pts.swept(row):  # chosen on its own full-set value: it would flatter itself
+        if row is None or not pts.swept(row, QUALITY[metric][0]):  # chosen on its own full-set value: it flatters itself
             continue
         y = _log_error(metric, row)
         if y is not None:  # the selection run's: with several depths, the seed the depth was chosen on (biased)

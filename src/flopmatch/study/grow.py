@@ -69,17 +69,24 @@ def _begun(out: Path, p: RunPlan) -> bool:
     if (out / "runs" / p.name).exists():
         return True
     ids = read_json(jobs) if jobs.exists() else {}
-    return p.name in ids or chain_name(p.config) in ids
+    chain = chain_name(p.config)
+    if p.name in ids:
+        return True
+    if chain not in ids:
+        return False
+    # the chain's job was submitted: with this run in it? (its description in jobs/, rewritten when a study grows)
+    described = out / "jobs" / f"{chain}.json"
+    return not described.exists() or p.name in {j.get("name") for j in read_json(described).get("chain", [])}
 
 
-def _dropping_axis(p: RunPlan, scfg: StudyConfig) -> str:
-    """The grid axis of ``scfg`` that leaves the planned run ``p`` out."""
+def _dropping_axis(p: RunPlan, scfg: StudyConfig, old: StudyConfig) -> str:
+    """The grid axis of ``scfg`` that leaves the planned run ``p`` of the saved study ``old`` out."""
     for axis, value in (("objectives", p.objective), ("depths", p.depth), ("budgets", p.budget)):
         if value not in getattr(scfg, axis):
             return axis
     # its seed is not among the new plan's for its cell: one of the floor budget's extra seeds, or a seed of every cell
     first = scfg.first_seed if scfg.first_seed >= 0 else scfg.base_seed * SEED_STRIDE
-    return "floor_seeds" if p.seed - first >= scfg.seeds else "seeds"
+    return "floor_seeds" if p.seed - first >= old.seeds else "seeds"
 
 
 def reconcile(saved: dict, scfg: StudyConfig, out: Path) -> tuple[StudyConfig, list[RunPlan], list[RunPlan]]:
@@ -123,7 +130,7 @@ def reconcile(saved: dict, scfg: StudyConfig, out: Path) -> tuple[StudyConfig, l
     new_names = {p.name for p in new_plan}
     dropped = [n for n, p in old_plan.items() if n not in new_names and _begun(out, p)]
     if dropped:
-        axis = "base_seed" if scfg.base_seed != old.base_seed else _dropping_axis(old_plan[dropped[0]], scfg)
+        axis = "base_seed" if scfg.base_seed != old.base_seed else _dropping_axis(old_plan[dropped[0]], scfg, old)
         if axis == "base_seed":  # not an axis to add to: another base seed owns other training seeds
             raise UserError(f"the study in {out} was made with base seed {old.base_seed}; base seed {scfg.base_seed} "
                             f"trains other seeds, which is another study (with its own --out; `flopmatch compare` "

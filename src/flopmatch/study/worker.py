@@ -19,7 +19,7 @@ import torch
 
 from flopmatch import dist
 from flopmatch.allocator import tune_allocator
-from flopmatch.errors import UserError
+from flopmatch.errors import EchoedError, UserError
 from flopmatch.study.job import run_job
 
 PARENT_ENV = "FLOPMATCH_PARENT_PID"  # set by the launcher: the study process this worker belongs to
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             die_with_parent(int(os.environ[PARENT_ENV]))
         run_job(json.loads(Path(argv[0]).read_text()), progress=False)
     except UserError as e:
-        print(f"flopmatch: error: {e}", file=sys.stderr)
+        if not isinstance(e, EchoedError) or dist.is_main():  # another rank's error, said there: once per launch
+            print(f"flopmatch: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
