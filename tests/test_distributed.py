@@ -337,3 +337,20 @@ def test_resuming_a_run_of_the_old_randomness_is_refused(tmp_path):
     with pytest.raises(UserError, match="earlier flopmatch"):
         train(bigger, done, progress=False)
     assert not (done / "budgets").exists()  # refused before the continuation moved anything
+
+
+@pytest.mark.slow
+def test_a_torchrun_refusal_is_said_once(tmp_path):
+    """`torchrun -m flopmatch train` on a run another process holds: every rank stops with exit 2 and the message is
+    printed once for the launch (rank 0's; the other ranks' copy is not repeated), with no traceback of a rank."""
+    from flopmatch.config import to_dict
+
+    (tmp_path / "cfg.json").write_text(json.dumps(to_dict(tiny_run_config("masked", STEPS, sets=SETS))))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"--log-dir={os.devnull}",
+           "-m", "flopmatch", "train", "--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "held"), "--quiet"]
+    with DirectoryLock(tmp_path / "held", "run"):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    said = done.stdout + done.stderr
+    assert done.returncode != 0 and said.count("flopmatch: error:") == 1 and "is in use" in said, said[-3000:]
+    assert "[rank" not in said and "exitcode  : 2" in said, said[-3000:]  # both ranks exited 2; no rank's traceback
