@@ -153,9 +153,8 @@ def fid_jackknife(real: torch.Tensor, fake: torch.Tensor, n_rep: int = 200,
 
 
 def _resamples(m: int, n_boot: int, generator: torch.Generator | None) -> list[torch.Tensor]:
-    """``n_boot`` index vectors (m,) drawn with replacement from range(m) (seed 0 if no generator).
-
-    FID and KID bootstraps seeded alike draw the same resamples, so their replicates are paired."""
+    """``n_boot`` index vectors (m,) drawn with replacement from range(m) (seed 0 if no generator): the KID
+    bootstrap's resamples (FID's noise is a jackknife, :func:`fid_jackknife_stats`)."""
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     return [torch.randint(0, m, (m,), generator=generator) for _ in range(n_boot)]
