@@ -19,6 +19,7 @@ own token mean, the bug the global weights fix) moved weights by 9e-3 in the sam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -97,10 +98,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(jobs: list[dict], world: int = 2, timeout: float = LAUNCH_TIMEOUT_S) -> list[str]:
-    """Run ``jobs`` in ``world`` processes started as torchrun starts its workers; fail on error or timeout.
-    Returns each rank's output."""
-    code = WORKER.format(tests=str(TESTS), jobs=json.dumps(jobs))
+def launch(jobs: list[dict], world: int = 2, timeout: float = LAUNCH_TIMEOUT_S, code: str | None = None) -> list[str]:
+    """Run ``jobs`` in ``world`` processes started as torchrun starts its workers (or another script ``code``); fail on
+    error or timeout. Returns each rank's output."""
+    code = code or WORKER.format(tests=str(TESTS), jobs=json.dumps(jobs))
     port = _free_port()
     procs = []
     for rank in range(world):
@@ -339,18 +340,77 @@ def test_resuming_a_run_of_the_old_randomness_is_refused(tmp_path):
     assert not (done / "budgets").exists()  # refused before the continuation moved anything
 
 
+def _torchrun(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 ARGS``, one thread per process; its output captured."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"--log-dir={os.devnull}",
+           *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=cwd,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 @pytest.mark.slow
-def test_a_torchrun_refusal_is_said_once(tmp_path):
-    """`torchrun -m flopmatch train` on a run another process holds: every rank stops with exit 2 and the message is
-    printed once for the launch (rank 0's; the other ranks' copy is not repeated), with no traceback of a rank."""
+@pytest.mark.parametrize("case", ["held", "alike"])
+def test_a_torchrun_refusal_is_said_once(tmp_path, case):
+    """`torchrun -m flopmatch train` refused, every rank stopping with exit 2, the message printed once for the launch
+    and no traceback of a rank: ``held``, a run another process holds (rank 0's refusal, told to the others);
+    ``alike``, a config every rank refuses by itself (a global batch the 2 processes cannot split)."""
     from flopmatch.config import to_dict
 
-    (tmp_path / "cfg.json").write_text(json.dumps(to_dict(tiny_run_config("masked", STEPS, sets=SETS))))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"--log-dir={os.devnull}",
-           "-m", "flopmatch", "train", "--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "held"), "--quiet"]
-    with DirectoryLock(tmp_path / "held", "run"):
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    sets = SETS + (["train.batch_size=7"] if case == "alike" else [])
+    (tmp_path / "cfg.json").write_text(json.dumps(to_dict(tiny_run_config("masked", STEPS, sets=sets))))
+    args = ["-m", "flopmatch", "train", "--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "held"), "--quiet"]
+    with DirectoryLock(tmp_path / "held", "run") if case == "held" else contextlib.nullcontext():
+        done = _torchrun(args)
     said = done.stdout + done.stderr
-    assert done.returncode != 0 and said.count("flopmatch: error:") == 1 and "is in use" in said, said[-3000:]
+    expected = "is in use" if case == "held" else "must be divisible by the 2 processes"
+    assert done.returncode != 0 and said.count("flopmatch: error:") == 1 and expected in said, said[-3000:]
     assert "[rank" not in said and "exitcode  : 2" in said, said[-3000:]  # both ranks exited 2; no rank's traceback
+
+
+SAID_ON_MAIN = textwrap.dedent("""
+    import os
+    from flopmatch import dist
+    if os.environ["RANK"] == "0":
+        print("rank 0 says it:", not dist.said_on_main("the same error"), flush=True)
+    else:
+        print("rank 1 repeats it:", not dist.said_on_main("the same error"), flush=True)
+        print("rank 1 says its own:", not dist.said_on_main("an error of its own"), flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_another_rank_says_an_error_unless_rank_0_says_the_same(tmp_path):
+    """dist.said_on_main through a real torchrun's store: rank 0 always says its error; rank 1 is quiet about the
+    same message and still says one of its own (an error only its node or GPU has must not be lost)."""
+    (tmp_path / "said.py").write_text(SAID_ON_MAIN)
+    done = _torchrun([str(tmp_path / "said.py")], cwd=tmp_path)
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said[-3000:]
+    assert "rank 0 says it: True" in said and "rank 1 says its own: True" in said, said[-3000:]
+    assert "rank 1 repeats it: False" in said, said[-3000:]
+
+
+PEER_LOST = textwrap.dedent("""
+    import os, time
+    import torch
+    from flopmatch import dist
+    dist.init(torch.device("cpu"))
+    dist.barrier()
+    if dist.rank() == 1:
+        os._exit(0)  # gone without a word, as a killed or crashed peer is
+    time.sleep(1.0)
+    try:
+        dist.all_reduce_mean(torch.ones(1))
+        print("NO ERROR", flush=True)
+    except RuntimeError as e:
+        print("PEER LOST:", dist.peer_lost(e), "|", type(e).__name__, str(e).splitlines()[0][:200], flush=True)
+        print("A BUG OF ITS OWN:", dist.peer_lost(RuntimeError("expected all tensors to be on the same device")), flush=True)
+    os._exit(0)
+""")
+
+
+def test_a_lost_peer_is_told_from_a_bug(tmp_path):
+    """A collective whose peer process has gone (exited mid-launch, as a kill -9 leaves it) raises an error that
+    dist.peer_lost recognises, so the CLI says it in one line; another RuntimeError is not mistaken for it."""
+    out = launch([], code=PEER_LOST)[0]
+    assert "PEER LOST: True" in out and "A BUG OF ITS OWN: False" in out, out[-3000:]

@@ -23,6 +23,7 @@ Zhao et al. 2023, "PyTorch FSDP" and torchtitan (per-block ``fully_shard``, DCP 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import sys
 import threading
@@ -92,6 +93,52 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     torch_dist.all_reduce(t, group=_CPU_GROUP[0] if _CPU_GROUP else None)
     return bool(t.item() > 0)
+
+
+ERROR_WAIT_S = 3.0  # how long a rank other than 0 waits for rank 0's copy of a user error before saying its own
+
+
+def said_on_main(message: str) -> bool:
+    """Whether rank 0 of this torchrun launch prints the user error ``message`` itself, so this rank need not repeat it.
+
+    A check of the command line, a config or the data fails alike on every rank; each rank would print the same line.
+    Rank 0 posts its message to the launch's key-value store (torchrun's agent TCPStore, at MASTER_ADDR:MASTER_PORT,
+    there before any process group and after a rank has left) and answers False: it always speaks. Another rank waits
+    up to ERROR_WAIT_S for that post and answers whether it is the same message; an error of its own (a path missing
+    on its node, a GPU too few) is still said. False outside torchrun or where the store cannot be reached.
+    """
+    if not is_launched() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return False  # no store that outlives rank 0 (e.g. ranks started by srun): every rank says its own
+    key = f"flopmatch/user-error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # a restarted launch posts anew
+    wait = datetime.timedelta(seconds=ERROR_WAIT_S)
+    try:
+        store = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                    timeout=wait, wait_for_workers=False)
+        if int(os.environ.get("RANK", "0")) == 0:
+            store.set(key, message)
+            return False
+        store.wait([key], wait)
+        return store.get(key).decode() == message
+    except (RuntimeError, KeyError, ValueError):  # no store, or no post in time (DistStoreError is a RuntimeError)
+        return False
+
+
+# What gloo says when the process at the other end of a connection is gone (killed, or crashed): pair.cc's read and
+# write errors. Matched on the text: gloo raises them as plain RuntimeErrors.
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket closed")
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether ``error`` is this torchrun worker losing another process of its launch (a peer killed or crashed
+    mid-collective: gloo's connection errors, torch's DistNetworkError and DistStoreError), rather than a fault of
+    its own. The CLI says it in one line: the peer's own log holds the cause, and a traceback here would only
+    point at the collective that noticed."""
+    if not is_launched() or not isinstance(error, RuntimeError):
+        return False
+    if isinstance(error, torch_dist.DistNetworkError | torch_dist.DistStoreError):
+        return True
+    text = str(error)
+    return "gloo" in text and any(s in text for s in _PEER_GONE)
 
 
 def shutdown() -> None:

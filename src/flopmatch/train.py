@@ -452,7 +452,7 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
                 pending.append({"step": step, "loss": loss_v, "lr": lr, "flops": flops, "elapsed_s": round(elapsed, 3),
                                 "grad_norm": float(gnorm), "flops_per_s": flops / max(elapsed, 1e-9),
                                 "mfu": flops / max(elapsed, 1e-9) / peak})
-                bar.set_postfix_str(f"loss {loss_v:.4f} | {flops:.3g}/{cfg.train.budget:.3g} FLOPs")
+                bar.set_postfix_str(f"loss {loss_v:.4f} | {flops:.3g}/{cfg.train.budget:.3g} FLOPs", refresh=False)
                 last_loss = loss_v
             bar.update(1)
             stop = steps_this_call == stop_after or interrupted.any()  # any() is all-reduced: ranks stop together

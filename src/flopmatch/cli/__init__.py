@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import sys
 
 from flopmatch import __version__
@@ -51,6 +52,22 @@ def entry() -> None:
     sys.exit(status)
 
 
+def said_on_main(message: str) -> bool:
+    """Whether torchrun's rank 0 prints this user error itself (:func:`flopmatch.dist.said_on_main`). Imported here,
+    on an error under torchrun only (WORLD_SIZE > 1): the error may come before the command loaded torch."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    from flopmatch import dist  # torch: only on this path, so that `flopmatch --help` never loads it
+
+    return dist.said_on_main(message)
+
+
+def peer_lost(error: RuntimeError) -> bool:
+    """Whether ``error`` is a torchrun worker losing another process (:func:`flopmatch.dist.peer_lost`)."""
+    loaded = sys.modules.get("flopmatch.dist")
+    return loaded is not None and loaded.peer_lost(error)
+
+
 def is_main_rank() -> bool:
     """False on a torchrun process other than rank 0 (looked up like :func:`shutdown_distributed`)."""
     loaded = sys.modules.get("flopmatch.dist")
@@ -85,9 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_distributed()
         return status
     except UserError as e:
-        if not isinstance(e, EchoedError) or is_main_rank():  # another rank's error, said there: once per launch
+        if is_main_rank() if isinstance(e, EchoedError) else not said_on_main(str(e)):  # once per torchrun launch
             print(f"flopmatch: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not peer_lost(e):  # anything else may be a bug: its traceback stays
+            raise
+        # gloo's text: "[.../pair.cc:553] Connection closed by peer [127.0.0.1]:10970. This is typically ...": its gist
+        cause = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0]).split(". ")[0][:200]
+        print(f"flopmatch: error: another process of this torchrun launch stopped ({cause}); its own log says why. "
+              "What was saved is kept (a training run's last checkpoint): run the same command again to go on", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if is_main_rank():  # under torchrun every rank is interrupted: one line
             print("flopmatch: interrupted", file=sys.stderr)

@@ -284,7 +284,7 @@ def train_attribute_classifier(shapes_cfg, progress: bool = True, steps: int | N
             loss = sum(F.cross_entropy(logits[h].float(), labels[h][idx], ignore_index=IGNORE) for h in net.heads)
             optimizer_step(loss, opt, sched)
             if step % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             ts.end_of_step(step, steps)
     net.eval()
     train_data = {"seed": train_cfg.seed, "image_size": train_cfg.image_size, "num_scenes": train_cfg.num_train,

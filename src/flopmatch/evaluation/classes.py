@@ -168,7 +168,7 @@ def train_class_classifier(images_uint8: torch.Tensor, labels: list[int] | torch
             loss = F.cross_entropy(logits.float(), labels[idx])
             optimizer_step(loss, opt, sched)
             if step % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             ts.end_of_step(step, steps)
     net.eval()
     info = {"code_version": CLASS_CODE_VERSION, "steps": steps, "batch_size": BATCH_SIZE, "lr": LEARNING_RATE,

@@ -198,7 +198,7 @@ def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out
                           "psnr": psnrs[-1], "lr": lr, "grad_norm": grad_norm, **logs,
                           "elapsed_s": round(elapsed, 3), "images_per_s": round((step + 1) * config.batch_size / elapsed, 2)}
                 log_lines.append(json.dumps(record))
-                bar.set_postfix(psnr=f"{psnrs[-1]:.2f}", loss=f"{record['loss']:.4f}")
+                bar.set_postfix(psnr=f"{psnrs[-1]:.2f}", loss=f"{record['loss']:.4f}", refresh=False)
                 if out_dir is not None:
                     atomic_write_text(Path(out_dir) / "train_log.jsonl", "\n".join(log_lines) + "\n")
             ts.end_of_step(step, config.steps, tensors=lambda: {"order": order}, meta=lambda: {
