@@ -301,3 +301,14 @@ def test_study_tokenizers_never_see_held_out_scenes():
     ds = make_dataset(data, "train", progress=False)
     for i in range(len(ds)):
         assert not any(shapes.holdout_hits(make_scene(ds.cfg, "train", i).attrs(), HOLDOUT_COMBOS, HOLDOUT_RELATIONS))
+
+
+def test_drawing_many_images_shows_progress_only_when_asked(capsys):
+    """A split of >= 2000 images draws a progress bar on stderr unless ``progress=False`` (``data inspect --json``,
+    whose stderr a script may read), and the images do not depend on it."""
+    cfg = ShapesConfig(num_train=2000, num_eval=0)
+    quiet = ShapesDataset(cfg, "train", disk_cache=False, progress=False).images_uint8()
+    assert capsys.readouterr().err == ""
+    shown = ShapesDataset(cfg, "train", disk_cache=False).images_uint8()
+    assert "drawing 2000 shapes images" in capsys.readouterr().err
+    assert torch.equal(quiet, shown)

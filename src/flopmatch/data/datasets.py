@@ -124,7 +124,7 @@ def make_dataset(cfg: DataConfig, split: str, progress: bool = True) -> ShapesDa
     """The ``split`` ("train" | "eval") of the dataset a DataConfig names."""
     kind, arg = parse_source(cfg.name)
     if kind == "shapes":
-        return ShapesDataset(shapes_config(cfg), split)
+        return ShapesDataset(shapes_config(cfg), split, progress=progress)
     if kind not in REAL_SOURCES:  # parse_source admits only known kinds
         raise UserError(f"unknown dataset {cfg.name!r}")
     ds = ImageTextSet(REAL_SOURCES[kind](cfg, arg, progress), split, cfg.num_train, cfg.num_eval)

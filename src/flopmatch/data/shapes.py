@@ -408,10 +408,11 @@ def render(scene: Scene, image_size: int | None = None) -> torch.Tensor:
 class ShapesDataset(torch.utils.data.Dataset):
     """A split of the shapes data: items are {"image": float (3, H, W) in [-1, 1], "caption", "attrs"}."""
 
-    def __init__(self, cfg: ShapesConfig, split: str, *, disk_cache: bool = True):
+    def __init__(self, cfg: ShapesConfig, split: str, *, disk_cache: bool = True, progress: bool = True):
+        """``disk_cache``: keep the drawn images in the cache folder; ``progress``: a bar while drawing many."""
         if split not in SPLITS:
             raise UserError(f"shapes split must be one of {SPLITS}, got {split!r}")
-        self.cfg, self.split, self.disk_cache = cfg, split, disk_cache
+        self.cfg, self.split, self.disk_cache, self.progress = cfg, split, disk_cache, progress
         self._n = cfg.num_train if split == "train" else cfg.num_eval
         self._scenes: list[Scene | None] = [None] * self._n
         self._images: torch.Tensor | None = None
@@ -470,7 +471,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         S = self.cfg.image_size
         out = np.empty((self._n, S, S, 3), dtype=np.uint8)
         desc = f"drawing {self._n} shapes images ({self.split} split{', cached for next time' if path else ''})"
-        for i in tqdm(range(self._n), desc=desc, unit="img", disable=self._n < 2000, leave=False):
+        for i in tqdm(range(self._n), desc=desc, unit="img", disable=self._n < 2000 or not self.progress,
+                      leave=False):
             out[i] = _render_hwc(self.scene(i), S)
         self._images = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
         if path is not None:
