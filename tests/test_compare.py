@@ -124,6 +124,20 @@ def test_long_settings_are_cut_between_numbers():
     assert _short(2.5e12) == "2.5e+12" and _short("tiny") == "tiny"
 
 
+def test_two_different_settings_never_read_the_same():
+    """Two different values of a setting are shown apart, each in <= 80 characters: close numbers get more digits, and
+    long lists that differ past the cut are shown from their first difference."""
+    from flopmatch.report.compare import _shorts
+
+    budgets = [float(f"{10 ** (10 + i / 4):.2g}") for i in range(20)]
+    pairs = [(3e-4, 3.0001e-4), (0.1, 0.1 + 2 ** -55), (budgets, budgets[:-1] + [9.9e15]), (budgets, budgets[:-1]),
+             (budgets, budgets[:5] + [1.0] + budgets[6:]), ([1, 2], [1, 3]), ("x", "y"), (2.5e12, "(not set)")]
+    for a, b in pairs:
+        got = _shorts(a, b)
+        assert got[0] != got[1] and all(len(t) <= 80 for t in got), (a, b, got)
+    assert _shorts(budgets, budgets[:-1] + [9.9e15])[1].endswith("9.9e+15]")  # the differing item, at %.3g
+
+
 def test_study_differences_list_changed_fields_and_overrides(tmp_path):
     from flopmatch.files import atomic_write_json
 

@@ -89,7 +89,7 @@ def study_differences(base: Path, other: Path) -> list[list[str]]:
         if key in ("overrides", "tokenizer_overrides") and isinstance(a, list) and isinstance(b, list):
             rows += _override_rows(key, a, b)
         else:
-            rows.append([key, _short(a), _short(b)])
+            rows.append([key, *_shorts(a, b)])
     return rows
 
 
@@ -107,20 +107,37 @@ def _override_rows(key: str, a: list[str], b: list[str]) -> list[list[str]]:
     flag = "--set" if key == "overrides" else "--tokenizer-set"
     before = dict(x.split("=", 1) for x in a if "=" in x)
     after = dict(x.split("=", 1) for x in b if "=" in x)
-    return [[f"{flag} {k}", _short(before.get(k, "(not set)")), _short(after.get(k, "(not set)"))]
+    return [[f"{flag} {k}", *_shorts(before.get(k, "(not set)"), after.get(k, "(not set)"))]
             for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
 
 
-def _short(v) -> str:
-    """A setting's value in at most ~80 characters: numbers as %.3g (2.5e+12, not 2500000000000.0), a long list cut
-    between its items, never inside a number."""
-    def fmt(x):
-        return f"{x:.3g}" if isinstance(x, float) else str(x)
+def _shorts(a, b) -> tuple[str, str]:
+    """Two different values of a setting, each short (:func:`_short`) and still telling them apart: more digits where
+    %.3g reads the same (3e-4 vs 3.0001e-4), and lists shown from their first difference where both cuts agree."""
+    starts = [0]
+    if isinstance(a, list) and isinstance(b, list):  # where both cuts agree: from the first item that differs
+        starts.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+    for start in starts:
+        for digits in (3, 6, 17):
+            pair = _short(a, digits, start), _short(b, digits, start)
+            if pair[0] != pair[1]:
+                return pair
+    return pair
 
-    text = "[" + ", ".join(fmt(x) for x in v) + "]" if isinstance(v, list) else fmt(v)
-    if len(text) <= 80:
-        return text
-    return text[:77].rsplit(", ", 1)[0] + ", ...]" if isinstance(v, list) else text[:77] + "..."
+
+def _short(v, digits: int = 3, start: int = 0) -> str:
+    """A setting's value in at most ~80 characters: numbers as %.{digits}g (2.5e+12, not 2500000000000.0), a long
+    list cut between its items, never inside a number; a list from item ``start`` on, the ones before as "..."."""
+    def fmt(x):
+        return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+    if not isinstance(v, list):
+        text = fmt(v)
+        return text if len(text) <= 80 else text[:77] + "..."
+    if start >= len(v):
+        return f"[... {len(v)} items]"
+    text = "[" + ("..., " if start else "") + ", ".join(fmt(x) for x in v[start:]) + "]"
+    return text if len(text) <= 80 else text[:77].rsplit(", ", 1)[0] + ", ...]"
 
 
 def _side(cell: Cell, noise: Noise) -> tuple[float | None, float | None]:
