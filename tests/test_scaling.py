@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -425,6 +426,18 @@ if __name__ == "__main__":  # the workers are spawned: they re-import this file
 """
 
 
+def _group_size(pgid: int) -> int:
+    """How many live processes are in process group ``pgid`` (from /proc: stat's 5th field, after the command)."""
+    n = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended while listed
+            continue
+        n += fields[0] != "Z" and int(fields[2]) == pgid
+    return n
+
+
 def test_ctrl_c_stops_the_parallel_bootstrap_at_once(tmp_path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the refits run in 2 worker
     processes: the parent raises KeyboardInterrupt within seconds and leaves no process behind. The workers leave
@@ -440,7 +453,11 @@ def test_ctrl_c_stops_the_parallel_bootstrap_at_once(tmp_path):
                             start_new_session=True)  # its own process group, like a terminal's foreground job
     try:
         assert proc.stdout.readline() == "fitting\n"
-        time.sleep(2.5)  # the workers have started (~1 s) and are refitting
+        deadline = time.monotonic() + 120  # until both workers run (a wait, not a guess of how long they take)
+        while _group_size(proc.pid) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _group_size(proc.pid) >= 3, "the 2 workers never started"
+        time.sleep(0.5)  # into their refits
         assert proc.poll() is None, "the refits ended before the interrupt; give them more work"
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=30)
