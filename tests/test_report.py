@@ -44,7 +44,7 @@ from flopmatch.report.prompt_groups import (
 )
 from flopmatch.report.render import render_md
 from flopmatch.report.stats import TestResult
-from flopmatch.report.verdicts import Comparison, cell_text, claim_status, decide, mdd_text, part_status
+from flopmatch.report.verdicts import Comparison, _reason, against_claim, cell_text, claim_status, decide, mdd_text, part_status
 from flopmatch.rundir import CHECKPOINT, write_config
 
 PARADIGMS = ("diffusion", "masked", "autoregressive")
@@ -437,6 +437,14 @@ def test_status_rules():
     assert claim_status([{"status": "suggestive"}, {"status": "held"}]) == "suggestive"
     assert claim_status([{"status": "held"}] * 2) == "held"
     assert claim_status(parts + [{"status": "did not hold"}]) == "did not hold"
+    # a lean the other way (significant before Holm, against the expected winner) is no support: the part is
+    # inconclusive, its comparison is marked against the claim, and the claim's reason says it leans the other way
+    lean = comp(1, 0.03)
+    assert part_status([(lean, "a")]) == "inconclusive" and against_claim(lean, "a") and not against_claim(weak, "a")
+    assert not against_claim(back, "a") and not against_claim(tie, "a")  # a reversal with confidence, a tie: said so
+    why = _reason("inconclusive", [{"text": "a beats b", "status": "inconclusive", "comparisons": [(lean, "a")]},
+                                   {"text": "a beats c", "status": "inconclusive", "comparisons": [(tie, "a")]}], {})
+    assert "leaning the other way without a verdict: a beats b" in why and "not separated: a beats c" in why, why
 
 
 def test_verdict_reverses_when_the_data_do(tmp_path):

@@ -9,7 +9,10 @@ of machine load during the phase hits all of them rather than whichever was time
    faster of two calls; the search goes on while throughput improves by more than ``MIN_GAIN`` and
    stops after ``PATIENCE`` rungs without such a gain, at out-of-memory, or when the item has used
    its ``search_budget_s``;
-3. **rounds**: ``rounds`` times, every item once, in an order rotated by one each round and reversed
+3. **burn-in**: one untimed round, every item making a round's calls: in a study's timing phase the first
+   round's first items (the autoregressive ones) were measured 2.4-3.3x slower than in every later round, after
+   the other items' batch searches; the paired tests read every round, so one such round flipped a ratio's sign;
+4. **rounds**: ``rounds`` times, every item once, in an order rotated by one each round and reversed
    every other round (so no item is always first, or always timed right after the same other item);
    per item and round: latency = median of
    ``calls`` batch-1 calls, throughput = images/s of one call at its best batch.
@@ -167,6 +170,10 @@ def time_items(items: list[TimingItem], rounds: int = 5, calls: int = 5, max_bat
             print(f"[timing] best batch of {it.key}: {best[-1][0]} ({best[-1][1]:.3g} images/s)", flush=True)
     lat: list[list[float]] = [[] for _ in items]
     thr: list[list[float]] = [[] for _ in items]
+    for i, run in enumerate(runs):  # burn-in: a round's calls, untimed (module docstring)
+        for c in range(calls):
+            run(1, 1 + c)
+        run(best[i][0], 99)
     probe = busy_probe()
     for r in range(rounds):
         for j in range(len(items)):

@@ -33,7 +33,17 @@ from flopmatch.report.operating import operating_rows, operating_text
 from flopmatch.report.plots import all_figures
 from flopmatch.report.prompt_groups import prompt_group_blocks
 from flopmatch.report.render import fmt, render_html, render_md
-from flopmatch.report.verdicts import ALPHA, CONFIDENT, FRONTIER_SIZES, MATCHED_MARK, NEEDS, NO_DIFF, SUGGESTIVE, cell_text
+from flopmatch.report.verdicts import (
+    ALPHA,
+    CONFIDENT,
+    FRONTIER_SIZES,
+    MATCHED_MARK,
+    NEEDS,
+    NO_DIFF,
+    SUGGESTIVE,
+    against_claim,
+    cell_text,
+)
 from flopmatch.rundir import read_config
 from flopmatch.sample import grid_image
 
@@ -484,7 +494,8 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
         B.append(("p", f"Claim {c['id']}: **{c['status']}**. {c['paper']}" + (f" {c['note']}" if c["note"] else "")))
         items = []
         for part in c["parts"]:
-            comps = "; ".join(comp.summary() for comp, _ in part["comparisons"]) or "not measured"
+            comps = "; ".join(comp.summary() + (", against the claim" if against_claim(comp, want) else "")
+                              for comp, want in part["comparisons"]) or "not measured"
             items.append(f"{part['text']}: **{part['status']}** ({comps})")
         B.append(("ul", items))
     problems = run_problems(study, an)

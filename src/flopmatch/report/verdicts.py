@@ -563,6 +563,12 @@ def _state(c: Comparison, want: str) -> str:
     return side + ("+" if label == CONFIDENT else "")
 
 
+def against_claim(c: Comparison, want: str) -> bool:
+    """Whether ``c`` points against the winner its claim expects, without a verdict ("suggestive" the other way):
+    read as a lean against the claim, not as support (the report says so beside its summary)."""
+    return _state(c, want) == "against"
+
+
 def part_status(comps: list[tuple[Comparison, str]]) -> str:
     """held / did not hold / suggestive / inconclusive / not measured from (comparison, expected winner) pairs."""
     states = [_state(c, want) for c, want in comps]
@@ -608,9 +614,13 @@ def _reason(status: str, parts: list[dict], noise: dict[str, Noise]) -> str:
     if evaluation:
         why.append("one seed per cell, so the noise is evaluation noise only (train >= 2 seeds in some cells, "
                    "e.g. --seeds 3, for a verdict)")
-    ties = [p["text"] for p in weak if p["status"] == "inconclusive"]
+    inconclusive = [p for p in weak if p["status"] == "inconclusive"]
+    leaning = [p["text"] for p in inconclusive if any(against_claim(c, w) for c, w in p["comparisons"])]
+    ties = [p["text"] for p in inconclusive if p["text"] not in leaning]
     if ties:
         why.append("not separated: " + "; ".join(ties))
+    if leaning:
+        why.append("leaning the other way without a verdict: " + "; ".join(leaning))
     capped = {c.capped for p in parts for c, _ in p["comparisons"] if c.capped}
     why += sorted(capped)
     missing = [p["text"] for p in parts if p["status"] == "not measured"]

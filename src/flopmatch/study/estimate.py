@@ -198,7 +198,7 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
         timed.add((p.objective, p.depth))
         items = (main + chosen) * (2 if p.objective == "autoregressive" else 1)
         per_round = p.sample_flops_per_image / sample_rate * (5 / rates.batch1_efficiency + rates.timing_batch)
-        timing += items * (scfg.timing_budget_s + scfg.timing_rounds * per_round)
+        timing += items * (scfg.timing_budget_s + (scfg.timing_rounds + 1) * per_round)  # + the burn-in round
     if host is not None and host.device == "cpu":
         concurrent = 1  # CPU workers split the cores (launchers.concurrent_runs counts GPUs)
 

@@ -141,7 +141,8 @@ def ensure_timing(out: Path, scfg: StudyConfig, plans: list[RunPlan], retime: bo
         "version": TIMING_VERSION, "signature": _signature(wanted), "rounds": scfg.timing_rounds,
         "machine": {**machine(), "device": str(first.device), "bf16": first.bf16},
         "other_busy_cores_during": load, "seconds": seconds, "items": items,
-        "note": "every item timed in the same phase, interleaved; medians over rounds, every round kept",
+        "note": "every item timed in the same phase, interleaved, after one untimed burn-in round; medians over rounds, "
+                "every round kept",
     }  # fmt: skip
     if load is not None and load > BUSY_CORES:
         print(f"[study] warning: other processes kept {load:.1f} cores busy while the rounds ran; the spread between "
