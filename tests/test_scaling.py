@@ -471,3 +471,13 @@ def test_ctrl_c_stops_the_parallel_bootstrap_at_once(tmp_path):
         while time.monotonic() < deadline:
             os.killpg(proc.pid, 0)  # no process left in its process group
             time.sleep(0.1)
+
+
+def test_a_floor_on_its_upper_bound_says_it_is_not_identified():
+    """E is bounded by the smallest value seen; a fit that puts it there (noisy values that never leave a plateau,
+    the masked KID of a CPU study) says the floor is not identified; a law that levels off above its values does not."""
+    C = np.array([7e10, 1.7e11, 4.2e11, 1e12, 2.5e12])
+    flat = fit_saturating_power_law(C, [0.62, 0.4885, 0.60, 0.498, 0.52])
+    assert flat.kind == "saturating" and flat.E == pytest.approx(0.4885) and "floor is not identified" in flat.note
+    levels = fit_saturating_power_law(C, 0.2 + 2 * (C / 1e10) ** -0.5)
+    assert levels.E == pytest.approx(0.2) and levels.note == ""

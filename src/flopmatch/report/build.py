@@ -376,7 +376,7 @@ def _banners(study: Study, an: Analysis) -> list[str]:
         span = (f"training budgets {budgets[0]:.3g} to {budgets[-1]:.3g} FLOPs" if len(budgets) > 1 else
                 f"one training budget, {budgets[0]:.3g} FLOPs (no trend over compute)")
         out.append(f"The answer is about this data and these budgets: dataset {data.name}, {data.image_size}x{data.image_size} "
-                   f"px, {span}.")
+                   f"px, {span}." + _scale_note(study))
         paradigms = sorted({r.objective for r in study.runs})
         if len(paradigms) == 1:
             out.append(f"One paradigm ({paradigms[0]}): there is nothing to compare it with, so the table and the claims "
@@ -427,18 +427,50 @@ def _banners(study: Study, an: Analysis) -> list[str]:
     return out
 
 
+def _scale_note(study: Study) -> str:
+    """The model sizes and evaluation the answer rests on: " Models: depth 1 (diffusion 170k parameters, ...); quality
+    from 250 generated images per setting." ("" without finished, evaluated runs)."""
+    main = [r for r in study.rows if r["main"] and r["done"]]
+    if not main:
+        return ""
+    depths = sorted({r["depth"] for r in main})
+    params = {}
+    for r in main:
+        params.setdefault(r["objective"], set()).add(r["params"])
+    sizes = ", ".join(f"{p} {'/'.join(f'{n / 1e3:.0f}k' if n < 1e6 else f'{n / 1e6:.3g}M' for n in sorted(ns))}"
+                      for p, ns in params.items() if None not in ns)
+    counts = sorted({r["num_samples"] for r in main if r["num_samples"]})
+    return (f" Models: depth{'s' if len(depths) > 1 else ''} {', '.join(map(str, depths))}"
+            + (f" ({sizes} parameters)" if sizes else "") + "; "
+            + (f"image quality and prompt following from {'/'.join(map(str, counts))} generated images per setting "
+               if counts else "") + "(conclusions about larger models or other data need runs there).")
+
+
+def _timed_scope(study: Study, claim: dict) -> str:
+    """For a claim that rests on measured latency or throughput: where they were measured, since a ranking of
+    inference cost holds for that machine and these model sizes (overheads per step weigh more in small models)."""
+    timed = any(c.metric in ("latency", "throughput") and c.test.method != "none"
+                for part in claim["parts"] for c, _ in part["comparisons"])
+    if not timed:
+        return ""
+    m = (study.timing or {}).get("machine") or {}
+    where = f"on {m['device']} ({m.get('threads')} threads)" if m.get("device") else "on the evaluating machine"
+    return f" Its timings were measured {where} at these model sizes: other hardware or larger models may rank otherwise."
+
+
 def _table_basis(v) -> str:
     """Which settings the table's cells compare: the main ones, or the operating points (marked) at their budget."""
     cells = [c for c in v.table if c.get("matched") and c["label"] != "not measured"]
+    size = "Each paradigm at the size chosen per budget" if v.depths > 1 else "Each paradigm at its one depth"
     if not cells:
-        return ("Each paradigm at the size chosen per budget and at its main sampling settings (one guidance scale for "
-                "every paradigm; see Operating points for each one's best).")
+        return (f"{size} and at its main sampling settings (one guidance scale for every paradigm; see Operating points "
+                "for each one's best).")
     what = []
     if any(c["need"] in ("image quality", "prompt following") for c in cells):
         what.append("image quality and prompt following at each paradigm's best point for that need")
     if any(c["need"] in ("latency", "throughput") for c in cells):
         what.append("latency and throughput at its cheapest point at matched quality")
-    return (f"Each paradigm at the size chosen per budget; at {v.operating.budget:.3g} FLOPs {' and '.join(what)} "
+    return (f"{size}; at {v.operating.budget:.3g} FLOPs {' and '.join(what)} "
             f"(marked {MATCHED_MARK}; see Operating points), elsewhere at its main sampling settings (one guidance "
             f"scale for every paradigm). A {MATCHED_MARK} verdict holds for the operating points the sweep chose: "
             "points the sweep could not separate may have been chosen otherwise.")
@@ -479,7 +511,8 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
                    "type, so the verdicts hold for these tokenizers; another one (e.g. retrained) would move all its runs "
                    "together, a variation no verdict here includes (see Tokenizer ceilings). " + _table_basis(v)))
     B.append(("h", 2, "The paper's claims, checked here"))
-    B.append(("ul", [f"**{c['status'].upper()}**: ({c['id']}) {c['paper']} Why: {c['reason']}." for c in v.claims]))
+    B.append(("ul", [f"**{c['status'].upper()}**: ({c['id']}) {c['paper']} Why: {c['reason']}.{_timed_scope(study, c)}"
+                     for c in v.claims]))
     n_claims = sum(c.p2 is not None for c in v.families["claims"])
     noise = "; ".join(f"{m}: {n.describe()}" for m, n in v.noise.items() if m != "fid")  # FID decides nothing
     B.append(("p", f"{n_claims} tests decide these claims; Holm's procedure keeps the chance of any false verdict among "

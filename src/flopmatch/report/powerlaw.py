@@ -173,7 +173,10 @@ def fit_saturating_power_law(
     span = A * abs((c.min() / C0) ** (-alpha) - (c.max() / C0) ** (-alpha))
     if span < _FLAT_TOL * ymin:
         return _fallback(c, yy, w, "power term is flat over the data (y ~ constant)")
-    return _make_fit(c, yy, E, A, alpha, C0, "saturating")
+    # E on its upper bound: the floor is the best value seen, so the data have not shown where the error levels off
+    at_min = E >= ymin * (1 - _BOUND_TOL)
+    return _make_fit(c, yy, E, A, alpha, C0, "saturating",
+                     "E at its upper bound min(y): the floor is not identified" if at_min else "")
 
 
 def _solve(x0: np.ndarray, lb: np.ndarray, ub: np.ndarray, args: tuple):
