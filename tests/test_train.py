@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 from pathlib import Path
 
@@ -12,10 +13,12 @@ import torch
 
 from flopmatch import PARADIGMS, cli
 from flopmatch.config import SampleConfig
+from flopmatch.data.datasets import make_dataset
 from flopmatch.errors import UserError
 from flopmatch.files import load_tensors
 from flopmatch.plan import flops_summary
 from flopmatch.rundir import CHECKPOINT, read_config, snapshots
+from flopmatch.tokenizers.registry import fit_weight_free
 from flopmatch.train import train
 from tiny import tiny_run_config
 
@@ -105,6 +108,29 @@ def test_resume_after_interruption_is_exact(name, precision, tmp_path):
     snaps = [(s, load_tensors(p)) for s, p in snapshots(whole)], [(s, load_tensors(p)) for s, p in snapshots(parts)]
     assert [s for s, _ in snaps[0]] == [s for s, _ in snaps[1]] == list(range(1, 8))
     assert all(torch.equal(x[k], y[k]) for (_, x), (_, y) in zip(*snaps) for k in x)
+
+
+def test_a_resume_trains_on_the_tokenizer_the_run_started_with(tmp_path, monkeypatch):
+    """The tokenizer at --tokenizer's path replaced by another of the same shape (or the path gone, or relative to
+    another working directory) after a run started: the resumed run still trains on its own copy's codes, bit-identical
+    to an uninterrupted run."""
+    cfg = tiny_run_config("masked", 6, sets=["train.checkpoint_every=3"])
+    images = make_dataset(cfg.data, "train").images_uint8()
+    tok = tmp_path / "tok"
+    fit_weight_free("kmeans", images, patch=cfg.tokenizer.patch, codebook_size=cfg.tokenizer.codebook_size).save(tok)
+    cfg.tokenizer.path = "tok"  # relative, as a user types it
+    monkeypatch.chdir(tmp_path)
+    train(cfg, "whole", progress=False)
+    assert train(cfg, "parts", progress=False, stop_after=3)["step"] == 3
+    fit_weight_free("kmeans", images, patch=cfg.tokenizer.patch, codebook_size=cfg.tokenizer.codebook_size,
+                    seed=1).save(tok)  # another tokenizer where the first one was
+    resumed = train(cfg, "parts", progress=False, stop_after=1)
+    assert resumed["step"] == 4
+    shutil.rmtree(tok)  # and then no tokenizer there at all, from another directory
+    monkeypatch.chdir(tmp_path.parent)
+    assert train(cfg, tmp_path / "parts", progress=False)["done"]
+    a, b = _checkpoint(tmp_path / "whole"), _checkpoint(tmp_path / "parts")
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
 
 
 def test_resume_after_ctrl_c_is_exact(tmp_path, monkeypatch):

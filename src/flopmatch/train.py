@@ -33,6 +33,7 @@ Karpathy, nanoGPT (decay groups, gradient clipping).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 import shutil
@@ -228,6 +229,11 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
         check_randomness(run, read_state(run))  # before a continuation moves anything
     elif run.exists() and not run.is_dir():
         raise UserError(f"--out {run} is a file, not a directory; choose another --out")
+    recorded = cfg  # the settings config.json holds (a continuation writes them with its new budget)
+    if (run / CONFIG).exists() and (tokenizer_dir(run) / "tokenizer.json").exists():
+        # A resumed (or continued) run trains on the codes of the tokenizer it started with: its own copy, not what
+        # tokenizer.path names now (a path relative to another working directory, or another tokenizer put there).
+        cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(tokenizer_dir(run))))
     elif run.exists() and any(p.name != LOCK_NAME for p in run.iterdir()):
         if is_locked(run):  # a run another process is creating right now (its config is not written yet)
             raise in_use(run, "run")
@@ -253,7 +259,7 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
                         f"lower --depth or train.batch_size, or shard it over several devices (torchrun with "
                         f"--set train.parallel=fsdp2)")
     if growing:  # a cosine run, or a state past the new budget's stable phase, is refused before data preparation
-        plan_continuation(run, cfg, plan.steps)
+        plan_continuation(run, recorded, plan.steps)
     warm = stable_steps(plan.steps, cfg.train)  # wsd, constant: the steps the warmup has (cosine: None)
     if warm is not None and cfg.train.warmup_steps > warm and dist.is_main():
         print(f"flopmatch: warning: train.warmup_steps={cfg.train.warmup_steps} is more than the {warm} steps "
@@ -277,7 +283,7 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
                 remove_stale_temps(run / EMA_SNAPSHOTS)
             if growing:
                 if dist.is_main():  # planned again: the run is ours only now
-                    print(continue_run(run, cfg, plan_continuation(run, cfg, plan.steps)))
+                    print(continue_run(run, recorded, plan_continuation(run, recorded, plan.steps)))
                 dist.barrier()
             state = read_state(run) if (run / CONFIG).exists() else None  # again: the run is ours only now
             if state and state.get("done"):
