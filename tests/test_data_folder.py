@@ -468,8 +468,9 @@ def test_truncated_files_never_escape_as_other_errors():
 
 
 def test_bad_items_are_skipped_and_counted_by_cause(tmp_path):
-    """Corrupt, truncated, empty and missing files, empty/null and non-UTF-8 captions, paths leaving the
-    folder (../, absolute, a symlink to outside): each skipped under its cause, the rest loads."""
+    """Corrupt, truncated, empty and missing files, empty/null and non-UTF-8 captions, names leaving the
+    folder (../, absolute): each skipped under its cause, the rest loads, and a symlink in the folder to an image
+    elsewhere (a folder of links into a shared store) is read like any other image."""
     root = tmp_path / "imgs"
     good = make_folder(root, 3)
     (root / "corrupt.png").write_bytes(b"this is not an image at all" * 10)
@@ -491,9 +492,9 @@ def test_bad_items_are_skipped_and_counted_by_cause(tmp_path):
 
     ds = everything(root)
     assert ds.info["skipped"] == {"unreadable": 2, "truncated": 2, "missing file": 1, "empty caption": 2,
-                                  "non-UTF-8 caption": 1, "outside the folder": 3}
-    assert ds.info["usable"] == len(ds) == 3 and sorted(ds.names) == sorted(f for f, _ in good)
-    assert ds.captions() == [dict(good)[n] for n in ds.names]
+                                  "non-UTF-8 caption": 1, "outside the folder": 2}
+    assert ds.info["usable"] == len(ds) == 4 and sorted(ds.names) == sorted([f for f, _ in good] + ["link.png"])
+    assert ds.captions() == [{**dict(good), "link.png": "symlink out"}[n] for n in ds.names]
     examples = ds.info["skipped_examples"]
     assert examples["missing file"] == ["nowhere.png"] and "../outside.png" in examples["outside the folder"]
     assert sorted(examples["truncated"]) == ["cut.jpg", "cut.png"]

@@ -134,7 +134,7 @@ def folder_items(root: str | Path) -> tuple[list[Item], str]:
         parts = [(root, "")]
     digest = hashlib.sha256()
     items: list[Item] = []
-    top = root.resolve()
+    top = Path(os.path.abspath(root))
     held_dirs = [d.resolve() for d, split in parts if split == "eval"]  # the root's rows must not reach into them
     for directory, split in parts:
         meta = _metadata_file(directory)
@@ -147,11 +147,13 @@ def folder_items(root: str | Path) -> tuple[list[Item], str]:
         for file_name, caption in rows:
             path = (directory / file_name)
             name = os.path.relpath(path, root)
-            # ValueError: a NUL in the name; RuntimeError: a symlink loop (Python < 3.13). Such a path cannot be
-            # opened either: it is kept as an item and load() counts it under "bad file name".
+            # Inside: the name as the metadata writes it (no ../, not absolute), not where a symlink in the folder points:
+            # a folder of links into a shared image store is the user's own layout, the same trust as its images.
+            # ValueError: a NUL in the name. Such a path cannot be opened either: it is kept as an item and load()
+            # counts it under "bad file name".
             try:
-                inside = path.resolve().is_relative_to(top)
-            except (OSError, ValueError, RuntimeError):
+                inside = Path(os.path.normpath(os.path.abspath(path))).is_relative_to(top)
+            except (OSError, ValueError):
                 inside = True
             try:
                 st = path.stat() if inside else None
