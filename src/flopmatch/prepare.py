@@ -92,11 +92,11 @@ class PreparedData:
 def prepare(cfg: RunConfig, objective: Objective, progress: bool = True, device: str | torch.device = "cpu") -> PreparedData:
     """Dataset, tokenizer, encoded training set and text cache for a run config; the text encoder on ``device``
     (the run's: on a GPU the captions not yet cached are encoded there)."""
-    dataset = make_dataset(cfg.data, "train")
+    dataset = make_dataset(cfg.data, "train", progress=progress)
     tok = build_tokenizer(cfg, objective, dataset)
     x = encode_dataset(tok, dataset, progress=progress)
     encoder = text_encoder_for(cfg.text, device)
     captions = dataset.captions()
-    text = TextCache(encoder, captions)
+    text = TextCache(encoder, captions, progress=progress)
     return PreparedData(x=x, rows=text.indices(captions), text=text, encoder=encoder, tokenizer=tok, dataset=dataset)
 

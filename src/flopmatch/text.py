@@ -331,8 +331,9 @@ class TextCache:
     Row i of the tables is the i-th caption of the sorted unique captions (always including "").
     """
 
-    def __init__(self, encoder: TextEncoder, captions: list[str]):
-        self.encoder = encoder
+    def __init__(self, encoder: TextEncoder, captions: list[str], progress: bool = True):
+        """``progress``: a bar while encoding more than 1000 captions not yet cached."""
+        self.encoder, self.progress = encoder, progress
         self.captions = sorted(set(captions) | {""})
         self.row_of = {c: i for i, c in enumerate(self.captions)}
         self.path = cache_dir() / "text" / f"{encoder.fingerprint()}-{captions_digest(self.captions)}.safetensors"
@@ -360,7 +361,8 @@ class TextCache:
         n = len(self.captions)
         chunk = 4096  # bounds the float32 working set; the encoder batches further inside
         parts = []
-        with tqdm(total=n, desc=f"encoding captions with {self.encoder.name} (cached for next time)", unit="cap", disable=n <= 1000) as bar:
+        with tqdm(total=n, desc=f"encoding captions with {self.encoder.name} (cached for next time)", unit="cap",
+                  disable=n <= 1000 or not self.progress) as bar:
             for start in range(0, n, chunk):
                 tb = self.encoder.encode(self.captions[start : start + chunk]).to("cpu")
                 parts.append(TextBatch(tb.states.to(torch.bfloat16), tb.pad, tb.pooled.float()))

@@ -330,6 +330,12 @@ def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec
     if state is not None:
         check_same_data(run, data.dataset.info)
     if dist.is_main() and state is None:
+        n = len(data.x)
+        short = (f"; the source has only these after its evaluation split, not the {cfg.data.num_train} data.num_train asks "
+                 f"for" if n < cfg.data.num_train else "")
+        # how often each image is seen: many passes over a small set can rank paradigms by how they memorise
+        print(f"{run}: {n} training images{short}; {plan.steps} steps of {cfg.train.batch_size} = "
+              f"{plan.steps * cfg.train.batch_size / max(n, 1):.3g} passes over them", flush=True)
         run.mkdir(parents=True, exist_ok=True)
         write_config(run, cfg)  # before step 0
         atomic_write_json(run / DATA, data.dataset.info)

@@ -434,6 +434,14 @@ def _scale_note(study: Study) -> str:
     if not main:
         return ""
     depths = sorted({r["depth"] for r in main})
+    seen = ""
+    try:  # the training set every run shares (a study's runs train on one split), and how often the longest run saw it
+        size = int(read_json(study.root / study.runs[0].rel / "data.json")["size"])
+        batch = read_config(study.root / study.runs[0].rel).train.batch_size
+        passes = max((r["total_steps"] or 0) * batch / max(size, 1) for r in main)
+        seen = f"; {size} training images, {passes:.3g} passes over them in the longest run"
+    except (OSError, KeyError, TypeError, ValueError, UserError):
+        pass
     params = {}
     for r in main:
         params.setdefault(r["objective"], set()).add(r["params"])
@@ -441,7 +449,7 @@ def _scale_note(study: Study) -> str:
                       for p, ns in params.items() if None not in ns)
     counts = sorted({r["num_samples"] for r in main if r["num_samples"]})
     return (f" Models: depth{'s' if len(depths) > 1 else ''} {', '.join(map(str, depths))}"
-            + (f" ({sizes} parameters)" if sizes else "") + "; "
+            + (f" ({sizes} parameters)" if sizes else "") + seen + "; "
             + (f"image quality and prompt following from {'/'.join(map(str, counts))} generated images per setting "
                if counts else "") + "(conclusions about larger models or other data need runs there).")
 
