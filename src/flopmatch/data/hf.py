@@ -134,7 +134,8 @@ def _columns(ds, datasets, path: str, image_column: str, text_column: str):
     missing = [c for c in (image_column, text_column) if c not in columns]
     if missing:
         raise UserError(f"hf:{path} has no column {' or '.join(repr(c) for c in missing)}; its columns are "
-                        f"{columns}: set data.image_column / data.text_column")
+                        f"{columns}: name them with --set data.image_column=... --set data.text_column=... "
+                        f"(data inspect: --image-column / --text-column)")
     if isinstance((ds.features or {}).get(image_column), datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))  # bytes/path dicts: decoded once, by us
     return ds.select_columns([image_column, text_column])

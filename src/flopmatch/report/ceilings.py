@@ -140,6 +140,13 @@ def _worst_attribute(metrics: dict) -> str:
     return f"{name} {acc:.3f} (real {fmt(real.get(name), '.3f')})"
 
 
+def _image_count(m: dict):
+    """The table's "images (n)": n, and the distinct images behind it where the evaluation split is smaller (the
+    generators' prompts cycle through it, and so do the reconstructions: "32 (12 distinct)")."""
+    n, r = m.get("num_images"), m.get("num_eval")
+    return f"{n} ({r} distinct)" if isinstance(n, int) and isinstance(r, int) and r < n else n
+
+
 def ceilings_table(doc: dict) -> tuple[list, list]:
     """One row per tokenizer: kind, token type, paradigms, n, rFID, real FID and rKID per extractor, the image counts
     (reference / compared, with the note when not measured), PSNR, SSIM, prompt full match on reconstructions and
@@ -153,7 +160,7 @@ def ceilings_table(doc: dict) -> tuple[list, list]:
         m = e["metrics"]
         fids = [cell for f in features for cell in (fmt(rfid(m, f), ".4g"), fmt(((m.get("fid") or {}).get(f) or {}).get("real"), ".4g"),
                                                      fmt(rkid(m, f), ".3g"))]
-        rows.append([e.get("kind", "?"), tokens, ", ".join(e.get("paradigms", [])), m.get("num_images"), *fids,
+        rows.append([e.get("kind", "?"), tokens, ", ".join(e.get("paradigms", [])), _image_count(m), *fids,
                      counts_cell(m), fmt(m.get("psnr"), ".2f"), fmt(m.get("ssim"), ".3f"), fmt(full_match(m), ".3f"),
                      fmt(full_match(m, "real"), ".3f"), _worst_attribute(m)])
     if doc.get("match"):  # matched tokenizers: how long each one trained (and what else was tried)
