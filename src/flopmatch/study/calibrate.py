@@ -33,6 +33,7 @@ rate (:func:`calibrate_or_none`). Not done under ``--launcher slurm`` (the runs 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -42,7 +43,7 @@ from flopmatch.config import RunConfig, from_dict
 from flopmatch.device import resolve_device, use_bf16
 from flopmatch.evaluation.features import make_feature_extractor
 from flopmatch.evaluation.run import EvalConfig, metrics_from_features
-from flopmatch.evaluation.timing import Clock
+from flopmatch.evaluation.timing import BUSY_CORES, Clock, busy_probe, other_busy_cores
 from flopmatch.objectives import make_objective
 from flopmatch.probe import SamplingProbe, TrainingProbe
 from flopmatch.report.bootstrap import bootstrap_fit
@@ -131,15 +132,22 @@ def calibrate(scfg: StudyConfig, plans: list[RunPlan], log=print) -> HostRates:
     any_cfg = next(iter(first.values()), RunConfig())
     device = resolve_device(any_cfg.train.device)
     # The probes seed torch's global generators (as train does); the study process's own streams are left as they were.
+    probe = busy_probe()
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         host = _measure(scfg, first, any_cfg, device)
     host.seconds = time.perf_counter() - t0
+    load = other_busy_cores(probe)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     log(f"[study] calibrated on {device} in {host.seconds:.1f}s: training "
         + ", ".join(f"{k} {v:.3g}" for k, v in host.train_flops_per_s.items()) + " FLOP/s; features "
         + ", ".join(f"{k} {v:.0f}" for k, v in host.feature_images_per_s.items()) + " images/s; metrics "
         + f"{host.metrics_s['main']:.2f}s per setting")
+    if device.type == "cpu" and load is not None and load > BUSY_CORES:
+        # Threads that share their cores with another busy process wait on each other at every op (seen: 10-70x
+        # slower steps on a 2-core machine running two studies): this estimate, and the study, measure that state.
+        log(f"[study] warning: other processes kept {load:.1f} of {os.cpu_count()} cores busy while calibrating; the "
+            "estimate (and the study, while they run) can be many times slower than on a quiet machine")
     return host
 
 
