@@ -131,7 +131,8 @@ def test_two_different_settings_never_read_the_same():
 
     budgets = [float(f"{10 ** (10 + i / 4):.2g}") for i in range(20)]
     pairs = [(3e-4, 3.0001e-4), (0.1, 0.1 + 2 ** -55), (budgets, budgets[:-1] + [9.9e15]), (budgets, budgets[:-1]),
-             (budgets, budgets[:5] + [1.0] + budgets[6:]), ([1, 2], [1, 3]), ("x", "y"), (2.5e12, "(not set)")]
+             (budgets, budgets[:5] + [1.0] + budgets[6:]), ([1, 2], [1, 3]), ("x", "y"), (2.5e12, "(not set)"),
+             ("folder:/data/" + "x" * 90 + "/set_A", "folder:/data/" + "x" * 90 + "/set_B"), (["y" * 100 + "1"], ["y" * 100 + "2"])]
     for a, b in pairs:
         got = _shorts(a, b)
         assert got[0] != got[1] and all(len(t) <= 80 for t in got), (a, b, got)

@@ -187,6 +187,27 @@ def test_train_and_test_subfolders_give_the_split(tmp_path):
     assert len(dataset(tmp_path, "train", num_train=3)) == 3
 
 
+def test_links_into_one_store_never_train_a_held_out_image_nor_leave_the_folder(tmp_path):
+    """Symlinks into a shared image store are read, but a training link to a file that a test/ link also names is held
+    out (the same image must not train and evaluate), and a name that leaves the folder through a linked directory
+    (``linked/../x.png``) is refused like ``../x.png``."""
+    store = tmp_path / "store"
+    shared = make_folder(store, 6)
+    write_image(tmp_path / "secret.png", (20, 20), BLUE)
+    root = tmp_path / "links"
+    (root / "test").mkdir(parents=True)
+    for name, _ in shared:
+        (root / name).symlink_to(store / name)
+    (root / "test" / "held.png").symlink_to(store / shared[0][0])  # the first store image, held out under another name
+    (root / "linked").symlink_to(store, target_is_directory=True)
+    write_jsonl(root, shared + [("linked/../secret.png", "through a linked folder")])
+    write_jsonl(root / "test", [("held.png", "held out")])
+    train, ev = dataset(root, "train"), dataset(root, "eval")
+    assert ev.names == ["test/held.png"]
+    assert sorted(train.names) == sorted(f for f, _ in shared[1:])
+    assert train.info["skipped"] == {"in the held-out test/ folder": 1, "outside the folder": 1}
+
+
 def test_root_metadata_trains_beside_a_test_folder_and_unclear_layouts_are_refused(tmp_path):
     """A root metadata file with test/ beside it: the root's images train and test/'s evaluate (they used to be
     dropped, and test/'s split by hash into training). test/ alone, or a root file beside train/, is refused with

@@ -131,6 +131,22 @@ def test_a_resume_trains_on_the_tokenizer_the_run_started_with(tmp_path, monkeyp
     assert train(cfg, tmp_path / "parts", progress=False)["done"]
     a, b = _checkpoint(tmp_path / "whole"), _checkpoint(tmp_path / "parts")
     assert not [k for k in a if not torch.equal(a[k], b[k])]
+    assert read_config(tmp_path / "parts").tokenizer.path == "tok"  # config.json keeps the path as given
+
+    # Killed before its first checkpoint (config and tokenizer copy written, or only the config): the run starts over
+    # from the configured tokenizer, and its config.json is the one given, so later calls are not refused as different.
+    monkeypatch.chdir(tmp_path)
+    fit_weight_free("kmeans", images, patch=cfg.tokenizer.patch, codebook_size=cfg.tokenizer.codebook_size).save(tok)
+    for lost in (["checkpoint"], ["checkpoint", "tokenizer"]):
+        early = tmp_path / f"early-{len(lost)}"
+        train(cfg, early, progress=False, stop_after=2)
+        for name in lost:
+            shutil.rmtree(early / name)
+        assert train(cfg, early, progress=False)["done"]
+        assert read_config(early) == read_config(tmp_path / "whole")
+        assert train(cfg, early, progress=False)["done"]  # finished: nothing to do, not a "different config"
+        c = _checkpoint(early)
+        assert not [k for k in a if not torch.equal(a[k], c[k])]
 
 
 def test_resume_after_ctrl_c_is_exact(tmp_path, monkeypatch):

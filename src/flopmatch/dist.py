@@ -95,7 +95,9 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
-ERROR_WAIT_S = 3.0  # how long a rank other than 0 waits for rank 0's copy of a user error before saying its own
+# How long a rank other than 0 waits for rank 0's copy of a user error before saying its own: longer than two ranks
+# reaching the same check can lag each other on a loaded machine (an error of its own is only said this much later).
+ERROR_WAIT_S = 10.0
 
 
 def said_on_main(message: str) -> bool:
@@ -136,7 +138,7 @@ def peer_lost(error: BaseException) -> bool:
     if not is_launched() or not isinstance(error, RuntimeError):
         return False
     if isinstance(error, torch_dist.DistNetworkError | torch_dist.DistStoreError):
-        return True
+        return torch_dist.is_initialized()  # before that, this rank's own start failed (a port in use): its traceback stays
     text = str(error)
     return "gloo" in text and any(s in text for s in _PEER_GONE)
 

@@ -229,11 +229,6 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
         check_randomness(run, read_state(run))  # before a continuation moves anything
     elif run.exists() and not run.is_dir():
         raise UserError(f"--out {run} is a file, not a directory; choose another --out")
-    recorded = cfg  # the settings config.json holds (a continuation writes them with its new budget)
-    if (run / CONFIG).exists() and (tokenizer_dir(run) / "tokenizer.json").exists():
-        # A resumed (or continued) run trains on the codes of the tokenizer it started with: its own copy, not what
-        # tokenizer.path names now (a path relative to another working directory, or another tokenizer put there).
-        cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(tokenizer_dir(run))))
     elif run.exists() and any(p.name != LOCK_NAME for p in run.iterdir()):
         if is_locked(run):  # a run another process is creating right now (its config is not written yet)
             raise in_use(run, "run")
@@ -245,7 +240,13 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
     # scaling-law convention (~6N per token: 2 per multiply-accumulate, x3 for forward + backward;
     # Kaplan et al. 2020, Hoffmann et al. 2022). Fixing steps instead would give a bigger or
     # longer-sequence network more compute.
-    spec = net_spec_for(cfg)
+    # What the data are prepared from: the config, except that a run that has trained (a checkpoint) keeps training on
+    # the codes of the tokenizer it started with, its own copy, not what tokenizer.path names now (a path relative to
+    # another working directory, or another tokenizer put there). config.json keeps the path as given.
+    data_cfg = cfg
+    if (run / CONFIG).exists() and read_state(run) is not None and (tokenizer_dir(run) / "tokenizer.json").exists():
+        data_cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(tokenizer_dir(run))))
+    spec = net_spec_for(data_cfg)
     plan = plan_steps(cfg.train.budget, objective.train_flops(spec), cfg.train.batch_size)
     world = dist.world_size()
     if cfg.train.batch_size % world:
@@ -259,7 +260,7 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
                         f"lower --depth or train.batch_size, or shard it over several devices (torchrun with "
                         f"--set train.parallel=fsdp2)")
     if growing:  # a cosine run, or a state past the new budget's stable phase, is refused before data preparation
-        plan_continuation(run, recorded, plan.steps)
+        plan_continuation(run, cfg, plan.steps)
     warm = stable_steps(plan.steps, cfg.train)  # wsd, constant: the steps the warmup has (cosine: None)
     if warm is not None and cfg.train.warmup_steps > warm and dist.is_main():
         print(f"flopmatch: warning: train.warmup_steps={cfg.train.warmup_steps} is more than the {warm} steps "
@@ -283,14 +284,14 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
                 remove_stale_temps(run / EMA_SNAPSHOTS)
             if growing:
                 if dist.is_main():  # planned again: the run is ours only now
-                    print(continue_run(run, recorded, plan_continuation(run, recorded, plan.steps)))
+                    print(continue_run(run, cfg, plan_continuation(run, cfg, plan.steps)))
                 dist.barrier()
             state = read_state(run) if (run / CONFIG).exists() else None  # again: the run is ours only now
             if state and state.get("done"):
                 if dist.is_main():
                     print(f"{run}: finished ({state['step']} steps, {state['flops']:.3g} FLOPs); nothing to do")
                 return state
-            return _train_locked(cfg, run, state, objective, spec, plan, device, progress, stop_after)
+            return _train_locked(cfg, data_cfg, run, state, objective, spec, plan, device, progress, stop_after)
         except BaseException:
             # Still holding the lock: if nothing of a run was written, leave nothing behind.
             if dist.is_main() and not (run / CONFIG).exists():
@@ -319,11 +320,12 @@ def check_randomness(run: Path, state: dict | None) -> None:
                         f"finish it with the flopmatch version that started it, or train it again with a new --out")
 
 
-def _train_locked(cfg: RunConfig, run: Path, state: dict | None, objective, spec, plan, device: torch.device,
-                  progress: bool, stop_after: int | None) -> dict:
-    """The training loop proper, run while this process holds the run directory's lock (see :func:`train`)."""
+def _train_locked(cfg: RunConfig, data_cfg: RunConfig, run: Path, state: dict | None, objective, spec, plan,
+                  device: torch.device, progress: bool, stop_after: int | None) -> dict:
+    """The training loop proper, run while this process holds the run directory's lock (see :func:`train`); the data
+    are prepared from ``data_cfg`` (``cfg`` with a resumed run's own tokenizer copy)."""
     world = dist.world_size()
-    data = prepare(cfg, objective, progress=progress and dist.is_main(), device=device)
+    data = prepare(data_cfg, objective, progress=progress and dist.is_main(), device=device)
     if objective.net_spec(cfg.model, data.tokenizer.spec, data.encoder.dim, data.encoder.max_len) != spec:
         raise UserError(f"tokenizer/text encoder do not match the planned network for {cfg.tokenizer.path or 'the config'}")
 

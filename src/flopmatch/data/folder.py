@@ -134,7 +134,7 @@ def folder_items(root: str | Path) -> tuple[list[Item], str]:
         parts = [(root, "")]
     digest = hashlib.sha256()
     items: list[Item] = []
-    top = Path(os.path.abspath(root))
+    files: list[tuple[int, Path | None]] = []  # (item index, the file it resolves to) of each item that will be read
     held_dirs = [d.resolve() for d, split in parts if split == "eval"]  # the root's rows must not reach into them
     for directory, split in parts:
         meta = _metadata_file(directory)
@@ -147,14 +147,10 @@ def folder_items(root: str | Path) -> tuple[list[Item], str]:
         for file_name, caption in rows:
             path = (directory / file_name)
             name = os.path.relpath(path, root)
-            # Inside: the name as the metadata writes it (no ../, not absolute), not where a symlink in the folder points:
-            # a folder of links into a shared image store is the user's own layout, the same trust as its images.
-            # ValueError: a NUL in the name. Such a path cannot be opened either: it is kept as an item and load()
-            # counts it under "bad file name".
-            try:
-                inside = Path(os.path.normpath(os.path.abspath(path))).is_relative_to(top)
-            except (OSError, ValueError):
-                inside = True
+            # Inside: the name as the metadata writes it (relative, no ".." part), not where a symlink in the folder
+            # points: a folder of links into a shared image store is the user's own layout, the same trust as its images.
+            # A NUL in the name cannot be opened either: it is kept as an item and load() counts it as "bad file name".
+            inside = not Path(file_name).is_absolute() and ".." not in Path(file_name).parts
             try:
                 st = path.stat() if inside else None
             except (OSError, ValueError, RuntimeError):
@@ -168,6 +164,13 @@ def folder_items(root: str | Path) -> tuple[list[Item], str]:
                 items.append(Item(name, caption, _refuse_held_out, split))
             else:
                 items.append(Item(name, caption, _read_file(path), split))
+                files.append((len(items) - 1, _resolved(path)))
+    # The same file under two names (links into one store) must not train and be held out: what a held-out item
+    # resolves to never trains.
+    held = {f for i, f in files if items[i].split == "eval" and f is not None}
+    for i, f in files:
+        if items[i].split == "train" and f in held:
+            items[i] = Item(items[i].name, items[i].caption, _refuse_held_out, "train")
     return items, digest.hexdigest()
 
 
@@ -176,6 +179,14 @@ def folder_pool(cfg: DataConfig, path: str, progress: bool = True) -> Pool:
     items, content_key = folder_items(path)
     return load_or_build(cfg.name, "folder", content_key, cfg.image_size, lambda: items, total=len(items),
                          progress=progress)
+
+
+def _resolved(path: Path) -> Path | None:
+    """Where ``path`` leads after its symlinks (None where it cannot be resolved: it will not be read either)."""
+    try:
+        return path.resolve()
+    except (OSError, ValueError, RuntimeError):
+        return None
 
 
 def _within(path: Path, folders: list[Path]) -> bool:

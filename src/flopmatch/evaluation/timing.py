@@ -41,6 +41,7 @@ TIMING = "inference_timing.json"  # a study's timing phase writes <study>/infere
 TIMING_VERSION = 1
 MIN_GAIN = 0.05  # a larger batch counts as better only if it raises throughput by more than 5 %
 PATIENCE = 2  # rungs without such a gain before the batch search stops
+BURN_IN = 1  # untimed rounds before the timed ones (module docstring); recorded in a study's timing file
 
 
 @dataclass
@@ -170,10 +171,11 @@ def time_items(items: list[TimingItem], rounds: int = 5, calls: int = 5, max_bat
             print(f"[timing] best batch of {it.key}: {best[-1][0]} ({best[-1][1]:.3g} images/s)", flush=True)
     lat: list[list[float]] = [[] for _ in items]
     thr: list[list[float]] = [[] for _ in items]
-    for i, run in enumerate(runs):  # burn-in: a round's calls, untimed (module docstring)
-        for c in range(calls):
-            run(1, 1 + c)
-        run(best[i][0], 99)
+    for _ in range(BURN_IN):  # a round's calls, untimed (module docstring)
+        for i, run in enumerate(runs):
+            for c in range(calls):
+                run(1, 1 + c)
+            run(best[i][0], 99)
     probe = busy_probe()
     for r in range(rounds):
         for j in range(len(items)):

@@ -469,7 +469,7 @@ def _timed_scope(study: Study, claim: dict) -> str:
 def _table_basis(v) -> str:
     """Which settings the table's cells compare: the main ones, or the operating points (marked) at their budget."""
     cells = [c for c in v.table if c.get("matched") and c["label"] != "not measured"]
-    size = "Each paradigm at the size chosen per budget" if v.depths > 1 else "Each paradigm at its one depth"
+    size = "Each paradigm at the size chosen per budget" if v.depths > 1 else "Each paradigm at the one depth trained per budget"
     if not cells:
         return (f"{size} and at its main sampling settings (one guidance scale for every paradigm; see Operating points "
                 "for each one's best).")

@@ -122,7 +122,17 @@ def _shorts(a, b) -> tuple[str, str]:
             pair = _short(a, digits, start), _short(b, digits, start)
             if pair[0] != pair[1]:
                 return pair
-    return pair
+    # texts (or a list's one long item) that differ past the cut: each from a little before where they part
+    sa, sb = (str(v[starts[-1]]) if isinstance(v, list) and starts[-1] < len(v) else str(v) for v in (a, b))
+    first = next((i for i, (x, y) in enumerate(zip(sa, sb)) if x != y), min(len(sa), len(sb)))
+    return tuple(_window(t, first) for t in (sa, sb))
+
+
+def _window(text: str, at: int) -> str:
+    """``text`` around position ``at`` in at most ~80 characters, "..." where it is cut."""
+    lo = max(0, at - 30)
+    cut = text[lo : lo + 74]
+    return ("..." if lo else "") + cut + ("..." if lo + 74 < len(text) else "")
 
 
 def _short(v, digits: int = 3, start: int = 0) -> str:

@@ -31,7 +31,7 @@ from pathlib import Path
 from flopmatch.config import RunConfig, SampleConfig, from_dict
 from flopmatch.evaluation.inference import inference_cost
 from flopmatch.evaluation.run import EvalConfig, setting_key, timing_fields, timing_items
-from flopmatch.evaluation.timing import BUSY_CORES, TIMING, TIMING_VERSION, machine, read_timing, time_items
+from flopmatch.evaluation.timing import BURN_IN, BUSY_CORES, TIMING, TIMING_VERSION, machine, read_timing, time_items
 from flopmatch.files import atomic_write_json
 from flopmatch.objectives import make_objective
 from flopmatch.plan import net_spec_for
@@ -83,8 +83,10 @@ def _signature(items: list[dict]) -> list[str]:
 
 
 def _reusable(old: dict | None, wanted: list[dict], scfg: StudyConfig) -> bool:
-    """Whether the saved timing ``old`` holds exactly the ``wanted`` items, timed with the study's rounds."""
-    return old is not None and old.get("signature") == _signature(wanted) and old.get("rounds") == scfg.timing_rounds
+    """Whether the saved timing ``old`` holds exactly the ``wanted`` items, timed with the study's rounds after a burn-in
+    round (a timing from before the burn-in is taken again: its first round could flip a ratio)."""
+    return (old is not None and old.get("signature") == _signature(wanted) and old.get("rounds") == scfg.timing_rounds
+            and old.get("burn_in") == BURN_IN)
 
 
 def timing_needed(out: Path, scfg: StudyConfig, plans: list[RunPlan], retime: bool = False) -> bool:
@@ -138,7 +140,7 @@ def ensure_timing(out: Path, scfg: StudyConfig, plans: list[RunPlan], retime: bo
         items.append({**i, **{k: v for k, v in cost.items() if not isinstance(v, dict)}, **fields, **same})
     first = next(iter(samplers.values()))
     doc = {
-        "version": TIMING_VERSION, "signature": _signature(wanted), "rounds": scfg.timing_rounds,
+        "version": TIMING_VERSION, "signature": _signature(wanted), "rounds": scfg.timing_rounds, "burn_in": BURN_IN,
         "machine": {**machine(), "device": str(first.device), "bf16": first.bf16},
         "other_busy_cores_during": load, "seconds": seconds, "items": items,
         "note": "every item timed in the same phase, interleaved, after one untimed burn-in round; medians over rounds, "
