@@ -53,7 +53,9 @@ def test_calibrate_measures_every_architecture_and_extractor(tmp_path):
     assert set(host.feature_images_per_s) == {"effnet"}
     for table in (host.train_flops_per_s, host.sample_flops_per_s, host.feature_images_per_s):
         assert all(math.isfinite(v) and v > 0 for v in table.values()), table
-    assert host.device == "cpu" and host.seconds > 0 and len(lines) == 1 and "calibrated on cpu" in lines[0]
+    # one line, and a warning where other processes kept the cores busy meanwhile (another test worker may)
+    said = [x for x in lines if not x.startswith("[study] warning: other processes kept")]
+    assert host.device == "cpu" and host.seconds > 0 and len(said) == 1 and "calibrated on cpu" in said[0], lines
     assert set(host.metrics_s) == {"main", "no_boot", "sweep"} and all(math.isfinite(v) and v > 0 for v in host.metrics_s.values())
     assert host.refit_bench_s is not None and 0 < host.refit_bench_s < math.inf
 
