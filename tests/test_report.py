@@ -588,7 +588,8 @@ def test_prompt_tests_hold_their_level_where_evaluation_noise_grows():
     """Equal paradigms whose full-match rate is ~0.01 where the seeds are (so the pooled seed variance of the log error
     is tiny) and 0.2 at the largest budget (binomial noise of the log error ~3 % at 250 images): with each value's own
     evaluation noise counted, confident prompt comparisons stay at the nominal rate (the pooled variance alone called
-    148 of these 200 null studies). A real gap at the largest budget (0.35 vs 0.15) is still found in nearly all."""
+    148 of these 200 null studies). A real gap at the largest budget (0.35 vs 0.15) is still found in nearly all, as
+    suggestive: the retraining noise was measured only at rates near 0.01, so it is not known at 0.15-0.35."""
     rng = np.random.default_rng(5)
     rate = {1e11: 0.005, 1e12: 0.01, 1e13: 0.2}
     n, confident = 200, 0
@@ -599,8 +600,9 @@ def test_prompt_tests_hold_their_level_where_evaluation_noise_grows():
     found = 0
     for _ in range(50):
         v = decide(_binomial_study(rng, lambda p, b: 0.35 if (p, b) == ("autoregressive", 1e13) else 0.15 if b == 1e13 else rate[b]))
-        found += any(c.metric == "prompt" and c.label == "confident" and c.better == "autoregressive" and "1e+13" in c.where
-                     for c in v.families["table"])
+        at = [c for c in v.families["table"] if c.metric == "prompt" and "1e+13" in c.where]
+        found += any(c.label in ("confident", "suggestive") and c.better == "autoregressive" for c in at)
+        assert all(c.label != "confident" and "measured only at full-match rates up to" in c.capped for c in at)
     assert found >= 45, found
 
 

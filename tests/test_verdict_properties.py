@@ -234,3 +234,36 @@ def test_null_prompt_comparisons_are_rejected_at_the_nominal_rate():
     rate = rejected / total
     assert total >= 4 * n and abs(rate - ALPHA) <= _band(ALPHA, n), (rejected, total)
     assert set(PARADIGMS) == {p for p, _ in v.cells["prompt"]}
+
+
+def test_prompt_noise_measured_near_zero_caps_verdicts_at_higher_rates():
+    """Seeds only at the smallest budget, where every full-match rate is ~4 %: log(1 - rate) barely moves there, so the
+    retraining noise measured says nothing about the larger budgets' rates (30-60 %). Their prompt comparisons are at
+    most suggestive however large the gap, and the noise says why; with the seeds where rates are high, the same gap is
+    confident."""
+    from flopmatch.report.data import Study
+
+    rng = np.random.default_rng(0)
+    err = {"autoregressive": 0.4, "masked": 0.55, "diffusion": 0.7}  # full match 60 %, 45 %, 30 % above the floor
+
+    def prompt(p, b):
+        return 0.96 if b == 1e12 else err[p]
+
+    def study(seeded):
+        rows = []
+        for b in (1e12, 1e13, 1e14):
+            seeds = (0, 1, 2) if b == seeded else (0,)
+            rows += _sim_study(rng, prompt, lambda p, b: 50.0, seeds=seeds, budgets=(b,), sd=0.01).rows
+        return Study(_sim_study(rng, prompt, lambda p, b: 50.0).root, rows, [], [])
+
+    low = decide(study(1e12))
+    assert "so comparisons where a rate is above 10% are at most suggestive" in low.noise["prompt"].describe()
+    high = [c for c in low.table if c["need"] == "prompt following" and c["budget"] > 1e12]
+    assert high and all(c["label"] != CONFIDENT for c in high), [(c["budget"], c["label"]) for c in high]
+    capped = [c for f in low.families.values() for c in f if c.metric == "prompt" and "1e+12" not in c.where]
+    assert capped and all("retraining noise measured only at full-match rates up to" in c.capped for c in capped)
+
+    sure = decide(study(1e14))
+    assert sure.noise["prompt"].reaches(1.0) and "at most suggestive" not in sure.noise["prompt"].describe()
+    top = next(c for c in sure.table if c["need"] == "prompt following" and c["budget"] == 1e14)
+    assert top["label"] == CONFIDENT and top["choice"] == "autoregressive"

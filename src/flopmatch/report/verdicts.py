@@ -76,6 +76,10 @@ ALPHA = 0.05  # family-wise level of each family
 POWER = 0.8  # for the minimum detectable difference
 FLOOR = 1e-3  # smallest error on the log scale (a full-match rate of 1 would be log 0)
 NEAR_NO_MATCH = 0.05  # tied full-match rates all below this are said to be near zero (floor_note)
+# Prompt following's retraining noise, measured at full-match rates up to r, is trusted up to RATE_REACH * r (and
+# always below NEAR_NO_MATCH): the seed-to-seed spread of log(1 - rate) grows with the rate (about as rate / (1 - rate)
+# for a proportional spread of the rate), so noise from near 0 understates it at rates several times higher.
+RATE_REACH = 2.0
 FRONTIER_SIZES = 4  # depths per budget before "best size" may be called a compute-optimal frontier
 NORMAL_DF = 1e6  # degrees of freedom standing in for a normal reference (evaluation noise)
 QUALITY = {"kid": ("kid_effnet", "KID (effnet proxy)", "kid_boot_effnet"),
@@ -112,12 +116,24 @@ class Noise:
     # "seeds": the pooled variance less the mean evaluation variance of the values it was pooled from (>= 0), i.e.
     # the retraining part; None where some of those values' evaluation variance is unknown (see cell_var)
     retrain_var: float | None = None
+    # prompt following: the highest full-match rate among the values it was pooled from. Near a rate of 0, log(1 - rate)
+    # hardly moves whatever the seed, so noise measured there says little of the retraining noise at much higher rates
+    # (see _Builder.cap); None for the other metrics
+    measured_rate: float | None = None
+
+    def reaches(self, rate: float) -> bool:
+        """Whether this noise was measured at rates near ``rate`` (prompt following: ``rate`` at most twice the highest
+        rate measured, or below NEAR_NO_MATCH); always True for the other metrics."""
+        return self.measured_rate is None or rate <= max(RATE_REACH * self.measured_rate, NEAR_NO_MATCH)
 
     def describe(self) -> str:
         if self.source == "seeds" and self.retrain_var is not None:
             return (f"seed variance pooled over {self.cells} cells with >= 2 seeds ({self.df:g} df; sd "
                     f"{100 * (math.exp(math.sqrt(self.var)) - 1):.1f}% of the value, of which retraining "
-                    f"{100 * (math.exp(math.sqrt(self.retrain_var)) - 1):.1f}%), plus each value's own evaluation noise")
+                    f"{100 * (math.exp(math.sqrt(self.retrain_var)) - 1):.1f}%), plus each value's own evaluation noise"
+                    + (f"; measured at full-match rates up to {self.measured_rate:.1%}, so comparisons where a rate is "
+                       f"above {max(RATE_REACH * self.measured_rate, NEAR_NO_MATCH):.0%} are at most suggestive"
+                       if self.measured_rate is not None and not self.reaches(1.0) else ""))
         if self.source == "seeds":
             return (f"seed variance pooled over {self.cells} cells with >= 2 seeds ({self.df:g} df; sd "
                     f"{100 * (math.exp(math.sqrt(self.var)) - 1):.1f}% of the value)")
@@ -312,14 +328,16 @@ def _cells(records: dict) -> dict[tuple[str, float], Cell]:
     return cells
 
 
-def _noise(records: dict) -> Noise:
+def _noise(records: dict, metric: str = "kid") -> Noise:
     groups = [np.array([v[0] for v in seeds.values()]) for seeds in records.values()]
     var, df = pooled_variance(groups)
     if var is not None:
         pooled_eval = [v[1] for seeds in records.values() if len(seeds) >= 2 for v in seeds.values()]
         known = bool(pooled_eval) and all(math.isfinite(e) for e in pooled_eval)
         retrain = max(var - float(np.mean(pooled_eval)), 0.0) if known else None
-        return Noise("seeds", var, float(df), sum(len(g) >= 2 for g in groups), retrain)
+        pooled_y = [v[0] for seeds in records.values() if len(seeds) >= 2 for v in seeds.values()]
+        top = max(1 - math.exp(y) for y in pooled_y) if metric == "prompt" and pooled_y else None
+        return Noise("seeds", var, float(df), sum(len(g) >= 2 for g in groups), retrain, top)
     if any(math.isfinite(v[1]) for seeds in records.values() for v in seeds.values()):
         return Noise("evaluation")
     return Noise("none")
@@ -405,7 +423,7 @@ class _Builder:
     def __init__(self, study: Study, best_points: bool = True):
         self.study = study
         recs = {m: _records(study, m) for m in QUALITY}
-        self.noise = {m: _noise(recs[m]) for m in QUALITY}
+        self.noise = {m: _noise(recs[m], m) for m in QUALITY}
         self.cells = {m: _cells(recs[m]) for m in QUALITY}
         self.families: dict[str, list[Comparison]] = {"claims": [], "table": []}
         self.mirrors: list[tuple[Comparison, Comparison]] = []  # (b vs a, the a vs b test in the family)
@@ -442,6 +460,17 @@ class _Builder:
         self.families[family].append(c)
         return c
 
+    def cap(self, metric: str, *cells: Cell) -> str:
+        """Why a comparison of ``cells`` on ``metric`` is at most suggestive ("" if nothing caps it): a depth chosen on the
+        judged seed; or prompt following whose retraining noise was measured only near a zero full-match rate, compared
+        where a rate is above it (there, seed-to-seed spread of log(1 - rate) is larger than anything measured)."""
+        why = [_cap(*cells)]
+        noise = self.noise[metric]
+        if not all(noise.reaches(1 - math.exp(c.mean)) for c in cells):
+            why.append(f"retraining noise measured only at full-match rates up to {noise.measured_rate:.1%}, far below "
+                       "these (seeds at a larger budget would measure it)")
+        return "; ".join(w for w in why if w)
+
     def budgets(self, metric: str, paradigms) -> list[float]:
         sets = [{b for (p, b) in self.cells[metric] if p == q} for q in paradigms]
         return sorted(set.intersection(*sets)) if sets else []
@@ -456,7 +485,8 @@ class _Builder:
         ca, cb = src[(a, budget)], src[(b, budget)]
         noise = self.noise[metric]
         where = f"at {budget:.3g} FLOPs" + (", each paradigm's best point" if best else "")
-        return self.add(family, Comparison(family, metric, a, b, where, _pair(ca, cb, noise), noise.source, _cap(ca, cb)))
+        return self.add(family, Comparison(family, metric, a, b, where, _pair(ca, cb, noise), noise.source,
+                                           self.cap(metric, ca, cb)))
 
     def quality_over_budgets(self, metric: str, a: str, b: str) -> Comparison | None:
         budgets = self.budgets(metric, [a, b])
@@ -466,7 +496,7 @@ class _Builder:
         noise = self.noise[metric]
         where = f"at {budgets[0]:.3g} FLOPs" if len(budgets) == 1 else f"averaged over {len(budgets)} budgets"
         return self.add("claims", Comparison("claims", metric, a, b, where, _contrast(pairs, noise), noise.source,
-                                             _cap(*[c for pr in pairs for c in pr])))
+                                             self.cap(metric, *[c for pr in pairs for c in pr])))
 
     def gap_trend(self, metric: str, a: str, b: str) -> Comparison | None:
         """Slope of the log-error gap (a - b) against log10 budget, H1: negative (a catches up)."""
@@ -484,7 +514,7 @@ class _Builder:
             test = _contrast(pairs, noise, list(w))
         where = f"trend of the gap per decade over {len(budgets)} budgets ({budgets[0]:.3g}-{budgets[-1]:.3g})"
         return self.add("claims", Comparison("claims", metric + "_trend", a, b, where, test, source,
-                                             _cap(*[c for pr in pairs for c in pr])))
+                                             self.cap(metric, *[c for pr in pairs for c in pr])))
 
     def use_matched(self, keys, metric: str, budget: float | None = None) -> bool:
         """Whether the (paradigm, depth) ``keys`` are compared on ``metric`` at their matched-quality points: each has
