@@ -267,3 +267,21 @@ def test_prompt_noise_measured_near_zero_caps_verdicts_at_higher_rates():
     assert sure.noise["prompt"].reaches(1.0) and "at most suggestive" not in sure.noise["prompt"].describe()
     top = next(c for c in sure.table if c["need"] == "prompt following" and c["budget"] == 1e14)
     assert top["label"] == CONFIDENT and top["choice"] == "autoregressive"
+
+
+def test_sampling_flops_say_the_ratio_with_the_tokenizers_decode():
+    """Sampling FLOPs are compared exactly on the generator's count; the ratio with each tokenizer's decode added (which
+    can outweigh a small generator) is said beside it, computed from the rows' figures."""
+    rng = np.random.default_rng(0)
+    study = _sim_study(rng, lambda p, b: 0.3, lambda p, b: 50.0)
+    gen = {"autoregressive": 2e7, "masked": 5e7, "diffusion": 1e8}
+    dec = {"autoregressive": 1e8, "masked": 1e8, "diffusion": 3e8}
+    for r in study.rows:
+        r["sample_flops_per_image"], r["decode_flops_per_image"] = gen[r["objective"]], dec[r["objective"]]
+    v = decide(study)
+    flops = [c for claim in v.claims for part in claim["parts"] for c, _ in part["comparisons"] if c.metric == "flops"]
+    assert flops
+    for c in flops:
+        assert c.ratio() == pytest.approx(gen[c.a] / gen[c.b])
+        want = (gen[c.a] + dec[c.a]) / (gen[c.b] + dec[c.b])
+        assert f"with the tokenizer's decode: {want:.3g}" in c.summary(), c.summary()

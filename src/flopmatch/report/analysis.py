@@ -184,8 +184,11 @@ def inference_summary(study: Study) -> dict[tuple[str, int], dict]:
         if not (r["main"] and r["done"] and r["weights"] == "ema") or r["sample_flops_per_image"] is None:
             continue
         d = out.setdefault((r["objective"], r["depth"]), {"flops": [], "latency": [], "throughput": [], "phase": True,
-                                                          "nokv_latency": [], "nokv_throughput": [], "nokv_flops": []})
+                                                          "nokv_latency": [], "nokv_throughput": [], "nokv_flops": [],
+                                                          "decode_flops": []})
         d["flops"].append(r["sample_flops_per_image"])
+        if r.get("decode_flops_per_image") is not None:
+            d["decode_flops"].append(r["decode_flops_per_image"])
         if r.get("nokv_sample_flops_per_image") is not None:
             d["nokv_flops"].append(r["nokv_sample_flops_per_image"])
         source = ("study", r["setting"].split(",weights=")[0]) if r.get("timing_source") == "study" else ("run", r["run"])

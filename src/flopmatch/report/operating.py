@@ -164,6 +164,7 @@ def matched_timing(op: Operating) -> dict[tuple[str, int], dict]:
             "latency": [x for x in (lat or {}).get("latency_s_all") or [] if x > 0],
             "throughput": [x for x in (thr or {}).get("throughput_all") or [] if x > 0],
             "flops": [fl["sample_flops_per_image"]] if fl else [],
+            "decode_flops": [fl["decode_flops_per_image"]] if fl and fl.get("decode_flops_per_image") is not None else [],
             "phase": all(r.get("timing_source") == "study" for r in (lat, thr) if r),
             "nokv_latency": [], "nokv_throughput": [], "nokv_flops": [],
             "basis": f"at matched quality (KID <= {op.levels[key[1]]:.3g})",

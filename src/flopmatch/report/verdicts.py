@@ -154,6 +154,7 @@ class Comparison:
     test: TestResult
     noise: str  # "seeds" | "evaluation" | "timing rounds" | "exact"
     capped: str = ""  # why the label can be at most "suggestive"
+    note: str = ""  # said after the summary (sampling FLOPs: the ratio with the tokenizer's decode)
     p_adj: float | None = None
     m: int = 1  # tests in the family
 
@@ -222,7 +223,7 @@ class Comparison:
             what = {"kid": "KID", "fid": "FID", "prompt": "prompt-following error", "latency": "latency", "flops": "sampling FLOPs"}
             txt = f"{self.a} vs {self.b} {self.where}: {what.get(self.metric, self.metric)} ratio {self.a} / {self.b} = {r:.3g}"
         if self.noise == "exact":
-            return txt + " (analytic, exact)"
+            return txt + " (analytic, exact)" + (f"; {self.note}" if self.note else "")
         ci = self.value_interval()
         if ci is not None:
             txt += f" (95% CI {ci[0]:.3g} to {ci[1]:.3g}, unadjusted)"
@@ -554,7 +555,12 @@ class _Builder:
         est = math.log(fa[0]) - math.log(fb[0])
         test = TestResult(est, 0.0, None, 0.0 if est < 0 else 1.0 if est > 0 else 0.5, 1, 1, "exact")
         where = (f"depth {a[1]}" if a[1] == b[1] else f"depths {a[1]} and {b[1]}") + basis
-        return Comparison("exact", "flops", a[0], b[0], where, test, "exact")
+        # The generator's FLOPs decide (the paper's count); the tokenizer's decode, which the paradigms do not share
+        # (a KL vs an LFQ decoder) and which can outweigh a small generator, is said beside it.
+        da, db = source.get(a, {}).get("decode_flops"), source.get(b, {}).get("decode_flops")
+        note = (f"with the tokenizer's decode: {(fa[0] + da[0]) / (fb[0] + db[0]):.3g} ({a[0]} decode {da[0]:.3g}, {b[0]} "
+                f"{db[0]:.3g} FLOPs/image)" if da and db else "")
+        return Comparison("exact", "flops", a[0], b[0], where, test, "exact", note=note)
 
 
 def _finalize(families: dict[str, list[Comparison]]) -> None:
