@@ -139,8 +139,11 @@ def folder_items(root: str | Path) -> tuple[list[Item], str]:
     for directory, split in parts:
         meta = _metadata_file(directory)
         if meta is None:
+            sidecars = next((True for _ in directory.glob("*.txt")), False)
             raise UserError(f"{directory} has no metadata.jsonl or metadata.csv; add one with file_name and text "
-                            f"columns (the Hugging Face image-folder layout)")
+                            f"columns (the Hugging Face image-folder layout)" + (
+                                "; for image + .txt caption pairs, one line {\"file_name\": \"a.png\", \"text\": "
+                                "<a.txt's caption>} per image" if sidecars else ""))
         raw = meta.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows editors)
         digest.update(f"{meta.relative_to(root)}\0{len(raw)}\0".encode() + raw)
         rows = (_rows_jsonl if meta.suffix == ".jsonl" else _rows_csv)(meta, raw)

@@ -104,7 +104,9 @@ class EvalConfig:
     export: str = ""  # a directory: also write each setting's images as PNGs + samples.npz (evaluation.export)
     export_ref: str = ""  # an .npz file: also write the reference features' mean and covariance (evaluation.export)
     ref_stats: str = ""  # an .npz file from export_ref: FID against it instead of the run's own reference
-    warn_small_n: bool = True  # print the small-n FID warning (a study says it once, in its report, not per evaluation)
+    # print FID's count warnings (n below FID_SMALL_N; generated and real counts differ): a study says them once, in its
+    # report (runs table: "250 vs 1000 real"), not once per evaluation
+    warn_small_n: bool = True
 
 
 def setting_key(sample: SampleConfig, steps: int) -> str:
@@ -352,7 +354,7 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
     num_real = imported["size"] if imported else fid_reference_rows(len(ref), ecfg.num_samples)  # FID's real count
     if ecfg.warn_small_n and extractors and dist.is_main() and (line := small_n_warning(num_real, ecfg.num_samples, imported is not None)):
         print(line)  # once per call, not per setting
-    if extractors and not imported and ecfg.num_samples > len(ref) and dist.is_main():
+    if ecfg.warn_small_n and extractors and not imported and ecfg.num_samples > len(ref) and dist.is_main():
         print(f"warning: {ecfg.num_samples} generated images against the {len(ref)} of the evaluation split: FID's "
               f"counts differ (recorded as fid_num_real/fid_num_fake); --num-samples {len(ref)} gives equal counts, and "
               f"for new runs: {more_eval_images(ref, ecfg.num_samples)}")
