@@ -490,12 +490,21 @@ class _Builder:
                                            self.cap(metric, ca, cb)))
 
     def quality_over_budgets(self, metric: str, a: str, b: str) -> Comparison | None:
+        """a vs b on ``metric``, the mean log-error gap over the budgets both have. Prompt following: over the budgets
+        where a or b has begun to follow prompts (a mean full-match rate of NEAR_NO_MATCH or more), where there are any:
+        at budgets where both are near 0, log(1 - rate) is ~0 for both, and averaging those in would only dilute a gap
+        (the choice looks at both rates alike, so under no difference it favours neither side)."""
         budgets = self.budgets(metric, [a, b])
         if not budgets:
             return None
+        begun = [c for c in budgets if metric == "prompt"
+                 and max(1 - math.exp(self.cells[metric][(q, c)].mean) for q in (a, b)) >= NEAR_NO_MATCH]
+        note = ""
+        if begun and len(begun) < len(budgets):
+            budgets, note = begun, f" where one reaches a {NEAR_NO_MATCH:.0%} full-match rate"
         pairs = [(self.cells[metric][(a, c)], self.cells[metric][(b, c)]) for c in budgets]
         noise = self.noise[metric]
-        where = f"at {budgets[0]:.3g} FLOPs" if len(budgets) == 1 else f"averaged over {len(budgets)} budgets"
+        where = (f"at {budgets[0]:.3g} FLOPs" if len(budgets) == 1 else f"averaged over {len(budgets)} budgets") + note
         return self.add("claims", Comparison("claims", metric, a, b, where, _contrast(pairs, noise), noise.source,
                                              self.cap(metric, *[c for pr in pairs for c in pr])))
 
