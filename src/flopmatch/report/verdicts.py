@@ -116,7 +116,7 @@ class Noise:
     # "seeds": the pooled variance less the mean evaluation variance of the values it was pooled from (>= 0), i.e.
     # the retraining part; None where some of those values' evaluation variance is unknown (see cell_var)
     retrain_var: float | None = None
-    # prompt following: the highest full-match rate among the values it was pooled from. Near a rate of 0, log(1 - rate)
+    # prompt following: the highest mean full-match rate of the cells it was pooled from. Near a rate of 0, log(1 - rate)
     # hardly moves whatever the seed, so noise measured there says little of the retraining noise at much higher rates
     # (see _Builder.cap); None for the other metrics
     measured_rate: float | None = None
@@ -127,16 +127,17 @@ class Noise:
         return self.measured_rate is None or rate <= max(RATE_REACH * self.measured_rate, NEAR_NO_MATCH)
 
     def describe(self) -> str:
+        reach = (f"; measured at full-match rates up to {self.measured_rate:.1%}, so comparisons where a rate is above "
+                 f"{max(RATE_REACH * self.measured_rate, NEAR_NO_MATCH):.0%} are at most suggestive"
+                 if self.measured_rate is not None and not self.reaches(1.0) else "")
         if self.source == "seeds" and self.retrain_var is not None:
             return (f"seed variance pooled over {self.cells} cells with >= 2 seeds ({self.df:g} df; sd "
                     f"{100 * (math.exp(math.sqrt(self.var)) - 1):.1f}% of the value, of which retraining "
                     f"{100 * (math.exp(math.sqrt(self.retrain_var)) - 1):.1f}%), plus each value's own evaluation noise"
-                    + (f"; measured at full-match rates up to {self.measured_rate:.1%}, so comparisons where a rate is "
-                       f"above {max(RATE_REACH * self.measured_rate, NEAR_NO_MATCH):.0%} are at most suggestive"
-                       if self.measured_rate is not None and not self.reaches(1.0) else ""))
+                    + reach)
         if self.source == "seeds":
             return (f"seed variance pooled over {self.cells} cells with >= 2 seeds ({self.df:g} df; sd "
-                    f"{100 * (math.exp(math.sqrt(self.var)) - 1):.1f}% of the value)")
+                    f"{100 * (math.exp(math.sqrt(self.var)) - 1):.1f}% of the value)" + reach)
         if self.source == "evaluation":
             return "evaluation noise only (one seed per cell): retraining variance not measured"
         return "no noise estimate"
@@ -336,8 +337,9 @@ def _noise(records: dict, metric: str = "kid") -> Noise:
         pooled_eval = [v[1] for seeds in records.values() if len(seeds) >= 2 for v in seeds.values()]
         known = bool(pooled_eval) and all(math.isfinite(e) for e in pooled_eval)
         retrain = max(var - float(np.mean(pooled_eval)), 0.0) if known else None
-        pooled_y = [v[0] for seeds in records.values() if len(seeds) >= 2 for v in seeds.values()]
-        top = max(1 - math.exp(y) for y in pooled_y) if metric == "prompt" and pooled_y else None
+        # the highest cell mean among the cells pooled (as comparisons read cells: one noisy seed would widen the reach)
+        means = [float(np.mean([v[0] for v in seeds.values()])) for seeds in records.values() if len(seeds) >= 2]
+        top = max(1 - math.exp(y) for y in means) if metric == "prompt" and means else None
         return Noise("seeds", var, float(df), sum(len(g) >= 2 for g in groups), retrain, top)
     if any(math.isfinite(v[1]) for seeds in records.values() for v in seeds.values()):
         return Noise("evaluation")
@@ -468,9 +470,14 @@ class _Builder:
         why = [_cap(*cells)]
         noise = self.noise[metric]
         if not all(noise.reaches(1 - math.exp(c.mean)) for c in cells):
-            why.append(f"retraining noise measured only at full-match rates up to {noise.measured_rate:.1%}, far below "
-                       "these (seeds at a larger budget would measure it)")
+            why.append(f"retraining noise measured only at full-match rates up to {noise.measured_rate:.1%}, not at "
+                       "these rates (seeds at a larger budget would measure it)")
         return "; ".join(w for w in why if w)
+
+    def mean_rate(self, budget: float) -> float:
+        """The mean full-match rate at ``budget`` over every paradigm's cell there (prompt following's main cells)."""
+        cells = [c for (p, b), c in self.cells["prompt"].items() if b == budget]
+        return float(np.mean([1 - math.exp(c.mean) for c in cells])) if cells else 0.0
 
     def budgets(self, metric: str, paradigms) -> list[float]:
         sets = [{b for (p, b) in self.cells[metric] if p == q} for q in paradigms]
@@ -491,17 +498,19 @@ class _Builder:
 
     def quality_over_budgets(self, metric: str, a: str, b: str) -> Comparison | None:
         """a vs b on ``metric``, the mean log-error gap over the budgets both have. Prompt following: over the budgets
-        where a or b has begun to follow prompts (a mean full-match rate of NEAR_NO_MATCH or more), where there are any:
-        at budgets where both are near 0, log(1 - rate) is ~0 for both, and averaging those in would only dilute a gap
-        (the choice looks at both rates alike, so under no difference it favours neither side)."""
+        where the paradigms have begun to follow prompts (their mean full-match rate, over every paradigm there, of
+        NEAR_NO_MATCH or more), where there are any: where all are near 0, log(1 - rate) is ~0 for each, and averaging
+        those in dilutes a gap. The choice is made once per budget for every pair, from all paradigms alike, so it
+        does not look at the pair's gap."""
         budgets = self.budgets(metric, [a, b])
         if not budgets:
             return None
-        begun = [c for c in budgets if metric == "prompt"
-                 and max(1 - math.exp(self.cells[metric][(q, c)].mean) for q in (a, b)) >= NEAR_NO_MATCH]
+        begun = [c for c in budgets if metric == "prompt" and self.mean_rate(c) >= NEAR_NO_MATCH]
         note = ""
         if begun and len(begun) < len(budgets):
-            budgets, note = begun, f" where one reaches a {NEAR_NO_MATCH:.0%} full-match rate"
+            budgets = begun
+            note = (f" where the paradigms' mean full-match rate reaches {NEAR_NO_MATCH:.0%} ("
+                    + ", ".join(f"{c:.3g}" for c in begun) + " FLOPs)")
         pairs = [(self.cells[metric][(a, c)], self.cells[metric][(b, c)]) for c in budgets]
         noise = self.noise[metric]
         where = (f"at {budgets[0]:.3g} FLOPs" if len(budgets) == 1 else f"averaged over {len(budgets)} budgets") + note
@@ -666,7 +675,9 @@ def _reason(status: str, parts: list[dict], noise: dict[str, Noise]) -> str:
         why.append("not separated: " + "; ".join(ties))
     if leaning:
         why.append("leaning the other way without a verdict: " + "; ".join(leaning))
-    capped = {c.capped for p in parts for c, _ in p["comparisons"] if c.capped}
+    # a cap that lowered a label (Holm-significant, held to suggestive by it), not one beside a tie it did not change
+    capped = {c.capped for p in parts for c, _ in p["comparisons"]
+              if c.capped and c.p_adj is not None and c.p_adj <= ALPHA and c.label == SUGGESTIVE}
     why += sorted(capped)
     missing = [p["text"] for p in parts if p["status"] == "not measured"]
     if missing:
