@@ -568,7 +568,8 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
     else:
         B.append(("p", "Not measured: this study has no tokenizer_ceilings.json (re-run `flopmatch study` on it to add one)."))
     B.append(("h", 2, "Scaling with training FLOPs"))
-    for name in ("fid_vs_flops", "fid_inception_vs_flops", "loss_vs_flops"):
+    inception = any(r.get("fid_inception") is not None for r in study.rows)  # an opt-in extractor: no empty figure
+    for name in ("fid_vs_flops", *(["fid_inception_vs_flops"] if inception else []), "loss_vs_flops"):
         B.append(("fig", name, FIG_CAPTIONS[name]))
     hdr, rows = _fits_table(an)
     if per:  # the fitted asymptote E against the floor the tokenizer sets on it
