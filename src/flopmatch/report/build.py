@@ -250,10 +250,15 @@ def _crossover_table(an: Analysis) -> tuple[list, list]:
               "bootstrap pairs crossing", "lower at low C", "lower at high C"]  # fmt: skip
     rows = []
     for c in an.crossovers:
+        def lower(side):  # "a" / "b" / "tie" as the paradigm's name
+            return {"a": c["a"], "b": c["b"]}.get(side, side)
+
+        # an interval "given crossing" says little where most bootstrap pairs do not cross at all
+        rare = not c["n_pairs"] or c["fraction_crossing"] < 0.5
         rows.append([METRIC[c["metric"]].label, f"{c['a']} vs {c['b']}", f"{c['C_range'][1]:.3g}", fmt(c["point"], ".3g"),
-                     "–" if c["interval"] is None else _iv(c["interval"]),
+                     "–" if c["interval"] is None else "– (most pairs do not cross)" if rare else _iv(c["interval"]),
                      "–" if not c["n_pairs"] else f"{c['fraction_crossing']:.0%} of {c['n_pairs']}",
-                     c["lower_at_low_C"], c["lower_at_high_C"]])  # fmt: skip
+                     lower(c["lower_at_low_C"]), lower(c["lower_at_high_C"])])  # fmt: skip
     return header, rows
 
 

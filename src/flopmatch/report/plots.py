@@ -269,7 +269,8 @@ def pareto(study: Study, paradigms: list[str], cost: str, nokv_cost: str, xlabel
 
 
 def throughput_bars(an: Analysis):
-    """Median throughput at the main setting per depth and paradigm (range over runs as error bars)."""
+    """Median throughput at the main setting per depth and paradigm (range over rounds or runs as error bars), as points
+    on a log axis."""
     keys = sorted({d for (_, d), v in an.inference.items() if v["throughput"]})
     if not keys:
         return None
@@ -289,9 +290,10 @@ def throughput_bars(an: Analysis):
                 hs.append(m)
                 lo.append(m - min(v))
                 hi.append(max(v) - m)
-        if xs:
-            ax.bar(xs, hs, width=width, color=_color(p), hatch="//" if key.startswith("nokv") else None,
-                   alpha=0.6 if key.startswith("nokv") else 0.9, yerr=[lo, hi], capsize=2, label=label)  # fmt: skip
+        if xs:  # points, not bars: a bar's height on a log axis depends on where the axis starts
+            nokv = key.startswith("nokv")
+            ax.errorbar(xs, hs, yerr=[lo, hi], fmt="s" if nokv else "o", color=_color(p), mfc="none" if nokv else _color(p),
+                        ms=7, capsize=3, label=label)  # fmt: skip
     ax.set_xticks(range(len(keys)), [f"depth {d}" for d in keys])
     ax.set_ylabel("images / s (best batch size)")
     ax.set_yscale("log")
