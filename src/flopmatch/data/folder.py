@@ -139,7 +139,7 @@ def folder_items(root: str | Path) -> tuple[list[Item], str]:
     for directory, split in parts:
         meta = _metadata_file(directory)
         if meta is None:
-            sidecars = next((True for _ in directory.glob("*.txt")), False)
+            sidecars = any(directory.glob("*.txt"))
             raise UserError(f"{directory} has no metadata.jsonl or metadata.csv; add one with file_name and text "
                             f"columns (the Hugging Face image-folder layout)" + (
                                 "; for image + .txt caption pairs, one line {\"file_name\": \"a.png\", \"text\": "

@@ -121,15 +121,19 @@ class Noise:
     # (see _Builder.cap); None for the other metrics
     measured_rate: float | None = None
 
+    @property
+    def reach(self) -> float:
+        """The highest full-match rate this noise speaks for: twice the highest measured, at least NEAR_NO_MATCH (1 for
+        the other metrics)."""
+        return 1.0 if self.measured_rate is None else max(RATE_REACH * self.measured_rate, NEAR_NO_MATCH)
+
     def reaches(self, rate: float) -> bool:
-        """Whether this noise was measured at rates near ``rate`` (prompt following: ``rate`` at most twice the highest
-        rate measured, or below NEAR_NO_MATCH); always True for the other metrics."""
-        return self.measured_rate is None or rate <= max(RATE_REACH * self.measured_rate, NEAR_NO_MATCH)
+        """Whether this noise was measured at rates near ``rate`` (always for the metrics other than prompt following)."""
+        return rate <= self.reach
 
     def describe(self) -> str:
         reach = (f"; measured at full-match rates up to {self.measured_rate:.1%}, so comparisons where a rate is above "
-                 f"{max(RATE_REACH * self.measured_rate, NEAR_NO_MATCH):.0%} are at most suggestive"
-                 if self.measured_rate is not None and not self.reaches(1.0) else "")
+                 f"{self.reach:.0%} are at most suggestive" if not self.reaches(1.0) else "")
         if self.source == "seeds" and self.retrain_var is not None:
             return (f"seed variance pooled over {self.cells} cells with >= 2 seeds ({self.df:g} df; sd "
                     f"{100 * (math.exp(math.sqrt(self.var)) - 1):.1f}% of the value, of which retraining "
@@ -278,6 +282,11 @@ def _log_error(metric: str, row: dict) -> float | None:
     return math.log(max(float(err), KID_FLOOR if metric == "kid" else FLOOR))
 
 
+def _rate(log_error: float) -> float:
+    """The full-match rate behind a prompt-following log error (log(1 - rate), :func:`_log_error`)."""
+    return 1 - math.exp(log_error)
+
+
 def _eval_var(metric: str, row: dict) -> float:
     """Evaluation-noise variance of a row's log error (delta method for a binomial rate); NaN if unknown."""
     if metric == "fid":  # delta method, var / FID^2: jackknife pseudo-replicates may be <= 0, their log undefined
@@ -339,7 +348,7 @@ def _noise(records: dict, metric: str = "kid") -> Noise:
         retrain = max(var - float(np.mean(pooled_eval)), 0.0) if known else None
         # the highest cell mean among the cells pooled (as comparisons read cells: one noisy seed would widen the reach)
         means = [float(np.mean([v[0] for v in seeds.values()])) for seeds in records.values() if len(seeds) >= 2]
-        top = max(1 - math.exp(y) for y in means) if metric == "prompt" and means else None
+        top = max(_rate(y) for y in means) if metric == "prompt" and means else None
         return Noise("seeds", var, float(df), sum(len(g) >= 2 for g in groups), retrain, top)
     if any(math.isfinite(v[1]) for seeds in records.values() for v in seeds.values()):
         return Noise("evaluation")
@@ -469,7 +478,7 @@ class _Builder:
         where a rate is above it (there, seed-to-seed spread of log(1 - rate) is larger than anything measured)."""
         why = [_cap(*cells)]
         noise = self.noise[metric]
-        if not all(noise.reaches(1 - math.exp(c.mean)) for c in cells):
+        if not all(noise.reaches(_rate(c.mean)) for c in cells):
             why.append(f"retraining noise measured only at full-match rates up to {noise.measured_rate:.1%}, not at "
                        "these rates (seeds at a larger budget would measure it)")
         return "; ".join(w for w in why if w)
@@ -477,7 +486,7 @@ class _Builder:
     def mean_rate(self, budget: float) -> float:
         """The mean full-match rate at ``budget`` over every paradigm's cell there (prompt following's main cells)."""
         cells = [c for (p, b), c in self.cells["prompt"].items() if b == budget]
-        return float(np.mean([1 - math.exp(c.mean) for c in cells])) if cells else 0.0
+        return float(np.mean([_rate(c.mean) for c in cells])) if cells else 0.0
 
     def budgets(self, metric: str, paradigms) -> list[float]:
         sets = [{b for (p, b) in self.cells[metric] if p == q} for q in paradigms]
@@ -802,7 +811,7 @@ def floor_note(metric: str, log_errors: list[float]) -> str:
     if metric == "kid" and all(y <= math.log(KID_FLOOR) + 1e-9 for y in log_errors):
         return "all at KID's floor: indistinguishable from real images at this sample size"
     if metric == "prompt":
-        rates = [1 - math.exp(y) for y in log_errors]
+        rates = [_rate(y) for y in log_errors]
         if all(r < NEAR_NO_MATCH for r in rates):
             return f"all near zero: each one's mean full-match rate below {NEAR_NO_MATCH:.0%}"
         if all(y <= math.log(FLOOR) + 1e-9 for y in log_errors):
