@@ -371,8 +371,8 @@ def test_ema_analysis_compares_training_ema_on_the_sweep_runs(tmp_path):
 
 
 def test_ema_analysis_recovers_known_gains(study):
-    """Raw, training-EMA and post-hoc EMA entries with known FID ratios: every change is recovered run by run, the
-    lowest average per paradigm is the one with the largest gain, and the residual is carried."""
+    """Raw, training-EMA and post-hoc EMA entries with known KID (and FID) ratios: every change is recovered run by
+    run, the lowest average per paradigm is the one with the largest gain, and the residual is carried."""
     from flopmatch.report.findings import ema_analysis
 
     root, _ = study
@@ -384,9 +384,31 @@ def test_ema_analysis_recovers_known_gains(study):
             assert e["n"] == 2 * len(BUDGETS) * 3 and e["mean_change"] == pytest.approx(-gain, abs=1e-9)
             assert all(c == pytest.approx(-gain, abs=1e-9) for _, _, _, c in e["per_run"])
             assert e["interval"][0] <= e["mean_change"] <= e["interval"][1]
+            assert e["fid_change"] == pytest.approx(-gain, abs=1e-9)  # the fake FIDs move as the KIDs do
             assert (e["residual"] == 0.02) == (w != "ema")
         best = max(truth, key=truth.get)
         assert [w for (q, w), e in out.items() if q == p and e["best"]] == [best]
+
+
+def test_ema_analysis_reads_kid_not_fids_bias(tmp_path):
+    """FID's small-sample bias differs between models: raw weights' FIDs inflated 2x (their KIDs untouched) change
+    the FID column only; the EMA verdict rests on KID."""
+    from flopmatch.report.findings import ema_analysis
+
+    root = make_study(tmp_path, paradigms=("diffusion", "masked"), depths=(2,), raw=True, seeds=(0, 1),
+                      posthoc_budgets={BUDGETS[2]}, timing_phase=False)
+    before = {(e["paradigm"], e["weights"], e["scope"]): e for e in ema_analysis(load_study(root))}
+    for path in (root / "runs").glob("*/eval.json"):
+        doc = json.loads(path.read_text())
+        for entry in doc["entries"].values():
+            if entry["manifest"]["weights"] == "model":
+                entry["metrics"]["effnet"]["fid"] *= 2
+        atomic_write_json(path, doc)
+    after = {(e["paradigm"], e["weights"], e["scope"]): e for e in ema_analysis(load_study(root))}
+    assert after.keys() == before.keys() and after
+    for key, e in after.items():
+        assert e["mean_change"] == pytest.approx(before[key]["mean_change"], abs=1e-12) and e["best"] == before[key]["best"]
+        assert 1 + e["fid_change"] == pytest.approx((1 + before[key]["fid_change"]) / 2, rel=1e-9)
 
 
 def test_loss_never_compared_across_paradigms(tmp_path):

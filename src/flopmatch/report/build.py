@@ -195,8 +195,9 @@ def _tests_table(an: Analysis) -> tuple[list, list]:
 
 
 def _ema_table(an: Analysis) -> tuple[list, list]:
-    header = ["paradigm", "weights", "runs", "FID change (averaged / raw - 1)", f"{EMA_LEVEL:.0%} interval",
-              "per seed", "prompt full match change", "profile residual", "vs diffusion (p, Welch)"]  # fmt: skip
+    header = ["paradigm", "weights", "runs", "KID change (averaged / raw - 1)", f"{EMA_LEVEL:.0%} interval",
+              "per seed", "prompt full match change", "FID change (for the record)", "profile residual",
+              "vs diffusion (p, Welch)"]  # fmt: skip
     rows = []
     for e in an.ema:
         label = ("EMA kept in training" + (f" (~sigma_rel {e['equivalent_sigma_rel']:.2g})" if e["equivalent_sigma_rel"] else "")
@@ -207,6 +208,7 @@ def _ema_table(an: Analysis) -> tuple[list, list]:
                      "–" if e["interval"] is None else f"[{100 * e['interval'][0]:+.1f}%, {100 * e['interval'][1]:+.1f}%]",
                      _per_seed(e["per_run"]),
                      "–" if e["prompt_change"] is None else f"{100 * e['prompt_change']:+.1f} pts",
+                     "–" if e["fid_change"] is None else f"{100 * e['fid_change']:+.1f}%",
                      "exact" if e["residual"] is not None and e["residual"] < 1e-9 else fmt(e["residual"], ".2g"),
                      fmt(e["vs_diffusion_p"], ".2g")])  # fmt: skip
     return header, rows
@@ -223,7 +225,7 @@ def _per_seed(per_run: list[tuple]) -> str:
 
 
 def _ema_summary(an: Analysis) -> list[str]:
-    """One line per paradigm: which averaged weights change FID detectably (interval excluding 0), or none."""
+    """One line per paradigm: which averaged weights change KID detectably (interval excluding 0), or none."""
     lines = []
     for p in sorted({e["paradigm"] for e in an.ema}):
         # the averages compared on the same runs (the sweep's); a study without a sweep has only "all"
@@ -238,7 +240,7 @@ def _ema_summary(an: Analysis) -> list[str]:
                          f"{max(100 * e['mean_change'] for e in mine):+.1f}%)")
         for e in clear:
             what = "EMA kept in training" if e["sigma_rel"] is None else f"post-hoc EMA sigma_rel {e['sigma_rel']:g}"
-            lines.append(f"{p}: {what} {'lowers' if e['mean_change'] < 0 else 'raises'} FID by "
+            lines.append(f"{p}: {what} {'lowers' if e['mean_change'] < 0 else 'raises'} KID by "
                          f"{abs(100 * e['mean_change']):.1f}% ({EMA_LEVEL:.0%} interval {100 * e['interval'][0]:+.1f}% "
                          f"to {100 * e['interval'][1]:+.1f}%, {e['n']} runs; intervals not corrected for the "
                          f"{len(mine)} averages compared)")
@@ -290,14 +292,17 @@ FIG_CAPTIONS = {
     "pareto_latency": "Quality (KID, prompt error) against latency (one image, batch 1) over every full-set setting; lines are Pareto fronts.",
     "throughput": "Throughput at the main settings: median over the timing phase's interleaved rounds of one "
                   "checkpoint per paradigm and depth (timing does not depend on training); bars span min-max.",
-    "step_sweep": "Latency, throughput and KID over the sampling steps evaluated on the full image set (main guidance).",
+    "step_sweep": "Latency, throughput and KID against the sampling steps evaluated on the full image set, at the largest "
+                  "budget every paradigm reached (panel titles) and each run's main guidance: medians over that budget's "
+                  "runs, one line per paradigm and depth, not a fit. Next-token sampling takes one step per token, so "
+                  "it is one point.",
     "operating_fronts": "KID against sampling FLOPs, latency, throughput and prompt-following error: faint dots are the "
                         "sweep (small image set, not timed), solid dots the points evaluated on the full set, lines each "
                         "paradigm's front; dashed: the matched-quality level (decided on the sweep's KIDs, so a full-set point "
                         "can sit slightly above it).",
     "guidance_sweep": "The sweep: KID and prompt full match against the guidance scale, one line per step/solver setting.",
     "loss_curves": "Training loss curves, one panel per paradigm (never across paradigms).",
-    "ema_sweep": "FID change from each run's raw weights against the post-hoc EMA length sigma_rel (thin: each run; "
+    "ema_sweep": "KID change from each run's raw weights against the post-hoc EMA length sigma_rel (thin: each run; "
                  "thick: mean over runs); crosses: the EMA kept in training, at its own relative length.",
 }  # fmt: skip
 
@@ -610,7 +615,8 @@ def _blocks(study: Study, an: Analysis, samples: dict | None) -> list[tuple]:
     hdr, rows = _ema_table(an)
     if rows:
         B.append(("p", "Each run's averaged weights against its own raw weights, at its main setting with the same samples' "
-                       "seeds and prompts, so retraining noise cancels: the EMA training kept (decay 0.999, warmed up "
+                       "seeds and prompts, so retraining noise cancels, in KID (FID's small-sample bias differs "
+                       "between models, and an average is another model; its change is shown for the record): the EMA training kept (decay 0.999, warmed up "
                        "as (1+s)/(10+s)) and post-hoc EMAs (Karras et al. 2024, EDM2) of relative length sigma_rel, a "
                        "fixed fraction of every run, rebuilt after training from snapshots of two averages. The noise "
                        "source is the runs (seeds) paired: the interval is a t interval over their differences; with "

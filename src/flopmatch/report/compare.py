@@ -251,8 +251,8 @@ def ema_rows(sb: Study, so: Study) -> tuple[list, list]:
         iv = "" if e["interval"] is None else f" [{100 * e['interval'][0]:+.1f}%, {100 * e['interval'][1]:+.1f}%]"
         return f"{100 * e['mean_change']:+.1f}%{iv} ({e['n']} runs)"
 
-    header = ["paradigm", "weights", "runs compared", f"FID change, base ({EMA_LEVEL:.0%} interval)",
-              f"FID change, other ({EMA_LEVEL:.0%} interval)"]  # fmt: skip
+    header = ["paradigm", "weights", "runs compared", f"KID change, base ({EMA_LEVEL:.0%} interval)",
+              f"KID change, other ({EMA_LEVEL:.0%} interval)"]  # fmt: skip
     rows = []
     for (p, w, scope), both in sorted(found.items()):
         label = "EMA kept in training" if w == "ema" else "post-hoc " + w.replace("ema@", "EMA sigma_rel ")

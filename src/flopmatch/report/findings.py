@@ -4,7 +4,9 @@ The paper's claims and the recommendation table are decided in :mod:`flopmatch.r
 fits and crossovers for the figures come from :mod:`flopmatch.report.analysis`. EMA's effect per
 paradigm is reported here on its own, outside the claims' family of tests: a paired comparison of
 each run's raw weights with its averaged ones (the EMA training kept, and the post-hoc EMAs of the
-study's sweep, EDM2) at the same sampling setting.
+study's sweep, EDM2) at the same sampling setting. It is measured in KID, the verdicts' image-quality metric:
+FID at a few hundred images is biased upward by an amount that depends on the model, and an averaged network
+is another model, so a FID change would mix the averaging's effect with a change of bias.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 from scipy import stats as sps
 
 from flopmatch.errors import UserError
-from flopmatch.report.analysis import Analyser, Analysis
+from flopmatch.report.analysis import KID_FLOOR, Analyser, Analysis
 from flopmatch.report.data import Study
 from flopmatch.report.stats import welch_test
 from flopmatch.report.verdicts import DIFF, decide
@@ -33,8 +35,10 @@ def _interval(v: np.ndarray) -> tuple[float, float] | None:
 
 
 def ema_analysis(study: Study) -> list[dict]:
-    """Per paradigm and averaged weights: log(FID_avg / FID_raw) over runs evaluated both ways (negative: the
-    average helps), for training's EMA (``weights`` "ema") and every post-hoc EMA evaluated ("ema@SIGMA_REL").
+    """Per paradigm and averaged weights: log(KID_avg / KID_raw) over runs evaluated both ways (negative: the
+    average helps; KIDs floored at KID_FLOOR as the verdicts floor them), for training's EMA (``weights`` "ema") and
+    every post-hoc EMA evaluated ("ema@SIGMA_REL"). ``fid_change`` is the mean FID change of the same pairs (those
+    with FIDs at equal real counts), for the record: FID's small-sample bias differs between models.
 
     Paired by run and setting (same network, same samples' seeds and prompts), so retraining noise cancels in
     each difference; the interval is a t interval over the runs' differences, ``per_run`` the differences
@@ -46,13 +50,14 @@ def ema_analysis(study: Study) -> list[dict]:
     paradigm's, over all its runs (Welch, two-sided p; not in the claims' family). ``prompt_change``: mean change
     in prompt full match (absolute), same pairs.
     """
-    Pair = tuple[str, int, int, float, float | None]  # run, depth, seed, log FID ratio, prompt full match change
+    # run, depth, seed, log KID ratio, prompt full match change, log FID ratio
+    Pair = tuple[str, int, int, float, float | None, float | None]
     found: dict[tuple[str, str], list[Pair]] = {}
     residual: dict[tuple[str, str], list[float]] = {}
     fixed_sigma: dict[str, dict[str, float]] = {}  # training's EMA as a relative length, per paradigm and run
     by_run: dict[str, list[dict]] = {}
     for r in study.rows:
-        if r["setting"] and r["done"] and r["fid_effnet"]:
+        if r["setting"] and r["done"] and r["kid_effnet"] is not None:
             by_run.setdefault(r["run"], []).append(r)
     for run, rows in sorted(by_run.items()):
         for raw in rows:
@@ -61,12 +66,14 @@ def ema_analysis(study: Study) -> list[dict]:
             for r in rows:  # the same setting, sample count and seed with other weights
                 if r["weights"] == "model" or r["setting"] != raw["setting"].replace("weights=model", f"weights={r['weights']}"):
                     continue
-                if r.get("fid_num_real") != raw.get("fid_num_real"):  # FIDs at other real counts (an entry evaluated
-                    continue  # before FID used equal counts) differ by their bias, not by the weights: not a pair
                 pm = (None if r["prompt_full_match"] is None or raw["prompt_full_match"] is None
                       else r["prompt_full_match"] - raw["prompt_full_match"])
-                found.setdefault((r["objective"], r["weights"]), []).append(
-                    (run, r["depth"], r["seed"], math.log(r["fid_effnet"] / raw["fid_effnet"]), pm))
+                # FIDs at other real counts (an entry evaluated before FID used equal counts) differ by their bias,
+                # not by the weights: no FID pair (KID is unbiased at any count)
+                fid = (math.log(r["fid_effnet"] / raw["fid_effnet"]) if r["fid_effnet"] and raw["fid_effnet"]
+                       and r.get("fid_num_real") == raw.get("fid_num_real") else None)
+                kid = math.log(max(r["kid_effnet"], KID_FLOOR) / max(raw["kid_effnet"], KID_FLOOR))
+                found.setdefault((r["objective"], r["weights"]), []).append((run, r["depth"], r["seed"], kid, pm, fid))
                 if r.get("posthoc_residual") is not None:
                     residual.setdefault((r["objective"], r["weights"]), []).append(r["posthoc_residual"])
                 if r["weights"] == "ema" and r.get("ema_sigma_rel") is not None:
@@ -79,11 +86,13 @@ def ema_analysis(study: Study) -> list[dict]:
     def entry(p: str, w: str, pairs: list[Pair], scope: str) -> dict:
         v = np.asarray([x[3] for x in pairs])
         pms = [x[4] for x in pairs if x[4] is not None]
+        fids = [x[5] for x in pairs if x[5] is not None]
         sig = [fixed_sigma.get(p, {}).get(x[0]) for x in pairs]
         sig = [x for x in sig if x is not None]
         return {"paradigm": p, "weights": w, "sigma_rel": parse_weights(w), "scope": scope, "n": int(v.size),
                 "mean_change": float(math.expm1(v.mean())), "interval": _interval(v),
-                "per_run": [(run, depth, seed, float(math.expm1(d))) for run, depth, seed, d, _ in pairs],
+                "per_run": [(run, depth, seed, float(math.expm1(d))) for run, depth, seed, d, *_ in pairs],
+                "fid_change": float(math.expm1(np.mean(fids))) if fids else None,
                 "prompt_change": float(np.mean(pms)) if pms else None,
                 "residual": max(residual[(p, w)]) if residual.get((p, w)) and scope != "all" else None,
                 "vs_diffusion_p": None, "best": False,

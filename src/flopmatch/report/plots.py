@@ -423,7 +423,7 @@ def guidance_sweep(op: Operating):
 
 
 def ema_sweep(an: Analysis):
-    """FID change from raw weights against post-hoc EMA length, per paradigm: each run, the mean, training's EMA."""
+    """KID change from raw weights against post-hoc EMA length, per paradigm: each run, the mean, training's EMA."""
     sweep = [e for e in an.ema if e["sigma_rel"] is not None]
     if not sweep:
         return None
@@ -447,7 +447,7 @@ def ema_sweep(an: Analysis):
     ax.set_xscale("log")
     _plain_log(ax.xaxis)
     ax.set_xlabel("post-hoc EMA length sigma_rel (fraction of the run)")
-    ax.set_ylabel("FID change from raw weights (%)")
+    ax.set_ylabel("KID change from raw weights (%)")
     _legend(ax, loc="best")
     return fig
 
