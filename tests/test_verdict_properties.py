@@ -307,3 +307,41 @@ def test_prompt_claims_average_over_the_budgets_where_prompts_are_followed():
         (c, _), = [p for claim in null.claims if claim["id"] == 1 for p in claim["parts"]][0]["comparisons"]
         rejected += c.p2 is not None and c.p2 < ALPHA
     assert rejected / n <= ALPHA + 3 * math.sqrt(ALPHA * (1 - ALPHA) / n), rejected
+
+
+def test_a_paradigms_own_trend_keeps_its_level_and_finds_a_real_slope():
+    """own_trend: a paradigm whose KID does not move with compute is found improving at the nominal rate (one-sided,
+    within binomial slack); one that improves 25 % per decade is found so nearly always."""
+    from flopmatch.report.verdicts import own_trend
+
+    rng = np.random.default_rng(3)
+    n = 300
+    flat = sum(own_trend(decide(_sim_study(rng, lambda p, b: 0.3, lambda p, b: 50.0)), "kid", "masked").p < ALPHA
+               for _ in range(n)) / n
+    assert abs(flat - ALPHA) <= _band(ALPHA, n)
+    slope = math.log10(0.75)  # KID x 0.75 per decade
+    found = [own_trend(decide(_sim_study(rng, lambda p, b: 0.3, lambda p, b: 50.0 * (b / 1e12) ** slope)), "kid", p)
+             for _ in range(40) for p in ("masked",)]
+    assert sum(t.p < ALPHA for t in found) >= 36
+    assert np.mean([t.estimate for t in found]) == pytest.approx(math.log(0.75), abs=0.03)  # per decade, log scale
+
+
+def test_the_kid_banner_says_when_kid_shows_no_trend_or_beats_the_tokenizer():
+    """The report's KID caveats: no paradigm improving detectably with compute is said (and not when they do);
+    samples clearly below their tokenizer's rKID are named, samples within noise of it are not."""
+    from flopmatch.report.build import _kid_banner
+
+    rng = np.random.default_rng(5)
+    flat = decide(_sim_study(rng, lambda p, b: 0.3, lambda p, b: 50.0, sd=0.02))
+    falling = decide(_sim_study(rng, lambda p, b: 0.3, lambda p, b: 50.0 * (b / 1e12) ** -0.3, sd=0.02))
+
+    def ceilings(rkid):
+        return {"tokenizers": {"discrete": {"paradigms": ["masked", "autoregressive"],
+                                            "metrics": {"kid": {"effnet": {"recon": rkid}}}}}}
+
+    assert any("improves detectably with training compute in no paradigm" in line for line in _kid_banner(flat, None))
+    assert _kid_banner(falling, None) == []
+    below = [line for line in _kid_banner(flat, ceilings(80.0)) if "better KID than their own tokenizer" in line]
+    assert len(below) == 1 and "masked's KID" in below[0] and "autoregressive's KID" in below[0]
+    assert "diffusion" not in below[0].split("(")[1]  # diffusion has no ceiling in this document
+    assert not [line for line in _kid_banner(flat, ceilings(50.0)) if "better KID than" in line]  # the truth: within noise

@@ -24,8 +24,17 @@ from flopmatch import PARADIGMS
 from flopmatch.errors import UserError
 from flopmatch.evaluation.timing import BUSY_CORES
 from flopmatch.files import atomic_write_bytes, atomic_write_text, read_json
-from flopmatch.report.analysis import EXTRAPOLATE, LEVEL, METRIC, MIN_FIT_BUDGETS, MIN_FIT_DECADES, Analysis
-from flopmatch.report.ceilings import add_column, by_paradigm, ceiling_banner, ceilings_table, fit_cell, read_ceilings, runs_cell
+from flopmatch.report.analysis import EXTRAPOLATE, KID_FLOOR, LEVEL, METRIC, MIN_FIT_BUDGETS, MIN_FIT_DECADES, Analysis
+from flopmatch.report.ceilings import (
+    add_column,
+    by_paradigm,
+    ceiling_banner,
+    ceilings_table,
+    fit_cell,
+    read_ceilings,
+    rkid,
+    runs_cell,
+)
 from flopmatch.report.convention import convention_check
 from flopmatch.report.data import COLUMNS, Study, first_images, load_study
 from flopmatch.report.findings import EMA_LEVEL, analyse
@@ -43,6 +52,8 @@ from flopmatch.report.verdicts import (
     SUGGESTIVE,
     against_claim,
     cell_text,
+    mean_sd,
+    own_trend,
 )
 from flopmatch.rundir import read_config
 from flopmatch.sample import grid_image
@@ -396,8 +407,10 @@ def _banners(study: Study, an: Analysis) -> list[str]:
     out += _convention_banner(study, an)
     v = an.verdicts
     fid_noise = v.noise.get("fid")
-    out += ceiling_banner(read_ceilings(study.root), math.sqrt(fid_noise.var) if fid_noise and fid_noise.source == "seeds"
+    ceilings = read_ceilings(study.root)
+    out += ceiling_banner(ceilings, math.sqrt(fid_noise.var) if fid_noise and fid_noise.source == "seeds"
                           and fid_noise.var else None)
+    out += _kid_banner(v, ceilings)
     if any(n.source == "evaluation" for n in v.noise.values()):
         out.append("One seed per cell: image quality and prompt following rest on evaluation noise only (how much "
                    "retraining with another seed would move them is not measured), so no verdict on them is stronger "
@@ -435,6 +448,46 @@ def _banners(study: Study, an: Analysis) -> list[str]:
     elif any(r["latency_s"] is not None for r in study.rows):
         out.append("Timings come from each run's own evaluation (no study timing phase), possibly under different loads.")
     return out
+
+
+def _kid_banner(v, ceilings: dict | None) -> list[str]:
+    """What KID, the image-quality verdicts' metric, could not show here: an improvement with training compute in
+    any paradigm (each one's slope over budgets, :func:`~flopmatch.report.verdicts.own_trend`), or a bound by the
+    tokenizer (samples scoring clearly better than their own tokenizer's reconstructions). Either says the verdicts
+    are about this proxy more than about what compute buys; neither changes a verdict."""
+    if "kid" not in v.noise or v.noise["kid"].source == "none" and not v.cells.get("kid"):
+        return []
+    lines = []
+    trends = {p: own_trend(v, "kid", p) for p in sorted({p for p, _ in v.cells["kid"]})}
+    trends = {p: t for p, t in trends.items() if t is not None and t.p is not None}
+    if len(trends) >= 2 and all(t.p >= ALPHA for t in trends.values()):
+        slopes = ", ".join(f"{p} {100 * math.expm1(t.estimate):+.0f}%" + (f" (sd {100 * t.se:.0f}%)" if t.se else "")
+                           for p, t in trends.items())
+        lines.append(f"KID improves detectably with training compute in no paradigm over these budgets (change per decade "
+                     f"of FLOPs: {slopes}; none below 0 at level {ALPHA}, one-sided, on the verdicts' noise): the "
+                     "image-quality verdicts compare levels that training did not move here, so they may reflect the "
+                     "tokenizers, the sampler and the proxy's features more than what compute buys.")
+    noise, found = v.noise["kid"], {}
+    for p, metrics in sorted(by_paradigm(ceilings).items()):
+        r = rkid(metrics)
+        for (q, budget), c in sorted(v.cells["kid"].items()):
+            sd = mean_sd(c, noise)
+            if q != p or not r or r <= KID_FLOOR or sd is None:
+                continue
+            # The rKID is one evaluation at the generators' image count: its noise is taken as one of this cell's
+            # evaluations' (the mean evaluation variance); "clearly below" is 2 sd of the difference.
+            ev = float(c.eval_var.mean()) if np.isfinite(c.eval_var).all() else 0.0
+            if math.log(r) - c.mean > 2 * math.sqrt(sd**2 + ev):
+                found.setdefault((p, r), []).append(f"{math.exp(c.mean):.3g} at {budget:.3g}")
+    if found:
+        which = "; ".join(f"{p}'s KID {', '.join(at)} FLOPs against its tokenizer's rKID {r:.3g}" for (p, r), at in found.items())
+        lines.append(f"Samples score a clearly better KID than their own tokenizer's reconstructions ({which}). A "
+                     "generator's images are its tokenizer's decoded outputs, so a pure fidelity score could not beat "
+                     "the reconstructions: KID (effnet proxy) here also rewards something they lack (e.g. guided "
+                     "samples more typical of the evaluator's features than blurred reconstructions). Read the "
+                     "image-quality verdicts as about this proxy; the Inception FID (`--features inception`) is "
+                     "the one to cite.")
+    return lines
 
 
 def _scale_note(study: Study) -> str:

@@ -383,25 +383,54 @@ def cell_var(c: Cell, noise: Noise) -> float:
 def _contrast(pairs: list[tuple[Cell, Cell]], noise: Noise, weights: list[float] | None = None) -> TestResult:
     """Test of sum_i w_i (mean a_i - mean b_i) < 0 over cell pairs (default: the mean over pairs)."""
     w = np.full(len(pairs), 1.0 / len(pairs)) if weights is None else np.asarray(weights, float)
-    est = float(sum(wi * (a.mean - b.mean) for wi, (a, b) in zip(w, pairs)))
-    n_a, n_b = sum(a.values.size for a, _ in pairs), sum(b.values.size for _, b in pairs)
+    terms = [t for wi, (a, b) in zip(w, pairs) for t in ((float(wi), a), (-float(wi), b))]
+    return _combination(terms, noise, sum(a.values.size for a, _ in pairs), sum(b.values.size for _, b in pairs))
+
+
+def _combination(terms: list[tuple[float, Cell]], noise: Noise, n_a: int, n_b: int) -> TestResult:
+    """Test of sum_i w_i mean(cell_i) < 0 over (w_i, cell_i) ``terms``, the cells independent; ``n_a``/``n_b`` are
+    the values counted on each side, for the record."""
+    est = float(sum(w * c.mean for w, c in terms))
     if noise.source == "seeds":
-        var = float(sum(wi**2 * (cell_var(a, noise) + cell_var(b, noise)) for wi, (a, b) in zip(w, pairs)))
+        var = float(sum(w**2 * cell_var(c, noise) for w, c in terms))
         se = math.sqrt(var)
         # Degrees of freedom (Satterthwaite): only the part resting on the pooled variance is uncertain with its df;
         # known evaluation variances (bootstrap, binomial) have a normal reference. Bounded above by taking the whole
         # pooled variance as that part, and never below the pooled df.
-        uncertain = noise.var * float(sum(wi**2 * (1 / a.values.size + 1 / b.values.size) for wi, (a, b) in zip(w, pairs)))
+        uncertain = noise.var * float(sum(w**2 / c.values.size for w, c in terms))
         df = noise.df
         if noise.retrain_var is not None and uncertain > 0:
             df = min(NORMAL_DF, max(noise.df, noise.df * (var / uncertain) ** 2))
         p = float(sps.t.cdf(est / se, df)) if se > 0 else 0.0 if est < 0 else 1.0 if est > 0 else 0.5
         return TestResult(est, se, df, p, n_a, n_b, "pooled")
     if noise.source == "evaluation":
-        var = sum(wi**2 * (a.eval_var.mean() / a.values.size + b.eval_var.mean() / b.values.size)
-                  for wi, (a, b) in zip(w, pairs))  # fmt: skip
-        return normal_test(est, float(var), n_a, n_b)
+        return normal_test(est, float(sum(w**2 * c.eval_var.mean() / c.values.size for w, c in terms)), n_a, n_b)
     return TestResult(est, None, None, None, n_a, n_b, "none")
+
+
+def mean_sd(c: Cell, noise: Noise) -> float | None:
+    """Standard deviation of a cell's mean log error under ``noise``; None where it is unknown ("none", or an
+    evaluation variance not recorded)."""
+    if noise.source == "seeds":
+        return math.sqrt(cell_var(c, noise))
+    if noise.source == "evaluation" and np.isfinite(c.eval_var).all():
+        return math.sqrt(float(c.eval_var.mean()) / c.values.size)
+    return None
+
+
+def own_trend(v: Verdicts, metric: str, paradigm: str) -> TestResult | None:
+    """Slope of one paradigm's log error against log10 training budget (OLS over its cells' means, at the compared
+    depth), H1: negative, it improves with compute; None below 3 budgets. The noise is the comparisons' (the
+    cells' variances; the scatter about the line where there is none)."""
+    mine = sorted((budget, c) for (p, budget), c in v.cells.get(metric, {}).items() if p == paradigm)
+    if len(mine) < 3:
+        return None
+    x = np.log10([budget for budget, _ in mine])
+    if v.noise[metric].source == "none":
+        return slope_test(x, [c.mean for _, c in mine])
+    w = (x - x.mean()) / ((x - x.mean()) ** 2).sum()  # OLS slope = sum_i w_i y_i
+    return _combination([(float(wi), c) for wi, (_, c) in zip(w, mine)], v.noise[metric],
+                        sum(c.values.size for _, c in mine), 0)
 
 
 def _pair(a: Cell, b: Cell, noise: Noise) -> TestResult:
