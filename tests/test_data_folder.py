@@ -167,6 +167,49 @@ def test_nested_folders_are_read(tmp_path):
     np.testing.assert_allclose(got["cats/001.png"][1][:, 16, 16].numpy(), RED, atol=2)
 
 
+def write_sidecars(root: Path, rows) -> None:
+    """Each (file_name, caption) row's caption as a .txt beside its image."""
+    for name, caption in rows:
+        (root / name).with_suffix(".txt").write_text(caption)
+
+
+def test_txt_captions_beside_images_read_as_a_metadata_file_would(tmp_path):
+    """The caption-file layout (a.png + a.txt, nested folders too) gives the same items, captions and pixels as the
+    same folder with metadata.jsonl; an image without its .txt is skipped and counted under its own cause; a .txt
+    without an image is no item; an edited caption file invalidates the cache."""
+    rows = make_folder(tmp_path / "side", 5) + [("cats/k.png", "a nested kitten")]
+    write_image(tmp_path / "side" / "cats" / "k.png", (20, 20), GREEN)
+    write_sidecars(tmp_path / "side", rows)
+    for name, _ in rows:
+        write_image(tmp_path / "meta" / name, *((20, 20), GREEN) if name == "cats/k.png" else
+                    (SIZES[int(name[3:6]) % len(SIZES)], color(int(name[3:6]))))
+    write_jsonl(tmp_path / "meta", rows)
+    write_image(tmp_path / "side" / "lonely.png", (20, 20), RED)  # no caption file
+    (tmp_path / "side" / "orphan.txt").write_text("a caption without an image")
+    side, meta = everything(tmp_path / "side"), everything(tmp_path / "meta")
+    assert side.names == meta.names and side.captions() == meta.captions()
+    assert sorted(zip(side.names, side.captions())) == sorted(rows)
+    assert torch.equal(side.images_uint8(), meta.images_uint8())
+    assert side.info["skipped"] == {"no .txt caption beside it": 1}
+    (tmp_path / "side" / "cats" / "k.txt").write_text("an edited kitten")
+    assert by_name(everything(tmp_path / "side"))["cats/k.png"][0] == "an edited kitten"
+
+
+def test_txt_captions_in_train_and_test_folders_keep_the_split(tmp_path):
+    """train/ and test/ captioned by .txt files split as with metadata files; beside a test/ folder, the root's own
+    caption files train and never reach into test/."""
+    write_sidecars(tmp_path / "a" / "train", make_folder(tmp_path / "a" / "train", 6, caption="train {i}"))
+    write_sidecars(tmp_path / "a" / "test", make_folder(tmp_path / "a" / "test", 3, prefix="t", caption="test {i}"))
+    items, _ = folder_items(tmp_path / "a")
+    assert sorted((i.split, i.caption) for i in items) == sorted(
+        [("train", f"train {i}".encode()) for i in range(6)] + [("eval", f"test {i}".encode()) for i in range(3)])
+    write_sidecars(tmp_path / "b", make_folder(tmp_path / "b", 4, caption="root {i}"))
+    write_jsonl(tmp_path / "b" / "test", make_folder(tmp_path / "b" / "test", 2, prefix="t", caption="held {i}"))
+    items, _ = folder_items(tmp_path / "b")
+    assert sorted((i.split, i.name) for i in items) == sorted(
+        [("train", f"img{i:03d}.png") for i in range(4)] + [("eval", f"test/t{i:03d}.png") for i in range(2)])
+
+
 def test_train_and_test_subfolders_give_the_split(tmp_path):
     """train/ and test/ with their own metadata: the folders' split ("test" -> eval), no image in both,
     even where both folders hold a file of the same name; num_eval still caps the eval split."""
@@ -229,7 +272,7 @@ def test_root_metadata_trains_beside_a_test_folder_and_unclear_layouts_are_refus
         dataset(tmp_path / "alone", "train")
     write_jsonl(tmp_path / "clash", make_folder(tmp_path / "clash", 3))
     write_jsonl(tmp_path / "clash" / "train", make_folder(tmp_path / "clash" / "train", 3))
-    with pytest.raises(UserError, match=r"has both metadata.jsonl and train/metadata.jsonl"):
+    with pytest.raises(UserError, match=r"has both metadata.jsonl and train/ with metadata.jsonl"):
         dataset(tmp_path / "clash", "train")
     write_jsonl(tmp_path / "clash" / "test", make_folder(tmp_path / "clash" / "test", 3))
     with pytest.raises(UserError, match=r"metadata.jsonl beside train/ and test/, whose split is used"):
@@ -572,7 +615,7 @@ BAD_LAYOUTS = {
     "csv missing column": r"metadata\.csv: no 'text' column",
     "csv empty": r"metadata\.csv is empty",
     "both metadata files": r"has both metadata\.jsonl and metadata\.csv",
-    "no metadata": r"has no metadata\.jsonl or metadata\.csv",
+    "no metadata": r"has no captions: add metadata\.jsonl or metadata\.csv .* or a \.txt beside each image",
     "not a directory": r"is not a directory",
     "does not exist": r"is not a directory",
 }
@@ -795,7 +838,7 @@ def test_cli_folder_without_metadata_exits_2_in_a_subprocess(tmp_path, tiny_conf
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("flopmatch: error:"), proc.stderr[-2000:]
-    assert f"{tmp_path / 'imgs'} has no metadata.jsonl or metadata.csv" in lines[0]
+    assert f"{tmp_path / 'imgs'} has no captions: add metadata.jsonl or metadata.csv" in lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout and not (tmp_path / "run").exists()
 
 

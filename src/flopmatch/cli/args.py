@@ -21,7 +21,8 @@ from flopmatch.errors import UserError
 
 DATA_HELP = ("training data: shapes (built-in), fashion-mnist (apt-get install dataset-fashion-mnist), "
              "emoji (apt-get install fonts-noto-color-emoji), folder:PATH (images with metadata.jsonl or "
-             "metadata.csv, columns file_name,text; optional train/ and test/ sub-folders), wds:PATTERN "
+             "metadata.csv, columns file_name,text, or a .txt caption beside each image; optional train/ and test/ "
+             "sub-folders), wds:PATTERN "
              "(WebDataset tar shards of KEY.jpg/.png/.webp with KEY.txt, e.g. shards/{00000..00099}.tar), or "
              "hf:PATH (a Hugging Face dataset saved with save_to_disk, or parquet files; columns set by "
              "data.image_column and data.text_column)")

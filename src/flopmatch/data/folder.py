@@ -5,6 +5,9 @@ Layout (https://huggingface.co/docs/datasets/image_dataset#imagefolder):
 - ``PATH/metadata.jsonl`` (one JSON object per line with ``file_name`` and ``text``) or
   ``PATH/metadata.csv`` (a header with those two columns); ``file_name`` is relative to the metadata
   file and may name nested folders (``cats/001.jpg``);
+- or, in a folder without a metadata file, caption files: each image's caption in a ``.txt`` beside it
+  with the same stem (``cats/001.jpg`` + ``cats/001.txt``, as kohya-ss and many exported datasets keep
+  them), images found in nested folders too; an image without its ``.txt`` is skipped and counted;
 - optionally ``PATH/train/`` and ``PATH/test/``, each with its own metadata file: the split is then
   the folders' (``test`` is the evaluation split), otherwise a hash split (see
   :func:`flopmatch.data.pool.split_indices`). ``test/`` beside a metadata file in ``PATH`` itself: that
@@ -15,7 +18,7 @@ Layout (https://huggingface.co/docs/datasets/image_dataset#imagefolder):
 A malformed metadata line (with its line number) or a missing column is a :class:`UserError`; a
 missing image, an empty or non-UTF-8 caption, or an undecodable image is skipped and counted.
 
-Cache key: the metadata files' bytes, and each listed image's name, size and modification time
+Cache key: the metadata files' bytes (or the caption files' names and bytes), and each listed image's name, size and modification time
 (``st_mtime_ns``), so an edited caption, a replaced or touched image, or a new file invalidates the
 cache, without re-reading every image on each start (the rule make and ccache use for files).
 """
@@ -35,6 +38,8 @@ from flopmatch.data.pool import Item, Pool, load_or_build
 from flopmatch.errors import UserError
 
 COLUMNS = ("file_name", "text")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SIDECARS = "caption files"  # a folder's caption source when it has .txt files beside its images, no metadata file
 # Sub-folder -> flopmatch split, as Hugging Face's image-folder loader names them; "test" wins over "validation".
 SPLIT_DIRS = {"train": "train", "test": "eval", "validation": "eval"}
 
@@ -44,6 +49,49 @@ def _metadata_file(directory: Path) -> Path | None:
     if len(found) > 1:
         raise UserError(f"{directory} has both metadata.jsonl and metadata.csv; keep one")
     return found[0] if found else None
+
+
+def _caption_source(directory: Path, splits_inside: bool = False) -> Path | str | None:
+    """Where a folder's captions are: its metadata file; SIDECARS where it has none but some image with a ``.txt``
+    of the same stem beside it; else None. ``splits_inside``: its train/, test/, validation/ are splits, not its own."""
+    meta = _metadata_file(directory)
+    if meta is not None:
+        return meta
+    return SIDECARS if any(p.with_suffix(".txt").is_file() for p in _images(directory, splits_inside)) else None
+
+
+def _named(source: Path | str) -> str:
+    return source.name if isinstance(source, Path) else f"its {SIDECARS} (image + .txt pairs)"
+
+
+def _images(directory: Path, splits_inside: bool) -> list[Path]:
+    """The image files under ``directory`` by name (nested folders too, not through linked ones; without the split
+    sub-folders where ``splits_inside``), sorted: the caption-file layout's items."""
+    found = []
+    for here, dirs, files in os.walk(directory):
+        if splits_inside and Path(here) == directory:
+            dirs[:] = [d for d in dirs if d not in SPLIT_DIRS]
+        dirs.sort()
+        found += [Path(here) / f for f in sorted(files) if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return found
+
+
+def _rows_sidecars(directory: Path, splits_inside: bool) -> tuple[list[tuple[str, object]], bytes]:
+    """(file name relative to ``directory``, caption bytes, or None without a .txt) of each image, and the caption
+    files' names and bytes for the cache key."""
+    rows, key = [], []
+    for path in _images(directory, splits_inside):
+        txt = path.with_suffix(".txt")
+        try:
+            caption = txt.read_bytes().removeprefix(b"\xef\xbb\xbf")
+        except FileNotFoundError:
+            caption = None
+        except OSError as e:
+            raise UserError(f"cannot read {txt}: {e.strerror or e}") from None
+        name = path.relative_to(directory).as_posix()
+        rows.append((name, caption))
+        key.append(name.encode("utf-8", "surrogateescape") + b"\0" + (caption if caption is not None else b"\xff") + b"\0")
+    return rows, b"".join(key)
 
 
 def _rows_jsonl(path: Path, raw: bytes) -> list[tuple[str, object]]:
@@ -109,26 +157,27 @@ def folder_items(root: str | Path) -> tuple[list[Item], str]:
     """The items of an image folder and its content key (see the module docstring). UserError on bad layout."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"folder:{root} is not a directory; give a folder with metadata.jsonl or metadata.csv")
-    found = [(root / d, split) for d, split in SPLIT_DIRS.items() if (root / d).is_dir() and _metadata_file(root / d)]
+        raise UserError(f"folder:{root} is not a directory; give a folder of images with metadata.jsonl, "
+                        "metadata.csv or a .txt caption beside each image")
+    found = [(root / d, split) for d, split in SPLIT_DIRS.items() if (root / d).is_dir() and _caption_source(root / d)]
     train = [p for p in found if p[1] == "train"]
     held = [p for p in found if p[1] == "eval"][:1]
-    top_meta = _metadata_file(root)
+    top_meta = _caption_source(root, splits_inside=True)
     # Which metadata is the training set must never be a guess: images meant for evaluation must not train.
     if train and held:  # a given split: both sides
         if top_meta is not None:
-            raise UserError(f"{root} has {top_meta.name} beside train/ and {held[0][0].name}/, whose split is used: "
-                            f"its images would be left out; move them into train/ (or remove {top_meta.name})")
+            raise UserError(f"{root} has {_named(top_meta)} beside train/ and {held[0][0].name}/, whose split is used: "
+                            f"its images would be left out; move them into train/ (or remove {_named(top_meta)})")
         parts = train + held
     elif held:  # test/ only: the root's images train, test/'s evaluate
         if top_meta is None:
             raise UserError(f"{root} has only a {held[0][0].name}/ split, held out for evaluation: add the training "
-                            f"images as train/ (with its metadata) or with a metadata file in {root}")
+                            f"images as train/ (with its captions) or with captions in {root}")
         parts = [(root, "train"), *held]
     elif train:  # train/ alone: its items, split by hash
         if top_meta is not None:
-            raise UserError(f"{root} has both {top_meta.name} and train/{_metadata_file(train[0][0]).name}: say which "
-                            f"is which by naming the held-out folder test/, or keep one of them")
+            raise UserError(f"{root} has both {_named(top_meta)} and train/ with {_named(_caption_source(train[0][0]))}: "
+                            f"say which is which by naming the held-out folder test/, or keep one of them")
         parts = [(train[0][0], "")]
     else:
         parts = [(root, "")]
@@ -137,16 +186,19 @@ def folder_items(root: str | Path) -> tuple[list[Item], str]:
     files: list[tuple[int, Path | None]] = []  # (item index, the file it resolves to) of each item that will be read
     held_dirs = [d.resolve() for d, split in parts if split == "eval"]  # the root's rows must not reach into them
     for directory, split in parts:
-        meta = _metadata_file(directory)
-        if meta is None:
-            sidecars = any(directory.glob("*.txt"))
-            raise UserError(f"{directory} has no metadata.jsonl or metadata.csv; add one with file_name and text "
-                            f"columns (the Hugging Face image-folder layout)" + (
-                                "; for image + .txt caption pairs, one line {\"file_name\": \"a.png\", \"text\": "
-                                "<a.txt's caption>} per image" if sidecars else ""))
-        raw = meta.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows editors)
-        digest.update(f"{meta.relative_to(root)}\0{len(raw)}\0".encode() + raw)
-        rows = (_rows_jsonl if meta.suffix == ".jsonl" else _rows_csv)(meta, raw)
+        splits_inside = directory == root
+        source = _caption_source(directory, splits_inside)
+        if source is None:
+            raise UserError(f"{directory} has no captions: add metadata.jsonl or metadata.csv with file_name and text "
+                            f"columns (the Hugging Face image-folder layout), or a .txt beside each image with its caption "
+                            f"(a.png + a.txt)")
+        if source == SIDECARS:
+            rows, raw = _rows_sidecars(directory, splits_inside)
+            digest.update(f"{directory.relative_to(root)}\0{SIDECARS}\0{len(raw)}\0".encode() + raw)
+        else:
+            raw = source.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows editors)
+            digest.update(f"{source.relative_to(root)}\0{len(raw)}\0".encode() + raw)
+            rows = (_rows_jsonl if source.suffix == ".jsonl" else _rows_csv)(source, raw)
         for file_name, caption in rows:
             path = (directory / file_name)
             name = os.path.relpath(path, root)
@@ -163,6 +215,9 @@ def folder_items(root: str | Path) -> tuple[list[Item], str]:
                           .encode("utf-8", "surrogateescape"))
             if not inside:
                 items.append(Item(name, caption, _refuse_outside, split))
+            elif caption is None and source == SIDECARS:
+                # a stand-in caption, so the cause counted is the missing file and not "empty caption"
+                items.append(Item(name, "-", _refuse_uncaptioned, split))
             elif split == "train" and _within(path, held_dirs):
                 items.append(Item(name, caption, _refuse_held_out, split))
             else:
@@ -204,6 +259,11 @@ def _within(path: Path, folders: list[Path]) -> bool:
 def _refuse_held_out():
     # A root metadata line naming an image of the test/ folder: that image is held out for evaluation, never trained on.
     raise BadImage("in the held-out test/ folder")
+
+
+def _refuse_uncaptioned():
+    # An image without its .txt in a folder captioned by .txt files.
+    raise BadImage("no .txt caption beside it")
 
 
 def _refuse_outside():
