@@ -19,8 +19,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from safetensors.torch import load_file
@@ -28,8 +30,20 @@ from safetensors.torch import load_file
 from flopmatch.errors import UserError
 from flopmatch.study.job import run_job
 from flopmatch.study.presets import study_preset
-from flopmatch.study.runner import not_started, study
-from flopmatch.study.slurm import SlurmConfig, check_resources, node_resources, parse_slurm_time, squeue_states
+from flopmatch.study.runner import check_gpu_split, not_started, study
+from flopmatch.study.slurm import (
+    SlurmConfig,
+    SlurmLauncher,
+    check_resources,
+    node_resources,
+    parse_extra,
+    parse_slurm_time,
+    read_jobs,
+    squeue_jobs,
+    squeue_states,
+    worker_error,
+    worker_warnings,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
@@ -101,6 +115,11 @@ def _wait(cond, what: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> 
         time.sleep(0.05)
 
 
+def _jid(jobs: Path, run: str) -> str:
+    """The SLURM job id jobs.json records for ``run``."""
+    return json.loads(jobs.read_text())[run]["id"]
+
+
 def _results(study: Path) -> dict:
     """Per run: every tensor of the final checkpoint (weights, EMA, optimizer) and every metric of every setting.
 
@@ -127,14 +146,18 @@ def test_study_through_real_slurm_survives_scancel_and_its_own_restart(slurm_clu
     first = _flopmatch([*STUDY, "--out", str(out), *slurm], env)
     jobs = out / "slurm" / "jobs.json"
     _wait(lambda: _step(out / "runs" / PREEMPTED) >= 20, "the preempted run to pass step 20", first)
-    preempted = json.loads(jobs.read_text())[PREEMPTED]
+    preempted = _jid(jobs, PREEMPTED)
     subprocess.run(["scancel", "--signal=USR2", preempted], env=env, check=True)
     _wait(lambda: _step(out / "runs" / VICTIM) >= 40, "the victim to pass step 40", first)  # checkpoints every 10
-    cancelled = json.loads(jobs.read_text())[VICTIM]
+    cancelled = _jid(jobs, VICTIM)
     subprocess.run(["scancel", cancelled], env=env, check=True)
     log = first.communicate(timeout=300)[0]
     assert first.returncode == 2, log
-    assert f"{VICTIM} (slurm job {cancelled}" in log and "re-run to continue" in log
+    # the failure says which job, in which state, why (the worker wrote no error: it was stopped) and where its log is
+    assert (f"{VICTIM} (job {cancelled}, CANCELLED): no error in its log (stopped from outside" in log
+            and f"log: {out / 'logs' / VICTIM}.log" in log and "re-run to continue" in log), log
+    assert "[study] slurm, the tokenizer phase: 1 job(s) submitted" in log and "[study] slurm, runs: 2 job(s)" in log
+    assert re.search(rf"\[study\] slurm: running: .*{PREEMPTED} \(job {preempted}", log), log
     assert "1 run(s) failed" in log and f"done: {PREEMPTED}" in log  # the preempted run finished in its requeued job
     assert "Traceback" not in log
     interrupted_at = _step(out / "runs" / VICTIM)
@@ -143,15 +166,16 @@ def test_study_through_real_slurm_survives_scancel_and_its_own_restart(slurm_clu
     assert requeued.count(f"[slurm] job {preempted} ") == 2, requeued  # the same job ran twice: requeued, not resubmitted
     assert re.search(r"interrupted at step (\d+)/\d+; checkpoint saved", requeued), requeued
     stopped = re.search(r"interrupted at step (\d+)/", requeued).group(1)
-    assert f"resuming at step {stopped}/" in requeued and json.loads(jobs.read_text())[PREEMPTED] == preempted
+    assert f"resuming at step {stopped}/" in requeued and _jid(jobs, PREEMPTED) == preempted
+    assert "the job is requeued and resumes the run by itself" in requeued  # not the worker's "re-run" advice alone
 
     # 2. re-run with the partition down (jobs queue but do not start): the cancelled run is resubmitted and
     #    stays queued; kill this study process, the job outlives it
     partition = ["scontrol", "update", "PartitionName=local"]
     subprocess.run([*partition, "State=DOWN"], env=env, check=True)
     second = _flopmatch([*STUDY, "--out", str(out), *slurm], env)
-    _wait(lambda: json.loads(jobs.read_text())[VICTIM] != cancelled, "the resubmission", second)
-    resubmitted = json.loads(jobs.read_text())[VICTIM]
+    _wait(lambda: _jid(jobs, VICTIM) != cancelled, "the resubmission", second)
+    resubmitted = _jid(jobs, VICTIM)
     second.send_signal(signal.SIGKILL)
     second.wait()
     assert squeue_states([resubmitted]).get(resubmitted) == "PENDING"
@@ -168,11 +192,17 @@ def test_study_through_real_slurm_survives_scancel_and_its_own_restart(slurm_clu
     log = "".join(seen) + third.communicate(timeout=300)[0]
     assert third.returncode == 0, log
     assert "waiting for" not in log  # the queued job is the run's writer: attached to, not waited out
-    assert json.loads(jobs.read_text())[VICTIM] == resubmitted
+    assert _jid(jobs, VICTIM) == resubmitted
     assert (out / "report.html").exists() and (out / "inference_timing.json").exists()
-    assert not list((out / "slurm").glob(".submission_file_*"))  # submitit's links to the scripts: removed
+    assert not list((out / "slurm").rglob(".submission_file_*"))  # submitit's links to the scripts: removed
+    assert not list((out / "slurm").rglob("*_result.pkl"))  # submitit's results: never read, not left behind
     for phase in ("prepare-tokenizers", "timing-phase"):  # the study's phases ran as jobs too, not in the study process
         assert phase in json.loads(jobs.read_text()) and "[slurm] job" in (out / "logs" / f"{phase}.log").read_text()
+    # each study process submitted into a private folder of its own; the timing phase had its node to itself
+    recs = read_jobs(out / "slurm")
+    assert len({r["folder"].split("/")[0] for r in recs.values()}) == 3 and (out / "slurm").stat().st_mode & 0o077 == 0
+    script = (out / "slurm" / recs["timing-phase"]["folder"] / f"{recs['timing-phase']['id']}_submission.sh").read_text()
+    assert "#SBATCH --exclusive" in script and "wckey" not in script, script
     resumed = (out / "logs" / f"{VICTIM}.log").read_text()
     assert "resuming at step" in resumed, resumed  # it continued from its checkpoint, it did not start over
     assert interrupted_at < _step(out / "runs" / VICTIM)  # the cancel interrupted it: it had steps left to train
@@ -229,17 +259,18 @@ def test_gpus_that_do_not_split_the_batch_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-SINFO = """gpu|64|gpu:a100:4(S:0-1)|512000
-gpu|32|gpu:a100:2,mps:200|256000
-cpu*|128|(null)|1024000
+SINFO = """gpu|64|gpu:a100:4(S:0-1)|512000|2-00:00:00
+gpu|32|gpu:a100:2,mps:200|256000|2-00:00:00
+cpu*|128|(null)|1024000|infinite
+debug|8|(null)|16000|1:00:00
 """
 
 
 def test_node_resources_read_from_sinfo():
     """The most one node offers, over a partition's node groups: CPUs, GPUs (typed or not, beside other GRES) and MB;
     no partition named: the default (starred) one; an unlisted partition: None."""
-    assert node_resources(SINFO, "gpu") == {"cpus": 64, "gpus": 4, "mem_mb": 512000}
-    assert node_resources(SINFO, None) == {"cpus": 128, "gpus": 0, "mem_mb": 1024000}
+    assert node_resources(SINFO, "gpu") == {"cpus": 64, "gpus": 4, "mem_mb": 512000, "time_min": 2880}
+    assert node_resources(SINFO, None) == {"cpus": 128, "gpus": 0, "mem_mb": 1024000, "time_min": None}
     assert node_resources(SINFO, "nope") is None and node_resources("gpu|8|gpu:2|1000\n", None) is None
     check_resources(SlurmConfig(partition="gpu", gpus_per_run=4, cpus_per_run=64, mem_gb=500), SINFO)
     for cfg, match in ((SlurmConfig(), r"--gpus-per-run 1: the nodes of the default partition have no GPUs \(sinfo\); "
@@ -285,15 +316,166 @@ def test_resources_no_node_has_and_plan_only_flags_are_refused_before_any_work(s
         assert not (tmp_path / "s").exists()
 
 
-def test_a_recorded_job_id_of_another_job_is_not_waited_on(slurm_cluster, monkeypatch):
+def test_a_recorded_job_id_of_another_job_is_not_waited_on(slurm_cluster, monkeypatch, tmp_path):
     """A job id in jobs.json that SLURM now gives to another job (ids reset or wrapped, the study moved) is not this
     study's: squeue_states leaves a job of another name out, as ended, so the run is submitted again."""
     monkeypatch.setenv("SLURM_CONF", slurm_cluster["SLURM_CONF"])
     jid = subprocess.run(["sbatch", "--parsable", "--job-name", "someone-else", "--hold", "--wrap", "sleep 60"],
                          env=slurm_cluster, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    # a job an earlier flopmatch submitted (jobs.json: run -> id, job name flopmatch-<run>) is still found as this study's
+    old = subprocess.run(["sbatch", "--parsable", "--job-name", "flopmatch-masked-d1-b4e10-s0", "--hold", "--wrap",
+                          "sleep 60"], env=slurm_cluster, capture_output=True, text=True, check=True).stdout.split(";")[0].strip()
     try:
         assert squeue_states([jid]) == {jid: "PENDING"}
         assert squeue_states([jid], {jid: "someone-else"}) == {jid: "PENDING"}
         assert squeue_states([jid], {jid: "flopmatch-masked-d1-b4e10-s0"}) == {}
+        (tmp_path / "jobs.json").write_text(json.dumps({"masked-d1-b4e10-s0": old}))
+        rec = read_jobs(tmp_path)["masked-d1-b4e10-s0"]
+        assert rec == {"id": old, "job_name": "flopmatch-masked-d1-b4e10-s0", "folder": old}
+        assert squeue_states([old, jid], {old: rec["job_name"], jid: "flopmatch-masked-d1-b4e10-s0-abcdef"}) == {old: "PENDING"}
     finally:
-        subprocess.run(["scancel", jid], env=slurm_cluster, check=False)
+        subprocess.run(["scancel", jid, old], env=slurm_cluster, check=False)
+
+
+def test_a_controller_that_keeps_timing_out_ends_the_wait(monkeypatch):
+    """squeue timing out counts as a failed call: the study waits through a few (jobs read as alive), then gives up
+    with one line instead of waiting for ever."""
+    def timeout(*args, **kw):
+        raise subprocess.TimeoutExpired(args[0], 60)
+    monkeypatch.setattr(subprocess, "run", timeout)
+    for _ in range(4):
+        assert squeue_states(["3"]) == {"3": "NO ANSWER"}
+    with pytest.raises(UserError, match=r"squeue failed 5 times in a row \(no answer within 60 s\)"):
+        squeue_states(["3"])
+
+
+def test_time_above_the_partitions_limit_and_several_problems_are_one_line():
+    """--slurm-time above the partition's time limit (sinfo %l) would pend for ever: refused naming the limit; no limit
+    (infinite) passes; every problem of one command is said at once."""
+    check_resources(SlurmConfig(gpus_per_run=0, time_min=10 * 1440), SINFO)  # infinite
+    check_resources(SlurmConfig(partition="debug", gpus_per_run=0, cpus_per_run=8, time_min=60), SINFO)
+    with pytest.raises(UserError, match=r"^--slurm-time 4:00:00 exceeds the time limit of partition 'debug', 1:00:00 "
+                                        r"\(sinfo\); use --slurm-time 1:00:00 or less"):
+        check_resources(SlurmConfig(partition="debug", gpus_per_run=0, cpus_per_run=8), SINFO)
+    with pytest.raises(UserError, match=r"^--gpus-per-run 1: .*; --cpus-per-run 16: .*; --slurm-time 4:00:00 exceeds"):
+        check_resources(SlurmConfig(partition="debug", cpus_per_run=16), SINFO)
+
+
+def test_the_workers_error_and_warnings_are_read_from_the_jobs_part_of_the_log():
+    """The run's log holds every job of the run: the reason is the failed job's own last `flopmatch: error:` line,
+    else its last exception line; None when that job wrote neither or never started. A finished job's warnings are
+    its own too."""
+    log = ("[slurm] job 5 on n1: python -m flopmatch.study.worker x.json\nflopmatch: error: an old job's error\n"
+           "[slurm] job 9 on n1: python -m flopmatch.study.worker x.json\nTraceback (most recent call last):\n"
+           "  File \"x.py\", line 1\ntorch.OutOfMemoryError: CUDA out of memory\n[rank0]: flopmatch: error: device "
+           "cuda requested but CUDA is not available\nflopmatch: error: the last one\n")
+    assert worker_error(log, "9") == "the last one" and worker_error(log, "5") == "an old job's error"
+    assert worker_error(log.replace("flopmatch: error: the last one\n", "").replace("[rank0]: flopmatch", "x"), "9") \
+        == "torch.OutOfMemoryError: CUDA out of memory"
+    assert worker_error(log, "7") is None and worker_error("[slurm] job 7 on n1: ...\nstep 3\n", "7") is None
+    # a requeued job starts twice under one id: its warnings are from both starts, said once each
+    requeued = ("[slurm] job 3 on n1: w\n[study] warning: busy node\n[slurm] job 3: stopped for SLURM's time-out\n"
+                "[slurm] job 3 on n2: w\n[study] warning: busy node\nwarning: FID from n = 10\n[slurm] job 4 on n1: w\n"
+                "warning: a later job's\n")
+    assert worker_warnings(requeued, "3") == ["[study] warning: busy node", "warning: FID from n = 10"]
+
+
+def test_extra_sbatch_options_and_the_job_records_of_an_earlier_flopmatch():
+    """--slurm-extra: KEY=VALUE or a bare flag; an option with a flag of its own is refused naming it. jobs.json of an
+    earlier flopmatch (run -> id) reads as jobs named flopmatch-<run> with their files in slurm/<id>/."""
+    assert parse_extra(["reservation=r1", "--mail_type=FAIL", "requeue"]) == {"reservation": "r1", "mail-type": "FAIL",
+                                                                             "requeue": True}
+    for bad, match in (("time=10", "use --slurm-time"), ("job-name=x", "flopmatch sets it"), ("=x", "KEY=VALUE"),
+                       ("qos=", "KEY=VALUE")):
+        with pytest.raises(UserError, match=match):
+            parse_extra([bad])
+
+
+def test_jobs_that_cannot_run_as_configured_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """train.device cuda with --gpus-per-run 0 (every job would start and fail), and a login node lacking some SLURM
+    commands (a traceback, or an sbatch error after the study began), are one line each with nothing written."""
+    scfg = study_preset("tiny")
+    scfg.overrides += ["train.device=cuda"]
+    with pytest.raises(UserError, match=r"train.device cuda needs a GPU, and --gpus-per-run 0 gives its job none"):
+        study(tmp_path / "s", scfg, launcher="slurm", slurm=SlurmConfig(gpus_per_run=0), progress=False)
+    plan = [SimpleNamespace(name="r", config={"train": {"device": "cuda:1", "batch_size": 8}})]
+    with pytest.raises(UserError, match="sees its GPU as cuda:0"):
+        check_gpu_split(plan, SlurmConfig(gpus_per_run=1))
+    plan[0].config["train"]["device"] = "cpu"
+    check_gpu_split(plan, SlurmConfig(gpus_per_run=1))
+    assert "each job's 1 GPU(s) (--gpus-per-run) sit idle" in capsys.readouterr().out
+    some = tmp_path / "bin"
+    some.mkdir()
+    for tool in ("sinfo", "squeue"):
+        (some / tool).symlink_to(shutil.which(tool) or "/bin/true")
+    monkeypatch.setenv("PATH", str(some))
+    with pytest.raises(UserError, match=r"^sbatch, srun, scontrol not found: --launcher slurm needs"):
+        study(tmp_path / "s", study_preset("tiny"), launcher="slurm", slurm=SlurmConfig(gpus_per_run=0), progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_time_limit_above_the_partitions_is_refused_by_the_real_sinfo(slurm_cluster, tmp_path, monkeypatch):
+    """Against the cluster with its partition limited to an hour: the default --slurm-time 4:00:00 is refused (it would
+    pend for ever as PartitionTimeLimit), naming the limit; an hour passes; nothing is written."""
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster["SLURM_CONF"])
+    partition = ["scontrol", "update", "PartitionName=local"]
+    subprocess.run([*partition, "MaxTime=60"], env=slurm_cluster, check=True)
+    try:
+        with pytest.raises(UserError, match=r"--slurm-time 4:00:00 exceeds the time limit of the default partition, "
+                                            r"1:00:00 \(sinfo\)"):
+            SlurmLauncher(tmp_path / "s", SlurmConfig(gpus_per_run=0, cpus_per_run=1)).check()
+        SlurmLauncher(tmp_path / "s", SlurmConfig(gpus_per_run=0, cpus_per_run=1, time_min=60)).check()
+    finally:
+        subprocess.run([*partition, "MaxTime=INFINITE"], env=slurm_cluster, check=True)
+    assert not (tmp_path / "s").exists()
+
+
+def test_failed_jobs_are_reported_one_per_line_with_the_workers_error(slurm_cluster, tmp_path, monkeypatch, capsys):
+    """Two jobs that fail in their worker, submitted held (--slurm-extra hold): the progress shows each run pending
+    with squeue's reason and its job id; once released, each failure is its own line with the job id, its state, the
+    worker's error (a `flopmatch: error:` line; a traceback's last line) and the log. The jobs ran with the
+    --slurm-setup line, the extra options and no wckey, under job names unique to the study directory, from a private
+    submitit folder of this process, which keeps no result pickle."""
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster["SLURM_CONF"])
+    out = tmp_path / "s"
+    cfg = SlurmConfig(gpus_per_run=0, cpus_per_run=1, poll_s=0.3, setup=["echo setup-ran"],
+                      extra=parse_extra(["hold", "comment=flopmatch-test"]))
+    launcher = SlurmLauncher(out, cfg)
+    launcher.check()
+    assert not out.exists()
+    jobs = [{"name": "bad-config", "config": {"nope": 1}, "run_dir": str(out / "runs" / "bad-config")},
+            {"name": "bad-crash", "run_dir": str(out / "runs" / "bad-crash")}]  # no config: a KeyError in the worker
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(launcher.run(jobs, lambda j: None, lambda j: False, True)))
+    thread.start()
+    said = ""
+    deadline = time.monotonic() + 60
+    while said.count("JobHeldUser") < 1 or "bad-crash (job" not in said:
+        assert time.monotonic() < deadline and thread.is_alive(), said
+        said += capsys.readouterr().out
+        time.sleep(0.1)
+    recs = read_jobs(out / "slurm")
+    ids = {name: r["id"] for name, r in recs.items()}
+    assert squeue_jobs(list(ids.values()))[ids["bad-config"]] == ("PENDING", "JobHeldUser")
+    comment = subprocess.run(["squeue", "--noheader", "-o", "%k", "-j", ids["bad-config"]], env=slurm_cluster,
+                             capture_output=True, text=True, check=True).stdout.strip()
+    subprocess.run(["scontrol", "release", *ids.values()], env=slurm_cluster, check=True)
+    thread.join(timeout=120)
+    said += capsys.readouterr().out
+    assert not thread.is_alive() and comment == "flopmatch-test"
+    assert "[study] slurm, runs: 2 job(s) submitted, 0 found" in said
+    assert f"[study] slurm: pending (JobHeldUser): bad-config (job {ids['bad-config']}), bad-crash (job " in said, said
+    assert sorted(result[0]) == [f"bad-config (job {ids['bad-config']}, FAILED)", f"bad-crash (job {ids['bad-crash']}, FAILED)"]
+    lines = [line for line in said.splitlines() if line.startswith("[study] slurm: failed: ")]
+    assert len(lines) == 2, said
+    for line in lines:
+        name = line.split()[3]
+        folder = out / "slurm" / recs[name]["folder"]
+        assert line.endswith(f"; log: {out / 'logs' / name}.log and {folder}/"), line
+        assert recs[name]["job_name"] == f"flopmatch-{name}-{launcher.tag}" and folder.parent.name == launcher.token
+        assert "setup-ran" in (folder / f"{folder.name}_0_log.out").read_text()
+        assert "wckey" not in (folder / f"{folder.name}_submission.sh").read_text()
+    assert any(": unknown config key nope; valid keys:" in line for line in lines), lines
+    assert any(line.split("): ", 1)[1].startswith("KeyError: 'config'") for line in lines), lines
+    assert (out / "slurm").stat().st_mode & 0o777 == 0o700 and (out / "slurm" / launcher.token).stat().st_mode & 0o777 == 0o700
+    assert not list((out / "slurm").rglob("*_result.pkl"))

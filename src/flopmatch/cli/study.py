@@ -12,7 +12,8 @@ from flopmatch.config import RunConfig, apply_overrides, check_holdout
 from flopmatch.errors import UserError
 from flopmatch.study.presets import STUDY_PRESETS
 
-SLURM_FLAGS = ("partition", "gpus_per_run", "cpus_per_run", "slurm_time", "slurm_account", "slurm_mem_gb", "slurm_poll")
+SLURM_FLAGS = ("partition", "gpus_per_run", "cpus_per_run", "slurm_time", "slurm_account", "slurm_mem_gb", "slurm_poll",
+               "slurm_qos", "slurm_constraint", "slurm_setup", "slurm_extra", "slurm_timing_exclusive")
 DEFAULT_PRESET = "cpu"  # of a new study directory (an existing one defaults to its own settings)
 
 
@@ -88,7 +89,7 @@ def cmd_study(args) -> int:
     from flopmatch.study.launchers import concurrent_runs
     from flopmatch.study.presets import check_grid_overrides, study_preset
     from flopmatch.study.runner import preview, saved_study, study
-    from flopmatch.study.slurm import SlurmConfig, parse_slurm_time
+    from flopmatch.study.slurm import SlurmConfig, parse_extra, parse_slurm_time
 
     # Without --preset, a study directory's own settings are the defaults (growing it names only what it adds);
     # with it, or in a new directory, the preset's.
@@ -117,7 +118,10 @@ def cmd_study(args) -> int:
     if args.launcher == "slurm":
         given = {"partition": args.partition, "gpus_per_run": args.gpus_per_run, "cpus_per_run": args.cpus_per_run,
                  "time_min": parse_slurm_time(args.slurm_time) if args.slurm_time else None,
-                 "account": args.slurm_account, "mem_gb": args.slurm_mem_gb, "poll_s": args.slurm_poll}
+                 "account": args.slurm_account, "mem_gb": args.slurm_mem_gb, "poll_s": args.slurm_poll,
+                 "qos": args.slurm_qos, "constraint": args.slurm_constraint, "setup": args.slurm_setup,
+                 "extra": parse_extra(args.slurm_extra) if args.slurm_extra else None,
+                 "timing_exclusive": args.slurm_timing_exclusive}
         slurm = SlurmConfig(**{k: v for k, v in given.items() if v is not None})  # unset: SlurmConfig's defaults
     if args.plan_only:  # checked as the study would be, SLURM's settings too
         preview(Path(args.out), scfg, calibrate=args.calibrate and args.launcher != "slurm",
@@ -189,8 +193,15 @@ def register(sub) -> None:
     p.add_argument("--launcher", default="local", choices=("local", "slurm"),
                    help="where runs execute: local (this machine, --workers processes) or slurm (one SLURM job per run "
                         "through submitit; re-running the study finds queued and running jobs) (default: local)")
-    g = p.add_argument_group("SLURM (with --launcher slurm)")
-    g.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
+    g = p.add_argument_group(
+        "SLURM (with --launcher slurm)",
+        "One job per run, through this machine's SLURM client (SLURM_CONF, if set, names the cluster's slurm.conf); "
+        "the study checks with sinfo, before writing anything, that a node of the partition can run the jobs. Jobs "
+        "outlive Ctrl-C and the study process: re-running the same command finds them, skips finished runs and "
+        "resubmits failed ones, which resume from their checkpoints. Worker logs: OUT/logs/<run>.log; job ids and "
+        "submitit's folders: OUT/slurm/jobs.json; job names flopmatch-<run>-<hash of OUT>. A job reaching "
+        "--slurm-time checkpoints and is requeued (at most 100 times).")
+    g.add_argument("--partition", help="SLURM partition, one (default: the cluster's default)")
     g.add_argument("--gpus-per-run", type=count(0), help="GPUs per run; > 1 starts torchrun inside the job, 0 = CPU "
                    "only (default 1)")
     g.add_argument("--cpus-per-run", type=count(1), help="CPU cores per run (default 8)")
@@ -199,6 +210,19 @@ def register(sub) -> None:
     g.add_argument("--slurm-account", help="SLURM account to charge (default: yours)")
     g.add_argument("--slurm-mem-gb", type=count(1), help="memory per job in GB (default: the partition's)")
     g.add_argument("--slurm-poll", type=positive_seconds, help="seconds between squeue polls (default 10)")
+    g.add_argument("--slurm-qos", metavar="QOS", help="sbatch --qos of every job (default: the account's)")
+    g.add_argument("--slurm-constraint", metavar="FEATURES",
+                   help="sbatch --constraint of every job, e.g. a GPU type such as a100 (default: none)")
+    g.add_argument("--slurm-setup", action="append", metavar="SHELL_LINE",
+                   help="a shell line each job runs before the worker, e.g. 'module load cuda' or 'source "
+                        "venv/bin/activate' (repeatable, in order)")
+    g.add_argument("--slurm-extra", action="append", metavar="KEY=VALUE",
+                   help="another sbatch option for every job, e.g. reservation=r1 or mail-type=FAIL; a bare KEY for a "
+                        "flag (repeatable; options with a flag of their own are refused)")
+    g.add_argument("--slurm-timing-exclusive", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the timing phase's job alone on its node (sbatch --exclusive), so that latency and "
+                        "throughput are measured on a quiet machine; --no-slurm-timing-exclusive where a site "
+                        "forbids it (default: on)")
     p.add_argument("--retime", action="store_true",
                    help="measure inference latency/throughput again, every paradigm together (default: reuse the study's)")
     p.add_argument("--plan-only", action="store_true", help="print the plan and its time estimate, and exit")

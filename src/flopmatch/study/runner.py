@@ -159,9 +159,28 @@ def _no_job(folder: Path) -> bool:
 
 
 def check_gpu_split(plans: list, slurm: SlurmConfig) -> None:
-    """Under SLURM with several GPUs per run, torchrun splits each batch over them: refuse a batch size that
-    ``slurm.gpus_per_run`` does not divide, naming the run."""
-    if slurm.gpus_per_run <= 1:
+    """Under SLURM, before anything is written or queued: refuse a run whose ``train.device`` the jobs cannot give it
+    (cuda with ``--gpus-per-run 0``: every job would start, import torch and fail; cuda:N where a job sees its GPUs as
+    cuda:0.., or under torchrun, which puts each process on its own), and, with several GPUs per run, a batch size
+    that ``slurm.gpus_per_run`` does not divide (torchrun splits each batch over them), naming the run. Warn when
+    every run trains on the CPU while each job is given GPUs."""
+    g = slurm.gpus_per_run
+    for p in plans:
+        device = p.config["train"]["device"]
+        if device.startswith("cuda") and g == 0:
+            raise UserError(f"{p.name}'s train.device {device} needs a GPU, and --gpus-per-run 0 gives its job none; "
+                            f"use --gpus-per-run 1 or more, or --set train.device=cpu")
+        index = int(device.partition(":")[2]) if device.startswith("cuda:") else None
+        if index is not None and g > 1:
+            raise UserError(f"{p.name}'s train.device {device} would put all {g} processes of its job on one GPU; "
+                            f"use --set train.device=cuda (each process takes its own)")
+        if index is not None and index >= g:
+            raise UserError(f"{p.name}'s train.device {device}: a job with --gpus-per-run {g} sees its GPU as cuda:0; "
+                            f"use --set train.device=cuda")
+    if g and plans and all(p.config["train"]["device"] == "cpu" for p in plans):
+        print(f"[study] warning: every run has train.device cpu, so each job's {g} GPU(s) (--gpus-per-run) sit idle; "
+              f"--gpus-per-run 0 asks for none", flush=True)
+    if g <= 1:
         return
     for p in plans:
         if p.config["train"]["batch_size"] % slurm.gpus_per_run:
@@ -188,8 +207,8 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
     if launcher == "local":  # the runs' device exists here (under SLURM they run on other machines)
         for device in sorted({p.config["train"]["device"] for p in plans}):
             resolve_device(device)
-    if launcher == "slurm" and slurm is not None:
-        check_gpu_split(plans, slurm)
+    if launcher == "slurm":
+        check_gpu_split(plans, slurm or SlurmConfig())
     launch = make_launcher(launcher, workers, out, slurm)
     launch.check()  # e.g. SLURM reachable and the partition known, before minutes of tokenizer training
     if added:
