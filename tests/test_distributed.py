@@ -98,16 +98,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(jobs: list[dict], world: int = 2, timeout: float = LAUNCH_TIMEOUT_S, code: str | None = None) -> list[str]:
-    """Run ``jobs`` in ``world`` processes started as torchrun starts its workers (or another script ``code``); fail on
-    error or timeout. Returns each rank's output."""
+def launch(jobs: list[dict], world: int = 2, timeout: float = LAUNCH_TIMEOUT_S, code: str | None = None,
+           extra_env: dict | None = None) -> list[str]:
+    """Run ``jobs`` in ``world`` processes started as torchrun starts its workers (or another script ``code``;
+    ``extra_env`` added to their environment); fail on error or timeout. Returns each rank's output."""
     code = code or WORKER.format(tests=str(TESTS), jobs=json.dumps(jobs))
     port = _free_port()
     procs = []
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1"}
+               "OMP_NUM_THREADS": "1", **(extra_env or {})}
         procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     deadline = time.monotonic() + timeout
@@ -218,6 +219,19 @@ def test_two_processes_reach_the_one_process_weights(parallel, name, two_process
     assert state["world_size"] == 2 and state["parallel"] == parallel and state["train_randomness"] == TRAIN_RANDOMNESS
     assert state["flops"] == read_state(root / f"one-{name}")["flops"]  # the budget is the global batch's
     assert not any(k.startswith("rng.") for k in _tensors(got))  # randomness is (seed, step): nothing to save
+
+
+@pytest.mark.slow
+def test_a_one_process_torchrun_launch_is_wrapped_and_trains_as_a_plain_run(two_process, tmp_path):
+    """torchrun --nproc_per_node 1 (TORCHELASTIC_RUN_ID set, WORLD_SIZE 1) makes a process group of one and wraps the
+    network as asked (how a one-GPU machine runs the NCCL, DDP and FSDP2 paths), reaching the plain run's weights."""
+    root, _ = two_process
+    out = tmp_path / "fsdp2-world1"
+    launch([{"kind": "train", "objective": "masked", "steps": STEPS, "out": str(out),
+             "sets": [*SETS, "train.parallel=fsdp2"]}], world=1, extra_env={"TORCHELASTIC_RUN_ID": "test"})
+    state = read_state(out)
+    assert (state["world_size"], state["parallel"]) == (1, "fsdp2")
+    assert_same_run(out, root / "one-masked")
 
 
 @pytest.mark.slow

@@ -45,6 +45,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask, is_causal=is_causal)
 
 
+def cache_dtype(device: torch.device | str, max_len: int) -> torch.dtype:
+    """The dtype a KV cache of ``max_len`` positions keeps keys and values in: the one :func:`attention` computes in,
+    so no decode step re-casts the whole cache in every layer. Under autocast that is the autocast dtype (bf16), which
+    the projected keys/values already have, so storing them in it rounds nothing; except on a CPU over at most
+    CPU_FP32_ATTENTION_MAX_KEYS keys, where attention runs in fp32. fp32 without autocast."""
+    kind = torch.device(device).type
+    if torch.is_autocast_enabled(kind) and (kind != "cpu" or max_len > CPU_FP32_ATTENTION_MAX_KEYS):
+        return torch.get_autocast_dtype(kind)
+    return torch.float32
+
+
 class KVCache:
     """Per-layer self-attention keys/values for incremental decoding, plus the text keys/values.
 
@@ -261,8 +272,10 @@ class Backbone(nn.Module):
             nn.init.zeros_(b.ada.bias)
             nn.init.zeros_(b.cross.proj.weight)
 
-    def new_cache(self, batch: int, max_len: int, device, dtype=torch.float32, static: bool = False) -> KVCache:
-        """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens (``static``: see :class:`KVCache`)."""
+    def new_cache(self, batch: int, max_len: int, device, dtype: torch.dtype | None = None, static: bool = False) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens (``static``: see :class:`KVCache`) in
+        ``dtype`` (None: :func:`cache_dtype`, from the autocast state at this call)."""
+        dtype = cache_dtype(device, max_len) if dtype is None else dtype
         return KVCache(self.depth, batch, self.heads, max_len, self.width // self.heads, device, dtype, static)
 
     def forward(self, x, c, text, text_pad, cache: KVCache | None = None) -> torch.Tensor:

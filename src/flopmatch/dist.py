@@ -41,21 +41,39 @@ from flopmatch.errors import EchoedError, UserError
 
 
 def is_launched() -> bool:
-    """True when started by torchrun (WORLD_SIZE set)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True when started by torchrun (TORCHELASTIC_RUN_ID set: one process too) or another launcher of several
+    processes (WORLD_SIZE > 1).
+
+    A one-process torchrun launch is distributed too (a process group of one, the network wrapped as asked): what
+    ``torchrun --nproc_per_node 1`` users expect (torchtitan does the same), and the only way to run the NCCL, DDP and
+    FSDP2 code paths on a machine with one GPU (scripts/gpu-check.sh)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-_CPU_GROUP: list = []  # [gloo group for host-side flags (any_rank, entered_on_main)], made by init next to NCCL's
+_CPU_GROUP: list = []  # [gloo group for host-side flags and waits (any_rank, entered_on_main, barrier)], made by init
+
+# How long a rank waits in a host-side collective (barrier, flags) for the others: the main rank alone may decode a
+# whole source, train the prompt scorer or compute an evaluation's metrics meanwhile (well over NCCL's 10-minute
+# default watchdog for a large first decode), and a timed-out wait aborts the launch.
+HOST_WAIT = datetime.timedelta(hours=2)
 
 
 def init(device: torch.device) -> None:
     """Initialise the process group once (nccl on CUDA, gloo on CPU) if launched by torchrun; on CUDA also a gloo
-    group over the same ranks for host-side flags (:func:`any_rank`)."""
+    group over the same ranks for host-side flags and waits (:func:`any_rank`, :func:`barrier`)."""
     if is_launched() and not torch_dist.is_initialized():
         if device.type == "cuda":  # NCCL collectives and FSDP2's mesh use the current device: this rank's own
             torch.cuda.set_device(device)
-        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        _CPU_GROUP[:] = [torch_dist.new_group(backend="gloo") if device.type == "cuda" else None]
+            torch_dist.init_process_group("nccl", device_id=device)  # device_id: no "barrier(): using the device" warning
+            _CPU_GROUP[:] = [torch_dist.new_group(backend="gloo", timeout=HOST_WAIT)]
+        else:
+            torch_dist.init_process_group("gloo", timeout=HOST_WAIT)
+            _CPU_GROUP[:] = [None]
+
+
+def in_group() -> bool:
+    """Whether this process is part of a process group (torchrun, any number of processes): the network is wrapped."""
+    return torch_dist.is_initialized()
 
 
 @contextlib.contextmanager
@@ -209,8 +227,11 @@ def main_only():
 
 
 def barrier() -> None:
+    """Every rank waits here for the others (a host-side wait: over the gloo group on CUDA, so a rank waiting while the
+    main one writes a checkpoint or decodes data is bounded by HOST_WAIT, not NCCL's watchdog, and no GPU queue is
+    drained for it)."""
     if torch_dist.is_initialized() and not getattr(_MAIN_ONLY, "active", False):
-        torch_dist.barrier()
+        torch_dist.barrier(group=_CPU_GROUP[0] if _CPU_GROUP else None)
 
 
 # ----------------------------------------------------------------------------- wrapping

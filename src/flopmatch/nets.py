@@ -157,7 +157,7 @@ class Network(nn.Module):
         """Trainable parameter count (positions are a fixed buffer)."""
         return sum(p.numel() for p in self.parameters())
 
-    def new_cache(self, batch: int, device, dtype=torch.float32, static: bool = False) -> KVCache:
+    def new_cache(self, batch: int, device, dtype: torch.dtype | None = None, static: bool = False) -> KVCache:
         """An empty KV cache for one full sequence per row (autoregressive decoding; ``static``: see KVCache)."""
         return self.backbone.new_cache(batch, self.spec.seq_len, device, dtype, static)
 

@@ -52,9 +52,14 @@ class TextBatch:
     def __len__(self) -> int:
         return self.states.shape[0]
 
-    def to(self, device: str | torch.device) -> TextBatch:
-        """The same batch on ``device``."""
-        return TextBatch(self.states.to(device), self.pad.to(device), self.pooled.to(device))
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> TextBatch:
+        """The same batch on ``device`` (``non_blocking``: as Tensor.to; from pinned memory, a copy the host does not
+        wait for)."""
+        return TextBatch(*(t.to(device, non_blocking=non_blocking) for t in (self.states, self.pad, self.pooled)))
+
+    def pin_memory(self) -> TextBatch:
+        """The same batch in page-locked host memory (a CUDA host allocation), for a non-blocking copy to a GPU."""
+        return TextBatch(self.states.pin_memory(), self.pad.pin_memory(), self.pooled.pin_memory())
 
     def index(self, idx: torch.Tensor) -> TextBatch:
         """Rows ``idx`` (a long index tensor or bool mask over the batch)."""

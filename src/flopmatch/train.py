@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import math
 import shutil
@@ -115,8 +116,9 @@ def step_generators(seed: int, step: int, device: torch.device) -> tuple[torch.G
     return cpu, dev
 
 
+@functools.lru_cache(maxsize=2)  # the epochs one batch can straddle: randperm(n) once per epoch, not once per step
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The data order of one epoch: a permutation that depends only on (seed, epoch)."""
+    """The data order of one epoch: a permutation that depends only on (seed, epoch). Shared: do not modify it."""
     # A private CPU generator (not the global RNG): the order cannot drift with other random draws.
     # The prime 1_000_003 keeps (seed, epoch) pairs apart for any epoch below it.
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -142,8 +144,9 @@ def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None
     steps and samples markedly better than the raw weights (DiT evaluates EMA weights; so do ADM
     and most image generators). Only parameters are averaged: the sole buffer (positions) is fixed.
     """
-    for e, p in zip(ema.parameters(), net.parameters()):
-        e.lerp_(p.detach(), 1 - decay)  # e += (1 - decay) * (p - e)
+    # e += (1 - decay) * (p - e) for every parameter in one foreach call: one multi-tensor kernel on a GPU (one Python
+    # dispatch per parameter otherwise; on DTensor shards under FSDP2, each a DTensor dispatch)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1 - decay)
 
 
 def make_optimizer(net: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -404,7 +407,7 @@ def _train_locked(cfg: RunConfig, data_cfg: RunConfig, run: Path, state: dict | 
             "step": step, "total_steps": plan.steps, "flops": flops, "budget": cfg.train.budget,
             "flops_per_step": plan.flops_per_step, "train_flops_per_example": plan.flops_per_example,
             "params": net.num_params(), "elapsed_s": round(elapsed, 3), "done": done, "bf16": bf16, "device_type": device.type,
-            "world_size": world, "parallel": cfg.train.parallel if world > 1 else "none",
+            "world_size": world, "parallel": cfg.train.parallel if dist.in_group() else "none",
             "data_position": {"step": step, "epoch": step * cfg.train.batch_size // len(x_all)},
             "net_spec": spec.to_dict(), "tokenizer": data.tokenizer.spec.to_dict(),
             "text_encoder": data.encoder.name, "objective": cfg.objective.name,
@@ -429,6 +432,10 @@ def _train_locked(cfg: RunConfig, data_cfg: RunConfig, run: Path, state: dict | 
     # weights and step count agree and resuming is exact.
     interrupted = InterruptFlag()
     mine = slice(dist.rank() * local, (dist.rank() + 1) * local)  # this rank's rows of the global batch
+    # A blocking host-to-GPU copy synchronises the stream (the host waits for the last step's kernels before it can
+    # queue the next): each batch is gathered on the host into page-locked memory and copied without waiting. The
+    # caching host allocator reuses those buffers once their copies are done.
+    pin = device.type == "cuda"
     with interrupted, trackers:
         net.train()
         if step == stable_at == 0:  # a cooldown over every step: the stable state is the initial one
@@ -445,8 +452,11 @@ def _train_locked(cfg: RunConfig, data_cfg: RunConfig, run: Path, state: dict | 
             # Salimans 2022).
             drop = (torch.rand(cfg.train.batch_size, generator=g_captions) < cfg.data.caption_dropout)[mine]  # (local,) bool
             # tb: TextBatch of states (local, Lt, Dt), pad (local, Lt), pooled (local, Dt)
-            tb = text.batch(torch.where(drop, torch.full_like(idx, empty), rows[idx])).to(device)
-            x = x_all[idx].to(device, non_blocking=True)  # (local, C, g, g) latents or (local, L) tokens
+            tb = text.batch(torch.where(drop, torch.full_like(idx, empty), rows[idx]))
+            x = x_all[idx]  # (local, C, g, g) latents or (local, L) tokens
+            if pin:  # page-locked, so the copies below are queued behind the GPU's work instead of waiting for it
+                tb, x = tb.pin_memory(), x.pin_memory()
+            tb, x = tb.to(device, non_blocking=pin), x.to(device, non_blocking=pin)
             draws = {k: v[mine] for k, v in objective.draw(cfg.train.batch_size, spec, device, g_objective).items()}
             # EMA decay warms up (schedule.ema_decay_at): short runs would otherwise average mostly the init.
             loss, gnorm = train_step(model, net, ema, opt, objective, x, tb, None, bf16=bf16, grad_clip=cfg.train.grad_clip,

@@ -24,6 +24,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from flopmatch.backbone import cache_dtype
 from flopmatch.dist import unwrap
 from flopmatch.flops import autoregressive_sample_flops
 from flopmatch.objectives.base import Objective, spec_of
@@ -69,7 +70,7 @@ def static_cache(net, rows: int, device: torch.device):
     record a new graph each time. Stale keys/values from the last call are never read: attention masks every slot past
     the current position, and each slot up to it is rewritten first."""
     per_net = _STATIC_CACHES.setdefault(net, {})
-    key = (rows, str(device))
+    key = (rows, str(device), cache_dtype(device, net.spec.seq_len))  # the dtype follows the caller's autocast
     if key not in per_net:
         cache = net.new_cache(rows, device, static=True)
         if device.type == "cuda":
