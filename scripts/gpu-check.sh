@@ -1,25 +1,49 @@
 #!/usr/bin/env bash
-# Check flopmatch's accelerator path in one go, on a machine with NVIDIA GPUs: `flopmatch bench` (eager, and the
-# next-token sampler with torch.compile), no host synchronisation inside the training step, train + sample +
-# evaluate a small run, torchrun DDP and FSDP2 over every GPU, and a learned tokenizer's training.
+# Check flopmatch's accelerator path in one go, on a machine with NVIDIA GPUs: no host synchronisation in the training
+# step, the samplers or the real training loop; train + evaluate + sample a small run; the compiled next-token sampler
+# against the eager one; torchrun DDP and FSDP2 (NCCL) over every GPU, one included (a process group of one), and a
+# sharded evaluation; a learned tokenizer's training; then `flopmatch bench` (eager, and compiled).
 #
-#   ./scripts/setup.sh && scripts/gpu-check.sh      # with a CUDA build of torch in .venv
-#   DEVICE=cpu QUICK=1 scripts/gpu-check.sh          # the same checks on a CPU at tiny sizes (tests this script)
+#   ./scripts/setup.sh && scripts/gpu-check.sh        # with a CUDA build of torch in .venv
+#   PY=python3 scripts/gpu-check.sh                   # another Python with CUDA torch (flopmatch from src/ if not installed)
+#   DEVICE=cpu QUICK=1 scripts/gpu-check.sh            # the same checks on a CPU at tiny sizes (tests this script)
 #
-# Each check writes $OUT/<check>.log (OUT default: gpu-check/); the bench figures also go to $OUT/bench*.json.
-# One line per check on stdout. Every check runs even when an earlier one failed; each is capped at
-# STEP_TIMEOUT seconds (default 300). Exit status: 0 when all passed, 1 when any failed, 2 without CUDA.
+# Python packages flopmatch needs and that Python lacks can come as wheels in .whl/ (scripts/gpu-wheels.sh fetches
+# them on a machine with a package index): they are installed into $WORK/site first, nothing else is changed.
+# Each check writes $WORK/<check>.log (WORK default: /tmp/flopmatch-gpu-check). The results go to $OUT (default
+# gpu-check/) in a few files: summary.txt (one line per check, as printed), logs.txt (the end of every check's log),
+# bench.json and bench-compile.json. Every check runs even when an earlier one failed; each is capped at STEP_TIMEOUT
+# seconds (default 150), and none starts after DEADLINE seconds from the start (default 520), so the results are
+# written within a time limit. Correctness checks come first, benchmarks last.
+# Exit status: 0 when all passed, 1 when any failed or was skipped, 2 without CUDA.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 OUT=${OUT:-gpu-check}
+WORK=${WORK:-/tmp/flopmatch-gpu-check}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
-PY=${PY:-.venv/bin/python}
-STEP_TIMEOUT=${STEP_TIMEOUT:-300}
+STEP_TIMEOUT=${STEP_TIMEOUT:-150}
+DEADLINE=${DEADLINE:-520}
+START=$(date +%s)
+if [ -z "${PY:-}" ]; then
+    PY=python3
+    [ -x .venv/bin/python ] && PY=.venv/bin/python
+fi
 mkdir -p "$OUT"
+rm -rf "$WORK" && mkdir -p "$WORK"
+export FLOPMATCH_CACHE=${FLOPMATCH_CACHE:-$WORK/cache} PYTHONUNBUFFERED=1
 
+if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl \
+        || { echo "gpu-check: installing the wheels in .whl/ failed" >&2; exit 2; }
+    export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if ! "$PY" -c "import flopmatch" 2>/dev/null; then  # not installed in this Python: the source tree
+    export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
 if [ "$DEVICE" = cuda ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    echo "gpu-check: CUDA is not available to $PY (a CPU build of torch, or no GPU); DEVICE=cpu QUICK=1 runs the checks on a CPU" >&2
+    echo "gpu-check: CUDA is not available to $PY (a CPU build of torch, or no GPU); PY=<a python with CUDA torch>, or DEVICE=cpu QUICK=1 to run the checks on a CPU" >&2
     exit 2
 fi
 if [ "$DEVICE" = cuda ]; then
@@ -34,6 +58,8 @@ if [ "$QUICK" = 1 ]; then
     COMPILE=(--quick --depths 1 --rounds 1 --objectives autoregressive --compile)
     RUN=(--depth 1 --budget 3e9 --set text.kind=hash --set data.num_train=256 --set data.num_eval=64
          --set train.batch_size=16 --set model.head_dim=16)
+    LOOP=(objective.name=masked model.depth=1 train.budget=3e9 text.kind=hash data.num_train=256 data.num_eval=64
+          train.batch_size=16 model.head_dim=16)
     SAMPLES=16
     TOKENIZER_STEPS=5
     SYNC_DEPTH=1
@@ -42,83 +68,65 @@ else
     COMPILE=(--depths 6 --batch 256 --objectives autoregressive --compile --rounds 2)
     RUN=(--depth 2 --budget 3e12 --set text.kind=hash --set data.num_train=4000 --set data.num_eval=500
          --set train.batch_size=64)
+    LOOP=(objective.name=masked model.depth=2 train.budget=1e12 text.kind=hash data.num_train=4000 data.num_eval=500
+          train.batch_size=64)
     SAMPLES=250
     TOKENIZER_STEPS=200
     SYNC_DEPTH=2
 fi
+TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC")
 
 failed=0
-check() {  # check NAME COMMAND...: run it with its output in $OUT/NAME.log, print one line
-    local name=$1 start rc
+check() {  # check NAME COMMAND...: run it with its output in $WORK/NAME.log, print one line
+    local name=$1 start rc left limit
     shift
     start=$(date +%s)
-    timeout "$STEP_TIMEOUT" "$@" > "$OUT/$name.log" 2>&1
+    left=$(( DEADLINE - (start - START) ))
+    if [ "$left" -lt 20 ]; then
+        echo "SKIPPED $name (out of time: DEADLINE=$DEADLINE s)" | tee -a "$OUT/summary.txt"
+        failed=1
+        return
+    fi
+    limit=$(( left < STEP_TIMEOUT ? left : STEP_TIMEOUT ))
+    timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
     rc=$?
     if [ $rc -eq 0 ]; then
-        echo "ok      $name ($(( $(date +%s) - start )) s)"
+        echo "ok      $name ($(( $(date +%s) - start )) s)" | tee -a "$OUT/summary.txt"
     else
-        echo "FAILED  $name (exit $rc$([ $rc -eq 124 ] && echo ", timed out after $STEP_TIMEOUT s"); $OUT/$name.log):"
-        tail -n 5 "$OUT/$name.log" | sed 's/^/        /'
+        { echo "FAILED  $name (exit $rc$([ $rc -eq 124 ] && echo ", timed out after $limit s"); $WORK/$name.log):"
+          tail -n 5 "$WORK/$name.log" | sed 's/^/        /'; } | tee -a "$OUT/summary.txt"
         failed=1
     fi
 }
+: > "$OUT/summary.txt"
 
 check info "$PY" -c "
-import platform, torch
-print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', platform.python_version())
+import platform, torch, flopmatch
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', platform.python_version(), 'flopmatch', flopmatch.__file__)
 for i in range(torch.cuda.device_count()):
     p = torch.cuda.get_device_properties(i)
     print(f'cuda:{i}', p.name, f'{p.total_memory / 2**30:.0f} GiB', 'bf16' if torch.cuda.is_bf16_supported() else 'no bf16')
 "
-
-# `bench --json` prints its JSON on stdout and its progress on stderr.
-check bench bash -c "$PY -m flopmatch bench --device $DEVICE ${BENCH[*]} --json > $OUT/bench.json"
-check bench-compile bash -c "$PY -m flopmatch bench --device $DEVICE ${COMPILE[*]} --json > $OUT/bench-compile.json"
-
-# No host synchronisation inside the training step or a sampling loop: after warm-up, CUDA raises on any sync (a
-# .item(), a data-dependent shape, a host copy). On a CPU the steps just run.
-check no-sync "$PY" -c "
-import torch
-from flopmatch.bench import net_spec, sizes, train_config
-from flopmatch.config import SampleConfig
-from flopmatch.probe import SamplingProbe, TrainingProbe
-from flopmatch import PARADIGMS
-device = torch.device('$DEVICE')
-bf16 = device.type == 'cuda'
-sz = sizes($([ "$QUICK" = 1 ] && echo True || echo False))
-
-def without_sync(what, fn):
-    fn()  # warm-up: allocation, kernel selection
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode('error')
-    try:
-        fn()
-    finally:
-        if device.type == 'cuda':
-            torch.cuda.set_sync_debug_mode('default')
-            torch.cuda.synchronize()
-    print(what, 'no host sync')
-
-for name in PARADIGMS:
-    p = TrainingProbe(name, net_spec(name, $SYNC_DEPTH, sz), 64, train_config(), device, bf16, sz.text)
-    without_sync(name + ': 3 training steps', lambda: [p.step() for _ in range(3)])
-    s = SamplingProbe(name, net_spec(name, $SYNC_DEPTH, sz), 8, device, bf16, sz.text)
-    for sample in [SampleConfig()] + ([SampleConfig(kv_cache=False)] if name == 'autoregressive' else []):
-        without_sync(f'{name}: sampling (kv_cache={sample.kv_cache})', lambda: s.run(sample))
-"
-
-check train "$PY" -m flopmatch train --objective masked "${RUN[@]}" --set "train.device=$DEVICE" --out "$OUT/run-masked" --quiet
-check eval "$PY" -m flopmatch eval "$OUT/run-masked" --num-samples "$SAMPLES" --no-timing
-check sample "$PY" -m flopmatch sample "$OUT/run-masked" --prompt "a red circle above a blue square" --out "$OUT/sample.png"
-
-# torchrun over every GPU (NCCL; on a CPU two gloo processes): DDP, then FSDP2.
+check probe-sync "$PY" scripts/gpu_checks.py probe-sync "$DEVICE" "$SYNC_DEPTH" "$QUICK"
+check loop-sync "$PY" scripts/gpu_checks.py loop-sync "$DEVICE" "$WORK/run-loop" "${LOOP[@]}"
+check train "$PY" -m flopmatch train --objective masked "${RUN[@]}" --set "train.device=$DEVICE" --out "$WORK/run-masked" --quiet
+check eval "$PY" -m flopmatch eval "$WORK/run-masked" --num-samples "$SAMPLES" --no-timing
+check sample "$PY" -m flopmatch sample "$WORK/run-masked" --prompt "a red circle above a blue square" --out "$WORK/sample.png"
+check compiled-equal "$PY" scripts/gpu_checks.py compiled-equal "$DEVICE" "$QUICK"
+# torchrun over every GPU (NCCL; one GPU is a process group of one; on a CPU two gloo processes): DDP, FSDP2, then a
+# sharded evaluation of the DDP run.
 for parallel in ddp fsdp2; do
-    check "torchrun-$parallel" "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m flopmatch train \
-        --objective diffusion "${RUN[@]}" --set "train.device=$DEVICE" --set "train.parallel=$parallel" \
-        --out "$OUT/run-$parallel" --quiet
+    check "torchrun-$parallel" "${TORCHRUN[@]}" -m flopmatch train --objective diffusion "${RUN[@]}" \
+        --set "train.device=$DEVICE" --set "train.parallel=$parallel" --out "$WORK/run-$parallel" --quiet
 done
+check torchrun-eval "${TORCHRUN[@]}" -m flopmatch eval "$WORK/run-ddp" --num-samples "$SAMPLES" --no-timing
+check tokenizer "$PY" -m flopmatch tokenizer train --kind lfq --steps "$TOKENIZER_STEPS" --out "$WORK/tokenizer-lfq" --quiet
+# `bench --json` prints its JSON on stdout and its progress on stderr.
+check bench bash -c "\"$PY\" -m flopmatch bench --device $DEVICE ${BENCH[*]} --json > $WORK/bench.json"
+check bench-compile bash -c "\"$PY\" -m flopmatch bench --device $DEVICE ${COMPILE[*]} --json > $WORK/bench-compile.json"
 
-check tokenizer "$PY" -m flopmatch tokenizer train --kind lfq --steps "$TOKENIZER_STEPS" --out "$OUT/tokenizer-lfq" --quiet
-
+# What comes back: a few files.
+for f in "$WORK"/*.log; do echo "== $(basename "$f")"; tail -n 40 "$f"; done > "$OUT/logs.txt"
+cp "$WORK"/bench*.json "$OUT/" 2> /dev/null
+echo "gpu-check: $(grep -c '^ok' "$OUT/summary.txt") ok, $(grep -c '^FAILED\|^SKIPPED' "$OUT/summary.txt") failed or skipped, in $(( $(date +%s) - START )) s; results in $OUT/"
 exit $failed
