@@ -191,3 +191,49 @@ def _leaf_keys(d: dict, where: str = "") -> list[str]:
         key = f"{where}.{k}" if where else k
         out += _leaf_keys(v, key) if isinstance(v, dict) else [key]
     return out
+
+
+def test_tokenizer_train_help_lists_every_autoencoder_key():
+    """`tokenizer train --help`'s key list (plain strings: no torch in the parser) is AutoencoderConfig's fields, and
+    each data.KEY alias names one of them."""
+    import dataclasses
+
+    from flopmatch.cli.tokenizer import AUTOENCODER_KEYS, DATA_ALIASES, flat_overrides
+    from flopmatch.tokenizers.autoencoder import AutoencoderConfig, apply_overrides, preset
+
+    listed = [k for keys in AUTOENCODER_KEYS.values() for k in keys]
+    assert sorted(listed) == sorted(f.name for f in dataclasses.fields(AutoencoderConfig)) and len(set(listed)) == len(listed)
+    assert set(DATA_ALIASES.values()) <= set(listed)
+    cfg = apply_overrides(preset("cpu", "kl"), flat_overrides(["data.image_size=64", "data.seed=3", "bits=9"]))
+    assert (cfg.image_size, cfg.data_seed, cfg.bits) == (64, 3, 9)
+
+
+@pytest.mark.parametrize("argv,command", [(["train", "--objetive", "masked", "--out", "x"], "train"),
+                                          (["tokenizer", "train", "--kind", "kl", "--out", "x", "--stpes", "2"],
+                                           "tokenizer train"),
+                                          (["report", "x", "--n-bot", "5"], "report")])
+def test_unknown_option_points_at_the_subcommands_help(capsys, argv, command):
+    """An option no parser takes is one line naming the subcommand's own --help, not the top-level one."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and f"flopmatch {command}: error: unrecognized arguments" in err
+    assert err.endswith(f"(see flopmatch {command} --help)")
+
+
+def test_every_subcommand_help_says_what_it_does_with_an_example():
+    """Each subcommand's help page (study's aside: its parser is registered in cli/study.py) has a description and
+    an example line."""
+    import argparse
+
+    def pages(parser, name=()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield " ".join((*name, sub_name)), sub
+                    yield from pages(sub, (*name, sub_name))
+
+    for name, page in pages(cli.build_parser()):
+        if name == "study":
+            continue
+        assert page.description, name
+        assert page.epilog and f"flopmatch {name.split()[0]}" in page.epilog, name

@@ -32,6 +32,22 @@ class OneLineParser(argparse.ArgumentParser):
             message += f" (if its value starts with '-', write {flag}=VALUE)"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an argument no parser took is reported by the subcommand it was given to, so the line
+        points at that subcommand's help (``flopmatch train --help``), not the top-level one."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            _innermost(self, parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+
+def _innermost(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the subcommand ``parsed`` chose: ``flopmatch tokenizer train``'s for that command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None) in action.choices:
+            return _innermost(action.choices[getattr(parsed, action.dest)], parsed)
+    return parser
+
 
 def shutdown_distributed() -> None:
     """Under torchrun (train, eval): destroy the process group before the interpreter exits

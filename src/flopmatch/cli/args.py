@@ -12,12 +12,26 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import tempfile
+import textwrap
 import typing
 from pathlib import Path
 
 from flopmatch import config
 from flopmatch.errors import UserError
+
+
+def described(text: str, examples: str) -> dict:
+    """``add_parser`` keywords for a subcommand's help page: ``text`` (what it does and what it writes; paragraphs
+    separated by a blank line, each wrapped) above the options, ``examples`` (one command a line, kept as written)
+    below them."""
+    width = max(40, min(100, shutil.get_terminal_size().columns - 2))  # argparse wraps the options to columns - 2
+    paragraphs = [textwrap.fill(" ".join(p.split()), width, break_on_hyphens=False) for p in text.strip().split("\n\n")]
+    lines = textwrap.dedent(examples).strip("\n")
+    return {"description": "\n\n".join(paragraphs), "epilog": "examples:\n" + textwrap.indent(lines, "  "),
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
 
 DATA_HELP = ("training data: shapes (built-in), fashion-mnist (apt-get install dataset-fashion-mnist), "
              "emoji (apt-get install fonts-noto-color-emoji), folder:PATH (images with metadata.jsonl or "

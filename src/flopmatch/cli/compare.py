@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flopmatch.cli.args import output_dir
+from flopmatch.cli.args import described, output_dir
 
 
 def cmd_compare(args) -> int:
@@ -37,11 +37,16 @@ def register(subparsers) -> None:
     """Add ``flopmatch compare BASE OTHER [--out DIR]``."""
     p = subparsers.add_parser(
         "compare", help="compare two studies that differ in one setting (an ablation): does the answer change?",
-        description="Compare study OTHER against study BASE, e.g. one made with --tokenizer weight-free or "
-                    "--set train.schedule=constant against the default. Prints and writes what differs between "
-                    "the two study.json files, every recommendation cell side by side (same / changed), and per "
-                    "paradigm and budget the ratio of KID and prompt-following error with a test that uses each "
-                    "study's own seed variance (Holm-corrected).")
+        **described(
+            """Compare study OTHER against study BASE, e.g. one made with --tokenizer weight-free or
+            --set train.schedule=constant against the default. Prints and writes what differs between the two
+            study.json files, every recommendation cell side by side (same / changed), and per paradigm and budget
+            the ratio of KID and prompt-following error with a test that uses each study's own seed variance
+            (Holm-corrected). Writes compare.html, compare.md and compare.json to --out.""",
+            """
+            flopmatch study --tokenizer weight-free --out study_wf/ && flopmatch compare study/ study_wf/
+            flopmatch compare study/ study_const/ --out ablations/constant
+            """))
     p.add_argument("base", help="the base study directory (the one holding runs/)")
     p.add_argument("other", help="the study that differs from it in one setting")
     p.add_argument("--out", default=None, type=output_dir,

@@ -12,6 +12,7 @@ from flopmatch.cli.args import (
     add_solver_args,
     config_value,
     count,
+    described,
     output_dir,
     output_file,
     raw_or_weights,
@@ -112,7 +113,19 @@ def cmd_eval(args) -> int:
 
 def register(sub) -> None:
     """Add ``eval`` to the top-level subparsers."""
-    p = sub.add_parser("eval", help="measure image quality, prompt following and inference cost of a run")
+    p = sub.add_parser("eval", help="measure image quality, prompt following and inference cost of a run", **described(
+        """Measure a run's image quality (FID, KID, precision/recall against its evaluation split), prompt following
+        and inference cost (analytic sampling FLOPs; latency and throughput, all settings timed together) at one
+        sampling setting, or every combination of the --sweep values. Writes RUN/eval.json (one entry per setting,
+        with a manifest of how each number was made) and each setting's images to RUN/samples/<entry>/. Under
+        torchrun, each process samples every other batch: the same images and numbers as one process.""",
+        """
+        flopmatch eval runs/m --num-samples 1000 --sweep steps=4,8,16 --sweep guidance=1,2,4
+        flopmatch eval runs/d --sweep solver=euler,heun --sweep shift=1,3
+        flopmatch eval runs/m --features effnet,inception --num-samples 5000   # Inception FID: the FID to cite
+        flopmatch eval runs/m --export out/ --export-ref ref.npz               # images and statistics for other tools
+        flopmatch eval runs/a --compile                                        # autoregressive: compiled decoding
+        """))
     p.add_argument("run", help="run directory")
     p.add_argument("--num-samples", type=count(4), default=1000, help="generated images per setting (default 1000)")
     p.add_argument("--steps", type=config_value(SampleConfig, "steps"), help="sampling steps (0 = paradigm default; default: the run's)")
@@ -148,6 +161,6 @@ def register(sub) -> None:
                         "features); default: the run's evaluation split")
     p.add_argument("--no-timing", action="store_true", help="skip latency/throughput measurement")
     p.add_argument("--compile", action="store_true",
-                   help="next-token prediction: torch.compile the cached one-token network step (CUDA graphs on a GPU; the "
+                   help="autoregressive (next-token) runs only: torch.compile the cached one-token network step (CUDA graphs on a GPU; the "
                         "first call and the second batch size compile, ~10 s each here; in fp32 the same tokens as without)")
     p.set_defaults(func=cmd_eval)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from flopmatch.cli.args import count
+from flopmatch.cli.args import count, described
 
 
 def cmd_report(args) -> int:
@@ -32,7 +32,16 @@ def cmd_report(args) -> int:
 
 def register(subparsers) -> None:
     """Add ``flopmatch report STUDY_DIR [--n-boot N] [--seed S] [--workers W]``."""
-    p = subparsers.add_parser("report", help="rebuild the study report (HTML, Markdown, CSV) from the run directories")
+    p = subparsers.add_parser("report", help="rebuild the study report (HTML, Markdown, CSV) from the run directories",
+                              **described(
+        """Rebuild a study's report from its files alone: the run directories (runs/*), and where present
+        inference_timing.json, tokenizer_ceilings.json, tokenizers/match.json and study.json. Writes
+        STUDY/report.html, STUDY/report.md, STUDY/results.csv and STUDY/report_figures/, the same bytes as the
+        study wrote (whatever --workers), and prints the claims' verdicts and the recommendation table.""",
+        """
+        flopmatch report study/
+        flopmatch report study/ --workers 2 --n-boot 1000
+        """))
     p.add_argument("study", help="study directory (the one holding runs/)")
     p.add_argument("--n-boot", type=count(1), help="bootstrap resamples of the fit bands (default: the study's, from "
                    "its study.json, so the report is the one the study wrote; 1000 without one)")

@@ -15,6 +15,7 @@ from flopmatch.cli.args import (
     config_value,
     count,
     data_source,
+    described,
     output_dir,
     output_file,
     raw_or_weights,
@@ -158,10 +159,22 @@ def cmd_flops(args) -> int:
 
 def register(sub) -> None:
     """Add ``train``, ``sample`` and ``flops`` to the top-level subparsers."""
-    p = sub.add_parser("train", help="train a generator for a FLOP budget (resumes if interrupted)",
-                       description="Train a generator for a FLOP budget. An existing --out run starts from its own "
-                                   "settings (its config.json): flags not given keep the run's values, whatever the "
-                                   "defaults below say; a new --budget continues a train.schedule=wsd run.")
+    p = sub.add_parser("train", help="train a generator for a FLOP budget (resumes if interrupted)", **described(
+        """Train a generator of one paradigm for a FLOP budget: steps = ceil(budget / training FLOPs per step). Writes
+        the run directory --out: config.json (before step 0), data.json (the training split), metrics.jsonl,
+        checkpoint/, ema-snapshots/ (the post-hoc EMA's) and tokenizer/ (the run's own); Ctrl-C saves a checkpoint.
+
+        An existing --out run starts from its own settings (its config.json): flags not given keep the run's values,
+        whatever the defaults below say; the same command resumes it exactly, or says it is finished. A new --budget
+        continues a train.schedule=wsd (or constant) run, keeping the old budget's result in OUT/budgets/<budget>/.
+        Every --set key: flopmatch config.""",
+        """
+        flopmatch train --objective masked --depth 4 --budget 3e12 --out runs/m
+        flopmatch train --out runs/m                     # resume runs/m (or say it is finished)
+        flopmatch train --objective diffusion --budget 1e12 --data folder:my_images --set data.image_size=64 --out runs/d
+        flopmatch train --objective masked --budget 3e12 --set train.schedule=wsd --out runs/w
+        flopmatch train --out runs/w --budget 1e13       # continue it; the 3e12 result stays in runs/w/budgets/3e12/
+        """))
     _add_common(p, budget=True, objective_required=False)
     p.add_argument("--seed", type=int, help="training seed (default 0)")
     p.add_argument("--out", required=True, type=output_dir, help="run directory (created; an existing run is resumed from its own config.json: "
@@ -173,7 +186,14 @@ def register(sub) -> None:
                         "new run, a resumed run's own)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="sample a PNG grid from a trained run")
+    p = sub.add_parser("sample", help="sample a PNG grid from a trained run", **described(
+        """Sample images from a trained run (its EMA weights unless --weights or --raw says otherwise; an unfinished
+        run's latest checkpoint, with a warning) and write them as one PNG grid: RUN/samples.png unless --out says
+        otherwise. The same seed gives the same images.""",
+        """
+        flopmatch sample runs/m --prompt "a small green triangle to the left of a red circle" --num 16 --out grid.png
+        flopmatch sample runs/m --prompt "a red circle" --prompt "a blue square" --steps 12 --guidance 3 --weights ema@0.2
+        """))
     p.add_argument("run", help="run directory")
     p.add_argument("--prompt", action="append", help="text prompt (repeatable)")
     p.add_argument("--num", type=count(1), help="number of images (prompts are cycled); default one per prompt")
@@ -195,7 +215,15 @@ def register(sub) -> None:
     p.add_argument("--out", type=output_file, help="PNG path (default: RUN/samples.png)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("flops", help="analytic parameters and FLOPs of a configuration")
+    p = sub.add_parser("flops", help="analytic parameters and FLOPs of a configuration", **described(
+        """Print the analytic parameter count, training FLOPs per example and sampling FLOPs per image of a
+        configuration (autoregressive: also without the KV cache; guidance's extra pass included). Builds no network
+        and writes nothing. The FLOP conventions are in src/flopmatch/flops.py's docstring.""",
+        """
+        flopmatch flops --objective autoregressive --depth 4
+        flopmatch flops --objective diffusion --depth 2 --steps 25 --solver heun --json
+        flopmatch flops --objective masked --config runs/m/config.json
+        """))
     _add_common(p, budget=False)
     p.add_argument("--steps", type=config_value(SampleConfig, "steps"), help="sampling steps; 0 = paradigm default (default: the --config run's, else 0)")
     p.add_argument("--guidance", "--cfg", dest="guidance", type=config_value(SampleConfig, "guidance"),

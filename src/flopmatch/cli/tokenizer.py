@@ -11,8 +11,35 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flopmatch.cli.args import DATA_HELP, count, data_source, output_dir
+from flopmatch.cli.args import DATA_HELP, count, data_source, described, output_dir
 from flopmatch.errors import UserError
+
+# AutoencoderConfig's fields (the keys of `tokenizer train --set` and `study --tokenizer-set`), as plain strings: the
+# parser must not import flopmatch.tokenizers, which loads torch. tests/test_config.py checks they match the dataclass.
+AUTOENCODER_KEYS = {
+    "architecture": ("kind", "image_size", "patch", "channels", "num_res_blocks"),
+    "bottleneck": ("latent_channels", "kl_weight", "bits", "commitment_weight", "entropy_weight", "diversity_weight",
+                   "entropy_temperature"),
+    "losses": ("recon_loss", "adv_weight", "adv_start"),
+    "optimisation": ("steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta2", "grad_clip",
+                     "seed", "precision", "device", "log_every"),
+    "data": ("data", "data_seed", "image_column", "text_column", "holdout", "holdout_relations", "num_train",
+             "stats_images"),
+}
+# `flopmatch train`'s data.KEY spellings that `tokenizer train --set` takes too, so one --set data.image_size=64 works
+# for both: the flat field each one names
+DATA_ALIASES = {"data.image_size": "image_size", "data.image_column": "image_column", "data.text_column": "text_column",
+                "data.num_train": "num_train", "data.seed": "data_seed", "data.holdout": "holdout",
+                "data.holdout_relations": "holdout_relations"}
+
+
+def flat_overrides(items: list[str]) -> list[str]:
+    """``--set`` items with the data.KEY aliases of :data:`DATA_ALIASES` renamed to their flat keys."""
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        out.append(f"{DATA_ALIASES[key.strip()]}{sep}{value}" if key.strip() in DATA_ALIASES else item)
+    return out
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -43,7 +70,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
         config.seed = args.seed
     if args.steps is not None:
         config.steps = args.steps
-    config = apply_overrides(config, args.set)
+    config = apply_overrides(config, flat_overrides(args.set))
     if config.kind != args.kind:
         raise UserError(f"--set kind={config.kind} contradicts --kind {args.kind}; use --kind")
     resolve_device(config.device)  # before anything is written: a missing GPU leaves no empty --out behind
@@ -92,12 +119,37 @@ def register(subparsers) -> None:
     Names like presets and feature extractors are checked where they are used (one line, exit 2),
     not with argparse choices, so that building the parser imports nothing heavy.
     """
-    p = subparsers.add_parser("tokenizer", help="train or evaluate a learned autoencoder (KL or LFQ)")
+    p = subparsers.add_parser("tokenizer", help="train or evaluate a learned autoencoder (KL or LFQ)", **described(
+        """Train or evaluate a learned autoencoder: KL (continuous latents, for diffusion) or LFQ (discrete codes, for
+        masked and autoregressive). A study trains its own matched pair; these commands make one for
+        `flopmatch train --tokenizer DIR`. See `flopmatch tokenizer train --help` and `flopmatch tokenizer eval
+        --help`.""",
+        """
+        flopmatch tokenizer train --kind lfq --data shapes --out tok/lfq
+        flopmatch tokenizer eval tok/lfq
+        """))
     sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="SUBCOMMAND")
 
+    keys = "\n\n".join(f"{group}: {', '.join(names)}" for group, names in AUTOENCODER_KEYS.items())
     t = sub.add_parser("train", help="train a KL (continuous) or LFQ (discrete) autoencoder (resumes if interrupted)",
-                       description="Train a KL or LFQ autoencoder into --out. Interrupted (Ctrl-C, or killed: its state is "
-                                   "saved every 10 min), the same command continues it bit for bit.")
+                       **described(
+        f"""Train a KL or LFQ autoencoder into --out: tokenizer.json (its config and spec), tensors.safetensors and
+        train_log.jsonl. Interrupted (Ctrl-C, or killed: its state is saved every 10 min), the same command continues
+        it bit for bit; a finished one is not overwritten.
+
+        --set takes the autoencoder config's keys, flat (no section; also what `flopmatch study --tokenizer-set`
+        takes), each a field of AutoencoderConfig (src/flopmatch/tokenizers/autoencoder.py, where each is described):
+
+        {keys}
+
+        As in `flopmatch train`, --set data.image_size, data.image_column, data.text_column, data.num_train, data.seed,
+        data.holdout and data.holdout_relations are accepted too (for image_size, image_column, text_column,
+        num_train, data_seed, holdout, holdout_relations).""",
+        """
+        flopmatch tokenizer train --kind kl --data shapes --out tok/kl
+        flopmatch tokenizer train --kind lfq --data shapes --out tok/lfq --set bits=9 --steps 1200
+        flopmatch tokenizer train --kind kl --data folder:my_images --set data.image_size=64 --out tok/kl64
+        """))
     t.add_argument("--kind", choices=("kl", "lfq"), required=True,
                    help="kl: latents for diffusion; lfq: codes for masked/autoregressive")
     t.add_argument("--data", default="shapes", type=data_source, help=DATA_HELP + " (default: shapes)")
@@ -106,11 +158,19 @@ def register(subparsers) -> None:
     t.add_argument("--seed", type=int, help="training seed (init and batch order; default: the preset's, 0)")
     t.add_argument("--steps", type=count(1), help="optimizer steps (default: the preset's)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an AutoencoderConfig field, e.g. --set bits=9 (repeatable)")
+                   help="override an AutoencoderConfig field, e.g. --set bits=9 (repeatable; the keys are listed above)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_tokenizer_train)
 
-    e = sub.add_parser("eval", help="reconstruction metrics on the eval split -> DIR/eval.json")
+    e = sub.add_parser("eval", help="reconstruction metrics on the eval split -> DIR/eval.json", **described(
+        """Reconstruct an evaluation split of --num images of the tokenizer's own data and measure PSNR, SSIM,
+        reconstruction FID, codebook usage and perplexity (LFQ) or latent statistics (KL), attribute accuracy on
+        reconstructions (shapes data) and encode/decode FLOPs per image. Writes DIR/eval.json and prints a summary
+        line.""",
+        """
+        flopmatch tokenizer eval tok/lfq
+        flopmatch tokenizer eval tok/kl --num 500 --rfid none --no-attributes
+        """))
     e.add_argument("dir", help="a tokenizer directory")
     e.add_argument("--num", type=count(2), default=2000, help="eval images (default 2000)")
     e.add_argument("--rfid", default="effnet",

@@ -99,7 +99,7 @@ class StudyConfig:
     timing_budget_s: float = 10.0  # per setting, the best-batch search of the timing phase
     timing_rounds: int = 5  # interleaved rounds of the timing phase (every paradigm timed together)
     n_boot: int = 1000
-    assumed_flops_per_s: float = 6e10  # for time estimates before any run has been measured
+    assumed_flops_per_s: float = 6e10  # the plan's per-run est. time; the wall-time estimate when not calibrated
 
     # settings of the timing phase and the report only: changing them does not make another study
     NOT_IDENTITY = ("timing_rounds", "timing_budget_s", "n_boot")
@@ -165,7 +165,9 @@ def check_grid_overrides(overrides: list[str]) -> None:
 
 
 def cpu() -> StudyConfig:
-    """Default: a 2-core CPU in about a quarter of an hour from an empty cache.
+    """Default: a 2-core CPU in about 7 minutes from an empty cache where matmuls run in bf16 (a 2-core EPYC with
+    AVX-512 bf16), about 21-27 minutes on a 2-core AVX2-only one (README, "Two commands", has the measurements;
+    `flopmatch study --plan-only` estimates it for this machine).
 
     Sized for what it can decide: one model size (depth 1, so no size is picked on the numbers it is
     judged by), 5 budgets over 1.55 decades (7e10 to 2.5e12 FLOPs: enough for a fitted law), one seed
@@ -173,22 +175,22 @@ def cpu() -> StudyConfig:
     variance (6 degrees of freedom) the report's tests apply to every cell; 7 timing rounds. 21 runs,
     1.5e13 training FLOPs. Small batches buy more updates per FLOP at these budgets.
 
-    Measured here (2 cores, empty cache; `flopmatch study --out /tmp/studyS8c`, session 8, with held-out
+    How the time divides, measured with an earlier version on a 2-core AMX host (empty cache; with held-out
     prompts, the tokenizer-ceiling stage, the post-hoc EMA sweep at 0.05 and 0.2 on the 9 middle-budget runs and
     the operating-point sweep at 2.5e12): 14.1 and 15.0 min in two runs (the second with light other work on the
     machine), of which tokenizer phase 2.5-2.6 min, runs 10.0-10.7 min (the operating-point sweep ~0.6 min of
-    it, the EMA sweep ~1.1 min), timing phase 64-73 s (10 settings), report 30 s. At the 15-minute limit: a
-    slower machine should pass --sweep-samples 64 or --eval-ema 0.2. What it can decide, measured on session 5's run
-    (/tmp/studyS5): seed sd 3.9 % of FID and 0.8 % of the prompt error (6 df); an FID comparison at one budget detects
+    it, the EMA sweep ~1.1 min), timing phase 64-73 s (10 settings), report 30 s. A slower machine can save
+    time with --sweep-samples 64 or --eval-ema 0.2. What it can decide, measured on an earlier cpu-preset
+    study: seed sd 3.9 % of FID and 0.8 % of the prompt error (6 df); an FID comparison at one budget detects
     ~40 % differences, a prompt-error average over budgets ~3 %; timing orders with >= ~1.4x gaps (7
     rounds). So it separates inference costs and large quality gaps, but gives "no difference detected"
     for the FID orders of these tiny, short-trained models; `cpu-long` (3 seeds per cell) has more power.
 
     Tokenizer matching is off (tokenizer_match 0): the two tokenizers match in architecture and steps, not quality
-    (measured: KL ~31.0 dB PSNR, LFQ ~28.4 dB at 600 steps; the report states the gap). `--tokenizer-match 0.5` matches
-    them; measured in session 9 (AVX2 CPU): the LFQ retrained once, at 1200 steps, reached 30.07 dB validation PSNR
+    (measured: KL about 31.0 dB PSNR, LFQ about 28.1 dB at 600 steps, as in the README; the report states the gap).
+    `--tokenizer-match 0.5` matches them; measured on a 2-core AVX2 CPU: the LFQ retrained once, at 1200 steps, reached 30.07 dB validation PSNR
     against the KL's 30.14 dB (its ceilings then 31.05 vs 30.98 dB PSNR, rFID 261 vs 273, prompt full match on
-    reconstructions 0.87 vs 0.82), 3.5 min more, past this preset's 15-minute limit.
+    reconstructions 0.87 vs 0.82), 3.5 min more there.
     """
     return StudyConfig(
         preset="cpu",
@@ -209,7 +211,7 @@ def cpu() -> StudyConfig:
 
 
 def cpu_long() -> StudyConfig:
-    """About an hour on a 2-core CPU (measured in session 7, empty cache, `flopmatch study --preset cpu-long`: 67.5 min,
+    """About an hour on a 2-core CPU (measured with an earlier version, empty cache, `flopmatch study --preset cpu-long`: 67.5 min,
     of which tokenizer phase 8.7 min, runs 57.8 min, timing 44 s, report 17 s; the plan estimated 60.6 min): depth 1,
     5 budgets over 1.8 decades (1e11 to 6.3e12), 3 seeds in every cell (seed variance per cell, 30
     degrees of freedom pooled), 500 samples per evaluation, raw weights too for the EMA analysis, and
@@ -246,12 +248,13 @@ def gpu() -> StudyConfig:
     tokenizers matched on PSNR within 0.5 dB.
 
     Not run end to end. The plan estimates ~31 h at assumed_flops_per_s = 5e13, which is optimistic: measured on an
-    H200 (session 10, `flopmatch bench --device cuda --batch 256`), the training step reached 4.3-4.7e13 FLOP/s at
+    H200 with an earlier version and torch 2.11 (`flopmatch bench --device cuda --batch 256`), the training step reached 4.3-4.7e13 FLOP/s at
     depth 6 but ~3e12 FLOP/s at depth 2 inside a study (launch-bound small networks), and a reduced study's
     evaluations took ~15-20 s per 1000 images (feature extraction then ran on the CPU; fixed since). A study now
     times each planned network, sampler and feature extractor on its GPU before estimating (study/calibrate.py),
     so `flopmatch study --preset gpu --plan-only` on the target machine gives that machine's figure; it has not
-    been run on a GPU yet. assumed_flops_per_s is used only with --no-calibrate or under SLURM."""
+    been run on a GPU yet. assumed_flops_per_s makes the wall-time estimate only with --no-calibrate or under SLURM;
+    the plan table's per-run "est. time" and plan.json's est_seconds are always at it (study/plan.py)."""
     return StudyConfig(
         preset="gpu",
         depths=[2, 4, 6, 8],
