@@ -75,7 +75,7 @@ class KLAutoencoder(LearnedAutoencoder):
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()  # nats / image
         pixels = 3 * images.shape[-1] * images.shape[-2]
         loss = self.config.kl_weight * kl / pixels
-        return recon, loss, {"kl": float(kl.detach()), "post_std": float(std.detach().mean())}
+        return recon, loss, {"kl": kl.detach(), "post_std": std.detach().mean()}  # device tensors: no per-step sync
 
     @torch.no_grad()
     def fit_latent_stats(self, images_uint8: torch.Tensor, batch_size: int = 256) -> None:

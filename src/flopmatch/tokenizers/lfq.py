@@ -143,6 +143,10 @@ class LFQAutoencoder(LearnedAutoencoder):
         recon = self.decoder(q_st)
         entropy = terms["per_sample_entropy"] - cfg.diversity_weight * terms["codebook_entropy"]
         loss = cfg.commitment_weight * terms["commitment"] + cfg.entropy_weight * entropy
-        logs = {k: float(v.detach()) for k, v in terms.items()}
-        logs["batch_usage"] = float(tokens.unique().numel() / 2**cfg.bits)
+        # Device tensors (read on the host at log steps only: a float() here would sync a GPU every step).
+        logs = {k: v.detach() for k, v in terms.items()}
+        # The fraction of the 2^bits codes used in this batch: a fixed-size scatter, not unique() (whose output size
+        # depends on the data, a sync)
+        used = torch.zeros(2**cfg.bits, device=tokens.device).index_fill_(0, tokens.flatten(), 1.0)  # (2^bits,)
+        logs["batch_usage"] = used.sum() / 2**cfg.bits
         return recon, loss, logs

@@ -153,6 +153,15 @@ def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out
             print(f"{out_dir}: resuming the {config.kind} tokenizer's training at step {ts.step}/{config.steps}",
                   file=sys.stderr)
         start, cpu_start = time.perf_counter(), time.process_time()
+        pending: list[torch.Tensor] = []  # this session's per-step reconstruction MSEs not yet in psnrs (device scalars)
+
+        def flush() -> list[float]:
+            """psnrs with every pending step's PSNR appended (one host read for all of them)."""
+            if pending:
+                psnrs.extend(psnr_from_mse(m) for m in torch.stack(pending).tolist())
+                pending.clear()
+            return psnrs
+
         bar = tqdm(range(ts.step, config.steps), desc=f"tokenizer {config.kind}", disable=not progress,
                    dynamic_ncols=True, initial=ts.step, total=config.steps)
         for step in bar:
@@ -175,10 +184,10 @@ def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out
                 with autocast(device, bf16):
                     g_adv = -disc(recon).float().mean()
                 loss = loss + config.adv_weight * g_adv
-                logs["g_adv"] = float(g_adv.detach())
+                logs["g_adv"] = g_adv.detach()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             opt.step()
             if adv_on:
                 with autocast(device, bf16):
@@ -187,24 +196,28 @@ def train_autoencoder(config: AutoencoderConfig, images_uint8: torch.Tensor, out
                 d_opt.zero_grad(set_to_none=True)
                 d_loss.backward()
                 d_opt.step()
-                logs["d_loss"] = float(d_loss.detach())
+                logs["d_loss"] = d_loss.detach()
 
+            # Per-step figures stay on the device until a log step or a save reads them (flush): reading one here
+            # would make the host wait for the GPU every step.
             with torch.no_grad():
-                mse = float((recon.detach().float().clamp(-1, 1) - x).pow(2).mean())
-            psnrs.append(psnr_from_mse(mse))
+                pending.append((recon.detach().float().clamp(-1, 1) - x).pow(2).mean())
             if step % config.log_every == 0 or step == config.steps - 1:
+                flush()
+                logs = {k: float(v) for k, v in logs.items()}
                 elapsed = before_s + time.perf_counter() - start  # over every session of a resumed training
                 record = {"step": step, "loss": float(loss.detach()), "recon": float(rec.detach()),
-                          "psnr": psnrs[-1], "lr": lr, "grad_norm": grad_norm, **logs,
+                          "psnr": psnrs[-1], "lr": lr, "grad_norm": float(grad_norm), **logs,
                           "elapsed_s": round(elapsed, 3), "images_per_s": round((step + 1) * config.batch_size / elapsed, 2)}
                 log_lines.append(json.dumps(record))
                 bar.set_postfix(psnr=f"{psnrs[-1]:.2f}", loss=f"{record['loss']:.4f}", refresh=False)
                 if out_dir is not None:
                     atomic_write_text(Path(out_dir) / "train_log.jsonl", "\n".join(log_lines) + "\n")
             ts.end_of_step(step, config.steps, tensors=lambda: {"order": order}, meta=lambda: {
-                "cursor": cursor, "log_lines": log_lines, "psnrs": psnrs,
+                "cursor": cursor, "log_lines": log_lines, "psnrs": flush(),
                 "train_seconds": before_s + time.perf_counter() - start,
                 "cpu_seconds": before_cpu_s + time.process_time() - cpu_start})
+        flush()
     train_seconds = before_s + time.perf_counter() - start
     cpu_seconds = before_cpu_s + time.process_time() - cpu_start
 
