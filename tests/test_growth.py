@@ -165,3 +165,16 @@ def test_a_new_run_needs_its_paradigm(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("flopmatch: error: --objective is required"), err
     assert not (tmp_path / "new").exists()
+
+
+def test_cosine_run_without_a_checkpoint_takes_a_new_budget(trained):
+    """A cosine run stopped before its first checkpoint has trained nothing: `train --budget B2` starts it again at
+    B2 (a run with a checkpoint is refused, test_cosine_run_refuses_a_new_budget)."""
+    run = trained([], 6)
+    shutil.rmtree(run / "checkpoint")
+    shutil.rmtree(run / "ema-snapshots", ignore_errors=True)
+    b2 = tiny_run_config("masked", 10).train.budget
+    assert cli.main(["train", "--out", str(run), "--budget", repr(b2), "--quiet"]) == 0
+    state = read_state(run)
+    assert state["done"] and state["step"] == 10 and read_config(run).train.budget == b2
+    assert not state.get("budget_history") and not (run / "budgets").exists()

@@ -276,12 +276,16 @@ def test_growing_a_study_adds_cells_and_keeps_the_variance_seeds_in_place(tmp_pa
     old_keys = {k: v for k, v in asdict(tiny_study()).items() if k not in ("floor_seeds", "base_seed", "floor_budget")}
     assert reconcile(old_keys, tiny_study(), tmp_path)[2] == []
 
-    grown, plan, added = reconcile(saved, replace(scfg, budgets=[2e9, 4e9, 8e9, 1.6e10]), tmp_path)
+    begun = tmp_path / "begun"  # a study whose floor budget's first run has begun
+    (begun / "runs" / run_name("masked", 1, 4e9, 0)).mkdir(parents=True)
+    grown, plan, added = reconcile(saved, replace(scfg, budgets=[2e9, 4e9, 8e9, 1.6e10]), begun)
     assert grown.floor_budget == 4e9  # the middle would now be 8e9: the variance seeds stay where they are
     ema_only = asdict(replace(scfg, floor_seeds=0, eval_ema=[0.1]))  # and so does the post-hoc EMA sweep alone
     assert reconcile(ema_only, replace(scfg, floor_seeds=0, eval_ema=[0.1], budgets=[2e9, 4e9, 8e9, 1.6e10]),
-                     tmp_path)[0].floor_budget == 4e9
+                     begun)[0].floor_budget == 4e9
     assert [p.name for p in added] == [run_name("masked", 1, 1.6e10, 0)]
+    # where nothing began at the floor budget, the floor is the new middle, as in a new study
+    assert reconcile(saved, replace(scfg, budgets=[2e9, 4e9, 8e9, 1.6e10]), tmp_path)[0].floor_budget == 0
     more = replace(scfg, objectives=["masked", "diffusion"], seeds=2,
                    eval_steps={**scfg.eval_steps, "masked": [2, 4]}, overrides=scfg.overrides + ["train.trackers=tensorboard"])
     _, plan, added = reconcile(saved, more, tmp_path)
@@ -381,11 +385,13 @@ def test_a_study_with_another_base_seed_grows_its_seeds(tmp_path):
     assert sorted({p.seed for p in added}) == [1001, 1003] and len(plan) == len(make_plan(scfg, tmp_path)) + 3
     legacy = {k: v for k, v in asdict(scfg).items() if k != "first_seed"}  # a study.json from before first_seed
     more = replace(scfg, budgets=[*scfg.budgets, 1.6e10])
-    pinned, plan, added = reconcile(legacy, more, tmp_path)
+    begun = tmp_path / "begun"  # its floor budget's runs have begun: the floor stays there
+    (begun / "runs" / run_name("masked", 1, 4e9, 3)).mkdir(parents=True)
+    pinned, plan, added = reconcile(legacy, more, begun)
     assert pinned.first_seed == 3 and {p.seed for p in plan} == {3, 4, 5} and [(p.budget, p.seed) for p in added] == [(1.6e10, 3)]
     for saved in (legacy, asdict(pinned)):  # the pin is kept in study.json, and so is the refusal
         with pytest.raises(UserError, match="more seeds would reuse base seed 2's"):
-            reconcile(saved, replace(more, seeds=2), tmp_path)
+            reconcile(saved, replace(more, seeds=2), begun)
     assert reconcile(asdict(scfg), replace(scfg, base_seed=2), tmp_path)[0].base_seed == 2  # no run began: free
     for p in make_plan(scfg, tmp_path):
         (tmp_path / "runs" / p.name).mkdir(parents=True)
@@ -478,3 +484,109 @@ def test_repeated_study_settings_keep_their_last_place():
     from flopmatch.cli.study import _last_of_each
 
     assert _last_of_each(["a=1", "b=", "b=x", "a=1", "b="]) == ["b=x", "a=1", "b="]
+
+
+def _checkpoint(run, device_type="cpu", bf16=False, step=4, done=True):
+    """A stand-in run directory: config.json and a checkpoint whose state records where it trained (no tensors that
+    matter: growth reads only the state)."""
+    import torch
+
+    from flopmatch.files import save_tensors
+
+    state = {"step": step, "total_steps": 4, "flops": 0, "done": done, "net_spec": {}, "device_type": device_type,
+             "bf16": bf16}
+    save_tensors(run / CHECKPOINT, {"x": torch.zeros(1)}, metadata={"state": json.dumps(state)})
+    atomic_write_json(run / "config.json", {})
+
+
+def test_a_mistyped_floor_budget_can_be_dropped_until_it_begins(tmp_path, capsys):
+    """A study re-run once pins its floor budget (variance seeds, post-hoc EMA sweep) in study.json; a later command
+    that drops that budget is accepted while nothing began there (the floor is the new middle), and refused in one
+    line that says to keep it once a run there began, naming how to drop an unfinished run begun by mistake."""
+    out = tmp_path / "s"
+    scfg = replace(tiny_study(budgets=(2e9, 3e9, 4e9)), floor_budget=3e9)  # 3e9 mistyped; pinned by a re-run
+    assert scfg.eval_ema  # the tiny preset's post-hoc EMA sweep sits at the floor budget
+    atomic_write_json(out / "study.json", asdict(scfg))
+    for b in (2e9, 4e9):
+        (out / "runs" / run_name("masked", 1, b, 0)).mkdir(parents=True)
+    argv = ["study", "--out", str(out), "--budgets", "2e9,4e9", "--plan-only", "--no-calibrate"]
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert run_name("masked", 1, 3e9, 0) not in text and run_name("masked", 1, 4e9, 0) in text
+    (out / "runs" / run_name("masked", 1, 3e9, 0)).mkdir()  # it began (killed before its first checkpoint)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "with this command's budgets, 1 run(s)" in err[0], err
+    assert "keep 3e+09 in --budgets" in err[0] and f"delete {out / 'runs' / run_name('masked', 1, 3e9, 0)}" in err[0]
+    assert "floor_budget" not in err[0].replace(str(tmp_path), "")  # no internal key
+
+
+def test_new_cells_train_as_the_old_ones_did(tmp_path, capsys):
+    """A study whose runs trained on another kind of device, or in another precision, than its new runs would here
+    (train.device / train.precision auto) is refused in one line naming the key, before anything is written; the
+    same kind is accepted."""
+    import torch
+
+    from flopmatch.device import use_bf16
+    from flopmatch.study.grow import check_same_machine
+
+    out = tmp_path / "s"
+    scfg = main_setting_only(tiny_study(budgets=(2e9, 4e9)))
+    scfg.overrides += ["train.precision=auto"]  # (the tiny preset pins fp32)
+    atomic_write_json(out / "study.json", asdict(scfg))
+    old = out / "runs" / run_name("masked", 1, 2e9, 0)
+    plans = make_plan(scfg, out)
+    _checkpoint(old, "cuda", True)
+    with pytest.raises(UserError, match=r"trained 1 run\(s\) in cuda bf16 .*train\.device auto resolves per machine.*"
+                                        r"--set train\.device=cuda"):
+        check_same_machine(out, plans)
+    here = use_bf16("auto", torch.device("cpu"))
+    _checkpoint(old, "cpu", not here)
+    with pytest.raises(UserError, match=r"train\.precision auto resolves per machine.*--set train\.precision="):
+        check_same_machine(out, plans)
+    before = (out / "study.json").read_bytes()
+    capsys.readouterr()
+    for argv in (["--plan-only"], []):  # the preview and the study refuse alike, writing nothing
+        assert cli.main(["study", "--out", str(out), "--no-calibrate", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "train.precision" in err[0], err
+    assert (out / "study.json").read_bytes() == before and not (out / "plan.json").exists()
+    _checkpoint(old, "cpu", here)
+    check_same_machine(out, plans)
+
+
+def test_mixed_evaluators_are_named(tmp_path):
+    """Runs scored by two prompt evaluators (a study grown on a machine that trained its own) get a warning that
+    counts them; one evaluator, none."""
+    from flopmatch.study.grow import mixed_evaluators
+
+    plans = make_plan(tiny_study(budgets=(2e9, 4e9)), tmp_path)
+    for p, sha in zip(plans, ("aa" * 32, "bb" * 32)):
+        manifest = {"prompt_evaluator": {"name": "shapes-attribute-classifier", "sha256": sha},
+                    "feature_extractors": {"effnet": {"name": "effnet", "weights_sha256": "cc" * 32}}}
+        atomic_write_json(tmp_path / "runs" / p.name / "eval.json", {"version": 1, "entries": {"k": {"manifest": manifest}}})
+    warning = mixed_evaluators(tmp_path, plans)
+    assert "shapes-attribute-classifier aaaaaaaa: 1 run(s), shapes-attribute-classifier bbbbbbbb: 1 run(s)" in warning
+    assert "effnet" not in warning and mixed_evaluators(tmp_path, plans[:1]) is None
+
+
+def test_plan_marks_what_each_run_needs_and_trained_runs_cost_no_training(tmp_path):
+    """The plan table of an existing study says which runs are done, trained but to evaluate, to resume or new, and
+    the estimate counts no training for trained runs (a study grown along an evaluation axis)."""
+    from flopmatch.study.estimate import estimate
+    from flopmatch.study.plan import format_plan
+    from flopmatch.study.runner import plan_status
+
+    scfg = main_setting_only(tiny_study(budgets=(2e9, 4e9, 8e9, 1.6e10)))
+    plans = make_plan(scfg, tmp_path)
+    for p, (step, done) in zip(plans, ((4, True), (4, True), (2, False))):
+        (tmp_path / "runs" / p.name).mkdir(parents=True)
+        _checkpoint(tmp_path / "runs" / p.name, step=step, done=done)
+    status = plan_status(tmp_path, plans, frozenset({plans[0].name}))
+    assert list(status.values()) == ["done", "evaluate", "resume at step 2", "new"]
+    table = format_plan(plans, status).splitlines()
+    assert table[0].endswith("status") and table[2].endswith("evaluate") and table[4].endswith("new")
+    trained = frozenset(p.name for p in plans)
+    assert estimate(scfg, plans, tmp_path, trained=trained)["training"] == 0
+    assert estimate(scfg, plans, tmp_path)["training"] > 0

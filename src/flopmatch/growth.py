@@ -6,7 +6,8 @@ data order, the training randomness and the EMA decay are functions of the step 
 state saved where a wsd run's cooldown starts (``checkpoint-stable/``) is the state, at that step, of
 a run with the same config and any budget whose cooldown starts no earlier, and continuing from it
 gives bit for bit the weights that run would have. Under ``constant`` every step is budget-independent
-and the latest checkpoint serves. The cosine fits every step to the budget: its runs are refused.
+and the latest checkpoint serves. The cosine fits every step to the budget: its runs are refused (once
+they have a checkpoint: one stopped before its first has trained nothing and starts again at the new budget).
 
 The post-hoc EMA's averages (:mod:`flopmatch.ema`) are functions of the step too, so they continue exactly; its
 snapshots are taken at evenly spaced steps of each budget's plan, so a continued run keeps the old plan's
@@ -85,17 +86,18 @@ def plan_continuation(run: Path, cfg: RunConfig, total_steps: int) -> Continuati
     """Check that ``run`` can continue to ``cfg.train.budget`` (``total_steps`` steps); reads only.
 
     ``cfg`` differs from the run's config in ``train.budget`` only. Raises a one-line UserError for a
-    cosine run and for a budget whose run would have left the stable phase before the run's state.
+    cosine run that has trained and for a budget whose run would have left the stable phase before the run's state.
+    A run with no checkpoint yet (stopped before its first) has trained nothing: any schedule takes any budget.
     """
     old = read_config(run)
     b1, b2 = old.train.budget, cfg.train.budget
+    state = read_state(run)
+    if state is None:
+        return Continuation(old, None, None, None)
     if cfg.train.schedule == "cosine":
         raise UserError(f"{run} was trained for budget {b1:.3g} with the cosine schedule, whose every step is fitted to "
                         f"that budget, so it cannot continue to {b2:.3g}; train runs that can grow with "
                         f"--set train.schedule=wsd, or use another --out")
-    state = read_state(run)
-    if state is None:
-        return Continuation(old, None, None, None)
     source, source_state = CHECKPOINT, state
     if cfg.train.schedule == "wsd" and state["step"] > stable_steps(state["total_steps"], old.train):
         source, source_state = STABLE_CHECKPOINT, read_state(run, STABLE_CHECKPOINT)  # in (or past) the cooldown

@@ -137,7 +137,17 @@ def cmd_study(args) -> int:
 
 def register(sub) -> None:
     """Add ``study`` to the top-level subparsers."""
-    p = sub.add_parser("study", help="run the compute-matched comparison end to end and write the report")
+    p = sub.add_parser(
+        "study", help="run the compute-matched comparison end to end and write the report",
+        description="Plan, train, evaluate and time every run of the study in --out, then write its report. Re-running "
+                    "the command continues where it stopped. Studies grow: on an existing --out, the study's own "
+                    "settings are the defaults, and --objectives, --depths, --budgets, --seeds, --floor-seeds, "
+                    "--eval-raw, --eval-ema or --sweep-guidance with more values train and evaluate only the new cells "
+                    "(the variance seeds and the post-hoc EMA sweep stay at the budget where they began). A change "
+                    "that would make old and new cells incomparable (another --set, tokenizer, sample count, or a "
+                    "machine where train.device or train.precision auto resolves otherwise) is refused, naming it; "
+                    "so is dropping a cell that has begun. Planned cells that never began (a mistyped budget) may be "
+                    "dropped again.")
     p.add_argument("--preset", choices=STUDY_PRESETS,
                    help="cpu (default for a new --out; an existing study's own settings are the default there, so "
                         "growing it names only what it adds; ~7 min on 2 idle cores with bf16 matmuls, several times that "

@@ -113,11 +113,14 @@ def report_seconds(scfg: StudyConfig, host: HostRates | None, rates: Rates, work
 
 def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates = Rates(),
              host: HostRates | None = None, concurrent: int = 1, report_workers: int | None = None,
-             finished: frozenset[str] = frozenset(), timing_done: bool = False) -> dict[str, float]:
+             finished: frozenset[str] = frozenset(), timing_done: bool = False,
+             trained: frozenset[str] = frozenset()) -> dict[str, float]:
     """Seconds per stage: "set-up", "training", "evaluation", "timing", "report" (and their "total").
 
-    ``finished``: names of runs already trained and evaluated (a resumed or grown study), which cost nothing; a run
-    partly done is counted whole (the estimate errs long). ``timing_done``: the timing phase has nothing to time.
+    ``finished``: names of runs already trained and evaluated (a resumed or grown study), which cost nothing.
+    ``trained``: names of runs whose training is done (``finished`` ones and those a study grown along an evaluation
+    axis evaluates again), whose training costs nothing. A run partly trained, or partly evaluated, is counted whole
+    (the estimate errs long). ``timing_done``: the timing phase has nothing to time.
 
     ``host``: this machine's calibration (:func:`flopmatch.study.calibrate.calibrate`); None: the preset's
     assumed FLOP/s and the reference CPU's fixed rates. ``concurrent``: runs advancing at full speed at once
@@ -129,7 +132,7 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
     # the CPU's, unknown here, so the reference CPU's times stand (the effnet ratio applies only to a CPU host).
     cpu_speed = speed if host is not None and host.device == "cpu" else 1.0
     setup = 0.0
-    data_cached = bool(finished)  # finished runs built the data, captions, scorer and reference features (and a k-means tokenizer) on this machine
+    data_cached = bool(finished or trained)  # finished runs built the data, captions, scorer and reference features (and a k-means tokenizer) on this machine
     if scfg.tokenizer == "learned":
         for tokens, directory in tokenizer_dirs(study).items():
             if tokens in token_types(scfg) and not (directory / "tokenizer.json").exists():
@@ -163,7 +166,7 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
     # wsd/constant chains train only the steps after the previous budget's stable state (plan.chained_flops)
     share = chained_flops(plans) / max(1.0, sum(p.train_flops for p in plans))
     train_s = [(p.train_flops / host.train_rate(p) if host else p.est_seconds) * share + rates.run_overhead_s / cpu_speed
-               for p in plans if p.name not in finished]
+               for p in plans if p.name not in finished and p.name not in trained]
     if host is not None and host.metrics_s:  # the measured metrics plus the small per-setting and per-pass costs
         fixed = {k: v + rates.setting_overhead_s for k, v in host.metrics_s.items()}
         pass_s, process_s = rates.eval_call_s, rates.eval_process_s

@@ -185,12 +185,14 @@ def chained_flops(plans: list[RunPlan]) -> float:
     return total
 
 
-def format_plan(plans: list[RunPlan]) -> str:
-    """A fixed-width table of the plan."""
-    lines = [f"{'run':<34} {'params':>9} {'steps':>6} {'train FLOPs':>11} {'FLOPs/img':>10} {'est. time':>9}"]
+def format_plan(plans: list[RunPlan], status: dict[str, str] | None = None) -> str:
+    """A fixed-width table of the plan; with ``status`` (run name -> what it still needs, e.g. "done", "new"; an
+    existing study's, study.runner.plan_status) a last column says which runs a resumed or grown study still trains."""
+    head = f"{'run':<34} {'params':>9} {'steps':>6} {'train FLOPs':>11} {'FLOPs/img':>10} {'est. time':>9}"
+    lines = [head + ("  status" if status else "")]
     for p in plans:
         lines.append(f"{p.name:<34} {p.params:>9,} {p.steps:>6} {p.train_flops:>11.3g} {p.sample_flops_per_image:>10.3g} "
-                     f"{fmt_duration(p.est_seconds):>9}")
+                     f"{fmt_duration(p.est_seconds):>9}" + (f"  {status.get(p.name, '')}" if status else ""))
     total = sum(p.est_seconds for p in plans)
     # est. time is at the preset's assumed_flops_per_s; the study's estimate line (calibrated on the host) follows the table
     lines.append(f"{len(plans)} runs, {sum(p.train_flops for p in plans):.3g} training FLOPs, about {fmt_duration(total)} of "

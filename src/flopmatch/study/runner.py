@@ -6,15 +6,18 @@ Layout of a study directory::
 
     study/
       study.json          the StudyConfig
-      plan.json           every run with its analytic FLOPs and estimated time (written first)
+      plan.json           every run with its analytic FLOPs and its training time at the preset's assumed FLOP/s
+                          (written first; the calibrated estimate by stage is in timings.json)
       tokenizers/kl, lfq  the matched learned tokenizers (trained once)
       tokenizers/match.json, candidates/  --tokenizer-match: every candidate's PSNR and the choice (study/tokenizer_match.py)
       tokenizer_ceilings.json  each tokenizer's reconstructions scored as its generators are (study/ceilings.py)
       jobs/<run>.json     what a worker process runs
       logs/<run>.log      a worker's output
-  slurm/jobs.json     --launcher slurm: each run's latest SLURM job id; slurm/<job id>/ submitit's files
+      slurm/jobs.json     --launcher slurm: run -> {id, job_name, folder} of its latest SLURM job (study/slurm.py)
+      slurm/<token>/<job id>/  submitit's files of that job; <token>: one private (0700) folder per study process
       runs/<run>/         ordinary run directories (config.json, metrics.jsonl, checkpoint/, eval.json, samples/)
       inference_timing.json  latency and throughput of every paradigm, timed together at the end
+      report.html, report.md, results.csv, report_figures/   the report (flopmatch.report.build)
       timings.json        estimated and measured wall time by stage
       .lock               held by the study process (flopmatch.lock)
 
@@ -25,7 +28,7 @@ resumes interrupted work, so re-running ``flopmatch study`` after a crash or Ctr
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from flopmatch.config import RunConfig, from_dict
@@ -36,9 +39,10 @@ from flopmatch.evaluation.run import EvalConfig
 from flopmatch.files import atomic_write_json, read_json
 from flopmatch.lock import LOCK_NAME, DirectoryLock, describe, holder, in_use, is_locked
 from flopmatch.report.build import build_report
+from flopmatch.rundir import CONFIG, read_state
 from flopmatch.study.calibrate import calibrate_or_none
 from flopmatch.study.estimate import Rates, estimate, format_estimate
-from flopmatch.study.grow import reconcile
+from flopmatch.study.grow import check_same_machine, mixed_evaluators, reconcile
 from flopmatch.study.job import chain_jobs, job_finished, timing_job
 from flopmatch.study.launchers import make_launcher
 from flopmatch.study.operating import selection_run, sweep_eval, sweep_settings
@@ -91,6 +95,19 @@ def finished_runs(out: Path, scfg: StudyConfig, plans: list[RunPlan], jobs: list
     return frozenset(j["name"] for j in (jobs if jobs is not None else run_jobs(out, scfg, plans)) if job_finished(j))
 
 
+def plan_status(out: Path, plans: list[RunPlan], done: frozenset[str]) -> dict[str, str]:
+    """What each planned run of the study directory ``out`` still needs, for the plan table and the estimate: "done"
+    (trained and evaluated: in ``done``, :func:`finished_runs`), "evaluate" (trained, settings to evaluate: a study
+    that grew along an evaluation axis), "resume at step s" (stopped mid-training) or "new" (not begun)."""
+    status = {}
+    for p in plans:
+        run = out / "runs" / p.name
+        state = read_state(run) if (run / CONFIG).exists() else None  # None: not begun, or before its first checkpoint
+        status[p.name] = ("done" if p.name in done else "evaluate" if state and state.get("done")
+                          else f"resume at step {state['step']}" if state else "new")
+    return status
+
+
 def existing_study(out: Path, scfg: StudyConfig, check_lock: bool = True) -> tuple[StudyConfig, list | None, bool]:
     """What ``out`` already holds decides the study config: (config to run, the runs it adds or None, whether ``out``
     held only the settings of a study that produced nothing). UserError when this command would change the saved
@@ -123,15 +140,23 @@ def preview(out: Path, scfg: StudyConfig, calibrate: bool = True, concurrent: in
     if slurm is not None:
         check_gpu_split(plans, slurm)
         make_launcher("slurm", 1, out, slurm).check()
-    log(format_plan(plans))
+    else:  # local runs train on this machine: as the study's runs did
+        check_same_machine(out, plans)
     done = finished_runs(out, scfg, plans)  # an existing study: only what is left
+    status = plan_status(out, plans, done)
+    log(format_plan(plans, status if set(status.values()) != {"new"} else None))
     host = calibrate_or_none(scfg, plans, log) if calibrate and len(done) < len(plans) else None
     est = estimate(scfg, plans, out, host=host, concurrent=concurrent, report_workers=report_workers, finished=done,
-                   timing_done=not timing_needed(out, scfg, plans))
+                   trained=_trained(status), timing_done=not timing_needed(out, scfg, plans))
     if done:
         log(f"{len(done)} of {len(plans)} runs already trained and evaluated in {out}")
     log(format_estimate(est, calibrated=host is not None or len(done) == len(plans)))
     return est
+
+
+def _trained(status: dict[str, str]) -> frozenset[str]:
+    """The runs whose training is done, of a :func:`plan_status`."""
+    return frozenset(name for name, s in status.items() if s in ("done", "evaluate"))
 
 
 def saved_study(out: Path) -> StudyConfig | None:
@@ -140,7 +165,9 @@ def saved_study(out: Path) -> StudyConfig | None:
     command without ``--preset``, so growing a study names only what it adds."""
     if not (out / "study.json").exists() or not_started(out):
         return None
-    return from_dict(StudyConfig, read_json(out / "study.json"))
+    # without its pinned floor budget: reconcile pins it again where runs there began, and a command whose --budgets
+    # drops a mistyped floor budget that never began is then not refused as naming a budget it no longer has
+    return replace(from_dict(StudyConfig, read_json(out / "study.json")), floor_budget=0.0)
 
 
 def not_started(out: Path) -> bool:
@@ -207,6 +234,7 @@ def study(out: str | Path, scfg: StudyConfig, workers: int = 1, launcher: str = 
     if launcher == "local":  # the runs' device exists here (under SLURM they run on other machines)
         for device in sorted({p.config["train"]["device"] for p in plans}):
             resolve_device(device)
+        check_same_machine(out, plans)  # and new runs train as the study's others did
     if launcher == "slurm":
         check_gpu_split(plans, slurm or SlurmConfig())
     launch = make_launcher(launcher, workers, out, slurm)
@@ -226,13 +254,14 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
     """The study proper, run while this process holds the study directory's lock (see :func:`study`)."""
     atomic_write_json(out / "study.json", asdict(scfg))
     atomic_write_json(out / "plan.json", [asdict(p) for p in plans])
-    print(format_plan(plans))
     jobs = run_jobs(out, scfg, plans)
     done = finished_runs(out, scfg, plans, jobs)  # a resumed or grown study: only the rest is estimated
+    status = plan_status(out, plans, done)
+    print(format_plan(plans, status if set(status.values()) != {"new"} else None))  # a new study: all new
     todo = [p for p in plans if p.name not in done]
     host = calibrate_or_none(scfg, plans) if calibrate_host and todo else None  # every architecture: finished ones are timed too
     est = estimate(scfg, plans, out, host=host, concurrent=launch.concurrent, report_workers=report_workers,
-                   finished=done, timing_done=not timing_needed(out, scfg, plans, retime))
+                   finished=done, trained=_trained(status), timing_done=not timing_needed(out, scfg, plans, retime))
     already = f"{len(done)} of {len(plans)} runs already trained and evaluated; " if done else ""
     print(f"[study] {already}{format_estimate(est, calibrated=host is not None or not todo)}")
     t0 = time.perf_counter()
@@ -261,6 +290,9 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
     failed = launch.run(jobs, on_done)
     if failed:
         raise UserError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; fix and re-run to continue")
+    mixed = mixed_evaluators(out, plans)  # a study grown on another machine (its runs' own settings are checked before)
+    if mixed:
+        print(mixed, flush=True)
     t_runs = time.perf_counter()
     if timing_needed(out, scfg, plans, retime):  # a quiet phase: no run is training now
         before = timing_stamp(out)
