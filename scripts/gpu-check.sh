@@ -10,7 +10,8 @@
 #
 # Python packages flopmatch needs and that Python lacks can come as wheels in .whl/ (scripts/gpu-wheels.sh fetches
 # them on a machine with a package index): they are installed into $WORK/site first, nothing else is changed.
-# Each check writes $WORK/<check>.log (WORK default: /tmp/flopmatch-gpu-check). The results go to $OUT (default
+# Each check writes <work>/<check>.log, in a fresh temporary folder (or $GPU_CHECK_WORK: an empty folder, or one an
+# earlier gpu-check made, which is emptied; any other is refused). The results go to $OUT (default
 # gpu-check/) in a few files: summary.txt (one line per check, as printed), logs.txt (the end of every check's log),
 # bench.json and bench-compile.json. Every check runs even when an earlier one failed; each is capped at STEP_TIMEOUT
 # seconds (default 150), and none starts after DEADLINE seconds from the start (default 520), so the results are
@@ -20,7 +21,6 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-gpu-check}
-WORK=${WORK:-/tmp/flopmatch-gpu-check}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
 STEP_TIMEOUT=${STEP_TIMEOUT:-150}
@@ -31,7 +31,19 @@ if [ -z "${PY:-}" ]; then
     [ -x .venv/bin/python ] && PY=.venv/bin/python
 fi
 mkdir -p "$OUT"
-rm -rf "$WORK" && mkdir -p "$WORK"
+MARK=.flopmatch-gpu-check  # in a work folder this script made: only such a folder (or an empty one) is ever emptied
+if [ -n "${GPU_CHECK_WORK:-}" ]; then
+    WORK=$GPU_CHECK_WORK
+    if [ -d "$WORK" ] && [ -n "$(ls -A "$WORK")" ] && [ ! -e "$WORK/$MARK" ]; then
+        echo "gpu-check: GPU_CHECK_WORK=$WORK holds files gpu-check did not make; give an empty or new folder" >&2
+        exit 2
+    fi
+    rm -rf "$WORK"
+    mkdir -p "$WORK"
+else
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/flopmatch-gpu-check.XXXXXX")
+fi
+touch "$WORK/$MARK"
 export FLOPMATCH_CACHE=${FLOPMATCH_CACHE:-$WORK/cache} PYTHONUNBUFFERED=1
 
 if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
@@ -46,8 +58,8 @@ if [ "$DEVICE" = cuda ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cu
     echo "gpu-check: CUDA is not available to $PY (a CPU build of torch, or no GPU); PY=<a python with CUDA torch>, or DEVICE=cpu QUICK=1 to run the checks on a CPU" >&2
     exit 2
 fi
-if [ "$DEVICE" = cuda ]; then
-    NPROC=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ "$DEVICE" = cuda ]; then  # every GPU, down to a power of two (the runs' batch of 64 splits evenly)
+    NPROC=$("$PY" -c "import torch; n = torch.cuda.device_count(); print(1 << (n.bit_length() - 1))")
 else
     NPROC=2  # two gloo processes on a CPU
 fi
@@ -88,7 +100,7 @@ check() {  # check NAME COMMAND...: run it with its output in $WORK/NAME.log, pr
         return
     fi
     limit=$(( left < STEP_TIMEOUT ? left : STEP_TIMEOUT ))
-    timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
+    timeout -k 10 "$limit" "$@" > "$WORK/$name.log" 2>&1
     rc=$?
     if [ $rc -eq 0 ]; then
         echo "ok      $name ($(( $(date +%s) - start )) s)" | tee -a "$OUT/summary.txt"
@@ -122,11 +134,12 @@ done
 check torchrun-eval "${TORCHRUN[@]}" -m flopmatch eval "$WORK/run-ddp" --num-samples "$SAMPLES" --no-timing
 check tokenizer "$PY" -m flopmatch tokenizer train --kind lfq --steps "$TOKENIZER_STEPS" --out "$WORK/tokenizer-lfq" --quiet
 # `bench --json` prints its JSON on stdout and its progress on stderr.
-check bench bash -c "\"$PY\" -m flopmatch bench --device $DEVICE ${BENCH[*]} --json > $WORK/bench.json"
-check bench-compile bash -c "\"$PY\" -m flopmatch bench --device $DEVICE ${COMPILE[*]} --json > $WORK/bench-compile.json"
+check bench bash -c '"$0" -m flopmatch bench "${@:2}" --json > "$1"' "$PY" "$WORK/bench.json" --device "$DEVICE" "${BENCH[@]}"
+check bench-compile bash -c '"$0" -m flopmatch bench "${@:2}" --json > "$1"' "$PY" "$WORK/bench-compile.json" \
+    --device "$DEVICE" "${COMPILE[@]}"
 
 # What comes back: a few files.
 for f in "$WORK"/*.log; do echo "== $(basename "$f")"; tail -n 40 "$f"; done > "$OUT/logs.txt"
 cp "$WORK"/bench*.json "$OUT/" 2> /dev/null
-echo "gpu-check: $(grep -c '^ok' "$OUT/summary.txt") ok, $(grep -c '^FAILED\|^SKIPPED' "$OUT/summary.txt") failed or skipped, in $(( $(date +%s) - START )) s; results in $OUT/"
+echo "gpu-check: $(grep -c '^ok' "$OUT/summary.txt") ok, $(grep -c '^FAILED\|^SKIPPED' "$OUT/summary.txt") failed or skipped, in $(( $(date +%s) - START )) s; results in $OUT/, logs and runs in $WORK/"
 exit $failed

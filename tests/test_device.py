@@ -47,3 +47,14 @@ def test_one_process_keeps_the_named_gpu(two_gpus):
     two_gpus(0, world=1)
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     assert resolve_device("auto") == torch.device("cuda", 0)
+
+
+def test_one_process_under_torchrun_may_name_its_gpu(two_gpus, monkeypatch):
+    """torchrun --nproc_per_node 1 is a launch too (a process group of one), but no other process can share a GPU it
+    names: cuda:1 is taken as given; with two processes a numbered GPU is still refused."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    two_gpus(0, world=1)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cuda") == torch.device("cuda", 0)
+    two_gpus(0, world=2)
+    with pytest.raises(UserError, match="would put every process on one GPU"):
+        resolve_device("cuda:1")

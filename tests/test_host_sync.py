@@ -4,8 +4,9 @@ On a GPU a host sync (``.item()``, ``bool(tensor)``, ``float(tensor)``, a data-d
 or ``nonzero``) stalls the launch queue each step; scripts/gpu-check.sh catches one there with
 ``torch.cuda.set_sync_debug_mode("error")``. This file catches the same calls without a GPU: a TorchDispatchMode
 sees every aten op the step runs (forward, backward through autograd, clipping, AdamW, the EMA update), and the
-ops that would synchronise a CUDA device are the ones listed in ``SYNCING``. A CPU-to-device copy cannot be seen
-here (everything is on the CPU); gpu-check covers it.
+ops that would synchronise a CUDA device are the ones listed in ``SYNCING``. Blind spots: copies between host and
+device (``.to``, ``.cpu()``, ``.tolist()``, ``.numpy()``, ``torch.tensor`` of tensor elements) are no ops on a CPU and
+cannot be seen here; gpu-check's probe-sync and loop-sync checks cover them on a GPU.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from flopmatch.probe import SamplingProbe, TrainingProbe
 
 # aten ops that read a device value on the host: a scalar conversion (item, bool, int, float, comparisons in Python
 # control flow all reach _local_scalar_dense), or an output whose size depends on the data.
-SYNCING = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "masked_scatter", "_unique2",
-           "unique_dim", "unique_consecutive", "repeat_interleave"}
+SYNCING = {"_local_scalar_dense", "is_nonzero", "equal", "allclose", "nonzero", "masked_select", "masked_scatter",
+           "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave", "bincount", "histc"}
 
 
 class SyncRecorder(TorchDispatchMode):

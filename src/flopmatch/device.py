@@ -38,6 +38,8 @@ def resolve_device(name: str = "auto") -> torch.device:
             raise UserError(f"device {name} requested but this process sees {torch.cuda.device_count()} CUDA device(s) "
                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}); use one of them or auto")
         if is_launched():
+            if dev.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+                return dev  # one process (torchrun --nproc_per_node 1): the GPU it names is its own
             if dev.index is not None:
                 raise UserError(f"device {name} under torchrun would put every process on one GPU; use cuda or auto "
                                 "(each process takes the GPU of its local rank)")

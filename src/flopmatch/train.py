@@ -116,7 +116,7 @@ def step_generators(seed: int, step: int, device: torch.device) -> tuple[torch.G
     return cpu, dev
 
 
-@functools.lru_cache(maxsize=2)  # the epochs one batch can straddle: randperm(n) once per epoch, not once per step
+@functools.lru_cache(maxsize=2)  # a batch no larger than the data straddles at most 2 epochs: randperm(n) once per epoch
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of one epoch: a permutation that depends only on (seed, epoch). Shared: do not modify it."""
     # A private CPU generator (not the global RNG): the order cannot drift with other random draws.

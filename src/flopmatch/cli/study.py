@@ -224,8 +224,9 @@ def register(sub) -> None:
     g.add_argument("--slurm-constraint", metavar="FEATURES",
                    help="sbatch --constraint of every job, e.g. a GPU type such as a100 (default: none)")
     g.add_argument("--slurm-setup", action="append", metavar="SHELL_LINE",
-                   help="a shell line each job runs before the worker, e.g. 'module load cuda' or 'source "
-                        "venv/bin/activate' (repeatable, in order)")
+                   help="a shell line each job runs before the worker, e.g. 'module load cuda' or 'export "
+                        "NCCL_IB_DISABLE=1' (repeatable, in order; the worker runs this study's Python, so activating "
+                        "another environment here changes nothing)")
     g.add_argument("--slurm-extra", action="append", metavar="KEY=VALUE",
                    help="another sbatch option for every job, e.g. reservation=r1 or mail-type=FAIL; a bare KEY for a "
                         "flag (repeatable; options with a flag of their own are refused)")

@@ -90,7 +90,8 @@ def _rows_sidecars(directory: Path, splits_inside: bool) -> tuple[list[tuple[str
             raise UserError(f"cannot read {txt}: {e.strerror or e}") from None
         name = path.relative_to(directory).as_posix()
         rows.append((name, caption))
-        key.append(name.encode("utf-8", "surrogateescape") + b"\0" + (caption if caption is not None else b"\xff") + b"\0")
+        size = b"-1" if caption is None else str(len(caption)).encode()  # a missing file is not any content
+        key.append(name.encode("utf-8", "surrogateescape") + b"\0" + size + b"\0" + (caption or b"") + b"\0")
     return rows, b"".join(key)
 
 

@@ -465,8 +465,8 @@ def _kid_banner(v, ceilings: dict | None) -> list[str]:
                            for p, t in trends.items())
         lines.append(f"KID improves detectably with training compute in no paradigm over these budgets (change per decade "
                      f"of FLOPs: {slopes}; none below 0 at level {ALPHA}, one-sided, on the verdicts' noise): the "
-                     "image-quality verdicts compare levels that training did not move here, so they may reflect the "
-                     "tokenizers, the sampler and the proxy's features more than what compute buys.")
+                     "image-quality verdicts compare levels that training was not seen to move here, so they may "
+                     "reflect the tokenizers, the sampler and the proxy's features more than what compute buys.")
     noise, found = v.noise["kid"], {}
     for p, metrics in sorted(by_paradigm(ceilings).items()):
         r = rkid(metrics)
@@ -482,11 +482,10 @@ def _kid_banner(v, ceilings: dict | None) -> list[str]:
     if found:
         which = "; ".join(f"{p}'s KID {', '.join(at)} FLOPs against its tokenizer's rKID {r:.3g}" for (p, r), at in found.items())
         lines.append(f"Samples score a clearly better KID than their own tokenizer's reconstructions ({which}). A "
-                     "generator's images are its tokenizer's decoded outputs, so a pure fidelity score could not beat "
-                     "the reconstructions: KID (effnet proxy) here also rewards something they lack (e.g. guided "
-                     "samples more typical of the evaluator's features than blurred reconstructions). Read the "
-                     "image-quality verdicts as about this proxy; the Inception FID (`--features inception`) is "
-                     "the one to cite.")
+                     "generator's images are its tokenizer's decoded outputs, so a score of fidelity to the data "
+                     "should not favour them over the reconstructions: KID (effnet proxy) here also rewards something "
+                     "they lack (e.g. guided samples more typical of the evaluator's features than blurred "
+                     "reconstructions). Read the image-quality verdicts as about this proxy.")
     return lines
 
 
