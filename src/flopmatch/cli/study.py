@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from flopmatch import PARADIGMS
-from flopmatch.cli.args import DATA_HELP, count, data_source, number_list, output_dir, positive_seconds
+from flopmatch.cli.args import DATA_HELP, count, data_source, described, number_list, output_dir, positive_seconds
 from flopmatch.config import RunConfig, apply_overrides, check_holdout
 from flopmatch.errors import UserError
 from flopmatch.study.presets import STUDY_PRESETS
@@ -139,7 +139,9 @@ def register(sub) -> None:
     """Add ``study`` to the top-level subparsers."""
     p = sub.add_parser(
         "study", help="run the compute-matched comparison end to end and write the report",
-        description="Plan, train, evaluate and time every run of the study in --out, then write its report. Re-running "
+        **described(
+            "Plan, train, evaluate and time every run of the study in --out, then write its report (report.html, "
+            "report.md, results.csv, report_figures/). Re-running "
                     "the command continues where it stopped. Studies grow: on an existing --out, the study's own "
                     "settings are the defaults, and --objectives, --depths, --budgets, --seeds, --floor-seeds, "
                     "--eval-raw, --eval-ema or --sweep-guidance with more values train and evaluate only the new cells "
@@ -147,7 +149,13 @@ def register(sub) -> None:
                     "that would make old and new cells incomparable (another --set, tokenizer, sample count, or a "
                     "machine where train.device or train.precision auto resolves otherwise) is refused, naming it; "
                     "so is dropping a cell that has begun. Planned cells that never began (a mistyped budget) may be "
-                    "dropped again.")
+                    "dropped again.", """
+            flopmatch study                                   # the cpu preset on the built-in shapes, into study/
+            flopmatch study --plan-only                       # the plan and its time estimate for this machine
+            flopmatch study --out study --budgets 7e10,1.7e11,4.2e11,1e12,2.5e12,6e12   # grow: only the new cells
+            flopmatch study --data folder:my_images --preset cpu-long --out mine
+            flopmatch study --launcher slurm --partition gpu --gpus-per-run 1 --preset gpu --out big
+            """))
     p.add_argument("--preset", choices=STUDY_PRESETS,
                    help="cpu (default for a new --out; an existing study's own settings are the default there, so "
                         "growing it names only what it adds; ~7 min on 2 idle cores with bf16 matmuls, several times that "
