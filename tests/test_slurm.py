@@ -386,7 +386,8 @@ def test_extra_sbatch_options_and_the_job_records_of_an_earlier_flopmatch():
     assert parse_extra(["reservation=r1", "--mail_type=FAIL", "requeue"]) == {"reservation": "r1", "mail-type": "FAIL",
                                                                              "requeue": True}
     for bad, match in (("time=10", "use --slurm-time"), ("job-name=x", "flopmatch sets it"), ("=x", "KEY=VALUE"),
-                       ("qos=", "KEY=VALUE")):
+                       ("qos=", "KEY=VALUE"), ("gres=gpu:2", "use --gpus-per-run"), ("no-requeue", "flopmatch sets it"),
+                       ("mem-per-cpu=4G", "use --slurm-mem-gb")):
         with pytest.raises(UserError, match=match):
             parse_extra([bad])
 

@@ -69,7 +69,12 @@ HEARTBEAT_S = 300  # with no change of state, a line with the running runs' step
 MANAGED = {"time": "--slurm-time", "partition": "--partition", "account": "--slurm-account", "mem": "--slurm-mem-gb",
            "qos": "--slurm-qos", "constraint": "--slurm-constraint", "cpus-per-task": "--cpus-per-run",
            "gpus-per-node": "--gpus-per-run", "gpus": "--gpus-per-run", "job-name": None, "output": None, "error": None,
-           "open-mode": None, "signal": None, "array": None, "nodes": None, "ntasks": None, "ntasks-per-node": None}
+           "open-mode": None, "signal": None, "array": None, "nodes": None, "ntasks": None, "ntasks-per-node": None,
+           # other spellings of the GPUs, memory and requeueing flopmatch sets: two would contradict each other
+           "gres": "--gpus-per-run", "gpus-per-task": "--gpus-per-run", "mem-per-cpu": "--slurm-mem-gb",
+           "mem-per-gpu": "--slurm-mem-gb",
+           "no-requeue": None,  # a preempted or timed-out job is requeued (submitit's checkpoint), never dropped
+           "exclusive": "--slurm-timing-exclusive (the timing job; runs share nodes)"}
 # the last line of a Python traceback: "RuntimeError: ...", "torch.OutOfMemoryError: ...", "KeyError: 'x'"
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b(:.*)?$")
 
