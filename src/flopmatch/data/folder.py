@@ -26,6 +26,7 @@ cache, without re-reading every image on each start (the rule make and ccache us
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -64,7 +65,8 @@ def _named(source: Path | str) -> str:
     return source.name if isinstance(source, Path) else f"its {SIDECARS} (image + .txt pairs)"
 
 
-def _images(directory: Path, splits_inside: bool) -> list[Path]:
+@functools.lru_cache(maxsize=8)  # one listing per folder per folder_items call (which clears it): a layout check and
+def _images(directory: Path, splits_inside: bool) -> tuple[Path, ...]:  # the rows walk the same tree
     """The image files under ``directory`` by name (nested folders too, not through linked ones; without the split
     sub-folders where ``splits_inside``), sorted: the caption-file layout's items."""
     found = []
@@ -73,7 +75,7 @@ def _images(directory: Path, splits_inside: bool) -> list[Path]:
             dirs[:] = [d for d in dirs if d not in SPLIT_DIRS]
         dirs.sort()
         found += [Path(here) / f for f in sorted(files) if Path(f).suffix.lower() in IMAGE_SUFFIXES]
-    return found
+    return tuple(found)
 
 
 def _rows_sidecars(directory: Path, splits_inside: bool) -> tuple[list[tuple[str, object]], bytes]:
@@ -157,6 +159,7 @@ def _read_file(path: Path):
 def folder_items(root: str | Path) -> tuple[list[Item], str]:
     """The items of an image folder and its content key (see the module docstring). UserError on bad layout."""
     root = Path(root)
+    _images.cache_clear()  # the folder may have changed since the last call
     if not root.is_dir():
         raise UserError(f"folder:{root} is not a directory; give a folder of images with metadata.jsonl, "
                         "metadata.csv or a .txt caption beside each image")
