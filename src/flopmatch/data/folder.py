@@ -65,8 +65,9 @@ def _named(source: Path | str) -> str:
     return source.name if isinstance(source, Path) else f"its {SIDECARS} (image + .txt pairs)"
 
 
-@functools.lru_cache(maxsize=8)  # one listing per folder per folder_items call (which clears it): a layout check and
-def _images(directory: Path, splits_inside: bool) -> tuple[Path, ...]:  # the rows walk the same tree
+# Cached: the layout checks and the rows walk the same trees, once each per folder_items call (which clears it).
+@functools.lru_cache(maxsize=8)
+def _images(directory: Path, splits_inside: bool) -> tuple[Path, ...]:
     """The image files under ``directory`` by name (nested folders too, not through linked ones; without the split
     sub-folders where ``splits_inside``), sorted: the caption-file layout's items."""
     found = []
