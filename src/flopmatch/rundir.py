@@ -6,6 +6,7 @@ thing it may read::
     runs/<name>/
       config.json                       the resolved RunConfig, written before step 0
       metrics.jsonl                     one JSON object per logged step (step, loss, lr, cumulative flops, ...)
+      data.json                         what the training data was (source, counts, skipped files): a resume checks it
       checkpoint/checkpoint.safetensors model, EMA and optimizer tensors (full, whatever the sharding); scalar state in its metadata
       checkpoint/state.json             a human-readable copy of that scalar state
       ema-snapshots/<step>.safetensors  the power-function EMAs (train.ema_profiles) at evenly spaced steps, from which
