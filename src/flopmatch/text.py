@@ -59,7 +59,7 @@ class TextBatch:
 
     def pin_memory(self) -> TextBatch:
         """The same batch in page-locked host memory (a CUDA host allocation), for a non-blocking copy to a GPU."""
-        return TextBatch(self.states.pin_memory(), self.pad.pin_memory(), self.pooled.pin_memory())
+        return TextBatch(*(t.pin_memory() for t in (self.states, self.pad, self.pooled)))
 
     def index(self, idx: torch.Tensor) -> TextBatch:
         """Rows ``idx`` (a long index tensor or bool mask over the batch)."""

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 
@@ -20,14 +21,15 @@ from flopmatch.study.presets import STUDY_PRESETS
 def data_config(args: argparse.Namespace) -> DataConfig:
     """The data settings a run would have: ``flopmatch train``'s defaults, or a study preset's runs' (its data
     overrides; its shapes holdout dropped on another source, as the study drops it), then the flags and ``--set``."""
-    from flopmatch.config import RunConfig, apply_overrides, check_holdout, parse_source
+    from flopmatch.config import RunConfig, apply_overrides, check_holdout
+    from flopmatch.study.plan import shared_config
 
-    cfg = RunConfig()
-    if args.preset:
-        apply_overrides(cfg, STUDY_PRESETS[args.preset]().overrides)
-    cfg.data.name = args.data
-    if parse_source(args.data, "data.name")[0] != "shapes":  # as study.plan.shared_config: no scenes to hold out
-        cfg.data.holdout, cfg.data.holdout_relations = [], []
+    if args.preset:  # the study's own rule (its holdout only on shapes)
+        scfg = STUDY_PRESETS[args.preset]()
+        cfg = shared_config(dataclasses.replace(scfg, overrides=[*scfg.overrides, f"data.name={args.data}"]))
+    else:
+        cfg = RunConfig()
+        cfg.data.name = args.data
     for name in ("image_size", "image_column", "text_column"):
         if getattr(args, name) is not None:
             setattr(cfg.data, name, getattr(args, name))

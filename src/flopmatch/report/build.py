@@ -455,7 +455,7 @@ def _kid_banner(v, ceilings: dict | None) -> list[str]:
     any paradigm (each one's slope over budgets, :func:`~flopmatch.report.verdicts.own_trend`), or a bound by the
     tokenizer (samples scoring clearly better than their own tokenizer's reconstructions). Either says the verdicts
     are about this proxy more than about what compute buys; neither changes a verdict."""
-    if "kid" not in v.noise or v.noise["kid"].source == "none" and not v.cells.get("kid"):
+    if not v.cells.get("kid"):
         return []
     lines = []
     trends = {p: own_trend(v, "kid", p) for p in sorted({p for p, _ in v.cells["kid"]})}

@@ -408,6 +408,11 @@ def _combination(terms: list[tuple[float, Cell]], noise: Noise, n_a: int, n_b: i
     return TestResult(est, None, None, None, n_a, n_b, "none")
 
 
+def _slope_weights(x: np.ndarray) -> np.ndarray:
+    """w with sum_i w_i y_i = the OLS slope of y on x (a linear combination, so a contrast of cells can test it)."""
+    return (x - x.mean()) / ((x - x.mean()) ** 2).sum()
+
+
 def mean_sd(c: Cell, noise: Noise) -> float | None:
     """Standard deviation of a cell's mean log error under ``noise``; None where it is unknown ("none", or an
     evaluation variance not recorded)."""
@@ -428,8 +433,7 @@ def own_trend(v: Verdicts, metric: str, paradigm: str) -> TestResult | None:
     x = np.log10([budget for budget, _ in mine])
     if v.noise[metric].source == "none":
         return slope_test(x, [c.mean for _, c in mine])
-    w = (x - x.mean()) / ((x - x.mean()) ** 2).sum()  # OLS slope = sum_i w_i y_i
-    return _combination([(float(wi), c) for wi, (_, c) in zip(w, mine)], v.noise[metric],
+    return _combination([(float(wi), c) for wi, (_, c) in zip(_slope_weights(x), mine)], v.noise[metric],
                         sum(c.values.size for _, c in mine), 0)
 
 
@@ -561,7 +565,7 @@ class _Builder:
         if len(budgets) < 3:
             return None
         x = np.log10(budgets)
-        w = (x - x.mean()) / ((x - x.mean()) ** 2).sum()  # OLS slope = sum_i w_i gap_i
+        w = _slope_weights(x)
         pairs = [(self.cells[metric][(a, c)], self.cells[metric][(b, c)]) for c in budgets]
         noise = self.noise[metric]
         source = noise.source

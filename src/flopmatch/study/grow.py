@@ -101,7 +101,7 @@ def _dropping_axis(p: RunPlan, scfg: StudyConfig, old: StudyConfig) -> str:
 
 def _progress(out: Path, name: str) -> str:
     """', step s of N' for a begun run of the study ``out`` that has not finished training, else ''."""
-    state = read_state(out / "runs" / name) if (out / "runs" / name).is_dir() else None
+    state = read_state(out / "runs" / name)  # None: no directory, or no checkpoint yet
     return f", step {state['step']} of {state['total_steps']}" if state and not state.get("done") else ""
 
 
@@ -112,7 +112,7 @@ def _drop_hint(out: Path, dropped: list[str]) -> str:
     jobs = out / "slurm" / JOBS_FILE
     queued = read_json(jobs) if jobs.exists() else {}
     for name in dropped:
-        state = read_state(out / "runs" / name) if (out / "runs" / name).is_dir() else None
+        state = read_state(out / "runs" / name)
         if name in queued or not (out / "runs" / name).is_dir() or (state and state.get("done")):
             return ""
     if len(dropped) == 1:

@@ -187,7 +187,9 @@ def chained_flops(plans: list[RunPlan]) -> float:
 
 def format_plan(plans: list[RunPlan], status: dict[str, str] | None = None) -> str:
     """A fixed-width table of the plan; with ``status`` (run name -> what it still needs, e.g. "done", "new"; an
-    existing study's, study.runner.plan_status) a last column says which runs a resumed or grown study still trains."""
+    existing study's, study.runner.plan_status) a last column says which runs a resumed or grown study still trains;
+    not for a new study (every run "new")."""
+    status = status if status and set(status.values()) != {"new"} else None
     head = f"{'run':<34} {'params':>9} {'steps':>6} {'train FLOPs':>11} {'FLOPs/img':>10} {'est. time':>9}"
     lines = [head + ("  status" if status else "")]
     for p in plans:

@@ -144,7 +144,7 @@ def preview(out: Path, scfg: StudyConfig, calibrate: bool = True, concurrent: in
         check_same_machine(out, plans)
     done = finished_runs(out, scfg, plans)  # an existing study: only what is left
     status = plan_status(out, plans, done)
-    log(format_plan(plans, status if set(status.values()) != {"new"} else None))
+    log(format_plan(plans, status))
     host = calibrate_or_none(scfg, plans, log) if calibrate and len(done) < len(plans) else None
     est = estimate(scfg, plans, out, host=host, concurrent=concurrent, report_workers=report_workers, finished=done,
                    trained=_trained(status), timing_done=not timing_needed(out, scfg, plans))
@@ -257,7 +257,7 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
     jobs = run_jobs(out, scfg, plans)
     done = finished_runs(out, scfg, plans, jobs)  # a resumed or grown study: only the rest is estimated
     status = plan_status(out, plans, done)
-    print(format_plan(plans, status if set(status.values()) != {"new"} else None))  # a new study: all new
+    print(format_plan(plans, status))
     todo = [p for p in plans if p.name not in done]
     host = calibrate_or_none(scfg, plans) if calibrate_host and todo else None  # every architecture: finished ones are timed too
     est = estimate(scfg, plans, out, host=host, concurrent=launch.concurrent, report_workers=report_workers,

@@ -51,7 +51,7 @@ from flopmatch.errors import UserError
 from flopmatch.files import atomic_write_json, read_json
 from flopmatch.study.job import job_finished
 
-NO_ANSWER = "NO ANSWER"  # squeue_states' state of a job while squeue fails: counted alive, shown as such
+NO_ANSWER = "NO ANSWER"  # squeue_jobs' state of a job while squeue fails: counted alive, shown as such
 # squeue states of a job that has not ended (a preempted job may still be requeued, so it counts as alive)
 ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
          "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "PREEMPTED", NO_ANSWER}
