@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
 from flopmatch.data.datasets import make_dataset
 from flopmatch.errors import UserError
 from flopmatch.files import cache_dir
-from flopmatch.prepare import encode_dataset
+from flopmatch.objectives import make_objective
+from flopmatch.prepare import encode_dataset, prepare
 from flopmatch.tokenizers.autoencoder import AutoencoderConfig
 from flopmatch.tokenizers.train_ae import train_autoencoder
+from tiny import tiny_run_config
+
+TESTS = Path(__file__).resolve().parent
 
 
 def tiny_ae(kind: str, out, seed: int = 0, steps: int = 3):
@@ -71,3 +80,56 @@ def test_mismatched_tokenizer_kind_is_a_clear_error(tmp_path, tiny_config):
     with pytest.raises(UserError, match="continuous"):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+# One rank of a 2-process launch: prepare() on a fresh cache, counting the expensive builds, then a digest of what it
+# got. fit_weight_free and the encoded-set / caption-table writes are wrapped where prepare and TextCache call them.
+PREPARE_WORKER = textwrap.dedent("""
+    import hashlib, json, sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    torch.set_num_threads(1)
+    from flopmatch import dist, prepare, text
+    from flopmatch.objectives import make_objective
+    from tiny import tiny_run_config
+
+    counts = {{"fits": 0, "saves": 0}}
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+    prepare.fit_weight_free = counted("fits", prepare.fit_weight_free)
+    prepare.save_tensors = counted("saves", prepare.save_tensors)
+    text.save_tensors = counted("saves", text.save_tensors)
+    dist.init(torch.device("cpu"))
+    cfg = tiny_run_config("masked", 6)
+    data = prepare.prepare(cfg, make_objective("masked"), progress=False)
+    digest = hashlib.sha256()
+    for t in (data.x, data.rows, data.text.states.float(), data.text.pooled, data.tokenizer.centroids):
+        digest.update(t.contiguous().numpy().tobytes())
+    print("RESULT", json.dumps({{"rank": dist.rank(), **counts, "digest": digest.hexdigest()}}), flush=True)
+    dist.shutdown()
+    dist.exit_process(0)
+""")
+
+
+def _digest(data) -> str:
+    digest = hashlib.sha256()
+    for t in (data.x, data.rows, data.text.states.float(), data.text.pooled, data.tokenizer.centroids):
+        digest.update(t.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_under_torchrun_the_main_rank_builds_the_caches_and_the_others_load_them(own_cache, tmp_path):
+    """On a fresh cache, 2 processes prepare a k-means run: only rank 0 fits the tokenizer and writes the encoded set
+    and the caption tables, rank 1 loads them, and both get what one process gets on its own fresh cache."""
+    from test_distributed import launch
+
+    outputs = launch([], code=PREPARE_WORKER.format(tests=str(TESTS)), extra_env={"FLOPMATCH_CACHE": str(tmp_path / "c2")})
+    got = {r["rank"]: r for r in (json.loads(line.split(" ", 1)[1]) for out in outputs for line in out.splitlines()
+                                  if line.startswith("RESULT "))}
+    assert got.keys() == {0, 1}
+    assert (got[0]["fits"], got[0]["saves"]) == (1, 2) and (got[1]["fits"], got[1]["saves"]) == (0, 0), got
+    one = prepare(tiny_run_config("masked", 6), make_objective("masked"), progress=False)
+    assert got[0]["digest"] == got[1]["digest"] == _digest(one)

@@ -4,7 +4,8 @@ Everything expensive happens once and is cached under :func:`flopmatch.files.cac
 fitted weight-free tokenizers (keyed by data and tokenizer settings), the encoded training set
 (keyed by the tokenizer's fingerprint and the data's, so a changed tokenizer never reuses a stale
 cache) and the text encoder's states per unique caption. Generators never re-run the
-tokenizer's encoder per step.
+tokenizer's encoder per step. Under torchrun the main rank builds these caches and the other ranks
+load them (:func:`prepare`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from flopmatch import dist
 from flopmatch.config import RunConfig
 from flopmatch.data.datasets import make_dataset
 from flopmatch.errors import UserError
@@ -25,8 +27,9 @@ from flopmatch.tokenizers.base import LEARNED_KIND, WEIGHT_FREE_KIND, Tokenizer
 from flopmatch.tokenizers.registry import fit_weight_free, load_tokenizer
 
 
-def build_tokenizer(cfg: RunConfig, objective: Objective, dataset) -> Tokenizer:
-    """Load ``tokenizer.path`` or fit (once, cached) the weight-free tokenizer the config asks for."""
+def build_tokenizer(cfg: RunConfig, objective: Objective, dataset, build: bool = True) -> Tokenizer:
+    """Load ``tokenizer.path`` or fit (once, cached) the weight-free tokenizer the config asks for; ``build=False``
+    only loads the cached fit (UserError if there is none)."""
     if cfg.tokenizer.path:
         tok = load_tokenizer(cfg.tokenizer.path)
     else:
@@ -41,6 +44,8 @@ def build_tokenizer(cfg: RunConfig, objective: Objective, dataset) -> Tokenizer:
             except UserError:
                 tok = None  # damaged cache entry: refit
         if tok is None:
+            if not build:
+                raise UserError(f"the main process did not leave the fitted {kind} tokenizer in {directory}")
             images = dataset.images_uint8()
             if kind == "kmeans":  # seconds to a minute: say what is happening
                 print(f"fitting the {t.codebook_size}-code k-means tokenizer on {len(images)} images (cached for next time)",
@@ -58,14 +63,17 @@ def build_tokenizer(cfg: RunConfig, objective: Objective, dataset) -> Tokenizer:
 
 
 @torch.no_grad()
-def encode_dataset(tokenizer, dataset, batch_size: int = 512, progress: bool = True) -> torch.Tensor:
-    """Encode every image of ``dataset`` once: (N, C, g, g) float32 latents or (N, L) long codes, cached."""
+def encode_dataset(tokenizer, dataset, batch_size: int = 512, progress: bool = True, build: bool = True) -> torch.Tensor:
+    """Encode every image of ``dataset`` once: (N, C, g, g) float32 latents or (N, L) long codes, cached;
+    ``build=False`` only loads the cached encoding (UserError if there is none)."""
     path = cache_dir() / "encoded" / f"{tokenizer.fingerprint()}-{dataset.fingerprint()}.safetensors"
     if path.exists():
         try:
             return load_tensors(path)["x"]
         except (UserError, KeyError):
             pass  # damaged cache: re-encode
+    if not build:
+        raise UserError(f"the main process did not leave the encoded training set in {path}")
     images = dataset.images_uint8()
     parts = []
     tokenizer.eval()
@@ -92,11 +100,30 @@ class PreparedData:
 def prepare(cfg: RunConfig, objective: Objective, progress: bool = True, device: str | torch.device = "cpu") -> PreparedData:
     """Dataset, tokenizer, encoded training set and text cache for a run config; the text encoder on ``device``
     (the run's: on a GPU the captions not yet cached are encoded there)."""
-    dataset = make_dataset(cfg.data, "train", progress=progress)
-    tok = build_tokenizer(cfg, objective, dataset)
-    x = encode_dataset(tok, dataset, progress=progress)
+    dataset = make_dataset(cfg.data, "train", progress=progress)  # under torchrun: decoded by the main rank
     encoder = text_encoder_for(cfg.text, device)
     captions = dataset.captions()
-    text = TextCache(encoder, captions, progress=progress)
+    if dist.world_size() == 1:
+        tok, x, text = _caches(cfg, objective, dataset, encoder, captions, progress)
+    else:
+        # The main rank fits the tokenizer and encodes the images and captions into the caches, then the others load
+        # them: each of N ranks would otherwise repeat the k-means fit and a text-encoder pass over every caption (the
+        # same result, deterministic, but N times the time and N writers of each cache file). ``finally``: a main rank
+        # that fails lets the others on, to fail at once on the missing cache instead of waiting out HOST_WAIT.
+        built = None
+        try:
+            if dist.is_main():
+                with dist.main_only():
+                    built = _caches(cfg, objective, dataset, encoder, captions, progress)
+        finally:
+            dist.barrier()
+        tok, x, text = built or _caches(cfg, objective, dataset, encoder, captions, progress, build=False)
     return PreparedData(x=x, rows=text.indices(captions), text=text, encoder=encoder, tokenizer=tok, dataset=dataset)
 
+
+def _caches(cfg: RunConfig, objective: Objective, dataset, encoder: TextEncoder, captions: list[str], progress: bool,
+            build: bool = True) -> tuple[Tokenizer, torch.Tensor, TextCache]:
+    """The tokenizer, encoded training set and text cache: built where missing, or (``build=False``) loaded only."""
+    tok = build_tokenizer(cfg, objective, dataset, build=build)
+    x = encode_dataset(tok, dataset, progress=progress, build=build)
+    return tok, x, TextCache(encoder, captions, progress=progress, build=build)

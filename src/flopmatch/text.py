@@ -336,8 +336,9 @@ class TextCache:
     Row i of the tables is the i-th caption of the sorted unique captions (always including "").
     """
 
-    def __init__(self, encoder: TextEncoder, captions: list[str], progress: bool = True):
-        """``progress``: a bar while encoding more than 1000 captions not yet cached."""
+    def __init__(self, encoder: TextEncoder, captions: list[str], progress: bool = True, build: bool = True):
+        """``progress``: a bar while encoding more than 1000 captions not yet cached; ``build=False`` only loads the
+        cached tables (UserError if there are none)."""
         self.encoder, self.progress = encoder, progress
         self.captions = sorted(set(captions) | {""})
         self.row_of = {c: i for i, c in enumerate(self.captions)}
@@ -350,6 +351,8 @@ class TextCache:
             except (UserError, KeyError, ValueError):
                 tables = None  # a stale or damaged cache is rebuilt, never trusted
         if tables is None:
+            if not build:
+                raise UserError(f"the main process did not leave the encoded captions in {self.path}")
             tables = self._encode_all()
             save_tensors(self.path, tables, metadata={"encoder": encoder.name, "count": str(len(self.captions))})
         self.states = tables["states"]  # (N, Lt, Dt) bfloat16
