@@ -589,4 +589,10 @@ def test_plan_marks_what_each_run_needs_and_trained_runs_cost_no_training(tmp_pa
     assert table[0].endswith("status") and table[2].endswith("evaluate") and table[4].endswith("new")
     trained = frozenset(p.name for p in plans)
     assert estimate(scfg, plans, tmp_path, trained=trained)["training"] == 0
-    assert estimate(scfg, plans, tmp_path)["training"] > 0
+    whole = estimate(scfg, plans, tmp_path)["training"]
+    assert whole > 0
+    # a run stopped halfway is counted for the steps it has left; one stopped at its last step for none
+    run = plans[2]
+    left = [estimate(scfg, plans, tmp_path, steps_done={run.name: s})["training"] for s in (0, run.steps // 2, run.steps)]
+    assert left[0] == whole > left[1] > left[2]
+    assert left[1] - left[2] == pytest.approx((left[0] - left[2]) * (1 - (run.steps // 2) / run.steps))

@@ -17,6 +17,7 @@ measurement side by side, so the rates can be checked on any machine.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,13 +115,14 @@ def report_seconds(scfg: StudyConfig, host: HostRates | None, rates: Rates, work
 def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates = Rates(),
              host: HostRates | None = None, concurrent: int = 1, report_workers: int | None = None,
              finished: frozenset[str] = frozenset(), timing_done: bool = False,
-             trained: frozenset[str] = frozenset()) -> dict[str, float]:
+             trained: frozenset[str] = frozenset(), steps_done: Mapping[str, int] | None = None) -> dict[str, float]:
     """Seconds per stage: "set-up", "training", "evaluation", "timing", "report" (and their "total").
 
     ``finished``: names of runs already trained and evaluated (a resumed or grown study), which cost nothing.
     ``trained``: names of runs whose training is done (``finished`` ones and those a study grown along an evaluation
-    axis evaluates again), whose training costs nothing. A run partly trained, or partly evaluated, is counted whole
-    (the estimate errs long). ``timing_done``: the timing phase has nothing to time.
+    axis evaluates again), whose training costs nothing. ``steps_done``: steps already trained of runs stopped
+    mid-training, whose training is counted from there; a partly evaluated run's evaluation is counted whole (the
+    estimate errs long). ``timing_done``: the timing phase has nothing to time.
 
     ``host``: this machine's calibration (:func:`flopmatch.study.calibrate.calibrate`); None: the preset's
     assumed FLOP/s and the reference CPU's fixed rates. ``concurrent``: runs advancing at full speed at once
@@ -163,9 +165,12 @@ def estimate(scfg: StudyConfig, plans: list[RunPlan], study: Path, rates: Rates 
                         for f in scfg.features) / speed
     if not data_cached:
         setup += cfg.data.num_eval * per_image  # reference features
-    # wsd/constant chains train only the steps after the previous budget's stable state (plan.chained_flops)
+    # wsd/constant chains train only the steps after the previous budget's stable state (plan.chained_flops); a
+    # resumed run at most the steps it has left
     share = chained_flops(plans) / max(1.0, sum(p.train_flops for p in plans))
-    train_s = [(p.train_flops / host.train_rate(p) if host else p.est_seconds) * share + rates.run_overhead_s / cpu_speed
+    steps_done = steps_done or {}
+    train_s = [(p.train_flops / host.train_rate(p) if host else p.est_seconds)
+               * min(share, 1.0 - steps_done.get(p.name, 0) / max(1, p.steps)) + rates.run_overhead_s / cpu_speed
                for p in plans if p.name not in finished and p.name not in trained]
     if host is not None and host.metrics_s:  # the measured metrics plus the small per-setting and per-pass costs
         fixed = {k: v + rates.setting_overhead_s for k, v in host.metrics_s.items()}

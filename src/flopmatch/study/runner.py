@@ -147,7 +147,8 @@ def preview(out: Path, scfg: StudyConfig, calibrate: bool = True, concurrent: in
     log(format_plan(plans, status))
     host = calibrate_or_none(scfg, plans, log) if calibrate and len(done) < len(plans) else None
     est = estimate(scfg, plans, out, host=host, concurrent=concurrent, report_workers=report_workers, finished=done,
-                   trained=_trained(status), timing_done=not timing_needed(out, scfg, plans))
+                   trained=_trained(status), steps_done=_steps_done(out, status),
+                   timing_done=not timing_needed(out, scfg, plans))
     if done:
         log(f"{len(done)} of {len(plans)} runs already trained and evaluated in {out}")
     log(format_estimate(est, calibrated=host is not None or len(done) == len(plans)))
@@ -157,6 +158,11 @@ def preview(out: Path, scfg: StudyConfig, calibrate: bool = True, concurrent: in
 def _trained(status: dict[str, str]) -> frozenset[str]:
     """The runs whose training is done, of a :func:`plan_status`."""
     return frozenset(name for name, s in status.items() if s in ("done", "evaluate"))
+
+
+def _steps_done(out: Path, status: dict[str, str]) -> dict[str, int]:
+    """The steps already trained of the runs a :func:`plan_status` says to resume."""
+    return {name: read_state(out / "runs" / name)["step"] for name, s in status.items() if s.startswith("resume")}
 
 
 def saved_study(out: Path) -> StudyConfig | None:
@@ -261,7 +267,8 @@ def _study_locked(out: Path, scfg: StudyConfig, plans: list, launch, progress: b
     todo = [p for p in plans if p.name not in done]
     host = calibrate_or_none(scfg, plans) if calibrate_host and todo else None  # every architecture: finished ones are timed too
     est = estimate(scfg, plans, out, host=host, concurrent=launch.concurrent, report_workers=report_workers,
-                   finished=done, trained=_trained(status), timing_done=not timing_needed(out, scfg, plans, retime))
+                   finished=done, trained=_trained(status), steps_done=_steps_done(out, status),
+                   timing_done=not timing_needed(out, scfg, plans, retime))
     already = f"{len(done)} of {len(plans)} runs already trained and evaluated; " if done else ""
     print(f"[study] {already}{format_estimate(est, calibrated=host is not None or not todo)}")
     t0 = time.perf_counter()
