@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Check flopmatch's accelerator path in one go, on a machine with NVIDIA GPUs: no host synchronisation in the training
 # step, the samplers or the real training loop; train + evaluate + sample a small run; the compiled next-token sampler
-# against the eager one; torchrun DDP and FSDP2 (NCCL) over every GPU, one included (a process group of one), and a
-# sharded evaluation; a learned tokenizer's training; then `flopmatch bench` (eager, and compiled).
+# against the eager one; torchrun DDP, FSDP2 and FSDP2 with bf16 parameters (NCCL) over every GPU, one included (a
+# process group of one), and a sharded evaluation; a learned tokenizer's training; then `flopmatch bench` (eager, and compiled).
 #
 #   ./scripts/setup.sh && scripts/gpu-check.sh        # with a CUDA build of torch in .venv
 #   PY=python3 scripts/gpu-check.sh                   # another Python with CUDA torch (flopmatch from src/ if not installed)
@@ -131,6 +131,9 @@ for parallel in ddp fsdp2; do
     check "torchrun-$parallel" "${TORCHRUN[@]}" -m flopmatch train --objective diffusion "${RUN[@]}" \
         --set "train.device=$DEVICE" --set "train.parallel=$parallel" --out "$WORK/run-$parallel" --quiet
 done
+# FSDP2 mixed precision: parameters all-gathered and computed in bf16, gradients reduce-scattered in fp32
+check torchrun-fsdp2-bf16 "${TORCHRUN[@]}" -m flopmatch train --objective masked "${RUN[@]}" --set "train.device=$DEVICE" \
+    --set train.parallel=fsdp2 --set train.fsdp_param_dtype=bf16 --set train.precision=bf16 --out "$WORK/run-fsdp2-bf16" --quiet
 check torchrun-eval "${TORCHRUN[@]}" -m flopmatch eval "$WORK/run-ddp" --num-samples "$SAMPLES" --no-timing
 check tokenizer "$PY" -m flopmatch tokenizer train --kind lfq --steps "$TOKENIZER_STEPS" --out "$WORK/tokenizer-lfq" --quiet
 # `bench --json` prints its JSON on stdout and its progress on stderr.

@@ -1,6 +1,6 @@
 """Distributed training and evaluation (CPU, gloo): 2 processes reach the 1-process weights on the same global
-batch (DDP and FSDP2), a checkpoint written by 2 processes resumes with 1, 2-process evaluation gives the
-1-process numbers, and a run started under the old per-rank randomness is refused on resume.
+batch (DDP and FSDP2, FSDP2 with bf16 parameters too), a checkpoint written by 2 processes resumes with 1, 2-process
+evaluation gives the 1-process numbers, and a run started under the old per-rank randomness is refused on resume.
 
 The 2-process runs all happen in one launch (module fixture ``two_process``): two Python processes with the
 environment torchrun gives its workers (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), each running
@@ -14,7 +14,9 @@ another order than one backward pass over the whole batch, and masked's loss is 
 process takes a token mean; float32 rounding differs by ~1e-7 relative per step, and AdamW's m / sqrt(v)
 passes it on. After 6 steps the weights differ by up to ~1e-6 absolute (measured maxima at WEIGHT_ATOL); the
 tolerances sit ~10x above that and far below a real discrepancy: masked's loss normalised per rank (each rank's
-own token mean, the bug the global weights fix) moved weights by 9e-3 in the same 6 steps.
+own token mean, the bug the global weights fix) moved weights by 9e-3 in the same 6 steps. FSDP2 with bf16
+parameters (``train.fsdp_param_dtype=bf16``) is compared with a 1-process torchrun launch of the same policy by a
+relative norm instead (BF16_PARAMS_RELNORM, justified there).
 """
 
 from __future__ import annotations
@@ -59,7 +61,71 @@ LAUNCH_TIMEOUT_S = 240
 # (parallel, objective) of the 2-process runs compared with 1 process. FSDP2 skips autoregressive, whose loss has
 # no randomness and the same normalisation as diffusion's: each sharded run costs ~2 s of DTensor dispatch here.
 CASES = [("ddp", name) for name in PARADIGMS] + [("fsdp2", "diffusion"), ("fsdp2", "masked")]
+# FSDP2 mixed precision (train.fsdp_param_dtype=bf16, which needs bf16 autocast): diffusion, whose continuous inputs
+# (latents, time) are what casting module inputs to bf16 would round (flopmatch.dist.shard)
+BF16_PARAMS = ["train.parallel=fsdp2", "train.precision=bf16", "train.fsdp_param_dtype=bf16"]
+BF16_PARAMS_OBJECTIVE = "diffusion"
+# Under bf16 (autocast, and the policy) 2 processes are further from 1 than in fp32: each rank's weight gradient comes
+# out of a bf16 matmul, rounded to 8 bits before the ranks' halves are averaged, where 1 process rounds the whole
+# batch's once. Adam's m / sqrt(v) turns that into up to +-lr (3e-3) on the few weights whose gradient is near 0 (a key
+# bias's is exactly 0), so the elementwise max is no measure; the relative norm ||2-process - 1-process|| / ||1-process||
+# over each kind of tensor is. Measured after 6 steps: 7.0e-4 (model, EMA, post-hoc EMAs), 6e-6 (moments), the same
+# as bf16 autocast's own 2-vs-1 spread with fp32 parameters (7.7e-4). The bound sits ~4x above; a wrong gradient
+# (one of half the batch) gives 2.9e-2. Losses: 3e-6 relative measured (that wrong gradient: > 0.1).
+BF16_PARAMS_RELNORM = 3e-3
+BF16_PARAMS_LOSS_RTOL = 1e-4
 WSD0 = ["train.schedule=wsd", "train.decay_frac=1", "train.warmup_steps=0"]  # a cooldown over every step: a checkpoint at step 0
+
+# A job of the launch (kind "probe"): one forward and backward of a tiny FSDP2-sharded network (2 blocks, under bf16
+# autocast, as training runs it) with the collectives FSDP2 calls recorded: the dtype and bytes of what it
+# all-gathers and reduce-scatters, the parameter dtypes a block computes with (a forward hook: FSDP2 swaps the
+# gathered parameters in for the forward), the dtypes of the stored shards, of their gradients and of the full state
+# dict a checkpoint would save, and what the EMA (sharded without the policy, as training shards it) computes with.
+PROBE = textwrap.dedent("""
+    def gather_probe(param_dtype):
+        import copy
+        import torch.distributed as td
+        from flopmatch.device import autocast
+        from tiny import fake_data, fake_text, make_tiny
+
+        cpu = torch.device("cpu")
+        dist.init(cpu)
+        tiny = make_tiny("diffusion", depth=2, perturb=0.02)
+        net, ema = tiny.net, copy.deepcopy(tiny.net).requires_grad_(False)
+        seen = {"net": set(), "ema": set()}
+        net.backbone.blocks[0].register_forward_hook(lambda m, i, o: seen["net"].update(str(p.dtype) for p in m.parameters()))
+        ema.backbone.blocks[0].register_forward_hook(lambda m, i, o: seen["ema"].update(str(p.dtype) for p in m.parameters()))
+        model = dist.wrap(net, cpu, "fsdp2", units=net.backbone.blocks,
+                          param_dtype={"fp32": None, "bf16": torch.bfloat16}[param_dtype])
+        dist.shard(ema, cpu, units=ema.backbone.blocks)
+        calls, phase = {}, ["net"]  # "<phase> <collective>" -> {dtype: bytes this rank received}
+        real = {"all_gather": td.all_gather_single, "reduce_scatter": td.reduce_scatter_single}
+
+        def recorded(kind):
+            def call(*args, **kwargs):  # the output tensor: first, by position or by name (output_tensor / output)
+                out = args[0] if args else kwargs.get("output_tensor", kwargs.get("output"))
+                got = calls.setdefault(f"{phase[0]} {kind}", {})
+                got[str(out.dtype)] = got.get(str(out.dtype), 0) + out.numel() * out.element_size()
+                return real[kind](*args, **kwargs)
+            return call
+
+        g = torch.Generator().manual_seed(dist.rank())
+        x, text = fake_data(tiny.spec, 4, g), fake_text(4, g)
+        td.all_gather_single, td.reduce_scatter_single = recorded("all_gather"), recorded("reduce_scatter")
+        try:
+            with autocast(cpu, True):
+                tiny.objective.loss(model, x, text, g).backward()
+                phase[0] = "ema"  # never run in training; run here to see what it would gather
+                with torch.no_grad():
+                    ema(x, text.states, text.pad, text.pooled, torch.rand(4, generator=g))
+        finally:
+            td.all_gather_single, td.reduce_scatter_single = real["all_gather"], real["reduce_scatter"]
+        full = dist.full_state_dict(net)  # a collective: rank 0 holds the full tensors
+        return {**calls, "seen": {k: sorted(v) for k, v in seen.items()},
+                "shards": sorted({str(p.dtype) for p in net.parameters()}),
+                "grads": sorted({str(p.grad.dtype) for p in net.parameters()}),
+                "full": sorted({str(v.dtype) for v in full.values()}), "ema": sorted({str(p.dtype) for p in ema.parameters()})}
+""")
 
 # One rank of the launch: the jobs in order, each through the library's entry points. Threads: 1, as in
 # conftest (results must not depend on the core count, and 2 processes share 2 cores here).
@@ -75,8 +141,11 @@ WORKER = textwrap.dedent("""
     from flopmatch.train import train
     from tiny import tiny_run_config
 
+    {probe}
     for job in json.loads({jobs!r}):
-        if job["kind"] == "train":
+        if job["kind"] == "probe":
+            print("PROBE", json.dumps(gather_probe(job["param_dtype"])), flush=True)
+        elif job["kind"] == "train":
             cfg = tiny_run_config(job["objective"], job["steps"], sets=job["sets"])
             try:
                 train(cfg, job["out"], progress=False, stop_after=job.get("stop_after"))
@@ -102,7 +171,7 @@ def launch(jobs: list[dict], world: int = 2, timeout: float = LAUNCH_TIMEOUT_S, 
            extra_env: dict | None = None) -> list[str]:
     """Run ``jobs`` in ``world`` processes started as torchrun starts its workers (or another script ``code``;
     ``extra_env`` added to their environment); fail on error or timeout. Returns each rank's output."""
-    code = code or WORKER.format(tests=str(TESTS), jobs=json.dumps(jobs))
+    code = code or WORKER.format(tests=str(TESTS), jobs=json.dumps(jobs), probe=PROBE)
     port = _free_port()
     procs = []
     for rank in range(world):
@@ -188,12 +257,29 @@ def two_process(tmp_path_factory):
     jobs.append({"kind": "train", "objective": "masked", "steps": STEPS, "out": str(root / "fsdp2-wsd0"),
                  "sets": [*SETS, *WSD0, "train.parallel=fsdp2"]})
     jobs.append({"kind": "eval", "run": str(root / "eval-2"), "ecfg": EVAL})
+    jobs.append({"kind": "train", "objective": BF16_PARAMS_OBJECTIVE, "steps": STEPS, "out": str(root / "fsdp2-bf16-params"),
+                 "sets": [*SETS, *BF16_PARAMS]})
+    jobs += [{"kind": "probe", "param_dtype": dtype} for dtype in ("fp32", "bf16")]
     t0 = time.perf_counter()
     with DirectoryLock(root / "locked", "run"):  # held by this process: rank 0 of the launch is refused the run
         outputs = launch(jobs)
     for rank, out in enumerate(outputs):
         (root / f"refused-{rank}.txt").write_text(out)
+        probes = [json.loads(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("PROBE ")]
+        (root / f"probe-{rank}.json").write_text(json.dumps(dict(zip(("fp32", "bf16"), probes, strict=True))))
     return root, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def one_process_launch(tmp_path_factory):
+    """The runs of one 1-process torchrun launch (TORCHELASTIC_RUN_ID set, WORLD_SIZE 1: a process group of one):
+    ``fsdp2-world1``, masked under FSDP2; ``fsdp2-bf16-params-world1``, FSDP2 with bf16 parameters (BF16_PARAMS)."""
+    root = tmp_path_factory.mktemp("world1")
+    launch([{"kind": "train", "objective": "masked", "steps": STEPS, "out": str(root / "fsdp2-world1"),
+             "sets": [*SETS, "train.parallel=fsdp2"]},
+            {"kind": "train", "objective": BF16_PARAMS_OBJECTIVE, "steps": STEPS, "out": str(root / "fsdp2-bf16-params-world1"),
+             "sets": [*SETS, *BF16_PARAMS]}], world=1, extra_env={"TORCHELASTIC_RUN_ID": "test"})
+    return root
 
 
 def test_a_run_refused_on_rank_0_is_refused_on_every_rank(two_process):
@@ -222,13 +308,11 @@ def test_two_processes_reach_the_one_process_weights(parallel, name, two_process
 
 
 @pytest.mark.slow
-def test_a_one_process_torchrun_launch_is_wrapped_and_trains_as_a_plain_run(two_process, tmp_path):
+def test_a_one_process_torchrun_launch_is_wrapped_and_trains_as_a_plain_run(two_process, one_process_launch):
     """torchrun --nproc_per_node 1 (TORCHELASTIC_RUN_ID set, WORLD_SIZE 1) makes a process group of one and wraps the
     network as asked (how a one-GPU machine runs the NCCL, DDP and FSDP2 paths), reaching the plain run's weights."""
     root, _ = two_process
-    out = tmp_path / "fsdp2-world1"
-    launch([{"kind": "train", "objective": "masked", "steps": STEPS, "out": str(out),
-             "sets": [*SETS, "train.parallel=fsdp2"]}], world=1, extra_env={"TORCHELASTIC_RUN_ID": "test"})
+    out = one_process_launch / "fsdp2-world1"
     state = read_state(out)
     assert (state["world_size"], state["parallel"]) == (1, "fsdp2")
     assert_same_run(out, root / "one-masked")
@@ -269,6 +353,74 @@ def test_fsdp2_checkpoint_before_the_first_step(two_process):
     one, two = load_tensors(root / "one-wsd0" / STABLE_CHECKPOINT), load_tensors(root / "fsdp2-wsd0" / STABLE_CHECKPOINT)
     assert read_state(root / "fsdp2-wsd0", STABLE_CHECKPOINT)["step"] == 0 and not any(k.startswith("optim.") for k in two)
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def relative_differences(got: Path, ref: Path) -> dict[str, float]:
+    """||got - ref|| / ||ref|| per kind of checkpoint tensor (model, ema, optim, phema<i>), each kind's tensors as one vector."""
+    ta, tb = _tensors(got), _tensors(ref)
+    assert ta.keys() == tb.keys()
+    out = {}
+    for kind in {k.split(".", 1)[0] for k in ta}:
+        keys = [k for k in ta if k.split(".", 1)[0] == kind]
+        diff = torch.cat([(ta[k].double() - tb[k].double()).flatten() for k in keys])
+        out[kind] = (diff.norm() / torch.cat([tb[k].double().flatten() for k in keys]).norm()).item()
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_with_bf16_parameters_reach_the_one_process_launch(two_process, one_process_launch, tmp_path):
+    """FSDP2 with bf16 parameters (train.fsdp_param_dtype=bf16): 2 processes end at the weights of a 1-process torchrun
+    launch with the same policy (BF16_PARAMS_RELNORM) and log its losses; both checkpoints hold fp32 tensors only; a
+    resume that changes the setting is refused."""
+    root, _ = two_process
+    got, ref = root / "fsdp2-bf16-params", one_process_launch / "fsdp2-bf16-params-world1"
+    assert read_state(got)["done"] and read_state(ref)["done"] and read_state(got)["bf16"]
+    assert (read_state(got)["world_size"], read_state(ref)["world_size"]) == (2, 1)
+    for run in (got, ref):
+        assert {t.dtype for t in _tensors(run).values() if t.is_floating_point()} == {torch.float32}
+    far = {k: d for k, d in relative_differences(got, ref).items() if d > BF16_PARAMS_RELNORM}
+    assert not far, f"2 processes differ from 1 by a relative norm {far}; max |diff| {max_differences(got, ref)}"
+    assert _losses(got) == pytest.approx(_losses(ref), rel=BF16_PARAMS_LOSS_RTOL)
+    fp32 = tiny_run_config(BF16_PARAMS_OBJECTIVE, STEPS, sets=[*SETS, *BF16_PARAMS[:-1]])  # the same, fp32 parameters
+    with pytest.raises(UserError, match=r"different config \(train.fsdp_param_dtype differs\)"):
+        train(fp32, got, progress=False)
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_parameters_are_gathered_and_used_in_bf16(two_process):
+    """With the bf16 policy each rank all-gathers the network's parameters in bf16 (half the fp32 policy's bytes) and a
+    block computes with bf16 parameters, while gradients are reduce-scattered in fp32 and the stored shards, their
+    gradients, the full state dict and the EMA (sharded without the policy) stay fp32."""
+    root, _ = two_process
+    for rank in range(2):
+        probe = json.loads((root / f"probe-{rank}.json").read_text())
+        fp32, bf16 = probe["fp32"], probe["bf16"]
+        assert list(fp32["net all_gather"]) == ["torch.float32"] and list(bf16["net all_gather"]) == ["torch.bfloat16"]
+        assert bf16["net all_gather"]["torch.bfloat16"] * 2 == fp32["net all_gather"]["torch.float32"] > 0
+        assert bf16["net reduce_scatter"] == fp32["net reduce_scatter"] and list(bf16["net reduce_scatter"]) == ["torch.float32"]
+        assert bf16["ema all_gather"] == fp32["ema all_gather"] and list(bf16["ema all_gather"]) == ["torch.float32"]
+        assert bf16["seen"] == {"net": ["torch.bfloat16"], "ema": ["torch.float32"]}
+        assert fp32["seen"] == {"net": ["torch.float32"], "ema": ["torch.float32"]}
+        for kind in ("shards", "grads", "ema"):
+            assert bf16[kind] == ["torch.float32"], (kind, bf16[kind])
+        assert bf16["full"] == (["torch.float32"] if rank == 0 else [])  # gathered to rank 0 only
+
+
+@pytest.mark.parametrize("sets,expected", [
+    (["train.precision=bf16", "train.fsdp_param_dtype=bf16"], "applies to FSDP2 only, and train.parallel is ddp"),
+    (["train.parallel=fsdp2", "train.fsdp_param_dtype=bf16"], "computes in bf16, and train.precision is fp32"),
+    (BF16_PARAMS, "needs a torchrun launch"),
+    ([*BF16_PARAMS, "train.precision=auto"], "train.precision=auto is fp32 on this cpu"),
+])
+def test_bf16_parameters_are_refused_where_they_cannot_apply(sets, expected, tmp_path, monkeypatch):
+    """train.fsdp_param_dtype=bf16 is refused in one line naming the fix: under ddp (nothing is gathered), with fp32
+    precision (the network would compute in bf16 without autocast), outside a torchrun launch (nothing is sharded),
+    and where precision auto is fp32 (here: a CPU without bf16 instructions); nothing of the run is written."""
+    monkeypatch.setattr("flopmatch.device.cpu_has_native_bf16", lambda: False)
+    with pytest.raises(UserError) as e:
+        train(tiny_run_config("masked", STEPS, sets=[*SETS, *sets]), tmp_path / "run", progress=False)
+    assert expected in str(e.value) and "\n" not in str(e.value) and "fsdp_param_dtype=fp32" in str(e.value)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

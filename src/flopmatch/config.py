@@ -119,6 +119,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the network
     parallel: str = "ddp"  # under torchrun: ddp (each process holds the whole network) | fsdp2 (parameters, gradients and optimizer state sharded across processes, for networks that do not fit); not part of the run's identity
+    fsdp_param_dtype: str = "fp32"  # train.parallel=fsdp2 only: dtype parameters are all-gathered and computed in, fp32 (the numerics of ddp) | bf16 (half the all-gather bytes; shards, gradient reduce-scatter, AdamW and checkpoints stay fp32; needs a torchrun launch and bf16 train.precision); part of the run's identity
     trackers: list[str] = field(default_factory=list)  # live views of metrics.jsonl: tensorboard, wandb (offline unless WANDB_MODE is set); not part of the run's identity
 
 
@@ -179,6 +180,7 @@ class RunConfig:
         if not re.fullmatch(DEVICE_PATTERN, self.train.device):
             raise UserError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.train.device!r}")
         check_holdout(self.data)
+        check_fsdp_param_dtype(self.train)
         if self.data.image_size % self.tokenizer.patch:
             raise UserError(f"data.image_size {self.data.image_size} is not a multiple of tokenizer.patch {self.tokenizer.patch}")
         return self
@@ -195,6 +197,25 @@ def check_holdout(data: DataConfig) -> None:
                         f"shapes data, and {data.name} has none: clear {'it' if len(given) == 1 else 'them'} ("
                         + " ".join(f"--set {g}=" for g in given) + "); the source's own evaluation split is held out "
                         "(for folder:PATH, a test/ folder)")
+
+
+def check_fsdp_param_dtype(train: TrainConfig) -> None:
+    """A UserError for ``train.fsdp_param_dtype=bf16`` where it cannot mean what it says (what a launch adds,
+    torchrun and the resolved precision, is checked by :func:`flopmatch.train.check_fsdp_params`).
+
+    Under ddp nothing is all-gathered: the key would be recorded in config.json and change nothing (and a run
+    started under fsdp2 could switch numerics by a resume under ddp, train.parallel being outside the run's
+    identity). Under train.precision=fp32 the network would compute in bf16 without autocast (every op, norms and
+    softmax too): not the fp32 run that setting promises.
+    """
+    if train.fsdp_param_dtype == "fp32":
+        return
+    if train.parallel != "fsdp2":
+        raise UserError(f"train.fsdp_param_dtype={train.fsdp_param_dtype} applies to FSDP2 only, and train.parallel is "
+                        f"{train.parallel}; add --set train.parallel=fsdp2, or drop it (--set train.fsdp_param_dtype=fp32)")
+    if train.precision == "fp32":
+        raise UserError(f"train.fsdp_param_dtype={train.fsdp_param_dtype} computes in bf16, and train.precision is fp32; "
+                        f"set train.precision=bf16 (or auto), or train.fsdp_param_dtype=fp32")
 
 
 @dataclass(frozen=True)
@@ -260,6 +281,10 @@ RANGES: dict[tuple[str, str], Range] = {
 }
 PRECISIONS = ("auto", "bf16", "fp32")
 PARALLEL = ("ddp", "fsdp2")  # how flopmatch.dist.wrap splits training across torchrun processes
+# train.fsdp_param_dtype: no "auto" following train.precision. The default must stay fp32, what FSDP2 runs written
+# before this key computed: their config.json lacks it and is read with the default, and a resume must not change their
+# numbers. An explicit bf16 is one visible setting where an "auto" would hide a numeric choice behind another key's.
+FSDP_PARAM_DTYPES = ("fp32", "bf16")
 # The learning-rate schedules of flopmatch.schedule.lr_at; only wsd and constant runs can grow to a larger budget.
 SCHEDULES = ("cosine", "wsd", "constant")
 SOLVERS = ("euler", "heun")  # the flow ODE solvers of flopmatch.objectives.ode
@@ -271,7 +296,7 @@ SOURCE_FIELDS = {("DataConfig", "name"), ("AutoencoderConfig", "data")}
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("TextConfig", "kind"): ("minilm", "hash"), ("TokenizerConfig", "kind"): ("auto", "patch", "kmeans"),
     ("TrainConfig", "precision"): PRECISIONS, ("TrainConfig", "schedule"): SCHEDULES, ("ObjectiveConfig", "name"): PARADIGMS,
-    ("TrainConfig", "parallel"): PARALLEL,
+    ("TrainConfig", "parallel"): PARALLEL, ("TrainConfig", "fsdp_param_dtype"): FSDP_PARAM_DTYPES,
     ("AutoencoderConfig", "kind"): ("kl", "lfq"), ("AutoencoderConfig", "recon_loss"): ("l1", "l2", "l1+l2"),
     ("AutoencoderConfig", "precision"): PRECISIONS, ("SampleConfig", "solver"): SOLVERS,
     ("TrainConfig", "trackers"): TRACKERS,  # a list field: each item must be one of them

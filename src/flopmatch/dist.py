@@ -11,6 +11,7 @@ one unit per Transformer block plus the root) keeps 1/N of each on every rank, a
 parameters for its forward and backward and reduce-scattering (averaging) its gradients. Both average
 gradients over ranks, so both give the 1-process gradient of the global batch when each rank's loss is
 its slice's share of the global-batch loss (the objectives' normalisation, :mod:`flopmatch.objectives`).
+Under ``fsdp2`` the parameters may be all-gathered and computed in bf16 (``train.fsdp_param_dtype``, :func:`shard`).
 
 Checkpoints hold full (unsharded) tensors in the 1-process format whatever the option (:func:`full_state_dict`,
 :func:`full_optimizer_state_dict`, gathered to rank 0 on CPU), so a run written by N processes resumes with M,
@@ -237,40 +238,59 @@ def barrier() -> None:
 # ----------------------------------------------------------------------------- wrapping
 
 
-def wrap(net: torch.nn.Module, device: torch.device, parallel: str = "ddp", units: Iterable[torch.nn.Module] = ()) -> torch.nn.Module:
+def wrap(net: torch.nn.Module, device: torch.device, parallel: str = "ddp", units: Iterable[torch.nn.Module] = (),
+         param_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The module that runs forward and backward: ``net`` itself in one process; else DDP around it, or
-    (``parallel="fsdp2"``) ``net`` sharded in place by :func:`shard` over ``units`` and the root.
+    (``parallel="fsdp2"``) ``net`` sharded in place by :func:`shard` over ``units`` and the root, its parameters
+    all-gathered in ``param_dtype`` (None: their own dtype; see :func:`shard`).
 
     Under FSDP2 ``net``'s parameters become DTensor shards, so build the optimizer after this call.
     """
     if not torch_dist.is_initialized():
         return net
     if parallel == "fsdp2":
-        return shard(net, device, units)
+        return shard(net, device, units, param_dtype=param_dtype)
     if parallel != "ddp":
         raise ValueError(f"unknown parallel mode {parallel!r}; choose ddp or fsdp2")
+    if param_dtype is not None:  # DDP keeps whole fp32 parameters: nothing is all-gathered
+        raise ValueError("param_dtype applies to parallel='fsdp2' only")
     return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def shard(module: torch.nn.Module, device: torch.device, units: Iterable[torch.nn.Module] = ()) -> torch.nn.Module:
+def shard(module: torch.nn.Module, device: torch.device, units: Iterable[torch.nn.Module] = (),
+          param_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """FSDP2 in place: ``fully_shard`` each of ``units`` (the Transformer blocks), then ``module`` (the stems, head
     and whatever the units leave). Each parameter is split along dim 0 over all ranks; returns ``module``.
 
     Per block: a block's parameters are all-gathered just before it runs and freed after, so peak memory holds
     one block's full parameters rather than the network's (torchtitan's and the FSDP2 docs' recipe). Also used for
-    the EMA, which is never run: it stays sharded exactly like the network, so its update is shard by shard.
+    the EMA, which is never run: it stays sharded exactly like the network, so its update is shard by shard (shard
+    it without ``param_dtype``: nothing of it is gathered for compute).
+
+    ``param_dtype`` (e.g. ``torch.bfloat16``): FSDP2 mixed precision (``MixedPrecisionPolicy``, torchtitan's
+    ``mixed_precision_param=bfloat16`` / ``mixed_precision_reduce=float32``). Each shard is cast to it before the
+    all-gather, so a block's parameters travel and are used in forward and backward in that dtype (half the bytes
+    of fp32 for bf16); their gradients are cast back to fp32 before the reduce-scatter, so gradient averaging,
+    clipping, AdamW, the EMA and the checkpoints see fp32 shards as without it. None: parameters are gathered
+    in their own dtype (fp32), the numerics of DDP.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # FSDP2 warns when a sharded module returns a view (diffusion's output is a reshape of its head's): an in-place
     # op on that view would skip FSDP's pre-backward hook. The objectives only read the network's output (their
     # losses are computed out of place, in fp32), so the warning, printed in every such run, would only alarm.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    # cast_forward_inputs=False (torchtitan keeps FSDP's default, True; its inputs are token ids): training runs
+    # under bf16 autocast (flopmatch.device.autocast), which already casts each matmul's inputs. Casting every
+    # sharded module's floating inputs too would round what autocast keeps fp32 to bf16's 8 bits at each block
+    # boundary: the residual stream, the conditioning vector, and diffusion's time t before its sinusoidal embedding.
+    policy = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+              if param_dtype is not None else MixedPrecisionPolicy())
     mesh = init_device_mesh(device.type, (world_size(),))
     for unit in units:
-        fully_shard(unit, mesh=mesh)
-    return fully_shard(module, mesh=mesh)
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    return fully_shard(module, mesh=mesh, mp_policy=policy)
 
 
 def is_sharded(module: torch.nn.Module) -> bool:

@@ -15,7 +15,8 @@ model, EMA, optimizer, step and FLOPs so far, no RNG state; the data position is
 Runs started before this scheme (whose randomness depended on the number of processes) are refused
 on resume rather than silently continued with different randomness (:data:`TRAIN_RANDOMNESS`).
 
-Distributed (torchrun): DDP by default, FSDP2 with ``train.parallel=fsdp2`` (:mod:`flopmatch.dist`);
+Distributed (torchrun): DDP by default, FSDP2 with ``train.parallel=fsdp2`` (:mod:`flopmatch.dist`; its parameters
+all-gathered in bf16 with ``train.fsdp_param_dtype=bf16``, :func:`check_fsdp_params`);
 the global batch, the FLOP accounting and the budget do not depend on the number of processes.
 
 Runs that grow: under ``train.schedule=wsd`` a run also saves its full state where the cooldown starts
@@ -254,6 +255,7 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
     world = dist.world_size()
     if cfg.train.batch_size % world:
         raise UserError(f"train.batch_size {cfg.train.batch_size} must be divisible by the {world} processes")
+    check_fsdp_params(cfg.train, device, read_state(run) if (run / CONFIG).exists() else None)
     shards = world if world > 1 and cfg.train.parallel == "fsdp2" else 1  # FSDP2 splits weights, EMA, gradients, moments
     averages = len(cfg.train.ema_profiles) if cfg.train.ema_snapshots else 0  # the post-hoc EMA's (flopmatch.ema)
     need, have = training_memory_bytes(spec, cfg.train.batch_size // world, shards, averages), memory_bytes(device)
@@ -323,6 +325,22 @@ def check_randomness(run: Path, state: dict | None) -> None:
                         f"finish it with the flopmatch version that started it, or train it again with a new --out")
 
 
+def check_fsdp_params(train_cfg: TrainConfig, device: torch.device, state: dict | None) -> None:
+    """Refuse ``train.fsdp_param_dtype=bf16`` where this launch cannot apply it (the config alone is checked by
+    :func:`flopmatch.config.check_fsdp_param_dtype`): outside a process group nothing is sharded, so the run would
+    silently train (or a resumed run continue) in fp32 parameters; and where ``train.precision=auto`` resolves to
+    fp32 here (:func:`flopmatch.device.run_bf16`), bf16 parameters would compute without autocast."""
+    if train_cfg.fsdp_param_dtype == "fp32":
+        return
+    key = f"train.fsdp_param_dtype={train_cfg.fsdp_param_dtype}"
+    if not run_bf16(train_cfg.precision, device, state):
+        raise UserError(f"{key} computes under bf16 autocast, and train.precision={train_cfg.precision} is fp32 on this "
+                        f"{device.type}; set train.precision=bf16, or train.fsdp_param_dtype=fp32")
+    if not dist.in_group():
+        raise UserError(f"{key} shards the network with FSDP2, which needs a torchrun launch; run under "
+                        f"torchrun --nproc_per_node N (1 works too), or start a new --out with train.fsdp_param_dtype=fp32")
+
+
 def _train_locked(cfg: RunConfig, data_cfg: RunConfig, run: Path, state: dict | None, objective, spec, plan,
                   device: torch.device, progress: bool, stop_after: int | None) -> dict:
     """The training loop proper, run while this process holds the run directory's lock (see :func:`train`); the data
@@ -361,7 +379,10 @@ def _train_locked(cfg: RunConfig, data_cfg: RunConfig, run: Path, state: dict | 
     # clipping and checkpoints use: the plain network, or under FSDP2 the network sharded in place (then
     # ``model`` is ``net``, and the EMA is sharded the same way so each rank averages its own shard).
     # Wrapped before the optimizer is built: FSDP2 replaces the parameters by their shards.
-    model = dist.wrap(net, device, cfg.train.parallel, units=net.backbone.blocks)
+    # train.fsdp_param_dtype=bf16: the network's parameters are all-gathered and computed in bf16 (FSDP2 mixed
+    # precision); the EMA and post-hoc averages below are sharded without it (never run; gathered in fp32 to save).
+    param_dtype = torch.bfloat16 if cfg.train.fsdp_param_dtype == "bf16" else None
+    model = dist.wrap(net, device, cfg.train.parallel, units=net.backbone.blocks, param_dtype=param_dtype)
     # Post-hoc EMA (EDM2; flopmatch.ema): power-function averages of the weights, snapshotted at evenly spaced
     # steps, from which an average of any relative length is rebuilt after training. Like the EMA, they start
     # equal to the initial weights (the first update, beta = 0, replaces them).
