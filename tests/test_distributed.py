@@ -515,21 +515,23 @@ def _torchrun(args: list[str], cwd: Path | None = None) -> subprocess.CompletedP
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["held", "alike"])
+@pytest.mark.parametrize("case", ["held", "alike", "flag"])
 def test_a_torchrun_refusal_is_said_once(tmp_path, case):
     """`torchrun -m flopmatch train` refused, every rank stopping with exit 2, the message printed once for the launch
     and no traceback of a rank: ``held``, a run another process holds (rank 0's refusal, told to the others);
-    ``alike``, a config every rank refuses by itself (a global batch the 2 processes cannot split)."""
+    ``alike``, a config every rank refuses by itself (a global batch the 2 processes cannot split); ``flag``, a bad
+    flag value, refused by every rank's argument parser before any process group exists."""
     from flopmatch.config import to_dict
 
     sets = SETS + (["train.batch_size=7"] if case == "alike" else [])
     (tmp_path / "cfg.json").write_text(json.dumps(to_dict(tiny_run_config("masked", STEPS, sets=sets))))
     args = ["-m", "flopmatch", "train", "--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "held"), "--quiet"]
+    args += ["--budget", "abc"] if case == "flag" else []
     with DirectoryLock(tmp_path / "held", "run") if case == "held" else contextlib.nullcontext():
         done = _torchrun(args)
     said = done.stdout + done.stderr
-    expected = "is in use" if case == "held" else "must be divisible by the 2 processes"
-    assert done.returncode != 0 and said.count("flopmatch: error:") == 1 and expected in said, said[-3000:]
+    expected = {"held": "is in use", "alike": "must be divisible by the 2 processes", "flag": "expected float"}[case]
+    assert done.returncode != 0 and said.count(": error: ") == 1 and expected in said, said[-3000:]
     assert "[rank" not in said and "exitcode  : 2" in said, said[-3000:]  # both ranks exited 2; no rank's traceback
 
 

@@ -394,7 +394,7 @@ def format_bench(r: dict) -> str:
                if s.get("quick") else []),
              "",
              f"training step (batch {s['batch']}, {s['precision']}, {s['seq_len']} tokens, text {s['text_len']}x{s['text_dim']}; "
-             f"best of {s['rounds']} rounds; MFU vs the {s['precision']} matmul peak):",
+             f"best of {s['rounds']} round{'s' if s['rounds'] != 1 else ''}; MFU vs the {s['precision']} matmul peak):",
              f"  {'depth':>5}  {'model':<34} {'examples/s':>10} {'FLOP/s':>9} {'MFU':>6} {'vs plain':>8}"]
     for t in r["training"]:
         name = t["model"] + (f" (compiled, {t['speedup_vs_eager']:.2f}x)" if "speedup_vs_eager" in t else " (compiled)" if t["compiled"] else "")

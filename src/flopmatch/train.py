@@ -341,6 +341,17 @@ def check_fsdp_params(train_cfg: TrainConfig, device: torch.device, state: dict 
                         f"torchrun --nproc_per_node N (1 works too), or start a new --out with train.fsdp_param_dtype=fp32")
 
 
+def _split(cfg: RunConfig, world: int) -> str:
+    """How the global batch is split, for the line a run starts with: " (4 per process, DDP over 2 processes)"; ""
+    in one process, or a note that train.parallel=fsdp2 shards nothing there."""
+    if not dist.in_group():
+        return " (train.parallel=fsdp2 shards under torchrun only: one process, the whole network)" \
+            if cfg.train.parallel == "fsdp2" else ""
+    how = {"ddp": "DDP", "fsdp2": "FSDP2"}[cfg.train.parallel]
+    how += " with bf16 parameters" if cfg.train.fsdp_param_dtype == "bf16" else ""
+    return f" ({cfg.train.batch_size // world} per process, {how} over {world} process{'es' if world > 1 else ''})"
+
+
 def _train_locked(cfg: RunConfig, data_cfg: RunConfig, run: Path, state: dict | None, objective, spec, plan,
                   device: torch.device, progress: bool, stop_after: int | None) -> dict:
     """The training loop proper, run while this process holds the run directory's lock (see :func:`train`); the data
@@ -357,7 +368,7 @@ def _train_locked(cfg: RunConfig, data_cfg: RunConfig, run: Path, state: dict | 
         short = (f"; the source has only these after its evaluation split, not the {cfg.data.num_train} data.num_train asks "
                  f"for" if n < cfg.data.num_train else "")
         # how often each image is seen: many passes over a small set can rank paradigms by how they memorise
-        print(f"{run}: {n} training images{short}; {plan.steps} steps of {cfg.train.batch_size} = "
+        print(f"{run}: {n} training images{short}; {plan.steps} steps of {cfg.train.batch_size}{_split(cfg, world)} = "
               f"{plan.steps * cfg.train.batch_size / max(n, 1):.3g} passes over them", flush=True)
         run.mkdir(parents=True, exist_ok=True)
         write_config(run, cfg)  # before step 0
@@ -457,7 +468,7 @@ def _train_locked(cfg: RunConfig, data_cfg: RunConfig, run: Path, state: dict | 
     # queue the next): each batch is gathered on the host into page-locked memory and copied without waiting. The
     # caching host allocator reuses those buffers once their copies are done.
     pin = device.type == "cuda"
-    with interrupted, trackers:
+    with interrupted, trackers, bar:  # bar: closed on any exit, so an error is said on a line of its own
         net.train()
         if step == stable_at == 0:  # a cooldown over every step: the stable state is the initial one
             save_checkpoint(run, net, ema, opt, make_state(False), name=STABLE_CHECKPOINT, averages=averages)  # collective under FSDP2
@@ -493,7 +504,8 @@ def _train_locked(cfg: RunConfig, data_cfg: RunConfig, run: Path, state: dict | 
             if step % cfg.train.log_every == 0 or step == plan.steps:
                 loss_v = dist.all_reduce_mean(loss.detach().float()).item()  # collective: all ranks log at the same steps
                 if not math.isfinite(loss_v):
-                    raise UserError(f"loss became {loss_v} at step {step}; lower train.lr or use --set train.precision=fp32")
+                    raise UserError(f"loss became {loss_v} at step {step}; lower train.lr"
+                                    + (" or use --set train.precision=fp32" if bf16 else ""))
                 pending.append({"step": step, "loss": loss_v, "lr": lr, "flops": flops, "elapsed_s": round(elapsed, 3),
                                 "grad_norm": float(gnorm), "flops_per_s": flops / max(elapsed, 1e-9),
                                 "mfu": flops / max(elapsed, 1e-9) / peak})
@@ -524,11 +536,9 @@ def _train_locked(cfg: RunConfig, data_cfg: RunConfig, run: Path, state: dict | 
             if stop:
                 break
     if interrupted.any() and step < plan.steps:
-        bar.close()
         if dist.is_main():
             print(f"\ninterrupted at step {step}/{plan.steps}; checkpoint saved, re-run the same command to resume")
         raise KeyboardInterrupt
-    bar.close()
     final = make_state(step == plan.steps)
     if final["done"] and steps_this_call == 0 and not (state or {}).get("done"):
         # resumed at its last step (a continued or branched run whose new budget adds no step): the loop saved

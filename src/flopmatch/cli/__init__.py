@@ -30,7 +30,9 @@ class OneLineParser(argparse.ArgumentParser):
         if message.endswith("expected one argument"):  # e.g. `--budgets -1e9`: argparse reads the value as a flag
             flag = message.partition(":")[0].removeprefix("argument ").split("/")[-1]
             message += f" (if its value starts with '-', write {flag}=VALUE)"
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # under torchrun every process parses the same command line before any process group exists: rank 0 says it
+        said = os.environ.get("RANK", "0") == "0"
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if said else None)
 
     def parse_args(self, args=None, namespace=None):
         """As argparse's, but an argument no parser took is reported by the subcommand it was given to, so the line

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 from flopmatch.cli.args import count, described, number_list
 from flopmatch.cli.study import _objectives
@@ -24,6 +26,10 @@ def cmd_bench(args) -> int:
         opts.depths = args.depths
     if args.objectives:
         opts.objectives = args.objectives
+    cores = len(os.sched_getaffinity(0))
+    if args.threads and args.threads > cores:  # allowed (a deliberate oversubscription test), but never by accident
+        print(f"warning: --threads {args.threads} is more than the {cores} cores this process may use: threads beyond "
+              f"them wait for one another, and the CPU figures will be below this machine's", file=sys.stderr)
     result = run_bench(opts)
     print(json.dumps(result, indent=1) if args.json else format_bench(result))
     return 0
