@@ -94,9 +94,12 @@ def test_wsd_run_continued_to_a_larger_budget_equals_a_direct_run(trained, tmp_p
 
     (tmp_path / "study" / "runs").mkdir(parents=True)
     shutil.copytree(run, tmp_path / "study" / "runs" / "m")
-    (row,) = load_study(tmp_path / "study").rows
-    assert row["schedule"] == "wsd" and row["budget"] == b2 and row["steps"] == 14
+    earlier, row = load_study(tmp_path / "study").rows  # the kept B1 result is a point of the run's trend too
+    assert row["schedule"] == "wsd" and row["budget"] == b2 and row["steps"] == 14 and row["run"] == "m"
     assert row["origin"] == f"continued from budget {b1:.3g} at step 6"
+    kept_dir = f"runs/m/budgets/{kept.name}"
+    assert (earlier["run"], earlier["run_dir"], earlier["budget"], earlier["steps"], earlier["origin"], earlier["evaluated"]) \
+        == (f"m@{kept.name}", kept_dir, b1, 8, "scratch", True)
 
 
 def test_constant_run_continues_from_its_end(trained):

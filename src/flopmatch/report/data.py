@@ -40,7 +40,7 @@ from flopmatch.files import load_tensors, read_json
 from flopmatch.nets import NetSpec
 from flopmatch.objectives import make_objective
 from flopmatch.plan import net_spec_for
-from flopmatch.rundir import CONFIG, METRICS, read_config, read_eval_entries, read_state, sample_dir
+from flopmatch.rundir import BUDGETS, CONFIG, METRICS, read_config, read_eval_entries, read_state, sample_dir
 
 PROMPT_ATTRIBUTES = ("color", "shape", "size", "position", "relation", "count")
 # prompt groups with a full-match column and an n column each (flopmatch.evaluation.prompt_groups)
@@ -313,11 +313,12 @@ def _read_run(root: Path, run: Path, timed: dict | None = None) -> tuple[RunInfo
         problems.append(f"unreadable eval.json ({e})")
     curve = _read_curve(run / METRICS)
     rel = run.relative_to(root).as_posix()
-    info = RunInfo(run.name, rel, cfg.objective.name, cfg.model.depth, cfg.train.seed, float(cfg.train.budget), state,
+    name = f"{run.parent.parent.name}@{run.name}" if run.parent.name == BUDGETS else run.name  # a kept budget: R@2e12
+    info = RunInfo(name, rel, cfg.objective.name, cfg.model.depth, cfg.train.seed, float(cfg.train.budget), state,
                    curve, bool(entries), problems)  # fmt: skip
     spec = (state or {}).get("net_spec") or {}
     base = {
-        "run": run.name, "run_dir": rel, "objective": cfg.objective.name, "depth": cfg.model.depth,
+        "run": name, "run_dir": rel, "objective": cfg.objective.name, "depth": cfg.model.depth,
         "width": spec.get("width", cfg.model.width), "params": (state or {}).get("params"),
         "budget": float(cfg.train.budget), "schedule": cfg.train.schedule,  # cosine | wsd | constant (flopmatch.schedule)
         "origin": run_origin(state),
@@ -375,7 +376,8 @@ def _run_order(info: RunInfo) -> tuple:
 
 
 def load_study(study_dir: str | Path) -> Study:
-    """Read every run under ``study_dir/runs/*/`` (those with a config.json), in a deterministic order."""
+    """Read every run under ``study_dir/runs/*/`` (those with a config.json), and the earlier budgets' results kept
+    in them (``runs/R/budgets/<budget>/``, named ``R@<budget>``), in a deterministic order."""
     root = Path(study_dir)
     runs_dir = root / "runs"
     if not root.exists():
@@ -386,6 +388,10 @@ def load_study(study_dir: str | Path) -> Study:
     found = sorted(p for p in runs_dir.iterdir() if p.is_dir() and (p / CONFIG).exists())
     if not found:
         raise UserError(f"no run directories with a config.json under {runs_dir}")
+    # A run continued to a larger budget (`flopmatch train --budget`, flopmatch.growth) keeps each earlier budget's
+    # result, a run directory of its own, under budgets/<budget>/: a point of that run's trend (a study's chains
+    # branch a run per budget instead, so its runs keep none)
+    found += sorted(kept for run in found for kept in (run / BUDGETS).glob("*") if (kept / CONFIG).exists())
     read, problems = [], []
     try:
         timing = read_timing(root)
