@@ -418,6 +418,12 @@ def budget_dir(run: str | Path, budget: float) -> Path:
     return Path(run) / BUDGETS / budget_tag(budget)
 
 
+def run_label(run: str | Path) -> str:
+    """A run's short name in messages: its directory's name, or ``R@3e12`` for a kept budget's result (:func:`budget_dir`)."""
+    run = Path(run)
+    return f"{run.parent.parent.name}@{run.name}" if run.parent.name == BUDGETS else run.name
+
+
 def tokenizer_dir(run: str | Path) -> Path:
     """Where a run keeps its own copy of the tokenizer (so sampling needs nothing else)."""
     return Path(run) / TOKENIZER

@@ -76,6 +76,7 @@ from flopmatch.rundir import (
     posthoc_solution,
     read_eval_doc,
     read_state,
+    run_label,
     sample_dir,
 )
 from flopmatch.sample import generate, grid_image, load_sampler, save_png
@@ -383,7 +384,7 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
         if imported:  # a separate entry: the run's own-reference entry of this setting is kept
             key += f",ref={imported['sha256'][:12]}"
         if progress and dist.is_main():
-            print(f"[eval] {run.name}: {key}")
+            print(f"[eval] {run_label(run)}: {key}")
         images = generate_sharded(sampler, prompts, sample, ecfg.seed, ecfg.batch_size, images_dir, progress)
         if not dist.is_main():
             continue

@@ -40,7 +40,7 @@ from flopmatch.files import load_tensors, read_json
 from flopmatch.nets import NetSpec
 from flopmatch.objectives import make_objective
 from flopmatch.plan import net_spec_for
-from flopmatch.rundir import BUDGETS, CONFIG, METRICS, read_config, read_eval_entries, read_state, sample_dir
+from flopmatch.rundir import BUDGETS, CONFIG, METRICS, read_config, read_eval_entries, read_state, run_label, sample_dir
 
 PROMPT_ATTRIBUTES = ("color", "shape", "size", "position", "relation", "count")
 # prompt groups with a full-match column and an n column each (flopmatch.evaluation.prompt_groups)
@@ -313,7 +313,7 @@ def _read_run(root: Path, run: Path, timed: dict | None = None) -> tuple[RunInfo
         problems.append(f"unreadable eval.json ({e})")
     curve = _read_curve(run / METRICS)
     rel = run.relative_to(root).as_posix()
-    name = f"{run.parent.parent.name}@{run.name}" if run.parent.name == BUDGETS else run.name  # a kept budget: R@2e12
+    name = run_label(run)  # a kept budget's result: R@2e12
     info = RunInfo(name, rel, cfg.objective.name, cfg.model.depth, cfg.train.seed, float(cfg.train.budget), state,
                    curve, bool(entries), problems)  # fmt: skip
     spec = (state or {}).get("net_spec") or {}
