@@ -106,7 +106,7 @@ check() {  # check NAME COMMAND...: run it with its output in $WORK/NAME.log, pr
         echo "ok      $name ($(( $(date +%s) - start )) s)" | tee -a "$OUT/summary.txt"
     else
         { echo "FAILED  $name (exit $rc$([ $rc -eq 124 ] && echo ", timed out after $limit s"); $WORK/$name.log):"
-          tail -n 5 "$WORK/$name.log" | sed 's/^/        /'; } | tee -a "$OUT/summary.txt"
+          sed 's/.*\r//' "$WORK/$name.log" | tail -n 5 | sed 's/^/        /'; } | tee -a "$OUT/summary.txt"
         failed=1
     fi
 }
@@ -142,7 +142,8 @@ check bench-compile bash -c '"$0" -m flopmatch bench "${@:2}" --json > "$1"' "$P
     --device "$DEVICE" "${COMPILE[@]}"
 
 # What comes back: a few files.
-for f in "$WORK"/*.log; do echo "== $(basename "$f")"; tail -n 40 "$f"; done > "$OUT/logs.txt"
+# (a progress bar's line keeps only its last redraw: its redraws, joined by carriage returns, would fill the tail)
+for f in "$WORK"/*.log; do echo "== $(basename "$f")"; sed 's/.*\r//' "$f" | tail -n 40; done > "$OUT/logs.txt"
 cp "$WORK"/bench*.json "$OUT/" 2> /dev/null
 echo "gpu-check: $(grep -c '^ok' "$OUT/summary.txt") ok, $(grep -c '^FAILED\|^SKIPPED' "$OUT/summary.txt") failed or skipped, in $(( $(date +%s) - START )) s; results in $OUT/, logs and runs in $WORK/"
 exit $failed

@@ -87,6 +87,10 @@ ReturnToService=2
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=1
 JobRequeue=1
+# preemption by partition priority: with the one partition nothing is ever preempted; tests/test_slurm.py adds a
+# low-priority partition with PreemptMode=CANCEL and a high-priority one (scontrol create) to preempt a job for real
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 MinJobAge=300
 KillWait=30
 StateSaveLocation=$dir/state

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,6 +29,8 @@ import pytest
 from safetensors.torch import load_file
 
 from flopmatch.errors import UserError
+from flopmatch.evaluation.run import EvalConfig
+from flopmatch.study import slurm as slurm_module
 from flopmatch.study.job import run_job
 from flopmatch.study.presets import study_preset
 from flopmatch.study.runner import check_gpu_split, not_started, study
@@ -35,6 +38,7 @@ from flopmatch.study.slurm import (
     SlurmConfig,
     SlurmLauncher,
     check_resources,
+    job_outcome,
     node_resources,
     parse_extra,
     parse_slurm_time,
@@ -88,6 +92,30 @@ def slurm_cluster(tmp_path_factory):
         yield dict(os.environ, SLURM_CONF=str(d / "slurm.conf"))
     finally:
         subprocess.run([str(SCRIPT), "stop", str(d)], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def preemptible(slurm_cluster):
+    """Two more partitions on the cluster's node, for this test only: ``lowprio`` (PreemptMode=CANCEL: a job preempted
+    there ends PREEMPTED, not requeued; MaxTime 1 h) and ``highprio`` (a higher PriorityTier: its jobs preempt
+    ``lowprio``'s). Yields the cluster's environment; cancels their jobs and deletes them afterwards."""
+    node = subprocess.run(["sinfo", "--noheader", "--format=%N"], env=slurm_cluster, capture_output=True, text=True,
+                          check=True).stdout.split()[0]
+    parts = {"lowprio": ["PriorityTier=1", "PreemptMode=CANCEL", "MaxTime=60"], "highprio": ["PriorityTier=10"]}
+    for name, opts in parts.items():
+        subprocess.run(["scontrol", "create", f"PartitionName={name}", f"Nodes={node}", *opts], env=slurm_cluster,
+                       check=True)
+    try:
+        yield slurm_cluster
+    finally:
+        for name in parts:
+            subprocess.run(["scancel", f"--partition={name}"], env=slurm_cluster, check=False)
+        for name in parts:  # deleting a partition fails while a job of it is still ending
+            for _ in range(100):
+                if subprocess.run(["scontrol", "delete", f"PartitionName={name}"], env=slurm_cluster,
+                                  capture_output=True).returncode == 0:
+                    break
+                time.sleep(0.1)
 
 
 def _flopmatch(args: list[str], env: dict, **kw) -> subprocess.Popen:
@@ -480,3 +508,148 @@ def test_failed_jobs_are_reported_one_per_line_with_the_workers_error(slurm_clus
     assert any(line.split("): ", 1)[1].startswith("KeyError: 'config'") for line in lines), lines
     assert (out / "slurm").stat().st_mode & 0o777 == 0o700 and (out / "slurm" / launcher.token).stat().st_mode & 0o777 == 0o700
     assert not list((out / "slurm").rglob("*_result.pkl"))
+
+
+def test_a_partition_list_is_checked_partition_by_partition(capsys):
+    """--partition a,b (sbatch starts the job in the first that can run it): refused only when no listed partition
+    could run the jobs, naming each and why; one that cannot is a warning; an unknown or empty name is refused."""
+    cfg = SlurmConfig(partition="debug,gpu", gpus_per_run=4, cpus_per_run=8, time_min=120)
+    assert check_resources(cfg, SINFO) == [
+        "[study] warning: partition 'debug' cannot run these jobs (--gpus-per-run 4: the nodes of partition 'debug' "
+        "have no GPUs (sinfo); --slurm-time 2:00:00 exceeds the time limit of partition 'debug', 1:00:00 (sinfo)); "
+        "they start in 'gpu'"]
+    assert check_resources(SlurmConfig(partition=" gpu , cpu", gpus_per_run=0), SINFO) == []
+    with pytest.raises(UserError, match=r"^no partition of --partition debug,cpu can run these jobs: --gpus-per-run 1: "
+                                        r"the nodes of partition 'debug' have no GPUs \(sinfo\); --gpus-per-run 1: the "
+                                        r"nodes of partition 'cpu' have no GPUs \(sinfo\)\. Ask for less"):
+        check_resources(SlurmConfig(partition="debug,cpu", time_min=60), SINFO)
+    with pytest.raises(UserError, match=r"^SLURM has no partition 'nope', 'gone'; `sinfo` lists them$"):
+        check_resources(SlurmConfig(partition="gpu,nope,gone"), SINFO)
+    with pytest.raises(UserError, match=r"^--partition 'gpu,': an empty name in the list"):
+        check_resources(SlurmConfig(partition="gpu,"), SINFO)
+    launcher = SlurmLauncher(Path("s"), SlurmConfig(partition="gpu, debug"))
+    assert launcher.sbatch_params({"name": "r"})["partition"] == "gpu,debug"
+
+
+def test_a_partition_list_against_the_real_sinfo(preemptible, tmp_path, monkeypatch, capsys):
+    """Against the cluster (lowprio: MaxTime 1 h): lowprio,local with the default 4 h passes with a warning naming
+    lowprio; lowprio alone is refused; an unknown name in a list is refused; nothing is written."""
+    monkeypatch.setenv("SLURM_CONF", preemptible["SLURM_CONF"])
+    SlurmLauncher(tmp_path / "s", SlurmConfig(partition="lowprio,local", gpus_per_run=0, cpus_per_run=1)).check()
+    assert capsys.readouterr().out == ("[study] warning: partition 'lowprio' cannot run these jobs (--slurm-time 4:00:00 "
+                                       "exceeds the time limit of partition 'lowprio', 1:00:00 (sinfo)); they start in "
+                                       "'local'\n")
+    for partition, match in (("lowprio", r"^--slurm-time 4:00:00 exceeds the time limit of partition 'lowprio'"),
+                             ("local,nope", r"^SLURM has no partition 'nope'")):
+        with pytest.raises(UserError, match=match):
+            SlurmLauncher(tmp_path / "s", SlurmConfig(partition=partition, gpus_per_run=0, cpus_per_run=1)).check()
+    assert not (tmp_path / "s").exists()
+
+
+def test_job_states_preempted_is_resubmitted_not_failed():
+    """A job's squeue state decides what the study does: alive states wait; a finished run is done whatever the state;
+    PREEMPTED (PreemptMode=CANCEL: not requeued) is resubmitted, as is an earlier study process's job unless
+    cancelled; other ends with work left are failures."""
+    for state in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "NO ANSWER"):
+        assert job_outcome(state, lambda: pytest.fail("asked")) == "wait"
+    assert job_outcome("PREEMPTED", lambda: True) == "done" and job_outcome(None, lambda: True) == "done"
+    assert job_outcome("PREEMPTED", lambda: False) == "resubmit"
+    assert job_outcome("FAILED", lambda: False, attached=True) == "resubmit"
+    for state in ("FAILED", "CANCELLED", "TIMEOUT", None):
+        assert job_outcome(state, lambda: False) == "failed"
+    assert job_outcome("CANCELLED", lambda: False, attached=True) == "failed"
+
+
+@pytest.mark.slow
+def test_a_preempted_job_is_resubmitted_and_its_run_resumes(preemptible, tiny_config, tmp_path, monkeypatch, capsys):
+    """A real preemption with PreemptMode=CANCEL: a job of a higher-priority partition takes the node, the run's job
+    checkpoints (SIGTERM) and ends PREEMPTED, not requeued. The study submits the run again, a new job that resumes
+    from the checkpoint; only that job's cancellation (scancel, once it resumed) is a failure."""
+    env = preemptible
+    monkeypatch.setenv("SLURM_CONF", env["SLURM_CONF"])
+    out = tmp_path / "s"
+    # a budget the run never spends here: the test needs it training when preempted, however fast the host
+    cfg = tiny_config("diffusion", budget_steps=1e6, sets=["train.checkpoint_every=100"])
+    job = {"name": "pre", "run_dir": str(out / "runs" / "pre"), "config": asdict(cfg), "eval": asdict(EvalConfig()),
+           "settings": []}
+    launcher = SlurmLauncher(out, SlurmConfig(partition="lowprio", gpus_per_run=0, cpus_per_run=1, time_min=30,
+                                              poll_s=0.3))
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(launcher.run([job], lambda j: None, fresh=True)))
+    thread.start()
+    log = out / "logs" / "pre.log"
+
+    def wait(cond, what: str) -> None:
+        deadline = time.monotonic() + 90
+        while not cond():
+            assert time.monotonic() < deadline and thread.is_alive(), f"{what}: {capsys.readouterr().out}"
+            time.sleep(0.05)
+
+    wait(lambda: _step(out / "runs" / "pre") >= 5, "training")
+    first = read_jobs(out / "slurm")["pre"]["id"]
+    subprocess.run(["sbatch", "--partition=highprio", "--exclusive", "--output=/dev/null", "--wrap", "true"], env=env,
+                   check=True, capture_output=True)
+    wait(lambda: "resuming at step" in log.read_text(), "the resubmitted job to resume the run")
+    stopped = int(re.search(r"interrupted at step (\d+)/", log.read_text()).group(1))
+    assert f"resuming at step {stopped}/" in log.read_text()
+    wait(lambda: _step(out / "runs" / "pre") > stopped, "the resumed run to train")  # a scancel in its training loop
+    second = read_jobs(out / "slurm")["pre"]["id"]
+    subprocess.run(["scancel", second], env=env, check=True)
+    thread.join(timeout=60)
+    said = capsys.readouterr().out
+    assert not thread.is_alive() and squeue_states([first, second]) == {first: "PREEMPTED", second: "CANCELLED"}
+    assert (f"[study] slurm: pre: job {first} was preempted (not requeued by SLURM); submitted again as job "
+            in said), said
+    assert "resuming from the run's checkpoint" in said and f"[slurm] job {second} " in log.read_text()
+    assert len(result[0]) == 1 and result[0][0].startswith(f"pre (job {second}, CANCELLED): no error in its log"), result
+
+
+def test_an_unresponsive_controller_bounds_sbatch(slurm_cluster, tmp_path, monkeypatch):
+    """sbatch against a controller that does not answer (slurmctld stopped, SIGSTOP) is stopped after
+    SBATCH_TIMEOUT_S: one line naming sbatch, the limit and what to check; no job id recorded, no submitit files."""
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster["SLURM_CONF"])
+    monkeypatch.setattr(slurm_module, "SBATCH_TIMEOUT_S", 2)
+    out = tmp_path / "s"
+    launcher = SlurmLauncher(out, SlurmConfig(gpus_per_run=0, cpus_per_run=1))
+    job = {"name": "hung", "run_dir": str(out / "runs" / "hung")}
+    pid = int((Path(slurm_cluster["SLURM_CONF"]).parent / "slurmctld.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(UserError, match=r"^sbatch did not answer within 2 s submitting hung: the SLURM controller "
+                                            r"is down or overloaded; check that `squeue` answers, then re-run"):
+            launcher.run([job], lambda j: None, fresh=True)
+        assert time.monotonic() - start < 9  # sbatch itself gives up only after MessageTimeout, 10 s here
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        # a submission the controller reads once it runs again would be a job that waits for its pickle: not left
+        subprocess.run(["scancel", f"--name={launcher._job_name(job)}"], env=slurm_cluster, check=False)
+    assert not (out / "slurm" / "jobs.json").exists() and os.listdir(out / "slurm") == []
+
+
+def test_a_request_sbatch_would_refuse_is_refused_before_any_work(slurm_cluster, tmp_path, monkeypatch):
+    """sbatch --test-only of a run's job script: an unknown constraint or reservation (as a mistyped QOS or account is
+    where accounting enforces them) is one line before any job is submitted; a partition that is down passes (jobs
+    wait in the queue for it)."""
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster["SLURM_CONF"])
+    base = {"gpus_per_run": 0, "cpus_per_run": 1}
+    for cfg, match in ((SlurmConfig(constraint="nofeature", **base), r"\(Invalid feature specification; "),
+                       (SlurmConfig(extra={"reservation": "nope"}, **base), r"\(Requested reservation is invalid; ")):
+        with pytest.raises(UserError, match=r"^sbatch refuses these jobs " + match + r"sbatch --test-only\): check "
+                                            r"--slurm-account, --slurm-qos"):
+            SlurmLauncher(tmp_path / "s", cfg).check()
+    partition = ["scontrol", "update", "PartitionName=local"]
+    subprocess.run([*partition, "State=DOWN"], env=slurm_cluster, check=True)
+    try:
+        SlurmLauncher(tmp_path / "s", SlurmConfig(**base)).check()
+    finally:
+        subprocess.run([*partition, "State=UP"], env=slurm_cluster, check=True)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_jobs_start_does_not_import_torch():
+    """Each SLURM job imports this module to unpickle its WorkerJob before it starts the worker (which imports torch):
+    the module itself imports no torch, ~2 s of every job's start and requeue."""
+    code = "import sys, flopmatch.study.slurm; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "False"

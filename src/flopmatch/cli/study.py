@@ -214,12 +214,16 @@ def register(sub) -> None:
     g = p.add_argument_group(
         "SLURM (with --launcher slurm)",
         "One job per run, through this machine's SLURM client (SLURM_CONF, if set, names the cluster's slurm.conf); "
-        "the study checks with sinfo, before writing anything, that a node of the partition can run the jobs. Jobs "
+        "the study checks with sinfo and sbatch --test-only, before writing anything, that a node of the partition "
+        "(of one of a list) can run the jobs and the request is valid. Jobs "
         "outlive Ctrl-C and the study process: re-running the same command finds them, skips finished runs and "
         "resubmits failed ones, which resume from their checkpoints. Worker logs: OUT/logs/<run>.log; job ids and "
         "submitit's folders: OUT/slurm/jobs.json; job names flopmatch-<run>-<hash of OUT>. A job reaching "
-        "--slurm-time checkpoints and is requeued (at most 100 times).")
-    g.add_argument("--partition", help="SLURM partition, one (default: the cluster's default)")
+        "--slurm-time checkpoints and is requeued (at most 100 times); a job preempted and not requeued "
+        "(PreemptMode=CANCEL) is submitted again. Every SLURM command is bounded in time (sbatch 120 s): an "
+        "unresponsive controller is an error, not a hang.")
+    g.add_argument("--partition", help="SLURM partition, or a comma-separated list: each job starts in the first listed "
+                   "that can run it (default: the cluster's default)")
     g.add_argument("--gpus-per-run", type=count(0), help="GPUs per run; > 1 starts torchrun inside the job, 0 = CPU "
                    "only (default 1)")
     g.add_argument("--cpus-per-run", type=count(1), help="CPU cores per run (default 8)")

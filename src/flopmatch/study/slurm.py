@@ -12,7 +12,14 @@ from its run directory (trained and every setting evaluated: :func:`~flopmatch.s
 never from SLURM's accounting. So re-running ``flopmatch study`` after the study process died (or after
 Ctrl-C) finds jobs still queued or running and waits for them instead of submitting them twice, skips
 finished runs, and resubmits runs whose job ended without finishing them (failed, cancelled, timed
-out); a resubmitted run resumes from its checkpoint.
+out); a resubmitted run resumes from its checkpoint. A job preempted and not requeued (``PreemptMode=CANCEL``, or
+a job SLURM may not requeue: state PREEMPTED) is no failure of its run: the running study resubmits it at once
+(:func:`job_outcome`).
+
+*Bounded client calls.* Every SLURM command this process runs has a time limit (sinfo, ``sbatch --test-only``:
+:data:`CHECK_TIMEOUT_S`; squeue: :data:`SQUEUE_TIMEOUT_S`; scancel): an unresponsive controller is an error
+naming the command, never a study hanging for ever. submitit runs sbatch with none, so :class:`BoundedExecutor`
+runs it under coreutils' ``timeout`` (:data:`SBATCH_TIMEOUT_S`).
 
 *squeue, not sacct.* Which jobs are still alive is asked of ``squeue`` (submitit asks ``sacct``,
 which needs the accounting daemon that small clusters, and ``scripts/slurm-local.sh``, do not run).
@@ -32,7 +39,9 @@ Nothing else from the study directory is executed; job files are JSON.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import re
 import secrets
@@ -48,19 +57,32 @@ from pathlib import Path
 import submitit
 
 from flopmatch.errors import UserError
-from flopmatch.files import atomic_write_json, read_json
-from flopmatch.study.job import job_finished
+
+# Not here: flopmatch.files and flopmatch.study.job (they import torch, ~2 s). Every SLURM job imports this module
+# first, to unpickle its WorkerJob, before the worker it starts imports torch itself: imported where they are used.
 
 NO_ANSWER = "NO ANSWER"  # squeue_jobs' state of a job while squeue fails: counted alive, shown as such
-# squeue states of a job that has not ended (a preempted job may still be requeued, so it counts as alive)
+# squeue states of a job that has not ended. Not PREEMPTED: that state is final (a job SLURM requeues on preemption
+# reads COMPLETING, then PENDING or REQUEUED, never PREEMPTED; checked against slurm 22.05's PreemptMode=REQUEUE)
 ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
-         "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "PREEMPTED", NO_ANSWER}
+         "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", NO_ANSWER}
+# final states of a job stopped for others' sake, not through its run's fault: the run is submitted again (resuming
+# from its checkpoint), as SLURM itself would have requeued it with PreemptMode=REQUEUE
+RESUBMIT = {"PREEMPTED"}
 JOBS_FILE = "jobs.json"  # in <study>/slurm/: run name -> {"id", "job_name", "folder"} of its latest submission
 SQUEUE_RETRIES = 5  # consecutive failed (or timed-out) squeue calls before the study gives up waiting (jobs keep running)
 SQUEUE_TIMEOUT_S = 60
+# sbatch answers in well under a second; longer only from a controller too busy to queue a study on (each try waits up
+# to its MessageTimeout, 10 s by default, and sbatch retries while told "try again"). A job the controller registers
+# after the limit (seen on scripts/slurm-local.sh's cluster) finds no pickle, which submitit moves into place only
+# after sbatch returned: it waits a minute for one, then exits, no work done.
+SBATCH_TIMEOUT_S = 120
+CHECK_TIMEOUT_S = 30  # sinfo and sbatch --test-only before the study begins
+TIMED_OUT = {124, 137}  # coreutils timeout's exit status when it stopped the command (137: it had to SIGKILL it)
 _failures: list[int] = []  # consecutive squeue failures so far
 CHECKPOINT_WAIT_S = 60  # how long a job given SLURM's time-out/preemption signal waits for the run's checkpoint
-MAX_REQUEUES = 100  # time-outs a job is requeued after (submitit's max_num_timeout); preemptions are not counted
+MAX_REQUEUES = 100  # time-outs a job is requeued after (submitit's max_num_timeout); also the most times one study
+# process resubmits a run whose job was preempted (RESUBMIT): a run preempted more often than that is a failure
 # what the launcher needs on PATH: sinfo/squeue/sbatch here, srun (submitit runs the job under it) and scontrol
 # (submitit requeues through it, inside the job; a login node without it has a broken client install)
 SLURM_COMMANDS = ("sinfo", "sbatch", "squeue", "srun", "scontrol")
@@ -83,7 +105,7 @@ EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b(:.*)
 class SlurmConfig:
     """Where and how a study's jobs run on SLURM (``flopmatch study --launcher slurm``)."""
 
-    partition: str | None = None  # None: the cluster's default partition
+    partition: str | None = None  # None: the cluster's default; "a,b": the first listed that can run a job
     gpus_per_run: int = 1  # GPUs per job; > 1 runs the worker under torchrun, one process per GPU; 0 = CPU only
     cpus_per_run: int = 8  # CPU cores per job (the worker's torch threads, split over its processes)
     time_min: int = 240  # job time limit in minutes; on reaching it the run checkpoints and the job is requeued
@@ -246,6 +268,24 @@ def squeue_states(job_ids: list[str], names: dict[str, str] | None = None) -> di
     return {jid: state for jid, (state, _) in squeue_jobs(job_ids, names).items()}
 
 
+def job_outcome(state: str | None, finished: Callable[[], bool], attached: bool = False) -> str:
+    """What the study does about a job it watches, squeue's ``state`` of it (None: no longer listed, so ended):
+    ``"wait"`` while it has not ended; ``"done"`` when its run is finished (``finished()``, asked of the run directory
+    only then: the exit status is not trusted, a requeued job's first start exits non-zero); ``"resubmit"`` when it
+    ended with work left through no fault of its run (preempted and not requeued, :data:`RESUBMIT`), or was submitted
+    by an earlier study process (``attached``) and not cancelled (it ran an older description: settings added since);
+    else ``"failed"``."""
+    if state in ALIVE:
+        return "wait"
+    if finished():
+        return "done"
+    if state in RESUBMIT or (attached and state != "CANCELLED"):
+        # (one the user cancelled is a failure, as for this process's jobs, while squeue still lists it: MinJobAge,
+        # 300 s by default; without sacct, one that left the queue reads as ended)
+        return "resubmit"
+    return "failed"
+
+
 def node_resources(sinfo: str, partition: str | None) -> dict | None:
     """The most CPUs, GPUs and memory (MB) one node of ``partition`` (None: the default one, starred) offers, and the
     partition's time limit in minutes (None: none, or not known), from ``sinfo --format=%P|%c|%G|%m|%l`` lines (one
@@ -273,39 +313,77 @@ def node_resources(sinfo: str, partition: str | None) -> dict | None:
     return {"cpus": cpus, "gpus": gpus, "mem_mb": mem, "time_min": limit} if found else None
 
 
-def check_resources(cfg: SlurmConfig, sinfo: str) -> None:
-    """Refuse a job no node of the partition could run (it would wait in the queue for ever, or sbatch refuses it
-    after the study has begun): more GPUs, CPUs or memory per run than one node has, or a ``--slurm-time`` above the
-    partition's time limit. Every problem in one message, so that one corrected command suffices."""
-    nodes = node_resources(sinfo, cfg.partition)
-    if nodes is None:
-        return  # no default partition marked: SLURM decides
-    where = f"partition {cfg.partition!r}" if cfg.partition else "the default partition"
+def partition_names(partition: str | None) -> list[str]:
+    """The partitions of ``--partition``: one name, or a comma-separated list (sbatch starts the job in the first
+    listed that can run it); [] for the cluster's default partition."""
+    if not partition:
+        return []
+    names = [name.strip() for name in partition.split(",")]
+    if not all(names):
+        raise UserError(f"--partition {partition!r}: an empty name in the list; give partitions as a,b")
+    return list(dict.fromkeys(names))
+
+
+def _problems(cfg: SlurmConfig, nodes: dict, where: str) -> list[tuple[str, str]]:
+    """Why no node of a partition (``nodes``: :func:`node_resources`; ``where``: its name for the message) could run
+    the jobs: (reason, fix) pairs; [] when one could."""
     problems = []
     if cfg.gpus_per_run > nodes["gpus"]:
         have = f"at most {nodes['gpus']} GPUs" if nodes["gpus"] else "no GPUs"
         fix = f"--gpus-per-run {nodes['gpus']}" + ("" if nodes["gpus"] else " to train on CPUs")
-        problems.append(f"--gpus-per-run {cfg.gpus_per_run}: the nodes of {where} have {have} (sinfo); use {fix}, or "
-                        f"another --partition")
+        problems.append((f"--gpus-per-run {cfg.gpus_per_run}: the nodes of {where} have {have} (sinfo)",
+                         f"use {fix}, or another --partition"))
     if nodes["cpus"] and cfg.cpus_per_run > nodes["cpus"]:
-        problems.append(f"--cpus-per-run {cfg.cpus_per_run}: the nodes of {where} have at most {nodes['cpus']} CPUs "
-                        f"(sinfo); use --cpus-per-run {nodes['cpus']} or fewer, or another --partition")
+        problems.append((f"--cpus-per-run {cfg.cpus_per_run}: the nodes of {where} have at most {nodes['cpus']} CPUs "
+                         f"(sinfo)", f"use --cpus-per-run {nodes['cpus']} or fewer, or another --partition"))
     if cfg.mem_gb and nodes["mem_mb"] and cfg.mem_gb * 1024 > nodes["mem_mb"]:
-        problems.append(f"--slurm-mem-gb {cfg.mem_gb}: the nodes of {where} have at most {nodes['mem_mb'] // 1024} GB "
-                        f"(sinfo); ask for less, or another --partition")
+        problems.append((f"--slurm-mem-gb {cfg.mem_gb}: the nodes of {where} have at most {nodes['mem_mb'] // 1024} "
+                         f"GB (sinfo)", "ask for less, or another --partition"))
     # SLURM queues such a job anyway (EnforcePartLimits=NO, its default) and it pends for ever (PartitionTimeLimit)
     if nodes["time_min"] is not None and cfg.time_min > nodes["time_min"]:
         limit = format_slurm_time(nodes["time_min"])
-        problems.append(f"--slurm-time {format_slurm_time(cfg.time_min)} exceeds the time limit of {where}, {limit} "
-                        f"(sinfo); use --slurm-time {limit} or less (a run that reaches it checkpoints and is requeued)")
-    if problems:
-        raise UserError("; ".join(problems))
+        problems.append((f"--slurm-time {format_slurm_time(cfg.time_min)} exceeds the time limit of {where}, {limit} "
+                         f"(sinfo)", f"use --slurm-time {limit} or less (a run that reaches it checkpoints and is "
+                                     f"requeued)"))
+    return problems
+
+
+def check_resources(cfg: SlurmConfig, sinfo: str) -> list[str]:
+    """Refuse a job no node of the partition could run (it would wait in the queue for ever, or sbatch refuses it
+    after the study has begun): more GPUs, CPUs or memory per run than one node has, or a ``--slurm-time`` above the
+    partition's time limit; refuse a partition ``sinfo`` (``--format=%P|%c|%G|%m|%l``) does not list. Every problem
+    in one message, so that one corrected command suffices.
+
+    A list of partitions (``--partition a,b``) is refused only when none of them could run the jobs, naming each and
+    why; the ``[study] warning:`` lines returned say which listed partitions could not (their jobs start in another).
+    """
+    names = partition_names(cfg.partition)
+    unknown = [name for name in names if node_resources(sinfo, name) is None]
+    if unknown:
+        raise UserError(f"SLURM has no partition {', '.join(map(repr, unknown))}; `sinfo` lists them")
+    found: dict[str, list[tuple[str, str]]] = {}
+    for name in names or [None]:
+        nodes = node_resources(sinfo, name)
+        if nodes is None:
+            return []  # no default partition marked: SLURM decides
+        found[name] = _problems(cfg, nodes, f"partition {name!r}" if name else "the default partition")
+    usable = [name for name, problems in found.items() if not problems]
+    if len(found) == 1 and not usable:  # one partition: each problem with its fix
+        raise UserError("; ".join(f"{why}; {fix}" for why, fix in next(iter(found.values()))))
+    if not usable:
+        raise UserError(f"no partition of --partition {','.join(names)} can run these jobs: "
+                        + "; ".join(why for problems in found.values() for why, _ in problems)
+                        + ". Ask for less, or list a partition that can run them")
+    return [f"[study] warning: partition {name!r} cannot run these jobs ({'; '.join(why for why, _ in problems)}); "
+            f"they start in {', '.join(map(repr, usable))}" for name, problems in found.items() if problems]
 
 
 def read_jobs(folder: Path) -> dict[str, dict]:
     """``folder``/jobs.json: run name -> {"id", "job_name", "folder"} (submitit's folder of the job, relative to
     ``folder``). A file of an earlier flopmatch (run name -> job id) reads as jobs named ``flopmatch-<run>`` with
     their files in ``<id>/``, so a study re-run after an upgrade still finds its queued and running jobs."""
+    from flopmatch.files import read_json
+
     ids = read_json(folder / JOBS_FILE) if (folder / JOBS_FILE).exists() else {}
     return {name: rec if isinstance(rec, dict) else {"id": str(rec), "job_name": f"flopmatch-{name}", "folder": str(rec)}
             for name, rec in ids.items()}
@@ -362,6 +440,25 @@ def _short(text: str, n: int = 300) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
+def bounded(cmd: list[str], seconds: float) -> list[str]:
+    """``cmd`` under coreutils' ``timeout`` (TERM after ``seconds``, KILL 5 s later; exit status 124 or 137), in the
+    foreground so that Ctrl-C reaches it too; ``cmd`` as it is where ``timeout`` is missing."""
+    if shutil.which("timeout") is None:
+        return cmd
+    return ["timeout", "--foreground", "--kill-after=5", f"{seconds:g}", *cmd]
+
+
+class BoundedExecutor(submitit.SlurmExecutor):
+    """submitit's SLURM executor with its sbatch call bounded by :data:`SBATCH_TIMEOUT_S`.
+
+    submitit (1.5) runs ``sbatch SCRIPT`` through ``utils.CommandFunction`` with no timeout, from the command list
+    ``_make_submission_command`` returns: the one hook that sees the command and nothing else of the submission.
+    """
+
+    def _make_submission_command(self, submission_file_path: Path) -> list[str]:
+        return bounded(super()._make_submission_command(submission_file_path), SBATCH_TIMEOUT_S)
+
+
 class SlurmLauncher:
     """Runs each job as a SLURM job through submitit; survives the study process's restart (see the module doc)."""
 
@@ -390,22 +487,50 @@ class SlurmLauncher:
             raise UserError(f"SLURM_CONF={conf} does not exist; point it at the cluster's slurm.conf or unset it")
         # --exact: a line per distinct node configuration, each figure exact (without it sinfo prints "64+" for a
         # group's minimum)
-        cmd = ["sinfo", "--noheader", "--exact", "--format=%P|%c|%G|%m|%l"] + (["--partition", self.cfg.partition] if self.cfg.partition else [])
+        names = partition_names(self.cfg.partition)
+        cmd = ["sinfo", "--noheader", "--exact", "--format=%P|%c|%G|%m|%l"]
+        if names:
+            cmd += ["--partition", ",".join(names)]
         try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
         except FileNotFoundError:
             raise UserError("sinfo not found: --launcher slurm needs the SLURM client commands on this machine "
                             "(a cluster's login node), or use --launcher local") from None
         except subprocess.TimeoutExpired:
-            raise UserError("the SLURM controller did not answer sinfo within 30 s; try again or check the cluster") from None
+            raise UserError(f"the SLURM controller did not answer sinfo within {CHECK_TIMEOUT_S} s; try again or check "
+                            f"the cluster") from None
         if out.returncode != 0:
             why = (out.stderr or out.stdout).strip().splitlines()
             raise UserError(f"SLURM is not reachable from here ({why[-1] if why else 'sinfo exit ' + str(out.returncode)}); "
                             "run on the cluster's login node, set SLURM_CONF, or use --launcher local")
-        if self.cfg.partition and not out.stdout.strip():
-            raise UserError(f"SLURM has no partition {self.cfg.partition!r}; `sinfo` lists them")
-        check_resources(self.cfg, out.stdout)
-        self._executor(self.folder / self.token, {"name": "check"})  # submitit's own checks, as a user error here
+        for warning in check_resources(self.cfg, out.stdout):
+            print(warning, flush=True)
+        ex = self._executor(self.folder / self.token, {"name": "check"})  # submitit's own checks, as a user error here
+        self._test_only(ex)
+
+    def _test_only(self, ex: submitit.SlurmExecutor) -> None:
+        """``sbatch --test-only`` of a run's job script, as submitit writes it (nothing is queued, in milliseconds):
+        refuse now what sbatch would refuse at the first submission, an unknown account, QOS, constraint, reservation
+        or GRES (its answers that say "invalid", or that the request "violates" a policy). Its other answers (no node
+        free now, drained nodes, a partition down) are left to the queue: jobs wait there for them."""
+        try:
+            script = ex._make_submission_file_text("true", "test-only")
+        except AttributeError:  # another submitit: the first sbatch says it instead
+            return
+        try:
+            out = subprocess.run(bounded(["sbatch", "--test-only"], CHECK_TIMEOUT_S), input=script, capture_output=True,
+                                 text=True, timeout=CHECK_TIMEOUT_S + 10)
+        except subprocess.TimeoutExpired:
+            out = None
+        if out is None or out.returncode in TIMED_OUT:
+            raise UserError(f"the SLURM controller did not answer sbatch --test-only within {CHECK_TIMEOUT_S} s; try "
+                            f"again or check the cluster (does `squeue` answer?)")
+        lines = [re.sub(r"^(sbatch: error: |allocation failure: )", "", line.strip())
+                 for line in (out.stderr + out.stdout).splitlines()]
+        why = next((line for line in reversed(lines) if re.search(r"invalid|violates", line, re.I)), None)
+        if out.returncode != 0 and why:
+            raise UserError(f"sbatch refuses these jobs ({why}; sbatch --test-only): check --slurm-account, "
+                            f"--slurm-qos, --slurm-constraint, --partition and --slurm-extra")
 
     def sbatch_params(self, job: dict) -> dict:
         """submitit's SLURM parameters for ``job``. A phase (tokenizers, timing) is one process: it asks for at most
@@ -415,7 +540,8 @@ class SlurmLauncher:
         # wckey None: submitit would send --wckey=submitit, which sites enforcing wckeys refuse or mis-charge
         params: dict = {"time": self.cfg.time_min, "nodes": 1, "ntasks_per_node": 1,
                         "cpus_per_task": self.cfg.cpus_per_run, "wckey": None, "job_name": self._job_name(job)}
-        for key, value in (("gpus_per_node", gpus), ("partition", self.cfg.partition), ("account", self.cfg.account),
+        partition = ",".join(partition_names(self.cfg.partition))
+        for key, value in (("gpus_per_node", gpus), ("partition", partition), ("account", self.cfg.account),
                            ("mem", f"{self.cfg.mem_gb}GB" if self.cfg.mem_gb else None), ("qos", self.cfg.qos),
                            ("constraint", self.cfg.constraint), ("setup", list(self.cfg.setup) or None),
                            ("additional_parameters", dict(self.cfg.extra) or None)):
@@ -427,7 +553,7 @@ class SlurmLauncher:
 
     def _executor(self, folder: Path, job: dict) -> submitit.SlurmExecutor:
         try:
-            ex = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=MAX_REQUEUES)
+            ex = BoundedExecutor(folder=folder / "%j", max_num_timeout=MAX_REQUEUES)
             ex.update_parameters(**self.sbatch_params(job))
         except (RuntimeError, ValueError) as e:  # e.g. 'Could not detect "srun"'
             raise UserError(f"submitit cannot submit from here: {str(e).strip().splitlines()[0]}") from None
@@ -450,6 +576,8 @@ class SlurmLauncher:
 
     def _submit(self, job: dict) -> dict:
         """sbatch ``job`` (through submitit); its record for jobs.json."""
+        from flopmatch.files import atomic_write_json
+
         path = self._job_file(job)
         atomic_write_json(path, job)
         log = self.study / "logs" / f"{job['name']}.log"
@@ -458,36 +586,53 @@ class SlurmLauncher:
         before = set(os.listdir(folder))
         try:
             procs = 1 if job.get("kind") in ("prepare", "timing") else max(1, self.cfg.gpus_per_run)  # phases: one process
-            sub = ex.submit(WorkerJob(str(path), str(log), procs, self.cfg.cpus_per_run))
-        except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, OSError) as e:
+            # submitit echoes a failed sbatch's stderr there; the UserError below says its last line, once
+            with contextlib.redirect_stderr(io.StringIO()):
+                sub = ex.submit(WorkerJob(str(path), str(log), procs, self.cfg.cpus_per_run))
+        except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError,
+                subprocess.CalledProcessError, OSError) as e:
             for name in set(os.listdir(folder)) - before:  # submitit's pickle and sbatch script of the refused job
                 if not (folder / name).is_dir():
                     (folder / name).unlink()
             if not os.listdir(folder):  # nothing submitted from here: a corrected command may start afresh
                 folder.rmdir()
-            raise UserError(f"sbatch did not take the job for {job['name']}: {str(e).strip().splitlines()[-1]}") from None
+            cause = e.__cause__ if isinstance(e.__cause__, subprocess.CalledProcessError) else e
+            if getattr(cause, "returncode", None) in TIMED_OUT:
+                raise UserError(f"sbatch did not answer within {SBATCH_TIMEOUT_S} s submitting {job['name']}: the SLURM "
+                                f"controller is down or overloaded; check that `squeue` answers, then re-run the same "
+                                f"command (a job {self._job_name(job)} that SLURM registers late finds no work and "
+                                f"exits)") from None
+            lines = str(e).strip().splitlines() or [f"exit status {getattr(cause, 'returncode', '?')}"]
+            raise UserError(f"sbatch did not take the job for {job['name']}: {lines[-1]}") from None
         jid = str(sub.job_id)
         # submitit's link to the sbatch script it wrote: the script itself is in the job's folder
         for name in set(os.listdir(folder)) - before:
             if name.startswith(".submission_file_") and (folder / name).is_symlink():
                 (folder / name).unlink()
         if jid in before:  # the controller reused an id within this process: the job may have read the old pickle
-            subprocess.run(["scancel", jid], capture_output=True, timeout=60)
-            raise UserError(f"SLURM gave job id {jid} twice (was its controller's state reset?); job {jid} is "
-                            f"cancelled: re-run the same command to submit it again")
+            try:
+                subprocess.run(["scancel", jid], capture_output=True, timeout=60)
+                done = f"job {jid} is cancelled"
+            except subprocess.TimeoutExpired:
+                done = f"scancel {jid} did not answer within 60 s: cancel it"
+            raise UserError(f"SLURM gave job id {jid} twice (was its controller's state reset?); {done}, then re-run "
+                            f"the same command to submit it again")
         return {"id": jid, "job_name": self._job_name(job), "folder": f"{self.token}/{jid}"}
 
-    def run(self, jobs: list[dict], on_done: Callable[[dict], None], finished: Callable[[dict], bool] = job_finished,
+    def run(self, jobs: list[dict], on_done: Callable[[dict], None], finished: Callable[[dict], bool] | None = None,
             fresh: bool = False, what: str = "runs") -> list[str]:
         """Submit (or find) every job, wait until each has ended, and return the failed ones.
 
-        ``finished`` tells from the run directory whether a job is done (a job's exit status is not trusted:
-        a requeued job's first run exits non-zero and the requeued one finishes it). ``fresh``: the caller
-        knows the jobs have work to do; do not ask ``finished`` before submitting. ``what``: the study phase the
-        jobs are, for the progress lines. Ctrl-C stops waiting but not the jobs: they keep running, and re-running
-        the study collects them. Each failure is printed on its own line as it happens (the job, its state, the
-        worker's error, its log); the returned entries are those lines when one job failed, else their ``run (job N, STATE)`` heads.
+        ``finished`` (default :func:`~flopmatch.study.job.job_finished`) tells from the run directory whether a job is
+        done (a job's exit status is not trusted: a requeued job's first run exits non-zero and the requeued one
+        finishes it). ``fresh``: the caller knows the jobs have work to do; do not ask ``finished`` before submitting.
+        ``what``: the study phase the jobs are, for the progress lines. Ctrl-C stops waiting but not the jobs: they keep
+        running, and re-running the study collects them. Each failure is printed on its own line as it happens (the
+        job, its state, the worker's error, its log); the returned entries are those lines when one job failed, else
+        their ``run (job N, STATE)`` heads. A preempted job is no failure: its run is submitted again (job_outcome).
         """
+        if finished is None:
+            from flopmatch.study.job import job_finished as finished
         failed = self._guarded(jobs, on_done, finished, fresh, what)
         return failed if len(failed) <= 1 else [line.split(":", 1)[0] for line in failed]
 
@@ -545,6 +690,8 @@ class SlurmLauncher:
 
     def _run(self, jobs: list[dict], on_done: Callable[[dict], None], finished: Callable[[dict], bool],
              fresh: bool, what: str) -> list[str]:
+        from flopmatch.files import atomic_write_json, read_json
+
         (self.study / "logs").mkdir(parents=True, exist_ok=True)
         if not self.folder.is_dir():
             self.folder.mkdir(mode=0o700, parents=True)  # the jobs' pickles are below: see the module doc
@@ -580,32 +727,39 @@ class SlurmLauncher:
         total = {p["name"]: p["steps"] for p in read_json(self.study / "plan.json")} if (self.study / "plan.json").exists() else {}
         failed: list[str] = []
         shown: dict[str, tuple[str, str]] = {}  # run -> (state, reason) last printed
+        preempted: dict[str, int] = {}  # run -> times this process resubmitted it after a preemption
         said = time.monotonic()
         while watching:
             states = squeue_jobs([r["id"] for r in watching.values()], {r["id"]: r["job_name"] for r in watching.values()})
             for name, rec in list(watching.items()):
                 state = states.get(rec["id"], (None, ""))[0]
-                if state in ALIVE:
+                job = by_name[name]
+                outcome = job_outcome(state, lambda: finished(job), name in attached)
+                if outcome == "wait":
                     continue
                 del watching[name]
                 shown.pop(name, None)
-                job = by_name[name]
                 (self.folder / rec["folder"] / f"{rec['id']}_0_result.pkl").unlink(missing_ok=True)  # never read
-                if finished(job):
+                if outcome == "resubmit" and state in RESUBMIT:
+                    preempted[name] = preempted.get(name, 0) + 1
+                    if preempted[name] > MAX_REQUEUES:
+                        outcome = "failed"
+                if outcome == "done":
                     for warning in worker_warnings(_tail(self.study / "logs" / f"{name}.log", 1 << 20), rec["id"]):
                         print(f"[study] slurm: {name} (job {rec['id']}) said: {_short(warning)}", flush=True)
                     on_done(job)
-                elif name in attached and state != "CANCELLED":
-                    # An earlier study process's job ran the description it was given: a study grown since (more
-                    # evaluation settings, say) still needs work on this run. Submitted once more, with today's.
-                    # (One the user cancelled is a failure, as it is for this process's jobs, while squeue still
-                    # lists it: MinJobAge, 300 s by default; without sacct, one that left the queue reads as ended.)
+                elif outcome == "resubmit":
+                    # preempted and not requeued (PreemptMode=CANCEL): the run resumes from its checkpoint in a new
+                    # job. An earlier study process's job ran the description it was given: a study grown since (more
+                    # evaluation settings, say) still needs work on this run. Either way, today's description.
                     attached.discard(name)
                     watching[name] = records[name] = self._submit(job)
                     atomic_write_json(self.folder / JOBS_FILE, records)
-                    print(f"[study] slurm: {name}: job {rec['id']}, submitted by an earlier study process, ended "
-                          f"{(state or 'and left the queue').lower()} with work left (settings added since, or it "
-                          f"failed); submitted again as job {watching[name]['id']}", flush=True)
+                    why = ("was preempted (not requeued by SLURM)" if state in RESUBMIT else
+                           f"submitted by an earlier study process, ended {(state or 'and left the queue').lower()} "
+                           f"with work left (settings added since, or it failed)")
+                    print(f"[study] slurm: {name}: job {rec['id']} {why}; submitted again as job {watching[name]['id']}"
+                          f", resuming from the run's checkpoint", flush=True)
                 else:
                     failed.append(self._failure(name, rec, state))
                     if len(todo) > 1:  # (a phase's one job: said by the caller's error)
