@@ -548,12 +548,13 @@ def test_a_partition_list_against_the_real_sinfo(preemptible, tmp_path, monkeypa
 
 def test_job_states_preempted_is_resubmitted_not_failed():
     """A job's squeue state decides what the study does: alive states wait; a finished run is done whatever the state;
-    PREEMPTED (PreemptMode=CANCEL: not requeued) is resubmitted, as is an earlier study process's job unless
+    PREEMPTED (PreemptMode=CANCEL: not requeued), NODE_FAIL and BOOT_FAIL are resubmitted, as is an earlier study process's job unless
     cancelled; other ends with work left are failures."""
     for state in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "NO ANSWER"):
         assert job_outcome(state, lambda: pytest.fail("asked")) == "wait"
     assert job_outcome("PREEMPTED", lambda: True) == "done" and job_outcome(None, lambda: True) == "done"
-    assert job_outcome("PREEMPTED", lambda: False) == "resubmit"
+    for state in ("PREEMPTED", "NODE_FAIL", "BOOT_FAIL"):
+        assert job_outcome(state, lambda: False) == "resubmit"
     assert job_outcome("FAILED", lambda: False, attached=True) == "resubmit"
     for state in ("FAILED", "CANCELLED", "TIMEOUT", None):
         assert job_outcome(state, lambda: False) == "failed"

@@ -220,7 +220,7 @@ def register(sub) -> None:
         "resubmits failed ones, which resume from their checkpoints. Worker logs: OUT/logs/<run>.log; job ids and "
         "submitit's folders: OUT/slurm/jobs.json; job names flopmatch-<run>-<hash of OUT>. A job reaching "
         "--slurm-time checkpoints and is requeued (at most 100 times); a job preempted and not requeued "
-        "(PreemptMode=CANCEL) is submitted again. Every SLURM command is bounded in time (sbatch 120 s): an "
+        "(PreemptMode=CANCEL) or lost with its node is submitted again. Every SLURM command is bounded in time (sbatch 120 s): an "
         "unresponsive controller is an error, not a hang.")
     g.add_argument("--partition", help="SLURM partition, or a comma-separated list: each job starts in the first listed "
                    "that can run it (default: the cluster's default)")

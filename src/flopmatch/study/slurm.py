@@ -66,9 +66,11 @@ NO_ANSWER = "NO ANSWER"  # squeue_jobs' state of a job while squeue fails: count
 # reads COMPLETING, then PENDING or REQUEUED, never PREEMPTED; checked against slurm 22.05's PreemptMode=REQUEUE)
 ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
          "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", NO_ANSWER}
-# final states of a job stopped for others' sake, not through its run's fault: the run is submitted again (resuming
-# from its checkpoint), as SLURM itself would have requeued it with PreemptMode=REQUEUE
-RESUBMIT = {"PREEMPTED"}
+# final states of a job stopped for others' sake or by its node, not through its run's fault, and what the study
+# says of them: the run is submitted again (resuming from its checkpoint), as SLURM itself would have requeued it
+# (PreemptMode=REQUEUE; JobRequeue=1 with --requeue for a failed node, where the site allows it)
+RESUBMIT = {"PREEMPTED": "was preempted (not requeued by SLURM)", "NODE_FAIL": "ended when its node failed",
+            "BOOT_FAIL": "never started: its node failed to boot"}
 JOBS_FILE = "jobs.json"  # in <study>/slurm/: run name -> {"id", "job_name", "folder"} of its latest submission
 SQUEUE_RETRIES = 5  # consecutive failed (or timed-out) squeue calls before the study gives up waiting (jobs keep running)
 SQUEUE_TIMEOUT_S = 60
@@ -82,7 +84,7 @@ TIMED_OUT = {124, 137}  # coreutils timeout's exit status when it stopped the co
 _failures: list[int] = []  # consecutive squeue failures so far
 CHECKPOINT_WAIT_S = 60  # how long a job given SLURM's time-out/preemption signal waits for the run's checkpoint
 MAX_REQUEUES = 100  # time-outs a job is requeued after (submitit's max_num_timeout); also the most times one study
-# process resubmits a run whose job was preempted (RESUBMIT): a run preempted more often than that is a failure
+# process resubmits a run whose job was preempted or lost its node (RESUBMIT): a run stopped more often is a failure
 # what the launcher needs on PATH: sinfo/squeue/sbatch here, srun (submitit runs the job under it) and scontrol
 # (submitit requeues through it, inside the job; a login node without it has a broken client install)
 SLURM_COMMANDS = ("sinfo", "sbatch", "squeue", "srun", "scontrol")
@@ -272,7 +274,7 @@ def job_outcome(state: str | None, finished: Callable[[], bool], attached: bool 
     """What the study does about a job it watches, squeue's ``state`` of it (None: no longer listed, so ended):
     ``"wait"`` while it has not ended; ``"done"`` when its run is finished (``finished()``, asked of the run directory
     only then: the exit status is not trusted, a requeued job's first start exits non-zero); ``"resubmit"`` when it
-    ended with work left through no fault of its run (preempted and not requeued, :data:`RESUBMIT`), or was submitted
+    ended with work left through no fault of its run (preempted and not requeued, or its node failed: :data:`RESUBMIT`), or was submitted
     by an earlier study process (``attached``) and not cancelled (it ran an older description: settings added since);
     else ``"failed"``."""
     if state in ALIVE:
@@ -755,7 +757,7 @@ class SlurmLauncher:
                     attached.discard(name)
                     watching[name] = records[name] = self._submit(job)
                     atomic_write_json(self.folder / JOBS_FILE, records)
-                    why = ("was preempted (not requeued by SLURM)" if state in RESUBMIT else
+                    why = (RESUBMIT[state] if state in RESUBMIT else
                            f"submitted by an earlier study process, ended {(state or 'and left the queue').lower()} "
                            f"with work left (settings added since, or it failed)")
                     print(f"[study] slurm: {name}: job {rec['id']} {why}; submitted again as job {watching[name]['id']}"
