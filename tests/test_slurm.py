@@ -609,7 +609,8 @@ def test_an_unresponsive_controller_bounds_sbatch(slurm_cluster, tmp_path, monke
     """sbatch against a controller that does not answer (slurmctld stopped, SIGSTOP) is stopped after
     SBATCH_TIMEOUT_S: one line naming sbatch, the limit and what to check; no job id recorded, no submitit files."""
     monkeypatch.setenv("SLURM_CONF", slurm_cluster["SLURM_CONF"])
-    monkeypatch.setattr(slurm_module, "SBATCH_TIMEOUT_S", 2)
+    monkeypatch.setattr(slurm_module.commands, "SBATCH_TIMEOUT_S", 2)  # the sbatch call's limit
+    monkeypatch.setattr(slurm_module.launcher, "SBATCH_TIMEOUT_S", 2)  # and the message that names it
     out = tmp_path / "s"
     launcher = SlurmLauncher(out, SlurmConfig(gpus_per_run=0, cpus_per_run=1))
     job = {"name": "hung", "run_dir": str(out / "runs" / "hung")}

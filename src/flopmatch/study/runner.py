@@ -13,7 +13,7 @@ Layout of a study directory::
       tokenizer_ceilings.json  each tokenizer's reconstructions scored as its generators are (study/ceilings.py)
       jobs/<run>.json     what a worker process runs
       logs/<run>.log      a worker's output
-      slurm/jobs.json     --launcher slurm: run -> {id, job_name, folder} of its latest SLURM job (study/slurm.py)
+      slurm/jobs.json     --launcher slurm: run -> {id, job_name, folder} of its latest SLURM job (study/slurm/queue.py)
       slurm/<token>/<job id>/  submitit's files of that job; <token>: one private (0700) folder per study process
       runs/<run>/         ordinary run directories (config.json, metrics.jsonl, checkpoint/, eval.json, samples/)
       inference_timing.json  latency and throughput of every paradigm, timed together at the end
