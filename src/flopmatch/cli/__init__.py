@@ -120,7 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_distributed()
         return status
     except UserError as e:
-        if is_main_rank() if isinstance(e, EchoedError) else not said_on_main(str(e)):  # once per torchrun launch
+        # Once per torchrun launch: rank 0 says every user error, then posts it (said_on_main). Another rank says only
+        # an error of its own; one rank 0 also met, or an EchoedError (rank 0's, told to it), it leaves unsaid, and for
+        # that it first waits for rank 0's post: leaving at once, it could make torchrun stop rank 0 (a worker exited)
+        # before rank 0 printed the line.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"flopmatch: error: {e}", file=sys.stderr, flush=True)
+            said_on_main(str(e))
+        elif not said_on_main(str(e)) and not isinstance(e, EchoedError):
             print(f"flopmatch: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
