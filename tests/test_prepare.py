@@ -90,6 +90,7 @@ PREPARE_WORKER = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from flopmatch import dist, prepare, text
+    from flopmatch.errors import UserError
     from flopmatch.objectives import make_objective
     from tiny import tiny_run_config
 
@@ -109,6 +110,12 @@ PREPARE_WORKER = textwrap.dedent("""
     for t in (data.x, data.rows, data.text.states.float(), data.text.pooled, data.tokenizer.centroids):
         digest.update(t.contiguous().numpy().tobytes())
     print("RESULT", json.dumps({{"rank": dist.rank(), **counts, "digest": digest.hexdigest()}}), flush=True)
+    # the main rank's fit fails (more codes than the 256 16px images have patches): every rank stops with its error
+    try:
+        prepare.prepare(tiny_run_config("masked", 6, sets=["tokenizer.codebook_size=8192"]), make_objective("masked"),
+                        progress=False)
+    except UserError as e:
+        print("FAILED", json.dumps({{"rank": dist.rank(), "type": type(e).__name__, "text": str(e)}}), flush=True)
     dist.shutdown()
     dist.exit_process(0)
 """)
@@ -123,7 +130,8 @@ def _digest(data) -> str:
 
 def test_under_torchrun_the_main_rank_builds_the_caches_and_the_others_load_them(own_cache, tmp_path):
     """On a fresh cache, 2 processes prepare a k-means run: only rank 0 fits the tokenizer and writes the encoded set
-    and the caption tables, rank 1 loads them, and both get what one process gets on its own fresh cache."""
+    and the caption tables, rank 1 loads them, and both get what one process gets on its own fresh cache. When rank
+    0's fit fails, rank 1 stops with rank 0's error (an EchoedError, said once by the CLI), not one of its own."""
     from test_distributed import launch
 
     outputs = launch([], code=PREPARE_WORKER.format(tests=str(TESTS)), extra_env={"FLOPMATCH_CACHE": str(tmp_path / "c2")})
@@ -133,3 +141,7 @@ def test_under_torchrun_the_main_rank_builds_the_caches_and_the_others_load_them
     assert (got[0]["fits"], got[0]["saves"]) == (1, 2) and (got[1]["fits"], got[1]["saves"]) == (0, 0), got
     one = prepare(tiny_run_config("masked", 6), make_objective("masked"), progress=False)
     assert got[0]["digest"] == got[1]["digest"] == _digest(one)
+    failed = {r["rank"]: r for r in (json.loads(line.split(" ", 1)[1]) for out in outputs for line in out.splitlines()
+                                     if line.startswith("FAILED "))}
+    assert (failed[0]["type"], failed[1]["type"]) == ("UserError", "EchoedError"), failed
+    assert failed[0]["text"] == failed[1]["text"] and "patches" in failed[0]["text"]

@@ -212,7 +212,7 @@ def check_fsdp_param_dtype(train: TrainConfig) -> None:
         return
     if train.parallel != "fsdp2":
         raise UserError(f"train.fsdp_param_dtype={train.fsdp_param_dtype} applies to FSDP2 only, and train.parallel is "
-                        f"{train.parallel}; add --set train.parallel=fsdp2, or drop it (--set train.fsdp_param_dtype=fp32)")
+                        f"{train.parallel}; add --set train.parallel=fsdp2, or leave out train.fsdp_param_dtype (its default: fp32)")
     if train.precision == "fp32":
         raise UserError(f"train.fsdp_param_dtype={train.fsdp_param_dtype} computes in bf16, and train.precision is fp32; "
                         f"set train.precision=bf16 (or auto), or train.fsdp_param_dtype=fp32")

@@ -30,6 +30,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 import torch.distributed as torch_dist
@@ -57,6 +58,8 @@ _CPU_GROUP: list = []  # [gloo group for host-side flags and waits (any_rank, en
 # whole source, train the prompt scorer or compute an evaluation's metrics meanwhile (well over NCCL's 10-minute
 # default watchdog for a large first decode), and a timed-out wait aborts the launch.
 HOST_WAIT = datetime.timedelta(hours=2)
+
+T = TypeVar("T")
 
 
 def init(device: torch.device) -> None:
@@ -90,17 +93,37 @@ def entered_on_main(make: Callable[[], contextlib.AbstractContextManager]):
                 stack.enter_context(make())
             except BaseException as e:  # noqa: BLE001 - told to the other ranks, then raised again below
                 error = e
-        if torch_dist.is_initialized():
-            # what went wrong, from our own rank 0 (broadcast_object_list pickles the text between our processes)
-            said = None if error is None else str(error) if isinstance(error, UserError) else (
-                f"the main process failed ({type(error).__name__}: {error}); see its error")
-            box = [said]
-            torch_dist.broadcast_object_list(box, src=0, group=_CPU_GROUP[0] if _CPU_GROUP else None)
-            if box[0] is not None and not is_main():
-                raise EchoedError(box[0])
-        if error is not None:
-            raise error
+        _tell_ranks(error)
         yield
+
+
+def run_on_main(fn: Callable[[], T]) -> T | None:
+    """``fn()`` on the main rank only (inside :func:`main_only`) while the others wait: its result there, None on
+    the others. When it raises, the main rank raises its error and every other rank an EchoedError (said once by
+    the CLI), not an error of its own about what the main rank did not leave behind."""
+    result, error = None, None
+    if is_main():
+        with main_only():
+            try:
+                result = fn()
+            except BaseException as e:  # noqa: BLE001 - told to the other ranks, then raised again
+                error = e
+    _tell_ranks(error)
+    return result
+
+
+def _tell_ranks(error: BaseException | None) -> None:
+    """Collective: every rank learns whether the main rank's ``error`` is None; the main rank raises it, the others an
+    EchoedError of its text (broadcast_object_list pickles the text between our own processes)."""
+    if torch_dist.is_initialized():
+        said = None if error is None else str(error) if isinstance(error, UserError) else (
+            f"the main process failed ({type(error).__name__}: {error}); see its error")
+        box = [said]
+        torch_dist.broadcast_object_list(box, src=0, group=_CPU_GROUP[0] if _CPU_GROUP else None)
+        if box[0] is not None and not is_main():
+            raise EchoedError(box[0])
+    if error is not None:
+        raise error
 
 
 def any_rank(flag: bool) -> bool:
@@ -283,8 +306,9 @@ def shard(module: torch.nn.Module, device: torch.device, units: Iterable[torch.n
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     # cast_forward_inputs=False (torchtitan keeps FSDP's default, True; its inputs are token ids): training runs
     # under bf16 autocast (flopmatch.device.autocast), which already casts each matmul's inputs. Casting every
-    # sharded module's floating inputs too would round what autocast keeps fp32 to bf16's 8 bits at each block
-    # boundary: the residual stream, the conditioning vector, and diffusion's time t before its sinusoidal embedding.
+    # sharded module's floating inputs too would round to bf16's 8 bits what autocast leaves fp32: diffusion's time t
+    # before its sinusoidal embedding and the latents at the root (the residual stream is bf16 under autocast
+    # already). Embedding tables are bf16 under the policy, so the token paradigms' token embeddings are bf16 too.
     policy = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
               if param_dtype is not None else MixedPrecisionPolicy())
     mesh = init_device_mesh(device.type, (world_size(),))

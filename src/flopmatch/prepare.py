@@ -108,15 +108,9 @@ def prepare(cfg: RunConfig, objective: Objective, progress: bool = True, device:
     else:
         # The main rank fits the tokenizer and encodes the images and captions into the caches, then the others load
         # them: each of N ranks would otherwise repeat the k-means fit and a text-encoder pass over every caption (the
-        # same result, deterministic, but N times the time and N writers of each cache file). ``finally``: a main rank
-        # that fails lets the others on, to fail at once on the missing cache instead of waiting out HOST_WAIT.
-        built = None
-        try:
-            if dist.is_main():
-                with dist.main_only():
-                    built = _caches(cfg, objective, dataset, encoder, captions, progress)
-        finally:
-            dist.barrier()
+        # same result, deterministic, but N times the time and N writers of each cache file). A main rank that fails
+        # tells the others (run_on_main), which then stop with its error instead of waiting or blaming the cache.
+        built = dist.run_on_main(lambda: _caches(cfg, objective, dataset, encoder, captions, progress))
         tok, x, text = built or _caches(cfg, objective, dataset, encoder, captions, progress, build=False)
     return PreparedData(x=x, rows=text.indices(captions), text=text, encoder=encoder, tokenizer=tok, dataset=dataset)
 

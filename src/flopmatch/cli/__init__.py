@@ -30,9 +30,13 @@ class OneLineParser(argparse.ArgumentParser):
         if message.endswith("expected one argument"):  # e.g. `--budgets -1e9`: argparse reads the value as a flag
             flag = message.partition(":")[0].removeprefix("argument ").split("/")[-1]
             message += f" (if its value starts with '-', write {flag}=VALUE)"
-        # under torchrun every process parses the same command line before any process group exists: rank 0 says it
-        said = os.environ.get("RANK", "0") == "0"
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if said else None)
+        line = f"{self.prog}: error: {message} (see {self.prog} --help)"
+        # Under torchrun every process parses the same command line: rank 0 says it, then posts it (said_on_main);
+        # the others wait for that post before leaving, as for a UserError (see main).
+        if os.environ.get("RANK", "0") == "0":
+            print(line, file=sys.stderr, flush=True)
+        said_on_main(line)
+        self.exit(2)
 
     def parse_args(self, args=None, namespace=None):
         """As argparse's, but an argument no parser took is reported by the subcommand it was given to, so the line

@@ -26,7 +26,7 @@ def cmd_bench(args) -> int:
         opts.depths = args.depths
     if args.objectives:
         opts.objectives = args.objectives
-    cores = len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # (Linux only)
     if args.threads and args.threads > cores:  # allowed (a deliberate oversubscription test), but never by accident
         print(f"warning: --threads {args.threads} is more than the {cores} cores this process may use: threads beyond "
               f"them wait for one another, and the CPU figures will be below this machine's", file=sys.stderr)

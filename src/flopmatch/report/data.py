@@ -391,7 +391,8 @@ def load_study(study_dir: str | Path) -> Study:
     # A run continued to a larger budget (`flopmatch train --budget`, flopmatch.growth) keeps each earlier budget's
     # result, a run directory of its own, under budgets/<budget>/: a point of that run's trend (a study's chains
     # branch a run per budget instead, so its runs keep none)
-    found += sorted(kept for run in found for kept in (run / BUDGETS).glob("*") if (kept / CONFIG).exists())
+    found += sorted(kept for run in found for kept in (run / BUDGETS).glob("*")  # not a half-kept .<budget>.tmp
+                    if not kept.name.startswith(".") and (kept / CONFIG).exists())
     read, problems = [], []
     try:
         timing = read_timing(root)

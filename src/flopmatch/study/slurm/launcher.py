@@ -30,7 +30,10 @@ from flopmatch.study.slurm.worker_job import WorkerJob
 # where they are used.
 
 MAX_REQUEUES = 100  # time-outs a job is requeued after (submitit's max_num_timeout); also the most times one study
-# process resubmits a run whose job was preempted or lost its node (RESUBMIT): a run stopped more often is a failure
+# process resubmits a run whose job was preempted (RESUBMIT): a run stopped more often is a failure
+# ... and whose job lost its node (NODE_FAIL, BOOT_FAIL): a node failing again and again is the site's to repair, not
+# the queue's to retry 100 times
+MAX_NODE_FAILURES = 3
 HEARTBEAT_S = 300  # with no change of state, a line with the running runs' steps at most this often
 
 
@@ -235,7 +238,7 @@ class SlurmLauncher:
         total = {p["name"]: p["steps"] for p in read_json(self.study / "plan.json")} if (self.study / "plan.json").exists() else {}
         failed: list[str] = []
         shown: dict[str, tuple[str, str]] = {}  # run -> (state, reason) last printed
-        preempted: dict[str, int] = {}  # run -> times this process resubmitted it after a preemption
+        preempted: dict[tuple[str, str], int] = {}  # (run, RESUBMIT state) -> times this process resubmitted it so
         said = time.monotonic()
         while watching:
             states = squeue_jobs([r["id"] for r in watching.values()], {r["id"]: r["job_name"] for r in watching.values()})
@@ -249,8 +252,8 @@ class SlurmLauncher:
                 shown.pop(name, None)
                 (self.folder / rec["folder"] / f"{rec['id']}_0_result.pkl").unlink(missing_ok=True)  # never read
                 if outcome == "resubmit" and state in RESUBMIT:
-                    preempted[name] = preempted.get(name, 0) + 1
-                    if preempted[name] > MAX_REQUEUES:
+                    preempted[name, state] = preempted.get((name, state), 0) + 1
+                    if preempted[name, state] > (MAX_REQUEUES if state == "PREEMPTED" else MAX_NODE_FAILURES):
                         outcome = "failed"
                 if outcome == "done":
                     for warning in worker_warnings(_tail(self.study / "logs" / f"{name}.log", 1 << 20), rec["id"]):
