@@ -30,12 +30,7 @@ class OneLineParser(argparse.ArgumentParser):
         if message.endswith("expected one argument"):  # e.g. `--budgets -1e9`: argparse reads the value as a flag
             flag = message.partition(":")[0].removeprefix("argument ").split("/")[-1]
             message += f" (if its value starts with '-', write {flag}=VALUE)"
-        line = f"{self.prog}: error: {message} (see {self.prog} --help)"
-        # Under torchrun every process parses the same command line: rank 0 says it, then posts it (said_on_main);
-        # the others wait for that post before leaving, as for a UserError (see main).
-        if os.environ.get("RANK", "0") == "0":
-            print(line, file=sys.stderr, flush=True)
-        said_on_main(line)
+        say_error(f"{self.prog}: error: {message} (see {self.prog} --help)")  # under torchrun every rank parses it
         self.exit(2)
 
     def parse_args(self, args=None, namespace=None):
@@ -72,6 +67,20 @@ def entry() -> None:
     if loaded is not None:
         loaded.exit_process(status)
     sys.exit(status)
+
+
+def say_error(line: str, echoed: bool = False) -> None:
+    """Print a user error's ``line`` on stderr once per torchrun launch (every time outside one).
+
+    Rank 0 says every error, then posts it (:func:`said_on_main`). Another rank says only an error of its own: one
+    rank 0 also met, or an ``echoed`` one (rank 0's, told to it: EchoedError), it leaves unsaid, and for that it first
+    waits for rank 0's post. Leaving at once, it could make torchrun stop rank 0 (a worker exited) before rank 0
+    printed the line."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr, flush=True)
+        said_on_main(line)
+    elif not said_on_main(line) and not echoed:
+        print(line, file=sys.stderr, flush=True)
 
 
 def said_on_main(message: str) -> bool:
@@ -124,15 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_distributed()
         return status
     except UserError as e:
-        # Once per torchrun launch: rank 0 says every user error, then posts it (said_on_main). Another rank says only
-        # an error of its own; one rank 0 also met, or an EchoedError (rank 0's, told to it), it leaves unsaid, and for
-        # that it first waits for rank 0's post: leaving at once, it could make torchrun stop rank 0 (a worker exited)
-        # before rank 0 printed the line.
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"flopmatch: error: {e}", file=sys.stderr, flush=True)
-            said_on_main(str(e))
-        elif not said_on_main(str(e)) and not isinstance(e, EchoedError):
-            print(f"flopmatch: error: {e}", file=sys.stderr)
+        say_error(f"flopmatch: error: {e}", echoed=isinstance(e, EchoedError))
         return 2
     except RuntimeError as e:
         if not peer_lost(e):  # anything else may be a bug: its traceback stays
