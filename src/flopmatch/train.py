@@ -255,7 +255,7 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True, stop_after: in
     world = dist.world_size()
     if cfg.train.batch_size % world:
         raise UserError(f"train.batch_size {cfg.train.batch_size} must be divisible by the {world} processes")
-    check_fsdp_params(cfg.train, device, read_state(run) if (run / CONFIG).exists() else None)
+    check_fsdp_params(cfg.train, device, read_state(run))
     shards = world if world > 1 and cfg.train.parallel == "fsdp2" else 1  # FSDP2 splits weights, EMA, gradients, moments
     averages = len(cfg.train.ema_profiles) if cfg.train.ema_snapshots else 0  # the post-hoc EMA's (flopmatch.ema)
     need, have = training_memory_bytes(spec, cfg.train.batch_size // world, shards, averages), memory_bytes(device)

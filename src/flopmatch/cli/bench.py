@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from flopmatch.cli.args import count, described, number_list
@@ -17,6 +16,7 @@ MAX_DEPTH = int(RANGES[("ModelConfig", "depth")].hi)  # model.depth's bound: the
 def cmd_bench(args) -> int:
     """Measure this machine's matmul peak, training and sampling throughput, text encoding and memory; print them."""
     from flopmatch.bench import BenchOptions, format_bench, run_bench
+    from flopmatch.dist import available_cores
 
     opts = BenchOptions(device=args.device, threads=args.threads, rounds=args.rounds, batch=args.batch, quick=args.quick,
                         compile=args.compile, progress=True)
@@ -26,7 +26,7 @@ def cmd_bench(args) -> int:
         opts.depths = args.depths
     if args.objectives:
         opts.objectives = args.objectives
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # (Linux only)
+    cores = available_cores()
     if args.threads and args.threads > cores:  # allowed (a deliberate oversubscription test), but never by accident
         print(f"warning: --threads {args.threads} is more than the {cores} cores this process may use: threads beyond "
               f"them wait for one another, and the CPU figures will be below this machine's", file=sys.stderr)

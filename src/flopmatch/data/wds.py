@@ -38,6 +38,7 @@ import torch
 import webdataset
 from braceexpand import braceexpand
 
+from flopmatch import dist
 from flopmatch.config import DataConfig
 from flopmatch.data.images import BadImage
 from flopmatch.data.pool import Decoded, Item, Pool, decode_item, load_or_build_in_parts
@@ -125,7 +126,7 @@ def _decode_shards(urls: Iterable[dict], shards: dict[str, tuple[int, str]], siz
 def default_workers() -> int:
     """Decoding workers for this process: its share of the machine's cores (torchrun runs LOCAL_WORLD_SIZE
     processes per machine), at most MAX_WORKERS; 0 (decode in this process) when that is one or fewer."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = dist.available_cores()
     n = min(MAX_WORKERS, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     return n if n > 1 else 0
 

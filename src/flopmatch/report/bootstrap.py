@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import os
 import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -25,6 +24,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from scipy.optimize import brentq
 
+from flopmatch.dist import available_cores
 from flopmatch.errors import UserError
 from flopmatch.report.powerlaw import PowerLawFit, fit_trend
 from flopmatch.report.records import (
@@ -433,14 +433,6 @@ def bootstrap_crossover(
         "C_range": (lo, hi), "lower_at_low_C": _lower(boot_a.point, boot_b.point, lo),
         "lower_at_high_C": _lower(boot_a.point, boot_b.point, hi), "summary": summary,
     }  # fmt: skip
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, e.g. a SLURM allocation), else the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def bootstrap_all(tasks: list[tuple[list[dict], int, int]], level: float, workers: int | None = 1) -> list[BootstrapFit | str]:

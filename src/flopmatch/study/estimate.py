@@ -23,10 +23,11 @@ from pathlib import Path
 
 from flopmatch.config import RunConfig, from_dict, parse_source
 from flopmatch.data.datasets import shapes_config
+from flopmatch.dist import available_cores
 from flopmatch.evaluation.attributes import attribute_classifier_cached
 from flopmatch.objectives import make_objective
 from flopmatch.report.analysis import METRICS, fit_allowed
-from flopmatch.report.bootstrap import PARALLEL_MIN_RESAMPLES, available_cores
+from flopmatch.report.bootstrap import PARALLEL_MIN_RESAMPLES
 from flopmatch.study.calibrate import HostRates
 from flopmatch.study.operating import selection_run, sweep_settings
 from flopmatch.study.plan import (
