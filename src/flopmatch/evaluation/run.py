@@ -39,7 +39,6 @@ import fcntl
 import hashlib
 import importlib.metadata
 import json
-import os
 import platform
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -425,7 +424,7 @@ def evaluate(run: str | Path, settings: list[SampleConfig], ecfg: EvalConfig | N
     if ecfg.timing and timed and dist.is_main():
         if dist.world_size() > 1 and sampler.device.type == "cpu":  # a GPU rank times its own GPU: representative
             print(f"warning: the timing ran in process 0 of {dist.world_size()} alone, with its "
-                  f"{torch.get_num_threads()} of {os.cpu_count()} cores' threads (torchrun splits a CPU's cores): the "
+                  f"{torch.get_num_threads()} of {dist.available_cores()} cores' threads (torchrun splits a CPU's cores): the "
                   f"throughput is this process's, not the machine's; a one-process `flopmatch eval {run}` times the machine")
         add_timings(doc, sampler, timed, ecfg, progress)
         doc = merge_entries(path, {key: doc["entries"][key] for key, _ in timed})
